@@ -1,0 +1,82 @@
+# edgetune — every target installs what it needs into .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.edgetune-installed
+EXTRAS ?= train,serve,client,dev,postgres
+
+# Optional arguments, passed on only when set.
+opt = $(if $($(1)),$(2) $($(1)))
+
+.PHONY: install test test-fast lint proto proto-check train tune export engine serve client dashboard report \
+        bench bench-search bench-train bench-serve bench-client clean help
+
+help:
+	@echo "make tune | make test | make train DATA=textures EPOCHS=2 OUT=runs/x | make export RUN=… OUT=…"
+	@echo "make serve BUNDLE=… PORT=50051 | make client SOURCE=… SERVER=127.0.0.1:50051 | make dashboard | make bench"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check edgetune trainer tuner edge_server edge_client tests bench
+	$(PY) -m mypy edgetune trainer tuner edge_server edge_client
+
+# Generated gRPC code: the only way edgetune/v1/*_pb2*.py are produced (a test checks they are fresh).
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/edgetune/v1/*.proto
+
+train: $(STAMP)
+	$(PY) -m trainer $(call opt,DATA,--data) $(call opt,CONFIG,--config) $(call opt,EPOCHS,--epochs) \
+	  $(call opt,OUT,--out) $(call opt,BACKBONE,--backbone) $(call opt,WORKERS,--workers) $(call opt,IMG,--img) \
+	  $(call opt,INIT,--init) $(call opt,REPEATS,--repeats) $(call opt,SEED,--seed) $(SET)
+
+tune: $(STAMP)
+	$(PY) -m tuner $(call opt,DATA,--data) $(call opt,STUDY,--study) $(call opt,TRIALS,--trials) \
+	  $(call opt,TIME,--time-budget) $(call opt,STORAGE,--storage) $(call opt,SPACE,--space) \
+	  $(call opt,GPUS_PER_TRIAL,--gpus-per-trial) $(call opt,WORKERS_PER_TRIAL,--workers-per-trial) \
+	  $(call opt,EPOCHS,--epochs) $(call opt,OUT,--out) $(call opt,IMG,--img) $(if $(RESUME),--resume) $(ARGS)
+
+export: $(STAMP)
+	$(PY) -m trainer.export $(call opt,RUN,--run) $(call opt,OUT,--out) $(ARGS)
+
+engine: $(STAMP)
+	$(PY) -m edge_server.engine $(call opt,BUNDLE,--bundle) $(call opt,PRECISION,--precision) $(ARGS)
+
+serve: $(STAMP)
+	$(PY) -m edge_server $(call opt,BUNDLE,--bundle) $(call opt,PORT,--port) $(call opt,HOST,--host) \
+	  $(call opt,BACKEND,--backend) $(ARGS)
+
+client: $(STAMP)
+	$(PY) -m edge_client $(call opt,SOURCE,--source) $(call opt,SERVER,--server) $(call opt,LOG,--log) $(ARGS)
+
+dashboard: $(STAMP)
+	$(PY) -m tuner.dashboard $(call opt,STORAGE,--storage) $(call opt,PORT,--port)
+
+report: $(STAMP)
+	$(PY) -m tuner.report $(call opt,STUDIES,--studies) $(call opt,STORAGE,--storage) $(call opt,OUT,--out)
+
+bench: bench-search bench-train bench-serve bench-client
+bench-search: $(STAMP)
+	$(PY) bench/bench_search.py $(BENCH_ARGS)
+bench-train: $(STAMP)
+	$(PY) bench/bench_train.py $(BENCH_ARGS)
+bench-serve: $(STAMP)
+	$(PY) bench/bench_serve.py $(BENCH_ARGS)
+bench-client: $(STAMP)
+	$(PY) bench/bench_client.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,121 @@
+"""Self-describing checkpoints: weights + full config + class names + preprocessing spec + versions.
+
+A checkpoint is one file ``model.pt`` (``torch.save`` of a plain dict) inside a checkpoint
+directory, next to a human-readable ``checkpoint.json`` with everything but the weights.
+``load_checkpoint`` accepts the file, the directory, or a run directory (then ``best/``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgetune.errors import EdgetuneError
+from edgetune.preprocess import PreprocessSpec
+
+CHECKPOINT_FORMAT = "edgetune-checkpoint"
+CHECKPOINT_VERSION = 1
+WEIGHTS_FILE = "model.pt"
+META_FILE = "checkpoint.json"
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that decides whether a checkpoint or bundle reproduces."""
+    import numpy
+    import torchvision
+
+    import edgetune
+
+    out = {
+        "edgetune": edgetune.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+    }
+    try:
+        import cv2
+
+        out["opencv"] = cv2.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    classes: list[str],
+    spec: PreprocessSpec,
+    epoch: int,
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``directory/model.pt`` and ``directory/checkpoint.json`` atomically; returns the directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "config": config,
+        "classes": list(classes),
+        "preprocess": spec.to_dict(),
+        "backbone": config.get("model", {}).get("backbone"),
+        "epoch": int(epoch),
+        "metrics": _jsonable(metrics),
+        "versions": versions(),
+        **(extra or {}),
+    }
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    tmp = d / (WEIGHTS_FILE + ".tmp")
+    torch.save({"meta": meta, "model_state": state}, tmp)
+    tmp.replace(d / WEIGHTS_FILE)
+    (d / META_FILE).write_text(json.dumps(meta, indent=2))
+    return d
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """model.pt file, a checkpoint directory, or a run directory (uses its ``best/``)."""
+    p = Path(path)
+    candidates = [p, p / WEIGHTS_FILE, p / "best" / WEIGHTS_FILE, p / "checkpoint" / WEIGHTS_FILE]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise EdgetuneError(
+        f"no edgetune checkpoint at {p}: looked for {', '.join(str(c) for c in candidates[1:])}"
+    )
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict ``{"meta": {...}, "model_state": {...}}`` on CPU, validated."""
+    f = resolve_checkpoint_path(path)
+    try:
+        ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise EdgetuneError(f"{f} is not a readable edgetune checkpoint ({type(e).__name__}: {e})") from None
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise EdgetuneError(f"{f} is not an edgetune checkpoint (no edgetune metadata)")
+    if meta.get("format_version") != CHECKPOINT_VERSION:
+        raise EdgetuneError(f"{f}: checkpoint format_version {meta.get('format_version')} is not supported")
+    ckpt["path"] = str(f)
+    return ckpt
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        try:
+            return x.item()
+        except (ValueError, RuntimeError):
+            return x.tolist()
+    return x
