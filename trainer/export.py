@@ -1,0 +1,262 @@
+"""Checkpoint -> validated ONNX bundle (``make export RUN=… OUT=…``).
+
+Steps: rebuild the checkpoint's model, export ONNX (TorchScript exporter, opset 17, dynamic batch,
+``input`` -> ``logits``), ``onnx.checker`` full check, parity PyTorch vs ONNX Runtime on the test
+split (top-1 agreement must be 100 %), calibration + check images from the training split,
+optional INT8 variants with their accuracy delta, and ``bundle.json`` (see :mod:`edgetune.bundle`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgetune.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
+from edgetune.errors import BundleError, EdgetuneError
+from edgetune.preprocess import PreprocessSpec
+from trainer.checkpoint import resolve_checkpoint_path, versions
+
+OPSET = 17
+INPUT, OUTPUT = "input", "logits"
+
+
+def export_onnx(model: torch.nn.Module, spec: PreprocessSpec, path: str | Path, opset: int = OPSET) -> Path:
+    """Export with a dynamic batch axis; returns the path (single file, no external data)."""
+    model.eval()
+    dummy = torch.zeros(2, 3, *spec.input_size)
+    torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
+                      dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, dynamo=False)
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+    return Path(path)
+
+
+def ort_session(path: str | Path, threads: int = 0) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_probs(session: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    outs = [session.run([OUTPUT], {INPUT: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    logits = np.concatenate(outs).astype(np.float64)
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def measure_latency(model: torch.nn.Module, spec: PreprocessSpec, runs: int = 20, threads: int = 1) -> float:
+    """Median ONNX Runtime latency (ms) of ``model`` at batch 1 on this node's CPU (multi-objective mode)."""
+    import copy
+    import tempfile
+
+    m = copy.deepcopy(model).cpu().eval()
+    with tempfile.TemporaryDirectory(prefix="edgetune-lat-") as d:
+        sess = ort_session(export_onnx(m, spec, Path(d) / "m.onnx"), threads=threads)
+        x = np.zeros((1, 3, *spec.input_size), np.float32)
+        sess.run([OUTPUT], {INPUT: x})
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            sess.run([OUTPUT], {INPUT: x})
+            times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def _eval_arrays(ds: Any, spec: PreprocessSpec, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    n = len(ds) if not limit else min(limit, len(ds))
+    raws = [ds.raw(i) for i in range(n)]
+    return spec.apply_batch([r[0] for r in raws]), np.array([r[1] for r in raws], dtype=np.int64)
+
+
+def parity_check(model: torch.nn.Module, session: Any, x: np.ndarray) -> dict[str, Any]:
+    from trainer.evaluate import predict_arrays
+
+    p_torch = predict_arrays(model, x).astype(np.float64)
+    p_ort = ort_probs(session, x)
+    agree = float((p_torch.argmax(1) == p_ort.argmax(1)).mean()) if len(x) else 1.0
+    return {"top1_agreement": agree, "max_abs_prob_diff": float(np.abs(p_torch - p_ort).max()) if len(x) else 0.0,
+            "n_images": int(len(x)), "reference": "torch eager fp32 vs onnxruntime CPU, test split"}
+
+
+def _save_images(ds: Any, idx: list[int], folder: Path, rel: str) -> list[dict[str, Any]]:
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for j, i in enumerate(idx):
+        img, label = ds.raw(i)
+        name = f"{j:03d}.png"
+        cv2.imwrite(str(folder / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        out.append({"file": f"{rel}/{name}", "label_index": int(label)})
+    return out
+
+
+def _spread(n: int, k: int) -> list[int]:
+    return sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, k))}) if n else []
+
+
+def quantize_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                     base_acc: float, tolerance: float) -> dict[str, Any]:
+    """ONNX Runtime INT8 (dynamic or static with calibration); refused when accuracy drops > tolerance."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
+
+    target = out / f"model.int8_{kind}.onnx"
+    if kind == "dynamic":
+        quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8)
+    elif kind == "static":
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.it = iter([{INPUT: calib[i : i + 1]} for i in range(len(calib))])
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                return next(self.it, None)
+
+        quantize_static(str(fp32), str(target), Reader(), activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
+    else:
+        raise EdgetuneError(f"unknown quantisation {kind!r}; allowed: dynamic, static")
+    acc = float((ort_probs(ort_session(target), x_test).argmax(1) == y_test).mean()) if len(y_test) else 0.0
+    info = {"file": target.name, "sha256": sha256_file(target), "precision": "int8", "method": kind,
+            "test_accuracy": acc, "accuracy_delta": acc - base_acc, "size_mb": target.stat().st_size / 1e6}
+    if base_acc - acc > tolerance:
+        target.unlink()
+        info["refused"] = f"loses {base_acc - acc:.4f} test accuracy > tolerance {tolerance}"
+    return info
+
+
+def resolve_run(run: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A tune OUT dir, a train run dir or a checkpoint dir -> (checkpoint file, run info from metrics.json)."""
+    p = Path(run)
+    ckpt = resolve_checkpoint_path(p)
+    info: dict[str, Any] = {}
+    for m in (ckpt.parent / "metrics.json", p / "best" / "metrics.json", p / "metrics.json"):
+        if m.is_file():
+            info = json.loads(m.read_text())
+            break
+    return ckpt, info
+
+
+def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quantize: tuple[str, ...] = (),
+                  tolerance: float = 0.01, n_calib: int = 32, n_check: int = 16) -> Path:
+    """Export ``run``'s best checkpoint as a bundle in ``out_dir``; returns ``out_dir``."""
+    from trainer.config import TrainConfig
+    from trainer.data import build_data
+    from trainer.run import model_from_checkpoint
+
+    t0 = time.perf_counter()
+    ckpt, info = resolve_run(run)
+    model, meta = model_from_checkpoint(ckpt)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    cfg = TrainConfig.from_dict(meta["config"])
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    onnx_path = export_onnx(model, spec, tmp / "model.onnx")
+    session = ort_session(onnx_path)
+    if data is None:
+        data = build_data(cfg.data, spec, run_dir=None, seed=cfg.seed)
+    if list(data.classes) != list(meta["classes"]):
+        raise BundleError(f"dataset classes {data.classes} differ from the checkpoint's {meta['classes']}")
+    x_test, y_test = _eval_arrays(data.test, spec)
+    parity = parity_check(model, session, x_test)
+    if parity["top1_agreement"] < 1.0:
+        raise BundleError(f"ONNX parity failed: top-1 agreement {parity['top1_agreement']:.4f} < 1.0 "
+                          f"(max |Δp| {parity['max_abs_prob_diff']:.2e}); bundle not written")
+    calib = _save_images(data.train_eval, _spread(len(data.train_eval), n_calib), tmp / "calib", "calib")
+    check = _save_images(data.train_eval, _spread(len(data.train_eval), n_check)[::-1], tmp / "check", "check")
+    x_check = spec.apply_batch([_read(tmp / c["file"]) for c in check])
+    check_top1 = ort_probs(session, x_check).argmax(1)
+    for c, t in zip(check, check_top1):
+        c["onnx_top1"] = int(t)
+    fp32_acc = float((ort_probs(session, x_test).argmax(1) == y_test).mean()) if len(y_test) else 0.0
+    variants, refused = {}, {}
+    if quantize:
+        x_cal = spec.apply_batch([_read(tmp / c["file"]) for c in calib])
+        for kind in quantize:
+            v = quantize_variant(kind, onnx_path, tmp, x_cal, x_test, y_test, fp32_acc, tolerance)
+            (refused if "refused" in v else variants)[f"int8_{kind}"] = v
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "model_file": "model.onnx",
+        "onnx_sha256": sha256_file(onnx_path),
+        "labels": list(meta["classes"]),
+        "preprocess": spec.to_dict(),
+        "input": {"name": INPUT, "shape": ["batch", 3, *spec.input_size], "dtype": "float32"},
+        "output": {"name": OUTPUT, "shape": ["batch", len(meta["classes"])], "kind": "logits"},
+        "opset": OPSET,
+        "backbone": meta["backbone"],
+        "parity": parity,
+        "onnx_test_accuracy": fp32_acc,
+        "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
+                    "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
+        "source": {"run": str(Path(run).resolve()), "checkpoint": str(ckpt.resolve()), "epoch": meta["epoch"],
+                   "study": info.get("study"), "trial_id": info.get("trial_id"),
+                   "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
+        "calibration_images": calib,
+        "check_images": check,
+        "variants": variants,
+        "refused_variants": refused,
+        "versions": {**versions(), **_onnx_versions(), "checkpoint": meta.get("versions", {})},
+        "export_seconds": round(time.perf_counter() - t0, 3),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    load_bundle(tmp)  # validate what we wrote
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _read(path: Path) -> np.ndarray:
+    from edgetune.preprocess import read_image
+
+    return read_image(path)
+
+
+def _onnx_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__)
+    p.add_argument("--run", required=True, help="tune OUT dir, train run dir or checkpoint dir")
+    p.add_argument("--out", help="bundle directory (default <run>/bundle)")
+    p.add_argument("--quantize", default="", help="comma list of INT8 variants: dynamic, static")
+    p.add_argument("--tolerance", type=float, default=0.01, help="max test-accuracy loss of an INT8 variant")
+    args = p.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.run) / "bundle"
+    try:
+        q = tuple(s.strip() for s in args.quantize.split(",") if s.strip())
+        b = export_bundle(args.run, out, quantize=q, tolerance=args.tolerance)
+    except EdgetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = json.loads((b / MANIFEST).read_text())
+    par = meta["parity"]
+    print(f"bundle {b}: {meta['backbone']} labels={meta['labels']} parity top-1 {par['top1_agreement']:.3f} "
+          f"max|Δp| {par['max_abs_prob_diff']:.2e} on {par['n_images']} test images")
+    for name, v in {**meta["variants"], **meta["refused_variants"]}.items():
+        print(f"  {name}: test acc {v['test_accuracy']:.4f} (Δ {v['accuracy_delta']:+.4f}) {v.get('refused', 'kept')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Where the training loop's per-epoch results and checkpoints go.
+
+The one loop (:mod:`trainer.loop`) reports through a :class:`Reporter`:
+
+- ``local``     in-process run: keeps ``run_dir/last`` and ``run_dir/best`` (by the config's metric)
+- ``ray_train`` a Ray Train worker: ``ray.train.report`` (rank 0 attaches the checkpoint)
+- ``tune``      a Ray Tune function trainable: ``tune.report`` with a ``tune.Checkpoint``
+
+Each also tells the loop where to resume from (the latest checkpoint, if any).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Reporter(Protocol):
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+
+    def resume_dir(self) -> Path | None: ...
+
+
+def _better(a: float, b: float | None, mode: str) -> bool:
+    return b is None or (a > b if mode == "max" else a < b)
+
+
+class LocalReporter:
+    """In-process run: checkpoints under ``run_dir``; history appended to ``run_dir/history.jsonl``."""
+
+    def __init__(self, run_dir: str | Path, metric: str, mode: str, resume: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.metric, self.mode = metric, mode
+        self.best: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._resume = resume
+        hist = self.run_dir / "history.jsonl"
+        if not resume and hist.exists():
+            hist.unlink()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.history.append(dict(metrics))
+        with open(self.run_dir / "history.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if checkpoint_dir is None:
+            return
+        _replace_dir(checkpoint_dir, self.run_dir / "last", copy=True)
+        value = float(metrics[self.metric])
+        if _better(value, self.best, self.mode):
+            self.best = value
+            _replace_dir(checkpoint_dir, self.run_dir / "best", copy=True)
+
+    def resume_dir(self) -> Path | None:
+        last = self.run_dir / "last"
+        return last if self._resume and (last / "model.pt").is_file() else None
+
+
+class RayTrainReporter:
+    """Inside a Ray Train worker (also under Tune via ``TuneReportCallback``)."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def resume_dir(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return _materialise(ckpt) if ckpt else None
+
+
+class TuneReporter:
+    """Inside a Ray Tune function trainable (1-worker trials run the loop directly)."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from ray import tune
+
+        ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=ckpt)
+
+    def resume_dir(self) -> Path | None:
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()
+        return _materialise(ckpt) if ckpt else None
+
+
+def _materialise(ckpt: Any) -> Path:
+    return Path(ckpt.to_directory())
+
+
+def _replace_dir(src: Path, dst: Path, copy: bool) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if copy:
+        shutil.copytree(src, tmp)
+    else:
+        shutil.move(str(src), tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
+def make_reporter(kind: str, run_dir: str | Path | None, metric: str, mode: str, resume: bool = False) -> Reporter:
+    if kind == "local":
+        if not run_dir:
+            raise ValueError("a local run needs a run directory")
+        return LocalReporter(run_dir, metric, mode, resume=resume)
+    if kind == "ray_train":
+        return RayTrainReporter()
+    if kind == "tune":
+        return TuneReporter()
+    raise ValueError(f"unknown reporter {kind!r}; allowed: local, ray_train, tune")

@@ -1,0 +1,73 @@
+"""``python -m tuner`` — ``make tune``: search backbone × freeze × LR × dropout × focal γ (and more).
+
+With no arguments: the embedded default (local Ray, SQLite runs/optuna.db, CPU, the elpv dataset,
+a small budget). On a machine where ``ray start``/``ray up`` left a Ray node, it uses that cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from edgetune.errors import EdgetuneError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tuner", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", default="elpv", help="built-in dataset (elpv, textures) or an ImageFolder/CSV path")
+    a("--study", default="", help="study name (default <dataset>-default)")
+    a("--trials", type=int, default=8)
+    a("--epochs", type=int, default=4, help="max epochs per trial (ASHA max_t)")
+    a("--time-budget", type=float, default=0.0, help="seconds; 0 = none")
+    a("--storage", default="", help="Optuna storage URL (default sqlite:///runs/optuna.db; postgresql://… for shared)")
+    a("--space", default="", help="search space YAML (default tuner/default_space.yaml)")
+    a("--backbones", default="", help="comma list restricting the backbone choices")
+    a("--config", default="", help="base TrainConfig YAML for every trial")
+    a("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override (repeatable)")
+    a("--img", type=int, default=0, help="input size for every trial (0 = backbone default)")
+    a("--gpus-per-trial", type=float, default=0.0)
+    a("--workers-per-trial", type=int, default=1, help=">1: each trial is a Ray Train DDP run")
+    a("--cpus-per-worker", type=float, default=1.0)
+    a("--max-concurrent", type=int, default=0)
+    a("--grace-period", type=int, default=1)
+    a("--reduction-factor", type=int, default=2)
+    a("--seed", type=int, default=0)
+    a("--out", default="", help="output dir (default runs/<study>)")
+    a("--resume", action="store_true", help="continue the same study and Ray experiment")
+    a("--multi-objective", action="store_true", help="maximise val_acc and minimise ONNX Runtime latency")
+    a("--max-latency-ms", type=float, default=0.0, help="pick the best model within this latency")
+    a("--max-failures", type=int, default=1, help="restarts of a crashed trial from its last checkpoint")
+    a("--address", default="", help="Ray cluster address (default: RAY_ADDRESS, a running local node, or local)")
+    a("--no-export", action="store_true", help="do not export the best trial as a bundle")
+    a("--metric", default="val_acc", choices=["val_acc", "val_macro_f1", "val_loss"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's table reporter (trials, states, best so far)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    try:
+        from tuner.run import TuneOptions, run_study
+
+        opts = TuneOptions(
+            data=args.data, study=args.study, trials=args.trials, epochs=args.epochs, time_budget_s=args.time_budget,
+            storage=args.storage, space=args.space, backbones=tuple(b for b in args.backbones.split(",") if b),
+            config=args.config, sets=tuple(args.set), img=args.img, gpus_per_trial=args.gpus_per_trial,
+            workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
+            max_concurrent=args.max_concurrent, grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor, seed=args.seed, out=args.out, resume=args.resume,
+            multi_objective=args.multi_objective, max_latency_ms=args.max_latency_ms, max_failures=args.max_failures,
+            address=args.address, export=not args.no_export, metric=args.metric)
+        run_study(opts)
+    except EdgetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""``make dashboard``: optuna-dashboard on the study storage (127.0.0.1:8080 by default)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def make_app(storage: str):  # noqa: ANN201 - WSGI app
+    """WSGI app serving the dashboard for ``storage`` (used by tests and by :func:`main`)."""
+    import optuna
+    from optuna_dashboard import wsgi
+
+    return wsgi(optuna.storages.RDBStorage(storage) if "://" in storage else storage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tuner.dashboard", description=__doc__)
+    p.add_argument("--storage", default="sqlite:///" + str(Path("runs/optuna.db").resolve()))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    a = p.parse_args(argv)
+    if a.storage.startswith("sqlite:///") and not Path(a.storage[len("sqlite:///"):]).exists():
+        print(f"error: no study storage at {a.storage}; run `make tune` first", file=sys.stderr)
+        return 2
+    from wsgiref.simple_server import make_server
+
+    httpd = make_server(a.host, a.port, make_app(a.storage))
+    print(f"optuna-dashboard for {a.storage} on http://{a.host}:{a.port}/ (Ctrl-C to stop)")
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""OptunaSearch with the gaps of Ray's integration fixed.
+
+Ray's ``OptunaSearch`` tells ASHA-stopped trials to Optuna as COMPLETE and writes no user attrs.
+:class:`EdgetuneOptunaSearch` records a trial that stopped before ``max_t`` as PRUNED (its
+intermediate values are kept; Optuna takes the last one as its value), a crashed one as FAIL, and
+puts user attrs on every trial (params count, model size, train seconds, images/s, val macro-F1,
+checkpoint URI, Ray trial id, node id). :class:`CheckpointAttrCallback` feeds it checkpoint URIs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from ray.tune.callback import Callback
+from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger(__name__)
+
+#: Result keys copied to Optuna user attrs (result key -> attr name).
+ATTR_KEYS = {
+    "params": "params",
+    "size_mb": "size_mb",
+    "train_seconds": "train_seconds",
+    "images_per_s": "images_per_s",
+    "val_macro_f1": "val_macro_f1",
+    "val_acc": "val_acc",
+    "best_val_acc": "best_val_acc",
+    "latency_ms": "latency_ms",
+    "node_id": "node_id",
+    "epoch": "epochs_trained",
+    "trial_id": "ray_trial_id",
+}
+
+
+class EdgetuneOptunaSearch(OptunaSearch):
+    def __init__(self, *args: Any, max_t: int, **kwargs: Any) -> None:
+        self._max_t = int(max_t)
+        self._attrs: dict[str, dict[str, Any]] = {}
+        self._last: dict[str, dict[str, Any]] = {}
+        super().__init__(*args, **kwargs)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    def add_attrs(self, trial_id: str, **attrs: Any) -> None:
+        self._attrs.setdefault(trial_id, {}).update(attrs)
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self._last[trial_id] = dict(result)
+        self._replace_stale(trial_id)
+        super().on_trial_result(trial_id, result)
+
+    def _replace_stale(self, trial_id: str) -> None:
+        """After a driver restart, a resumed trial's Optuna twin may have been marked FAIL: give it a new one."""
+        ot = self._ot_trials.get(trial_id)
+        if ot is None:
+            return
+        frozen = self._ot_study._storage.get_trial(ot._trial_id)
+        if frozen.state.is_finished() and trial_id not in self._completed_trials:
+            self._ot_study.enqueue_trial(frozen.params, skip_if_exists=False)
+            self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=frozen.distributions)
+            self.add_attrs(trial_id, resumed_from_trial=frozen.number)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        self._replace_stale(trial_id)
+        ot_trial = self._ot_trials[trial_id]
+        last = result or self._last.get(trial_id) or {}
+        attrs = {name: last[k] for k, name in ATTR_KEYS.items() if k in last}
+        attrs["ray_trial_id"] = trial_id
+        attrs.update(self._attrs.get(trial_id, {}))
+        for k, v in attrs.items():
+            try:
+                ot_trial.set_user_attr(k, v)
+            except Exception as e:  # noqa: BLE001 - never lose the tell because of one attr
+                log.warning("could not set user attr %s on trial %s: %s", k, trial_id, e)
+        iteration = int(last.get("training_iteration", 0) or 0)
+        multi = isinstance(self.metric, list)
+        if error or not last:
+            state, value = optuna.trial.TrialState.FAIL, None
+        elif iteration < self._max_t and not multi:
+            state, value = optuna.trial.TrialState.PRUNED, None
+        else:
+            state = optuna.trial.TrialState.COMPLETE
+            value = [last.get(m) for m in self.metric] if multi else last.get(self.metric)
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except Exception as e:  # noqa: BLE001 - e.g. NaN values: record as FAIL rather than crash the study
+            log.warning("telling trial %s to Optuna failed (%s); marking it FAIL", trial_id, e)
+            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+        self._completed_trials.add(trial_id)
+
+
+class CheckpointAttrCallback(Callback):
+    """Records each trial's latest checkpoint URI and trial dir as user attrs (set at completion)."""
+
+    def __init__(self, searcher: EdgetuneOptunaSearch) -> None:
+        self.searcher = searcher
+
+    def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
+        path = getattr(checkpoint, "path", None)
+        fs = getattr(checkpoint, "filesystem", None)
+        scheme = getattr(fs, "type_name", "local") if fs is not None else "local"
+        uri = path if scheme == "local" else f"{scheme}://{path}"
+        self.searcher.add_attrs(trial.trial_id, checkpoint_uri=uri)
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.searcher.add_attrs(trial.trial_id, ray_trial_name=str(trial))
+
+
+def mark_stale_running_failed(study: optuna.Study) -> list[int]:
+    """Trials left RUNNING by a killed driver -> FAIL (returns their numbers)."""
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "driver stopped while running; resumed")
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return [t.number for t in stale]
