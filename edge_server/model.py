@@ -1,0 +1,103 @@
+"""The served model (bundle + runner + batcher) and its hot swap."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_server.batcher import MicroBatcher
+from edge_server.runners import get_runner
+from edgetune.bundle import Bundle, load_bundle
+from edgetune.errors import ConfigError
+
+log = logging.getLogger("edge_server.model")
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How to build a runner and batcher for each (re)loaded bundle."""
+
+    backend: str = "auto"
+    max_batch: int = 8
+    max_wait_ms: float = 2.0
+    intra_op_threads: int = 0
+    precision: str = "fp16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= 1024:
+            raise ConfigError(f"max_batch must be an integer in 1..1024, got {self.max_batch!r}")
+        if not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 10_000:
+            raise ConfigError(f"max_wait_ms must be in [0, 10000] ms, got {self.max_wait_ms!r}")
+
+
+@dataclass
+class ServedModel:
+    bundle: Bundle
+    batcher: MicroBatcher
+    extra_versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def runner(self) -> Any:
+        return self.batcher.runner
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - np.max(logits)
+    e = np.exp(z)
+    return (e / e.sum()).astype(np.float32)
+
+
+class ModelHolder:
+    """Holds the current :class:`ServedModel`; ``load`` swaps it without interrupting callers.
+
+    Callers read ``current`` per image. A swap builds the new runner first (a failure leaves the
+    old model serving), publishes it, then closes the old batcher, which finishes the images
+    already queued on it.
+    """
+
+    def __init__(self, bundle_path: str | Path, options: RunnerOptions,
+                 on_batch: Callable[[int], Any] | None = None) -> None:
+        self.options = options
+        self._on_batch = on_batch
+        self._swap_lock = threading.Lock()
+        self._current = self._build(load_bundle(bundle_path))
+        self.bundle_source = Path(bundle_path)
+
+    def _build(self, bundle: Bundle) -> ServedModel:
+        o = self.options
+        runner = get_runner(o.backend, bundle, max_batch_size=o.max_batch, intra_op_threads=o.intra_op_threads,
+                            precision=o.precision)
+        try:
+            batcher = MicroBatcher(runner, max_batch=o.max_batch, max_wait_ms=o.max_wait_ms, on_batch=self._on_batch)
+        except Exception:
+            runner.close()
+            raise
+        return ServedModel(bundle=bundle, batcher=batcher)
+
+    @property
+    def current(self) -> ServedModel:
+        return self._current
+
+    def load(self, bundle_path: str | Path) -> ServedModel:
+        """Load ``bundle_path`` and make it current; raises (old model kept) if it is invalid."""
+        with self._swap_lock:
+            new = self._build(load_bundle(bundle_path))
+            old, self._current = self._current, new
+            self.bundle_source = Path(bundle_path)
+        log.info("model swapped", extra={"fields": {"old_version": old.version, "new_version": new.version,
+                                                    "bundle": str(bundle_path), "backend": new.runner.name}})
+        threading.Thread(target=old.batcher.close, name="edge-retire-model", daemon=True).start()
+        return new
+
+    def close(self) -> None:
+        self._current.batcher.close()

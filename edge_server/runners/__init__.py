@@ -1,0 +1,64 @@
+"""Backend selection: ``get_runner(name, bundle)``.
+
+``auto``: the bundle's TensorRT engine when one is cached and ``tensorrt`` imports, else ONNX
+Runtime with CUDA/TensorRT execution providers when present, else ONNX Runtime on the CPU. The
+choice and the reason are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from edge_server.runners.base import Runner
+from edgetune.bundle import Bundle
+from edgetune.errors import ConfigError
+
+log = logging.getLogger("edge_server.runners")
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu")
+
+__all__ = ["BACKENDS", "Runner", "get_runner"]
+
+
+def get_runner(name: str, bundle: Bundle, *, max_batch_size: int = 8, intra_op_threads: int = 0,
+               precision: str = "fp16") -> Runner:
+    """Build the runner ``name`` (one of :data:`BACKENDS`) for ``bundle``."""
+    if name not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {name!r}")
+    from edge_server.runners.onnxruntime import OnnxRuntimeRunner
+    from edge_server.runners.tensorrt import TensorRTRunner
+
+    if name == "tensorrt":
+        runner: Runner = TensorRTRunner(bundle, precision=precision, max_batch_size=max_batch_size)
+        reason = "requested"
+    elif name in ("onnxruntime", "onnxruntime-cpu"):
+        runner = OnnxRuntimeRunner(bundle, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
+                                   cpu_only=name == "onnxruntime-cpu")
+        reason = "requested"
+    else:
+        runner, reason = _auto(bundle, max_batch_size, intra_op_threads, precision)
+    log.info("backend selected", extra={"fields": {"backend": runner.name, "precision": runner.precision,
+                                                   "requested": name, "reason": reason,
+                                                   "max_batch_size": runner.max_batch_size}})
+    return runner
+
+
+def _auto(bundle: Bundle, max_batch_size: int, intra_op_threads: int, precision: str) -> tuple[Runner, str]:
+    from edge_server.runners.onnxruntime import GPU_PROVIDERS, OnnxRuntimeRunner, available_providers
+    from edge_server.runners.tensorrt import TensorRTRunner, engine_path
+
+    engine = engine_path(bundle, precision)
+    if engine.is_file():
+        # A present engine that is stale (other GPU/TensorRT/ONNX) raises with a rebuild hint; only a
+        # missing tensorrt/cuda-python installation falls back, and says so.
+        try:
+            return TensorRTRunner(bundle, precision=precision, max_batch_size=max_batch_size), f"engine {engine}"
+        except ConfigError as e:
+            log.warning("TensorRT engine present but TensorRT is not importable; using ONNX Runtime",
+                        extra={"fields": {"engine": str(engine), "error": str(e)}})
+            why = f"TensorRT not importable: {e}"
+    else:
+        why = f"no TensorRT engine at {engine}"
+    gpu = [p for p in GPU_PROVIDERS if p in available_providers()]
+    runner = OnnxRuntimeRunner(bundle, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads)
+    return runner, f"{why}; ONNX Runtime GPU providers: {gpu or 'none'}"

@@ -1,0 +1,195 @@
+"""TensorRT backend: deserialise and run a prebuilt engine (real ``tensorrt`` API, TRT 8.6 and 10).
+
+Engines are built on the device by ``make engine BUNDLE=…`` (``edge_server.engine``) and cached
+next to the bundle::
+
+    <bundle>/engines/model.<precision>.engine        serialized engine
+    <bundle>/engines/model.<precision>.engine.json   sidecar: tensorrt_version, gpu_name, onnx_sha256,
+                                                     precision, max_batch_size
+
+An engine only runs on the GPU model and TensorRT version it was built with, for the ONNX file it
+was built from; :func:`validate_sidecar` checks all three before deserialising. Device memory is
+handled with NVIDIA's ``cuda-python`` (``cuda.bindings.runtime`` or the older ``cuda.cudart``),
+imported lazily, so this module imports fine where TensorRT is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_server.runners.base import Runner
+from edgetune.bundle import Bundle
+from edgetune.errors import BundleError, ConfigError
+
+log = logging.getLogger("edge_server.runners")
+
+PRECISIONS = ("fp32", "fp16", "int8")
+SIDECAR_KEYS = ("tensorrt_version", "gpu_name", "onnx_sha256", "precision", "max_batch_size")
+
+
+def engine_path(bundle: Bundle, precision: str = "fp16") -> Path:
+    """Where the engine of ``bundle`` for ``precision`` is cached."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"TensorRT precision must be one of {PRECISIONS}, got {precision!r}")
+    return bundle.path / "engines" / f"model.{precision}.engine"
+
+
+def sidecar_path(engine: Path) -> Path:
+    return engine.with_name(engine.name + ".json")
+
+
+def _rebuild_hint(bundle_path: Path | str, precision: str) -> str:
+    return f"rebuild the engine with `make engine BUNDLE={bundle_path} PRECISION={precision}`"
+
+
+def validate_sidecar(meta: Mapping[str, Any], *, bundle: Bundle, tensorrt_version: str, gpu_name: str,
+                     engine: Path) -> None:
+    """Check that an engine's sidecar matches the running system and the bundle.
+
+    Raises :class:`BundleError` naming every mismatch and how to rebuild.
+    """
+    precision = str(meta.get("precision", "fp16")) if isinstance(meta, Mapping) else "fp16"
+    hint = _rebuild_hint(bundle.path, precision)
+    if not isinstance(meta, Mapping):
+        raise BundleError(f"{sidecar_path(engine)}: sidecar must be a JSON object; {hint}")
+    missing = [k for k in SIDECAR_KEYS if k not in meta]
+    if missing:
+        raise BundleError(f"{sidecar_path(engine)}: missing field(s) {missing} (required: {list(SIDECAR_KEYS)}); {hint}")
+    problems = []
+    if str(meta["onnx_sha256"]) != bundle.sha256:
+        problems.append(f"built from ONNX {str(meta['onnx_sha256'])[:12]}, bundle model is {bundle.version}")
+    if str(meta["tensorrt_version"]) != tensorrt_version:
+        problems.append(f"built with TensorRT {meta['tensorrt_version']}, running TensorRT {tensorrt_version}")
+    if str(meta["gpu_name"]) != gpu_name:
+        problems.append(f"built on GPU {meta['gpu_name']!r}, running on {gpu_name!r}")
+    if meta["precision"] not in PRECISIONS:
+        problems.append(f"precision {meta['precision']!r} not one of {PRECISIONS}")
+    mbs = meta["max_batch_size"]
+    if not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1:
+        problems.append(f"max_batch_size must be an integer >= 1, got {mbs!r}")
+    if problems:
+        raise BundleError(f"engine {engine} does not match this system/bundle: {'; '.join(problems)}; {hint}")
+
+
+def read_sidecar(engine: Path) -> dict[str, Any]:
+    side = sidecar_path(engine)
+    try:
+        meta = json.loads(side.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"engine {engine} has no sidecar {side.name}; {_rebuild_hint(engine.parent.parent, 'fp16')}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{side}: unreadable ({e}); {_rebuild_hint(engine.parent.parent, 'fp16')}") from None
+    return meta if isinstance(meta, dict) else {"_invalid": meta}
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module, or a :class:`ConfigError` explaining how to get it."""
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise ConfigError(
+            f"the tensorrt backend needs the TensorRT Python package ({e}); on a Jetson it comes with JetPack "
+            "(apt install python3-libnvinfer), elsewhere use --backend onnxruntime"
+        ) from None
+    return tensorrt
+
+
+def import_cudart() -> Any:
+    """CUDA runtime bindings from ``cuda-python`` (new and old module layout)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6
+        except ImportError:
+            raise ConfigError("the tensorrt backend needs cuda-python: pip install 'cuda-python'") from None
+    return cudart
+
+
+def _check(result: Any, what: str) -> Any:
+    """cuda-python returns (err, *values); raise on error, return the values."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA call {what} failed: {err}")
+    return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+def gpu_name(cudart: Any, device: int = 0) -> str:
+    props = _check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name
+    return (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00").strip()
+
+
+class TensorRTRunner(Runner):
+    """Runs a cached engine with TensorRT's tensor-name API (``set_input_shape``, ``execute_async_v3``)."""
+
+    def __init__(self, bundle: Bundle, precision: str = "fp16", max_batch_size: int = 8,
+                 engine: Path | None = None) -> None:
+        engine = Path(engine) if engine is not None else engine_path(bundle, precision)
+        if not engine.is_file():
+            raise BundleError(f"no TensorRT engine at {engine}; build it with `make engine BUNDLE={bundle.path} "
+                              f"PRECISION={precision}`")
+        trt = import_tensorrt()
+        cudart = import_cudart()
+        meta = read_sidecar(engine)
+        validate_sidecar(meta, bundle=bundle, tensorrt_version=str(trt.__version__), gpu_name=gpu_name(cudart),
+                         engine=engine)
+        self._trt, self._cudart = trt, cudart
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(engine.read_bytes())
+        if self._engine is None:
+            raise BundleError(f"TensorRT could not deserialise {engine}; {_rebuild_hint(bundle.path, precision)}")
+        self._context = self._engine.create_execution_context()
+        self._in, self._out = bundle.input_name, bundle.output_name
+        self._input_hw = bundle.spec.input_size
+        prof_max = self._engine.get_tensor_profile_shape(self._in, 0)[2]
+        self.max_batch_size = int(min(max_batch_size, prof_max[0], int(meta["max_batch_size"])))
+        self._in_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._in)))
+        self._out_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._out)))
+        self._num_classes = int(self._engine.get_tensor_shape(self._out)[-1])
+        n = self.max_batch_size
+        self._in_bytes = n * 3 * self._input_hw[0] * self._input_hw[1] * self._in_dtype.itemsize
+        self._out_bytes = n * self._num_classes * self._out_dtype.itemsize
+        self._d_in = _check(cudart.cudaMalloc(self._in_bytes), "cudaMalloc(input)")
+        self._d_out = _check(cudart.cudaMalloc(self._out_bytes), "cudaMalloc(output)")
+        self._stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._context.set_tensor_address(self._in, int(self._d_in))
+        self._context.set_tensor_address(self._out, int(self._d_out))
+        self.name = "tensorrt"
+        self.precision = str(meta["precision"])
+        self.engine_path = engine
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(self.check_batch(batch, self._input_hw), dtype=self._in_dtype)
+        n = x.shape[0]
+        cudart = self._cudart
+        out = np.empty((n, self._num_classes), dtype=self._out_dtype)
+        if not self._context.set_input_shape(self._in, tuple(x.shape)):
+            raise RuntimeError(f"TensorRT rejected input shape {x.shape}")
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check(cudart.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream), "cudaMemcpyAsync(H2D)")
+        if not self._context.execute_async_v3(int(self._stream)):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream), "cudaMemcpyAsync(D2H)")
+        _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        cudart = getattr(self, "_cudart", None)
+        if cudart is None:
+            return
+        for ptr in (getattr(self, "_d_in", None), getattr(self, "_d_out", None)):
+            if ptr is not None:
+                cudart.cudaFree(ptr)
+        if getattr(self, "_stream", None) is not None:
+            cudart.cudaStreamDestroy(self._stream)
+        self._context = self._engine = self._runtime = None
+        self._cudart = None
