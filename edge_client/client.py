@@ -1,0 +1,334 @@
+"""The streaming client: one bidirectional ``StreamClassify`` call per camera, results matched to
+frames by ``frame_id``, end-to-end latency (capture → result) per frame, and reconnection with
+exponential backoff and jitter.
+
+Flow per camera (:class:`CameraStream`)::
+
+    source.read() --(fps limit, in-flight window)--> encode_frame --> Frame ----> server
+    log/overlay <-- record (latency = receipt - capture) <-- match frame_id <-- FrameResult
+
+When the connection breaks, frames sent but not answered are counted as lost; after
+reconnecting, live sources continue from the newest frame (frames captured meanwhile are lost
+too) and finite sources with the next frame read. The number of lost frames is reported on
+stderr and in the ``lost_before`` field of the next result.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from edge_client.backoff import Backoff
+from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel
+from edge_client.frames import EncodeOptions, encode_frame
+from edge_client.frames import result_record as make_record
+from edge_client.sources import CapturedFrame, Source, now_us
+from edgetune.errors import ConfigError
+from edgetune.v1 import classifier_pb2 as pb
+from edgetune.v1 import classifier_pb2_grpc as pb_grpc
+
+Sink = Callable[[dict[str, Any], Any], None]  # (record, resized BGR image or None)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Per-camera streaming behaviour.
+
+    Attributes:
+        fps: maximum frames per second sent per camera (0 = no limit).
+        top_k: predictions per result.
+        max_inflight: frames sent and not answered yet before the client waits; ``None`` = 1 for
+            files and directories (the server keeps one frame per stream, latest wins: a second
+            unanswered frame could replace the one waiting, so 1 gets every frame processed),
+            unlimited for live sources (the server drops stale frames).
+        max_retry_time: seconds to keep retrying an unreachable server (0 = forever).
+        result_timeout: seconds to wait at the end of a finite source for outstanding results.
+        connect_timeout: seconds one connection attempt may take.
+        backoff_initial, backoff_max: reconnect delays (exponential, with jitter).
+        keep_images: pass the sent image to the sinks (for the overlay window).
+    """
+
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    fps: float = 0.0
+    top_k: int = 1
+    max_inflight: int | None = None
+    max_retry_time: float = 60.0
+    result_timeout: float = 10.0
+    connect_timeout: float = 3.0
+    backoff_initial: float = 0.2
+    backoff_max: float = 5.0
+    keep_images: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.fps >= 0:
+            raise ConfigError(f"--fps must be >= 0 (0 = no limit), got {self.fps!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 100:
+            raise ConfigError(f"--top-k must be an integer in 1..100, got {self.top_k!r}")
+        if self.max_inflight is not None and (not isinstance(self.max_inflight, int) or self.max_inflight < 0):
+            raise ConfigError(f"--max-inflight must be an integer >= 0 (0 = unlimited), got {self.max_inflight!r}")
+        for name in ("result_timeout", "connect_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0 s, got {getattr(self, name)!r}")
+        Backoff(self.backoff_initial, self.backoff_max, max_total=self.max_retry_time)  # validates
+
+
+@dataclass
+class CameraStats:
+    camera_id: str
+    sent: int = 0
+    results: int = 0
+    errors: int = 0  # results whose frame the server could not process
+    dropped: int = 0  # dropped by the server (backpressure), from dropped_before
+    lost: int = 0  # sent but never answered (disconnection, end-of-source timeout)
+    skipped: int = 0  # captured by a live source but never sent (fps limit, window, disconnection)
+    reconnects: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+
+        def pct(q: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
+
+        return {"camera_id": self.camera_id, "sent": self.sent, "results": self.results, "errors": self.errors,
+                "dropped": self.dropped, "lost": self.lost, "skipped": self.skipped, "reconnects": self.reconnects,
+                "latency_p50_ms": pct(0.5), "latency_p95_ms": pct(0.95), "latency_max_ms": pct(1.0)}
+
+
+def _log(camera_id: str, msg: str) -> None:
+    print(f"edge_client: [{camera_id}] {msg}", file=sys.stderr, flush=True)
+
+
+class CameraStream:
+    """Streams one source to the server until the source ends or ``stop`` is set."""
+
+    def __init__(self, source: Source, conn: ConnectionOptions, opts: StreamOptions, sinks: list[Sink],
+                 stop: threading.Event | None = None) -> None:
+        self.source, self.conn, self.opts, self.sinks = source, conn, opts, sinks
+        self.stop = stop or threading.Event()
+        self.stats = CameraStats(source.camera_id)
+        default_window = 0 if source.live else 1
+        self.window = default_window if opts.max_inflight is None else opts.max_inflight
+        self._cond = threading.Condition()
+        self._pending: dict[int, tuple[int, Any]] = {}  # frame_id -> (capture_time_us, image or None)
+        self._carry: CapturedFrame | None = None  # read by a stream that died before sending it
+        self._finished = False  # ... and the outstanding results were waited for
+        self._connected_once = False
+        self._lost_since_result = 0
+        self._next_send = 0.0
+        self.model_version = ""
+
+    # -- requests ----------------------------------------------------------------------
+    def _next_frame(self, alive: threading.Event) -> CapturedFrame | None:
+        """Wait for the window and the fps slot, then read; ``None`` at the end of the source."""
+        with self._cond:
+            while self.window and len(self._pending) >= self.window and alive.is_set():
+                self._cond.wait(0.1)
+        while alive.is_set() and (delay := self._next_send - time.monotonic()) > 0:
+            self.stop.wait(min(delay, 0.1))
+        if not alive.is_set():
+            return None
+        if self._carry is not None:
+            frame, self._carry = self._carry, None
+            return frame
+        while alive.is_set():
+            try:
+                return self.source.read(timeout=0.5)
+            except TimeoutError:
+                continue
+        return None
+
+    def _requests(self, alive: threading.Event, call_box: list[Any]) -> Iterator[Any]:
+        cam = self.source.camera_id
+        while alive.is_set():
+            frame = self._next_frame(alive)
+            if not alive.is_set():
+                if frame is not None and not self.source.live:
+                    self._carry = frame
+                return
+            if frame is None:
+                break
+            if self.opts.fps:
+                self._next_send = max(self._next_send + 1.0 / self.opts.fps, time.monotonic())
+            self.stats.skipped += frame.skipped_before
+            data, small = encode_frame(frame.image, self.opts.encode)
+            with self._cond:
+                self._pending[frame.seq] = (frame.capture_time_us, small if self.opts.keep_images else None)
+            self.stats.sent += 1
+            yield pb.Frame(camera_id=cam, frame_id=frame.seq, capture_time_us=frame.capture_time_us, image=data,
+                           top_k=self.opts.top_k)
+        # End of the source: wait for the outstanding results, then half-close the stream.
+        deadline = time.monotonic() + self.opts.result_timeout
+        with self._cond:
+            while self._pending and alive.is_set() and time.monotonic() < deadline:
+                self._cond.wait(0.1)
+            if self._pending and alive.is_set():
+                _log(cam, f"{len(self._pending)} frame(s) still unanswered after {self.opts.result_timeout} s; "
+                          "counted as lost")
+            self._finished = alive.is_set()
+        # A server that does not end the stream after the half-close is cancelled shortly after.
+        timer = threading.Timer(2.0, lambda: call_box and call_box[0].cancel())
+        timer.daemon = True
+        timer.start()
+
+    # -- responses ---------------------------------------------------------------------
+    def _on_result(self, res: Any) -> None:
+        received = now_us()
+        fid = int(res.frame_id)
+        with self._cond:
+            entry = self._pending.pop(fid, None)
+            # Results of one camera come in frame order: older frames still pending were dropped.
+            older = [k for k in self._pending if k < fid]
+            for k in older:
+                del self._pending[k]
+            self._cond.notify_all()
+        capture_us, image = entry if entry is not None else (int(res.capture_time_us), None)
+        latency_ms = (received - capture_us) / 1000.0
+        self.stats.dropped += int(res.dropped_before)
+        self.stats.results += 1
+        if res.error:
+            self.stats.errors += 1
+        else:
+            self.stats.latencies_ms.append(latency_ms)
+        self.model_version = res.model_version or self.model_version
+        record = make_record(res, latency_ms, self._lost_since_result)
+        self._lost_since_result = 0
+        for sink in self.sinks:
+            sink(record, image)
+
+    def _drop_pending_as_lost(self) -> list[int]:
+        with self._cond:
+            lost = sorted(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        self.stats.lost += len(lost)
+        self._lost_since_result += len(lost)
+        return lost
+
+    # -- connection loop ---------------------------------------------------------------
+    def _probe(self, stub: Any) -> Any:
+        return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.opts.connect_timeout,
+                                 metadata=self.conn.metadata())
+
+    def run(self) -> CameraStats:
+        """Stream until the source ends (returns) or ``stop`` is set; raises :class:`ClientError`
+        for failures that retrying cannot fix or when the retry time is used up."""
+        cam = self.source.camera_id
+        backoff = Backoff(self.opts.backoff_initial, self.opts.backoff_max, max_total=self.opts.max_retry_time)
+        outage_started: float | None = None
+        while not self.stop.is_set():
+            channel = make_channel(self.conn)
+            alive = threading.Event()
+            alive.set()
+            call_box: list[Any] = []
+            watcher = threading.Thread(target=self._watch_stop, args=(alive, call_box), daemon=True)
+            try:
+                info = self._probe(pb_grpc.ClassifierStub(channel))
+                if outage_started is not None:
+                    gap = time.monotonic() - outage_started
+                    _log(cam, f"reconnected to {self.conn.server} after {gap:.1f} s (model {info.model_version})")
+                    self.stats.reconnects += 1
+                    outage_started = None
+                backoff.reset()
+                call = pb_grpc.ClassifierStub(channel).StreamClassify(
+                    self._requests(alive, call_box), metadata=self.conn.metadata())
+                call_box.append(call)
+                watcher.start()
+                self._connected_once = True
+                for res in call:
+                    self._on_result(res)
+                if self._finished:
+                    return self._end()
+                raise_msg = "server ended the stream"
+            except grpc.RpcError as e:
+                if self.stop.is_set() or self._finished:
+                    return self._end()
+                retryable, raise_msg = describe_rpc_error(e, self.conn)
+                if not retryable:
+                    raise ClientError(raise_msg) from None
+            finally:
+                alive.clear()
+                with self._cond:
+                    self._cond.notify_all()
+                channel.close()
+            # Connection failed or broke: count the gap, back off, try again from the live frame.
+            lost = self._drop_pending_as_lost()
+            if outage_started is None:
+                outage_started = time.monotonic()
+                if self._connected_once:
+                    ids = f" (frame ids {lost[0]}..{lost[-1]})" if lost else ""
+                    _log(cam, f"{raise_msg}; {len(lost)} frame(s) in flight lost{ids}; reconnecting")
+                else:
+                    limit = f"{self.opts.max_retry_time:g} s" if self.opts.max_retry_time else "ever"
+                    _log(cam, f"{raise_msg}; retrying for {limit}")
+            delay = backoff.next_delay()
+            if delay is None:
+                raise ClientError(f"{raise_msg}; gave up after retrying for {self.opts.max_retry_time:g} s "
+                                  "(--max-retry-time)")
+            if backoff.attempts > 1:
+                _log(cam, f"retry {backoff.attempts} in {delay:.1f} s (down for {backoff.elapsed:.1f} s)")
+            self.stop.wait(delay)
+        return self._end()
+
+    def _end(self) -> CameraStats:
+        self._drop_pending_as_lost()
+        return self.stats
+
+    def _watch_stop(self, alive: threading.Event, call_box: list[Any]) -> None:
+        """Cancel the open call when ``stop`` is set (Ctrl-C, another camera failed)."""
+        while alive.is_set():
+            if self.stop.wait(0.2):
+                if call_box:
+                    call_box[0].cancel()
+                return
+
+
+def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOptions | None, top_k: int = 1,
+                  timeout: float = 10.0) -> dict[str, Any]:
+    """Unary classification of one image file.
+
+    With ``encode`` the image is decoded, resized and JPEG-encoded exactly like a camera frame;
+    with ``None`` the file's bytes are sent unchanged.
+    """
+    from pathlib import Path
+
+    from edge_client.frames import predictions_to_list
+    from edgetune.preprocess import read_image
+
+    path = Path(image_path)
+    if not path.is_file():
+        raise ConfigError(f"--once {image_path}: no such file")
+    if encode is None:
+        data = path.read_bytes()
+    else:
+        rgb = read_image(path)
+        data, _ = encode_frame(rgb[..., ::-1].copy(), encode)
+    channel = make_channel(conn)
+    try:
+        t0 = time.perf_counter()
+        res = pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(image=data, request_id=path.name, top_k=top_k), timeout=timeout,
+            metadata=conn.metadata())
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+    except grpc.RpcError as e:
+        _, msg = describe_rpc_error(e, conn)
+        raise ClientError(msg) from None
+    finally:
+        channel.close()
+    preds = predictions_to_list(res.predictions)
+    return {
+        "image": str(path),
+        "label": preds[0]["label"] if preds else None,
+        "score": preds[0]["score"] if preds else None,
+        "predictions": preds,
+        "model_version": res.model_version,
+        "latency_ms": round(latency_ms, 3),
+        "server_ms": round(res.timing.total_us / 1000.0, 3),
+        "sent_bytes": len(data),
+    }

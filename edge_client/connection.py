@@ -1,0 +1,160 @@
+"""gRPC channel of the client: address parsing, TLS / mTLS, bearer token, and one-line
+descriptions of RPC failures (which ones are worth retrying)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from edgetune.errors import ConfigError, EdgetuneError
+
+#: Messages up to this size are accepted (a 4K JPEG frame is well below).
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
+class ClientError(EdgetuneError):
+    """An expected failure of the client (server unreachable, TLS/auth rejected): one line, no traceback."""
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """Where and how to connect.
+
+    Attributes:
+        server: ``host:port`` (IPv6 as ``[addr]:port``).
+        tls_ca: PEM file of the CA that signed the server certificate; enables TLS.
+        tls_cert, tls_key: PEM client certificate and key for mutual TLS (both or neither; need TLS).
+        tls_server_name: name to check in the server certificate instead of ``host``.
+        tls: use TLS with the system's root CAs (implied by ``tls_ca``).
+        token: bearer token sent as ``authorization: Bearer <token>`` metadata on every call.
+    """
+
+    server: str
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+    tls: bool = False
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_address(self.server)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("mutual TLS needs both --tls-cert and --tls-key (got only one)")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            val = getattr(self, name)
+            if val is not None and not Path(val).is_file():
+                raise ConfigError(f"--{name.replace('_', '-')} {val}: no such file")
+        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
+            raise ConfigError("--token must be a non-empty string without whitespace")
+
+    @property
+    def secure(self) -> bool:
+        return bool(self.tls or self.tls_ca or self.tls_cert)
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+
+def parse_address(server: str) -> tuple[str, int]:
+    """``host:port`` → (host, port); raises :class:`ConfigError` saying what is allowed."""
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", server or "")
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ConfigError(f"--server must be host:port with a port in 1..65535 (e.g. 127.0.0.1:50051), got {server!r}")
+    return m.group(1), int(m.group(2))
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+
+
+def make_channel(opts: ConnectionOptions) -> grpc.Channel:
+    """A new channel (connects lazily). Reconnection pacing is ours, so gRPC's own is kept short."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if not opts.secure:
+        return grpc.insecure_channel(opts.server, options=options)
+    if opts.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", opts.tls_server_name))
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(opts.tls_ca),
+        private_key=_read(opts.tls_key),
+        certificate_chain=_read(opts.tls_cert),
+    )
+    return grpc.secure_channel(opts.server, creds, options=options)
+
+
+_TLS_HINTS = ("ssl", "tls", "handshake", "certificate", "x509", "tsi_")
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,  # the server cancels open streams when it stops
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,  # e.g. RST_STREAM while the server goes down
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+def _details(err: grpc.RpcError) -> str:
+    details = getattr(err, "details", None)
+    text = details() if callable(details) else str(err)
+    return " ".join(str(text or "").split())
+
+
+def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(err, "code", None)
+    return code() if callable(code) else None
+
+
+def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions) -> tuple[bool, str]:
+    """(retryable, one-line message) for a failed call."""
+    code, details = _code(err), _details(err)
+    low = details.lower()
+    where = f"server {opts.server}"
+    if any(h in low for h in _TLS_HINTS):
+        if not opts.secure:
+            return False, f"TLS failure talking to {where} without TLS: it may require TLS (use --tls-ca) ({details})"
+        return False, (
+            f"TLS handshake with {where} failed: check --tls-ca (CA of the server certificate), "
+            f"--tls-cert/--tls-key for mutual TLS and --tls-server-name ({details})"
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        hint = "no token given: pass --token" if not opts.token else "the token was rejected: check --token"
+        return False, f"authentication failed at {where}: {hint} ({details})"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return False, f"permission denied by {where}: {details}"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return False, f"{where} does not serve edgetune.v1.Classifier (wrong port or program?): {details}"
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND):
+        name = code.name if code is not None else "ERROR"
+        return False, f"{where} refused the request ({name}): {details}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if "connection refused" in low or "failed to connect" in low:
+            return True, f"cannot reach {where}: connection refused (is the server running on that port?)"
+        if "dns" in low or "resolv" in low or "name or service" in low:
+            return True, f"cannot resolve the host of {where}: {details}"
+        return True, f"{where} unavailable: {details}"
+    if code in _RETRYABLE:
+        name = code.name if code is not None else "ERROR"
+        return True, f"connection to {where} lost ({name}): {details}"
+    name = code.name if code is not None else "ERROR"
+    return False, f"call to {where} failed ({name}): {details}"

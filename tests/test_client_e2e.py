@@ -1,0 +1,197 @@
+"""Camera client against the real edge server on 127.0.0.1 (real ONNX Runtime, real gRPC)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from edge_client.__main__ import main
+from edge_client.client import CameraStream, StreamOptions
+from edge_client.connection import ConnectionOptions
+from edge_client.frames import EncodeOptions, encode_frame
+from edge_client.sources import VideoFileSource, open_source
+from edge_server.server import make_server
+from edgetune.v1 import classifier_pb2 as pb
+from edgetune.v1 import classifier_pb2_grpc as pb_grpc
+from tests.client_media import write_image_dir, write_video
+from tests.edge_fixtures import LABELS, make_test_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("client_e2e")
+    return {"bundle": make_test_bundle(d / "bundle", steps=20), "video": write_video(d / "clip.avi", n=45, size=256)}
+
+
+@pytest.fixture()
+def server(media: dict[str, Path]) -> Any:
+    srv = make_server(bundle=media["bundle"], port=0, grace_s=0.0).start()
+    yield srv
+    srv.stop(grace=0.0)
+
+
+def _run_stream(source: Any, address: str, opts: StreamOptions, records: list[dict]) -> tuple[CameraStream, Any]:
+    cs = CameraStream(source, ConnectionOptions(address), opts, [lambda rec, _img: records.append(rec)])
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["stats"] = cs.run()
+        except BaseException as e:  # surfaced by the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return cs, (t, box)
+
+
+def _unary(address: str, data: bytes) -> pb.ClassifyResponse:
+    with grpc.insecure_channel(address) as ch:
+        return pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(image=data), timeout=10)
+
+
+def test_make_client_streams_whole_file_and_matches_unary(media: dict[str, Path], server: Any,
+                                                          tmp_path: Path) -> None:
+    log = tmp_path / "out.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    proc = subprocess.run(
+        ["make", "-s", "client", f"SOURCE={media['video']}", f"SERVER={server.address}", f"LOG={log}",
+         "ARGS=--max-size 128 --jpeg-quality 80"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["frame_id"] for r in records] == list(range(45))  # whole file, every frame processed
+    for r in records:
+        assert r["label"] in LABELS and 0 < r["score"] <= 1 and r["latency_ms"] > 0
+        assert r["camera_id"] == "clip" and r["dropped_before"] == 0 and r["error"] is None
+        assert r["model_version"] == server.holder.current.version
+    # The server's unary answers for the same client-resized, JPEG-encoded frames.
+    src = VideoFileSource(media["video"], "clip")
+    enc = EncodeOptions(max_size=128, jpeg_quality=80)
+    labels_seen = set()
+    for r in records:
+        frame = src.read()
+        assert frame is not None and frame.seq == r["frame_id"]
+        data, small = encode_frame(frame.image, enc)
+        assert small.shape == (128, 128, 3)
+        ref = _unary(server.address, data)
+        assert ref.predictions[0].label == r["label"]
+        assert ref.predictions[0].score == pytest.approx(r["score"], abs=1e-4)
+        labels_seen.add(r["label"])
+    src.close()
+    assert len(labels_seen) >= 2  # the frames differ and so do the answers
+
+
+def test_server_restart_mid_stream_reconnects_and_reports_gap(media: dict[str, Path], server: Any,
+                                                              capfd: pytest.CaptureFixture[str]) -> None:
+    port = server.port
+    records: list[dict] = []
+    opts = StreamOptions(fps=20.0, backoff_initial=0.1, backoff_max=0.5, max_retry_time=30.0)
+    cs, (thread, box) = _run_stream(VideoFileSource(media["video"], "line"), server.address, opts, records)
+    deadline = time.monotonic() + 20
+    while len(records) < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(records) >= 8, box
+    server.stop(grace=0.0)  # the fixture's stop is idempotent
+    time.sleep(0.5)  # the client now retries against a closed port
+    second = make_server(bundle=media["bundle"], port=port, grace_s=0.0).start()
+    try:
+        thread.join(timeout=60)
+        assert not thread.is_alive() and "error" not in box, box
+    finally:
+        second.stop(grace=0.0)
+    stats = box["stats"]
+    ids = [r["frame_id"] for r in records]
+    assert stats.reconnects == 1 and ids[-1] == 44 and ids == sorted(ids)
+    assert stats.results == len(records) and stats.sent == stats.results + stats.lost + stats.dropped
+    gap = sorted(set(range(45)) - set(ids))
+    assert len(gap) == stats.lost  # frames without a result are exactly the ones lost in the outage
+    assert sum(r["lost_before"] for r in records) == stats.lost
+    err = capfd.readouterr().err
+    assert "reconnecting" in err and "reconnected to" in err and "Traceback" not in err
+
+
+def test_fast_live_source_vs_slow_model_drops_and_bounds_latency(media: dict[str, Path]) -> None:
+    # Each frame waits 250 ms for a micro-batch that never fills: ~4 frames/s against a 30 fps camera.
+    slow = make_server(bundle=media["bundle"], port=0, max_wait_ms=250.0, grace_s=0.0).start()
+    try:
+        records: list[dict] = []
+        src = open_source(str(media["video"]), "cam", live=True)
+        cs, (thread, box) = _run_stream(src, slow.address, StreamOptions(max_retry_time=5.0), records)
+        thread.join(timeout=60)
+        src.close()
+        assert not thread.is_alive() and "error" not in box, box
+    finally:
+        slow.stop(grace=0.0)
+    stats = box["stats"]
+    assert 2 <= stats.results < 20 and stats.dropped > 10
+    assert stats.dropped == sum(r["dropped_before"] for r in records)
+    assert stats.sent + stats.skipped == 45 and stats.sent == stats.results + stats.dropped + stats.lost
+    # A queue would make the last frames wait seconds; dropping keeps every latency near 2 service times.
+    assert max(r["latency_ms"] for r in records) < 1000.0
+
+
+def test_directory_source_and_csv_log(media: dict[str, Path], server: Any, tmp_path: Path) -> None:
+    d = write_image_dir(tmp_path / "imgs", n=5, size=64)
+    log = tmp_path / "r.csv"
+    rc = main(["--source", f"dir={d}", "--server", server.address, "--log", str(log), "--quiet"])
+    assert rc == 0
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("camera_id,frame_id") and len(lines) == 6
+    assert [line.split(",")[1] for line in lines[1:]] == ["0", "1", "2", "3", "4"]
+
+
+def test_once_prints_json(media: dict[str, Path], server: Any, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    d = write_image_dir(tmp_path / "imgs", n=3, size=96)
+    image = d / "img_001.png"
+    assert main(["--once", str(image), "--server", server.address, "--top-k", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["label"] in LABELS and len(out["predictions"]) == 3
+    assert out["model_version"] == server.holder.current.version
+    assert out["label"] == _unary(server.address, image.read_bytes()).predictions[0].label  # 96 px < max size
+    assert main(["--once", str(image), "--raw", "--server", server.address]) == 0
+    assert json.loads(capsys.readouterr().out)["sent_bytes"] == image.stat().st_size
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_client", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_bad_server_address_gives_one_clear_line_and_nonzero_exit(media: dict[str, Path]) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _cli("--source", str(media["video"]), "--server", f"127.0.0.1:{port}", "--max-retry-time", "1")
+    assert proc.returncode == 1
+    assert "cannot reach server" in proc.stderr and "gave up" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("--source", str(media["video"]), "--server", "localhost")
+    assert proc.returncode == 2 and "host:port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bearer_token_rejected_and_accepted(media: dict[str, Path], tmp_path: Path) -> None:
+    srv = make_server(bundle=media["bundle"], port=0, token="right-token-123", grace_s=0.0).start()
+    try:
+        proc = _cli("--source", str(media["video"]), "--server", srv.address, "--token", "wrong-token-123")
+        assert proc.returncode == 1 and "authentication failed" in proc.stderr and "Traceback" not in proc.stderr
+        log = tmp_path / "t.jsonl"
+        rc = main(["--source", str(media["video"]), "--server", srv.address, "--token", "right-token-123",
+                   "--log", str(log), "--quiet"])
+        assert rc == 0 and len(log.read_text().splitlines()) == 45
+    finally:
+        srv.stop(grace=0.0)
