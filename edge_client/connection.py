@@ -148,8 +148,12 @@ def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions) -> tuple[boo
         name = code.name if code is not None else "ERROR"
         return False, f"{where} refused the request ({name}): {details}"
     if code == grpc.StatusCode.UNAVAILABLE:
-        if "connection refused" in low or "failed to connect" in low:
+        if "connection refused" in low:
             return True, f"cannot reach {where}: connection refused (is the server running on that port?)"
+        if "socket closed" in low or "connection reset" in low:
+            hint = ("if it requires TLS pass --tls-ca" if not opts.secure else
+                    "if it requires mutual TLS pass --tls-cert and --tls-key")
+            return True, f"cannot connect to {where}: it closed the connection during setup ({hint}) ({details})"
         if "dns" in low or "resolv" in low or "name or service" in low:
             return True, f"cannot resolve the host of {where}: {details}"
         return True, f"{where} unavailable: {details}"

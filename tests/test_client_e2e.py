@@ -195,3 +195,48 @@ def test_bearer_token_rejected_and_accepted(media: dict[str, Path], tmp_path: Pa
         assert rc == 0 and len(log.read_text().splitlines()) == 45
     finally:
         srv.stop(grace=0.0)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _make_ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
+
+
+def _make_leaf(d: Path, name: str, ca: str, san: str) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={name}",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+
+
+def test_mutual_tls_works_and_wrong_ca_is_one_clear_line(media: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not available to make test certificates")
+    _make_ca(tmp_path, "ca")
+    _make_ca(tmp_path, "other_ca")
+    _make_leaf(tmp_path, "server", "ca", "IP:127.0.0.1,DNS:localhost")
+    _make_leaf(tmp_path, "client", "ca", "DNS:camera-client")
+    srv = make_server(bundle=media["bundle"], port=0, tls_cert=tmp_path / "server.pem",
+                      tls_key=tmp_path / "server.key", tls_client_ca=tmp_path / "ca.pem", grace_s=0.0).start()
+    try:
+        image = write_image_dir(tmp_path / "imgs", n=1, size=64) / "img_000.png"
+        tls = ["--server", srv.address, "--tls-ca", str(tmp_path / "ca.pem")]
+        mtls = [*tls, "--tls-cert", str(tmp_path / "client.pem"), "--tls-key", str(tmp_path / "client.key")]
+        proc = _cli("--once", str(image), *mtls)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["label"] in LABELS
+        proc = _cli("--once", str(image), "--server", srv.address, "--tls-ca", str(tmp_path / "other_ca.pem"),
+                    "--tls-cert", str(tmp_path / "client.pem"), "--tls-key", str(tmp_path / "client.key"))
+        assert proc.returncode == 1 and "TLS handshake" in proc.stderr and "Traceback" not in proc.stderr
+        proc = _cli("--source", str(media["video"]), *tls, "--max-retry-time", "3")  # no client certificate
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "--tls-cert and --tls-key" in proc.stderr.strip().splitlines()[-1]
+    finally:
+        srv.stop(grace=0.0)
