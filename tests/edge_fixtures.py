@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +94,11 @@ def make_test_bundle(out_dir: str | Path, *, seed: int = 0, steps: int = 40, siz
         opt.step()
     model.eval()
     onnx_path = out / "model.onnx"
-    torch.onnx.export(model, torch.zeros(1, 3, size, size), str(onnx_path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but is the fast, verified path
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, torch.zeros(1, 3, size, size), str(onnx_path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     test_imgs, test_ys = texture_tiles("test")
     xt = torch.from_numpy(spec.apply_batch(test_imgs))
     with torch.no_grad():
