@@ -1,0 +1,198 @@
+"""The trainer's data layer: scan -> subset -> split -> slice/expand -> cached resized pixels -> datasets.
+
+``build_data(cfg, spec, run_dir, seed)`` is the single entry point. Order matters for honest
+test numbers: membership in train/val/test is decided per SOURCE FILE first; slicing then
+applies to each split separately (tiles stay in their file's split) and offline expansion only
+to the train split, so no derivative of a val/test image is ever trained on.
+
+Eval datasets (val, test, train_eval) return ``spec.normalize(spec.center_crop(spec.resize_image(raw)))``
+- the same NumPy code the edge server runs - and offer ``raw(i)`` / ``source(i)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetune.errors import ConfigError, EdgetuneError
+from edgetune.preprocess import PreprocessSpec, read_image
+from trainer.augment import build_augment
+from trainer.config import DataConfig
+from trainer.datasets import BUILTINS, cache_root, prepare_builtin
+from trainer.imagestore import ImageStore, Item, build_store, make_items, tile_of
+from trainer.scan import SPLITS, SourceFile, dataset_hash, hash_files, list_csv, list_image_folder, scan_sources
+from trainer.split import check_classes, stratified_split, stratified_subset, write_manifest
+
+log = logging.getLogger("edgetune.data")
+
+__all__ = ["DataSplits", "EvalDataset", "TrainDataset", "build_data", "resolve_dataset"]
+
+
+class _Base(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[Item], store: ImageStore, spec: PreprocessSpec) -> None:
+        if len(items) != len(store):
+            raise EdgetuneError(f"internal: {len(items)} items but {len(store)} cached images")
+        self.items = list(items)
+        self.store = store
+        self.spec = spec
+        self.labels = [it.label for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def source(self, i: int) -> str:
+        """File path of item ``i`` (plus its tile and offline transform, when any)."""
+        return self.items[i].describe()
+
+    def resized(self, i: int) -> np.ndarray:
+        """The cached ``spec.resize_image`` output of item ``i`` (HxWx3 uint8 RGB)."""
+        return self.store.get(i)
+
+
+class EvalDataset(_Base):
+    """Items ``(float32 [3, H, W], label)`` with the exact evaluation/serving transform."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.spec.normalize(self.spec.center_crop(self.store.get(i)))
+        return torch.from_numpy(x), self.labels[i]
+
+    def raw(self, i: int) -> tuple[np.ndarray, int]:
+        """(HxWx3 uint8 RGB as decoded from the file, after slicing, before resizing; label)."""
+        it = self.items[i]
+        if it.transform:
+            raise EdgetuneError(f"{it.describe()} is an offline-expanded copy; eval datasets have none")
+        img = tile_of(read_image(it.file.path), it.grid, it.tile)
+        return np.ascontiguousarray(img), it.label
+
+
+class TrainDataset(_Base):
+    """Items ``(float32 [3, H, W], label)``: cached resized image -> online augmentation preset."""
+
+    def __init__(self, items: Sequence[Item], store: ImageStore, spec: PreprocessSpec,
+                 augment: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__(items, store, spec)
+        self.augment = augment
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = torch.from_numpy(np.array(self.store.get(i), copy=True)).permute(2, 0, 1)
+        return self.augment(img), self.labels[i]
+
+
+@dataclass
+class DataSplits:
+    classes: list[str]
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    train_eval: torch.utils.data.Dataset
+    class_counts: list[int]
+    manifest_path: Path | None
+    skipped: list[tuple[str, str]]
+    dataset_name: str
+    dataset_hash: str
+
+
+def resolve_dataset(cfg: DataConfig) -> tuple[list[SourceFile], list[tuple[str, str]], str, Path]:
+    """(files, non-image files, dataset name, cache dir) for a built-in name, an ImageFolder or a CSV."""
+    cache = cache_root(cfg.cache_dir)
+    if cfg.dataset in BUILTINS:
+        root, name = prepare_builtin(cfg.dataset, cache, cfg.elpv_task)
+        files, rejected = list_image_folder(root)
+        return files, rejected, name, cache
+    p = Path(cfg.dataset).expanduser()
+    if p.is_file() and p.suffix.lower() == ".csv":
+        files, rejected = list_csv(p)
+        return files, rejected, p.stem, cache
+    if p.is_dir():
+        files, rejected = list_image_folder(p)
+        return files, rejected, p.resolve().name, cache
+    raise ConfigError(f"data.dataset {cfg.dataset!r} is neither a built-in ({', '.join(BUILTINS)}), "
+                      f"an existing ImageFolder directory nor a .csv manifest")
+
+
+def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None = None, seed: int = 0) -> DataSplits:
+    """Scan, subset, split, slice, expand and cache a dataset; returns the four datasets.
+
+    Args:
+        cfg: the run's data configuration (validated here).
+        spec: the preprocessing spec of the backbone (resize, crop, normalisation).
+        run_dir: when given, the split manifest is written to ``run_dir/split.json``.
+        seed: seeds the affine expansion copies (the split itself uses ``cfg.split_seed``).
+    """
+    cfg.validate()
+    files, rejected, name, cache = resolve_dataset(cfg)
+    files = hash_files(files)
+    dhash = dataset_hash(files)
+    if not files and not rejected:
+        raise EdgetuneError(f"dataset {cfg.dataset!r}: no image files found (expected root/<class>/*"
+                            f"{{.jpg,.jpeg,.png,.bmp,.tif,.tiff}} or a CSV with path,label columns)")
+    files = stratified_subset(files, cfg.max_images, cfg.split_seed)
+    scan = scan_sources(files, cache)
+    skipped = sorted(rejected + scan.skipped)
+    if skipped and cfg.strict:
+        listing = "\n  ".join(f"{p}: {r}" for p, r in skipped)
+        raise EdgetuneError(f"{len(skipped)} unreadable or non-image file(s) in {cfg.dataset!r} "
+                            f"(strict mode; remove them or run without --strict to skip them):\n  {listing}")
+    if skipped:
+        msg = f"skipping {len(skipped)} unreadable or non-image file(s) in {cfg.dataset!r}; first: {skipped[0][0]}"
+        log.warning(msg)
+        print(f"edgetune: {msg}", file=sys.stderr)
+    classes = check_classes(scan.good, f"dataset {cfg.dataset!r}")
+    parts = stratified_split(scan.good, classes, cfg.split, cfg.split_seed)
+    class_index = {c: i for i, c in enumerate(classes)}
+    grid = (int(cfg.slice_grid[0]), int(cfg.slice_grid[1]))
+    items = {
+        "train": make_items(parts["train"], class_index, grid, tuple(cfg.expand)),
+        "train_eval": make_items(parts["train"], class_index, grid),
+        "val": make_items(parts["val"], class_index, grid),
+        "test": make_items(parts["test"], class_index, grid),
+    }
+    stores: dict[str, ImageStore] = {}
+    for key in ("train_eval", "train", "val", "test"):
+        if key == "train" and not cfg.expand:
+            stores[key] = stores["train_eval"]
+            continue
+        st: dict[str, float] = {}
+        stores[key] = build_store(items[key], spec, cache, seed, scan.decoded, cfg.cache_images, st)
+        log.info("%s: %d images %s in %.2f s", key, len(items[key]),
+                 "from the disk cache" if st["cache_hit"] else "decoded+resized", st["seconds"])
+    manifest_path = None
+    if run_dir is not None:
+        manifest_path = write_manifest(Path(run_dir) / "split.json", parts, skipped, {
+            "dataset": cfg.dataset, "dataset_name": name, "dataset_hash": dhash, "classes": classes,
+            "split_seed": cfg.split_seed, "ratios": list(cfg.split),
+            "predefined_split": any(f.split for f in scan.good), "max_images": cfg.max_images,
+            "slice_grid": list(grid), "expand": list(cfg.expand),
+            "items": {k: len(v) for k, v in items.items()},
+        })
+    counts = [0] * len(classes)
+    for it in items["train"]:
+        counts[it.label] += 1
+    augment = build_augment(cfg.augment, spec, cfg.augment_strength)
+    return DataSplits(
+        classes=classes,
+        train=TrainDataset(items["train"], stores["train"], spec, augment),
+        val=EvalDataset(items["val"], stores["val"], spec),
+        test=EvalDataset(items["test"], stores["test"], spec),
+        train_eval=EvalDataset(items["train_eval"], stores["train_eval"], spec),
+        class_counts=counts,
+        manifest_path=manifest_path,
+        skipped=skipped,
+        dataset_name=name,
+        dataset_hash=dhash,
+    )
+
+
+def split_members(data: DataSplits) -> dict[str, set[str]]:
+    """Source file paths of each split (for checks that membership is by source file)."""
+    out: dict[str, set[str]] = {}
+    for s in SPLITS:
+        ds = getattr(data, s)
+        out[s] = {it.file.path for it in ds.items}
+    return out
