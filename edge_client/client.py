@@ -144,6 +144,23 @@ class CameraStream:
                 continue
         return None
 
+    @staticmethod
+    def _tracked(gen: Iterator[Any], idle: threading.Event) -> Iterator[Any]:
+        """``gen`` with ``idle`` cleared while it computes the next request (gRPC's consumer thread
+        runs it); the connection loop waits for ``idle`` before closing the channel."""
+        try:
+            while True:
+                idle.clear()
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    return
+                finally:
+                    idle.set()
+                yield item
+        finally:
+            idle.set()
+
     def _requests(self, alive: threading.Event, call_box: list[Any]) -> Iterator[Any]:
         cam = self.source.camera_id
         while alive.is_set():
@@ -227,6 +244,8 @@ class CameraStream:
             alive = threading.Event()
             alive.set()
             call_box: list[Any] = []
+            idle = threading.Event()
+            idle.set()
             watcher = threading.Thread(target=self._watch_stop, args=(alive, call_box), daemon=True)
             try:
                 info = self._probe(pb_grpc.ClassifierStub(channel))
@@ -237,7 +256,7 @@ class CameraStream:
                     outage_started = None
                 backoff.reset()
                 call = pb_grpc.ClassifierStub(channel).StreamClassify(
-                    self._requests(alive, call_box), metadata=self.conn.metadata())
+                    self._tracked(self._requests(alive, call_box), idle), metadata=self.conn.metadata())
                 call_box.append(call)
                 watcher.start()
                 self._connected_once = True
@@ -256,6 +275,9 @@ class CameraStream:
                 alive.clear()
                 with self._cond:
                     self._cond.notify_all()
+                idle.wait(2.0)  # the request generator notices within a read timeout
+                if watcher.is_alive():
+                    watcher.join(1.0)
                 channel.close()
             # Connection failed or broke: count the gap, back off, try again from the live frame.
             lost = self._drop_pending_as_lost()
