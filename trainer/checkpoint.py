@@ -33,9 +33,9 @@ def versions() -> dict[str, str]:
     out = {
         "edgetune": edgetune.__version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "numpy": str(numpy.__version__),
     }
     try:
         import cv2

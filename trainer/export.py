@@ -44,6 +44,7 @@ def ort_session(path: str | Path, threads: int = 0) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only (the exporter leaves harmless unused initialisers)
     if threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from edgetune.errors import EdgetuneError
 
@@ -46,10 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def optuna_experimental_warning() -> type[Warning]:
+    from optuna.exceptions import ExperimentalWarning
+
+    return ExperimentalWarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's table reporter (trials, states, best so far)
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    warnings.filterwarnings("ignore", category=optuna_experimental_warning())
     try:
         from tuner.run import TuneOptions, run_study
 

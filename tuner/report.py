@@ -103,6 +103,9 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(optuna|matplotlib).*")
     made = []
     target = (lambda t: t.values[0]) if multi else None
     jobs = {"optimization_history.png": lambda: ovm.plot_optimization_history(study, target=target, target_name="val"),
@@ -131,7 +134,7 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
     ax.set_xlabel("epoch")
     ax.set_ylabel("val accuracy")
     ax.set_title("learning curves of the top trials")
-    if top:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png")

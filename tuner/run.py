@@ -105,6 +105,10 @@ def _study_attrs(opts: TuneOptions, base: dict[str, Any], space: Any, data: Any)
     }
 
 
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
 def run_study(opts: TuneOptions) -> dict[str, Any]:
     """Run (or resume) a study; returns the summary written to ``<out>/summary.json``."""
     import optuna
@@ -187,7 +191,7 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
             if exp_dir.exists() and not opts.resume:
                 shutil.rmtree(exp_dir)
             tuner = tune.Tuner(trainable, param_space={}, run_config=run_config, tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=opts.trials,
+                search_alg=searcher, trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname, scheduler=scheduler, num_samples=opts.trials,
                 time_budget_s=opts.time_budget_s or None, max_concurrent_trials=opts.max_concurrent or None,
                 metric=None if opts.multi_objective else tune_metric,
                 mode=None if opts.multi_objective else mode))
