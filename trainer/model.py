@@ -1,0 +1,215 @@
+"""EdgeModel = features-only backbone + classification head; weights, init checkpoint, freezing, param groups.
+
+``create_model(cfg, num_classes)`` is the single entry point: it resolves the backbone's weights
+(``cfg.weights``) or starts the backbone from an earlier edgetune checkpoint (``cfg.init``, any
+class count, same backbone), adds the head and applies ``cfg.freeze``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from edgetune.errors import ConfigError, EdgetuneError
+from edgetune.preprocess import PreprocessSpec
+from trainer.backbones import build_backbone, format_load_error, get_backbone_info, parameterised_layers
+from trainer.config import HEADS, ModelConfig
+
+_NORM_TYPES = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def build_head(kind: str, feature_dim: int, num_classes: int, dropout: float = 0.0,
+               hidden: tuple[int, int] = (512, 256)) -> nn.Module:
+    """``linear``: Dropout -> Linear. ``mlp`` (graphite paper's output module after the backbone's global
+    average pool): FC1 -> ReLU -> Dropout(p) -> FC2 -> ReLU -> Dropout(p) -> FC3."""
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+    if kind == "mlp":
+        h1, h2 = hidden
+        return nn.Sequential(
+            nn.Linear(feature_dim, h1), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(h1, h2), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(h2, num_classes),
+        )
+    raise ConfigError(f"model.head must be one of {list(HEADS)}, got {kind!r}")
+
+
+class EdgeModel(nn.Module):
+    """``backbone``: images -> pooled features ``[N, feature_dim]``; ``head``: features -> logits ``[N, num_classes]``.
+
+    ``train()`` keeps frozen BatchNorm layers in eval mode (see :func:`set_train_mode`).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, backbone_name: str, feature_dim: int,
+                 num_classes: int, input_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.backbone_name = backbone_name
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.input_size = input_size
+        self.weights_source = "none"  #: file the backbone came from, "none", or "init:<checkpoint>"
+        self.freeze_report: dict[str, int] = {"layers_total": 0, "layers_frozen": 0, "params_frozen": 0}
+        self._layers: list[tuple[str, nn.Module]] | None = None
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def layer_order(self) -> list[tuple[str, nn.Module]]:
+        """The backbone's parameterised layers in forward order (names relative to ``backbone``)."""
+        if self._layers is None:
+            self._layers = parameterised_layers(self.backbone, image_size=max(64, min(self.input_size, 128)))
+        return self._layers
+
+    def train(self, mode: bool = True) -> EdgeModel:
+        super().train(mode)
+        if mode:
+            _frozen_bn_to_eval(self)
+        return self
+
+
+def _frozen_bn_to_eval(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.affine and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """``model.train()``, but BatchNorm layers whose parameters are all frozen stay in eval mode, so their
+    running statistics do not change. Works on wrapped models (DDP) too."""
+    model.train()
+    _frozen_bn_to_eval(model)
+
+
+def preprocess_spec_for(cfg: ModelConfig) -> PreprocessSpec:
+    """The backbone's default spec (matching its weights), resized to ``cfg.img_size`` when that is set."""
+    spec = get_backbone_info(cfg.backbone).default_spec
+    return spec.with_input_size(cfg.img_size) if cfg.img_size else spec
+
+
+def _freeze_count(freeze: float, n: int, backbone: str) -> int:
+    if isinstance(freeze, bool) or not isinstance(freeze, (int, float)) or not math.isfinite(freeze) or freeze < 0:
+        raise ConfigError(f"model.freeze must be a fraction in [0, 1] or a layer count >= 2, got {freeze!r}")
+    if freeze <= 1:
+        return int(math.floor(freeze * n + 0.5))
+    if float(freeze) != int(freeze):
+        raise ConfigError(f"model.freeze above 1 is a layer count and must be whole, got {freeze!r}")
+    if int(freeze) > n:
+        raise ConfigError(
+            f"model.freeze={int(freeze)} layers, but backbone {backbone!r} has only {n} parameterised layers; "
+            f"use a count <= {n} or a fraction in [0, 1]"
+        )
+    return int(freeze)
+
+
+def freeze_backbone(model: EdgeModel, freeze: float) -> dict[str, int]:
+    """Freeze the first layers of the backbone (forward order): ``freeze`` in [0, 1] is a fraction of its
+    parameterised layers, a whole number > 1 an absolute count. The rest of the backbone and the head are
+    made trainable. Frozen BatchNorm layers are put in eval mode now and by every later ``train()``.
+
+    Returns ``{"layers_total": n, "layers_frozen": k, "params_frozen": p}`` (p = frozen scalar parameters).
+    """
+    layers = model.layer_order()
+    k = _freeze_count(freeze, len(layers), model.backbone_name)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    params_frozen = 0
+    for _, m in layers[:k]:
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(False)
+            params_frozen += p.numel()
+    if model.training:
+        _frozen_bn_to_eval(model)
+    model.freeze_report = {"layers_total": len(layers), "layers_frozen": k, "params_frozen": params_frozen}
+    return dict(model.freeze_report)
+
+
+def _init_from_checkpoint(model: EdgeModel, path: str) -> None:
+    from trainer.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    meta = ckpt["meta"]
+    cfg_model = (meta.get("config") or {}).get("model") or {}
+    src = cfg_model.get("backbone") or meta.get("backbone")
+    if src != model.backbone_name:
+        raise ConfigError(
+            f"model.init checkpoint {ckpt['path']} was trained with backbone {src!r}, but model.backbone is "
+            f"{model.backbone_name!r}; init needs the same backbone"
+        )
+    state = {k[len("backbone."):]: v for k, v in ckpt["model_state"].items() if k.startswith("backbone.")}
+    if not state:
+        raise EdgetuneError(f"model.init checkpoint {ckpt['path']} holds no backbone.* weights")
+    try:
+        model.backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise EdgetuneError(
+            f"model.init checkpoint {ckpt['path']} does not fit backbone {src!r}: {format_load_error(e)}"
+        ) from None
+    model.weights_source = f"init:{ckpt['path']}"
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> EdgeModel:
+    """Backbone (weights per ``cfg.weights``, or from ``cfg.init``) + head; ``cfg.freeze`` applied.
+
+    With ``cfg.init`` set, the backbone starts from that checkpoint's ``backbone.*`` weights (whatever its
+    class count) and ``cfg.weights`` is not resolved. The head is always freshly initialised.
+    """
+    if not isinstance(cfg, ModelConfig):
+        raise ConfigError(f"create_model needs a ModelConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    info = get_backbone_info(cfg.backbone)
+    size = preprocess_spec_for(cfg).input_size[0]
+    if cfg.init:
+        backbone, source = info.build(False, size), "none"
+    else:
+        backbone, source = build_backbone(cfg.backbone, cfg.weights, size)
+    head = build_head(cfg.head, info.feature_dim, num_classes, cfg.dropout, (cfg.head_hidden[0], cfg.head_hidden[1]))
+    model = EdgeModel(backbone, head, cfg.backbone, info.feature_dim, num_classes, size)
+    model.weights_source = source
+    if cfg.init:
+        _init_from_checkpoint(model, cfg.init)
+    if cfg.freeze:
+        freeze_backbone(model, cfg.freeze)
+    else:
+        model.freeze_report = {"layers_total": len(model.layer_order()), "layers_frozen": 0, "params_frozen": 0}
+    return model
+
+
+def param_groups(model: EdgeModel, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups of trainable parameters: head at ``lr``, unfrozen backbone at ``lr * backbone_lr_mult``;
+    norm-layer parameters and biases get no weight decay. Empty groups are left out."""
+    module: nn.Module = getattr(model, "module", model)  # unwrap DDP
+    no_decay_ids = {id(p) for m in module.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
+    groups: list[dict[str, Any]] = []
+    for part, part_lr in (("head", lr), ("backbone", lr * backbone_lr_mult)):
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, p in getattr(module, part).named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if id(p) in no_decay_ids or name.endswith("bias") or p.ndim <= 1 else decay).append(p)
+        for suffix, params, wd in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
+            if params:
+                groups.append({"name": part + suffix, "params": params, "lr": part_lr, "weight_decay": wd})
+    return groups
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """Size of parameters + buffers in MiB (what a float checkpoint of the model weighs)."""
+    n = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return n / (1024 * 1024)
