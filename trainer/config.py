@@ -223,6 +223,11 @@ def parse_override(s: str) -> tuple[str, Any]:
         value = yaml.safe_load(v) if v.strip() else ""
     except yaml.YAMLError:
         value = v
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return k.strip(), value
 
 

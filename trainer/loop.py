@@ -173,6 +173,7 @@ def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
     module = model.module if hasattr(model, "module") else model
     static: dict[str, Any] = {"params": count_params(module), "size_mb": model_size_mb(module), "node_id": _node_id()}
     start_epoch, best, train_seconds_total = 1, None, 0.0
+    history: list[dict[str, Any]] = []
     resume = reporter.resume_dir()
     if resume is not None:
         ckpt = load_checkpoint(resume)
@@ -183,6 +184,7 @@ def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
         start_epoch, best = int(state["epoch"]) + 1, state.get("best")
         train_seconds_total = float(state.get("train_seconds", 0.0))
         static.update(state.get("static", {}))
+        history = list(ckpt["meta"].get("history", []))
     if loop_config.get("measure_latency") and rank == 0 and "latency_ms" not in static:
         from trainer.export import measure_latency
 
@@ -237,11 +239,13 @@ def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
         if best is None or (value > best if cfg.mode == "max" else value < best):
             best = value
         metrics[f"best_{cfg.metric}"] = best
+        history.append({k: v for k, v in metrics.items() if k not in static})
         ckpt_dir = None
         with tempfile.TemporaryDirectory(prefix="edgetune-ckpt-") as tmp:
             if rank == 0:
                 ckpt_dir = save_checkpoint(tmp, model, cfg.to_dict(), classes, spec, epoch, metrics,
-                                           extra={"dataset": data.dataset_name, "dataset_hash": data.dataset_hash})
+                                           extra={"dataset": data.dataset_name, "dataset_hash": data.dataset_hash,
+                                                  "history": history})
                 torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
                             "best": best, "train_seconds": train_seconds_total, "static": static},
                            Path(tmp) / TRAIN_STATE)

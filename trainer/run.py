@@ -113,8 +113,9 @@ def _train_ddp(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
         if (run_dir / "best").exists():
             shutil.rmtree(run_dir / "best")
         shutil.copytree(d, run_dir / "best")
-    df = result.metrics_dataframe
-    return [] if df is None else df.to_dict("records")
+    last = result.checkpoint or best
+    with last.as_directory() as d:
+        return list(load_checkpoint(d)["meta"].get("history", []))
 
 
 def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
