@@ -280,6 +280,8 @@ def test_disk_cache_memmap_and_throughput(tmp_path: Path) -> None:
     assert a.in_memory and not b.in_memory
     for i in range(len(items)):
         assert np.array_equal(a.get(i), b.get(i))
+    assert not build_store(items, spec, tmp_path / "c", seed=0, cache_images="auto", memory_budget=a.nbytes).in_memory
+    assert build_store(items, spec, tmp_path / "c", seed=0, cache_images="auto", memory_budget=a.nbytes + 1).in_memory
     b2 = pickle.loads(pickle.dumps(b))  # a memory-mapped store pickles without its data (DataLoader workers)
     assert len(pickle.dumps(b)) < 10_000 and np.array_equal(b2.get(3), a.get(3))
     # Another spec is another cache entry.

