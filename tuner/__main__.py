@@ -11,27 +11,60 @@ import os
 import sys
 import warnings
 
-from edgetune.errors import EdgetuneError
+from edgetune.errors import ConfigError, EdgetuneError
+
+#: CLI defaults = TuneOptions defaults (the embedded ``make tune`` budget); kept in one place: tuner/run.py.
+_BUDGET = ("trials", "epochs", "img", "max_images")
+
+
+def _defaults() -> dict[str, object]:
+    from dataclasses import fields
+
+    from tuner.run import TuneOptions
+
+    return {f.name: f.default for f in fields(TuneOptions) if f.name in _BUDGET}
+
+
+def _resources(text: str) -> dict[str, float]:
+    """``slot=1,node=0.5`` -> {"slot": 1.0, "node": 0.5}."""
+    out: dict[str, float] = {}
+    for part in filter(None, text.split(",")):
+        k, sep, v = part.partition("=")
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            sep = ""
+        if not sep or not k.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT[,NAME=AMOUNT], got {text!r}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tuner", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
+    d = _defaults()
     a("--data", default="elpv", help="built-in dataset (elpv, textures) or an ImageFolder/CSV path")
     a("--study", default="", help="study name (default <dataset>-default)")
-    a("--trials", type=int, default=8)
-    a("--epochs", type=int, default=4, help="max epochs per trial (ASHA max_t)")
+    a("--trials", type=int, default=d["trials"])
+    a("--epochs", type=int, default=d["epochs"], help="max epochs per trial (ASHA max_t)")
     a("--time-budget", type=float, default=0.0, help="seconds; 0 = none")
     a("--storage", default="", help="Optuna storage URL (default sqlite:///runs/optuna.db; postgresql://… for shared)")
+    a("--storage-path", default="", help="Ray storage for trial checkpoints: a directory or s3://bucket/prefix "
+      "(default $EDGETUNE_STORAGE_PATH, else <out>/ray); must be shared on a multi-node cluster")
     a("--space", default="", help="search space YAML (default tuner/default_space.yaml)")
     a("--backbones", default="", help="comma list restricting the backbone choices")
     a("--config", default="", help="base TrainConfig YAML for every trial")
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override (repeatable)")
-    a("--img", type=int, default=0, help="input size for every trial (0 = backbone default)")
+    a("--img", type=int, default=d["img"], help="input size for every trial (0 = backbone default)")
+    a("--max-images", type=int, default=d["max_images"], help="stratified subset of the dataset (0 = all)")
     a("--gpus-per-trial", type=float, default=0.0)
     a("--workers-per-trial", type=int, default=1, help=">1: each trial is a Ray Train DDP run")
     a("--cpus-per-worker", type=float, default=1.0)
+    a("--resources-per-worker", type=_resources, default={}, metavar="NAME=AMOUNT,…",
+      help="extra custom Ray resources per worker (e.g. slot=1)")
+    a("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+      help="placement of a DDP trial's workers (STRICT_SPREAD: each on its own node)")
     a("--max-concurrent", type=int, default=0)
     a("--grace-period", type=int, default=1)
     a("--reduction-factor", type=int, default=2)
@@ -41,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--multi-objective", action="store_true", help="maximise val_acc and minimise ONNX Runtime latency")
     a("--max-latency-ms", type=float, default=0.0, help="pick the best model within this latency")
     a("--max-failures", type=int, default=1, help="restarts of a crashed trial from its last checkpoint")
-    a("--address", default="", help="Ray cluster address (default: RAY_ADDRESS, a running local node, or local)")
+    a("--address", default="", help="Ray cluster address; 'local' forces a local instance "
+      "(default: RAY_ADDRESS, a running node started by `ray start`/`ray up` on this machine, or local)")
     a("--no-export", action="store_true", help="do not export the best trial as a bundle")
     a("--metric", default="val_acc", choices=["val_acc", "val_macro_f1", "val_loss"])
     return p
@@ -63,14 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         opts = TuneOptions(
             data=args.data, study=args.study, trials=args.trials, epochs=args.epochs, time_budget_s=args.time_budget,
             storage=args.storage, space=args.space, backbones=tuple(b for b in args.backbones.split(",") if b),
-            config=args.config, sets=tuple(args.set), img=args.img, gpus_per_trial=args.gpus_per_trial,
+            config=args.config, sets=tuple(args.set), img=args.img, max_images=args.max_images,
+            storage_path=args.storage_path, gpus_per_trial=args.gpus_per_trial,
             workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
+            resources_per_worker=args.resources_per_worker, placement_strategy=args.placement_strategy,
             max_concurrent=args.max_concurrent, grace_period=args.grace_period,
             reduction_factor=args.reduction_factor, seed=args.seed, out=args.out, resume=args.resume,
             multi_objective=args.multi_objective, max_latency_ms=args.max_latency_ms, max_failures=args.max_failures,
             address=args.address, export=not args.no_export, metric=args.metric)
         run_study(opts)
-    except EdgetuneError as e:
+    except (ConfigError, EdgetuneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,74 +1,86 @@
 """Where the study runs: an existing Ray cluster, or a local one started for this run.
 
 Decision order (printed at start):
-1. ``--address`` / ``RAY_ADDRESS``: connect there.
-2. A Ray node was started on this machine (``ray start`` / ``ray up`` leaves one on the head node):
-   connect to it (``address="auto"``).
+1. ``--address`` / ``RAY_ADDRESS``: connect there (``--address local`` forces step 3).
+2. A Ray node was started on this machine (``ray start`` / ``ray up`` leaves one on the head node; its
+   address is in ``$RAY_TMPDIR/ray/ray_current_cluster``, default ``/tmp/ray``) and its GCS answers:
+   connect to it.
 3. Otherwise start a local Ray with this machine's CPUs (and GPUs) and stop it at the end.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
-BOOTSTRAP_FILE = "/tmp/ray/ray_current_cluster"
+
+def bootstrap_file() -> str:
+    """The file where ``ray start`` records the address of the node it started (honours RAY_TMPDIR)."""
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
 
 
-def _running_local_cluster() -> str | None:
-    """Address of a Ray node started with ``ray start`` on this machine, if its GCS answers."""
+def _answers(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
     try:
-        from ray._private.services import find_bootstrap_address
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
 
-        found = find_bootstrap_address(None)
-    except Exception:  # noqa: BLE001 - API differences / no file
-        found = None
-    if not found and os.path.exists(BOOTSTRAP_FILE):
-        found = open(BOOTSTRAP_FILE).read().strip()
-    if not found:
+
+def running_local_cluster() -> str | None:
+    """Address of a Ray node started with ``ray start`` on this machine, if its GCS answers."""
+    path = bootstrap_file()
+    if not os.path.isfile(path):
         return None
-    addrs = [found] if isinstance(found, str) else list(found)
-    for addr in addrs:
-        host, _, port = addr.rpartition(":")
-        import socket
-
-        try:
-            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
-                return addr
-        except (OSError, ValueError):
-            continue
-    return None
+    with open(path) as f:
+        addr = f.read().strip()
+    return addr if addr and _answers(addr) else None
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Initialise Ray per the decision order; returns ``{"mode", "address", "resources"}``."""
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
+            env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """Initialise Ray per the decision order; returns ``{"mode", "address", "resources"}``.
+
+    ``mode`` is ``given`` (address/RAY_ADDRESS), ``existing`` (a running node found on this machine) or
+    ``local`` (started here, stopped by :func:`shutdown`). ``env_vars`` reach every Ray worker.
+    """
     import ray
 
     if ray.is_initialized():
         return {"mode": "already-initialised", "address": None, "resources": ray.cluster_resources()}
-    target = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
+    target = address or os.environ.get("RAY_ADDRESS") or None
     mode = "given"
-    if not target:
-        target = _running_local_cluster()
+    if target == "local":
+        target = None
+    elif not target:
+        target = running_local_cluster()
         mode = "existing"
     if target:
-        # Ray 2.60 clusters use token auth by default; ray.init reads ~/.ray/auth_token.
+        # Ray 2.60 clusters use token auth by default; ray.init reads the token from ~/.ray/auth_token.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(address=target, log_to_driver=True, logging_level="WARNING")
+        ray.init(address=target, log_to_driver=True, logging_level="WARNING", runtime_env=runtime_env)
     else:
         mode = "local"
-        ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=True, logging_level="WARNING",
-                 include_dashboard=True)
+        # address="local": never attach to some other instance on this machine by accident.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=True,
+                 logging_level="WARNING", include_dashboard=True, runtime_env=runtime_env)
     res = ray.cluster_resources()
     if not quiet:
         where = {"given": f"the Ray cluster at {target}", "existing": f"the running Ray cluster at {target}",
                  "local": "a local Ray instance started for this study"}[mode]
-        print(f"edgetune: using {where}: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
+        print(f"edgetune: using {where}: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
+              f"{res.get('GPU', 0):g} GPU (ray.mode={mode})")
     return {"mode": mode, "address": target, "resources": res}
 
 
 def shutdown(info: dict[str, Any]) -> None:
+    """Disconnect; a local instance started by :func:`connect` is stopped with it."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized() and info.get("mode") != "already-initialised":
         ray.shutdown()

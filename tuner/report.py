@@ -59,19 +59,35 @@ def _result_for(results: Any, ray_trial_id: str | None) -> Any:
     return None
 
 
-def _best_checkpoint_dir(result: Any, metric: str, mode: str) -> Path | None:
-    if result is None:
-        return None
+def materialise_best_checkpoint(result: Any, best: dict[str, Any], metric: str, mode: str, dest: Path) -> bool:
+    """Copy the best trial's best checkpoint to ``dest`` (local dir, or S3/GCS storage via pyarrow)."""
     ckpt = None
-    try:
-        ckpt = result.get_best_checkpoint(metric, mode)
-    except Exception:  # noqa: BLE001 - no scored checkpoints
-        ckpt = None
-    ckpt = ckpt or result.checkpoint
+    if result is not None:
+        try:
+            ckpt = result.get_best_checkpoint(metric, mode)
+        except Exception:  # noqa: BLE001 - no scored checkpoints
+            ckpt = None
+        ckpt = ckpt or result.checkpoint
+    if dest.exists():
+        shutil.rmtree(dest)
     if ckpt is not None:
-        return Path(ckpt.path)
-    path = (result.metrics or {}).get("checkpoint_path")  # Train-in-Tune: the Train run's checkpoint
-    return Path(path) if path else None
+        ckpt.to_directory(str(dest))
+        return True
+    # Train-in-Tune (DDP trials): the Tune result has no checkpoint; the Train run's is in the metrics/attrs.
+    uri = ((result.metrics or {}).get("checkpoint_uri") if result is not None else None) or best.get("checkpoint_uri")
+    if not uri:
+        return False
+    if "://" in uri:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        dest.mkdir(parents=True)
+        pyarrow.fs.copy_files(path, str(dest), source_filesystem=fs)
+    elif Path(uri).is_dir():
+        shutil.copytree(uri, dest)
+    else:
+        return False
+    return True
 
 
 def write_leaderboard(rows: list[dict[str, Any]], out: Path) -> None:
@@ -100,10 +116,10 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
     import matplotlib
 
     matplotlib.use("Agg")
+    import warnings
+
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
-
-    import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(optuna|matplotlib).*")
     made = []
@@ -153,14 +169,10 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path) -> dic
     summary: dict[str, Any] = {"study": opts.study, "storage": opts.storage, "trials": len(rows), "states": states,
                                "out": str(out)}
     best = _pick_best(rows, opts.max_latency_ms)
-    ckpt_dir = _best_checkpoint_dir(_result_for(results, best["ray_trial_id"]), opts.metric, mode) if best else None
-    if best and ckpt_dir is None and best.get("checkpoint_uri"):
-        ckpt_dir = Path(best["checkpoint_uri"])
-    if best and ckpt_dir and (ckpt_dir / "model.pt").is_file():
-        dest = out / "best"
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(ckpt_dir, dest)
+    dest = out / "best"
+    found = best is not None and materialise_best_checkpoint(
+        _result_for(results, best["ray_trial_id"]), best, opts.metric, mode, dest)
+    if best and found and (dest / "model.pt").is_file():
         metrics = evaluate_checkpoint(dest, dest, extra={
             "study": opts.study, "trial_number": best["trial"], "trial_id": best["ray_trial_id"],
             "storage": opts.storage, "train_seconds": best["train_seconds"]})

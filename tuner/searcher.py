@@ -31,6 +31,8 @@ ATTR_KEYS = {
     "node_id": "node_id",
     "epoch": "epochs_trained",
     "trial_id": "ray_trial_id",
+    "worker_node_ids": "worker_node_ids",  # DDP trials: the node of every rank
+    "checkpoint_uri": "checkpoint_uri",  # DDP trials: the Train run's checkpoint
 }
 
 
@@ -80,6 +82,8 @@ class EdgetuneOptunaSearch(OptunaSearch):
                 log.warning("could not set user attr %s on trial %s: %s", k, trial_id, e)
         iteration = int(last.get("training_iteration", 0) or 0)
         multi = isinstance(self.metric, list)
+        if not multi and iteration and not error and last.get(self.metric) is not None:
+            self._report_final(ot_trial, float(last[self.metric]), iteration)
         if error or not last:
             state, value = optuna.trial.TrialState.FAIL, None
         elif iteration < self._max_t and not multi:
@@ -95,6 +99,14 @@ class EdgetuneOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+    def _report_final(self, ot_trial: optuna.Trial, value: float, step: int) -> None:
+        """Ray tells the last result (the one that stopped the trial) only at completion: keep it as an
+        intermediate value too, so PRUNED trials carry their learning curve up to where ASHA stopped them."""
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if step not in frozen.intermediate_values and not frozen.state.is_finished():
+            ot_trial.report(value, step)
+
+
 class CheckpointAttrCallback(Callback):
     """Records each trial's latest checkpoint URI and trial dir as user attrs (set at completion)."""
 
@@ -102,11 +114,9 @@ class CheckpointAttrCallback(Callback):
         self.searcher = searcher
 
     def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
-        path = getattr(checkpoint, "path", None)
-        fs = getattr(checkpoint, "filesystem", None)
-        scheme = getattr(fs, "type_name", "local") if fs is not None else "local"
-        uri = path if scheme == "local" else f"{scheme}://{path}"
-        self.searcher.add_attrs(trial.trial_id, checkpoint_uri=uri)
+        from tuner.trial import checkpoint_uri
+
+        self.searcher.add_attrs(trial.trial_id, checkpoint_uri=checkpoint_uri(checkpoint))
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.searcher.add_attrs(trial.trial_id, ray_trial_name=str(trial))

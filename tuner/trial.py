@@ -4,6 +4,7 @@ multi-worker trial launches a Ray Train ``TorchTrainer`` inside the trial (``Tun
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,20 @@ def build_trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> Train
     return cfg
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], space: Any, storage_path: str,
-              workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
+@dataclass(frozen=True)
+class TrialResources:
+    """How one trial runs: workers (>1 = DDP via Ray Train), GPUs, CPUs and custom resources per worker."""
+
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  #: extra custom resources, e.g. {"slot": 1}
+    placement_strategy: str = "PACK"  #: Ray placement group strategy for a DDP trial's workers
+    max_failures: int = 1  #: restarts of a crashed DDP worker group from its latest checkpoint
+    storage_path: str = ""  #: Ray storage path (local dir or s3://…) for the Train runs of DDP trials
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any], space: Any, res: TrialResources) -> None:
     """Tune function trainable (bound with ``tune.with_parameters``)."""
     from ray import tune
 
@@ -26,26 +39,53 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], space: Any, storage_
 
     cfg = build_trial_config(base, space.to_overrides(_flatten(config)))
     loop_cfg = {"train_config": cfg.to_dict(), "run_dir": None, "measure_latency": True}
-    if workers <= 1:
+    if res.workers <= 1:
         train_loop({**loop_cfg, "report_to": "tune"})
         return
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
+    per_worker = dict(res.resources_per_worker)
+    if not res.use_gpu:
+        per_worker.setdefault("CPU", res.cpus_per_worker)
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={**loop_cfg, "report_to": "ray_train"},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=f"train-trial_id={trial_id}", storage_path=storage_path,
-                             callbacks=[TuneReportCallback()],
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu,
+                                     resources_per_worker=per_worker or None,
+                                     placement_strategy=res.placement_strategy),
+        run_config=RunConfig(name=f"train-trial_id={trial_id}", storage_path=res.storage_path,
+                             callbacks=[_report_callback()],
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=res.max_failures)),
     )
     trainer.fit()
+
+
+def _report_callback() -> Any:
+    """``TuneReportCallback`` that also forwards every rank's node id and a full checkpoint URI."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _Callback(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            first = metrics[0].copy()
+            first["worker_node_ids"] = [m.get("node_id") for m in metrics]
+            if checkpoint is not None:
+                first["checkpoint_path"] = checkpoint.path
+                first["checkpoint_uri"] = checkpoint_uri(checkpoint)
+            self._training_actor_item_queue.put(first)
+
+    return _Callback()
+
+
+def checkpoint_uri(checkpoint: Any) -> str:
+    """``path`` for a local checkpoint, ``<scheme>://path`` for one on S3/GCS/…"""
+    path = str(getattr(checkpoint, "path", ""))
+    fs = getattr(checkpoint, "filesystem", None)
+    scheme = getattr(fs, "type_name", "local") if fs is not None else "local"
+    return path if scheme == "local" else f"{scheme}://{path}"
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:

@@ -1,0 +1,113 @@
+"""Search space YAML -> define-by-run; weights filtering; seeds; validation errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from edgetune.errors import ConfigError
+from tuner.space import DEFAULT_SPACE, load_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _only_lite(name: str) -> tuple[bool, str]:
+    return (name.startswith("efficientnet_lite"), "no weights file found (test)")
+
+
+def test_default_space_has_the_issue_parameters():
+    s = load_space(layer_count=lambda b: 100)
+    assert {"backbone", "freeze", "lr", "dropout", "gamma", "focal_alpha", "head", "head_hidden", "batch_size",
+            "augment", "augment_strength", "backbone_lr_mult"} <= set(s.params)
+    assert {"mobilenet_v2", "resnet34", "vgg16", "resnext50_32x4d", "efficientnet_lite0",
+            "efficientnet_lite1"} <= set(s.backbones)
+    assert s.params["lr"].log and s.params["lr"].low == 1e-5 and s.params["lr"].high == 1e-2
+    names = [x["name"] for x in s.seeds]
+    assert any("graphite" in n for n in names) and any("waste" in n for n in names)
+
+
+def test_conditional_parameters_define_by_run():
+    s = load_space()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_hidden = {"mlp": 0, "linear": 0}
+    for _ in range(30):
+        t = study.ask()
+        s.define_by_run(t)
+        seen_hidden[t.params["head"]] += "head_hidden" in t.params
+        if t.params["head"] == "linear":
+            assert "head_hidden" not in t.params
+        if t.params["augment"] == "none":
+            assert "augment_strength" not in t.params
+        study.tell(t, 0.5)
+    assert seen_hidden["mlp"] > 0 and seen_hidden["linear"] == 0
+
+
+def test_to_overrides_maps_onto_train_config_keys():
+    from tuner.trial import build_trial_config
+
+    s = load_space()
+    over = s.to_overrides({"backbone": "efficientnet_lite0", "head": "mlp", "head_hidden": "512x256",
+                           "focal_alpha": "none", "lr": 1e-3, "batch_size": 16})
+    assert over["model.head_hidden"] == [512, 256] and over["loss.alpha"] is None
+    cfg = build_trial_config({}, over)
+    assert cfg.model.backbone == "efficientnet_lite0" and cfg.optim.lr == 1e-3 and cfg.batch_size == 16
+    with pytest.raises(ConfigError, match="not in the search space"):
+        s.to_overrides({"nope": 1})
+
+
+def test_unavailable_weights_are_left_out_with_reason(capsys):
+    s = load_space(weights_check=_only_lite, layer_count=lambda b: 100)
+    assert s.backbones == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert any("backbone resnet34 left out: no weights file found" in r for r in s.dropped)
+    # seeds whose backbone left are dropped too, with a reason; the Lite0 probe stays
+    assert [x["name"] for x in s.seeds] == ["efficientnet-lite0 linear probe"]
+    assert any("graphite" in r and "mobilenet_v2 not in the space" in r for r in s.dropped)
+
+
+def test_no_backbone_left_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no backbone in the search space has resolvable pretrained weights"):
+        load_space(backbones=["resnet34"], weights_check=lambda b: (False, "not in TORCH_HOME"))
+
+
+def test_real_weights_check_keeps_only_offline_backbones(tmp_path, monkeypatch):
+    """With the trainer's real resolver and an empty TORCH_HOME, only the pip-installed Lite weights resolve."""
+    from trainer.backbones import weights_available
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    s = load_space(weights_check=weights_available)
+    assert set(s.backbones) == {"efficientnet_lite0", "efficientnet_lite1"}
+    with pytest.raises(ConfigError, match="resnet34"):
+        load_space(backbones=["resnet34"], weights_check=weights_available)
+
+
+def test_seed_freeze_counts_become_fractions(tmp_path):
+    y = tmp_path / "s.yaml"
+    y.write_text("params:\n  backbone: {type: categorical, key: model.backbone, choices: [efficientnet_lite0]}\n"
+                 "  freeze: {type: float, key: model.freeze, low: 0.0, high: 1.0}\n"
+                 "seeds:\n  - name: counted\n    params: {backbone: efficientnet_lite0, freeze: 50}\n")
+    s = load_space(y, layer_count=lambda b: 200)
+    assert s.seeds[0]["params"]["freeze"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("params:\n  x: {type: weird, key: a}\n", "type must be one of"),
+    ("params:\n  x: {type: float, key: a, low: 2, high: 1}\n", "need low < high"),
+    ("params:\n  x: {type: float, key: a, low: 0, high: 1, log: true}\n", "log scale needs low > 0"),
+    ("params:\n  x: {type: categorical, key: a, choices: []}\n", "non-empty 'choices'"),
+    ("params:\n  x: {type: float, key: a, hihg: 1}\n", "unknown field"),
+    ("params:\n  x: {type: float, key: a, when: {y: [1]}}\n", "depends on unknown parameter"),
+    ("parms: {}\n", "unknown top-level key"),
+    ("params: [\n", "not valid YAML"),
+])
+def test_invalid_space_files(tmp_path, text, match):
+    y = tmp_path / "bad.yaml"
+    y.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_space(y)
+
+
+def test_missing_space_file():
+    with pytest.raises(ConfigError, match="cannot read search space"):
+        load_space(Path(DEFAULT_SPACE).with_name("nope.yaml"))

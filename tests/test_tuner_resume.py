@@ -1,0 +1,102 @@
+"""Fault tolerance: resume a study after its driver was SIGKILLed mid-study (no finished trial lost, stale
+RUNNING trials -> FAIL, the requested count reached), and a trial that crashes once is restarted from its
+last checkpoint (the epoch count continues) and ends COMPLETE."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from tests.test_tuner_helpers import ROOT, TINY_ARGS, run_tuner, tuner_env, write_space
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1200)]
+
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def _snapshot(storage: str, study: str) -> dict[int, tuple[str, object, dict]]:
+    try:
+        trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return {}
+    return {t.number: (t.state.name, t.value, dict(t.intermediate_values)) for t in trials}
+
+
+def test_resume_after_driver_killed(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = [*TINY_ARGS, "--space", str(write_space(tmp_path)), "--study", "res", "--trials", "4", "--epochs", "2",
+            "--max-concurrent", "1", "--storage", storage, "--out", str(tmp_path / "out"), "--address", "local"]
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115
+    driver = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=ROOT, env=tuner_env(), stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            snap = _snapshot(storage, "res")
+            states = [s for s, _, _ in snap.values()]
+            if any(s in FINISHED for s in states) and "RUNNING" in states:
+                running = [n for n, (s, _, iv) in snap.items() if s == "RUNNING"]
+                if all(snap[n][2] for n in running):  # the running trial has reported (and checkpointed) once
+                    break
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            raise AssertionError("no trial finished in time")
+    finally:
+        # the driver and its local Ray instance (same process group) are killed by their own handle
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+        log.close()
+    time.sleep(2)
+    before = _snapshot(storage, "res")
+    finished = {n: v for n, v in before.items() if v[0] in FINISHED}
+    stale = [n for n, v in before.items() if v[0] == "RUNNING"]
+    assert finished and stale
+
+    run_tuner([*args, "--resume"], tmp_path / "resume.log")
+    text = (tmp_path / "resume.log").read_text()
+    assert f"marked stale RUNNING trial(s) {stale} as FAIL" in text
+    assert "resuming Ray experiment" in text
+    after = _snapshot(storage, "res")
+    for n, v in finished.items():
+        assert after[n] == v, f"finished trial {n} changed: {v} -> {after[n]}"
+    for n in stale:
+        assert after[n][0] == "FAIL"
+    s = optuna.load_study(study_name="res", storage=storage)
+    for n in stale:
+        assert "driver stopped" in s.trials[n].user_attrs["fail_reason"]
+    done = [t for t in s.trials if t.state.name in FINISHED]
+    assert len(done) >= 4, [(t.number, t.state.name) for t in s.trials]
+    assert all(t.state.name in (*FINISHED, "FAIL") for t in s.trials)
+    assert all("train_seconds" in t.user_attrs for t in done)
+    # the killed trial was continued by Ray: its new Optuna twin carries the same parameters
+    resumed = [t for t in done if "resumed_from_trial" in t.user_attrs]
+    for t in resumed:
+        assert t.params == s.trials[t.user_attrs["resumed_from_trial"]].params
+    assert (tmp_path / "out" / "best" / "metrics.json").is_file()
+
+
+def test_crashed_trial_restarts_from_its_checkpoint(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    marker = tmp_path / "failed-once"
+    env = tuner_env(EDGETUNE_FAIL_AT_EPOCH="1", EDGETUNE_FAIL_MARKER=str(marker))
+    run_tuner([*TINY_ARGS, "--space", str(write_space(tmp_path)), "--study", "crash", "--trials", "1", "--epochs",
+               "3", "--max-failures", "1", "--storage", storage, "--out", str(tmp_path / "out"),
+               "--address", "local"], tmp_path / "tune.log", env=env)
+    assert marker.is_file(), "the failure switch did not fire"
+    assert "injected failure at epoch 1" in (tmp_path / "tune.log").read_text()
+    (t,) = optuna.load_study(study_name="crash", storage=storage).trials
+    assert t.state.name == "COMPLETE"
+    assert sorted(t.intermediate_values) == [1, 2, 3]
+    assert t.user_attrs["epochs_trained"] == 3
+    (progress,) = (tmp_path / "out" / "ray" / "crash").glob("trial_*/progress.csv")
+    with open(progress) as f:
+        epochs = [int(float(r["epoch"])) for r in csv.DictReader(f)]
+    assert epochs == [1, 2, 3], f"restarted from scratch instead of the epoch-1 checkpoint: {epochs}"
