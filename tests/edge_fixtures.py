@@ -9,17 +9,14 @@ a call to it; every edge test goes through this one function.
 
 from __future__ import annotations
 
-import json
-import platform
-import warnings
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from edgetune.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
-from edgetune.preprocess import PreprocessSpec, decode_image
+from edgetune.bundle import load_bundle
+from edgetune.preprocess import PreprocessSpec
 
 LABELS = ("brick", "grass", "gravel")
 TILE = 64
@@ -63,64 +60,36 @@ def test_spec(size: int = 32) -> PreprocessSpec:
 test_spec.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
-def make_test_bundle(out_dir: str | Path, *, seed: int = 0, steps: int = 40, size: int = 32,
-                     width: int = 8) -> Path:
-    """Train a tiny CNN on texture tiles and export it as a bundle into ``out_dir``; returns the path.
+def make_test_bundle(out_dir: str | Path, *, seed: int = 0, steps: int = 1, size: int = 32) -> Path:
+    """Train a tiny real model with the trainer (EfficientNet-Lite0, ImageNet weights, head only, texture
+    photos) and export it with the trainer's exporter into ``out_dir``; returns the bundle path.
 
-    Different ``seed``s give different weights, hence different ``model_version``s.
+    ``steps`` is the number of epochs. Different ``seed``s give different weights, hence different
+    ``model_version``s. Also writes ``reference_probs.npy`` (the torch model's softmax on
+    ``texture_tiles("test")``; a test aid, not part of the bundle format).
     """
+    import tempfile
+
     import torch
-    from torch import nn
+
+    from trainer.config import TrainConfig
+    from trainer.export import export_bundle
+    from trainer.run import model_from_checkpoint, run_training
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    spec = test_spec(size)
-    torch.manual_seed(seed)
-    imgs, ys = texture_tiles("train")
-    x = torch.from_numpy(spec.apply_batch([decode_image(encode_png(i)) for i in imgs]))
-    y = torch.tensor(ys)
-    model = nn.Sequential(
-        nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, len(LABELS)),
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (32,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    onnx_path = out / "model.onnx"
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but is the fast, verified path
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, torch.zeros(1, 3, size, size), str(onnx_path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    test_imgs, test_ys = texture_tiles("test")
-    xt = torch.from_numpy(spec.apply_batch(test_imgs))
+    cfg = TrainConfig.from_dict({
+        "data": {"dataset": "textures", "max_images": 60},
+        "model": {"backbone": "efficientnet_lite0", "img_size": size, "freeze": 1.0},
+        "optim": {"lr": 1e-2}, "epochs": max(1, steps), "batch_size": 16, "seed": seed, "progress": False,
+        "robustness": False})
+    with tempfile.TemporaryDirectory(prefix="edgetune-fixture-run-") as run:
+        run_training(cfg, run)
+        export_bundle(run, out)
+        model, _ = model_from_checkpoint(Path(run) / "best")
+    test_imgs, _ = texture_tiles("test")
+    spec = load_bundle(out).spec
     with torch.no_grad():
-        probs = torch.softmax(model(xt), dim=1).numpy()
-    acc = float((probs.argmax(1) == np.asarray(test_ys)).mean())
-    meta: dict[str, Any] = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "model_file": "model.onnx",
-        "onnx_sha256": sha256_file(onnx_path),
-        "labels": list(LABELS),
-        "preprocess": spec.to_dict(),
-        "input": {"name": "input", "shape": ["batch", 3, size, size]},
-        "output": {"name": "logits", "shape": ["batch", len(LABELS)]},
-        "backbone": "tiny_cnn_test",
-        "parity": {"top1_agreement": 1.0, "max_abs_prob_diff": 0.0, "n_images": 0},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "metrics": {"test": {"accuracy": acc}},
-        "source": {"run": "tests", "study": "", "trial_id": f"seed{seed}"},
-    }
-    (out / MANIFEST).write_text(json.dumps(meta, indent=2))
-    # Reference probabilities of the torch model for parity checks (not part of the bundle format).
+        probs = torch.softmax(model(torch.from_numpy(spec.apply_batch(test_imgs))), dim=1).numpy()
     np.save(out / "reference_probs.npy", probs)
     return out
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("client_e2e")
-    return {"bundle": make_test_bundle(d / "bundle", steps=20), "video": write_video(d / "clip.avi", n=45, size=256)}
+    return {"bundle": make_test_bundle(d / "bundle"), "video": write_video(d / "clip.avi", n=45, size=256)}
 
 
 @pytest.fixture()

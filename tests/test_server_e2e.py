@@ -110,7 +110,7 @@ def test_model_info(stub, bundle):
     np.testing.assert_allclose(list(info.input.mean), b.spec.mean, rtol=1e-6)
     assert info.backend == "onnxruntime:CPUExecutionProvider" and info.precision == "fp32"
     assert info.bundle_sha256 == b.sha256 and info.model_version == b.sha256[:12]
-    assert info.backbone == "tiny_cnn_test" and info.max_batch_size == 8
+    assert info.backbone == b.meta["backbone"] == "efficientnet_lite0" and info.max_batch_size == 8
     assert "export.torch" in info.versions and "server.grpcio" in info.versions
 
 

@@ -13,6 +13,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,11 @@ def export_onnx(model: torch.nn.Module, spec: PreprocessSpec, path: str | Path, 
     """Export with a dynamic batch axis; returns the path (single file, no external data)."""
     model.eval()
     dummy = torch.zeros(2, 3, *spec.input_size)
-    torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
-                      dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, dynamo=False)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but is the fast, verified path
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, dynamo=False)
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
