@@ -1,22 +1,28 @@
 """TensorRT backend: deserialise and run a prebuilt engine (real ``tensorrt`` API, TRT 8.6 and 10).
 
-Engines are built on the device by ``make engine BUNDLE=…`` (``edge_server.engine``) and cached
-next to the bundle::
+Engines are built on the device by ``make engine BUNDLE=… PRECISION=…`` (``edge_server.engine``) and
+cached next to the bundle; this module is the one definition of where they live and what their
+sidecar records (the builder imports it)::
 
     <bundle>/engines/model.<precision>.engine        serialized engine
-    <bundle>/engines/model.<precision>.engine.json   sidecar: tensorrt_version, gpu_name, onnx_sha256,
-                                                     precision, max_batch_size
+    <bundle>/engines/model.<precision>.engine.json   sidecar: SIDECAR_KEYS (tensorrt_version, gpu_name,
+                                                     compute_capability, onnx_sha256, precision,
+                                                     max_batch_size) + build options and accuracy check
 
-An engine only runs on the GPU model and TensorRT version it was built with, for the ONNX file it
-was built from; :func:`validate_sidecar` checks all three before deserialising. Device memory is
-handled with NVIDIA's ``cuda-python`` (``cuda.bindings.runtime`` or the older ``cuda.cudart``),
-imported lazily, so this module imports fine where TensorRT is absent.
+The file name is deliberately stable (precision only): the server's ``auto`` backend and the systemd
+unit look the engine up before TensorRT is imported, and an engine left over from another GPU,
+TensorRT version or ONNX file must be *found* and refused with a rebuild hint, not silently ignored.
+An engine only runs on the GPU model / compute capability and TensorRT version it was built with, for
+the ONNX file it was built from; :func:`validate_sidecar` checks all of them before deserialising.
+Device memory is handled with NVIDIA's ``cuda-python`` (``cuda.bindings.runtime`` or the older
+``cuda.cudart``), imported lazily, so this module imports fine where TensorRT is absent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,7 @@ from edgetune.errors import BundleError, ConfigError
 log = logging.getLogger("edge_server.runners")
 
 PRECISIONS = ("fp32", "fp16", "int8")
-SIDECAR_KEYS = ("tensorrt_version", "gpu_name", "onnx_sha256", "precision", "max_batch_size")
+SIDECAR_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "onnx_sha256", "precision", "max_batch_size")
 
 
 def engine_path(bundle: Bundle, precision: str = "fp16") -> Path:
@@ -48,13 +54,21 @@ def _rebuild_hint(bundle_path: Path | str, precision: str) -> str:
     return f"rebuild the engine with `make engine BUNDLE={bundle_path} PRECISION={precision}`"
 
 
+def _precision_of(engine: Path) -> str:
+    """Precision named by an engine file ``model.<precision>.engine`` (fp16 if the name says nothing)."""
+    parts = Path(engine).name.split(".")
+    return parts[1] if len(parts) >= 3 and parts[1] in PRECISIONS else "fp16"
+
+
 def validate_sidecar(meta: Mapping[str, Any], *, bundle: Bundle, tensorrt_version: str, gpu_name: str,
-                     engine: Path) -> None:
+                     compute_capability: str, engine: Path, precision: str | None = None) -> None:
     """Check that an engine's sidecar matches the running system and the bundle.
 
+    ``precision``, when given, is the precision the caller asked for (the sidecar must say the same).
     Raises :class:`BundleError` naming every mismatch and how to rebuild.
     """
-    precision = str(meta.get("precision", "fp16")) if isinstance(meta, Mapping) else "fp16"
+    if precision is None:
+        precision = str(meta.get("precision", _precision_of(engine))) if isinstance(meta, Mapping) else "fp16"
     hint = _rebuild_hint(bundle.path, precision)
     if not isinstance(meta, Mapping):
         raise BundleError(f"{sidecar_path(engine)}: sidecar must be a JSON object; {hint}")
@@ -68,8 +82,12 @@ def validate_sidecar(meta: Mapping[str, Any], *, bundle: Bundle, tensorrt_versio
         problems.append(f"built with TensorRT {meta['tensorrt_version']}, running TensorRT {tensorrt_version}")
     if str(meta["gpu_name"]) != gpu_name:
         problems.append(f"built on GPU {meta['gpu_name']!r}, running on {gpu_name!r}")
+    if str(meta["compute_capability"]) != compute_capability:
+        problems.append(f"built for compute capability {meta['compute_capability']}, this GPU has {compute_capability}")
     if meta["precision"] not in PRECISIONS:
         problems.append(f"precision {meta['precision']!r} not one of {PRECISIONS}")
+    elif meta["precision"] != precision:
+        problems.append(f"engine precision is {meta['precision']}, {precision} was requested")
     mbs = meta["max_batch_size"]
     if not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1:
         problems.append(f"max_batch_size must be an integer >= 1, got {mbs!r}")
@@ -82,10 +100,28 @@ def read_sidecar(engine: Path) -> dict[str, Any]:
     try:
         meta = json.loads(side.read_text())
     except FileNotFoundError:
-        raise BundleError(f"engine {engine} has no sidecar {side.name}; {_rebuild_hint(engine.parent.parent, 'fp16')}") from None
+        raise BundleError(f"engine {engine} has no sidecar {side.name}; "
+                          f"{_rebuild_hint(engine.parent.parent, _precision_of(engine))}") from None
     except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"{side}: unreadable ({e}); {_rebuild_hint(engine.parent.parent, 'fp16')}") from None
+        raise BundleError(f"{side}: unreadable ({e}); {_rebuild_hint(engine.parent.parent, _precision_of(engine))}"
+                          ) from None
     return meta if isinstance(meta, dict) else {"_invalid": meta}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file in the same directory and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_engine_files(engine: Path, data: bytes, sidecar: Mapping[str, Any]) -> None:
+    """Write an engine and its sidecar, each atomically. The old sidecar is removed first, so no reader pairs
+    a new engine with an old sidecar (an engine without a sidecar is refused)."""
+    engine.parent.mkdir(parents=True, exist_ok=True)
+    sidecar_path(engine).unlink(missing_ok=True)
+    write_atomic(engine, data)
+    write_atomic(sidecar_path(engine), json.dumps(dict(sidecar), indent=2).encode())
 
 
 def import_tensorrt() -> Any:
@@ -126,6 +162,18 @@ def gpu_name(cudart: Any, device: int = 0) -> str:
     return (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00").strip()
 
 
+def compute_capability(cudart: Any, device: int = 0) -> str:
+    """``"major.minor"`` of ``device``, e.g. ``"8.7"`` on a Jetson Orin."""
+    props = _check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    return f"{int(props.major)}.{int(props.minor)}"
+
+
+def system_info(trt: Any, cudart: Any, device: int = 0) -> dict[str, str]:
+    """What an engine is tied to on this machine: the sidecar fields checked by :func:`validate_sidecar`."""
+    return {"tensorrt_version": str(trt.__version__), "gpu_name": gpu_name(cudart, device),
+            "compute_capability": compute_capability(cudart, device)}
+
+
 class TensorRTRunner(Runner):
     """Runs a cached engine with TensorRT's tensor-name API (``set_input_shape``, ``execute_async_v3``)."""
 
@@ -138,8 +186,7 @@ class TensorRTRunner(Runner):
         trt = import_tensorrt()
         cudart = import_cudart()
         meta = read_sidecar(engine)
-        validate_sidecar(meta, bundle=bundle, tensorrt_version=str(trt.__version__), gpu_name=gpu_name(cudart),
-                         engine=engine)
+        validate_sidecar(meta, bundle=bundle, engine=engine, precision=precision, **system_info(trt, cudart))
         self._trt, self._cudart = trt, cudart
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
