@@ -23,25 +23,28 @@ def bundle():
 
 
 def _sidecar(bundle, **over):
-    meta = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "onnx_sha256": bundle.sha256, "precision": "fp16",
-            "max_batch_size": 8}
+    meta = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7",
+            "onnx_sha256": bundle.sha256, "precision": "fp16", "max_batch_size": 8}
     meta.update(over)
     return meta
 
 
 def test_sidecar_validation(bundle, tmp_path):
     eng = tmp_path / "model.fp16.engine"
-    validate_sidecar(_sidecar(bundle), bundle=bundle, tensorrt_version="10.3.0", gpu_name="Orin", engine=eng)
+    validate_sidecar(_sidecar(bundle), bundle=bundle, tensorrt_version="10.3.0", gpu_name="Orin",
+                     compute_capability="8.7", engine=eng)
     cases = {
         "TensorRT 8.6.2": dict(meta=_sidecar(bundle, tensorrt_version="8.6.2")),
         "built on GPU 'Xavier'": dict(meta=_sidecar(bundle, gpu_name="Xavier")),
         "built from ONNX 000000000000": dict(meta=_sidecar(bundle, onnx_sha256="0" * 64)),
+        "built for compute capability 7.2": dict(meta=_sidecar(bundle, compute_capability="7.2")),
         "max_batch_size must be": dict(meta=_sidecar(bundle, max_batch_size=0)),
         "missing field(s) ['gpu_name']": dict(meta={k: v for k, v in _sidecar(bundle).items() if k != "gpu_name"}),
     }
     for fragment, case in cases.items():
         with pytest.raises(BundleError) as e:
-            validate_sidecar(case["meta"], bundle=bundle, tensorrt_version="10.3.0", gpu_name="Orin", engine=eng)
+            validate_sidecar(case["meta"], bundle=bundle, tensorrt_version="10.3.0", gpu_name="Orin",
+                             compute_capability="8.7", engine=eng)
         assert fragment in str(e.value)
         assert f"make engine BUNDLE={bundle.path}" in str(e.value)
 
