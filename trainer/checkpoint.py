@@ -46,6 +46,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    inner = getattr(model, "module", model)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 def save_checkpoint(
     directory: str | Path,
     model: torch.nn.Module,
@@ -59,7 +65,7 @@ def save_checkpoint(
     """Write ``directory/model.pt`` and ``directory/checkpoint.json`` atomically; returns the directory."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    module = unwrap(model)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,

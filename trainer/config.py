@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -190,11 +191,11 @@ class TrainConfig:
         return _to_plain(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> TrainConfig:
         return _build(cls, d or {}, "")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
         p = Path(path)
         try:
             d = yaml.safe_load(p.read_text()) or {}
@@ -206,7 +207,7 @@ class TrainConfig:
             raise ConfigError(f"config {p} must be a mapping at top level")
         return cls.from_dict(d)
 
-    def replace(self, overrides: Mapping[str, Any]) -> "TrainConfig":
+    def replace(self, overrides: Mapping[str, Any]) -> TrainConfig:
         """A copy with dotted-key overrides applied (``{"optim.lr": 1e-3}``), validated."""
         d = self.to_dict()
         for key, value in overrides.items():
@@ -289,8 +290,8 @@ def _coerce(name: str, t: Any, v: Any) -> Any:
     if origin is tuple:
         if not isinstance(v, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {v!r}")
-        args = get_args(t)
-        item_t = args[0] if args else Any
+        item_args = get_args(t)
+        item_t = item_args[0] if item_args else Any
         return tuple(_coerce(name, item_t, x) for x in v)
     if t is float:
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):

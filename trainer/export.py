@@ -185,10 +185,11 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
     check = _save_images(data.train_eval, _spread(len(data.train_eval), n_check)[::-1], tmp / "check", "check")
     x_check = spec.apply_batch([_read(tmp / c["file"]) for c in check])
     check_top1 = ort_probs(session, x_check).argmax(1)
-    for c, t in zip(check, check_top1):
+    for c, t in zip(check, check_top1, strict=True):
         c["onnx_top1"] = int(t)
     fp32_acc = float((ort_probs(session, x_test).argmax(1) == y_test).mean()) if len(y_test) else 0.0
-    variants, refused = {}, {}
+    variants: dict[str, Any] = {}
+    refused: dict[str, Any] = {}
     if quantize:
         x_cal = spec.apply_batch([_read(tmp / c["file"]) for c in calib])
         for kind in quantize:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from trainer.config import TrainConfig
 from trainer.reporting import make_reporter
 
@@ -58,8 +58,8 @@ def _device(cfg: TrainConfig) -> torch.device:
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     from trainer.model import param_groups
 
-    module = model.module if hasattr(model, "module") else model
-    groups = param_groups(module, cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay)
+    module = unwrap(model)
+    groups = param_groups(module, cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay)  # type: ignore[arg-type]
     o = cfg.optim
     if o.optimizer == "adam":
         return torch.optim.Adam(groups, lr=o.lr)
@@ -84,7 +84,7 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
 
 
 def _loader(ds: Dataset, cfg: TrainConfig, shuffle: bool, seed: int, rank: int, world: int, drop_last: bool) -> DataLoader:
-    sampler = None
+    sampler: torch.utils.data.Sampler | None = None
     if world > 1:
         if shuffle:
             sampler = torch.utils.data.distributed.DistributedSampler(ds, world, rank, shuffle=True, seed=seed,
@@ -150,7 +150,7 @@ def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
     if data is None:
         data = build_data(cfg.data, spec, run_dir=run_dir if rank == 0 else None, seed=cfg.seed)
     classes, k = data.classes, len(data.classes)
-    model = create_model(cfg.model, num_classes=k).to(device)
+    model: torch.nn.Module = create_model(cfg.model, num_classes=k).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     reporter = make_reporter(loop_config.get("report_to", "local"), run_dir, cfg.metric, cfg.mode,
@@ -170,14 +170,14 @@ def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
 
     from trainer.model import count_params, model_size_mb
 
-    module = model.module if hasattr(model, "module") else model
+    module = unwrap(model)
     static: dict[str, Any] = {"params": count_params(module), "size_mb": model_size_mb(module), "node_id": _node_id()}
     start_epoch, best, train_seconds_total = 1, None, 0.0
     history: list[dict[str, Any]] = []
     resume = reporter.resume_dir()
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        (model.module if hasattr(model, "module") else model).load_state_dict(ckpt["model_state"])
+        unwrap(model).load_state_dict(ckpt["model_state"])
         state = torch.load(resume / TRAIN_STATE, map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

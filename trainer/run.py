@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -177,7 +178,7 @@ def run_repeats(cfg: TrainConfig, run_dir: str | Path, repeats: int) -> dict[str
     summary["test_confusion_matrix_sum"] = cm
     from trainer.evaluate import plot_confusion
 
-    plot_confusion(cm, runs[0]["classes"], out / "confusion_matrix.png",
+    plot_confusion(np.asarray(cm), runs[0]["classes"], out / "confusion_matrix.png",
                    title=f"{repeats} seeds, accuracy {summary['test_accuracy']:.3f} ± {summary['test_accuracy_std']:.3f}")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
