@@ -30,10 +30,8 @@ from tuner.run import TuneOptions, run_study
 tmp, space = sys.argv[1], sys.argv[2]
 c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
 try:
-    for i in range(2):
-        c.add_node(num_cpus=1, resources={f"node{i}": 1, "slot": 1})
+    nodes = sorted(c.add_node(num_cpus=1, resources={f"node{i}": 1, "slot": 1}).node_id for i in range(2))
     c.wait_for_nodes()
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("slot"))
     common = dict(data="textures", img=64, max_images=60, sets=("batch_size=16",), space=space, epochs=1,
                   storage=f"sqlite:///{tmp}/optuna.db", address=c.address, export=False)
     run_study(TuneOptions(study="spread", trials=2, max_concurrent=2, out=f"{tmp}/spread", **common))
@@ -110,7 +108,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     for p in reversed(procs):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.time() + 30
+    deadline = time.time() + 20  # `ray start --block` drains on SIGTERM (up to 30 s): do not wait for all of it
     for p in reversed(procs):
         try:
             p.wait(timeout=max(1.0, deadline - time.time()))
@@ -120,6 +118,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             os.killpg(p.pid, signal.SIGKILL)  # whatever of this group is left
         except ProcessLookupError:
             pass
+        p.wait(timeout=30)
 
 
 def test_make_tune_uses_a_running_cluster(tmp_path):

@@ -61,8 +61,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         target = running_local_cluster()
         mode = "existing"
     if target:
-        # Ray 2.60 clusters use token auth by default; ray.init reads the token from ~/.ray/auth_token.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # A cluster started with token auth (`ray start` under RAY_AUTH_MODE=token, as cluster.yaml does) needs
+        # RAY_AUTH_MODE=token here too (token from ~/.ray/auth_token); it is taken from the environment as is,
+        # because forcing it breaks clusters started without it ("Missing authorization header").
         ray.init(address=target, log_to_driver=True, logging_level="WARNING", runtime_env=runtime_env)
     else:
         mode = "local"

@@ -222,7 +222,7 @@ def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, data: Any, info: d
             print(f"edgetune: resume: marked stale RUNNING trial(s) {stale} as FAIL")
     searcher = EdgetuneOptunaSearch(
         space=space.define_by_run, metric=metric, mode=mode, max_t=opts.epochs,
-        points_to_evaluate=None if opts.resume else space.points_to_evaluate() or None,
+        points_to_evaluate=None if opts.resume else space.points_to_evaluate()[:opts.trials] or None,
         sampler=optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, group=True,
                                            constant_liar=True, n_startup_trials=min(5, opts.trials)),
         study_name=opts.study, storage=storage)

@@ -63,7 +63,10 @@ class EdgetuneOptunaSearch(OptunaSearch):
         frozen = self._ot_study._storage.get_trial(ot._trial_id)
         if frozen.state.is_finished() and trial_id not in self._completed_trials:
             self._ot_study.enqueue_trial(frozen.params, skip_if_exists=False)
-            self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=frozen.distributions)
+            twin = self._ot_study.ask(fixed_distributions=frozen.distributions)
+            for step, value in sorted(frozen.intermediate_values.items()):  # the epochs before the restart
+                twin.report(value, step)
+            self._ot_trials[trial_id] = twin
             self.add_attrs(trial_id, resumed_from_trial=frozen.number)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
