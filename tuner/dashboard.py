@@ -9,10 +9,11 @@ from pathlib import Path
 
 def make_app(storage: str):  # noqa: ANN201 - WSGI app
     """WSGI app serving the dashboard for ``storage`` (used by tests and by :func:`main`)."""
-    import optuna
     from optuna_dashboard import wsgi
 
-    return wsgi(optuna.storages.RDBStorage(storage) if "://" in storage else storage)
+    from tuner.storage import rdb_storage
+
+    return wsgi(rdb_storage(storage))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,13 +209,16 @@ def print_summary(summary: dict[str, Any], opts: Any) -> None:
 
 
 def compare_studies(storage: str, names: list[str]) -> list[dict[str, Any]]:
+    from tuner.storage import rdb_storage
+
+    url, storage = storage, rdb_storage(storage)
     rows = []
     for n in names:
         try:
             s = optuna.load_study(study_name=n, storage=storage)
         except KeyError:
             known = [x.study_name for x in optuna.get_all_study_summaries(storage)]
-            raise SystemExit(f"error: no study {n!r} in {storage}; studies there: {known}") from None
+            raise SystemExit(f"error: no study {n!r} in {url}; studies there: {known}") from None
         a = s.user_attrs
         trials = s.get_trials(deepcopy=False)
         done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and t.values]

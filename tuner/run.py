@@ -91,6 +91,9 @@ class TuneOptions:
             db = (Path(self.out).resolve().parent / "optuna.db")
             db.parent.mkdir(parents=True, exist_ok=True)
             self.storage = f"sqlite:///{db}"
+        from tuner.storage import normalise_url
+
+        normalise_url(self.storage)  # validates the URL early
         if not self.storage_path:
             self.storage_path = os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray")
         elif "://" not in self.storage_path:
@@ -208,9 +211,10 @@ def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, data: Any, info: d
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from tuner.searcher import CheckpointAttrCallback, EdgetuneOptunaSearch, mark_stale_running_failed
+    from tuner.storage import rdb_storage
     from tuner.trial import TrialResources, run_trial
 
-    storage = optuna.storages.RDBStorage(opts.storage, heartbeat_interval=None)
+    storage = rdb_storage(opts.storage)
     metric: Any = [opts.metric, "latency_ms"] if opts.multi_objective else opts.metric
     mode: Any = ["max", "min"] if opts.multi_objective else ("min" if opts.metric == "val_loss" else "max")
     if opts.resume:
