@@ -13,9 +13,10 @@ Pipeline for evaluation and serving (training uses the same resize, then augment
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +101,7 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessSpec:
         if not isinstance(d, Mapping):
             raise ConfigError(f"preprocess spec must be a mapping, got {type(d).__name__}")
         allowed = set(cls.__dataclass_fields__)
@@ -113,7 +114,7 @@ class PreprocessSpec:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
 
-    def with_input_size(self, size: int | tuple[int, int]) -> "PreprocessSpec":
+    def with_input_size(self, size: int | tuple[int, int]) -> PreprocessSpec:
         """The same spec for another input size, keeping the resize/crop ratio of the original."""
         h, w = (size, size) if isinstance(size, int) else size
         ratio = self.resize / max(self.input_size) if self.resize_mode == "shorter_side" else 1.0
