@@ -111,3 +111,33 @@ def test_invalid_space_files(tmp_path, text, match):
 def test_missing_space_file():
     with pytest.raises(ConfigError, match="cannot read search space"):
         load_space(Path(DEFAULT_SPACE).with_name("nope.yaml"))
+
+
+def test_cli_stops_with_a_clear_error_when_no_backbone_has_weights(tmp_path):
+    """`python -m tuner` restricted to resnet34 without weights in TORCH_HOME: exit 2, the reason, no Ray."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCH_HOME": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "tuner", "--data", "textures", "--backbones", "resnet34",
+                        "--out", str(tmp_path / "out"), "--storage", f"sqlite:///{tmp_path}/o.db"],
+                       cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "no backbone in the search space has resolvable pretrained weights" in p.stderr
+    assert "resnet34" in p.stderr
+    assert "using a local Ray" not in p.stdout
+
+
+def test_tune_options_validation():
+    from tuner.run import TuneOptions
+
+    for bad, match in [({"trials": 0}, "trials must be an integer >= 1"),
+                       ({"placement_strategy": "EVERYWHERE"}, "placement_strategy must be one of"),
+                       ({"metric": "accuracy"}, "metric must be one of"),
+                       ({"storage": "optuna.db"}, "storage must be an RDB URL"),
+                       ({"img": 8}, "img must be 0"),
+                       ({"resources_per_worker": {"slot": -1}}, "resources_per_worker")]:
+        with pytest.raises(ConfigError, match=match):
+            TuneOptions(out="/tmp/edgetune-opts-test", **bad)

@@ -42,13 +42,19 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _pick_best(rows: list[dict[str, Any]], max_latency_ms: float) -> dict[str, Any] | None:
+def _candidates(rows: list[dict[str, Any]], max_latency_ms: float) -> list[dict[str, Any]]:
+    """Finished trials, best first; with a latency budget only those within it (all, with a message, if none)."""
     ok = [r for r in rows if r["val_acc"] is not None and r["state"] in ("COMPLETE", "PRUNED")]
     if max_latency_ms:
         within = [r for r in ok if r["latency_ms"] is not None and r["latency_ms"] <= max_latency_ms]
         if not within:
             print(f"edgetune: no trial within --max-latency-ms {max_latency_ms}; picking the most accurate overall")
         ok = within or ok
+    return ok
+
+
+def _pick_best(rows: list[dict[str, Any]], max_latency_ms: float) -> dict[str, Any] | None:
+    ok = _candidates(rows, max_latency_ms)
     return ok[0] if ok else None
 
 
@@ -168,11 +174,14 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path) -> dic
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     summary: dict[str, Any] = {"study": opts.study, "storage": opts.storage, "trials": len(rows), "states": states,
                                "out": str(out)}
-    best = _pick_best(rows, opts.max_latency_ms)
-    dest = out / "best"
-    found = best is not None and materialise_best_checkpoint(
-        _result_for(results, best["ray_trial_id"]), best, opts.metric, mode, dest)
-    if best and found and (dest / "model.pt").is_file():
+    dest, best = out / "best", None
+    for cand in _candidates(rows, opts.max_latency_ms):  # a trial of an earlier run may have no checkpoint left
+        if materialise_best_checkpoint(_result_for(results, cand["ray_trial_id"]), cand, opts.metric, mode, dest) \
+                and (dest / "model.pt").is_file():
+            best = cand
+            break
+        print(f"edgetune: trial #{cand['trial']} has no checkpoint any more (earlier run of the study); skipped")
+    if best:
         metrics = evaluate_checkpoint(dest, dest, extra={
             "study": opts.study, "trial_number": best["trial"], "trial_id": best["ray_trial_id"],
             "storage": opts.storage, "train_seconds": best["train_seconds"]})

@@ -24,11 +24,12 @@ STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
 @dataclass
 class TuneOptions:
     """One study. The defaults are the embedded ``make tune`` budget: elpv, local Ray, SQLite, CPU; sized to
-    finish in about 10 minutes on 2 cores (8 trials x up to 3 epochs at 96 px on 800 images)."""
+    finish in under 10 minutes on 2 cores (10 trials x up to 3 epochs at 96 px on 1,200 of elpv's images;
+    8 trials on 800 images measured 4.5 min, test accuracy 0.74)."""
 
     data: str = "elpv"
     study: str = ""  #: default: "<dataset>-default"
-    trials: int = 8
+    trials: int = 10
     epochs: int = 3  #: ASHA max_t (max epochs per trial)
     time_budget_s: float = 0.0  #: 0 = no limit
     storage: str = ""  #: Optuna storage URL; default sqlite:///<out>/../optuna.db (runs/optuna.db)
@@ -38,7 +39,7 @@ class TuneOptions:
     config: str = ""  #: base TrainConfig YAML (fixed settings of every trial)
     sets: tuple[str, ...] = ()  #: base config overrides key=value (win over img/max_images)
     img: int = 96  #: input size of every trial (0 = each backbone's default)
-    max_images: int = 800  #: stratified subset of the dataset (0 = all images)
+    max_images: int = 1200  #: stratified subset of the dataset (0 = all images)
     gpus_per_trial: float = 0.0  #: GPUs per worker
     workers_per_trial: int = 1  #: >1: each trial is a Ray Train DDP run
     cpus_per_worker: float = 1.0
