@@ -1,14 +1,15 @@
 """Build the bundle's TensorRT engine on the target device (``make engine BUNDLE=… PRECISION=…``).
 
-Engines are not portable across GPUs or TensorRT versions, so they are built where they run, from the
-bundle's ``model.onnx``: ONNX parser, one optimisation profile over the dynamic batch axis (1, opt, max),
-FP16 / INT8 (entropy calibration on the bundle's calibration images, calibration cache kept), a timing
-cache reused across builds. Engine and sidecar go where :mod:`edge_server.runners.tensorrt` says; a
-current engine (sidecar matches this TensorRT, GPU, ONNX and options) is kept unless ``--force`` (the
-systemd unit runs this before every start). After a build the engine runs the bundle's check images
-next to ONNX Runtime; top-1 agreement and max |Δprob| are printed and stored in the sidecar.
-TensorRT 8.5/8.6 (JetPack 5.1/6.0) and 10.x (JetPack 6.1+). Exit status: 0 built or up to date,
-1 build failed or agreement below ``--min-agreement``, 2 usage error (bundle, options, no TensorRT).
+Engines are not portable across GPUs or TensorRT versions, so they are built where they run, from the bundle's
+``model.onnx``: ONNX parser, one optimisation profile over the dynamic batch axis (1, opt, max), FP16 / INT8
+(entropy calibration on the bundle's calibration images, calibration cache kept), a timing cache reused across
+builds. The engine is named by :func:`edge_server.runners.tensorrt.engine_filename`
+(``engines/model.<precision>.trt<version>.sm<cc>.<onnx sha12>.engine``, the name the server selects); a current
+engine (that name, sidecar matching this system, ONNX and options, engine SHA) is kept unless ``--force``. Engines
+built for other GPUs / TensorRT versions / ONNX files are left in place (bundles may be shared over NFS). After a
+build the engine runs the check images next to ONNX Runtime; top-1 agreement and max |Δprob| are printed and kept in
+the sidecar. TensorRT 8.5/8.6 and 10.x. Exit status: 0 built or up to date, 1 build failed or agreement below
+``--min-agreement``, 2 usage error (bundle, options, no TensorRT).
 """
 
 from __future__ import annotations
@@ -154,8 +155,7 @@ def network_flags(trt: Any) -> int:
 
 def default_timing_cache(bundle: Bundle, system: dict[str, str]) -> Path:
     """Per TensorRT version and GPU, next to the engines (shared by the bundle's fp32/fp16/int8 builds)."""
-    return bundle.path / "engines" / (f"timing.trt{system['tensorrt_version']}"
-                                      f".sm{system['compute_capability'].replace('.', '')}.cache")
+    return rt.engines_dir(bundle) / f"timing.{rt.system_tag(system['tensorrt_version'], system['compute_capability'])}.cache"
 
 
 def make_sidecar(bundle: Bundle, system: dict[str, str], precision: str, shapes: ProfileShapes,
@@ -171,19 +171,19 @@ def make_sidecar(bundle: Bundle, system: dict[str, str], precision: str, shapes:
 def engine_status(bundle: Bundle, system: dict[str, str], precision: str, options: BuildOptions
                   ) -> tuple[bool, str]:
     """(True, why) when the cached engine for ``precision`` is current for this system, bundle and options."""
-    engine = rt.engine_path(bundle, precision)
+    engine = rt.engine_path(bundle, precision, system)  # the same name the server selects
     if not engine.is_file():
-        return False, f"no engine at {engine}"
+        others = [p.name for p in rt.find_engines(bundle, precision)]
+        return False, f"no engine at {engine}" + (f" (kept, built for other systems: {others})" if others else "")
     try:
         meta = rt.read_sidecar(engine)
         rt.validate_sidecar(meta, bundle=bundle, engine=engine, precision=precision, **system)
+        rt.check_engine_sha(engine, engine.read_bytes(), meta, precision)
     except BundleError as e:
         return False, str(e)
     if (meta.get("max_batch_size"), meta.get("opt_batch_size")) != (options.max_batch, options.opt):
         return False, (f"engine batch profile max {meta.get('max_batch_size')}/opt {meta.get('opt_batch_size')} "
                        f"differs from the requested max {options.max_batch}/opt {options.opt}")
-    if hashlib.sha256(engine.read_bytes()).hexdigest() != meta.get("engine_sha256"):
-        return False, f"{engine} does not match the SHA-256 in its sidecar (modified or partly written)"
     return True, f"{engine} is current (TensorRT {system['tensorrt_version']}, {system['gpu_name']})"
 
 
@@ -323,7 +323,7 @@ def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) 
     n_calib = len(bundle.meta.get("calibration_images") or [])
     precision, why = decide_precision(options.precision, fast_fp16=fast_fp16, fast_int8=fast_int8,
                                       n_calibration_images=n_calib)
-    engine = rt.engine_path(bundle, precision)
+    engine = rt.engine_path(bundle, precision, system)
     summary: dict[str, Any] = {"engine": str(engine), "precision": precision, "precision_reason": why, **system}
     current, reason = engine_status(bundle, system, precision, options)
     if current and not options.force:

@@ -22,7 +22,9 @@ from edge_server import engine as eng
 from edge_server.runners.onnxruntime import OnnxRuntimeRunner
 from edge_server.runners.tensorrt import (
     SIDECAR_KEYS,
+    engine_filename,
     engine_path,
+    find_engines,
     import_cudart,
     read_sidecar,
     sidecar_path,
@@ -125,9 +127,10 @@ def test_tensorrt_versions():
 
 # -- naming and sidecar --------------------------------------------------------------------------
 def test_naming(bundle):
-    for p in ("fp32", "fp16", "int8"):
-        assert engine_path(bundle, p) == bundle.path / "engines" / f"model.{p}.engine"
-        assert sidecar_path(engine_path(bundle, p)).name == f"model.{p}.engine.json"
+    for p in ("fp32", "fp16", "int8"):  # the builder writes what the runner selects (test_server_runners)
+        name = f"model.{p}.trt10.3.0.sm87.{bundle.version}.engine"
+        assert engine_path(bundle, p, SYSTEM) == bundle.path / "engines" / name
+        assert sidecar_path(engine_path(bundle, p, SYSTEM)).name == name + ".json"
     assert eng.default_timing_cache(bundle, SYSTEM).name == "timing.trt10.3.0.sm87.cache"
     paths = cal.calibration_image_paths(bundle)
     b4, b8 = (cal.CalibrationBatches(paths, bundle.spec, n) for n in (4, 8))
@@ -171,18 +174,25 @@ def test_engine_status_and_atomic_writes(bundle_copy):
     b = bundle_copy
     opts = eng.BuildOptions(precision="fp16", max_batch=8)
     current, why = eng.engine_status(b, SYSTEM, "fp16", opts)
-    assert not current and "no engine at" in why
-    engine = engine_path(b, "fp16")
+    assert not current and "no engine at" in why and "other systems" not in why
+    engine = engine_path(b, "fp16", SYSTEM)
     write_engine_files(engine, b"serialized engine", _sidecar(b, data=b"serialized engine"))
-    assert sorted(p.name for p in engine.parent.iterdir()) == ["model.fp16.engine", "model.fp16.engine.json"]
+    assert sorted(p.name for p in engine.parent.iterdir()) == [engine.name, engine.name + ".json"]
     assert read_sidecar(engine)["engine_bytes"] == len(b"serialized engine")
     assert eng.engine_status(b, SYSTEM, "fp16", opts)[0]
-    stale = {"running TensorRT 10.4.0": (dict(SYSTEM, tensorrt_version="10.4.0"), opts),
-             "compute capability": (dict(SYSTEM, compute_capability="8.6"), opts),
-             "differs from the requested max 16/opt 8": (SYSTEM, eng.BuildOptions(max_batch=16))}
-    for fragment, (system, o) in stale.items():
-        current, why = eng.engine_status(b, system, "fp16", o)
-        assert not current and fragment in why
+    # another TensorRT / GPU looks for its own name: this engine is kept and listed, not "stale"
+    for other in (dict(SYSTEM, tensorrt_version="10.4.0"), dict(SYSTEM, compute_capability="8.6")):
+        current, why = eng.engine_status(b, other, "fp16", opts)
+        assert not current and f"no engine at {engine_path(b, 'fp16', other)}" in why and engine.name in why
+    # same name but the sidecar disagrees (same sm, other GPU model): the sidecar is the truth
+    current, why = eng.engine_status(b, dict(SYSTEM, gpu_name="Orin Nano"), "fp16", opts)
+    assert not current and "running on 'Orin Nano'" in why and "PRECISION=fp16" in why
+    current, why = eng.engine_status(b, SYSTEM, "fp16", eng.BuildOptions(max_batch=16))
+    assert not current and "differs from the requested max 16/opt 8" in why
+    side = _sidecar(b, system=dict(SYSTEM, tensorrt_version="8.6.2", compute_capability="7.2"), data=b"xavier")
+    xavier = engine_path(b, "fp16", dict(SYSTEM, tensorrt_version="8.6.2", compute_capability="7.2"))
+    write_engine_files(xavier, b"xavier", side)  # another device sharing the bundle directory
+    assert eng.engine_status(b, SYSTEM, "fp16", opts)[0] and find_engines(b, "fp16") == sorted([engine, xavier])
     engine.write_bytes(b"serialized engine, truncated")
     current, why = eng.engine_status(b, SYSTEM, "fp16", opts)
     assert not current and "does not match the SHA-256" in why
@@ -346,7 +356,10 @@ def test_build_fp32_then_reuse_then_force(bundle_copy):
     first = eng.build(bundle_copy.path, opts)
     assert first["status"] == "built" and first["accuracy_check"]["top1_agreement"] == 1.0
     assert first["accuracy_check"]["max_abs_prob_diff"] < 1e-3
-    meta = read_sidecar(engine_path(bundle_copy, "fp32"))
+    assert find_engines(bundle_copy, "fp32") == [Path(first["engine"])]
+    assert Path(first["engine"]).name == engine_filename("fp32", first["tensorrt_version"],
+                                                         first["compute_capability"], bundle_copy.sha256)
+    meta = read_sidecar(Path(first["engine"]))
     assert meta["accuracy_check"]["top1_agreement"] == 1.0 and meta["max_batch_size"] == 4
     assert Path(first["timing_cache"]["path"]).is_file() and first["timing_cache"]["loaded_bytes"] == 0
     assert eng.build(bundle_copy.path, opts)["status"] == "up-to-date"
@@ -372,4 +385,4 @@ def test_build_int8_with_calibration_cache(bundle_copy):
     assert 0.0 <= first["accuracy_check"]["top1_agreement"] <= 1.0
     again = eng.build(bundle_copy.path, eng.BuildOptions(precision="int8", max_batch=4, calib_batch=4, force=True))
     assert again["calibration"]["cache_reused"]
-    assert json.loads(sidecar_path(engine_path(bundle_copy, "int8")).read_text())["precision"] == "int8"
+    assert json.loads(sidecar_path(Path(again["engine"])).read_text())["precision"] == "int8"

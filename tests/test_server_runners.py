@@ -1,9 +1,13 @@
-"""Runner selection, ONNX Runtime runner, TensorRT engine sidecar validation (and the TensorRT runner where present)."""
+"""Runner selection, ONNX Runtime runner, TensorRT engine naming, lookup (none / matching / only stale /
+several GPUs side by side) and sidecar validation, all without TensorRT (and the TensorRT runner where present)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +15,18 @@ import pytest
 from edge_server.batcher import BatcherClosed, LatestSlot, MicroBatcher
 from edge_server.runners import get_runner
 from edge_server.runners.onnxruntime import OnnxRuntimeRunner
-from edge_server.runners.tensorrt import engine_path, read_sidecar, sidecar_path, validate_sidecar
+from edge_server.runners.tensorrt import (
+    check_engine_sha,
+    engine_filename,
+    engine_path,
+    find_engines,
+    parse_engine_filename,
+    read_sidecar,
+    select_engine,
+    sidecar_path,
+    validate_sidecar,
+    write_engine_files,
+)
 from edgetune.bundle import load_bundle
 from edgetune.errors import BundleError, ConfigError
 from tests.edge_fixtures import cached_test_bundle, copy_bundle, texture_tiles
@@ -22,11 +37,26 @@ def bundle():
     return load_bundle(cached_test_bundle(seed=0))
 
 
+ORIN = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7"}
+XAVIER = {"tensorrt_version": "8.5.2", "gpu_name": "Xavier", "compute_capability": "7.2"}
+RTX = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA GeForce RTX 3060", "compute_capability": "8.6"}
+
+
 def _sidecar(bundle, **over):
-    meta = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7",
-            "onnx_sha256": bundle.sha256, "precision": "fp16", "max_batch_size": 8}
+    meta = {**ORIN, "onnx_sha256": bundle.sha256, "precision": "fp16", "max_batch_size": 8}
     meta.update(over)
     return meta
+
+
+def _install(bundle, system, precision="fp16", onnx_sha=None, data=b"engine"):
+    """An engine file + sidecar as the builder writes them for ``system`` (bytes: not a real engine)."""
+    meta = _sidecar(bundle, **system, precision=precision, onnx_sha256=onnx_sha or bundle.sha256,
+                    engine_sha256=hashlib.sha256(data).hexdigest())
+    path = engine_path(bundle, precision, system) if onnx_sha is None else (
+        bundle.path / "engines" / f"model.{precision}.trt{system['tensorrt_version']}"
+        f".sm{system['compute_capability'].replace('.', '')}.{onnx_sha[:12]}.engine")
+    write_engine_files(path, data, meta)
+    return path
 
 
 def test_sidecar_validation(bundle, tmp_path):
@@ -49,11 +79,36 @@ def test_sidecar_validation(bundle, tmp_path):
         assert f"make engine BUNDLE={bundle.path}" in str(e.value)
 
 
+def test_engine_filename(bundle):
+    sha = "1A2B3C4D5E6F" + "0" * 52
+    assert engine_filename("fp16", "10.3.0", "8.7", sha) == "model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine"
+    assert engine_filename("int8", "8.6.2.3", "10.0", sha[:12]) == "model.int8.trt8.6.2.3.sm100.1a2b3c4d5e6f.engine"
+    for p in ("fp32", "fp16", "int8"):
+        name = engine_path(bundle, p, ORIN).name
+        assert parse_engine_filename(name) == {"precision": p, "tensorrt_version": "10.3.0",
+                                               "compute_capability": "8.7", "onnx_sha12": bundle.version}
+    assert parse_engine_filename("model.int8.trt8.6.2.3.sm100.1a2b3c4d5e6f.engine")["compute_capability"] == "10.0"
+    assert engine_path(bundle, "fp16", XAVIER).name == f"model.fp16.trt8.5.2.sm72.{bundle.version}.engine"
+    for bad in ("model.fp16.engine", "model.fp8.trt10.3.0.sm87.1a2b3c4d5e6f.engine", "model.fp16.trt10.3.0.sm87.x.engine",
+                "model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine.json", ".model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine"):
+        assert parse_engine_filename(bad) is None, bad
+    errors = {"precision must be one of": ("fp8", "10.3.0", "8.7", sha),
+              "TensorRT version must look like '10.3.0'": ("fp16", "10/3", "8.7", sha),
+              "compute capability must be '<major>.<minor>'": ("fp16", "10.3.0", "87", sha),
+              "ONNX SHA-256 must be 12 to 64 hex digits": ("fp16", "10.3.0", "8.7", "abc")}
+    for fragment, args in errors.items():
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            engine_filename(*args)
+
+
 def test_engine_paths_and_sidecar_reading(bundle, tmp_path):
-    assert engine_path(bundle, "int8") == bundle.path / "engines" / "model.int8.engine"
+    assert engine_path(bundle, "int8", ORIN) == (bundle.path / "engines" /
+                                                 f"model.int8.trt10.3.0.sm87.{bundle.version}.engine")
     with pytest.raises(ConfigError, match="precision must be one of"):
-        engine_path(bundle, "fp8")
-    eng = tmp_path / "engines" / "model.fp16.engine"
+        engine_path(bundle, "fp8", ORIN)
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        find_engines(bundle, "fp8")
+    eng = tmp_path / "engines" / "model.fp16.trt10.3.0.sm87.0123456789ab.engine"
     eng.parent.mkdir()
     with pytest.raises(BundleError, match="no sidecar"):
         read_sidecar(eng)
@@ -62,20 +117,94 @@ def test_engine_paths_and_sidecar_reading(bundle, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="checks the no-TensorRT path")
-def test_tensorrt_backend_without_tensorrt(bundle, tmp_path):
+def test_tensorrt_backend_without_tensorrt(bundle, tmp_path, caplog):
     b = load_bundle(copy_bundle(bundle.path, tmp_path / "b"))
     with pytest.raises(BundleError, match="make engine BUNDLE="):
         get_runner("tensorrt", b)  # no engine built
-    eng = engine_path(b, "fp16")
-    eng.parent.mkdir()
-    eng.write_bytes(b"not an engine")
-    sidecar_path(eng).write_text(json.dumps(_sidecar(b)))
+    with caplog.at_level(logging.INFO, logger="edge_server.runners"):
+        runner = get_runner("auto", b, intra_op_threads=1)  # no engine: ONNX Runtime, and it says why
+    runner.close()
+    assert runner.name.startswith("onnxruntime:")
+    assert f"no fp16 TensorRT engine in {b.path / 'engines'}" in _selected(caplog)["reason"]
+    _install(b, XAVIER)  # an engine for another GPU only: found by name without importing TensorRT
     with pytest.raises(ConfigError, match="TensorRT Python package"):
         get_runner("tensorrt", b)
+    caplog.clear()
     # auto: an engine is present but tensorrt is not importable -> ONNX Runtime, and it says so
-    runner = get_runner("auto", b, intra_op_threads=1)
-    assert runner.name.startswith("onnxruntime:")
+    with caplog.at_level(logging.INFO, logger="edge_server.runners"):
+        runner = get_runner("auto", b, intra_op_threads=1)
     runner.close()
+    assert runner.name.startswith("onnxruntime:")
+    assert "TensorRT not importable" in _selected(caplog)["reason"]
+
+
+def _selected(caplog) -> dict:
+    return next(r.fields for r in caplog.records if r.getMessage() == "backend selected")
+
+
+def test_find_engines_without_tensorrt(bundle, tmp_path):
+    b = load_bundle(copy_bundle(bundle.path, tmp_path / "b"))
+    assert find_engines(b, "fp16") == []  # no engines/ directory at all
+    orin, xavier = _install(b, ORIN), _install(b, XAVIER)
+    int8 = _install(b, ORIN, precision="int8")
+    legacy = b.path / "engines" / "model.fp16.engine"  # unversioned name of older releases: found, so refused
+    legacy.write_bytes(b"old")
+    (b.path / "engines" / ".model.fp16.trt10.3.0.sm87.0123456789ab.engine.123.staged").write_bytes(b"tmp")
+    (b.path / "engines" / "timing.trt10.3.0.sm87.cache").write_bytes(b"cache")
+    assert find_engines(b, "fp16") == sorted([orin, xavier, legacy])
+    assert find_engines(b.path, "int8") == [int8]
+    assert find_engines(b, "fp32") == []
+
+
+def test_select_engine_none_matching_stale_and_side_by_side(bundle, tmp_path):
+    b = load_bundle(copy_bundle(bundle.path, tmp_path / "b"))
+    hint = f"make engine BUNDLE={b.path} PRECISION=fp16"
+    with pytest.raises(BundleError) as e:  # none at all
+        select_engine(b, "fp16", ORIN)
+    assert "no fp16 TensorRT engine in" in str(e.value) and "build it" in str(e.value) and hint in str(e.value)
+    # only stale engines: other TensorRT, other ONNX, legacy name -> every one is described vs this system
+    old_trt = _install(b, dict(ORIN, tensorrt_version="8.6.2"))
+    old_onnx = _install(b, ORIN, onnx_sha="f" * 64)
+    legacy = b.path / "engines" / "model.fp16.engine"
+    legacy.write_bytes(b"old")
+    sidecar_path(legacy).write_text(json.dumps(_sidecar(b, tensorrt_version="8.5.2", gpu_name="Xavier")))
+    _install(b, ORIN, precision="int8")  # right system, other precision: not a candidate
+    with pytest.raises(BundleError) as e:
+        select_engine(b, "fp16", ORIN)
+    msg = str(e.value)
+    assert "matches this system and bundle" in msg and hint in msg and "found 3 built for something else" in msg
+    assert (f"this system: TensorRT 10.3.0, GPU 'Orin', compute capability 8.7; bundle ONNX {b.version}; "
+            f"expected {engine_path(b, 'fp16', ORIN).name}") in msg
+    assert f"{old_trt.name} (TensorRT 8.6.2, compute capability 8.7, ONNX {b.version}, GPU 'Orin')" in msg
+    assert f"{old_onnx.name} (TensorRT 10.3.0, compute capability 8.7, ONNX ffffffffffff, GPU 'Orin')" in msg
+    assert "model.fp16.engine (name not in the model.<precision>.trt<TensorRT version>" in msg
+    assert "sidecar: TensorRT 8.5.2" in msg and "GPU 'Xavier'" in msg
+    # several GPUs sharing the bundle directory: each picks its own engine, nothing is removed
+    mine = {name: _install(b, system, data=name.encode()) for name, system in
+            (("orin", ORIN), ("xavier", XAVIER), ("rtx", RTX))}
+    for name, system in (("orin", ORIN), ("xavier", XAVIER), ("rtx", RTX)):
+        picked = select_engine(b, "fp16", system)
+        assert picked == mine[name] and picked.read_bytes() == name.encode()
+        meta = read_sidecar(picked)
+        validate_sidecar(meta, bundle=b, engine=picked, precision="fp16", **system)
+        check_engine_sha(picked, picked.read_bytes(), meta, "fp16")
+    assert len(find_engines(b, "fp16")) == 6 and old_trt.is_file() and legacy.is_file()
+    with pytest.raises(BundleError, match=re.escape(f"expected model.fp16.trt10.4.0.sm87.{b.version}.engine")):
+        select_engine(b, "fp16", dict(ORIN, tensorrt_version="10.4.0"))  # after a JetPack upgrade
+
+
+def test_engine_name_can_lie_sidecar_and_sha_decide(bundle, tmp_path):
+    b = load_bundle(copy_bundle(bundle.path, tmp_path / "b"))
+    path = _install(b, ORIN, data=b"built on an Orin")
+    # a sidecar for another GPU behind this system's name (copied by hand, or same sm, other GPU model)
+    sidecar_path(path).write_text(json.dumps(_sidecar(b, gpu_name="Orin Nano", engine_sha256="0" * 64)))
+    assert select_engine(b, "fp16", ORIN) == path  # the name matches ...
+    with pytest.raises(BundleError, match="built on GPU 'Orin Nano', running on 'Orin'.*PRECISION=fp16"):
+        validate_sidecar(read_sidecar(path), bundle=b, engine=path, precision="fp16", **ORIN)  # ... the sidecar not
+    with pytest.raises(BundleError, match="does not match the SHA-256 in its sidecar.*PRECISION=fp16"):
+        check_engine_sha(path, path.read_bytes(), read_sidecar(path), "fp16")
+    with pytest.raises(BundleError, match="no engine_sha256 recorded"):
+        check_engine_sha(path, path.read_bytes(), _sidecar(b), "fp16")
 
 
 def test_onnxruntime_runner_and_batcher(bundle):
@@ -117,7 +246,7 @@ def test_latest_slot_drops_stale():
                     reason="tensorrt Python package not installed (JetPack / NVIDIA GPU machines only)")
 def test_tensorrt_runner_matches_onnxruntime(bundle):
     b = bundle
-    if not engine_path(b, "fp32").is_file():
+    if not find_engines(b, "fp32"):
         pytest.skip(f"no fp32 engine built for the test bundle: run `make engine BUNDLE={b.path} PRECISION=fp32`")
     x = b.spec.apply_batch(texture_tiles("test")[0][:4])
     trt_runner = get_runner("tensorrt", b, precision="fp32")

@@ -1,8 +1,9 @@
 """Backend selection: ``get_runner(name, bundle)``.
 
-``auto``: the bundle's TensorRT engine when one is cached and ``tensorrt`` imports, else ONNX
-Runtime with CUDA/TensorRT execution providers when present, else ONNX Runtime on the CPU. The
-choice and the reason are logged.
+``auto``: the bundle's TensorRT engine when one is cached (found by name, before importing TensorRT;
+the runner then picks the one built for this GPU/TensorRT/ONNX or refuses with a rebuild hint) and
+``tensorrt`` imports, else ONNX Runtime with CUDA/TensorRT execution providers when present, else
+ONNX Runtime on the CPU. The choice and the reason are logged.
 """
 
 from __future__ import annotations
@@ -45,20 +46,21 @@ def get_runner(name: str, bundle: Bundle, *, max_batch_size: int = 8, intra_op_t
 
 def _auto(bundle: Bundle, max_batch_size: int, intra_op_threads: int, precision: str) -> tuple[Runner, str]:
     from edge_server.runners.onnxruntime import GPU_PROVIDERS, OnnxRuntimeRunner, available_providers
-    from edge_server.runners.tensorrt import TensorRTRunner, engine_path
+    from edge_server.runners.tensorrt import TensorRTRunner, engines_dir, find_engines
 
-    engine = engine_path(bundle, precision)
-    if engine.is_file():
-        # A present engine that is stale (other GPU/TensorRT/ONNX) raises with a rebuild hint; only a
-        # missing tensorrt/cuda-python installation falls back, and says so.
+    engines = find_engines(bundle, precision)  # by name only: TensorRT is not imported yet
+    if engines:
+        # Engines present but none for this GPU/TensorRT/ONNX (or a stale one) raises with a rebuild hint;
+        # only a missing tensorrt/cuda-python installation falls back, and says so.
         try:
-            return TensorRTRunner(bundle, precision=precision, max_batch_size=max_batch_size), f"engine {engine}"
+            trt_runner = TensorRTRunner(bundle, precision=precision, max_batch_size=max_batch_size)
+            return trt_runner, f"engine {trt_runner.engine_path}"
         except ConfigError as e:
             log.warning("TensorRT engine present but TensorRT is not importable; using ONNX Runtime",
-                        extra={"fields": {"engine": str(engine), "error": str(e)}})
+                        extra={"fields": {"engines": [str(p) for p in engines], "error": str(e)}})
             why = f"TensorRT not importable: {e}"
     else:
-        why = f"no TensorRT engine at {engine}"
+        why = f"no {precision} TensorRT engine in {engines_dir(bundle)}"
     gpu = [p for p in GPU_PROVIDERS if p in available_providers()]
     runner = OnnxRuntimeRunner(bundle, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads)
     return runner, f"{why}; ONNX Runtime GPU providers: {gpu or 'none'}"

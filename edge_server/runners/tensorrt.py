@@ -1,28 +1,33 @@
 """TensorRT backend: deserialise and run a prebuilt engine (real ``tensorrt`` API, TRT 8.6 and 10).
 
 Engines are built on the device by ``make engine BUNDLE=… PRECISION=…`` (``edge_server.engine``) and
-cached next to the bundle; this module is the one definition of where they live and what their
-sidecar records (the builder imports it)::
+cached next to the bundle; this module is the one definition of their names, where they live and what
+their sidecar records (the builder imports it)::
 
-    <bundle>/engines/model.<precision>.engine        serialized engine
-    <bundle>/engines/model.<precision>.engine.json   sidecar: SIDECAR_KEYS (tensorrt_version, gpu_name,
-                                                     compute_capability, onnx_sha256, precision,
-                                                     max_batch_size) + build options and accuracy check
+    <bundle>/engines/model.<precision>.trt<TensorRT version>.sm<compute capability>.<ONNX sha12>.engine
+    <bundle>/engines/<engine name>.json   sidecar: SIDECAR_KEYS (tensorrt_version, gpu_name,
+                                          compute_capability, onnx_sha256, precision, max_batch_size)
+                                          + engine SHA-256, build options and accuracy check
 
-The file name is deliberately stable (precision only): the server's ``auto`` backend and the systemd
-unit look the engine up before TensorRT is imported, and an engine left over from another GPU,
-TensorRT version or ONNX file must be *found* and refused with a rebuild hint, not silently ignored.
-An engine only runs on the GPU model / compute capability and TensorRT version it was built with, for
-the ONNX file it was built from; :func:`validate_sidecar` checks all of them before deserialising.
-Device memory is handled with NVIDIA's ``cuda-python`` (``cuda.bindings.runtime`` or the older
-``cuda.cudart``), imported lazily, so this module imports fine where TensorRT is absent.
+e.g. ``model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine`` (:func:`engine_filename`, used by builder and
+runner). Engines built for other GPUs, TensorRT versions or ONNX files are kept side by side (several
+devices may share a bundle directory on NFS). :func:`find_engines` lists a precision's engines without
+importing TensorRT (the server's ``auto`` backend, the systemd unit); :func:`select_engine`, once the GPU
+is known, picks the one named for this system and bundle, or refuses with what each engine was built
+for and the rebuild command. The name is only an index: the sidecar (:func:`validate_sidecar`: GPU
+name, compute capability, TensorRT version, ONNX SHA, precision) and the engine's SHA-256
+(:func:`check_engine_sha`) are checked before deserialising. Device memory is handled with NVIDIA's
+``cuda-python`` (``cuda.bindings.runtime`` or the older ``cuda.cudart``), imported lazily, so this
+module imports fine where TensorRT is absent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,13 +42,110 @@ log = logging.getLogger("edge_server.runners")
 
 PRECISIONS = ("fp32", "fp16", "int8")
 SIDECAR_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "onnx_sha256", "precision", "max_batch_size")
+ENGINES_DIR = "engines"
+ENGINE_NAME_FORMAT = "model.<precision>.trt<TensorRT version>.sm<compute capability>.<first 12 hex of ONNX SHA>.engine"
+_TRT_VERSION = re.compile(r"[0-9]+(\.[0-9A-Za-z]+)*")
+_CC = re.compile(r"([0-9]+)\.([0-9])")
+_ENGINE_NAME = re.compile(r"model\.(?P<precision>fp32|fp16|int8)\.trt(?P<trt>[0-9]+(?:\.[0-9A-Za-z]+)*)"
+                          r"\.sm(?P<sm>[0-9]{2,3})\.(?P<sha>[0-9a-f]{12})\.engine")
 
 
-def engine_path(bundle: Bundle, precision: str = "fp16") -> Path:
-    """Where the engine of ``bundle`` for ``precision`` is cached."""
+def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"TensorRT precision must be one of {PRECISIONS}, got {precision!r}")
-    return bundle.path / "engines" / f"model.{precision}.engine"
+    return precision
+
+
+def system_tag(tensorrt_version: str, compute_capability: str) -> str:
+    """``trt<version>.sm<cc digits>``, e.g. ``trt10.3.0.sm87``: the part of engine and timing-cache names
+    that ties them to a TensorRT version and a GPU architecture."""
+    if not isinstance(tensorrt_version, str) or not _TRT_VERSION.fullmatch(tensorrt_version):
+        raise ConfigError(f"TensorRT version must look like '10.3.0' (digits and dots), got {tensorrt_version!r}")
+    if not isinstance(compute_capability, str) or not _CC.fullmatch(compute_capability):
+        raise ConfigError(f"compute capability must be '<major>.<minor>' like '8.7', got {compute_capability!r}")
+    return f"trt{tensorrt_version}.sm{compute_capability.replace('.', '')}"
+
+
+def engine_filename(precision: str, tensorrt_version: str, compute_capability: str, onnx_sha: str) -> str:
+    """The one engine file name (:data:`ENGINE_NAME_FORMAT`), e.g. ``model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine``."""
+    _check_precision(precision)
+    sha = onnx_sha.lower() if isinstance(onnx_sha, str) else ""
+    if not re.fullmatch(r"[0-9a-f]{12,64}", sha):
+        raise ConfigError(f"ONNX SHA-256 must be 12 to 64 hex digits, got {onnx_sha!r}")
+    return f"model.{precision}.{system_tag(tensorrt_version, compute_capability)}.{sha[:12]}.engine"
+
+
+def parse_engine_filename(name: str) -> dict[str, str] | None:
+    """Inverse of :func:`engine_filename`: precision, tensorrt_version, compute_capability ("8.7") and
+    onnx_sha12 of an engine file name, or None when the name is not in that format."""
+    m = _ENGINE_NAME.fullmatch(Path(name).name)
+    if m is None:
+        return None
+    sm = m["sm"]
+    return {"precision": m["precision"], "tensorrt_version": m["trt"], "compute_capability": f"{sm[:-1]}.{sm[-1]}",
+            "onnx_sha12": m["sha"]}
+
+
+def engines_dir(bundle: Bundle | Path | str) -> Path:
+    return (bundle.path if isinstance(bundle, Bundle) else Path(bundle)) / ENGINES_DIR
+
+
+def engine_path(bundle: Bundle, precision: str, system: Mapping[str, str]) -> Path:
+    """Where the engine of ``bundle`` for ``precision`` built on ``system`` (:func:`system_info`) is cached."""
+    return engines_dir(bundle) / engine_filename(precision, system["tensorrt_version"], system["compute_capability"],
+                                                 bundle.sha256)
+
+
+def find_engines(bundle: Bundle | Path | str, precision: str) -> list[Path]:
+    """Every cached engine of ``precision`` in the bundle (any GPU / TensorRT / ONNX), sorted; needs no TensorRT.
+
+    Globs ``engines/model.<precision>.*.engine``; the unversioned ``model.<precision>.engine`` of older
+    edgetune releases is listed too, so that it is reported and rebuilt rather than silently ignored."""
+    d = engines_dir(bundle)
+    found = set(d.glob(f"model.{_check_precision(precision)}.*.engine")) | {d / f"model.{precision}.engine"}
+    return sorted(p for p in found if p.is_file())
+
+
+def describe_engine(engine: Path) -> str:
+    """What ``engine`` was built for, from its name and (when readable) its sidecar."""
+    parsed = parse_engine_filename(engine.name)
+    if parsed is None:
+        facts = [f"name not in the {ENGINE_NAME_FORMAT} format (older edgetune?)"]
+    else:
+        facts = [f"TensorRT {parsed['tensorrt_version']}", f"compute capability {parsed['compute_capability']}",
+                 f"ONNX {parsed['onnx_sha12']}"]
+    try:
+        meta = json.loads(sidecar_path(engine).read_text())
+    except (OSError, ValueError):
+        return f"{engine.name} ({', '.join(facts)}; sidecar missing or unreadable)"
+    if isinstance(meta, dict):
+        if parsed is None:
+            facts += [f"sidecar: TensorRT {meta.get('tensorrt_version')}",
+                      f"compute capability {meta.get('compute_capability')}",
+                      f"ONNX {str(meta.get('onnx_sha256'))[:12]}"]
+        facts.append(f"GPU {meta.get('gpu_name')!r}")
+    return f"{engine.name} ({', '.join(facts)})"
+
+
+def select_engine(bundle: Bundle, precision: str, system: Mapping[str, str],
+                  candidates: list[Path] | None = None) -> Path:
+    """The engine among ``candidates`` (default :func:`find_engines`) named for this system and bundle.
+
+    Raises :class:`BundleError` when there is none: what each found engine was built for, what this
+    system is, and the rebuild command. The caller still validates the sidecar and the engine SHA."""
+    found = find_engines(bundle, precision) if candidates is None else list(candidates)
+    wanted = engine_path(bundle, precision, system)
+    hint = _rebuild_hint(bundle.path, precision)
+    for p in found:
+        if p.name == wanted.name and p.is_file():
+            return p
+    here = (f"this system: TensorRT {system['tensorrt_version']}, GPU {system.get('gpu_name')!r}, compute "
+            f"capability {system['compute_capability']}; bundle ONNX {bundle.version}; expected {wanted.name}")
+    if not found:
+        raise BundleError(f"no {precision} TensorRT engine in {wanted.parent} ({here}); build it: {hint}")
+    raise BundleError(f"no {precision} TensorRT engine in {wanted.parent} matches this system and bundle ({here}); "
+                      f"found {len(found)} built for something else: {'; '.join(map(describe_engine, found))}; {hint} "
+                      "(engines for other GPUs / TensorRT versions are kept and do no harm)")
 
 
 def sidecar_path(engine: Path) -> Path:
@@ -55,7 +157,7 @@ def _rebuild_hint(bundle_path: Path | str, precision: str) -> str:
 
 
 def _precision_of(engine: Path) -> str:
-    """Precision named by an engine file ``model.<precision>.engine`` (fp16 if the name says nothing)."""
+    """Precision named by an engine file ``model.<precision>.…engine`` (fp16 if the name says nothing)."""
     parts = Path(engine).name.split(".")
     return parts[1] if len(parts) >= 3 and parts[1] in PRECISIONS else "fp16"
 
@@ -106,6 +208,17 @@ def read_sidecar(engine: Path) -> dict[str, Any]:
         raise BundleError(f"{side}: unreadable ({e}); {_rebuild_hint(engine.parent.parent, _precision_of(engine))}"
                           ) from None
     return meta if isinstance(meta, dict) else {"_invalid": meta}
+
+
+def check_engine_sha(engine: Path, data: bytes, meta: Mapping[str, Any], precision: str | None = None) -> None:
+    """The engine bytes must have the SHA-256 its sidecar records (the builder always writes it): an engine
+    copied over, modified or partly written is refused with the rebuild command."""
+    hint = _rebuild_hint(engine.parent.parent, precision or _precision_of(engine))
+    recorded = meta.get("engine_sha256")
+    if not isinstance(recorded, str):
+        raise BundleError(f"{sidecar_path(engine)}: no engine_sha256 recorded, the engine cannot be verified; {hint}")
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise BundleError(f"{engine} does not match the SHA-256 in its sidecar (modified or partly written); {hint}")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -175,22 +288,32 @@ def system_info(trt: Any, cudart: Any, device: int = 0) -> dict[str, str]:
 
 
 class TensorRTRunner(Runner):
-    """Runs a cached engine with TensorRT's tensor-name API (``set_input_shape``, ``execute_async_v3``)."""
+    """Runs a cached engine with TensorRT's tensor-name API (``set_input_shape``, ``execute_async_v3``).
+
+    ``engine`` None: the bundle's engine for ``precision`` named for this GPU and TensorRT
+    (:func:`select_engine`); an explicit ``engine`` path (the builder's staged engine) is used as is.
+    Either way the sidecar and the engine SHA-256 are checked before deserialising."""
 
     def __init__(self, bundle: Bundle, precision: str = "fp16", max_batch_size: int = 8,
                  engine: Path | None = None) -> None:
-        engine = Path(engine) if engine is not None else engine_path(bundle, precision)
-        if not engine.is_file():
-            raise BundleError(f"no TensorRT engine at {engine}; build it with `make engine BUNDLE={bundle.path} "
-                              f"PRECISION={precision}`")
+        _check_precision(precision)
+        candidates = [Path(engine)] if engine is not None else find_engines(bundle, precision)
+        if not [p for p in candidates if p.is_file()]:  # checked before importing TensorRT
+            raise BundleError(f"no {precision} TensorRT engine "
+                              f"{'at ' + str(engine) if engine is not None else 'in ' + str(engines_dir(bundle))}; "
+                              f"build it with `make engine BUNDLE={bundle.path} PRECISION={precision}`")
         trt = import_tensorrt()
         cudart = import_cudart()
-        meta = read_sidecar(engine)
-        validate_sidecar(meta, bundle=bundle, engine=engine, precision=precision, **system_info(trt, cudart))
+        system = system_info(trt, cudart)
+        engine = candidates[0] if engine is not None else select_engine(bundle, precision, system, candidates)
+        meta = read_sidecar(engine)  # the name only indexes; sidecar and engine SHA are the truth
+        validate_sidecar(meta, bundle=bundle, engine=engine, precision=precision, **system)
+        data = engine.read_bytes()
+        check_engine_sha(engine, data, meta, precision)
         self._trt, self._cudart = trt, cudart
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(engine.read_bytes())
+        self._engine = self._runtime.deserialize_cuda_engine(data)
         if self._engine is None:
             raise BundleError(f"TensorRT could not deserialise {engine}; {_rebuild_hint(bundle.path, precision)}")
         self._context = self._engine.create_execution_context()
