@@ -10,6 +10,7 @@ Decision order (printed at start):
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -64,12 +65,12 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         # A cluster started with token auth (`ray start` under RAY_AUTH_MODE=token, as cluster.yaml does) needs
         # RAY_AUTH_MODE=token here too (token from ~/.ray/auth_token); it is taken from the environment as is,
         # because forcing it breaks clusters started without it ("Missing authorization header").
-        ray.init(address=target, log_to_driver=True, logging_level="WARNING", runtime_env=runtime_env)
+        ray.init(address=target, log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
         mode = "local"
         # address="local": never attach to some other instance on this machine by accident.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=True,
-                 logging_level="WARNING", include_dashboard=True, runtime_env=runtime_env)
+                 logging_level=logging.WARNING, include_dashboard=True, runtime_env=runtime_env)
     res = ray.cluster_resources()
     if not quiet:
         where = {"given": f"the Ray cluster at {target}", "existing": f"the running Ray cluster at {target}",

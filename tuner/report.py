@@ -36,7 +36,8 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
             "latency_ms": a.get("latency_ms"), "ray_trial_id": a.get("ray_trial_id"),
             "checkpoint_uri": a.get("checkpoint_uri"),
         })
-    rows.sort(key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0.0), r["trial"]))
+    sign = 1.0 if metric == "val_loss" else -1.0  # best first: lowest loss, highest accuracy/F1
+    rows.sort(key=lambda r: (r["val_acc"] is None, sign * float(r["val_acc"] or 0.0), r["trial"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return rows
@@ -137,8 +138,8 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
         jobs["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=["val_acc", "latency_ms"])
     for name, fn in jobs.items():
         try:
-            ax = fn()
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            ax: Any = fn()
+            fig: Any = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
             fig.savefig(out / name, dpi=100)

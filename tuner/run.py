@@ -168,8 +168,9 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
     # Prepare the dataset once (cache) and fingerprint it for the study attrs.
     first = TrainConfig.from_dict(base).replace({"model.backbone": space.backbones[0]})
     data = build_data(first.data, preprocess_spec_for(first.model), run_dir=out, seed=first.seed)
-    print(f"edgetune: dataset {data.dataset_name}: {len(data.train)} train / {len(data.val)} val / "
-          f"{len(data.test)} test images, classes {data.classes}"
+    n = {k: len(getattr(data, k)) for k in ("train", "val", "test")}
+    print(f"edgetune: dataset {data.dataset_name}: {n['train']} train / {n['val']} val / "
+          f"{n['test']} test images, classes {data.classes}"
           + (f", {len(data.skipped)} unreadable skipped" if data.skipped else ""))
 
     info = cluster.connect(opts.address or None, env_vars=opts.env_vars)

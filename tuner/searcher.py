@@ -45,7 +45,7 @@ class EdgetuneOptunaSearch(OptunaSearch):
 
     @property
     def study(self) -> optuna.Study:
-        return self._ot_study
+        return self._ot_study  # type: ignore[return-value]  # set up by OptunaSearch before use
 
     def add_attrs(self, trial_id: str, **attrs: Any) -> None:
         self._attrs.setdefault(trial_id, {}).update(attrs)
@@ -60,10 +60,10 @@ class EdgetuneOptunaSearch(OptunaSearch):
         ot = self._ot_trials.get(trial_id)
         if ot is None:
             return
-        frozen = self._ot_study._storage.get_trial(ot._trial_id)
+        frozen = self.study._storage.get_trial(ot._trial_id)
         if frozen.state.is_finished() and trial_id not in self._completed_trials:
-            self._ot_study.enqueue_trial(frozen.params, skip_if_exists=False)
-            twin = self._ot_study.ask(fixed_distributions=frozen.distributions)
+            self.study.enqueue_trial(frozen.params, skip_if_exists=False)
+            twin = self.study.ask(fixed_distributions=frozen.distributions)
             for step, value in sorted(frozen.intermediate_values.items()):  # the epochs before the restart
                 twin.report(value, step)
             self._ot_trials[trial_id] = twin
@@ -87,25 +87,26 @@ class EdgetuneOptunaSearch(OptunaSearch):
         multi = isinstance(self.metric, list)
         if not multi and iteration and not error and last.get(self.metric) is not None:
             self._report_final(ot_trial, float(last[self.metric]), iteration)
+        value: Any = None
         if error or not last:
-            state, value = optuna.trial.TrialState.FAIL, None
+            state = optuna.trial.TrialState.FAIL
         elif iteration < self._max_t and not multi:
-            state, value = optuna.trial.TrialState.PRUNED, None
+            state = optuna.trial.TrialState.PRUNED
         else:
             state = optuna.trial.TrialState.COMPLETE
             value = [last.get(m) for m in self.metric] if multi else last.get(self.metric)
         try:
-            self._ot_study.tell(ot_trial, value, state=state)
+            self.study.tell(ot_trial, value, state=state)
         except Exception as e:  # noqa: BLE001 - e.g. NaN values: record as FAIL rather than crash the study
             log.warning("telling trial %s to Optuna failed (%s); marking it FAIL", trial_id, e)
-            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+            self.study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
         self._completed_trials.add(trial_id)
 
 
     def _report_final(self, ot_trial: optuna.Trial, value: float, step: int) -> None:
         """Ray tells the last result (the one that stopped the trial) only at completion: keep it as an
         intermediate value too, so PRUNED trials carry their learning curve up to where ASHA stopped them."""
-        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        frozen = self.study._storage.get_trial(ot_trial._trial_id)
         if step not in frozen.intermediate_values and not frozen.state.is_finished():
             ot_trial.report(value, step)
 
