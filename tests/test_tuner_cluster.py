@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,6 +59,7 @@ def test_simulated_multi_node_cluster(tmp_path):
     with open(log, "w") as f:
         p = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), str(space)], cwd=ROOT, stdout=f,
                            stderr=subprocess.STDOUT, env=tuner_env(RAY_TMPDIR=str(rtmp)), timeout=900)
+    shutil.rmtree(rtmp, ignore_errors=True)
     assert p.returncode == 0, log.read_text()[-4000:]
     nodes = set(json.loads((tmp_path / "nodes.json").read_text())["nodes"])
     assert len(nodes) == 2
@@ -163,4 +165,5 @@ def test_make_tune_uses_a_running_cluster(tmp_path):
         assert len({t.user_attrs["node_id"] for t in trials}) == 2, "both nodes ran trials (1 CPU each)"
     finally:
         _stop(procs)
+        shutil.rmtree(rtmp, ignore_errors=True)
     assert all(p.poll() is not None for p in procs)
