@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--storage", default="", help="Optuna storage URL (default sqlite:///runs/optuna.db; postgresql://… for shared)")
     a("--storage-path", default="", help="Ray storage for trial checkpoints: a directory or s3://bucket/prefix "
       "(default $EDGETUNE_STORAGE_PATH, else <out>/ray); must be shared on a multi-node cluster")
+    a("--cluster-config", default="cluster.yaml",
+      help="after `ray up` of this file from here, the study runs on that cluster (EDGETUNE_LOCAL=1: here)")
     a("--space", default="", help="search space YAML (default tuner/default_space.yaml)")
     a("--backbones", default="", help="comma list restricting the backbone choices")
     a("--config", default="", help="base TrainConfig YAML for every trial")
@@ -105,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             reduction_factor=args.reduction_factor, seed=args.seed, out=args.out, resume=args.resume,
             multi_objective=args.multi_objective, max_latency_ms=args.max_latency_ms, max_failures=args.max_failures,
             address=args.address, export=not args.no_export, metric=args.metric)
+        from tuner.launcher import forward, launched_cluster
+
+        head = launched_cluster(args.cluster_config, args.address)
+        if head:
+            return forward(args.cluster_config, head, list(sys.argv[1:] if argv is None else argv), opts.study,
+                           opts.out)
         run_study(opts)
     except (ConfigError, EdgetuneError) as e:
         print(f"error: {e}", file=sys.stderr)
