@@ -178,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     jpeg = test_jpeg(512, 90)
     ip = InProcessWorker(bundle)
     raw: dict[str, list[dict[str, Any]]] = {k: [] for k in (
-        "inproc_b1", "inproc_b8", "server_1", "server_4", "server_16", "server_16_maxbatch1")}
-    with ServerProcess(bundle, THREADS, max_batch=8) as s8, ServerProcess(bundle, THREADS, max_batch=1) as s1:
+        "inproc_b1", "inproc_b8", "server_1", "server_4", "server_16", "server_16_maxbatch1", "server_1_wait0",
+        "server_16_wait0")}
+    with ServerProcess(bundle, THREADS, max_batch=8) as s8, ServerProcess(bundle, THREADS, max_batch=1) as s1, \
+            ServerProcess(bundle, THREADS, max_batch=8, max_wait_ms=0.0) as s0:
         ip.block(b["warmup"], 1)  # warm-up (first runs allocate)
         server_block(s8.address, jpeg, 1, b["warmup"])
         server_block(s1.address, jpeg, 4, 3)
@@ -187,10 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench-serve: round {r + 1}/{b['rounds']}", flush=True)
             raw["inproc_b1"].append(ip.block(b["frames_1"], 1))
             raw["server_1"].append(server_block(s8.address, jpeg, 1, b["frames_1"]))
+            raw["server_1_wait0"].append(server_block(s0.address, jpeg, 1, b["frames_1"]))
             raw["inproc_b8"].append(ip.block(b["frames_per_stream"] * 16, 8))
             raw["server_4"].append(server_block(s8.address, jpeg, 4, b["frames_per_stream"]))
             raw["server_16"].append(server_block(s8.address, jpeg, 16, b["frames_per_stream"]))
             raw["server_16_maxbatch1"].append(server_block(s1.address, jpeg, 16, b["frames_per_stream"]))
+            raw["server_16_wait0"].append(server_block(s0.address, jpeg, 16, b["frames_per_stream"]))
     ip.close()
     res = {k: merge(v) for k, v in raw.items()}
     limit = res["inproc_b8"]["images_per_s"]
@@ -203,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         {"path": "server, 4 streams", **res["server_4"]},
         {"path": "server, 16 streams", **res["server_16"]},
         {"path": "server max_batch=1, 16 streams", **res["server_16_maxbatch1"]},
+        {"path": "server max_wait_ms=0, 1 stream", **res["server_1_wait0"]},
+        {"path": "server max_wait_ms=0, 16 streams", **res["server_16_wait0"]},
     ]
     for r in rows:
         r["vs_batched_limit"] = r["images_per_s"] / limit
     prof = []
-    for k in ("server_1", "server_4", "server_16", "server_16_maxbatch1"):
+    for k in ("server_1", "server_4", "server_16", "server_16_maxbatch1", "server_1_wait0", "server_16_wait0"):
         sm = res[k]["server_ms_median"]
         prof.append({"path": k, **{f"{n}": v for n, v in sm.items()}, "client_minus_server_ms": res[k]["transport_ms_median"]})
     headline = {
@@ -215,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_ratio_16_streams": thr_ratio, "throughput_target": 0.9, "throughput_target_met": thr_ratio >= 0.9,
         "micro_batching_gain_16_streams": res["server_16"]["images_per_s"] / res["server_16_maxbatch1"]["images_per_s"],
         "inprocess_batching_gain": limit / res["inproc_b1"]["images_per_s"],
+        "p50_ratio_1_stream_max_wait_0": res["server_1_wait0"]["p50_ms"] / res["inproc_b1"]["p50_ms"],
+        "throughput_ratio_16_streams_max_wait_0": res["server_16_wait0"]["images_per_s"] / limit,
     }
     tables = {
         "Serving: server vs in-process ONNX Runtime (same JPEG, decode + preprocessing in both)":
@@ -228,11 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         "budget": args.budget, **headline,
         "setup": {"model": "mobilenet_v2 (weights=none, head trained 1 epoch on textures; speed only)",
                   "input": "scikit-image astronaut 512x512 JPEG q90", "img_size": 224, "ort_intra_op_threads": THREADS,
-                  "server": "python -m edge_server subprocess, --backend onnxruntime, --max-wait-ms 2",
+                  "server": "python -m edge_server subprocess, --backend onnxruntime; default --max-wait-ms 2 (headlines), "
+                            "plus a --max-wait-ms 0 server to show what the micro-batch wait costs one stream",
                   "client": "closed loop: each stream sends its next frame after the previous result",
                   "baseline_process": "the in-process baseline runs in its own child process (no gRPC, no torch threads)",
                   "interleaving": "per round: in-process b1, server 1 stream, in-process b8, server 4/16 streams, "
-                                  "server max_batch=1 16 streams"},
+                                  "server max_batch=1 16 streams, server max_wait 0 at 1 and 16 streams"},
         "summary": res, "raw": raw, "wall_seconds": time.perf_counter() - t_start,
     }, args.out, tables)
     return 0

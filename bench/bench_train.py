@@ -23,7 +23,7 @@ BUDGET = {
     "small": {"max_images": 300, "img": 96, "epochs": 3, "rounds": 2, "freeze": 0.5},
     "large": {"max_images": 1200, "img": 128, "epochs": 4, "rounds": 3, "freeze": 0.0},
 }
-THREADS = 2
+THREADS = 1  # torch threads of both paths; the tuner runs 1-worker trials with 1 thread (cpus_per_worker=1)
 
 
 def make_config(b: dict[str, Any]) -> Any:
@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     plain_wall, tune_wall = steady(raw["plain"], "epoch_wall_s"), steady(raw["tune"], "epoch_wall_s")
     launch = [w - sum(e["epoch_wall_s"] for e in run) for w, run in zip(raw["tune_fit_wall_s"], raw["tune"], strict=True)]
     ratio = tune_ips / plain_ips
+    # Under CPU contention from other processes the least-disturbed epoch is the cleanest estimate of each path.
+    best_plain = max(e["images_per_s"] for run in raw["plain"] for e in run[1:])
+    best_tune = max(e["images_per_s"] for run in raw["tune"] for e in run[1:])
     rows = [
         {"path": "plain PyTorch loop", "train_images_per_s": plain_ips, "epoch_wall_s": plain_wall,
          "ratio_vs_plain": 1.0},
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     startup = {"ray_init_s": ray_init_s, "tune_fit_minus_epochs_s_median": float(np.median(launch)),
                "tune_fit_wall_s": raw["tune_fit_wall_s"]}
     headline = {"imgs_per_s_ratio": ratio, "target": 0.9, "target_met": ratio >= 0.9,
+                "imgs_per_s_ratio_best_epochs": best_tune / best_plain,
                 "epoch_wall_ratio_incl_val_and_checkpoint": plain_wall / tune_wall,
                 "data_headroom": dvm["data_headroom"]}
     tables = {
@@ -207,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                   "train_images_per_s": "train phase only (as trainer.loop measures it); epoch_wall_s adds the val "
                                         "pass, and for the Tune trial the checkpoint + tune.report"},
         "summary": {"plain_images_per_s": plain_ips, "tune_images_per_s": tune_ips, "plain_epoch_wall_s": plain_wall,
-                    "tune_epoch_wall_s": tune_wall, "startup": startup, "data_vs_model": dvm},
+                    "tune_epoch_wall_s": tune_wall,
+                    "plain_best_epoch_images_per_s": best_plain, "tune_best_epoch_images_per_s": best_tune, "startup": startup, "data_vs_model": dvm},
+        "ratio_definition": "median steady-state (epoch >= 2) train images/s of the Tune trial / the plain loop; "
+                            "imgs_per_s_ratio_best_epochs uses each path's fastest steady-state epoch instead",
         "raw": raw, "wall_seconds": time.perf_counter() - t_start,
     }, args.out, tables)
     return 0
