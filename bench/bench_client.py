@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import queue
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ServerProcess, build_bundle_subprocess, md_table, parse_args, percentile, write_results  # noqa: E402
+from common import ServerProcess, build_bundle_subprocess, md_table, parse_args, percentile, work_dir, write_results  # noqa: E402
 
 BUDGET = {
     "small": {"sizes": [0, 640, 320, 224], "qualities": [50, 75, 90, 95], "frames": 12, "rounds": 2},
@@ -77,7 +76,7 @@ def measure(address: str, frame: np.ndarray, max_size: int, quality: int, n: int
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     b = BUDGET[args.budget]
-    work = Path(args.work or tempfile.mkdtemp(prefix="edgetune-bench-client-"))
+    work = work_dir(args, "edgetune-bench-client-")
     t_start = time.perf_counter()
     bundle = build_bundle_subprocess(work / "bundle", "mobilenet_v2", 224)
     frame = camera_frame()

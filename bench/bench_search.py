@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import md_table, parse_args, write_results  # noqa: E402
+from common import md_table, parse_args, work_dir, write_results  # noqa: E402
 from search_eval import curve_from_events, first_reach, test_metrics, tune_events  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +70,7 @@ def sequential_events(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     b = BUDGET[args.budget]
-    work = Path(args.work or tempfile.mkdtemp(prefix="edgetune-bench-search-")).resolve()
+    work = work_dir(args, "edgetune-bench-search-")
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     from trainer.data import build_data

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import queue
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,16 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ServerProcess, build_bundle_subprocess, md_table, parse_args, percentile, test_jpeg, write_results  # noqa: E402
+from common import (  # noqa: E402
+    ServerProcess,
+    build_bundle_subprocess,
+    md_table,
+    parse_args,
+    percentile,
+    test_jpeg,
+    work_dir,
+    write_results,
+)
 
 BUDGET = {
     "small": {"rounds": 3, "frames_1": 40, "frames_per_stream": 12, "warmup": 10},
@@ -172,7 +180,7 @@ def merge(blocks: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     b = BUDGET[args.budget]
-    work = Path(args.work or tempfile.mkdtemp(prefix="edgetune-bench-serve-"))
+    work = work_dir(args, "edgetune-bench-serve-")
     t_start = time.perf_counter()
     bundle = build_bundle_subprocess(work / "bundle", "mobilenet_v2", 224)
     jpeg = test_jpeg(512, 90)

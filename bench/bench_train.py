@@ -9,7 +9,6 @@ Writes bench/results/train.json (headline ``imgs_per_s_ratio`` = edgetune / plai
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import md_table, parse_args, write_results  # noqa: E402
+from common import md_table, parse_args, work_dir, write_results  # noqa: E402
 
 BUDGET = {
     "small": {"max_images": 300, "img": 96, "epochs": 3, "rounds": 2, "freeze": 0.5},
@@ -147,7 +146,7 @@ def data_vs_model(cfg: Any, data: Any) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     b = BUDGET[args.budget]
-    work = Path(args.work or tempfile.mkdtemp(prefix="edgetune-bench-train-")).resolve()
+    work = work_dir(args, "edgetune-bench-train-")
     t_start = time.perf_counter()
     import ray
 

@@ -39,6 +39,21 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     return args
 
 
+def work_dir(args: argparse.Namespace, prefix: str) -> Path:
+    """``--work`` when given (kept), else a temporary folder removed when the script exits."""
+    if args.work:
+        p = Path(args.work).resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    import atexit
+    import shutil
+    import tempfile
+
+    p = Path(tempfile.mkdtemp(prefix=prefix)).resolve()
+    atexit.register(shutil.rmtree, p, True)
+    return p
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
