@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--max-batch", type=int, default=8, help="largest micro-batch")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a micro-batch waits to fill")
+    p.add_argument("--batch-wait", choices=["adaptive", "fixed"], default="adaptive",
+                   help="adaptive: a batch waits only for images already being decoded (a lone request runs at "
+                        "once); fixed: every batch waits up to --max-wait-ms for company")
     p.add_argument("--max-concurrent", type=int, default=64, help="concurrent RPCs (streams included) before "
                    "RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest request/response message")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ServerConfig(
             bundle=args.bundle, host=args.host, port=args.port, backend=args.backend, precision=args.precision,
-            intra_op_threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+            intra_op_threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batch_wait=args.batch_wait,
             max_concurrent=args.max_concurrent, max_message_mb=args.max_message_mb, max_pixels=args.max_pixels,
             token=args.token or os.environ.get("EDGETUNE_TOKEN") or None, tls_cert=args.tls_cert,
             tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, insecure=args.insecure, watch=args.watch,

@@ -12,11 +12,12 @@ frame (the replaced one counts as dropped), so a fast camera cannot build a queu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -29,6 +30,9 @@ from edgetune.errors import ConfigError
 log = logging.getLogger("edge_server.batcher")
 
 T = TypeVar("T")
+
+
+_POLL_S = 0.0005  # how often a forming batch re-checks whether images are still on their way
 
 
 class BatcherClosed(RuntimeError):
@@ -62,10 +66,12 @@ class MicroBatcher:
         runner: the backend (used only from the worker thread).
         max_batch: largest batch (capped at ``runner.max_batch_size``).
         max_wait_ms: how long the first image of a batch waits for company.
+        adaptive: wait only while other images are announced via :meth:`incoming` (being decoded or
+            preprocessed); ``False`` always waits up to ``max_wait_ms`` for a full batch.
         on_batch: called with the batch size after each batch (statistics).
     """
 
-    def __init__(self, runner: Runner, max_batch: int = 8, max_wait_ms: float = 2.0,
+    def __init__(self, runner: Runner, max_batch: int = 8, max_wait_ms: float = 2.0, adaptive: bool = True,
                  on_batch: Callable[[int], Any] | None = None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -74,20 +80,44 @@ class MicroBatcher:
         self.runner = runner
         self.max_batch = min(max_batch, runner.max_batch_size)
         self.max_wait_s = float(max_wait_ms) / 1000.0
+        self.adaptive = adaptive
         self._on_batch = on_batch
         self._q: queue.Queue[_Item | None] = queue.Queue()
+        self._incoming = 0  # images being decoded/preprocessed now: the only ones worth waiting for
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="edge-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, x: np.ndarray, deadline: float | None = None) -> Future:
-        """Queue one ``[3, H, W]`` image; ``deadline`` is a ``time.monotonic()`` instant or None."""
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[list[Any]]:
+        """Announce one image from before its decode until its :meth:`submit` (pass the yielded ticket).
+
+        While any image is on its way, a forming batch waits for it (up to ``max_wait_ms``); when none is,
+        the batch runs at once, so a lone request pays no batching delay.
+        """
+        ticket: list[Any] = [self]  # [owner] while the announcement is open, [] once it ended
+        with self._lock:
+            self._incoming += 1
+        try:
+            yield ticket
+        finally:
+            with self._lock:
+                if ticket:
+                    self._incoming -= 1
+                    ticket.clear()
+
+    def submit(self, x: np.ndarray, deadline: float | None = None, ticket: list[Any] | None = None) -> Future:
+        """Queue one ``[3, H, W]`` image; ``deadline`` is a ``time.monotonic()`` instant or None;
+        ``ticket`` from :meth:`incoming` (the announcement ends as the image is queued)."""
         fut: Future = Future()
         with self._lock:
             if self._closed:
                 raise BatcherClosed("batcher is closed")
             self._q.put(_Item(x, fut, time.monotonic(), deadline))
+            if ticket and ticket[0] is self:
+                self._incoming -= 1
+                ticket.clear()
         return fut
 
     def close(self, close_runner: bool = True, timeout: float | None = 30.0) -> None:
@@ -109,12 +139,17 @@ class MicroBatcher:
             if first is None:
                 break
             items = [first]
+            if self.adaptive and self._incoming == 0 and self._q.empty():
+                self._run_batch(items)  # nobody else on the way: no batching delay
+                continue
             until = first.enqueued + self.max_wait_s
             while len(items) < self.max_batch:
                 remaining = until - time.monotonic()
                 try:
-                    nxt = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
+                    nxt = self._q.get(timeout=min(remaining, _POLL_S)) if remaining > 0 else self._q.get_nowait()
                 except queue.Empty:
+                    if remaining > 0 and (self._incoming > 0 or not self.adaptive):
+                        continue  # another image is being preprocessed: worth waiting for
                     break
                 if nxt is None:
                     stopping = True  # drain: run what we have, then exit

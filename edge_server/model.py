@@ -26,6 +26,7 @@ class RunnerOptions:
     backend: str = "auto"
     max_batch: int = 8
     max_wait_ms: float = 2.0
+    batch_wait: str = "adaptive"  #: adaptive (wait only for images already being decoded) or fixed
     intra_op_threads: int = 0
     precision: str = "fp16"
 
@@ -34,6 +35,8 @@ class RunnerOptions:
             raise ConfigError(f"max_batch must be an integer in 1..1024, got {self.max_batch!r}")
         if not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 10_000:
             raise ConfigError(f"max_wait_ms must be in [0, 10000] ms, got {self.max_wait_ms!r}")
+        if self.batch_wait not in ("adaptive", "fixed"):
+            raise ConfigError(f"batch_wait must be 'adaptive' or 'fixed', got {self.batch_wait!r}")
 
 
 @dataclass
@@ -78,7 +81,8 @@ class ModelHolder:
         runner = get_runner(o.backend, bundle, max_batch_size=o.max_batch, intra_op_threads=o.intra_op_threads,
                             precision=o.precision)
         try:
-            batcher = MicroBatcher(runner, max_batch=o.max_batch, max_wait_ms=o.max_wait_ms, on_batch=self._on_batch)
+            batcher = MicroBatcher(runner, max_batch=o.max_batch, max_wait_ms=o.max_wait_ms,
+                                   adaptive=o.batch_wait == "adaptive", on_batch=self._on_batch)
         except Exception:
             runner.close()
             raise

@@ -38,6 +38,7 @@ class ServerConfig:
     backend: str = "auto"
     max_batch: int = 8
     max_wait_ms: float = 2.0
+    batch_wait: str = "adaptive"
     intra_op_threads: int = 0
     precision: str = "fp16"
     token: str | None = None
@@ -76,7 +77,7 @@ class EdgeServer:
         self.stats = ServerStats()
         creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
         options = RunnerOptions(backend=config.backend, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                                intra_op_threads=config.intra_op_threads, precision=config.precision)
+                                batch_wait=config.batch_wait, intra_op_threads=config.intra_op_threads, precision=config.precision)
         interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
         self.holder = ModelHolder(config.bundle, options, on_batch=self.stats.batch_done)
         try:
@@ -130,7 +131,8 @@ class EdgeServer:
             "address": self.address, "port": self.port, "tls": self.tls, "mtls": self.config.tls_client_ca is not None,
             "token": bool(self.config.token), "backend": m.runner.name, "precision": m.runner.precision,
             "model_version": m.version, "bundle": str(m.bundle.path), "max_batch": m.batcher.max_batch,
-            "max_wait_ms": self.config.max_wait_ms, "max_concurrent": self.config.max_concurrent,
+            "max_wait_ms": self.config.max_wait_ms,
+            "batch_wait": self.config.batch_wait, "max_concurrent": self.config.max_concurrent,
             "watch": self.config.watch}})
         return self
 

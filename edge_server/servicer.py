@@ -60,27 +60,34 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     # -- core ------------------------------------------------------------------------------
     def _infer_one(self, data: bytes, top_k: int, deadline: float | None
                    ) -> tuple[list[pb.Prediction], ServedModel, pb.Timing]:
-        t0 = time.monotonic()
-        img = decode_image(data, source="image", max_pixels=self.max_pixels)
-        t1 = time.monotonic()
-        res: BatchResult | None = None
-        model: ServedModel | None = None
-        pre_us = 0
-        for _ in range(3):  # a hot swap may close the batcher between lookup and submit: retry on the new model
-            model = self.holder.current
-            labels = model.bundle.labels
-            if top_k > len(labels):
-                raise InvalidRequest(f"top_k {top_k} exceeds the model's {len(labels)} classes; allowed 0..{len(labels)}")
-            tp = time.monotonic()
-            x = model.bundle.spec.apply(img)
-            pre_us = _us(tp, time.monotonic())
+        with self.holder.current.batcher.incoming() as ticket:  # lets a forming batch wait for this image
+            t0 = time.monotonic()
+            img = decode_image(data, source="image", max_pixels=self.max_pixels)
+            t1 = time.monotonic()
+            res: BatchResult | None = None
+            model: ServedModel | None = None
+            fut: concurrent.futures.Future | None = None
+            pre_us = 0
+            for _ in range(3):  # a hot swap may close the batcher between lookup and submit: retry on the new model
+                model = self.holder.current
+                labels = model.bundle.labels
+                if top_k > len(labels):
+                    raise InvalidRequest(f"top_k {top_k} exceeds the model's {len(labels)} classes; "
+                                         f"allowed 0..{len(labels)}")
+                tp = time.monotonic()
+                x = model.bundle.spec.apply(img)
+                pre_us = _us(tp, time.monotonic())
+                try:
+                    fut = model.batcher.submit(x, deadline, ticket=ticket)
+                except BatcherClosed:
+                    continue
+                break
+        if model is not None and fut is not None:
             try:
-                fut = model.batcher.submit(x, deadline)
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 res = fut.result(timeout=timeout)
-                break
             except BatcherClosed:
-                continue
+                res = None
             except (DeadlineExpired, concurrent.futures.TimeoutError):
                 fut.cancel()
                 raise _Deadline("deadline exceeded while waiting for inference") from None

@@ -125,7 +125,7 @@ def test_server_restart_mid_stream_reconnects_and_reports_gap(media: dict[str, P
 
 def test_fast_live_source_vs_slow_model_drops_and_bounds_latency(media: dict[str, Path]) -> None:
     # Each frame waits 250 ms for a micro-batch that never fills: ~4 frames/s against a 30 fps camera.
-    slow = make_server(bundle=media["bundle"], port=0, max_wait_ms=250.0, grace_s=0.0).start()
+    slow = make_server(bundle=media["bundle"], port=0, max_wait_ms=250.0, batch_wait="fixed", grace_s=0.0).start()
     try:
         records: list[dict] = []
         src = open_source(str(media["video"]), "cam", live=True)

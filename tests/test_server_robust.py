@@ -112,7 +112,7 @@ def test_fuzzed_payloads_never_break_the_server(served, good_png, payload):
 
 def test_deadline_is_honoured(bundle, good_png):
     srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
-                      max_wait_ms=1000).start()
+                      max_wait_ms=1000, batch_wait="fixed").start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)

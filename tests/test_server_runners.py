@@ -253,3 +253,47 @@ def test_tensorrt_runner_matches_onnxruntime(bundle):
     ort_runner = get_runner("onnxruntime-cpu", b)
     np.testing.assert_allclose(trt_runner.infer(x), ort_runner.infer(x), atol=1e-3)
     trt_runner.close()
+
+
+def test_adaptive_batching_waits_only_for_announced_images(bundle):
+    """A lone request pays no batching delay; images already being decoded are waited for; fixed always waits."""
+    import threading
+    import time
+
+    spec = bundle.spec
+    imgs, _ = texture_tiles("test")
+    x = spec.apply(imgs[0])
+    runner = OnnxRuntimeRunner(bundle, max_batch_size=8, intra_op_threads=1)
+    b = MicroBatcher(runner, max_batch=8, max_wait_ms=2000, adaptive=True)
+    try:
+        b.submit(x).result(timeout=30)  # warm-up
+        with b.incoming() as ticket:
+            t0 = time.monotonic()
+            res = b.submit(x, ticket=ticket).result(timeout=30)
+        assert res.batch_size == 1 and time.monotonic() - t0 < 1.0  # not the 2 s max wait
+
+        tickets = [b.incoming() for _ in range(3)]
+        held = [t.__enter__() for t in tickets]  # three images "being decoded"
+        futs = []
+
+        def late(i: int) -> None:
+            time.sleep(0.05 * i)
+            futs.append(b.submit(x, ticket=held[i]))
+            tickets[i].__exit__(None, None, None)
+
+        threads = [threading.Thread(target=late, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        sizes = [f.result(timeout=30).batch_size for f in futs]
+        assert sizes == [3, 3, 3]  # the first waited for the two announced ones
+    finally:
+        b.close(close_runner=False)
+    fixed = MicroBatcher(runner, max_batch=8, max_wait_ms=300, adaptive=False)
+    try:
+        t0 = time.monotonic()
+        assert fixed.submit(x).result(timeout=30).batch_size == 1
+        assert time.monotonic() - t0 >= 0.28  # a fixed wait waits for company that never comes
+    finally:
+        fixed.close()
