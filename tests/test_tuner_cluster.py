@@ -128,7 +128,8 @@ def test_make_tune_uses_a_running_cluster(tmp_path):
     env = tuner_env(RAY_TMPDIR=str(rtmp), RAY_AUTH_MODE="token")
     ports = _free_ports(16)
     gcs, dash, client, *rest = ports
-    lo = 20000 + (os.getpid() % 200) * 200
+    # worker port ranges below the ephemeral range (32768+) that _free_ports draws from: no collisions
+    lo = 10000 + (os.getpid() % 50) * 400
     procs = []
     try:
         procs.append(_ray_start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
