@@ -17,8 +17,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -87,7 +88,7 @@ def remote_commands(config_path: str | Path, argv: list[str], study: str, local_
     cfg = str(config_path)
     remote_out = f"runs/{study}"
     args = [*strip_out(argv), "--out", remote_out]
-    inner = "cd {} && EDGETUNE_LOCAL=1 make tune ARGS={}".format(REMOTE_DIR, shlex.quote(shlex.join(args)))
+    inner = f"cd {REMOTE_DIR} && EDGETUNE_LOCAL=1 make tune ARGS={shlex.quote(shlex.join(args))}"
     return [[*_ray_cli(), "exec", cfg, inner],
             [*_ray_cli(), "rsync-down", cfg, f"{REMOTE_DIR}/{remote_out}/", local_out.rstrip("/") + "/"]]
 
