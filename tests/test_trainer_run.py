@@ -162,3 +162,24 @@ def test_two_worker_ddp_run(tmp_path: Path) -> None:
     assert all(h["images_per_s"] > 0 for h in m["history"])
     model, meta = model_from_checkpoint(tmp_path / "best")
     assert meta["config"]["workers"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ddp_worker_crash_restarts_from_last_checkpoint(tmp_path: Path) -> None:
+    """A DDP worker that dies after epoch 1 is restarted by Ray Train from the epoch-1 checkpoint."""
+    import ray
+
+    from trainer.loop import FAIL_AT_ENV, FAIL_MARKER_ENV
+
+    marker = tmp_path / "failed-once"
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR",
+             runtime_env={"env_vars": {FAIL_AT_ENV: "1", FAIL_MARKER_ENV: str(marker)}})
+    try:
+        cfg = tiny_config(**{"workers": 2, "epochs": 2, "threads": 1, "robustness": False})
+        m = run_training(cfg, tmp_path / "run")
+    finally:
+        ray.shutdown()
+    assert marker.exists()  # the failure really happened
+    assert [h["epoch"] for h in m["history"]] == [1, 2]  # resumed at epoch 2, not restarted from 1
+    assert load_checkpoint(tmp_path / "run" / "best")["meta"]["epoch"] in (1, 2)

@@ -31,8 +31,10 @@ def _snapshot(storage: str, study: str) -> dict[int, tuple[str, object, dict]]:
 
 def test_resume_after_driver_killed(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    args = [*TINY_ARGS, "--space", str(write_space(tmp_path)), "--study", "res", "--trials", "4", "--epochs", "2",
-            "--max-concurrent", "1", "--storage", storage, "--out", str(tmp_path / "out"), "--address", "local"]
+    # slower trials than TINY_ARGS (more images, larger input, 4 epochs) so that the window "one trial finished,
+    # the next one has checkpointed and is still running" is seconds wide even on an idle machine
+    args = [*TINY_ARGS, "--space", str(write_space(tmp_path)), "--study", "res", "--trials", "4", "--epochs", "4",
+            "--img", "128", "--max-images", "150", "--max-concurrent", "1", "--storage", storage, "--out", str(tmp_path / "out"), "--address", "local"]
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     driver = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=ROOT, env=tuner_env(), stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)

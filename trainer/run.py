@@ -84,10 +84,10 @@ def _ray_train_worker(loop_config: dict[str, Any]) -> None:
     train_loop(loop_config)
 
 
-def _train_ddp(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
+def _train_ddp(cfg: TrainConfig, run_dir: Path, max_failures: int = 2) -> list[dict[str, Any]]:
     """Ray Train TorchTrainer with ``cfg.workers`` DDP workers (gloo on CPU, nccl on GPU)."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
@@ -101,6 +101,8 @@ def _train_ddp(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=None if cfg.use_gpu else {"CPU": per_worker}),
         run_config=RunConfig(name="ddp", storage_path=str((run_dir / "ray").resolve()),
+                             # a killed/crashed worker: restart the worker group from the last checkpoint
+                             failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.metric,
                                                                 checkpoint_score_order=cfg.mode)),
     )
