@@ -196,16 +196,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        p = Path(path)
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {p} is not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config {p} must be a mapping at top level")
-        return cls.from_dict(d)
+        return cls.from_dict(load_yaml_mapping(path, "config"))
 
     def replace(self, overrides: Mapping[str, Any]) -> TrainConfig:
         """A copy with dotted-key overrides applied (``{"optim.lr": 1e-3}``), validated."""
@@ -213,6 +204,20 @@ class TrainConfig:
         for key, value in overrides.items():
             _set_dotted(d, key, value)
         return TrainConfig.from_dict(d)
+
+
+def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file = {}); ConfigError naming ``what`` otherwise."""
+    p = Path(path)
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} {p} must be a mapping at top level")
+    return d
 
 
 def parse_override(s: str) -> tuple[str, Any]:

@@ -22,7 +22,7 @@ import torch
 
 from edgetune.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
 from edgetune.errors import BundleError, EdgetuneError
-from edgetune.preprocess import PreprocessSpec
+from edgetune.preprocess import PreprocessSpec, read_image
 from trainer.checkpoint import resolve_checkpoint_path, versions
 
 OPSET = 17
@@ -183,7 +183,7 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
                           f"(max |Δp| {parity['max_abs_prob_diff']:.2e}); bundle not written")
     calib = _save_images(data.train_eval, _spread(len(data.train_eval), n_calib), tmp / "calib", "calib")
     check = _save_images(data.train_eval, _spread(len(data.train_eval), n_check)[::-1], tmp / "check", "check")
-    x_check = spec.apply_batch([_read(tmp / c["file"]) for c in check])
+    x_check = spec.apply_batch([read_image(tmp / c["file"]) for c in check])
     check_top1 = ort_probs(session, x_check).argmax(1)
     for c, t in zip(check, check_top1, strict=True):
         c["onnx_top1"] = int(t)
@@ -191,7 +191,7 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
     variants: dict[str, Any] = {}
     refused: dict[str, Any] = {}
     if quantize:
-        x_cal = spec.apply_batch([_read(tmp / c["file"]) for c in calib])
+        x_cal = spec.apply_batch([read_image(tmp / c["file"]) for c in calib])
         for kind in quantize:
             v = quantize_variant(kind, onnx_path, tmp, x_cal, x_test, y_test, fp32_acc, tolerance)
             (refused if "refused" in v else variants)[f"int8_{kind}"] = v
@@ -226,12 +226,6 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
         shutil.rmtree(out)
     tmp.rename(out)
     return out
-
-
-def _read(path: Path) -> np.ndarray:
-    from edgetune.preprocess import read_image
-
-    return read_image(path)
 
 
 def _onnx_versions() -> dict[str, str]:

@@ -255,6 +255,11 @@ def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
     return last
 
 
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker`` entry (one argument, as Ray Train requires)."""
+    train_loop(loop_config)
+
+
 def _node_id() -> str:
     try:
         import ray

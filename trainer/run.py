@@ -19,7 +19,7 @@ from edgetune.errors import EdgetuneError
 from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import load_checkpoint, versions
 from trainer.config import TrainConfig
-from trainer.loop import train_loop
+from trainer.loop import train_loop, train_worker
 
 SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "params", "size_mb", "accuracy_density", "train_seconds")
 
@@ -80,10 +80,6 @@ def evaluate_checkpoint(ckpt_path: str | Path, out_dir: str | Path, data: Any = 
     return metrics
 
 
-def _ray_train_worker(loop_config: dict[str, Any]) -> None:
-    train_loop(loop_config)
-
-
 def _train_ddp(cfg: TrainConfig, run_dir: Path, max_failures: int = 2) -> list[dict[str, Any]]:
     """Ray Train TorchTrainer with ``cfg.workers`` DDP workers (gloo on CPU, nccl on GPU)."""
     import ray
@@ -95,7 +91,7 @@ def _train_ddp(cfg: TrainConfig, run_dir: Path, max_failures: int = 2) -> list[d
     cpus = ray.available_resources().get("CPU", 1.0)
     per_worker = max(0.5, min(1.0, (cpus - 0.01) / cfg.workers))
     trainer = TorchTrainer(
-        _ray_train_worker,
+        train_worker,
         train_loop_config={"train_config": cfg.to_dict(), "run_dir": None, "report_to": "ray_train"},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,

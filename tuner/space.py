@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edgetune.errors import ConfigError
+from trainer.config import load_yaml_mapping
 
 DEFAULT_SPACE = Path(__file__).with_name("default_space.yaml")
 TYPES = ("categorical", "float", "int")
@@ -95,12 +94,7 @@ def load_space(path: str | Path | None = None, backbones: list[str] | None = Non
                layer_count: Callable[[str], int] | None = None) -> SearchSpace:
     """Load a space YAML; ``backbones`` overrides the backbone choices; unavailable weights are dropped."""
     p = Path(path) if path else DEFAULT_SPACE
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read search space {p}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search space {p} is not valid YAML: {e}") from None
+    doc = load_yaml_mapping(p, "search space")
     unknown = set(doc) - {"params", "seeds"}
     if unknown:
         raise ConfigError(f"search space {p}: unknown top-level key(s) {sorted(unknown)}; allowed: params, seeds")

@@ -5,7 +5,6 @@ multi-worker trial launches a Ray Train ``TorchTrainer`` inside the trial (``Tun
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig
@@ -35,7 +34,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], space: Any, res: Tri
     """Tune function trainable (bound with ``tune.with_parameters``)."""
     from ray import tune
 
-    from trainer.loop import train_loop
+    from trainer.loop import train_loop, train_worker
 
     cfg = build_trial_config(base, space.to_overrides(_flatten(config)))
     loop_cfg = {"train_config": cfg.to_dict(), "run_dir": None, "measure_latency": True}
@@ -50,7 +49,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], space: Any, res: Tri
         per_worker.setdefault("CPU", res.cpus_per_worker)
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
-        _train_worker,
+        train_worker,
         train_loop_config={**loop_cfg, "report_to": "ray_train"},
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu,
@@ -88,12 +87,6 @@ def checkpoint_uri(checkpoint: Any) -> str:
     return path if scheme == "local" else f"{scheme}://{path}"
 
 
-def _train_worker(loop_config: dict[str, Any]) -> None:
-    from trainer.loop import train_loop
-
-    train_loop(loop_config)
-
-
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
     """Ray may nest keys containing '/'; our parameter names are flat."""
     out: dict[str, Any] = {}
@@ -104,9 +97,3 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def checkpoint_dir_of(result_checkpoint: Any) -> Path | None:
-    if result_checkpoint is None:
-        return None
-    return Path(result_checkpoint.path)
