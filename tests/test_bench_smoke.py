@@ -12,7 +12,6 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
-import search_eval  # noqa: E402
 
 from edgetune.errors import ConfigError  # noqa: E402
 
@@ -46,18 +45,27 @@ def test_percentile() -> None:
     assert common.percentile([], 50) is None
 
 
-def test_best_so_far_curve_selects_by_val_and_reports_test() -> None:
-    events = [
-        {"cum_epochs": 1, "id": 0},  # an epoch that is not a trial's kept checkpoint: no candidate yet
-        {"cum_epochs": 2, "id": 0, "val_acc": 0.6, "val_macro_f1": 0.5, "test_acc": 0.7, "test_macro_f1": 0.6},
-        {"cum_epochs": 3, "id": 1, "val_acc": 0.8, "val_macro_f1": 0.5, "test_acc": 0.65, "test_macro_f1": 0.6},
-        {"cum_epochs": 4, "id": 2, "val_acc": 0.8, "val_macro_f1": 0.4, "test_acc": 0.9, "test_macro_f1": 0.9},
-        {"cum_epochs": 5, "id": 3, "val_acc": 0.9, "val_macro_f1": 0.7, "test_acc": 0.75, "test_macro_f1": 0.7},
-    ]
-    curve = search_eval.curve_from_events(events)
-    assert [c["cum_epochs"] for c in curve] == [2, 3, 4, 5]
-    assert [c["selected"] for c in curve] == [0, 1, 1, 3]  # tie on val acc: higher val macro-F1 wins, test unseen
-    assert [c["test_acc"] for c in curve] == [0.7, 0.65, 0.65, 0.75]
-    assert search_eval.first_reach(curve, 0.75) == 5
-    assert search_eval.first_reach(curve, 0.7) == 2
-    assert search_eval.first_reach(curve, 0.95) is None
+def test_paired_comparison_on_the_shared_test_files(tmp_path: Path) -> None:
+    """bench_search.paired: same files, same labels; differences and a paired bootstrap interval."""
+    import bench_search
+
+    files = [f"/data/img{i}.png" for i in range(40)]
+    labels = [i % 2 for i in range(40)]
+    edge_pred = list(labels)
+    edge_pred[0] = 1 - edge_pred[0]  # edgetune: 39/40 right
+    base_pred = list(labels)
+    for i in range(4):
+        base_pred[i] = 1 - base_pred[i]  # baseline: 36/40 right
+    best = tmp_path / "best"
+    best.mkdir()
+    (best / "test_predictions.json").write_text(json.dumps({"classes": ["a", "b"], "items": [
+        {"source": f, "label": "ab"[y], "prediction": "ab"[p], "probs": [0.5, 0.5]}
+        for f, y, p in zip(files, labels, edge_pred, strict=True)]}))
+    base = {"classes": ["a", "b"], "test_files": files, "test_labels": labels, "test_predictions": base_pred}
+    r = bench_search.paired(tmp_path, base)
+    assert r["n_test"] == 40 and r["delta_test_accuracy"] == pytest.approx(3 / 40)
+    lo, hi = r["ci95_delta_accuracy"]
+    assert lo <= 3 / 40 <= hi and lo >= 0.0  # edgetune is never worse on a resample: it wins on items 1-3 only
+    assert r["only_edgetune_right"] == 3 and r["only_baseline_right"] == 0
+    with pytest.raises(SystemExit, match="test sets differ"):
+        bench_search.paired(tmp_path, {**base, "test_files": [*files[:-1], "/other.png"]})

@@ -44,7 +44,9 @@ def test_linear_and_mlp_heads():
 def test_frozen_layers_get_no_grad_and_keep_bn_stats():
     m = _model(freeze=0.5)
     rep = m.freeze_report
-    assert rep["layers_frozen"] == round(rep["layers_total"] / 2) and rep["params_frozen"] > 0
+    cuts = m.cut_points()
+    assert rep["layers_frozen"] == min(cuts, key=lambda c: abs(c.fraction - 0.5)).layers_frozen
+    assert rep["params_frozen"] > 0
     layers = m.layer_order()
     frozen = [mod for _, mod in layers[: rep["layers_frozen"]]]
     live = [mod for _, mod in layers[rep["layers_frozen"]:]]
@@ -80,7 +82,10 @@ def test_fraction_is_comparable_across_backbones():
     for name in ("resnet18", "mobilenet_v2", "efficientnet_lite0"):
         m = _model(name)
         rep = freeze_backbone(m, 0.5)
-        assert abs(rep["layers_frozen"] - rep["layers_total"] / 2) <= 0.5, (name, rep)
+        cuts = m.cut_points()  # the freeze snaps to the block boundary nearest 50 % of the layers
+        gap = max(b.fraction - a.fraction for a, b in zip(cuts, cuts[1:], strict=False))
+        assert abs(rep["fraction"] - 0.5) <= gap / 2 + 1e-9, (name, rep)
+        assert rep["cut"] == min(cuts, key=lambda c: (abs(c.fraction - 0.5), c.index)).index
         assert freeze_backbone(m, 0.0)["layers_frozen"] == 0
         assert all(p.requires_grad for p in m.parameters())
         assert freeze_backbone(m, 1.0)["layers_frozen"] == rep["layers_total"]
@@ -89,10 +94,10 @@ def test_fraction_is_comparable_across_backbones():
 
 
 def test_absolute_count_and_errors():
-    m = _model(freeze=20)
-    assert m.freeze_report["layers_frozen"] == 20
+    m = _model(freeze=21)  # resnet18: 40 parameterised layers; 21 snaps to the boundary after layer2.1 (20)
+    assert m.freeze_report["layers_frozen"] == 20 and m.freeze_report["cut_after"] == "layer2.1"
     names = [n for n, p in m.backbone.named_parameters() if not p.requires_grad]
-    assert names[0] == "conv1.weight"
+    assert names[0] == "conv1.weight" and all(n.startswith(("conv1", "bn1", "layer1", "layer2")) for n in names)
     n = m.freeze_report["layers_total"]
     with pytest.raises(ConfigError, match=f"has only {n} parameterised layers"):
         freeze_backbone(m, n + 5)

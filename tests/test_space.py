@@ -19,13 +19,17 @@ def _only_lite(name: str) -> tuple[bool, str]:
 
 def test_default_space_has_the_issue_parameters():
     s = load_space(layer_count=lambda b: 100)
-    assert {"backbone", "freeze", "lr", "dropout", "gamma", "focal_alpha", "head", "head_hidden", "batch_size",
-            "augment", "augment_strength", "backbone_lr_mult"} <= set(s.params)
-    assert {"mobilenet_v2", "resnet34", "vgg16", "resnext50_32x4d", "efficientnet_lite0",
-            "efficientnet_lite1"} <= set(s.backbones)
-    assert s.params["lr"].log and s.params["lr"].low == 1e-5 and s.params["lr"].high == 1e-2
+    assert {"backbone", "img", "freeze", "optimizer", "lr", "lr_sgd", "backbone_lr_mult", "dropout",
+            "label_smoothing", "balance", "gamma", "augment", "head", "head_hidden"} <= set(s.params)
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2", "resnet34"} <= set(
+        s.backbones)
+    # LR range per optimizer: each is only suggested for its optimizer
+    assert s.params["lr"].when == {"optimizer": ["adamw"]} and s.params["lr_sgd"].when == {"optimizer": ["sgd"]}
+    assert s.params["lr"].log and s.params["lr_sgd"].low >= 10 * s.params["lr"].low
+    assert "flips" in s.params["augment"].choices and "dihedral" in s.params["augment"].choices
     names = [x["name"] for x in s.seeds]
-    assert any("graphite" in n for n in names) and any("waste" in n for n in names)
+    assert names[0].startswith("generic recipe") and any("graphite" in n for n in names)
+    assert any("waste" in n for n in names)
 
 
 def test_conditional_parameters_define_by_run():
@@ -38,8 +42,8 @@ def test_conditional_parameters_define_by_run():
         seen_hidden[t.params["head"]] += "head_hidden" in t.params
         if t.params["head"] == "linear":
             assert "head_hidden" not in t.params
-        if t.params["augment"] == "none":
-            assert "augment_strength" not in t.params
+        assert ("lr" in t.params) == (t.params["optimizer"] == "adamw")
+        assert ("lr_sgd" in t.params) == (t.params["optimizer"] == "sgd")
         study.tell(t, 0.5)
     assert seen_hidden["mlp"] > 0 and seen_hidden["linear"] == 0
 
@@ -49,20 +53,29 @@ def test_to_overrides_maps_onto_train_config_keys():
 
     s = load_space()
     over = s.to_overrides({"backbone": "efficientnet_lite0", "head": "mlp", "head_hidden": "512x256",
-                           "focal_alpha": "none", "lr": 1e-3, "batch_size": 16})
-    assert over["model.head_hidden"] == [512, 256] and over["loss.alpha"] is None
+                           "lr_sgd": 3e-2, "optimizer": "sgd", "balance": "sampler", "img": 160})
+    assert over["model.head_hidden"] == [512, 256] and over["optim.lr"] == 3e-2
+    assert over["data.sampler"] == "balanced" and "loss.alpha" not in over
     cfg = build_trial_config({}, over)
-    assert cfg.model.backbone == "efficientnet_lite0" and cfg.optim.lr == 1e-3 and cfg.batch_size == 16
+    assert cfg.model.backbone == "efficientnet_lite0" and cfg.optim.lr == 3e-2 and cfg.model.img_size == 160
+    assert s.to_overrides({"balance": "sqrt"}) == {"loss.alpha": "sqrt"} and s.to_overrides({"balance": "none"}) == {}
     with pytest.raises(ConfigError, match="not in the search space"):
         s.to_overrides({"nope": 1})
 
 
+def test_fixed_parameters_leave_the_space_and_the_seeds():
+    s = load_space(fixed={"img": 96})
+    assert "img" not in s.params
+    assert all("img" not in x["params"] for x in s.seeds)
+
+
 def test_unavailable_weights_are_left_out_with_reason(capsys):
     s = load_space(weights_check=_only_lite, layer_count=lambda b: 100)
-    assert s.backbones == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert s.backbones == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert any("backbone resnet34 left out: no weights file found" in r for r in s.dropped)
-    # seeds whose backbone left are dropped too, with a reason; the Lite0 probe stays
-    assert [x["name"] for x in s.seeds] == ["efficientnet-lite0 linear probe"]
+    # seeds whose backbone left are dropped too, with a reason; the Lite recipes stay
+    assert [x["name"] for x in s.seeds] == ["generic recipe (EfficientNet-Lite0)", "generic recipe (EfficientNet-Lite2)",
+                                            "generic recipe (EfficientNet-Lite1)"]
     assert any("graphite" in r and "mobilenet_v2 not in the space" in r for r in s.dropped)
 
 
@@ -77,7 +90,7 @@ def test_real_weights_check_keeps_only_offline_backbones(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     s = load_space(weights_check=weights_available)
-    assert set(s.backbones) == {"efficientnet_lite0", "efficientnet_lite1"}
+    assert set(s.backbones) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     with pytest.raises(ConfigError, match="resnet34"):
         load_space(backbones=["resnet34"], weights_check=weights_available)
 
@@ -100,6 +113,8 @@ def test_seed_freeze_counts_become_fractions(tmp_path):
     ("params:\n  x: {type: float, key: a, when: {y: [1]}}\n", "depends on unknown parameter"),
     ("parms: {}\n", "unknown top-level key"),
     ("params: [\n", "not valid YAML"),
+    ("params:\n  x: {type: categorical, choices: [a, b], sets: {a: {}}}\n", "one entry per choice"),
+    ("params:\n  x: {type: categorical, key: k, choices: [a], sets: {a: {}}}\n", "exactly one of 'key'"),
 ])
 def test_invalid_space_files(tmp_path, text, match):
     y = tmp_path / "bad.yaml"
@@ -133,7 +148,9 @@ def test_cli_stops_with_a_clear_error_when_no_backbone_has_weights(tmp_path):
 def test_tune_options_validation():
     from tuner.run import TuneOptions
 
-    for bad, match in [({"trials": 0}, "trials must be an integer >= 1"),
+    for bad, match in [({"trials": -1}, "trials must be an integer >= 0"),
+                       ({"trials": 0, "time_budget_s": 0}, "give a time budget"),
+                       ({"refit_share": 0.95}, "refit_share must be in"),
                        ({"placement_strategy": "EVERYWHERE"}, "placement_strategy must be one of"),
                        ({"metric": "accuracy"}, "metric must be one of"),
                        ({"storage": "optuna.db"}, "storage must be an RDB URL"),

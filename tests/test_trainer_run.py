@@ -87,8 +87,8 @@ def test_checkpoint_is_self_describing_and_reloads_identically(tiny_run: tuple[P
 def test_best_checkpoint_is_best_epoch(tiny_run: tuple[Path, dict]) -> None:
     out, m = tiny_run
     best_epoch = load_checkpoint(out / "best")["meta"]["epoch"]
-    accs = {h["epoch"]: h["val_acc"] for h in m["history"]}
-    assert accs[best_epoch] == max(accs.values())
+    f1 = {h["epoch"]: h["val_macro_f1"] for h in m["history"]}  # the default metric (trainer.metric)
+    assert best_epoch == min(e for e, v in f1.items() if v == max(f1.values()))  # ties keep the earlier epoch
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

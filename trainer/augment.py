@@ -11,7 +11,14 @@ Presets (``strength`` in [0, 2] scales every magnitude; 1 = the paper's values):
 - ``garbage``: random crop, horizontal + vertical flips, rotation (±20°), contrast/saturation/hue jitter.
 - ``rock``: scale 0.5–2, rotation 0–360°, translation (±10 %), flips, brightness (±30 %),
   Gaussian blur (p=0.5), Gaussian noise with variance 0.01 (σ=0.1 in [0, 1] pixel units).
+- ``flips``: centre crop, then one of identity / h-flip / v-flip / both, uniformly (rotation-symmetric
+  imagery: solar cells, wafers, tiles seen from above).
+- ``dihedral``: centre crop, then one of the 8 dihedral views (flips and 90° rotations; the graphite
+  paper's offline expansion), uniformly.
 - ``none``: centre crop only (the evaluation crop).
+
+``flips``, ``dihedral`` and ``none`` are deterministic views of the evaluation crop, so the trainer can
+serve them from the frozen-prefix activation cache (:mod:`trainer.feeds`); ``strength`` does not apply.
 """
 
 from __future__ import annotations
@@ -24,8 +31,7 @@ from torchvision.transforms import v2
 
 from edgetune.errors import ConfigError
 from edgetune.preprocess import PreprocessSpec
-
-PRESETS = ("graphite", "garbage", "rock", "none")
+from trainer.config import AUG_PRESETS as PRESETS  # one choice list
 
 
 class _ChannelOrderNormalize(torch.nn.Module):
@@ -41,6 +47,39 @@ class _ChannelOrderNormalize(torch.nn.Module):
         if self.bgr:
             x = x.flip(-3)
         return (x - self.mean) / self.std
+
+
+class RandomView(torch.nn.Module):
+    """One of ``views`` (names of :data:`trainer.actcache.VIEWS`) uniformly at random, on a CHW tensor."""
+
+    def __init__(self, views: tuple[str, ...]) -> None:
+        super().__init__()
+        self.views = views
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.views[int(torch.randint(len(self.views), ()))]
+        return view_chw(x, v)
+
+
+def view_chw(x: torch.Tensor, view: str) -> torch.Tensor:
+    """:func:`trainer.actcache.apply_view` for a CHW tensor."""
+    if view == "id":
+        return x
+    if view == "hflip":
+        return x.flip(-1)
+    if view == "vflip":
+        return x.flip(-2)
+    if view == "rot180":
+        return x.flip(-1, -2)
+    if view == "rot90":
+        return torch.rot90(x, 1, (-2, -1))
+    if view == "rot270":
+        return torch.rot90(x, -1, (-2, -1))
+    if view == "transpose":
+        return x.transpose(-2, -1)
+    if view == "antitranspose":
+        return x.transpose(-2, -1).flip(-1, -2)
+    raise ConfigError(f"unknown view {view!r}")
 
 
 def _random_crop(spec: PreprocessSpec, s: float) -> Any:
@@ -63,6 +102,12 @@ def build_augment(preset: str, spec: PreprocessSpec, strength: float = 1.0) -> C
     ops: list[Any]
     if preset == "none":
         ops = [v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)]
+    elif preset in ("flips", "dihedral"):
+        from trainer.actcache import VIEW_SETS
+
+        if preset == "dihedral" and size[0] != size[1]:
+            raise ConfigError(f"augmentation 'dihedral' rotates by 90 degrees and needs a square input, got {size}")
+        ops = [v2.CenterCrop(size), RandomView(VIEW_SETS[preset]), v2.ToDtype(torch.float32, scale=True)]
     elif preset == "graphite":
         ops = [_random_crop(spec, s), v2.RandomHorizontalFlip(0.5), v2.ToDtype(torch.float32, scale=True)]
     elif preset == "garbage":

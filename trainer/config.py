@@ -17,13 +17,16 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from edgetune.errors import ConfigError
+from trainer.metric import DEFAULT_METRIC, METRIC_NAMES, get_metric
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 HEADS = ("linear", "mlp")
-AUG_PRESETS = ("graphite", "garbage", "rock", "none")
+AUG_PRESETS = ("graphite", "garbage", "rock", "flips", "dihedral", "none")
+CACHEABLE_AUGMENT = ("none", "flips", "dihedral")  #: deterministic views the activation cache can hold
+SAMPLERS = ("uniform", "balanced")
+BN_STATS = ("recompute", "momentum", "keep")
 EXPANSIONS = ("hflip", "vflip", "rot90", "affine")
-METRICS = ("val_acc", "val_macro_f1", "val_loss")
 ELPV_TASKS = ("defect4", "binary", "type")
 
 
@@ -58,6 +61,10 @@ class DataConfig:
     cache_images: str = "auto"  #: keep decoded, resized images in memory: auto, yes, no
     max_images: int = 0  #: use at most this many images (stratified; 0 = all) — for smoke tests
     loader_workers: int = 0  #: DataLoader worker processes (0 = in the training process)
+    sampler: str = "uniform"  #: uniform (each image once per epoch) or balanced (classes drawn equally often)
+    activation_cache: str = "auto"  #: auto: frozen-prefix activations cached when the augmentation allows; off
+    activation_cache_mb: int = 2048  #: in-memory bound of the activation cache per process (MiB)
+    activation_dtype: str = "auto"  #: auto: float16 where a parity check allows, else float32; float32
 
     def validate(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -78,6 +85,11 @@ class DataConfig:
             raise ConfigError(f"data.max_images must be an integer >= 0, got {self.max_images!r}")
         if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
             raise ConfigError(f"data.loader_workers must be an integer >= 0, got {self.loader_workers!r}")
+        _check_choice("data.sampler", self.sampler, SAMPLERS)
+        _check_choice("data.activation_cache", self.activation_cache, ("auto", "off"))
+        _check_choice("data.activation_dtype", self.activation_dtype, ("auto", "float32"))
+        if not isinstance(self.activation_cache_mb, int) or self.activation_cache_mb < 0:
+            raise ConfigError(f"data.activation_cache_mb must be an integer >= 0, got {self.activation_cache_mb!r}")
 
 
 @dataclass
@@ -92,6 +104,9 @@ class ModelConfig:
     head_hidden: tuple[int, int] = (512, 256)  #: widths of FC1, FC2 of the mlp head
     dropout: float = 0.0
     img_size: int = 0  #: network input size; 0 = the backbone's default
+    bn_stats: str = "recompute"  #: BatchNorm statistics at evaluation/export: recompute (on training images before
+    #: every evaluation), momentum (a momentum suited to the run's steps), keep (as the weights come)
+    bn_images: int = 1024  #: training images used to recompute BatchNorm statistics (0 = all)
 
     def validate(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone:
@@ -106,6 +121,9 @@ class ModelConfig:
         _check_range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
         if not isinstance(self.img_size, int) or (self.img_size != 0 and not 32 <= self.img_size <= 1024):
             raise ConfigError(f"model.img_size must be 0 (backbone default) or in [32, 1024], got {self.img_size!r}")
+        _check_choice("model.bn_stats", self.bn_stats, BN_STATS)
+        if not isinstance(self.bn_images, int) or self.bn_images < 0:
+            raise ConfigError(f"model.bn_images must be an integer >= 0, got {self.bn_images!r}")
 
 
 @dataclass
@@ -113,16 +131,18 @@ class LossConfig:
     """Focal loss (γ=0 and no α is plain cross-entropy)."""
 
     gamma: float = 0.0
-    alpha: Union[str, tuple[float, ...], None] = None  #: None, "auto" (inverse class frequency) or one weight per class
+    #: None, "auto" (inverse class frequency), "sqrt" (inverse square root of it) or one weight per class
+    alpha: Union[str, tuple[float, ...], None] = None
     label_smoothing: float = 0.0
 
     def validate(self) -> None:
         _check_range("loss.gamma", self.gamma, 0.0, 10.0)
         _check_range("loss.label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
-        if self.alpha is None or self.alpha == "auto":
+        if self.alpha is None or self.alpha in ("auto", "sqrt"):
             return
         if isinstance(self.alpha, str) or not all(isinstance(a, (int, float)) and a >= 0 for a in self.alpha):
-            raise ConfigError(f"loss.alpha must be null, 'auto' or a list of non-negative class weights, got {self.alpha!r}")
+            raise ConfigError(f"loss.alpha must be null, 'auto', 'sqrt' or a list of non-negative class weights, "
+                              f"got {self.alpha!r}")
 
 
 @dataclass
@@ -156,7 +176,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     seed: int = 0
-    metric: str = "val_acc"  #: metric that selects the best checkpoint
+    metric: str = DEFAULT_METRIC  #: metric that selects the best epoch/checkpoint (trainer.metric)
     workers: int = 1  #: Ray Train DDP workers (1 = in-process)
     use_gpu: bool = False
     amp: bool = True  #: mixed precision (GPU only)
@@ -171,7 +191,7 @@ class TrainConfig:
 
     @property
     def mode(self) -> str:
-        return "min" if self.metric == "val_loss" else "max"
+        return get_metric(self.metric).mode
 
     def validate(self) -> None:
         self.data.validate()
@@ -182,7 +202,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
-        _check_choice("metric", self.metric, METRICS)
+        _check_choice("metric", self.metric, METRIC_NAMES)
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ConfigError(f"threads must be an integer >= 0, got {self.threads!r}")
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ from trainer.split import check_classes, stratified_split, stratified_subset, wr
 
 log = logging.getLogger("edgetune.data")
 
-__all__ = ["DataSplits", "EvalDataset", "TrainDataset", "build_data", "resolve_dataset"]
+__all__ = ["DataSplits", "EvalDataset", "PreparedSource", "TrainDataset", "build_data", "prepare_source",
+           "resolve_dataset"]
 
 
 class _Base(torch.utils.data.Dataset):
@@ -89,7 +91,7 @@ class DataSplits:
     classes: list[str]
     train: torch.utils.data.Dataset
     val: torch.utils.data.Dataset
-    test: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset | None
     train_eval: torch.utils.data.Dataset
     class_counts: list[int]
     manifest_path: Path | None
@@ -116,15 +118,33 @@ def resolve_dataset(cfg: DataConfig) -> tuple[list[SourceFile], list[tuple[str, 
                       f"an existing ImageFolder directory nor a .csv manifest")
 
 
-def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None = None, seed: int = 0) -> DataSplits:
-    """Scan, subset, split, slice, expand and cache a dataset; returns the four datasets.
+@dataclass
+class PreparedSource:
+    """A dataset scanned, hashed and split once (per study): what every trial's :func:`build_data` starts from
+    instead of listing, hashing and decoding every file again. Small and picklable (file paths and hashes;
+    decoded pixels of the first scan are kept only in the preparing process)."""
 
-    Args:
-        cfg: the run's data configuration (validated here).
-        spec: the preprocessing spec of the backbone (resize, crop, normalisation).
-        run_dir: when given, the split manifest is written to ``run_dir/split.json``.
-        seed: seeds the affine expansion copies (the split itself uses ``cfg.split_seed``).
-    """
+    dataset: str
+    name: str
+    cache: Path
+    dataset_hash: str
+    parts: dict[str, list[SourceFile]]
+    classes: list[str]
+    skipped: list[tuple[str, str]]
+    predefined: bool
+    max_images: int
+    split_seed: int
+    ratios: tuple[float, ...]
+    decoded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["decoded"] = {}
+        return state
+
+
+def prepare_source(cfg: DataConfig) -> PreparedSource:
+    """Resolve, hash, subset, scan (every file decoded once; verdicts cached by content) and split."""
     cfg.validate()
     files, rejected, name, cache = resolve_dataset(cfg)
     files = hash_files(files)
@@ -145,6 +165,36 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
         print(f"edgetune: {msg}", file=sys.stderr)
     classes = check_classes(scan.good, f"dataset {cfg.dataset!r}")
     parts = stratified_split(scan.good, classes, cfg.split, cfg.split_seed)
+    return PreparedSource(dataset=cfg.dataset, name=name, cache=cache, dataset_hash=dhash, parts=parts,
+                          classes=classes, skipped=skipped, predefined=any(f.split for f in scan.good),
+                          max_images=cfg.max_images, split_seed=cfg.split_seed, ratios=tuple(cfg.split),
+                          decoded=scan.decoded)
+
+
+def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None = None, seed: int = 0,
+               source: PreparedSource | None = None, with_test: bool = True) -> DataSplits:
+    """Scan, subset, split, slice, expand and cache a dataset; returns the four datasets.
+
+    Args:
+        cfg: the run's data configuration (validated here).
+        spec: the preprocessing spec of the backbone (resize, crop, normalisation).
+        run_dir: when given, the split manifest is written to ``run_dir/split.json``.
+        seed: seeds the affine expansion copies (the split itself uses ``cfg.split_seed``).
+        source: the dataset already scanned and split by :func:`prepare_source` (a study does it once);
+            it must be the same dataset, subset and split as ``cfg`` asks for.
+        with_test: ``False`` for search trials: the test split is not even loaded (it is read once, for the
+            final model); ``DataSplits.test`` is then None.
+    """
+    cfg.validate()
+    if source is None:
+        source = prepare_source(cfg)
+    elif (source.dataset, source.max_images, source.split_seed, source.ratios) != (
+            cfg.dataset, cfg.max_images, cfg.split_seed, tuple(cfg.split)):
+        raise EdgetuneError(f"internal: the prepared dataset {source.dataset!r} (max_images {source.max_images}, split "
+                            f"{source.ratios} seed {source.split_seed}) is not the one data asks for ({cfg.dataset!r}, "
+                            f"{cfg.max_images}, {tuple(cfg.split)} seed {cfg.split_seed})")
+    name, cache, dhash, parts, classes, skipped = (source.name, source.cache, source.dataset_hash, source.parts,
+                                                   source.classes, source.skipped)
     class_index = {c: i for i, c in enumerate(classes)}
     grid = (int(cfg.slice_grid[0]), int(cfg.slice_grid[1]))
     items = {
@@ -156,11 +206,13 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
     stores: dict[str, ImageStore] = {}
     budget = memory_budget_bytes()  # shared by the stores of this dataset
     for key in ("train_eval", "train", "val", "test"):
+        if key == "test" and not with_test:
+            continue
         if key == "train" and not cfg.expand:
             stores[key] = stores["train_eval"]
             continue
         st: dict[str, float] = {}
-        stores[key] = build_store(items[key], spec, cache, seed, scan.decoded, cfg.cache_images, st, budget)
+        stores[key] = build_store(items[key], spec, cache, seed, source.decoded, cfg.cache_images, st, budget)
         if stores[key].in_memory:
             budget -= stores[key].nbytes
         log.info("%s: %d images %s in %.2f s", key, len(items[key]),
@@ -170,7 +222,7 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
         manifest_path = write_manifest(Path(run_dir) / "split.json", parts, skipped, {
             "dataset": cfg.dataset, "dataset_name": name, "dataset_hash": dhash, "classes": classes,
             "split_seed": cfg.split_seed, "ratios": list(cfg.split),
-            "predefined_split": any(f.split for f in scan.good), "max_images": cfg.max_images,
+            "predefined_split": source.predefined, "max_images": cfg.max_images,
             "slice_grid": list(grid), "expand": list(cfg.expand),
             "items": {k: len(v) for k, v in items.items()},
         })
@@ -182,7 +234,7 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
         classes=classes,
         train=TrainDataset(items["train"], stores["train"], spec, augment),
         val=EvalDataset(items["val"], stores["val"], spec),
-        test=EvalDataset(items["test"], stores["test"], spec),
+        test=EvalDataset(items["test"], stores["test"], spec) if with_test else None,
         train_eval=EvalDataset(items["train_eval"], stores["train_eval"], spec),
         class_counts=counts,
         manifest_path=manifest_path,

@@ -88,14 +88,20 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | Path, tit
 
 def test_report(model: torch.nn.Module, test_ds: Any, classes: list[str], out_dir: str | Path,
                 batch_size: int = 64) -> dict[str, Any]:
-    """Evaluate on the test split; writes confusion_matrix.{png,json}; returns test_* metrics."""
+    """Evaluate on the test split; writes confusion_matrix.{png,json} and test_predictions.json (every test
+    item with its label, prediction and probabilities, for paired comparisons); returns test_* metrics."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     probs, labels = predict_dataset(model, test_ds, batch_size)
     k = len(classes)
-    cm = confusion(labels, probs.argmax(1), k)
+    preds = probs.argmax(1)
+    cm = confusion(labels, preds, k)
     m = metrics_from_confusion(cm)
     (out / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "matrix": cm.tolist()}, indent=2))
+    items = [{"source": test_ds.source(i) if hasattr(test_ds, "source") else str(i), "label": classes[int(y)],
+              "prediction": classes[int(p)], "probs": [round(float(v), 6) for v in pr]}
+             for i, (y, p, pr) in enumerate(zip(labels, preds, probs, strict=True))]
+    (out / "test_predictions.json").write_text(json.dumps({"classes": classes, "items": items}))
     plot_confusion(cm, classes, out / "confusion_matrix.png", title=f"test accuracy {m['accuracy']:.3f}")
     per_class = {c: {"precision": m["precision"][i], "recall": m["recall"][i], "f1": m["f1"][i],
                      "support": m["support"][i]} for i, c in enumerate(classes)}

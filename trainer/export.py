@@ -112,9 +112,12 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, k))}) if n else []
 
 
-def quantize_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                     base_acc: float, tolerance: float) -> dict[str, Any]:
-    """ONNX Runtime INT8 (dynamic or static with calibration); refused when accuracy drops > tolerance."""
+def quantize_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                     base_acc: float, tolerance: float, x_test: np.ndarray | None = None,
+                     y_test: np.ndarray | None = None) -> dict[str, Any]:
+    """ONNX Runtime INT8 (dynamic or static with calibration); accepted or refused on the VALIDATION split
+    (refused when it loses more than ``tolerance`` validation accuracy against the float model). The test
+    accuracy of a kept variant is recorded for information only."""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
 
     target = out / f"model.int8_{kind}.onnx"
@@ -132,12 +135,16 @@ def quantize_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, x_test
                         weight_type=QuantType.QInt8)
     else:
         raise EdgetuneError(f"unknown quantisation {kind!r}; allowed: dynamic, static")
-    acc = float((ort_probs(ort_session(target), x_test).argmax(1) == y_test).mean()) if len(y_test) else 0.0
-    info = {"file": target.name, "sha256": sha256_file(target), "precision": "int8", "method": kind,
-            "test_accuracy": acc, "accuracy_delta": acc - base_acc, "size_mb": target.stat().st_size / 1e6}
+    session = ort_session(target)
+    acc = float((ort_probs(session, x_val).argmax(1) == y_val).mean()) if len(y_val) else 0.0
+    info: dict[str, Any] = {"file": target.name, "sha256": sha256_file(target), "precision": "int8", "method": kind,
+                            "val_accuracy": acc, "accuracy_delta": acc - base_acc, "decided_on": "val",
+                            "size_mb": target.stat().st_size / 1e6}
     if base_acc - acc > tolerance:
         target.unlink()
-        info["refused"] = f"loses {base_acc - acc:.4f} test accuracy > tolerance {tolerance}"
+        info["refused"] = f"loses {base_acc - acc:.4f} validation accuracy > tolerance {tolerance}"
+    elif x_test is not None and y_test is not None and len(y_test):
+        info["test_accuracy"] = float((ort_probs(session, x_test).argmax(1) == y_test).mean())
     return info
 
 
@@ -154,7 +161,7 @@ def resolve_run(run: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quantize: tuple[str, ...] = (),
-                  tolerance: float = 0.01, n_calib: int = 32, n_check: int = 16) -> Path:
+                  tolerance: float = 0.01, n_calib: int = 32, n_check: int = 16, source: Any = None) -> Path:
     """Export ``run``'s best checkpoint as a bundle in ``out_dir``; returns ``out_dir``."""
     from trainer.config import TrainConfig
     from trainer.data import build_data
@@ -173,7 +180,7 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
     onnx_path = export_onnx(model, spec, tmp / "model.onnx")
     session = ort_session(onnx_path)
     if data is None:
-        data = build_data(cfg.data, spec, run_dir=None, seed=cfg.seed)
+        data = build_data(cfg.data, spec, run_dir=None, seed=cfg.seed, source=source)
     if list(data.classes) != list(meta["classes"]):
         raise BundleError(f"dataset classes {data.classes} differ from the checkpoint's {meta['classes']}")
     x_test, y_test = _eval_arrays(data.test, spec)
@@ -192,8 +199,10 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
     refused: dict[str, Any] = {}
     if quantize:
         x_cal = spec.apply_batch([read_image(tmp / c["file"]) for c in calib])
+        x_val, y_val = _eval_arrays(data.val, spec)
+        val_acc = float((ort_probs(session, x_val).argmax(1) == y_val).mean()) if len(y_val) else 0.0
         for kind in quantize:
-            v = quantize_variant(kind, onnx_path, tmp, x_cal, x_test, y_test, fp32_acc, tolerance)
+            v = quantize_variant(kind, onnx_path, tmp, x_cal, x_val, y_val, val_acc, tolerance, x_test, y_test)
             (refused if "refused" in v else variants)[f"int8_{kind}"] = v
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="tune OUT dir, train run dir or checkpoint dir")
     p.add_argument("--out", help="bundle directory (default <run>/bundle)")
     p.add_argument("--quantize", default="", help="comma list of INT8 variants: dynamic, static")
-    p.add_argument("--tolerance", type=float, default=0.01, help="max test-accuracy loss of an INT8 variant")
+    p.add_argument("--tolerance", type=float, default=0.01, help="max validation-accuracy loss of an INT8 variant")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.run) / "bundle"
     try:
@@ -254,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle {b}: {meta['backbone']} labels={meta['labels']} parity top-1 {par['top1_agreement']:.3f} "
           f"max|Δp| {par['max_abs_prob_diff']:.2e} on {par['n_images']} test images")
     for name, v in {**meta["variants"], **meta["refused_variants"]}.items():
-        print(f"  {name}: test acc {v['test_accuracy']:.4f} (Δ {v['accuracy_delta']:+.4f}) {v.get('refused', 'kept')}")
+        print(f"  {name}: val acc {v['val_accuracy']:.4f} (Δ {v['accuracy_delta']:+.4f}) {v.get('refused', 'kept')}")
     return 0
 
 

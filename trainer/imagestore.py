@@ -138,7 +138,8 @@ def store_key(items: Sequence[Item], spec: PreprocessSpec, seed: int) -> str:
 class ImageStore:
     """Resized uint8 HxWx3 images of a list of items, held in memory or memory-mapped from the disk cache."""
 
-    def __init__(self, data: np.ndarray | None, index: np.ndarray, path: Path | None) -> None:
+    def __init__(self, data: np.ndarray | None, index: np.ndarray, path: Path | None, key: str = "") -> None:
+        self.key = key  #: content key (items + resize parameters): what the activation cache keys on
         self._data = data  # flat uint8 buffer (in memory) or None until memory-mapped
         self.index = index  # int64 [N, 3]: offset, height, width
         self.path = path  # .bin file for memory-mapping (None when in memory only)
@@ -207,8 +208,8 @@ def build_store(items: Sequence[Item], spec: PreprocessSpec, cache_dir: Path, se
     keep = cache_images == "yes" or (cache_images == "auto" and total < budget)
     if keep:
         data = np.fromfile(bin_path, dtype=np.uint8) if total else np.zeros(0, np.uint8)
-        return ImageStore(data, index, bin_path)
-    return ImageStore(None, index, bin_path)
+        return ImageStore(data, index, bin_path, key)
+    return ImageStore(None, index, bin_path, key)
 
 
 def _compute(items: Sequence[Item], spec: PreprocessSpec, seed: int, decoded: dict[str, np.ndarray],

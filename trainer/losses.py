@@ -80,16 +80,17 @@ class FocalLoss(nn.Module):
         return loss.sum() / denom
 
 
-def inverse_frequency(class_counts: Sequence[int]) -> torch.Tensor:
-    """alpha 'auto': weights proportional to 1 / count, normalised to mean 1."""
+def inverse_frequency(class_counts: Sequence[int], power: float = 1.0) -> torch.Tensor:
+    """alpha 'auto' (power 1): weights proportional to 1 / count; 'sqrt' (power 0.5): 1 / sqrt(count), a milder
+    rebalancing that costs the majority class less accuracy. Normalised to mean 1."""
     counts = torch.tensor([float(c) for c in class_counts])
-    w = 1.0 / counts
+    w = counts ** -power
     return w * (len(w) / w.sum())
 
 
 def build_loss(cfg: LossConfig, class_counts: list[int]) -> nn.Module:
-    """FocalLoss per ``cfg``. ``alpha="auto"`` = inverse class frequency of ``class_counts`` (normalised to mean 1);
-    an explicit alpha list must have one weight per class."""
+    """FocalLoss per ``cfg``. ``alpha="auto"`` = inverse class frequency of ``class_counts`` (normalised to mean 1),
+    ``"sqrt"`` = inverse square root of it; an explicit alpha list must have one weight per class."""
     if not isinstance(cfg, LossConfig):
         raise ConfigError(f"build_loss needs a LossConfig, got {type(cfg).__name__}")
     cfg.validate()
@@ -97,12 +98,12 @@ def build_loss(cfg: LossConfig, class_counts: list[int]) -> nn.Module:
             or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in class_counts)):
         raise ConfigError(f"class_counts must be a list of >= 2 non-negative integers, got {class_counts!r}")
     alpha: torch.Tensor | None = None
-    if cfg.alpha == "auto":
+    if cfg.alpha in ("auto", "sqrt"):
         empty = [i for i, c in enumerate(class_counts) if c == 0]
         if empty:
-            raise ConfigError(f"loss.alpha='auto' needs training images of every class; class index(es) {empty} "
-                              "have none (use explicit weights or alpha=null)")
-        alpha = inverse_frequency(class_counts)
+            raise ConfigError(f"loss.alpha={cfg.alpha!r} needs training images of every class; class index(es) "
+                              f"{empty} have none (use explicit weights or alpha=null)")
+        alpha = inverse_frequency(class_counts, 1.0 if cfg.alpha == "auto" else 0.5)
     elif cfg.alpha is not None:
         if len(cfg.alpha) != len(class_counts):
             raise ConfigError(f"loss.alpha has {len(cfg.alpha)} weights but the dataset has {len(class_counts)} "

@@ -8,6 +8,7 @@ class count, same backbone), adds the head and applies ``cfg.freeze``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.preprocess import PreprocessSpec
 from trainer.backbones import build_backbone, format_load_error, get_backbone_info, parameterised_layers
 from trainer.config import HEADS, ModelConfig
+from trainer.stages import Stage, run_stages, stages_of
 
 _NORM_TYPES = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -38,10 +40,35 @@ def build_head(kind: str, feature_dim: int, num_classes: int, dropout: float = 0
     raise ConfigError(f"model.head must be one of {list(HEADS)}, got {kind!r}")
 
 
+@dataclass(frozen=True)
+class CutPoint:
+    """A block boundary of a backbone: ``index`` stages before it are frozen (0 = none, all = linear probe)."""
+
+    index: int
+    after: str  #: name of the last frozen stage ("input" for index 0)
+    layers_frozen: int  #: parameterised layers before the cut
+    fraction: float  #: layers_frozen / all parameterised layers of the backbone (comparable across backbones)
+
+
+def cut_points_of(stages: list[Stage]) -> list[CutPoint]:
+    """Every cut of a stage list, in forward order."""
+    counts = [sum(1 for m in s.modules() if any(True for _ in m.parameters(recurse=False))) for s in stages]
+    total = max(1, sum(counts))
+    out = [CutPoint(0, "input", 0, 0.0)]
+    done = 0
+    for i, s in enumerate(stages):
+        done += counts[i]
+        out.append(CutPoint(i + 1, s.name, done, done / total))
+    return out
+
+
 class EdgeModel(nn.Module):
     """``backbone``: images -> pooled features ``[N, feature_dim]``; ``head``: features -> logits ``[N, num_classes]``.
 
-    ``train()`` keeps frozen BatchNorm layers in eval mode (see :func:`set_train_mode`).
+    The backbone is also a list of stages (:mod:`trainer.stages`); ``cut`` of them are frozen (a frozen
+    prefix, always in eval mode: fixed BatchNorm statistics, no drop-connect). With ``input_cut = k`` the
+    model takes the activations after stage ``k`` instead of images (training on cached activations);
+    ``input_cut = 0`` (the default, and what export uses) is the plain image -> logits graph.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, backbone_name: str, feature_dim: int,
@@ -54,14 +81,32 @@ class EdgeModel(nn.Module):
         self.num_classes = num_classes
         self.input_size = input_size
         self.weights_source = "none"  #: file the backbone came from, "none", or "init:<checkpoint>"
-        self.freeze_report: dict[str, int] = {"layers_total": 0, "layers_frozen": 0, "params_frozen": 0}
+        self.freeze_report: dict[str, Any] = {"layers_total": 0, "layers_frozen": 0, "params_frozen": 0}
         self._layers: list[tuple[str, nn.Module]] | None = None
+        self._stages: list[Stage] | None = None
+        self.cut = 0  #: frozen stages (set by freeze_backbone)
+        self.input_cut = 0  #: what forward() takes: 0 = images, k = activations after stage k
+
+    def stages(self) -> list[Stage]:
+        """The backbone's stages (block boundaries), in forward order."""
+        if self._stages is None:
+            self._stages = stages_of(get_backbone_info(self.backbone_name).family, self.backbone)
+        return self._stages
+
+    def cut_points(self) -> list[CutPoint]:
+        return cut_points_of(self.stages())
+
+    def forward_prefix(self, x: torch.Tensor, cut: int | None = None) -> torch.Tensor:
+        """Images -> activations after ``cut`` stages (default: the frozen prefix)."""
+        return run_stages(self.stages(), x, 0, self.cut if cut is None else cut)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_cut:
+            return run_stages(self.stages(), x, self.input_cut)
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.forward_features(x))
 
     def layer_order(self) -> list[tuple[str, nn.Module]]:
         """The backbone's parameterised layers in forward order (names relative to ``backbone``)."""
@@ -72,8 +117,16 @@ class EdgeModel(nn.Module):
     def train(self, mode: bool = True) -> EdgeModel:
         super().train(mode)
         if mode:
+            for st in self.stages()[: self.cut]:
+                st.eval()
             _frozen_bn_to_eval(self)
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_stages"] = None  # rebuilt on demand (they only reference the backbone's modules)
+        state["_layers"] = None
+        return state
 
 
 def _frozen_bn_to_eval(model: nn.Module) -> None:
@@ -95,40 +148,53 @@ def preprocess_spec_for(cfg: ModelConfig) -> PreprocessSpec:
     return spec.with_input_size(cfg.img_size) if cfg.img_size else spec
 
 
-def _freeze_count(freeze: float, n: int, backbone: str) -> int:
+def resolve_cut(freeze: float, cuts: list[CutPoint], backbone: str) -> CutPoint:
+    """The block boundary a ``model.freeze`` value means: a fraction in [0, 1] of the backbone's parameterised
+    layers, or a whole layer count > 1 (the waste paper's "freeze 50 layers"), snapped to the nearest cut
+    (ties: the shallower one)."""
     if isinstance(freeze, bool) or not isinstance(freeze, (int, float)) or not math.isfinite(freeze) or freeze < 0:
         raise ConfigError(f"model.freeze must be a fraction in [0, 1] or a layer count >= 2, got {freeze!r}")
+    total = cuts[-1].layers_frozen
     if freeze <= 1:
-        return int(math.floor(freeze * n + 0.5))
-    if float(freeze) != int(freeze):
-        raise ConfigError(f"model.freeze above 1 is a layer count and must be whole, got {freeze!r}")
-    if int(freeze) > n:
-        raise ConfigError(
-            f"model.freeze={int(freeze)} layers, but backbone {backbone!r} has only {n} parameterised layers; "
-            f"use a count <= {n} or a fraction in [0, 1]"
-        )
-    return int(freeze)
+        want = float(freeze)
+    else:
+        if float(freeze) != int(freeze):
+            raise ConfigError(f"model.freeze above 1 is a layer count and must be whole, got {freeze!r}")
+        if int(freeze) > total:
+            raise ConfigError(
+                f"model.freeze={int(freeze)} layers, but backbone {backbone!r} has only {total} parameterised layers; "
+                f"use a count <= {total} or a fraction in [0, 1]"
+            )
+        want = int(freeze) / max(1, total)
+    return min(cuts, key=lambda c: (abs(c.fraction - want), c.index))
 
 
-def freeze_backbone(model: EdgeModel, freeze: float) -> dict[str, int]:
-    """Freeze the first layers of the backbone (forward order): ``freeze`` in [0, 1] is a fraction of its
-    parameterised layers, a whole number > 1 an absolute count. The rest of the backbone and the head are
-    made trainable. Frozen BatchNorm layers are put in eval mode now and by every later ``train()``.
+def freeze_backbone(model: EdgeModel, freeze: float) -> dict[str, Any]:
+    """Freeze the backbone up to a block boundary (:func:`resolve_cut`): every parameter of the first
+    ``cut`` stages. The rest of the backbone and the head are made trainable. The frozen prefix is put in
+    eval mode now and by every later ``train()`` (BatchNorm statistics fixed, no drop-connect), so its output
+    for an image never changes and can be cached.
 
-    Returns ``{"layers_total": n, "layers_frozen": k, "params_frozen": p}`` (p = frozen scalar parameters).
+    Returns the freeze report: ``layers_total``, ``layers_frozen``, ``params_frozen`` (frozen scalar
+    parameters), ``cut`` (frozen stages), ``cuts_total`` (stages), ``cut_after`` (last frozen stage) and
+    ``fraction`` (frozen share of the parameterised layers).
     """
-    layers = model.layer_order()
-    k = _freeze_count(freeze, len(layers), model.backbone_name)
+    cuts = model.cut_points()
+    cut = resolve_cut(freeze, cuts, model.backbone_name)
     for p in model.parameters():
         p.requires_grad_(True)
     params_frozen = 0
-    for _, m in layers[:k]:
-        for p in m.parameters(recurse=False):
-            p.requires_grad_(False)
-            params_frozen += p.numel()
+    for st in model.stages()[: cut.index]:
+        for p in st.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                params_frozen += p.numel()
+    model.cut = cut.index
     if model.training:
-        _frozen_bn_to_eval(model)
-    model.freeze_report = {"layers_total": len(layers), "layers_frozen": k, "params_frozen": params_frozen}
+        model.train()
+    model.freeze_report = {"layers_total": cuts[-1].layers_frozen, "layers_frozen": cut.layers_frozen,
+                           "params_frozen": params_frozen, "cut": cut.index, "cuts_total": len(cuts) - 1,
+                           "cut_after": cut.after, "fraction": round(cut.fraction, 4)}
     return dict(model.freeze_report)
 
 
@@ -178,10 +244,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> EdgeModel:
     model.weights_source = source
     if cfg.init:
         _init_from_checkpoint(model, cfg.init)
-    if cfg.freeze:
-        freeze_backbone(model, cfg.freeze)
-    else:
-        model.freeze_report = {"layers_total": len(model.layer_order()), "layers_frozen": 0, "params_frozen": 0}
+    freeze_backbone(model, cfg.freeze)
     return model
 
 

@@ -23,16 +23,15 @@ class Reporter(Protocol):
     def resume_dir(self) -> Path | None: ...
 
 
-def _better(a: float, b: float | None, mode: str) -> bool:
-    return b is None or (a > b if mode == "max" else a < b)
-
-
 class LocalReporter:
     """In-process run: checkpoints under ``run_dir``; history appended to ``run_dir/history.jsonl``."""
 
     def __init__(self, run_dir: str | Path, metric: str, mode: str, resume: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        from trainer.metric import get_metric
+
         self.metric, self.mode = metric, mode
+        self._rule = get_metric(metric)
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +48,7 @@ class LocalReporter:
             return
         _replace_dir(checkpoint_dir, self.run_dir / "last", copy=True)
         value = float(metrics[self.metric])
-        if _better(value, self.best, self.mode):
+        if self._rule.better(value, self.best):
             self.best = value
             _replace_dir(checkpoint_dir, self.run_dir / "best", copy=True)
 

@@ -30,8 +30,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
 
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
-    cfg = TrainConfig.from_dict(meta["config"])
-    cfg.model.weights, cfg.model.init, cfg.model.freeze = "none", "", 0.0
+    cfg = TrainConfig.from_dict(meta["config"]).replace({"model.weights": "none", "model.init": "", "model.freeze": 0.0})
     model = create_model(cfg.model, num_classes=len(meta["classes"]))
     model.load_state_dict(ckpt["model_state"])
     model.eval()
@@ -137,8 +136,16 @@ def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
         loop_cfg = {"train_config": cfg.to_dict(), "run_dir": str(out), "report_to": "local"}
         train_loop(loop_cfg, data=data)
         history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
+        stop = history[-1].get("stop_reason") if history else None
+        if stop == "diverged":
+            print(f"edgetune: the loss diverged (NaN/inf) at epoch {history[-1]['epoch']}; training stopped there "
+                  f"(try a lower optim.lr than {cfg.optim.lr})")
+        if not (out / "best" / "model.pt").is_file():
+            raise EdgetuneError(f"no checkpoint: the loss diverged (NaN/inf) in the first epoch; lower optim.lr "
+                                f"(now {cfg.optim.lr})")
     train_seconds = time.perf_counter() - t0
-    keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "epoch_seconds", "images_per_s")
+    keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "val_balanced_acc",
+            "epoch_seconds", "images_per_s", "data_path", "stop_reason")
     history = [{k: h[k] for k in keep if k in h} for h in history]
     plot_history(history, out / "learning_curves.png", title=f"{cfg.model.backbone}")
     metrics = evaluate_checkpoint(out / "best", out, data=data, extra={

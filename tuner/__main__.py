@@ -12,9 +12,11 @@ import sys
 import warnings
 
 from edgetune.errors import ConfigError, EdgetuneError
+from trainer.metric import METRIC_NAMES
 
 #: CLI defaults = TuneOptions defaults (the embedded ``make tune`` budget); kept in one place: tuner/run.py.
-_BUDGET = ("trials", "epochs", "img", "max_images")
+_BUDGET = ("trials", "epochs", "img", "max_images", "time_budget_s", "grace_period", "reduction_factor", "metric",
+           "refit_share", "refit_max_epochs")
 
 
 def _defaults() -> dict[str, object]:
@@ -46,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = _defaults()
     a("--data", default="elpv", help="built-in dataset (elpv, textures) or an ImageFolder/CSV path")
     a("--study", default="", help="study name (default <dataset>-default)")
-    a("--trials", type=int, default=d["trials"])
-    a("--epochs", type=int, default=d["epochs"], help="max epochs per trial (ASHA max_t)")
-    a("--time-budget", type=float, default=0.0, help="seconds; 0 = none")
+    a("--trials", type=int, default=d["trials"], help="optional cap on the number of trials (0 = the time budget decides)")
+    a("--epochs", type=int, default=d["epochs"], help="max epochs per trial (ASHA max_t; each trial's LR schedule)")
+    a("--time-budget", type=float, default=d["time_budget_s"],
+      help="seconds for search + refit + export, counted from the start (0 = none; then --trials is needed)")
     a("--storage", default="", help="Optuna storage URL (default sqlite:///runs/optuna.db; postgresql://… for shared)")
     a("--storage-path", default="", help="Ray storage for trial checkpoints: a directory or s3://bucket/prefix "
       "(default $EDGETUNE_STORAGE_PATH, else <out>/ray); must be shared on a multi-node cluster")
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backbones", default="", help="comma list restricting the backbone choices")
     a("--config", default="", help="base TrainConfig YAML for every trial")
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override (repeatable)")
-    a("--img", type=int, default=d["img"], help="input size for every trial (0 = backbone default)")
+    a("--img", type=int, default=d["img"], help="fix the input size of every trial (0 = searched, or backbone default)")
     a("--max-images", type=int, default=d["max_images"], help="stratified subset of the dataset (0 = all)")
     a("--gpus-per-trial", type=float, default=0.0)
     a("--workers-per-trial", type=int, default=1, help=">1: each trial is a Ray Train DDP run")
@@ -68,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
       help="placement of a DDP trial's workers (STRICT_SPREAD: each on its own node)")
     a("--max-concurrent", type=int, default=0)
-    a("--grace-period", type=int, default=1)
-    a("--reduction-factor", type=int, default=2)
+    a("--grace-period", type=int, default=d["grace_period"], help="ASHA's first rung in epochs")
+    a("--reduction-factor", type=int, default=d["reduction_factor"])
+    a("--no-refit", action="store_true", help="export the best trial's own checkpoint instead of a longer refit")
+    a("--refit-share", type=float, default=d["refit_share"], help="share of the time budget kept for the refit")
+    a("--refit-max-epochs", type=int, default=d["refit_max_epochs"], help="cap on refit epochs (0 = 3 x --epochs)")
     a("--seed", type=int, default=0)
     a("--out", default="", help="output dir (default runs/<study>)")
     a("--resume", action="store_true", help="continue the same study and Ray experiment")
@@ -79,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--address", default="", help="Ray cluster address; 'local' forces a local instance "
       "(default: RAY_ADDRESS, a running node started by `ray start`/`ray up` on this machine, or local)")
     a("--no-export", action="store_true", help="do not export the best trial as a bundle")
-    a("--metric", default="val_acc", choices=["val_acc", "val_macro_f1", "val_loss"])
+    a("--metric", default=d["metric"], choices=list(METRIC_NAMES),
+      help="selects epochs, trials and the final model (default val_macro_f1: see README, 'Why macro-F1')")
     return p
 
 
@@ -106,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             max_concurrent=args.max_concurrent, grace_period=args.grace_period,
             reduction_factor=args.reduction_factor, seed=args.seed, out=args.out, resume=args.resume,
             multi_objective=args.multi_objective, max_latency_ms=args.max_latency_ms, max_failures=args.max_failures,
-            address=args.address, export=not args.no_export, metric=args.metric)
+            address=args.address, export=not args.no_export, metric=args.metric, refit=not args.no_refit,
+            refit_share=args.refit_share, refit_max_epochs=args.refit_max_epochs)
         from tuner.launcher import forward, launched_cluster
 
         head = launched_cluster(args.cluster_config, args.address)

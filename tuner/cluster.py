@@ -43,11 +43,14 @@ def running_local_cluster() -> str | None:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
-            env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+            env_vars: dict[str, str] | None = None, include_dashboard: bool = False) -> dict[str, Any]:
     """Initialise Ray per the decision order; returns ``{"mode", "address", "resources"}``.
 
     ``mode`` is ``given`` (address/RAY_ADDRESS), ``existing`` (a running node found on this machine) or
-    ``local`` (started here, stopped by :func:`shutdown`). ``env_vars`` reach every Ray worker.
+    ``local`` (started here, stopped by :func:`shutdown`). ``env_vars`` reach every Ray worker. A local
+    instance starts without its dashboard (seconds of start-up and a CPU-hungry process saved), unless
+    ``include_dashboard``: DDP trials need it, since without the dashboard's State API Ray 2.60 does not free
+    a stopped Train-in-Tune trial's placement group (shared/notes/ray-2.60.md).
     """
     import ray
 
@@ -70,7 +73,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         mode = "local"
         # address="local": never attach to some other instance on this machine by accident.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=True,
-                 logging_level=logging.WARNING, include_dashboard=True, runtime_env=runtime_env)
+                 logging_level=logging.WARNING, include_dashboard=include_dashboard, runtime_env=runtime_env)
     res = ray.cluster_resources()
     if not quiet:
         where = {"given": f"the Ray cluster at {target}", "existing": f"the running Ray cluster at {target}",

@@ -13,50 +13,58 @@ from typing import Any
 
 import optuna
 
-LEADER_COLUMNS = ["rank", "trial", "state", "backbone", "freeze", "lr", "dropout", "gamma", "head", "batch_size",
-                  "epochs", "params", "size_mb", "val_acc", "val_macro_f1", "test_acc", "train_seconds",
-                  "accuracy_density", "latency_ms", "ray_trial_id"]
+from trainer.metric import get_metric
+
+#: Leaderboard columns; ``{metric}`` is the study's selection metric (trainer.metric), the value Optuna holds.
+LEADER_COLUMNS = ["rank", "trial", "state", "backbone", "img", "freeze", "lr", "optimizer", "augment", "sampler",
+                  "epochs", "best_epoch", "{metric}", "val_acc", "val_macro_f1", "test_acc", "test_macro_f1",
+                  "params", "size_mb", "accuracy_density", "train_seconds", "data_path", "stop_reason", "latency_ms",
+                  "ray_trial_id"]
+
+
+def leader_columns(metric: str) -> list[str]:
+    return [c.format(metric=metric) for c in LEADER_COLUMNS]
 
 
 def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
-    rows = []
+    """One row per trial, best first by the trial's best-epoch value of ``metric`` (= its Optuna value)."""
+    m = get_metric(metric)
+    rows: list[dict[str, Any]] = []
     for t in study.get_trials(deepcopy=False):
         a, p = t.user_attrs, t.params
-        best = a.get(f"best_{metric}", a.get(metric))
-        if best is None and t.values:
-            best = t.values[0]
+        value = a.get(m.best_key)
+        if value is None and t.values and t.state.name in ("COMPLETE", "PRUNED"):
+            value = t.values[0]
         params = a.get("params")
+        val_acc = a.get("val_acc_at_best", a.get("val_acc"))  # at the best epoch (by the study's metric)
         rows.append({
-            "trial": t.number, "state": t.state.name, "backbone": p.get("backbone"), "freeze": p.get("freeze"),
-            "lr": p.get("lr"), "dropout": p.get("dropout"), "gamma": p.get("gamma"), "head": p.get("head"),
-            "batch_size": p.get("batch_size"), "epochs": a.get("epochs_trained"), "params": params,
-            "size_mb": a.get("size_mb"), "val_acc": best, "val_macro_f1": a.get("val_macro_f1"), "test_acc": None,
-            "train_seconds": a.get("train_seconds"),
-            "accuracy_density": (best / (params / 1e6)) if best is not None and params else None,
-            "latency_ms": a.get("latency_ms"), "ray_trial_id": a.get("ray_trial_id"),
-            "checkpoint_uri": a.get("checkpoint_uri"),
+            "trial": t.number, "state": t.state.name, "backbone": p.get("backbone"), "img": p.get("img"),
+            "freeze": p.get("freeze"), "lr": p.get("lr"), "optimizer": p.get("optimizer"),
+            "augment": p.get("augment"), "sampler": p.get("sampler"), "epochs": a.get("epochs_trained"),
+            "best_epoch": a.get("best_epoch"), metric: value, "val_acc": val_acc,
+            "val_macro_f1": a.get("val_macro_f1_at_best", a.get("val_macro_f1")), "test_acc": None, "test_macro_f1": None, "params": params,
+            "size_mb": a.get("size_mb"),
+            # accuracy density (model-selection study): validation accuracy per million parameters
+            "accuracy_density": (val_acc / (params / 1e6)) if val_acc is not None and params else None,
+            "train_seconds": a.get("train_seconds"), "data_path": a.get("data_path"),
+            "stop_reason": a.get("stop_reason"), "latency_ms": a.get("latency_ms"),
+            "ray_trial_id": a.get("ray_trial_id"), "checkpoint_uri": a.get("checkpoint_uri"),
         })
-    sign = 1.0 if metric == "val_loss" else -1.0  # best first: lowest loss, highest accuracy/F1
-    rows.sort(key=lambda r: (r["val_acc"] is None, sign * float(r["val_acc"] or 0.0), r["trial"]))
+    rows.sort(key=lambda r: (m.sort_key(None if r[metric] is None else float(r[metric])), int(r["trial"])))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return rows
 
 
-def _candidates(rows: list[dict[str, Any]], max_latency_ms: float) -> list[dict[str, Any]]:
+def _candidates(rows: list[dict[str, Any]], metric: str, max_latency_ms: float) -> list[dict[str, Any]]:
     """Finished trials, best first; with a latency budget only those within it (all, with a message, if none)."""
-    ok = [r for r in rows if r["val_acc"] is not None and r["state"] in ("COMPLETE", "PRUNED")]
+    ok = [r for r in rows if r[metric] is not None and r["state"] in ("COMPLETE", "PRUNED")]
     if max_latency_ms:
         within = [r for r in ok if r["latency_ms"] is not None and r["latency_ms"] <= max_latency_ms]
         if not within:
             print(f"edgetune: no trial within --max-latency-ms {max_latency_ms}; picking the most accurate overall")
         ok = within or ok
     return ok
-
-
-def _pick_best(rows: list[dict[str, Any]], max_latency_ms: float) -> dict[str, Any] | None:
-    ok = _candidates(rows, max_latency_ms)
-    return ok[0] if ok else None
 
 
 def _result_for(results: Any, ray_trial_id: str | None) -> Any:
@@ -97,12 +105,13 @@ def materialise_best_checkpoint(result: Any, best: dict[str, Any], metric: str, 
     return True
 
 
-def write_leaderboard(rows: list[dict[str, Any]], out: Path) -> None:
+def write_leaderboard(rows: list[dict[str, Any]], out: Path, metric: str) -> None:
+    cols = leader_columns(metric)
     with open(out / "leaderboard.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LEADER_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    (out / "leaderboard.md").write_text(markdown_table(rows, LEADER_COLUMNS[:-1]))
+    (out / "leaderboard.md").write_text(markdown_table(rows, cols[:-1]))
 
 
 def _fmt(v: Any) -> str:
@@ -119,7 +128,8 @@ def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Path, multi: bool) -> list[str]:
+def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Path, multi: bool,
+          metric: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,11 +141,12 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(optuna|matplotlib).*")
     made = []
     target = (lambda t: t.values[0]) if multi else None
-    jobs = {"optimization_history.png": lambda: ovm.plot_optimization_history(study, target=target, target_name="val"),
+    jobs = {"optimization_history.png": lambda: ovm.plot_optimization_history(study, target=target,
+                                                                              target_name=metric),
             "param_importances.png": lambda: ovm.plot_param_importances(study, target=target),
             "parallel_coordinate.png": lambda: ovm.plot_parallel_coordinate(study, target=target)}
     if multi:
-        jobs["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=["val_acc", "latency_ms"])
+        jobs["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=[metric, "latency_ms"])
     for name, fn in jobs.items():
         try:
             ax: Any = fn()
@@ -152,10 +163,10 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
     for r in top:
         res = _result_for(results, r["ray_trial_id"])
         df = getattr(res, "metrics_dataframe", None)
-        if df is not None and "val_acc" in df:
-            ax.plot(df["epoch"], df["val_acc"], marker="o", label=f"#{r['trial']} {r['backbone']}")
+        if df is not None and metric in df:
+            ax.plot(df["epoch"], df[metric], marker="o", label=f"#{r['trial']} {r['backbone']}")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("val accuracy")
+    ax.set_ylabel(get_metric(metric).label)
     ax.set_title("learning curves of the top trials")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -166,43 +177,73 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
     return made
 
 
-def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path) -> dict[str, Any]:
-    """Best trial -> out/best (checkpoint + test metrics); leaderboard; plots. Returns the summary."""
+def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source: Any = None,
+                 refit: Any = None) -> dict[str, Any]:
+    """The final model -> out/best (the refit, else the best trial's checkpoint) and its one test evaluation;
+    leaderboard (the refit row marked); plots. Returns the summary."""
     from trainer.run import evaluate_checkpoint
 
-    mode = "min" if opts.metric == "val_loss" else "max"
-    rows = _rows(study, opts.metric)
+    metric = opts.metric
+    rows = _rows(study, metric)
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     summary: dict[str, Any] = {"study": opts.study, "storage": opts.storage, "trials": len(rows), "states": states,
-                               "out": str(out)}
-    dest, best = out / "best", None
-    for cand in _candidates(rows, opts.max_latency_ms):  # a trial of an earlier run may have no checkpoint left
-        if materialise_best_checkpoint(_result_for(results, cand["ray_trial_id"]), cand, opts.metric, mode, dest) \
-                and (dest / "model.pt").is_file():
-            best = cand
-            break
-        print(f"edgetune: trial #{cand['trial']} has no checkpoint any more (earlier run of the study); skipped")
-    if best:
-        metrics = evaluate_checkpoint(dest, dest, extra={
-            "study": opts.study, "trial_number": best["trial"], "trial_id": best["ray_trial_id"],
-            "storage": opts.storage, "train_seconds": best["train_seconds"]})
-        best["test_acc"] = metrics["test_accuracy"]
+                               "metric": metric, "out": str(out)}
+    dest, final = out / "best", None
+    if refit is not None and refit.dir is not None:
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(refit.dir, dest)
+        base_row = next(r for r in rows if r["trial"] == refit.of_trial)
+        final = {**base_row, "rank": 0, "trial": f"refit of #{refit.of_trial}", "state": "REFIT",
+                 "epochs": refit.epochs, "best_epoch": refit.best_epoch, metric: refit.value,
+                 "val_acc": refit.val.get("val_acc"), "val_macro_f1": refit.val.get("val_macro_f1"),
+                 "train_seconds": refit.seconds, "stop_reason": refit.stop_reason or None, "ray_trial_id": None}
+        if final["val_acc"] is not None and final["params"]:
+            final["accuracy_density"] = final["val_acc"] / (final["params"] / 1e6)
+        rows.insert(0, final)
+        summary["refit"] = refit.to_dict()
+    else:
+        if refit is not None:
+            summary["refit"] = refit.to_dict()
+        for cand in _candidates(rows, metric, opts.max_latency_ms):  # an earlier run's trial may have no checkpoint
+            if materialise_best_checkpoint(_result_for(results, cand["ray_trial_id"]), cand,
+                                           get_metric(metric).best_key, get_metric(metric).mode, dest) \
+                    and (dest / "model.pt").is_file():
+                final = cand
+                break
+            print(f"edgetune: trial #{cand['trial']} has no checkpoint any more (earlier run of the study); skipped")
+    if final:
+        data = None
+        if source is not None:
+            from trainer.config import TrainConfig
+            from trainer.data import build_data
+            from trainer.model import preprocess_spec_for
+
+            cfg = TrainConfig.from_dict(json.loads((dest / "checkpoint.json").read_text())["config"])
+            data = build_data(cfg.data, preprocess_spec_for(cfg.model), seed=cfg.seed, source=source)
+        metrics = evaluate_checkpoint(dest, dest, data=data, extra={  # the one read of the test split
+            "study": opts.study, "trial_number": final["trial"], "trial_id": final["ray_trial_id"],
+            "storage": opts.storage, "train_seconds": final["train_seconds"], "refit": final["state"] == "REFIT"})
+        final["test_acc"], final["test_macro_f1"] = metrics["test_accuracy"], metrics["test_macro_f1"]
         shutil.copy(dest / "confusion_matrix.png", out / "confusion_matrix.png")
-        summary.update({"best_trial": best["trial"], "best_ray_trial_id": best["ray_trial_id"],
-                        "best_backbone": best["backbone"], "best_val_acc": best["val_acc"],
-                        "best_test_accuracy": metrics["test_accuracy"], "best_test_macro_f1": metrics["test_macro_f1"],
-                        "best_checkpoint": str(dest), "best_params": study.trials[best["trial"]].params})
+        params_of = refit.of_trial if final["state"] == "REFIT" else final["trial"]
+        summary.update({"best_trial": final["trial"], "best_ray_trial_id": final["ray_trial_id"],
+                        "best_backbone": final["backbone"], "best_value": final[metric],
+                        "best_val_acc": final["val_acc"], "best_test_accuracy": metrics["test_accuracy"],
+                        "best_test_macro_f1": metrics["test_macro_f1"], "best_checkpoint": str(dest),
+                        "best_params": study.trials[params_of].params,
+                        "test_images": metrics.get("test_images")})
         (out / "best_config.yaml").write_text((dest / "checkpoint.json").read_text())
     else:
         print("edgetune: no trial produced a checkpoint; nothing to evaluate")
-    write_leaderboard(rows, out)
+    write_leaderboard(rows, out, metric)
     if opts.multi_objective:
         summary["pareto_front"] = [{"trial": t.number, "values": t.values, "params": t.params}
                                    for t in study.best_trials]
-    summary["plots"] = plots(study, results, rows, out, opts.multi_objective)
-    summary["leaderboard_md"] = markdown_table(rows[:10], ["rank", "trial", "state", "backbone", "epochs",
-                                                            "val_acc", "test_acc", "params", "train_seconds",
-                                                            "latency_ms"])
+    summary["plots"] = plots(study, results, rows, out, opts.multi_objective, metric)
+    summary["leaderboard_md"] = markdown_table(rows[:12], ["rank", "trial", "state", "backbone", "img", "freeze",
+                                                            "epochs", metric, "val_acc", "test_acc",
+                                                            "test_macro_f1", "data_path", "train_seconds"])
     return summary
 
 
@@ -211,8 +252,9 @@ def print_summary(summary: dict[str, Any], opts: Any) -> None:
     print("\n== edgetune study", summary["study"], "==")
     print(summary.get("leaderboard_md", ""))
     if "best_test_accuracy" in summary:
-        print(f"best: trial #{summary['best_trial']} {summary['best_backbone']} val_acc={summary['best_val_acc']:.4f} "
-              f"test_accuracy={summary['best_test_accuracy']:.4f} test_macro_f1={summary['best_test_macro_f1']:.4f}")
+        print(f"best: {summary['best_trial']} {summary['best_backbone']} {summary['metric']}={summary['best_value']:.4f} "
+              f"test_accuracy={summary['best_test_accuracy']:.4f} test_macro_f1={summary['best_test_macro_f1']:.4f} "
+              f"(test n={summary.get('test_images')})")
     print(f"outputs: {out}/leaderboard.csv, leaderboard.md, best/metrics.json, plots ({', '.join(summary['plots'])})"
           + (f", bundle {summary['bundle']}" if summary.get("bundle") else ""))
     print(f"dashboard: make dashboard STORAGE={opts.storage}")
@@ -231,13 +273,17 @@ def compare_studies(storage: str, names: list[str]) -> list[dict[str, Any]]:
             raise SystemExit(f"error: no study {n!r} in {url}; studies there: {known}") from None
         a = s.user_attrs
         trials = s.get_trials(deepcopy=False)
+        metric = get_metric(a.get("metric", "val_acc"))  # studies before the metric attr used val_acc
         done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and t.values]
-        best = max(done, key=lambda t: t.user_attrs.get("best_val_acc", t.values[0]), default=None)
+        done.sort(key=lambda t: metric.sort_key(t.user_attrs.get(metric.best_key, t.values[0])))
+        best = done[0] if done else None
         rows.append({"study": n, "dataset": a.get("dataset"), "dataset_hash": str(a.get("dataset_hash", ""))[:12],
                      "split": f"{a.get('split_ratios')} seed {a.get('split_seed')}", "trials": len(trials),
                      "complete": sum(t.state.name == "COMPLETE" for t in trials),
                      "pruned": sum(t.state.name == "PRUNED" for t in trials),
-                     "best_val_acc": best.user_attrs.get("best_val_acc", best.values[0]) if best else None,
+                     "metric": metric.name,
+                     "best_value": best.user_attrs.get(metric.best_key, best.values[0]) if best else None,
+                     "best_val_acc": best.user_attrs.get("val_acc_at_best") if best else None,
                      "best_backbone": best.params.get("backbone") if best else None,
                      "best_params": json.dumps(best.params) if best else "",
                      "budget": json.dumps(a.get("budget")), "edgetune": a.get("edgetune_version")})

@@ -15,59 +15,64 @@ import yaml
 
 import edgetune
 from edgetune.errors import ConfigError, EdgetuneError
+from trainer.metric import DEFAULT_METRIC, Metric, get_metric
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-METRICS = ("val_acc", "val_macro_f1", "val_loss")
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
+#: Seconds kept after the search and the refit for the test evaluation, export (ONNX + parity) and plots
+#: (measured 25-40 s for elpv's 393 test images on 2 cores).
+FINISH_RESERVE_S = 45.0
 
 
 @dataclass
 class TuneOptions:
-    """One study. The defaults are the embedded ``make tune`` budget: elpv, local Ray, SQLite, CPU; sized to
-    finish in under 10 minutes on 2 cores (10 trials x up to 3 epochs at 96 px on 1,200 of elpv's images;
-    8 trials on 800 images measured 4.5 min, test accuracy 0.74)."""
+    """One study. The defaults are the embedded ``make tune``: the full elpv dataset, local Ray, SQLite, CPU,
+    and a wall-clock budget (search + refit + export) that ends within 15 minutes on 2 cores."""
 
     data: str = "elpv"
     study: str = ""  #: default: "<dataset>-default"
-    trials: int = 10
-    epochs: int = 3  #: ASHA max_t (max epochs per trial)
-    time_budget_s: float = 0.0  #: 0 = no limit
+    trials: int = 0  #: optional cap on the number of trials (0 = as many as the time budget allows)
+    epochs: int = 6  #: ASHA max_t (max epochs per trial; each trial's LR schedule spans them)
+    time_budget_s: float = 840.0  #: seconds for search + refit + export (0 = no limit: needs trials)
     storage: str = ""  #: Optuna storage URL; default sqlite:///<out>/../optuna.db (runs/optuna.db)
     storage_path: str = ""  #: Ray storage path for checkpoints (dir or s3://…); default $EDGETUNE_STORAGE_PATH or <out>/ray
     space: str = ""  #: search space YAML (default tuner/default_space.yaml)
     backbones: tuple[str, ...] = ()  #: restrict the backbone choices
     config: str = ""  #: base TrainConfig YAML (fixed settings of every trial)
     sets: tuple[str, ...] = ()  #: base config overrides key=value (win over img/max_images)
-    img: int = 96  #: input size of every trial (0 = each backbone's default)
-    max_images: int = 1200  #: stratified subset of the dataset (0 = all images)
+    img: int = 0  #: fix the input size of every trial (0 = searched where the space has `img`, else backbone default)
+    max_images: int = 0  #: stratified subset of the dataset (0 = all images)
     gpus_per_trial: float = 0.0  #: GPUs per worker
     workers_per_trial: int = 1  #: >1: each trial is a Ray Train DDP run
     cpus_per_worker: float = 1.0
     resources_per_worker: dict[str, float] = field(default_factory=dict)  #: extra custom resources per worker
     placement_strategy: str = "PACK"  #: placement of a DDP trial's workers (STRICT_SPREAD: one per node)
     max_concurrent: int = 0  #: 0 = as many as the cluster's resources allow
-    grace_period: int = 1
+    grace_period: int = 2  #: ASHA's first rung (epochs); bench/README.md "ASHA grace period" measures it
     reduction_factor: int = 2
     seed: int = 0
     out: str = ""  #: default runs/<study>
     resume: bool = False
-    multi_objective: bool = False  #: maximise val_acc and minimise latency_ms (Pareto front)
+    multi_objective: bool = False  #: maximise the metric and minimise latency_ms (Pareto front)
     max_latency_ms: float = 0.0  #: pick the best model within this ONNX Runtime batch-1 latency
     max_failures: int = 1
     address: str = ""  #: Ray address; "local" forces a local instance; "" = RAY_ADDRESS / running node / local
     export: bool = True
-    metric: str = "val_acc"
+    metric: str = DEFAULT_METRIC  #: trainer.metric: what selects epochs, trials and the final model
+    refit: bool = True  #: retrain the best configuration for longer after the search (the exported model)
+    refit_share: float = 0.3  #: share of the time budget kept for the refit
+    refit_max_epochs: int = 0  #: cap on refit epochs (0 = 3 x epochs)
     env_vars: dict[str, str] = field(default_factory=dict)  #: environment for every Ray worker
 
     def __post_init__(self) -> None:
-        for name, lo in (("trials", 1), ("epochs", 1), ("workers_per_trial", 1), ("grace_period", 1),
+        for name, lo in (("trials", 0), ("epochs", 1), ("workers_per_trial", 1), ("grace_period", 1),
                          ("reduction_factor", 2), ("max_concurrent", 0), ("max_failures", 0), ("img", 0),
-                         ("max_images", 0)):
+                         ("max_images", 0), ("refit_max_epochs", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
         if self.img and not 32 <= self.img <= 1024:
-            raise ConfigError(f"img must be 0 (backbone default) or in [32, 1024], got {self.img}")
+            raise ConfigError(f"img must be 0 (searched / backbone default) or in [32, 1024], got {self.img}")
         if self.grace_period > self.epochs:
             self.grace_period = self.epochs
         if self.gpus_per_trial < 0 or self.cpus_per_worker <= 0:
@@ -75,15 +80,18 @@ class TuneOptions:
                               f"{self.cpus_per_worker}")
         if self.time_budget_s < 0 or self.max_latency_ms < 0:
             raise ConfigError("time budget and max latency must be >= 0")
-        if self.metric not in METRICS:
-            raise ConfigError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if not self.time_budget_s and not self.trials:
+            raise ConfigError("give a time budget (--time-budget / TIME=, seconds) or a trial count (--trials)")
+        if not 0.0 <= self.refit_share < 0.9:
+            raise ConfigError(f"refit_share must be in [0, 0.9), got {self.refit_share}")
+        get_metric(self.metric)
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ConfigError(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
                               f"got {self.placement_strategy!r}")
         if any(not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()):
             raise ConfigError(f"resources_per_worker values must be numbers >= 0, got {self.resources_per_worker}")
-        if self.multi_objective and self.metric == "val_loss":
-            raise ConfigError("multi-objective mode maximises val_acc or val_macro_f1, not val_loss")
+        if self.multi_objective and get_metric(self.metric).mode != "max":
+            raise ConfigError(f"multi-objective mode maximises a score metric, not {self.metric}")
         if not self.study:
             self.study = f"{Path(self.data).name}-default"
         if not self.out:
@@ -99,6 +107,10 @@ class TuneOptions:
             self.storage_path = os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray")
         elif "://" not in self.storage_path:
             self.storage_path = str(Path(self.storage_path).resolve())  # Ray needs an absolute path
+
+    @property
+    def metric_def(self) -> Metric:
+        return get_metric(self.metric)
 
 
 def base_config(opts: TuneOptions) -> dict[str, Any]:
@@ -128,17 +140,19 @@ def _layer_count(backbone: str) -> int:
     return int(freeze_backbone(m, 0.0)["layers_total"])
 
 
-def _study_attrs(opts: TuneOptions, base: dict[str, Any], space: Any, data: Any) -> dict[str, Any]:
+def _study_attrs(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any) -> dict[str, Any]:
     return {
-        "dataset": data.dataset_name, "dataset_hash": data.dataset_hash, "classes": data.classes,
+        "dataset": source.name, "dataset_hash": source.dataset_hash, "classes": source.classes,
         "split_seed": base["data"]["split_seed"], "split_ratios": base["data"]["split"],
+        "split_counts": {k: len(v) for k, v in source.parts.items()},
         "search_space": {n: {k: v for k, v in asdict(p).items() if k != "name"} for n, p in space.params.items()},
         "dropped": space.dropped, "budget": {"trials": opts.trials, "max_epochs": opts.epochs,
                                              "time_budget_s": opts.time_budget_s, "img": opts.img,
                                              "max_images": base["data"]["max_images"],
                                              "workers_per_trial": opts.workers_per_trial,
-                                             "gpus_per_trial": opts.gpus_per_trial},
-        "metric": opts.metric, "multi_objective": opts.multi_objective,
+                                             "gpus_per_trial": opts.gpus_per_trial, "refit": opts.refit,
+                                             "refit_share": opts.refit_share},
+        "metric": opts.metric, "metric_mode": opts.metric_def.mode, "multi_objective": opts.multi_objective,
         "edgetune_version": edgetune.__version__, "base_config": base,
     }
 
@@ -147,48 +161,112 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
+@dataclass
+class Clock:
+    """The study's wall-clock budget, counted from the start of the ``python -m tuner`` process."""
+
+    budget_s: float
+    t0: float = field(default_factory=lambda: _process_start())
+
+    def left(self) -> float:
+        return (self.t0 + self.budget_s - time.time()) if self.budget_s else float("inf")
+
+    def end(self) -> float | None:
+        return self.t0 + self.budget_s if self.budget_s else None
+
+    def search_deadline(self, refit: bool, refit_share: float) -> float | None:
+        """No trial epoch ends after this: what remains is for the refit (a share of the budget) and the finish."""
+        if not self.budget_s:
+            return None
+        keep = FINISH_RESERVE_S + (refit_share * self.budget_s if refit else 0.0)
+        return self.t0 + self.budget_s - keep
+
+
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - psutil comes with ray; without it, now
+        return time.time()
+
+
+def study_specs(base: dict[str, Any], space: Any) -> list[Any]:
+    """The distinct preprocessing specs (backbone x input size) the space can ask for."""
+    from trainer.config import ModelConfig
+    from trainer.imagestore import resize_key
+    from trainer.model import preprocess_spec_for
+
+    sizes = list(space.params["img"].choices) if "img" in space.params else [base["model"]["img_size"]]
+    backbones = space.backbones or [base["model"]["backbone"]]
+    out: dict[str, Any] = {}
+    for b in backbones:
+        for size in sizes:
+            spec = preprocess_spec_for(ModelConfig(backbone=b, img_size=int(size)))
+            out.setdefault(json.dumps(resize_key(spec), sort_keys=True), spec)
+    return list(out.values())
+
+
+def prepare_study_data(base: dict[str, Any], space: Any, out: Path) -> Any:
+    """Once per study: scan, hash and split the dataset (``split.json``) and resize it for every spec the space
+    can ask for (the node's disk cache, keyed by content). Returns the :class:`trainer.data.PreparedSource`
+    that trials start from."""
+    from trainer.config import TrainConfig
+    from trainer.data import build_data, prepare_source
+
+    cfg = TrainConfig.from_dict(base)
+    t0 = time.perf_counter()
+    source = prepare_source(cfg.data)
+    specs = study_specs(base, space)
+    for i, spec in enumerate(specs):
+        build_data(cfg.data, spec, run_dir=out if i == 0 else None, seed=cfg.seed, source=source)
+    source.decoded.clear()
+    n = {k: len(v) for k, v in source.parts.items()}
+    print(f"edgetune: dataset {source.name}: {n['train']} train / {n['val']} val / {n['test']} test images, "
+          f"classes {source.classes}" + (f", {len(source.skipped)} unreadable skipped" if source.skipped else "")
+          + f"; prepared once for {len(specs)} input size(s) in {time.perf_counter() - t0:.1f} s")
+    return source
+
+
 def run_study(opts: TuneOptions) -> dict[str, Any]:
     """Run (or resume) a study; returns the summary written to ``<out>/summary.json``."""
     from trainer.backbones import weights_available
     from trainer.config import TrainConfig
-    from trainer.data import build_data
-    from trainer.model import preprocess_spec_for
-    from tuner import cluster, report
+    from tuner import cluster, refit, report
     from tuner.space import load_space
+    from tuner.storage import check_storage
 
-    t_start = time.perf_counter()
+    clock = Clock(opts.time_budget_s)
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_storage(opts.storage)
     base = base_config(opts)
     weights = TrainConfig.from_dict(base).model.weights
     space = load_space(opts.space or None, list(opts.backbones) or None,
-                       weights_check=lambda b: weights_available(b, weights), layer_count=_layer_count)
+                       weights_check=lambda b: weights_available(b, weights), layer_count=_layer_count,
+                       fixed={"img": opts.img} if opts.img else None)
     for reason in space.dropped:
         print(f"edgetune: {reason}")
-    # Prepare the dataset once (cache) and fingerprint it for the study attrs.
-    first = TrainConfig.from_dict(base).replace({"model.backbone": space.backbones[0]})
-    data = build_data(first.data, preprocess_spec_for(first.model), run_dir=out, seed=first.seed)
-    n = {k: len(getattr(data, k)) for k in ("train", "val", "test")}
-    print(f"edgetune: dataset {data.dataset_name}: {n['train']} train / {n['val']} val / "
-          f"{n['test']} test images, classes {data.classes}"
-          + (f", {len(data.skipped)} unreadable skipped" if data.skipped else ""))
-
-    info = cluster.connect(opts.address or None, env_vars=opts.env_vars)
+    source = prepare_study_data(base, space, out)
+    info = cluster.connect(opts.address or None, env_vars=opts.env_vars,
+                           include_dashboard=opts.workers_per_trial > 1)
     try:
-        results, study = _fit(opts, base, space, data, info)
-        summary = report.finish_study(opts, results, study, out)
+        deadline = clock.search_deadline(opts.refit, opts.refit_share)
+        results, study = _fit(opts, base, space, source, info, deadline)
+        refit_run = refit.refit_best(opts, study, base, space, source, clock, out) if opts.refit else None
+        summary = report.finish_study(opts, results, study, out, source=source, refit=refit_run)
     finally:
         cluster.shutdown(info)
-    summary["wall_seconds"] = time.perf_counter() - t_start
     summary["ray"] = {"mode": info["mode"], "address": info["address"], "storage_path": opts.storage_path}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "tune_options.yaml").write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
     if opts.export and summary.get("best_checkpoint"):
         from trainer.export import export_bundle
 
-        b = export_bundle(out, out / "bundle")
+        b = export_bundle(out, out / "bundle", source=source)
         summary["bundle"] = str(b)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["wall_seconds"] = time.time() - clock.t0
+    summary["time_budget_s"] = opts.time_budget_s
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     report.print_summary(summary, opts)
     return summary
 
@@ -206,7 +284,21 @@ def _max_concurrent(opts: TuneOptions, resources: dict[str, float]) -> int | Non
     return max(1, int(fit))
 
 
-def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, data: Any, info: dict[str, Any]) -> tuple[Any, Any]:
+def trial_resources(opts: TuneOptions) -> tuple[Any, dict[str, float]]:
+    """(TrialResources, the Tune trial's own resource request)."""
+    from tuner.trial import TrialResources
+
+    res = TrialResources(workers=opts.workers_per_trial, use_gpu=opts.gpus_per_trial > 0,
+                         cpus_per_worker=opts.cpus_per_worker, resources_per_worker=dict(opts.resources_per_worker),
+                         placement_strategy=opts.placement_strategy, max_failures=opts.max_failures,
+                         storage_path=opts.storage_path)
+    if opts.workers_per_trial > 1:  # the trial only drives a TorchTrainer; its workers hold the resources
+        return res, {"cpu": 0.01}
+    return res, {"cpu": opts.cpus_per_worker, "gpu": opts.gpus_per_trial, **opts.resources_per_worker}
+
+
+def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, info: dict[str, Any],
+         deadline: float | None) -> tuple[Any, Any]:
     """Build (or restore) the Tuner over the Optuna study and run it; returns (ResultGrid, study)."""
     import optuna
     from ray import tune
@@ -214,11 +306,12 @@ def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, data: Any, info: d
 
     from tuner.searcher import CheckpointAttrCallback, EdgetuneOptunaSearch, mark_stale_running_failed
     from tuner.storage import rdb_storage
-    from tuner.trial import TrialResources, run_trial
+    from tuner.trial import TrialContext, run_trial
 
     storage = rdb_storage(opts.storage)
-    metric: Any = [opts.metric, "latency_ms"] if opts.multi_objective else opts.metric
-    mode: Any = ["max", "min"] if opts.multi_objective else ("min" if opts.metric == "val_loss" else "max")
+    m = opts.metric_def
+    metric: Any = [m.best_key, "latency_ms"] if opts.multi_objective else m.best_key
+    mode: Any = ["max", "min"] if opts.multi_objective else m.mode
     if opts.resume:
         try:
             stale = mark_stale_running_failed(optuna.load_study(study_name=opts.study, storage=storage))
@@ -226,13 +319,17 @@ def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, data: Any, info: d
             raise EdgetuneError(f"cannot resume: study {opts.study!r} not found in {opts.storage}") from None
         if stale:
             print(f"edgetune: resume: marked stale RUNNING trial(s) {stale} as FAIL")
+    seeds = space.points_to_evaluate()
+    n_trials = opts.trials or 100_000  # with no cap, the time budget ends the search
     searcher = EdgetuneOptunaSearch(
-        space=space.define_by_run, metric=metric, mode=mode, max_t=opts.epochs,
-        points_to_evaluate=None if opts.resume else space.points_to_evaluate()[:opts.trials] or None,
-        sampler=optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, group=True,
-                                           constant_liar=True, n_startup_trials=min(5, opts.trials)),
+        space=space.define_by_run, metric=metric, mode=mode, max_t=opts.epochs, deadline=deadline,
+        grace_period=opts.grace_period,
+        points_to_evaluate=None if opts.resume else seeds[:n_trials] or None,
+        sampler=optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, group=True, constant_liar=True,
+                                           n_startup_trials=min(len(seeds) + 3, n_trials)),
         study_name=opts.study, storage=storage)
-    attrs = _study_attrs(opts, base, space, data)
+    searcher.study.set_metric_names([opts.metric, "latency_ms"] if opts.multi_objective else [opts.metric])
+    attrs = _study_attrs(opts, base, space, source)
     existing = searcher.study.user_attrs
     if existing.get("dataset_hash") not in (None, attrs["dataset_hash"]):
         print(f"edgetune: warning: study {opts.study!r} was run on a different dataset "
@@ -242,26 +339,21 @@ def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, data: Any, info: d
     scheduler = (FIFOScheduler() if opts.multi_objective else
                  ASHAScheduler(time_attr="training_iteration", max_t=opts.epochs,
                                grace_period=opts.grace_period, reduction_factor=opts.reduction_factor))
-    res = TrialResources(workers=opts.workers_per_trial, use_gpu=opts.gpus_per_trial > 0,
-                         cpus_per_worker=opts.cpus_per_worker, resources_per_worker=dict(opts.resources_per_worker),
-                         placement_strategy=opts.placement_strategy, max_failures=opts.max_failures,
-                         storage_path=opts.storage_path)
-    if opts.workers_per_trial > 1:  # the trial only drives a TorchTrainer; its workers hold the resources
-        resources: dict[str, float] = {"cpu": 0.01}
-    else:
-        resources = {"cpu": opts.cpus_per_worker, "gpu": opts.gpus_per_trial, **opts.resources_per_worker}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, space=space, res=res), resources)
-    score_order = "min" if opts.metric == "val_loss" else "max"
+    res, resources = trial_resources(opts)
+    ctx = TrialContext(base=base, space=space, res=res, source=source, deadline=deadline,
+                       measure_latency=opts.multi_objective or opts.max_latency_ms > 0)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     run_config = tune.RunConfig(
         name=opts.study, storage_path=opts.storage_path,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=opts.metric,
-                                                checkpoint_score_order=score_order),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=m.best_key,
+                                                checkpoint_score_order=m.mode),
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         callbacks=[CheckpointAttrCallback(searcher)],
-        progress_reporter=tune.CLIReporter(metric_columns=["epoch", "val_acc", "val_macro_f1", "train_seconds"],
-                                           parameter_columns=[c for c in ("backbone", "freeze", "lr", "gamma")
+        progress_reporter=tune.CLIReporter(metric_columns=["epoch", m.best_key, "val_acc", "data_path",
+                                                           "train_seconds"],
+                                           parameter_columns=[c for c in ("backbone", "freeze", "lr", "img")
                                                               if c in space.params],
-                                           max_report_frequency=20, sort_by_metric=True),
+                                           max_report_frequency=30, sort_by_metric=True),
         verbose=1)
     exp_path = f"{opts.storage_path.rstrip('/')}/{opts.study}"
     if opts.resume and tune.Tuner.can_restore(exp_path):
@@ -272,11 +364,12 @@ def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, data: Any, info: d
             print(f"edgetune: no Ray experiment to restore at {exp_path}; continuing the Optuna study with new trials")
         elif "://" not in exp_path and Path(exp_path).exists():
             shutil.rmtree(exp_path)
+        backstop = (deadline - time.time() + 60.0) if deadline else None  # trials stop at epoch boundaries first
         tuner = tune.Tuner(trainable, param_space={}, run_config=run_config, tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=opts.trials,
+            search_alg=searcher, scheduler=scheduler, num_samples=n_trials,
             trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname,
-            time_budget_s=opts.time_budget_s or None,
+            time_budget_s=max(1.0, backstop) if backstop else None,
             max_concurrent_trials=_max_concurrent(opts, info["resources"]),
-            metric=None if opts.multi_objective else opts.metric, mode=None if opts.multi_objective else mode))
+            metric=None if opts.multi_objective else m.best_key, mode=None if opts.multi_objective else mode))
     results = tuner.fit()
     return results, optuna.load_study(study_name=opts.study, storage=storage)

@@ -10,10 +10,13 @@ checkpoint URI, Ray trial id, node id). :class:`CheckpointAttrCallback` feeds it
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from typing import Any
 
 import optuna
 from ray.tune.callback import Callback
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 log = logging.getLogger(__name__)
@@ -26,7 +29,30 @@ ATTR_KEYS = {
     "images_per_s": "images_per_s",
     "val_macro_f1": "val_macro_f1",
     "val_acc": "val_acc",
+    "val_balanced_acc": "val_balanced_acc",
+    "val_loss": "val_loss",
     "best_val_acc": "best_val_acc",
+    "best_val_macro_f1": "best_val_macro_f1",
+    "best_val_balanced_acc": "best_val_balanced_acc",
+    "best_val_loss": "best_val_loss",
+    "best_epoch": "best_epoch",
+    "val_acc_at_best": "val_acc_at_best",
+    "val_macro_f1_at_best": "val_macro_f1_at_best",
+    "val_balanced_acc_at_best": "val_balanced_acc_at_best",
+    "val_loss_at_best": "val_loss_at_best",
+    "stop_reason": "stop_reason",
+    "data_path": "data_path",
+    "data_path_reason": "data_path_reason",
+    "freeze_cut": "freeze_cut",
+    "freeze_fraction": "freeze_fraction",
+    "act_cache_builds": "act_cache_builds",
+    "act_cache_disk_hits": "act_cache_disk_hits",
+    "act_cache_memory_hits": "act_cache_memory_hits",
+    "act_cache_dtype": "act_cache_dtype",
+    "act_cache_seconds": "act_cache_seconds",
+    "setup_seconds": "setup_seconds",
+    "first_batch_seconds": "first_batch_seconds",
+    "epoch_seconds": "epoch_seconds",
     "latency_ms": "latency_ms",
     "node_id": "node_id",
     "epoch": "epochs_trained",
@@ -37,11 +63,31 @@ ATTR_KEYS = {
 
 
 class EdgetuneOptunaSearch(OptunaSearch):
-    def __init__(self, *args: Any, max_t: int, **kwargs: Any) -> None:
+    """Also: no new trial once the search deadline is too close for one to reach its first ASHA rung
+    (``Searcher.FINISHED``), and the told value is the trial's best-epoch value (``best_<metric>``)."""
+
+    def __init__(self, *args: Any, max_t: int, deadline: float | None = None, grace_period: int = 1,
+                 **kwargs: Any) -> None:
         self._max_t = int(max_t)
+        self._deadline = deadline
+        self._grace = max(1, int(grace_period))
         self._attrs: dict[str, dict[str, Any]] = {}
         self._last: dict[str, dict[str, Any]] = {}
+        self._epoch_s: list[float] = []
+        self._setup_s: list[float] = []
         super().__init__(*args, **kwargs)
+
+    def min_trial_seconds(self) -> float:
+        """Seconds a new trial needs to reach its first rung (median of what trials so far took; 0 before)."""
+        if not self._epoch_s:
+            return 0.0
+        setup = statistics.median(self._setup_s) if self._setup_s else 0.0
+        return setup + self._grace * statistics.median(self._epoch_s)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self._deadline is not None and time.time() + self.min_trial_seconds() >= self._deadline:
+            return Searcher.FINISHED  # type: ignore[return-value]  # Ray's sentinel for "no more trials"
+        return super().suggest(trial_id)
 
     @property
     def study(self) -> optuna.Study:
@@ -51,6 +97,10 @@ class EdgetuneOptunaSearch(OptunaSearch):
         self._attrs.setdefault(trial_id, {}).update(attrs)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id not in self._last and "setup_seconds" in result:
+            self._setup_s.append(float(result["setup_seconds"]))
+        if "epoch_seconds" in result and result.get("stop_reason") != "diverged":
+            self._epoch_s.append(float(result["epoch_seconds"]))
         self._last[trial_id] = dict(result)
         self._replace_stale(trial_id)
         super().on_trial_result(trial_id, result)
@@ -88,10 +138,12 @@ class EdgetuneOptunaSearch(OptunaSearch):
         if not multi and iteration and not error and last.get(self.metric) is not None:
             self._report_final(ot_trial, float(last[self.metric]), iteration)
         value: Any = None
+        if last.get("stop_reason") == "diverged":
+            ot_trial.set_user_attr("fail_reason", "loss diverged (NaN/inf): ended at once, not retried")
         if error or not last:
             state = optuna.trial.TrialState.FAIL
-        elif iteration < self._max_t and not multi:
-            state = optuna.trial.TrialState.PRUNED
+        elif (iteration < self._max_t or last.get("stop_reason")) and not multi:
+            state = optuna.trial.TrialState.PRUNED  # ASHA, the search deadline, or divergence stopped it early
         else:
             state = optuna.trial.TrialState.COMPLETE
             value = [last.get(m) for m in self.metric] if multi else last.get(self.metric)

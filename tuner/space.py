@@ -29,10 +29,18 @@ class Param:
     high: float = 1.0
     log: bool = False
     when: dict[str, list[Any]] = field(default_factory=dict)
+    #: categorical only, instead of ``key``: the overrides each choice sets (e.g. class balancing by sampler or α)
+    sets: dict[Any, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.type not in TYPES:
             raise ConfigError(f"search space parameter {self.name!r}: type must be one of {TYPES}, got {self.type!r}")
+        if bool(self.key) == bool(self.sets):
+            raise ConfigError(f"search space parameter {self.name!r} needs exactly one of 'key' (the TrainConfig key "
+                              f"it sets) or 'sets' (choice -> overrides)")
+        if self.sets and (self.type != "categorical" or set(self.sets) != set(self.choices)):
+            raise ConfigError(f"search space parameter {self.name!r}: 'sets' needs a categorical with one entry per "
+                              f"choice {self.choices}, got {sorted(map(str, self.sets))}")
         if self.type == "categorical" and not self.choices:
             raise ConfigError(f"search space parameter {self.name!r}: categorical needs a non-empty 'choices' list")
         if self.type != "categorical":
@@ -72,7 +80,11 @@ class SearchSpace:
         for name, v in sampled.items():
             if name not in self.params:
                 raise ConfigError(f"sampled parameter {name!r} is not in the search space {sorted(self.params)}")
-            key = self.params[name].key
+            prm = self.params[name]
+            if prm.sets:
+                out.update(prm.sets[v])
+                continue
+            key = prm.key
             if key == "model.head_hidden" and isinstance(v, str):
                 v = [int(x) for x in v.split("x")]
             elif key == "loss.alpha" and v in ("none", None):
@@ -91,8 +103,11 @@ class SearchSpace:
 
 def load_space(path: str | Path | None = None, backbones: list[str] | None = None,
                weights_check: Callable[[str], tuple[bool, str]] | None = None,
-               layer_count: Callable[[str], int] | None = None) -> SearchSpace:
-    """Load a space YAML; ``backbones`` overrides the backbone choices; unavailable weights are dropped."""
+               layer_count: Callable[[str], int] | None = None,
+               fixed: dict[str, Any] | None = None) -> SearchSpace:
+    """Load a space YAML; ``backbones`` overrides the backbone choices; unavailable weights are dropped;
+    parameters named in ``fixed`` (e.g. ``{"img": 96}`` from ``--img``) are not searched (the base config sets
+    them) and disappear from the seeds."""
     p = Path(path) if path else DEFAULT_SPACE
     doc = load_yaml_mapping(p, "search space")
     unknown = set(doc) - {"params", "seeds"}
@@ -102,20 +117,29 @@ def load_space(path: str | Path | None = None, backbones: list[str] | None = Non
     for name, spec in (doc.get("params") or {}).items():
         if not isinstance(spec, dict):
             raise ConfigError(f"search space {p}: parameter {name!r} must be a mapping")
-        allowed = {"type", "key", "choices", "low", "high", "log", "when"}
+        allowed = {"type", "key", "sets", "choices", "low", "high", "log", "when"}
         bad = set(spec) - allowed
         if bad:
             raise ConfigError(f"search space parameter {name!r}: unknown field(s) {sorted(bad)}; allowed: {sorted(allowed)}")
-        if "type" not in spec or "key" not in spec:
-            raise ConfigError(f"search space parameter {name!r} needs 'type' and 'key'")
+        if "type" not in spec or ("key" not in spec and "sets" not in spec):
+            raise ConfigError(f"search space parameter {name!r} needs 'type' and 'key' (or 'sets')")
         when = {k: (v if isinstance(v, list) else [v]) for k, v in (spec.get("when") or {}).items()}
-        params[name] = Param(name=name, type=spec["type"], key=spec["key"], choices=list(spec.get("choices") or []),
+        sets = spec.get("sets") or {}
+        if not isinstance(sets, dict) or not all(isinstance(v, dict) for v in sets.values()):
+            raise ConfigError(f"search space parameter {name!r}: 'sets' must map each choice to a mapping of overrides")
+        params[name] = Param(name=name, type=spec["type"], key=spec.get("key", ""), sets=sets,
+                             choices=list(spec.get("choices") or []),
                              low=float(spec.get("low", 0.0)), high=float(spec.get("high", 1.0)),
                              log=bool(spec.get("log", False)), when=when)
     for prm in params.values():
         for dep in prm.when:
             if dep not in params:
                 raise ConfigError(f"search space parameter {prm.name!r} depends on unknown parameter {dep!r}")
+    for name in fixed or {}:
+        if name in params:
+            del params[name]
+            for prm in params.values():
+                prm.when.pop(name, None)
     space = SearchSpace(params=params, seeds=list(doc.get("seeds") or []))
     if backbones:
         if "backbone" not in params:

@@ -34,3 +34,39 @@ def rdb_storage(url: str):  # noqa: ANN201 - optuna.storages.RDBStorage
     import optuna
 
     return optuna.storages.RDBStorage(normalise_url(url), heartbeat_interval=None)
+
+
+def masked(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def check_storage(url: str, timeout_s: float = 10.0) -> None:
+    """Open the storage once before any work: an unreachable or unusable one fails in one line naming the URL
+    (password masked) and the cause."""
+    import sqlalchemy
+
+    from edgetune.errors import EdgetuneError
+
+    norm = normalise_url(url)
+    if norm.startswith("sqlite:///"):
+        from pathlib import Path
+
+        db = Path(norm[len("sqlite:///"):])
+        if not db.parent.is_dir():
+            raise EdgetuneError(f"storage {url}: folder {db.parent} does not exist")
+        return
+    args = {"connect_timeout": int(timeout_s)} if norm.startswith("postgresql") else {}
+    try:
+        engine = sqlalchemy.create_engine(norm, connect_args=args)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as e:  # noqa: BLE001 - driver errors vary; the first line says what happened
+        cause = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise EdgetuneError(f"cannot open the Optuna storage {masked(url)}: {cause}") from None

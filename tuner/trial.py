@@ -1,6 +1,12 @@
 """The Tune trial: one TrainConfig built from the base config + Optuna's suggestions, trained by the
 trainer's one loop. A 1-worker trial runs the loop in the trial process (``tune.report``); a
-multi-worker trial launches a Ray Train ``TorchTrainer`` inside the trial (``TuneReportCallback``)."""
+multi-worker trial launches a Ray Train ``TorchTrainer`` inside the trial (``TuneReportCallback``).
+
+Work that does not change between trials is not redone here: the dataset arrives scanned, hashed and split
+(:class:`trainer.data.PreparedSource`, prepared once by the study), its resized pixels come from the
+node's content-keyed disk cache, and the frozen prefix's activations from the activation cache. The test
+split is not loaded at all.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,7 @@ from trainer.config import TrainConfig
 
 
 def build_trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    cfg = TrainConfig.from_dict(base).replace(overrides)
-    if cfg.model.freeze > 1:  # counts only come from seed points; the space samples fractions
-        cfg = cfg.replace({"model.freeze": min(1.0, cfg.model.freeze)})
-    return cfg
+    return TrainConfig.from_dict(base).replace(overrides)
 
 
 @dataclass(frozen=True)
@@ -30,20 +33,34 @@ class TrialResources:
     storage_path: str = ""  #: Ray storage path (local dir or s3://…) for the Train runs of DDP trials
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], space: Any, res: TrialResources) -> None:
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a study shares (bound once with ``tune.with_parameters``)."""
+
+    base: dict[str, Any]
+    space: Any
+    res: TrialResources
+    source: Any = None  #: trainer.data.PreparedSource
+    deadline: float | None = None  #: unix time: no epoch may end after it (the study's search budget)
+    measure_latency: bool = False  #: only when a latency objective or constraint is on
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Tune function trainable (bound with ``tune.with_parameters``)."""
     from ray import tune
 
     from trainer.loop import train_loop, train_worker
 
-    cfg = build_trial_config(base, space.to_overrides(_flatten(config)))
-    loop_cfg = {"train_config": cfg.to_dict(), "run_dir": None, "measure_latency": True}
-    if res.workers <= 1:
+    cfg = build_trial_config(ctx.base, ctx.space.to_overrides(_flatten(config)))
+    loop_cfg = {"train_config": cfg.to_dict(), "run_dir": None, "measure_latency": ctx.measure_latency,
+                "deadline": ctx.deadline, "source": ctx.source, "with_test": False}
+    if ctx.res.workers <= 1:
         train_loop({**loop_cfg, "report_to": "tune"})
         return
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    res = ctx.res
     per_worker = dict(res.resources_per_worker)
     if not res.use_gpu:
         per_worker.setdefault("CPU", res.cpus_per_worker)

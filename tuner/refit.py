@@ -1,0 +1,148 @@
+"""Refit: after the search, the best configuration (by the validation metric) is trained again for longer.
+
+The number of epochs comes from the time budget that is left (at the best trial's measured seconds per
+epoch, after keeping ``FINISH_RESERVE_S`` for the test evaluation and export), between the search's
+``epochs`` and ``refit_max_epochs``; its LR schedule spans those epochs. The best epoch is chosen on
+validation, as in every trial; the test split is read once, afterwards, for this model only
+(:func:`tuner.report.finish_study`), and it is the model that is exported.
+
+The refit runs as one Ray task with a whole node's CPUs (or the trial's GPU), on the cluster like the
+trials; its best checkpoint comes back through the object store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.metric import get_metric
+
+#: Refit epochs when the study has no time budget: this many times the search's max epochs.
+UNBUDGETED_FACTOR = 2
+
+
+@dataclass
+class RefitRun:
+    """What the refit produced (``dir`` holds its best checkpoint)."""
+
+    of_trial: int
+    params: dict[str, Any]
+    epochs: int
+    dir: Path | None = None
+    best_epoch: int = 0
+    value: float | None = None
+    val: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    stop_reason: str = ""
+    skipped: str = ""  #: why no refit ran ("" when it did)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dir"] = str(self.dir) if self.dir else None
+        return d
+
+
+def best_trial(study: Any, metric: str) -> Any:
+    """The finished trial with the best best-epoch value (the value Optuna holds for it)."""
+    m = get_metric(metric)
+    done = [t for t in study.get_trials(deepcopy=False)
+            if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get(m.best_key) is not None]
+    done.sort(key=lambda t: (m.sort_key(float(t.user_attrs[m.best_key])), t.number))
+    return done[0] if done else None
+
+
+def plan_epochs(opts: Any, trial: Any, left_s: float) -> tuple[int, str]:
+    """(epochs, reason) for the refit of ``trial`` with ``left_s`` seconds left (inf: no budget)."""
+    from tuner.run import FINISH_RESERVE_S
+
+    cap = opts.refit_max_epochs or 3 * opts.epochs
+    if math.isinf(left_s):
+        return min(cap, UNBUDGETED_FACTOR * opts.epochs), f"no time budget: {UNBUDGETED_FACTOR} x {opts.epochs} epochs"
+    epoch_s = float(trial.user_attrs.get("epoch_seconds") or 0.0)
+    setup_s = float(trial.user_attrs.get("setup_seconds") or 0.0)
+    usable = left_s - FINISH_RESERVE_S - setup_s
+    if epoch_s <= 0:
+        return 0, "the best trial recorded no epoch time"
+    n = int(usable // epoch_s)
+    if n < opts.epochs:
+        return 0, (f"{usable:.0f} s left fit {max(0, n)} epoch(s) of {epoch_s:.1f} s, fewer than the search's "
+                   f"{opts.epochs}: the best trial's own checkpoint is used")
+    n = min(n, cap)
+    return n, f"{n} epochs of ~{epoch_s:.1f} s in the {usable:.0f} s left (cap {cap})"
+
+
+def refit_best(opts: Any, study: Any, base: dict[str, Any], space: Any, source: Any, clock: Any,
+               out: Path) -> RefitRun | None:
+    """Train the best trial's configuration again for longer; returns the run, or None without a best trial."""
+    import ray
+
+    from tuner.trial import build_trial_config
+
+    trial = best_trial(study, opts.metric)
+    if trial is None:
+        print("edgetune: refit skipped: no finished trial")
+        return None
+    epochs, why = plan_epochs(opts, trial, clock.left())
+    run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=epochs)
+    if not epochs:
+        run.skipped = why
+        print(f"edgetune: refit skipped: {why}")
+        return run
+    cfg = build_trial_config(base, space.to_overrides(trial.params)).replace({"epochs": epochs})
+    cpus, gpus = _refit_resources(opts)
+    cfg = cfg.replace({"threads": int(cpus) if not gpus else cfg.threads})
+    end = clock.end()
+    from tuner.run import FINISH_RESERVE_S
+
+    deadline = end - FINISH_RESERVE_S if end else None
+    print(f"edgetune: refit of trial #{trial.number} ({get_metric(opts.metric).best_key} "
+          f"{trial.user_attrs.get(get_metric(opts.metric).best_key):.4f}): {why}; {cpus:g} CPU, {gpus:g} GPU")
+    t0 = time.perf_counter()
+    task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    res = ray.get(task.remote(cfg.to_dict(), source, deadline))
+    dest = out / "refit"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name, blob in res["files"].items():
+        (dest / name).write_bytes(blob)
+    meta = json.loads((dest / "checkpoint.json").read_text())
+    m = get_metric(opts.metric)
+    run.dir, run.history, run.seconds = dest, res["history"], time.perf_counter() - t0
+    run.best_epoch = int(meta["epoch"])
+    run.value = meta["metrics"].get(m.name)
+    run.val = {k: v for k, v in meta["metrics"].items() if k.startswith("val_")}
+    run.stop_reason = str(res["history"][-1].get("stop_reason", "")) if res["history"] else ""
+    print(f"edgetune: refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{epochs}, "
+          f"{m.name} {run.value:.4f}" + (f" (stopped: {run.stop_reason})" if run.stop_reason else ""))
+    return run
+
+
+def _refit_resources(opts: Any) -> tuple[float, float]:
+    """One node's worth: all CPUs of the largest alive node (at most 16), or the trial's GPUs."""
+    import ray
+
+    if opts.gpus_per_trial:
+        return max(opts.cpus_per_worker, 1.0), float(opts.gpus_per_trial)
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return float(max(1.0, min(16.0, max(cpus or [1.0])))), 0.0
+
+
+def _refit_task(train_config: dict[str, Any], source: Any, deadline: float | None) -> dict[str, Any]:
+    """Runs on a worker: the trainer's loop in-process into a scratch run dir; returns the best checkpoint."""
+    from trainer.loop import train_loop
+
+    with tempfile.TemporaryDirectory(prefix="edgetune-refit-") as tmp:
+        train_loop({"train_config": train_config, "run_dir": tmp, "report_to": "local", "source": source,
+                    "with_test": False, "deadline": deadline})
+        best = Path(tmp) / "best"
+        history = [json.loads(line) for line in (Path(tmp) / "history.jsonl").read_text().splitlines() if line]
+        return {"files": {p.name: p.read_bytes() for p in best.iterdir() if p.name != "train_state.pt"},
+                "history": history}
