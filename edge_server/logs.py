@@ -1,6 +1,8 @@
 """Structured logs: one JSON object per line (``ts``, ``level``, ``logger``, ``msg`` + fields).
 
-Extra fields are passed as ``log.info("msg", extra={"fields": {...}})``.
+Extra fields are passed as ``log.info("msg", extra={"fields": {...}})``. gRPC's own Python loggers
+(``grpc._server``, ``grpc._common``: undeserialisable requests, exceptions outside our handlers) go to
+the same stream in the same format, at warning and above.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ def configure_logging(level: str = "info", stream: IO[str] | None = None) -> Non
         raise ConfigError(f"log level must be one of {levels}, got {level!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonLineFormatter())
-    logger = logging.getLogger("edge_server")
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())
-    logger.propagate = False
+    for name, lvl in (("edge_server", level.upper()), ("grpc", "WARNING")):
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.addHandler(handler)
+        logger.setLevel(lvl)
+        logger.propagate = False

@@ -324,6 +324,8 @@ def read_image_header(data: bytes | bytearray | memoryview | np.ndarray, source:
         buf = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     else:
         buf = memoryview(data).cast("B")  # no copy of the image data
+    if len(buf) == 0:
+        raise ImageDecodeError(f"{source}: empty image data")
     kind = "image"
     try:
         if buf[:8] == _PNG_SIG:

@@ -100,10 +100,25 @@ _TMP: Any = None
 
 
 def cached_test_bundle(seed: int = 0, size: int = 32) -> Path:
-    """``make_test_bundle`` once per (seed, size) per test process (training costs a few seconds)."""
+    """``make_test_bundle`` once per (seed, size) per test process (training costs a few seconds).
+
+    Developers re-running single test files may set ``EDGETUNE_TEST_BUNDLE_DIR`` to keep the bundles in
+    that folder between runs (delete it after changing the trainer or the exporter); unset, every test
+    process trains its own.
+    """
     import atexit
+    import os
     import tempfile
 
+    keep = os.environ.get("EDGETUNE_TEST_BUNDLE_DIR")
+    if keep:
+        out = Path(keep) / f"seed{seed}-{size}"
+        if not (out / "reference_probs.npy").is_file():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            make_test_bundle(out, seed=seed, size=size)
+        return out
     global _TMP
     if _TMP is None:
         _TMP = tempfile.TemporaryDirectory(prefix="edgetune-test-bundles-")

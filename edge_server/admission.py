@@ -1,0 +1,263 @@
+"""Admission control and the last line of error handling for every RPC (one gRPC server interceptor).
+
+Limits are per kind of call, so that one kind cannot starve another (Envoy's per-route circuit breakers):
+
+* ``unary``: Classify, GetModelInfo, GetStats, LoadModel: at most ``--max-concurrent`` at once;
+* ``stream``: StreamClassify: at most ``--max-streams`` open at once (idle streams also time out in the
+  servicer, ``--stream-idle-timeout``);
+* ``watch``: health ``Watch`` streams (:data:`MAX_HEALTH_WATCHERS`), ``reflection`` streams
+  (:data:`MAX_REFLECTION_STREAMS`);
+* health ``Check`` is never limited and never refused, not even while draining.
+
+A call over its limit gets RESOURCE_EXHAUSTED naming the limit; those replies are counted in
+``errors_total`` and logged, aggregated per second (a flood of them must not become a flood of log lines).
+While the server drains (:meth:`Admission.start_draining`), new calls other than health get UNAVAILABLE.
+
+Every admitted call runs inside a guard: an exception that escapes a handler becomes INTERNAL (never
+gRPC's UNKNOWN) with a logged traceback, and every call that ends with an error status is counted in
+``errors_total`` and logged with its method and code.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from edge_server.stats import ServerStats
+
+log = logging.getLogger("edge_server.rpc")
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+REFLECTION_PREFIX = "/grpc.reflection."
+#: Open health ``Watch`` streams allowed at once (each holds a server thread).
+MAX_HEALTH_WATCHERS = 16
+#: Open server-reflection streams allowed at once.
+MAX_REFLECTION_STREAMS = 4
+#: Client-side mistakes: logged at info; everything else at warning (INTERNAL / UNKNOWN at error).
+_CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
+                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+def abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that fails every call with ``code``."""
+    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, message)
+
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(deny, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(deny, **kw)
+    return grpc.stream_stream_rpc_method_handler(deny, **kw)
+
+
+class _Aggregator:
+    """Logs the first event of a key at once, then at most one line per ``period_s`` with the count since."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        self.period_s = period_s
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], list[Any]] = {}  # key -> [count, first_time, details]
+        self._last: dict[tuple[str, str], float] = {}
+
+    def add(self, method: str, code: str, details: str) -> None:
+        now = time.monotonic()
+        key = (method, code)
+        with self._lock:
+            if now - self._last.get(key, -1e9) >= self.period_s and key not in self._pending:
+                self._last[key] = now
+                emit = True
+            else:
+                entry = self._pending.setdefault(key, [0, now, details])
+                entry[0] += 1
+                emit = False
+        if emit:
+            self._emit(key, 1, details)
+
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [(k, v) for k, v in self._pending.items() if force or now - self._last.get(k, -1e9) >= self.period_s]
+            for k, _ in due:
+                del self._pending[k]
+                self._last[k] = now
+        for k, (count, _t, details) in due:
+            self._emit(k, count, details)
+
+    @staticmethod
+    def _emit(key: tuple[str, str], count: int, details: str) -> None:
+        log.warning("rpc rejected", extra={"fields": {"method": key[0], "code": key[1], "count": count,
+                                                      "details": details}})
+
+
+class Admission(grpc.ServerInterceptor):
+    """Per-kind concurrency limits, drain refusal and the exception guard (see the module docstring)."""
+
+    def __init__(self, stats: ServerStats, max_unary: int, max_streams: int) -> None:
+        self.stats = stats
+        self.limits = {"unary": max_unary, "stream": max_streams, "watch": MAX_HEALTH_WATCHERS,
+                       "reflection": MAX_REFLECTION_STREAMS}
+        self._active = dict.fromkeys(self.limits, 0)
+        self._cond = threading.Condition()
+        self.draining = threading.Event()
+        self._rejections = _Aggregator()
+        self._stop_flusher = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="edge-reject-log", daemon=True)
+        self._flusher.start()
+
+    @property
+    def threads_needed(self) -> int:
+        """Server threads that admitted calls can hold at once (the pool adds a reserve for health and refusals)."""
+        return sum(self.limits.values())
+
+    def active(self, kind: str) -> int:
+        with self._cond:
+            return self._active[kind]
+
+    def start_draining(self) -> None:
+        self.draining.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no unary call or camera stream is running (health and watchers excluded)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._active["unary"] or self._active["stream"]:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        self._stop_flusher.set()
+        self._rejections.flush(force=True)
+
+    def _flush_loop(self) -> None:
+        while not self._stop_flusher.wait(0.5):
+            self._rejections.flush()
+
+    # -- interceptor -----------------------------------------------------------------------
+    @staticmethod
+    def _kind(method: str, handler: grpc.RpcMethodHandler) -> str | None:
+        if method == HEALTH_CHECK:
+            return None
+        if method == HEALTH_WATCH:
+            return "watch"
+        if method.startswith(REFLECTION_PREFIX):
+            return "reflection"
+        return "stream" if handler.request_streaming else "unary"
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        kind = self._kind(method, handler)
+        if kind is None:
+            return self._guard(handler, method, None)
+        if self.draining.is_set() and kind != "watch":
+            return self._refuse(handler, method, grpc.StatusCode.UNAVAILABLE,
+                                "server is shutting down; retry on another server or once it is back")
+        with self._cond:
+            admitted = self._active[kind] < self.limits[kind]
+            if admitted:
+                self._active[kind] += 1
+        if not admitted:
+            return self._refuse(handler, method, grpc.StatusCode.RESOURCE_EXHAUSTED, self._limit_message(kind))
+        return self._guard(handler, method, kind)
+
+    def _limit_message(self, kind: str) -> str:
+        n = self.limits[kind]
+        if kind == "stream":
+            return f"too many open camera streams (limit {n}, --max-streams); retry later"
+        if kind == "unary":
+            return f"server busy: {n} calls in progress (limit {n}, --max-concurrent); retry later"
+        if kind == "watch":
+            return f"too many health Watch streams (limit {n}); use Check"
+        return f"too many reflection streams (limit {n})"
+
+    def _refuse(self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode,
+                message: str) -> grpc.RpcMethodHandler:
+        self.stats.error(rejected=code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self._rejections.add(method, code.name, message)
+        return abort_handler(handler, code, message)
+
+    def _release_once(self, kind: str | None) -> Callable[[], None]:
+        done = [False]
+
+        def release() -> None:
+            if kind is None:
+                return
+            with self._cond:
+                if done[0]:
+                    return
+                done[0] = True
+                self._active[kind] -= 1
+                self._cond.notify_all()
+
+        return release
+
+    def _failed(self, method: str, context: grpc.ServicerContext, exc: Exception) -> None:
+        """Count and log a call ending in an exception; an unexpected one becomes INTERNAL (raises)."""
+        code = context.code()
+        self.stats.error()
+        if code is not None and code != grpc.StatusCode.OK:  # context.abort(): an intended status
+            details = context.details()
+            text = details.decode("utf-8", "replace") if isinstance(details, bytes) else str(details or "")
+            level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
+            log.log(level, "rpc error", extra={"fields": {"method": method, "code": code.name, "details": text,
+                                                          "peer": _peer(context)}})
+            return
+        log.error("unexpected error in handler; answered INTERNAL", exc_info=(type(exc), exc, exc.__traceback__),
+                  extra={"fields": {"method": method, "code": "INTERNAL", "error_type": type(exc).__name__,
+                                    "peer": _peer(context)}})
+        context.abort(grpc.StatusCode.INTERNAL,
+                      "internal server error; it is logged on the server")
+
+    def _guard(self, handler: grpc.RpcMethodHandler, method: str, kind: str | None) -> grpc.RpcMethodHandler:
+        release = self._release_once(kind)
+        kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream or handler.stream_stream
+
+            def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                context.add_callback(release)  # also when the client goes away mid-stream
+                try:
+                    yield from inner_stream(request, context)
+                except Exception as e:
+                    self._failed(method, context, e)
+                    raise
+                finally:
+                    release()
+
+            factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else \
+                grpc.stream_stream_rpc_method_handler
+            return factory(streaming, **kw)
+        inner = handler.unary_unary or handler.stream_unary
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return inner(request, context)
+            except Exception as e:
+                self._failed(method, context, e)
+                raise
+            finally:
+                release()
+
+        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return factory(unary, **kw)
+
+
+def _peer(context: grpc.ServicerContext) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # noqa: BLE001 - the peer is only informative
+        return ""
