@@ -124,8 +124,9 @@ def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
     return code() if callable(code) else None
 
 
-def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions) -> tuple[bool, str]:
-    """(retryable, one-line message) for a failed call."""
+def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False) -> tuple[bool, str]:
+    """(retryable, one-line message) for a failed call; ``established``: a call on this server already
+    succeeded, so a closed connection means the server went away, not a TLS mismatch during setup."""
     code, details = _code(err), _details(err)
     low = details.lower()
     where = f"server {opts.server}"
@@ -151,6 +152,9 @@ def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions) -> tuple[boo
         if "connection refused" in low:
             return True, f"cannot reach {where}: connection refused (is the server running on that port?)"
         if "socket closed" in low or "connection reset" in low:
+            if established:
+                return True, f"connection to {where} lost: the server closed it (stopped, killed or restarted?) " \
+                             f"({details})"
             hint = ("if it requires TLS pass --tls-ca" if not opts.secure else
                     "if it requires mutual TLS pass --tls-cert and --tls-key")
             return True, f"cannot connect to {where}: it closed the connection during setup ({hint}) ({details})"

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -42,7 +41,14 @@ from edgetune.bundle import load_bundle
 from edgetune.errors import BundleError, ConfigError
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import RequestFeeder, cached_test_bundle, copy_bundle, encode_png, texture_tiles
+from tests.edge_fixtures import (
+    CliServer,
+    RequestFeeder,
+    cached_test_bundle,
+    copy_bundle,
+    encode_png,
+    texture_tiles,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "admin-token-for-tests-0123456789"
@@ -95,51 +101,6 @@ def _labels_mismatch(src: Path, dst: Path, n: int = 2) -> Path:
     meta["labels"] = meta["labels"][:n]
     (dst / "bundle.json").write_text(json.dumps(meta))
     return dst
-
-
-# -- the CLI server (subprocess: its own RSS, its own JSON log) --------------------------------
-
-class CliServer:
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge_server", *args], cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=self._log, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        deadline = time.monotonic() + 90
-        self.port = 0
-        while time.monotonic() < deadline and not self.port:
-            for rec in self.records():
-                if rec.get("msg") == "serving":
-                    self.port = int(rec["port"])
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {log_path.read_text()[-2000:]}")
-            time.sleep(0.1)
-        assert self.port, f"server did not start: {log_path.read_text()[-2000:]}"
-        self.address = f"127.0.0.1:{self.port}"
-
-    def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            if line.strip():
-                out.append(json.loads(line))  # every line is JSON
-        return out
-
-    def hwm_mb(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) // 1024
-        raise AssertionError("no VmHWM")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
