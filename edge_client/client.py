@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 
 from edge_client.backoff import Backoff
-from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel
+from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel, retry_pushback_ms
 from edge_client.frames import EncodeOptions, encode_frame
 from edge_client.frames import result_record as make_record
 from edge_client.sources import CapturedFrame, Source, now_us
@@ -299,6 +299,7 @@ class CameraStream:
             idle.set()
             watcher = threading.Thread(target=self._watch_stop, args=(alive, call_box), daemon=True)
             established = False
+            pushback: int | None = None
             try:
                 info = self._probe(pb_grpc.ClassifierStub(channel))
                 established = True
@@ -324,6 +325,7 @@ class CameraStream:
                 retryable, raise_msg = describe_rpc_error(e, self.conn, established=established or self._connected_once)
                 if not retryable:
                     raise ClientError(raise_msg) from None
+                pushback = retry_pushback_ms(e)
             finally:
                 alive.clear()
                 with self._cond:
@@ -346,6 +348,8 @@ class CameraStream:
                     limit = f"{self.opts.max_retry_time:g} s" if self.opts.max_retry_time else "ever"
                     _log(cam, f"{raise_msg}; retrying for {limit}")
             delay = backoff.next_delay()
+            if delay is not None and pushback is not None:
+                delay = max(delay, pushback / 1000.0)  # the server said when to come back
             if delay is None:
                 raise ClientError(f"{raise_msg}; gave up after retrying for {self.opts.max_retry_time:g} s "
                                   "(--max-retry-time)")

@@ -124,6 +124,19 @@ def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
     return code() if callable(code) else None
 
 
+def retry_pushback_ms(err: grpc.RpcError) -> int | None:
+    """The server's ``grpc-retry-pushback-ms`` trailer (a refused call may be retried after it), if any."""
+    trailing = getattr(err, "trailing_metadata", None)
+    try:
+        for k, v in (trailing() if callable(trailing) else None) or ():
+            if k == "grpc-retry-pushback-ms":
+                ms = int(v)
+                return ms if ms >= 0 else None
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
 def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False) -> tuple[bool, str]:
     """(retryable, one-line message) for a failed call; ``established``: a call on this server already
     succeeded, so a closed connection means the server went away, not a TLS mismatch during setup."""
@@ -144,6 +157,8 @@ def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established:
         return False, f"permission denied by {where}: {details}"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return False, f"{where} does not serve edgetune.v1.Classifier (wrong port or program?): {details}"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_pushback_ms(err) is not None:
+        return True, f"{where} is at its limit (RESOURCE_EXHAUSTED): {details}"
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND):
         name = code.name if code is not None else "ERROR"

@@ -9,7 +9,8 @@ Limits are per kind of call, so that one kind cannot starve another (Envoy's per
   (:data:`MAX_REFLECTION_STREAMS`);
 * health ``Check`` is never limited and never refused, not even while draining.
 
-A call over its limit gets RESOURCE_EXHAUSTED naming the limit; those replies are counted in
+A call over its limit gets RESOURCE_EXHAUSTED naming the limit, with the trailer
+``grpc-retry-pushback-ms`` (the camera client waits that long and retries); those replies are counted in
 ``errors_total`` and logged, aggregated per second (a flood of them must not become a flood of log lines).
 While the server drains (:meth:`Admission.start_draining`), new calls other than health get UNAVAILABLE.
 
@@ -44,9 +45,17 @@ _CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, gr
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
-def abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that fails every call with ``code``."""
+#: Trailer telling clients when a refused call may be retried (gRPC's retry pushback, proposal A6).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+RETRY_PUSHBACK_MS = 1000
+
+
+def abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+                  trailing: tuple[tuple[str, str], ...] = ()) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that fails every call with ``code`` (and ``trailing`` metadata)."""
     def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+        if trailing:
+            context.set_trailing_metadata(trailing)
         context.abort(code, message)
 
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
@@ -188,7 +197,7 @@ class Admission(grpc.ServerInterceptor):
                 message: str) -> grpc.RpcMethodHandler:
         self.stats.error(rejected=code == grpc.StatusCode.RESOURCE_EXHAUSTED)
         self._rejections.add(method, code.name, message)
-        return abort_handler(handler, code, message)
+        return abort_handler(handler, code, message, ((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),))
 
     def _release_once(self, kind: str | None) -> Callable[[], None]:
         done = [False]

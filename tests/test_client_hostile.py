@@ -154,3 +154,40 @@ def test_client_token_on_command_line_warns(bundle: Path, tmp_path: Path) -> Non
         assert r.returncode == 2 and "cannot read" in r.stderr
     finally:
         srv.stop(grace=0.0)
+
+
+def test_client_retries_when_the_stream_limit_pushes_back(bundle: Path, tmp_path: Path,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """An idle stream holds the only stream slot: the camera is refused (RESOURCE_EXHAUSTED with
+    grpc-retry-pushback-ms), waits, retries, and gets in once the idle stream is closed by the server."""
+    import grpc
+
+    from edgetune.v1 import classifier_pb2_grpc as pb_grpc
+
+    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_streams=1,
+                      stream_idle_s=1.5, grace_s=0.0).start()
+    stop = threading.Event()
+
+    def idle() -> Any:
+        stop.wait()
+        return
+        yield
+
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            squatter = pb_grpc.ClassifierStub(ch).StreamClassify(idle())
+            time.sleep(0.3)
+            d = write_image_dir(tmp_path / "imgs", n=3, size=64)
+            records: list[dict] = []
+            cs = CameraStream(open_source(str(d), "door"), ConnectionOptions(srv.address),
+                              StreamOptions(backoff_initial=0.1, backoff_max=0.5, max_retry_time=20.0),
+                              [lambda rec, _img: records.append(rec)])
+            thread, box = _start(cs)
+            thread.join(timeout=30)
+            assert not thread.is_alive() and "error" not in box, box
+            assert squatter.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        stop.set()
+        srv.stop(grace=0.0)
+    assert [r["frame_id"] for r in records] == [0, 1, 2]
+    assert "RESOURCE_EXHAUSTED" in capfd.readouterr().err

@@ -13,7 +13,6 @@ before OpenCV sees it; every other format is refused with the list of accepted o
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -34,15 +33,9 @@ from edgetune.preprocess import (
     decode_image,
     read_image_header,
 )
+from tests.hostile_media import CRAFTED, EXT, encode, oversized, patch_webp_lossless, tiff_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-EXT = {"PNG": ".png", "JPEG": ".jpg", "WebP": ".webp", "TIFF": ".tiff", "BMP": ".bmp"}
-
-
-def _encode(fmt: str, img: np.ndarray, params: list[int] | None = None) -> bytes:
-    ok, buf = cv2.imencode(EXT[fmt], img, params or [])
-    assert ok
-    return buf.tobytes()
 
 
 @pytest.fixture()
@@ -73,7 +66,7 @@ def test_header_dimensions_match_the_decoded_image(fmt: str, h: int, w: int, cha
         channels = 3  # JPEG has no alpha
     img = np.random.default_rng(seed).integers(0, 256, (h, w, channels) if channels > 1 else (h, w), np.uint8)
     params = [cv2.IMWRITE_WEBP_QUALITY, 101] if fmt == "WebP" and seed % 2 else []
-    data = _encode(fmt, img, params)
+    data = encode(fmt, img, params)
     head = read_image_header(data)
     assert (head.format, head.width, head.height) == (fmt, w, h)
     decoded = decode_image(data)
@@ -82,94 +75,19 @@ def test_header_dimensions_match_the_decoded_image(fmt: str, h: int, w: int, cha
     assert head.width * head.height * head.channels * head.bytes_per_sample >= raw.nbytes  # an upper bound
 
 
-def _patch_png(data: bytes, w: int, h: int) -> bytes:
-    return data[:16] + struct.pack(">II", w, h) + data[24:]
-
-
-def _patch_jpeg(data: bytes, w: int, h: int) -> bytes:
-    i = data.index(b"\xff\xc0")  # baseline SOF0
-    return data[: i + 5] + struct.pack(">HH", h, w) + data[i + 9 :]
-
-
-def _patch_bmp(data: bytes, w: int, h: int) -> bytes:
-    return data[:18] + struct.pack("<ii", w, h) + data[26:]
-
-
-def _patch_webp_lossless(data: bytes, w: int, h: int) -> bytes:
-    i = data.index(b"VP8L")
-    bits = int.from_bytes(data[i + 9 : i + 13], "little")
-    bits = (w - 1) | ((h - 1) << 14) | (bits & ~((1 << 28) - 1))
-    return data[: i + 9] + bits.to_bytes(4, "little") + data[i + 13 :]
-
-
-def _patch_webp_lossy(data: bytes, w: int, h: int) -> bytes:
-    i = data.index(b"VP8 ")
-    j = i + 8 + 6  # chunk payload: 3-byte frame tag, 3-byte start code, then 14-bit width / height
-    return data[:j] + struct.pack("<HH", w, h) + data[j + 4 :]
-
-
-def tiff_bytes(w: int, h: int, data: bytes = b"\0" * 16, big_endian: bool = False, bigtiff: bool = False,
-               spp: int = 1, bits: int = 8, tile: tuple[int, int] | None = None) -> bytes:
-    """A minimal uncompressed TIFF (or BigTIFF) declaring ``w`` x ``h`` with ``data`` as its only strip."""
-    e = ">" if big_endian else "<"
-    tags = [(256, 4, w), (257, 4, h), (258, 3, bits), (259, 3, 1), (262, 3, 1 if spp == 1 else 2),
-            (273, 4, 0), (277, 3, spp), (278, 4, h), (279, 4, len(data))]
-    if tile is not None:
-        tags += [(322, 4, tile[0]), (323, 4, tile[1])]
-    if bigtiff:
-        head = (b"MM" if big_endian else b"II") + struct.pack(e + "HHHQ", 43, 8, 0, 16)
-        ifd_size = 8 + 20 * len(tags) + 8
-        strip_at = 16 + ifd_size
-        ifd = struct.pack(e + "Q", len(tags))
-        for tag, typ, val in tags:
-            val = strip_at if tag == 273 else val
-            ifd += struct.pack(e + "HHQQ", tag, 16 if typ == 4 else typ, 1, val) if typ == 4 else \
-                struct.pack(e + "HHQH6x", tag, typ, 1, val)
-        return head + ifd + struct.pack(e + "Q", 0) + data
-    head = (b"MM" if big_endian else b"II") + struct.pack(e + "HI", 42, 8)
-    ifd_size = 2 + 12 * len(tags) + 4
-    strip_at = 8 + ifd_size
-    ifd = struct.pack(e + "H", len(tags))
-    for tag, typ, val in tags:
-        val = strip_at if tag == 273 else val
-        ifd += struct.pack(e + "HHII", tag, typ, 1, val) if typ == 4 else struct.pack(e + "HHIH2x", tag, typ, 1, val)
-    return head + ifd + struct.pack(e + "I", 0) + data
-
-
-def _oversized(fmt: str, w: int, h: int) -> bytes:
-    small = np.full((16, 16, 3), 77, np.uint8)
-    if fmt == "PNG":
-        return _patch_png(_encode("PNG", small), w, h)
-    if fmt == "JPEG":
-        return _patch_jpeg(_encode("JPEG", small), w, h)
-    if fmt == "BMP":
-        return _patch_bmp(_encode("BMP", small), w, h)
-    if fmt == "WebP-lossless":
-        return _patch_webp_lossless(_encode("WebP", small, [cv2.IMWRITE_WEBP_QUALITY, 101]), w, h)
-    if fmt == "WebP-lossy":
-        return _patch_webp_lossy(_encode("WebP", small, [cv2.IMWRITE_WEBP_QUALITY, 80]), w, h)
-    if fmt == "TIFF":
-        return tiff_bytes(w, h)
-    if fmt == "TIFF-be":
-        return tiff_bytes(w, h, big_endian=True)
-    if fmt == "BigTIFF":
-        return tiff_bytes(w, h, bigtiff=True)
-    raise AssertionError(fmt)
-
-
-ALL_CRAFTED = ["PNG", "JPEG", "BMP", "WebP-lossless", "WebP-lossy", "TIFF", "TIFF-be", "BigTIFF"]
+ALL_CRAFTED = list(CRAFTED)
 
 
 @pytest.mark.parametrize("fmt", ALL_CRAFTED)
 def test_crafted_headers_are_read(fmt: str) -> None:
-    head = read_image_header(_oversized(fmt, 3000, 2000))
+    head = read_image_header(oversized(fmt, 3000, 2000))
     assert (head.width, head.height) == (3000, 2000)
     assert head.format == fmt.split("-")[0].replace("BigTIFF", "TIFF")
 
 
 @pytest.mark.parametrize("fmt", ALL_CRAFTED)
 def test_oversized_image_is_refused_before_decoding(fmt: str, imdecode_calls: list) -> None:
-    data = _oversized(fmt, 5000, 4000)
+    data = oversized(fmt, 5000, 4000)
     assert len(data) < 2000  # a few hundred bytes that would decode to 20 M pixels
     with pytest.raises(ImageDecodeError, match="5000x4000 exceeds 1000000 pixels"):
         decode_image(data, max_pixels=1_000_000)
@@ -186,7 +104,7 @@ def test_tiff_tile_larger_than_the_image_is_refused(imdecode_calls: list) -> Non
 
 def test_webp_bomb_memory_stays_small() -> None:
     """A 38-byte lossless WebP declaring 8192x8192 (67 M pixels): refused with < 40 MB peak RSS growth."""
-    bomb = _patch_webp_lossless(_encode("WebP", np.full((16, 16, 3), 77, np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101]),
+    bomb = patch_webp_lossless(encode("WebP", np.full((16, 16, 3), 77, np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101]),
                                 8192, 8192)
     code = f"""
 import json, sys
