@@ -17,10 +17,18 @@ While the server drains (:meth:`Admission.start_draining`), new calls other than
 Every admitted call runs inside a guard: an exception that escapes a handler becomes INTERNAL (never
 gRPC's UNKNOWN) with a logged traceback, and every call that ends with an error status is counted in
 ``errors_total`` and logged with its method and code.
+
+The guard serves every method as a client-streaming one on the wire-compatible side (a unary request is
+one message either way): gRPC then runs the handler, with its context, as soon as the call arrives,
+instead of holding a server thread, outside any limit and beyond any release, until the request message
+arrives. So a slot is always released when the call ends (``context.add_callback``), and a call whose
+request message does not arrive within ``request_timeout_s`` is cancelled (headers-only slow loris).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -52,20 +60,67 @@ RETRY_PUSHBACK_MS = 1000
 
 def abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
                   trailing: tuple[tuple[str, str], ...] = ()) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that fails every call with ``code`` (and ``trailing`` metadata)."""
-    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+    """A handler of the same response shape as ``handler`` that fails every call with ``code`` (and ``trailing``
+    metadata) at once, without waiting for (or reading) the request message."""
+    def deny(_requests: Any, context: grpc.ServicerContext) -> Any:
         if trailing:
             context.set_trailing_metadata(trailing)
         context.abort(code, message)
 
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny, **kw)
-    return grpc.stream_stream_rpc_method_handler(deny, **kw)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny, **kw)
+    return grpc.stream_unary_rpc_method_handler(deny, **kw)
+
+
+class _Watchdog:
+    """One thread that runs ``fn`` at its deadline unless disarmed first (cheap per-call timeouts)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, list[Any]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, timeout: float, fn: Callable[[], Any]) -> list[Any]:
+        entry: list[Any] = [fn, False]  # [callback or None once disarmed, fired]
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + timeout, next(self._seq), entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="edge-request-timeout", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return entry
+
+    @staticmethod
+    def disarm(entry: list[Any]) -> bool:
+        """Disarm; True when it had already fired."""
+        fired = bool(entry[1])
+        entry[0] = None
+        return fired
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                when, _, entry = self._heap[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+            fn = entry[0]
+            if fn is not None:
+                entry[1] = True
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - the call may be gone already
+                    log.debug("request timeout callback failed", exc_info=True)
+
+
+class _CallGone(Exception):
+    """The request message will never be read: the client cancelled or gRPC already answered the call."""
 
 
 class _Aggregator:
@@ -110,8 +165,10 @@ class _Aggregator:
 class Admission(grpc.ServerInterceptor):
     """Per-kind concurrency limits, drain refusal and the exception guard (see the module docstring)."""
 
-    def __init__(self, stats: ServerStats, max_unary: int, max_streams: int) -> None:
+    def __init__(self, stats: ServerStats, max_unary: int, max_streams: int, request_timeout_s: float = 30.0) -> None:
         self.stats = stats
+        self.request_timeout_s = request_timeout_s
+        self._watchdog = _Watchdog()
         self.limits = {"unary": max_unary, "stream": max_streams, "watch": MAX_HEALTH_WATCHERS,
                        "reflection": MAX_REFLECTION_STREAMS}
         self._active = dict.fromkeys(self.limits, 0)
@@ -228,41 +285,68 @@ class Admission(grpc.ServerInterceptor):
         log.error("unexpected error in handler; answered INTERNAL", exc_info=(type(exc), exc, exc.__traceback__),
                   extra={"fields": {"method": method, "code": "INTERNAL", "error_type": type(exc).__name__,
                                     "peer": _peer(context)}})
-        context.abort(grpc.StatusCode.INTERNAL,
-                      "internal server error; it is logged on the server")
+        context.abort(grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
+
+    def _one_request(self, requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Any:
+        """The single request message of a unary-request call, within ``request_timeout_s``."""
+        timer = self._watchdog.arm(self.request_timeout_s, context.cancel) if self.request_timeout_s else None
+        try:
+            return next(requests)
+        except StopIteration:
+            if context.is_active():  # half-closed without a message
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected exactly one request message, got none")
+            self.stats.error()  # gRPC answered already (INTERNAL: undecodable message; logged by grpc._common)
+            raise _CallGone() from None
+        except grpc.RpcError:
+            if timer is not None and self._watchdog.disarm(timer):
+                self.stats.error()
+                log.warning("rpc error", extra={"fields": {
+                    "method": method, "code": "CANCELLED", "peer": _peer(context),
+                    "details": f"no request message within {self.request_timeout_s:g} s; call cancelled"}})
+            raise _CallGone() from None
+        finally:
+            if timer is not None:
+                self._watchdog.disarm(timer)
 
     def _guard(self, handler: grpc.RpcMethodHandler, method: str, kind: str | None) -> grpc.RpcMethodHandler:
         release = self._release_once(kind)
         kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        unary_request = not handler.request_streaming
+
+        def start(requests: Any, context: grpc.ServicerContext) -> Any:
+            if not context.add_callback(release):  # the call ended already
+                release()
+            return self._one_request(requests, context, method) if unary_request else requests
+
         if handler.response_streaming:
             inner_stream = handler.unary_stream or handler.stream_stream
 
-            def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                context.add_callback(release)  # also when the client goes away mid-stream
+            def streaming(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
-                    yield from inner_stream(request, context)
+                    yield from inner_stream(start(requests, context), context)
+                except _CallGone:
+                    context.abort(grpc.StatusCode.CANCELLED, "call ended before its request was read")
                 except Exception as e:
                     self._failed(method, context, e)
                     raise
                 finally:
                     release()
 
-            factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else \
-                grpc.stream_stream_rpc_method_handler
-            return factory(streaming, **kw)
+            return grpc.stream_stream_rpc_method_handler(streaming, **kw)
         inner = handler.unary_unary or handler.stream_unary
 
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        def unary(requests: Any, context: grpc.ServicerContext) -> Any:
             try:
-                return inner(request, context)
+                return inner(start(requests, context), context)
+            except _CallGone:
+                context.abort(grpc.StatusCode.CANCELLED, "call ended before its request was read")
             except Exception as e:
                 self._failed(method, context, e)
                 raise
             finally:
                 release()
 
-        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-        return factory(unary, **kw)
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
 
 
 def _peer(context: grpc.ServicerContext) -> str:

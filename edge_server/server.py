@@ -76,7 +76,8 @@ class ServerConfig:
     grace_s: float = 10.0
     #: camera streams open at once (their own limit: unary calls and health are never starved by them)
     max_streams: int = 32
-    #: a stream that sends no frame for this long is closed (0 = never)
+    #: a stream that sends no frame for this long is closed, a unary call whose request message does not
+    #: arrive within it is cancelled (0 = never)
     stream_idle_s: float = 30.0
     #: LoadModel: off unless enabled; needs its own admin token and a model root
     load_model: bool = False
@@ -137,7 +138,8 @@ class EdgeServer:
                                 batch_wait=config.batch_wait, intra_op_threads=config.intra_op_threads, precision=config.precision)
         policy = (LoadModelPolicy(config.admin_token, config.model_root)
                   if config.load_model and config.admin_token and config.model_root is not None else None)
-        self.admission = Admission(self.stats, max_unary=config.max_concurrent, max_streams=config.max_streams)
+        self.admission = Admission(self.stats, max_unary=config.max_concurrent, max_streams=config.max_streams,
+                                   request_timeout_s=config.stream_idle_s)
         # The admission guard is outermost: it also sees (and counts, and logs) the token check's refusals.
         interceptors: list[grpc.ServerInterceptor] = [self.admission]
         if config.token:

@@ -217,6 +217,38 @@ def test_stream_limit_idle_timeout_and_rejections_counted(bundle: Path, good_png
         srv.stop(grace=1)
 
 
+def test_headers_only_unary_calls_are_bounded_and_cancelled(bundle: Path, good_png: bytes) -> None:
+    """Unary calls that send headers but never their request message (slow loris): refusals are immediate,
+    admitted ones are cancelled after the idle timeout, health is answered throughout."""
+    srv = _serve(bundle, max_concurrent=4, stream_idle_s=1.0)
+    never = threading.Event()
+
+    def no_message() -> Any:
+        never.wait()
+        return
+        yield
+
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            raw = ch.stream_unary("/edgetune.v1.Classifier/GetStats")  # a unary method, its message withheld
+            t0 = time.monotonic()
+            calls = [raw.future(no_message(), timeout=30) for _ in range(12)]
+            time.sleep(0.5)
+            refused = [c for c in calls if c.done()]
+            assert len(refused) == 8 and {c.code() for c in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert _health(ch) == health_pb2.HealthCheckResponse.SERVING
+            for c in calls:
+                assert c.exception(timeout=5) is not None
+            assert {c.code() for c in calls if c not in refused} == {grpc.StatusCode.CANCELLED}
+            assert time.monotonic() - t0 < 4
+            stub = pb_grpc.ClassifierStub(ch)
+            assert stub.Classify(pb.ClassifyRequest(image=good_png), timeout=5).predictions  # slots released
+            assert stub.GetStats(pb.GetStatsRequest(), timeout=5).errors_total >= 12
+    finally:
+        never.set()
+        srv.stop(grace=1)
+
+
 def test_health_is_never_refused_by_the_concurrency_limit(bundle: Path, good_png: bytes) -> None:
     srv = _serve(bundle, max_concurrent=1, max_batch=8, max_wait_ms=1500, batch_wait="fixed")
     try:
