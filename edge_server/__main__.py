@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from edge_server.logs import configure_logging
+from edge_server.logs import NativeStderr, configure_logging
 from edge_server.runners import BACKENDS
 from edgetune.errors import EdgetuneError
 
@@ -97,9 +97,34 @@ def _tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return token, admin
 
 
+def _return_large_buffers_to_the_os() -> None:
+    """glibc raises its mmap threshold after large frees, so image-sized buffers (messages, decoded images)
+    then come from thread arenas and stay in the RSS; a fixed 256 KiB threshold keeps them mmap'ed and returned
+    on free (measured: peak RSS after 16 MB requests 330 -> 223 MB). No-op where glibc's mallopt is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD (fixing it also disables the dynamic adjustment)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    _return_large_buffers_to_the_os()
+    native = NativeStderr()  # libjpeg/OpenCV/ONNX Runtime stderr lines become JSON log records
+    try:
+        configure_logging(args.log_level, native.stream)
+        return _serve(args, native)
+    finally:
+        native.close()
+
+
+def _serve(args: argparse.Namespace, native: NativeStderr) -> int:
     from edge_server.server import ServerConfig, serve  # after logging is set up (grpc import is slow)
 
     try:
@@ -119,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(config)
     except EdgetuneError as e:
         log.error("cannot start server", extra={"fields": {"error": str(e), "error_type": type(e).__name__}})
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=native.stream)  # the one plain line, for people
         return 2
 
 

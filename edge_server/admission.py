@@ -23,6 +23,10 @@ one message either way): gRPC then runs the handler, with its context, as soon a
 instead of holding a server thread, outside any limit and beyond any release, until the request message
 arrives. So a slot is always released when the call ends (``context.add_callback``), and a call whose
 request message does not arrive within ``request_timeout_s`` is cancelled (headers-only slow loris).
+
+Request messages are parsed by the guard, not by gRPC: grpcio (1.85) leaks the HTTP/2 stream of every
+call whose request fails to deserialize, so about a hundred undecodable messages made a connection refuse
+every further call (health included) with REFUSED_STREAM. Here such a call simply gets INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message
             context.set_trailing_metadata(trailing)
         context.abort(code, message)
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}  # never parsed
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny, **kw)
     return grpc.stream_unary_rpc_method_handler(deny, **kw)
@@ -310,13 +314,20 @@ class Admission(grpc.ServerInterceptor):
 
     def _guard(self, handler: grpc.RpcMethodHandler, method: str, kind: str | None) -> grpc.RpcMethodHandler:
         release = self._release_once(kind)
-        kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        parse = handler.request_deserializer
+        kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}  # raw bytes in
         unary_request = not handler.request_streaming
 
         def start(requests: Any, context: grpc.ServicerContext) -> Any:
             if not context.add_callback(release):  # the call ended already
                 release()
-            return self._one_request(requests, context, method) if unary_request else requests
+            if unary_request:
+                raw = self._one_request(requests, context, method)
+                try:
+                    return parse(raw) if parse is not None else raw
+                except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {_message_name(parse)}")
+            return _ParsedRequests(requests, parse, context, self, method)
 
         if handler.response_streaming:
             inner_stream = handler.unary_stream or handler.stream_stream
@@ -347,6 +358,38 @@ class Admission(grpc.ServerInterceptor):
                 release()
 
         return grpc.stream_unary_rpc_method_handler(unary, **kw)
+
+
+class _ParsedRequests:
+    """A stream's request messages, parsed here; an undecodable one ends the stream with INVALID_ARGUMENT."""
+
+    def __init__(self, raw: Iterator[Any], parse: Callable[[bytes], Any] | None, context: grpc.ServicerContext,
+                 admission: Admission, method: str) -> None:
+        self._raw, self._parse, self._context, self._admission, self._method = raw, parse, context, admission, method
+
+    def __iter__(self) -> _ParsedRequests:
+        return self
+
+    def __next__(self) -> Any:
+        data = next(self._raw)
+        if self._parse is None:
+            return data
+        try:
+            return self._parse(data)
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
+            message = f"a request message is not a valid {_message_name(self._parse)}; stream ended"
+            self._context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            self._context.set_details(message)
+            self._admission.stats.error()
+            log.info("rpc error", extra={"fields": {"method": self._method, "code": "INVALID_ARGUMENT",
+                                                    "details": message, "peer": _peer(self._context)}})
+            raise StopIteration from None
+
+
+def _message_name(parse: Any) -> str:
+    cls = getattr(parse, "__self__", None)
+    descriptor = getattr(cls, "DESCRIPTOR", None)
+    return f"{descriptor.full_name} message" if descriptor is not None else "request message"
 
 
 def _peer(context: grpc.ServicerContext) -> str:

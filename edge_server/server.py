@@ -250,8 +250,10 @@ def grpc_server_options(config: ServerConfig, max_bytes: int) -> list[tuple[str,
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.so_reuseport", 0),
-        # HTTP/2 streams per connection (each call is one; limits what one connection can queue)
-        ("grpc.max_concurrent_streams", max(16, min(1000, config.max_streams + config.max_concurrent + 8))),
+        # HTTP/2 streams per connection (each call is one): bounds what one connection can queue, and stays above
+        # everything the limits admit (a client's connection is shared by all its channels to this server), so
+        # health checks on a busy connection are not refused by HTTP/2 itself
+        ("grpc.max_concurrent_streams", config.max_streams + config.max_concurrent + _THREAD_RESERVE + 64),
         # the server pings connections to find dead peers (half-open TCP from a camera that lost power)
         ("grpc.keepalive_time_ms", ms(config.keepalive_s)),
         ("grpc.keepalive_timeout_ms", ms(config.keepalive_timeout_s)),

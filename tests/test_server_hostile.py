@@ -17,8 +17,10 @@ One test (or group) per finding; each failed against the server before the fix:
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -46,6 +48,7 @@ from tests.edge_fixtures import (
     RequestFeeder,
     cached_test_bundle,
     copy_bundle,
+    encode_jpeg,
     encode_png,
     texture_tiles,
 )
@@ -497,14 +500,53 @@ def test_unexpected_handler_exception_is_internal_and_logged(bundle: Path, good_
         srv.stop(grace=1)
 
 
-def test_grpc_own_errors_reach_the_json_log(cli: CliServer) -> None:
+def test_undecodable_protobuf_is_invalid_argument_and_leaks_nothing(bundle: Path, good_png: bytes) -> None:
+    """grpcio leaks the HTTP/2 stream of a call whose request fails to deserialize: ~100 such calls made the
+    connection refuse everything after (REFUSED_STREAM), health included. The guard parses requests itself."""
+    srv = _serve(bundle)
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            raw = ch.unary_unary("/edgetune.v1.Classifier/Classify")  # bytes in, bytes out
+            raw_stream = ch.stream_stream("/edgetune.v1.Classifier/StreamClassify")
+            garbage = b"\xff\xff\xff\xff not a protobuf"
+            codes = collections.Counter()
+            for _ in range(250):
+                codes[_code(raw, garbage, timeout=10)] += 1
+            for _ in range(50):
+                codes[_code(lambda: list(raw_stream(iter([garbage]), timeout=10)))] += 1
+            assert codes == {grpc.StatusCode.INVALID_ARGUMENT: 300}, codes
+            e = _err(raw, garbage, timeout=10)
+            assert "not a valid edgetune.v1.ClassifyRequest" in e.details()
+            stub = pb_grpc.ClassifierStub(ch)
+            assert stub.Classify(pb.ClassifyRequest(image=good_png), timeout=5).predictions  # same connection
+            assert _health(ch) == health_pb2.HealthCheckResponse.SERVING
+            assert stub.GetStats(pb.GetStatsRequest(), timeout=5).errors_total >= 300
+    finally:
+        srv.stop(grace=1)
+
+
+def test_grpc_and_native_errors_reach_the_json_log(cli: CliServer, good_png: bytes) -> None:
+    """gRPC's own loggers and what C libraries print on stderr (libjpeg on a corrupt JPEG) become JSON lines."""
+    import io
+
+    from edge_server.logs import configure_logging
+
+    buf = io.StringIO()
+    configure_logging("info", buf)
+    try:
+        logging.getLogger("grpc._server").error("Exception calling application: boom")
+        logging.getLogger("grpc._common").info("not shown: gRPC's loggers report warnings and up")
+    finally:
+        configure_logging("info", sys.stderr)
+    lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert [(r["logger"], r["level"]) for r in lines] == [("grpc._server", "error")]
+    corrupt = bytearray(encode_jpeg(texture_tiles("test")[0][0]))
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 40] = b"\x00" * 40
     with grpc.insecure_channel(cli.address) as ch:
-        raw = ch.unary_unary("/edgetune.v1.Classifier/Classify")  # bytes in, bytes out
-        e = _err(raw, b"\xff\xff\xff\xff not a protobuf", timeout=10)
-        assert e.code() == grpc.StatusCode.INTERNAL
-    time.sleep(0.3)
-    grpc_lines = [r for r in cli.records() if r["logger"].startswith("grpc")]
-    assert any("deserializ" in r["msg"].lower() for r in grpc_lines), grpc_lines
+        _code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(image=bytes(corrupt)), timeout=10)
+    time.sleep(0.5)
+    native = [r for r in cli.records() if r["logger"] == "edge_server.native"]
+    assert any("JPEG" in r["text"] for r in native), native  # libjpeg's warning, as a JSON record
 
 
 # -- finding 6 ---------------------------------------------------------------------------------
