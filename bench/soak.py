@@ -257,7 +257,7 @@ class Soak:
 
     def hostile_unary(self, stub: Any, _ch: grpc.Channel) -> None:
         if not hasattr(self, "_payloads"):
-            self._payloads = hostile_payloads(self.good[0])
+            self._payloads = self.good_payloads
             self._next = 0
         name, data, top_k = self._payloads[self._next % len(self._payloads)]
         self._next += 1
@@ -453,8 +453,11 @@ class Soak:
         from edge_client.sources import VideoFileSource
 
         args = self.args
+        t_prep = time.monotonic()
         self.prepare()
+        self.good_payloads = hostile_payloads(self.good[0])
         srv = self.start_server()
+        self.phases = {"prepare_s": round(time.monotonic() - t_prep, 1)}
         port = srv.port
         self.rss_at_start_mb = srv.hwm_mb()
         t_start = self.t0 = time.monotonic()
@@ -496,9 +499,11 @@ class Soak:
         restart_s = self.window[1] - 0.5 - t_kill
         self.stop.wait(max(0.0, t_start + args.duration - time.monotonic()))
         self.stop.set()
+        t_join = time.monotonic()
         for t in threads:
             t.join(timeout=30)
         client.join(timeout=60)
+        self.phases["join_s"] = round(time.monotonic() - t_join, 1)
         with grpc.insecure_channel(second.address) as ch:
             final = pb_grpc.ClassifierStub(ch).GetStats(pb.GetStatsRequest(), timeout=10, metadata=CAM_MD)
         second.stop()
@@ -569,6 +574,7 @@ class Soak:
         return {
             "duration_s": self.args.duration, "wall_s": round(wall, 1), "cpus": os.cpu_count(),
             "restart_window_s": [round(v - self.t0, 2) for v in self.window] if self.window else None,
+            **self.phases,
             "load_average_end": [round(v, 2) for v in load],
             "requests_served": t.served, "hostile_inputs": t.hostile,
             "peak_rss_mb": self.peak_rss_mb, "rss_limit_mb": self.args.rss_limit_mb,
