@@ -226,10 +226,17 @@ class Admission(grpc.ServerInterceptor):
         return "stream" if handler.request_streaming else "unary"
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        try:
+            handler = continuation(handler_call_details)
+        except Exception:  # a bug in a later interceptor: INTERNAL and a log line, not gRPC's UNKNOWN
+            log.exception("unexpected error looking up the handler; answered INTERNAL",
+                          extra={"fields": {"method": method, "code": "INTERNAL"}})
+            self.stats.error()
+            return abort_handler(grpc.stream_stream_rpc_method_handler(lambda *_: iter(())),
+                                 grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
         if handler is None:
             return None
-        method = handler_call_details.method
         kind = self._kind(method, handler)
         if kind is None:
             return self._guard(handler, method, None)
