@@ -559,8 +559,15 @@ def test_camera_id_is_bounded_and_stats_stay_small(bundle: Path, good_png: bytes
             stub = pb_grpc.ClassifierStub(ch)
             frames = [pb.Frame(camera_id=f"{i}" + "x" * (1 << 20), frame_id=i, image=good_png) for i in range(3)]
             frames.append(pb.Frame(camera_id="ok-cam", frame_id=3, image=good_png))
-            results = list(stub.StreamClassify(iter(frames), timeout=30))
-            assert [r.frame_id for r in results][-1] == 3
+            feeder = RequestFeeder()
+            stream = stub.StreamClassify(feeder, timeout=30)
+            results = []
+            for f in frames:  # one at a time: none is replaced by the next (latest frame wins)
+                feeder.send(f)
+                results.append(next(stream))
+            feeder.end()
+            assert list(stream) == []
+            assert [r.frame_id for r in results] == [0, 1, 2, 3]
             for r in results[:-1]:
                 assert "camera_id" in r.error and len(r.camera_id) <= 128 and not r.predictions
             assert results[-1].predictions and results[-1].camera_id == "ok-cam"
