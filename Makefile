@@ -10,11 +10,12 @@ EXTRAS ?= train,serve,client,dev,postgres
 opt = $(if $($(1)),$(2) $($(1)))
 
 .PHONY: install test test-fast lint proto proto-check train tune export engine serve client dashboard report \
-        bench bench-search bench-train bench-serve bench-client clean help
+        bench bench-search bench-train bench-serve bench-client soak clean help
 
 help:
 	@echo "make tune | make test | make train DATA=textures EPOCHS=2 OUT=runs/x | make export RUN=… OUT=…"
 	@echo "make serve BUNDLE=… PORT=50051 | make client SOURCE=… SERVER=127.0.0.1:50051 | make dashboard | make bench"
+	@echo "make soak [SOAK_DURATION=120] [SOAK_ARGS='--bundle … --bundle-b …']  (hostile-load soak of the edge server)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +78,11 @@ bench-serve: $(STAMP)
 	$(PY) bench/bench_serve.py $(BENCH_ARGS)
 bench-client: $(STAMP)
 	$(PY) bench/bench_client.py $(BENCH_ARGS)
+
+# Soak + fuzz of the edge server under hostile load (not part of `make test`; tests/test_soak.py runs 20 s of it).
+SOAK_DURATION ?= 120
+soak: $(STAMP)
+	$(PY) bench/soak.py --duration $(SOAK_DURATION) --json bench/results/soak.json $(SOAK_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

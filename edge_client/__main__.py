@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
     srv.add_argument("--tls-key", help="PEM client key (mutual TLS)")
     srv.add_argument("--tls-server-name", help="name expected in the server certificate (default: the host)")
-    srv.add_argument("--token", default=os.environ.get("EDGETUNE_TOKEN"),
-                     help="bearer token (default $EDGETUNE_TOKEN), sent as 'authorization: Bearer <token>'")
+    srv.add_argument("--token-file", help="file holding the bearer token (default: $EDGETUNE_TOKEN), sent as "
+                                           "'authorization: Bearer <token>'")
+    srv.add_argument("--token", help="the bearer token on the command line (visible in the process table: "
+                                     "prefer --token-file or $EDGETUNE_TOKEN)")
     srv.add_argument("--max-retry-time", type=float, default=60.0,
                      help="seconds to keep reconnecting to an unreachable server before giving up (0 = forever)")
     srv.add_argument("--connect-timeout", type=float, default=3.0, help="seconds per connection attempt")
@@ -141,6 +143,27 @@ def _run_stream(args: argparse.Namespace, conn: Any) -> int:
     return EXIT_FAILED if failures else EXIT_OK
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    from edgetune.errors import ConfigError
+
+    if args.token and args.token_file:
+        raise ConfigError("give the token once: --token-file or --token, not both")
+    if args.token:
+        print("edge_client: warning: --token puts the token in the process table (ps) for every local user to "
+              "read; use --token-file FILE or the EDGETUNE_TOKEN environment variable instead", file=sys.stderr)
+        return str(args.token)
+    if args.token_file:
+        try:
+            token = open(args.token_file, encoding="utf-8").read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the token file {args.token_file}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        if not token:
+            raise ConfigError(f"the token file {args.token_file} is empty")
+        return token
+    return os.environ.get("EDGETUNE_TOKEN") or None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -154,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conn = ConnectionOptions(server=args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                                  tls_key=args.tls_key, tls_server_name=args.tls_server_name, tls=args.tls,
-                                 token=args.token)
+                                 token=_token(args))
         return _run_once(args, conn) if args.once else _run_stream(args, conn)
     except ConfigError as e:
         print(f"edge_client: error: {e}", file=sys.stderr)

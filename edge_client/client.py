@@ -7,10 +7,18 @@ Flow per camera (:class:`CameraStream`)::
     source.read() --(fps limit, in-flight window)--> encode_frame --> Frame ----> server
     log/overlay <-- record (latency = receipt - capture) <-- match frame_id <-- FrameResult
 
-When the connection breaks, frames sent but not answered are counted as lost; after
-reconnecting, live sources continue from the newest frame (frames captured meanwhile are lost
-too) and finite sources with the next frame read. The number of lost frames is reported on
-stderr and in the ``lost_before`` field of the next result.
+When the connection breaks (server restarted, killed, network gone):
+
+* finite sources (files, directories) re-send the frames that were sent but not answered, first
+  thing after reconnecting, then go on with the next frame: nothing is lost, the gap only delays;
+* live sources count those frames as **lost** (re-sending stale camera frames is useless) and
+  continue from the newest frame; the frames captured during the outage were never sent and are
+  counted as **skipped**, like frames the fps limit or the in-flight window passed over.
+
+Every frame is accounted for: ``captured == sent + skipped`` for live sources and
+``sent == results + dropped + lost`` for all (``dropped``: replaced on the server by a newer frame,
+latest frame wins). Lost frames are reported on stderr and in the ``lost_before`` field of the next
+result.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any
 import grpc
 
 from edge_client.backoff import Backoff
-from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel
+from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel, retry_pushback_ms
 from edge_client.frames import EncodeOptions, encode_frame
 from edge_client.frames import result_record as make_record
 from edge_client.sources import CapturedFrame, Source, now_us
@@ -81,12 +89,13 @@ class StreamOptions:
 @dataclass
 class CameraStats:
     camera_id: str
-    sent: int = 0
+    sent: int = 0  # distinct frames sent (a re-sent frame counts once)
     results: int = 0
     errors: int = 0  # results whose frame the server could not process
     dropped: int = 0  # dropped by the server (backpressure), from dropped_before
-    lost: int = 0  # sent but never answered (disconnection, end-of-source timeout)
+    lost: int = 0  # sent but never answered (live source disconnected, end-of-source timeout, gave up)
     skipped: int = 0  # captured by a live source but never sent (fps limit, window, disconnection)
+    resent: int = 0  # frames of a finite source sent again after a reconnection
     reconnects: int = 0
     latencies_ms: list[float] = field(default_factory=list)
 
@@ -97,8 +106,19 @@ class CameraStats:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
         return {"camera_id": self.camera_id, "sent": self.sent, "results": self.results, "errors": self.errors,
-                "dropped": self.dropped, "lost": self.lost, "skipped": self.skipped, "reconnects": self.reconnects,
+                "dropped": self.dropped, "lost": self.lost, "skipped": self.skipped, "resent": self.resent,
+                "reconnects": self.reconnects,
                 "latency_p50_ms": pct(0.5), "latency_p95_ms": pct(0.95), "latency_max_ms": pct(1.0)}
+
+
+@dataclass
+class _Pending:
+    """A frame sent and not answered yet."""
+
+    seq: int
+    capture_us: int
+    image: Any  # resized BGR image for the sinks, or None
+    data: bytes | None  # the encoded frame, kept for finite sources (re-sent after a reconnection)
 
 
 def _log(camera_id: str, msg: str) -> None:
@@ -116,7 +136,8 @@ class CameraStream:
         default_window = 0 if source.live else 1
         self.window = default_window if opts.max_inflight is None else opts.max_inflight
         self._cond = threading.Condition()
-        self._pending: dict[int, tuple[int, Any]] = {}  # frame_id -> (capture_time_us, image or None)
+        self._pending: dict[int, _Pending] = {}  # frame_id -> frame sent, not answered yet
+        self._resend: list[_Pending] = []  # finite sources: in flight when the connection broke
         self._carry: CapturedFrame | None = None  # read by a stream that died before sending it
         self._finished = False  # ... and the outstanding results were waited for
         self._connected_once = False
@@ -164,19 +185,38 @@ class CameraStream:
     def _requests(self, alive: threading.Event, call_box: list[Any]) -> Iterator[Any]:
         cam = self.source.camera_id
         while alive.is_set():
+            if self._resend:  # finite source after a reconnection: the frames that were in flight first
+                with self._cond:
+                    while self.window and len(self._pending) >= self.window and alive.is_set():
+                        self._cond.wait(0.1)
+                if not alive.is_set():
+                    return
+                p = self._resend.pop(0)
+                with self._cond:
+                    self._pending[p.seq] = p
+                self.stats.resent += 1
+                yield pb.Frame(camera_id=cam, frame_id=p.seq, capture_time_us=p.capture_us, image=p.data,
+                               top_k=self.opts.top_k)
+                continue
             frame = self._next_frame(alive)
+            if frame is not None:
+                self.stats.skipped += frame.skipped_before
             if not alive.is_set():
-                if frame is not None and not self.source.live:
-                    self._carry = frame
+                if frame is not None:
+                    if self.source.live:
+                        self.stats.skipped += 1  # read while the connection broke: never sent
+                    else:
+                        self._carry = frame
                 return
             if frame is None:
                 break
             if self.opts.fps:
                 self._next_send = max(self._next_send + 1.0 / self.opts.fps, time.monotonic())
-            self.stats.skipped += frame.skipped_before
             data, small = encode_frame(frame.image, self.opts.encode)
             with self._cond:
-                self._pending[frame.seq] = (frame.capture_time_us, small if self.opts.keep_images else None)
+                self._pending[frame.seq] = _Pending(frame.seq, frame.capture_time_us,
+                                                    small if self.opts.keep_images else None,
+                                                    None if self.source.live else data)
             self.stats.sent += 1
             yield pb.Frame(camera_id=cam, frame_id=frame.seq, capture_time_us=frame.capture_time_us, image=data,
                            top_k=self.opts.top_k)
@@ -205,7 +245,7 @@ class CameraStream:
             for k in older:
                 del self._pending[k]
             self._cond.notify_all()
-        capture_us, image = entry if entry is not None else (int(res.capture_time_us), None)
+        capture_us, image = (entry.capture_us, entry.image) if entry is not None else (int(res.capture_time_us), None)
         latency_ms = (received - capture_us) / 1000.0
         self.stats.dropped += int(res.dropped_before)
         self.stats.results += 1
@@ -222,11 +262,22 @@ class CameraStream:
     def _drop_pending_as_lost(self) -> list[int]:
         with self._cond:
             lost = sorted(self._pending)
+            lost += [p.seq for p in self._resend]
             self._pending.clear()
+            self._resend.clear()
             self._cond.notify_all()
         self.stats.lost += len(lost)
         self._lost_since_result += len(lost)
-        return lost
+        return sorted(lost)
+
+    def _keep_pending_for_resend(self) -> list[int]:
+        """Finite sources: frames in flight are sent again after reconnecting (in frame order)."""
+        with self._cond:
+            kept = sorted(self._pending.values(), key=lambda p: p.seq)
+            self._pending.clear()
+            self._resend = sorted([*self._resend, *kept], key=lambda p: p.seq)
+            self._cond.notify_all()
+        return [p.seq for p in self._resend]
 
     # -- connection loop ---------------------------------------------------------------
     def _probe(self, stub: Any) -> Any:
@@ -247,8 +298,11 @@ class CameraStream:
             idle = threading.Event()
             idle.set()
             watcher = threading.Thread(target=self._watch_stop, args=(alive, call_box), daemon=True)
+            established = False
+            pushback: int | None = None
             try:
                 info = self._probe(pb_grpc.ClassifierStub(channel))
+                established = True
                 if outage_started is not None:
                     gap = time.monotonic() - outage_started
                     _log(cam, f"reconnected to {self.conn.server} after {gap:.1f} s (model {info.model_version})")
@@ -268,9 +322,10 @@ class CameraStream:
             except grpc.RpcError as e:
                 if self.stop.is_set() or self._finished:
                     return self._end()
-                retryable, raise_msg = describe_rpc_error(e, self.conn)
+                retryable, raise_msg = describe_rpc_error(e, self.conn, established=established or self._connected_once)
                 if not retryable:
                     raise ClientError(raise_msg) from None
+                pushback = retry_pushback_ms(e)
             finally:
                 alive.clear()
                 with self._cond:
@@ -279,17 +334,22 @@ class CameraStream:
                 if watcher.is_alive():
                     watcher.join(1.0)
                 channel.close()
-            # Connection failed or broke: count the gap, back off, try again from the live frame.
-            lost = self._drop_pending_as_lost()
+            # Connection failed or broke: count the gap (or keep the frames to re-send), back off, try again.
+            if self.source.live:
+                in_flight, fate = self._drop_pending_as_lost(), "lost"
+            else:
+                in_flight, fate = self._keep_pending_for_resend(), "will be re-sent"
             if outage_started is None:
                 outage_started = time.monotonic()
                 if self._connected_once:
-                    ids = f" (frame ids {lost[0]}..{lost[-1]})" if lost else ""
-                    _log(cam, f"{raise_msg}; {len(lost)} frame(s) in flight lost{ids}; reconnecting")
+                    ids = f" (frame ids {in_flight[0]}..{in_flight[-1]})" if in_flight else ""
+                    _log(cam, f"{raise_msg}; {len(in_flight)} frame(s) in flight {fate}{ids}; reconnecting")
                 else:
                     limit = f"{self.opts.max_retry_time:g} s" if self.opts.max_retry_time else "ever"
                     _log(cam, f"{raise_msg}; retrying for {limit}")
             delay = backoff.next_delay()
+            if delay is not None and pushback is not None:
+                delay = max(delay, pushback / 1000.0)  # the server said when to come back
             if delay is None:
                 raise ClientError(f"{raise_msg}; gave up after retrying for {self.opts.max_retry_time:g} s "
                                   "(--max-retry-time)")

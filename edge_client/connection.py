@@ -124,8 +124,22 @@ def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
     return code() if callable(code) else None
 
 
-def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions) -> tuple[bool, str]:
-    """(retryable, one-line message) for a failed call."""
+def retry_pushback_ms(err: grpc.RpcError) -> int | None:
+    """The server's ``grpc-retry-pushback-ms`` trailer (a refused call may be retried after it), if any."""
+    trailing = getattr(err, "trailing_metadata", None)
+    try:
+        for k, v in (trailing() if callable(trailing) else None) or ():
+            if k == "grpc-retry-pushback-ms":
+                ms = int(v)
+                return ms if ms >= 0 else None
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False) -> tuple[bool, str]:
+    """(retryable, one-line message) for a failed call; ``established``: a call on this server already
+    succeeded, so a closed connection means the server went away, not a TLS mismatch during setup."""
     code, details = _code(err), _details(err)
     low = details.lower()
     where = f"server {opts.server}"
@@ -143,6 +157,8 @@ def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions) -> tuple[boo
         return False, f"permission denied by {where}: {details}"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return False, f"{where} does not serve edgetune.v1.Classifier (wrong port or program?): {details}"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_pushback_ms(err) is not None:
+        return True, f"{where} is at its limit (RESOURCE_EXHAUSTED): {details}"
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND):
         name = code.name if code is not None else "ERROR"
@@ -151,6 +167,9 @@ def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions) -> tuple[boo
         if "connection refused" in low:
             return True, f"cannot reach {where}: connection refused (is the server running on that port?)"
         if "socket closed" in low or "connection reset" in low:
+            if established:
+                return True, f"connection to {where} lost: the server closed it (stopped, killed or restarted?) " \
+                             f"({details})"
             hint = ("if it requires TLS pass --tls-ca" if not opts.secure else
                     "if it requires mutual TLS pass --tls-cert and --tls-key")
             return True, f"cannot connect to {where}: it closed the connection during setup ({hint}) ({details})"

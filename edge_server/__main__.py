@@ -1,4 +1,9 @@
-"""``python -m edge_server --bundle DIR [--port P] …`` (``make serve BUNDLE=… PORT=…``)."""
+"""``python -m edge_server --bundle DIR [--port P] …`` (``make serve BUNDLE=… PORT=…``).
+
+Secrets never need the command line (which every local user can read in the process table): the camera
+token comes from ``--token-file`` or ``EDGETUNE_TOKEN`` (``--token`` still works, with a warning), the
+admin token of LoadModel only from ``--admin-token-file`` or ``EDGETUNE_ADMIN_TOKEN``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import logging
 import os
 import sys
 
-from edge_server.logs import configure_logging
+from edge_server.logs import NativeStderr, configure_logging
 from edge_server.runners import BACKENDS
 from edgetune.errors import EdgetuneError
 
@@ -28,11 +33,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait", choices=["adaptive", "fixed"], default="adaptive",
                    help="adaptive: a batch waits only for images already being decoded (a lone request runs at "
                         "once); fixed: every batch waits up to --max-wait-ms for company")
-    p.add_argument("--max-concurrent", type=int, default=64, help="concurrent RPCs (streams included) before "
-                   "RESOURCE_EXHAUSTED")
+    p.add_argument("--max-concurrent", type=int, default=64, help="concurrent unary calls (Classify, GetStats, "
+                   "GetModelInfo, LoadModel) before RESOURCE_EXHAUSTED; streams and health checks are not counted")
+    p.add_argument("--max-streams", type=int, default=32, help="camera streams open at once before "
+                   "RESOURCE_EXHAUSTED (their own limit)")
+    p.add_argument("--stream-idle-timeout", type=float, default=30.0,
+                   help="close a stream that sends no frame for this many seconds (0 = never)")
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest request/response message")
-    p.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024, help="largest decoded image (pixels)")
-    p.add_argument("--token", default=None, help="require 'authorization: Bearer <token>' (or set EDGETUNE_TOKEN)")
+    p.add_argument("--max-pixels", type=int, default=16 * 1024 * 1024,
+                   help="largest image (pixels, read from its header before decoding; default 16 M = 4096x4096)")
+    p.add_argument("--max-decode-mb", type=float, default=512.0,
+                   help="memory that images being decoded may use together; beyond it decodes wait")
+    p.add_argument("--max-cameras", type=int, default=256,
+                   help="cameras tracked in GetStats (others are summed as '(untracked)')")
+    p.add_argument("--camera-idle-timeout", type=float, default=300.0,
+                   help="seconds without a frame after which a camera's statistics may be dropped")
+    p.add_argument("--keepalive", type=float, default=30.0, help="seconds between the server's keepalive pings")
+    p.add_argument("--max-connection-age", type=float, default=1800.0,
+                   help="seconds after which a connection is asked to reconnect (open streams continue; 0 = never)")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the camera token: require 'authorization: Bearer <token>' (or set EDGETUNE_TOKEN)")
+    p.add_argument("--token", default=None,
+                   help="the camera token on the command line (visible in the process table: prefer --token-file)")
+    p.add_argument("--enable-load-model", action="store_true",
+                   help="enable the LoadModel admin RPC (needs --model-root and an admin token)")
+    p.add_argument("--model-root", default=None,
+                   help="directory that every LoadModel bundle path must resolve into (relative paths are taken from it)")
+    p.add_argument("--admin-token-file", default=None,
+                   help="file holding LoadModel's admin token (metadata 'x-edgetune-admin-token'; or set "
+                        "EDGETUNE_ADMIN_TOKEN); never the camera token")
     p.add_argument("--tls-cert", default=None, help="server certificate (PEM)")
     p.add_argument("--tls-key", default=None, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", default=None, help="CA that client certificates must chain to (mutual TLS)")
@@ -44,24 +73,78 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(camera token, admin token) from files, the environment or (camera only, warned) the command line."""
+    from edge_server.auth import read_token_file
+    from edgetune.errors import ConfigError
+
+    if args.token and args.token_file:
+        raise ConfigError("give the camera token once: --token-file or --token, not both")
+    if args.token:
+        log.warning("--token puts the camera token in the process table (ps) for every local user to read; "
+                    "use --token-file FILE or the EDGETUNE_TOKEN environment variable instead")
+        token: str | None = args.token
+    elif args.token_file:
+        token = read_token_file(args.token_file, "camera token")
+    else:
+        token = os.environ.get("EDGETUNE_TOKEN") or None
+    if args.admin_token_file:
+        admin: str | None = read_token_file(args.admin_token_file, "admin token")
+    else:
+        admin = os.environ.get("EDGETUNE_ADMIN_TOKEN") or None
+    if admin and not args.enable_load_model:
+        log.info("an admin token is configured but LoadModel is disabled (--enable-load-model)")
+    return token, admin
+
+
+def _return_large_buffers_to_the_os() -> None:
+    """glibc raises its mmap threshold after large frees, so image-sized buffers (messages, decoded images)
+    then come from thread arenas and stay in the RSS; a fixed 256 KiB threshold keeps them mmap'ed and returned
+    on free (measured: peak RSS after 16 MB requests 330 -> 223 MB). No-op where glibc's mallopt is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD (fixing it also disables the dynamic adjustment)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    _return_large_buffers_to_the_os()
+    native = NativeStderr()  # libjpeg/OpenCV/ONNX Runtime stderr lines become JSON log records
+    try:
+        configure_logging(args.log_level, native.stream)
+        return _serve(args, native)
+    finally:
+        native.close()
+
+
+def _serve(args: argparse.Namespace, native: NativeStderr) -> int:
     from edge_server.server import ServerConfig, serve  # after logging is set up (grpc import is slow)
 
     try:
+        token, admin_token = _tokens(args)
         config = ServerConfig(
             bundle=args.bundle, host=args.host, port=args.port, backend=args.backend, precision=args.precision,
             intra_op_threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batch_wait=args.batch_wait,
             max_concurrent=args.max_concurrent, max_message_mb=args.max_message_mb, max_pixels=args.max_pixels,
-            token=args.token or os.environ.get("EDGETUNE_TOKEN") or None, tls_cert=args.tls_cert,
+            token=token, tls_cert=args.tls_cert,
             tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, insecure=args.insecure, watch=args.watch,
-            watch_interval_s=args.watch_interval, grace_s=args.grace,
+            watch_interval_s=args.watch_interval, grace_s=args.grace, max_streams=args.max_streams,
+            stream_idle_s=args.stream_idle_timeout, load_model=args.enable_load_model, admin_token=admin_token,
+            model_root=args.model_root, max_cameras=args.max_cameras, camera_idle_s=args.camera_idle_timeout,
+            max_decode_mb=args.max_decode_mb, keepalive_s=args.keepalive,
+            max_connection_age_s=args.max_connection_age,
         )
         return serve(config)
     except EdgetuneError as e:
         log.error("cannot start server", extra={"fields": {"error": str(e), "error_type": type(e).__name__}})
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=native.stream)  # the one plain line, for people
         return 2
 
 

@@ -1,16 +1,27 @@
-"""Transport security: bind-address policy, TLS / mTLS credentials and the bearer-token check."""
+"""Transport security: bind-address policy, TLS / mTLS credentials, the camera bearer token, token files,
+and the admin policy of ``LoadModel`` (its own credential and a model root every path must stay in)."""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from edgetune.errors import ConfigError
+from edge_server.admission import abort_handler
+from edgetune.errors import ConfigError, EdgetuneError
+
+log = logging.getLogger("edge_server.auth")
+
+#: Metadata key carrying the admin token of ``LoadModel`` (separate from the cameras' bearer token).
+ADMIN_METADATA_KEY = "x-edgetune-admin-token"
+MIN_ADMIN_TOKEN_CHARS = 16
+_PATH_MAX = 4096
 
 #: Methods reachable without a token (load balancers and orchestrators probe health).
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -61,20 +72,6 @@ def server_credentials(cert: str | Path | None, key: str | Path | None,
     return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny, **kw)
-    return grpc.stream_stream_rpc_method_handler(deny, **kw)
-
-
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Requires metadata ``authorization: Bearer <token>`` on every method but the health service."""
 
@@ -92,7 +89,68 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             if k == "authorization":
                 got = v if isinstance(v, str) else v.decode("latin-1")
         if not got:
-            return _abort_handler(handler, "missing metadata 'authorization: Bearer <token>'")
+            return abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                 "missing metadata 'authorization: Bearer <token>'")
         if not hmac.compare_digest(got.encode(), self._expected):
-            return _abort_handler(handler, "invalid bearer token")
+            return abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
         return handler
+
+
+def read_token_file(path: str | Path, what: str = "token") -> str:
+    """The token in ``path`` (surrounding whitespace stripped); warns when other users can read the file."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the {what} file {p}: {getattr(e, 'strerror', None) or e}") from None
+    token = text.strip()
+    if not token:
+        raise ConfigError(f"the {what} file {p} is empty")
+    if st.st_mode & (stat.S_IRGRP | stat.S_IROTH | stat.S_IWGRP | stat.S_IWOTH):
+        log.warning(f"the {what} file is readable by other users; chmod 600 it",
+                    extra={"fields": {"file": str(p), "mode": oct(stat.S_IMODE(st.st_mode))}})
+    return token
+
+
+class InvalidBundlePath(EdgetuneError, ValueError):
+    """A LoadModel path that is not inside the model root (reported as INVALID_ARGUMENT)."""
+
+
+class LoadModelPolicy:
+    """``LoadModel`` as an admin operation: its own token (metadata :data:`ADMIN_METADATA_KEY`) and a model
+    root that every requested path must resolve into (relative paths are taken relative to it)."""
+
+    def __init__(self, admin_token: str, model_root: str | Path) -> None:
+        if not isinstance(admin_token, str) or len(admin_token) < MIN_ADMIN_TOKEN_CHARS or \
+                any(c.isspace() for c in admin_token):
+            raise ConfigError(f"the admin token must be at least {MIN_ADMIN_TOKEN_CHARS} characters without "
+                              "whitespace")
+        root = Path(model_root)
+        if not root.is_dir():
+            raise ConfigError(f"the model root {model_root} is not a directory (--model-root)")
+        self.root = root.resolve()
+        self._expected = admin_token.encode()
+
+    def authorized(self, context: grpc.ServicerContext) -> bool:
+        got = b""
+        for k, v in context.invocation_metadata() or ():
+            if k == ADMIN_METADATA_KEY:
+                got = v.encode() if isinstance(v, str) else bytes(v)
+        return bool(got) and hmac.compare_digest(got, self._expected)
+
+    def resolve(self, bundle_path: str) -> Path:
+        """The bundle directory ``bundle_path`` names, resolved inside the model root; raises
+        :class:`InvalidBundlePath` with the same words for every path outside it (existing or not)."""
+        outside = InvalidBundlePath(
+            f"bundle_path {bundle_path!r} is not inside the model root (paths are resolved against the model "
+            "root, symlinks included, and must stay inside it)")
+        if not bundle_path or "\0" in bundle_path or len(bundle_path) > _PATH_MAX:
+            raise outside
+        try:
+            target = (self.root / bundle_path).resolve()
+        except (OSError, RuntimeError):
+            raise outside from None
+        if not target.is_relative_to(self.root):
+            raise outside
+        return target

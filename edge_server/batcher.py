@@ -215,6 +215,12 @@ class LatestSlot(Generic[T]):
             self._cond.notify()
             return replaced
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called (items may still be waiting)."""
+        with self._cond:
+            return self._closed
+
     def close(self) -> None:
         """No more items will come; ``take`` returns what is left, then None."""
         with self._cond:

@@ -46,7 +46,7 @@ def calibration_image_paths(bundle: Bundle) -> list[Path]:
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
             raise BundleError(f"bundle {bundle.path}: calibration_images[{i}] must be an object with a 'file' "
                               f"string, got {entry!r}")
-        p = bundle.path / entry["file"]
+        p = bundle.member(entry["file"], f"calibration_images[{i}]")
         if not p.is_file():
             raise BundleError(f"bundle {bundle.path}: calibration image {entry['file']} is missing; re-export the bundle")
         paths.append(p)

@@ -212,7 +212,7 @@ def load_check_images(bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not isinstance(e.get("onnx_top1"), int):
             raise BundleError(f"bundle {bundle.path}: check_images[{i}] needs 'file' and 'onnx_top1', got {e!r}")
         try:
-            images.append(bundle.spec.apply(read_image(bundle.path / e["file"])))
+            images.append(bundle.spec.apply(read_image(bundle.member(e["file"], f"check_images[{i}]"))))
         except (ImageDecodeError, OSError) as err:
             raise BundleError(f"bundle {bundle.path}: check image {e['file']} unreadable: {err}") from None
         top1.append(e["onnx_top1"])

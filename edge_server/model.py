@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from edge_server.batcher import MicroBatcher
-from edge_server.runners import get_runner
+from edge_server.runners import Runner, get_runner
 from edgetune.bundle import Bundle, load_bundle
-from edgetune.errors import ConfigError
+from edgetune.errors import BundleError, ConfigError
 
 log = logging.getLogger("edge_server.model")
 
@@ -54,6 +54,25 @@ class ServedModel:
         return self.batcher.runner
 
 
+def check_runner_matches_bundle(runner: Runner, bundle: Bundle) -> None:
+    """Run one blank image through ``runner``: the model must take the spec's input size and give one logit
+    per label. Raises :class:`BundleError` naming both numbers (at startup, on every LoadModel and --watch swap)."""
+    h, w = bundle.spec.input_size
+    try:
+        out = np.asarray(runner.infer(np.zeros((1, 3, h, w), np.float32)))
+    except Exception as e:  # backends raise their own types; the message says what the model rejected
+        raise BundleError(f"bundle {bundle.path}: the model does not run on a 1x3x{h}x{w} input (preprocess "
+                          f"input_size {[h, w]}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if out.ndim != 2 or out.shape[0] != 1:
+        raise BundleError(f"bundle {bundle.path}: the model's output has shape {list(out.shape)} for one image; "
+                          "expected [1, number of labels]")
+    if out.shape[1] != len(bundle.labels):
+        raise BundleError(f"bundle {bundle.path}: bundle.json has {len(bundle.labels)} labels but the model has "
+                          f"{out.shape[1]} outputs; the labels must match the model's classes (re-export the bundle)")
+    if not np.isfinite(out).all():
+        raise BundleError(f"bundle {bundle.path}: the model gives non-finite logits on a blank image")
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - np.max(logits)
     e = np.exp(z)
@@ -81,6 +100,7 @@ class ModelHolder:
         runner = get_runner(o.backend, bundle, max_batch_size=o.max_batch, intra_op_threads=o.intra_op_threads,
                             precision=o.precision)
         try:
+            check_runner_matches_bundle(runner, bundle)
             batcher = MicroBatcher(runner, max_batch=o.max_batch, max_wait_ms=o.max_wait_ms,
                                    adaptive=o.batch_wait == "adaptive", on_batch=self._on_batch)
         except Exception:

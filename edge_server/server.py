@@ -1,10 +1,22 @@
-"""Building, starting and stopping the gRPC server (``make_server``) and the blocking ``serve``."""
+"""Building, starting and stopping the gRPC server (``make_server``) and the blocking ``serve``.
+
+Safe defaults against hostile clients (issue 11): unary calls and camera streams have separate limits
+(``max_concurrent``, ``max_streams``) enforced by :class:`~edge_server.admission.Admission`, health
+checks are never limited, idle streams are closed after ``stream_idle_s``, connections are kept alive
+and recycled by gRPC's keepalive / max-connection-idle / max-connection-age settings, images are checked
+from their header and decoded within a memory budget, per-camera statistics are bounded, and
+``LoadModel`` is off unless enabled with an admin token and a model root.
+
+Drain (SIGTERM / ``stop``): health turns NOT_SERVING and keeps answering, new calls get UNAVAILABLE,
+in-flight calls finish and streams end after the frame they hold (up to ``grace_s``), then gRPC stops.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,18 +26,28 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge_server.auth import BearerTokenInterceptor, check_bind_policy, is_loopback, server_credentials
+from edge_server.admission import Admission
+from edge_server.auth import BearerTokenInterceptor, LoadModelPolicy, check_bind_policy, server_credentials
 from edge_server.model import ModelHolder, RunnerOptions
-from edge_server.servicer import ClassifierServicer
-from edge_server.stats import ServerStats
+from edge_server.servicer import DEFAULT_DECODE_BUDGET_MB, ClassifierServicer, DecodeBudget
+from edge_server.stats import DEFAULT_CAMERA_IDLE_S, DEFAULT_MAX_CAMERAS, ServerStats
 from edge_server.watch import BundleWatcher
 from edgetune.errors import ConfigError
-from edgetune.preprocess import DEFAULT_MAX_PIXELS
 from edgetune.v1 import classifier_pb2, classifier_pb2_grpc
 
 log = logging.getLogger("edge_server.server")
 
 SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+#: The server's default decoded-image limit (16 MP, e.g. 4096x4096): well above camera frames, and a
+#: bounded decode (the shared preprocessing's own default, 64 MP, is for training data on big machines).
+DEFAULT_SERVER_MAX_PIXELS = 16 * 1024 * 1024
+#: Server threads kept free for health checks and refusals, beyond what admitted calls can hold.
+_THREAD_RESERVE = 16
+
+
+def _positive(name: str, value: object, allow_zero: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -48,10 +70,29 @@ class ServerConfig:
     insecure: bool = False
     max_message_mb: float = 16.0
     max_concurrent: int = 64
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_SERVER_MAX_PIXELS
     watch: bool = False
     watch_interval_s: float = 2.0
     grace_s: float = 10.0
+    #: camera streams open at once (their own limit: unary calls and health are never starved by them)
+    max_streams: int = 32
+    #: a stream that sends no frame for this long is closed, a unary call whose request message does not
+    #: arrive within it is cancelled (0 = never)
+    stream_idle_s: float = 30.0
+    #: LoadModel: off unless enabled; needs its own admin token and a model root
+    load_model: bool = False
+    admin_token: str | None = None
+    model_root: str | Path | None = None
+    max_cameras: int = DEFAULT_MAX_CAMERAS
+    camera_idle_s: float = DEFAULT_CAMERA_IDLE_S
+    max_decode_mb: float = DEFAULT_DECODE_BUDGET_MB
+    #: gRPC keepalive: the server pings idle connections every keepalive_s and drops them after no answer
+    keepalive_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    #: connections without calls are closed after this long; any connection gets GOAWAY after
+    #: max_connection_age_s (open streams on it continue; new calls reconnect). 0 = never.
+    max_connection_idle_s: float = 600.0
+    max_connection_age_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -66,6 +107,23 @@ class ServerConfig:
             raise ConfigError(f"grace_s must be >= 0 seconds, got {self.grace_s!r}")
         if not isinstance(self.watch_interval_s, (int, float)) or self.watch_interval_s <= 0:
             raise ConfigError(f"watch_interval_s must be > 0 seconds, got {self.watch_interval_s!r}")
+        if not isinstance(self.max_streams, int) or not 1 <= self.max_streams <= 10_000:
+            raise ConfigError(f"max_streams must be an integer in 1..10000, got {self.max_streams!r}")
+        _positive("stream_idle_s", self.stream_idle_s, allow_zero=True)
+        _positive("keepalive_s", self.keepalive_s)
+        _positive("keepalive_timeout_s", self.keepalive_timeout_s)
+        _positive("max_connection_idle_s", self.max_connection_idle_s, allow_zero=True)
+        _positive("max_connection_age_s", self.max_connection_age_s, allow_zero=True)
+        if not isinstance(self.max_decode_mb, (int, float)) or not 1 <= self.max_decode_mb <= 1 << 20:
+            raise ConfigError(f"max_decode_mb must be in [1, 1048576], got {self.max_decode_mb!r}")
+        if self.load_model:
+            if not self.admin_token:
+                raise ConfigError("LoadModel needs an admin token: --admin-token-file FILE or EDGETUNE_ADMIN_TOKEN")
+            if self.model_root is None or not Path(self.model_root).is_dir():
+                raise ConfigError(f"LoadModel needs a model root directory (--model-root), got {self.model_root!r}")
+            if self.token and self.admin_token == self.token:
+                raise ConfigError("the admin token must differ from the camera token")
+            LoadModelPolicy(self.admin_token, self.model_root)  # validates the token
         check_bind_policy(self.host, tls=self.tls_cert is not None, insecure=self.insecure)
 
 
@@ -74,26 +132,39 @@ class EdgeServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.stats = ServerStats()
+        self.stats = ServerStats(max_cameras=config.max_cameras, camera_idle_s=config.camera_idle_s)
         creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
         options = RunnerOptions(backend=config.backend, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                                 batch_wait=config.batch_wait, intra_op_threads=config.intra_op_threads, precision=config.precision)
-        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
-        self.holder = ModelHolder(config.bundle, options, on_batch=self.stats.batch_done)
+        policy = (LoadModelPolicy(config.admin_token, config.model_root)
+                  if config.load_model and config.admin_token and config.model_root is not None else None)
+        self.admission = Admission(self.stats, max_unary=config.max_concurrent, max_streams=config.max_streams,
+                                   request_timeout_s=config.stream_idle_s)
+        # The admission guard is outermost: it also sees (and counts, and logs) the token check's refusals.
+        interceptors: list[grpc.ServerInterceptor] = [self.admission]
+        if config.token:
+            interceptors.append(BearerTokenInterceptor(config.token))
+        try:
+            self.holder = ModelHolder(config.bundle, options, on_batch=self.stats.batch_done)
+        except BaseException:
+            self.admission.close()
+            raise
         try:
             max_bytes = int(config.max_message_mb * 1024 * 1024)
-            # Threads: every RPC (incl. long-lived streams) holds one; the concurrency limit answers
-            # RESOURCE_EXHAUSTED beyond max_concurrent, so the pool never starves.
+            self.grpc_options = grpc_server_options(config, max_bytes)
+            # Threads: every admitted call holds one; Admission bounds each kind, and the reserve keeps
+            # threads free for health checks and refusals, so the pool never starves. No gRPC-level
+            # maximum_concurrent_rpcs: it would refuse health checks too.
             self._grpc = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=config.max_concurrent + 4, thread_name_prefix="edge-rpc"),
+                futures.ThreadPoolExecutor(max_workers=self.admission.threads_needed + _THREAD_RESERVE,
+                                           thread_name_prefix="edge-rpc"),
                 interceptors=interceptors,
-                options=[("grpc.max_receive_message_length", max_bytes),
-                         ("grpc.max_send_message_length", max_bytes),
-                         ("grpc.so_reuseport", 0)],
-                maximum_concurrent_rpcs=config.max_concurrent,
+                options=self.grpc_options,
             )
-            self.servicer = ClassifierServicer(self.holder, self.stats, max_pixels=config.max_pixels,
-                                               allow_load_model=bool(config.token) or is_loopback(config.host))
+            self.servicer = ClassifierServicer(
+                self.holder, self.stats, max_pixels=config.max_pixels, load_model=policy,
+                stream_idle_s=config.stream_idle_s, draining=self.admission.draining,
+                decode_budget=DecodeBudget(int(config.max_decode_mb * 1024 * 1024)))
             classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, self._grpc)
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -110,6 +181,7 @@ class EdgeServer:
                 raise ConfigError(f"cannot listen on {address} (address in use or not available)")
         except BaseException:
             self.holder.close()
+            self.admission.close()
             raise
         self.tls = creds is not None
         self.watcher = BundleWatcher(self.holder, config.bundle, config.watch_interval_s) if config.watch else None
@@ -133,23 +205,33 @@ class EdgeServer:
             "model_version": m.version, "bundle": str(m.bundle.path), "max_batch": m.batcher.max_batch,
             "max_wait_ms": self.config.max_wait_ms,
             "batch_wait": self.config.batch_wait, "max_concurrent": self.config.max_concurrent,
+            "max_streams": self.config.max_streams, "stream_idle_s": self.config.stream_idle_s,
+            "max_pixels": self.config.max_pixels, "load_model": self.servicer.load_model is not None,
+            "model_root": str(self.servicer.load_model.root) if self.servicer.load_model else None,
             "watch": self.config.watch}})
         return self
 
     def stop(self, grace: float | None = None) -> None:
-        """Graceful stop: health NOT_SERVING, refuse new RPCs, let in-flight ones finish (up to ``grace`` s)."""
+        """Graceful stop: health NOT_SERVING (still answered), new calls refused with UNAVAILABLE, in-flight
+        calls finish and streams end after their current frame (up to ``grace`` s), then gRPC stops."""
         with self._stop_lock:
             if self._stopped.is_set():
                 return
             grace = self.config.grace_s if grace is None else grace
             log.info("stopping", extra={"fields": {"grace_s": grace}})
+            t0 = time.monotonic()
             self.health.enter_graceful_shutdown()
+            self.admission.start_draining()
             if self.watcher is not None:
                 self.watcher.stop()
-            self._grpc.stop(grace).wait()
+            drained = self.admission.wait_idle(grace)
+            self._grpc.stop(max(0.0, grace - (time.monotonic() - t0))).wait()
             self.holder.close()
+            self.admission.close()
             self._stopped.set()
-            log.info("stopped", extra={"fields": self.stats.snapshot() | {"cameras": len(self.stats.cameras)}})
+            snap = self.stats.snapshot()
+            snap["cameras"] = len(snap["cameras"])
+            log.info("stopped", extra={"fields": snap | {"drained": drained}})
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -159,6 +241,32 @@ class EdgeServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop(grace=1.0)
+
+
+def grpc_server_options(config: ServerConfig, max_bytes: int) -> list[tuple[str, Any]]:
+    """gRPC channel arguments of the server: message limits, keepalive and connection lifetime."""
+    ms = lambda s: int(s * 1000)  # noqa: E731
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.so_reuseport", 0),
+        # HTTP/2 streams per connection (each call is one): bounds what one connection can queue, and stays above
+        # everything the limits admit (a client's connection is shared by all its channels to this server), so
+        # health checks on a busy connection are not refused by HTTP/2 itself
+        ("grpc.max_concurrent_streams", config.max_streams + config.max_concurrent + _THREAD_RESERVE + 64),
+        # the server pings connections to find dead peers (half-open TCP from a camera that lost power)
+        ("grpc.keepalive_time_ms", ms(config.keepalive_s)),
+        ("grpc.keepalive_timeout_ms", ms(config.keepalive_timeout_s)),
+        # clients may ping (the camera client does every 10 s, also between calls), but not more than every 5 s
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if config.max_connection_idle_s:
+        opts.append(("grpc.max_connection_idle_ms", ms(config.max_connection_idle_s)))
+    if config.max_connection_age_s:
+        opts.append(("grpc.max_connection_age_ms", ms(config.max_connection_age_s)))
+    return opts
 
 
 def make_server(config: ServerConfig | None = None, **kwargs: Any) -> EdgeServer:

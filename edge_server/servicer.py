@@ -1,4 +1,12 @@
-"""``edgetune.v1.Classifier`` implementation: decode → spec.apply → micro-batch → softmax → top-k."""
+"""``edgetune.v1.Classifier`` implementation: header check → decode → spec.apply → micro-batch → softmax → top-k.
+
+Bounded work per call: the image header is read first (format, size and aspect ratio checked before
+decoding), decoding takes a share of a server-wide memory budget (``--max-decode-mb``), camera ids are
+bounded (:data:`~edge_server.stats.MAX_CAMERA_ID_CHARS`), a stream that sends no frame for
+``--stream-idle-timeout`` seconds is closed, and while the server drains each stream finishes the frame it
+holds and ends with UNAVAILABLE. Errors that escape a handler are turned into INTERNAL (and logged) by the
+RPC guard in :mod:`edge_server.admission`; in a stream, an unexpected error fails only its frame.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +20,19 @@ from typing import Any
 import grpc
 import numpy as np
 
+from edge_server.auth import ADMIN_METADATA_KEY, LoadModelPolicy
 from edge_server.batcher import BatcherClosed, BatchResult, DeadlineExpired, LatestSlot
 from edge_server.model import ModelHolder, ServedModel, softmax
-from edge_server.stats import ServerStats
+from edge_server.stats import MAX_CAMERA_ID_CHARS, ServerStats
 from edge_server.versions import server_versions
 from edgetune.errors import EdgetuneError, ImageDecodeError
-from edgetune.preprocess import DEFAULT_MAX_PIXELS, decode_image
+from edgetune.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    MAX_ASPECT_RATIO,
+    check_aspect_ratio,
+    decode_image,
+    read_image_header,
+)
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -36,6 +51,48 @@ class _Unavailable(Exception):
     pass
 
 
+class _Busy(Exception):
+    pass
+
+
+#: Default server-wide budget of memory that images being decoded may take at once.
+DEFAULT_DECODE_BUDGET_MB = 512.0
+
+
+class DecodeBudget:
+    """Bytes that concurrent decodes may use together; a decode waits (up to its deadline) for its share."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        if not isinstance(capacity_bytes, int) or capacity_bytes < 1 << 20:
+            raise ValueError(f"decode budget must be at least 1 MiB, got {capacity_bytes!r}")
+        self.capacity = capacity_bytes
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, timeout: float) -> int | None:
+        """Reserve ``n`` bytes (capped at the capacity); the reserved amount, or None on timeout."""
+        n = max(1, min(int(n), self.capacity))
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used + n <= self.capacity, timeout):
+                return None
+            self.used += n
+            return n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+def camera_id_problem(camera_id: str) -> str | None:
+    """Why a frame's ``camera_id`` is refused, or None when it is acceptable."""
+    if len(camera_id) > MAX_CAMERA_ID_CHARS:
+        return f"camera_id is {len(camera_id)} characters long; at most {MAX_CAMERA_ID_CHARS} are allowed"
+    if not camera_id.isprintable():
+        return "camera_id contains control characters"
+    return None
+
+
 def _us(t0: float, t1: float) -> int:
     return max(0, int((t1 - t0) * 1e6))
 
@@ -47,22 +104,46 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         holder: current model (hot-swappable).
         stats: shared statistics.
         max_pixels: decoded-image size limit (decompression bombs → INVALID_ARGUMENT).
-        allow_load_model: whether the LoadModel admin RPC is enabled.
+        load_model: the admin policy of LoadModel; None = LoadModel disabled (FAILED_PRECONDITION).
+        stream_idle_s: a stream with no frame for this long is closed (DEADLINE_EXCEEDED); 0 = never.
+        draining: set when the server drains: streams end after the frame they hold.
+        decode_budget: shared memory budget of concurrent decodes (None = unbounded).
     """
 
     def __init__(self, holder: ModelHolder, stats: ServerStats, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 allow_load_model: bool = True) -> None:
+                 load_model: LoadModelPolicy | None = None, stream_idle_s: float = 30.0,
+                 draining: threading.Event | None = None, decode_budget: DecodeBudget | None = None) -> None:
         self.holder = holder
         self.stats = stats
         self.max_pixels = max_pixels
-        self.allow_load_model = allow_load_model
+        self.load_model = load_model
+        self.stream_idle_s = stream_idle_s
+        self.draining = draining or threading.Event()
+        self.decode_budget = decode_budget
 
     # -- core ------------------------------------------------------------------------------
+    def _decode(self, data: bytes, deadline: float | None) -> np.ndarray:
+        head = read_image_header(data, "image")
+        if head.pixels > self.max_pixels:
+            raise ImageDecodeError(f"image: image {head.width}x{head.height} exceeds {self.max_pixels} pixels")
+        check_aspect_ratio(head.width, head.height, MAX_ASPECT_RATIO, "image")
+        budget = self.decode_budget
+        if budget is None:
+            return decode_image(data, source="image", max_pixels=self.max_pixels, max_aspect_ratio=MAX_ASPECT_RATIO)
+        wait = 10.0 if deadline is None else max(0.0, min(10.0, deadline - time.monotonic()))
+        share = budget.acquire(head.decoded_bytes + 3 * head.pixels, wait)  # decoder output + RGB copy
+        if share is None:
+            raise _Busy("server busy decoding other large images (--max-decode-mb); retry later")
+        try:
+            return decode_image(data, source="image", max_pixels=self.max_pixels, max_aspect_ratio=MAX_ASPECT_RATIO)
+        finally:
+            budget.release(share)
+
     def _infer_one(self, data: bytes, top_k: int, deadline: float | None
                    ) -> tuple[list[pb.Prediction], ServedModel, pb.Timing]:
         with self.holder.current.batcher.incoming() as ticket:  # lets a forming batch wait for this image
             t0 = time.monotonic()
-            img = decode_image(data, source="image", max_pixels=self.max_pixels)
+            img = self._decode(data, deadline)
             t1 = time.monotonic()
             res: BatchResult | None = None
             model: ServedModel | None = None
@@ -82,6 +163,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 except BatcherClosed:
                     continue
                 break
+            del img
         if model is not None and fut is not None:
             try:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -117,8 +199,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             return pb.ClassifyResponse(request_id=request.request_id, predictions=preds,
                                        model_version=model.version, timing=timing)
         except (ImageDecodeError, InvalidRequest) as e:
-            log.info("invalid request", extra={"fields": {"request_id": request.request_id, "error": str(e)}})
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except _Busy as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except _Deadline as e:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except _Unavailable as e:
@@ -129,15 +212,19 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def StreamClassify(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
                        ) -> Iterator[pb.FrameResult]:
-        slot: LatestSlot[tuple[pb.Frame, float]] = LatestSlot()
+        slot: LatestSlot[tuple[pb.Frame, float, str | None]] = LatestSlot()
         stats = self.stats
+        activity = [time.monotonic()]  # last frame received or answered
 
         def read() -> None:
             try:
                 for frame in request_iterator:
-                    stats.frame_received(frame.camera_id)
-                    replaced = slot.put((frame, time.monotonic()))
-                    if replaced is not None:
+                    activity[0] = time.monotonic()
+                    problem = camera_id_problem(frame.camera_id)
+                    if problem is None:
+                        stats.frame_received(frame.camera_id)
+                    replaced = slot.put((frame, activity[0], problem))
+                    if replaced is not None and replaced[2] is None:
                         stats.frame_dropped(replaced[0].camera_id)
             except Exception as e:  # client cancelled / connection lost: just end the stream
                 log.debug("stream reader ended", extra={"fields": {"error": repr(e)}})
@@ -147,48 +234,89 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         reader = threading.Thread(target=read, name="edge-stream-reader", daemon=True)
         reader.start()
         deadline = self._deadline(context)
+        idle_s = self.stream_idle_s
+        drained = False
         while True:
-            got = slot.take()
-            if got is None or not context.is_active():
+            if self.draining.is_set():
+                if drained:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect to continue")
+                drained = True  # finish the frame already received, then end the stream
+                got = slot.take(timeout=0)
+                if got is None:
+                    continue
+            else:
+                got = slot.take(timeout=0.25)
+            if got is None:
+                if slot.closed or not context.is_active():
+                    break
+                if idle_s and time.monotonic() - activity[0] > idle_s:
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"no frame received for {idle_s:g} s (--stream-idle-timeout); stream closed")
+                continue
+            if not context.is_active():
                 break
-            (frame, t_recv), dropped = got
-            result = pb.FrameResult(camera_id=frame.camera_id, frame_id=frame.frame_id,
-                                    capture_time_us=frame.capture_time_us, dropped_before=dropped)
-            try:
-                preds, model, timing = self._infer_one(frame.image, frame.top_k, deadline)
-                timing.total_us = _us(t_recv, time.monotonic())
-                result.predictions.extend(preds)
-                result.model_version = model.version
-                result.timing.CopyFrom(timing)
-                stats.frame_done(frame.camera_id, timing.total_us / 1e3, ok=True)
-            except (ImageDecodeError, InvalidRequest, _Unavailable) as e:
-                result.error = str(e)
-                result.model_version = self.holder.current.version
-                stats.frame_done(frame.camera_id, 0.0, ok=False)
-            except _Deadline as e:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-            yield result
+            (frame, t_recv, problem), dropped = got
+            yield self._frame_result(frame, t_recv, problem, dropped, deadline, context)
+            activity[0] = time.monotonic()
+
+    def _frame_result(self, frame: pb.Frame, t_recv: float, problem: str | None, dropped: int,
+                      deadline: float | None, context: grpc.ServicerContext) -> pb.FrameResult:
+        stats = self.stats
+        if problem is not None:  # not echoed, not tracked: a hostile id must not grow replies or stats
+            stats.frame_done(None, 0.0, ok=False)
+            log.info("frame refused", extra={"fields": {"frame_id": frame.frame_id, "error": problem}})
+            return pb.FrameResult(frame_id=frame.frame_id, capture_time_us=frame.capture_time_us,
+                                  dropped_before=dropped, error=problem,
+                                  model_version=self.holder.current.version)
+        result = pb.FrameResult(camera_id=frame.camera_id, frame_id=frame.frame_id,
+                                capture_time_us=frame.capture_time_us, dropped_before=dropped)
+        try:
+            preds, model, timing = self._infer_one(frame.image, frame.top_k, deadline)
+            timing.total_us = _us(t_recv, time.monotonic())
+            result.predictions.extend(preds)
+            result.model_version = model.version
+            result.timing.CopyFrom(timing)
+            stats.frame_done(frame.camera_id, timing.total_us / 1e3, ok=True)
+            return result
+        except (ImageDecodeError, InvalidRequest, _Unavailable, _Busy) as e:
+            result.error = str(e)
+            log.info("frame error", extra={"fields": {"camera_id": frame.camera_id, "frame_id": frame.frame_id,
+                                                      "error": str(e)}})
+        except _Deadline as e:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except Exception as e:  # a bug must fail this frame only, never the camera's stream; logged in full
+            log.exception("unexpected error processing a frame; the stream goes on",
+                          extra={"fields": {"camera_id": frame.camera_id, "frame_id": frame.frame_id,
+                                            "error_type": type(e).__name__}})
+            result.error = "internal error processing this frame; it is logged on the server"
+        result.model_version = self.holder.current.version
+        stats.frame_done(frame.camera_id, 0.0, ok=False)
+        return result
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         return model_info(self.holder.current)
 
     def GetStats(self, request: pb.GetStatsRequest, context: grpc.ServicerContext) -> pb.Stats:
-        snap = self.stats.snapshot()
+        snap = self.stats.snapshot()  # no lock held while this message is built
         cams = [pb.CameraStats(camera_id=cid, **c) for cid, c in snap.pop("cameras").items()]
         return pb.Stats(cameras=cams, model_version=self.holder.current.version, **snap)
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        if not self.allow_load_model:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          "LoadModel is disabled: start the server with --token (or on a loopback address) to use it")
-        if not request.bundle_path:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bundle_path is empty; give a bundle directory on the server")
+        policy = self.load_model
+        if policy is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "LoadModel is disabled on this server; enable it with --enable-load-model, --model-root DIR "
+                          "and an admin token (--admin-token-file FILE or EDGETUNE_ADMIN_TOKEN)")
+            raise AssertionError("unreachable")
+        if not policy.authorized(context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"LoadModel needs the admin token in metadata '{ADMIN_METADATA_KEY}' (missing or invalid)")
         try:
-            model = self.holder.load(request.bundle_path)
+            model = self.holder.load(policy.resolve(request.bundle_path))
         except EdgetuneError as e:
             log.warning("LoadModel failed; previous model still serving",
-                        extra={"fields": {"bundle": request.bundle_path, "error": str(e)}})
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load {request.bundle_path}: {e}")
+                        extra={"fields": {"bundle_path": request.bundle_path, "error": str(e)}})
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load {request.bundle_path!r}: {e}")
         return model_info(model)
 
 

@@ -14,6 +14,11 @@ A bundle is a directory::
     calibration_images, check_images, source{run, study, trial_id}, metrics{val, test}, variants
 
 The trainer's export writes it (``trainer.export``); server and engine builder read it here.
+
+Every file a manifest names (``model_file``, variant files, calibration and check images) and the
+``engines`` directory must resolve, symlinks included, to a path inside the bundle directory; anything
+else is refused before the file is opened, with the same words whether the target exists or not, so a
+hostile manifest can neither read nor probe files elsewhere (:meth:`Bundle.member`).
 """
 
 from __future__ import annotations
@@ -81,6 +86,10 @@ class Bundle:
     def output_name(self) -> str:
         return str(self.meta["output"].get("name", "logits"))
 
+    def member(self, rel: object, what: str = "file") -> Path:
+        """The resolved path of ``rel`` (a path the manifest names), which must lie inside the bundle directory."""
+        return member_path(self.path, rel, what)
+
     def variant_path(self, name: str) -> Path:
         """Path of a model variant (``"fp32"`` is model.onnx, e.g. ``"int8_dynamic"``), SHA-checked."""
         if name in ("fp32", "", None):
@@ -88,7 +97,9 @@ class Bundle:
         if name not in self.variants:
             raise BundleError(f"bundle {self.path} has no variant {name!r}; available: {['fp32', *self.variants]}")
         v = self.variants[name]
-        p = self.path / v["file"]
+        if not isinstance(v, dict):
+            raise BundleError(f"bundle {self.path}: variants[{name!r}] must be an object with 'file' and 'sha256'")
+        p = self.member(v.get("file"), f"variant {name} file")
         if not p.is_file():
             raise BundleError(f"bundle {self.path}: variant file {v['file']} is missing")
         if sha256_file(p) != v.get("sha256"):
@@ -96,12 +107,30 @@ class Bundle:
         return p
 
 
+def member_path(bundle_dir: str | Path, rel: object, what: str = "file") -> Path:
+    """``bundle_dir / rel`` resolved (symlinks included); raises :class:`BundleError` unless it stays inside
+    the resolved ``bundle_dir``. Checked before anything is opened; the message never depends on the target."""
+    base = Path(bundle_dir).resolve()
+    bad = BundleError(f"bundle {bundle_dir}: {what} {rel!r} must be a relative path to a file inside the bundle "
+                      "directory")
+    if not isinstance(rel, str) or not rel or "\0" in rel or Path(rel).is_absolute():
+        raise bad
+    try:
+        target = (base / rel).resolve()
+    except (OSError, RuntimeError):  # symlink loops
+        raise bad from None
+    if target == base or not target.is_relative_to(base):
+        raise bad
+    return target
+
+
 def load_bundle(path: str | Path, verify_sha: bool = True) -> Bundle:
     """Load and validate a bundle directory; raises :class:`BundleError` with what is wrong."""
     p = Path(path)
-    manifest = p / MANIFEST
+    manifest = member_path(p, MANIFEST, "manifest")
     if not manifest.is_file():
         raise BundleError(f"{p} is not a bundle: {MANIFEST} not found")
+    manifest = p / MANIFEST
     try:
         meta = json.loads(manifest.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -125,7 +154,10 @@ def load_bundle(path: str | Path, verify_sha: bool = True) -> Bundle:
         spec = PreprocessSpec.from_dict(meta["preprocess"])
     except ConfigError as e:
         raise BundleError(f"{manifest}: invalid preprocess spec: {e}") from None
-    model_path = p / str(meta["model_file"])
+    model_path = member_path(p, meta["model_file"], "model_file")
+    engines = p / "engines"
+    if engines.is_symlink() or engines.exists():
+        member_path(p, "engines", "engines directory")
     if not model_path.is_file():
         raise BundleError(f"bundle {p}: model file {meta['model_file']} is missing")
     if verify_sha:

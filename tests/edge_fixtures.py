@@ -9,6 +9,12 @@ a call to it; every edge test goes through this one function.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ from edgetune.bundle import load_bundle
 from edgetune.preprocess import PreprocessSpec
 
 LABELS = ("brick", "grass", "gravel")
+_REPO = Path(__file__).resolve().parents[1]
 TILE = 64
 
 
@@ -100,10 +107,25 @@ _TMP: Any = None
 
 
 def cached_test_bundle(seed: int = 0, size: int = 32) -> Path:
-    """``make_test_bundle`` once per (seed, size) per test process (training costs a few seconds)."""
+    """``make_test_bundle`` once per (seed, size) per test process (training costs a few seconds).
+
+    Developers re-running single test files may set ``EDGETUNE_TEST_BUNDLE_DIR`` to keep the bundles in
+    that folder between runs (delete it after changing the trainer or the exporter); unset, every test
+    process trains its own.
+    """
     import atexit
+    import os
     import tempfile
 
+    keep = os.environ.get("EDGETUNE_TEST_BUNDLE_DIR")
+    if keep:
+        out = Path(keep) / f"seed{seed}-{size}"
+        if not (out / "reference_probs.npy").is_file():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            make_test_bundle(out, seed=seed, size=size)
+        return out
     global _TMP
     if _TMP is None:
         _TMP = tempfile.TemporaryDirectory(prefix="edgetune-test-bundles-")
@@ -179,3 +201,58 @@ class RequestFeeder:
         if item is self._END:
             raise StopIteration
         return item
+
+
+class CliServer:
+    """``python -m edge_server ARGS`` as a subprocess on 127.0.0.1 (its own RSS, its JSON log in ``log_path``);
+    ``port`` is read from the "serving" log line. ``stop()`` sends SIGTERM (SIGKILL after 30 s)."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge_server", *args], cwd=_REPO,
+                                     stdout=subprocess.DEVNULL, stderr=self._log, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        deadline = time.monotonic() + 90
+        self.port = 0
+        while time.monotonic() < deadline and not self.port:
+            for rec in self.records():
+                if rec.get("msg") == "serving":
+                    self.port = int(rec["port"])
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: {log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+        assert self.port, f"server did not start: {log_path.read_text()[-2000:]}"
+        self.address = f"127.0.0.1:{self.port}"
+
+    def records(self) -> list[dict[str, Any]]:
+        """The log so far; every complete line must be JSON."""
+        text = self.log_path.read_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines = lines[:-1]  # being written
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def kill(self) -> None:
+        """SIGKILL (no drain, no last log line)."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
+
+    def hwm_mb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) // 1024
+        raise AssertionError("no VmHWM")
+
+    def stop(self) -> None:
+        if self._log.closed:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

@@ -126,22 +126,26 @@ def test_deadline_is_honoured(bundle, good_png):
 
 
 def test_concurrency_limit_resource_exhausted(bundle, good_png):
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_concurrent=1).start()
+    """Beyond --max-streams a stream gets RESOURCE_EXHAUSTED; unary calls have their own limit (issue 11)."""
+    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_concurrent=1,
+                      max_streams=1).start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
             feeder = RequestFeeder()
             stream = stub.StreamClassify(feeder, timeout=20)
             feeder.send(pb.Frame(camera_id="c", frame_id=1, image=good_png))
-            assert next(stream).predictions  # the stream occupies the only slot
+            assert next(stream).predictions  # the stream occupies the only stream slot
             with pytest.raises(grpc.RpcError) as e:
-                stub.Classify(pb.ClassifyRequest(image=good_png), timeout=5)
+                list(stub.StreamClassify(iter([pb.Frame(camera_id="d", frame_id=1, image=good_png)]), timeout=5))
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert stub.Classify(pb.ClassifyRequest(image=good_png), timeout=5).predictions  # not starved
             feeder.end()
             assert list(stream) == []
+            frame = pb.Frame(camera_id="d", frame_id=2, image=good_png)
             for _ in range(50):  # the slot frees once the server has finished the stream
                 try:
-                    assert stub.Classify(pb.ClassifyRequest(image=good_png), timeout=5).predictions
+                    assert [r.frame_id for r in stub.StreamClassify(iter([frame]), timeout=5)] == [2]
                     break
                 except grpc.RpcError as err:
                     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

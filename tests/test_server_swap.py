@@ -23,11 +23,17 @@ def bundles():
     return a, b
 
 
+ADMIN = "admin-token-of-the-swap-tests"
+ADMIN_MD = [("x-edgetune-admin-token", ADMIN)]
+
+
 def test_load_model_mid_stream(bundles):
     a, b = bundles
+    assert a.parent == b.parent  # the model root
     va, vb = load_bundle(a).version, load_bundle(b).version
     imgs = texture_tiles("test")[0]
-    srv = make_server(bundle=a, port=0, backend="onnxruntime", intra_op_threads=1).start()
+    srv = make_server(bundle=a, port=0, backend="onnxruntime", intra_op_threads=1, load_model=True,
+                      admin_token=ADMIN, model_root=a.parent).start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -36,7 +42,7 @@ def test_load_model_mid_stream(bundles):
             versions = []
             for i in range(10):
                 if i == 5:
-                    info = stub.LoadModel(pb.LoadModelRequest(bundle_path=str(b)), timeout=30)
+                    info = stub.LoadModel(pb.LoadModelRequest(bundle_path=str(b)), timeout=30, metadata=ADMIN_MD)
                     assert info.model_version == vb
                 feeder.send(pb.Frame(camera_id="cam", frame_id=i, image=encode_png(imgs[i])))
                 res = next(stream)
@@ -45,7 +51,7 @@ def test_load_model_mid_stream(bundles):
             assert versions == [va] * 5 + [vb] * 5
             # a broken bundle is refused and the current model keeps serving the same stream
             with pytest.raises(grpc.RpcError) as e:
-                stub.LoadModel(pb.LoadModelRequest(bundle_path=str(a / "missing")), timeout=30)
+                stub.LoadModel(pb.LoadModelRequest(bundle_path=str(a / "missing")), timeout=30, metadata=ADMIN_MD)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bundle.json not found" in e.value.details()
             feeder.send(pb.Frame(camera_id="cam", frame_id=99, image=encode_png(imgs[0])))
             assert next(stream).model_version == vb

@@ -79,6 +79,12 @@ class OnnxRuntimeRunner(Runner):
                 f"bundle {bundle.path}: model input shape {shape} does not match the preprocess input_size "
                 f"{list(self._input_hw)}"
             )
+        out_shape = next(o for o in self._session.get_outputs() if o.name == self._output_name).shape
+        if len(out_shape) == 2 and isinstance(out_shape[1], int) and out_shape[1] != len(bundle.labels):
+            raise BundleError(
+                f"bundle {bundle.path}: bundle.json has {len(bundle.labels)} labels but the model has "
+                f"{out_shape[1]} outputs (output {self._output_name!r} shape {out_shape}); the labels must match "
+                "the model's classes (re-export the bundle)")
         fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.max_batch_size = min(max_batch_size, fixed_batch) if fixed_batch else max_batch_size
         self.provider = self._session.get_providers()[0]

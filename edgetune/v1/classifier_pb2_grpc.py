@@ -96,7 +96,8 @@ class ClassifierServicer:
 
     def LoadModel(self, request, context):
         """Admin: replace the served model by another bundle directory (on the server's disk) without
-        dropping open streams. Requires the admin token when the server has one.
+        dropping open streams. Off unless the server runs with --enable-load-model; needs the admin token
+        in metadata "x-edgetune-admin-token"; bundle_path is resolved inside the server's --model-root.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,406 @@
+"""Admission control and the last line of error handling for every RPC (one gRPC server interceptor).
+
+Limits are per kind of call, so that one kind cannot starve another (Envoy's per-route circuit breakers):
+
+* ``unary``: Classify, GetModelInfo, GetStats, LoadModel: at most ``--max-concurrent`` at once;
+* ``stream``: StreamClassify: at most ``--max-streams`` open at once (idle streams also time out in the
+  servicer, ``--stream-idle-timeout``);
+* ``watch``: health ``Watch`` streams (:data:`MAX_HEALTH_WATCHERS`), ``reflection`` streams
+  (:data:`MAX_REFLECTION_STREAMS`);
+* health ``Check`` is never limited and never refused, not even while draining.
+
+A call over its limit gets RESOURCE_EXHAUSTED naming the limit, with the trailer
+``grpc-retry-pushback-ms`` (the camera client waits that long and retries); those replies are counted in
+``errors_total`` and logged, aggregated per second (a flood of them must not become a flood of log lines).
+While the server drains (:meth:`Admission.start_draining`), new calls other than health get UNAVAILABLE.
+
+Every admitted call runs inside a guard: an exception that escapes a handler becomes INTERNAL (never
+gRPC's UNKNOWN) with a logged traceback, and every call that ends with an error status is counted in
+``errors_total`` and logged with its method and code.
+
+The guard serves every method as a client-streaming one on the wire-compatible side (a unary request is
+one message either way): gRPC then runs the handler, with its context, as soon as the call arrives,
+instead of holding a server thread, outside any limit and beyond any release, until the request message
+arrives. So a slot is always released when the call ends (``context.add_callback``), and a call whose
+request message does not arrive within ``request_timeout_s`` is cancelled (headers-only slow loris).
+
+Request messages are parsed by the guard, not by gRPC: grpcio (1.85) leaks the HTTP/2 stream of every
+call whose request fails to deserialize, so about a hundred undecodable messages made a connection refuse
+every further call (health included) with REFUSED_STREAM. Here such a call simply gets INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from edge_server.stats import ServerStats
+
+log = logging.getLogger("edge_server.rpc")
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+REFLECTION_PREFIX = "/grpc.reflection."
+#: Open health ``Watch`` streams allowed at once (each holds a server thread).
+MAX_HEALTH_WATCHERS = 16
+#: Open server-reflection streams allowed at once.
+MAX_REFLECTION_STREAMS = 4
+#: Client-side mistakes: logged at info; everything else at warning (INTERNAL / UNKNOWN at error).
+_CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
+                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+#: Trailer telling clients when a refused call may be retried (gRPC's retry pushback, proposal A6).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+RETRY_PUSHBACK_MS = 1000
+
+
+def abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+                  trailing: tuple[tuple[str, str], ...] = ()) -> grpc.RpcMethodHandler:
+    """A handler of the same response shape as ``handler`` that fails every call with ``code`` (and ``trailing``
+    metadata) at once, without waiting for (or reading) the request message."""
+    def deny(_requests: Any, context: grpc.ServicerContext) -> Any:
+        if trailing:
+            context.set_trailing_metadata(trailing)
+        context.abort(code, message)
+
+    kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}  # never parsed
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny, **kw)
+    return grpc.stream_unary_rpc_method_handler(deny, **kw)
+
+
+class _Watchdog:
+    """One thread that runs ``fn`` at its deadline unless disarmed first (cheap per-call timeouts)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, list[Any]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, timeout: float, fn: Callable[[], Any]) -> list[Any]:
+        entry: list[Any] = [fn, False]  # [callback or None once disarmed, fired]
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + timeout, next(self._seq), entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="edge-request-timeout", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return entry
+
+    @staticmethod
+    def disarm(entry: list[Any]) -> bool:
+        """Disarm; True when it had already fired."""
+        fired = bool(entry[1])
+        entry[0] = None
+        return fired
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                when, _, entry = self._heap[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+            fn = entry[0]
+            if fn is not None:
+                entry[1] = True
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - the call may be gone already
+                    log.debug("request timeout callback failed", exc_info=True)
+
+
+class _CallGone(Exception):
+    """The request message will never be read: the client cancelled or gRPC already answered the call."""
+
+
+class _Aggregator:
+    """Logs the first event of a key at once, then at most one line per ``period_s`` with the count since."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        self.period_s = period_s
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], list[Any]] = {}  # key -> [count, first_time, details]
+        self._last: dict[tuple[str, str], float] = {}
+
+    def add(self, method: str, code: str, details: str) -> None:
+        now = time.monotonic()
+        key = (method, code)
+        with self._lock:
+            if now - self._last.get(key, -1e9) >= self.period_s and key not in self._pending:
+                self._last[key] = now
+                emit = True
+            else:
+                entry = self._pending.setdefault(key, [0, now, details])
+                entry[0] += 1
+                emit = False
+        if emit:
+            self._emit(key, 1, details)
+
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [(k, v) for k, v in self._pending.items() if force or now - self._last.get(k, -1e9) >= self.period_s]
+            for k, _ in due:
+                del self._pending[k]
+                self._last[k] = now
+        for k, (count, _t, details) in due:
+            self._emit(k, count, details)
+
+    @staticmethod
+    def _emit(key: tuple[str, str], count: int, details: str) -> None:
+        log.warning("rpc rejected", extra={"fields": {"method": key[0], "code": key[1], "count": count,
+                                                      "details": details}})
+
+
+class Admission(grpc.ServerInterceptor):
+    """Per-kind concurrency limits, drain refusal and the exception guard (see the module docstring)."""
+
+    def __init__(self, stats: ServerStats, max_unary: int, max_streams: int, request_timeout_s: float = 30.0) -> None:
+        self.stats = stats
+        self.request_timeout_s = request_timeout_s
+        self._watchdog = _Watchdog()
+        self.limits = {"unary": max_unary, "stream": max_streams, "watch": MAX_HEALTH_WATCHERS,
+                       "reflection": MAX_REFLECTION_STREAMS}
+        self._active = dict.fromkeys(self.limits, 0)
+        self._cond = threading.Condition()
+        self.draining = threading.Event()
+        self._rejections = _Aggregator()
+        self._stop_flusher = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="edge-reject-log", daemon=True)
+        self._flusher.start()
+
+    @property
+    def threads_needed(self) -> int:
+        """Server threads that admitted calls can hold at once (the pool adds a reserve for health and refusals)."""
+        return sum(self.limits.values())
+
+    def active(self, kind: str) -> int:
+        with self._cond:
+            return self._active[kind]
+
+    def start_draining(self) -> None:
+        self.draining.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no unary call or camera stream is running (health and watchers excluded)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._active["unary"] or self._active["stream"]:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        self._stop_flusher.set()
+        self._rejections.flush(force=True)
+
+    def _flush_loop(self) -> None:
+        while not self._stop_flusher.wait(0.5):
+            self._rejections.flush()
+
+    # -- interceptor -----------------------------------------------------------------------
+    @staticmethod
+    def _kind(method: str, handler: grpc.RpcMethodHandler) -> str | None:
+        if method == HEALTH_CHECK:
+            return None
+        if method == HEALTH_WATCH:
+            return "watch"
+        if method.startswith(REFLECTION_PREFIX):
+            return "reflection"
+        return "stream" if handler.request_streaming else "unary"
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        method = handler_call_details.method
+        try:
+            handler = continuation(handler_call_details)
+        except Exception:  # a bug in a later interceptor: INTERNAL and a log line, not gRPC's UNKNOWN
+            log.exception("unexpected error looking up the handler; answered INTERNAL",
+                          extra={"fields": {"method": method, "code": "INTERNAL"}})
+            self.stats.error()
+            return abort_handler(grpc.stream_stream_rpc_method_handler(lambda *_: iter(())),
+                                 grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
+        if handler is None:
+            return None
+        kind = self._kind(method, handler)
+        if kind is None:
+            return self._guard(handler, method, None)
+        if self.draining.is_set() and kind != "watch":
+            return self._refuse(handler, method, grpc.StatusCode.UNAVAILABLE,
+                                "server is shutting down; retry on another server or once it is back")
+        with self._cond:
+            admitted = self._active[kind] < self.limits[kind]
+            if admitted:
+                self._active[kind] += 1
+        if not admitted:
+            return self._refuse(handler, method, grpc.StatusCode.RESOURCE_EXHAUSTED, self._limit_message(kind))
+        return self._guard(handler, method, kind)
+
+    def _limit_message(self, kind: str) -> str:
+        n = self.limits[kind]
+        if kind == "stream":
+            return f"too many open camera streams (limit {n}, --max-streams); retry later"
+        if kind == "unary":
+            return f"server busy: {n} calls in progress (limit {n}, --max-concurrent); retry later"
+        if kind == "watch":
+            return f"too many health Watch streams (limit {n}); use Check"
+        return f"too many reflection streams (limit {n})"
+
+    def _refuse(self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode,
+                message: str) -> grpc.RpcMethodHandler:
+        self.stats.error(rejected=code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self._rejections.add(method, code.name, message)
+        return abort_handler(handler, code, message, ((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),))
+
+    def _release_once(self, kind: str | None) -> Callable[[], None]:
+        done = [False]
+
+        def release() -> None:
+            if kind is None:
+                return
+            with self._cond:
+                if done[0]:
+                    return
+                done[0] = True
+                self._active[kind] -= 1
+                self._cond.notify_all()
+
+        return release
+
+    def _failed(self, method: str, context: grpc.ServicerContext, exc: Exception) -> None:
+        """Count and log a call ending in an exception; an unexpected one becomes INTERNAL (raises)."""
+        code = context.code()
+        self.stats.error()
+        if code is not None and code != grpc.StatusCode.OK:  # context.abort(): an intended status
+            details = context.details()
+            text = details.decode("utf-8", "replace") if isinstance(details, bytes) else str(details or "")
+            level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
+            log.log(level, "rpc error", extra={"fields": {"method": method, "code": code.name, "details": text,
+                                                          "peer": _peer(context)}})
+            return
+        log.error("unexpected error in handler; answered INTERNAL", exc_info=(type(exc), exc, exc.__traceback__),
+                  extra={"fields": {"method": method, "code": "INTERNAL", "error_type": type(exc).__name__,
+                                    "peer": _peer(context)}})
+        context.abort(grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
+
+    def _one_request(self, requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Any:
+        """The single request message of a unary-request call, within ``request_timeout_s``."""
+        timer = self._watchdog.arm(self.request_timeout_s, context.cancel) if self.request_timeout_s else None
+        try:
+            return next(requests)
+        except StopIteration:
+            if context.is_active():  # half-closed without a message
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected exactly one request message, got none")
+            self.stats.error()  # gRPC answered already (INTERNAL: undecodable message; logged by grpc._common)
+            raise _CallGone() from None
+        except grpc.RpcError:
+            if timer is not None and self._watchdog.disarm(timer):
+                self.stats.error()
+                log.warning("rpc error", extra={"fields": {
+                    "method": method, "code": "CANCELLED", "peer": _peer(context),
+                    "details": f"no request message within {self.request_timeout_s:g} s; call cancelled"}})
+            raise _CallGone() from None
+        finally:
+            if timer is not None:
+                self._watchdog.disarm(timer)
+
+    def _guard(self, handler: grpc.RpcMethodHandler, method: str, kind: str | None) -> grpc.RpcMethodHandler:
+        release = self._release_once(kind)
+        parse = handler.request_deserializer
+        kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}  # raw bytes in
+        unary_request = not handler.request_streaming
+
+        def start(requests: Any, context: grpc.ServicerContext) -> Any:
+            if not context.add_callback(release):  # the call ended already
+                release()
+            if unary_request:
+                raw = self._one_request(requests, context, method)
+                try:
+                    return parse(raw) if parse is not None else raw
+                except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {_message_name(parse)}")
+            return _ParsedRequests(requests, parse, context, self, method)
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream or handler.stream_stream
+
+            def streaming(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from inner_stream(start(requests, context), context)
+                except _CallGone:
+                    context.abort(grpc.StatusCode.CANCELLED, "call ended before its request was read")
+                except Exception as e:
+                    self._failed(method, context, e)
+                    raise
+                finally:
+                    release()
+
+            return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+        inner = handler.unary_unary or handler.stream_unary
+
+        def unary(requests: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return inner(start(requests, context), context)
+            except _CallGone:
+                context.abort(grpc.StatusCode.CANCELLED, "call ended before its request was read")
+            except Exception as e:
+                self._failed(method, context, e)
+                raise
+            finally:
+                release()
+
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+
+
+class _ParsedRequests:
+    """A stream's request messages, parsed here; an undecodable one ends the stream with INVALID_ARGUMENT."""
+
+    def __init__(self, raw: Iterator[Any], parse: Callable[[bytes], Any] | None, context: grpc.ServicerContext,
+                 admission: Admission, method: str) -> None:
+        self._raw, self._parse, self._context, self._admission, self._method = raw, parse, context, admission, method
+
+    def __iter__(self) -> _ParsedRequests:
+        return self
+
+    def __next__(self) -> Any:
+        data = next(self._raw)
+        if self._parse is None:
+            return data
+        try:
+            return self._parse(data)
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
+            message = f"a request message is not a valid {_message_name(self._parse)}; stream ended"
+            self._context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            self._context.set_details(message)
+            self._admission.stats.error()
+            log.info("rpc error", extra={"fields": {"method": self._method, "code": "INVALID_ARGUMENT",
+                                                    "details": message, "peer": _peer(self._context)}})
+            raise StopIteration from None
+
+
+def _message_name(parse: Any) -> str:
+    cls = getattr(parse, "__self__", None)
+    descriptor = getattr(cls, "DESCRIPTOR", None)
+    return f"{descriptor.full_name} message" if descriptor is not None else "request message"
+
+
+def _peer(context: grpc.ServicerContext) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # noqa: BLE001 - the peer is only informative
+        return ""
