@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from common import md_table
 
 GRID_SPACE = """\

@@ -127,8 +127,10 @@ def study_overheads(tune_out: Path, storage: str, study: str) -> dict[str, Any]:
     import optuna
 
     s = optuna.load_study(study_name=study, storage=storage)
-    rows = [t.user_attrs for t in s.trials if "setup_seconds" in t.user_attrs]
-    launch = [float(a["setup_seconds"]) + float(a.get("first_batch_seconds", 0.0)) for a in rows]
+    timed = [t for t in s.trials if "first_batch_at" in t.user_attrs and t.datetime_start is not None]
+    # Optuna's trial start = when Tune asked the searcher for it, i.e. just before the trial's launch
+    launch = [float(t.user_attrs["first_batch_at"]) - t.datetime_start.timestamp() for t in timed]
+    rows = [t.user_attrs for t in timed]
     paths = [a.get("data_path") for a in rows]
     return {"trials": len(s.trials), "states": {st: sum(t.state.name == st for t in s.trials)
                                                 for st in ("COMPLETE", "PRUNED", "FAIL")},

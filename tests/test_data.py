@@ -291,3 +291,30 @@ def test_disk_cache_memmap_and_throughput(tmp_path: Path) -> None:
     t = decode_throughput(items, spec, a, n=24)
     print(f"decode+resize {t['decode_img_s']:.0f} img/s, cached {t['cached_img_s']:.0f} img/s")
     assert t["cached_img_s"] > 3 * t["decode_img_s"]
+
+
+def test_prepared_once_trials_do_not_rehash_or_read_test(cache: str, tmp_path: Path, monkeypatch) -> None:
+    """A study prepares the dataset once (prepare_source); a trial's build_data from it lists, hashes and
+    decodes nothing, and without the test split does not even load it."""
+    import trainer.data as data_mod
+    from trainer.data import prepare_source
+
+    cfg = DataConfig(dataset="textures", cache_dir=cache, max_images=30)
+    spec = PreprocessSpec(input_size=(64, 64), resize=72)
+    source = prepare_source(cfg)
+    full = build_data(cfg, spec, seed=0, source=source)
+    pickle.loads(pickle.dumps(source))  # travels to trials through Ray
+
+    def boom(*a, **k):
+        raise AssertionError("a trial re-scanned or re-hashed the dataset")
+
+    for name in ("hash_files", "scan_sources", "resolve_dataset"):
+        monkeypatch.setattr(data_mod, name, boom)
+    trial = build_data(cfg, spec, seed=0, source=source, with_test=False)
+    assert trial.test is None and trial.dataset_hash == full.dataset_hash
+    assert [trial.train.source(i) for i in range(len(trial.train))] == [
+        full.train.source(i) for i in range(len(full.train))
+    ]
+    assert trial.train.store.key == full.train.store.key  # the same content key: the activation cache's
+    with pytest.raises(EdgetuneError, match="not the one data asks for"):
+        build_data(DataConfig(dataset="textures", cache_dir=cache, max_images=20), spec, source=source)

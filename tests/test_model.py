@@ -85,7 +85,8 @@ def test_fraction_is_comparable_across_backbones():
         cuts = m.cut_points()  # the freeze snaps to the block boundary nearest 50 % of the layers
         gap = max(b.fraction - a.fraction for a, b in zip(cuts, cuts[1:], strict=False))
         assert abs(rep["fraction"] - 0.5) <= gap / 2 + 1e-9, (name, rep)
-        assert rep["cut"] == min(cuts, key=lambda c: (abs(c.fraction - 0.5), c.index)).index
+        assert rep["cut"] == min(cuts, key=lambda c: (abs(c.fraction - 0.5), c.fraction, -c.index)).index
+        assert freeze_backbone(m, 1.0)["cut"] == len(cuts) - 1  # the last cut: pooled features, a linear probe
         assert freeze_backbone(m, 0.0)["layers_frozen"] == 0
         assert all(p.requires_grad for p in m.parameters())
         assert freeze_backbone(m, 1.0)["layers_frozen"] == rep["layers_total"]

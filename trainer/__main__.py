@@ -20,11 +20,17 @@ from edgetune.errors import EdgetuneError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="YAML run config (see configs/); other options override it")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. optim.lr=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. optim.lr=3e-4 (repeatable)",
+    )
     p.add_argument("--data", help="built-in dataset (elpv, textures) or an ImageFolder/CSV path")
     p.add_argument("--epochs", type=int)
     p.add_argument("--backbone")
@@ -45,8 +51,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     overrides: dict[str, Any] = {}
-    for flag, key in (("data", "data.dataset"), ("epochs", "epochs"), ("backbone", "model.backbone"),
-                      ("workers", "workers"), ("img", "model.img_size"), ("init", "model.init"), ("seed", "seed")):
+    for flag, key in (
+        ("data", "data.dataset"),
+        ("epochs", "epochs"),
+        ("backbone", "model.backbone"),
+        ("workers", "workers"),
+        ("img", "model.img_size"),
+        ("init", "model.init"),
+        ("seed", "seed"),
+    ):
         v = getattr(args, flag)
         if v is not None:
             overrides[key] = v
@@ -70,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.list_backbones:
             from trainer.backbones import get_backbone_info, list_backbones
+            from trainer.model import backbone_cut_points
 
             for name in list_backbones():
                 info = get_backbone_info(name)
-                print(f"{name:22s} {info.family:14s} features={info.feature_dim:5d} input={info.default_spec.input_size}")
+                cuts = backbone_cut_points(name)
+                print(
+                    f"{name:22s} {info.family:14s} features={info.feature_dim:5d} input={info.default_spec.input_size}"
+                    f" freeze cuts={len(cuts) - 1} (" + " ".join(f"{c.fraction:.2f}" for c in cuts[1:]) + ")"
+                )
             return 0
         cfg = config_from_args(args)
         out = Path(args.out) if args.out else default_out(cfg)

@@ -106,7 +106,7 @@ class ModelConfig:
     img_size: int = 0  #: network input size; 0 = the backbone's default
     bn_stats: str = "recompute"  #: BatchNorm statistics at evaluation/export: recompute (on training images before
     #: every evaluation), momentum (a momentum suited to the run's steps), keep (as the weights come)
-    bn_images: int = 1024  #: training images used to recompute BatchNorm statistics (0 = all)
+    bn_images: int = 512  #: training images used to recompute BatchNorm statistics (0 = all)
 
     def validate(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone:
@@ -180,7 +180,7 @@ class TrainConfig:
     workers: int = 1  #: Ray Train DDP workers (1 = in-process)
     use_gpu: bool = False
     amp: bool = True  #: mixed precision (GPU only)
-    channels_last: bool = True  #: GPU only
+    channels_last: bool = True  #: NHWC memory format for training (GPU and CPU)
     threads: int = 0  #: torch intra-op threads per worker (0 = leave default)
     out: str = ""  #: run directory (checkpoints, metrics, plots)
     robustness: bool = True  #: after training, evaluate on downsampled / cropped+brightened test images

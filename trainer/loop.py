@@ -77,27 +77,38 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
 
 
-def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up then cosine (or constant) over ``cfg.epochs`` epochs: the schedule of the full run, whatever
-    epoch a scheduler (ASHA) or the deadline stops it at, so early epochs compare configurations fairly."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = int(cfg.optim.warmup_epochs * steps_per_epoch)
+class Schedule:
+    """LR factor per step: warm-up, then cosine (or constant) down to 0 at ``total`` steps. A callable object
+    (not a closure) so ``LambdaLR.state_dict`` keeps ``total`` and a resumed run continues the same curve."""
 
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.optim.schedule == "constant":
+    def __init__(self, total: int, warm: int, kind: str) -> None:
+        self.total, self.warm, self.kind = max(1, total), warm, kind
+
+    def __call__(self, step: int) -> float:
+        if self.warm and step < self.warm:
+            return (step + 1) / self.warm
+        if self.kind == "constant":
             return 1.0
-        progress = (step - warm) / max(1, total - warm)
+        progress = (step - self.warm) / max(1, self.total - self.warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+def build_scheduler(
+    cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine (or constant) over ``cfg.epochs`` epochs: the schedule of the full run, whatever
+    epoch a scheduler (ASHA) or the deadline stops it at, so early epochs compare configurations fairly."""
+    sched = Schedule(cfg.epochs * steps_per_epoch, int(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.schedule)
+    return torch.optim.lr_scheduler.LambdaLR(opt, sched)
 
 
 # -- BatchNorm statistics ------------------------------------------------------------------------------------------
 def _trainable_bns(model: torch.nn.Module) -> list[_BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
-            and any(p.requires_grad for p in m.parameters())]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and any(p.requires_grad for p in m.parameters())
+    ]
 
 
 def suit_bn_momentum(model: torch.nn.Module, steps_per_epoch: int) -> float:
@@ -139,8 +150,14 @@ def recompute_bn_stats(model: torch.nn.Module, batches: Any, device: torch.devic
 
 
 @torch.no_grad()
-def evaluate_batches(model: torch.nn.Module, batches: Any, loss_fn: torch.nn.Module, num_classes: int,
-                     device: torch.device, amp: bool = False) -> dict[str, Any]:
+def evaluate_batches(
+    model: torch.nn.Module,
+    batches: Any,
+    loss_fn: torch.nn.Module,
+    num_classes: int,
+    device: torch.device,
+    amp: bool = False,
+) -> dict[str, Any]:
     """Loss, accuracy, macro-F1, balanced accuracy and confusion matrix; summed across DDP ranks."""
     from trainer.evaluate import metrics_from_confusion
 
@@ -220,37 +237,61 @@ def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
     device = _device(cfg)
     spec = preprocess_spec_for(cfg.model)
     if data is None:
-        data = build_data(cfg.data, spec, run_dir=run_dir if rank == 0 else None, seed=cfg.seed,
-                          source=loop_config.get("source"), with_test=bool(loop_config.get("with_test", True)))
+        data = build_data(
+            cfg.data,
+            spec,
+            run_dir=run_dir if rank == 0 else None,
+            seed=cfg.seed,
+            source=loop_config.get("source"),
+            with_test=bool(loop_config.get("with_test", True)),
+        )
     model: torch.nn.Module = create_model(cfg.model, num_classes=len(data.classes))
     feeds = make_feeds(cfg, model, data, rank, world)
     if feeds.path == "cached":
         model.input_cut = model.cut  # type: ignore[assignment]
     model = model.to(device)
-    if device.type == "cuda" and cfg.channels_last and feeds.path == "live":
+    if cfg.channels_last:  # NHWC convolutions: ~20 % faster steps on CPU too (Lite0, 128 px, 2 threads)
         model = model.to(memory_format=torch.channels_last)
     if cfg.model.bn_stats == "momentum":
         suit_bn_momentum(model, feeds.steps_per_epoch)
-    reporter = make_reporter(loop_config.get("report_to", "local"), run_dir, cfg.metric, cfg.mode,
-                             resume=bool(loop_config.get("resume")))
+    reporter = make_reporter(
+        loop_config.get("report_to", "local"), run_dir, cfg.metric, cfg.mode, resume=bool(loop_config.get("resume"))
+    )
     if world > 1:
         import ray.train.torch
 
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     opt = build_optimizer(cfg, model)
     module = unwrap(model)
-    static: dict[str, Any] = {"params": count_params(module), "size_mb": model_size_mb(module), "node_id": _node_id(),
-                              "data_path": feeds.path, "data_path_reason": feeds.reason,
-                              "freeze_cut": _report(module).get("cut", 0),
-                              "freeze_fraction": _report(module).get("fraction", 0.0),
-                              **{f"act_cache_{k}": v for k, v in feeds.cache_stats.items()}}
-    st = LoopState(cfg=cfg, metric=get_metric(cfg.metric), model=model, feeds=feeds, data=data, spec=spec, opt=opt,
-                   sched=build_scheduler(cfg, opt, feeds.steps_per_epoch),
-                   scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"),
-                   loss_fn=build_loss(cfg.loss, data.class_counts).to(device),
-                   eval_loss=torch.nn.CrossEntropyLoss(),  # comparable val_loss across focal settings
-                   device=device, reporter=reporter, rank=rank, world=world,
-                   use_amp=cfg.amp and device.type == "cuda", static=static)
+    static: dict[str, Any] = {
+        "params": count_params(module),
+        "size_mb": model_size_mb(module),
+        "node_id": _node_id(),
+        "data_path": feeds.path,
+        "data_path_reason": feeds.reason,
+        "freeze_cut": _report(module).get("cut", 0),
+        "freeze_fraction": _report(module).get("fraction", 0.0),
+        **{f"act_cache_{k}": v for k, v in feeds.cache_stats.items()},
+    }
+    st = LoopState(
+        cfg=cfg,
+        metric=get_metric(cfg.metric),
+        model=model,
+        feeds=feeds,
+        data=data,
+        spec=spec,
+        opt=opt,
+        sched=build_scheduler(cfg, opt, feeds.steps_per_epoch),
+        scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"),
+        loss_fn=build_loss(cfg.loss, data.class_counts).to(device),
+        eval_loss=torch.nn.CrossEntropyLoss(),  # comparable val_loss across focal settings
+        device=device,
+        reporter=reporter,
+        rank=rank,
+        world=world,
+        use_amp=cfg.amp and device.type == "cuda",
+        static=static,
+    )
     _resume(st)
     if loop_config.get("measure_latency") and rank == 0 and "latency_ms" not in static:
         from trainer.export import measure_latency
@@ -290,13 +331,11 @@ def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str
     set_train_mode(st.model)
     t0 = time.perf_counter()
     seen, loss_sum, correct, diverged = 0, 0.0, 0, False
-    first_batch_s = None
     batches = st.feeds.train(epoch)
-    for x, y in (progress(batches) if progress else batches):
-        if first_batch_s is None:
-            first_batch_s = time.perf_counter() - t0
+    for x, y in progress(batches) if progress else batches:
+        st.static.setdefault("first_batch_at", time.time())  # unix time: trial launch -> first batch overhead
         x, y = x.to(st.device, non_blocking=True), y.to(st.device, non_blocking=True)
-        if st.device.type == "cuda" and st.cfg.channels_last and x.ndim == 4 and st.feeds.path == "live":
+        if st.cfg.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(st.device.type, enabled=st.use_amp):
             logits = st.model(x)
@@ -317,9 +356,14 @@ def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str
         dist.all_reduce(totals)
     seconds = time.perf_counter() - t0
     n = max(1.0, float(totals[0]))
-    return {"train_loss": float(totals[1]) / n, "train_acc": float(totals[2]) / n, "seen": n,
-            "train_phase_seconds": seconds, "images_per_s": n / max(seconds, 1e-9), "diverged": bool(totals[3] > 0),
-            "first_batch_seconds": first_batch_s or 0.0}
+    return {
+        "train_loss": float(totals[1]) / n,
+        "train_acc": float(totals[2]) / n,
+        "seen": n,
+        "train_phase_seconds": seconds,
+        "images_per_s": n / max(seconds, 1e-9),
+        "diverged": bool(totals[3] > 0),
+    }
 
 
 def validate(st: LoopState) -> dict[str, Any]:
@@ -328,8 +372,12 @@ def validate(st: LoopState) -> dict[str, Any]:
         st.bn_images = recompute_bn_stats(st.model, st.feeds.bn(), st.device)
     val = evaluate_batches(st.model, st.feeds.val(), st.eval_loss, len(st.data.classes), st.device, st.use_amp)
     recall = [r for r, s in zip(val["recall"], val["support"], strict=True) if s > 0]
-    return {"val_loss": val["loss"], "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"],
-            "val_balanced_acc": float(np.mean(recall)) if recall else 0.0}
+    return {
+        "val_loss": val["loss"],
+        "val_acc": val["accuracy"],
+        "val_macro_f1": val["macro_f1"],
+        "val_balanced_acc": float(np.mean(recall)) if recall else 0.0,
+    }
 
 
 def end_of_epoch(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: float | None) -> bool:
@@ -360,21 +408,34 @@ def end_of_epoch(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: f
 
 def _save(st: LoopState, tmp: str, epoch: int, metrics: dict[str, Any]) -> Path:
     module = unwrap(st.model)
-    extra = {"dataset": st.data.dataset_name, "dataset_hash": st.data.dataset_hash, "history": st.history,
-             "weights_source": getattr(module, "weights_source", ""),
-             "freeze": dict(getattr(module, "freeze_report", {})),
-             "bn_stats": {"method": st.cfg.model.bn_stats, "images": st.bn_images},
-             "data_path": st.feeds.path}
+    extra = {
+        "dataset": st.data.dataset_name,
+        "dataset_hash": st.data.dataset_hash,
+        "history": st.history,
+        "weights_source": getattr(module, "weights_source", ""),
+        "freeze": dict(getattr(module, "freeze_report", {})),
+        "bn_stats": {"method": st.cfg.model.bn_stats, "images": st.bn_images},
+        "data_path": st.feeds.path,
+    }
     cut = getattr(module, "input_cut", 0)
     module.input_cut = 0  # type: ignore[assignment]  # a checkpoint is always the image -> logits model
     try:
         d = save_checkpoint(tmp, st.model, st.cfg.to_dict(), st.data.classes, st.spec, epoch, metrics, extra=extra)
     finally:
         module.input_cut = cut  # type: ignore[assignment]
-    torch.save({"optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(), "epoch": epoch,
-                "best": st.best, "best_epoch": st.best_epoch, "at_best": st.at_best,
-                "train_seconds": st.train_seconds_total,
-                "static": st.static}, Path(tmp) / TRAIN_STATE)
+    torch.save(
+        {
+            "optimizer": st.opt.state_dict(),
+            "scheduler": st.sched.state_dict(),
+            "epoch": epoch,
+            "best": st.best,
+            "best_epoch": st.best_epoch,
+            "at_best": st.at_best,
+            "train_seconds": st.train_seconds_total,
+            "static": st.static,
+        },
+        Path(tmp) / TRAIN_STATE,
+    )
     return d
 
 
@@ -384,19 +445,47 @@ def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
     deadline = loop_config.get("deadline")
     report_to = loop_config.get("report_to", "local")
     last: dict[str, Any] = {}
-    for epoch in range(st.start_epoch, st.cfg.epochs + 1):
+    epoch = st.start_epoch
+    while epoch <= st.cfg.epochs:
         t0 = time.perf_counter()
         tr = train_one_epoch(st, epoch, _progress(st, epoch, report_to))
         val = validate(st) if not tr["diverged"] else {}
         st.train_seconds_total += time.perf_counter() - t0
-        metrics = {**st.static, "epoch": epoch, **tr, **val, "epoch_seconds": time.perf_counter() - t0,
-                   "lr": st.opt.param_groups[-1]["lr"], "train_seconds": st.train_seconds_total}
+        metrics = {
+            **st.static,
+            "epoch": epoch,
+            **tr,
+            **val,
+            "epoch_seconds": time.perf_counter() - t0,
+            "lr": st.opt.param_groups[-1]["lr"],
+            "train_seconds": st.train_seconds_total,
+        }
+        if epoch == st.start_epoch and loop_config.get("fit_to_deadline") and deadline and not tr["diverged"]:
+            fit_epochs_to_deadline(st, epoch, metrics["epoch_seconds"], deadline)
         stop = end_of_epoch(st, epoch, metrics, deadline)
         last = metrics
         if stop:
             break
         _maybe_inject_failure(epoch)
+        epoch += 1
     return last
+
+
+def fit_epochs_to_deadline(st: LoopState, epoch: int, epoch_seconds: float, deadline: float) -> int:
+    """After the first epoch: shorten the run (``cfg.epochs`` is the most) to the epochs that end before
+    ``deadline`` at the measured speed, and stretch the LR schedule over exactly those, so the last epoch
+    anneals instead of being cut off mid-schedule (the refit uses this). Single-worker runs only."""
+    if st.world > 1:
+        return st.cfg.epochs
+    fit = epoch + int(max(0.0, deadline - time.time()) // max(epoch_seconds, 1e-6))
+    n = max(epoch, min(st.cfg.epochs, fit))
+    if n != st.cfg.epochs:
+        st.cfg = st.cfg.replace({"epochs": n})
+        for fn in st.sched.lr_lambdas:
+            if isinstance(fn, Schedule):
+                fn.total = max(1, n * st.feeds.steps_per_epoch)
+    st.static["epochs_planned"] = n
+    return n
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -421,7 +510,8 @@ def _progress(st: LoopState, epoch: int, report_to: str) -> Any:
     total = st.feeds.steps_per_epoch
 
     def wrap(it: Any) -> Any:
-        return tqdm(it, total=total, desc=f"epoch {epoch}/{st.cfg.epochs}", unit="batch", leave=False,
-                    dynamic_ncols=True)
+        return tqdm(
+            it, total=total, desc=f"epoch {epoch}/{st.cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True
+        )
 
     return wrap

@@ -7,6 +7,7 @@ class count, same backbone), adds the head and applies ``cfg.freeze``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,14 @@ def cut_points_of(stages: list[Stage]) -> list[CutPoint]:
         done += counts[i]
         out.append(CutPoint(i + 1, s.name, done, done / total))
     return out
+
+
+@functools.cache
+def backbone_cut_points(name: str) -> tuple[CutPoint, ...]:
+    """The registry's list of a backbone's cut points (block boundaries) in forward order, from its stages."""
+    info = get_backbone_info(name)
+    module = info.build(False, max(64, min(info.default_spec.input_size[0], 128)))
+    return tuple(cut_points_of(stages_of(info.family, module)))
 
 
 class EdgeModel(nn.Module):
@@ -151,7 +160,8 @@ def preprocess_spec_for(cfg: ModelConfig) -> PreprocessSpec:
 def resolve_cut(freeze: float, cuts: list[CutPoint], backbone: str) -> CutPoint:
     """The block boundary a ``model.freeze`` value means: a fraction in [0, 1] of the backbone's parameterised
     layers, or a whole layer count > 1 (the waste paper's "freeze 50 layers"), snapped to the nearest cut
-    (ties: the shallower one)."""
+    (equally near: the one freezing less; cuts freezing the same layers, e.g. before and after a
+    parameter-free global pool: the deeper one, which caches more)."""
     if isinstance(freeze, bool) or not isinstance(freeze, (int, float)) or not math.isfinite(freeze) or freeze < 0:
         raise ConfigError(f"model.freeze must be a fraction in [0, 1] or a layer count >= 2, got {freeze!r}")
     total = cuts[-1].layers_frozen
@@ -166,7 +176,7 @@ def resolve_cut(freeze: float, cuts: list[CutPoint], backbone: str) -> CutPoint:
                 f"use a count <= {total} or a fraction in [0, 1]"
             )
         want = int(freeze) / max(1, total)
-    return min(cuts, key=lambda c: (abs(c.fraction - want), c.index))
+    return min(cuts, key=lambda c: (round(abs(c.fraction - want), 9), c.fraction, -c.index))
 
 
 def freeze_backbone(model: EdgeModel, freeze: float) -> dict[str, Any]:

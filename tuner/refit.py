@@ -1,8 +1,10 @@
 """Refit: after the search, the best configuration (by the validation metric) is trained again for longer.
 
-The number of epochs comes from the time budget that is left (at the best trial's measured seconds per
-epoch, after keeping ``FINISH_RESERVE_S`` for the test evaluation and export), between the search's
-``epochs`` and ``refit_max_epochs``; its LR schedule spans those epochs. The best epoch is chosen on
+The number of epochs comes from the time budget that is left, after keeping ``FINISH_RESERVE_S`` for the test
+evaluation and export: the refit measures its first epoch (it runs alone, with a whole node) and fits its
+epochs, at most ``refit_max_epochs``, to the deadline, with the LR schedule stretched over exactly those
+(``trainer.loop.fit_epochs_to_deadline``). It is skipped when not even the search's ``epochs`` would fit at the
+best trial's measured speed. The best epoch is chosen on
 validation, as in every trial; the test split is read once, afterwards, for this model only
 (:func:`tuner.report.finish_study`), and it is the model that is exported.
 
@@ -52,8 +54,11 @@ class RefitRun:
 def best_trial(study: Any, metric: str) -> Any:
     """The finished trial with the best best-epoch value (the value Optuna holds for it)."""
     m = get_metric(metric)
-    done = [t for t in study.get_trials(deepcopy=False)
-            if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get(m.best_key) is not None]
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get(m.best_key) is not None
+    ]
     done.sort(key=lambda t: (m.sort_key(float(t.user_attrs[m.best_key])), t.number))
     return done[0] if done else None
 
@@ -72,14 +77,17 @@ def plan_epochs(opts: Any, trial: Any, left_s: float) -> tuple[int, str]:
         return 0, "the best trial recorded no epoch time"
     n = int(usable // epoch_s)
     if n < opts.epochs:
-        return 0, (f"{usable:.0f} s left fit {max(0, n)} epoch(s) of {epoch_s:.1f} s, fewer than the search's "
-                   f"{opts.epochs}: the best trial's own checkpoint is used")
+        return 0, (
+            f"{usable:.0f} s left fit {max(0, n)} epoch(s) of {epoch_s:.1f} s, fewer than the search's "
+            f"{opts.epochs}: the best trial's own checkpoint is used"
+        )
     n = min(n, cap)
     return n, f"{n} epochs of ~{epoch_s:.1f} s in the {usable:.0f} s left (cap {cap})"
 
 
-def refit_best(opts: Any, study: Any, base: dict[str, Any], space: Any, source: Any, clock: Any,
-               out: Path) -> RefitRun | None:
+def refit_best(
+    opts: Any, study: Any, base: dict[str, Any], space: Any, source: Any, clock: Any, out: Path
+) -> RefitRun | None:
     """Train the best trial's configuration again for longer; returns the run, or None without a best trial."""
     import ray
 
@@ -95,18 +103,26 @@ def refit_best(opts: Any, study: Any, base: dict[str, Any], space: Any, source: 
         run.skipped = why
         print(f"edgetune: refit skipped: {why}")
         return run
-    cfg = build_trial_config(base, space.to_overrides(trial.params)).replace({"epochs": epochs})
+    cap = opts.refit_max_epochs or 3 * opts.epochs
+    cfg = build_trial_config(base, space.to_overrides(trial.params)).replace({"epochs": cap if clock.end() else epochs})
     cpus, gpus = _refit_resources(opts)
     cfg = cfg.replace({"threads": int(cpus) if not gpus else cfg.threads})
     end = clock.end()
     from tuner.run import FINISH_RESERVE_S
 
     deadline = end - FINISH_RESERVE_S if end else None
-    print(f"edgetune: refit of trial #{trial.number} ({get_metric(opts.metric).best_key} "
-          f"{trial.user_attrs.get(get_metric(opts.metric).best_key):.4f}): {why}; {cpus:g} CPU, {gpus:g} GPU")
+    print(
+        f"edgetune: refit of trial #{trial.number} ({get_metric(opts.metric).best_key} "
+        f"{trial.user_attrs.get(get_metric(opts.metric).best_key):.4f}): up to {cfg.epochs} epochs, fitted to the "
+        f"budget after the first ({why}); {cpus:g} CPU, {gpus:g} GPU"
+    )
     t0 = time.perf_counter()
     task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
     res = ray.get(task.remote(cfg.to_dict(), source, deadline))
+    if not res["files"]:
+        run.skipped = "the refit produced no checkpoint (its loss diverged in the first epoch)"
+        print(f"edgetune: refit failed: {run.skipped}; the best trial's own checkpoint is used")
+        return run
     dest = out / "refit"
     if dest.exists():
         shutil.rmtree(dest)
@@ -116,12 +132,15 @@ def refit_best(opts: Any, study: Any, base: dict[str, Any], space: Any, source: 
     meta = json.loads((dest / "checkpoint.json").read_text())
     m = get_metric(opts.metric)
     run.dir, run.history, run.seconds = dest, res["history"], time.perf_counter() - t0
+    run.epochs = int(meta["config"]["epochs"])  # as fitted to the deadline after its first epoch
     run.best_epoch = int(meta["epoch"])
     run.value = meta["metrics"].get(m.name)
     run.val = {k: v for k, v in meta["metrics"].items() if k.startswith("val_")}
     run.stop_reason = str(res["history"][-1].get("stop_reason", "")) if res["history"] else ""
-    print(f"edgetune: refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{epochs}, "
-          f"{m.name} {run.value:.4f}" + (f" (stopped: {run.stop_reason})" if run.stop_reason else ""))
+    print(
+        f"edgetune: refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{epochs}, "
+        f"{m.name} {run.value:.4f}" + (f" (stopped: {run.stop_reason})" if run.stop_reason else "")
+    )
     return run
 
 
@@ -140,9 +159,18 @@ def _refit_task(train_config: dict[str, Any], source: Any, deadline: float | Non
     from trainer.loop import train_loop
 
     with tempfile.TemporaryDirectory(prefix="edgetune-refit-") as tmp:
-        train_loop({"train_config": train_config, "run_dir": tmp, "report_to": "local", "source": source,
-                    "with_test": False, "deadline": deadline})
+        train_loop(
+            {
+                "train_config": train_config,
+                "run_dir": tmp,
+                "report_to": "local",
+                "source": source,
+                "with_test": False,
+                "deadline": deadline,
+                "fit_to_deadline": deadline is not None,
+            }
+        )
         best = Path(tmp) / "best"
         history = [json.loads(line) for line in (Path(tmp) / "history.jsonl").read_text().splitlines() if line]
-        return {"files": {p.name: p.read_bytes() for p in best.iterdir() if p.name != "train_state.pt"},
-                "history": history}
+        files = {p.name: p.read_bytes() for p in best.iterdir() if p.name != "train_state.pt"} if best.is_dir() else {}
+        return {"files": files, "history": history}

@@ -35,7 +35,9 @@ class TuneOptions:
     epochs: int = 6  #: ASHA max_t (max epochs per trial; each trial's LR schedule spans them)
     time_budget_s: float = 840.0  #: seconds for search + refit + export (0 = no limit: needs trials)
     storage: str = ""  #: Optuna storage URL; default sqlite:///<out>/../optuna.db (runs/optuna.db)
-    storage_path: str = ""  #: Ray storage path for checkpoints (dir or s3://…); default $EDGETUNE_STORAGE_PATH or <out>/ray
+    storage_path: str = (
+        ""  #: Ray storage path for checkpoints (dir or s3://…); default $EDGETUNE_STORAGE_PATH or <out>/ray
+    )
     space: str = ""  #: search space YAML (default tuner/default_space.yaml)
     backbones: tuple[str, ...] = ()  #: restrict the backbone choices
     config: str = ""  #: base TrainConfig YAML (fixed settings of every trial)
@@ -65,9 +67,18 @@ class TuneOptions:
     env_vars: dict[str, str] = field(default_factory=dict)  #: environment for every Ray worker
 
     def __post_init__(self) -> None:
-        for name, lo in (("trials", 0), ("epochs", 1), ("workers_per_trial", 1), ("grace_period", 1),
-                         ("reduction_factor", 2), ("max_concurrent", 0), ("max_failures", 0), ("img", 0),
-                         ("max_images", 0), ("refit_max_epochs", 0)):
+        for name, lo in (
+            ("trials", 0),
+            ("epochs", 1),
+            ("workers_per_trial", 1),
+            ("grace_period", 1),
+            ("reduction_factor", 2),
+            ("max_concurrent", 0),
+            ("max_failures", 0),
+            ("img", 0),
+            ("max_images", 0),
+            ("refit_max_epochs", 0),
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -76,8 +87,10 @@ class TuneOptions:
         if self.grace_period > self.epochs:
             self.grace_period = self.epochs
         if self.gpus_per_trial < 0 or self.cpus_per_worker <= 0:
-            raise ConfigError(f"gpus_per_trial must be >= 0 and cpus_per_worker > 0, got {self.gpus_per_trial}, "
-                              f"{self.cpus_per_worker}")
+            raise ConfigError(
+                f"gpus_per_trial must be >= 0 and cpus_per_worker > 0, got {self.gpus_per_trial}, "
+                f"{self.cpus_per_worker}"
+            )
         if self.time_budget_s < 0 or self.max_latency_ms < 0:
             raise ConfigError("time budget and max latency must be >= 0")
         if not self.time_budget_s and not self.trials:
@@ -86,8 +99,9 @@ class TuneOptions:
             raise ConfigError(f"refit_share must be in [0, 0.9), got {self.refit_share}")
         get_metric(self.metric)
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ConfigError(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
-                              f"got {self.placement_strategy!r}")
+            raise ConfigError(
+                f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}"
+            )
         if any(not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()):
             raise ConfigError(f"resources_per_worker values must be numbers >= 0, got {self.resources_per_worker}")
         if self.multi_objective and get_metric(self.metric).mode != "max":
@@ -97,7 +111,7 @@ class TuneOptions:
         if not self.out:
             self.out = str(Path("runs") / self.study)
         if not self.storage:
-            db = (Path(self.out).resolve().parent / "optuna.db")
+            db = Path(self.out).resolve().parent / "optuna.db"
             db.parent.mkdir(parents=True, exist_ok=True)
             self.storage = f"sqlite:///{db}"
         from tuner.storage import normalise_url
@@ -117,9 +131,16 @@ def base_config(opts: TuneOptions) -> dict[str, Any]:
     from trainer.config import TrainConfig, parse_override
 
     cfg = TrainConfig.from_yaml(opts.config) if opts.config else TrainConfig()
-    over: dict[str, Any] = {"data.dataset": opts.data, "epochs": opts.epochs, "seed": opts.seed,
-                            "progress": False, "robustness": False, "metric": opts.metric,
-                            "use_gpu": opts.gpus_per_trial > 0, "workers": opts.workers_per_trial}
+    over: dict[str, Any] = {
+        "data.dataset": opts.data,
+        "epochs": opts.epochs,
+        "seed": opts.seed,
+        "progress": False,
+        "robustness": False,
+        "metric": opts.metric,
+        "use_gpu": opts.gpus_per_trial > 0,
+        "workers": opts.workers_per_trial,
+    }
     if opts.img:
         over["model.img_size"] = opts.img
     if opts.max_images:
@@ -142,18 +163,30 @@ def _layer_count(backbone: str) -> int:
 
 def _study_attrs(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any) -> dict[str, Any]:
     return {
-        "dataset": source.name, "dataset_hash": source.dataset_hash, "classes": source.classes,
-        "split_seed": base["data"]["split_seed"], "split_ratios": base["data"]["split"],
+        "dataset": source.name,
+        "dataset_hash": source.dataset_hash,
+        "classes": source.classes,
+        "split_seed": base["data"]["split_seed"],
+        "split_ratios": base["data"]["split"],
         "split_counts": {k: len(v) for k, v in source.parts.items()},
         "search_space": {n: {k: v for k, v in asdict(p).items() if k != "name"} for n, p in space.params.items()},
-        "dropped": space.dropped, "budget": {"trials": opts.trials, "max_epochs": opts.epochs,
-                                             "time_budget_s": opts.time_budget_s, "img": opts.img,
-                                             "max_images": base["data"]["max_images"],
-                                             "workers_per_trial": opts.workers_per_trial,
-                                             "gpus_per_trial": opts.gpus_per_trial, "refit": opts.refit,
-                                             "refit_share": opts.refit_share},
-        "metric": opts.metric, "metric_mode": opts.metric_def.mode, "multi_objective": opts.multi_objective,
-        "edgetune_version": edgetune.__version__, "base_config": base,
+        "dropped": space.dropped,
+        "budget": {
+            "trials": opts.trials,
+            "max_epochs": opts.epochs,
+            "time_budget_s": opts.time_budget_s,
+            "img": opts.img,
+            "max_images": base["data"]["max_images"],
+            "workers_per_trial": opts.workers_per_trial,
+            "gpus_per_trial": opts.gpus_per_trial,
+            "refit": opts.refit,
+            "refit_share": opts.refit_share,
+        },
+        "metric": opts.metric,
+        "metric_mode": opts.metric_def.mode,
+        "multi_objective": opts.multi_objective,
+        "edgetune_version": edgetune.__version__,
+        "base_config": base,
     }
 
 
@@ -222,9 +255,12 @@ def prepare_study_data(base: dict[str, Any], space: Any, out: Path) -> Any:
         build_data(cfg.data, spec, run_dir=out if i == 0 else None, seed=cfg.seed, source=source)
     source.decoded.clear()
     n = {k: len(v) for k, v in source.parts.items()}
-    print(f"edgetune: dataset {source.name}: {n['train']} train / {n['val']} val / {n['test']} test images, "
-          f"classes {source.classes}" + (f", {len(source.skipped)} unreadable skipped" if source.skipped else "")
-          + f"; prepared once for {len(specs)} input size(s) in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"edgetune: dataset {source.name}: {n['train']} train / {n['val']} val / {n['test']} test images, "
+        f"classes {source.classes}"
+        + (f", {len(source.skipped)} unreadable skipped" if source.skipped else "")
+        + f"; prepared once for {len(specs)} input size(s) in {time.perf_counter() - t0:.1f} s"
+    )
     return source
 
 
@@ -242,14 +278,17 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
     check_storage(opts.storage)
     base = base_config(opts)
     weights = TrainConfig.from_dict(base).model.weights
-    space = load_space(opts.space or None, list(opts.backbones) or None,
-                       weights_check=lambda b: weights_available(b, weights), layer_count=_layer_count,
-                       fixed={"img": opts.img} if opts.img else None)
+    space = load_space(
+        opts.space or None,
+        list(opts.backbones) or None,
+        weights_check=lambda b: weights_available(b, weights),
+        layer_count=_layer_count,
+        fixed={"img": opts.img} if opts.img else None,
+    )
     for reason in space.dropped:
         print(f"edgetune: {reason}")
     source = prepare_study_data(base, space, out)
-    info = cluster.connect(opts.address or None, env_vars=opts.env_vars,
-                           include_dashboard=opts.workers_per_trial > 1)
+    info = cluster.connect(opts.address or None, env_vars=opts.env_vars, include_dashboard=opts.workers_per_trial > 1)
     try:
         deadline = clock.search_deadline(opts.refit, opts.refit_share)
         results, study = _fit(opts, base, space, source, info, deadline)
@@ -288,17 +327,23 @@ def trial_resources(opts: TuneOptions) -> tuple[Any, dict[str, float]]:
     """(TrialResources, the Tune trial's own resource request)."""
     from tuner.trial import TrialResources
 
-    res = TrialResources(workers=opts.workers_per_trial, use_gpu=opts.gpus_per_trial > 0,
-                         cpus_per_worker=opts.cpus_per_worker, resources_per_worker=dict(opts.resources_per_worker),
-                         placement_strategy=opts.placement_strategy, max_failures=opts.max_failures,
-                         storage_path=opts.storage_path)
+    res = TrialResources(
+        workers=opts.workers_per_trial,
+        use_gpu=opts.gpus_per_trial > 0,
+        cpus_per_worker=opts.cpus_per_worker,
+        resources_per_worker=dict(opts.resources_per_worker),
+        placement_strategy=opts.placement_strategy,
+        max_failures=opts.max_failures,
+        storage_path=opts.storage_path,
+    )
     if opts.workers_per_trial > 1:  # the trial only drives a TorchTrainer; its workers hold the resources
         return res, {"cpu": 0.01}
     return res, {"cpu": opts.cpus_per_worker, "gpu": opts.gpus_per_trial, **opts.resources_per_worker}
 
 
-def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, info: dict[str, Any],
-         deadline: float | None) -> tuple[Any, Any]:
+def _fit(
+    opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, info: dict[str, Any], deadline: float | None
+) -> tuple[Any, Any]:
     """Build (or restore) the Tuner over the Optuna study and run it; returns (ResultGrid, study)."""
     import optuna
     from ray import tune
@@ -322,39 +367,69 @@ def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, info:
     seeds = space.points_to_evaluate()
     n_trials = opts.trials or 100_000  # with no cap, the time budget ends the search
     searcher = EdgetuneOptunaSearch(
-        space=space.define_by_run, metric=metric, mode=mode, max_t=opts.epochs, deadline=deadline,
+        space=space.define_by_run,
+        metric=metric,
+        mode=mode,
+        max_t=opts.epochs,
+        deadline=deadline,
         grace_period=opts.grace_period,
         points_to_evaluate=None if opts.resume else seeds[:n_trials] or None,
-        sampler=optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, group=True, constant_liar=True,
-                                           n_startup_trials=min(len(seeds) + 3, n_trials)),
-        study_name=opts.study, storage=storage)
+        sampler=optuna.samplers.TPESampler(
+            seed=opts.seed,
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+            n_startup_trials=min(len(seeds) + 3, n_trials),
+        ),
+        study_name=opts.study,
+        storage=storage,
+    )
     searcher.study.set_metric_names([opts.metric, "latency_ms"] if opts.multi_objective else [opts.metric])
     attrs = _study_attrs(opts, base, space, source)
     existing = searcher.study.user_attrs
     if existing.get("dataset_hash") not in (None, attrs["dataset_hash"]):
-        print(f"edgetune: warning: study {opts.study!r} was run on a different dataset "
-              f"(hash {existing['dataset_hash'][:12]} vs {attrs['dataset_hash'][:12]})")
+        print(
+            f"edgetune: warning: study {opts.study!r} was run on a different dataset "
+            f"(hash {existing['dataset_hash'][:12]} vs {attrs['dataset_hash'][:12]})"
+        )
     for k, v in attrs.items():
         searcher.study.set_user_attr(k, v)
-    scheduler = (FIFOScheduler() if opts.multi_objective else
-                 ASHAScheduler(time_attr="training_iteration", max_t=opts.epochs,
-                               grace_period=opts.grace_period, reduction_factor=opts.reduction_factor))
+    scheduler = (
+        FIFOScheduler()
+        if opts.multi_objective
+        else ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=opts.epochs,
+            grace_period=opts.grace_period,
+            reduction_factor=opts.reduction_factor,
+        )
+    )
     res, resources = trial_resources(opts)
-    ctx = TrialContext(base=base, space=space, res=res, source=source, deadline=deadline,
-                       measure_latency=opts.multi_objective or opts.max_latency_ms > 0)
+    ctx = TrialContext(
+        base=base,
+        space=space,
+        res=res,
+        source=source,
+        deadline=deadline,
+        measure_latency=opts.multi_objective or opts.max_latency_ms > 0,
+    )
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     run_config = tune.RunConfig(
-        name=opts.study, storage_path=opts.storage_path,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=m.best_key,
-                                                checkpoint_score_order=m.mode),
+        name=opts.study,
+        storage_path=opts.storage_path,
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute=m.best_key, checkpoint_score_order=m.mode
+        ),
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         callbacks=[CheckpointAttrCallback(searcher)],
-        progress_reporter=tune.CLIReporter(metric_columns=["epoch", m.best_key, "val_acc", "data_path",
-                                                           "train_seconds"],
-                                           parameter_columns=[c for c in ("backbone", "freeze", "lr", "img")
-                                                              if c in space.params],
-                                           max_report_frequency=30, sort_by_metric=True),
-        verbose=1)
+        progress_reporter=tune.CLIReporter(
+            metric_columns=["epoch", m.best_key, "val_acc", "data_path", "train_seconds"],
+            parameter_columns=[c for c in ("backbone", "freeze", "lr", "img") if c in space.params],
+            max_report_frequency=30,
+            sort_by_metric=True,
+        ),
+        verbose=1,
+    )
     exp_path = f"{opts.storage_path.rstrip('/')}/{opts.study}"
     if opts.resume and tune.Tuner.can_restore(exp_path):
         print(f"edgetune: resuming Ray experiment {exp_path}")
@@ -365,11 +440,23 @@ def _fit(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, info:
         elif "://" not in exp_path and Path(exp_path).exists():
             shutil.rmtree(exp_path)
         backstop = (deadline - time.time() + 60.0) if deadline else None  # trials stop at epoch boundaries first
-        tuner = tune.Tuner(trainable, param_space={}, run_config=run_config, tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=n_trials,
-            trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname,
-            time_budget_s=max(1.0, backstop) if backstop else None,
-            max_concurrent_trials=_max_concurrent(opts, info["resources"]),
-            metric=None if opts.multi_objective else m.best_key, mode=None if opts.multi_objective else mode))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={},
+            run_config=run_config,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=n_trials,
+                trial_dirname_creator=_trial_dirname,
+                trial_name_creator=_trial_dirname,
+                time_budget_s=max(1.0, backstop) if backstop else None,
+                # a 1-worker trial's process (torch imported, the activation cache's LRU warm) serves the next trial
+                reuse_actors=opts.workers_per_trial <= 1,
+                max_concurrent_trials=_max_concurrent(opts, info["resources"]),
+                metric=None if opts.multi_objective else m.best_key,
+                mode=None if opts.multi_objective else mode,
+            ),
+        )
     results = tuner.fit()
     return results, optuna.load_study(study_name=opts.study, storage=storage)

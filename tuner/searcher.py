@@ -51,7 +51,7 @@ ATTR_KEYS = {
     "act_cache_dtype": "act_cache_dtype",
     "act_cache_seconds": "act_cache_seconds",
     "setup_seconds": "setup_seconds",
-    "first_batch_seconds": "first_batch_seconds",
+    "first_batch_at": "first_batch_at",
     "epoch_seconds": "epoch_seconds",
     "latency_ms": "latency_ms",
     "node_id": "node_id",
