@@ -117,7 +117,11 @@ def test_the_time_budget_stops_a_running_trial_at_an_epoch_boundary(tmp_path):
     first = s.trials[0]
     assert first.state.name == "PRUNED" and first.user_attrs["stop_reason"] == "deadline"
     assert 1 <= len(first.intermediate_values) < 500
-    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in s.trials)
+    # a trial suggested while budget remained but still waiting for a CPU at the deadline ends without training
+    # (and without crashing Ray's progress table): FAIL with its reason
+    for t in s.trials:
+        assert t.state.name in ("COMPLETE", "PRUNED") or (
+            t.state.name == "FAIL" and "deadline passed before it could start" in t.user_attrs["fail_reason"]), t
     assert wall <= budget + 30, f"the study took {wall:.0f} s for a {budget} s budget"
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["best_checkpoint"] and summary["wall_seconds"] <= budget + 10

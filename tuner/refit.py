@@ -63,23 +63,36 @@ def best_trial(study: Any, metric: str) -> Any:
     return done[0] if done else None
 
 
-def plan_epochs(opts: Any, trial: Any, left_s: float) -> tuple[int, str]:
-    """(epochs, reason) for the refit of ``trial`` with ``left_s`` seconds left (inf: no budget)."""
+#: Parallel efficiency assumed when the refit gets more CPU threads than a trial had (measured on 2 cores:
+#: Lite0 128 px, 1 -> 2 threads, 1.6-2.0x); the refit re-measures its own first epoch and refits to the deadline.
+THREAD_EFFICIENCY = 0.7
+
+
+def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0) -> tuple[int, str]:
+    """(epochs, reason) for the refit of ``trial`` with ``left_s`` seconds left (inf: no budget). ``refit_cpus``:
+    the refit's threads (CPU runs), to scale the trial's measured epoch time from its ``cpus_per_worker``."""
     from tuner.run import FINISH_RESERVE_S
 
     cap = opts.refit_max_epochs or 3 * opts.epochs
     if math.isinf(left_s):
         return min(cap, UNBUDGETED_FACTOR * opts.epochs), f"no time budget: {UNBUDGETED_FACTOR} x {opts.epochs} epochs"
     epoch_s = float(trial.user_attrs.get("epoch_seconds") or 0.0)
+    trial_cpus = float(opts.cpus_per_worker or 1.0)
+    if refit_cpus > trial_cpus and not opts.gpus_per_trial:
+        epoch_s *= trial_cpus / (refit_cpus * THREAD_EFFICIENCY)
     setup_s = float(trial.user_attrs.get("setup_seconds") or 0.0)
     usable = left_s - FINISH_RESERVE_S - setup_s
     if epoch_s <= 0:
         return 0, "the best trial recorded no epoch time"
     n = int(usable // epoch_s)
-    if n < opts.epochs:
+    # worth it when it trains at least as long as the best trial did (a trial the search deadline stopped early
+    # never finished its LR schedule; the refit's schedule spans exactly its epochs)
+    trained = int(trial.user_attrs.get("epochs_trained") or opts.epochs)
+    need = max(1, min(opts.epochs, trained))
+    if n < need:
         return 0, (
-            f"{usable:.0f} s left fit {max(0, n)} epoch(s) of {epoch_s:.1f} s, fewer than the search's "
-            f"{opts.epochs}: the best trial's own checkpoint is used"
+            f"{usable:.0f} s left fit {max(0, n)} epoch(s) of {epoch_s:.1f} s, fewer than the {need} the best "
+            f"trial trained: the best trial's own checkpoint is used"
         )
     n = min(n, cap)
     return n, f"{n} epochs of ~{epoch_s:.1f} s in the {usable:.0f} s left (cap {cap})"
@@ -97,7 +110,8 @@ def refit_best(
     if trial is None:
         print("edgetune: refit skipped: no finished trial")
         return None
-    epochs, why = plan_epochs(opts, trial, clock.left())
+    cpus, gpus = _refit_resources(opts)
+    epochs, why = plan_epochs(opts, trial, clock.left(), refit_cpus=cpus)
     run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=epochs)
     if not epochs:
         run.skipped = why
@@ -105,7 +119,6 @@ def refit_best(
         return run
     cap = opts.refit_max_epochs or 3 * opts.epochs
     cfg = build_trial_config(base, space.to_overrides(trial.params)).replace({"epochs": cap if clock.end() else epochs})
-    cpus, gpus = _refit_resources(opts)
     cfg = cfg.replace({"threads": int(cpus) if not gpus else cfg.threads})
     end = clock.end()
     from tuner.run import FINISH_RESERVE_S

@@ -23,7 +23,7 @@ LEADER_COLUMNS = ["rank", "trial", "state", "backbone", "img", "freeze", "lr", "
 
 
 def leader_columns(metric: str) -> list[str]:
-    return [c.format(metric=metric) for c in LEADER_COLUMNS]
+    return list(dict.fromkeys(c.format(metric=metric) for c in LEADER_COLUMNS))  # once, also for val_macro_f1
 
 
 def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
@@ -31,6 +31,8 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
     m = get_metric(metric)
     rows: list[dict[str, Any]] = []
     for t in study.get_trials(deepcopy=False):
+        if t.state.name == "WAITING":  # an enqueued seed the budget never reached (a resumed study runs it first)
+            continue
         a, p = t.user_attrs, t.params
         value = a.get(m.best_key)
         if value is None and t.values and t.state.name in ("COMPLETE", "PRUNED"):

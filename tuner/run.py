@@ -32,7 +32,7 @@ class TuneOptions:
     data: str = "elpv"
     study: str = ""  #: default: "<dataset>-default"
     trials: int = 0  #: optional cap on the number of trials (0 = as many as the time budget allows)
-    epochs: int = 6  #: ASHA max_t (max epochs per trial; each trial's LR schedule spans them)
+    epochs: int = 4  #: ASHA max_t (max epochs per trial; each trial's LR schedule spans them)
     time_budget_s: float = 840.0  #: seconds for search + refit + export (0 = no limit: needs trials)
     storage: str = ""  #: Optuna storage URL; default sqlite:///<out>/../optuna.db (runs/optuna.db)
     storage_path: str = (
@@ -62,7 +62,7 @@ class TuneOptions:
     export: bool = True
     metric: str = DEFAULT_METRIC  #: trainer.metric: what selects epochs, trials and the final model
     refit: bool = True  #: retrain the best configuration for longer after the search (the exported model)
-    refit_share: float = 0.3  #: share of the time budget kept for the refit
+    refit_share: float = 0.55  #: share of the time budget kept for the refit
     refit_max_epochs: int = 0  #: cap on refit epochs (0 = 3 x epochs)
     env_vars: dict[str, str] = field(default_factory=dict)  #: environment for every Ray worker
 
@@ -426,7 +426,8 @@ def _fit(
             metric_columns=["epoch", m.best_key, "val_acc", "data_path", "train_seconds"],
             parameter_columns=[c for c in ("backbone", "freeze", "lr", "img") if c in space.params],
             max_report_frequency=30,
-            sort_by_metric=True,
+            # Ray's sort fails on a trial that ended without a result (one the search deadline overtook)
+            sort_by_metric=False,
         ),
         verbose=1,
     )
@@ -459,4 +460,6 @@ def _fit(
             ),
         )
     results = tuner.fit()
+    if isinstance(searcher, EdgetuneOptunaSearch):
+        searcher.close_unfinished()
     return results, optuna.load_study(study_name=opts.study, storage=storage)

@@ -142,6 +142,8 @@ class EdgetuneOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr("fail_reason", "loss diverged (NaN/inf): ended at once, not retried")
         if error or not last:
             state = optuna.trial.TrialState.FAIL
+            if not error and self._deadline is not None and time.time() >= self._deadline:
+                ot_trial.set_user_attr("fail_reason", "the search deadline passed before it could start")
         elif (iteration < self._max_t or last.get("stop_reason")) and not multi:
             state = optuna.trial.TrialState.PRUNED  # ASHA, the search deadline, or divergence stopped it early
         else:
@@ -154,6 +156,21 @@ class EdgetuneOptunaSearch(OptunaSearch):
             self.study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
         self._completed_trials.add(trial_id)
 
+
+    def close_unfinished(self) -> int:
+        """After ``Tuner.fit``: trials this searcher asked for that Ray never completed (a pending trial the search
+        deadline overtook) are told FAIL with the reason instead of staying RUNNING in the study."""
+        n = 0
+        for trial_id, ot_trial in self._ot_trials.items():
+            if trial_id in self._completed_trials:
+                continue
+            frozen = self.study._storage.get_trial(ot_trial._trial_id)
+            if not frozen.state.is_finished():
+                ot_trial.set_user_attr("fail_reason", "never started: the search ended (deadline or trial cap) first")
+                self.study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+                n += 1
+            self._completed_trials.add(trial_id)
+        return n
 
     def _report_final(self, ot_trial: optuna.Trial, value: float, step: int) -> None:
         """Ray tells the last result (the one that stopped the trial) only at completion: keep it as an

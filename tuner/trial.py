@@ -10,6 +10,7 @@ split is not loaded at all.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     from trainer.loop import train_loop, train_worker
 
+    if ctx.deadline is not None and time.time() >= ctx.deadline:
+        # suggested while budget remained, but it waited for resources until the search deadline: end without
+        # training (the searcher records it FAIL with the reason) so the refit gets the node at once
+        return
     cfg = build_trial_config(ctx.base, ctx.space.to_overrides(_flatten(config)))
     loop_cfg = {"train_config": cfg.to_dict(), "run_dir": None, "measure_latency": ctx.measure_latency,
                 "deadline": ctx.deadline, "source": ctx.source, "with_test": False}

@@ -1,0 +1,41 @@
+"""How many epochs the refit gets from the budget left (tuner.refit.plan_epochs): pure arithmetic, no Ray."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+from tuner.refit import THREAD_EFFICIENCY, plan_epochs
+from tuner.run import FINISH_RESERVE_S, TuneOptions
+
+
+def _trial(epoch_s: float, trained: int, setup_s: float = 0.0) -> SimpleNamespace:
+    return SimpleNamespace(user_attrs={"epoch_seconds": epoch_s, "epochs_trained": trained, "setup_seconds": setup_s})
+
+
+def test_epochs_come_from_the_time_left_at_the_refits_speed():
+    opts = TuneOptions(epochs=4)
+    # a 1-thread trial took 70 s per epoch; the refit gets 2 threads: 70 / (2 * efficiency) s per epoch
+    per = 70.0 / (2 * THREAD_EFFICIENCY)
+    n, why = plan_epochs(opts, _trial(70.0, 4), FINISH_RESERVE_S + 8 * per + 1, refit_cpus=2)
+    assert n == 8 and "8 epochs" in why
+    n, _ = plan_epochs(opts, _trial(70.0, 4), FINISH_RESERVE_S + 8 * 70.0 + 1, refit_cpus=1)
+    assert n == 8  # same threads as the trial: its own epoch time
+    n, _ = plan_epochs(opts, _trial(1.0, 4), 10_000.0, refit_cpus=2)
+    assert n == 3 * opts.epochs  # capped (refit_max_epochs 0 = 3 x epochs)
+
+
+def test_a_trial_stopped_by_the_deadline_sets_the_bar_at_what_it_trained():
+    opts = TuneOptions(epochs=6)
+    left = FINISH_RESERVE_S + 3.5 * 50.0
+    n, why = plan_epochs(opts, _trial(50.0, 3), left, refit_cpus=1)
+    assert n == 3  # the trial trained 3 of its 6 epochs (its LR schedule unfinished): 3 full-schedule epochs is worth it
+    n, why = plan_epochs(opts, _trial(50.0, 6), left, refit_cpus=1)
+    assert n == 0 and "fewer than the 6 the best trial trained" in why
+
+
+def test_no_budget_and_no_measurement():
+    opts = TuneOptions(epochs=4, trials=3, time_budget_s=0)
+    assert plan_epochs(opts, _trial(50.0, 4), math.inf)[0] == 8
+    n, why = plan_epochs(opts, _trial(0.0, 4), 1000.0)
+    assert n == 0 and "no epoch time" in why
