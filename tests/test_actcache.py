@@ -81,7 +81,7 @@ def test_second_run_with_the_same_cut_hits_the_cache_and_key_parts_miss(tex, tmp
     assert f3.cache_stats["memory_hits"] == 5 and f3.cache_stats["builds"] == 0
     # every key part changes the key
     base = ActKey(items="a", backbone="b", prefix="c", spec="d", cut=3, view="id")
-    for field in ("items", "backbone", "prefix", "spec", "view"):
+    for field in ("items", "backbone", "prefix", "spec", "view", "dtype"):
         assert ActKey(**{**base.__dict__, field: "x"}).digest() != base.digest()
     assert ActKey(**{**base.__dict__, "cut": 4}).digest() != base.digest()
     # ... and the real changes that feed them miss: another cut, other weights (seed), another input size
@@ -92,12 +92,14 @@ def test_second_run_with_the_same_cut_hits_the_cache_and_key_parts_miss(tex, tmp
     torch.manual_seed(2)
     _, f6 = _feeds(cfg, data, **{"model.weights": "none"})
     assert f5.cache_stats["builds"] == 5 and f6.cache_stats["builds"] == 5
+    _, f7 = _feeds(cfg, data, **{"data.activation_dtype": "float32"})  # an fp16 array is not served as float32
+    assert f7.cache_stats["builds"] == 5
     cfg96 = cfg.replace({"model.img_size": 96})
     data96 = build_data(cfg96.data, preprocess_spec_for(cfg96.model), seed=0)
     _, f7 = _feeds(cfg96, data96)
     assert f7.cache_stats["builds"] == 5
     metas = [json.loads(p.read_text()) for p in (tmp_path / "activations").glob("*.json")]
-    assert len(metas) == 25 and {m["key"]["cut"] for m in metas} >= {9, 5}
+    assert len(metas) == 30 and {m["key"]["cut"] for m in metas} >= {9, 5}
 
 
 def test_memory_bound_holds(tmp_path):
@@ -113,6 +115,7 @@ def test_memory_bound_holds(tmp_path):
     assert cache.stats.builds == 5 and cache.stats.evictions == 2
     again = cache.get(ActKey("i", "b", "p", "s", 0, "id"), build, 1000)  # evicted: read back from disk
     assert cache.stats.disk_hits == 1 and np.array_equal(again[:, 0], arr)
+    assert not isinstance(again, np.memmap) and again.base is None  # resident: a copy in RAM, not a view of the file
     big = ActivationCache(tmp_path / "big", memory_bytes=100)
     out = big.get(ActKey("i", "b", "p", "s", 0, "id"), build, 1000)
     assert isinstance(out, np.memmap) and big.resident_bytes == 0 and big.stats.mapped == 1

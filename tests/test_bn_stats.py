@@ -50,8 +50,9 @@ def test_recompute_gives_the_population_statistics_and_momentum_suits_the_steps(
     model = create_model(TrainConfig().model.__class__(backbone="efficientnet_lite0", weights="none", img_size=32), 2)
     bn = model.backbone._bn0
     x = torch.randn(64, 3, 32, 32) * 3 + 1
+    assert model.training
     n = recompute_bn_stats(model, [x[:32], x[32:]], torch.device("cpu"))
-    assert n == 64 and not model.training
+    assert n == 64 and model.training  # the mode it found is restored
     with torch.no_grad():
         a = model.backbone._conv_stem(x)
     assert torch.allclose(bn.running_mean, a.mean((0, 2, 3)), atol=1e-4)

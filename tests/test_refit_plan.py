@@ -27,11 +27,13 @@ def test_epochs_come_from_the_time_left_at_the_refits_speed():
 
 def test_a_trial_stopped_by_the_deadline_sets_the_bar_at_what_it_trained():
     opts = TuneOptions(epochs=6)
-    left = FINISH_RESERVE_S + 3.5 * 50.0
+    left = FINISH_RESERVE_S + 4.5 * 50.0
     n, why = plan_epochs(opts, _trial(50.0, 3), left, refit_cpus=1)
-    assert n == 3  # the trial trained 3 of its 6 epochs (its LR schedule unfinished): 3 full-schedule epochs is worth it
+    assert n == 4  # the trial trained 3 of its 6 epochs (its LR schedule unfinished): 4 full-schedule epochs is longer
+    n, why = plan_epochs(opts, _trial(50.0, 4), left, refit_cpus=1)
+    assert n == 0 and "not more than the 4 the best trial trained" in why
     n, why = plan_epochs(opts, _trial(50.0, 6), left, refit_cpus=1)
-    assert n == 0 and "fewer than the 6 the best trial trained" in why
+    assert n == 0 and "not more than the 6" in why
 
 
 def test_no_budget_and_no_measurement():

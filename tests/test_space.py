@@ -74,8 +74,9 @@ def test_unavailable_weights_are_left_out_with_reason(capsys):
     assert s.backbones == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert any("backbone resnet34 left out: no weights file found" in r for r in s.dropped)
     # seeds whose backbone left are dropped too, with a reason; the Lite recipes stay
-    assert [x["name"] for x in s.seeds] == ["generic recipe (EfficientNet-Lite0)", "generic recipe (EfficientNet-Lite2)",
-                                            "generic recipe (EfficientNet-Lite1)"]
+    assert [x["name"] for x in s.seeds] == ["generic recipe (EfficientNet-Lite0, first blocks frozen)",
+                                            "generic recipe (EfficientNet-Lite0, full fine-tuning)",
+                                            "generic recipe (EfficientNet-Lite1)", "generic recipe (EfficientNet-Lite2)"]
     assert any("graphite" in r and "mobilenet_v2 not in the space" in r for r in s.dropped)
 
 

@@ -27,7 +27,7 @@ seeds:
     params: {backbone: efficientnet_lite0, freeze: 0.75, lr: 2.0e-3, alpha: none}
   - name: overflowing class weights (the loss becomes NaN at the first step)
     params: {backbone: efficientnet_lite0, freeze: 0.75, lr: 2.0e-3, alpha: overflow}
-  - name: good again (same cut: the activation cache is hit)
+  - name: "good again (same cut: the activation cache is hit)"
     params: {backbone: efficientnet_lite0, freeze: 0.75, lr: 1.0e-3, alpha: none}
 """
 ARGS = ["--data", "textures", "--img", "64", "--max-images", "60", "--set", "batch_size=16", "--address", "local"]
@@ -125,3 +125,7 @@ def test_the_time_budget_stops_a_running_trial_at_an_epoch_boundary(tmp_path):
     assert wall <= budget + 30, f"the study took {wall:.0f} s for a {budget} s budget"
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["best_checkpoint"] and summary["wall_seconds"] <= budget + 10
+    # without a refit the final model is the chosen trial's best epoch (not its last, on which best_<metric> ties)
+    chosen = next(t for t in s.trials if t.number == summary["best_trial"])
+    meta = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())
+    assert meta["epoch"] == chosen.user_attrs["best_epoch"], (meta["epoch"], chosen.user_attrs["best_epoch"])

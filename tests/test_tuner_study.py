@@ -25,7 +25,7 @@ def studies(tmp_path_factory):
     storage = f"sqlite:///{tmp / 'optuna.db'}"
     space = write_space(tmp)
     common = [*TINY_ARGS, "--space", str(space), "--storage", storage, "--address", "local"]
-    run_tuner([*common, "--study", "single", "--trials", "4", "--epochs", "2", "--max-concurrent", "1",
+    run_tuner([*common, "--study", "single", "--trials", "4", "--epochs", "2", "--grace-period", "1", "--max-concurrent", "1",
                "--out", str(tmp / "single")], tmp / "single.log")
     run_tuner([*common, "--study", "multi", "--trials", "2", "--epochs", "1", "--multi-objective",
                "--max-latency-ms", "10000", "--out", str(tmp / "multi")], tmp / "multi.log")
@@ -64,7 +64,8 @@ def test_outputs_written_and_best_checkpoint_loads(studies):
     out = studies["tmp"] / "single"
     with open(out / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and {r["trial"] for r in rows} == {"0", "1", "2", "3"}
+    assert len(rows) == 5 and rows[0]["state"] == "REFIT" and rows[0]["trial"].startswith("refit of #")
+    assert {r["trial"] for r in rows[1:]} == {"0", "1", "2", "3"}
     assert (out / "leaderboard.md").read_text().count("\n") >= 6
     m = json.loads((out / "best" / "metrics.json").read_text())
     for k in (*SUMMARY_KEYS, "params"):

@@ -74,6 +74,7 @@ class ActKey:
     spec: str  #: the full preprocessing spec (JSON): crop, normalisation, channel order
     cut: int
     view: str
+    dtype: str = "auto"  #: data.activation_dtype: "auto" (fp16 where parity holds) or "float32"
 
     def digest(self) -> str:
         doc = json.dumps({"v": CACHE_VERSION, **asdict(self)}, sort_keys=True)
@@ -151,7 +152,7 @@ class ActivationCache:
         while self._lru and self.resident_bytes + arr.nbytes > self.memory_bytes:
             self._lru.popitem(last=False)
             self.stats.evictions += 1
-        loaded = np.ascontiguousarray(arr)  # reads the memory map into RAM
+        loaded = np.array(arr)  # a real copy into RAM (ascontiguousarray of a memmap is a view of the file)
         self._lru[d] = loaded
         return loaded
 

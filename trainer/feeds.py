@@ -121,7 +121,8 @@ def _activations(model: Any, ds: Any, view: str, cache: ActivationCache, prefix_
                  batch: int = 64) -> np.ndarray:
     spec = ds.spec
     key = ActKey(items=ds.store.key, backbone=model.backbone_name, prefix=prefix_sha,
-                 spec=json.dumps(spec.to_dict(), sort_keys=True), cut=model.cut, view=view)
+                 spec=json.dumps(spec.to_dict(), sort_keys=True), cut=model.cut, view=view,
+                 dtype="auto" if allow_fp16 else "float32")
 
     def build() -> Iterator[np.ndarray]:
         was = model.training

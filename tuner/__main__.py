@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's table reporter (trials, states, best so far)
     warnings.filterwarnings("ignore", category=optuna_experimental_warning())
     try:
-        from tuner.run import TuneOptions, run_study
+        from tuner.run import TuneOptions, process_start, run_study
 
         opts = TuneOptions(
             data=args.data, study=args.study, trials=args.trials, epochs=args.epochs, time_budget_s=args.time_budget,
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if head:
             return forward(args.cluster_config, head, list(sys.argv[1:] if argv is None else argv), opts.study,
                            opts.out)
-        run_study(opts)
+        run_study(opts, started_at=process_start())
     except (ConfigError, EdgetuneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,14 +51,17 @@ class RefitRun:
         return d
 
 
-def best_trial(study: Any, metric: str) -> Any:
-    """The finished trial with the best best-epoch value (the value Optuna holds for it)."""
+def best_trial(study: Any, metric: str, max_latency_ms: float = 0.0) -> Any:
+    """The finished trial with the best best-epoch value (the value Optuna holds for it); with a latency bound,
+    among the trials measured within it (the same rule as the export's selection, tuner.report._candidates)."""
     m = get_metric(metric)
     done = [
         t
         for t in study.get_trials(deepcopy=False)
         if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get(m.best_key) is not None
     ]
+    if max_latency_ms > 0:
+        done = [t for t in done if 0 < float(t.user_attrs.get("latency_ms") or 0) <= max_latency_ms]
     done.sort(key=lambda t: (m.sort_key(float(t.user_attrs[m.best_key])), t.number))
     return done[0] if done else None
 
@@ -85,14 +88,14 @@ def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0) -
     if epoch_s <= 0:
         return 0, "the best trial recorded no epoch time"
     n = int(usable // epoch_s)
-    # worth it when it trains at least as long as the best trial did (a trial the search deadline stopped early
-    # never finished its LR schedule; the refit's schedule spans exactly its epochs)
+    # worth it when it trains longer than the best trial did (a trial the search deadline stopped early never
+    # finished its LR schedule; the refit's schedule spans exactly its epochs)
     trained = int(trial.user_attrs.get("epochs_trained") or opts.epochs)
-    need = max(1, min(opts.epochs, trained))
+    need = max(1, min(opts.epochs, trained)) + 1  # longer than the trial, else it would only repeat it
     if n < need:
         return 0, (
-            f"{usable:.0f} s left fit {max(0, n)} epoch(s) of {epoch_s:.1f} s, fewer than the {need} the best "
-            f"trial trained: the best trial's own checkpoint is used"
+            f"{usable:.0f} s left fit {max(0, n)} epoch(s) of {epoch_s:.1f} s, not more than the {need - 1} the "
+            f"best trial trained: the best trial's own checkpoint is used"
         )
     n = min(n, cap)
     return n, f"{n} epochs of ~{epoch_s:.1f} s in the {usable:.0f} s left (cap {cap})"
@@ -106,9 +109,13 @@ def refit_best(
 
     from tuner.trial import build_trial_config
 
-    trial = best_trial(study, opts.metric)
+    if opts.multi_objective:
+        print("edgetune: refit skipped: multi-objective study (the final model is picked from the Pareto front)")
+        return None
+    trial = best_trial(study, opts.metric, opts.max_latency_ms)
     if trial is None:
-        print("edgetune: refit skipped: no finished trial")
+        why = f" within {opts.max_latency_ms:g} ms" if opts.max_latency_ms > 0 else ""
+        print(f"edgetune: refit skipped: no finished trial{why}")
         return None
     cpus, gpus = _refit_resources(opts)
     epochs, why = plan_epochs(opts, trial, clock.left(), refit_cpus=cpus)
@@ -151,7 +158,7 @@ def refit_best(
     run.val = {k: v for k, v in meta["metrics"].items() if k.startswith("val_")}
     run.stop_reason = str(res["history"][-1].get("stop_reason", "")) if res["history"] else ""
     print(
-        f"edgetune: refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{epochs}, "
+        f"edgetune: refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{run.epochs}, "
         f"{m.name} {run.value:.4f}" + (f" (stopped: {run.stop_reason})" if run.stop_reason else "")
     )
     return run

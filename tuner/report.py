@@ -209,7 +209,7 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
             summary["refit"] = refit.to_dict()
         for cand in _candidates(rows, metric, opts.max_latency_ms):  # an earlier run's trial may have no checkpoint
             if materialise_best_checkpoint(_result_for(results, cand["ray_trial_id"]), cand,
-                                           get_metric(metric).best_key, get_metric(metric).mode, dest) \
+                                           get_metric(metric).name, get_metric(metric).mode, dest) \
                     and (dest / "model.pt").is_file():
                 final = cand
                 break

@@ -196,10 +196,10 @@ def _trial_dirname(trial: Any) -> str:
 
 @dataclass
 class Clock:
-    """The study's wall-clock budget, counted from the start of the ``python -m tuner`` process."""
+    """The study's wall-clock budget from ``t0`` (unix time)."""
 
     budget_s: float
-    t0: float = field(default_factory=lambda: _process_start())
+    t0: float = field(default_factory=time.time)
 
     def left(self) -> float:
         return (self.t0 + self.budget_s - time.time()) if self.budget_s else float("inf")
@@ -215,7 +215,8 @@ class Clock:
         return self.t0 + self.budget_s - keep
 
 
-def _process_start() -> float:
+def process_start() -> float:
+    """When this process started (the CLI's budget counts from it)."""
     try:
         import psutil
 
@@ -264,15 +265,17 @@ def prepare_study_data(base: dict[str, Any], space: Any, out: Path) -> Any:
     return source
 
 
-def run_study(opts: TuneOptions) -> dict[str, Any]:
-    """Run (or resume) a study; returns the summary written to ``<out>/summary.json``."""
+def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, Any]:
+    """Run (or resume) a study; returns the summary written to ``<out>/summary.json``. The time budget counts
+    from ``started_at`` (unix time; ``python -m tuner`` passes its process start, so interpreter and import time
+    count too), else from this call."""
     from trainer.backbones import weights_available
     from trainer.config import TrainConfig
     from tuner import cluster, refit, report
     from tuner.space import load_space
     from tuner.storage import check_storage
 
-    clock = Clock(opts.time_budget_s)
+    clock = Clock(opts.time_budget_s, started_at if started_at is not None else time.time())
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     check_storage(opts.storage)
@@ -417,8 +420,10 @@ def _fit(
     run_config = tune.RunConfig(
         name=opts.study,
         storage_path=opts.storage_path,
+        # scored on the epoch's own value (not the running best_<metric>, on which later epochs tie and Ray keeps
+        # the newest): Ray keeps the best epoch's checkpoint (plus the latest, for restarts)
         checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=1, checkpoint_score_attribute=m.best_key, checkpoint_score_order=m.mode
+            num_to_keep=1, checkpoint_score_attribute=m.name, checkpoint_score_order=m.mode
         ),
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         callbacks=[CheckpointAttrCallback(searcher)],
@@ -459,6 +464,9 @@ def _fit(
                 mode=None if opts.multi_objective else mode,
             ),
         )
+    # A trial overtaken by the search deadline returns without a result (run_trial); Ray's strict check would turn
+    # that into an error of the whole study. Missing metrics are handled by the searcher (FAIL with the reason).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     results = tuner.fit()
     if isinstance(searcher, EdgetuneOptunaSearch):
         searcher.close_unfinished()

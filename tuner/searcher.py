@@ -140,7 +140,7 @@ class EdgetuneOptunaSearch(OptunaSearch):
         value: Any = None
         if last.get("stop_reason") == "diverged":
             ot_trial.set_user_attr("fail_reason", "loss diverged (NaN/inf): ended at once, not retried")
-        if error or not last:
+        if error or not last or (not multi and last.get(self.metric) is None):
             state = optuna.trial.TrialState.FAIL
             if not error and self._deadline is not None and time.time() >= self._deadline:
                 ot_trial.set_user_attr("fail_reason", "the search deadline passed before it could start")
