@@ -427,10 +427,7 @@ class Soak:
     def health(self, _stub: Any, ch: grpc.Channel) -> None:
         t0 = time.monotonic()
         try:
-            # like a load balancer's probe: a 1 s deadline, waiting for the connection (a fresh channel after the
-            # restart is still CONNECTING for a few ms; fail-fast would read that as the server being down)
-            st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0,
-                                                      wait_for_ready=True).status
+            st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(st)
         except grpc.RpcError as e:
             status = e.code().name

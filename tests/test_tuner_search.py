@@ -81,7 +81,9 @@ def test_trials_share_prepared_data_and_the_activation_cache(study):
     first, _, third = sorted(s.trials, key=lambda t: t.number)
     assert first.user_attrs["data_path"] == third.user_attrs["data_path"] == "cached"
     assert first.user_attrs["act_cache_builds"] > 0
-    assert third.user_attrs["act_cache_builds"] == 0 and third.user_attrs["act_cache_disk_hits"] > 0
+    # the third trial builds nothing: it reads the cut from disk, or from memory where Ray reused the actor
+    assert third.user_attrs["act_cache_builds"] == 0
+    assert third.user_attrs["act_cache_disk_hits"] + third.user_attrs["act_cache_memory_hits"] > 0
     assert all("latency_ms" not in t.user_attrs for t in s.trials)  # no ONNX export in a single-objective trial
     split = json.loads((study["tmp"] / "out" / "split.json").read_text())
     assert {f["split"] for f in split["files"]} == {"train", "val", "test"}

@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from trainer.config import TrainConfig
-from trainer.metric import Metric, get_metric
+from trainer.metric import CHECKPOINT_SCORE, Metric, get_metric
 from trainer.reporting import Reporter, make_reporter
 
 TRAIN_STATE = "train_state.pt"
@@ -396,6 +396,7 @@ def end_of_epoch(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: f
         st.at_best = {f"{k}_at_best": metrics[k] for k in ("val_acc", "val_macro_f1", "val_balanced_acc", "val_loss")}
     metrics[m.best_key] = st.best if st.best is not None else m.worst
     metrics["best_epoch"] = st.best_epoch
+    metrics[CHECKPOINT_SCORE] = epoch if st.best_epoch == epoch else -1
     metrics.update(st.at_best)
     if stop:
         metrics["stop_reason"] = stop

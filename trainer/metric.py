@@ -51,6 +51,12 @@ class Metric:
         return (False, -value if self.mode == "max" else value)
 
 
+#: Reported each epoch for checkpoint retention (Ray's ``checkpoint_score_attribute``, mode ``max``): the epoch
+#: number when this epoch is the run's best so far, else -1. The highest is the best epoch's checkpoint (the
+#: running ``best_<name>`` ties on every later epoch, and Ray would keep the newest of a tie).
+CHECKPOINT_SCORE = "checkpoint_score"
+CHECKPOINT_SCORE_MODE = "max"
+
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("val_macro_f1", "max", "validation macro-F1"),
     Metric("val_balanced_acc", "max", "validation balanced accuracy"),

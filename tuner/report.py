@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from trainer.metric import get_metric
+from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
 
 #: Leaderboard columns; ``{metric}`` is the study's selection metric (trainer.metric), the value Optuna holds.
 LEADER_COLUMNS = ["rank", "trial", "state", "backbone", "img", "freeze", "lr", "optimizer", "augment", "sampler",
@@ -209,7 +209,7 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
             summary["refit"] = refit.to_dict()
         for cand in _candidates(rows, metric, opts.max_latency_ms):  # an earlier run's trial may have no checkpoint
             if materialise_best_checkpoint(_result_for(results, cand["ray_trial_id"]), cand,
-                                           get_metric(metric).name, get_metric(metric).mode, dest) \
+                                           CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, dest) \
                     and (dest / "model.pt").is_file():
                 final = cand
                 break

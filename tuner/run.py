@@ -15,7 +15,7 @@ import yaml
 
 import edgetune
 from edgetune.errors import ConfigError, EdgetuneError
-from trainer.metric import DEFAULT_METRIC, Metric, get_metric
+from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, DEFAULT_METRIC, Metric, get_metric
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
@@ -420,10 +420,9 @@ def _fit(
     run_config = tune.RunConfig(
         name=opts.study,
         storage_path=opts.storage_path,
-        # scored on the epoch's own value (not the running best_<metric>, on which later epochs tie and Ray keeps
-        # the newest): Ray keeps the best epoch's checkpoint (plus the latest, for restarts)
+        # Ray keeps the best epoch's checkpoint (trainer.metric.CHECKPOINT_SCORE), plus the latest for restarts
         checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=1, checkpoint_score_attribute=m.name, checkpoint_score_order=m.mode
+            num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_SCORE, checkpoint_score_order=CHECKPOINT_SCORE_MODE
         ),
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         callbacks=[CheckpointAttrCallback(searcher)],
