@@ -245,7 +245,9 @@ def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
             source=loop_config.get("source"),
             with_test=bool(loop_config.get("with_test", True)),
         )
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (a random prefix keys the cache too)
     model: torch.nn.Module = create_model(cfg.model, num_classes=len(data.classes))
+    torch.manual_seed(cfg.seed + rank)  # per-rank streams for dropout and sampling
     feeds = make_feeds(cfg, model, data, rank, world)
     if feeds.path == "cached":
         model.input_cut = model.cut  # type: ignore[assignment]
@@ -340,7 +342,10 @@ def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str
         with torch.autocast(st.device.type, enabled=st.use_amp):
             logits = st.model(x)
             loss = st.loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        if st.world > 1:  # every rank stops together (one rank leaving backward's all-reduce would hang the rest)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
             diverged = True
             break
         st.opt.zero_grad(set_to_none=True)

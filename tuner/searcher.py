@@ -164,12 +164,13 @@ class EdgetuneOptunaSearch(OptunaSearch):
         for trial_id, ot_trial in self._ot_trials.items():
             if trial_id in self._completed_trials:
                 continue
-            frozen = self.study._storage.get_trial(ot_trial._trial_id)
-            if not frozen.state.is_finished():
-                ot_trial.set_user_attr("fail_reason", "never started: the search ended (deadline or trial cap) first")
-                self.study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
-                n += 1
             self._completed_trials.add(trial_id)
+            try:
+                ot_trial.set_user_attr("fail_reason", "never started: the search ended (deadline or trial cap) first")
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # already told
+            self.study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            n += 1
         return n
 
     def _report_final(self, ot_trial: optuna.Trial, value: float, step: int) -> None:
