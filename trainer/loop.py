@@ -245,9 +245,7 @@ def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
             source=loop_config.get("source"),
             with_test=bool(loop_config.get("with_test", True)),
         )
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (a random prefix keys the cache too)
     model: torch.nn.Module = create_model(cfg.model, num_classes=len(data.classes))
-    torch.manual_seed(cfg.seed + rank)  # per-rank streams for dropout and sampling
     feeds = make_feeds(cfg, model, data, rank, world)
     if feeds.path == "cached":
         model.input_cut = model.cut  # type: ignore[assignment]
