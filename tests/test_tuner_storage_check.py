@@ -1,0 +1,32 @@
+"""An unreachable Optuna storage fails at once, in one line, before any data or backbone work (#12)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+URL = "postgresql://u:secret@127.0.0.1:1/db"  # port 1: nothing listens, the connection is refused at once
+
+
+def test_unreachable_postgresql_fails_in_one_line_before_data_prep(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("psycopg2", reason="psycopg2 missing: pip install -e '.[postgres]'")
+    import tuner.run
+    from tuner.__main__ import main
+
+    def no_prep(*a, **k):  # noqa: ANN002, ANN003
+        raise AssertionError("data were prepared before the storage was checked")
+
+    monkeypatch.setattr(tuner.run, "prepare_study_data", no_prep)
+    monkeypatch.setattr(tuner.run, "base_config", no_prep)
+    t0 = time.monotonic()
+    rc = main(["--data", "textures", "--storage", URL, "--out", str(tmp_path / "out"), "--address", "local"])
+    took = time.monotonic() - t0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: cannot open the Optuna storage postgresql://u:***@127.0.0.1:1/db: "), err
+    assert "secret" not in err
+    assert "Traceback" not in err
+    assert took < 15, f"took {took:.1f} s"
