@@ -18,9 +18,9 @@ from typing import Any
 
 def bootstrap_file() -> str:
     """The file where ``ray start`` records the address of the node it started (honours RAY_TMPDIR)."""
-    from ray._common.utils import get_ray_address_file
+    from tuner import _ray_compat
 
-    return get_ray_address_file(None)
+    return _ray_compat.address_file()
 
 
 def _answers(addr: str) -> bool:

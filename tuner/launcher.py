@@ -10,13 +10,10 @@ back with ``ray rsync-down``. ``EDGETUNE_LOCAL=1`` or ``--address local`` keeps 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,11 +25,9 @@ REMOTE_DIR = "~/edgetune"
 
 def launcher_cache_file(config_path: str | Path) -> Path:
     """Where ``ray up config_path`` caches its resolved config (same hashing as Ray's ``_bootstrap_config``)."""
-    from ray.autoscaler._private.util import prepare_config
+    from tuner import _ray_compat
 
-    cfg = prepare_config(yaml.safe_load(Path(config_path).read_text()))
-    digest = hashlib.sha256(json.dumps([cfg], sort_keys=True).encode("utf-8")).hexdigest()
-    return Path(tempfile.gettempdir()) / f"ray-config-{digest}"
+    return _ray_compat.launcher_cache_file(yaml.safe_load(Path(config_path).read_text()))
 
 
 def _ray_cli() -> list[str]:

@@ -19,6 +19,8 @@ from ray.tune.callback import Callback
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from tuner import _optuna_compat, _ray_compat
+
 log = logging.getLogger(__name__)
 
 #: Result keys copied to Optuna user attrs (result key -> attr name).
@@ -75,6 +77,8 @@ class EdgetuneOptunaSearch(OptunaSearch):
         self._last: dict[str, dict[str, Any]] = {}
         self._epoch_s: list[float] = []
         self._setup_s: list[float] = []
+        _ray_compat.check_version()
+        _optuna_compat.check_version()
         super().__init__(*args, **kwargs)
 
     def min_trial_seconds(self) -> float:
@@ -91,7 +95,8 @@ class EdgetuneOptunaSearch(OptunaSearch):
 
     @property
     def study(self) -> optuna.Study:
-        return self._ot_study  # type: ignore[return-value]  # set up by OptunaSearch before use
+        study: optuna.Study = _ray_compat.searcher_study(self)  # set up by OptunaSearch before use
+        return study
 
     def add_attrs(self, trial_id: str, **attrs: Any) -> None:
         self._attrs.setdefault(trial_id, {}).update(attrs)
@@ -107,23 +112,23 @@ class EdgetuneOptunaSearch(OptunaSearch):
 
     def _replace_stale(self, trial_id: str) -> None:
         """After a driver restart, a resumed trial's Optuna twin may have been marked FAIL: give it a new one."""
-        ot = self._ot_trials.get(trial_id)
+        ot = _ray_compat.searcher_trials(self).get(trial_id)
         if ot is None:
             return
-        frozen = self.study._storage.get_trial(ot._trial_id)
-        if frozen.state.is_finished() and trial_id not in self._completed_trials:
+        frozen = _optuna_compat.stored_trial(self.study, ot)
+        if frozen.state.is_finished() and trial_id not in _ray_compat.searcher_completed(self):
             self.study.enqueue_trial(frozen.params, skip_if_exists=False)
             twin = self.study.ask(fixed_distributions=frozen.distributions)
             for step, value in sorted(frozen.intermediate_values.items()):  # the epochs before the restart
                 twin.report(value, step)
-            self._ot_trials[trial_id] = twin
+            _ray_compat.searcher_trials(self)[trial_id] = twin
             self.add_attrs(trial_id, resumed_from_trial=frozen.number)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in _ray_compat.searcher_completed(self) or trial_id not in _ray_compat.searcher_trials(self):
             return super().on_trial_complete(trial_id, result, error)
         self._replace_stale(trial_id)
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial = _ray_compat.searcher_trials(self)[trial_id]
         last = result or self._last.get(trial_id) or {}
         attrs = {name: last[k] for k, name in ATTR_KEYS.items() if k in last}
         attrs["ray_trial_id"] = trial_id
@@ -154,17 +159,17 @@ class EdgetuneOptunaSearch(OptunaSearch):
         except Exception as e:  # noqa: BLE001 - e.g. NaN values: record as FAIL rather than crash the study
             log.warning("telling trial %s to Optuna failed (%s); marking it FAIL", trial_id, e)
             self.study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
-        self._completed_trials.add(trial_id)
+        _ray_compat.searcher_completed(self).add(trial_id)
 
 
     def close_unfinished(self) -> int:
         """After ``Tuner.fit``: trials this searcher asked for that Ray never completed (a pending trial the search
         deadline overtook) are told FAIL with the reason instead of staying RUNNING in the study."""
         n = 0
-        for trial_id, ot_trial in self._ot_trials.items():
-            if trial_id in self._completed_trials:
+        for trial_id, ot_trial in _ray_compat.searcher_trials(self).items():
+            if trial_id in _ray_compat.searcher_completed(self):
                 continue
-            self._completed_trials.add(trial_id)
+            _ray_compat.searcher_completed(self).add(trial_id)
             try:
                 ot_trial.set_user_attr("fail_reason", "never started: the search ended (deadline or trial cap) first")
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -176,7 +181,7 @@ class EdgetuneOptunaSearch(OptunaSearch):
     def _report_final(self, ot_trial: optuna.Trial, value: float, step: int) -> None:
         """Ray tells the last result (the one that stopped the trial) only at completion: keep it as an
         intermediate value too, so PRUNED trials carry their learning curve up to where ASHA stopped them."""
-        frozen = self.study._storage.get_trial(ot_trial._trial_id)
+        frozen = _optuna_compat.stored_trial(self.study, ot_trial)
         if step not in frozen.intermediate_values and not frozen.state.is_finished():
             ot_trial.report(value, step)
 
@@ -200,6 +205,5 @@ def mark_stale_running_failed(study: optuna.Study) -> list[int]:
     """Trials left RUNNING by a killed driver -> FAIL (returns their numbers)."""
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     for t in stale:
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "driver stopped while running; resumed")
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        _optuna_compat.fail_stale(study, t, "driver stopped while running; resumed")
     return [t.number for t in stale]

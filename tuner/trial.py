@@ -89,6 +89,8 @@ def _report_callback() -> Any:
     """``TuneReportCallback`` that also forwards every rank's node id and a full checkpoint URI."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from tuner import _ray_compat
+
     class _Callback(TuneReportCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             first = metrics[0].copy()
@@ -96,7 +98,7 @@ def _report_callback() -> Any:
             if checkpoint is not None:
                 first["checkpoint_path"] = checkpoint.path
                 first["checkpoint_uri"] = checkpoint_uri(checkpoint)
-            self._training_actor_item_queue.put(first)
+            _ray_compat.forward_report(self, first)
 
     return _Callback()
 

@@ -1,0 +1,85 @@
+"""The one place edgetune touches Ray internals (no public API exists for these).
+
+Everything else under ``tuner/`` uses Ray's public API. Each function here names the private attribute or
+module it relies on; ``tests/test_compat_pins.py`` pins their behaviour on the installed Ray, and
+:func:`check_version` refuses an untested Ray release with a clear message (``EDGETUNE_ALLOW_UNTESTED_RAY=1``
+to try anyway).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from edgetune.errors import EdgetuneError
+
+#: Ray release lines these internals were read from and are tested with.
+TESTED_RAY = ("2.60.",)
+
+
+def check_version(version: str | None = None) -> str:
+    """Ray's version, or an error naming the tested lines when it is not one of them."""
+    if version is None:
+        import ray
+
+        version = ray.__version__
+    if not version.startswith(TESTED_RAY) and not os.environ.get("EDGETUNE_ALLOW_UNTESTED_RAY"):
+        raise EdgetuneError(
+            f"edgetune's Ray adapter (tuner/_ray_compat.py) is tested with ray {', '.join(v + 'x' for v in TESTED_RAY)}; "
+            f"found ray {version}. Install a tested Ray (pip install 'ray[default,tune,train]==2.60.*') or set "
+            "EDGETUNE_ALLOW_UNTESTED_RAY=1 to try anyway")
+    return version
+
+
+# --- ray.tune.search.optuna.OptunaSearch: its Optuna study and the Ray trial -> Optuna trial map ---------------
+
+def searcher_study(search: Any) -> Any:
+    """The ``optuna.Study`` an ``OptunaSearch`` asks and tells (``OptunaSearch._ot_study``)."""
+    return search._ot_study
+
+
+def searcher_trials(search: Any) -> dict[str, Any]:
+    """Ray trial id -> the live ``optuna.Trial`` (``OptunaSearch._ot_trials``, mutable)."""
+    trials: dict[str, Any] = search._ot_trials
+    return trials
+
+
+def searcher_completed(search: Any) -> set[str]:
+    """Ray trial ids already told to Optuna (``OptunaSearch._completed_trials``, mutable)."""
+    done: set[str] = search._completed_trials
+    return done
+
+
+# --- ray.tune.integration.ray_train.TuneReportCallback: forward one report to the Tune trial -----------------
+
+def forward_report(callback: Any, metrics: dict[str, Any]) -> None:
+    """What ``TuneReportCallback.after_report`` does with a report, for a report edgetune has extended
+    (``TuneReportCallback._training_actor_item_queue``)."""
+    callback._training_actor_item_queue.put(metrics)
+
+
+# --- ray start: the address file of the node started on this machine ------------------------------------------
+
+def address_file() -> str:
+    """The file where ``ray start`` records its node's address (``ray._common.utils.get_ray_address_file``;
+    honours ``RAY_TMPDIR``)."""
+    from ray._common.utils import get_ray_address_file
+
+    path: str = get_ray_address_file(None)
+    return path
+
+
+# --- ray up: where the cluster launcher caches a cluster.yaml's resolved config --------------------------------
+
+def launcher_cache_file(config: dict[str, Any]) -> Path:
+    """``ray up``'s cache of a resolved cluster config (``ray.autoscaler._private.util.prepare_config`` and the
+    sha256 naming of ``ray.autoscaler._private.commands._bootstrap_config``)."""
+    from ray.autoscaler._private.util import prepare_config
+
+    cfg = prepare_config(config)
+    digest = hashlib.sha256(json.dumps([cfg], sort_keys=True).encode("utf-8")).hexdigest()
+    return Path(tempfile.gettempdir()) / f"ray-config-{digest}"
