@@ -79,7 +79,10 @@ def test_resume_after_driver_killed(tmp_path):
     assert all(t.state.name in (*FINISHED, "FAIL") for t in s.trials)
     assert all("train_seconds" in t.user_attrs for t in done)
     # the killed trial was continued by Ray: its new Optuna twin carries the same parameters
-    resumed = [t for t in done if "resumed_from_trial" in t.user_attrs]
+    resumed = [t for t in s.trials if "resumed_from_trial" in t.user_attrs]
+    # every stale trial was resumed by Ray as a new Optuna twin with the same parameters (not silently dropped)
+    assert sorted(t.user_attrs["resumed_from_trial"] for t in resumed) == sorted(stale), \
+        [(t.number, t.state.name, t.user_attrs.get("resumed_from_trial")) for t in s.trials]
     for t in resumed:
         assert t.params == s.trials[t.user_attrs["resumed_from_trial"]].params
     assert (tmp_path / "out" / "best" / "metrics.json").is_file()

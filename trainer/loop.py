@@ -3,7 +3,7 @@
 ``train_loop(loop_config)`` takes a plain dict (serialisable for Ray)::
 
     {"train_config": TrainConfig.to_dict(), "run_dir": str | None, "report_to": "local"|"ray_train"|"tune",
-     "resume": bool, "measure_latency": bool, "deadline": unix time or None,
+     "measure_latency": bool, "deadline": unix time or None,
      "source": PreparedSource or None, "with_test": bool}
 
 Steps (timm's train script split the same way): :func:`setup` (model, feeds, optimiser, resume),
@@ -255,7 +255,7 @@ def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
     if cfg.model.bn_stats == "momentum":
         suit_bn_momentum(model, feeds.steps_per_epoch)
     reporter = make_reporter(
-        loop_config.get("report_to", "local"), run_dir, cfg.metric, cfg.mode, resume=bool(loop_config.get("resume"))
+        loop_config.get("report_to", "local"), run_dir, cfg.metric, cfg.mode
     )
     if world > 1:
         import ray.train.torch
@@ -322,6 +322,7 @@ def _resume(st: LoopState) -> None:
     st.train_seconds_total = float(state.get("train_seconds", 0.0))
     st.static.update({k: v for k, v in state.get("static", {}).items() if k not in ("setup_seconds",)})
     st.history = list(ckpt["meta"].get("history", []))
+    st.static["resumed_from_epoch"] = int(state["epoch"])  # tells a resume from a restart (0 / absent: fresh)
 
 
 def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str, Any]:

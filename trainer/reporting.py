@@ -26,7 +26,7 @@ class Reporter(Protocol):
 class LocalReporter:
     """In-process run: checkpoints under ``run_dir``; history appended to ``run_dir/history.jsonl``."""
 
-    def __init__(self, run_dir: str | Path, metric: str, mode: str, resume: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, metric: str, mode: str) -> None:
         self.run_dir = Path(run_dir)
         from trainer.metric import get_metric
 
@@ -35,9 +35,8 @@ class LocalReporter:
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._resume = resume
         hist = self.run_dir / "history.jsonl"
-        if not resume and hist.exists():
+        if hist.exists():
             hist.unlink()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -53,8 +52,7 @@ class LocalReporter:
             _replace_dir(checkpoint_dir, self.run_dir / "best", copy=True)
 
     def resume_dir(self) -> Path | None:
-        last = self.run_dir / "last"
-        return last if self._resume and (last / "model.pt").is_file() else None
+        return None  # an in-process run starts fresh; resuming is Ray Train's (RayTrainReporter) and Tune's job
 
 
 class RayTrainReporter:
@@ -106,11 +104,11 @@ def _replace_dir(src: Path, dst: Path, copy: bool) -> None:
     tmp.rename(dst)
 
 
-def make_reporter(kind: str, run_dir: str | Path | None, metric: str, mode: str, resume: bool = False) -> Reporter:
+def make_reporter(kind: str, run_dir: str | Path | None, metric: str, mode: str) -> Reporter:
     if kind == "local":
         if not run_dir:
             raise ValueError("a local run needs a run directory")
-        return LocalReporter(run_dir, metric, mode, resume=resume)
+        return LocalReporter(run_dir, metric, mode)
     if kind == "ray_train":
         return RayTrainReporter()
     if kind == "tune":
