@@ -38,17 +38,11 @@ PARTIAL_MODES = ("pad", "drop")
 
 def calibration_image_paths(bundle: Bundle) -> list[Path]:
     """The calibration image files listed in ``bundle.json`` (``calibration_images``), checked to exist."""
-    entries = bundle.meta.get("calibration_images") or []
-    if not isinstance(entries, list):
-        raise BundleError(f"bundle {bundle.path}: calibration_images must be a list, got {type(entries).__name__}")
     paths = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-            raise BundleError(f"bundle {bundle.path}: calibration_images[{i}] must be an object with a 'file' "
-                              f"string, got {entry!r}")
-        p = bundle.member(entry["file"], f"calibration_images[{i}]")
+    for i, entry in enumerate(bundle.manifest.calibration_images):  # shape validated by BundleManifest
+        p = bundle.member(entry.file, f"calibration_images[{i}]")
         if not p.is_file():
-            raise BundleError(f"bundle {bundle.path}: calibration image {entry['file']} is missing; re-export the bundle")
+            raise BundleError(f"bundle {bundle.path}: calibration image {entry.file} is missing; re-export the bundle")
         paths.append(p)
     return paths
 

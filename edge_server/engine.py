@@ -204,18 +204,16 @@ def compare_outputs(engine_logits: np.ndarray, reference_logits: np.ndarray) -> 
 
 def load_check_images(bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's check images preprocessed with its spec, and the ONNX top-1 recorded at export."""
-    entries = bundle.meta.get("check_images") or []
-    if not isinstance(entries, list) or not entries:
+    entries = bundle.manifest.check_images  # shape (file, onnx_top1) validated by BundleManifest
+    if not entries:
         raise BundleError(f"bundle {bundle.path} lists no check_images; re-export it (the accuracy check needs them)")
     images, top1 = [], []
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not isinstance(e.get("onnx_top1"), int):
-            raise BundleError(f"bundle {bundle.path}: check_images[{i}] needs 'file' and 'onnx_top1', got {e!r}")
         try:
-            images.append(bundle.spec.apply(read_image(bundle.member(e["file"], f"check_images[{i}]"))))
+            images.append(bundle.spec.apply(read_image(bundle.member(e.file, f"check_images[{i}]"))))
         except (ImageDecodeError, OSError) as err:
-            raise BundleError(f"bundle {bundle.path}: check image {e['file']} unreadable: {err}") from None
-        top1.append(e["onnx_top1"])
+            raise BundleError(f"bundle {bundle.path}: check image {e.file} unreadable: {err}") from None
+        top1.append(e.onnx_top1)
     return np.stack(images).astype(np.float32), np.asarray(top1)
 
 
@@ -320,7 +318,7 @@ def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) 
     trt_logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
     probe = trt.Builder(trt_logger)
     fast_fp16, fast_int8 = bool(probe.platform_has_fast_fp16), bool(probe.platform_has_fast_int8)
-    n_calib = len(bundle.meta.get("calibration_images") or [])
+    n_calib = len(bundle.manifest.calibration_images)
     precision, why = decide_precision(options.precision, fast_fp16=fast_fp16, fast_int8=fast_int8,
                                       n_calibration_images=n_calib)
     engine = rt.engine_path(bundle, precision, system)

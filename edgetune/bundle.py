@@ -7,13 +7,17 @@ A bundle is a directory::
     calib/*.png         calibration images from the training split (INT8 calibration)
     check/*.png         check images with their ONNX Runtime top-1 (accuracy check of engines)
 
-``bundle.json`` keys (``REQUIRED_KEYS`` must be present)::
+``bundle.json`` is one versioned schema, :class:`BundleManifest` (``REQUIRED_KEYS`` must be present)::
 
-    format, format_version, model_file, onnx_sha256, labels, preprocess, input, output,
+    format, schema_version, model_file, onnx_sha256, labels, preprocess, input, output,
     backbone, parity{top1_agreement, max_abs_prob_diff, n_images}, versions,
-    calibration_images, check_images, source{run, study, trial_id}, metrics{val, test}, variants
+    calibration_images[{file, label_index}], check_images[{file, label_index, onnx_top1}],
+    weights{weights_tag, source}, freeze{...}, source{run, study, trial_id}, metrics{val, test}, variants
 
-The trainer's export writes it (``trainer.export``); server and engine builder read it here.
+One writer (``trainer.export`` builds a :class:`BundleManifest` and writes :meth:`BundleManifest.to_dict`),
+one reader (:func:`load_bundle` -> :meth:`BundleManifest.from_dict`, where every field is validated once;
+server, calibrator and engine builder use the typed fields). A manifest without ``schema_version`` (written
+before it existed) or with another version is refused with both versions named: re-export with ``make export``.
 
 Every file a manifest names (``model_file``, variant files, calibration and check images) and the
 ``engines`` directory must resolve, symlinks included, to a path inside the bundle directory; anything
@@ -25,19 +29,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from edgetune.errors import BundleError, ConfigError
 from edgetune.preprocess import PreprocessSpec
 
 BUNDLE_FORMAT = "edgetune-bundle"
-BUNDLE_FORMAT_VERSION = 1
+# Version of the bundle.json schema. 1 was the unversioned-schema era (``format_version`` 1, no
+# ``schema_version``); 2 added ``schema_version``, typed image lists, ``weights`` and ``freeze``.
+BUNDLE_SCHEMA_VERSION = 2
 MANIFEST = "bundle.json"
 REQUIRED_KEYS = (
     "format",
-    "format_version",
+    "schema_version",
     "model_file",
     "onnx_sha256",
     "labels",
@@ -48,6 +56,161 @@ REQUIRED_KEYS = (
     "parity",
     "versions",
 )
+
+
+def _frozen(x: Any) -> Any:
+    """A read-only deep copy of JSON data (dicts -> mappingproxy, lists -> tuples)."""
+    if isinstance(x, Mapping):
+        return MappingProxyType({str(k): _frozen(v) for k, v in x.items()})
+    if isinstance(x, (list, tuple)):
+        return tuple(_frozen(v) for v in x)
+    return x
+
+
+def _thawed(x: Any) -> Any:
+    """JSON-ready copy of :func:`_frozen` data."""
+    if isinstance(x, Mapping):
+        return {str(k): _thawed(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_thawed(v) for v in x]
+    return x
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One calibration or check image of a bundle (``file`` relative to the bundle directory)."""
+
+    file: str
+    label_index: int | None = None
+    onnx_top1: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"file": self.file}
+        if self.label_index is not None:
+            out["label_index"] = self.label_index
+        if self.onnx_top1 is not None:
+            out["onnx_top1"] = self.onnx_top1
+        return out
+
+
+def _int_or_none(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _images(where: str, key: str, raw: Any, need_top1: bool = False) -> tuple[ImageEntry, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise BundleError(f"{where}: {key} must be a list, got {type(raw).__name__}")
+    out = []
+    for i, e in enumerate(raw):
+        if not isinstance(e, dict) or not isinstance(e.get("file"), str):
+            raise BundleError(f"{where}: {key}[{i}] must be an object with a 'file' string, got {e!r}")
+        if not _int_or_none(e.get("label_index")) or not _int_or_none(e.get("onnx_top1")):
+            raise BundleError(f"{where}: {key}[{i}] label_index/onnx_top1 must be integers, got {e!r}")
+        if need_top1 and e.get("onnx_top1") is None:
+            raise BundleError(f"{where}: {key}[{i}] needs 'file' and 'onnx_top1', got {e!r}")
+        out.append(ImageEntry(file=e["file"], label_index=e.get("label_index"), onnx_top1=e.get("onnx_top1")))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """``bundle.json``, typed and frozen (schema :data:`BUNDLE_SCHEMA_VERSION`). ``extra`` keeps the
+    informational fields (opset, metrics, source, refused variants, timings) as read-only JSON."""
+
+    model_file: str
+    onnx_sha256: str
+    labels: tuple[str, ...]
+    preprocess: PreprocessSpec
+    input: Mapping[str, Any]
+    output: Mapping[str, Any]
+    backbone: str
+    parity: Mapping[str, Any]
+    versions: Mapping[str, Any]
+    calibration_images: tuple[ImageEntry, ...] = ()
+    check_images: tuple[ImageEntry, ...] = ()
+    variants: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    weights: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    freeze: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    schema_version: int = BUNDLE_SCHEMA_VERSION
+    format: str = BUNDLE_FORMAT
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "parity", "versions", "variants", "weights", "freeze", "extra"):
+            object.__setattr__(self, name, _frozen(getattr(self, name) or {}))
+        object.__setattr__(self, "labels", tuple(self.labels))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written to ``bundle.json`` (the only writer's format)."""
+        return {
+            "format": self.format,
+            "schema_version": self.schema_version,
+            "model_file": self.model_file,
+            "onnx_sha256": self.onnx_sha256,
+            "labels": list(self.labels),
+            "preprocess": self.preprocess.to_dict(),
+            "input": _thawed(self.input),
+            "output": _thawed(self.output),
+            "backbone": self.backbone,
+            "parity": _thawed(self.parity),
+            "versions": _thawed(self.versions),
+            "calibration_images": [c.to_dict() for c in self.calibration_images],
+            "check_images": [c.to_dict() for c in self.check_images],
+            "variants": _thawed(self.variants),
+            "weights": _thawed(self.weights),
+            "freeze": _thawed(self.freeze),
+            **_thawed(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, meta: Any, where: str = MANIFEST) -> BundleManifest:
+        """Validate a parsed ``bundle.json``; raises :class:`BundleError` saying what is wrong."""
+        if not isinstance(meta, dict):
+            raise BundleError(f"{where}: top level must be an object")
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"{where}: format is {meta.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        if "schema_version" not in meta:
+            found = f"format_version {meta['format_version']!r}" if "format_version" in meta else "none"
+            raise BundleError(
+                f"{where}: no schema_version (found: {found}, an older bundle schema); this edgetune reads "
+                f"bundle schema_version {BUNDLE_SCHEMA_VERSION}; re-export the bundle with `make export`"
+            )
+        if meta["schema_version"] != BUNDLE_SCHEMA_VERSION:
+            raise BundleError(
+                f"{where}: bundle schema_version {meta['schema_version']!r} is not supported (this edgetune reads "
+                f"schema_version {BUNDLE_SCHEMA_VERSION}); re-export the bundle with `make export`"
+            )
+        missing = [k for k in REQUIRED_KEYS if k not in meta]
+        if missing:
+            raise BundleError(f"{where}: missing required field(s) {missing}; required: {list(REQUIRED_KEYS)}")
+        labels = meta["labels"]
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+            raise BundleError(f"{where}: labels must be a list of at least two class names, got {labels!r}")
+        try:
+            spec = PreprocessSpec.from_dict(meta["preprocess"])
+        except ConfigError as e:
+            raise BundleError(f"{where}: invalid preprocess spec: {e}") from None
+        for key in ("input", "output", "parity", "versions"):
+            if not isinstance(meta[key], dict):
+                raise BundleError(f"{where}: {key} must be an object, got {type(meta[key]).__name__}")
+        for key in ("variants", "weights", "freeze"):
+            if not isinstance(meta.get(key) or {}, dict):
+                raise BundleError(f"{where}: {key} must be an object, got {type(meta[key]).__name__}")
+        if not isinstance(meta["model_file"], str) or not isinstance(meta["onnx_sha256"], str):
+            raise BundleError(f"{where}: model_file and onnx_sha256 must be strings")
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return cls(
+            model_file=meta["model_file"], onnx_sha256=meta["onnx_sha256"], labels=tuple(labels), preprocess=spec,
+            input=meta["input"], output=meta["output"], backbone=str(meta["backbone"]), parity=meta["parity"],
+            versions=meta["versions"],
+            calibration_images=_images(where, "calibration_images", meta.get("calibration_images")),
+            check_images=_images(where, "check_images", meta.get("check_images"), need_top1=True),
+            variants=meta.get("variants") or {}, weights=meta.get("weights") or {}, freeze=meta.get("freeze") or {},
+            extra={k: v for k, v in meta.items() if k not in known},
+            schema_version=meta["schema_version"], format=meta["format"],
+        )
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -67,6 +230,7 @@ class Bundle:
     spec: PreprocessSpec
     labels: list[str]
     model_path: Path
+    manifest: BundleManifest
     variants: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -135,25 +299,8 @@ def load_bundle(path: str | Path, verify_sha: bool = True) -> Bundle:
         meta = json.loads(manifest.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"{manifest}: unreadable JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise BundleError(f"{manifest}: top level must be an object")
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise BundleError(f"{manifest}: missing required field(s) {missing}; required: {list(REQUIRED_KEYS)}")
-    if meta["format"] != BUNDLE_FORMAT:
-        raise BundleError(f"{manifest}: format is {meta['format']!r}, expected {BUNDLE_FORMAT!r}")
-    if meta["format_version"] != BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"{manifest}: format_version {meta['format_version']!r} is not supported (this edgetune reads "
-            f"{BUNDLE_FORMAT_VERSION}); re-export the bundle"
-        )
-    labels = meta["labels"]
-    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-        raise BundleError(f"{manifest}: labels must be a list of at least two class names, got {labels!r}")
-    try:
-        spec = PreprocessSpec.from_dict(meta["preprocess"])
-    except ConfigError as e:
-        raise BundleError(f"{manifest}: invalid preprocess spec: {e}") from None
+    m = BundleManifest.from_dict(meta, str(manifest))
+    spec, labels = m.preprocess, m.labels
     model_path = member_path(p, meta["model_file"], "model_file")
     engines = p / "engines"
     if engines.is_symlink() or engines.exists():
@@ -168,4 +315,4 @@ def load_bundle(path: str | Path, verify_sha: bool = True) -> Bundle:
                 f"{str(meta['onnx_sha256'])[:12]}… (modified or corrupted; re-export the bundle)"
             )
     return Bundle(path=p, meta=meta, spec=spec, labels=list(labels), model_path=model_path,
-                  variants=dict(meta.get("variants") or {}))
+                  variants=dict(meta.get("variants") or {}), manifest=m)

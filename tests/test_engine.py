@@ -245,9 +245,11 @@ def test_calibration_image_listing_errors(bundle_copy):
     (b.path / b.meta["calibration_images"][0]["file"]).unlink()
     with pytest.raises(BundleError, match="calibration image calib/.* is missing"):
         cal.calibration_image_paths(b)
-    b.meta["calibration_images"] = [{"label_index": 0}]
+    meta = json.loads((b.path / "bundle.json").read_text())
+    meta["calibration_images"] = [{"label_index": 0}]
+    (b.path / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match=r"calibration_images\[0\] must be an object with a 'file'"):
-        cal.calibration_image_paths(b)
+        load_bundle(b.path)  # the one place the manifest's shape is validated
 
 
 def test_calibrator_core_batches_and_cache(bundle, tmp_path):
@@ -303,9 +305,11 @@ def test_check_images_match_onnx_reference(bundle):
 
 
 def test_check_images_missing(bundle_copy):
-    bundle_copy.meta["check_images"] = []
+    meta = json.loads((bundle_copy.path / "bundle.json").read_text())
+    meta["check_images"] = []
+    (bundle_copy.path / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="lists no check_images"):
-        eng.load_check_images(bundle_copy)
+        eng.load_check_images(load_bundle(bundle_copy.path))
 
 
 # -- CLI -----------------------------------------------------------------------------------------

@@ -170,3 +170,20 @@ def test_export_cli_errors_clearly(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "trainer.export", "--run", str(tmp_path), "--out", str(tmp_path / "b")],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "no edgetune checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bundle_schema_version_written_and_required(lite_bundle: Path, tmp_path: Path) -> None:
+    from edgetune.bundle import BUNDLE_SCHEMA_VERSION
+
+    meta = json.loads((lite_bundle / "bundle.json").read_text())
+    assert meta["schema_version"] == BUNDLE_SCHEMA_VERSION
+    assert load_bundle(lite_bundle).manifest.schema_version == BUNDLE_SCHEMA_VERSION
+    b = shutil.copytree(lite_bundle, tmp_path / "old")
+    del meta["schema_version"]
+    (b / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=rf"no schema_version .*schema_version {BUNDLE_SCHEMA_VERSION}.*make export"):
+        load_bundle(b)
+    meta["schema_version"] = 99
+    (b / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"schema_version 99 is not supported"):
+        load_bundle(b)

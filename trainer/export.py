@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgetune.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
+from edgetune.bundle import MANIFEST, BundleManifest, ImageEntry, load_bundle, sha256_file
 from edgetune.errors import BundleError, EdgetuneError
 from edgetune.preprocess import PreprocessSpec, read_image
 from trainer.checkpoint import resolve_checkpoint_path, versions
@@ -204,31 +204,33 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
         for kind in quantize:
             v = quantize_variant(kind, onnx_path, tmp, x_cal, x_val, y_val, val_acc, tolerance, x_test, y_test)
             (refused if "refused" in v else variants)[f"int8_{kind}"] = v
-    manifest = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "model_file": "model.onnx",
-        "onnx_sha256": sha256_file(onnx_path),
-        "labels": list(meta["classes"]),
-        "preprocess": spec.to_dict(),
-        "input": {"name": INPUT, "shape": ["batch", 3, *spec.input_size], "dtype": "float32"},
-        "output": {"name": OUTPUT, "shape": ["batch", len(meta["classes"])], "kind": "logits"},
-        "opset": OPSET,
-        "backbone": meta["backbone"],
-        "parity": parity,
-        "onnx_test_accuracy": fp32_acc,
-        "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
-                    "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
-        "source": {"run": str(Path(run).resolve()), "checkpoint": str(ckpt.resolve()), "epoch": meta["epoch"],
-                   "study": info.get("study"), "trial_id": info.get("trial_id"),
-                   "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
-        "calibration_images": calib,
-        "check_images": check,
-        "variants": variants,
-        "refused_variants": refused,
-        "versions": {**versions(), **_onnx_versions(), "checkpoint": meta.get("versions", {})},
-        "export_seconds": round(time.perf_counter() - t0, 3),
-    }
+    manifest = BundleManifest(
+        model_file="model.onnx",
+        onnx_sha256=sha256_file(onnx_path),
+        labels=tuple(meta["classes"]),
+        preprocess=spec,
+        input={"name": INPUT, "shape": ["batch", 3, *spec.input_size], "dtype": "float32"},
+        output={"name": OUTPUT, "shape": ["batch", len(meta["classes"])], "kind": "logits"},
+        backbone=meta["backbone"],
+        parity=parity,
+        versions={**versions(), **_onnx_versions(), "checkpoint": meta.get("versions", {})},
+        calibration_images=tuple(ImageEntry(**c) for c in calib),
+        check_images=tuple(ImageEntry(**c) for c in check),
+        variants=variants,
+        weights={"source": meta.get("weights_source", "")},
+        freeze=meta.get("freeze") or {},
+        extra={
+            "opset": OPSET,
+            "onnx_test_accuracy": fp32_acc,
+            "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
+                        "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
+            "source": {"run": str(Path(run).resolve()), "checkpoint": str(ckpt.resolve()), "epoch": meta["epoch"],
+                       "study": info.get("study"), "trial_id": info.get("trial_id"),
+                       "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
+            "refused_variants": refused,
+            "export_seconds": round(time.perf_counter() - t0, 3),
+        },
+    ).to_dict()
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     load_bundle(tmp)  # validate what we wrote
     if out.exists():
