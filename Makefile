@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgetune-installed
 EXTRAS ?= train,serve,client,dev,postgres
 
-# Optional arguments, passed on only when set.
+# Optional arguments, passed on only when set. ARGS="…" passes extra CLI arguments to every command target
+# (train, tune, export, engine, serve, client); SET="…" is kept as an alias for ARGS on `make train`.
 opt = $(if $($(1)),$(2) $($(1)))
 
 .PHONY: install test test-fast lint proto proto-check train tune export engine serve client dashboard report \
@@ -42,7 +43,7 @@ proto: $(STAMP)
 train: $(STAMP)
 	$(PY) -m trainer $(call opt,DATA,--data) $(call opt,CONFIG,--config) $(call opt,EPOCHS,--epochs) \
 	  $(call opt,OUT,--out) $(call opt,BACKBONE,--backbone) $(call opt,WORKERS,--workers) $(call opt,IMG,--img) \
-	  $(call opt,INIT,--init) $(call opt,REPEATS,--repeats) $(call opt,SEED,--seed) $(SET)
+	  $(call opt,INIT,--init) $(call opt,REPEATS,--repeats) $(call opt,SEED,--seed) $(ARGS) $(SET)
 
 tune: $(STAMP)
 	$(PY) -m tuner $(call opt,DATA,--data) $(call opt,STUDY,--study) $(call opt,TRIALS,--trials) \

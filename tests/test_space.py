@@ -159,3 +159,29 @@ def test_tune_options_validation():
                        ({"resources_per_worker": {"slot": -1}}, "resources_per_worker")]:
         with pytest.raises(ConfigError, match=match):
             TuneOptions(out="/tmp/edgetune-opts-test", **bad)
+
+
+def test_missing_weights_summarised_in_one_line_detail_on_verbose():
+    s = load_space(weights_check=_only_lite, layer_count=lambda b: 100)
+    assert set(s.missing_weights) == {"mobilenet_v2", "resnet34", "resnext50_32x4d"}
+    quiet = s.dropped_report()
+    summary = [x for x in quiet if x.startswith("backbones left out")]
+    assert len(summary) == 1 and "mobilenet_v2, resnet34, resnext50_32x4d" in summary[0]
+    assert "EDGETUNE_WEIGHTS_DIR" in summary[0] and "--verbose" in summary[0]
+    assert not any(x.startswith("backbone ") for x in quiet)  # no per-backbone detail lines by default
+    assert any("seed configuration" in x for x in quiet)  # other reasons still printed
+    for loud in (s.dropped_report(verbose=True), s.dropped_report(explicit=True)):
+        assert any("backbone resnet34 left out: no weights file found" in x for x in loud)
+        assert not any(x.startswith("backbones left out") for x in loud)
+
+
+def test_makefile_args_is_the_one_name_set_kept_for_train():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    for target in ("train", "tune", "export", "serve", "client"):
+        body = re.search(rf"^{target}: .*?\n((?:\t.*\n)+)", text, re.M)
+        assert body and "$(ARGS)" in body.group(1), target
+    train = re.search(r"^train: .*?\n((?:\t.*\n)+)", text, re.M)
+    assert train and "$(SET)" in train.group(1)

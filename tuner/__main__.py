@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-failures", type=int, default=1, help="restarts of a crashed trial from its last checkpoint")
     a("--address", default="", help="Ray cluster address; 'local' forces a local instance "
       "(default: RAY_ADDRESS, a running node started by `ray start`/`ray up` on this machine, or local)")
+    a("--verbose", action="store_true", help="list every place looked for each backbone left out for missing weights")
     a("--no-export", action="store_true", help="do not export the best trial as a bundle")
     a("--metric", default=d["metric"], choices=list(METRIC_NAMES),
       help="selects epochs, trials and the final model (default val_macro_f1: see README, 'Why macro-F1')")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             reduction_factor=args.reduction_factor, seed=args.seed, out=args.out, resume=args.resume,
             multi_objective=args.multi_objective, max_latency_ms=args.max_latency_ms, max_failures=args.max_failures,
             address=args.address, export=not args.no_export, metric=args.metric, refit=not args.no_refit,
-            refit_share=args.refit_share, refit_max_epochs=args.refit_max_epochs)
+            refit_share=args.refit_share, refit_max_epochs=args.refit_max_epochs, verbose=args.verbose)
         from tuner.launcher import forward, launched_cluster
 
         head = launched_cluster(args.cluster_config, args.address)

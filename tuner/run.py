@@ -65,6 +65,7 @@ class TuneOptions:
     refit_share: float = 0.55  #: share of the time budget kept for the refit
     refit_max_epochs: int = 0  #: cap on refit epochs (0 = 3 x epochs)
     env_vars: dict[str, str] = field(default_factory=dict)  #: environment for every Ray worker
+    verbose: bool = False  #: print every place looked for each backbone left out for missing weights
 
     def __post_init__(self) -> None:
         for name, lo in (
@@ -288,8 +289,8 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
         layer_count=_layer_count,
         fixed={"img": opts.img} if opts.img else None,
     )
-    for reason in space.dropped:
-        print(f"edgetune: {reason}")
+    for line in space.dropped_report(verbose=opts.verbose, explicit=bool(opts.backbones)):
+        print(f"edgetune: {line}")
     source = prepare_study_data(base, space, out)
     info = cluster.connect(opts.address or None, env_vars=opts.env_vars, include_dashboard=opts.workers_per_trial > 1)
     try:

@@ -60,6 +60,20 @@ class SearchSpace:
     params: dict[str, Param]
     seeds: list[dict[str, Any]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  #: human-readable reasons for removed choices/seeds
+    #: backbones left out for missing pretrained weights -> the full reason (every place looked)
+    missing_weights: dict[str, str] = field(default_factory=dict)
+
+    def dropped_report(self, verbose: bool = False, explicit: bool = False) -> list[str]:
+        """Lines to print about what was left out: one summary line for the backbones without weights (which,
+        and how to provide them); the per-backbone detail (every place looked) only when ``verbose`` or when the
+        user named the backbones explicitly (``--backbones``)."""
+        detail = verbose or explicit
+        lines = [r for r in self.dropped if detail or not r.startswith("backbone ")]
+        if self.missing_weights and not detail:
+            lines.insert(0, f"backbones left out (no pretrained weights found): {', '.join(self.missing_weights)}; "
+                            "put their files into $EDGETUNE_WEIGHTS_DIR or the torch hub cache, or set "
+                            "model.weights (--set model.weights=PATH|none); --verbose lists every place looked")
+        return lines
 
     # -- Optuna define-by-run ------------------------------------------------------------
     def define_by_run(self, trial: Any) -> None:
@@ -153,6 +167,7 @@ def load_space(path: str | Path | None = None, backbones: list[str] | None = Non
                 keep.append(b)
             else:
                 space.dropped.append(f"backbone {b} left out: {reason}")
+                space.missing_weights[b] = reason
         if not keep:
             raise ConfigError("no backbone in the search space has resolvable pretrained weights:\n  "
                               + "\n  ".join(space.dropped))
