@@ -8,8 +8,8 @@ class count, same backbone), adds the head and applies ``cfg.freeze``.
 from __future__ import annotations
 
 import functools
-import os
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
