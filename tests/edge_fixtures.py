@@ -81,7 +81,8 @@ def make_test_bundle(out_dir: str | Path, *, seed: int = 0, steps: int = 1, size
 
     from trainer.config import TrainConfig
     from trainer.export import export_bundle
-    from trainer.run import model_from_checkpoint, run_training
+    from trainer.model import model_from_checkpoint
+    from trainer.run import run_training
 
     out = Path(out_dir)
     cfg = TrainConfig.from_dict({

@@ -14,11 +14,11 @@ from trainer.backbones import (
     list_backbones,
     parameterised_layers,
     register_backbone,
+    resolve_weights,
     weights_available,
 )
 from trainer.config import ModelConfig
 from trainer.model import create_model
-from trainer.weights import resolve_weights
 
 REQUIRED = [
     "vgg16", "resnet34", "mobilenet_v2", "resnext50_32x4d", "alexnet", "densenet121", "googlenet", "mnasnet1_0",

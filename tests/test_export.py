@@ -18,7 +18,8 @@ from edgetune.bundle import REQUIRED_KEYS, load_bundle
 from edgetune.errors import BundleError
 from edgetune.preprocess import decode_image, read_image
 from tests.trainer_fixtures import tiny_config
-from trainer.run import model_from_checkpoint, run_training
+from trainer.model import model_from_checkpoint
+from trainer.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 

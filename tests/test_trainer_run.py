@@ -14,7 +14,8 @@ from edgetune.errors import ConfigError, EdgetuneError
 from tests.trainer_fixtures import tiny_config
 from trainer.checkpoint import load_checkpoint
 from trainer.config import TrainConfig, parse_override
-from trainer.run import model_from_checkpoint, run_repeats, run_training
+from trainer.model import model_from_checkpoint
+from trainer.run import run_repeats, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = ("test_accuracy", "test_macro_f1", "params", "size_mb", "accuracy_density", "train_seconds")

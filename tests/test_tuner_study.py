@@ -59,7 +59,8 @@ def test_study_states_and_user_attrs(studies):
 
 
 def test_outputs_written_and_best_checkpoint_loads(studies):
-    from trainer.run import SUMMARY_KEYS, model_from_checkpoint
+    from trainer.model import model_from_checkpoint
+    from trainer.run import SUMMARY_KEYS
 
     out = studies["tmp"] / "single"
     with open(out / "leaderboard.csv") as f:

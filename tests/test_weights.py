@@ -15,10 +15,10 @@ import torchvision.models as tvm
 
 from edgetune.errors import EdgetuneError
 from edgetune.preprocess import read_image
-from trainer.backbones import get_backbone_info, weights_available
+from trainer.backbones import get_backbone_info, resolve_weights, weights_available
 from trainer.config import ModelConfig
 from trainer.model import create_model
-from trainer.weights import WeightFile, WeightsNotFoundError, find_weights, load_state_file, resolve_weights
+from trainer.weights import WeightFile, WeightsNotFoundError, find_weights, load_state_file
 
 
 @pytest.fixture

@@ -78,14 +78,24 @@ def weights_available(name: str, weights: str = "imagenet") -> tuple[bool, str]:
     return True, str(path)
 
 
+def resolve_weights(name: str, weights: str) -> Path | None:
+    """The weights file for backbone ``name`` per ``weights`` ('imagenet', 'none', file or dir); None = from scratch.
+
+    Raises:
+        ConfigError: unknown backbone (lists the valid ones).
+        WeightsNotFoundError: requested weights not found (names every place looked).
+    """
+    info = get_backbone_info(name)
+    path, _ = find_weights(name, weights, info.weight_file, download=True)
+    return path
+
+
 def build_backbone(name: str, weights: str = "imagenet", image_size: int | None = None) -> tuple[nn.Module, str]:
     """Features-only backbone with weights resolved per ``weights``; returns (module, weights source).
 
     Raises :class:`WeightsNotFoundError` when requested weights are missing (never random instead) and
     :class:`EdgetuneError` when a file does not fit the backbone (strict loading).
     """
-    from trainer.weights import resolve_weights
-
     info = get_backbone_info(name)
     size = int(image_size or info.default_spec.input_size[0])
     path = resolve_weights(name, weights)

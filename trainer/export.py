@@ -61,24 +61,6 @@ def ort_probs(session: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def measure_latency(model: torch.nn.Module, spec: PreprocessSpec, runs: int = 20, threads: int = 1) -> float:
-    """Median ONNX Runtime latency (ms) of ``model`` at batch 1 on this node's CPU (multi-objective mode)."""
-    import copy
-    import tempfile
-
-    m = copy.deepcopy(model).cpu().eval()
-    with tempfile.TemporaryDirectory(prefix="edgetune-lat-") as d:
-        sess = ort_session(export_onnx(m, spec, Path(d) / "m.onnx"), threads=threads)
-        x = np.zeros((1, 3, *spec.input_size), np.float32)
-        sess.run([OUTPUT], {INPUT: x})
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            sess.run([OUTPUT], {INPUT: x})
-            times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
-
-
 def _eval_arrays(ds: Any, spec: PreprocessSpec, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
     n = len(ds) if not limit else min(limit, len(ds))
     raws = [ds.raw(i) for i in range(n)]
@@ -165,7 +147,7 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
     """Export ``run``'s best checkpoint as a bundle in ``out_dir``; returns ``out_dir``."""
     from trainer.config import TrainConfig
     from trainer.data import build_data
-    from trainer.run import model_from_checkpoint
+    from trainer.model import model_from_checkpoint
 
     t0 = time.perf_counter()
     ckpt, info = resolve_run(run)

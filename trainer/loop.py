@@ -294,7 +294,7 @@ def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
     )
     _resume(st)
     if loop_config.get("measure_latency") and rank == 0 and "latency_ms" not in static:
-        from trainer.export import measure_latency
+        from trainer.latency import measure_latency
 
         module.input_cut = 0  # type: ignore[assignment]
         static["latency_ms"] = measure_latency(module, spec)

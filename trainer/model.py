@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,3 +287,17 @@ def model_size_mb(model: nn.Module) -> float:
     """Size of parameters + buffers in MiB (what a float checkpoint of the model weighs)."""
     n = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return n / (1024 * 1024)
+
+
+def model_from_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the exact model of a checkpoint (no pretrained download needed): (model in eval, meta)."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import TrainConfig
+
+    ckpt = load_checkpoint(path)
+    meta = ckpt["meta"]
+    cfg = TrainConfig.from_dict(meta["config"]).replace({"model.weights": "none", "model.init": "", "model.freeze": 0.0})
+    model = create_model(cfg.model, num_classes=len(meta["classes"]))
+    model.load_state_dict(ckpt["model_state"])
+    model.eval()
+    return model, meta

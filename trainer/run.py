@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
 from edgetune.errors import EdgetuneError
@@ -20,21 +19,9 @@ from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import load_checkpoint, versions
 from trainer.config import TrainConfig
 from trainer.loop import train_loop, train_worker
+from trainer.model import model_from_checkpoint
 
 SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "params", "size_mb", "accuracy_density", "train_seconds")
-
-
-def model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the exact model of a checkpoint (no pretrained download needed): (model in eval, meta)."""
-    from trainer.model import create_model
-
-    ckpt = load_checkpoint(path)
-    meta = ckpt["meta"]
-    cfg = TrainConfig.from_dict(meta["config"]).replace({"model.weights": "none", "model.init": "", "model.freeze": 0.0})
-    model = create_model(cfg.model, num_classes=len(meta["classes"]))
-    model.load_state_dict(ckpt["model_state"])
-    model.eval()
-    return model, meta
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, out_dir: str | Path, data: Any = None,

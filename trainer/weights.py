@@ -1,6 +1,6 @@
 """Where pretrained backbone weights come from (never silently random).
 
-``resolve_weights(name, weights)`` turns a model config's ``weights`` value into a file:
+``trainer.backbones.resolve_weights(name, weights)`` (via :func:`find_weights`) turns a model config's ``weights`` value into a file:
 
 - ``"none"``      -> ``None`` (train from scratch, on purpose);
 - ``"imagenet"``  -> the backbone's ImageNet file, looked for in this order:
@@ -124,7 +124,7 @@ def _explicit(name: str, weights: str, wf: WeightFile) -> Path:
 
 
 def find_weights(name: str, weights: str, wf: WeightFile, download: bool = True) -> tuple[Path | None, list[str]]:
-    """Like :func:`resolve_weights` but for a given :class:`WeightFile`; returns (file or None, places looked).
+    """Like :func:`trainer.backbones.resolve_weights` but for a given :class:`WeightFile`; returns (file or None, places looked).
 
     ``download=False`` never downloads; the URL is then reported as a place when the host is reachable.
     """
@@ -168,20 +168,6 @@ def find_weights(name: str, weights: str, wf: WeightFile, download: bool = True)
         + f". Put the file into ${ENV_WEIGHTS_DIR} or the torch hub cache, set model.weights to its path, "
         "or use model.weights=none to train from scratch."
     )
-
-
-def resolve_weights(name: str, weights: str) -> Path | None:
-    """The weights file for backbone ``name`` per ``weights`` ('imagenet', 'none', file or dir); None = from scratch.
-
-    Raises:
-        ConfigError: unknown backbone (lists the valid ones).
-        WeightsNotFoundError: requested weights not found (names every place looked).
-    """
-    from trainer.backbones import get_backbone_info
-
-    info = get_backbone_info(name)
-    path, _ = find_weights(name, weights, info.weight_file, download=True)
-    return path
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -16,12 +16,10 @@ import yaml
 import edgetune
 from edgetune.errors import ConfigError, EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, DEFAULT_METRIC, Metric, get_metric
+from tuner.refit import FINISH_RESERVE_S
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
-#: Seconds kept after the search and the refit for the test evaluation, export (ONNX + parity) and plots
-#: (measured 25-40 s for elpv's 393 test images on 2 cores).
-FINISH_RESERVE_S = 45.0
 
 
 @dataclass
