@@ -18,9 +18,14 @@ from edgetune.errors import EdgetuneError
 from edgetune.preprocess import PreprocessSpec
 
 CHECKPOINT_FORMAT = "edgetune-checkpoint"
-CHECKPOINT_VERSION = 1
+#: Version of the checkpoint metadata schema (``checkpoint.json`` and the ``meta`` inside ``model.pt``).
+#: 1: ``format_version`` 1, no ``schema_version`` (read through :func:`_migrate`); 2: ``schema_version``.
+CHECKPOINT_SCHEMA_VERSION = 2
 WEIGHTS_FILE = "model.pt"
 META_FILE = "checkpoint.json"
+#: Keys every checkpoint's metadata carries (the writer is :func:`save_checkpoint`, the reader :func:`read_meta`).
+REQUIRED_META = ("format", "schema_version", "config", "classes", "preprocess", "backbone", "epoch", "metrics",
+                 "versions")
 
 
 def versions() -> dict[str, str]:
@@ -68,7 +73,7 @@ def save_checkpoint(
     module = unwrap(model)
     meta = {
         "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
+        "schema_version": CHECKPOINT_SCHEMA_VERSION,
         "config": config,
         "classes": list(classes),
         "preprocess": spec.to_dict(),
@@ -105,13 +110,44 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise EdgetuneError(f"{f} is not a readable edgetune checkpoint ({type(e).__name__}: {e})") from None
-    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise EdgetuneError(f"{f} is not an edgetune checkpoint (no edgetune metadata)")
-    if meta.get("format_version") != CHECKPOINT_VERSION:
-        raise EdgetuneError(f"{f}: checkpoint format_version {meta.get('format_version')} is not supported")
+    ckpt["meta"] = validate_meta(ckpt.get("meta") if isinstance(ckpt, dict) else None, f)
     ckpt["path"] = str(f)
     return ckpt
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The validated metadata of a checkpoint (its ``checkpoint.json``; no weights are loaded)."""
+    f = resolve_checkpoint_path(path).with_name(META_FILE)
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise EdgetuneError(f"{f} is not readable checkpoint metadata ({type(e).__name__}: {e})") from None
+    return validate_meta(meta, f)
+
+
+def validate_meta(meta: Any, where: str | Path) -> dict[str, Any]:
+    """The one check of checkpoint metadata: format, ``schema_version`` (older schemas migrated), required keys."""
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise EdgetuneError(f"{where} is not an edgetune checkpoint (no edgetune metadata)")
+    meta = _migrate(dict(meta))
+    version = meta.get("schema_version")
+    if version != CHECKPOINT_SCHEMA_VERSION:
+        raise EdgetuneError(
+            f"{where}: checkpoint schema_version {version!r} is not supported; this edgetune reads checkpoint "
+            f"schema_version {CHECKPOINT_SCHEMA_VERSION} (and migrates 1); retrain with this edgetune or use the "
+            "edgetune release that wrote it")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise EdgetuneError(f"{where}: checkpoint metadata lacks {missing} (schema_version {version})")
+    return meta
+
+
+def _migrate(meta: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 (``format_version`` 1, no ``schema_version``) had the same fields: it is read as schema 2."""
+    if "schema_version" not in meta and meta.get("format_version") == 1:
+        meta.pop("format_version")
+        meta["schema_version"] = CHECKPOINT_SCHEMA_VERSION
+    return meta
 
 
 def _jsonable(x: Any) -> Any:

@@ -294,7 +294,7 @@ def model_from_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module
     from trainer.checkpoint import load_checkpoint
     from trainer.config import TrainConfig
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(os.fspath(path))
     meta = ckpt["meta"]
     cfg = TrainConfig.from_dict(meta["config"]).replace({"model.weights": "none", "model.init": "", "model.freeze": 0.0})
     model = create_model(cfg.model, num_classes=len(meta["classes"]))

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint import read_meta
 from trainer.metric import get_metric
 
 #: Seconds kept after the search and the refit for the test evaluation, export (ONNX + parity) and plots
@@ -149,7 +150,7 @@ def refit_best(
     dest.mkdir(parents=True)
     for name, blob in res["files"].items():
         (dest / name).write_bytes(blob)
-    meta = json.loads((dest / "checkpoint.json").read_text())
+    meta = read_meta(dest)
     m = get_metric(opts.metric)
     run.dir, run.history, run.seconds = dest, res["history"], time.perf_counter() - t0
     run.epochs = int(meta["config"]["epochs"])  # as fitted to the deadline after its first epoch

@@ -13,6 +13,7 @@ from typing import Any
 
 import optuna
 
+from trainer.checkpoint import read_meta
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
 
 #: Leaderboard columns; ``{metric}`` is the study's selection metric (trainer.metric), the value Optuna holds.
@@ -221,7 +222,7 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
             from trainer.data import build_data
             from trainer.model import preprocess_spec_for
 
-            cfg = TrainConfig.from_dict(json.loads((dest / "checkpoint.json").read_text())["config"])
+            cfg = TrainConfig.from_dict(read_meta(dest)["config"])
             data = build_data(cfg.data, preprocess_spec_for(cfg.model), seed=cfg.seed, source=source)
         metrics = evaluate_checkpoint(dest, dest, data=data, extra={  # the one read of the test split
             "study": opts.study, "trial_number": final["trial"], "trial_id": final["ray_trial_id"],
