@@ -217,6 +217,7 @@ class LoopState:
     bn_images: int = 0
     at_best: dict[str, float] = field(default_factory=dict)  #: validation metrics of the best epoch
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int = 0  #: the checkpoint's epoch this run resumed from (0: started fresh)
 
 
 def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
@@ -322,7 +323,7 @@ def _resume(st: LoopState) -> None:
     st.train_seconds_total = float(state.get("train_seconds", 0.0))
     st.static.update({k: v for k, v in state.get("static", {}).items() if k not in ("setup_seconds",)})
     st.history = list(ckpt["meta"].get("history", []))
-    st.static["resumed_from_epoch"] = int(state["epoch"])  # tells a resume from a restart (0 / absent: fresh)
+    st.resumed_from_epoch = int(state["epoch"])
 
 
 def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str, Any]:
@@ -400,6 +401,7 @@ def end_of_epoch(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: f
         st.at_best = {f"{k}_at_best": metrics[k] for k in ("val_acc", "val_macro_f1", "val_balanced_acc", "val_loss")}
     metrics[m.best_key] = st.best if st.best is not None else m.worst
     metrics["best_epoch"] = st.best_epoch
+    metrics["resumed_from_epoch"] = st.resumed_from_epoch  # tells a resume from a restart in the history
     metrics[CHECKPOINT_SCORE] = epoch if st.best_epoch == epoch else -1
     metrics.update(st.at_best)
     if stop:

@@ -19,6 +19,7 @@ from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import load_checkpoint, versions
 from trainer.config import TrainConfig
 from trainer.loop import train_loop, train_worker
+from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from trainer.model import model_from_checkpoint
 
 SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "params", "size_mb", "accuracy_density", "train_seconds")
@@ -85,13 +86,16 @@ def _train_ddp(cfg: TrainConfig, run_dir: Path, max_failures: int = 2) -> list[d
         run_config=RunConfig(name="ddp", storage_path=str((run_dir / "ray").resolve()),
                              # a killed/crashed worker: restart the worker group from the last checkpoint
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.metric,
-                                                                checkpoint_score_order=cfg.mode)),
+                             # keep the best epoch by trainer.metric's rule (ties keep the earlier epoch): by
+                             # cfg.metric alone Ray keeps the newer of two equal epochs
+                             checkpoint_config=CheckpointConfig(num_to_keep=1,
+                                                                checkpoint_score_attribute=CHECKPOINT_SCORE,
+                                                                checkpoint_score_order=CHECKPOINT_SCORE_MODE)),
     )
     result = trainer.fit()
     if result.error:
         raise EdgetuneError(f"distributed training failed: {result.error}")
-    best = result.get_best_checkpoint(cfg.metric, cfg.mode) or result.checkpoint
+    best = result.get_best_checkpoint(CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE) or result.checkpoint
     if best is None:
         raise EdgetuneError("distributed training reported no checkpoint")
     with best.as_directory() as d:
@@ -132,7 +136,7 @@ def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
                                 f"(now {cfg.optim.lr})")
     train_seconds = time.perf_counter() - t0
     keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "val_balanced_acc",
-            "epoch_seconds", "images_per_s", "data_path", "stop_reason")
+            "epoch_seconds", "images_per_s", "data_path", "stop_reason", "resumed_from_epoch")
     history = [{k: h[k] for k in keep if k in h} for h in history]
     plot_history(history, out / "learning_curves.png", title=f"{cfg.model.backbone}")
     metrics = evaluate_checkpoint(out / "best", out, data=data, extra={
