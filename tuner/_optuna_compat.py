@@ -9,12 +9,11 @@ refuses an untested Optuna release with a clear message (``EDGETUNE_ALLOW_UNTEST
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import optuna
 
-from edgetune.errors import EdgetuneError
+from tuner.compat import require_tested
 
 #: Optuna release lines these internals were read from and are tested with.
 TESTED_OPTUNA = ("5.",)
@@ -22,13 +21,7 @@ TESTED_OPTUNA = ("5.",)
 
 def check_version(version: str | None = None) -> str:
     """Optuna's version, or an error naming the tested lines when it is not one of them."""
-    version = optuna.__version__ if version is None else version
-    if not version.startswith(TESTED_OPTUNA) and not os.environ.get("EDGETUNE_ALLOW_UNTESTED_OPTUNA"):
-        raise EdgetuneError(
-            f"edgetune's Optuna adapter (tuner/_optuna_compat.py) is tested with optuna "
-            f"{', '.join(v + 'x' for v in TESTED_OPTUNA)}; found optuna {version}. Install a tested Optuna "
-            "(pip install 'optuna==5.*') or set EDGETUNE_ALLOW_UNTESTED_OPTUNA=1 to try anyway")
-    return version
+    return require_tested("optuna", optuna.__version__ if version is None else version, TESTED_OPTUNA, "optuna==5.*")
 
 
 def stored_trial(study: optuna.Study, trial: Any) -> optuna.trial.FrozenTrial:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgetune.errors import EdgetuneError
+from tuner.compat import require_tested
 
 #: Ray release lines these internals were read from and are tested with.
 TESTED_RAY = ("2.60.",)
@@ -27,12 +26,7 @@ def check_version(version: str | None = None) -> str:
         import ray
 
         version = ray.__version__
-    if not version.startswith(TESTED_RAY) and not os.environ.get("EDGETUNE_ALLOW_UNTESTED_RAY"):
-        raise EdgetuneError(
-            f"edgetune's Ray adapter (tuner/_ray_compat.py) is tested with ray {', '.join(v + 'x' for v in TESTED_RAY)}; "
-            f"found ray {version}. Install a tested Ray (pip install 'ray[default,tune,train]==2.60.*') or set "
-            "EDGETUNE_ALLOW_UNTESTED_RAY=1 to try anyway")
-    return version
+    return require_tested("ray", version, TESTED_RAY, "ray[default,tune,train]==2.60.*")
 
 
 # --- ray.tune.search.optuna.OptunaSearch: its Optuna study and the Ray trial -> Optuna trial map ---------------
