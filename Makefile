@@ -11,7 +11,7 @@ EXTRAS ?= train,serve,client,dev,postgres
 opt = $(if $($(1)),$(2) $($(1)))
 
 .PHONY: install test test-fast lint proto proto-check train tune export engine serve client dashboard report \
-        bench bench-search bench-train bench-serve bench-client soak clean help
+        edge-node edge-node-stop bench-device bench bench-search bench-train bench-serve bench-client soak clean help
 
 help:
 	@echo "make tune | make test | make train DATA=textures EPOCHS=2 OUT=runs/x | make export RUN=… OUT=…"
@@ -49,7 +49,18 @@ tune: $(STAMP)
 	$(PY) -m tuner $(call opt,DATA,--data) $(call opt,STUDY,--study) $(call opt,TRIALS,--trials) \
 	  $(call opt,TIME,--time-budget) $(call opt,STORAGE,--storage) $(call opt,SPACE,--space) \
 	  $(call opt,GPUS_PER_TRIAL,--gpus-per-trial) $(call opt,WORKERS_PER_TRIAL,--workers-per-trial) \
-	  $(call opt,EPOCHS,--epochs) $(call opt,OUT,--out) $(call opt,IMG,--img) $(if $(RESUME),--resume) $(ARGS)
+	  $(call opt,EPOCHS,--epochs) $(call opt,OUT,--out) $(call opt,IMG,--img) $(if $(RESUME),--resume) \
+	  $(call opt,TARGET,--target) $(call opt,MAX_LATENCY_MS,--max-latency-ms) $(ARGS)
+
+# Device in the loop: join this machine (a Jetson, or a simulated target) to a running Ray head as the timing
+# node of TARGET (resource edge_target:<TARGET>, no CPUs/GPUs offered to training); stop it with Ray's own
+# shutdown of that node. On a Jetson: VENV=.venv-edge EXTRAS=serve,edge make edge-node … (no torch needed).
+edge-node: $(STAMP)
+	@test -n "$(HEAD)" -a -n "$(TARGET)" || { echo "usage: make edge-node HEAD=<head host>:<port> TARGET=<name>"; exit 2; }
+	$(PY) -m edge_server.edge_node start --head $(HEAD) --target $(TARGET) $(ARGS)
+
+edge-node-stop: $(STAMP)
+	$(PY) -m edge_server.edge_node stop $(call opt,TARGET,--target)
 
 export: $(STAMP)
 	$(PY) -m trainer.export $(call opt,RUN,--run) $(call opt,OUT,--out) $(ARGS)

@@ -143,8 +143,10 @@ def resolve_run(run: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quantize: tuple[str, ...] = (),
-                  tolerance: float = 0.01, n_calib: int = 32, n_check: int = 16, source: Any = None) -> Path:
-    """Export ``run``'s best checkpoint as a bundle in ``out_dir``; returns ``out_dir``."""
+                  tolerance: float = 0.01, n_calib: int = 32, n_check: int = 16, source: Any = None,
+                  target_latency: dict[str, Any] | None = None) -> Path:
+    """Export ``run``'s best checkpoint as a bundle in ``out_dir``; returns ``out_dir``. ``target_latency``
+    (device-in-the-loop search): the latency measured on the target device, its target name and identity."""
     from trainer.config import TrainConfig
     from trainer.data import build_data
     from trainer.model import model_from_checkpoint
@@ -211,6 +213,7 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
                        "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
             "refused_variants": refused,
             "export_seconds": round(time.perf_counter() - t0, 3),
+            **({"target_latency": target_latency} if target_latency else {}),
         },
     ).to_dict()
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -219,6 +222,37 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def write_architecture_bundle(model: torch.nn.Module, spec: PreprocessSpec, num_classes: int,
+                              out_dir: str | Path, backbone: str) -> Path:
+    """A bundle of an (untrained) architecture, for timing it on a device: the same ONNX export and
+    ``bundle.json`` schema as :func:`export_bundle`, with no parity, images or metrics (latency depends on the
+    architecture, not the weights). Marked ``purpose: timing`` so it is never mistaken for a model to serve."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = export_onnx(model.cpu().eval(), spec, out / "model.onnx")
+    manifest = BundleManifest(
+        model_file="model.onnx",
+        onnx_sha256=sha256_file(onnx_path),
+        labels=tuple(f"class_{i}" for i in range(num_classes)),
+        preprocess=spec,
+        input={"name": INPUT, "shape": ["batch", 3, *spec.input_size], "dtype": "float32"},
+        output={"name": OUTPUT, "shape": ["batch", num_classes], "kind": "logits"},
+        backbone=backbone,
+        parity={"skipped": "untrained architecture, exported for timing only"},
+        versions={**versions(), **_onnx_versions()},
+        extra={"opset": OPSET, "purpose": "timing"},
+    ).to_dict()
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    load_bundle(out)
+    return out
+
+
+def bundle_files(bundle_dir: str | Path) -> dict[str, bytes]:
+    """``{relative path: bytes}`` of a bundle directory (what a timing task on another node receives)."""
+    root = Path(bundle_dir)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _onnx_versions() -> dict[str, str]:

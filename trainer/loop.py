@@ -3,7 +3,7 @@
 ``train_loop(loop_config)`` takes a plain dict (serialisable for Ray)::
 
     {"train_config": TrainConfig.to_dict(), "run_dir": str | None, "report_to": "local"|"ray_train"|"tune",
-     "measure_latency": bool, "deadline": unix time or None,
+     "static_metrics": dict (reported with every epoch), "deadline": unix time or None,
      "source": PreparedSource or None, "with_test": bool}
 
 Steps (timm's train script split the same way): :func:`setup` (model, feeds, optimiser, resume),
@@ -294,12 +294,7 @@ def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
         static=static,
     )
     _resume(st)
-    if loop_config.get("measure_latency") and rank == 0 and "latency_ms" not in static:
-        from trainer.latency import measure_latency
-
-        module.input_cut = 0  # type: ignore[assignment]
-        static["latency_ms"] = measure_latency(module, spec)
-        module.input_cut = module.cut if feeds.path == "cached" else 0  # type: ignore[assignment]
+    static.update(loop_config.get("static_metrics") or {})  # e.g. the architecture's latency (tuner/device.py)
     static["setup_seconds"] = time.perf_counter() - t_launch
     return st
 

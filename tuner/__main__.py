@@ -16,7 +16,7 @@ from trainer.metric import METRIC_NAMES
 
 #: CLI defaults = TuneOptions defaults (the embedded ``make tune`` budget); kept in one place: tuner/run.py.
 _BUDGET = ("trials", "epochs", "img", "max_images", "time_budget_s", "grace_period", "reduction_factor", "metric",
-           "refit_share", "refit_max_epochs")
+           "refit_share", "refit_max_epochs", "timing_runs", "timing_warmup", "timing_timeout_s")
 
 
 def _defaults() -> dict[str, object]:
@@ -79,8 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--out", default="", help="output dir (default runs/<study>)")
     a("--resume", action="store_true", help="continue the same study and Ray experiment")
-    a("--multi-objective", action="store_true", help="maximise val_acc and minimise ONNX Runtime latency")
-    a("--max-latency-ms", type=float, default=0.0, help="pick the best model within this latency")
+    a("--multi-objective", action="store_true",
+      help="maximise the metric and minimise p50 latency (on --target, else an estimate on the driver's node)")
+    a("--max-latency-ms", type=float, default=0.0,
+      help="latency constraint (p50, ms): slower architectures are rejected before training (PRUNED, with reason)")
+    a("--target", default="", help="device in the loop: time every architecture on the Ray node carrying "
+      "edge_target:<TARGET> (join it with `make edge-node HEAD=<host:port> TARGET=<name>`)")
+    a("--timing-runs", type=int, default=d["timing_runs"], help="timed runs per architecture (p50/p90 over them)")
+    a("--timing-warmup", type=int, default=d["timing_warmup"], help="untimed runs before each timing")
+    a("--timing-timeout", type=float, default=d["timing_timeout_s"],
+      help="seconds a trial waits for its timing (edge node down) before it is marked with the reason")
+    a("--timing-backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"],
+      help="runtime of the timing on the device (auto: TensorRT where present, else ONNX Runtime)")
     a("--max-failures", type=int, default=1, help="restarts of a crashed trial from its last checkpoint")
     a("--address", default="", help="Ray cluster address; 'local' forces a local instance "
       "(default: RAY_ADDRESS, a running node started by `ray start`/`ray up` on this machine, or local)")
@@ -115,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             reduction_factor=args.reduction_factor, seed=args.seed, out=args.out, resume=args.resume,
             multi_objective=args.multi_objective, max_latency_ms=args.max_latency_ms, max_failures=args.max_failures,
             address=args.address, export=not args.no_export, metric=args.metric, refit=not args.no_refit,
-            refit_share=args.refit_share, refit_max_epochs=args.refit_max_epochs, verbose=args.verbose)
+            refit_share=args.refit_share, refit_max_epochs=args.refit_max_epochs, verbose=args.verbose,
+            target=args.target, timing_runs=args.timing_runs, timing_warmup=args.timing_warmup,
+            timing_timeout_s=args.timing_timeout, timing_backend=args.timing_backend)
         from tuner.launcher import forward, launched_cluster
 
         head = launched_cluster(args.cluster_config, args.address)

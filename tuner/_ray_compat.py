@@ -77,3 +77,29 @@ def launcher_cache_file(config: dict[str, Any]) -> Path:
     cfg = prepare_config(config)
     digest = hashlib.sha256(json.dumps([cfg], sort_keys=True).encode("utf-8")).hexdigest()
     return Path(tempfile.gettempdir()) / f"ray-config-{digest}"
+
+
+# --- token authentication (Ray 2.60 enables it by default) ------------------------------------------------------
+
+def token_available() -> bool:
+    """Whether a Ray auth token is at hand: ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``
+    (where ``ray start --head`` / ``ray.init`` write it)."""
+    import os
+
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return Path(path).is_file()
+
+
+def set_auth_mode(mode: str) -> None:
+    """Set ``RAY_AUTH_MODE`` (``token`` | ``disabled``) for this process (and the workers it starts) and make
+    Ray's cached config see it (``ray._raylet.Config.initialize``, what Ray's own ``_enable_token_auth`` does). A
+    head started with its mode unset turns token auth on when a token exists; a client with its mode unset does
+    not, so joining such a head fails until this is done."""
+    import os
+
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = mode
+    Config.initialize("")

@@ -68,7 +68,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         # A cluster started with token auth (`ray start` under RAY_AUTH_MODE=token, as cluster.yaml does) needs
         # RAY_AUTH_MODE=token here too (token from ~/.ray/auth_token); it is taken from the environment as is,
         # because forcing it breaks clusters started without it ("Missing authorization header").
-        ray.init(address=target, log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
+        _init_existing(target, runtime_env)
     else:
         mode = "local"
         # address="local": never attach to some other instance on this machine by accident.
@@ -81,6 +81,35 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         print(f"edgetune: using {where}: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
               f"{res.get('GPU', 0):g} GPU (ray.mode={mode})")
     return {"mode": mode, "address": target, "resources": res}
+
+
+def _init_existing(address: str, runtime_env: dict[str, Any] | None) -> None:
+    """``ray.init(address=…)``. With ``RAY_AUTH_MODE`` unset and a token at hand, try token auth first (a head
+    started where a token exists runs with it: Ray 2.60's default; a client with the mode unset does not), then,
+    if the cluster refuses it, without (a cluster started with token auth off)."""
+    import ray
+
+    from tuner import _ray_compat
+
+    modes = ["token", "disabled"] if not os.environ.get("RAY_AUTH_MODE") and _ray_compat.token_available() else [""]
+    for i, mode in enumerate(modes):
+        if mode:
+            _ray_compat.set_auth_mode(mode)
+        try:
+            ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
+            return
+        except (ConnectionError, RuntimeError) as e:
+            chain, x = [], e  # type: ignore[var-annotated]
+            while x is not None and len(chain) < 8:
+                chain.append(f"{type(x).__name__}: {x}")
+                x = x.__cause__ or x.__context__
+            text = " ".join(chain)
+            auth = any(w in text for w in ("InvalidAuthToken", "AuthenticationError", "Unauthenticated",
+                                           "authorization"))
+            if not auth or i == len(modes) - 1:
+                raise
+            print(f"edgetune: the Ray cluster at {address} refused RAY_AUTH_MODE={mode}; retrying with "
+                  f"RAY_AUTH_MODE={modes[i + 1]}")
 
 
 def shutdown(info: dict[str, Any]) -> None:

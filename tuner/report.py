@@ -20,6 +20,7 @@ from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
 LEADER_COLUMNS = ["rank", "trial", "state", "backbone", "img", "freeze", "lr", "optimizer", "augment", "sampler",
                   "epochs", "best_epoch", "{metric}", "val_acc", "val_macro_f1", "test_acc", "test_macro_f1",
                   "params", "size_mb", "accuracy_density", "train_seconds", "data_path", "stop_reason", "latency_ms",
+                  "precision", "target_latency_ms", "target_latency_p90_ms", "target_device", "rejected",
                   "ray_trial_id"]
 
 
@@ -51,12 +52,28 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
             "accuracy_density": (val_acc / (params / 1e6)) if val_acc is not None and params else None,
             "train_seconds": a.get("train_seconds"), "data_path": a.get("data_path"),
             "stop_reason": a.get("stop_reason"), "latency_ms": a.get("latency_ms"),
+            "precision": p.get("precision", a.get("precision")), "target_latency_ms": a.get("target_latency_ms"),
+            "target_latency_p90_ms": a.get("target_latency_p90_ms"), "target_device": _device_name(a),
+            "rejected": a.get("rejected_reason") or (a.get("fail_reason") if "latency" in str(a.get("fail_reason", ""))
+                                                     else None),
             "ray_trial_id": a.get("ray_trial_id"), "checkpoint_uri": a.get("checkpoint_uri"),
         })
     rows.sort(key=lambda r: (m.sort_key(None if r[metric] is None else float(r[metric])), int(r["trial"])))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return rows
+
+
+def _device_name(attrs: dict[str, Any]) -> str | None:
+    """Short device name of a trial timed on a target (GPU or CPU model)."""
+    raw = attrs.get("target_device")
+    if not raw:
+        return None
+    try:
+        d = json.loads(raw)
+    except (TypeError, ValueError):
+        return str(raw)
+    return str(d.get("gpu_name") or d.get("cpu") or "?")
 
 
 def _candidates(rows: list[dict[str, Any]], metric: str, max_latency_ms: float) -> list[dict[str, Any]]:
@@ -244,9 +261,12 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
         summary["pareto_front"] = [{"trial": t.number, "values": t.values, "params": t.params}
                                    for t in study.best_trials]
     summary["plots"] = plots(study, results, rows, out, opts.multi_objective, metric)
+    latency_cols = (["target_latency_ms", "target_latency_p90_ms", "target_device", "rejected"]
+                    if getattr(opts, "target", "") else ["latency_ms"] if getattr(opts, "latency_on", False) else [])
     summary["leaderboard_md"] = markdown_table(rows[:12], ["rank", "trial", "state", "backbone", "img", "freeze",
                                                             "epochs", metric, "val_acc", "test_acc",
-                                                            "test_macro_f1", "data_path", "train_seconds"])
+                                                            "test_macro_f1", "data_path", "train_seconds",
+                                                            *latency_cols])
     return summary
 
 

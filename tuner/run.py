@@ -54,7 +54,12 @@ class TuneOptions:
     out: str = ""  #: default runs/<study>
     resume: bool = False
     multi_objective: bool = False  #: maximise the metric and minimise latency_ms (Pareto front)
-    max_latency_ms: float = 0.0  #: pick the best model within this ONNX Runtime batch-1 latency
+    max_latency_ms: float = 0.0  #: constraint on p50 latency: slower architectures are rejected before training
+    target: str = ""  #: device in the loop: time every architecture on the node carrying edge_target:<target>
+    timing_warmup: int = 10  #: untimed runs before each timing (edge_server.timing.TimingProtocol)
+    timing_runs: int = 50  #: timed runs per architecture (p50 / p90 over them)
+    timing_timeout_s: float = 600.0  #: how long a trial waits for its timing (edge node down: then it is marked)
+    timing_backend: str = "auto"  #: auto (TensorRT where present, else ONNX Runtime) | tensorrt | onnxruntime
     max_failures: int = 1
     address: str = ""  #: Ray address; "local" forces a local instance; "" = RAY_ADDRESS / running node / local
     export: bool = True
@@ -77,6 +82,8 @@ class TuneOptions:
             ("img", 0),
             ("max_images", 0),
             ("refit_max_epochs", 0),
+            ("timing_warmup", 0),
+            ("timing_runs", 3),
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -103,6 +110,16 @@ class TuneOptions:
             )
         if any(not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()):
             raise ConfigError(f"resources_per_worker values must be numbers >= 0, got {self.resources_per_worker}")
+        if self.target:
+            from edge_server.timing import TIMING_BACKENDS
+            from tuner.device import target_resource
+
+            target_resource(self.target)  # validates the name
+            if self.timing_backend not in TIMING_BACKENDS:
+                raise ConfigError(f"timing_backend must be one of {TIMING_BACKENDS}, got {self.timing_backend!r}")
+            self.multi_objective = True  # objectives: the metric and the target's p50 latency
+        if self.timing_timeout_s <= 0:
+            raise ConfigError(f"timing_timeout_s must be > 0, got {self.timing_timeout_s}")
         if self.multi_objective and get_metric(self.metric).mode != "max":
             raise ConfigError(f"multi-objective mode maximises a score metric, not {self.metric}")
         if not self.study:
@@ -124,6 +141,11 @@ class TuneOptions:
     @property
     def metric_def(self) -> Metric:
         return get_metric(self.metric)
+
+    @property
+    def latency_on(self) -> bool:
+        """Whether trials get a latency: a target, a latency objective or a latency constraint."""
+        return bool(self.target) or self.multi_objective or self.max_latency_ms > 0
 
 
 def base_config(opts: TuneOptions) -> dict[str, Any]:
@@ -184,6 +206,8 @@ def _study_attrs(opts: TuneOptions, base: dict[str, Any], space: Any, source: An
         "metric": opts.metric,
         "metric_mode": opts.metric_def.mode,
         "multi_objective": opts.multi_objective,
+        "target": opts.target or None,
+        "max_latency_ms": opts.max_latency_ms,
         "edgetune_version": edgetune.__version__,
         "base_config": base,
     }
@@ -289,27 +313,148 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
     )
     for line in space.dropped_report(verbose=opts.verbose, explicit=bool(opts.backbones)):
         print(f"edgetune: {line}")
-    source = prepare_study_data(base, space, out)
-    info = cluster.connect(opts.address or None, env_vars=opts.env_vars, include_dashboard=opts.workers_per_trial > 1)
+    connect = lambda: cluster.connect(  # noqa: E731
+        opts.address or None, env_vars=opts.env_vars, include_dashboard=opts.workers_per_trial > 1)
+    info = connect() if opts.target else None  # a missing target fails before the data is prepared
     try:
+        latency = _latency_setup(opts, space) if opts.target else None
+        source = prepare_study_data(base, space, out)
+        if info is None:
+            info = connect()
+        if opts.latency_on and latency is None:
+            latency = _latency_setup(opts, space)
         deadline = clock.search_deadline(opts.refit, opts.refit_share)
-        results, study = _fit(opts, base, space, source, info, deadline)
+        results, study = _fit(opts, base, space, source, info, deadline, latency)
         refit_run = refit.refit_best(opts, study, base, space, source, clock, out) if opts.refit else None
         summary = report.finish_study(opts, results, study, out, source=source, refit=refit_run)
-    finally:
-        cluster.shutdown(info)
-    summary["ray"] = {"mode": info["mode"], "address": info["address"], "storage_path": opts.storage_path}
-    (out / "tune_options.yaml").write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
-    if opts.export and summary.get("best_checkpoint"):
-        from trainer.export import export_bundle
+        if latency is not None:
+            summary["latency"] = _latency_outputs(opts, study, out)
+        (out / "tune_options.yaml").write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
+        if opts.export and summary.get("best_checkpoint"):
+            from trainer.export import export_bundle
 
-        b = export_bundle(out, out / "bundle", source=source)
-        summary["bundle"] = str(b)
+            b = export_bundle(out, out / "bundle", source=source, target_latency=_winner_latency(opts, summary, out))
+            summary["bundle"] = str(b)
+            if opts.target:  # hand-off: the winner's own ONNX timed on the device (and its engine kept there)
+                summary["latency"]["winner"] = _time_winner(opts, b)
+    finally:
+        if info is not None:
+            cluster.shutdown(info)
+    summary["ray"] = {"mode": info["mode"], "address": info["address"], "storage_path": opts.storage_path}
     summary["wall_seconds"] = time.time() - clock.t0
     summary["time_budget_s"] = opts.time_budget_s
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     report.print_summary(summary, opts)
     return summary
+
+
+def _latency_setup(opts: TuneOptions, space: Any) -> Any:
+    """Device in the loop (tuner/device.py): check the target's nodes, ask which precisions it supports (they join
+    the space, with the input size), start the study's latency service. Needs Ray connected."""
+    from tuner import device
+
+    protocol = {"warmup": opts.timing_warmup, "runs": opts.timing_runs, "batch": 1, "threads": 1}
+    target = opts.target or None
+    if target:
+        nodes = device.require_target(target)
+        caps = device.device_capabilities(target, opts.timing_backend)
+        print(f"edgetune: target {target}: {len(nodes)} live node(s) ({', '.join(n[:12] for n in nodes)}); device "
+              f"{caps['device'].get('gpu_name') or caps['device'].get('cpu')} ({caps['device'].get('backend')}); "
+              f"precisions {caps['precisions']}")
+        space.add_device_params(caps["precisions"], img_fixed=bool(opts.img))
+    else:
+        print("edgetune: no --target: latency is an estimate timed on the driver's node (alongside training), "
+              "not a device's latency")
+    device.LatencyCache(_rdb(opts.storage))  # create the cache study before the service and trials use it
+    service = device.start_service(opts.study, opts.storage, target, protocol, opts.timing_backend,
+                                   opts.timing_timeout_s)
+    return device.LatencySetup(study=opts.study, target=target, service=service, max_latency_ms=opts.max_latency_ms,
+                               precision_param="precision" if "precision" in space.params else "")
+
+
+def _rdb(url: str) -> Any:
+    from tuner.storage import rdb_storage
+
+    return rdb_storage(url)
+
+
+def _rejector(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, latency: Any) -> Any:
+    """For the searcher: a sampled configuration whose architecture is already known to be slower than
+    ``--max-latency-ms`` on the target -> (reason, attrs); None otherwise (unknown ones are timed in the trial)."""
+    if latency is None or opts.max_latency_ms <= 0:
+        return None
+    from tuner import device
+    from tuner.trial import _flatten, build_trial_config
+
+    cache = device.LatencyCache(_rdb(opts.storage))
+    cache_target = latency.target or device.ESTIMATE_TARGET
+
+    def reject(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        flat = _flatten(config)
+        cfg = build_trial_config(base, space.to_overrides(flat))
+        precision = str(flat.get(latency.precision_param, "fp32")) if latency.precision_param else "fp32"
+        sig = device.signature_for(cfg, len(source.classes), precision)
+        rec = cache.get(cache_target, sig)
+        if rec is None:
+            return None
+        metrics = device.latency_metrics({"status": "hit", "record": rec, "signature": sig}, latency)
+        reason = device.rejection(metrics, opts.max_latency_ms)
+        return (reason, metrics) if reason else None
+
+    return reject
+
+
+def _latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]:
+    from tuner import device
+    from tuner.latency_report import write_latency_outputs
+
+    records = device.LatencyCache(_rdb(opts.storage)).records(opts.target or device.ESTIMATE_TARGET)
+    res = write_latency_outputs(study, records, out, opts.metric, opts.max_latency_ms)
+    print(f"edgetune: latency: {res['architectures_timed']} architecture(s) in {res['latency_table']}; Pareto front "
+          f"{[p['trial'] for p in res['pareto']]} in {res['pareto_png']}"
+          + (f"; rejected by --max-latency-ms: {res['rejected_by_constraint']}" if res["rejected_by_constraint"] else ""))
+    return res
+
+
+def _winner_latency(opts: TuneOptions, summary: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """What the bundle records of the winner's latency: its architecture's timing (target, device, p50/p90)."""
+    if not opts.latency_on or summary.get("best_trial") is None:
+        return None
+    from trainer.checkpoint import read_meta
+    from trainer.config import TrainConfig
+    from tuner import device
+
+    meta = read_meta(Path(summary["best_checkpoint"]))
+    cfg = TrainConfig.from_dict(meta["config"])
+    precision = str((summary.get("best_params") or {}).get("precision", "fp32"))
+    sig = device.signature_for(cfg, len(meta["classes"]), precision)
+    rec = device.LatencyCache(_rdb(opts.storage)).get(opts.target or device.ESTIMATE_TARGET, sig)
+    if rec is None:
+        return None
+    return {"target": opts.target or None, "kind": rec.get("kind"), "architecture": sig.label,
+            "p50_ms": rec["p50_ms"], "p90_ms": rec["p90_ms"], "precision": precision, "node_id": rec.get("node_id"),
+            "device": rec.get("device", {}), "protocol": rec.get("protocol", {}), "backend": rec.get("backend")}
+
+
+def _time_winner(opts: TuneOptions, bundle_dir: Path) -> dict[str, Any]:
+    """Time the exported bundle itself on the target (with TensorRT this builds its engine there, kept in the
+    device's engine cache for ``make engine`` to reuse)."""
+    import ray
+
+    from trainer.export import bundle_files
+    from tuner import device
+
+    protocol = {"warmup": opts.timing_warmup, "runs": opts.timing_runs, "batch": 1, "threads": 1}
+    precision = "fp32"
+    ref = ray.remote(device._time_on_node).options(**device._task_options(opts.target)).remote(
+        bundle_files(bundle_dir), precision, protocol, opts.timing_backend)
+    try:
+        rec: dict[str, Any] = ray.get(ref, timeout=opts.timing_timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
+        ray.cancel(ref, force=True)
+        return {"status": f"unavailable: {type(e).__name__}"}
+    return {"status": "timed", "p50_ms": rec["p50_ms"], "p90_ms": rec["p90_ms"], "node_id": rec["node_id"],
+            "onnx_sha256": rec["onnx_sha256"], "engine": rec.get("engine")}
 
 
 def _max_concurrent(opts: TuneOptions, resources: dict[str, float]) -> int | None:
@@ -344,7 +489,8 @@ def trial_resources(opts: TuneOptions) -> tuple[Any, dict[str, float]]:
 
 
 def _fit(
-    opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, info: dict[str, Any], deadline: float | None
+    opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, info: dict[str, Any], deadline: float | None,
+    latency: Any = None,
 ) -> tuple[Any, Any]:
     """Build (or restore) the Tuner over the Optuna study and run it; returns (ResultGrid, study)."""
     import optuna
@@ -385,6 +531,7 @@ def _fit(
         ),
         study_name=opts.study,
         storage=storage,
+        reject=_rejector(opts, base, space, source, latency),
     )
     searcher.study.set_metric_names([opts.metric, "latency_ms"] if opts.multi_objective else [opts.metric])
     attrs = _study_attrs(opts, base, space, source)
@@ -413,7 +560,7 @@ def _fit(
         res=res,
         source=source,
         deadline=deadline,
-        measure_latency=opts.multi_objective or opts.max_latency_ms > 0,
+        latency=latency,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     run_config = tune.RunConfig(

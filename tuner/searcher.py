@@ -56,6 +56,20 @@ ATTR_KEYS = {
     "first_batch_at": "first_batch_at",
     "epoch_seconds": "epoch_seconds",
     "latency_ms": "latency_ms",
+    "latency_p90_ms": "latency_p90_ms",
+    "latency_kind": "latency_kind",  # device (timed on the target) | estimate (the driver's node)
+    "latency_node": "latency_node",
+    "latency_signature": "latency_signature",
+    "latency_key": "latency_key",
+    "latency_wait_s": "latency_wait_s",
+    "precision": "precision",
+    "target": "target",
+    "target_latency_ms": "target_latency_ms",
+    "target_latency_p90_ms": "target_latency_p90_ms",
+    "target_node": "target_node",
+    "target_device": "target_device",
+    "target_latency_status": "target_latency_status",
+    "rejected_reason": "rejected_reason",
     "node_id": "node_id",
     "epoch": "epochs_trained",
     "trial_id": "ray_trial_id",
@@ -64,13 +78,19 @@ ATTR_KEYS = {
 }
 
 
+#: Times a sampled configuration known to break the latency constraint is re-sampled within one ``suggest``.
+REJECT_RESAMPLES = 20
+
+
 class EdgetuneOptunaSearch(OptunaSearch):
     """Also: no new trial once the search deadline is too close for one to reach its first ASHA rung
     (``Searcher.FINISHED``), and the told value is the trial's best-epoch value (``best_<metric>``)."""
 
     def __init__(self, *args: Any, max_t: int, deadline: float | None = None, grace_period: int = 1,
-                 **kwargs: Any) -> None:
+                 reject: Any = None, **kwargs: Any) -> None:
         self._max_t = int(max_t)
+        self._reject = reject  #: config -> (reason, attrs) for a sampled trial known to break the latency constraint
+        self.rejected_before_start = 0
         self._deadline = deadline
         self._grace = max(1, int(grace_period))
         self._attrs: dict[str, dict[str, Any]] = {}
@@ -91,7 +111,20 @@ class EdgetuneOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self._deadline is not None and time.time() + self.min_trial_seconds() >= self._deadline:
             return Searcher.FINISHED  # type: ignore[return-value]  # Ray's sentinel for "no more trials"
-        return super().suggest(trial_id)
+        config = super().suggest(trial_id)
+        for _ in range(REJECT_RESAMPLES):
+            found = self._reject(config) if self._reject is not None and isinstance(config, dict) else None
+            if not found:
+                break
+            # the architecture is already known to be too slow for --max-latency-ms: PRUNED before it starts
+            reason, attrs = found
+            ot_trial = _ray_compat.searcher_trials(self).pop(trial_id)
+            for k, v in {**attrs, "rejected_reason": reason}.items():
+                ot_trial.set_user_attr(k, v)
+            self.study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+            self.rejected_before_start += 1
+            config = super().suggest(trial_id)
+        return config
 
     @property
     def study(self) -> optuna.Study:
@@ -108,6 +141,8 @@ class EdgetuneOptunaSearch(OptunaSearch):
             self._epoch_s.append(float(result["epoch_seconds"]))
         self._last[trial_id] = dict(result)
         self._replace_stale(trial_id)
+        if not isinstance(self.metric, list) and self.metric not in result:
+            return  # a result without the metric (a trial the latency constraint rejected): nothing to report
         super().on_trial_result(trial_id, result)
 
     def _replace_stale(self, trial_id: str) -> None:
@@ -145,10 +180,16 @@ class EdgetuneOptunaSearch(OptunaSearch):
         value: Any = None
         if last.get("stop_reason") == "diverged":
             ot_trial.set_user_attr("fail_reason", "loss diverged (NaN/inf): ended at once, not retried")
-        if error or not last or (not multi and last.get(self.metric) is None):
+        if last.get("rejected_reason") and not error:
+            state = optuna.trial.TrialState.PRUNED  # the latency constraint rejected it before its first epoch
+        elif error or not last or (not multi and last.get(self.metric) is None) or (
+                multi and any(last.get(m) is None for m in self.metric)):
             state = optuna.trial.TrialState.FAIL
             if not error and self._deadline is not None and time.time() >= self._deadline:
                 ot_trial.set_user_attr("fail_reason", "the search deadline passed before it could start")
+            elif multi and str(last.get("target_latency_status", "")).startswith("unavailable"):
+                ot_trial.set_user_attr("fail_reason", f"no latency for the second objective: "
+                                                      f"{last['target_latency_status']}")
         elif (iteration < self._max_t or last.get("stop_reason")) and not multi:
             state = optuna.trial.TrialState.PRUNED  # ASHA, the search deadline, or divergence stopped it early
         else:

@@ -19,6 +19,10 @@ DEFAULT_SPACE = Path(__file__).with_name("default_space.yaml")
 TYPES = ("categorical", "float", "int")
 
 
+#: Input sizes searched with a target device when the space has no ``img`` parameter.
+DEVICE_IMG_CHOICES = (128, 160, 192, 224)
+
+
 @dataclass
 class Param:
     name: str
@@ -105,6 +109,16 @@ class SearchSpace:
                 v = None
             out[key] = v
         return out
+
+    def add_device_params(self, precisions: list[str], img_fixed: bool = False) -> None:
+        """With a target device (``--target``), latency is an objective: the input size and the precisions the
+        device supports join the search (a precision sets no training key; it is the deployed precision)."""
+        if not img_fixed and "img" not in self.params:
+            self.params["img"] = Param(name="img", type="categorical", key="model.img_size",
+                                       choices=list(DEVICE_IMG_CHOICES))
+        if len(precisions) > 1 and "precision" not in self.params:
+            self.params["precision"] = Param(name="precision", type="categorical", choices=list(precisions),
+                                             key="", sets={p: {} for p in precisions})
 
     def points_to_evaluate(self) -> list[dict[str, Any]]:
         return [dict(s["params"]) for s in self.seeds]

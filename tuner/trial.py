@@ -43,7 +43,7 @@ class TrialContext:
     res: TrialResources
     source: Any = None  #: trainer.data.PreparedSource
     deadline: float | None = None  #: unix time: no epoch may end after it (the study's search budget)
-    measure_latency: bool = False  #: only when a latency objective or constraint is on
+    latency: Any = None  #: tuner.device.LatencySetup: time the architecture (on the target) before training
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -56,8 +56,20 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         # suggested while budget remained, but it waited for resources until the search deadline: end without
         # training (the searcher records it FAIL with the reason) so the refit gets the node at once
         return
-    cfg = build_trial_config(ctx.base, ctx.space.to_overrides(_flatten(config)))
-    loop_cfg = {"train_config": cfg.to_dict(), "run_dir": None, "measure_latency": ctx.measure_latency,
+    flat = _flatten(config)
+    cfg = build_trial_config(ctx.base, ctx.space.to_overrides(flat))
+    static: dict[str, Any] = {}
+    if ctx.latency is not None:
+        static = _latency(ctx, cfg, flat)
+        if static.get("rejected_reason"):  # too slow for the constraint: recorded PRUNED with the reason
+            tune.report(static)
+            return
+        if ctx.latency.target and "latency_ms" not in static:
+            # no timing from the target (its node is down and did not return in time): the second objective is
+            # missing, so training would be wasted; the searcher records FAIL with this reason
+            tune.report(static)
+            return
+    loop_cfg = {"train_config": cfg.to_dict(), "run_dir": None, "static_metrics": static,
                 "deadline": ctx.deadline, "source": ctx.source, "with_test": False}
     if ctx.res.workers <= 1:
         train_loop({**loop_cfg, "report_to": "tune"})
@@ -83,6 +95,23 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                              failure_config=FailureConfig(max_failures=res.max_failures)),
     )
     trainer.fit()
+
+
+def _latency(ctx: TrialContext, cfg: TrainConfig, flat: dict[str, Any]) -> dict[str, Any]:
+    """The architecture's latency on the target (timed there first if no trial has), as result keys; with
+    ``rejected_reason`` when the constraint rejects it."""
+    from tuner import device
+
+    setup = ctx.latency
+    precision = str(flat.get(setup.precision_param, "fp32")) if setup.precision_param else "fp32"
+    num_classes = len(ctx.source.classes) if ctx.source is not None else int(ctx.base.get("num_classes", 2))
+    t0 = time.perf_counter()
+    metrics = device.latency_metrics(device.get_latency(setup, cfg, num_classes, precision), setup)
+    metrics["latency_wait_s"] = round(time.perf_counter() - t0, 3)
+    reason = device.rejection(metrics, setup.max_latency_ms)
+    if reason:
+        metrics["rejected_reason"] = reason
+    return metrics
 
 
 def _report_callback() -> Any:

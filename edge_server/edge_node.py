@@ -1,0 +1,182 @@
+"""``make edge-node HEAD=<host:port> TARGET=<name>`` / ``make edge-node-stop``: join this device to a running
+Ray cluster as the timing node of target ``<name>``, and take it out again.
+
+The node carries the custom resource ``edge_target:<name>`` (amount 1, so timings on this device never
+overlap) and offers no CPUs or GPUs to the cluster, so no training trial is ever placed on it: it only runs
+the timing tasks of ``make tune TARGET=<name>`` (``edge_server.timing``: the ONNX file and the server's runners;
+no torch, no trainer). It is started with Ray's own command, ``ray start --address … --block``, kept in its own
+process group; ``stop`` sends that process SIGTERM, Ray's own shutdown of a ``--block`` node (it drains the
+node and stops the node's processes, and nothing else on the machine, unlike ``ray stop``).
+
+Ray's rule: every node of a cluster runs the same Ray version and the same Python minor version. JetPack 6
+ships Python 3.10, so the head and the GPU workers run Python 3.10 too (cluster.yaml, README "Device in the
+loop"). This module only runs the ``ray`` command line, so it imports neither Ray nor torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESOURCE_PREFIX = "edge_target:"
+_TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEAD = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:[0-9]{1,5}$")
+STARTED = "Ray runtime started"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("EDGETUNE_STATE_DIR") or Path.home() / ".cache" / "edgetune") / "edge-nodes"
+
+
+def _ray_exe() -> str:
+    here = Path(sys.executable).with_name("ray")
+    exe = str(here) if here.exists() else shutil.which("ray")
+    if not exe:
+        raise SystemExit("error: the `ray` command is not installed: pip install 'edgetune[serve,edge]' (on a Jetson: "
+                         "the aarch64 Ray wheel of the cluster's Ray version; README 'Device in the loop')")
+    return exe
+
+
+def _local_ip_towards(host: str) -> str:
+    """The address of this machine on the route to the head (what the node advertises)."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]:
+    if not _TARGET.match(target or ""):
+        raise SystemExit(f"error: TARGET must be 1-64 letters, digits, '_', '.' or '-', got {target!r}")
+    if not _HEAD.match(head or ""):
+        raise SystemExit(f"error: HEAD must be <head host>:<port> (the address `ray start --head` printed), got {head!r}")
+    host = head.rsplit(":", 1)[0].strip("[]")
+    port = int(head.rsplit(":", 1)[1])
+    try:
+        socket.create_connection((host, port), timeout=5.0).close()
+    except OSError as e:
+        raise SystemExit(f"error: no Ray head answers at {head} ({e}); start it with `ray start --head --port {port}`"
+                         " (or `ray up cluster.yaml`)") from None
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    state_file = d / f"{target}.json"
+    if state_file.exists():
+        old = json.loads(state_file.read_text())
+        if _alive(int(old["pid"])):
+            raise SystemExit(f"error: an edge node for target {target!r} already runs here (pid {old['pid']}); "
+                             "stop it with `make edge-node-stop`")
+        state_file.unlink()
+    log = d / f"{target}.log"
+    resource = json.dumps({RESOURCE_PREFIX + target: 1})
+    cmd = [_ray_exe(), "start", "--address", head, "--node-ip-address", _local_ip_towards(host), "--num-cpus", "0",
+           "--num-gpus", "0", "--resources", resource, "--disable-usage-stats", "--block"]
+    env = dict(os.environ)
+    for attempt in (1, 2):
+        proc, text = _launch(cmd, env, log, timeout_s)
+        if proc.poll() is None:
+            info = {"pid": proc.pid, "target": target, "head": head, "resource": RESOURCE_PREFIX + target,
+                    "log": str(log), "started_at": time.time(), "auth_mode": env.get("RAY_AUTH_MODE", "")}
+            state_file.write_text(json.dumps(info))
+            return info
+        # Ray 2.60: a head started where a token exists uses token auth, a joining node with RAY_AUTH_MODE unset
+        # does not: retry once in token mode (never forced on a cluster started without it)
+        if attempt == 1 and "InvalidAuthToken" in text and "RAY_AUTH_MODE" not in env and _token_available():
+            env["RAY_AUTH_MODE"] = "token"
+            continue
+        raise SystemExit(f"error: `ray start` exited with {proc.returncode}:\n" + "\n".join(text.splitlines()[-8:]))
+    raise AssertionError("unreachable")
+
+
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").is_file()
+
+
+def _launch(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``ray start --block``; return once it says the node started (process alive) or it exited."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        text = log.read_text(errors="replace")
+        if STARTED in text or proc.poll() is not None:
+            proc.poll()
+            return proc, text
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+    raise SystemExit(f"error: the edge node did not start within {timeout_s:g} s (log: {log})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop(target: str = "", timeout_s: float = 60.0) -> list[str]:
+    """Stop the edge node(s) started here (``target`` or all): SIGTERM to each ``ray start --block``."""
+    d = state_dir()
+    files = [d / f"{target}.json"] if target else sorted(d.glob("*.json"))
+    stopped = []
+    for f in files:
+        if not f.exists():
+            continue
+        info = json.loads(f.read_text())
+        pid = int(info["pid"])
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)  # Ray's handler drains the node and stops its processes
+            deadline = time.time() + timeout_s
+            while _alive(pid) and time.time() < deadline:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                time.sleep(0.3)
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+        f.unlink()
+        stopped.append(str(info["target"]))
+    return stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edge_server.edge_node", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start", help="join the Ray head as the timing node of a target")
+    s.add_argument("--head", required=True, help="the Ray head's <host>:<port> (GCS address)")
+    s.add_argument("--target", required=True, help="target name: the node carries resource edge_target:<name>")
+    s.add_argument("--timeout", type=float, default=120.0)
+    t = sub.add_parser("stop", help="stop the edge node(s) started on this machine")
+    t.add_argument("--target", default="", help="only this target's node (default: all)")
+    a = p.parse_args(argv)
+    if a.cmd == "start":
+        info = start(a.head, a.target, a.timeout)
+        print(f"edge node for target {info['target']} joined {info['head']} (resource {info['resource']}, pid "
+              f"{info['pid']}, log {info['log']}); stop it with `make edge-node-stop`")
+    else:
+        done = stop(a.target)
+        print(f"stopped edge node(s): {', '.join(done)}" if done else "no edge node started here is running")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Time a model on this device with the server's own runners: the timing half of device-in-the-loop search.
+
+The tuner (``tuner/device.py``) sends a Ray task pinned to ``edge_target:<name>`` the files of a bundle (an
+untrained copy of a candidate architecture, or the winner's bundle at hand-off); the task calls
+:func:`time_bundle` here. It builds the model the way ``make serve`` would run it (a TensorRT engine with the
+existing builder where TensorRT imports, ONNX Runtime otherwise), runs ``warmup`` untimed and ``runs`` timed
+batches and returns p50/p90 and the device's identity. Only the core, numpy and the runtime are imported:
+an edge node needs ``edgetune[serve]`` and Ray, not torch or the trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetune.bundle import Bundle, load_bundle
+from edgetune.errors import ConfigError, EdgetuneError
+
+#: Backends a timing can use: ``auto`` = TensorRT where it imports, else ONNX Runtime (as ``make serve``).
+TIMING_BACKENDS = ("auto", "tensorrt", "onnxruntime")
+#: Engines built while timing are kept here on the device, named as ``make engine`` names them, so that
+#: ``make engine`` on the same device reuses the winner's engine instead of rebuilding (edge_server.engine).
+ENGINE_CACHE_ENV = "EDGETUNE_ENGINE_CACHE"
+
+
+def engine_cache_dir() -> Path:
+    return Path(os.environ.get(ENGINE_CACHE_ENV) or Path.home() / ".cache" / "edgetune" / "engines")
+
+
+@dataclass(frozen=True)
+class TimingProtocol:
+    """How one architecture is timed: the same for every candidate, every target and the benchmark."""
+
+    warmup: int = 10  #: untimed runs first (allocator, kernels, caches)
+    runs: int = 50  #: timed runs; p50 and p90 are taken over them
+    batch: int = 1
+    threads: int = 1  #: ONNX Runtime intra-op threads (1: what one camera stream gets on a small board)
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("warmup", 0, 10_000), ("runs", 3, 100_000), ("batch", 1, 256), ("threads", 0, 256)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(f"timing {name} must be an integer in [{lo}, {hi}], got {v!r}")
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _jetpack() -> str:
+    """L4T / JetPack release from ``/etc/nv_tegra_release`` (absent off a Jetson)."""
+    try:
+        first = Path("/etc/nv_tegra_release").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return ""
+    return first.strip().lstrip("# ")
+
+
+def _tensorrt_system() -> dict[str, str] | None:
+    """TensorRT version, GPU name and compute capability, or None where TensorRT / a GPU is absent."""
+    from edge_server.runners import tensorrt as rt
+
+    try:
+        return rt.system_info(rt.import_tensorrt(), rt.import_cudart())
+    except Exception:  # noqa: BLE001 - no TensorRT / CUDA / GPU here: ONNX Runtime is used
+        return None
+
+
+def pick_backend(backend: str) -> str:
+    """The backend a timing uses: ``tensorrt`` or ``onnxruntime`` (``auto``: TensorRT where it works)."""
+    if backend not in TIMING_BACKENDS:
+        raise ConfigError(f"timing backend must be one of {TIMING_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "tensorrt" if _tensorrt_system() is not None else "onnxruntime"
+    return backend
+
+
+def device_identity(backend: str = "auto") -> dict[str, Any]:
+    """What the latency was measured on: host, CPU, runtime, and with TensorRT the GPU, TensorRT and JetPack."""
+    used = pick_backend(backend)
+    ident: dict[str, Any] = {"host": platform.node(), "machine": platform.machine(), "cpu": _cpu_model(),
+                             "cpus": os.cpu_count() or 0, "python": platform.python_version(), "backend": used}
+    jp = _jetpack()
+    if jp:
+        ident["jetpack"] = jp
+    if used == "tensorrt":
+        ident.update(_tensorrt_system() or {})
+    else:
+        import onnxruntime
+
+        ident["onnxruntime_version"] = onnxruntime.__version__
+        ident["providers"] = ["CPUExecutionProvider"]
+    return ident
+
+
+def supported_precisions(backend: str = "auto") -> tuple[str, ...]:
+    """Precisions a candidate can be timed (and later deployed) at on this device.
+
+    TensorRT: fp32, and fp16 where the GPU has fast fp16. INT8 is not offered during the search: its engine
+    needs the trained model's calibration images (``make engine PRECISION=int8`` builds it after export).
+    ONNX Runtime on the CPU: fp32 (its fp16 is no faster on a CPU)."""
+    if pick_backend(backend) != "tensorrt":
+        return ("fp32",)
+    from edge_server.runners import tensorrt as rt
+
+    trt = rt.import_tensorrt()
+    fast_fp16 = bool(trt.Builder(trt.Logger(trt.Logger.WARNING)).platform_has_fast_fp16)
+    return ("fp32", "fp16") if fast_fp16 else ("fp32",)
+
+
+def _runner(bundle: Bundle, backend: str, precision: str, protocol: TimingProtocol) -> tuple[Any, dict[str, Any]]:
+    if backend == "tensorrt":
+        return _tensorrt_runner(bundle, precision, protocol)
+    if precision != "fp32":
+        raise ConfigError(f"ONNX Runtime timing supports precision fp32 only, got {precision!r}")
+    from edge_server.runners.onnxruntime import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(bundle, max_batch_size=protocol.batch, intra_op_threads=protocol.threads,
+                             cpu_only=True), {}
+
+
+def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol) -> tuple[Any, dict[str, Any]]:
+    """Build the engine with ``make engine``'s builder (no accuracy check: the timed copy is untrained), keep it
+    in the device's engine cache under its standard name, and run it with the server's TensorRT runner."""
+    from edge_server import engine as eng
+    from edge_server.runners import tensorrt as rt
+
+    trt, cudart = rt.import_tensorrt(), rt.import_cudart()
+    system = rt.system_info(trt, cudart)
+    logger = trt.Logger(trt.Logger.WARNING)
+    fast_fp16 = bool(trt.Builder(logger).platform_has_fast_fp16)
+    options = eng.BuildOptions(precision=precision, max_batch=protocol.batch, opt_batch=protocol.batch)
+    path = rt.engine_path(bundle, precision, system)
+    t0 = time.perf_counter()
+    data, shapes, facts = eng.build_engine_bytes(trt, cudart, bundle, precision, options, system, fast_fp16, logger)
+    side = eng.make_sidecar(bundle, system, precision, shapes, options, data,
+                            build_seconds=round(time.perf_counter() - t0, 2), built_by="edgetune timing", **facts)
+    rt.write_engine_files(path, data, side)
+    cache = engine_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    rt.write_engine_files(cache / path.name, data, side)
+    runner = rt.TensorRTRunner(bundle, precision=precision, max_batch_size=protocol.batch, engine=path)
+    return runner, {"engine": path.name, "engine_build_seconds": side["build_seconds"]}
+
+
+def time_bundle(bundle_dir: str | Path, precision: str = "fp32", protocol: TimingProtocol | None = None,
+                backend: str = "auto") -> dict[str, Any]:
+    """Latency of the bundle's model on this device: ``p50_ms``, ``p90_ms`` (and mean/min/max) over
+    ``protocol.runs`` timed batches after ``protocol.warmup`` untimed ones, with the device's identity."""
+    protocol = protocol or TimingProtocol()
+    used = pick_backend(backend)
+    bundle = load_bundle(bundle_dir)
+    runner, facts = _runner(bundle, used, precision, protocol)
+    try:
+        h, w = bundle.spec.input_size
+        x = np.random.default_rng(0).standard_normal((protocol.batch, 3, h, w)).astype(np.float32)
+        for _ in range(protocol.warmup):
+            runner.infer(x)
+        times = np.empty(protocol.runs)
+        for i in range(protocol.runs):
+            t = time.perf_counter()
+            runner.infer(x)
+            times[i] = (time.perf_counter() - t) * 1e3
+    finally:
+        runner.close()
+    return {
+        "p50_ms": float(np.percentile(times, 50)),
+        "p90_ms": float(np.percentile(times, 90)),
+        "mean_ms": float(times.mean()),
+        "min_ms": float(times.min()),
+        "max_ms": float(times.max()),
+        "precision": precision,
+        "backend": getattr(runner, "name", used),
+        "protocol": protocol.to_dict(),
+        "onnx_sha256": bundle.sha256,
+        "device": device_identity(used),
+        "measured_at": time.time(),
+        **facts,
+    }
+
+
+def time_bundle_files(files: dict[str, bytes], precision: str = "fp32", protocol: dict[str, int] | None = None,
+                      backend: str = "auto") -> dict[str, Any]:
+    """:func:`time_bundle` for a bundle sent as ``{relative path: bytes}`` (what a Ray task receives)."""
+    tmp = Path(tempfile.mkdtemp(prefix="edgetune-timing-"))
+    try:
+        for rel, data in files.items():
+            p = (tmp / rel).resolve()
+            if tmp.resolve() not in p.parents:
+                raise EdgetuneError(f"timing bundle member {rel!r} points outside the bundle")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        return time_bundle(tmp, precision, TimingProtocol(**(protocol or {})), backend)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

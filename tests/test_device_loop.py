@@ -1,0 +1,317 @@
+"""Device in the loop (issue 13) on a real Ray cluster: a head and an edge node carrying ``edge_target:sim``
+(ONNX Runtime backend), real ONNX exports of real architectures, real SQLite storage, real studies."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from edgetune.errors import ConfigError, EdgetuneError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- no Ray --------------------------------------------------------------------------------------------------
+
+def test_timing_side_imports_no_torch_or_trainer():
+    """What an edge node runs (the timing task and its module) needs edgetune[serve] + Ray, not torch/trainer."""
+    code = ("import sys, edge_server.timing, edge_server.edge_node, tuner.device; "
+            "bad = [m for m in ('torch', 'trainer', 'torchvision') if m in sys.modules]; print(bad); "
+            "sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_signature_key_is_stable_and_ignores_training_settings():
+    from trainer.config import TrainConfig
+    from tuner.device import ArchSignature, signature_for
+
+    a = TrainConfig().replace({"model.backbone": "efficientnet_lite0", "model.img_size": 96, "model.dropout": 0.1,
+                               "optim.lr": 0.01})
+    b = a.replace({"model.dropout": 0.3, "optim.lr": 0.001, "model.freeze": 0.5})
+    c = a.replace({"model.img_size": 128})
+    sa, sb, sc = (signature_for(x, 3) for x in (a, b, c))
+    assert sa == sb and sa.key == sb.key  # weights/training settings do not change latency
+    assert sa.key != sc.key and sa.input_size == (96, 96)
+    assert ArchSignature.from_dict(json.loads(json.dumps(sa.to_dict()))) == sa
+    assert sa.key != signature_for(a, 3, precision="fp16").key != signature_for(a, 4).key
+    assert sa.label == "efficientnet_lite0/linear/96x96/fp32/b1"
+
+
+def test_target_name_and_protocol_are_validated():
+    from edge_server.timing import TimingProtocol
+    from tuner.device import target_resource
+    from tuner.run import TuneOptions
+
+    assert target_resource("jetson-orin.1") == "edge_target:jetson-orin.1"
+    for bad in ("", "a b", "x" * 65, "-x", "a:b"):
+        with pytest.raises(ConfigError, match="target must be"):
+            target_resource(bad)
+    with pytest.raises(ConfigError, match="timing runs must be an integer in"):
+        TimingProtocol(runs=1)
+    with pytest.raises(ConfigError, match="target must be"):
+        TuneOptions(trials=1, target="no spaces please")
+    assert TuneOptions(trials=1, target="sim").multi_objective  # the target's latency is the second objective
+
+
+def test_pareto_points_and_rejection():
+    from tuner.device import rejection
+    from tuner.latency_report import pareto_points
+
+    pts = [(0.9, 10.0), (0.8, 5.0), (0.85, 12.0), (0.9, 11.0), (0.7, 5.0)]
+    assert pareto_points(pts, "max") == [0, 1]
+    assert pareto_points([(0.5, 3.0), (0.4, 2.0)], "min") == [1]
+    m = {"latency_ms": 7.5, "latency_signature": "x/linear/64x64/fp32/b1"}
+    assert "p50 7.50 ms > --max-latency-ms 5 ms" in (rejection(m, 5.0) or "")
+    assert rejection(m, 8.0) is None and rejection(m, 0.0) is None and rejection({}, 1.0) is None
+
+
+def test_time_bundle_of_an_untrained_architecture(tmp_path):
+    """The timing task's body on this machine: a real ONNX export of Lite0, timed with the server's runner."""
+    from edge_server.timing import TimingProtocol, time_bundle, time_bundle_files
+    from trainer.config import ModelConfig
+    from trainer.export import bundle_files, write_architecture_bundle
+    from trainer.model import create_model, preprocess_spec_for
+
+    cfg = ModelConfig(backbone="efficientnet_lite0", weights="none", img_size=64)
+    d = write_architecture_bundle(create_model(cfg, 3), preprocess_spec_for(cfg), 3, tmp_path / "arch",
+                                  "efficientnet_lite0")
+    rec = time_bundle(d, protocol=TimingProtocol(warmup=2, runs=10))
+    assert 0 < rec["min_ms"] <= rec["p50_ms"] <= rec["p90_ms"] <= rec["max_ms"]
+    assert rec["protocol"] == {"warmup": 2, "runs": 10, "batch": 1, "threads": 1}
+    assert rec["device"]["backend"] == "onnxruntime" and rec["device"]["cpu"] and rec["device"]["onnxruntime_version"]
+    again = time_bundle_files(bundle_files(d), protocol={"warmup": 1, "runs": 5})
+    assert again["onnx_sha256"] == rec["onnx_sha256"]
+    with pytest.raises(EdgetuneError, match="outside the bundle"):
+        time_bundle_files({"../evil.onnx": b"x"})
+    with pytest.raises(ConfigError, match="fp32 only"):
+        time_bundle(d, precision="fp16", backend="onnxruntime")
+
+
+def test_latency_cache_is_shared_across_instances_and_studies(tmp_path):
+    from trainer.config import TrainConfig
+    from tuner.device import CACHE_STUDY, LatencyCache, signature_for
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sig = signature_for(TrainConfig().replace({"model.img_size": 64}), 3)
+    LatencyCache(url).put("sim", sig, {"p50_ms": 2.5, "p90_ms": 3.0, "node_id": "n1"})
+    other = LatencyCache(url)  # e.g. a later study in the same storage
+    assert other.get("sim", sig)["p50_ms"] == 2.5
+    assert other.get("jetson", sig) is None  # keyed by target too
+    [rec] = other.records("sim")
+    assert rec["signature_key"] == sig.key and rec["target"] == "sim"
+    assert CACHE_STUDY in [s.study_name for s in optuna.get_all_study_summaries(url)]
+
+
+# --- a real Ray cluster: head + edge node ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    edge = c.add_node(num_cpus=0, resources={"edge_target:sim": 1})
+    ray.init(address=c.address, logging_level="ERROR")
+    c.wait_for_nodes()
+    try:
+        yield {"cluster": c, "edge": edge}
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def _edge_id(cluster) -> str:
+    return cluster["edge"].node_id
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_require_target_finds_the_edge_node_or_says_how_to_join(cluster):
+    from tuner.device import live_targets, require_target
+
+    assert require_target("sim") == [_edge_id(cluster)]
+    assert live_targets() == {"sim": [_edge_id(cluster)]}
+    with pytest.raises(EdgetuneError) as e:
+        require_target("jetson")
+    msg = str(e.value)
+    assert "edge_target:jetson" in msg and "make edge-node HEAD=<head host>:<port> TARGET=jetson" in msg
+    assert "live targets: ['sim']" in msg
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_service_times_each_architecture_once_on_the_edge_node(cluster, tmp_path):
+    """Two trials asking for the same new architecture at once: one timing, on the edge node; then cache hits."""
+    import ray
+
+    from trainer.config import TrainConfig
+    from tuner import device
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    device.LatencyCache(url)
+    svc = device.start_service("svc", url, "sim", {"warmup": 1, "runs": 5, "batch": 1, "threads": 1},
+                               "onnxruntime", 120.0)
+    setup = device.LatencySetup(study="svc", target="sim", service=svc)
+    cfg = TrainConfig().replace({"model.backbone": "efficientnet_lite0", "model.img_size": 64})
+
+    @ray.remote(num_cpus=1)
+    def trial(c: dict) -> dict:
+        from trainer.config import TrainConfig as TC
+
+        a = device.get_latency(setup, TC.from_dict(c), 3, "fp32")
+        return {"status": a["status"], "node": a["record"]["node_id"], "p50": a["record"]["p50_ms"]}
+
+    both = ray.get([trial.remote(cfg.to_dict()), trial.remote(cfg.to_dict())])
+    assert sorted(x["status"] for x in both) == ["hit", "timed"], both  # one timed it, the other waited for it
+    assert {x["node"] for x in both} == {_edge_id(cluster)}
+    assert both[0]["p50"] == both[1]["p50"] > 0
+    third = device.get_latency(setup, cfg, 3, "fp32")
+    assert third["status"] == "hit"
+    stats = ray.get(svc.get_stats.remote())
+    assert stats["timed"] == 1 and stats["hits"] == 2 and stats["waited"] == 1, stats
+    # a new service (the next study) finds it in the storage: no timing
+    svc2 = device.start_service("svc2", url, "sim", {"warmup": 1, "runs": 5, "batch": 1, "threads": 1},
+                                "onnxruntime", 120.0)
+    again = device.get_latency(device.LatencySetup(study="svc2", target="sim", service=svc2), cfg, 3, "fp32")
+    assert again["status"] == "hit" and ray.get(svc2.get_stats.remote())["timed"] == 0
+    for s in (svc, svc2):
+        ray.kill(s)
+
+
+DEVICE_SPACE = """\
+params:
+  backbone: {type: categorical, key: model.backbone, choices: [efficientnet_lite0, efficientnet_lite2]}
+  freeze: {type: categorical, key: model.freeze, choices: [1.0]}
+  lr: {type: categorical, key: optim.lr, choices: [3.0e-3]}
+seeds:
+  - name: slow first (timed in its trial, rejected before its first epoch)
+    params: {backbone: efficientnet_lite2, freeze: 1.0, lr: 3.0e-3}
+  - name: fast
+    params: {backbone: efficientnet_lite0, freeze: 1.0, lr: 3.0e-3}
+  - name: slow again (known: rejected before it starts)
+    params: {backbone: efficientnet_lite2, freeze: 1.0, lr: 3.0e-3}
+"""
+
+
+def _opts(tmp: Path, study: str, **kw):
+    from tuner.run import TuneOptions
+
+    space = tmp / "space.yaml"
+    space.write_text(DEVICE_SPACE)
+    base = dict(data="textures", study=study, trials=3, epochs=1, time_budget_s=0, img=64, max_images=60,
+                sets=("batch_size=16", "threads=1"), storage=f"sqlite:///{tmp / 'optuna.db'}", space=str(space),
+                out=str(tmp / study), refit=False, export=False, max_concurrent=1, timing_warmup=2, timing_runs=15,
+                timing_backend="onnxruntime")
+    base.update(kw)
+    return TuneOptions(**base)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(cluster, tmp_path):
+    from trainer.config import TrainConfig
+    from tuner import device
+    from tuner.run import run_study
+
+    # the constraint sits between the two architectures' measured latencies (measured here, on the edge node)
+    url = f"sqlite:///{tmp_path / 'probe.db'}"
+    device.LatencyCache(url)
+    svc = device.start_service("probe", url, "sim", {"warmup": 2, "runs": 15, "batch": 1, "threads": 1},
+                               "onnxruntime", 120.0)
+    setup = device.LatencySetup(study="probe", target="sim", service=svc)
+    lat = {b: device.get_latency(setup, TrainConfig().replace({"model.backbone": b, "model.img_size": 64}), 3,
+                                 "fp32")["record"]["p50_ms"] for b in ("efficientnet_lite0", "efficientnet_lite2")}
+    assert lat["efficientnet_lite2"] > 1.3 * lat["efficientnet_lite0"], lat
+    limit = (lat["efficientnet_lite0"] * lat["efficientnet_lite2"]) ** 0.5
+
+    opts = _opts(tmp_path, "dev", target="sim", max_latency_ms=limit)
+    summary = run_study(opts)
+    s = optuna.load_study(study_name="dev", storage=opts.storage)
+    by_backbone: dict[str, list] = {}
+    for t in s.trials:
+        by_backbone.setdefault(t.params["backbone"], []).append(t)
+    slow, fast = by_backbone["efficientnet_lite2"], by_backbone["efficientnet_lite0"]
+    assert len(slow) == 2 and len(fast) >= 1
+    for t in slow:  # rejected before its first epoch, with the reason
+        assert t.state.name == "PRUNED" and not t.intermediate_values, t
+        assert "--max-latency-ms" in t.user_attrs["rejected_reason"]
+        assert t.user_attrs["target_latency_ms"] > limit
+    assert [("ray_trial_id" in t.user_attrs) for t in slow] == [True, False]  # in its trial; then before starting
+    for t in fast:  # trained, latency measured on the edge node
+        assert t.state.name == "COMPLETE" and t.intermediate_values
+        assert 0 < t.user_attrs["target_latency_ms"] <= limit
+        assert t.user_attrs["target_node"] == _edge_id(cluster)
+        assert json.loads(t.user_attrs["target_device"])["backend"] == "onnxruntime"
+    out = Path(opts.out)
+    with open(out / "latency_table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["backbone"] for r in rows) == ["efficientnet_lite0", "efficientnet_lite2"]  # one per architecture
+    assert all(r["node_id"] == _edge_id(cluster) and r["kind"] == "device" for r in rows)
+    assert (out / "pareto.png").stat().st_size > 5000
+    assert summary["latency"]["rejected_by_constraint"] == [t.number for t in slow]
+    with open(out / "leaderboard.csv") as f:
+        lb = {r["trial"]: r for r in csv.DictReader(f)}
+    assert all(lb[str(t.number)]["rejected"] for t in slow) and all(float(lb[str(t.number)]["target_latency_ms"])
+                                                                     > 0 for t in fast)
+    import ray
+
+    ray.kill(svc)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_edge_node_dies_mid_study_study_finishes_nothing_lost(cluster, tmp_path):
+    """The edge node goes away after the first trial: the next new architecture's trial waits, then is marked
+    FAIL with the reason; the node comes back and the last trial is timed on it. No finished trial is lost."""
+    from tuner.run import run_study
+
+    c = cluster["cluster"]
+    space = tmp_path / "space.yaml"
+    opts = _opts(tmp_path, "dies", target="sim", trials=3, timing_timeout_s=20.0)
+    space.write_text(DEVICE_SPACE.replace("choices: [efficientnet_lite0, efficientnet_lite2]",
+                                          "choices: [efficientnet_lite0, efficientnet_lite1, efficientnet_lite2]")
+                     .split("seeds:")[0] + """seeds:
+  - {name: a, params: {backbone: efficientnet_lite0, freeze: 1.0, lr: 3.0e-3}}
+  - {name: b, params: {backbone: efficientnet_lite1, freeze: 1.0, lr: 3.0e-3}}
+  - {name: c, params: {backbone: efficientnet_lite2, freeze: 1.0, lr: 3.0e-3}}
+""")
+    state = {"new_edge": None}
+
+    def chaos() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            try:
+                s = optuna.load_study(study_name="dies", storage=opts.storage)
+                done = [t for t in s.trials if t.state.is_finished()]
+            except KeyError:
+                done = []
+            if len(done) == 1 and state["new_edge"] is None and cluster["edge"] is not None:
+                c.remove_node(cluster["edge"])
+                cluster["edge"] = None
+            if len(done) == 2 and state["new_edge"] is None:
+                state["new_edge"] = c.add_node(num_cpus=0, resources={"edge_target:sim": 1})
+                return
+            time.sleep(0.5)
+
+    th = threading.Thread(target=chaos, daemon=True)
+    th.start()
+    run_study(opts)
+    th.join(timeout=60)
+    cluster["edge"] = state["new_edge"]
+    s = optuna.load_study(study_name="dies", storage=opts.storage)
+    t0, t1, t2 = s.trials
+    assert t0.state.name == "COMPLETE" and t0.values[1] == t0.user_attrs["target_latency_ms"] > 0  # kept
+    assert t1.state.name == "FAIL" and "no latency for the second objective" in t1.user_attrs["fail_reason"]
+    assert "within 20 s" in t1.user_attrs["target_latency_status"] and not t1.intermediate_values  # not trained
+    assert t2.state.name == "COMPLETE" and t2.user_attrs["target_node"] == state["new_edge"].node_id

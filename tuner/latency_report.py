@@ -1,0 +1,113 @@
+"""Latency outputs of a study: ``latency_table.csv`` (one row per distinct architecture the study timed or
+looked up) and ``pareto.png`` (validation metric vs p50 latency, the Pareto front marked)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from trainer.metric import get_metric
+
+LATENCY_COLUMNS = ["architecture", "backbone", "head", "input_size", "precision", "batch", "p50_ms", "p90_ms",
+                   "kind", "target", "node_id", "device", "backend", "runs", "warmup", "trials", "rejected_trials",
+                   "best_value", "signature_key", "onnx_sha256"]
+
+
+def _device_label(dev: dict[str, Any]) -> str:
+    if dev.get("gpu_name"):
+        jp = f", {dev['jetpack']}" if dev.get("jetpack") else ""
+        return f"{dev['gpu_name']} (TensorRT {dev.get('tensorrt_version')}{jp})"
+    return f"{dev.get('cpu', '?')} ({dev.get('backend', '?')} {dev.get('onnxruntime_version', '')})".strip()
+
+
+def latency_rows(study: Any, records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One row per distinct architecture among the study's trials, from the latency records."""
+    m = get_metric(metric)
+    by_key = {r["signature_key"]: r for r in records if "signature_key" in r}
+    used: dict[str, list[Any]] = {}
+    for t in study.get_trials(deepcopy=False):
+        k = t.user_attrs.get("latency_key")
+        if k:
+            used.setdefault(k, []).append(t)
+    rows = []
+    for k, trials in used.items():
+        rec = by_key.get(k)
+        if rec is None:
+            continue
+        sig, proto = rec["signature"], rec.get("protocol", {})
+        values = [t.user_attrs.get(m.best_key) for t in trials if t.user_attrs.get(m.best_key) is not None]
+        best = (min(values, key=lambda v: m.sort_key(float(v))) if values else None)
+        rows.append({
+            "architecture": trials[0].user_attrs.get("latency_signature", k), "backbone": sig["backbone"],
+            "head": sig["head"] + ("-" + "x".join(map(str, sig["head_hidden"])) if sig["head_hidden"] else ""),
+            "input_size": "x".join(map(str, sig["input_size"])), "precision": sig["precision"], "batch": sig["batch"],
+            "p50_ms": round(rec["p50_ms"], 4), "p90_ms": round(rec["p90_ms"], 4), "kind": rec.get("kind"),
+            "target": rec.get("target"), "node_id": rec.get("node_id"), "device": _device_label(rec.get("device", {})),
+            "backend": rec.get("backend"), "runs": proto.get("runs"), "warmup": proto.get("warmup"),
+            "trials": len(trials), "rejected_trials": sum(bool(t.user_attrs.get("rejected_reason")) for t in trials),
+            "best_value": best, "signature_key": k, "onnx_sha256": rec.get("onnx_sha256"),
+        })
+    rows.sort(key=lambda r: r["p50_ms"])
+    return rows
+
+
+def pareto_points(points: list[tuple[float, float]], mode: str) -> list[int]:
+    """Indices of the non-dominated (metric, latency) points: better metric (``mode``) and lower latency."""
+    sign = 1.0 if mode == "max" else -1.0
+    front = []
+    for i, (v, lat) in enumerate(points):
+        dominated = any((sign * v2 >= sign * v and lat2 <= lat) and (sign * v2 > sign * v or lat2 < lat)
+                        for j, (v2, lat2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def write_latency_outputs(study: Any, records: list[dict[str, Any]], out: Path, metric: str,
+                          max_latency_ms: float = 0.0) -> dict[str, Any]:
+    """Write ``latency_table.csv`` and ``pareto.png``; returns their paths and the Pareto front's trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = latency_rows(study, records, metric)
+    with open(out / "latency_table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LATENCY_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    m = get_metric(metric)
+    trained = [t for t in study.get_trials(deepcopy=False)
+               if t.user_attrs.get(m.best_key) is not None and t.user_attrs.get("latency_ms") is not None]
+    pts = [(float(t.user_attrs[m.best_key]), float(t.user_attrs["latency_ms"])) for t in trained]
+    front = pareto_points(pts, m.mode)
+    rejected = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("rejected_reason")]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    if pts:
+        ax.scatter([p[1] for p in pts], [p[0] for p in pts], c="tab:blue", alpha=0.6, label="trained trials")
+        fr = sorted((pts[i] for i in front), key=lambda p: p[1])
+        ax.plot([p[1] for p in fr], [p[0] for p in fr], "o-", c="tab:red", label="Pareto front")
+        for i in front:
+            ax.annotate(f"#{trained[i].number}", (pts[i][1], pts[i][0]), fontsize=8, xytext=(3, 3),
+                        textcoords="offset points")
+    lat_rej = [float(t.user_attrs["latency_ms"]) for t in rejected if t.user_attrs.get("latency_ms") is not None]
+    if lat_rej:
+        ax.scatter(lat_rej, [ax.get_ylim()[0]] * len(lat_rej), marker="x", c="gray",
+                   label="rejected by --max-latency-ms (not trained)")
+    if max_latency_ms > 0:
+        ax.axvline(max_latency_ms, ls="--", c="gray")
+    kind = {r.get("kind") for r in rows}
+    where = rows[0]["device"] if rows else "?"
+    ax.set_xlabel("p50 latency (ms) " + ("measured on " + where if kind == {"device"} else "(estimate, driver node)"))
+    ax.set_ylabel(m.label)
+    ax.set_title(f"study {study.study_name}: {m.label} vs latency")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png")
+    plt.close(fig)
+    return {"latency_table": str(out / "latency_table.csv"), "pareto_png": str(out / "pareto.png"),
+            "architectures_timed": len(rows),
+            "pareto": [{"trial": trained[i].number, m.best_key: pts[i][0], "latency_ms": pts[i][1]} for i in front],
+            "rejected_by_constraint": [t.number for t in rejected]}
