@@ -31,6 +31,7 @@ from edge_server import calibrator as cal
 from edge_server.runners import tensorrt as rt
 from edgetune.bundle import Bundle, load_bundle
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
+from edgetune.numeric import softmax
 from edgetune.preprocess import read_image
 
 log = logging.getLogger("edge_server.engine")
@@ -185,11 +186,6 @@ def engine_status(bundle: Bundle, system: dict[str, str], precision: str, option
         return False, (f"engine batch profile max {meta.get('max_batch_size')}/opt {meta.get('opt_batch_size')} "
                        f"differs from the requested max {options.max_batch}/opt {options.opt}")
     return True, f"{engine} is current (TensorRT {system['tensorrt_version']}, {system['gpu_name']})"
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def compare_outputs(engine_logits: np.ndarray, reference_logits: np.ndarray) -> dict[str, Any]:
