@@ -31,6 +31,7 @@ from edge_server import calibrator as cal
 from edge_server.runners import tensorrt as rt
 from edgetune.bundle import Bundle, load_bundle
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
+from edgetune.fsutil import atomic_write_bytes
 from edgetune.numeric import softmax
 from edgetune.preprocess import read_image
 
@@ -300,7 +301,7 @@ def build_engine_bytes(trt: Any, cudart: Any, bundle: Bundle, precision: str, op
     if serialized is None:
         raise EngineBuildError("TensorRT build_serialized_network failed (see the TensorRT messages above)")
     tc_path.parent.mkdir(parents=True, exist_ok=True)
-    rt.write_atomic(tc_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    atomic_write_bytes(tc_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized)), shapes, facts
 
 
