@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:  # scripts run as `python bench/bench_x.py` from t
 
 from edgetune.errors import ConfigError  # noqa: E402
 from edgetune.fsutil import atomic_write_text  # noqa: E402
+from edgetune.markdown import markdown_table  # noqa: E402
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -99,10 +100,7 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 def md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str], digits: int = 3) -> str:
     """A Markdown table of ``rows`` (dicts) with the given columns; missing values print as –."""
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c), digits) for c in cols) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, cols, lambda v: fmt(v, digits))
 
 
 def write_results(name: str, payload: dict[str, Any], out_dir: str | Path = RESULTS,
