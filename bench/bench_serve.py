@@ -53,12 +53,12 @@ class InProcess:
         self.input = self.session.get_inputs()[0].name
 
     def classify(self, jpegs: list[bytes]) -> np.ndarray:
+        from edgetune.numeric import softmax
         from edgetune.preprocess import decode_image
 
         x = np.stack([self.bundle.spec.apply(decode_image(b)) for b in jpegs])
         logits = self.session.run(None, {self.input: x})[0]
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        return (e / e.sum(1, keepdims=True)).argmax(1)
+        return softmax(logits, axis=1).argmax(1)
 
 
 def inproc_block(ip: InProcess, jpeg: bytes, n: int, batch: int) -> dict[str, Any]:

@@ -26,6 +26,8 @@ if str(ROOT) not in sys.path:  # scripts run as `python bench/bench_x.py` from t
     sys.path.insert(0, str(ROOT))
 
 from edgetune.errors import ConfigError  # noqa: E402
+from edgetune.fsutil import atomic_write_text  # noqa: E402
+from edgetune.markdown import markdown_table  # noqa: E402
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -98,10 +100,7 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 def md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str], digits: int = 3) -> str:
     """A Markdown table of ``rows`` (dicts) with the given columns; missing values print as –."""
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c), digits) for c in cols) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, cols, lambda v: fmt(v, digits))
 
 
 def write_results(name: str, payload: dict[str, Any], out_dir: str | Path = RESULTS,
@@ -115,9 +114,7 @@ def write_results(name: str, payload: dict[str, Any], out_dir: str | Path = RESU
         for title, t in tables.items():
             print(f"\n### {title}\n\n{t}\n")
     path = out / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str))
     print(f"bench: wrote {path}")
     return path
 

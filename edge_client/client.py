@@ -32,11 +32,11 @@ from typing import Any
 
 import grpc
 
-from edge_client.backoff import Backoff
 from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel, retry_pushback_ms
 from edge_client.frames import EncodeOptions, encode_frame
 from edge_client.frames import result_record as make_record
 from edge_client.sources import CapturedFrame, Source, now_us
+from edgetune.backoff import Backoff
 from edgetune.errors import ConfigError
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc

@@ -29,11 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from edgetune.backoff import Backoff
 from edgetune.errors import ConfigError, EdgetuneError, ImageDecodeError
 from edgetune.preprocess import read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
+#: A live device that stops delivering is reopened after 0.5 s, 1 s, 2 s, ... up to 10 s (reset on a frame).
+REOPEN_INITIAL_S, REOPEN_MAX_S = 0.5, 10.0
 _CAMERA_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -174,12 +177,12 @@ class LiveSource(Source):
 
     def _grab_loop(self) -> None:
         seq = 0
-        retry = 0.5
+        backoff = Backoff(initial=REOPEN_INITIAL_S, maximum=REOPEN_MAX_S, jitter=False)
         next_t = time.monotonic()
         while not self._stop.is_set():
             ok, img = (False, None) if self._cap is None else self._cap.read()
             if ok and img is not None:
-                retry = 0.5
+                backoff.reset()
                 frame = CapturedFrame(self.camera_id, seq, now_us(), _as_bgr(img))
                 seq += 1
                 with self._cond:
@@ -192,6 +195,8 @@ class LiveSource(Source):
                 continue
             if self._finite:
                 break
+            delay = backoff.next_delay()
+            retry = REOPEN_MAX_S if delay is None else delay  # None only with a max_total, not set here
             print(f"edge_client: [{self.camera_id}] no frame from {self.description}; reopening in {retry:.1f} s",
                   file=sys.stderr)
             if self._cap is not None:
@@ -199,7 +204,6 @@ class LiveSource(Source):
                 self._cap = None
             if self._stop.wait(retry):
                 break
-            retry = min(retry * 2, 10.0)
             try:
                 self._cap = self._opener()
             except SourceError as e:

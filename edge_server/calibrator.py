@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +28,7 @@ import numpy as np
 
 from edgetune.bundle import Bundle
 from edgetune.errors import BundleError, ConfigError, ImageDecodeError
+from edgetune.fsutil import atomic_write_bytes
 from edgetune.preprocess import PreprocessSpec, read_image
 
 log = logging.getLogger("edge_server.calibrator")
@@ -126,10 +126,7 @@ class CalibrationCache:
 
     def write(self, data: Any) -> None:
         blob = bytes(memoryview(data))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, blob)
         log.info("calibration cache written", extra={"fields": {"path": str(self.path), "bytes": len(blob)}})
 
 

@@ -31,6 +31,8 @@ from edge_server import calibrator as cal
 from edge_server.runners import tensorrt as rt
 from edgetune.bundle import Bundle, load_bundle
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
+from edgetune.fsutil import atomic_write_bytes
+from edgetune.numeric import softmax
 from edgetune.preprocess import read_image
 
 log = logging.getLogger("edge_server.engine")
@@ -187,11 +189,6 @@ def engine_status(bundle: Bundle, system: dict[str, str], precision: str, option
     return True, f"{engine} is current (TensorRT {system['tensorrt_version']}, {system['gpu_name']})"
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def compare_outputs(engine_logits: np.ndarray, reference_logits: np.ndarray) -> dict[str, Any]:
     """Top-1 agreement and max |Δprob| of the engine against the ONNX Runtime reference."""
     if engine_logits.shape != reference_logits.shape or engine_logits.ndim != 2 or not len(engine_logits):
@@ -304,7 +301,7 @@ def build_engine_bytes(trt: Any, cudart: Any, bundle: Bundle, precision: str, op
     if serialized is None:
         raise EngineBuildError("TensorRT build_serialized_network failed (see the TensorRT messages above)")
     tc_path.parent.mkdir(parents=True, exist_ok=True)
-    rt.write_atomic(tc_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    atomic_write_bytes(tc_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized)), shapes, facts
 
 

@@ -73,12 +73,6 @@ def check_runner_matches_bundle(runner: Runner, bundle: Bundle) -> None:
         raise BundleError(f"bundle {bundle.path}: the model gives non-finite logits on a blank image")
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - np.max(logits)
-    e = np.exp(z)
-    return (e / e.sum()).astype(np.float32)
-
-
 class ModelHolder:
     """Holds the current :class:`ServedModel`; ``load`` swaps it without interrupting callers.
 

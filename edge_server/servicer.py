@@ -22,10 +22,11 @@ import numpy as np
 
 from edge_server.auth import ADMIN_METADATA_KEY, LoadModelPolicy
 from edge_server.batcher import BatcherClosed, BatchResult, DeadlineExpired, LatestSlot
-from edge_server.model import ModelHolder, ServedModel, softmax
+from edge_server.model import ModelHolder, ServedModel
 from edge_server.stats import MAX_CAMERA_ID_CHARS, ServerStats
 from edge_server.versions import server_versions
 from edgetune.errors import EdgetuneError, ImageDecodeError
+from edgetune.numeric import softmax
 from edgetune.preprocess import (
     DEFAULT_MAX_PIXELS,
     MAX_ASPECT_RATIO,
@@ -175,7 +176,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 raise _Deadline("deadline exceeded while waiting for inference") from None
         if res is None or model is None:
             raise _Unavailable("model is being replaced or the server is shutting down; retry")
-        probs = softmax(res.logits)
+        probs = softmax(res.logits).astype(np.float32)
         k = top_k or 1
         order = np.argsort(-probs, kind="stable")[:k]
         preds = [pb.Prediction(label=model.bundle.labels[i], index=int(i), score=float(probs[i])) for i in order]

@@ -1,4 +1,4 @@
-"""edgetune shared core: preprocessing spec, image decoding and bundle format.
+"""edgetune shared core: preprocessing spec, image decoding, bundle format and small shared helpers.
 
 This package is imported by the trainer *and* by the edge (server, client), so it
 must stay dependency-light: NumPy and OpenCV only, Python 3.10 compatible, and never

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.backoff import Backoff
 from edge_client.connection import ConnectionOptions, describe_rpc_error, make_channel, parse_address
 from edge_client.frames import EncodeOptions, encode_frame, resize_frame
 from edge_client.output import FIELDS, ResultLog, display_available, draw_overlay
 from edge_client.sources import DirectorySource, LiveSource, VideoFileSource, open_source, open_sources
+from edgetune.backoff import Backoff
 from edgetune.errors import ConfigError
 from edgetune.preprocess import decode_image
 from tests.client_media import write_image_dir, write_video

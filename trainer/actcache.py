@@ -24,7 +24,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from edgetune.fsutil import atomic_path
 
 CACHE_VERSION = 1
 VIEWS = ("id", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose")
@@ -170,15 +171,12 @@ class ActivationCache:
                fp16_ok: Callable[[np.ndarray], bool] | None) -> None:
         t0 = time.perf_counter()
         out: Any = None  # np.memmap while building
-        tmp = ""
         row = 0
         dtype = "float32"
-        try:
+        with atomic_path(path, suffix=".npy") as tmp:
             for batch in build():
                 if out is None:
                     dtype = "float16" if fp16_ok is not None and fp16_ok(batch) else "float32"
-                    fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.stem}.", suffix=".npy")
-                    os.close(fd)
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, *batch.shape[1:]))
                 out[row : row + len(batch)] = batch
                 row += len(batch)
@@ -188,11 +186,6 @@ class ActivationCache:
             del out
             meta = {"key": asdict(key), "dtype": dtype, "rows": n, "seconds": time.perf_counter() - t0}
             path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, path)
-        except BaseException:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-            raise
         self.stats.builds += 1
         self.stats.build_seconds += time.perf_counter() - t0
         self.stats.dtypes.append(dtype)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from edgetune.errors import EdgetuneError
+from edgetune.fsutil import atomic_path
 from edgetune.preprocess import PreprocessSpec
 
 CHECKPOINT_FORMAT = "edgetune-checkpoint"
@@ -84,9 +85,8 @@ def save_checkpoint(
         **(extra or {}),
     }
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    tmp = d / (WEIGHTS_FILE + ".tmp")
-    torch.save({"meta": meta, "model_state": state}, tmp)
-    tmp.replace(d / WEIGHTS_FILE)
+    with atomic_path(d / WEIGHTS_FILE) as tmp:
+        torch.save({"meta": meta, "model_state": state}, tmp)
     (d / META_FILE).write_text(json.dumps(meta, indent=2))
     return d
 

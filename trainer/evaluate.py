@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgetune.numeric import confusion_matrix
 from edgetune.preprocess import PreprocessSpec
 
 
@@ -58,10 +59,6 @@ def predict_dataset(model: torch.nn.Module, ds: Any, batch_size: int = 64) -> tu
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def confusion(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
-    return np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
-
-
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "Confusion matrix") -> None:
     import matplotlib
 
@@ -95,7 +92,7 @@ def test_report(model: torch.nn.Module, test_ds: Any, classes: list[str], out_di
     probs, labels = predict_dataset(model, test_ds, batch_size)
     k = len(classes)
     preds = probs.argmax(1)
-    cm = confusion(labels, preds, k)
+    cm = confusion_matrix(labels, preds, k)
     m = metrics_from_confusion(cm)
     (out / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "matrix": cm.tolist()}, indent=2))
     items = [{"source": test_ds.source(i) if hasattr(test_ds, "source") else str(i), "label": classes[int(y)],

@@ -22,6 +22,7 @@ import torch
 
 from edgetune.bundle import MANIFEST, BundleManifest, ImageEntry, load_bundle, sha256_file
 from edgetune.errors import BundleError, EdgetuneError
+from edgetune.numeric import softmax
 from edgetune.preprocess import PreprocessSpec, read_image
 from trainer.checkpoint import resolve_checkpoint_path, versions
 
@@ -56,9 +57,7 @@ def ort_session(path: str | Path, threads: int = 0) -> Any:
 
 def ort_probs(session: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
     outs = [session.run([OUTPUT], {INPUT: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-    logits = np.concatenate(outs).astype(np.float64)
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
+    return softmax(np.concatenate(outs), axis=1)
 
 
 def _eval_arrays(ds: Any, spec: PreprocessSpec, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgetune.errors import EdgetuneError, ImageDecodeError
+from edgetune.fsutil import atomic_path
 from edgetune.preprocess import PreprocessSpec, read_image
 from trainer.scan import SourceFile
 
@@ -216,11 +216,11 @@ def _compute(items: Sequence[Item], spec: PreprocessSpec, seed: int, decoded: di
              folder: Path, bin_path: Path, idx_path: Path) -> np.ndarray:
     folder.mkdir(parents=True, exist_ok=True)
     index = np.zeros((len(items), 3), dtype=np.int64)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{bin_path.name}.", suffix=".tmp")
     last: tuple[str, np.ndarray] | None = None
     off = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    # The index is replaced first, the data file last: its presence (with the right size) marks completion.
+    with atomic_path(bin_path) as tmp:
+        with open(tmp, "wb") as fh:
             for i, it in enumerate(items):
                 if last is None or last[0] != it.file.rel:
                     raw = decoded.get(it.file.rel)
@@ -236,14 +236,8 @@ def _compute(items: Sequence[Item], spec: PreprocessSpec, seed: int, decoded: di
                 fh.write(np.ascontiguousarray(img).tobytes())
                 index[i] = (off, img.shape[0], img.shape[1])
                 off += img.nbytes
-        fd2, tmp_idx = tempfile.mkstemp(dir=folder, prefix=f".{idx_path.name}.", suffix=".tmp.npy")
-        os.close(fd2)
-        np.save(tmp_idx, index)
-        os.replace(tmp_idx, idx_path)
-        os.replace(tmp, bin_path)  # the data file last: its presence (with the right size) marks completion
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(idx_path, suffix=".tmp.npy") as tmp_idx:
+            np.save(tmp_idx, index)
     return index
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from edgetune.numeric import confusion_matrix
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from trainer.config import TrainConfig
 from trainer.metric import CHECKPOINT_SCORE, Metric, get_metric
@@ -162,7 +163,7 @@ def evaluate_batches(
     from trainer.evaluate import metrics_from_confusion
 
     model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    cm_np = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -170,11 +171,12 @@ def evaluate_batches(
             logits = model(x)
         loss_sum += loss_fn(logits.float(), y).double() * len(y)
         pred = logits.argmax(1)
-        cm += torch.bincount(y * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+        cm_np += confusion_matrix(y.cpu().numpy(), pred.cpu().numpy(), num_classes)
     if dist.is_available() and dist.is_initialized():
+        cm = torch.from_numpy(cm_np).to(device=device, dtype=torch.float64)
         dist.all_reduce(cm)
         dist.all_reduce(loss_sum)
-    cm_np = cm.cpu().numpy().astype(np.int64)
+        cm_np = cm.cpu().numpy().astype(np.int64)
     out = metrics_from_confusion(cm_np)
     out["loss"] = float(loss_sum.item()) / max(1, int(cm_np.sum()))
     return out

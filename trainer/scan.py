@@ -20,7 +20,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.errors import ConfigError, EdgetuneError, ImageDecodeError
+from edgetune.fsutil import atomic_write_text
 from edgetune.preprocess import read_image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -192,14 +192,3 @@ def scan_sources(files: list[SourceFile], cache_dir: Path | None, keep_bytes: in
     return ScanResult(good, skipped, decoded, seconds, False)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and an atomic rename (safe with concurrent writers)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from edgetune.errors import EdgetuneError
-from trainer.scan import SPLITS, SourceFile, atomic_write_text
+from edgetune.fsutil import atomic_write_text
+from trainer.scan import SPLITS, SourceFile
 
 MIN_PER_CLASS = 3  #: one image each for train, val and test
 

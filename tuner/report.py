@@ -13,6 +13,7 @@ from typing import Any
 
 import optuna
 
+from edgetune.markdown import markdown_table
 from trainer.checkpoint import read_meta
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
 
@@ -131,7 +132,7 @@ def write_leaderboard(rows: list[dict[str, Any]], out: Path, metric: str) -> Non
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    (out / "leaderboard.md").write_text(markdown_table(rows, cols[:-1]))
+    (out / "leaderboard.md").write_text(leaderboard_table(rows, cols[:-1]))
 
 
 def _fmt(v: Any) -> str:
@@ -142,10 +143,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def leaderboard_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    """The tuner's Markdown tables: :func:`edgetune.markdown.markdown_table` with 4 significant digits."""
+    return markdown_table(rows, cols, _fmt) + "\n"
 
 
 def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Path, multi: bool,
@@ -263,7 +263,7 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
     summary["plots"] = plots(study, results, rows, out, opts.multi_objective, metric)
     latency_cols = (["target_latency_ms", "target_latency_p90_ms", "target_device", "rejected"]
                     if getattr(opts, "target", "") else ["latency_ms"] if getattr(opts, "latency_on", False) else [])
-    summary["leaderboard_md"] = markdown_table(rows[:12], ["rank", "trial", "state", "backbone", "img", "freeze",
+    summary["leaderboard_md"] = leaderboard_table(rows[:12], ["rank", "trial", "state", "backbone", "img", "freeze",
                                                             "epochs", metric, "val_acc", "test_acc",
                                                             "test_macro_f1", "data_path", "train_seconds",
                                                             *latency_cols])
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     rows = compare_studies(a.storage, [s for s in a.studies.split(",") if s])
     cols = list(rows[0]) if rows else []
-    md = markdown_table(rows, cols)
+    md = leaderboard_table(rows, cols)
     print(md)
     out = Path(a.out or "runs")
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 from edge_server.runners.base import Runner
 from edgetune.bundle import Bundle
 from edgetune.errors import BundleError, ConfigError
+from edgetune.fsutil import atomic_write_bytes
 
 log = logging.getLogger("edge_server.runners")
 
@@ -221,20 +221,13 @@ def check_engine_sha(engine: Path, data: bytes, meta: Mapping[str, Any], precisi
         raise BundleError(f"{engine} does not match the SHA-256 in its sidecar (modified or partly written); {hint}")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file in the same directory and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_engine_files(engine: Path, data: bytes, sidecar: Mapping[str, Any]) -> None:
     """Write an engine and its sidecar, each atomically. The old sidecar is removed first, so no reader pairs
     a new engine with an old sidecar (an engine without a sidecar is refused)."""
     engine.parent.mkdir(parents=True, exist_ok=True)
     sidecar_path(engine).unlink(missing_ok=True)
-    write_atomic(engine, data)
-    write_atomic(sidecar_path(engine), json.dumps(dict(sidecar), indent=2).encode())
+    atomic_write_bytes(engine, data)
+    atomic_write_bytes(sidecar_path(engine), json.dumps(dict(sidecar), indent=2).encode())
 
 
 def import_tensorrt() -> Any:

@@ -1,4 +1,4 @@
-"""Exponential backoff with jitter for reconnecting to the server."""
+"""Exponential backoff (optionally with jitter): the one reconnect/reopen delay policy of the edge."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from edgetune.errors import ConfigError
 class Backoff:
     """Delays ``initial * factor**n`` capped at ``maximum``, with "equal jitter": each delay is drawn
     uniformly from [d/2, d] so that many cameras do not reconnect in lock-step after a restart.
+    With ``jitter=False`` the delays are exactly ``d`` (e.g. reopening a local capture device).
 
     ``max_total`` (seconds, 0 = unlimited) bounds the time spent retrying since the first failure
     after the last :meth:`reset`; :meth:`next_delay` returns ``None`` once it is exceeded.
     """
 
     def __init__(self, initial: float = 0.2, maximum: float = 5.0, factor: float = 2.0, max_total: float = 0.0,
-                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic,
+                 jitter: bool = True) -> None:
         if not initial > 0:
             raise ConfigError(f"backoff initial delay must be > 0 s, got {initial!r}")
         if not maximum >= initial:
@@ -29,6 +31,7 @@ class Backoff:
             raise ConfigError(f"max retry time must be >= 0 s (0 = retry forever), got {max_total!r}")
         self.initial, self.maximum, self.factor, self.max_total = initial, maximum, factor, max_total
         self._rng = rng or random.Random()
+        self.jitter = jitter
         self._clock = clock
         self.attempts = 0
         self._first_failure: float | None = None
@@ -50,7 +53,7 @@ class Backoff:
             self._first_failure = now
         ceiling = min(self.maximum, self.initial * self.factor ** self.attempts)
         self.attempts += 1
-        delay = self._rng.uniform(ceiling / 2, ceiling)
+        delay = self._rng.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
         if self.max_total:
             left = self.max_total - (now - self._first_failure)
             if left <= 0:
