@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 import grpc
 import pytest
@@ -124,9 +125,11 @@ def test_server_config_declares_runner_options_once(bundle_dir):
     finally:
         srv.stop(grace=0)
     # validated where declared, on ServerConfig construction, with RunnerOptions' messages
-    for bad, fragment in [({"max_batch": 0}, "max_batch must be an integer in 1..1024, got 0"),
-                          ({"max_wait_ms": -1}, "max_wait_ms must be in [0, 10000] ms, got -1"),
-                          ({"batch_wait": "eager"}, "batch_wait must be 'adaptive' or 'fixed', got 'eager'")]:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"max_batch": 0}, "max_batch must be an integer in 1..1024, got 0"),
+        ({"max_wait_ms": -1}, "max_wait_ms must be in [0, 10000] ms, got -1"),
+        ({"batch_wait": "eager"}, "batch_wait must be 'adaptive' or 'fixed', got 'eager'")]
+    for bad, fragment in cases:
         with pytest.raises(ConfigError, match=re.escape(fragment)):
             ServerConfig(bundle=bundle_dir, port=0, **bad)
         with pytest.raises(ConfigError, match=re.escape(fragment)):
