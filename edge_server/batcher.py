@@ -202,7 +202,6 @@ class LatestSlot(Generic[T]):
         self._has = False
         self._closed = False
         self.dropped_since_take = 0
-        self.dropped_total = 0
 
     def put(self, item: T) -> T | None:
         """Store ``item``; returns the unprocessed item it replaced (dropped), if any."""
@@ -210,7 +209,6 @@ class LatestSlot(Generic[T]):
             replaced = self._item if self._has else None
             if self._has:
                 self.dropped_since_take += 1
-                self.dropped_total += 1
             self._item, self._has = item, True
             self._cond.notify()
             return replaced

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,13 @@ from edgetune.errors import BundleError, ConfigError
 log = logging.getLogger("edge_server.model")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunnerOptions:
-    """How to build a runner and batcher for each (re)loaded bundle."""
+    """How to build a runner and batcher for each (re)loaded bundle.
+
+    The one declaration of these fields: :class:`edge_server.server.ServerConfig` extends this class and hands
+    :class:`ModelHolder` its :meth:`~edge_server.server.ServerConfig.runner_options`.
+    """
 
     backend: str = "auto"
     max_batch: int = 8
@@ -43,7 +47,6 @@ class RunnerOptions:
 class ServedModel:
     bundle: Bundle
     batcher: MicroBatcher
-    extra_versions: dict[str, str] = field(default_factory=dict)
 
     @property
     def version(self) -> str:

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +50,18 @@ def _positive(name: str, value: object, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything ``make_server`` needs; validated on construction."""
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig(RunnerOptions):
+    """Everything ``make_server`` needs (keyword fields); validated on construction.
+
+    The runner and batcher fields (``backend``, ``max_batch``, ``max_wait_ms``, ``batch_wait``,
+    ``intra_op_threads``, ``precision``) are :class:`~edge_server.model.RunnerOptions`'s, declared and
+    validated there; :meth:`runner_options` gives them to the model holder.
+    """
 
     bundle: str | Path
     host: str = "127.0.0.1"
     port: int = 50051
-    backend: str = "auto"
-    max_batch: int = 8
-    max_wait_ms: float = 2.0
-    batch_wait: str = "adaptive"
-    intra_op_threads: int = 0
-    precision: str = "fp16"
     token: str | None = None
     tls_cert: str | Path | None = None
     tls_key: str | Path | None = None
@@ -125,6 +124,11 @@ class ServerConfig:
                 raise ConfigError("the admin token must differ from the camera token")
             LoadModelPolicy(self.admin_token, self.model_root)  # validates the token
         check_bind_policy(self.host, tls=self.tls_cert is not None, insecure=self.insecure)
+        super().__post_init__()
+
+    def runner_options(self) -> RunnerOptions:
+        """The :class:`RunnerOptions` part of this config (what each (re)loaded bundle is served with)."""
+        return RunnerOptions(**{f.name: getattr(self, f.name) for f in fields(RunnerOptions)})
 
 
 class EdgeServer:
@@ -134,8 +138,6 @@ class EdgeServer:
         self.config = config
         self.stats = ServerStats(max_cameras=config.max_cameras, camera_idle_s=config.camera_idle_s)
         creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        options = RunnerOptions(backend=config.backend, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                                batch_wait=config.batch_wait, intra_op_threads=config.intra_op_threads, precision=config.precision)
         policy = (LoadModelPolicy(config.admin_token, config.model_root)
                   if config.load_model and config.admin_token and config.model_root is not None else None)
         self.admission = Admission(self.stats, max_unary=config.max_concurrent, max_streams=config.max_streams,
@@ -145,7 +147,7 @@ class EdgeServer:
         if config.token:
             interceptors.append(BearerTokenInterceptor(config.token))
         try:
-            self.holder = ModelHolder(config.bundle, options, on_batch=self.stats.batch_done)
+            self.holder = ModelHolder(config.bundle, config.runner_options(), on_batch=self.stats.batch_done)
         except BaseException:
             self.admission.close()
             raise

@@ -108,7 +108,9 @@ _TMP: Any = None
 
 
 def cached_test_bundle(seed: int = 0, size: int = 32) -> Path:
-    """``make_test_bundle`` once per (seed, size) per test process (training costs a few seconds).
+    """``make_test_bundle`` once per (seed, size) per test process (training costs a few seconds). Tests take
+    it through the fixtures in ``tests/conftest.py`` (``bundle_dir``, ``bundle_dir_b``, ``loaded_bundle``,
+    ``bundle_copy``), which also check that no test writes into the shared directories.
 
     Developers re-running single test files may set ``EDGETUNE_TEST_BUNDLE_DIR`` to keep the bundles in
     that folder between runs (delete it after changing the trainer or the exporter); unset, every test

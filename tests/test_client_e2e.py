@@ -23,15 +23,15 @@ from edge_server.server import make_server
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 from tests.client_media import write_image_dir, write_video
-from tests.edge_fixtures import LABELS, make_test_bundle
+from tests.edge_fixtures import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def media(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("client_e2e")
-    return {"bundle": make_test_bundle(d / "bundle"), "video": write_video(d / "clip.avi", n=45, size=256)}
+    return {"bundle": bundle_dir, "video": write_video(d / "clip.avi", n=45, size=256)}
 
 
 @pytest.fixture()

@@ -26,14 +26,9 @@ from edge_client.connection import ConnectionOptions
 from edge_client.sources import VideoFileSource, open_source
 from edge_server.server import make_server
 from tests.client_media import write_image_dir, write_video
-from tests.edge_fixtures import CliServer, cached_test_bundle
+from tests.edge_fixtures import CliServer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    return cached_test_bundle(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +58,10 @@ def _wait_for(cond: Any, timeout: float = 30.0) -> None:
     assert cond()
 
 
-def test_kill9_restart_message_and_no_lost_frames(bundle: Path, videos: dict[str, Path], tmp_path: Path,
+def test_kill9_restart_message_and_no_lost_frames(bundle_dir: Path, videos: dict[str, Path], tmp_path: Path,
                                                    capfd: pytest.CaptureFixture[str]) -> None:
     # every frame waits 250 ms for a micro-batch that never fills: a frame is in flight when the server dies
-    slow = ["--bundle", str(bundle), "--threads", "1", "--max-wait-ms", "250", "--batch-wait", "fixed"]
+    slow = ["--bundle", str(bundle_dir), "--threads", "1", "--max-wait-ms", "250", "--batch-wait", "fixed"]
     first = CliServer([*slow, "--port", "0"], tmp_path / "s1.log")
     port = first.port
     records: list[dict] = []
@@ -99,8 +94,8 @@ def test_kill9_restart_message_and_no_lost_frames(bundle: Path, videos: dict[str
     assert "1 frame(s) in flight will be re-sent" in gap_lines[0] and "server closed it" in gap_lines[0], gap_lines
 
 
-def test_live_source_accounts_for_every_captured_frame(bundle: Path, videos: dict[str, Path]) -> None:
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, grace_s=0.0).start()
+def test_live_source_accounts_for_every_captured_frame(bundle_dir: Path, videos: dict[str, Path]) -> None:
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, grace_s=0.0).start()
     port = srv.port
     records: list[dict] = []
     src = open_source(str(videos["long"]), "live", live=True)  # 150 frames at 30 fps: 5 s
@@ -112,7 +107,7 @@ def test_live_source_accounts_for_every_captured_frame(bundle: Path, videos: dic
         _wait_for(lambda: len(records) >= 20)
         srv.stop(grace=0.0)
         time.sleep(0.4)
-        second = make_server(bundle=bundle, port=port, backend="onnxruntime", intra_op_threads=1,
+        second = make_server(bundle=bundle_dir, port=port, backend="onnxruntime", intra_op_threads=1,
                              grace_s=0.0).start()
         thread.join(timeout=60)
         assert not thread.is_alive() and "error" not in box, box
@@ -134,9 +129,9 @@ def _client_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
                           timeout=60, env={**base, **(env or {})})
 
 
-def test_client_token_on_command_line_warns(bundle: Path, tmp_path: Path) -> None:
+def test_client_token_on_command_line_warns(bundle_dir: Path, tmp_path: Path) -> None:
     token = "camera-token-123456"
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, token=token,
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, token=token,
                       grace_s=0.0).start()
     try:
         image = write_image_dir(tmp_path / "imgs", n=1, size=64) / "img_000.png"
@@ -156,7 +151,7 @@ def test_client_token_on_command_line_warns(bundle: Path, tmp_path: Path) -> Non
         srv.stop(grace=0.0)
 
 
-def test_client_retries_when_the_stream_limit_pushes_back(bundle: Path, tmp_path: Path,
+def test_client_retries_when_the_stream_limit_pushes_back(bundle_dir: Path, tmp_path: Path,
                                                           capfd: pytest.CaptureFixture[str]) -> None:
     """An idle stream holds the only stream slot: the camera is refused (RESOURCE_EXHAUSTED with
     grpc-retry-pushback-ms), waits, retries, and gets in once the idle stream is closed by the server."""
@@ -164,7 +159,7 @@ def test_client_retries_when_the_stream_limit_pushes_back(bundle: Path, tmp_path
 
     from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_streams=1,
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_streams=1,
                       stream_idle_s=1.5, grace_s=0.0).start()
     stop = threading.Event()
 

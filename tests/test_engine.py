@@ -34,21 +34,10 @@ from edge_server.runners.tensorrt import (
 from edgetune.bundle import load_bundle
 from edgetune.errors import BundleError, ConfigError
 from edgetune.preprocess import read_image
-from tests.edge_fixtures import cached_test_bundle, copy_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 SYSTEM = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7"}
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle(cached_test_bundle(seed=0))
-
-
-@pytest.fixture()
-def bundle_copy(bundle, tmp_path):
-    return load_bundle(copy_bundle(bundle.path, tmp_path / "bundle"))
 
 
 def _onnx_input_shape(bundle) -> tuple[int, ...]:
@@ -101,11 +90,11 @@ def test_build_options_validation():
             eng.BuildOptions(**kwargs)
 
 
-def test_profile_shapes_from_bundle(bundle):
-    shape = _onnx_input_shape(bundle)
+def test_profile_shapes_from_bundle(loaded_bundle):
+    shape = _onnx_input_shape(loaded_bundle)
     assert shape == (-1, 3, 32, 32)  # the exporter's dynamic batch axis
     opts = eng.BuildOptions(max_batch=8)
-    p = eng.profile_shapes(shape, bundle.spec.input_size, opts.max_batch, opts.opt)
+    p = eng.profile_shapes(shape, loaded_bundle.spec.input_size, opts.max_batch, opts.opt)
     assert (p.min, p.opt, p.max) == ((1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32))
     p = eng.profile_shapes((-1, 3, -1, -1), (48, 64), 2, 1)  # dynamic H/W: the bundle's input size is used
     assert p.max == (2, 3, 48, 64) and p.opt == (1, 3, 48, 64)
@@ -126,18 +115,18 @@ def test_tensorrt_versions():
 
 
 # -- naming and sidecar --------------------------------------------------------------------------
-def test_naming(bundle):
+def test_naming(loaded_bundle):
     for p in ("fp32", "fp16", "int8"):  # the builder writes what the runner selects (test_server_runners)
-        name = f"model.{p}.trt10.3.0.sm87.{bundle.version}.engine"
-        assert engine_path(bundle, p, SYSTEM) == bundle.path / "engines" / name
-        assert sidecar_path(engine_path(bundle, p, SYSTEM)).name == name + ".json"
-    assert eng.default_timing_cache(bundle, SYSTEM).name == "timing.trt10.3.0.sm87.cache"
-    paths = cal.calibration_image_paths(bundle)
-    b4, b8 = (cal.CalibrationBatches(paths, bundle.spec, n) for n in (4, 8))
-    c4 = cal.calibration_cache_path(bundle, "8.6.2", b4)
-    assert c4.parent == bundle.path / "engines" and bundle.version in c4.name and c4.name.endswith(".trt8.6.2.cache")
-    assert c4 != cal.calibration_cache_path(bundle, "8.6.2", b8)  # other batching -> other cache
-    assert c4 == cal.calibration_cache_path(bundle, "8.6.2", cal.CalibrationBatches(paths, bundle.spec, 4))
+        name = f"model.{p}.trt10.3.0.sm87.{loaded_bundle.version}.engine"
+        assert engine_path(loaded_bundle, p, SYSTEM) == loaded_bundle.path / "engines" / name
+        assert sidecar_path(engine_path(loaded_bundle, p, SYSTEM)).name == name + ".json"
+    assert eng.default_timing_cache(loaded_bundle, SYSTEM).name == "timing.trt10.3.0.sm87.cache"
+    paths = cal.calibration_image_paths(loaded_bundle)
+    b4, b8 = (cal.CalibrationBatches(paths, loaded_bundle.spec, n) for n in (4, 8))
+    c4 = cal.calibration_cache_path(loaded_bundle, "8.6.2", b4)
+    assert c4.parent == loaded_bundle.path / "engines" and loaded_bundle.version in c4.name and c4.name.endswith(".trt8.6.2.cache")
+    assert c4 != cal.calibration_cache_path(loaded_bundle, "8.6.2", b8)  # other batching -> other cache
+    assert c4 == cal.calibration_cache_path(loaded_bundle, "8.6.2", cal.CalibrationBatches(paths, loaded_bundle.spec, 4))
 
 
 def _sidecar(bundle, system=SYSTEM, precision="fp16", data=b"engine", **extra):
@@ -145,12 +134,12 @@ def _sidecar(bundle, system=SYSTEM, precision="fp16", data=b"engine", **extra):
     return eng.make_sidecar(bundle, system, precision, shapes, eng.BuildOptions(), data, **extra)
 
 
-def test_sidecar_fields_and_mismatches(bundle, tmp_path):
+def test_sidecar_fields_and_mismatches(loaded_bundle, tmp_path):
     engine = tmp_path / "model.fp16.engine"
-    meta = _sidecar(bundle)
+    meta = _sidecar(loaded_bundle)
     assert set(SIDECAR_KEYS) <= set(meta) and meta["compute_capability"] == "8.7"
     assert meta["profile"] == {"min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [8, 3, 32, 32]}
-    validate_sidecar(meta, bundle=bundle, engine=engine, precision="fp16", **SYSTEM)
+    validate_sidecar(meta, bundle=loaded_bundle, engine=engine, precision="fp16", **SYSTEM)
     mismatches = {
         "running TensorRT 8.6.2": dict(SYSTEM, tensorrt_version="8.6.2"),
         "running on 'Xavier'": dict(SYSTEM, gpu_name="Xavier"),
@@ -158,16 +147,16 @@ def test_sidecar_fields_and_mismatches(bundle, tmp_path):
     }
     for fragment, system in mismatches.items():
         with pytest.raises(BundleError) as e:
-            validate_sidecar(meta, bundle=bundle, engine=engine, precision="fp16", **system)
-        assert fragment in str(e.value) and f"make engine BUNDLE={bundle.path} PRECISION=fp16" in str(e.value)
+            validate_sidecar(meta, bundle=loaded_bundle, engine=engine, precision="fp16", **system)
+        assert fragment in str(e.value) and f"make engine BUNDLE={loaded_bundle.path} PRECISION=fp16" in str(e.value)
     with pytest.raises(BundleError, match="built from ONNX 000000000000") as e:
-        validate_sidecar(dict(meta, onnx_sha256="0" * 64), bundle=bundle, engine=engine, precision="fp16", **SYSTEM)
+        validate_sidecar(dict(meta, onnx_sha256="0" * 64), bundle=loaded_bundle, engine=engine, precision="fp16", **SYSTEM)
     with pytest.raises(BundleError, match="engine precision is fp16, int8 was requested") as e:
-        validate_sidecar(meta, bundle=bundle, engine=engine, precision="int8", **SYSTEM)
-    assert f"make engine BUNDLE={bundle.path} PRECISION=int8" in str(e.value)
+        validate_sidecar(meta, bundle=loaded_bundle, engine=engine, precision="int8", **SYSTEM)
+    assert f"make engine BUNDLE={loaded_bundle.path} PRECISION=int8" in str(e.value)
     with pytest.raises(BundleError, match=r"missing field\(s\) \['compute_capability'\]"):
         old = {k: v for k, v in meta.items() if k != "compute_capability"}  # sidecar of an older edgetune
-        validate_sidecar(old, bundle=bundle, engine=engine, precision="fp16", **SYSTEM)
+        validate_sidecar(old, bundle=loaded_bundle, engine=engine, precision="fp16", **SYSTEM)
 
 
 def test_engine_status_and_atomic_writes(bundle_copy):
@@ -217,27 +206,27 @@ class HostBuffer:
         self.ptr = 0
 
 
-def test_calibration_batches(bundle):
-    paths = cal.calibration_image_paths(bundle)
-    assert len(paths) == len(bundle.meta["calibration_images"]) >= 7
-    expected = [bundle.spec.apply(read_image(p)) for p in paths[:7]]
-    pad = cal.CalibrationBatches(paths[:7], bundle.spec, 3)
+def test_calibration_batches(loaded_bundle):
+    paths = cal.calibration_image_paths(loaded_bundle)
+    assert len(paths) == len(loaded_bundle.meta["calibration_images"]) >= 7
+    expected = [loaded_bundle.spec.apply(read_image(p)) for p in paths[:7]]
+    pad = cal.CalibrationBatches(paths[:7], loaded_bundle.spec, 3)
     assert len(pad) == 3 and pad.shape == (3, 3, 32, 32) and pad.nbytes == 3 * 3 * 32 * 32 * 4
     assert pad.batch_indices() == [[0, 1, 2], [3, 4, 5], [6, 0, 1]]  # short last batch filled from the start
     batches = list(pad)
     assert [b.shape for b in batches] == [(3, 3, 32, 32)] * 3 and all(b.dtype == np.float32 for b in batches)
     for b, idx in zip(batches, pad.batch_indices(), strict=True):
         np.testing.assert_array_equal(b, np.stack([expected[i] for i in idx]))
-    drop = cal.CalibrationBatches(paths[:7], bundle.spec, 3, partial="drop")
+    drop = cal.CalibrationBatches(paths[:7], loaded_bundle.spec, 3, partial="drop")
     assert len(drop) == 2 and len(list(drop)) == 2 and drop.batch_indices() == [[0, 1, 2], [3, 4, 5]]
-    exact = cal.CalibrationBatches(paths[:6], bundle.spec, 3)
+    exact = cal.CalibrationBatches(paths[:6], loaded_bundle.spec, 3)
     assert len(exact) == 2
     for kwargs, fragment in [(dict(images=[], batch_size=2), "at least one calibration image"),
                              (dict(images=paths[:2], batch_size=0), "batch size must be an integer >= 1"),
                              (dict(images=paths[:2], batch_size=3, partial="drop"), "leaves no batch"),
                              (dict(images=paths[:2], batch_size=1, partial="repeat"), "partial must be one of")]:
         with pytest.raises(ConfigError, match=fragment):
-            cal.CalibrationBatches(spec=bundle.spec, **kwargs)
+            cal.CalibrationBatches(spec=loaded_bundle.spec, **kwargs)
 
 
 def test_calibration_image_listing_errors(bundle_copy):
@@ -252,23 +241,23 @@ def test_calibration_image_listing_errors(bundle_copy):
         load_bundle(b.path)  # the one place the manifest's shape is validated
 
 
-def test_calibrator_core_batches_and_cache(bundle, tmp_path):
-    paths = cal.calibration_image_paths(bundle)[:5]
-    batches = cal.CalibrationBatches(paths, bundle.spec, 2)
+def test_calibrator_core_batches_and_cache(loaded_bundle, tmp_path):
+    paths = cal.calibration_image_paths(loaded_bundle)[:5]
+    batches = cal.CalibrationBatches(paths, loaded_bundle.spec, 2)
     buf = HostBuffer(batches.nbytes)
     cache = cal.CalibrationCache(tmp_path / "engines" / "calib.cache")
-    core = cal.CalibratorCore(batches, buf, cache, bundle.input_name)
+    core = cal.CalibratorCore(batches, buf, cache, loaded_bundle.input_name)
     assert core.get_batch_size() == 2
     with pytest.raises(BundleError, match="single input 'input'"):
         core.get_batch(["images"])
     seen = []
-    while (ptrs := core.get_batch([bundle.input_name])) is not None:
+    while (ptrs := core.get_batch([loaded_bundle.input_name])) is not None:
         assert ptrs == [buf.ptr]
         seen.append(buf.data.view(np.float32).reshape(batches.shape).copy())
     assert len(seen) == 3 and core.batches_served == 3
-    np.testing.assert_array_equal(seen[2][0], bundle.spec.apply(read_image(paths[4])))
-    np.testing.assert_array_equal(seen[2][1], bundle.spec.apply(read_image(paths[0])))  # padded from the start
-    assert core.get_batch([bundle.input_name]) is None  # stays exhausted
+    np.testing.assert_array_equal(seen[2][0], loaded_bundle.spec.apply(read_image(paths[4])))
+    np.testing.assert_array_equal(seen[2][1], loaded_bundle.spec.apply(read_image(paths[0])))  # padded from the start
+    assert core.get_batch([loaded_bundle.input_name]) is None  # stays exhausted
     assert core.read_calibration_cache() is None  # no cache yet: TensorRT calibrates
     table = bytearray(b"TRT-8602-EntropyCalibration2\ninput: 3c010a14\n")
     core.write_calibration_cache(memoryview(table))
@@ -294,13 +283,13 @@ def test_compare_outputs():
         eng.compare_outputs(ref[:3], ref)
 
 
-def test_check_images_match_onnx_reference(bundle):
-    x, recorded = eng.load_check_images(bundle)
-    assert x.shape == (len(bundle.meta["check_images"]), 3, 32, 32) and x.dtype == np.float32
-    ort = OnnxRuntimeRunner(bundle, max_batch_size=4, intra_op_threads=1, cpu_only=True)
+def test_check_images_match_onnx_reference(loaded_bundle):
+    x, recorded = eng.load_check_images(loaded_bundle)
+    assert x.shape == (len(loaded_bundle.meta["check_images"]), 3, 32, 32) and x.dtype == np.float32
+    ort = OnnxRuntimeRunner(loaded_bundle, max_batch_size=4, intra_op_threads=1, cpu_only=True)
     logits = eng.run_batched(ort, x)  # 4 + 4 + … chunks, as against the engine
     ort.close()
-    assert logits.shape == (len(x), len(bundle.labels))
+    assert logits.shape == (len(x), len(loaded_bundle.labels))
     assert (logits.argmax(1) == recorded).all()  # preprocessing here == preprocessing at export
 
 
@@ -318,12 +307,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def test_cli_usage_errors(bundle, tmp_path):
+def test_cli_usage_errors(loaded_bundle, tmp_path):
     r = _cli("--bundle", str(tmp_path / "nope"))
     assert r.returncode == 2 and "is not a bundle: bundle.json not found" in r.stderr
-    r = _cli("--bundle", str(bundle.path), "--max-batch", "4", "--opt-batch", "6")
+    r = _cli("--bundle", str(loaded_bundle.path), "--max-batch", "4", "--opt-batch", "6")
     assert r.returncode == 2 and "opt batch must be an integer in 1..4, got 6" in r.stderr
-    r = _cli("--bundle", str(bundle.path), "--precision", "fp8")
+    r = _cli("--bundle", str(loaded_bundle.path), "--precision", "fp8")
     assert r.returncode == 2 and "invalid choice: 'fp8'" in r.stderr
     for res in (r,):
         assert "Traceback" not in res.stderr

@@ -31,11 +31,10 @@ def test_generated_stubs_are_fresh(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(bundle_dir):
     from edge_server.server import make_server
-    from tests.edge_fixtures import cached_test_bundle
 
-    srv = make_server(bundle=cached_test_bundle(seed=0), port=0, backend="onnxruntime", intra_op_threads=1).start()
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1).start()
     yield srv
     srv.stop(grace=1)
 

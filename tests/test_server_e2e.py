@@ -15,17 +15,12 @@ from edgetune.bundle import load_bundle
 from edgetune.preprocess import decode_image
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import LABELS, RequestFeeder, cached_test_bundle, encode_jpeg, encode_png, texture_tiles
+from tests.edge_fixtures import LABELS, RequestFeeder, encode_jpeg, encode_png, texture_tiles
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return cached_test_bundle(seed=0)
-
-
-@pytest.fixture(scope="module")
-def server(bundle):
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_wait_ms=2).start()
+def server(bundle_dir):
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_wait_ms=2).start()
     yield srv
     srv.stop(grace=1)
 
@@ -42,12 +37,12 @@ def stub(channel):
     return pb_grpc.ClassifierStub(channel)
 
 
-def test_unary_matches_onnxruntime_and_torch_reference(stub, bundle):
+def test_unary_matches_onnxruntime_and_torch_reference(stub, bundle_dir):
     import onnxruntime as ort
 
-    b = load_bundle(bundle)
+    b = load_bundle(bundle_dir)
     imgs, ys = texture_tiles("test")
-    ref = np.load(bundle / "reference_probs.npy")  # torch model's softmax at export time
+    ref = np.load(bundle_dir / "reference_probs.npy")  # torch model's softmax at export time
     sess = ort.InferenceSession(str(b.model_path), providers=["CPUExecutionProvider"])
     correct = 0
     for i in range(0, len(imgs), 8):
@@ -81,7 +76,7 @@ def test_topk_sorted_and_defaults(stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_k 4" in e.value.details()
 
 
-def test_stream_one_result_per_frame(stub, bundle):
+def test_stream_one_result_per_frame(stub, bundle_dir):
     imgs, _ = texture_tiles("test")
     feeder = RequestFeeder()
     responses = stub.StreamClassify(feeder, timeout=30)
@@ -91,7 +86,7 @@ def test_stream_one_result_per_frame(stub, bundle):
         res = next(responses)
         assert (res.camera_id, res.frame_id, res.capture_time_us) == ("cam-a", 100 + i, 1_000 + i)
         assert res.error == "" and len(res.predictions) == 2 and res.dropped_before == 0
-        assert res.model_version == load_bundle(bundle).version
+        assert res.model_version == load_bundle(bundle_dir).version
     # a bad frame yields an error result and the stream goes on
     feeder.send(pb.Frame(camera_id="cam-a", frame_id=200, image=b"\x89PNG\r\n\x1a\nnot really"))
     bad = next(responses)
@@ -102,8 +97,8 @@ def test_stream_one_result_per_frame(stub, bundle):
     assert list(responses) == []
 
 
-def test_model_info(stub, bundle):
-    b = load_bundle(bundle)
+def test_model_info(stub, bundle_dir):
+    b = load_bundle(bundle_dir)
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert list(info.labels) == list(LABELS)
     assert list(info.input.input_size) == [32, 32] and info.input.layout == "NCHW"
@@ -149,13 +144,13 @@ def test_stats_after_traffic(stub):
     assert stats.model_version
 
 
-def test_micro_batching_groups_concurrent_requests(bundle):
+def test_micro_batching_groups_concurrent_requests(bundle_dir):
     """8 concurrent callers, fixed 50 ms window: requests share batches (batch_size > 1).
 
     (The default adaptive wait groups only requests that overlap in time; tiny test images decode in
     microseconds, so the fixed window makes grouping deterministic here. Adaptive grouping is tested in
     test_server_runners.py.)"""
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
                       max_wait_ms=50, batch_wait="fixed").start()
     try:
         with grpc.insecure_channel(srv.address) as ch:

@@ -46,7 +46,6 @@ from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 from tests.edge_fixtures import (
     CliServer,
     RequestFeeder,
-    cached_test_bundle,
     copy_bundle,
     encode_jpeg,
     encode_png,
@@ -58,16 +57,6 @@ REPO = Path(__file__).resolve().parents[1]
 ADMIN = "admin-token-for-tests-0123456789"
 CAMERA = "camera-token-for-tests"
 ADMIN_MD = [("x-edgetune-admin-token", ADMIN)]
-
-
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    return cached_test_bundle(seed=0)
-
-
-@pytest.fixture(scope="module")
-def bundle_b() -> Path:
-    return cached_test_bundle(seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +97,8 @@ def _labels_mismatch(src: Path, dst: Path, n: int = 2) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cli(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    srv = CliServer(["--bundle", str(bundle), "--port", "0", "--threads", "1"],
+def cli(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    srv = CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1"],
                     tmp_path_factory.mktemp("cli") / "server.log")
     yield srv
     srv.stop()
@@ -161,8 +150,8 @@ def _idle(stop: threading.Event) -> Any:
     yield  # a generator that never sends a frame
 
 
-def test_idle_streams_do_not_starve_unary_calls_or_health(bundle: Path, good_png: bytes) -> None:
-    srv = _serve(bundle)  # the defaults: what `make serve` runs
+def test_idle_streams_do_not_starve_unary_calls_or_health(bundle_dir: Path, good_png: bytes) -> None:
+    srv = _serve(bundle_dir)  # the defaults: what `make serve` runs
     stop = threading.Event()
     try:
         with grpc.insecure_channel(srv.address) as ch:
@@ -186,8 +175,8 @@ def test_idle_streams_do_not_starve_unary_calls_or_health(bundle: Path, good_png
         srv.stop(grace=1)
 
 
-def test_stream_limit_idle_timeout_and_rejections_counted(bundle: Path, good_png: bytes) -> None:
-    srv = _serve(bundle, max_streams=2, stream_idle_s=1.0)
+def test_stream_limit_idle_timeout_and_rejections_counted(bundle_dir: Path, good_png: bytes) -> None:
+    srv = _serve(bundle_dir, max_streams=2, stream_idle_s=1.0)
     stop = threading.Event()
     try:
         with grpc.insecure_channel(srv.address) as ch:
@@ -220,10 +209,10 @@ def test_stream_limit_idle_timeout_and_rejections_counted(bundle: Path, good_png
         srv.stop(grace=1)
 
 
-def test_headers_only_unary_calls_are_bounded_and_cancelled(bundle: Path, good_png: bytes) -> None:
+def test_headers_only_unary_calls_are_bounded_and_cancelled(bundle_dir: Path, good_png: bytes) -> None:
     """Unary calls that send headers but never their request message (slow loris): refusals are immediate,
     admitted ones are cancelled after the idle timeout, health is answered throughout."""
-    srv = _serve(bundle, max_concurrent=4, stream_idle_s=1.0)
+    srv = _serve(bundle_dir, max_concurrent=4, stream_idle_s=1.0)
     never = threading.Event()
 
     def no_message() -> Any:
@@ -252,8 +241,8 @@ def test_headers_only_unary_calls_are_bounded_and_cancelled(bundle: Path, good_p
         srv.stop(grace=1)
 
 
-def test_health_is_never_refused_by_the_concurrency_limit(bundle: Path, good_png: bytes) -> None:
-    srv = _serve(bundle, max_concurrent=1, max_batch=8, max_wait_ms=1500, batch_wait="fixed")
+def test_health_is_never_refused_by_the_concurrency_limit(bundle_dir: Path, good_png: bytes) -> None:
+    srv = _serve(bundle_dir, max_concurrent=1, max_batch=8, max_wait_ms=1500, batch_wait="fixed")
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -269,8 +258,8 @@ def test_health_is_never_refused_by_the_concurrency_limit(bundle: Path, good_png
         srv.stop(grace=1)
 
 
-def test_server_sets_keepalive_and_connection_age(bundle: Path) -> None:
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, keepalive_s=20,
+def test_server_sets_keepalive_and_connection_age(bundle_dir: Path) -> None:
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, keepalive_s=20,
                       max_connection_age_s=600)
     try:
         opts = dict(srv.grpc_options)
@@ -286,24 +275,24 @@ def test_server_sets_keepalive_and_connection_age(bundle: Path) -> None:
 
 # -- finding 4 ---------------------------------------------------------------------------------
 
-def test_load_model_is_off_unless_enabled(bundle: Path, bundle_b: Path) -> None:
-    srv = _serve(bundle)  # loopback, no token: LoadModel used to be open here
+def test_load_model_is_off_unless_enabled(bundle_dir: Path, bundle_dir_b: Path) -> None:
+    srv = _serve(bundle_dir)  # loopback, no token: LoadModel used to be open here
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
-            e = _err(stub.LoadModel, pb.LoadModelRequest(bundle_path=str(bundle_b)), timeout=30)
+            e = _err(stub.LoadModel, pb.LoadModelRequest(bundle_path=str(bundle_dir_b)), timeout=30)
             assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "--enable-load-model" in e.details()
-            assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).model_version == load_bundle(bundle).version
+            assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).model_version == load_bundle(bundle_dir).version
     finally:
         srv.stop(grace=1)
 
 
-def test_manifest_paths_stay_inside_the_bundle(bundle: Path, tmp_path: Path) -> None:
+def test_manifest_paths_stay_inside_the_bundle(bundle_dir: Path, tmp_path: Path) -> None:
     """A manifest whose model_file is ../../../../etc/passwd used to be hashed (hash prefix in the error)."""
     secret = tmp_path / "outside" / "secret.bin"
     secret.parent.mkdir()
     secret.write_bytes(b"not yours" * 100)
-    evil = copy_bundle(bundle, tmp_path / "root" / "evil")
+    evil = copy_bundle(bundle_dir, tmp_path / "root" / "evil")
     meta = json.loads((evil / "bundle.json").read_text())
     messages = []
     for target in [str(secret), "../../outside/secret.bin", "../../outside/does-not-exist.bin", "/etc/passwd"]:
@@ -320,10 +309,10 @@ def test_manifest_paths_stay_inside_the_bundle(bundle: Path, tmp_path: Path) -> 
     meta["model_file"] = "model.onnx"
     (evil / "bundle.json").write_text(json.dumps(meta))
     (evil / "model.onnx").unlink()
-    (evil / "model.onnx").symlink_to(bundle / "model.onnx")  # a symlink out of the bundle
+    (evil / "model.onnx").symlink_to(bundle_dir / "model.onnx")  # a symlink out of the bundle
     with pytest.raises(BundleError, match="inside the bundle directory"):
         load_bundle(evil)
-    b = load_bundle(bundle)
+    b = load_bundle(bundle_dir)
     with pytest.raises(BundleError, match="inside the bundle directory"):
         b.member("../../etc/passwd", "calibration image")
     assert b.member("calib/000.png", "calibration image").is_file()
@@ -333,15 +322,15 @@ def _admin_server(bundle: Path, root: Path, **kw: Any) -> Any:
     return _serve(bundle, load_model=True, admin_token=ADMIN, model_root=root, **kw)
 
 
-def test_load_model_admin_credential_and_model_root(bundle: Path, bundle_b: Path, tmp_path: Path,
+def test_load_model_admin_credential_and_model_root(bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path,
                                                     good_png: bytes) -> None:
     root = tmp_path / "models"
     root.mkdir()
-    copy_bundle(bundle, root / "a")
-    copy_bundle(bundle_b, root / "b")
-    outside = copy_bundle(bundle_b, tmp_path / "outside-bundle")
+    copy_bundle(bundle_dir, root / "a")
+    copy_bundle(bundle_dir_b, root / "b")
+    outside = copy_bundle(bundle_dir_b, tmp_path / "outside-bundle")
     (root / "link").symlink_to(outside, target_is_directory=True)
-    va, vb = load_bundle(bundle).version, load_bundle(bundle_b).version
+    va, vb = load_bundle(bundle_dir).version, load_bundle(bundle_dir_b).version
     srv = _admin_server(root / "a", root, token=CAMERA)
     cam = [("authorization", f"Bearer {CAMERA}")]
     try:
@@ -376,23 +365,23 @@ def test_load_model_admin_credential_and_model_root(bundle: Path, bundle_b: Path
         srv.stop(grace=1)
 
 
-def test_load_model_config_is_validated(bundle: Path, tmp_path: Path) -> None:
+def test_load_model_config_is_validated(bundle_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="admin token"):
-        make_server(bundle=bundle, port=0, load_model=True, model_root=tmp_path)
+        make_server(bundle=bundle_dir, port=0, load_model=True, model_root=tmp_path)
     with pytest.raises(ConfigError, match="model root"):
-        make_server(bundle=bundle, port=0, load_model=True, admin_token=ADMIN)
+        make_server(bundle=bundle_dir, port=0, load_model=True, admin_token=ADMIN)
     with pytest.raises(ConfigError, match="model root"):
-        make_server(bundle=bundle, port=0, load_model=True, admin_token=ADMIN, model_root=tmp_path / "nope")
+        make_server(bundle=bundle_dir, port=0, load_model=True, admin_token=ADMIN, model_root=tmp_path / "nope")
     with pytest.raises(ConfigError, match="differ"):
-        make_server(bundle=bundle, port=0, load_model=True, admin_token=ADMIN, token=ADMIN, model_root=tmp_path)
+        make_server(bundle=bundle_dir, port=0, load_model=True, admin_token=ADMIN, token=ADMIN, model_root=tmp_path)
     with pytest.raises(ConfigError, match="at least 16"):
-        make_server(bundle=bundle, port=0, load_model=True, admin_token="short-admin", model_root=tmp_path)
+        make_server(bundle=bundle_dir, port=0, load_model=True, admin_token="short-admin", model_root=tmp_path)
 
 
-def test_cli_admin_token_from_file_or_environment(bundle: Path, bundle_b: Path, tmp_path: Path) -> None:
+def test_cli_admin_token_from_file_or_environment(bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path) -> None:
     root = tmp_path / "models"
-    copy_bundle(bundle, root / "a")
-    copy_bundle(bundle_b, root / "b")
+    copy_bundle(bundle_dir, root / "a")
+    copy_bundle(bundle_dir_b, root / "b")
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN + "\n")
     token_file.chmod(0o600)
@@ -404,7 +393,7 @@ def test_cli_admin_token_from_file_or_environment(bundle: Path, bundle_b: Path, 
             assert _code(stub.LoadModel, pb.LoadModelRequest(bundle_path="b"), timeout=30) == \
                 grpc.StatusCode.UNAUTHENTICATED
             info = stub.LoadModel(pb.LoadModelRequest(bundle_path="b"), timeout=30, metadata=ADMIN_MD)
-            assert info.model_version == load_bundle(bundle_b).version
+            assert info.model_version == load_bundle(bundle_dir_b).version
     finally:
         srv.stop()
     swapped = [r for r in srv.records() if r["msg"] == "model swapped"]
@@ -415,7 +404,7 @@ def test_cli_admin_token_from_file_or_environment(bundle: Path, bundle_b: Path, 
         with grpc.insecure_channel(srv.address) as ch:
             info = pb_grpc.ClassifierStub(ch).LoadModel(pb.LoadModelRequest(bundle_path="b"), timeout=30,
                                                         metadata=ADMIN_MD)
-            assert info.model_version == load_bundle(bundle_b).version
+            assert info.model_version == load_bundle(bundle_dir_b).version
     finally:
         srv.stop()
     r = subprocess.run([sys.executable, "-m", "edge_server", "--bundle", str(root / "a"), "--enable-load-model",
@@ -426,8 +415,8 @@ def test_cli_admin_token_from_file_or_environment(bundle: Path, bundle_b: Path, 
 
 # -- finding 5 ---------------------------------------------------------------------------------
 
-def test_labels_mismatch_is_refused_at_startup(bundle: Path, tmp_path: Path) -> None:
-    bad = _labels_mismatch(bundle, tmp_path / "two-labels")
+def test_labels_mismatch_is_refused_at_startup(bundle_dir: Path, tmp_path: Path) -> None:
+    bad = _labels_mismatch(bundle_dir, tmp_path / "two-labels")
     with pytest.raises(BundleError) as e:
         make_server(bundle=bad, port=0, backend="onnxruntime", intra_op_threads=1)
     assert re.search(r"2 labels.*3 outputs", str(e.value)), str(e.value)
@@ -438,12 +427,12 @@ def test_labels_mismatch_is_refused_at_startup(bundle: Path, tmp_path: Path) -> 
     assert "labels" in last and "2" in last and "3" in last, r.stderr
 
 
-def test_labels_mismatch_is_refused_by_load_model_and_watch(bundle: Path, bundle_b: Path, tmp_path: Path,
+def test_labels_mismatch_is_refused_by_load_model_and_watch(bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path,
                                                            good_png: bytes) -> None:
     root = tmp_path / "models"
     root.mkdir()
-    live = copy_bundle(bundle, root / "live")
-    _labels_mismatch(bundle_b, root / "two-labels")
+    live = copy_bundle(bundle_dir, root / "live")
+    _labels_mismatch(bundle_dir_b, root / "two-labels")
     srv = _admin_server(live, root, watch=True, watch_interval_s=0.1)
     try:
         with grpc.insecure_channel(srv.address) as ch:
@@ -451,19 +440,19 @@ def test_labels_mismatch_is_refused_by_load_model_and_watch(bundle: Path, bundle
             e = _err(stub.LoadModel, pb.LoadModelRequest(bundle_path="two-labels"), timeout=30, metadata=ADMIN_MD)
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and re.search("2 labels.*3 outputs", e.details())
             # --watch: another model with too few labels is deployed into the watched directory
-            shutil.copy(bundle_b / "model.onnx", live / "model.onnx")
+            shutil.copy(bundle_dir_b / "model.onnx", live / "model.onnx")
             shutil.copy(root / "two-labels" / "bundle.json", live / "bundle.json")
             time.sleep(1.0)
             r = stub.Classify(pb.ClassifyRequest(image=good_png, top_k=3), timeout=10)
-            assert len(r.predictions) == 3 and r.model_version == load_bundle(bundle).version
+            assert len(r.predictions) == 3 and r.model_version == load_bundle(bundle_dir).version
     finally:
         srv.stop(grace=1)
 
 
-def test_unexpected_handler_exception_is_internal_and_logged(bundle: Path, good_png: bytes,
+def test_unexpected_handler_exception_is_internal_and_logged(bundle_dir: Path, good_png: bytes,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     """What a labels/outputs mismatch used to do at request time (IndexError -> UNKNOWN, stream ended)."""
-    srv = _serve(bundle)
+    srv = _serve(bundle_dir)
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -501,10 +490,10 @@ def test_unexpected_handler_exception_is_internal_and_logged(bundle: Path, good_
         srv.stop(grace=1)
 
 
-def test_undecodable_protobuf_is_invalid_argument_and_leaks_nothing(bundle: Path, good_png: bytes) -> None:
+def test_undecodable_protobuf_is_invalid_argument_and_leaks_nothing(bundle_dir: Path, good_png: bytes) -> None:
     """grpcio leaks the HTTP/2 stream of a call whose request fails to deserialize: ~100 such calls made the
     connection refuse everything after (REFUSED_STREAM), health included. The guard parses requests itself."""
-    srv = _serve(bundle)
+    srv = _serve(bundle_dir)
     try:
         with grpc.insecure_channel(srv.address) as ch:
             raw = ch.unary_unary("/edgetune.v1.Classifier/Classify")  # bytes in, bytes out
@@ -552,8 +541,8 @@ def test_grpc_and_native_errors_reach_the_json_log(cli: CliServer, good_png: byt
 
 # -- finding 6 ---------------------------------------------------------------------------------
 
-def test_camera_id_is_bounded_and_stats_stay_small(bundle: Path, good_png: bytes) -> None:
-    srv = _serve(bundle, max_message_mb=2)
+def test_camera_id_is_bounded_and_stats_stay_small(bundle_dir: Path, good_png: bytes) -> None:
+    srv = _serve(bundle_dir, max_message_mb=2)
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -639,9 +628,9 @@ def test_get_stats_does_not_hold_the_hot_lock() -> None:
 
 # -- finding 7 (server side) -------------------------------------------------------------------
 
-def test_cli_token_on_command_line_warns_and_file_or_env_is_preferred(bundle: Path, tmp_path: Path,
+def test_cli_token_on_command_line_warns_and_file_or_env_is_preferred(bundle_dir: Path, tmp_path: Path,
                                                                       good_png: bytes) -> None:
-    base = ["--bundle", str(bundle), "--port", "0", "--threads", "1"]
+    base = ["--bundle", str(bundle_dir), "--port", "0", "--threads", "1"]
     srv = CliServer([*base, "--token", CAMERA], tmp_path / "t1.log")
     srv.stop()
     warn = [r for r in srv.records() if r["level"] == "warning" and "process table" in r["msg"]]
@@ -672,8 +661,8 @@ def test_cli_token_on_command_line_warns_and_file_or_env_is_preferred(bundle: Pa
         srv.stop()
 
 
-def test_health_not_serving_during_drain(bundle: Path, good_png: bytes) -> None:
-    srv = _serve(bundle, max_batch=8, max_wait_ms=1500, batch_wait="fixed")
+def test_health_not_serving_during_drain(bundle_dir: Path, good_png: bytes) -> None:
+    srv = _serve(bundle_dir, max_batch=8, max_wait_ms=1500, batch_wait="fixed")
     with grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.ClassifierStub(ch)
         stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)

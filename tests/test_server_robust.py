@@ -22,19 +22,14 @@ from hypothesis import strategies as st
 from edge_server.server import make_server
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import RequestFeeder, cached_test_bundle, encode_jpeg, encode_png, texture_tiles
+from tests.edge_fixtures import RequestFeeder, encode_jpeg, encode_png, texture_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return cached_test_bundle(seed=0)
-
-
-@pytest.fixture(scope="module")
-def served(bundle):
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_wait_ms=1,
+def served(bundle_dir):
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_wait_ms=1,
                       max_pixels=512 * 512, max_message_mb=1).start()
     ch = grpc.insecure_channel(srv.address)
     yield srv, pb_grpc.ClassifierStub(ch)
@@ -110,8 +105,8 @@ def test_fuzzed_payloads_never_break_the_server(served, good_png, payload):
     assert _code(stub, good_png) == grpc.StatusCode.OK
 
 
-def test_deadline_is_honoured(bundle, good_png):
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
+def test_deadline_is_honoured(bundle_dir, good_png):
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
                       max_wait_ms=1000, batch_wait="fixed").start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
@@ -125,9 +120,9 @@ def test_deadline_is_honoured(bundle, good_png):
         srv.stop(grace=2)
 
 
-def test_concurrency_limit_resource_exhausted(bundle, good_png):
+def test_concurrency_limit_resource_exhausted(bundle_dir, good_png):
     """Beyond --max-streams a stream gets RESOURCE_EXHAUSTED; unary calls have their own limit (issue 11)."""
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_concurrent=1,
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_concurrent=1,
                       max_streams=1).start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
@@ -156,9 +151,9 @@ def test_concurrency_limit_resource_exhausted(bundle, good_png):
         srv.stop(grace=1)
 
 
-def test_backpressure_latest_frame_wins(bundle):
+def test_backpressure_latest_frame_wins(bundle_dir):
     """A camera sending far faster than the server runs: stale frames are dropped, latency stays bounded."""
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=4,
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=4,
                       max_wait_ms=40).start()  # a lone stream waits 40 ms per frame for a batch: <= 25 fps
     try:
         with grpc.insecure_channel(srv.address) as ch:
@@ -180,8 +175,8 @@ def test_backpressure_latest_frame_wins(bundle):
     assert all(not r.error for r in results)
 
 
-def test_graceful_stop_drains_in_flight_request(bundle, good_png):
-    srv = make_server(bundle=bundle, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
+def test_graceful_stop_drains_in_flight_request(bundle_dir, good_png):
+    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
                       max_wait_ms=1500).start()  # the request sits ~1.5 s in the batcher: in flight during stop
     with grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.ClassifierStub(ch)
@@ -216,8 +211,8 @@ def _start_cli(args: list[str]) -> tuple[subprocess.Popen, int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_cli_serves_until_signal(bundle, good_png, sig):
-    proc, port = _start_cli(["--bundle", str(bundle), "--port", "0", "--backend", "onnxruntime", "--threads", "1"])
+def test_cli_serves_until_signal(bundle_dir, good_png, sig):
+    proc, port = _start_cli(["--bundle", str(bundle_dir), "--port", "0", "--backend", "onnxruntime", "--threads", "1"])
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
@@ -234,7 +229,7 @@ def test_cli_serves_until_signal(bundle, good_png, sig):
             proc.wait()
 
 
-def test_cli_rejects_public_plaintext(bundle):
-    r = subprocess.run([sys.executable, "-m", "edge_server", "--bundle", str(bundle), "--host", "0.0.0.0"],
+def test_cli_rejects_public_plaintext(bundle_dir):
+    r = subprocess.run([sys.executable, "-m", "edge_server", "--bundle", str(bundle_dir), "--host", "0.0.0.0"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--insecure" in r.stderr and "TLS" in r.stderr

@@ -29,13 +29,7 @@ from edge_server.runners.tensorrt import (
 )
 from edgetune.bundle import load_bundle
 from edgetune.errors import BundleError, ConfigError
-from tests.edge_fixtures import cached_test_bundle, copy_bundle, texture_tiles
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle(cached_test_bundle(seed=0))
-
+from tests.edge_fixtures import copy_bundle, texture_tiles
 
 ORIN = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7"}
 XAVIER = {"tensorrt_version": "8.5.2", "gpu_name": "Xavier", "compute_capability": "7.2"}
@@ -59,36 +53,36 @@ def _install(bundle, system, precision="fp16", onnx_sha=None, data=b"engine"):
     return path
 
 
-def test_sidecar_validation(bundle, tmp_path):
+def test_sidecar_validation(loaded_bundle, tmp_path):
     eng = tmp_path / "model.fp16.engine"
-    validate_sidecar(_sidecar(bundle), bundle=bundle, tensorrt_version="10.3.0", gpu_name="Orin",
+    validate_sidecar(_sidecar(loaded_bundle), bundle=loaded_bundle, tensorrt_version="10.3.0", gpu_name="Orin",
                      compute_capability="8.7", engine=eng)
     cases = {
-        "TensorRT 8.6.2": dict(meta=_sidecar(bundle, tensorrt_version="8.6.2")),
-        "built on GPU 'Xavier'": dict(meta=_sidecar(bundle, gpu_name="Xavier")),
-        "built from ONNX 000000000000": dict(meta=_sidecar(bundle, onnx_sha256="0" * 64)),
-        "built for compute capability 7.2": dict(meta=_sidecar(bundle, compute_capability="7.2")),
-        "max_batch_size must be": dict(meta=_sidecar(bundle, max_batch_size=0)),
-        "missing field(s) ['gpu_name']": dict(meta={k: v for k, v in _sidecar(bundle).items() if k != "gpu_name"}),
+        "TensorRT 8.6.2": dict(meta=_sidecar(loaded_bundle, tensorrt_version="8.6.2")),
+        "built on GPU 'Xavier'": dict(meta=_sidecar(loaded_bundle, gpu_name="Xavier")),
+        "built from ONNX 000000000000": dict(meta=_sidecar(loaded_bundle, onnx_sha256="0" * 64)),
+        "built for compute capability 7.2": dict(meta=_sidecar(loaded_bundle, compute_capability="7.2")),
+        "max_batch_size must be": dict(meta=_sidecar(loaded_bundle, max_batch_size=0)),
+        "missing field(s) ['gpu_name']": dict(meta={k: v for k, v in _sidecar(loaded_bundle).items() if k != "gpu_name"}),
     }
     for fragment, case in cases.items():
         with pytest.raises(BundleError) as e:
-            validate_sidecar(case["meta"], bundle=bundle, tensorrt_version="10.3.0", gpu_name="Orin",
+            validate_sidecar(case["meta"], bundle=loaded_bundle, tensorrt_version="10.3.0", gpu_name="Orin",
                              compute_capability="8.7", engine=eng)
         assert fragment in str(e.value)
-        assert f"make engine BUNDLE={bundle.path}" in str(e.value)
+        assert f"make engine BUNDLE={loaded_bundle.path}" in str(e.value)
 
 
-def test_engine_filename(bundle):
+def test_engine_filename(loaded_bundle):
     sha = "1A2B3C4D5E6F" + "0" * 52
     assert engine_filename("fp16", "10.3.0", "8.7", sha) == "model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine"
     assert engine_filename("int8", "8.6.2.3", "10.0", sha[:12]) == "model.int8.trt8.6.2.3.sm100.1a2b3c4d5e6f.engine"
     for p in ("fp32", "fp16", "int8"):
-        name = engine_path(bundle, p, ORIN).name
+        name = engine_path(loaded_bundle, p, ORIN).name
         assert parse_engine_filename(name) == {"precision": p, "tensorrt_version": "10.3.0",
-                                               "compute_capability": "8.7", "onnx_sha12": bundle.version}
+                                               "compute_capability": "8.7", "onnx_sha12": loaded_bundle.version}
     assert parse_engine_filename("model.int8.trt8.6.2.3.sm100.1a2b3c4d5e6f.engine")["compute_capability"] == "10.0"
-    assert engine_path(bundle, "fp16", XAVIER).name == f"model.fp16.trt8.5.2.sm72.{bundle.version}.engine"
+    assert engine_path(loaded_bundle, "fp16", XAVIER).name == f"model.fp16.trt8.5.2.sm72.{loaded_bundle.version}.engine"
     for bad in ("model.fp16.engine", "model.fp8.trt10.3.0.sm87.1a2b3c4d5e6f.engine", "model.fp16.trt10.3.0.sm87.x.engine",
                 "model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine.json", ".model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine"):
         assert parse_engine_filename(bad) is None, bad
@@ -101,24 +95,24 @@ def test_engine_filename(bundle):
             engine_filename(*args)
 
 
-def test_engine_paths_and_sidecar_reading(bundle, tmp_path):
-    assert engine_path(bundle, "int8", ORIN) == (bundle.path / "engines" /
-                                                 f"model.int8.trt10.3.0.sm87.{bundle.version}.engine")
+def test_engine_paths_and_sidecar_reading(loaded_bundle, tmp_path):
+    assert engine_path(loaded_bundle, "int8", ORIN) == (loaded_bundle.path / "engines" /
+                                                 f"model.int8.trt10.3.0.sm87.{loaded_bundle.version}.engine")
     with pytest.raises(ConfigError, match="precision must be one of"):
-        engine_path(bundle, "fp8", ORIN)
+        engine_path(loaded_bundle, "fp8", ORIN)
     with pytest.raises(ConfigError, match="precision must be one of"):
-        find_engines(bundle, "fp8")
+        find_engines(loaded_bundle, "fp8")
     eng = tmp_path / "engines" / "model.fp16.trt10.3.0.sm87.0123456789ab.engine"
     eng.parent.mkdir()
     with pytest.raises(BundleError, match="no sidecar"):
         read_sidecar(eng)
-    sidecar_path(eng).write_text(json.dumps(_sidecar(bundle)))
+    sidecar_path(eng).write_text(json.dumps(_sidecar(loaded_bundle)))
     assert read_sidecar(eng)["gpu_name"] == "Orin"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="checks the no-TensorRT path")
-def test_tensorrt_backend_without_tensorrt(bundle, tmp_path, caplog):
-    b = load_bundle(copy_bundle(bundle.path, tmp_path / "b"))
+def test_tensorrt_backend_without_tensorrt(loaded_bundle, tmp_path, caplog):
+    b = load_bundle(copy_bundle(loaded_bundle.path, tmp_path / "b"))
     with pytest.raises(BundleError, match="make engine BUNDLE="):
         get_runner("tensorrt", b)  # no engine built
     with caplog.at_level(logging.INFO, logger="edge_server.runners"):
@@ -142,8 +136,8 @@ def _selected(caplog) -> dict:
     return next(r.fields for r in caplog.records if r.getMessage() == "backend selected")
 
 
-def test_find_engines_without_tensorrt(bundle, tmp_path):
-    b = load_bundle(copy_bundle(bundle.path, tmp_path / "b"))
+def test_find_engines_without_tensorrt(loaded_bundle, tmp_path):
+    b = load_bundle(copy_bundle(loaded_bundle.path, tmp_path / "b"))
     assert find_engines(b, "fp16") == []  # no engines/ directory at all
     orin, xavier = _install(b, ORIN), _install(b, XAVIER)
     int8 = _install(b, ORIN, precision="int8")
@@ -156,8 +150,8 @@ def test_find_engines_without_tensorrt(bundle, tmp_path):
     assert find_engines(b, "fp32") == []
 
 
-def test_select_engine_none_matching_stale_and_side_by_side(bundle, tmp_path):
-    b = load_bundle(copy_bundle(bundle.path, tmp_path / "b"))
+def test_select_engine_none_matching_stale_and_side_by_side(loaded_bundle, tmp_path):
+    b = load_bundle(copy_bundle(loaded_bundle.path, tmp_path / "b"))
     hint = f"make engine BUNDLE={b.path} PRECISION=fp16"
     with pytest.raises(BundleError) as e:  # none at all
         select_engine(b, "fp16", ORIN)
@@ -193,8 +187,8 @@ def test_select_engine_none_matching_stale_and_side_by_side(bundle, tmp_path):
         select_engine(b, "fp16", dict(ORIN, tensorrt_version="10.4.0"))  # after a JetPack upgrade
 
 
-def test_engine_name_can_lie_sidecar_and_sha_decide(bundle, tmp_path):
-    b = load_bundle(copy_bundle(bundle.path, tmp_path / "b"))
+def test_engine_name_can_lie_sidecar_and_sha_decide(loaded_bundle, tmp_path):
+    b = load_bundle(copy_bundle(loaded_bundle.path, tmp_path / "b"))
     path = _install(b, ORIN, data=b"built on an Orin")
     # a sidecar for another GPU behind this system's name (copied by hand, or same sm, other GPU model)
     sidecar_path(path).write_text(json.dumps(_sidecar(b, gpu_name="Orin Nano", engine_sha256="0" * 64)))
@@ -207,10 +201,10 @@ def test_engine_name_can_lie_sidecar_and_sha_decide(bundle, tmp_path):
         check_engine_sha(path, path.read_bytes(), _sidecar(b), "fp16")
 
 
-def test_onnxruntime_runner_and_batcher(bundle):
+def test_onnxruntime_runner_and_batcher(loaded_bundle):
     imgs = texture_tiles("test")[0][:5]
-    x = bundle.spec.apply_batch(imgs)
-    runner = get_runner("onnxruntime-cpu", bundle, max_batch_size=4, intra_op_threads=1)
+    x = loaded_bundle.spec.apply_batch(imgs)
+    runner = get_runner("onnxruntime-cpu", loaded_bundle, max_batch_size=4, intra_op_threads=1)
     assert isinstance(runner, OnnxRuntimeRunner) and runner.intra_op_threads == 1
     assert runner.name == "onnxruntime:CPUExecutionProvider" and runner.max_batch_size == 4
     full = np.concatenate([runner.infer(x[:4]), runner.infer(x[4:])])
@@ -228,7 +222,7 @@ def test_onnxruntime_runner_and_batcher(bundle):
     with pytest.raises(BatcherClosed):
         batcher.submit(x[0])
     with pytest.raises(ConfigError, match="max_wait_ms"):
-        MicroBatcher(get_runner("onnxruntime-cpu", bundle, intra_op_threads=1), max_wait_ms=-1)
+        MicroBatcher(get_runner("onnxruntime-cpu", loaded_bundle, intra_op_threads=1), max_wait_ms=-1)
 
 
 def test_latest_slot_drops_stale():
@@ -244,8 +238,8 @@ def test_latest_slot_drops_stale():
 @pytest.mark.tensorrt
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
                     reason="tensorrt Python package not installed (JetPack / NVIDIA GPU machines only)")
-def test_tensorrt_runner_matches_onnxruntime(bundle):
-    b = bundle
+def test_tensorrt_runner_matches_onnxruntime(loaded_bundle):
+    b = loaded_bundle
     if not find_engines(b, "fp32"):
         pytest.skip(f"no fp32 engine built for the test bundle: run `make engine BUNDLE={b.path} PRECISION=fp32`")
     x = b.spec.apply_batch(texture_tiles("test")[0][:4])
@@ -255,15 +249,15 @@ def test_tensorrt_runner_matches_onnxruntime(bundle):
     trt_runner.close()
 
 
-def test_adaptive_batching_waits_only_for_announced_images(bundle):
+def test_adaptive_batching_waits_only_for_announced_images(loaded_bundle):
     """A lone request pays no batching delay; images already being decoded are waited for; fixed always waits."""
     import threading
     import time
 
-    spec = bundle.spec
+    spec = loaded_bundle.spec
     imgs, _ = texture_tiles("test")
     x = spec.apply(imgs[0])
-    runner = OnnxRuntimeRunner(bundle, max_batch_size=8, intra_op_threads=1)
+    runner = OnnxRuntimeRunner(loaded_bundle, max_batch_size=8, intra_op_threads=1)
     b = MicroBatcher(runner, max_batch=8, max_wait_ms=2000, adaptive=True)
     try:
         b.submit(x).result(timeout=30)  # warm-up

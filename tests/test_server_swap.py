@@ -13,22 +13,14 @@ from edge_server.server import make_server
 from edgetune.bundle import load_bundle
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import RequestFeeder, cached_test_bundle, copy_bundle, encode_png, texture_tiles
-
-
-@pytest.fixture(scope="module")
-def bundles():
-    a, b = cached_test_bundle(seed=0), cached_test_bundle(seed=1)
-    assert load_bundle(a).version != load_bundle(b).version
-    return a, b
-
+from tests.edge_fixtures import RequestFeeder, copy_bundle, encode_png, texture_tiles
 
 ADMIN = "admin-token-of-the-swap-tests"
 ADMIN_MD = [("x-edgetune-admin-token", ADMIN)]
 
 
-def test_load_model_mid_stream(bundles):
-    a, b = bundles
+def test_load_model_mid_stream(bundle_dir, bundle_dir_b):
+    a, b = bundle_dir, bundle_dir_b
     assert a.parent == b.parent  # the model root
     va, vb = load_bundle(a).version, load_bundle(b).version
     imgs = texture_tiles("test")[0]
@@ -62,8 +54,8 @@ def test_load_model_mid_stream(bundles):
         srv.stop(grace=1)
 
 
-def test_watch_directory_swaps_and_survives_bad_bundle(bundles, tmp_path):
-    a, b = bundles
+def test_watch_directory_swaps_and_survives_bad_bundle(bundle_dir, bundle_dir_b, tmp_path):
+    a, b = bundle_dir, bundle_dir_b
     live = copy_bundle(a, tmp_path / "live")
     vb = load_bundle(b).version
     srv = make_server(bundle=live, port=0, backend="onnxruntime", intra_op_threads=1, watch=True,

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.edge_fixtures import cached_test_bundle
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_short_soak(tmp_path: Path) -> None:
-    a, b = cached_test_bundle(seed=0), cached_test_bundle(seed=1)
+def test_short_soak(bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path) -> None:
+    a, b = bundle_dir, bundle_dir_b
     out = tmp_path / "soak.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "20", "--bundle", str(a),
                         "--bundle-b", str(b), "--json", str(out), "--work", str(tmp_path / "work")],
