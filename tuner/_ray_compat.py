@@ -99,7 +99,7 @@ def set_auth_mode(mode: str) -> None:
     not, so joining such a head fails until this is done."""
     import os
 
-    from ray._raylet import Config
+    from ray._raylet import Config  # type: ignore[attr-defined]
 
     os.environ["RAY_AUTH_MODE"] = mode
     Config.initialize("")

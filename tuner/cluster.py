@@ -99,7 +99,8 @@ def _init_existing(address: str, runtime_env: dict[str, Any] | None) -> None:
             ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
             return
         except (ConnectionError, RuntimeError) as e:
-            chain, x = [], e  # type: ignore[var-annotated]
+            chain: list[str] = []
+            x: BaseException | None = e
             while x is not None and len(chain) < 8:
                 chain.append(f"{type(x).__name__}: {x}")
                 x = x.__cause__ or x.__context__
