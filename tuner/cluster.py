@@ -84,14 +84,17 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
 
 
 def _init_existing(address: str, runtime_env: dict[str, Any] | None) -> None:
-    """``ray.init(address=…)``. With ``RAY_AUTH_MODE`` unset and a token at hand, try token auth first (a head
-    started where a token exists runs with it: Ray 2.60's default; a client with the mode unset does not), then,
-    if the cluster refuses it, without (a cluster started with token auth off)."""
+    """``ray.init(address=…)``. With ``RAY_AUTH_MODE`` unset and a token at hand, a head started where a token
+    exists runs with token auth (Ray 2.60's default) but a client with the mode unset does not: when the cluster
+    refuses the connection for that, retry once in token mode (Ray's own retries make that first refusal take
+    about 20 s; export RAY_AUTH_MODE=token to skip it, as cluster.yaml does)."""
     import ray
 
     from tuner import _ray_compat
 
-    modes = ["token", "disabled"] if not os.environ.get("RAY_AUTH_MODE") and _ray_compat.token_available() else [""]
+    # as given first: a client forced into token mode against a cluster without token auth connects, but its
+    # actors are then never scheduled (measured with Ray 2.60), so token mode is only the retry
+    modes = ["", "token"] if not os.environ.get("RAY_AUTH_MODE") and _ray_compat.token_available() else [""]
     for i, mode in enumerate(modes):
         if mode:
             _ray_compat.set_auth_mode(mode)
@@ -109,8 +112,7 @@ def _init_existing(address: str, runtime_env: dict[str, Any] | None) -> None:
                                            "authorization"))
             if not auth or i == len(modes) - 1:
                 raise
-            print(f"edgetune: the Ray cluster at {address} refused RAY_AUTH_MODE={mode}; retrying with "
-                  f"RAY_AUTH_MODE={modes[i + 1]}")
+            print(f"edgetune: the Ray cluster at {address} uses token auth; retrying with RAY_AUTH_MODE=token")
 
 
 def shutdown(info: dict[str, Any]) -> None:

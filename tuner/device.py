@@ -352,3 +352,35 @@ def rejection(metrics: dict[str, Any], max_latency_ms: float) -> str | None:
         return (f"latency constraint: {metrics['latency_signature']} p50 {p50:.2f} ms > --max-latency-ms "
                 f"{max_latency_ms:g} ms; rejected before training")
     return None
+
+
+class LatencyRejector:
+    """``config -> (reason, result keys)`` for a sampled configuration whose architecture the cache already knows
+    to break ``--max-latency-ms``; None otherwise (an unknown one is timed in its trial, before its first epoch).
+    Picklable (Ray checkpoints the searcher that holds it): the storage is opened lazily."""
+
+    def __init__(self, base: dict[str, Any], space: Any, num_classes: int, storage: str, setup: LatencySetup) -> None:
+        self.base, self.space, self.num_classes, self.storage = base, space, num_classes, storage
+        self.setup = LatencySetup(study=setup.study, target=setup.target, max_latency_ms=setup.max_latency_ms,
+                                  precision_param=setup.precision_param)  # no actor handle in the searcher state
+        self._cache: LatencyCache | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}
+
+    def __call__(self, config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        from tuner.storage import rdb_storage
+        from tuner.trial import _flatten, build_trial_config
+
+        flat = _flatten(config)
+        cfg = build_trial_config(self.base, self.space.to_overrides(flat))
+        p = self.setup.precision_param
+        sig = signature_for(cfg, self.num_classes, str(flat.get(p, "fp32")) if p else "fp32")
+        if self._cache is None:
+            self._cache = LatencyCache(rdb_storage(self.storage))
+        rec = self._cache.get(self.setup.target or ESTIMATE_TARGET, sig)
+        if rec is None:
+            return None
+        metrics = latency_metrics({"status": "hit", "record": rec, "signature": sig}, self.setup)
+        reason = rejection(metrics, self.setup.max_latency_ms)
+        return (reason, {**metrics, "rejected_at": "suggest"}) if reason else None

@@ -379,29 +379,14 @@ def _rdb(url: str) -> Any:
 
 
 def _rejector(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, latency: Any) -> Any:
-    """For the searcher: a sampled configuration whose architecture is already known to be slower than
-    ``--max-latency-ms`` on the target -> (reason, attrs); None otherwise (unknown ones are timed in the trial)."""
+    """For the searcher: rejects a sampled configuration whose architecture is already known to be slower than
+    ``--max-latency-ms`` on the target (None without a constraint)."""
     if latency is None or opts.max_latency_ms <= 0:
         return None
-    from tuner import device
-    from tuner.trial import _flatten, build_trial_config
+    from tuner.device import LatencyRejector
 
-    cache = device.LatencyCache(_rdb(opts.storage))
-    cache_target = latency.target or device.ESTIMATE_TARGET
-
-    def reject(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-        flat = _flatten(config)
-        cfg = build_trial_config(base, space.to_overrides(flat))
-        precision = str(flat.get(latency.precision_param, "fp32")) if latency.precision_param else "fp32"
-        sig = device.signature_for(cfg, len(source.classes), precision)
-        rec = cache.get(cache_target, sig)
-        if rec is None:
-            return None
-        metrics = device.latency_metrics({"status": "hit", "record": rec, "signature": sig}, latency)
-        reason = device.rejection(metrics, opts.max_latency_ms)
-        return (reason, metrics) if reason else None
-
-    return reject
+    return LatencyRejector(base=base, space=space, num_classes=len(source.classes), storage=opts.storage,
+                           setup=latency)
 
 
 def _latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]:

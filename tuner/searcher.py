@@ -90,6 +90,7 @@ class EdgetuneOptunaSearch(OptunaSearch):
                  reject: Any = None, **kwargs: Any) -> None:
         self._max_t = int(max_t)
         self._reject = reject  #: config -> (reason, attrs) for a sampled trial known to break the latency constraint
+        self._curve_storage = kwargs.get("storage")  #: the study's optuna storage (multi-objective curves)
         self.rejected_before_start = 0
         self._deadline = deadline
         self._grace = max(1, int(grace_period))
@@ -141,9 +142,30 @@ class EdgetuneOptunaSearch(OptunaSearch):
             self._epoch_s.append(float(result["epoch_seconds"]))
         self._last[trial_id] = dict(result)
         self._replace_stale(trial_id)
-        if not isinstance(self.metric, list) and self.metric not in result:
+        if isinstance(self.metric, list):
+            self._record_curve(trial_id, result)
+        elif self.metric not in result:
             return  # a result without the metric (a trial the latency constraint rejected): nothing to report
         super().on_trial_result(trial_id, result)
+
+    def _record_curve(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Multi-objective studies: ``Trial.report`` is single-objective only, and Ray's OptunaSearch records no
+        learning curve. Keep the first objective per epoch as intermediate values through the storage's public
+        API, so every trained trial shows its curve (optuna-dashboard) and can be told from one that never
+        trained."""
+        ot = _ray_compat.searcher_trials(self).get(trial_id)
+        value, step = result.get(self.metric[0]), result.get("training_iteration")
+        if ot is None or value is None or not step:
+            return
+        storage = self._curve_storage
+        if storage is None:
+            return
+        try:
+            sid = storage.get_study_id_from_name(self.study.study_name)
+            tid = storage.get_trial_id_from_study_id_trial_number(sid, ot.number)
+            storage.set_trial_intermediate_value(tid, int(step), float(value))
+        except Exception as e:  # noqa: BLE001 - a curve point is never worth failing the study
+            log.warning("could not record epoch %s of trial %s: %s", step, trial_id, e)
 
     def _replace_stale(self, trial_id: str) -> None:
         """After a driver restart, a resumed trial's Optuna twin may have been marked FAIL: give it a new one."""
