@@ -87,3 +87,40 @@ def _scored_loop(config: dict) -> None:
             (Path(d) / "epoch").write_text(str(epoch))
             ray.train.report({"epoch": epoch, CHECKPOINT_SCORE: score},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+DDP_SPACE = """\
+params:
+  backbone: {type: categorical, key: model.backbone, choices: [efficientnet_lite0]}
+  freeze: {type: float, key: model.freeze, low: 0.9, high: 1.0}
+  lr: {type: float, key: optim.lr, low: 1.0e-6, high: 1.0e-2, log: true}
+  head: {type: categorical, key: model.head, choices: [linear]}
+seeds:
+  - name: best epoch before the last
+    params: {backbone: efficientnet_lite0, freeze: 1.0, lr: 3.0e-2, head: linear}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_ddp_trial_records_and_exports_its_best_epoch(tmp_path: Path) -> None:
+    """A 2-worker trial: the study's checkpoint (user attr, then out/best) is the best epoch's, not the last's."""
+    import optuna
+
+    from tests.test_tuner_helpers import TINY_ARGS, run_tuner
+    from trainer.checkpoint import read_meta
+
+    (tmp_path / "space.yaml").write_text(DDP_SPACE)
+    db = f"sqlite:///{tmp_path}/optuna.db"
+    run_tuner([*TINY_ARGS, "--set", "threads=1", "--no-refit", "--study", "ddp", "--trials", "1", "--epochs", "4",
+               "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--space", str(tmp_path / "space.yaml"),
+               "--storage", db, "--out", str(tmp_path / "out")], tmp_path / "tuner.log", timeout=800)
+    (trial,) = optuna.load_study(study_name="ddp", storage=db).trials
+    uri = Path(trial.user_attrs["checkpoint_uri"])
+    latest = max((read_meta(d) for d in uri.parent.glob("checkpoint_*") if d.is_dir()), key=lambda m: m["epoch"])
+    f1 = {h["epoch"]: h["val_macro_f1"] for h in latest["history"]}  # the whole run's history
+    best = min(e for e, v in f1.items() if v == max(f1.values()))
+    assert best < latest["epoch"] == 4, f"this run must peak before its last epoch to tell best from latest: {f1}"
+    assert read_meta(uri)["epoch"] == best
+    assert read_meta(tmp_path / "out" / "best")["epoch"] == best
