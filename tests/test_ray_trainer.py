@@ -4,6 +4,7 @@ best epoch's checkpoint by trainer.metric's rule, and a DDP trial forwards that 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from tests.trainer_fixtures import tiny_config
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 
 
-def _trainers(tmp_path: Path) -> dict[str, object]:
+def _trainers(tmp_path: Path) -> dict[str, Any]:
     from trainer.run import _ddp_trainer
     from tuner.trial import TrialResources, ddp_trainer
 
@@ -25,17 +26,17 @@ def _trainers(tmp_path: Path) -> dict[str, object]:
 def test_both_ddp_callers_keep_the_best_checkpoint(tmp_path: Path) -> None:
     trainers = _trainers(tmp_path)
     for who, t in trainers.items():
-        ck = t.run_config.checkpoint_config  # type: ignore[attr-defined]
+        ck = t.run_config.checkpoint_config
         kept = (ck.num_to_keep, ck.checkpoint_score_attribute, ck.checkpoint_score_order)
         assert kept == (1, CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE), f"{who} keeps {kept}, not the best epoch"
     run, trial = trainers["make train"], trainers["tuner trial"]
     # each caller's own resources and restarts still reach Ray
-    assert run.scaling_config.resources_per_worker == {"CPU": 0.995}  # type: ignore[attr-defined]
-    assert run.run_config.failure_config.max_failures == 2  # type: ignore[attr-defined]
-    assert trial.scaling_config.resources_per_worker == {"slot": 1.0, "CPU": 0.5}  # type: ignore[attr-defined]
-    assert trial.scaling_config.placement_strategy == "STRICT_SPREAD"  # type: ignore[attr-defined]
-    assert trial.run_config.failure_config.max_failures == 3  # type: ignore[attr-defined]
-    assert trial.run_config.name == "train-trial_id=t1"  # type: ignore[attr-defined]
+    assert run.scaling_config.resources_per_worker == {"CPU": 0.995}
+    assert run.run_config.failure_config.max_failures == 2
+    assert trial.scaling_config.resources_per_worker == {"slot": 1.0, "CPU": 0.5}
+    assert trial.scaling_config.placement_strategy == "STRICT_SPREAD"
+    assert trial.run_config.failure_config.max_failures == 3
+    assert trial.run_config.name == "train-trial_id=t1"
 
 
 def test_ddp_trial_forwards_the_best_epochs_checkpoint(tmp_path: Path) -> None:
