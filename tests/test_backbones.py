@@ -113,3 +113,14 @@ def test_layer_order_is_forward_order():
     lite = create_model(ModelConfig(backbone="efficientnet_lite0", weights="none", img_size=64), 2)
     lnames = [n for n, _ in lite.layer_order()]
     assert lnames[:2] == ["_conv_stem", "_bn0"] and lnames[-2:] == ["_conv_head", "_bn1"]
+
+
+def test_weights_tag_names_the_weight_set(tmp_path):
+    from trainer.backbones import weights_tag_of
+
+    info = get_backbone_info("resnet18")
+    assert weights_tag_of("resnet18", "none") == "none"
+    assert weights_tag_of("resnet18", str(tmp_path / info.weight_file.filename)) == info.weights_tag
+    assert info.weights_tag == "torchvision ResNet18_Weights.IMAGENET1K_V1"
+    assert weights_tag_of("resnet18", str(tmp_path / "finetuned.pth")) == "custom"
+    assert create_model(ModelConfig(backbone="resnet18", weights="none"), num_classes=2).weights_tag == "none"

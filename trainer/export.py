@@ -200,7 +200,7 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
         calibration_images=tuple(ImageEntry(**c) for c in calib),
         check_images=tuple(ImageEntry(**c) for c in check),
         variants=variants,
-        weights={"source": meta.get("weights_source", "")},
+        weights={"weights_tag": meta.get("weights_tag", ""), "source": meta.get("weights_source", "")},
         freeze=meta.get("freeze") or {},
         extra={
             "opset": OPSET,

@@ -417,6 +417,7 @@ def _save(st: LoopState, tmp: str, epoch: int, metrics: dict[str, Any]) -> Path:
         "dataset_hash": st.data.dataset_hash,
         "history": st.history,
         "weights_source": getattr(module, "weights_source", ""),
+        "weights_tag": getattr(module, "weights_tag", ""),
         "freeze": dict(getattr(module, "freeze_report", {})),
         "bn_stats": {"method": st.cfg.model.bn_stats, "images": st.bn_images},
         "data_path": st.feeds.path,

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.preprocess import PreprocessSpec
-from trainer.backbones import build_backbone, format_load_error, get_backbone_info, parameterised_layers
+from trainer.backbones import build_backbone, format_load_error, get_backbone_info, parameterised_layers, weights_tag_of
 from trainer.config import HEADS, ModelConfig
 from trainer.stages import Stage, run_stages, stages_of
 
@@ -91,6 +91,7 @@ class EdgeModel(nn.Module):
         self.num_classes = num_classes
         self.input_size = input_size
         self.weights_source = "none"  #: file the backbone came from, "none", or "init:<checkpoint>"
+        self.weights_tag = "none"  #: the weight set it started from (trainer.backbones.weights_tag_of)
         self.freeze_report: dict[str, Any] = {"layers_total": 0, "layers_frozen": 0, "params_frozen": 0}
         self._layers: list[tuple[str, nn.Module]] | None = None
         self._stages: list[Stage] | None = None
@@ -231,6 +232,7 @@ def _init_from_checkpoint(model: EdgeModel, path: str) -> None:
             f"model.init checkpoint {ckpt['path']} does not fit backbone {src!r}: {format_load_error(e)}"
         ) from None
     model.weights_source = f"init:{ckpt['path']}"
+    model.weights_tag = str(meta.get("weights_tag", ""))  # the init checkpoint's own start ("" if it predates tags)
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> EdgeModel:
@@ -253,6 +255,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> EdgeModel:
     head = build_head(cfg.head, info.feature_dim, num_classes, cfg.dropout, (cfg.head_hidden[0], cfg.head_hidden[1]))
     model = EdgeModel(backbone, head, cfg.backbone, info.feature_dim, num_classes, size)
     model.weights_source = source
+    model.weights_tag = weights_tag_of(cfg.backbone, source)
     if cfg.init:
         _init_from_checkpoint(model, cfg.init)
     freeze_backbone(model, cfg.freeze)

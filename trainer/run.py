@@ -18,7 +18,7 @@ from edgetune.errors import EdgetuneError
 from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import load_checkpoint, versions
 from trainer.config import TrainConfig
-from trainer.loop import train_loop, train_worker
+from trainer.loop import train_loop
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from trainer.model import model_from_checkpoint
 
@@ -67,31 +67,26 @@ def evaluate_checkpoint(ckpt_path: str | Path, out_dir: str | Path, data: Any = 
     return metrics
 
 
+def _ddp_trainer(cfg: TrainConfig, run_dir: Path, cpus: float, max_failures: int = 2) -> Any:
+    """The run's ``TorchTrainer`` (:func:`trainer.ray_trainer.make_torch_trainer`): ``cfg.workers`` DDP workers
+    sharing ``cpus`` on CPU; a killed/crashed worker group restarts from the last checkpoint."""
+    from trainer.ray_trainer import make_torch_trainer
+
+    per_worker = max(0.5, min(1.0, (cpus - 0.01) / cfg.workers))
+    return make_torch_trainer(
+        {"train_config": cfg.to_dict(), "run_dir": None, "report_to": "ray_train"},
+        workers=cfg.workers, use_gpu=cfg.use_gpu, name="ddp", storage_path=str((run_dir / "ray").resolve()),
+        max_failures=max_failures, resources_per_worker=None if cfg.use_gpu else {"CPU": per_worker},
+    )
+
+
 def _train_ddp(cfg: TrainConfig, run_dir: Path, max_failures: int = 2) -> list[dict[str, Any]]:
     """Ray Train TorchTrainer with ``cfg.workers`` DDP workers (gloo on CPU, nccl on GPU)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    cpus = ray.available_resources().get("CPU", 1.0)
-    per_worker = max(0.5, min(1.0, (cpus - 0.01) / cfg.workers))
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"train_config": cfg.to_dict(), "run_dir": None, "report_to": "ray_train"},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=None if cfg.use_gpu else {"CPU": per_worker}),
-        run_config=RunConfig(name="ddp", storage_path=str((run_dir / "ray").resolve()),
-                             # a killed/crashed worker: restart the worker group from the last checkpoint
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             # keep the best epoch by trainer.metric's rule (ties keep the earlier epoch): by
-                             # cfg.metric alone Ray keeps the newer of two equal epochs
-                             checkpoint_config=CheckpointConfig(num_to_keep=1,
-                                                                checkpoint_score_attribute=CHECKPOINT_SCORE,
-                                                                checkpoint_score_order=CHECKPOINT_SCORE_MODE)),
-    )
+    trainer = _ddp_trainer(cfg, run_dir, ray.available_resources().get("CPU", 1.0), max_failures)
     result = trainer.fit()
     if result.error:
         raise EdgetuneError(f"distributed training failed: {result.error}")

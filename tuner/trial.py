@@ -11,6 +11,7 @@ split is not loaded at all.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Tune function trainable (bound with ``tune.with_parameters``)."""
     from ray import tune
 
-    from trainer.loop import train_loop, train_worker
+    from trainer.loop import train_loop
 
     if ctx.deadline is not None and time.time() >= ctx.deadline:
         # suggested while budget remained, but it waited for resources until the search deadline: end without
@@ -74,26 +75,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     if ctx.res.workers <= 1:
         train_loop({**loop_cfg, "report_to": "tune"})
         return
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    res = ctx.res
-    per_worker = dict(res.resources_per_worker)
-    if not res.use_gpu:
-        per_worker.setdefault("CPU", res.cpus_per_worker)
-    trial_id = tune.get_context().get_trial_id()
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={**loop_cfg, "report_to": "ray_train"},
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu,
-                                     resources_per_worker=per_worker or None,
-                                     placement_strategy=res.placement_strategy),
-        run_config=RunConfig(name=f"train-trial_id={trial_id}", storage_path=res.storage_path,
-                             callbacks=[_report_callback()],
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=res.max_failures)),
-    )
+    trainer = ddp_trainer({**loop_cfg, "report_to": "ray_train"}, ctx.res, tune.get_context().get_trial_id(),
+                          callbacks=[_report_callback()])
     trainer.fit()
 
 
@@ -114,22 +97,53 @@ def _latency(ctx: TrialContext, cfg: TrainConfig, flat: dict[str, Any]) -> dict[
     return metrics
 
 
+def ddp_trainer(loop_cfg: dict[str, Any], res: TrialResources, trial_id: str, callbacks: Sequence[Any] = ()) -> Any:
+    """A multi-worker trial's ``TorchTrainer`` from the trainer's one factory (the best epoch's checkpoint is
+    kept, as in ``make train``) with the trial's resources; ``callbacks``: the report callback in a Tune trial."""
+    from trainer.ray_trainer import make_torch_trainer
+
+    per_worker = dict(res.resources_per_worker)
+    if not res.use_gpu:
+        per_worker.setdefault("CPU", res.cpus_per_worker)
+    return make_torch_trainer(
+        loop_cfg, workers=res.workers, use_gpu=res.use_gpu, name=f"train-trial_id={trial_id}",
+        storage_path=res.storage_path, max_failures=res.max_failures, resources_per_worker=per_worker,
+        placement_strategy=res.placement_strategy, callbacks=callbacks,
+    )
+
+
 def _report_callback() -> Any:
-    """``TuneReportCallback`` that also forwards every rank's node id and a full checkpoint URI."""
+    """``TuneReportCallback`` that also forwards every rank's node id and the best epoch's checkpoint URI."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from tuner import _ray_compat
 
     class _Callback(TuneReportCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.best: dict[str, Any] = {}
+
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             first = metrics[0].copy()
             first["worker_node_ids"] = [m.get("node_id") for m in metrics]
-            if checkpoint is not None:
-                first["checkpoint_path"] = checkpoint.path
-                first["checkpoint_uri"] = checkpoint_uri(checkpoint)
+            self.best = best_checkpoint(self.best, first, checkpoint)
+            first.update({k: v for k, v in self.best.items() if k != "score"})
             _ray_compat.forward_report(self, first)
 
     return _Callback()
+
+
+def best_checkpoint(best: dict[str, Any], metrics: dict[str, Any], checkpoint: Any) -> dict[str, Any]:
+    """``{"score", "checkpoint_path", "checkpoint_uri"}`` of the run's best checkpoint after this report: the
+    one ``trainer.metric.CHECKPOINT_SCORE`` ranks highest (the one the Train run keeps; ties keep the earlier)."""
+    from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
+
+    if checkpoint is None:
+        return best
+    score = float(metrics.get(CHECKPOINT_SCORE, -1))
+    if best and not (score > best["score"] if CHECKPOINT_SCORE_MODE == "max" else score < best["score"]):
+        return best
+    return {"score": score, "checkpoint_path": checkpoint.path, "checkpoint_uri": checkpoint_uri(checkpoint)}
 
 
 def checkpoint_uri(checkpoint: Any) -> str:
