@@ -536,36 +536,8 @@ class Soak:
         bad_health = [(round(ts - self.t0, 2), s) for ts, s in t.health if s != "SERVING" and not self.in_window(ts)]
         if bad_health:
             fails.append(f"health not SERVING outside the restart: {bad_health[:5]} ({len(bad_health)})")
-        # the client: every frame accounted for
-        cstats = box.get("stats")
-        if client_hung or "error" in box or cstats is None:
-            fails.append(f"camera client failed: {box.get('error')!r} (hung: {client_hung})")
-            csum: dict[str, Any] = {}
-        else:
-            csum = cstats.summary()
-            ids = sorted(r["frame_id"] for r in records)
-            if cstats.sent != cstats.results + cstats.dropped + cstats.lost:
-                fails.append(f"client frames unaccounted: {csum}")
-            if cstats.sent != self.video_frames or len(set(ids)) + cstats.dropped + cstats.lost != cstats.sent:
-                fails.append(f"client sent {cstats.sent} of {self.video_frames} frames; answered {len(set(ids))}")
-            if cstats.reconnects < 1:
-                fails.append("the camera client did not reconnect after the kill -9")
-        # every error the server replied is in its log
-        logged: collections.Counter = collections.Counter()
-        logged_frames = 0
-        for srv in self.servers:
-            for rec in srv.records():
-                msg, code = rec.get("msg", ""), rec.get("code")
-                if msg == "rpc error" and code:
-                    logged[code] += 1
-                elif msg == "rpc rejected" and code:
-                    logged[code] += int(rec.get("count", 1))
-                elif msg == "unexpected error in handler; answered INTERNAL":
-                    logged["INTERNAL"] += 1
-                elif rec.get("logger", "").startswith("grpc") and "deserializ" in msg.lower():
-                    logged["INTERNAL"] += 1
-                elif msg in ("frame refused", "frame error", "unexpected error processing a frame; the stream goes on"):
-                    logged_frames += 1
+        csum = self.client_checks(box, records, client_hung, fails)
+        logged, logged_frames = self.logged_errors()
         observed = collections.Counter(code for ts, code in t.server_errors if not self.in_window(ts))
         observed_frames = sum(1 for ts in t.frame_errors if not self.in_window(ts))
         unlogged = {c: (n, logged[c]) for c, n in observed.items() if logged[c] < n}
@@ -606,6 +578,42 @@ class Soak:
             "codes": {f"{w}:{c}": n for (w, c), n in sorted(t.codes.items())},
             "failures": fails,
         }
+
+    def client_checks(self, box: dict[str, Any], records: list[dict], client_hung: bool,
+                      fails: list[str]) -> dict[str, Any]:
+        """The client: every frame accounted for (failures appended to ``fails``); its summary."""
+        cstats = box.get("stats")
+        if client_hung or "error" in box or cstats is None:
+            fails.append(f"camera client failed: {box.get('error')!r} (hung: {client_hung})")
+            return {}
+        csum = cstats.summary()
+        ids = sorted(r["frame_id"] for r in records)
+        if cstats.sent != cstats.results + cstats.dropped + cstats.lost:
+            fails.append(f"client frames unaccounted: {csum}")
+        if cstats.sent != self.video_frames or len(set(ids)) + cstats.dropped + cstats.lost != cstats.sent:
+            fails.append(f"client sent {cstats.sent} of {self.video_frames} frames; answered {len(set(ids))}")
+        if cstats.reconnects < 1:
+            fails.append("the camera client did not reconnect after the kill -9")
+        return csum
+
+    def logged_errors(self) -> tuple[collections.Counter, int]:
+        """What the servers logged: errors replied, by code, and frame errors (every one replied must be here)."""
+        logged: collections.Counter = collections.Counter()
+        logged_frames = 0
+        for srv in self.servers:
+            for rec in srv.records():
+                msg, code = rec.get("msg", ""), rec.get("code")
+                if msg == "rpc error" and code:
+                    logged[code] += 1
+                elif msg == "rpc rejected" and code:
+                    logged[code] += int(rec.get("count", 1))
+                elif msg == "unexpected error in handler; answered INTERNAL":
+                    logged["INTERNAL"] += 1
+                elif rec.get("logger", "").startswith("grpc") and "deserializ" in msg.lower():
+                    logged["INTERNAL"] += 1
+                elif msg in ("frame refused", "frame error", "unexpected error processing a frame; the stream goes on"):
+                    logged_frames += 1
+        return logged, logged_frames
 
 
 class _Feeder:

@@ -89,13 +89,7 @@ def _run_stream(args: argparse.Namespace, conn: Any) -> int:
         result_timeout=args.result_timeout, connect_timeout=args.connect_timeout, keep_images=args.display)
     overlay = OverlayWindow() if args.display else None
     log = ResultLog(args.log, args.log_format) if args.log else None
-    sinks: list[Any] = []
-    if log is not None:
-        sinks.append(lambda rec, _img: log.write(rec))
-    if overlay is not None:
-        sinks.append(overlay.update)
-    if not sinks:
-        print("edge_client: no --log and no --display: results are only summarised at the end", file=sys.stderr)
+    sinks = _result_sinks(overlay, log)
     sources = open_sources(args.source, live=args.live)
     stop = threading.Event()
     streams = [CameraStream(s, conn, opts, sinks, stop) for s in sources]
@@ -116,17 +110,7 @@ def _run_stream(args: argparse.Namespace, conn: Any) -> int:
                for cs in streams]
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads):
-            if overlay is not None and not overlay.pump():
-                stop.set()
-            for t in threads:
-                t.join(timeout=0.03 if overlay is not None else 0.2)
-    except KeyboardInterrupt:
-        stop.set()
-        for t in threads:
-            t.join(timeout=10.0)
+        _supervise(threads, stop, overlay)
     finally:
         signal.signal(signal.SIGTERM, previous)
         for s in sources:
@@ -141,6 +125,35 @@ def _run_stream(args: argparse.Namespace, conn: Any) -> int:
     for msg in failures:
         print(f"edge_client: error: {msg}", file=sys.stderr)
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _result_sinks(overlay: Any, log: Any) -> list[Any]:
+    """Where each result goes: the ``--log`` file and/or the ``--display`` window (a note when neither)."""
+    sinks: list[Any] = []
+    if log is not None:
+        sinks.append(lambda rec, _img: log.write(rec))
+    if overlay is not None:
+        sinks.append(overlay.update)
+    if not sinks:
+        print("edge_client: no --log and no --display: results are only summarised at the end", file=sys.stderr)
+    return sinks
+
+
+def _supervise(threads: list[threading.Thread], stop: threading.Event, overlay: Any) -> None:
+    """Start the camera threads and wait for them, pumping the overlay window; Ctrl-C (or closing the window)
+    stops them all."""
+    try:
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            if overlay is not None and not overlay.pump():
+                stop.set()
+            for t in threads:
+                t.join(timeout=0.03 if overlay is not None else 0.2)
+    except KeyboardInterrupt:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10.0)
 
 
 def _token(args: argparse.Namespace) -> str | None:

@@ -182,7 +182,7 @@ class CameraStream:
         finally:
             idle.set()
 
-    def _requests(self, alive: threading.Event, call_box: list[Any]) -> Iterator[Any]:
+    def _requests(self, alive: threading.Event, call_box: list[Any]) -> Iterator[Any]:  # noqa: C901
         cam = self.source.camera_id
         while alive.is_set():
             if self._resend:  # finite source after a reconnection: the frames that were in flight first
@@ -335,28 +335,40 @@ class CameraStream:
                     watcher.join(1.0)
                 channel.close()
             # Connection failed or broke: count the gap (or keep the frames to re-send), back off, try again.
-            if self.source.live:
-                in_flight, fate = self._drop_pending_as_lost(), "lost"
-            else:
-                in_flight, fate = self._keep_pending_for_resend(), "will be re-sent"
-            if outage_started is None:
-                outage_started = time.monotonic()
-                if self._connected_once:
-                    ids = f" (frame ids {in_flight[0]}..{in_flight[-1]})" if in_flight else ""
-                    _log(cam, f"{raise_msg}; {len(in_flight)} frame(s) in flight {fate}{ids}; reconnecting")
-                else:
-                    limit = f"{self.opts.max_retry_time:g} s" if self.opts.max_retry_time else "ever"
-                    _log(cam, f"{raise_msg}; retrying for {limit}")
-            delay = backoff.next_delay()
-            if delay is not None and pushback is not None:
-                delay = max(delay, pushback / 1000.0)  # the server said when to come back
-            if delay is None:
-                raise ClientError(f"{raise_msg}; gave up after retrying for {self.opts.max_retry_time:g} s "
-                                  "(--max-retry-time)")
-            if backoff.attempts > 1:
-                _log(cam, f"retry {backoff.attempts} in {delay:.1f} s (down for {backoff.elapsed:.1f} s)")
-            self.stop.wait(delay)
+            outage_started = self._on_outage(outage_started, raise_msg)
+            self.stop.wait(self._retry_delay(backoff, pushback, raise_msg))
         return self._end()
+
+    def _on_outage(self, outage_started: float | None, raise_msg: str) -> float:
+        """The frames in flight are lost (live source) or kept to re-send; the first failure of an outage is
+        logged. Returns when the outage started."""
+        cam = self.source.camera_id
+        if self.source.live:
+            in_flight, fate = self._drop_pending_as_lost(), "lost"
+        else:
+            in_flight, fate = self._keep_pending_for_resend(), "will be re-sent"
+        if outage_started is not None:
+            return outage_started
+        if self._connected_once:
+            ids = f" (frame ids {in_flight[0]}..{in_flight[-1]})" if in_flight else ""
+            _log(cam, f"{raise_msg}; {len(in_flight)} frame(s) in flight {fate}{ids}; reconnecting")
+        else:
+            limit = f"{self.opts.max_retry_time:g} s" if self.opts.max_retry_time else "ever"
+            _log(cam, f"{raise_msg}; retrying for {limit}")
+        return time.monotonic()
+
+    def _retry_delay(self, backoff: Backoff, pushback: int | None, raise_msg: str) -> float:
+        """Seconds until the next attempt (at least the server's pushback); :class:`ClientError` once the retry
+        time is used up."""
+        delay = backoff.next_delay()
+        if delay is not None and pushback is not None:
+            delay = max(delay, pushback / 1000.0)  # the server said when to come back
+        if delay is None:
+            raise ClientError(f"{raise_msg}; gave up after retrying for {self.opts.max_retry_time:g} s "
+                              "(--max-retry-time)")
+        if backoff.attempts > 1:
+            _log(self.source.camera_id, f"retry {backoff.attempts} in {delay:.1f} s (down for {backoff.elapsed:.1f} s)")
+        return delay
 
     def _end(self) -> CameraStats:
         self._drop_pending_as_lost()

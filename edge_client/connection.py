@@ -137,7 +137,7 @@ def retry_pushback_ms(err: grpc.RpcError) -> int | None:
     return None
 
 
-def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False) -> tuple[bool, str]:
+def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False) -> tuple[bool, str]:  # noqa: C901
     """(retryable, one-line message) for a failed call; ``established``: a call on this server already
     succeeded, so a closed connection means the server went away, not a TLS mismatch during setup."""
     code, details = _code(err), _details(err)

@@ -238,7 +238,7 @@ def accuracy_check(bundle: Bundle, engine: Path, precision: str, max_batch: int)
             "onnx_matches_export_top1": float((ref.argmax(1) == recorded).mean())}
 
 
-def build_engine_bytes(trt: Any, cudart: Any, bundle: Bundle, precision: str, options: BuildOptions,
+def build_engine_bytes(trt: Any, cudart: Any, bundle: Bundle, precision: str, options: BuildOptions,  # noqa: PLR0915
                        system: dict[str, str], fast_fp16: bool, trt_logger: Any
                        ) -> tuple[bytes, ProfileShapes, dict[str, Any]]:
     """Parse the ONNX, configure and build; returns (serialized engine, profile, build facts)."""

@@ -93,7 +93,7 @@ class ServerConfig(RunnerOptions):
     max_connection_idle_s: float = 600.0
     max_connection_age_s: float = 1800.0
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be an integer in 0..65535 (0 = pick a free one), got {self.port!r}")
         if not isinstance(self.max_message_mb, (int, float)) or not 0 < self.max_message_mb <= 1024:

@@ -211,7 +211,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             self.stats.unary_done((time.monotonic() - t0) * 1e3, ok)
         raise AssertionError("unreachable")  # context.abort always raises
 
-    def StreamClassify(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
+    def StreamClassify(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext  # noqa: C901
                        ) -> Iterator[pb.FrameResult]:
         slot: LatestSlot[tuple[pb.Frame, float, str | None]] = LatestSlot()
         stats = self.stats

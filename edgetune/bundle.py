@@ -165,7 +165,7 @@ class BundleManifest:
         }
 
     @classmethod
-    def from_dict(cls, meta: Any, where: str = MANIFEST) -> BundleManifest:
+    def from_dict(cls, meta: Any, where: str = MANIFEST) -> BundleManifest:  # noqa: C901
         """Validate a parsed ``bundle.json``; raises :class:`BundleError` saying what is wrong."""
         if not isinstance(meta, dict):
             raise BundleError(f"{where}: top level must be an object")

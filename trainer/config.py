@@ -300,7 +300,7 @@ def _build(cls: Any, d: Mapping[str, Any], prefix: str) -> Any:
     return obj
 
 
-def _coerce(name: str, t: Any, v: Any) -> Any:
+def _coerce(name: str, t: Any, v: Any) -> Any:  # noqa: C901
     origin = get_origin(t)
     if origin is Union:
         args = [a for a in get_args(t) if a is not type(None)]

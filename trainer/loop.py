@@ -8,7 +8,8 @@
 
 Steps (timm's train script split the same way): :func:`setup` (model, feeds, optimiser, resume),
 :func:`train_one_epoch`, :func:`validate` (BatchNorm statistics recomputed first, per ``model.bn_stats``),
-:func:`end_of_epoch` (best-epoch rule of :mod:`trainer.metric`, checkpoint, report, whether to stop).
+:func:`end_of_epoch` (the checkpoint policy: best-epoch rule of :mod:`trainer.metric`, when to save, report,
+whether to stop); :func:`train_loop` runs them (:func:`run_epoch` = one training epoch plus its validation).
 
 Per epoch it reports ``train_loss, train_acc, val_loss, val_acc, val_macro_f1, val_balanced_acc, epoch,
 epoch_seconds, images_per_s, lr, best_<metric>, best_epoch, data_path`` and a self-describing checkpoint.
@@ -224,58 +225,24 @@ class LoopState:
 
 def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
     """Model (weights, freeze cut), feeds (cached or live path), loss, optimiser, schedule; resume if asked."""
-    from trainer.data import build_data
-    from trainer.feeds import make_feeds
     from trainer.losses import build_loss
-    from trainer.model import count_params, create_model, model_size_mb, preprocess_spec_for
+    from trainer.model import preprocess_spec_for
 
     t_launch = time.perf_counter()
     cfg = TrainConfig.from_dict(loop_config["train_config"])
-    run_dir = loop_config.get("run_dir")
     rank, world = _dist_info()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    device = _device(cfg)
+    device = _init_process(cfg, rank)
     spec = preprocess_spec_for(cfg.model)
     if data is None:
-        data = build_data(
-            cfg.data,
-            spec,
-            run_dir=run_dir if rank == 0 else None,
-            seed=cfg.seed,
-            source=loop_config.get("source"),
-            with_test=bool(loop_config.get("with_test", True)),
-        )
-    model: torch.nn.Module = create_model(cfg.model, num_classes=len(data.classes))
-    feeds = make_feeds(cfg, model, data, rank, world)
-    if feeds.path == "cached":
-        model.input_cut = model.cut  # type: ignore[assignment]
-    model = model.to(device)
-    if cfg.channels_last:  # NHWC convolutions: ~20 % faster steps on CPU too (Lite0, 128 px, 2 threads)
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.model.bn_stats == "momentum":
-        suit_bn_momentum(model, feeds.steps_per_epoch)
+        data = _build_data(cfg, spec, loop_config, rank)
+    model, feeds = _build_model(cfg, data, device, rank, world)
     reporter = make_reporter(
-        loop_config.get("report_to", "local"), run_dir, cfg.metric, cfg.mode
+        loop_config.get("report_to", "local"), loop_config.get("run_dir"), cfg.metric, cfg.mode
     )
-    if world > 1:
-        import ray.train.torch
-
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    model = _wrap_ddp(model, world)
     opt = build_optimizer(cfg, model)
     module = unwrap(model)
-    static: dict[str, Any] = {
-        "params": count_params(module),
-        "size_mb": model_size_mb(module),
-        "node_id": _node_id(),
-        "data_path": feeds.path,
-        "data_path_reason": feeds.reason,
-        "freeze_cut": _report(module).get("cut", 0),
-        "freeze_fraction": _report(module).get("fraction", 0.0),
-        **{f"act_cache_{k}": v for k, v in feeds.cache_stats.items()},
-    }
+    static = _static_info(module, feeds)
     st = LoopState(
         cfg=cfg,
         metric=get_metric(cfg.metric),
@@ -299,6 +266,74 @@ def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
     static.update(loop_config.get("static_metrics") or {})  # e.g. the architecture's latency (tuner/device.py)
     static["setup_seconds"] = time.perf_counter() - t_launch
     return st
+
+
+def _init_process(cfg: TrainConfig, rank: int) -> torch.device:
+    """Threads and seeds (per rank) of this process; the device it trains on."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    return _device(cfg)
+
+
+def _build_data(cfg: TrainConfig, spec: Any, loop_config: dict[str, Any], rank: int) -> Any:
+    """The dataset splits (written under ``run_dir`` by rank 0 only)."""
+    from trainer.data import build_data
+
+    run_dir = loop_config.get("run_dir")
+    return build_data(
+        cfg.data,
+        spec,
+        run_dir=run_dir if rank == 0 else None,
+        seed=cfg.seed,
+        source=loop_config.get("source"),
+        with_test=bool(loop_config.get("with_test", True)),
+    )
+
+
+def _build_model(
+    cfg: TrainConfig, data: Any, device: torch.device, rank: int, world: int
+) -> tuple[torch.nn.Module, Any]:
+    """The model on ``device`` and its feeds (the cached path starts the model at its freeze cut)."""
+    from trainer.feeds import make_feeds
+    from trainer.model import create_model
+
+    model: torch.nn.Module = create_model(cfg.model, num_classes=len(data.classes))
+    feeds = make_feeds(cfg, model, data, rank, world)
+    if feeds.path == "cached":
+        model.input_cut = model.cut  # type: ignore[assignment]
+    model = model.to(device)
+    if cfg.channels_last:  # NHWC convolutions: ~20 % faster steps on CPU too (Lite0, 128 px, 2 threads)
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.model.bn_stats == "momentum":
+        suit_bn_momentum(model, feeds.steps_per_epoch)
+    return model, feeds
+
+
+def _wrap_ddp(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """DistributedDataParallel through Ray Train when there is more than one worker; the model as is otherwise."""
+    if world > 1:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+    return model
+
+
+def _static_info(module: Any, feeds: Any) -> dict[str, Any]:
+    """What every epoch's result repeats: model size, node, data path, freeze cut, activation cache."""
+    from trainer.model import count_params, model_size_mb
+
+    return {
+        "params": count_params(module),
+        "size_mb": model_size_mb(module),
+        "node_id": _node_id(),
+        "data_path": feeds.path,
+        "data_path_reason": feeds.reason,
+        "freeze_cut": _report(module).get("cut", 0),
+        "freeze_fraction": _report(module).get("fraction", 0.0),
+        **{f"act_cache_{k}": v for k, v in feeds.cache_stats.items()},
+    }
 
 
 def _report(module: Any) -> dict[str, Any]:
@@ -382,16 +417,37 @@ def validate(st: LoopState) -> dict[str, Any]:
     }
 
 
+# -- checkpoint policy: when to stop, which epoch is best (trainer.metric's rule), when to save -------------------
 def end_of_epoch(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: float | None) -> bool:
     """Best-epoch rule, checkpoint, report; returns whether the run stops here."""
+    stop = _stop_reason(st, epoch, metrics, deadline)
+    _update_best(st, epoch, metrics, stop)
+    if stop:
+        metrics["stop_reason"] = stop
+    st.history.append({k: v for k, v in metrics.items() if k not in st.static})
+    with tempfile.TemporaryDirectory(prefix="edgetune-ckpt-") as tmp:
+        ckpt_dir = _save(st, tmp, epoch, metrics) if _should_save(st, stop) else None
+        st.reporter.report(metrics, ckpt_dir)
+    return bool(stop)
+
+
+def _stop_reason(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: float | None) -> str:
+    """``diverged`` (the epoch then scores the metric's worst value), ``deadline`` (the next epoch would end after
+    it), or "" to go on. Pops ``diverged`` from ``metrics``."""
     m = st.metric
-    stop = ""
     if metrics.pop("diverged"):
-        stop = "diverged"
         metrics.update({"val_loss": 1e6, "val_acc": 0.0, "val_macro_f1": 0.0, "val_balanced_acc": 0.0})
         metrics[m.name] = m.worst
-    elif deadline is not None and epoch < st.cfg.epochs and time.time() + metrics["epoch_seconds"] > deadline:
-        stop = "deadline"
+        return "diverged"
+    if deadline is not None and epoch < st.cfg.epochs and time.time() + metrics["epoch_seconds"] > deadline:
+        return "deadline"
+    return ""
+
+
+def _update_best(st: LoopState, epoch: int, metrics: dict[str, Any], stop: str) -> None:
+    """The best-epoch rule of :mod:`trainer.metric` (a diverged epoch never becomes best); adds ``best_<metric>``,
+    ``best_epoch``, ``resumed_from_epoch``, the checkpoint score and the best epoch's validation metrics."""
+    m = st.metric
     improved = not stop or stop == "deadline"
     if improved and m.better(metrics[m.name], st.best):
         st.best, st.best_epoch = metrics[m.name], epoch
@@ -401,13 +457,11 @@ def end_of_epoch(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: f
     metrics["resumed_from_epoch"] = st.resumed_from_epoch  # tells a resume from a restart in the history
     metrics[CHECKPOINT_SCORE] = epoch if st.best_epoch == epoch else -1
     metrics.update(st.at_best)
-    if stop:
-        metrics["stop_reason"] = stop
-    st.history.append({k: v for k, v in metrics.items() if k not in st.static})
-    with tempfile.TemporaryDirectory(prefix="edgetune-ckpt-") as tmp:
-        ckpt_dir = _save(st, tmp, epoch, metrics) if st.rank == 0 and stop != "diverged" else None
-        st.reporter.report(metrics, ckpt_dir)
-    return bool(stop)
+
+
+def _should_save(st: LoopState, stop: str) -> bool:
+    """Every epoch gets a checkpoint, written by rank 0, except a diverged one (its weights are not finite)."""
+    return st.rank == 0 and stop != "diverged"
 
 
 def _save(st: LoopState, tmp: str, epoch: int, metrics: dict[str, Any]) -> Path:
@@ -452,20 +506,8 @@ def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
     last: dict[str, Any] = {}
     epoch = st.start_epoch
     while epoch <= st.cfg.epochs:
-        t0 = time.perf_counter()
-        tr = train_one_epoch(st, epoch, _progress(st, epoch, report_to))
-        val = validate(st) if not tr["diverged"] else {}
-        st.train_seconds_total += time.perf_counter() - t0
-        metrics = {
-            **st.static,
-            "epoch": epoch,
-            **tr,
-            **val,
-            "epoch_seconds": time.perf_counter() - t0,
-            "lr": st.opt.param_groups[-1]["lr"],
-            "train_seconds": st.train_seconds_total,
-        }
-        if epoch == st.start_epoch and loop_config.get("fit_to_deadline") and deadline and not tr["diverged"]:
+        metrics = run_epoch(st, epoch, report_to)
+        if epoch == st.start_epoch and loop_config.get("fit_to_deadline") and deadline and not metrics["diverged"]:
             fit_epochs_to_deadline(st, epoch, metrics["epoch_seconds"], deadline)
         stop = end_of_epoch(st, epoch, metrics, deadline)
         last = metrics
@@ -474,6 +516,24 @@ def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
         _maybe_inject_failure(epoch)
         epoch += 1
     return last
+
+
+def run_epoch(st: LoopState, epoch: int, report_to: str) -> dict[str, Any]:
+    """One training epoch and its validation (none after a diverged one); the epoch's metrics, ``diverged`` among
+    them, before the checkpoint policy (:func:`end_of_epoch`) adds the best-epoch keys."""
+    t0 = time.perf_counter()
+    tr = train_one_epoch(st, epoch, _progress(st, epoch, report_to))
+    val = validate(st) if not tr["diverged"] else {}
+    st.train_seconds_total += time.perf_counter() - t0
+    return {
+        **st.static,
+        "epoch": epoch,
+        **tr,
+        **val,
+        "epoch_seconds": time.perf_counter() - t0,
+        "lr": st.opt.param_groups[-1]["lr"],
+        "train_seconds": st.train_seconds_total,
+    }
 
 
 def fit_epochs_to_deadline(st: LoopState, epoch: int, epoch_seconds: float, deadline: float) -> int:

@@ -123,7 +123,7 @@ def _explicit(name: str, weights: str, wf: WeightFile) -> Path:
     )
 
 
-def find_weights(name: str, weights: str, wf: WeightFile, download: bool = True) -> tuple[Path | None, list[str]]:
+def find_weights(name: str, weights: str, wf: WeightFile, download: bool = True) -> tuple[Path | None, list[str]]:  # noqa: C901
     """Like :func:`trainer.backbones.resolve_weights` but for a given :class:`WeightFile`; returns (file or None, places looked).
 
     ``download=False`` never downloads; the URL is then reported as a place when the host is reachable.

@@ -70,7 +70,7 @@ class TuneOptions:
     env_vars: dict[str, str] = field(default_factory=dict)  #: environment for every Ray worker
     verbose: bool = False  #: print every place looked for each backbone left out for missing weights
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901
         for name, lo in (
             ("trials", 0),
             ("epochs", 1),

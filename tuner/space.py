@@ -129,7 +129,7 @@ class SearchSpace:
         return list(p.choices) if p else []
 
 
-def load_space(path: str | Path | None = None, backbones: list[str] | None = None,
+def load_space(path: str | Path | None = None, backbones: list[str] | None = None,  # noqa: C901
                weights_check: Callable[[str], tuple[bool, str]] | None = None,
                layer_count: Callable[[str], int] | None = None,
                fixed: dict[str, Any] | None = None) -> SearchSpace:
