@@ -81,7 +81,7 @@ dashboard: $(STAMP)
 report: $(STAMP)
 	$(PY) -m tuner.report $(call opt,STUDIES,--studies) $(call opt,STORAGE,--storage) $(call opt,OUT,--out)
 
-bench: bench-search bench-train bench-serve bench-client
+bench: bench-search bench-train bench-serve bench-client bench-device
 bench-search: $(STAMP)
 	$(PY) bench/bench_search.py $(BENCH_ARGS)
 bench-train: $(STAMP)
@@ -90,6 +90,8 @@ bench-serve: $(STAMP)
 	$(PY) bench/bench_serve.py $(BENCH_ARGS)
 bench-client: $(STAMP)
 	$(PY) bench/bench_client.py $(BENCH_ARGS)
+bench-device: $(STAMP)
+	$(PY) bench/bench_device.py $(BENCH_ARGS)
 
 # Soak + fuzz of the edge server under hostile load (not part of `make test`; tests/test_soak.py runs 20 s of it).
 SOAK_DURATION ?= 120

@@ -305,6 +305,32 @@ def build_engine_bytes(trt: Any, cudart: Any, bundle: Bundle, precision: str, op
     return bytes(memoryview(serialized)), shapes, facts
 
 
+def cached_engine(bundle: Bundle, system: dict[str, str], precision: str, options: BuildOptions,
+                  cache_dir: Path) -> tuple[bytes, ProfileShapes, dict[str, Any]] | None:
+    """An engine this device already built for exactly this bundle (``make tune TARGET=…`` times the winner's
+    bundle on its target and keeps the engine in the device's engine cache, ``edge_server.timing``): reused when
+    its sidecar matches TensorRT version, GPU, compute capability, ONNX SHA, precision and batch profile and its
+    bytes match their SHA-256; None (with the reason logged) otherwise."""
+    path = cache_dir / rt.engine_path(bundle, precision, system).name
+    if not path.is_file():
+        return None
+    try:
+        meta = rt.read_sidecar(path)
+        rt.validate_sidecar(meta, bundle=bundle, engine=path, precision=precision, **system)
+        data = path.read_bytes()
+        rt.check_engine_sha(path, data, meta, precision)
+        if (meta.get("max_batch_size"), meta.get("opt_batch_size")) != (options.max_batch, options.opt):
+            raise BundleError(f"batch profile max {meta.get('max_batch_size')}/opt {meta.get('opt_batch_size')}, "
+                              f"requested max {options.max_batch}/opt {options.opt}")
+        prof = meta["profile"]
+        shapes = ProfileShapes(min=tuple(prof["min"]), opt=tuple(prof["opt"]), max=tuple(prof["max"]))  # type: ignore[arg-type]
+    except (BundleError, KeyError, TypeError, ValueError, OSError) as e:
+        log.info("cached engine not reused", extra={"fields": {"engine": str(path), "reason": str(e)}})
+        return None
+    facts: dict[str, Any] = {k: meta[k] for k in ("flags", "timing_cache", "calibration") if k in meta}
+    return data, shapes, {**facts, "reused_from": str(path), "reused_build_seconds": meta.get("build_seconds")}
+
+
 def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) -> dict[str, Any]:
     """Build (or keep) the engine of ``bundle_dir``; returns a summary (``status``: built / up-to-date)."""
     bundle = load_bundle(bundle_dir)
@@ -323,9 +349,17 @@ def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) 
     current, reason = engine_status(bundle, system, precision, options)
     if current and not options.force:
         return {**summary, "status": "up-to-date", "reason": reason}
-    log.info("building TensorRT engine", extra={"fields": {**summary, "reason": "--force" if current else reason}})
+    from edge_server.timing import engine_cache_dir
+
     t0 = time.perf_counter()
-    data, shapes, facts = build_engine_bytes(trt, cudart, bundle, precision, options, system, fast_fp16, trt_logger)
+    reused = None if options.force else cached_engine(bundle, system, precision, options, engine_cache_dir())
+    if reused is not None:
+        data, shapes, facts = reused
+        log.info("reusing the engine built during the search", extra={"fields": {**summary, **facts}})
+    else:
+        log.info("building TensorRT engine", extra={"fields": {**summary, "reason": "--force" if current else reason}})
+        data, shapes, facts = build_engine_bytes(trt, cudart, bundle, precision, options, system, fast_fp16,
+                                                 trt_logger)
     seconds = round(time.perf_counter() - t0, 2)
     side = {"build_seconds": seconds, "platform": {"fast_fp16": fast_fp16, "fast_int8": fast_int8}, **facts}
     staged = engine.with_name(f".{engine.name}.{os.getpid()}.staged")
@@ -342,7 +376,8 @@ def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) 
     finally:
         staged.unlink(missing_ok=True)
         rt.sidecar_path(staged).unlink(missing_ok=True)
-    return {**summary, "status": "built", "build_seconds": seconds, "accuracy_check": check, **facts}
+    return {**summary, "status": "reused" if reused is not None else "built", "build_seconds": seconds,
+            "accuracy_check": check, **facts}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,7 +146,11 @@ def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol) -
     system = rt.system_info(trt, cudart)
     logger = trt.Logger(trt.Logger.WARNING)
     fast_fp16 = bool(trt.Builder(logger).platform_has_fast_fp16)
-    options = eng.BuildOptions(precision=precision, max_batch=protocol.batch, opt_batch=protocol.batch)
+    # the profile `make engine` builds by default (max 8, opt 4), so that the engine kept in the device's cache
+    # is the one `make engine` would build, and is reused by it (edge_server.engine.cached_engine)
+    default = eng.BuildOptions(precision=precision)
+    options = default if protocol.batch <= default.max_batch else eng.BuildOptions(
+        precision=precision, max_batch=protocol.batch, opt_batch=protocol.batch)
     path = rt.engine_path(bundle, precision, system)
     t0 = time.perf_counter()
     data, shapes, facts = eng.build_engine_bytes(trt, cudart, bundle, precision, options, system, fast_fp16, logger)
@@ -156,7 +160,7 @@ def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol) -
     cache = engine_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     rt.write_engine_files(cache / path.name, data, side)
-    runner = rt.TensorRTRunner(bundle, precision=precision, max_batch_size=protocol.batch, engine=path)
+    runner = rt.TensorRTRunner(bundle, precision=precision, max_batch_size=options.max_batch, engine=path)
     return runner, {"engine": path.name, "engine_build_seconds": side["build_seconds"]}
 
 

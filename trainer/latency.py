@@ -1,29 +1,30 @@
-"""Batch-1 ONNX Runtime latency of a model on this node's CPU (the latency objective / constraint)."""
+"""The pre-device-in-the-loop latency protocol: batch-1 ONNX Runtime latency measured inside a training trial,
+on that trial's node (1 warm-up, 20 runs, one thread), while other trials train. The tuner no longer uses it
+(tuner/device.py times every architecture once, exclusively, with ``edge_server.timing``); it is kept as the
+baseline of ``bench/bench_device.py``."""
 
 from __future__ import annotations
 
-import copy
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from edgetune.preprocess import PreprocessSpec
-from trainer.export import INPUT, OUTPUT, export_onnx, ort_session
+from trainer.export import INPUT, OUTPUT, ort_session
+
+IN_TRIAL_WARMUP, IN_TRIAL_RUNS = 1, 20
 
 
-def measure_latency(model: torch.nn.Module, spec: PreprocessSpec, runs: int = 20, threads: int = 1) -> float:
-    """Median ONNX Runtime latency (ms) of ``model`` at batch 1 on this node's CPU (multi-objective mode)."""
-    m = copy.deepcopy(model).cpu().eval()
-    with tempfile.TemporaryDirectory(prefix="edgetune-lat-") as d:
-        sess = ort_session(export_onnx(m, spec, Path(d) / "m.onnx"), threads=threads)
-        x = np.zeros((1, 3, *spec.input_size), np.float32)
+def time_onnx_in_trial(path: str | Path, input_size: tuple[int, int], runs: int = IN_TRIAL_RUNS,
+                       threads: int = 1) -> list[float]:
+    """Per-run latencies (ms) of an ONNX file with the in-trial protocol."""
+    sess = ort_session(path, threads=threads)
+    x = np.zeros((1, 3, *input_size), np.float32)
+    for _ in range(IN_TRIAL_WARMUP):
         sess.run([OUTPUT], {INPUT: x})
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            sess.run([OUTPUT], {INPUT: x})
-            times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run([OUTPUT], {INPUT: x})
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
