@@ -60,7 +60,9 @@ FLAGS: dict[str, tuple[list[str], object]] = {
 
 
 def _opts(argv: list[str], tmp: Path) -> TuneOptions:
-    return tune_options(build_parser().parse_args(["--out", str(tmp / "out"), *argv]))
+    parser = build_parser()
+    parser.allow_abbrev = False  # the exact flag names (a prefix of a flag would be accepted otherwise)
+    return tune_options(parser.parse_args(["--out", str(tmp / "out"), *argv]))
 
 
 def test_the_table_covers_every_field() -> None:
