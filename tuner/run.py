@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 import edgetune
+from edgetune.dataclass_cli import opt
 from edgetune.errors import ConfigError, EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, DEFAULT_METRIC, Metric, get_metric
 from tuner.refit import FINISH_RESERVE_S
@@ -22,55 +23,79 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneOptions:
     """One study. The defaults are the embedded ``make tune``: the full elpv dataset, local Ray, SQLite, CPU,
-    and a wall-clock budget (search + refit + export) that ends within 15 minutes on 2 cores."""
+    and a wall-clock budget (search + refit + export) that ends within 15 minutes on 2 cores.
 
-    data: str = "elpv"
-    study: str = ""  #: default: "<dataset>-default"
-    trials: int = 0  #: optional cap on the number of trials (0 = as many as the time budget allows)
-    epochs: int = 4  #: ASHA max_t (max epochs per trial; each trial's LR schedule spans them)
-    time_budget_s: float = 840.0  #: seconds for search + refit + export (0 = no limit: needs trials)
-    storage: str = ""  #: Optuna storage URL; default sqlite:///<out>/../optuna.db (runs/optuna.db)
-    storage_path: str = (
-        ""  #: Ray storage path for checkpoints (dir or s3://…); default $EDGETUNE_STORAGE_PATH or <out>/ray
-    )
-    space: str = ""  #: search space YAML (default tuner/default_space.yaml)
-    backbones: tuple[str, ...] = ()  #: restrict the backbone choices
-    config: str = ""  #: base TrainConfig YAML (fixed settings of every trial)
-    sets: tuple[str, ...] = ()  #: base config overrides key=value (win over img/max_images)
-    img: int = 0  #: fix the input size of every trial (0 = searched where the space has `img`, else backbone default)
-    max_images: int = 0  #: stratified subset of the dataset (0 = all images)
-    gpus_per_trial: float = 0.0  #: GPUs per worker
-    workers_per_trial: int = 1  #: >1: each trial is a Ray Train DDP run
-    cpus_per_worker: float = 1.0
-    resources_per_worker: dict[str, float] = field(default_factory=dict)  #: extra custom resources per worker
-    placement_strategy: str = "PACK"  #: placement of a DDP trial's workers (STRICT_SPREAD: one per node)
-    max_concurrent: int = 0  #: 0 = as many as the cluster's resources allow
-    grace_period: int = 2  #: ASHA's first rung (epochs); bench/README.md "ASHA grace period" measures it
-    reduction_factor: int = 2
-    seed: int = 0
-    out: str = ""  #: default runs/<study>
-    resume: bool = False
-    multi_objective: bool = False  #: maximise the metric and minimise latency_ms (Pareto front)
-    max_latency_ms: float = 0.0  #: constraint on p50 latency: slower architectures are rejected before training
-    target: str = ""  #: device in the loop: time every architecture on the node carrying edge_target:<target>
-    timing_warmup: int = 10  #: untimed runs before each timing (edge_server.timing.TimingProtocol)
-    timing_runs: int = 50  #: timed runs per architecture (p50 / p90 over them)
-    timing_timeout_s: float = 600.0  #: how long a trial waits for its timing (edge node down: then it is marked)
-    timing_backend: str = "auto"  #: auto (TensorRT where present, else ONNX Runtime) | tensorrt | onnxruntime
-    max_failures: int = 1
-    address: str = ""  #: Ray address; "local" forces a local instance; "" = RAY_ADDRESS / running node / local
-    export: bool = True
-    metric: str = DEFAULT_METRIC  #: trainer.metric: what selects epochs, trials and the final model
-    refit: bool = True  #: retrain the best configuration for longer after the search (the exported model)
-    refit_share: float = 0.55  #: share of the time budget kept for the refit
-    refit_max_epochs: int = 0  #: cap on refit epochs (0 = 3 x epochs)
-    env_vars: dict[str, str] = field(default_factory=dict)  #: environment for every Ray worker
-    verbose: bool = False  #: print every place looked for each backbone left out for missing weights
+    Frozen: the derived defaults (study, out, storage, storage_path, the grace period clamp, multi-objective with a
+    target) are filled in at construction; a changed copy is ``dataclasses.replace(opts, ...)``. Each field's help is
+    its ``python -m tuner`` help (the CLI is derived from these fields: tuner/__main__.py)."""
+
+    data: str = opt("elpv", "built-in dataset (elpv, textures) or an ImageFolder/CSV path")
+    study: str = opt("", "study name (default <dataset>-default)")
+    trials: int = opt(0, "optional cap on the number of trials (0 = the time budget decides)")
+    epochs: int = opt(4, "max epochs per trial (ASHA max_t; each trial's LR schedule)")
+    time_budget_s: float = opt(
+        840.0, "seconds for search + refit + export, counted from the start (0 = none; then --trials is needed)")
+    storage: str = opt("", "Optuna storage URL (default sqlite:///<out>/../optuna.db, i.e. runs/optuna.db; "
+                       "postgresql://… for shared)")
+    storage_path: str = opt("", "Ray storage for trial checkpoints: a directory or s3://bucket/prefix "
+                            "(default $EDGETUNE_STORAGE_PATH, else <out>/ray); must be shared on a multi-node cluster")
+    space: str = opt("", "search space YAML (default tuner/default_space.yaml)")
+    backbones: tuple[str, ...] = opt((), "restrict the backbone choices")
+    config: str = opt("", "base TrainConfig YAML for every trial")
+    sets: tuple[str, ...] = opt((), "base config override (repeatable; wins over img/max_images)")
+    img: int = opt(0, "fix the input size of every trial (0 = searched where the space has `img`, "
+                   "else backbone default)")
+    max_images: int = opt(0, "stratified subset of the dataset (0 = all)")
+    gpus_per_trial: float = opt(0.0, "GPUs per worker of a trial")
+    workers_per_trial: int = opt(1, ">1: each trial is a Ray Train DDP run")
+    cpus_per_worker: float = opt(1.0, "CPUs per worker of a trial")
+    resources_per_worker: dict[str, float] = opt(
+        factory=dict, help="extra custom Ray resources per worker (e.g. slot=1)")
+    placement_strategy: str = opt(
+        "PACK", "placement of a DDP trial's workers (STRICT_SPREAD: each on its own node)")
+    max_concurrent: int = opt(0, "trials at once (0 = as many as the cluster's resources allow)")
+    # bench/README.md "ASHA grace period" measures it
+    grace_period: int = opt(2, "ASHA's first rung in epochs (at most --epochs)")
+    reduction_factor: int = opt(2, "ASHA's reduction factor")
+    seed: int = opt(0, "seed of the sampler and of every trial's training")
+    out: str = opt("", "output dir (default runs/<study>)")
+    resume: bool = opt(False, "continue the same study and Ray experiment")
+    multi_objective: bool = opt(False, "maximise the metric and minimise p50 latency (on --target, else an "
+                                "estimate on the driver's node)")
+    max_latency_ms: float = opt(0.0, "latency constraint (p50, ms): slower architectures are rejected before "
+                                "training (PRUNED, with reason)")
+    target: str = opt("", "device in the loop: time every architecture on the Ray node carrying "
+                      "edge_target:<TARGET> (join it with `make edge-node HEAD=<host:port> TARGET=<name>`); "
+                      "implies --multi-objective")
+    # the timing protocol: edge_server.timing.TimingProtocol
+    timing_warmup: int = opt(10, "untimed runs before each timing")
+    timing_runs: int = opt(50, "timed runs per architecture (p50/p90 over them)")
+    timing_timeout_s: float = opt(
+        600.0, "seconds a trial waits for its timing (edge node down) before it is marked with the reason")
+    timing_backend: str = opt(
+        "auto", "runtime of the timing on the device (auto: TensorRT where present, else ONNX Runtime)")
+    max_failures: int = opt(1, "restarts of a crashed trial from its last checkpoint")
+    address: str = opt("", "Ray cluster address; 'local' forces a local instance "
+                       "(default: RAY_ADDRESS, a running node started by `ray start`/`ray up` on this machine, "
+                       "or local)")
+    export: bool = opt(True, "export the best trial (the refit, where there is one) as a bundle")
+    metric: str = opt(DEFAULT_METRIC, "selects epochs, trials and the final model (default val_macro_f1: see "
+                      "README, 'Why macro-F1')")
+    refit: bool = opt(True, "retrain the best configuration for longer after the search (the exported model)")
+    refit_share: float = opt(0.55, "share of the time budget kept for the refit")
+    refit_max_epochs: int = opt(0, "cap on refit epochs (0 = 3 x --epochs)")
+    env_vars: dict[str, str] = opt(factory=dict, help="environment for every Ray worker")
+    verbose: bool = opt(False, "list every place looked for each backbone left out for missing weights")
 
     def __post_init__(self) -> None:  # noqa: C901
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: derived defaults only
+        put("backbones", tuple(self.backbones))
+        put("sets", tuple(self.sets))
+        put("resources_per_worker", dict(self.resources_per_worker))  # a copy: the caller's dict is not shared
+        put("env_vars", dict(self.env_vars))
         for name, lo in (
             ("trials", 0),
             ("epochs", 1),
@@ -91,7 +116,7 @@ class TuneOptions:
         if self.img and not 32 <= self.img <= 1024:
             raise ConfigError(f"img must be 0 (searched / backbone default) or in [32, 1024], got {self.img}")
         if self.grace_period > self.epochs:
-            self.grace_period = self.epochs
+            put("grace_period", self.epochs)
         if self.gpus_per_trial < 0 or self.cpus_per_worker <= 0:
             raise ConfigError(
                 f"gpus_per_trial must be >= 0 and cpus_per_worker > 0, got {self.gpus_per_trial}, "
@@ -117,26 +142,26 @@ class TuneOptions:
             target_resource(self.target)  # validates the name
             if self.timing_backend not in TIMING_BACKENDS:
                 raise ConfigError(f"timing_backend must be one of {TIMING_BACKENDS}, got {self.timing_backend!r}")
-            self.multi_objective = True  # objectives: the metric and the target's p50 latency
+            put("multi_objective", True)  # objectives: the metric and the target's p50 latency
         if self.timing_timeout_s <= 0:
             raise ConfigError(f"timing_timeout_s must be > 0, got {self.timing_timeout_s}")
         if self.multi_objective and get_metric(self.metric).mode != "max":
             raise ConfigError(f"multi-objective mode maximises a score metric, not {self.metric}")
         if not self.study:
-            self.study = f"{Path(self.data).name}-default"
+            put("study", f"{Path(self.data).name}-default")
         if not self.out:
-            self.out = str(Path("runs") / self.study)
+            put("out", str(Path("runs") / self.study))
         if not self.storage:
             db = Path(self.out).resolve().parent / "optuna.db"
             db.parent.mkdir(parents=True, exist_ok=True)
-            self.storage = f"sqlite:///{db}"
+            put("storage", f"sqlite:///{db}")
         from tuner.storage import normalise_url
 
         normalise_url(self.storage)  # validates the URL early
         if not self.storage_path:
-            self.storage_path = os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray")
+            put("storage_path", os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray"))
         elif "://" not in self.storage_path:
-            self.storage_path = str(Path(self.storage_path).resolve())  # Ray needs an absolute path
+            put("storage_path", str(Path(self.storage_path).resolve()))  # Ray needs an absolute path
 
     @property
     def metric_def(self) -> Metric:

@@ -1,0 +1,116 @@
+"""Command lines derived from a dataclass config: one flag per field, with the field's type, default and help.
+
+A field carries its help in ``metadata["help"]`` (:func:`opt`). The flag is ``--field-name``; its type comes from the
+annotation: ``int``/``float``/``str``; ``bool`` (default False: ``--name`` sets it, default True: ``--no-name`` clears
+it); ``tuple[str, ...]`` (a comma list); ``dict[str, float]`` / ``dict[str, str]`` (``NAME=VALUE[,NAME=VALUE]``).
+Where that does not fit (another flag name, a repeatable flag, choices), a :class:`Flag` says so. Standard library
+only (the edge packages may use it too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse's name for it
+        factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with its help text: ``x: int = opt(3, "what x is")``; ``factory`` for mutable defaults."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How one field differs from its generated flag; unset attributes keep the generated ones."""
+
+    flag: str = ""  #: flag name (default ``--field-name``; ``--no-field-name`` for a bool that defaults to True)
+    help: str | None = None  #: help text (default the field's)
+    choices: Sequence[Any] | None = None
+    metavar: str | None = None
+    repeat: bool = False  #: a ``tuple[str, ...]`` filled by repeating the flag instead of a comma list
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``a,b,,c`` -> ("a", "b", "c")."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def key_values(value_type: type, word: str) -> Callable[[str], dict[str, Any]]:
+    """A parser of ``NAME=<word>[,NAME=<word>]`` into a dict with ``value_type`` values."""
+
+    def parse(text: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part in filter(None, text.split(",")):
+            k, sep, v = part.partition("=")
+            try:
+                out[k.strip()] = value_type(v)
+            except ValueError:
+                sep = ""
+            if not sep or not k.strip():
+                raise argparse.ArgumentTypeError(f"expected NAME={word}[,NAME={word}], got {text!r}")
+        return out
+
+    return parse
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def flag_name(f: dataclasses.Field[Any], over: Flag | None = None) -> str:
+    """The command-line flag of field ``f``."""
+    if over is not None and over.flag:
+        return over.flag
+    stem = f.name.replace("_", "-")
+    return f"--no-{stem}" if f.default is True else f"--{stem}"
+
+
+def add_fields(parser: argparse.ArgumentParser, cls: type, overrides: Mapping[str, Flag] | None = None) -> None:
+    """One argument per init field of dataclass ``cls`` (``dest`` = the field name); ``overrides`` by field name."""
+    overrides = dict(overrides or {})
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    unknown = set(overrides) - {f.name for f in fields}
+    if unknown:
+        raise TypeError(f"overrides for fields {cls.__name__} does not have: {sorted(unknown)}")
+    for f in fields:
+        over = overrides.get(f.name, Flag())
+        hint, default = hints[f.name], _default(f)
+        text = (over.help if over.help is not None else f.metadata.get("help", "")).replace("%", "%%")
+        kw: dict[str, Any] = {"dest": f.name, "help": text or None}
+        if hint is bool:
+            kw.update(action="store_false" if default else "store_true", default=default)
+        elif hint in (int, float, str):
+            named = flag_name(f, over).lstrip("-").replace("-", "_").upper()  # argparse's, from the flag, not dest
+            kw.update(type=hint, default=default, choices=over.choices,
+                      metavar=over.metavar or (None if over.choices else named))
+        elif hint == tuple[str, ...]:
+            if over.repeat:  # argparse appends to a copy of a list default
+                kw.update(action="append", default=list(default), metavar=over.metavar)
+            else:
+                kw.update(type=comma_list, default=default, metavar=over.metavar or "NAME,…")
+        elif hint in (dict[str, float], dict[str, str]):
+            word = "AMOUNT" if hint == dict[str, float] else "VALUE"
+            kw.update(type=key_values(typing.get_args(hint)[1], word), default=default,
+                      metavar=over.metavar or f"NAME={word},…")
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {hint!r}")
+        parser.add_argument(flag_name(f, over), **{k: v for k, v in kw.items() if v is not None or k == "default"})
+
+
+def field_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` from arguments parsed by a parser :func:`add_fields` built."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.init:
+            v = getattr(args, f.name)
+            out[f.name] = tuple(v) if hints[f.name] == tuple[str, ...] else v
+    return out
