@@ -235,7 +235,7 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
     assert lat[224] > 3 * lat[64], lat
     limit = (lat[64] * lat[224]) ** 0.5
 
-    opts = _opts(tmp_path, "dev", target="sim", max_latency_ms=limit)
+    opts = _opts(tmp_path, "dev", target="sim", max_latency_ms=limit, export=True)
     summary = run_study(opts)
     s = optuna.load_study(study_name="dev", storage=opts.storage)
     by_img: dict[int, list] = {}
@@ -264,6 +264,17 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
         lb = {r["trial"]: r for r in csv.DictReader(f)}
     assert all(lb[str(t.number)]["rejected"] for t in slow) and all(float(lb[str(t.number)]["target_latency_ms"])
                                                                      > 0 for t in fast)
+    from edgetune.bundle import load_bundle
+    from tuner.report import compare_studies
+
+    [row] = compare_studies(opts.storage, ["dev"])  # make report
+    assert row["target"] == "sim" and row["best_target_latency_ms"] > 0 and row["rejected_by_latency"] == 2
+    # hand-off: the bundle records the winner's latency on the target, and the bundle itself was timed there
+    handoff = load_bundle(summary["bundle"]).manifest.extra["target_latency"]
+    assert handoff["target"] == "sim" and handoff["node_id"] == _edge_id(cluster) and handoff["p50_ms"] <= limit
+    assert handoff["device"]["backend"] == "onnxruntime" and handoff["protocol"]["runs"] == 15
+    assert summary["latency"]["winner"]["status"] == "timed"
+    assert summary["latency"]["winner"]["onnx_sha256"] == load_bundle(summary["bundle"]).sha256
     import ray
 
     ray.kill(svc)

@@ -309,6 +309,11 @@ def compare_studies(storage: str, names: list[str]) -> list[dict[str, Any]]:
                      "best_val_acc": best.user_attrs.get("val_acc_at_best") if best else None,
                      "best_backbone": best.params.get("backbone") if best else None,
                      "best_params": json.dumps(best.params) if best else "",
+                     "target": a.get("target"),
+                     "best_target_latency_ms": best.user_attrs.get("target_latency_ms") if best else None,
+                     "best_target_latency_p90_ms": best.user_attrs.get("target_latency_p90_ms") if best else None,
+                     "target_device": _device_name(best.user_attrs) if best else None,
+                     "rejected_by_latency": sum(bool(t.user_attrs.get("rejected_reason")) for t in trials),
                      "budget": json.dumps(a.get("budget")), "edgetune": a.get("edgetune_version")})
     hashes = {r["dataset_hash"] for r in rows}
     if len(hashes) > 1:
