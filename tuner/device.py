@@ -236,9 +236,9 @@ class _Service:
             try:
                 await asyncio.wait_for(ev.wait(), timeout=self.timeout_s + 60.0)
             except asyncio.TimeoutError:
-                self.inflight.pop(s.key, None)  # the claimer vanished: the next loop claims it
-            if self.memory.get(s.key) is None and self.inflight.get(s.key) is ev:
-                return {"status": "unavailable", "reason": "the timing this trial waited for failed"}
+                if self.inflight.get(s.key) is ev:
+                    self.inflight.pop(s.key)  # the claiming trial vanished without measuring
+            # then: the record (hit), or the timing failed / its trial vanished and this caller claims it
 
     async def measure(self, sig: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
         """Time the claimed architecture on the target; store and return the record, or the reason it failed."""
