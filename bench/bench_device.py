@@ -7,7 +7,7 @@ on the architecture, not the weights). Three measurements of each, in interleave
   1 warm-up, 20 runs, in a Ray task on the training node while a training process (a real fwd/bwd loop of
   EfficientNet-Lite0, one torch thread: what a concurrent trial does) runs on the same 2-core node.
 * **exclusive** (``make tune TARGET=…``): the timing task pinned to ``edge_target:sim`` on an edge node
-  (``tuner.device``/``edge_server.timing``: 10 warm-up, 50 runs, p50/p90), while the same training load runs.
+  (``tuner.device``/``edge_server.timing``: the product's protocol, 20 warm-up, 100 runs, p50/p90), while the same training load runs.
   The sim edge node is pinned to CPU 1 and the training load to CPU 0: on one machine that stands in for what a
   real target is, a separate device that does no training.
 * **reference**: an isolated re-measurement of the same files, nothing else running, 50 warm-up + 400 runs.
@@ -32,6 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import md_table, parse_args, work_dir, write_results  # noqa: E402
 
+from edge_server.timing import TimingProtocol  # noqa: E402
+
 #: Close neighbours on purpose (Lite0 vs Lite1, input sizes 16 px apart): a ranking only says something when
 #: some architectures are nearly as fast as others.
 BUDGET = {
@@ -40,7 +42,7 @@ BUDGET = {
     "large": {"backbones": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2",
                             "resnet18"], "sizes": [96, 112, 128, 144, 160, 192, 224], "rounds": 5},
 }
-EXCLUSIVE = {"warmup": 10, "runs": 50, "batch": 1, "threads": 1}
+EXCLUSIVE = {**TimingProtocol().to_dict()}  # what `make tune TARGET=…` uses
 REFERENCE_WARMUP, REFERENCE_RUNS = 50, 400
 
 LOAD = """

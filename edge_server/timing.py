@@ -39,8 +39,8 @@ def engine_cache_dir() -> Path:
 class TimingProtocol:
     """How one architecture is timed: the same for every candidate, every target and the benchmark."""
 
-    warmup: int = 10  #: untimed runs first (allocator, kernels, caches)
-    runs: int = 50  #: timed runs; p50 and p90 are taken over them
+    warmup: int = 20  #: untimed runs first (allocator, kernels, caches)
+    runs: int = 100  #: timed runs; p50 and p90 are taken over them
     batch: int = 1
     threads: int = 1  #: ONNX Runtime intra-op threads (1: what one camera stream gets on a small board)
 

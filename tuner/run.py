@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 import edgetune
+from edge_server.timing import TimingProtocol
 from edgetune.dataclass_cli import opt
 from edgetune.errors import ConfigError, EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, DEFAULT_METRIC, Metric, get_metric
@@ -71,8 +72,8 @@ class TuneOptions:
                       "edge_target:<TARGET> (join it with `make edge-node HEAD=<host:port> TARGET=<name>`); "
                       "implies --multi-objective")
     # the timing protocol: edge_server.timing.TimingProtocol
-    timing_warmup: int = opt(10, "untimed runs before each timing")
-    timing_runs: int = opt(50, "timed runs per architecture (p50/p90 over them)")
+    timing_warmup: int = opt(TimingProtocol.warmup, "untimed runs before each timing")
+    timing_runs: int = opt(TimingProtocol.runs, "timed runs per architecture (p50/p90 over them)")
     timing_timeout_s: float = opt(
         600.0, "seconds a trial waits for its timing (edge node down) before it is marked with the reason")
     timing_backend: str = opt(
