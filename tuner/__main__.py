@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from edgetune.errors import ConfigError, EdgetuneError
+from edgetune.logs import setup_cli_logging
 from trainer.metric import METRIC_NAMES
 
 #: CLI defaults = TuneOptions defaults (the embedded ``make tune`` budget); kept in one place: tuner/run.py.
@@ -109,6 +110,7 @@ def optuna_experimental_warning() -> type[Warning]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_cli_logging(verbose=args.verbose)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's table reporter (trials, states, best so far)
     warnings.filterwarnings("ignore", category=optuna_experimental_warning())
     try:
