@@ -184,7 +184,10 @@ def headline(elpv: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edgetune.logs import setup_cli_logging
+
     args = parse_args(__doc__.splitlines()[0], argv)
+    setup_cli_logging(verbose=False)  # the in-process grid comparison's study logs as `python -m tuner` does
     b = BUDGET[args.budget]
     work = work_dir(args, "edgetune-bench-search-")
     t_start = time.time()

@@ -96,12 +96,35 @@ def test_every_backbone_builds_from_scratch_and_classifies(name):
         feats = model.forward_features(x)
         logits = model(x)
     info = get_backbone_info(name)
-    assert feats.shape == (2, info.feature_dim)
+    # the feature width is derived from the built module (no number typed in the registry): the registry's value,
+    # the features the backbone really returns and the head's input all agree
+    first_linear = next(m for m in model.head.modules() if isinstance(m, torch.nn.Linear))
+    assert feats.shape == (2, info.feature_dim) == (2, model.feature_dim) == (2, first_linear.in_features)
     assert logits.shape == (2, 3)
     assert torch.isfinite(logits).all()
     assert model.weights_source == "none"
     # the backbone's own classifier is gone: no parameter produces 1000 ImageNet outputs
     assert all(p.shape[0] != 1000 for p in model.backbone.parameters())
+
+
+def test_feature_dim_is_read_off_the_module():
+    """A backbone registered without any feature size gets it from its module; a module that does not return
+    pooled ``[N, D]`` features is refused with a message naming what it returned."""
+    from edgetune.errors import EdgetuneError
+    from edgetune.preprocess import PreprocessSpec
+    from trainer.backbones import feature_dim_of
+    from trainer.weights import WeightFile
+
+    def build(pretrained: bool, image_size: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 7, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    info = BackboneInfo(name="tiny", family="tiny", default_spec=PreprocessSpec(input_size=(32, 32), resize=36),
+                        weight_sources=(), weight_file=WeightFile(filename="tiny.pth"), build=build)
+    assert info.feature_dim == 7
+    m = build(False, 32).train()
+    assert feature_dim_of(m, 32) == 7 and m.training  # the probe leaves the training mode as it was
+    with pytest.raises(EdgetuneError, match=r"returns \(1, 7, 30, 30\).*\[N, feature_dim\]"):
+        feature_dim_of(torch.nn.Conv2d(3, 7, 3), 32)
 
 
 def test_layer_order_is_forward_order():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.errors import EdgetuneError
+from edgetune.logs import setup_cli_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +81,7 @@ def default_out(cfg: Any) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_cli_logging(verbose=False)
     try:
         if args.list_backbones:
             from trainer.backbones import get_backbone_info, list_backbones

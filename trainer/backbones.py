@@ -1,14 +1,15 @@
-"""Backbone registry: name -> builder, feature dim, default preprocessing, weight file (after timm/torchvision).
+"""Backbone registry: name -> builder, default preprocessing, weight file (after timm/torchvision).
 
 Every registered backbone builds a *features-only* module: images ``[N,3,H,W]`` -> pooled features
 ``[N, feature_dim]`` (global average pool over the last conv map; the network's own classifier is
-removed). Pretrained files are loaded strictly into that module after dropping the classifier keys.
+removed). ``feature_dim`` is never typed by hand: it is read off the built module (:func:`feature_dim_of`). Pretrained files are loaded strictly into that module after dropping the classifier keys.
 Lookups are explicit (a dict filled by :func:`register_backbone`); unknown names fail listing the valid ones.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,6 @@ class BackboneInfo:
 
     name: str
     family: str
-    feature_dim: int
     default_spec: PreprocessSpec  #: preprocessing that matches the weights (size, resize/crop, mean/std)
     weight_sources: tuple[str, ...]  #: human readable: where pretrained weights are looked for
     weight_file: WeightFile
@@ -40,6 +40,36 @@ class BackboneInfo:
     classifier_prefixes: tuple[str, ...] = ()  #: keys of the ImageNet file that are not part of the backbone
     fixup: StateFixup | None = None  #: renames legacy keys of the weight file (densenet)
     weights_tag: str = ""  #: which weight set ("IMAGENET1K_V1", ...)
+
+    @functools.cached_property
+    def feature_dim(self) -> int:
+        """Width of the pooled features, from a module built without weights (once per process)."""
+        return feature_dim_of(self.build(False, FEATURE_PROBE_SIZE))
+
+
+#: input side of the probe forward that reads a backbone's feature width (every registered backbone runs at 64)
+FEATURE_PROBE_SIZE = 64
+
+
+def feature_dim_of(backbone: nn.Module, image_size: int = FEATURE_PROBE_SIZE) -> int:
+    """Width ``D`` of the ``[N, D]`` features ``backbone`` returns, from one eval-mode forward of a zero image.
+
+    The module's training mode is restored; nothing is learned (no gradients, BatchNorm statistics untouched)."""
+    was_training = backbone.training
+    p = next(backbone.parameters(), None)
+    x = torch.zeros(1, 3, image_size, image_size, device=p.device if p is not None else "cpu",
+                    dtype=p.dtype if p is not None else torch.float32)
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            out = backbone(x)
+    finally:
+        backbone.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise EdgetuneError(f"backbone {type(backbone).__name__} returns {shape} for a [1, 3, {image_size}, "
+                            f"{image_size}] image; a features-only backbone returns [N, feature_dim]")
+    return int(out.shape[1])
 
 
 _REGISTRY: dict[str, BackboneInfo] = {}
@@ -201,7 +231,6 @@ def _register_torchvision(
     family: str,
     fn: Callable[..., nn.Module],
     weights: Any,
-    feature_dim: int,
     strip: Callable[[nn.Module], nn.Module],
     prefixes: tuple[str, ...],
     scratch_kwargs: dict[str, Any] | None = None,
@@ -217,7 +246,6 @@ def _register_torchvision(
         BackboneInfo(
             name=name,
             family=family,
-            feature_dim=feature_dim,
             default_spec=_spec_from_weights(weights),
             weight_sources=wf.sources(),
             weight_file=wf,
@@ -230,42 +258,42 @@ def _register_torchvision(
 
 
 _FC, _CLS = ("fc.",), ("classifier.",)
-_register_torchvision("alexnet", "alexnet", tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1, 256, _strip_vgg_like, _CLS)
-_register_torchvision("vgg16", "vgg", tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, 512, _strip_vgg_like, _CLS)
-_register_torchvision("resnet18", "resnet", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 512, _strip_fc, _FC)
-_register_torchvision("resnet34", "resnet", tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, 512, _strip_fc, _FC)
+_register_torchvision("alexnet", "alexnet", tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1, _strip_vgg_like, _CLS)
+_register_torchvision("vgg16", "vgg", tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, _strip_vgg_like, _CLS)
+_register_torchvision("resnet18", "resnet", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, _strip_fc, _FC)
+_register_torchvision("resnet34", "resnet", tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, _strip_fc, _FC)
 _register_torchvision(
-    "resnext50_32x4d", "resnet", tvm.resnext50_32x4d, tvm.ResNeXt50_32X4D_Weights.IMAGENET1K_V1, 2048, _strip_fc, _FC
+    "resnext50_32x4d", "resnet", tvm.resnext50_32x4d, tvm.ResNeXt50_32X4D_Weights.IMAGENET1K_V1, _strip_fc, _FC
 )
 _register_torchvision(
-    "wide_resnet50_2", "resnet", tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1, 2048, _strip_fc, _FC
+    "wide_resnet50_2", "resnet", tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1, _strip_fc, _FC
 )
 _register_torchvision(
-    "densenet121", "densenet", tvm.densenet121, tvm.DenseNet121_Weights.IMAGENET1K_V1, 1024, _strip_classifier, _CLS,
+    "densenet121", "densenet", tvm.densenet121, tvm.DenseNet121_Weights.IMAGENET1K_V1, _strip_classifier, _CLS,
     fixup=_densenet_fixup,
 )
 _register_torchvision(
-    "googlenet", "googlenet", tvm.googlenet, tvm.GoogLeNet_Weights.IMAGENET1K_V1, 1024, _strip_googlenet,
+    "googlenet", "googlenet", tvm.googlenet, tvm.GoogLeNet_Weights.IMAGENET1K_V1, _strip_googlenet,
     ("fc.", "aux1.", "aux2."),
     scratch_kwargs={"aux_logits": False, "init_weights": True},
     # as torchvision does for these weights: they expect (x-0.5)/0.5 inputs, converted inside from ImageNet mean/std
     pretrained_kwargs={"aux_logits": False, "init_weights": False, "transform_input": True},
 )
 _register_torchvision(
-    "mobilenet_v2", "mobilenet", tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, 1280, _strip_classifier, _CLS
+    "mobilenet_v2", "mobilenet", tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, _strip_classifier, _CLS
 )
-_register_torchvision("mnasnet1_0", "mnasnet", tvm.mnasnet1_0, tvm.MNASNet1_0_Weights.IMAGENET1K_V1, 1280,
+_register_torchvision("mnasnet1_0", "mnasnet", tvm.mnasnet1_0, tvm.MNASNet1_0_Weights.IMAGENET1K_V1,
                       _strip_classifier, _CLS)
 _register_torchvision(
-    "shufflenet_v2_x1_0", "shufflenet", tvm.shufflenet_v2_x1_0, tvm.ShuffleNet_V2_X1_0_Weights.IMAGENET1K_V1, 1024,
+    "shufflenet_v2_x1_0", "shufflenet", tvm.shufflenet_v2_x1_0, tvm.ShuffleNet_V2_X1_0_Weights.IMAGENET1K_V1,
     _strip_fc, _FC,
 )
 _register_torchvision(
-    "squeezenet1_1", "squeezenet", tvm.squeezenet1_1, tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1, 512, _strip_squeezenet,
+    "squeezenet1_1", "squeezenet", tvm.squeezenet1_1, tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1, _strip_squeezenet,
     _CLS,
 )
 _register_torchvision(
-    "efficientnet_b0", "efficientnet", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, 1280,
+    "efficientnet_b0", "efficientnet", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1,
     _strip_classifier, _CLS,
 )
 
@@ -323,7 +351,6 @@ for _name, (_size, _file) in _LITE.items():
         BackboneInfo(
             name=_name,
             family="efficientnet_lite",
-            feature_dim=1280,
             default_spec=PreprocessSpec(
                 input_size=(_size, _size),
                 resize=_size + 32,  # TF EfficientNet eval: centre crop with 32 px padding

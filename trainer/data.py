@@ -12,7 +12,6 @@ Eval datasets (val, test, train_eval) return ``spec.normalize(spec.center_crop(s
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from trainer.imagestore import ImageStore, Item, build_store, make_items, memory
 from trainer.scan import SPLITS, SourceFile, dataset_hash, hash_files, list_csv, list_image_folder, scan_sources
 from trainer.split import check_classes, stratified_split, stratified_subset, write_manifest
 
-log = logging.getLogger("edgetune.data")
+log = logging.getLogger(__name__)
 
 __all__ = ["DataSplits", "EvalDataset", "PreparedSource", "TrainDataset", "build_data", "prepare_source",
            "resolve_dataset"]
@@ -160,9 +159,8 @@ def prepare_source(cfg: DataConfig) -> PreparedSource:
         raise EdgetuneError(f"{len(skipped)} unreadable or non-image file(s) in {cfg.dataset!r} "
                             f"(strict mode; remove them or run without --strict to skip them):\n  {listing}")
     if skipped:
-        msg = f"skipping {len(skipped)} unreadable or non-image file(s) in {cfg.dataset!r}; first: {skipped[0][0]}"
-        log.info(msg)
-        print(f"edgetune: {msg}", file=sys.stderr)
+        log.warning("skipping %d unreadable or non-image file(s) in %r; first: %s: %s", len(skipped), cfg.dataset,
+                    skipped[0][0], skipped[0][1])
     classes = check_classes(scan.good, f"dataset {cfg.dataset!r}")
     parts = stratified_split(scan.good, classes, cfg.split, cfg.split_seed)
     return PreparedSource(dataset=cfg.dataset, name=name, cache=cache, dataset_hash=dhash, parts=parts,
@@ -215,8 +213,8 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
         stores[key] = build_store(items[key], spec, cache, seed, source.decoded, cfg.cache_images, st, budget)
         if stores[key].in_memory:
             budget -= stores[key].nbytes
-        log.info("%s: %d images %s in %.2f s", key, len(items[key]),
-                 "from the disk cache" if st["cache_hit"] else "decoded+resized", st["seconds"])
+        log.debug("%s: %d images %s in %.2f s", key, len(items[key]),
+                  "from the disk cache" if st["cache_hit"] else "decoded+resized", st["seconds"])
     manifest_path = None
     if run_dir is not None:
         manifest_path = write_manifest(Path(run_dir) / "split.json", parts, skipped, {

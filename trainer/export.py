@@ -22,6 +22,7 @@ import torch
 
 from edgetune.bundle import MANIFEST, BundleManifest, ImageEntry, load_bundle, sha256_file
 from edgetune.errors import BundleError, EdgetuneError
+from edgetune.logs import setup_cli_logging
 from edgetune.numeric import softmax
 from edgetune.preprocess import PreprocessSpec, read_image
 from trainer.checkpoint import resolve_checkpoint_path, versions
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", default="", help="comma list of INT8 variants: dynamic, static")
     p.add_argument("--tolerance", type=float, default=0.01, help="max validation-accuracy loss of an INT8 variant")
     args = p.parse_args(argv)
+    setup_cli_logging(verbose=False)
     out = Path(args.out) if args.out else Path(args.run) / "bundle"
     try:
         q = tuple(s.strip() for s in args.quantize.split(",") if s.strip())

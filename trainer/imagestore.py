@@ -26,7 +26,7 @@ from edgetune.fsutil import atomic_path
 from edgetune.preprocess import PreprocessSpec, read_image
 from trainer.scan import SourceFile
 
-log = logging.getLogger("edgetune.data")
+log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
 MEMORY_FRACTION = 0.25

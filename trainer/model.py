@@ -19,7 +19,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.preprocess import PreprocessSpec
-from trainer.backbones import build_backbone, format_load_error, get_backbone_info, parameterised_layers, weights_tag_of
+from trainer.backbones import (
+    build_backbone,
+    feature_dim_of,
+    format_load_error,
+    get_backbone_info,
+    parameterised_layers,
+    weights_tag_of,
+)
 from trainer.config import HEADS, ModelConfig
 from trainer.stages import Stage, run_stages, stages_of
 
@@ -252,8 +259,9 @@ def create_model(cfg: ModelConfig, num_classes: int) -> EdgeModel:
         backbone, source = info.build(False, size), "none"
     else:
         backbone, source = build_backbone(cfg.backbone, cfg.weights, size)
-    head = build_head(cfg.head, info.feature_dim, num_classes, cfg.dropout, (cfg.head_hidden[0], cfg.head_hidden[1]))
-    model = EdgeModel(backbone, head, cfg.backbone, info.feature_dim, num_classes, size)
+    feature_dim = feature_dim_of(backbone)  # read off the module built, never a number typed by hand
+    head = build_head(cfg.head, feature_dim, num_classes, cfg.dropout, (cfg.head_hidden[0], cfg.head_hidden[1]))
+    model = EdgeModel(backbone, head, cfg.backbone, feature_dim, num_classes, size)
     model.weights_source = source
     model.weights_tag = weights_tag_of(cfg.backbone, source)
     if cfg.init:

@@ -4,6 +4,7 @@ the best checkpoint, robustness report and plots. ``REPEATS=n`` repeats it with 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import statistics
@@ -21,6 +22,8 @@ from trainer.config import TrainConfig
 from trainer.loop import train_loop
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from trainer.model import model_from_checkpoint
+
+log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "params", "size_mb", "accuracy_density", "train_seconds")
 
@@ -113,8 +116,6 @@ def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     spec = preprocess_spec_for(cfg.model)
     data = build_data(cfg.data, spec, run_dir=out, seed=cfg.seed)
-    if data.skipped:
-        print(f"skipped {len(data.skipped)} unreadable image(s); first: {data.skipped[0][0]}: {data.skipped[0][1]}")
     t0 = time.perf_counter()
     if cfg.workers > 1:
         history = _train_ddp(cfg, out)
@@ -124,8 +125,8 @@ def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
         history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
         stop = history[-1].get("stop_reason") if history else None
         if stop == "diverged":
-            print(f"edgetune: the loss diverged (NaN/inf) at epoch {history[-1]['epoch']}; training stopped there "
-                  f"(try a lower optim.lr than {cfg.optim.lr})")
+            log.info(f"the loss diverged (NaN/inf) at epoch {history[-1]['epoch']}; training stopped there "
+                     f"(try a lower optim.lr than {cfg.optim.lr})")
         if not (out / "best" / "model.pt").is_file():
             raise EdgetuneError(f"no checkpoint: the loss diverged (NaN/inf) in the first epoch; lower optim.lr "
                                 f"(now {cfg.optim.lr})")

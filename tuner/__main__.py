@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING
 
 from edgetune.dataclass_cli import Flag, add_fields, field_values
 from edgetune.errors import ConfigError, EdgetuneError
+from edgetune.logs import setup_cli_logging
 
 if TYPE_CHECKING:
     from tuner.run import TuneOptions
+
 
 def _irregular() -> dict[str, Flag]:
     """The fields whose flag is not the generated one. Every other field of tuner.run.TuneOptions gets
@@ -64,6 +66,7 @@ def optuna_experimental_warning() -> type[Warning]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_cli_logging(verbose=args.verbose)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's table reporter (trials, states, best so far)
     warnings.filterwarnings("ignore", category=optuna_experimental_warning())
     try:

@@ -15,6 +15,8 @@ import os
 import socket
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 def bootstrap_file() -> str:
     """The file where ``ray start`` records the address of the node it started (honours RAY_TMPDIR)."""
@@ -78,8 +80,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     if not quiet:
         where = {"given": f"the Ray cluster at {target}", "existing": f"the running Ray cluster at {target}",
                  "local": "a local Ray instance started for this study"}[mode]
-        print(f"edgetune: using {where}: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
-              f"{res.get('GPU', 0):g} GPU (ray.mode={mode})")
+        log.info(f"using {where}: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
+                 f"{res.get('GPU', 0):g} GPU (ray.mode={mode})")
     return {"mode": mode, "address": target, "resources": res}
 
 
@@ -112,7 +114,7 @@ def _init_existing(address: str, runtime_env: dict[str, Any] | None) -> None:
                                            "authorization"))
             if not auth or i == len(modes) - 1:
                 raise
-            print(f"edgetune: the Ray cluster at {address} uses token auth; retrying with RAY_AUTH_MODE=token")
+            log.info(f"the Ray cluster at {address} uses token auth; retrying with RAY_AUTH_MODE=token")
 
 
 def shutdown(info: dict[str, Any]) -> None:

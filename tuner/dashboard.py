@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from edgetune.logs import setup_cli_logging
+
 
 def make_app(storage: str):  # noqa: ANN201 - WSGI app
     """WSGI app serving the dashboard for ``storage`` (used by tests and by :func:`main`)."""
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     a = p.parse_args(argv)
+    setup_cli_logging(verbose=False)
     if a.storage.startswith("sqlite:///") and not Path(a.storage[len("sqlite:///"):]).exists():
         print(f"error: no study storage at {a.storage}; run `make tune` first", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ back with ``ray rsync-down``. ``EDGETUNE_LOCAL=1`` or ``--address local`` keeps 
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 REMOTE_DIR = "~/edgetune"
 
@@ -90,12 +93,12 @@ def remote_commands(config_path: str | Path, argv: list[str], study: str, local_
 
 def forward(config_path: str | Path, head: str, argv: list[str], study: str, local_out: str,
             run: Callable[..., Any] = subprocess.run) -> int:
-    print(f"edgetune: the cluster launched from {config_path} is up (head {head}): running the study there "
-          f"(EDGETUNE_LOCAL=1 make tune runs it on this machine instead)")
+    log.info(f"the cluster launched from {config_path} is up (head {head}): running the study there "
+             f"(EDGETUNE_LOCAL=1 make tune runs it on this machine instead)")
     rc = 0
     Path(local_out).mkdir(parents=True, exist_ok=True)
     for cmd in remote_commands(config_path, argv, study, local_out):
-        print("edgetune: $ " + shlex.join(cmd))
+        log.info("$ " + shlex.join(cmd))
         rc = run(cmd, check=False).returncode
         if rc != 0:
             return int(rc)

@@ -15,6 +15,7 @@ trials; its best checkpoint comes back through the object store.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from typing import Any
 
 from trainer.checkpoint import read_meta
 from trainer.metric import get_metric
+
+log = logging.getLogger(__name__)
 
 #: Seconds kept after the search and the refit for the test evaluation, export (ONNX + parity) and plots
 #: (measured 25-40 s for elpv's 393 test images on 2 cores).
@@ -113,27 +116,27 @@ def refit_best(
     from tuner.trial import build_trial_config
 
     if opts.multi_objective:
-        print("edgetune: refit skipped: multi-objective study (the final model is picked from the Pareto front)")
+        log.info("refit skipped: multi-objective study (the final model is picked from the Pareto front)")
         return None
     trial = best_trial(study, opts.metric, opts.max_latency_ms)
     if trial is None:
         why = f" within {opts.max_latency_ms:g} ms" if opts.max_latency_ms > 0 else ""
-        print(f"edgetune: refit skipped: no finished trial{why}")
+        log.info(f"refit skipped: no finished trial{why}")
         return None
     cpus, gpus = _refit_resources(opts)
     epochs, why = plan_epochs(opts, trial, clock.left(), refit_cpus=cpus)
     run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=epochs)
     if not epochs:
         run.skipped = why
-        print(f"edgetune: refit skipped: {why}")
+        log.info(f"refit skipped: {why}")
         return run
     cap = opts.refit_max_epochs or 3 * opts.epochs
     cfg = build_trial_config(base, space.to_overrides(trial.params)).replace({"epochs": cap if clock.end() else epochs})
     cfg = cfg.replace({"threads": int(cpus) if not gpus else cfg.threads})
     end = clock.end()
     deadline = end - FINISH_RESERVE_S if end else None
-    print(
-        f"edgetune: refit of trial #{trial.number} ({get_metric(opts.metric).best_key} "
+    log.info(
+        f"refit of trial #{trial.number} ({get_metric(opts.metric).best_key} "
         f"{trial.user_attrs.get(get_metric(opts.metric).best_key):.4f}): up to {cfg.epochs} epochs, fitted to the "
         f"budget after the first ({why}); {cpus:g} CPU, {gpus:g} GPU"
     )
@@ -142,7 +145,7 @@ def refit_best(
     res = ray.get(task.remote(cfg.to_dict(), source, deadline))
     if not res["files"]:
         run.skipped = "the refit produced no checkpoint (its loss diverged in the first epoch)"
-        print(f"edgetune: refit failed: {run.skipped}; the best trial's own checkpoint is used")
+        log.info(f"refit failed: {run.skipped}; the best trial's own checkpoint is used")
         return run
     dest = out / "refit"
     if dest.exists():
@@ -158,8 +161,8 @@ def refit_best(
     run.value = meta["metrics"].get(m.name)
     run.val = {k: v for k, v in meta["metrics"].items() if k.startswith("val_")}
     run.stop_reason = str(res["history"][-1].get("stop_reason", "")) if res["history"] else ""
-    print(
-        f"edgetune: refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{run.epochs}, "
+    log.info(
+        f"refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{run.epochs}, "
         f"{m.name} {run.value:.4f}" + (f" (stopped: {run.stop_reason})" if run.stop_reason else "")
     )
     return run

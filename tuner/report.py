@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -13,9 +14,12 @@ from typing import Any
 
 import optuna
 
+from edgetune.logs import setup_cli_logging
 from edgetune.markdown import markdown_table
 from trainer.checkpoint import read_meta
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
+
+log = logging.getLogger(__name__)
 
 #: Leaderboard columns; ``{metric}`` is the study's selection metric (trainer.metric), the value Optuna holds.
 LEADER_COLUMNS = ["rank", "trial", "state", "backbone", "img", "freeze", "lr", "optimizer", "augment", "sampler",
@@ -83,7 +87,7 @@ def _candidates(rows: list[dict[str, Any]], metric: str, max_latency_ms: float) 
     if max_latency_ms:
         within = [r for r in ok if r["latency_ms"] is not None and r["latency_ms"] <= max_latency_ms]
         if not within:
-            print(f"edgetune: no trial within --max-latency-ms {max_latency_ms}; picking the most accurate overall")
+            log.info(f"no trial within --max-latency-ms {max_latency_ms}; picking the most accurate overall")
         ok = within or ok
     return ok
 
@@ -177,7 +181,7 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
             plt.close(fig)
             made.append(name)
         except Exception as e:  # noqa: BLE001 - e.g. importances need >= 2 finished trials
-            print(f"edgetune: plot {name} skipped ({type(e).__name__}: {e})")
+            log.info(f"plot {name} skipped ({type(e).__name__}: {e})")
     top = [r for r in rows if r["ray_trial_id"]][:5]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for r in top:
@@ -231,7 +235,7 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
                     and (dest / "model.pt").is_file():
                 final = cand
                 break
-            print(f"edgetune: trial #{cand['trial']} has no checkpoint any more (earlier run of the study); skipped")
+            log.info(f"trial #{cand['trial']} has no checkpoint any more (earlier run of the study); skipped")
     if final:
         data = None
         if source is not None:
@@ -255,7 +259,7 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
                         "test_images": metrics.get("test_images")})
         (out / "best_config.yaml").write_text((dest / "checkpoint.json").read_text())
     else:
-        print("edgetune: no trial produced a checkpoint; nothing to evaluate")
+        log.info("no trial produced a checkpoint; nothing to evaluate")
     write_leaderboard(rows, out, metric)
     if opts.multi_objective:
         summary["pareto_front"] = [{"trial": t.number, "values": t.values, "params": t.params}
@@ -327,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default="sqlite:///" + str(Path("runs/optuna.db").resolve()))
     p.add_argument("--out", default="", help="where to save report.md/report.csv (default runs/)")
     a = p.parse_args(argv)
+    setup_cli_logging(verbose=False)
     rows = compare_studies(a.storage, [s for s in a.studies.split(",") if s])
     cols = list(rows[0]) if rows else []
     md = leaderboard_table(rows, cols)

@@ -4,6 +4,7 @@ each trial a trainer run; then the best trial's test evaluation, leaderboard, pl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -19,6 +20,8 @@ from edgetune.dataclass_cli import opt
 from edgetune.errors import ConfigError, EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, DEFAULT_METRIC, Metric, get_metric
 from tuner.refit import FINISH_RESERVE_S
+
+log = logging.getLogger(__name__)
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
@@ -305,8 +308,8 @@ def prepare_study_data(base: dict[str, Any], space: Any, out: Path) -> Any:
         build_data(cfg.data, spec, run_dir=out if i == 0 else None, seed=cfg.seed, source=source)
     source.decoded.clear()
     n = {k: len(v) for k, v in source.parts.items()}
-    print(
-        f"edgetune: dataset {source.name}: {n['train']} train / {n['val']} val / {n['test']} test images, "
+    log.info(
+        f"dataset {source.name}: {n['train']} train / {n['val']} val / {n['test']} test images, "
         f"classes {source.classes}"
         + (f", {len(source.skipped)} unreadable skipped" if source.skipped else "")
         + f"; prepared once for {len(specs)} input size(s) in {time.perf_counter() - t0:.1f} s"
@@ -338,7 +341,7 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
         fixed={"img": opts.img} if opts.img else None,
     )
     for line in space.dropped_report(verbose=opts.verbose, explicit=bool(opts.backbones)):
-        print(f"edgetune: {line}")
+        log.info(line)
     connect = lambda: cluster.connect(  # noqa: E731
         opts.address or None, env_vars=opts.env_vars, include_dashboard=opts.workers_per_trial > 1)
     info = connect() if opts.target else None  # a missing target fails before the data is prepared
@@ -384,13 +387,13 @@ def _latency_setup(opts: TuneOptions, space: Any) -> Any:
     if target:
         nodes = device.require_target(target)
         caps = device.device_capabilities(target, opts.timing_backend)
-        print(f"edgetune: target {target}: {len(nodes)} live node(s) ({', '.join(n[:12] for n in nodes)}); device "
-              f"{caps['device'].get('gpu_name') or caps['device'].get('cpu')} ({caps['device'].get('backend')}); "
-              f"precisions {caps['precisions']}")
+        log.info(f"target {target}: {len(nodes)} live node(s) ({', '.join(n[:12] for n in nodes)}); device "
+                 f"{caps['device'].get('gpu_name') or caps['device'].get('cpu')} ({caps['device'].get('backend')}); "
+                 f"precisions {caps['precisions']}")
         space.add_device_params(caps["precisions"], img_fixed=bool(opts.img))
     else:
-        print("edgetune: no --target: latency is an estimate timed on the driver's node (alongside training), "
-              "not a device's latency")
+        log.info("no --target: latency is an estimate timed on the driver's node (alongside training), "
+                 "not a device's latency")
     device.LatencyCache(_rdb(opts.storage))  # create the cache study before the service and trials use it
     service = device.start_service(opts.study, opts.storage, target, protocol, opts.timing_backend,
                                    opts.timing_timeout_s)
@@ -421,9 +424,9 @@ def _latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]
 
     records = device.LatencyCache(_rdb(opts.storage)).records(opts.target or device.ESTIMATE_TARGET)
     res = write_latency_outputs(study, records, out, opts.metric, opts.max_latency_ms)
-    print(f"edgetune: latency: {res['architectures_timed']} architecture(s) in {res['latency_table']}; Pareto front "
-          f"{[p['trial'] for p in res['pareto']]} in {res['pareto_png']}"
-          + (f"; rejected by --max-latency-ms: {res['rejected_by_constraint']}" if res["rejected_by_constraint"] else ""))
+    log.info(f"latency: {res['architectures_timed']} architecture(s) in {res['latency_table']}; Pareto front "
+             f"{[p['trial'] for p in res['pareto']]} in {res['pareto_png']}"
+             + (f"; rejected by --max-latency-ms: {res['rejected_by_constraint']}" if res["rejected_by_constraint"] else ""))
     return res
 
 
@@ -522,7 +525,7 @@ def _fit(
         except KeyError:
             raise EdgetuneError(f"cannot resume: study {opts.study!r} not found in {opts.storage}") from None
         if stale:
-            print(f"edgetune: resume: marked stale RUNNING trial(s) {stale} as FAIL")
+            log.info(f"resume: marked stale RUNNING trial(s) {stale} as FAIL")
     seeds = space.points_to_evaluate()
     n_trials = opts.trials or 100_000  # with no cap, the time budget ends the search
     searcher = EdgetuneOptunaSearch(
@@ -548,8 +551,8 @@ def _fit(
     attrs = _study_attrs(opts, base, space, source)
     existing = searcher.study.user_attrs
     if existing.get("dataset_hash") not in (None, attrs["dataset_hash"]):
-        print(
-            f"edgetune: warning: study {opts.study!r} was run on a different dataset "
+        log.warning(
+            f"warning: study {opts.study!r} was run on a different dataset "
             f"(hash {existing['dataset_hash'][:12]} vs {attrs['dataset_hash'][:12]})"
         )
     for k, v in attrs.items():
@@ -594,11 +597,11 @@ def _fit(
     )
     exp_path = f"{opts.storage_path.rstrip('/')}/{opts.study}"
     if opts.resume and tune.Tuner.can_restore(exp_path):
-        print(f"edgetune: resuming Ray experiment {exp_path}")
+        log.info(f"resuming Ray experiment {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
     else:
         if opts.resume:
-            print(f"edgetune: no Ray experiment to restore at {exp_path}; continuing the Optuna study with new trials")
+            log.info(f"no Ray experiment to restore at {exp_path}; continuing the Optuna study with new trials")
         elif "://" not in exp_path and Path(exp_path).exists():
             shutil.rmtree(exp_path)
         backstop = (deadline - time.time() + 60.0) if deadline else None  # trials stop at epoch boundaries first
