@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from edgetune.numeric import confusion_matrix
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from trainer.config import TrainConfig
-from trainer.metric import CHECKPOINT_SCORE, Metric, get_metric
+from trainer.metric import CHECKPOINT_SCORE, METRIC_NAMES, Metric, get_metric
 from trainer.reporting import Reporter, make_reporter
 
 TRAIN_STATE = "train_state.pt"
@@ -451,7 +451,7 @@ def _update_best(st: LoopState, epoch: int, metrics: dict[str, Any], stop: str) 
     improved = not stop or stop == "deadline"
     if improved and m.better(metrics[m.name], st.best):
         st.best, st.best_epoch = metrics[m.name], epoch
-        st.at_best = {f"{k}_at_best": metrics[k] for k in ("val_acc", "val_macro_f1", "val_balanced_acc", "val_loss")}
+        st.at_best = {f"{k}_at_best": metrics[k] for k in METRIC_NAMES}
     metrics[m.best_key] = st.best if st.best is not None else m.worst
     metrics["best_epoch"] = st.best_epoch
     metrics["resumed_from_epoch"] = st.resumed_from_epoch  # tells a resume from a restart in the history

@@ -11,8 +11,10 @@ import os
 import sys
 import warnings
 
+from edge_server.timing import TIMING_BACKENDS
 from edgetune.errors import ConfigError, EdgetuneError
 from trainer.metric import METRIC_NAMES
+from trainer.ray_trainer import PLACEMENT_STRATEGIES
 
 #: CLI defaults = TuneOptions defaults (the embedded ``make tune`` budget); kept in one place: tuner/run.py.
 _BUDGET = ("trials", "epochs", "img", "max_images", "time_budget_s", "grace_period", "reduction_factor", "metric",
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cpus-per-worker", type=float, default=1.0)
     a("--resources-per-worker", type=_resources, default={}, metavar="NAME=AMOUNT,…",
       help="extra custom Ray resources per worker (e.g. slot=1)")
-    a("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+    a("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
       help="placement of a DDP trial's workers (STRICT_SPREAD: each on its own node)")
     a("--max-concurrent", type=int, default=0)
     a("--grace-period", type=int, default=d["grace_period"], help="ASHA's first rung in epochs")
@@ -89,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--timing-warmup", type=int, default=d["timing_warmup"], help="untimed runs before each timing")
     a("--timing-timeout", type=float, default=d["timing_timeout_s"],
       help="seconds a trial waits for its timing (edge node down) before it is marked with the reason")
-    a("--timing-backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"],
+    a("--timing-backend", default="auto", choices=TIMING_BACKENDS,
       help="runtime of the timing on the device (auto: TensorRT where present, else ONNX Runtime)")
     a("--max-failures", type=int, default=1, help="restarts of a crashed trial from its last checkpoint")
     a("--address", default="", help="Ray cluster address; 'local' forces a local instance "
       "(default: RAY_ADDRESS, a running node started by `ray start`/`ray up` on this machine, or local)")
     a("--verbose", action="store_true", help="list every place looked for each backbone left out for missing weights")
     a("--no-export", action="store_true", help="do not export the best trial as a bundle")
-    a("--metric", default=d["metric"], choices=list(METRIC_NAMES),
+    a("--metric", default=d["metric"], choices=METRIC_NAMES,
       help="selects epochs, trials and the final model (default val_macro_f1: see README, 'Why macro-F1')")
     return p
 
