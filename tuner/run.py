@@ -18,6 +18,7 @@ from edgetune.errors import ConfigError, EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, DEFAULT_METRIC, Metric, get_metric
 from trainer.ray_trainer import PLACEMENT_STRATEGIES
 from tuner.refit import FINISH_RESERVE_S
+
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
 
 
