@@ -20,6 +20,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edge_client.output import LOG_FORMATS
+
     p = argparse.ArgumentParser(
         prog="python -m edge_client",
         description="Stream camera frames to an edgetune server and log/show the classifications.",
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for outstanding results at the end of a file")
     out = p.add_argument_group("output")
     out.add_argument("--log", help="write every result to this file: .csv → CSV, otherwise JSON lines; '-' = stdout")
-    out.add_argument("--log-format", choices=("jsonl", "csv"), help="override the format chosen from --log's name")
+    out.add_argument("--log-format", choices=LOG_FORMATS, help="override the format chosen from --log's name")
     out.add_argument("--display", action="store_true",
                      help="show an overlay window per camera (label, score, FPS, latency); needs a display")
     out.add_argument("--quiet", action="store_true", help="no per-camera summary on stderr at the end")

@@ -12,8 +12,10 @@ import logging
 import os
 import sys
 
-from edge_server.logs import NativeStderr, configure_logging
+from edge_server.logs import LOG_LEVELS, NativeStderr, configure_logging
+from edge_server.model import BATCH_WAITS
 from edge_server.runners import BACKENDS
+from edge_server.runners.tensorrt import PRECISIONS
 from edgetune.errors import EdgetuneError
 
 log = logging.getLogger("edge_server.main")
@@ -26,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="listen address (default 127.0.0.1; others need --tls-cert/--tls-key or --insecure)")
     p.add_argument("--port", type=int, default=50051, help="TCP port (0 = pick a free one; logged)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="inference backend (auto logs its choice)")
-    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "int8"), help="TensorRT engine precision")
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="TensorRT engine precision")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--max-batch", type=int, default=8, help="largest micro-batch")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a micro-batch waits to fill")
-    p.add_argument("--batch-wait", choices=["adaptive", "fixed"], default="adaptive",
+    p.add_argument("--batch-wait", choices=BATCH_WAITS, default="adaptive",
                    help="adaptive: a batch waits only for images already being decoded (a lone request runs at "
                         "once); fixed: every batch waits up to --max-wait-ms for company")
     p.add_argument("--max-concurrent", type=int, default=64, help="concurrent unary calls (Classify, GetStats, "
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="poll --bundle and hot-swap when a new bundle appears there")
     p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between --watch polls")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight RPCs on SIGTERM/SIGINT")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return p
 
 

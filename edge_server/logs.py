@@ -20,6 +20,8 @@ import threading
 import time
 from typing import IO
 
+LOG_LEVELS = ("debug", "info", "warning", "error")  #: ``--log-level`` / :func:`configure_logging`
+
 
 class JsonLineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -41,11 +43,10 @@ class JsonLineFormatter(logging.Formatter):
 
 def configure_logging(level: str = "info", stream: IO[str] | None = None) -> None:
     """Send the ``edge_server`` loggers to ``stream`` (stderr) as JSON lines."""
-    levels = ("debug", "info", "warning", "error")
-    if level not in levels:
+    if level not in LOG_LEVELS:
         from edgetune.errors import ConfigError
 
-        raise ConfigError(f"log level must be one of {levels}, got {level!r}")
+        raise ConfigError(f"log level must be one of {LOG_LEVELS}, got {level!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonLineFormatter())
     for name, lvl in (("edge_server", level.upper()), ("grpc", "WARNING")):

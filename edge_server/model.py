@@ -18,6 +18,9 @@ from edgetune.errors import BundleError, ConfigError
 
 log = logging.getLogger("edge_server.model")
 
+#: How a micro-batch waits: adaptive (only for images already being decoded) or fixed (up to max_wait_ms).
+BATCH_WAITS = ("adaptive", "fixed")
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunnerOptions:
@@ -39,8 +42,8 @@ class RunnerOptions:
             raise ConfigError(f"max_batch must be an integer in 1..1024, got {self.max_batch!r}")
         if not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 10_000:
             raise ConfigError(f"max_wait_ms must be in [0, 10000] ms, got {self.max_wait_ms!r}")
-        if self.batch_wait not in ("adaptive", "fixed"):
-            raise ConfigError(f"batch_wait must be 'adaptive' or 'fixed', got {self.batch_wait!r}")
+        if self.batch_wait not in BATCH_WAITS:
+            raise ConfigError(f"batch_wait must be {' or '.join(map(repr, BATCH_WAITS))}, got {self.batch_wait!r}")
 
 
 @dataclass

@@ -116,6 +116,15 @@ def test_seed_freeze_counts_become_fractions(tmp_path):
     ("params: [\n", "not valid YAML"),
     ("params:\n  x: {type: categorical, choices: [a, b], sets: {a: {}}}\n", "one entry per choice"),
     ("params:\n  x: {type: categorical, key: k, choices: [a], sets: {a: {}}}\n", "exactly one of 'key'"),
+    # the document's shape (tuner.space.SpaceDoc / ParamSpec): the parameter, the field and what is allowed
+    ("params:\n  x: {type: float, key: a, low: abc}\n", r"parameter 'x': 'low' must be a number, got 'abc'"),
+    ("params:\n  x: {type: categorical, key: a, choices: abc}\n", r"'x': 'choices' must be a list"),
+    ("params:\n  x: {type: categorical, choices: [a], sets: {a: 5}}\n", "'sets' must map each choice to a mapping"),
+    ("params:\n  x: {type: float, key: a, log: maybe}\n", "'log' must be true or false"),
+    ("params:\n  x: {type: float}\n", r"parameter 'x' needs 'type' and 'key' \(or 'sets'\)"),
+    ("params:\n  x: [1, 2]\n", "parameter 'x' must be a mapping"),
+    ("params: [1]\n", "'params' must map parameter names to their specs"),
+    ("seeds:\n  - {name: a, parms: {}}\n", r"seed configuration 1: unknown field\(s\) \['parms'\]; allowed: \['name', 'params'\]"),
 ])
 def test_invalid_space_files(tmp_path, text, match):
     y = tmp_path / "bad.yaml"

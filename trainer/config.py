@@ -17,17 +17,18 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from edgetune.errors import ConfigError
+from trainer.datasets import BUILTINS, ELPV_TASKS
 from trainer.metric import DEFAULT_METRIC, METRIC_NAMES, get_metric
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 HEADS = ("linear", "mlp")
+#: online augmentation presets (built by :func:`trainer.augment.build_augment`; declared here, torch-free, so the
+#: config validates without importing torch)
 AUG_PRESETS = ("graphite", "garbage", "rock", "flips", "dihedral", "none")
-CACHEABLE_AUGMENT = ("none", "flips", "dihedral")  #: deterministic views the activation cache can hold
 SAMPLERS = ("uniform", "balanced")
 BN_STATS = ("recompute", "momentum", "keep")
 EXPANSIONS = ("hflip", "vflip", "rot90", "affine")
-ELPV_TASKS = ("defect4", "binary", "type")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -68,7 +69,7 @@ class DataConfig:
 
     def validate(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
-            raise ConfigError("data.dataset must be a built-in name (elpv, textures) or a path")
+            raise ConfigError(f"data.dataset must be a built-in name ({', '.join(BUILTINS)}) or a path")
         _check_choice("data.elpv_task", self.elpv_task, ELPV_TASKS)
         if len(self.split) != 3 or any((not isinstance(r, (int, float))) or r < 0 for r in self.split):
             raise ConfigError(f"data.split must be three non-negative ratios (train, val, test), got {self.split!r}")

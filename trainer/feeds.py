@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from trainer.actcache import VIEW_SETS, ActivationCache, ActKey, apply_view, fp16_parity_check, prefix_fingerprint
-from trainer.config import CACHEABLE_AUGMENT, TrainConfig
+from trainer.config import TrainConfig
 from trainer.datasets import cache_root
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -48,8 +48,8 @@ def choose_path(cfg: TrainConfig, cut: int) -> tuple[str, str]:
         return "live", "data.activation_cache=off"
     if cut <= 0:
         return "live", "nothing frozen (model.freeze=0): the whole network trains"
-    if cfg.data.augment not in CACHEABLE_AUGMENT:
-        return "live", f"augmentation {cfg.data.augment!r} is random per step; the cache holds only {CACHEABLE_AUGMENT}"
+    if cfg.data.augment not in VIEW_SETS:
+        return "live", f"augmentation {cfg.data.augment!r} is random per step; the cache holds only {tuple(VIEW_SETS)}"
     return "cached", f"frozen prefix of {cut} stage(s) cached"
 
 

@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from edgetune.numeric import confusion_matrix
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from trainer.config import TrainConfig
-from trainer.metric import CHECKPOINT_SCORE, Metric, get_metric
+from trainer.metric import CHECKPOINT_SCORE, METRIC_NAMES, METRICS, Metric, get_metric
 from trainer.reporting import Reporter, make_reporter
 
 TRAIN_STATE = "train_state.pt"
@@ -434,10 +434,8 @@ def end_of_epoch(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: f
 def _stop_reason(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: float | None) -> str:
     """``diverged`` (the epoch then scores the metric's worst value), ``deadline`` (the next epoch would end after
     it), or "" to go on. Pops ``diverged`` from ``metrics``."""
-    m = st.metric
     if metrics.pop("diverged"):
-        metrics.update({"val_loss": 1e6, "val_acc": 0.0, "val_macro_f1": 0.0, "val_balanced_acc": 0.0})
-        metrics[m.name] = m.worst
+        metrics.update({name: metric.worst for name, metric in METRICS.items()})
         return "diverged"
     if deadline is not None and epoch < st.cfg.epochs and time.time() + metrics["epoch_seconds"] > deadline:
         return "deadline"
@@ -451,7 +449,7 @@ def _update_best(st: LoopState, epoch: int, metrics: dict[str, Any], stop: str) 
     improved = not stop or stop == "deadline"
     if improved and m.better(metrics[m.name], st.best):
         st.best, st.best_epoch = metrics[m.name], epoch
-        st.at_best = {f"{k}_at_best": metrics[k] for k in ("val_acc", "val_macro_f1", "val_balanced_acc", "val_loss")}
+        st.at_best = {f"{k}_at_best": metrics[k] for k in METRIC_NAMES}
     metrics[m.best_key] = st.best if st.best is not None else m.worst
     metrics["best_epoch"] = st.best_epoch
     metrics["resumed_from_epoch"] = st.resumed_from_epoch  # tells a resume from a restart in the history

@@ -14,6 +14,9 @@ from typing import Any
 
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 
+#: Ray placement-group strategies for a DDP run's workers (``ScalingConfig.placement_strategy``).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
 
 def checkpoint_config() -> Any:
     """Ray's ``CheckpointConfig`` of every edgetune Train run: the best epoch's checkpoint (plus the latest)."""

@@ -25,7 +25,7 @@ def _irregular() -> dict[str, Flag]:
     ``--field-name`` (``--no-field-name`` for a bool that defaults to True) with its type, default and help."""
     from edge_server.timing import TIMING_BACKENDS
     from trainer.metric import METRIC_NAMES
-    from tuner.run import PLACEMENT_STRATEGIES
+    from trainer.ray_trainer import PLACEMENT_STRATEGIES
 
     return {
         "time_budget_s": Flag("--time-budget"),

@@ -19,11 +19,11 @@ from edge_server.timing import TimingProtocol
 from edgetune.dataclass_cli import opt
 from edgetune.errors import ConfigError, EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, DEFAULT_METRIC, Metric, get_metric
+from trainer.ray_trainer import PLACEMENT_STRATEGIES
 from tuner.refit import FINISH_RESERVE_S
 
 log = logging.getLogger(__name__)
 
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
 
 

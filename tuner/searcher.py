@@ -19,6 +19,7 @@ from ray.tune.callback import Callback
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from trainer.metric import METRICS
 from tuner import _optuna_compat, _ray_compat
 
 log = logging.getLogger(__name__)
@@ -29,19 +30,9 @@ ATTR_KEYS = {
     "size_mb": "size_mb",
     "train_seconds": "train_seconds",
     "images_per_s": "images_per_s",
-    "val_macro_f1": "val_macro_f1",
-    "val_acc": "val_acc",
-    "val_balanced_acc": "val_balanced_acc",
-    "val_loss": "val_loss",
-    "best_val_acc": "best_val_acc",
-    "best_val_macro_f1": "best_val_macro_f1",
-    "best_val_balanced_acc": "best_val_balanced_acc",
-    "best_val_loss": "best_val_loss",
+    # every selectable metric: its last value, its running best and its value at the best epoch
+    **{k: k for m in METRICS.values() for k in (m.name, m.best_key, f"{m.name}_at_best")},
     "best_epoch": "best_epoch",
-    "val_acc_at_best": "val_acc_at_best",
-    "val_macro_f1_at_best": "val_macro_f1_at_best",
-    "val_balanced_acc_at_best": "val_balanced_acc_at_best",
-    "val_loss_at_best": "val_loss_at_best",
     "stop_reason": "stop_reason",
     "data_path": "data_path",
     "data_path_reason": "data_path_reason",

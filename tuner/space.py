@@ -7,10 +7,13 @@ cannot be resolved are removed from the space with a printed reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from edgetune.errors import ConfigError
 from trainer.config import load_yaml_mapping
@@ -129,7 +132,147 @@ class SearchSpace:
         return list(p.choices) if p else []
 
 
-def load_space(path: str | Path | None = None, backbones: list[str] | None = None,  # noqa: C901
+# -- the YAML document: its shape (keys, field types) is validated by these models; Param checks the values ----------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_is_default(cls, v: Any, info: Any) -> Any:
+        """``key:`` with nothing after it (YAML null) means the default."""
+        f = cls.model_fields[info.field_name]
+        if v is None and not f.is_required():
+            return f.get_default(call_default_factory=True)
+        return v
+
+
+class ParamSpec(_Strict):
+    """One entry of ``params:`` as written (frozen); :meth:`to_param` makes the runtime :class:`Param`, which
+    checks the values against each other (type, ranges, ``sets`` against ``choices``). Each field's description
+    is the error text for a value of the wrong type."""
+
+    type: str = Field(description=f"must be one of {TYPES}")
+    key: str = Field("", description="must be the TrainConfig dotted key it sets (a string)")
+    sets: dict[Any, dict[str, Any]] = Field(default_factory=dict,
+                                            description="must map each choice to a mapping of overrides")
+    choices: list[Any] = Field(default_factory=list, description="must be a list of values")
+    low: float = Field(0.0, description="must be a number")
+    high: float = Field(1.0, description="must be a number")
+    log: bool = Field(False, description="must be true or false")
+    when: dict[str, list[Any]] = Field(default_factory=dict,
+                                       description="must map parameter names to a value or a list of values")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _needs_type_and_key(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and ("type" not in data or ("key" not in data and "sets" not in data)):
+            raise PydanticCustomError("space_required", "needs 'type' and 'key' (or 'sets')")
+        return data
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _one_value_is_a_list(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: (x if isinstance(x, list) else [x]) for k, x in v.items()}
+        return v
+
+    def to_param(self, name: str) -> Param:
+        return Param(name=name, type=self.type, key=self.key, sets={k: dict(v) for k, v in self.sets.items()},
+                     choices=list(self.choices), low=self.low, high=self.high, log=self.log,
+                     when={k: list(v) for k, v in self.when.items()})
+
+
+class SeedSpec(_Strict):
+    """One entry of ``seeds:``: a named point tried first (parameters not given are sampled)."""
+
+    name: str = Field("?", description="must be a string")
+    params: dict[str, Any] = Field(default_factory=dict, description="must map parameter names to values")
+
+
+class SpaceDoc(_Strict):
+    """A search space file: ``params`` (name -> :class:`ParamSpec`) and ``seeds``."""
+
+    params: dict[str, ParamSpec] = Field(default_factory=dict,
+                                         description="must map parameter names to their specs")
+    seeds: list[SeedSpec] = Field(default_factory=list, description="must be a list of {name, params} entries")
+
+    @model_validator(mode="after")
+    def _conditions_name_parameters(self) -> SpaceDoc:
+        for name, spec in self.params.items():
+            for dep in spec.when:
+                if dep not in self.params:
+                    raise PydanticCustomError("space_unknown_dependency",
+                                              "search space parameter {name} depends on unknown parameter {dep}",
+                                              {"name": repr(name), "dep": repr(dep)})
+        return self
+
+
+def parse_space_doc(doc: Mapping[str, Any], source: str | Path) -> SpaceDoc:
+    """The validated document, or a :class:`ConfigError` naming each bad parameter, field and what is allowed."""
+    try:
+        return SpaceDoc.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError("; ".join(_explain(e, doc, source))) from None
+
+
+def _explain(e: ValidationError, doc: Mapping[str, Any], source: str | Path) -> list[str]:
+    """One line per problem: unknown keys grouped per place, a value of the wrong type with its field's rule."""
+    lines: list[str] = []
+    unknown: dict[tuple[Any, ...], list[str]] = {}
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            unknown.setdefault(loc[:-1], []).append(str(loc[-1]))
+            continue
+        if err["type"] == "space_unknown_dependency":
+            lines.append(err["msg"])
+            continue
+        entry, rest = (loc[:2], loc[2:]) if loc and loc[0] in ("params", "seeds") and len(loc) >= 2 else ((), loc)
+        where = _where(entry, source)
+        if not rest:  # the entry itself: not a mapping, or no type/key
+            if err["type"] == "space_required":
+                lines.append(f"{where} {err['msg']}")
+            elif entry[0] == "params":
+                lines.append(f"search space {source}: parameter {entry[1]!r} must be a mapping")
+            else:
+                lines.append(f"{where} must be a mapping, got {err['input']!r}")
+            continue
+        model = _MODELS[entry[0] if entry else ""]
+        name = str(rest[0])
+        rule = model.model_fields[name].description if name in model.model_fields else err["msg"]
+        lines.append(f"{where}: {name!r} {rule}, got {_dig(doc, entry + rest[:1])!r}")
+    for entry, keys in unknown.items():
+        model = _MODELS[entry[0] if entry else ""]
+        if not entry:
+            lines.append(f"search space {source}: unknown top-level key(s) {sorted(keys)}; "
+                         f"allowed: {', '.join(model.model_fields)}")
+        else:
+            lines.append(f"{_where(entry, source)}: unknown field(s) {sorted(keys)}; "
+                         f"allowed: {sorted(model.model_fields)}")
+    return list(dict.fromkeys(lines))
+
+
+_MODELS: dict[Any, type[BaseModel]] = {"": SpaceDoc, "params": ParamSpec, "seeds": SeedSpec}
+
+
+def _where(entry: tuple[Any, ...], source: str | Path) -> str:
+    if not entry:
+        return f"search space {source}"
+    if entry[0] == "params":
+        return f"search space parameter {entry[1]!r}"
+    return f"search space {source}: seed configuration {entry[1] + 1}"
+
+
+def _dig(doc: Any, loc: tuple[Any, ...]) -> Any:
+    for k in loc:
+        try:
+            doc = doc[k]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return doc
+
+
+def load_space(path: str | Path | None = None, backbones: list[str] | None = None,
                weights_check: Callable[[str], tuple[bool, str]] | None = None,
                layer_count: Callable[[str], int] | None = None,
                fixed: dict[str, Any] | None = None) -> SearchSpace:
@@ -137,38 +280,14 @@ def load_space(path: str | Path | None = None, backbones: list[str] | None = Non
     parameters named in ``fixed`` (e.g. ``{"img": 96}`` from ``--img``) are not searched (the base config sets
     them) and disappear from the seeds."""
     p = Path(path) if path else DEFAULT_SPACE
-    doc = load_yaml_mapping(p, "search space")
-    unknown = set(doc) - {"params", "seeds"}
-    if unknown:
-        raise ConfigError(f"search space {p}: unknown top-level key(s) {sorted(unknown)}; allowed: params, seeds")
-    params: dict[str, Param] = {}
-    for name, spec in (doc.get("params") or {}).items():
-        if not isinstance(spec, dict):
-            raise ConfigError(f"search space {p}: parameter {name!r} must be a mapping")
-        allowed = {"type", "key", "sets", "choices", "low", "high", "log", "when"}
-        bad = set(spec) - allowed
-        if bad:
-            raise ConfigError(f"search space parameter {name!r}: unknown field(s) {sorted(bad)}; allowed: {sorted(allowed)}")
-        if "type" not in spec or ("key" not in spec and "sets" not in spec):
-            raise ConfigError(f"search space parameter {name!r} needs 'type' and 'key' (or 'sets')")
-        when = {k: (v if isinstance(v, list) else [v]) for k, v in (spec.get("when") or {}).items()}
-        sets = spec.get("sets") or {}
-        if not isinstance(sets, dict) or not all(isinstance(v, dict) for v in sets.values()):
-            raise ConfigError(f"search space parameter {name!r}: 'sets' must map each choice to a mapping of overrides")
-        params[name] = Param(name=name, type=spec["type"], key=spec.get("key", ""), sets=sets,
-                             choices=list(spec.get("choices") or []),
-                             low=float(spec.get("low", 0.0)), high=float(spec.get("high", 1.0)),
-                             log=bool(spec.get("log", False)), when=when)
-    for prm in params.values():
-        for dep in prm.when:
-            if dep not in params:
-                raise ConfigError(f"search space parameter {prm.name!r} depends on unknown parameter {dep!r}")
+    doc = parse_space_doc(load_yaml_mapping(p, "search space"), p)
+    params = {name: spec.to_param(name) for name, spec in doc.params.items()}
     for name in fixed or {}:
         if name in params:
             del params[name]
             for prm in params.values():
                 prm.when.pop(name, None)
-    space = SearchSpace(params=params, seeds=list(doc.get("seeds") or []))
+    space = SearchSpace(params=params, seeds=[s.model_dump() for s in doc.seeds])
     if backbones:
         if "backbone" not in params:
             raise ConfigError("the search space has no 'backbone' parameter to restrict")
