@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.latency import time_onnx_in_trial
 
         in_trial_task = ray.remote(num_cpus=1)(time_onnx_in_trial)
-        exclusive_task = ray.remote(device._time_on_node).options(**device._task_options("sim"))
+        exclusive_task = ray.remote(device.time_on_node).options(**device.task_options("sim"))
         for r in range(b["rounds"]):
             order = archs if r % 2 == 0 else archs[::-1]
             rec: dict[str, Any] = {"in_trial": {}, "exclusive": {}, "exclusive_nodes": set()}

@@ -18,7 +18,8 @@ from tuner import _optuna_compat, _ray_compat
 
 REPO = Path(__file__).resolve().parents[1]
 PRIVATE = re.compile(r"\._ot_study|\._ot_trials|\._completed_trials|\._storage\b|\._trial_id\b|"
-                     r"_training_actor_item_queue|ray\._common|ray\._private|autoscaler\._private|optuna\._")
+                     r"_training_actor_item_queue|ray\._common|ray\._private|ray\._raylet|autoscaler\._private|"
+                     r"optuna\._")
 
 
 def test_private_access_only_in_the_adapters() -> None:
@@ -105,3 +106,27 @@ def test_tune_report_callback_forwards_through_its_queue() -> None:
 def test_address_file_honours_ray_tmpdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     assert Path(_ray_compat.address_file()) == tmp_path / "ray" / "ray_current_cluster"
+
+
+def test_auth_mode_switch_reaches_rays_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``set_auth_mode`` relies on ``ray._raylet.Config.initialize`` re-reading ``RAY_AUTH_MODE`` (what Ray's own
+    ``_enable_token_auth`` does); ``token_available`` on Ray's token locations."""
+    from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+    assert callable(Config.initialize)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    try:
+        _ray_compat.set_auth_mode("token")
+        assert get_authentication_mode() == AuthenticationMode.TOKEN
+        _ray_compat.set_auth_mode("disabled")
+        assert get_authentication_mode() != AuthenticationMode.TOKEN
+    finally:
+        _ray_compat.set_auth_mode("disabled")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "none"))
+    assert not _ray_compat.token_available()
+    (tmp_path / "none").write_text("t")
+    assert _ray_compat.token_available()
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
+    assert _ray_compat.token_available()

@@ -155,7 +155,7 @@ class LatencyCache:
         return out
 
 
-def _time_on_node(files: dict[str, bytes], precision: str, protocol: dict[str, int], backend: str) -> dict[str, Any]:
+def time_on_node(files: dict[str, bytes], precision: str, protocol: dict[str, int], backend: str) -> dict[str, Any]:
     """The Ray task body: time the bundle on this node (imports only the core, numpy and the runtime)."""
     import ray
 
@@ -175,7 +175,7 @@ def _capabilities(backend: str) -> dict[str, Any]:
             "node_id": ray.get_runtime_context().get_node_id()}
 
 
-def _task_options(target: str | None) -> dict[str, Any]:
+def task_options(target: str | None) -> dict[str, Any]:
     """Pinned to the target's resource (amount 1: timings on one device never overlap), or without a target to
     the driver's node. ``max_retries=-1``: a task lost with its node is retried when a node with the resource
     returns (the service's timeout bounds the wait)."""
@@ -192,7 +192,7 @@ def device_capabilities(target: str | None, backend: str = "auto", timeout_s: fl
     """Precisions the target supports and its identity (one short task on the target)."""
     import ray
 
-    ref = ray.remote(_capabilities).options(**_task_options(target)).remote(backend)
+    ref = ray.remote(_capabilities).options(**task_options(target)).remote(backend)
     try:
         caps: dict[str, Any] = ray.get(ref, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -245,7 +245,7 @@ class _Service:
         import ray
 
         s = ArchSignature.from_dict(sig)
-        ref = ray.remote(_time_on_node).options(**_task_options(self.target)).remote(
+        ref = ray.remote(time_on_node).options(**task_options(self.target)).remote(
             files, s.precision, self.protocol, self.backend)
         t0 = time.time()
         try:

@@ -460,7 +460,7 @@ def _time_winner(opts: TuneOptions, bundle_dir: Path) -> dict[str, Any]:
 
     protocol = {"warmup": opts.timing_warmup, "runs": opts.timing_runs, "batch": 1, "threads": 1}
     precision = "fp32"
-    ref = ray.remote(device._time_on_node).options(**device._task_options(opts.target)).remote(
+    ref = ray.remote(device.time_on_node).options(**device.task_options(opts.target)).remote(
         bundle_files(bundle_dir), precision, protocol, opts.timing_backend)
     try:
         rec: dict[str, Any] = ray.get(ref, timeout=opts.timing_timeout_s)
