@@ -147,6 +147,20 @@ def test_require_target_finds_the_edge_node_or_says_how_to_join(cluster):
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_study_with_a_target_without_live_node_fails_at_start(cluster, tmp_path):
+    from tuner.run import run_study
+
+    opts = _opts(tmp_path, "nodevice", target="jetson")
+    t0 = time.time()
+    with pytest.raises(EdgetuneError, match=r"edge_target:jetson.*make edge-node HEAD=<head host>:<port> TARGET=jetson"):
+        run_study(opts)
+    assert time.time() - t0 < 60
+    assert not (Path(opts.out) / "split.json").exists()  # failed before the data was prepared
+    assert "nodevice" not in [s.study_name for s in optuna.get_all_study_summaries(opts.storage)]
+
+
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_service_times_each_architecture_once_on_the_edge_node(cluster, tmp_path):
     """Two trials asking for the same new architecture at once: one timing, on the edge node; then cache hits."""
