@@ -284,6 +284,12 @@ def print_summary(summary: dict[str, Any], opts: Any) -> None:
               f"(test n={summary.get('test_images')})")
     print(f"outputs: {out}/leaderboard.csv, leaderboard.md, best/metrics.json, plots ({', '.join(summary['plots'])})"
           + (f", bundle {summary['bundle']}" if summary.get("bundle") else ""))
+    lat = summary.get("latency")
+    if lat:
+        print(f"latency: {lat['architectures_timed']} architecture(s) in {lat['latency_table']}, Pareto front "
+              f"{[p['trial'] for p in lat['pareto']]} in {lat['pareto_png']}"
+              + (f", rejected by --max-latency-ms: {lat['rejected_by_constraint']}" if lat["rejected_by_constraint"]
+                 else ""))
     print(f"dashboard: make dashboard STORAGE={opts.storage}")
 
 
