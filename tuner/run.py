@@ -423,10 +423,7 @@ def _latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]
     from tuner.latency_report import write_latency_outputs
 
     records = device.LatencyCache(_rdb(opts.storage)).records(opts.target or device.ESTIMATE_TARGET)
-    res = write_latency_outputs(study, records, out, opts.metric, opts.max_latency_ms)
-    log.info(f"latency: {res['architectures_timed']} architecture(s) in {res['latency_table']}; Pareto front "
-             f"{[p['trial'] for p in res['pareto']]} in {res['pareto_png']}"
-             + (f"; rejected by --max-latency-ms: {res['rejected_by_constraint']}" if res["rejected_by_constraint"] else ""))
+    res: dict[str, Any] = write_latency_outputs(study, records, out, opts.metric, opts.max_latency_ms)
     return res
 
 
