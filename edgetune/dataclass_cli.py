@@ -1,12 +1,11 @@
 """Command lines derived from a dataclass config: one flag per field, with the field's type, default and help.
 
 A field carries its help in ``metadata["help"]`` (:func:`opt`). The flag is ``--field-name``; its type comes from the
-annotation: ``int``/``float``/``str``, and each of them or ``Path`` ``| None`` (default None; an empty ``Path`` is
-None too); ``bool`` (default False: ``--name`` sets it, default True: ``--no-name`` clears
-it); ``tuple[str, ...]`` (a comma list); ``dict[str, float]`` / ``dict[str, str]`` (``NAME=VALUE[,NAME=VALUE]``).
-A field with no default is a required flag.
-Where that does not fit (another flag name, a repeatable flag, choices), a :class:`Flag` says so. Standard library
-only (the edge packages may use it too).
+annotation: ``int``/``float``/``str``; ``int``/``float``/``str``/``Path`` ``| None`` (an empty ``Path`` is None);
+``bool`` (default False: ``--name`` sets it, default True: ``--no-name`` clears it); ``tuple[str, ...]`` (a comma
+list); ``dict[str, float]`` / ``dict[str, str]`` (``NAME=VALUE[,NAME=VALUE]``). A field with no default is a
+required flag. Where that does not fit (another flag name, a repeatable flag, choices), a :class:`Flag` says so.
+Standard library only (the edge packages may use it too).
 """
 
 from __future__ import annotations
@@ -103,13 +102,15 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, overrides: Mapping[st
         hint, default = hints[f.name], _default(f)
         text = (over.help if over.help is not None else f.metadata.get("help", "")).replace("%", "%%")
         kw: dict[str, Any] = {"dest": f.name, "help": text or None}
-        named = flag_name(f, over).lstrip("-").replace("-", "_").upper()  # argparse's metavar, from the flag, not dest
+        base = hint if hint in (int, float, str) else _optional(hint)  # X of X or X | None
         if default is dataclasses.MISSING:
+            if base not in (int, float, str, Path):
+                raise TypeError(f"{cls.__name__}.{f.name}: a required flag needs a default-free int/float/str/Path")
             kw["required"] = True
         if hint is bool:
             kw.update(action="store_false" if default else "store_true", default=default)
-        elif hint in (int, float, str) or _optional(hint) in (int, float, str, Path):
-            base = hint if hint in (int, float, str) else _optional(hint)
+        elif base in (int, float, str, Path):
+            named = flag_name(f, over).lstrip("-").replace("-", "_").upper()  # argparse's, from the flag, not dest
             kw.update(type=optional_path if base is Path else base, default=default, choices=over.choices,
                       metavar=over.metavar or (None if over.choices else named))
         elif hint == tuple[str, ...]:

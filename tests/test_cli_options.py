@@ -10,7 +10,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional  # Optional: a hint dataclass_cli must read too
 
 import pytest
 
@@ -164,3 +164,27 @@ def test_bad_flag_values_say_what_is_allowed(capsys: pytest.CaptureFixture[str])
         with pytest.raises(SystemExit):
             build().parse_args([])
         assert f"the following arguments are required: {required}" in capsys.readouterr().err
+
+
+def test_dataclass_cli_optional_and_required_fields() -> None:
+    from edgetune.dataclass_cli import add_fields, opt
+
+    @dataclasses.dataclass(frozen=True)
+    class Opts:
+        name: str = opt(help="required")
+        a: int | None = opt(None, "an int or nothing")
+        b: Optional[float] = opt(None, "a float or nothing")  # noqa: UP045 - the other spelling of the same hint
+        c: Path | None = opt(None, "a path or nothing")
+
+    p = argparse.ArgumentParser()
+    add_fields(p, Opts)
+    got = Opts(**field_values(p.parse_args(["--name", "n", "--a", "3", "--b", "0.5", "--c", "x"]), Opts))
+    assert got == Opts("n", 3, 0.5, Path("x"))
+    assert Opts(**field_values(p.parse_args(["--name", "n", "--c", ""]), Opts)) == Opts("n")
+
+    @dataclasses.dataclass(frozen=True)
+    class Bad:
+        names: tuple[str, ...] = opt(help="required list")
+
+    with pytest.raises(TypeError, match="Bad.names: a required flag needs"):
+        add_fields(argparse.ArgumentParser(), Bad)
