@@ -30,6 +30,8 @@ import numpy as np
 from edge_server import calibrator as cal
 from edge_server.runners import tensorrt as rt
 from edgetune.bundle import Bundle, load_bundle
+from edgetune.dataclass_cli import Flag, add_fields, field_values
+from edgetune.dataclass_cli import opt as option  # BuildOptions has an ``opt`` of its own
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
 from edgetune.fsutil import atomic_write_bytes
 from edgetune.numeric import softmax
@@ -57,14 +59,17 @@ def _int(name: str, value: Any, low: int, high: int) -> int:
 class BuildOptions:
     """What the user asked for (validated). ``opt_batch`` None = ``max(1, max_batch // 2)``."""
 
-    precision: str = "fp16"
-    max_batch: int = 8
-    opt_batch: int | None = None
-    workspace_mb: int = 1024
-    timing_cache: Path | None = None
-    calib_batch: int = 8
-    min_agreement: float = 0.0
-    force: bool = False
+    precision: str = option("fp16", "engine precision (default fp16, the server's default); auto = int8 > fp16 > "
+                                     "fp32 by what the GPU does fast and whether the bundle has calibration images")
+    max_batch: int = option(8, "largest batch of the profile (server --max-batch)")
+    opt_batch: int | None = option(None, "batch the kernels are tuned for (default max/2)")
+    workspace_mb: int = option(1024, "TensorRT workspace memory pool limit (MiB)")
+    timing_cache: Path | None = option(None, "timing cache file, loaded and updated "
+                                             "(default <bundle>/engines/timing.trt<ver>.sm<cc>.cache)")
+    calib_batch: int = option(8, "INT8 calibration batch size")
+    min_agreement: float = option(0.0, "refuse the engine when its top-1 agreement with ONNX Runtime on the check "
+                                       "images is lower")
+    force: bool = option(False, "rebuild even when the cached engine is current")
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_CHOICES:
@@ -384,18 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge_server.engine",
                                 description="Build (or reuse) the bundle's TensorRT engine on this device.")
     p.add_argument("--bundle", required=True, help="bundle directory (model.onnx + bundle.json)")
-    p.add_argument("--precision", default="fp16", choices=PRECISION_CHOICES,
-                   help="engine precision (default fp16, the server's default); auto = int8 > fp16 > fp32 "
-                        "by what the GPU does fast and whether the bundle has calibration images")
-    p.add_argument("--max-batch", type=int, default=8, help="largest batch of the profile (server --max-batch)")
-    p.add_argument("--opt-batch", type=int, default=None, help="batch the kernels are tuned for (default max/2)")
-    p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT workspace memory pool limit (MiB)")
-    p.add_argument("--timing-cache", default=None,
-                   help="timing cache file, loaded and updated (default <bundle>/engines/timing.trt<ver>.sm<cc>.cache)")
-    p.add_argument("--calib-batch", type=int, default=8, help="INT8 calibration batch size")
-    p.add_argument("--min-agreement", type=float, default=0.0,
-                   help="refuse the engine when its top-1 agreement with ONNX Runtime on the check images is lower")
-    p.add_argument("--force", action="store_true", help="rebuild even when the cached engine is current")
+    add_fields(p, BuildOptions, {"precision": Flag(choices=PRECISION_CHOICES)})
     p.add_argument("--verbose", action="store_true", help="TensorRT INFO messages")
     return p
 
@@ -406,10 +400,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging("info" if args.verbose else "warning")
     try:
-        options = BuildOptions(precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch,
-                               workspace_mb=args.workspace_mb, calib_batch=args.calib_batch,
-                               timing_cache=Path(args.timing_cache) if args.timing_cache else None,
-                               min_agreement=args.min_agreement, force=args.force)
+        options = BuildOptions(**field_values(args, BuildOptions))
         result = build(args.bundle, options, verbose=args.verbose)
     except (EdgetuneError, OSError, RuntimeError) as e:  # usage errors: 2; build, CUDA, file system failures: 1
         print(f"error: {e}", file=sys.stderr)

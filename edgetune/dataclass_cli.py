@@ -1,18 +1,21 @@
 """Command lines derived from a dataclass config: one flag per field, with the field's type, default and help.
 
 A field carries its help in ``metadata["help"]`` (:func:`opt`). The flag is ``--field-name``; its type comes from the
-annotation: ``int``/``float``/``str``; ``bool`` (default False: ``--name`` sets it, default True: ``--no-name`` clears
-it); ``tuple[str, ...]`` (a comma list); ``dict[str, float]`` / ``dict[str, str]`` (``NAME=VALUE[,NAME=VALUE]``).
-Where that does not fit (another flag name, a repeatable flag, choices), a :class:`Flag` says so. Standard library
-only (the edge packages may use it too).
+annotation: ``int``/``float``/``str``; ``int``/``float``/``str``/``Path`` ``| None`` (an empty ``Path`` is None);
+``bool`` (default False: ``--name`` sets it, default True: ``--no-name`` clears it); ``tuple[str, ...]`` (a comma
+list); ``dict[str, float]`` / ``dict[str, str]`` (``NAME=VALUE[,NAME=VALUE]``). A field with no default is a
+required flag. Where that does not fit (another flag name, a repeatable flag, choices), a :class:`Flag` says so.
+Standard library only (the edge packages may use it too).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -58,6 +61,20 @@ def key_values(value_type: type, word: str) -> Callable[[str], dict[str, Any]]:
     return parse
 
 
+def optional_path(text: str) -> Path | None:
+    """``""`` -> None (``Path("")`` would be the working directory), else the path."""
+    return Path(text) if text else None
+
+
+def _optional(hint: Any) -> Any:
+    """``X`` of an ``X | None`` (``Optional[X]``) hint with one X, else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return args[0]
+    return None
+
+
 def _default(f: dataclasses.Field[Any]) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
@@ -85,11 +102,16 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, overrides: Mapping[st
         hint, default = hints[f.name], _default(f)
         text = (over.help if over.help is not None else f.metadata.get("help", "")).replace("%", "%%")
         kw: dict[str, Any] = {"dest": f.name, "help": text or None}
+        base = hint if hint in (int, float, str) else _optional(hint)  # X of X or X | None
+        if default is dataclasses.MISSING:
+            if base not in (int, float, str, Path):
+                raise TypeError(f"{cls.__name__}.{f.name}: a required flag needs a default-free int/float/str/Path")
+            kw["required"] = True
         if hint is bool:
             kw.update(action="store_false" if default else "store_true", default=default)
-        elif hint in (int, float, str):
+        elif base in (int, float, str, Path):
             named = flag_name(f, over).lstrip("-").replace("-", "_").upper()  # argparse's, from the flag, not dest
-            kw.update(type=hint, default=default, choices=over.choices,
+            kw.update(type=optional_path if base is Path else base, default=default, choices=over.choices,
                       metavar=over.metavar or (None if over.choices else named))
         elif hint == tuple[str, ...]:
             if over.repeat:  # argparse appends to a copy of a list default
@@ -102,6 +124,8 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, overrides: Mapping[st
                       metavar=over.metavar or f"NAME={word},…")
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {hint!r}")
+        if kw.get("default") is dataclasses.MISSING:
+            del kw["default"]
         parser.add_argument(flag_name(f, over), **{k: v for k, v in kw.items() if v is not None or k == "default"})
 
 

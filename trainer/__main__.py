@@ -10,68 +10,86 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from edgetune.dataclass_cli import Flag, add_fields, field_values, opt
 from edgetune.errors import EdgetuneError
 from edgetune.logs import setup_cli_logging
+
+
+def _config_key(key: str, help: str = "", default: Any = None) -> Any:  # noqa: A002 - argparse's name for it
+    """An option that, when given (not None, not False), sets config key ``key`` of the run's TrainConfig."""
+    text = f"{help}; sets config {key}" if help else f"sets config {key}"
+    return dataclasses.field(default=default, metadata={"help": text, "config_key": key})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """``python -m trainer``'s options: the run config (YAML, then the options that set one of its keys, then the
+    ``--set`` overrides) and how the run is done. The CLI is derived from these fields (edgetune.dataclass_cli)."""
+
+    config: str | None = opt(None, "YAML run config (see configs/); other options override it")
+    sets: tuple[str, ...] = opt((), "override any config key, e.g. optim.lr=3e-4 (repeatable)")
+    data: str | None = _config_key("data.dataset", "built-in dataset (elpv, textures) or an ImageFolder/CSV path")
+    epochs: int | None = _config_key("epochs")
+    backbone: str | None = _config_key("model.backbone")
+    workers: int | None = _config_key("workers", "Ray Train DDP workers (1 = in-process)")
+    img: int | None = _config_key("model.img_size", "network input size (default: the backbone's)")
+    init: str | None = _config_key("model.init", "earlier edgetune run/checkpoint to start the backbone from")
+    seed: int | None = _config_key("seed")
+    repeats: int = opt(1, "repeat with n seeds, report mean ± std")
+    strict: bool = _config_key("data.strict", "fail on corrupt images instead of skipping them", default=False)
+    gpu: bool = _config_key("use_gpu", "one GPU per worker (AMP, channels_last)", default=False)
+    out: str | None = opt(None, "run directory (default runs/train/<dataset>-<backbone>)")
+    list_backbones: bool = opt(False, "list the backbones (family, feature size, input size, freeze cuts) and exit")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sets", tuple(self.sets))
+
+    def overrides(self) -> dict[str, Any]:
+        """The config keys the options set: the key options given, then the ``--set`` ones (ConfigError if bad)."""
+        from trainer.config import parse_override
+
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if "config_key" in f.metadata and v is not None and v is not False:
+                out[f.metadata["config_key"]] = v
+        for s in self.sets:
+            k, v = parse_override(s)
+            out[k] = v
+        return out
+
+    def train_config(self) -> Any:
+        """The run's TrainConfig: the YAML (or the defaults) with :meth:`overrides` applied."""
+        from trainer.config import TrainConfig
+
+        cfg = TrainConfig.from_yaml(self.config) if self.config else TrainConfig()
+        overrides = self.overrides()
+        return cfg.replace(overrides) if overrides else cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", help="YAML run config (see configs/); other options override it")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. optim.lr=3e-4 (repeatable)",
-    )
-    p.add_argument("--data", help="built-in dataset (elpv, textures) or an ImageFolder/CSV path")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--backbone")
-    p.add_argument("--workers", type=int, help="Ray Train DDP workers (1 = in-process)")
-    p.add_argument("--img", type=int, help="network input size (default: the backbone's)")
-    p.add_argument("--init", help="earlier edgetune run/checkpoint to start the backbone from")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--repeats", type=int, default=1, help="repeat with n seeds, report mean ± std")
-    p.add_argument("--strict", action="store_true", help="fail on corrupt images instead of skipping them")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (AMP, channels_last)")
-    p.add_argument("--out", help="run directory (default runs/train/<dataset>-<backbone>)")
-    p.add_argument("--list-backbones", action="store_true")
+    add_fields(p, TrainOptions, {"sets": Flag("--set", repeat=True, metavar="KEY=VALUE")})
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    from trainer.config import TrainConfig, parse_override
+def train_options(args: argparse.Namespace) -> TrainOptions:
+    """The options from parsed ``python -m trainer`` arguments."""
+    return TrainOptions(**field_values(args, TrainOptions))
 
-    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    overrides: dict[str, Any] = {}
-    for flag, key in (
-        ("data", "data.dataset"),
-        ("epochs", "epochs"),
-        ("backbone", "model.backbone"),
-        ("workers", "workers"),
-        ("img", "model.img_size"),
-        ("init", "model.init"),
-        ("seed", "seed"),
-    ):
-        v = getattr(args, flag)
-        if v is not None:
-            overrides[key] = v
-    if args.strict:
-        overrides["data.strict"] = True
-    if args.gpu:
-        overrides["use_gpu"] = True
-    for s in args.set:
-        k, v = parse_override(s)
-        overrides[k] = v
-    return cfg.replace(overrides) if overrides else cfg
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The run's TrainConfig from parsed ``python -m trainer`` arguments (ConfigError where they are invalid)."""
+    return train_options(args).train_config()
 
 
 def default_out(cfg: Any) -> Path:
@@ -80,10 +98,10 @@ def default_out(cfg: Any) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    opts = train_options(build_parser().parse_args(argv))
     setup_cli_logging(verbose=False)
     try:
-        if args.list_backbones:
+        if opts.list_backbones:
             from trainer.backbones import get_backbone_info, list_backbones
             from trainer.model import backbone_cut_points
 
@@ -95,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                     f" freeze cuts={len(cuts) - 1} (" + " ".join(f"{c.fraction:.2f}" for c in cuts[1:]) + ")"
                 )
             return 0
-        cfg = config_from_args(args)
-        out = Path(args.out) if args.out else default_out(cfg)
+        cfg = opts.train_config()
+        out = Path(opts.out) if opts.out else default_out(cfg)
         from trainer.run import format_summary, run_repeats
 
-        metrics = run_repeats(cfg, out, args.repeats)
+        metrics = run_repeats(cfg, out, opts.repeats)
     except EdgetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

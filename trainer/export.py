@@ -9,6 +9,7 @@ optional INT8 variants with their accuracy delta, and ``bundle.json`` (see :mod:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from edgetune.bundle import MANIFEST, BundleManifest, ImageEntry, load_bundle, sha256_file
+from edgetune.dataclass_cli import add_fields, field_values, opt
 from edgetune.errors import BundleError, EdgetuneError
 from edgetune.logs import setup_cli_logging
 from edgetune.numeric import softmax
@@ -262,18 +264,34 @@ def _onnx_versions() -> dict[str, str]:
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """``python -m trainer.export``'s options; its flags are derived from these fields (edgetune.dataclass_cli)."""
+
+    run: str = opt(help="tune OUT dir, train run dir or checkpoint dir")
+    out: str | None = opt(None, "bundle directory (default <run>/bundle)")
+    quantize: tuple[str, ...] = opt((), "comma list of INT8 variants: dynamic, static")
+    tolerance: float = opt(0.01, "max validation-accuracy loss of an INT8 variant")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantize", tuple(self.quantize))
+
+    @property
+    def bundle_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.run) / "bundle"
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__)
-    p.add_argument("--run", required=True, help="tune OUT dir, train run dir or checkpoint dir")
-    p.add_argument("--out", help="bundle directory (default <run>/bundle)")
-    p.add_argument("--quantize", default="", help="comma list of INT8 variants: dynamic, static")
-    p.add_argument("--tolerance", type=float, default=0.01, help="max validation-accuracy loss of an INT8 variant")
-    args = p.parse_args(argv)
+    add_fields(p, ExportOptions)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = ExportOptions(**field_values(build_parser().parse_args(argv), ExportOptions))
     setup_cli_logging(verbose=False)
-    out = Path(args.out) if args.out else Path(args.run) / "bundle"
     try:
-        q = tuple(s.strip() for s in args.quantize.split(",") if s.strip())
-        b = export_bundle(args.run, out, quantize=q, tolerance=args.tolerance)
+        b = export_bundle(opts.run, opts.bundle_dir, quantize=opts.quantize, tolerance=opts.tolerance)
     except EdgetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
