@@ -393,7 +393,7 @@ def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOption
     from pathlib import Path
 
     from edge_client.frames import predictions_to_list
-    from edgetune.preprocess import read_image
+    from edgetune.imagedecode import read_image
 
     path = Path(image_path)
     if not path.is_file():

@@ -32,8 +32,8 @@ from edge_server.runners import tensorrt as rt
 from edgetune.bundle import Bundle, load_bundle
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
 from edgetune.fsutil import atomic_write_bytes
+from edgetune.imagedecode import read_image
 from edgetune.numeric import softmax
-from edgetune.preprocess import read_image
 
 log = logging.getLogger("edge_server.engine")
 

@@ -22,8 +22,9 @@ import torch
 
 from edgetune.bundle import MANIFEST, BundleManifest, ImageEntry, load_bundle, sha256_file
 from edgetune.errors import BundleError, EdgetuneError
+from edgetune.imagedecode import read_image
 from edgetune.numeric import softmax
-from edgetune.preprocess import PreprocessSpec, read_image
+from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import resolve_checkpoint_path, versions
 
 OPSET = 17
