@@ -53,8 +53,8 @@ class InProcess:
         self.input = self.session.get_inputs()[0].name
 
     def classify(self, jpegs: list[bytes]) -> np.ndarray:
+        from edgetune.imagedecode import decode_image
         from edgetune.numeric import softmax
-        from edgetune.preprocess import decode_image
 
         x = np.stack([self.bundle.spec.apply(decode_image(b)) for b in jpegs])
         logits = self.session.run(None, {self.input: x})[0]

@@ -51,9 +51,9 @@ def plain_run(cfg: Any, data: Any) -> list[dict[str, float]]:
     """A plain PyTorch loop: same model, optimiser, loss, loader and threads; per epoch train + val pass."""
     import torch
 
-    from trainer.loop import build_optimizer
     from trainer.losses import build_loss
     from trainer.model import create_model, set_train_mode
+    from trainer.optim import build_optimizer
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(cfg.seed)
@@ -114,9 +114,9 @@ def tune_run(cfg: Any, data: Any, storage: Path, name: str) -> tuple[list[dict[s
 def data_vs_model(cfg: Any, data: Any) -> dict[str, float]:
     import torch
 
-    from trainer.loop import build_optimizer
     from trainer.losses import build_loss
     from trainer.model import create_model, set_train_mode
+    from trainer.optim import build_optimizer
 
     torch.set_num_threads(THREADS)
     loader = _train_loader(data, cfg)

@@ -452,9 +452,10 @@ class Soak:
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from edge_client.client import CameraStream, StreamOptions
+        from edge_client.client import CameraStream
         from edge_client.connection import ConnectionOptions
         from edge_client.sources import VideoFileSource
+        from edge_client.stream_options import StreamOptions
 
         args = self.args
         t_prep = time.monotonic()

@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_once(args: argparse.Namespace, conn: Any) -> int:
-    from edge_client.client import classify_once
     from edge_client.frames import EncodeOptions
+    from edge_client.once import classify_once
 
     enc = None if args.raw else EncodeOptions(max_size=args.max_size, jpeg_quality=args.jpeg_quality)
     result = classify_once(conn, args.once, enc, top_k=args.top_k, timeout=max(args.connect_timeout, 10.0))
@@ -80,10 +80,11 @@ def _run_once(args: argparse.Namespace, conn: Any) -> int:
 
 
 def _run_stream(args: argparse.Namespace, conn: Any) -> int:
-    from edge_client.client import CameraStream, StreamOptions
+    from edge_client.client import CameraStream
     from edge_client.frames import EncodeOptions
     from edge_client.output import OverlayWindow, ResultLog
     from edge_client.sources import open_sources
+    from edge_client.stream_options import StreamOptions
 
     opts = StreamOptions(
         encode=EncodeOptions(max_size=args.max_size, jpeg_quality=args.jpeg_quality), fps=args.fps,

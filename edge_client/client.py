@@ -27,88 +27,26 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel, retry_pushback_ms
-from edge_client.frames import EncodeOptions, encode_frame
+from edge_client.frames import encode_frame
 from edge_client.frames import result_record as make_record
+from edge_client.once import classify_once
 from edge_client.sources import CapturedFrame, Source, now_us
+from edge_client.stream_options import CameraStats, StreamOptions
 from edgetune.backoff import Backoff
-from edgetune.errors import ConfigError
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 
+# The documented API (edge_client/README.md): ``from edge_client.client import CameraStream, StreamOptions,
+# classify_once``; the options and the one-shot call live in their own modules.
+__all__ = ["CameraStats", "CameraStream", "Sink", "StreamOptions", "classify_once"]
+
 Sink = Callable[[dict[str, Any], Any], None]  # (record, resized BGR image or None)
-
-
-@dataclass(frozen=True)
-class StreamOptions:
-    """Per-camera streaming behaviour.
-
-    Attributes:
-        fps: maximum frames per second sent per camera (0 = no limit).
-        top_k: predictions per result.
-        max_inflight: frames sent and not answered yet before the client waits; ``None`` = 1 for
-            files and directories (the server keeps one frame per stream, latest wins: a second
-            unanswered frame could replace the one waiting, so 1 gets every frame processed),
-            unlimited for live sources (the server drops stale frames).
-        max_retry_time: seconds to keep retrying an unreachable server (0 = forever).
-        result_timeout: seconds to wait at the end of a finite source for outstanding results.
-        connect_timeout: seconds one connection attempt may take.
-        backoff_initial, backoff_max: reconnect delays (exponential, with jitter).
-        keep_images: pass the sent image to the sinks (for the overlay window).
-    """
-
-    encode: EncodeOptions = field(default_factory=EncodeOptions)
-    fps: float = 0.0
-    top_k: int = 1
-    max_inflight: int | None = None
-    max_retry_time: float = 60.0
-    result_timeout: float = 10.0
-    connect_timeout: float = 3.0
-    backoff_initial: float = 0.2
-    backoff_max: float = 5.0
-    keep_images: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.fps >= 0:
-            raise ConfigError(f"--fps must be >= 0 (0 = no limit), got {self.fps!r}")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 100:
-            raise ConfigError(f"--top-k must be an integer in 1..100, got {self.top_k!r}")
-        if self.max_inflight is not None and (not isinstance(self.max_inflight, int) or self.max_inflight < 0):
-            raise ConfigError(f"--max-inflight must be an integer >= 0 (0 = unlimited), got {self.max_inflight!r}")
-        for name in ("result_timeout", "connect_timeout"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0 s, got {getattr(self, name)!r}")
-        Backoff(self.backoff_initial, self.backoff_max, max_total=self.max_retry_time)  # validates
-
-
-@dataclass
-class CameraStats:
-    camera_id: str
-    sent: int = 0  # distinct frames sent (a re-sent frame counts once)
-    results: int = 0
-    errors: int = 0  # results whose frame the server could not process
-    dropped: int = 0  # dropped by the server (backpressure), from dropped_before
-    lost: int = 0  # sent but never answered (live source disconnected, end-of-source timeout, gave up)
-    skipped: int = 0  # captured by a live source but never sent (fps limit, window, disconnection)
-    resent: int = 0  # frames of a finite source sent again after a reconnection
-    reconnects: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies_ms)
-
-        def pct(q: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
-
-        return {"camera_id": self.camera_id, "sent": self.sent, "results": self.results, "errors": self.errors,
-                "dropped": self.dropped, "lost": self.lost, "skipped": self.skipped, "resent": self.resent,
-                "reconnects": self.reconnects,
-                "latency_p50_ms": pct(0.5), "latency_p95_ms": pct(0.95), "latency_max_ms": pct(1.0)}
 
 
 @dataclass
@@ -381,48 +319,3 @@ class CameraStream:
                 if call_box:
                     call_box[0].cancel()
                 return
-
-
-def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOptions | None, top_k: int = 1,
-                  timeout: float = 10.0) -> dict[str, Any]:
-    """Unary classification of one image file.
-
-    With ``encode`` the image is decoded, resized and JPEG-encoded exactly like a camera frame;
-    with ``None`` the file's bytes are sent unchanged.
-    """
-    from pathlib import Path
-
-    from edge_client.frames import predictions_to_list
-    from edgetune.preprocess import read_image
-
-    path = Path(image_path)
-    if not path.is_file():
-        raise ConfigError(f"--once {image_path}: no such file")
-    if encode is None:
-        data = path.read_bytes()
-    else:
-        rgb = read_image(path)
-        data, _ = encode_frame(rgb[..., ::-1].copy(), encode)
-    channel = make_channel(conn)
-    try:
-        t0 = time.perf_counter()
-        res = pb_grpc.ClassifierStub(channel).Classify(
-            pb.ClassifyRequest(image=data, request_id=path.name, top_k=top_k), timeout=timeout,
-            metadata=conn.metadata())
-        latency_ms = (time.perf_counter() - t0) * 1000.0
-    except grpc.RpcError as e:
-        _, msg = describe_rpc_error(e, conn)
-        raise ClientError(msg) from None
-    finally:
-        channel.close()
-    preds = predictions_to_list(res.predictions)
-    return {
-        "image": str(path),
-        "label": preds[0]["label"] if preds else None,
-        "score": preds[0]["score"] if preds else None,
-        "predictions": preds,
-        "model_version": res.model_version,
-        "latency_ms": round(latency_ms, 3),
-        "server_ms": round(res.timing.total_us / 1000.0, 3),
-        "sent_bytes": len(data),
-    }

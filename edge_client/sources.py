@@ -31,7 +31,7 @@ import numpy as np
 
 from edgetune.backoff import Backoff
 from edgetune.errors import ConfigError, EdgetuneError, ImageDecodeError
-from edgetune.preprocess import read_image
+from edgetune.imagedecode import read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")

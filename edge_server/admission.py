@@ -31,8 +31,6 @@ every further call (health included) with REFUSED_STREAM. Here such a call simpl
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
 import time
@@ -41,7 +39,9 @@ from typing import Any
 
 import grpc
 
+from edge_server.rejections import RejectionLog
 from edge_server.stats import ServerStats
+from edge_server.watchdog import Watchdog
 
 log = logging.getLogger("edge_server.rpc")
 
@@ -77,93 +77,8 @@ def abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message
     return grpc.stream_unary_rpc_method_handler(deny, **kw)
 
 
-class _Watchdog:
-    """One thread that runs ``fn`` at its deadline unless disarmed first (cheap per-call timeouts)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, list[Any]]] = []
-        self._seq = itertools.count()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def arm(self, timeout: float, fn: Callable[[], Any]) -> list[Any]:
-        entry: list[Any] = [fn, False]  # [callback or None once disarmed, fired]
-        with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + timeout, next(self._seq), entry))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="edge-request-timeout", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        return entry
-
-    @staticmethod
-    def disarm(entry: list[Any]) -> bool:
-        """Disarm; True when it had already fired."""
-        fired = bool(entry[1])
-        entry[0] = None
-        return fired
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap:
-                    self._cond.wait()
-                when, _, entry = self._heap[0]
-                delay = when - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                heapq.heappop(self._heap)
-            fn = entry[0]
-            if fn is not None:
-                entry[1] = True
-                try:
-                    fn()
-                except Exception:  # noqa: BLE001 - the call may be gone already
-                    log.debug("request timeout callback failed", exc_info=True)
-
-
 class _CallGone(Exception):
     """The request message will never be read: the client cancelled or gRPC already answered the call."""
-
-
-class _Aggregator:
-    """Logs the first event of a key at once, then at most one line per ``period_s`` with the count since."""
-
-    def __init__(self, period_s: float = 1.0) -> None:
-        self.period_s = period_s
-        self._lock = threading.Lock()
-        self._pending: dict[tuple[str, str], list[Any]] = {}  # key -> [count, first_time, details]
-        self._last: dict[tuple[str, str], float] = {}
-
-    def add(self, method: str, code: str, details: str) -> None:
-        now = time.monotonic()
-        key = (method, code)
-        with self._lock:
-            if now - self._last.get(key, -1e9) >= self.period_s and key not in self._pending:
-                self._last[key] = now
-                emit = True
-            else:
-                entry = self._pending.setdefault(key, [0, now, details])
-                entry[0] += 1
-                emit = False
-        if emit:
-            self._emit(key, 1, details)
-
-    def flush(self, force: bool = False) -> None:
-        now = time.monotonic()
-        with self._lock:
-            due = [(k, v) for k, v in self._pending.items() if force or now - self._last.get(k, -1e9) >= self.period_s]
-            for k, _ in due:
-                del self._pending[k]
-                self._last[k] = now
-        for k, (count, _t, details) in due:
-            self._emit(k, count, details)
-
-    @staticmethod
-    def _emit(key: tuple[str, str], count: int, details: str) -> None:
-        log.warning("rpc rejected", extra={"fields": {"method": key[0], "code": key[1], "count": count,
-                                                      "details": details}})
 
 
 class Admission(grpc.ServerInterceptor):
@@ -172,13 +87,13 @@ class Admission(grpc.ServerInterceptor):
     def __init__(self, stats: ServerStats, max_unary: int, max_streams: int, request_timeout_s: float = 30.0) -> None:
         self.stats = stats
         self.request_timeout_s = request_timeout_s
-        self._watchdog = _Watchdog()
+        self._watchdog = Watchdog()
         self.limits = {"unary": max_unary, "stream": max_streams, "watch": MAX_HEALTH_WATCHERS,
                        "reflection": MAX_REFLECTION_STREAMS}
         self._active = dict.fromkeys(self.limits, 0)
         self._cond = threading.Condition()
         self.draining = threading.Event()
-        self._rejections = _Aggregator()
+        self._rejections = RejectionLog()
         self._stop_flusher = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="edge-reject-log", daemon=True)
         self._flusher.start()

@@ -4,7 +4,7 @@ Three layers, so that everything except the TensorRT base-class binding runs and
 TensorRT or a GPU:
 
 * :class:`CalibrationBatches`: the bundle's ``calib/*.png`` images (listed in ``bundle.json``
-  ``calibration_images``), read with :func:`edgetune.preprocess.read_image` and preprocessed with the
+  ``calibration_images``), read with :func:`edgetune.imagedecode.read_image` and preprocessed with the
   bundle's own spec, as fixed-size ``float32 [B, 3, H, W]`` batches in listing order. TensorRT
   calibrates with one fixed batch shape (the calibration profile), so a short last batch is either
   filled up with images from the start of the list (``partial="pad"``, the default: every image is
@@ -29,7 +29,8 @@ import numpy as np
 from edgetune.bundle import Bundle
 from edgetune.errors import BundleError, ConfigError, ImageDecodeError
 from edgetune.fsutil import atomic_write_bytes
-from edgetune.preprocess import PreprocessSpec, read_image
+from edgetune.imagedecode import read_image
+from edgetune.preprocess import PreprocessSpec
 
 log = logging.getLogger("edge_server.calibrator")
 

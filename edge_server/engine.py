@@ -34,8 +34,8 @@ from edgetune.dataclass_cli import Flag, add_fields, field_values
 from edgetune.dataclass_cli import opt as option  # BuildOptions has an ``opt`` of its own
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
 from edgetune.fsutil import atomic_write_bytes
+from edgetune.imagedecode import read_image
 from edgetune.numeric import softmax
-from edgetune.preprocess import read_image
 
 log = logging.getLogger("edge_server.engine")
 

@@ -26,14 +26,10 @@ from edge_server.model import ModelHolder, ServedModel
 from edge_server.stats import MAX_CAMERA_ID_CHARS, ServerStats
 from edge_server.versions import server_versions
 from edgetune.errors import EdgetuneError, ImageDecodeError
+from edgetune.imagedecode import DEFAULT_MAX_PIXELS, check_aspect_ratio, decode_image
+from edgetune.imageheader import read_image_header
 from edgetune.numeric import softmax
-from edgetune.preprocess import (
-    DEFAULT_MAX_PIXELS,
-    MAX_ASPECT_RATIO,
-    check_aspect_ratio,
-    decode_image,
-    read_image_header,
-)
+from edgetune.preprocess import MAX_ASPECT_RATIO
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 

@@ -17,6 +17,7 @@ import pytest
 
 if TYPE_CHECKING:
     from edgetune.bundle import Bundle
+    from tests.edge_fixtures import CliServer
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -70,3 +71,22 @@ def bundle_copy(bundle_dir: Path, tmp_path: Path) -> Bundle:
     from tests.edge_fixtures import copy_bundle
 
     return load_bundle(copy_bundle(bundle_dir, tmp_path / "bundle"))
+
+
+@pytest.fixture(scope="module")
+def good_png() -> bytes:
+    """One real texture tile as PNG bytes (the server tests' well-formed image)."""
+    from tests.edge_fixtures import encode_png, texture_tiles
+
+    return encode_png(texture_tiles("test")[0][0])
+
+
+@pytest.fixture(scope="module")
+def cli(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliServer]:
+    """The server CLI (``python -m edge_server``) on ``bundle_dir``, one per test module, logging to a file."""
+    from tests.edge_fixtures import CliServer
+
+    srv = CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1"],
+                    tmp_path_factory.mktemp("cli") / "server.log")
+    yield srv
+    srv.stop()

@@ -15,10 +15,11 @@ import grpc
 import pytest
 
 from edge_client.__main__ import main
-from edge_client.client import CameraStream, StreamOptions
+from edge_client.client import CameraStream
 from edge_client.connection import ConnectionOptions
 from edge_client.frames import EncodeOptions, encode_frame
 from edge_client.sources import VideoFileSource, open_source
+from edge_client.stream_options import StreamOptions
 from edge_server.server import make_server
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc

@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from edge_client.client import CameraStream, StreamOptions
+from edge_client.client import CameraStream
 from edge_client.connection import ConnectionOptions
 from edge_client.sources import VideoFileSource, open_source
+from edge_client.stream_options import StreamOptions
 from edge_server.server import make_server
 from tests.client_media import write_image_dir, write_video
 from tests.edge_fixtures import CliServer

@@ -18,7 +18,7 @@ from edge_client.output import FIELDS, ResultLog, display_available, draw_overla
 from edge_client.sources import DirectorySource, LiveSource, VideoFileSource, open_source, open_sources
 from edgetune.backoff import Backoff
 from edgetune.errors import ConfigError
-from edgetune.preprocess import decode_image
+from edgetune.imagedecode import decode_image
 from tests.client_media import write_image_dir, write_video
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgetune.errors import ConfigError
-from edgetune.preprocess import read_image
+from edgetune.imagedecode import read_image
 from trainer.datasets import (
     MARKER,
     cache_root,

@@ -33,7 +33,7 @@ from edge_server.runners.tensorrt import (
 )
 from edgetune.bundle import load_bundle
 from edgetune.errors import BundleError, ConfigError
-from edgetune.preprocess import read_image
+from edgetune.imagedecode import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

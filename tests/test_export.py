@@ -16,7 +16,7 @@ import pytest
 
 from edgetune.bundle import REQUIRED_KEYS, load_bundle
 from edgetune.errors import BundleError
-from edgetune.preprocess import decode_image, read_image
+from edgetune.imagedecode import decode_image, read_image
 from tests.trainer_fixtures import tiny_config
 from trainer.checkpoint import read_meta
 from trainer.model import model_from_checkpoint

@@ -23,16 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgetune import preprocess
+from edgetune import imagedecode
 from edgetune.errors import ImageDecodeError
-from edgetune.preprocess import (
-    ACCEPTED_FORMATS,
-    MAX_ASPECT_RATIO,
-    MAX_RESIZE_PIXELS,
-    PreprocessSpec,
-    decode_image,
-    read_image_header,
-)
+from edgetune.imagedecode import decode_image
+from edgetune.imageheader import ACCEPTED_FORMATS, read_image_header
+from edgetune.preprocess import MAX_ASPECT_RATIO, MAX_RESIZE_PIXELS, PreprocessSpec
 from tests.hostile_media import CRAFTED, EXT, encode, oversized, patch_webp_lossless, tiff_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +105,7 @@ def test_webp_bomb_memory_stays_small() -> None:
 import json, sys
 import numpy as np, cv2
 from edgetune.errors import ImageDecodeError
-from edgetune.preprocess import decode_image
+from edgetune.imagedecode import decode_image
 def hwm():
     return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) // 1024
 decode_image(cv2.imencode('.png', np.zeros((8, 8, 3), np.uint8))[1].tobytes())  # warm up OpenCV
@@ -222,16 +217,16 @@ def test_pixel_conversions_unchanged_and_lean() -> None:
     """16-bit, float and RGBA images convert exactly as before (without float copies of the whole image)."""
     rng = np.random.default_rng(2)
     u16 = rng.integers(0, 65536, (50, 60, 3), dtype=np.uint16)
-    np.testing.assert_array_equal(preprocess._to_rgb_uint8(u16, "x"),
+    np.testing.assert_array_equal(imagedecode._to_rgb_uint8(u16, "x"),
                                   cv2.cvtColor((u16.astype(np.float32) / 257.0 + 0.5).astype(np.uint8),
                                                cv2.COLOR_BGR2RGB))
     f32 = rng.normal(3, 5, (40, 30)).astype(np.float32)
     f32[3, 4] = np.nan
     lo, hi = float(np.nanmin(f32)), float(np.nanmax(f32))
     ref = ((np.nan_to_num(f32, nan=lo) - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
-    got = preprocess._to_rgb_uint8(f32.copy(), "x")
+    got = imagedecode._to_rgb_uint8(f32.copy(), "x")
     assert np.abs(got[..., 0].astype(int) - ref.astype(int)).max() <= 1 and (got[..., 0] == got[..., 2]).all()
     bgra = rng.integers(0, 256, (33, 44, 4), dtype=np.uint8)
     rgb = cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB).astype(np.float32)
     ref = (rgb * (bgra[..., 3:4].astype(np.float32) / 255.0) + 0.5).astype(np.uint8)
-    assert np.abs(preprocess._to_rgb_uint8(bgra, "x").astype(int) - ref.astype(int)).max() <= 1
+    assert np.abs(imagedecode._to_rgb_uint8(bgra, "x").astype(int) - ref.astype(int)).max() <= 1

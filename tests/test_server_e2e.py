@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edge_server.server import make_server
 from edgetune.bundle import load_bundle
-from edgetune.preprocess import decode_image
+from edgetune.imagedecode import decode_image
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 from tests.edge_fixtures import LABELS, RequestFeeder, encode_jpeg, encode_png, texture_tiles

@@ -37,11 +37,6 @@ def served(bundle_dir):
     srv.stop(grace=1)
 
 
-@pytest.fixture(scope="module")
-def good_png():
-    return encode_png(texture_tiles("test")[0][0])
-
-
 def _code(stub, data: bytes) -> grpc.StatusCode:
     try:
         stub.Classify(pb.ClassifyRequest(image=data), timeout=10)

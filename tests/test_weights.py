@@ -14,7 +14,7 @@ import torch
 import torchvision.models as tvm
 
 from edgetune.errors import EdgetuneError
-from edgetune.preprocess import read_image
+from edgetune.imagedecode import read_image
 from trainer.backbones import get_backbone_info, resolve_weights, weights_available
 from trainer.config import ModelConfig
 from trainer.model import create_model

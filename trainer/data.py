@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from edgetune.errors import ConfigError, EdgetuneError
-from edgetune.preprocess import PreprocessSpec, read_image
+from edgetune.imagedecode import read_image
+from edgetune.preprocess import PreprocessSpec
 from trainer.augment import build_augment
 from trainer.config import DataConfig
 from trainer.datasets import BUILTINS, cache_root, prepare_builtin

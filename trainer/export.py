@@ -24,9 +24,10 @@ import torch
 from edgetune.bundle import MANIFEST, BundleManifest, ImageEntry, load_bundle, sha256_file
 from edgetune.dataclass_cli import add_fields, field_values, opt
 from edgetune.errors import BundleError, EdgetuneError
+from edgetune.imagedecode import read_image
 from edgetune.logs import setup_cli_logging
 from edgetune.numeric import softmax
-from edgetune.preprocess import PreprocessSpec, read_image
+from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import resolve_checkpoint_path, versions
 
 OPSET = 17

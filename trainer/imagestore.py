@@ -23,7 +23,8 @@ import numpy as np
 
 from edgetune.errors import EdgetuneError, ImageDecodeError
 from edgetune.fsutil import atomic_path
-from edgetune.preprocess import PreprocessSpec, read_image
+from edgetune.imagedecode import read_image
+from edgetune.preprocess import PreprocessSpec
 from trainer.scan import SourceFile
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ before ``deadline`` (the wall-clock budget of a study).
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -31,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from edgetune.numeric import confusion_matrix
+from trainer.bnstats import recompute_bn_stats, suit_bn_momentum
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from trainer.config import TrainConfig
 from trainer.metric import CHECKPOINT_SCORE, METRIC_NAMES, METRICS, Metric, get_metric
+from trainer.optim import Schedule, build_optimizer, build_scheduler
 from trainer.reporting import Reporter, make_reporter
 
 TRAIN_STATE = "train_state.pt"
@@ -64,91 +64,6 @@ def _device(cfg: TrainConfig) -> torch.device:
         except Exception:  # noqa: BLE001 - not inside Ray Train
             return torch.device("cuda", local)
     return torch.device("cpu")
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    from trainer.model import param_groups
-
-    module = unwrap(model)
-    groups = param_groups(module, cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay)  # type: ignore[arg-type]
-    o = cfg.optim
-    if o.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=o.lr)
-    if o.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
-
-
-class Schedule:
-    """LR factor per step: warm-up, then cosine (or constant) down to 0 at ``total`` steps. A callable object
-    (not a closure) so ``LambdaLR.state_dict`` keeps ``total`` and a resumed run continues the same curve."""
-
-    def __init__(self, total: int, warm: int, kind: str) -> None:
-        self.total, self.warm, self.kind = max(1, total), warm, kind
-
-    def __call__(self, step: int) -> float:
-        if self.warm and step < self.warm:
-            return (step + 1) / self.warm
-        if self.kind == "constant":
-            return 1.0
-        progress = (step - self.warm) / max(1, self.total - self.warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_scheduler(
-    cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up then cosine (or constant) over ``cfg.epochs`` epochs: the schedule of the full run, whatever
-    epoch a scheduler (ASHA) or the deadline stops it at, so early epochs compare configurations fairly."""
-    sched = Schedule(cfg.epochs * steps_per_epoch, int(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.schedule)
-    return torch.optim.lr_scheduler.LambdaLR(opt, sched)
-
-
-# -- BatchNorm statistics ------------------------------------------------------------------------------------------
-def _trainable_bns(model: torch.nn.Module) -> list[_BatchNorm]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, _BatchNorm) and m.track_running_stats and any(p.requires_grad for p in m.parameters())
-    ]
-
-
-def suit_bn_momentum(model: torch.nn.Module, steps_per_epoch: int) -> float:
-    """``bn_stats: momentum``: raise the momentum of trainable BatchNorm layers so that one epoch replaces 99 %
-    of the statistics the weights came with (the EfficientNet-Lite package carries TensorFlow's 0.01)."""
-    m = 1.0 - 0.01 ** (1.0 / max(1, steps_per_epoch))
-    for bn in _trainable_bns(model):
-        bn.momentum = max(float(bn.momentum or 0.0), m)
-    return m
-
-
-@torch.no_grad()
-def recompute_bn_stats(model: torch.nn.Module, batches: Any, device: torch.device) -> int:
-    """``bn_stats: recompute``: exact running statistics of the trainable BatchNorm layers for the current
-    weights, averaged over ``batches`` of training images in the evaluation transform ("precise BN"). Frozen
-    BatchNorm layers keep theirs. Returns the number of images used."""
-    bns = _trainable_bns(model)
-    if not bns:
-        return 0
-    was_training = model.training
-    momenta = [bn.momentum for bn in bns]
-    model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the batches below
-        bn.train()
-    n = 0
-    try:
-        for x in batches:
-            model(x.to(device, non_blocking=True))
-            n += len(x)
-    finally:
-        for bn, mom in zip(bns, momenta, strict=True):
-            bn.momentum = mom
-        model.train(was_training)
-        if not was_training:
-            model.eval()
-    return n
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ An ImageFolder root may hold ``edgetune_split.json`` (written by the built-in pr
 see :mod:`trainer.datasets`): ``{"files": {"<class>/<file>": "train"|"val"|"test"}}``, a
 predefined split that replaces the seeded one.
 
-:func:`scan_sources` decodes every file with :func:`edgetune.preprocess.read_image`; the
+:func:`scan_sources` decodes every file with :func:`edgetune.imagedecode.read_image`; the
 verdicts are cached on disk by file content, so a repeated run does not decode again.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from edgetune.errors import ConfigError, EdgetuneError, ImageDecodeError
 from edgetune.fsutil import atomic_write_text
-from edgetune.preprocess import read_image
+from edgetune.imagedecode import read_image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 SPLIT_FILE = "edgetune_split.json"
