@@ -1,10 +1,8 @@
 """The one training loop, used in-process, as a Ray Train (DDP) worker, and as a Tune trial.
 
-``train_loop(loop_config)`` takes a plain dict (serialisable for Ray)::
-
-    {"train_config": TrainConfig.to_dict(), "run_dir": str | None, "report_to": "local"|"ray_train"|"tune",
-     "static_metrics": dict (reported with every epoch), "deadline": unix time or None,
-     "source": PreparedSource or None, "with_test": bool}
+``train_loop(loop_config)`` takes a :class:`trainer.loop_config.LoopConfig` (train config, run dir, reporter,
+metrics reported every epoch, deadline, shared data source, whether to load the test split), or its dict form
+(what Ray Train hands a worker); ``LoopConfig.coerce`` validates either in one place.
 
 Steps (timm's train script split the same way): :func:`setup` (model, feeds, optimiser, resume),
 :func:`train_one_epoch`, :func:`validate` (BatchNorm statistics recomputed first, per ``model.bn_stats``),
@@ -35,6 +33,7 @@ from edgetune.numeric import confusion_matrix
 from trainer.bnstats import recompute_bn_stats, suit_bn_momentum
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from trainer.config import TrainConfig
+from trainer.loop_config import LoopConfig
 from trainer.metric import CHECKPOINT_SCORE, METRIC_NAMES, METRICS, Metric, get_metric
 from trainer.optim import Schedule, build_optimizer, build_scheduler
 from trainer.reporting import Reporter, make_reporter
@@ -138,21 +137,22 @@ class LoopState:
     resumed_from_epoch: int = 0  #: the checkpoint's epoch this run resumed from (0: started fresh)
 
 
-def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
+def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopState:
     """Model (weights, freeze cut), feeds (cached or live path), loss, optimiser, schedule; resume if asked."""
     from trainer.losses import build_loss
     from trainer.model import preprocess_spec_for
 
     t_launch = time.perf_counter()
-    cfg = TrainConfig.from_dict(loop_config["train_config"])
+    lc = LoopConfig.coerce(loop_config)
+    cfg = TrainConfig.from_dict(dict(lc.train_config))
     rank, world = _dist_info()
     device = _init_process(cfg, rank)
     spec = preprocess_spec_for(cfg.model)
     if data is None:
-        data = _build_data(cfg, spec, loop_config, rank)
+        data = _build_data(cfg, spec, lc, rank)
     model, feeds = _build_model(cfg, data, device, rank, world)
     reporter = make_reporter(
-        loop_config.get("report_to", "local"), loop_config.get("run_dir"), cfg.metric, cfg.mode
+        lc.report_to, lc.run_dir, cfg.metric, cfg.mode
     )
     model = _wrap_ddp(model, world)
     opt = build_optimizer(cfg, model)
@@ -178,7 +178,7 @@ def setup(loop_config: dict[str, Any], data: Any = None) -> LoopState:
         static=static,
     )
     _resume(st)
-    static.update(loop_config.get("static_metrics") or {})  # e.g. the architecture's latency (tuner/device.py)
+    static.update(lc.static_metrics)  # e.g. the architecture's latency (tuner/device.py)
     static["setup_seconds"] = time.perf_counter() - t_launch
     return st
 
@@ -192,18 +192,18 @@ def _init_process(cfg: TrainConfig, rank: int) -> torch.device:
     return _device(cfg)
 
 
-def _build_data(cfg: TrainConfig, spec: Any, loop_config: dict[str, Any], rank: int) -> Any:
+def _build_data(cfg: TrainConfig, spec: Any, lc: LoopConfig, rank: int) -> Any:
     """The dataset splits (written under ``run_dir`` by rank 0 only)."""
     from trainer.data import build_data
 
-    run_dir = loop_config.get("run_dir")
+    run_dir = lc.run_dir
     return build_data(
         cfg.data,
         spec,
         run_dir=run_dir if rank == 0 else None,
         seed=cfg.seed,
-        source=loop_config.get("source"),
-        with_test=bool(loop_config.get("with_test", True)),
+        source=lc.source,
+        with_test=lc.with_test,
     )
 
 
@@ -411,16 +411,17 @@ def _save(st: LoopState, tmp: str, epoch: int, metrics: dict[str, Any]) -> Path:
     return d
 
 
-def train_loop(loop_config: dict[str, Any], data: Any = None) -> dict[str, Any]:
+def train_loop(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> dict[str, Any]:
     """Train per ``loop_config``; returns the last epoch's metrics (also reported each epoch)."""
-    st = setup(loop_config, data)
-    deadline = loop_config.get("deadline")
-    report_to = loop_config.get("report_to", "local")
+    lc = LoopConfig.coerce(loop_config)
+    st = setup(lc, data)
+    deadline = lc.deadline
+    report_to = lc.report_to
     last: dict[str, Any] = {}
     epoch = st.start_epoch
     while epoch <= st.cfg.epochs:
         metrics = run_epoch(st, epoch, report_to)
-        if epoch == st.start_epoch and loop_config.get("fit_to_deadline") and deadline and not metrics["diverged"]:
+        if epoch == st.start_epoch and lc.fit_to_deadline and deadline and not metrics["diverged"]:
             fit_epochs_to_deadline(st, epoch, metrics["epoch_seconds"], deadline)
         stop = end_of_epoch(st, epoch, metrics, deadline)
         last = metrics

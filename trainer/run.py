@@ -20,6 +20,7 @@ from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import load_checkpoint, versions
 from trainer.config import TrainConfig
 from trainer.loop import train_loop
+from trainer.loop_config import LoopConfig
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from trainer.model import model_from_checkpoint
 
@@ -120,8 +121,7 @@ def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.workers > 1:
         history = _train_ddp(cfg, out)
     else:
-        loop_cfg = {"train_config": cfg.to_dict(), "run_dir": str(out), "report_to": "local"}
-        train_loop(loop_cfg, data=data)
+        train_loop(LoopConfig(train_config=cfg.to_dict(), run_dir=str(out)), data=data)
         history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
         stop = history[-1].get("stop_reason") if history else None
         if stop == "diverged":

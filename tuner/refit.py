@@ -181,19 +181,11 @@ def _refit_resources(opts: Any) -> tuple[float, float]:
 def _refit_task(train_config: dict[str, Any], source: Any, deadline: float | None) -> dict[str, Any]:
     """Runs on a worker: the trainer's loop in-process into a scratch run dir; returns the best checkpoint."""
     from trainer.loop import train_loop
+    from trainer.loop_config import LoopConfig
 
     with tempfile.TemporaryDirectory(prefix="edgetune-refit-") as tmp:
-        train_loop(
-            {
-                "train_config": train_config,
-                "run_dir": tmp,
-                "report_to": "local",
-                "source": source,
-                "with_test": False,
-                "deadline": deadline,
-                "fit_to_deadline": deadline is not None,
-            }
-        )
+        train_loop(LoopConfig(train_config=train_config, run_dir=tmp, source=source, with_test=False,
+                              deadline=deadline, fit_to_deadline=deadline is not None))
         best = Path(tmp) / "best"
         history = [json.loads(line) for line in (Path(tmp) / "history.jsonl").read_text().splitlines() if line]
         files = {p.name: p.read_bytes() for p in best.iterdir() if p.name != "train_state.pt"} if best.is_dir() else {}

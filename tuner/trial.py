@@ -52,6 +52,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     from trainer.loop import train_loop
+    from trainer.loop_config import LoopConfig
 
     if ctx.deadline is not None and time.time() >= ctx.deadline:
         # suggested while budget remained, but it waited for resources until the search deadline: end without
@@ -70,12 +71,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             # missing, so training would be wasted; the searcher records FAIL with this reason
             tune.report(static)
             return
-    loop_cfg = {"train_config": cfg.to_dict(), "run_dir": None, "static_metrics": static,
-                "deadline": ctx.deadline, "source": ctx.source, "with_test": False}
+    lc = LoopConfig(train_config=cfg.to_dict(), static_metrics=static, deadline=ctx.deadline, source=ctx.source,
+                    with_test=False)
     if ctx.res.workers <= 1:
-        train_loop({**loop_cfg, "report_to": "tune"})
+        train_loop(lc.replace(report_to="tune"))
         return
-    trainer = ddp_trainer({**loop_cfg, "report_to": "ray_train"}, ctx.res, tune.get_context().get_trial_id(),
+    trainer = ddp_trainer(lc.replace(report_to="ray_train").to_dict(), ctx.res, tune.get_context().get_trial_id(),
                           callbacks=[_report_callback()])
     trainer.fit()
 
