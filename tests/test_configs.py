@@ -112,7 +112,7 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_section_configs_built_directly_are_validated_with_their_dotted_keys() -> None:
     from trainer.config import DataConfig, LossConfig, ModelConfig, OptimConfig
 
-    assert ModelConfig(backbone="resnet18", weights="none", img_size=64.0).img_size == 64
+    assert ModelConfig(backbone="resnet18", weights="none", img_size=64.0).img_size == 64  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=re.escape("model.dropout must be in [0.0, 1.0), got 1.5")):
         ModelConfig(dropout=1.5)
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['model.backbon'\]; allowed in model"):
