@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Union
 
-import annotated_types
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -335,7 +334,7 @@ class TrainConfig(_Config):
 
 
 # -- pydantic's errors, worded as edgetune's ------------------------------------------------------------------
-_BOUNDS = {"ge": annotated_types.Ge, "gt": annotated_types.Gt, "le": annotated_types.Le, "lt": annotated_types.Lt}
+_BOUNDS = ("ge", "gt", "le", "lt")  #: the attributes of the bound objects pydantic keeps in FieldInfo.metadata
 _RANGE_ERRORS = {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}
 _NOT_A_MAPPING = {"model_type", "model_attributes_type", "dict_type"}
 
@@ -368,7 +367,7 @@ def _explain_one(err: Any, loc: tuple[Any, ...], root: type[_Config]) -> str:
         return f"config section {name or '<root>'} must be a mapping, got {got!r}"
     if err["type"] in _RANGE_ERRORS:
         field = _model_at(root, loc[:-1]).model_fields[str(loc[-1])]
-        b = {k: getattr(m, k) for m in field.metadata for k, t in _BOUNDS.items() if isinstance(m, t)}
+        b = {k: getattr(m, k) for m in field.metadata for k in _BOUNDS if getattr(m, k, None) is not None}
         if field.annotation is int and set(b) == {"ge"}:
             return f"{name} must be an integer >= {b['ge']}, got {got!r}"
         lo, hi = b.get("ge", b.get("gt")), b.get("le", b.get("lt"))
