@@ -145,7 +145,6 @@ class PreparedSource:
 
 def prepare_source(cfg: DataConfig) -> PreparedSource:
     """Resolve, hash, subset, scan (every file decoded once; verdicts cached by content) and split."""
-    cfg.validate()
     files, rejected, name, cache = resolve_dataset(cfg)
     files = hash_files(files)
     dhash = dataset_hash(files)
@@ -184,7 +183,6 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
         with_test: ``False`` for search trials: the test split is not even loaded (it is read once, for the
             final model); ``DataSplits.test`` is then None.
     """
-    cfg.validate()
     if source is None:
         source = prepare_source(cfg)
     elif (source.dataset, source.max_images, source.split_seed, source.ratios) != (

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.errors import ConfigError
-from trainer.config import LossConfig
+from trainer.config import ALPHA_RULES, LossConfig
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -93,12 +93,11 @@ def build_loss(cfg: LossConfig, class_counts: list[int]) -> nn.Module:
     ``"sqrt"`` = inverse square root of it; an explicit alpha list must have one weight per class."""
     if not isinstance(cfg, LossConfig):
         raise ConfigError(f"build_loss needs a LossConfig, got {type(cfg).__name__}")
-    cfg.validate()
     if (not isinstance(class_counts, (list, tuple)) or len(class_counts) < 2
             or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in class_counts)):
         raise ConfigError(f"class_counts must be a list of >= 2 non-negative integers, got {class_counts!r}")
     alpha: torch.Tensor | None = None
-    if cfg.alpha in ("auto", "sqrt"):
+    if cfg.alpha in ALPHA_RULES:
         empty = [i for i, c in enumerate(class_counts) if c == 0]
         if empty:
             raise ConfigError(f"loss.alpha={cfg.alpha!r} needs training images of every class; class index(es) "

@@ -250,7 +250,6 @@ def create_model(cfg: ModelConfig, num_classes: int) -> EdgeModel:
     """
     if not isinstance(cfg, ModelConfig):
         raise ConfigError(f"create_model needs a ModelConfig, got {type(cfg).__name__}")
-    cfg.validate()
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     info = get_backbone_info(cfg.backbone)
