@@ -146,17 +146,23 @@ class EdgetuneOptunaSearch(OptunaSearch):
         trained."""
         ot = _ray_compat.searcher_trials(self).get(trial_id)
         value, step = result.get(self.metric[0]), result.get("training_iteration")
-        if ot is None or value is None or not step:
+        if ot is not None and value is not None and step:
+            self._report_value(ot, float(value), int(step))
+
+    def _report_value(self, ot_trial: Any, value: float, step: int) -> None:
+        """``Trial.report`` for single-objective studies; the storage's public API for multi-objective ones."""
+        if not isinstance(self.metric, list):
+            ot_trial.report(value, step)
             return
         storage = self._curve_storage
         if storage is None:
             return
         try:
             sid = storage.get_study_id_from_name(self.study.study_name)
-            tid = storage.get_trial_id_from_study_id_trial_number(sid, ot.number)
-            storage.set_trial_intermediate_value(tid, int(step), float(value))
+            tid = storage.get_trial_id_from_study_id_trial_number(sid, ot_trial.number)
+            storage.set_trial_intermediate_value(tid, step, value)
         except Exception as e:  # noqa: BLE001 - a curve point is never worth failing the study
-            log.warning("could not record epoch %s of trial %s: %s", step, trial_id, e)
+            log.warning("could not record epoch %s of trial %s: %s", step, ot_trial.number, e)
 
     def _replace_stale(self, trial_id: str) -> None:
         """After a driver restart, a resumed trial's Optuna twin may have been marked FAIL: give it a new one."""
@@ -168,7 +174,7 @@ class EdgetuneOptunaSearch(OptunaSearch):
             self.study.enqueue_trial(frozen.params, skip_if_exists=False)
             twin = self.study.ask(fixed_distributions=frozen.distributions)
             for step, value in sorted(frozen.intermediate_values.items()):  # the epochs before the restart
-                twin.report(value, step)
+                self._report_value(twin, value, step)
             _ray_compat.searcher_trials(self)[trial_id] = twin
             self.add_attrs(trial_id, resumed_from_trial=frozen.number)
 
