@@ -27,8 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+#: The custom resource an edge node carries is ``edge_target:<target>`` (one definition: tuner/device.py uses it).
 RESOURCE_PREFIX = "edge_target:"
 _TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TARGET_RULE = "1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit)"
 _HEAD = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:[0-9]{1,5}$")
 STARTED = "Ray runtime started"
 
@@ -47,20 +49,32 @@ def _ray_exe() -> str:
 
 
 def _local_ip_towards(host: str) -> str:
-    """The address of this machine on the route to the head (what the node advertises)."""
-    if host in ("127.0.0.1", "localhost", "::1"):
+    """The address of this machine on the route to the head (what the node advertises); "" = let Ray choose."""
+    if host in ("127.0.0.1", "localhost"):
         return "127.0.0.1"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect((host, 9))
             return str(s.getsockname()[0])
-        except OSError:
-            return "127.0.0.1"
+    except OSError:
+        return ""
+
+
+def valid_target(target: object) -> bool:
+    return isinstance(target, str) and bool(_TARGET.match(target))
+
+
+def token_available() -> bool:
+    """Whether a Ray auth token is at hand: ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``
+    (where ``ray start --head`` / ``ray.init`` write it)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").is_file()
 
 
 def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]:
-    if not _TARGET.match(target or ""):
-        raise SystemExit(f"error: TARGET must be 1-64 letters, digits, '_', '.' or '-', got {target!r}")
+    if not valid_target(target):
+        raise SystemExit(f"error: TARGET must be {TARGET_RULE}, got {target!r}")
     if not _HEAD.match(head or ""):
         raise SystemExit(f"error: HEAD must be <head host>:<port> (the address `ray start --head` printed), got {head!r}")
     host = head.rsplit(":", 1)[0].strip("[]")
@@ -75,13 +89,14 @@ def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]
     state_file = d / f"{target}.json"
     if state_file.exists():
         old = json.loads(state_file.read_text())
-        if _alive(int(old["pid"])):
+        if _is_our_node(int(old["pid"]), target):
             raise SystemExit(f"error: an edge node for target {target!r} already runs here (pid {old['pid']}); "
                              "stop it with `make edge-node-stop`")
         state_file.unlink()
     log = d / f"{target}.log"
     resource = json.dumps({RESOURCE_PREFIX + target: 1})
-    cmd = [_ray_exe(), "start", "--address", head, "--node-ip-address", _local_ip_towards(host), "--num-cpus", "0",
+    ip = _local_ip_towards(host)
+    cmd = [_ray_exe(), "start", "--address", head, *(["--node-ip-address", ip] if ip else []), "--num-cpus", "0",
            "--num-gpus", "0", "--resources", resource, "--disable-usage-stats", "--block"]
     env = dict(os.environ)
     for attempt in (1, 2):
@@ -93,17 +108,11 @@ def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]
             return info
         # Ray 2.60: a head started where a token exists uses token auth, a joining node with RAY_AUTH_MODE unset
         # does not: retry once in token mode (never forced on a cluster started without it)
-        if attempt == 1 and "InvalidAuthToken" in text and "RAY_AUTH_MODE" not in env and _token_available():
+        if attempt == 1 and "InvalidAuthToken" in text and "RAY_AUTH_MODE" not in env and token_available():
             env["RAY_AUTH_MODE"] = "token"
             continue
         raise SystemExit(f"error: `ray start` exited with {proc.returncode}:\n" + "\n".join(text.splitlines()[-8:]))
     raise AssertionError("unreachable")
-
-
-def _token_available() -> bool:
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").is_file()
 
 
 def _launch(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
@@ -120,6 +129,17 @@ def _launch(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) ->
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(30)
     raise SystemExit(f"error: the edge node did not start within {timeout_s:g} s (log: {log})")
+
+
+def _is_our_node(pid: int, target: str) -> bool:
+    """The process ``pid`` is still the ``ray start --block`` of ``target``'s node (not a stranger that reused the
+    PID after a reboot or crash)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return _alive(pid) and not Path("/proc").is_dir()  # no /proc (not Linux): trust the PID
+    text = b" ".join(cmd).decode(errors="replace")
+    return "start" in text and "--block" in text and RESOURCE_PREFIX + target in text
 
 
 def _alive(pid: int) -> bool:
@@ -142,7 +162,7 @@ def stop(target: str = "", timeout_s: float = 60.0) -> list[str]:
             continue
         info = json.loads(f.read_text())
         pid = int(info["pid"])
-        if _alive(pid):
+        if _is_our_node(pid, str(info["target"])):
             os.kill(pid, signal.SIGTERM)  # Ray's handler drains the node and stops its processes
             deadline = time.time() + timeout_s
             while _alive(pid) and time.time() < deadline:
@@ -151,7 +171,7 @@ def stop(target: str = "", timeout_s: float = 60.0) -> list[str]:
                 except ChildProcessError:
                     pass
                 time.sleep(0.3)
-            if _alive(pid):
+            if _is_our_node(pid, str(info["target"])):
                 os.killpg(pid, signal.SIGKILL)
         f.unlink()
         stopped.append(str(info["target"]))

@@ -125,9 +125,10 @@ def supported_precisions(backend: str = "auto") -> tuple[str, ...]:
     return ("fp32", "fp16") if fast_fp16 else ("fp32",)
 
 
-def _runner(bundle: Bundle, backend: str, precision: str, protocol: TimingProtocol) -> tuple[Any, dict[str, Any]]:
+def _runner(bundle: Bundle, backend: str, precision: str, protocol: TimingProtocol, keep_engine: bool = False
+            ) -> tuple[Any, dict[str, Any]]:
     if backend == "tensorrt":
-        return _tensorrt_runner(bundle, precision, protocol)
+        return _tensorrt_runner(bundle, precision, protocol, keep_engine)
     if precision != "fp32":
         raise ConfigError(f"ONNX Runtime timing supports precision fp32 only, got {precision!r}")
     from edge_server.runners.onnxruntime import OnnxRuntimeRunner
@@ -136,9 +137,11 @@ def _runner(bundle: Bundle, backend: str, precision: str, protocol: TimingProtoc
                              cpu_only=True), {}
 
 
-def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol) -> tuple[Any, dict[str, Any]]:
-    """Build the engine with ``make engine``'s builder (no accuracy check: the timed copy is untrained), keep it
-    in the device's engine cache under its standard name, and run it with the server's TensorRT runner."""
+def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol, keep_engine: bool = False
+                     ) -> tuple[Any, dict[str, Any]]:
+    """Build the engine with ``make engine``'s builder (no accuracy check here: a candidate's timed copy is
+    untrained) and run it with the server's TensorRT runner; ``keep_engine`` (the winner's bundle at hand-off):
+    also keep it in the device's engine cache under its standard name, for ``make engine`` to reuse."""
     from edge_server import engine as eng
     from edge_server.runners import tensorrt as rt
 
@@ -157,21 +160,22 @@ def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol) -
     side = eng.make_sidecar(bundle, system, precision, shapes, options, data,
                             build_seconds=round(time.perf_counter() - t0, 2), built_by="edgetune timing", **facts)
     rt.write_engine_files(path, data, side)
-    cache = engine_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    rt.write_engine_files(cache / path.name, data, side)
+    if keep_engine:
+        cache = engine_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        rt.write_engine_files(cache / path.name, data, side)
     runner = rt.TensorRTRunner(bundle, precision=precision, max_batch_size=options.max_batch, engine=path)
     return runner, {"engine": path.name, "engine_build_seconds": side["build_seconds"]}
 
 
 def time_bundle(bundle_dir: str | Path, precision: str = "fp32", protocol: TimingProtocol | None = None,
-                backend: str = "auto") -> dict[str, Any]:
+                backend: str = "auto", keep_engine: bool = False) -> dict[str, Any]:
     """Latency of the bundle's model on this device: ``p50_ms``, ``p90_ms`` (and mean/min/max) over
     ``protocol.runs`` timed batches after ``protocol.warmup`` untimed ones, with the device's identity."""
     protocol = protocol or TimingProtocol()
     used = pick_backend(backend)
     bundle = load_bundle(bundle_dir)
-    runner, facts = _runner(bundle, used, precision, protocol)
+    runner, facts = _runner(bundle, used, precision, protocol, keep_engine)
     try:
         h, w = bundle.spec.input_size
         x = np.random.default_rng(0).standard_normal((protocol.batch, 3, h, w)).astype(np.float32)
@@ -201,7 +205,7 @@ def time_bundle(bundle_dir: str | Path, precision: str = "fp32", protocol: Timin
 
 
 def time_bundle_files(files: dict[str, bytes], precision: str = "fp32", protocol: dict[str, int] | None = None,
-                      backend: str = "auto") -> dict[str, Any]:
+                      backend: str = "auto", keep_engine: bool = False) -> dict[str, Any]:
     """:func:`time_bundle` for a bundle sent as ``{relative path: bytes}`` (what a Ray task receives)."""
     tmp = Path(tempfile.mkdtemp(prefix="edgetune-timing-"))
     try:
@@ -211,6 +215,6 @@ def time_bundle_files(files: dict[str, bytes], precision: str = "fp32", protocol
                 raise EdgetuneError(f"timing bundle member {rel!r} points outside the bundle")
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
-        return time_bundle(tmp, precision, TimingProtocol(**(protocol or {})), backend)
+        return time_bundle(tmp, precision, TimingProtocol(**(protocol or {})), backend, keep_engine)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

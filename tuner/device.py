@@ -24,27 +24,32 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edge_server.edge_node import RESOURCE_PREFIX, TARGET_RULE, valid_target
 from edgetune.errors import ConfigError, EdgetuneError
 
-RESOURCE_PREFIX = "edge_target:"
 #: The Optuna study (in the study's storage) whose user attrs hold the latency records.
 CACHE_STUDY = "edgetune-latency-cache"
-#: The target name of timings taken without a target (on the driver's node, alongside training).
-ESTIMATE_TARGET = "estimate:driver-node"
+log = logging.getLogger(__name__)
 SERVICE_NAME = "edgetune-latency-{study}"
-_TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def cache_target(target: str | None) -> str:
+    """The cache's target key: the target, or for estimates (no target: timed on the driver's node alongside
+    training) ``estimate:<driver host>``, so that drivers on other machines sharing a storage do not mix."""
+    import platform
+
+    return target or f"estimate:{platform.node()}"
 
 
 def target_resource(target: str) -> str:
     """``edge_target:<target>``, the custom resource an edge node carries (validated name)."""
-    if not isinstance(target, str) or not _TARGET_NAME.match(target):
-        raise ConfigError(f"target must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), "
-                          f"got {target!r}")
+    if not valid_target(target):
+        raise ConfigError(f"target must be {TARGET_RULE}, got {target!r}")
     return RESOURCE_PREFIX + target
 
 
@@ -155,13 +160,15 @@ class LatencyCache:
         return out
 
 
-def time_on_node(files: dict[str, bytes], precision: str, protocol: dict[str, int], backend: str) -> dict[str, Any]:
-    """The Ray task body: time the bundle on this node (imports only the core, numpy and the runtime)."""
+def time_on_node(files: dict[str, bytes], precision: str, protocol: dict[str, int], backend: str,
+                 keep_engine: bool = False) -> dict[str, Any]:
+    """The Ray task body: time the bundle on this node (imports only the core, numpy and the runtime);
+    ``keep_engine``: keep a TensorRT engine in the device's engine cache (the winner's, for ``make engine``)."""
     import ray
 
     from edge_server.timing import time_bundle_files
 
-    rec = time_bundle_files(files, precision=precision, protocol=protocol, backend=backend)
+    rec = time_bundle_files(files, precision=precision, protocol=protocol, backend=backend, keep_engine=keep_engine)
     rec["node_id"] = ray.get_runtime_context().get_node_id()
     return rec
 
@@ -202,73 +209,103 @@ def device_capabilities(target: str | None, backend: str = "auto", timeout_s: fl
 
 
 class _Service:
-    """The body of :class:`LatencyService` (an async Ray actor; see the module doc)."""
+    """The body of :class:`LatencyService` (an async Ray actor; see the module doc). Its Optuna storage calls are
+    synchronous: each takes milliseconds and blocks the actor's event loop for that long, which is fine for a
+    handful of trials per second."""
 
     def __init__(self, storage_url: str, target: str | None, protocol: dict[str, int], backend: str = "auto",
                  timeout_s: float = 600.0) -> None:
         from tuner.storage import rdb_storage
 
         self.target = target
-        self.cache_target = target or ESTIMATE_TARGET
+        self.cache_target = cache_target(target)
         self.protocol = dict(protocol)
         self.backend = backend
         self.timeout_s = float(timeout_s)
         self.cache = LatencyCache(rdb_storage(storage_url))
         self.memory: dict[str, dict[str, Any]] = {}
-        self.inflight: dict[str, asyncio.Event] = {}
-        self.stats = {"hits": 0, "timed": 0, "waited": 0, "unavailable": 0}
+        self.inflight: dict[str, tuple[str, asyncio.Event]] = {}  #: signature key -> (claim token, done)
+        self.one_at_a_time = asyncio.Semaphore(1)  #: no two timings of this study overlap (estimates included)
+        self.stats = {"hits": 0, "timed": 0, "waited": 0, "unavailable": 0, "stale": 0}
+
+    def _usable(self, rec: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A stored record counts only if it was timed with this study's protocol and backend (another
+        ``--timing-runs`` or ``--timing-backend`` re-times and overwrites it)."""
+        if rec is None:
+            return None
+        same = rec.get("protocol") == self.protocol and (
+            self.backend == "auto" or str(rec.get("device", {}).get("backend")) == self.backend)
+        if not same:
+            self.stats["stale"] += 1
+        return rec if same else None
 
     async def lookup(self, sig: dict[str, Any]) -> dict[str, Any]:
-        """``{"status": "hit", "record": …}``, or ``{"status": "claim"}``: the caller exports and calls
-        :meth:`measure`. A second caller for an architecture being timed waits for that timing."""
+        """``{"status": "hit", "record": …}``, or ``{"status": "claim", "token": …}``: the caller exports and calls
+        :meth:`measure` (or :meth:`release` if it cannot). A caller for an architecture being timed waits."""
+        import uuid
+
         s = ArchSignature.from_dict(sig)
         while True:
-            rec = self.memory.get(s.key) or self.cache.get(self.cache_target, s)
+            rec = self.memory.get(s.key) or self._usable(self.cache.get(self.cache_target, s))
             if rec is not None:
                 self.memory[s.key] = rec
                 self.stats["hits"] += 1
                 return {"status": "hit", "record": rec}
-            ev = self.inflight.get(s.key)
-            if ev is None:
-                self.inflight[s.key] = asyncio.Event()
-                return {"status": "claim"}
+            claim = self.inflight.get(s.key)
+            if claim is None:
+                token = uuid.uuid4().hex
+                self.inflight[s.key] = (token, asyncio.Event())
+                return {"status": "claim", "token": token}
             self.stats["waited"] += 1
             try:
-                await asyncio.wait_for(ev.wait(), timeout=self.timeout_s + 60.0)
+                await asyncio.wait_for(claim[1].wait(), timeout=self.timeout_s + 60.0)
             except asyncio.TimeoutError:
-                if self.inflight.get(s.key) is ev:
-                    self.inflight.pop(s.key)  # the claiming trial vanished without measuring
-            # then: the record (hit), or the timing failed / its trial vanished and this caller claims it
+                self._finish(s.key, claim[0])  # the claiming trial vanished without measuring or releasing
+            # then: the record (hit), or the timing failed / its claimer gave up and this caller claims it
 
-    async def measure(self, sig: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+    def _finish(self, key: str, token: str) -> None:
+        """End claim ``token`` on ``key`` (only that claim: a newer one is left alone) and wake its waiters."""
+        claim = self.inflight.get(key)
+        if claim is not None and claim[0] == token:
+            del self.inflight[key]
+            claim[1].set()
+
+    def release(self, sig: dict[str, Any], token: str) -> None:
+        """The claimer could not export its architecture: let the next caller claim it."""
+        self._finish(ArchSignature.from_dict(sig).key, token)
+
+    async def measure(self, sig: dict[str, Any], files: dict[str, bytes], token: str) -> dict[str, Any]:
         """Time the claimed architecture on the target; store and return the record, or the reason it failed."""
         import ray
 
         s = ArchSignature.from_dict(sig)
-        ref = ray.remote(time_on_node).options(**task_options(self.target)).remote(
-            files, s.precision, self.protocol, self.backend)
-        t0 = time.time()
         try:
-            rec = await asyncio.wait_for(ref, timeout=self.timeout_s)
-        except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
-            ray.cancel(ref, force=True)
-            self.stats["unavailable"] += 1
-            why = (f"no timing from {target_resource(self.target) if self.target else 'the driver node'} "
-                   f"within {self.timeout_s:g} s (is the edge node up?)" if isinstance(e, asyncio.TimeoutError)
-                   else f"timing task failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            ev = self.inflight.pop(s.key, None)
-            if ev is not None:
-                ev.set()
-            return {"status": "unavailable", "reason": why}
-        rec["timing_wall_s"] = round(time.time() - t0, 3)
-        rec["kind"] = "device" if self.target else "estimate"
-        self.cache.put(self.cache_target, s, rec)
-        self.memory[s.key] = {**rec, "target": self.cache_target, "signature_key": s.key, "signature": s.to_dict()}
-        self.stats["timed"] += 1
-        ev = self.inflight.pop(s.key, None)
-        if ev is not None:
-            ev.set()
-        return {"status": "timed", "record": self.memory[s.key]}
+            async with self.one_at_a_time:
+                t0 = time.time()
+                ref = ray.remote(time_on_node).options(**task_options(self.target)).remote(
+                    files, s.precision, self.protocol, self.backend)
+                try:
+                    rec = await asyncio.wait_for(ref, timeout=self.timeout_s)
+                except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
+                    ray.cancel(ref, force=True)
+                    self.stats["unavailable"] += 1
+                    where = target_resource(self.target) if self.target else "the driver node"
+                    why = (f"no timing (waiting for the node, engine build and runs) from {where} within "
+                           f"{self.timeout_s:g} s: is the edge node up? (--timing-timeout)"
+                           if isinstance(e, asyncio.TimeoutError)
+                           else f"timing task failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    return {"status": "unavailable", "reason": why}
+            rec["timing_wall_s"] = round(time.time() - t0, 3)
+            rec["kind"] = "device" if self.target else "estimate"
+            self.memory[s.key] = {**rec, "target": self.cache_target, "signature_key": s.key, "signature": s.to_dict()}
+            self.stats["timed"] += 1
+            try:
+                self.cache.put(self.cache_target, s, rec)
+            except Exception as e:  # noqa: BLE001 - the study goes on with the record in memory
+                log.warning("latency record of %s not stored: %s", s.label, e)
+            return {"status": "timed", "record": self.memory[s.key]}
+        finally:
+            self._finish(s.key, token)
 
     def get_stats(self) -> dict[str, int]:
         return dict(self.stats)
@@ -313,14 +350,19 @@ def get_latency(setup: LatencySetup, train_config: Any, num_classes: int, precis
         from trainer.export import bundle_files, write_architecture_bundle
         from trainer.model import create_model, preprocess_spec_for
 
-        m = train_config.model
-        cfg = ModelConfig(backbone=m.backbone, weights="none", head=m.head, head_hidden=m.head_hidden,
-                          img_size=m.img_size)
-        model = create_model(cfg, num_classes)
-        with tempfile.TemporaryDirectory(prefix="edgetune-arch-") as d:
-            write_architecture_bundle(model, preprocess_spec_for(cfg), num_classes, d, m.backbone)
-            files = bundle_files(d)
-        answer = dict(ray.get(service.measure.remote(sig.to_dict(), files)))
+        token = answer["token"]
+        try:
+            m = train_config.model
+            cfg = ModelConfig(backbone=m.backbone, weights="none", head=m.head, head_hidden=m.head_hidden,
+                              img_size=m.img_size)
+            model = create_model(cfg, num_classes)
+            with tempfile.TemporaryDirectory(prefix="edgetune-arch-") as d:
+                write_architecture_bundle(model, preprocess_spec_for(cfg), num_classes, d, m.backbone)
+                files = bundle_files(d)
+        except BaseException:
+            ray.get(service.release.remote(sig.to_dict(), token))  # the next trial of this architecture claims it
+            raise
+        answer = dict(ray.get(service.measure.remote(sig.to_dict(), files, token)))
     answer["signature"] = sig
     return answer
 
@@ -378,7 +420,7 @@ class LatencyRejector:
         sig = signature_for(cfg, self.num_classes, str(flat.get(p, "fp32")) if p else "fp32")
         if self._cache is None:
             self._cache = LatencyCache(rdb_storage(self.storage))
-        rec = self._cache.get(self.setup.target or ESTIMATE_TARGET, sig)
+        rec = self._cache.get(cache_target(self.setup.target), sig)
         if rec is None:
             return None
         metrics = latency_metrics({"status": "hit", "record": rec, "signature": sig}, self.setup)

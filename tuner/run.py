@@ -111,8 +111,6 @@ class TuneOptions:
             ("img", 0),
             ("max_images", 0),
             ("refit_max_epochs", 0),
-            ("timing_warmup", 0),
-            ("timing_runs", 3),
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -139,16 +137,9 @@ class TuneOptions:
             )
         if any(not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()):
             raise ConfigError(f"resources_per_worker values must be numbers >= 0, got {self.resources_per_worker}")
+        self._check_latency()
         if self.target:
-            from edge_server.timing import TIMING_BACKENDS
-            from tuner.device import target_resource
-
-            target_resource(self.target)  # validates the name
-            if self.timing_backend not in TIMING_BACKENDS:
-                raise ConfigError(f"timing_backend must be one of {TIMING_BACKENDS}, got {self.timing_backend!r}")
             put("multi_objective", True)  # objectives: the metric and the target's p50 latency
-        if self.timing_timeout_s <= 0:
-            raise ConfigError(f"timing_timeout_s must be > 0, got {self.timing_timeout_s}")
         if self.multi_objective and get_metric(self.metric).mode != "max":
             raise ConfigError(f"multi-objective mode maximises a score metric, not {self.metric}")
         if not self.study:
@@ -170,6 +161,25 @@ class TuneOptions:
     @property
     def metric_def(self) -> Metric:
         return get_metric(self.metric)
+
+    def _check_latency(self) -> None:
+        """Target name, timing protocol, backend and timeout (ConfigError naming what is allowed)."""
+        from edge_server.timing import TIMING_BACKENDS
+
+        self.timing_protocol  # noqa: B018 - TimingProtocol validates timing_warmup / timing_runs
+        if self.timing_backend not in TIMING_BACKENDS:
+            raise ConfigError(f"timing_backend must be one of {TIMING_BACKENDS}, got {self.timing_backend!r}")
+        if self.target:
+            from tuner.device import target_resource
+
+            target_resource(self.target)  # validates the name
+        if self.timing_timeout_s <= 0:
+            raise ConfigError(f"timing_timeout_s must be > 0, got {self.timing_timeout_s}")
+
+    @property
+    def timing_protocol(self) -> TimingProtocol:
+        """How each architecture is timed (batch 1, one thread; ConfigError naming the bad field)."""
+        return TimingProtocol(warmup=self.timing_warmup, runs=self.timing_runs)
 
     @property
     def latency_on(self) -> bool:
@@ -365,7 +375,8 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
             b = export_bundle(out, out / "bundle", source=source, target_latency=_winner_latency(opts, summary, out))
             summary["bundle"] = str(b)
             if opts.target:  # hand-off: the winner's own ONNX timed on the device (and its engine kept there)
-                summary["latency"]["winner"] = _time_winner(opts, b)
+                precision = str((summary.get("best_params") or {}).get("precision", "fp32"))
+                summary["latency"]["winner"] = _time_winner(opts, b, precision)
     finally:
         if info is not None:
             cluster.shutdown(info)
@@ -382,7 +393,7 @@ def _latency_setup(opts: TuneOptions, space: Any) -> Any:
     the space, with the input size), start the study's latency service. Needs Ray connected."""
     from tuner import device
 
-    protocol = {"warmup": opts.timing_warmup, "runs": opts.timing_runs, "batch": 1, "threads": 1}
+    protocol = opts.timing_protocol.to_dict()
     target = opts.target or None
     if target:
         nodes = device.require_target(target)
@@ -422,7 +433,7 @@ def _latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]
     from tuner import device
     from tuner.latency_report import write_latency_outputs
 
-    records = device.LatencyCache(_rdb(opts.storage)).records(opts.target or device.ESTIMATE_TARGET)
+    records = device.LatencyCache(_rdb(opts.storage)).records(device.cache_target(opts.target or None))
     res: dict[str, Any] = write_latency_outputs(study, records, out, opts.metric, opts.max_latency_ms)
     return res
 
@@ -439,7 +450,7 @@ def _winner_latency(opts: TuneOptions, summary: dict[str, Any], out: Path) -> di
     cfg = TrainConfig.from_dict(meta["config"])
     precision = str((summary.get("best_params") or {}).get("precision", "fp32"))
     sig = device.signature_for(cfg, len(meta["classes"]), precision)
-    rec = device.LatencyCache(_rdb(opts.storage)).get(opts.target or device.ESTIMATE_TARGET, sig)
+    rec = device.LatencyCache(_rdb(opts.storage)).get(device.cache_target(opts.target or None), sig)
     if rec is None:
         return None
     return {"target": opts.target or None, "kind": rec.get("kind"), "architecture": sig.label,
@@ -447,25 +458,23 @@ def _winner_latency(opts: TuneOptions, summary: dict[str, Any], out: Path) -> di
             "device": rec.get("device", {}), "protocol": rec.get("protocol", {}), "backend": rec.get("backend")}
 
 
-def _time_winner(opts: TuneOptions, bundle_dir: Path) -> dict[str, Any]:
-    """Time the exported bundle itself on the target (with TensorRT this builds its engine there, kept in the
-    device's engine cache for ``make engine`` to reuse)."""
+def _time_winner(opts: TuneOptions, bundle_dir: Path, precision: str) -> dict[str, Any]:
+    """Time the exported bundle itself on the target, at the precision the search picked (with TensorRT this builds
+    its engine there and keeps it in the device's engine cache, for ``make engine PRECISION=<it>`` to reuse)."""
     import ray
 
     from trainer.export import bundle_files
     from tuner import device
 
-    protocol = {"warmup": opts.timing_warmup, "runs": opts.timing_runs, "batch": 1, "threads": 1}
-    precision = "fp32"
     ref = ray.remote(device.time_on_node).options(**device.task_options(opts.target)).remote(
-        bundle_files(bundle_dir), precision, protocol, opts.timing_backend)
+        bundle_files(bundle_dir), precision, opts.timing_protocol.to_dict(), opts.timing_backend, True)
     try:
         rec: dict[str, Any] = ray.get(ref, timeout=opts.timing_timeout_s)
     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
         ray.cancel(ref, force=True)
-        return {"status": f"unavailable: {type(e).__name__}"}
+        return {"status": f"unavailable: {type(e).__name__}", "precision": precision}
     return {"status": "timed", "p50_ms": rec["p50_ms"], "p90_ms": rec["p90_ms"], "node_id": rec["node_id"],
-            "onnx_sha256": rec["onnx_sha256"], "engine": rec.get("engine")}
+            "onnx_sha256": rec["onnx_sha256"], "engine": rec.get("engine"), "precision": precision}
 
 
 def _max_concurrent(opts: TuneOptions, resources: dict[str, float]) -> int | None:

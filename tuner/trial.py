@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgetune.errors import EdgetuneError
 from trainer.config import TrainConfig
 
 
@@ -88,7 +89,9 @@ def _latency(ctx: TrialContext, cfg: TrainConfig, flat: dict[str, Any]) -> dict[
 
     setup = ctx.latency
     precision = str(flat.get(setup.precision_param, "fp32")) if setup.precision_param else "fp32"
-    num_classes = len(ctx.source.classes) if ctx.source is not None else int(ctx.base.get("num_classes", 2))
+    if ctx.source is None:
+        raise EdgetuneError("a latency-timed trial needs the study's prepared data source (its class count)")
+    num_classes = len(ctx.source.classes)
     t0 = time.perf_counter()
     metrics = device.latency_metrics(device.get_latency(setup, cfg, num_classes, precision), setup)
     metrics["latency_wait_s"] = round(time.perf_counter() - t0, 3)
