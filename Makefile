@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@# Ray 2.60: a head started where a token exists runs token auth, a client with RAY_AUTH_MODE unset does not;
+	@# in this venv every Python (ray CLI, drivers, workers) follows the head's rule (deploy/ray-auth.pth)
+	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'edgetune-ray-auth.pth').write_text(pathlib.Path('deploy/ray-auth.pth').read_text())"
 	@touch $(STAMP)
 
 install: $(STAMP)
