@@ -18,7 +18,7 @@ help:
 	@echo "make serve BUNDLE=… PORT=50051 | make client SOURCE=… SERVER=127.0.0.1:50051 | make dashboard | make bench"
 	@echo "make soak [SOAK_DURATION=120] [SOAK_ARGS='--bundle … --bundle-b …']  (hostile-load soak of the edge server)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/ray-auth.pth
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
