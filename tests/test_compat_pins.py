@@ -111,17 +111,23 @@ def test_address_file_honours_ray_tmpdir(monkeypatch: pytest.MonkeyPatch, tmp_pa
 def test_auth_mode_switch_reaches_rays_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """``set_auth_mode`` relies on ``ray._raylet.Config.initialize`` re-reading ``RAY_AUTH_MODE`` (what Ray's own
     ``_enable_token_auth`` does); ``token_available`` on Ray's token locations."""
+    import os
+
     from ray._raylet import AuthenticationMode, Config, get_authentication_mode
 
     assert callable(Config.initialize)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    before = os.environ.get("RAY_AUTH_MODE")
     try:
         _ray_compat.set_auth_mode("token")
         assert get_authentication_mode() == AuthenticationMode.TOKEN
         _ray_compat.set_auth_mode("disabled")
         assert get_authentication_mode() != AuthenticationMode.TOKEN
-    finally:
-        _ray_compat.set_auth_mode("disabled")
+    finally:  # this process's Ray config as it was (later tests start clusters from it)
+        if before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+            Config.initialize("")
+        else:
+            _ray_compat.set_auth_mode(before)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "none"))
     assert not _ray_compat.token_available()

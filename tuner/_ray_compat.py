@@ -82,14 +82,10 @@ def launcher_cache_file(config: dict[str, Any]) -> Path:
 # --- token authentication (Ray 2.60 enables it by default) ------------------------------------------------------
 
 def token_available() -> bool:
-    """Whether a Ray auth token is at hand: ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``
-    (where ``ray start --head`` / ``ray.init`` write it)."""
-    import os
+    """Whether a Ray auth token is at hand (one definition: edge_server.edge_node, which the edge node uses too)."""
+    from edge_server.edge_node import token_available as available
 
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    return Path(path).is_file()
+    return available()
 
 
 def set_auth_mode(mode: str) -> None:
