@@ -287,6 +287,11 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
     assert sorted(r["input_size"] for r in rows) == ["224x224", "64x64"]  # one row per architecture
     assert all(r["node_id"] == _edge_id(cluster) and r["kind"] == "device" for r in rows)
     assert (out / "pareto.png").stat().st_size > 5000
+    # the storage-wide table next to the SQLite file (every study of the storage; here the one)
+    with open(tmp_path / "latency_table.csv") as f:
+        shared = list(csv.DictReader(f))
+    assert sorted(r["signature_key"] for r in shared) == sorted(r["signature_key"] for r in rows)
+    assert summary["latency"]["storage_latency_table"] == str(tmp_path / "latency_table.csv")
     assert summary["latency"]["rejected_by_constraint"] == [t.number for t in slow]
     with open(out / "leaderboard.csv") as f:
         lb = {r["trial"]: r for r in csv.DictReader(f)}

@@ -111,3 +111,37 @@ def write_latency_outputs(study: Any, records: list[dict[str, Any]], out: Path, 
             "architectures_timed": len(rows),
             "pareto": [{"trial": trained[i].number, m.best_key: pts[i][0], "latency_ms": pts[i][1]} for i in front],
             "rejected_by_constraint": [t.number for t in rejected]}
+
+
+class _AllTrials:
+    """The trials of every study in a storage, as one ``get_trials`` (for the storage-wide latency table)."""
+
+    def __init__(self, storage: Any, skip: str) -> None:
+        import optuna
+
+        self._trials = [t for summ in optuna.get_all_study_summaries(storage) if summ.study_name != skip
+                        for t in optuna.load_study(study_name=summ.study_name, storage=storage).get_trials(
+                            deepcopy=False)]
+
+    def get_trials(self, deepcopy: bool = False) -> list[Any]:
+        return list(self._trials)
+
+
+def write_storage_latency_table(storage_url: str, records: list[dict[str, Any]], metric: str, skip: str,
+                                out: Path) -> Path | None:
+    """With a SQLite storage outside ``out``: ``latency_table.csv`` next to the database too, one row per
+    architecture timed for this target by any study in it (the latency cache is per storage, shared by its
+    studies). None otherwise."""
+    if not storage_url.startswith("sqlite:///"):
+        return None
+    from tuner.storage import rdb_storage
+
+    path = Path(storage_url[len("sqlite:///"):]).resolve().parent / "latency_table.csv"
+    if path.parent == Path(out).resolve():
+        return None  # the study's own table is there
+    rows = latency_rows(_AllTrials(rdb_storage(storage_url), skip), records, metric)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LATENCY_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path

@@ -289,6 +289,8 @@ def print_summary(summary: dict[str, Any], opts: Any) -> None:
         print(f"latency: {lat['architectures_timed']} architecture(s) in {lat['latency_table']}, Pareto front "
               f"{[p['trial'] for p in lat['pareto']]} in {lat['pareto_png']}"
               + (f", rejected by --max-latency-ms: {lat['rejected_by_constraint']}" if lat["rejected_by_constraint"]
+                 else "")
+              + (f"; every study of the storage: {lat['storage_latency_table']}" if lat.get("storage_latency_table")
                  else ""))
     print(f"dashboard: make dashboard STORAGE={opts.storage}")
 

@@ -431,10 +431,13 @@ def _rejector(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, 
 
 def _latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]:
     from tuner import device
-    from tuner.latency_report import write_latency_outputs
+    from tuner.latency_report import write_latency_outputs, write_storage_latency_table
 
     records = device.LatencyCache(_rdb(opts.storage)).records(device.cache_target(opts.target or None))
     res: dict[str, Any] = write_latency_outputs(study, records, out, opts.metric, opts.max_latency_ms)
+    shared = write_storage_latency_table(opts.storage, records, opts.metric, device.CACHE_STUDY, out)
+    if shared is not None:
+        res["storage_latency_table"] = str(shared)
     return res
 
 
