@@ -25,6 +25,7 @@ BUDGETS = ("small", "large")
 if str(ROOT) not in sys.path:  # scripts run as `python bench/bench_x.py` from the repo root
     sys.path.insert(0, str(ROOT))
 
+from edge_server.timing import cpu_model  # noqa: E402
 from edgetune.errors import ConfigError  # noqa: E402
 from edgetune.fsutil import atomic_write_text  # noqa: E402
 from edgetune.markdown import markdown_table  # noqa: E402
@@ -54,16 +55,6 @@ def work_dir(args: argparse.Namespace, prefix: str) -> Path:
     p = Path(tempfile.mkdtemp(prefix=prefix)).resolve()
     atexit.register(shutil.rmtree, p, True)
     return p
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info() -> dict[str, Any]:

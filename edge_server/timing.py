@@ -54,7 +54,8 @@ class TimingProtocol:
         return asdict(self)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``Hardware`` on some ARM boards), else what the platform says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware")):
@@ -95,7 +96,7 @@ def pick_backend(backend: str) -> str:
 def device_identity(backend: str = "auto") -> dict[str, Any]:
     """What the latency was measured on: host, CPU, runtime, and with TensorRT the GPU, TensorRT and JetPack."""
     used = pick_backend(backend)
-    ident: dict[str, Any] = {"host": platform.node(), "machine": platform.machine(), "cpu": _cpu_model(),
+    ident: dict[str, Any] = {"host": platform.node(), "machine": platform.machine(), "cpu": cpu_model(),
                              "cpus": os.cpu_count() or 0, "python": platform.python_version(), "backend": used}
     jp = _jetpack()
     if jp:

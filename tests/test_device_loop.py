@@ -160,6 +160,17 @@ def test_study_with_a_target_without_live_node_fails_at_start(cluster, tmp_path)
     assert "nodevice" not in [s.study_name for s in optuna.get_all_study_summaries(opts.storage)]
 
 
+def _service(url: str, study: str, warmup: int, runs: int):
+    """A latency service for target sim (ONNX Runtime) on storage ``url``, and the LatencySetup trials get."""
+    from tuner import device
+    from tuner.latency_service import start_service
+
+    device.LatencyCache(url)
+    svc = start_service(study, url, "sim", {"warmup": warmup, "runs": runs, "batch": 1, "threads": 1},
+                        "onnxruntime", 120.0)
+    return svc, device.LatencySetup(study=study, target="sim", service=svc)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_service_times_each_architecture_once_on_the_edge_node(cluster, tmp_path):
@@ -170,10 +181,7 @@ def test_service_times_each_architecture_once_on_the_edge_node(cluster, tmp_path
     from tuner import device
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    device.LatencyCache(url)
-    svc = device.start_service("svc", url, "sim", {"warmup": 1, "runs": 5, "batch": 1, "threads": 1},
-                               "onnxruntime", 120.0)
-    setup = device.LatencySetup(study="svc", target="sim", service=svc)
+    svc, setup = _service(url, "svc", warmup=1, runs=5)
     cfg = TrainConfig().replace({"model.backbone": "efficientnet_lite0", "model.img_size": 64})
 
     @ray.remote(num_cpus=1)
@@ -193,14 +201,12 @@ def test_service_times_each_architecture_once_on_the_edge_node(cluster, tmp_path
     # timed once; the second trial waited for it (or, if it started after, found it): a hit either way
     assert stats["timed"] == 1 and stats["hits"] == 2 and stats["waited"] <= 1, stats
     # a new service (the next study) finds it in the storage: no timing
-    svc2 = device.start_service("svc2", url, "sim", {"warmup": 1, "runs": 5, "batch": 1, "threads": 1},
-                                "onnxruntime", 120.0)
-    again = device.get_latency(device.LatencySetup(study="svc2", target="sim", service=svc2), cfg, 3, "fp32")
+    svc2, setup2 = _service(url, "svc2", warmup=1, runs=5)
+    again = device.get_latency(setup2, cfg, 3, "fp32")
     assert again["status"] == "hit" and ray.get(svc2.get_stats.remote())["timed"] == 0
     # another protocol (--timing-runs) does not reuse the record: re-timed
-    svc3 = device.start_service("svc3", url, "sim", {"warmup": 1, "runs": 7, "batch": 1, "threads": 1},
-                                "onnxruntime", 120.0)
-    third = device.get_latency(device.LatencySetup(study="svc3", target="sim", service=svc3), cfg, 3, "fp32")
+    svc3, setup3 = _service(url, "svc3", warmup=1, runs=7)
+    third = device.get_latency(setup3, cfg, 3, "fp32")
     assert third["status"] == "timed" and third["record"]["protocol"]["runs"] == 7
     assert ray.get(svc3.get_stats.remote())["stale"] == 1
     # a claimer that cannot export releases its claim: the next caller claims it at once, no wait
@@ -252,11 +258,7 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
     from tuner.run import run_study
 
     # the constraint sits between the two architectures' measured latencies (measured here, on the edge node)
-    url = f"sqlite:///{tmp_path / 'probe.db'}"
-    device.LatencyCache(url)
-    svc = device.start_service("probe", url, "sim", {"warmup": 2, "runs": 15, "batch": 1, "threads": 1},
-                               "onnxruntime", 120.0)
-    setup = device.LatencySetup(study="probe", target="sim", service=svc)
+    svc, setup = _service(f"sqlite:///{tmp_path / 'probe.db'}", "probe", warmup=2, runs=15)
     lat = {img: device.get_latency(setup, TrainConfig().replace({"model.backbone": "efficientnet_lite0",
                                                                  "model.img_size": img}), 3,
                                    "fp32")["record"]["p50_ms"] for img in (64, 224)}

@@ -391,7 +391,7 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
 def _latency_setup(opts: TuneOptions, space: Any) -> Any:
     """Device in the loop (tuner/device.py): check the target's nodes, ask which precisions it supports (they join
     the space, with the input size), start the study's latency service. Needs Ray connected."""
-    from tuner import device
+    from tuner import device, latency_service
 
     protocol = opts.timing_protocol.to_dict()
     target = opts.target or None
@@ -406,7 +406,7 @@ def _latency_setup(opts: TuneOptions, space: Any) -> Any:
         log.info("no --target: latency is an estimate timed on the driver's node (alongside training), "
                  "not a device's latency")
     device.LatencyCache(_rdb(opts.storage))  # create the cache study before the service and trials use it
-    service = device.start_service(opts.study, opts.storage, target, protocol, opts.timing_backend,
+    service = latency_service.start_service(opts.study, opts.storage, target, protocol, opts.timing_backend,
                                    opts.timing_timeout_s)
     return device.LatencySetup(study=opts.study, target=target, service=service, max_latency_ms=opts.max_latency_ms,
                                precision_param="precision" if "precision" in space.params else "")
