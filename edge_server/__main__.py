@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="listen address (default 127.0.0.1; others need --tls-cert/--tls-key or --insecure)")
     p.add_argument("--port", type=int, default=50051, help="TCP port (0 = pick a free one; logged)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="inference backend (auto logs its choice)")
-    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="TensorRT engine precision")
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="model precision: the TensorRT engine's; with ONNX Runtime, int8 serves the bundle's INT8 "
+                   "variant (fp32/fp16: model.onnx)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--max-batch", type=int, default=8, help="largest micro-batch")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a micro-batch waits to fill")

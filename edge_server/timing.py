@@ -114,28 +114,31 @@ def device_identity(backend: str = "auto") -> dict[str, Any]:
 def supported_precisions(backend: str = "auto") -> tuple[str, ...]:
     """Precisions a candidate can be timed (and later deployed) at on this device.
 
-    TensorRT: fp32, and fp16 where the GPU has fast fp16. INT8 is not offered during the search: its engine
-    needs the trained model's calibration images (``make engine PRECISION=int8`` builds it after export).
-    ONNX Runtime on the CPU: fp32 (its fp16 is no faster on a CPU)."""
+    TensorRT: fp32, fp16 where the GPU has fast FP16, int8 where it has fast INT8 (a candidate's timing bundle
+    carries synthetic calibration images; the deployed engine calibrates on the bundle's real ones).
+    ONNX Runtime on the CPU: fp32 and int8 (the static QDQ variant; whether it is faster depends on the CPU's
+    integer instructions and the architecture, which is why it is measured), not fp16 (no faster on a CPU)."""
     if pick_backend(backend) != "tensorrt":
-        return ("fp32",)
+        return ("fp32", "int8")
     from edge_server.runners import tensorrt as rt
 
     trt = rt.import_tensorrt()
-    fast_fp16 = bool(trt.Builder(trt.Logger(trt.Logger.WARNING)).platform_has_fast_fp16)
-    return ("fp32", "fp16") if fast_fp16 else ("fp32",)
+    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    return ("fp32", *(("fp16",) if builder.platform_has_fast_fp16 else ()),
+            *(("int8",) if builder.platform_has_fast_int8 else ()))
 
 
 def _runner(bundle: Bundle, backend: str, precision: str, protocol: TimingProtocol, keep_engine: bool = False
             ) -> tuple[Any, dict[str, Any]]:
     if backend == "tensorrt":
         return _tensorrt_runner(bundle, precision, protocol, keep_engine)
-    if precision != "fp32":
-        raise ConfigError(f"ONNX Runtime timing supports precision fp32 only, got {precision!r}")
-    from edge_server.runners.onnxruntime import OnnxRuntimeRunner
+    if precision not in ("fp32", "int8"):
+        raise ConfigError(f"ONNX Runtime timing supports precisions fp32 and int8, got {precision!r}")
+    from edge_server.runners.onnxruntime import OnnxRuntimeRunner, variant_for
 
+    variant, _ = variant_for(bundle, precision)
     return OnnxRuntimeRunner(bundle, max_batch_size=protocol.batch, intra_op_threads=protocol.threads,
-                             cpu_only=True), {}
+                             cpu_only=True, variant=variant), {"variant": variant}
 
 
 def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol, keep_engine: bool = False

@@ -56,6 +56,14 @@ REQUIRED_KEYS = (
     "parity",
     "versions",
 )
+#: ONNX Runtime INT8 quantisations a bundle may carry, as ``variants["int8_<kind>"]``, in the order a runner
+#: serving ``precision int8`` with ONNX Runtime prefers them (static: calibrated activations, the faster one).
+QUANTIZATIONS = ("static", "dynamic")
+
+
+def int8_variant_name(kind: str) -> str:
+    """The variant key of an INT8 quantisation (one of :data:`QUANTIZATIONS`)."""
+    return f"int8_{kind}"
 
 
 def _frozen(x: Any) -> Any:
@@ -253,6 +261,11 @@ class Bundle:
     def member(self, rel: object, what: str = "file") -> Path:
         """The resolved path of ``rel`` (a path the manifest names), which must lie inside the bundle directory."""
         return member_path(self.path, rel, what)
+
+    @property
+    def int8_variant(self) -> str | None:
+        """The INT8 variant ONNX Runtime serves at ``precision int8`` (first of :data:`QUANTIZATIONS` present)."""
+        return next((int8_variant_name(k) for k in QUANTIZATIONS if int8_variant_name(k) in self.variants), None)
 
     def variant_path(self, name: str) -> Path:
         """Path of a model variant (``"fp32"`` is model.onnx, e.g. ``"int8_dynamic"``), SHA-checked."""

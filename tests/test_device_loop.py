@@ -91,7 +91,7 @@ def test_time_bundle_of_an_untrained_architecture(tmp_path):
     assert again["onnx_sha256"] == rec["onnx_sha256"]
     with pytest.raises(EdgetuneError, match="outside the bundle"):
         time_bundle_files({"../evil.onnx": b"x"})
-    with pytest.raises(ConfigError, match="fp32 only"):
+    with pytest.raises(ConfigError, match="fp32 and int8"):
         time_bundle(d, precision="fp16", backend="onnxruntime")
 
 
@@ -244,7 +244,7 @@ def _opts(tmp: Path, study: str, **kw):
     base = dict(data="textures", study=study, trials=3, epochs=1, time_budget_s=0, max_images=60,
                 sets=("batch_size=16", "threads=1"), storage=f"sqlite:///{tmp / 'optuna.db'}", space=str(space),
                 out=str(tmp / study), refit=False, export=False, max_concurrent=1, timing_warmup=2, timing_runs=15,
-                timing_backend="onnxruntime")
+                timing_backend="onnxruntime", precisions=("fp32",))
     base.update(kw)
     return TuneOptions(**base)
 

@@ -107,6 +107,41 @@ def test_int8_variant_recorded_and_refused_beyond_tolerance(lite_run: Path, lite
     assert not (strict / "model.int8_dynamic.onnx").exists()
 
 
+def test_searched_int8_is_exported_served_and_falls_back_to_fp32_when_refused(lite_run: Path, tmp_path: Path
+                                                                             ) -> None:
+    """A device-in-the-loop search that picked int8: the bundle gets the static INT8 variant (real calibration
+    images), records it deploys at int8 with that precision's latency, and ONNX Runtime serves the variant; if
+    the tolerance refuses it, the bundle says it deploys at fp32, why, and records the fp32 latency."""
+    from edge_server.runners import get_runner
+    from trainer.export import export_bundle
+
+    asked: list[str] = []
+
+    def latency(p: str) -> dict:
+        asked.append(p)
+        return {"target": "sim", "precision": p, "p50_ms": 1.0}
+
+    b = load_bundle(export_bundle(lite_run, tmp_path / "int8", precision="int8", target_latency=latency,
+                                  tolerance=1.0))
+    assert b.meta["deploy_precision"] == {"searched": "int8", "deployed": "int8"}
+    assert b.int8_variant == "int8_static" and b.variants["int8_static"]["method"] == "static"
+    assert b.meta["target_latency"]["precision"] == "int8" and asked == ["int8"]
+    runner = get_runner("onnxruntime-cpu", b, precision="int8")
+    try:
+        assert runner.precision == "int8"
+        h, w = b.spec.input_size
+        assert runner.infer(np.zeros((2, 3, h, w), np.float32)).shape == (2, len(b.labels))
+    finally:
+        runner.close()
+    refused = load_bundle(export_bundle(lite_run, tmp_path / "refused", precision="int8", target_latency=latency,
+                                        tolerance=-1.0))
+    deploy = refused.meta["deploy_precision"]
+    assert deploy["deployed"] == "fp32" and "int8_static refused" in deploy["why"] and refused.int8_variant is None
+    assert refused.meta["target_latency"]["precision"] == "fp32" and asked == ["int8", "fp32"]
+    plain = load_bundle(export_bundle(lite_run, tmp_path / "fp32"))
+    assert plain.meta["deploy_precision"] == {"searched": "fp32", "deployed": "fp32"} and not plain.variants
+
+
 def test_preprocessing_parity_trainer_vs_bundle(tmp_path: Path) -> None:
     """The same file through the trainer's eval pipeline and the edge's (bytes -> decode -> spec) match."""
     from skimage import data as skd

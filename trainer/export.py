@@ -15,13 +15,22 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from edgetune.bundle import MANIFEST, BundleManifest, ImageEntry, load_bundle, sha256_file
+from edgetune.bundle import (
+    MANIFEST,
+    QUANTIZATIONS,
+    BundleManifest,
+    ImageEntry,
+    int8_variant_name,
+    load_bundle,
+    sha256_file,
+)
 from edgetune.dataclass_cli import add_fields, field_values, opt
 from edgetune.errors import BundleError, EdgetuneError
 from edgetune.imagedecode import read_image
@@ -97,18 +106,18 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, k))}) if n else []
 
 
-def quantize_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                     base_acc: float, tolerance: float, x_test: np.ndarray | None = None,
-                     y_test: np.ndarray | None = None) -> dict[str, Any]:
-    """ONNX Runtime INT8 (dynamic or static with calibration); accepted or refused on the VALIDATION split
-    (refused when it loses more than ``tolerance`` validation accuracy against the float model). The test
-    accuracy of a kept variant is recorded for information only."""
+def quantize_onnx(kind: str, fp32: Path, target: Path, calib: np.ndarray) -> Path:
+    """ONNX Runtime INT8 quantisation of ``fp32`` into ``target``: ``dynamic`` (weights only) or ``static``
+    (QDQ, activations calibrated on ``calib``, a preprocessed [N, 3, H, W] batch)."""
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
 
-    target = out / f"model.int8_{kind}.onnx"
+    if kind not in QUANTIZATIONS:
+        raise EdgetuneError(f"unknown quantisation {kind!r}; allowed: {', '.join(QUANTIZATIONS)}")
+    ort.set_default_logger_severity(3)  # the quantiser's sessions warn about each unused initialiser
     if kind == "dynamic":
         quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8)
-    elif kind == "static":
+    else:
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
                 self.it = iter([{INPUT: calib[i : i + 1]} for i in range(len(calib))])
@@ -118,8 +127,16 @@ def quantize_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, x_val:
 
         quantize_static(str(fp32), str(target), Reader(), activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8)
-    else:
-        raise EdgetuneError(f"unknown quantisation {kind!r}; allowed: dynamic, static")
+    return target
+
+
+def quantize_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                     base_acc: float, tolerance: float, x_test: np.ndarray | None = None,
+                     y_test: np.ndarray | None = None) -> dict[str, Any]:
+    """An INT8 variant (:func:`quantize_onnx`), accepted or refused on the VALIDATION split (refused when it
+    loses more than ``tolerance`` validation accuracy against the float model). The test accuracy of a kept
+    variant is recorded for information only."""
+    target = quantize_onnx(kind, fp32, out / f"model.{int8_variant_name(kind)}.onnx", calib)
     session = ort_session(target)
     acc = float((ort_probs(session, x_val).argmax(1) == y_val).mean()) if len(y_val) else 0.0
     info: dict[str, Any] = {"file": target.name, "sha256": sha256_file(target), "precision": "int8", "method": kind,
@@ -147,9 +164,14 @@ def resolve_run(run: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quantize: tuple[str, ...] = (),
                   tolerance: float = 0.01, n_calib: int = 32, n_check: int = 16, source: Any = None,
-                  target_latency: dict[str, Any] | None = None) -> Path:
-    """Export ``run``'s best checkpoint as a bundle in ``out_dir``; returns ``out_dir``. ``target_latency``
-    (device-in-the-loop search): the latency measured on the target device, its target name and identity."""
+                  target_latency: Callable[[str], dict[str, Any] | None] | None = None,
+                  precision: str = "fp32") -> Path:
+    """Export ``run``'s best checkpoint as a bundle in ``out_dir``; returns ``out_dir``.
+
+    Device-in-the-loop search: ``precision`` is the precision the search picked for the device; ``int8`` adds
+    the static INT8 variant to ``quantize``, and if the tolerance refuses it the bundle records that it deploys
+    at fp32 instead (``extra.deploy_precision``). ``target_latency(deployed precision)``: the latency measured on
+    the target device for that precision, with the target's name and identity (recorded in the bundle)."""
     from trainer.config import TrainConfig
     from trainer.data import build_data
     from trainer.model import model_from_checkpoint
@@ -184,13 +206,17 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
     fp32_acc = float((ort_probs(session, x_test).argmax(1) == y_test).mean()) if len(y_test) else 0.0
     variants: dict[str, Any] = {}
     refused: dict[str, Any] = {}
+    if precision == "int8" and QUANTIZATIONS[0] not in quantize:
+        quantize = (*quantize, QUANTIZATIONS[0])
     if quantize:
         x_cal = spec.apply_batch([read_image(tmp / c["file"]) for c in calib])
         x_val, y_val = _eval_arrays(data.val, spec)
         val_acc = float((ort_probs(session, x_val).argmax(1) == y_val).mean()) if len(y_val) else 0.0
         for kind in quantize:
             v = quantize_variant(kind, onnx_path, tmp, x_cal, x_val, y_val, val_acc, tolerance, x_test, y_test)
-            (refused if "refused" in v else variants)[f"int8_{kind}"] = v
+            (refused if "refused" in v else variants)[int8_variant_name(kind)] = v
+    deploy = _deploy_precision(precision, variants, refused)
+    latency = target_latency(deploy["deployed"]) if target_latency else None
     manifest = BundleManifest(
         model_file="model.onnx",
         onnx_sha256=sha256_file(onnx_path),
@@ -216,7 +242,8 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
                        "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
             "refused_variants": refused,
             "export_seconds": round(time.perf_counter() - t0, 3),
-            **({"target_latency": target_latency} if target_latency else {}),
+            "deploy_precision": deploy,
+            **({"target_latency": latency} if latency else {}),
         },
     ).to_dict()
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -227,14 +254,49 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
     return out
 
 
+def _deploy_precision(searched: str, variants: dict[str, Any], refused: dict[str, Any]) -> dict[str, Any]:
+    """What the bundle deploys at: the searched precision, or fp32 where its INT8 variant was refused."""
+    name = int8_variant_name(QUANTIZATIONS[0])
+    if searched == "int8" and name not in variants:
+        why = (refused.get(name) or {}).get("refused", "no INT8 variant")
+        return {"searched": searched, "deployed": "fp32", "why": f"{name} refused: {why}"}
+    return {"searched": searched, "deployed": searched}
+
+
+#: Synthetic calibration images in a timing bundle at precision int8 (the untrained copy has no data of its own).
+TIMING_CALIBRATION_IMAGES = 8
+
+
 def write_architecture_bundle(model: torch.nn.Module, spec: PreprocessSpec, num_classes: int,
-                              out_dir: str | Path, backbone: str) -> Path:
+                              out_dir: str | Path, backbone: str, precision: str = "fp32") -> Path:
     """A bundle of an (untrained) architecture, for timing it on a device: the same ONNX export and
     ``bundle.json`` schema as :func:`export_bundle`, with no parity, images or metrics (latency depends on the
-    architecture, not the weights). Marked ``purpose: timing`` so it is never mistaken for a model to serve."""
+    architecture, not the weights). Marked ``purpose: timing`` so it is never mistaken for a model to serve.
+
+    ``precision="int8"``: also :data:`TIMING_CALIBRATION_IMAGES` synthetic calibration images (seeded noise, as
+    ``trtexec --int8`` times without real data: the scales change, the engine's layers and kernels do not), for a
+    TensorRT INT8 engine built on the device, and the static INT8 variant calibrated on them, for ONNX Runtime.
+    The deployed model is quantised on its real calibration images at export (``export_bundle(quantize=…)``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(model.cpu().eval(), spec, out / "model.onnx")
+    calib: list[dict[str, Any]] = []
+    variants: dict[str, Any] = {}
+    if precision == "int8":
+        import cv2
+
+        (out / "calib").mkdir(exist_ok=True)
+        rng = np.random.default_rng(0)
+        h, w = spec.input_size
+        for j in range(TIMING_CALIBRATION_IMAGES):
+            name = f"calib/{j:03d}.png"
+            cv2.imwrite(str(out / name), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            calib.append({"file": name, "label_index": 0})
+        x_cal = spec.apply_batch([read_image(out / c["file"]) for c in calib])
+        kind = QUANTIZATIONS[0]
+        q = quantize_onnx(kind, onnx_path, out / f"model.{int8_variant_name(kind)}.onnx", x_cal)
+        variants[int8_variant_name(kind)] = {"file": q.name, "sha256": sha256_file(q), "precision": "int8",
+                                             "method": kind, "calibration": "synthetic (timing only)"}
     manifest = BundleManifest(
         model_file="model.onnx",
         onnx_sha256=sha256_file(onnx_path),
@@ -245,7 +307,9 @@ def write_architecture_bundle(model: torch.nn.Module, spec: PreprocessSpec, num_
         backbone=backbone,
         parity={"skipped": "untrained architecture, exported for timing only"},
         versions={**versions(), **_onnx_versions()},
-        extra={"opset": OPSET, "purpose": "timing"},
+        calibration_images=tuple(ImageEntry(**c) for c in calib),
+        variants=variants,
+        extra={"opset": OPSET, "purpose": "timing", "timing_precision": precision},
     ).to_dict()
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     load_bundle(out)
@@ -271,7 +335,7 @@ class ExportOptions:
 
     run: str = opt(help="tune OUT dir, train run dir or checkpoint dir")
     out: str | None = opt(None, "bundle directory (default <run>/bundle)")
-    quantize: tuple[str, ...] = opt((), "comma list of INT8 variants: dynamic, static")
+    quantize: tuple[str, ...] = opt((), f"comma list of INT8 variants: {', '.join(QUANTIZATIONS)}")
     tolerance: float = opt(0.01, "max validation-accuracy loss of an INT8 variant")
 
     def __post_init__(self) -> None:

@@ -180,6 +180,17 @@ def _capabilities(backend: str) -> dict[str, Any]:
             "node_id": ray.get_runtime_context().get_node_id()}
 
 
+def search_precisions(supported: list[str], wanted: tuple[str, ...], target: str) -> list[str]:
+    """The precisions that join the search: those the target supports, narrowed to ``--precisions`` if given."""
+    if not wanted:
+        return list(supported)
+    missing = [p for p in wanted if p not in supported]
+    if missing:
+        raise ConfigError(f"--precisions {list(wanted)}: target {target!r} does not support {missing}; it supports "
+                          f"{list(supported)}")
+    return [p for p in supported if p in wanted]
+
+
 def task_options(target: str | None) -> dict[str, Any]:
     """Pinned to the target's resource (amount 1: timings on one device never overlap), or without a target to
     the driver's node. ``max_retries=-1``: a task lost with its node is retried when a node with the resource
@@ -242,7 +253,8 @@ def get_latency(setup: LatencySetup, train_config: Any, num_classes: int, precis
                               img_size=m.img_size)
             model = create_model(cfg, num_classes)
             with tempfile.TemporaryDirectory(prefix="edgetune-arch-") as d:
-                write_architecture_bundle(model, preprocess_spec_for(cfg), num_classes, d, m.backbone)
+                write_architecture_bundle(model, preprocess_spec_for(cfg), num_classes, d, m.backbone,
+                                          precision=sig.precision)
                 files = bundle_files(d)
         except BaseException:
             ray.get(service.release.remote(sig.to_dict(), token))  # the next trial of this architecture claims it

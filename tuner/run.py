@@ -74,6 +74,9 @@ class TuneOptions:
     target: str = opt("", "device in the loop: time every architecture on the Ray node carrying "
                       "edge_target:<TARGET> (join it with `make edge-node HEAD=<host:port> TARGET=<name>`); "
                       "implies --multi-objective")
+    precisions: tuple[str, ...] = opt(
+        (), "with --target: the deployed precisions the search may pick (comma list of fp32, fp16, int8; default: "
+            "all the target supports)")
     # the timing protocol: edge_server.timing.TimingProtocol
     timing_warmup: int = opt(TimingProtocol.warmup, "untimed runs before each timing")
     timing_runs: int = opt(TimingProtocol.runs, "timed runs per architecture (p50/p90 over them)")
@@ -98,6 +101,7 @@ class TuneOptions:
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: derived defaults only
         put("backbones", tuple(self.backbones))
         put("sets", tuple(self.sets))
+        put("precisions", tuple(self.precisions))
         put("resources_per_worker", dict(self.resources_per_worker))  # a copy: the caller's dict is not shared
         put("env_vars", dict(self.env_vars))
         for name, lo in (
@@ -169,6 +173,13 @@ class TuneOptions:
         self.timing_protocol  # noqa: B018 - TimingProtocol validates timing_warmup / timing_runs
         if self.timing_backend not in TIMING_BACKENDS:
             raise ConfigError(f"timing_backend must be one of {TIMING_BACKENDS}, got {self.timing_backend!r}")
+        from edge_server.runners.tensorrt import PRECISIONS
+
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad:
+            raise ConfigError(f"precisions: {bad} not allowed; choose from {list(PRECISIONS)}")
+        if self.precisions and not self.target:
+            raise ConfigError("precisions needs --target (the precisions are the target device's)")
         if self.target:
             from tuner.device import target_resource
 
@@ -370,13 +381,19 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
             summary["latency"] = _latency_outputs(opts, study, out)
         (out / "tune_options.yaml").write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
         if opts.export and summary.get("best_checkpoint"):
+            from edgetune.bundle import load_bundle
             from trainer.export import export_bundle
 
-            b = export_bundle(out, out / "bundle", source=source, target_latency=_winner_latency(opts, summary, out))
+            searched = str((summary.get("best_params") or {}).get("precision", "fp32"))
+            b = export_bundle(out, out / "bundle", source=source, precision=searched,
+                              target_latency=lambda p: _winner_latency(opts, summary, p))
             summary["bundle"] = str(b)
+            deploy = dict(load_bundle(b).meta["deploy_precision"])
+            if deploy["deployed"] != searched:
+                log.warning(f"the search picked {searched} but the bundle deploys at {deploy['deployed']}: "
+                            f"{deploy['why']}")
             if opts.target:  # hand-off: the winner's own ONNX timed on the device (and its engine kept there)
-                precision = str((summary.get("best_params") or {}).get("precision", "fp32"))
-                summary["latency"]["winner"] = _time_winner(opts, b, precision)
+                summary["latency"]["winner"] = {**_time_winner(opts, b, deploy["deployed"]), "deploy": deploy}
     finally:
         if info is not None:
             cluster.shutdown(info)
@@ -401,7 +418,8 @@ def _latency_setup(opts: TuneOptions, space: Any) -> Any:
         log.info(f"target {target}: {len(nodes)} live node(s) ({', '.join(n[:12] for n in nodes)}); device "
                  f"{caps['device'].get('gpu_name') or caps['device'].get('cpu')} ({caps['device'].get('backend')}); "
                  f"precisions {caps['precisions']}")
-        space.add_device_params(caps["precisions"], img_fixed=bool(opts.img))
+        space.add_device_params(device.search_precisions(caps["precisions"], opts.precisions, target),
+                                img_fixed=bool(opts.img))
     else:
         log.info("no --target: latency is an estimate timed on the driver's node (alongside training), "
                  "not a device's latency")
@@ -441,8 +459,9 @@ def _latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]
     return res
 
 
-def _winner_latency(opts: TuneOptions, summary: dict[str, Any], out: Path) -> dict[str, Any] | None:
-    """What the bundle records of the winner's latency: its architecture's timing (target, device, p50/p90)."""
+def _winner_latency(opts: TuneOptions, summary: dict[str, Any], precision: str) -> dict[str, Any] | None:
+    """What the bundle records of the winner's latency: its architecture's timing at the precision the bundle
+    deploys at (target, device, p50/p90); None where that architecture was not timed at that precision."""
     if not opts.latency_on or summary.get("best_trial") is None:
         return None
     from trainer.checkpoint import read_meta
@@ -451,7 +470,6 @@ def _winner_latency(opts: TuneOptions, summary: dict[str, Any], out: Path) -> di
 
     meta = read_meta(Path(summary["best_checkpoint"]))
     cfg = TrainConfig.from_dict(meta["config"])
-    precision = str((summary.get("best_params") or {}).get("precision", "fp32"))
     sig = device.signature_for(cfg, len(meta["classes"]), precision)
     rec = device.LatencyCache(_rdb(opts.storage)).get(device.cache_target(opts.target or None), sig)
     if rec is None:

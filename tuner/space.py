@@ -115,11 +115,12 @@ class SearchSpace:
 
     def add_device_params(self, precisions: list[str], img_fixed: bool = False) -> None:
         """With a target device (``--target``), latency is an objective: the input size and the precisions the
-        device supports join the search (a precision sets no training key; it is the deployed precision)."""
+        device supports join the search (a precision sets no training key; it is the deployed precision; one
+        choice is still a parameter, so that every trial and the hand-off name the precision it was timed at)."""
         if not img_fixed and "img" not in self.params:
             self.params["img"] = Param(name="img", type="categorical", key="model.img_size",
                                        choices=list(DEVICE_IMG_CHOICES))
-        if len(precisions) > 1 and "precision" not in self.params:
+        if precisions and "precision" not in self.params:
             self.params["precision"] = Param(name="precision", type="categorical", choices=list(precisions),
                                              key="", sets={p: {} for p in precisions})
 

@@ -3,7 +3,9 @@
 ``auto``: the bundle's TensorRT engine when one is cached (found by name, before importing TensorRT;
 the runner then picks the one built for this GPU/TensorRT/ONNX or refuses with a rebuild hint) and
 ``tensorrt`` imports, else ONNX Runtime with CUDA/TensorRT execution providers when present, else
-ONNX Runtime on the CPU. The choice and the reason are logged.
+ONNX Runtime on the CPU. The choice and the reason are logged. ONNX Runtime at ``precision int8`` runs the
+bundle's INT8 variant (``make export ARGS='--quantize static'``; a device-in-the-loop search that picked int8
+exports it), at fp32/fp16 ``model.onnx``.
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ def get_runner(name: str, bundle: Bundle, *, max_batch_size: int = 8, intra_op_t
     """Build the runner ``name`` (one of :data:`BACKENDS`) for ``bundle``."""
     if name not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {name!r}")
-    from edge_server.runners.onnxruntime import OnnxRuntimeRunner
+    from edge_server.runners.onnxruntime import OnnxRuntimeRunner, variant_for
     from edge_server.runners.tensorrt import TensorRTRunner
 
     if name == "tensorrt":
         runner: Runner = TensorRTRunner(bundle, precision=precision, max_batch_size=max_batch_size)
         reason = "requested"
     elif name in ("onnxruntime", "onnxruntime-cpu"):
+        variant, why = variant_for(bundle, precision)
         runner = OnnxRuntimeRunner(bundle, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
-                                   cpu_only=name == "onnxruntime-cpu")
-        reason = "requested"
+                                   cpu_only=name == "onnxruntime-cpu", variant=variant)
+        reason = f"requested; {why}"
     else:
         runner, reason = _auto(bundle, max_batch_size, intra_op_threads, precision)
     log.info("backend selected", extra={"fields": {"backend": runner.name, "precision": runner.precision,
@@ -45,7 +48,7 @@ def get_runner(name: str, bundle: Bundle, *, max_batch_size: int = 8, intra_op_t
 
 
 def _auto(bundle: Bundle, max_batch_size: int, intra_op_threads: int, precision: str) -> tuple[Runner, str]:
-    from edge_server.runners.onnxruntime import GPU_PROVIDERS, OnnxRuntimeRunner, available_providers
+    from edge_server.runners.onnxruntime import GPU_PROVIDERS, OnnxRuntimeRunner, available_providers, variant_for
     from edge_server.runners.tensorrt import TensorRTRunner, engines_dir, find_engines
 
     engines = find_engines(bundle, precision)  # by name only: TensorRT is not imported yet
@@ -62,5 +65,7 @@ def _auto(bundle: Bundle, max_batch_size: int, intra_op_threads: int, precision:
     else:
         why = f"no {precision} TensorRT engine in {engines_dir(bundle)}"
     gpu = [p for p in GPU_PROVIDERS if p in available_providers()]
-    runner = OnnxRuntimeRunner(bundle, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads)
-    return runner, f"{why}; ONNX Runtime GPU providers: {gpu or 'none'}"
+    variant, which = variant_for(bundle, precision, strict=False)
+    runner = OnnxRuntimeRunner(bundle, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
+                               variant=variant)
+    return runner, f"{why}; ONNX Runtime GPU providers: {gpu or 'none'}; {which}"

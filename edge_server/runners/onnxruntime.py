@@ -33,6 +33,22 @@ def available_providers() -> list[str]:
     return list(_ort().get_available_providers())
 
 
+def variant_for(bundle: Bundle, precision: str, strict: bool = True) -> tuple[str, str]:
+    """The bundle variant ONNX Runtime runs at ``precision`` and why: ``int8`` is the bundle's INT8 variant
+    (``Bundle.int8_variant``); fp32 and fp16 run ``model.onnx`` (ONNX Runtime's fp16 is no faster on a CPU).
+    A bundle without an INT8 variant: an error naming how to make one (``strict``), else fp32 with the reason."""
+    if precision != "int8":
+        return "fp32", f"precision {precision}: model.onnx"
+    name = bundle.int8_variant
+    if name is not None:
+        return name, f"precision int8: variant {name}"
+    why = (f"bundle {bundle.path} has no INT8 variant (variants: {sorted(bundle.variants) or 'none'}); export one "
+           "with `make export ARGS='--quantize static'`")
+    if strict:
+        raise ConfigError(f"precision int8 with ONNX Runtime: {why}")
+    return "fp32", f"precision int8 asked but {why}: model.onnx"
+
+
 class OnnxRuntimeRunner(Runner):
     """Runs the bundle's ``model.onnx`` (or a named variant) with ONNX Runtime.
 
