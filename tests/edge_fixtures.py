@@ -181,14 +181,16 @@ def self_signed_cert(out_dir: Path, name: str = "localhost", ca: tuple[Any, Any]
 
 
 class RequestFeeder:
-    """A request iterator for bidi streams that the test feeds one message at a time."""
+    """A request iterator for bidi streams that the test feeds one message at a time; with ``timeout``, a
+    wait for the next message longer than that (seconds) raises ``queue.Empty``, so gRPC cancels the call."""
 
     _END = object()
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float | None = None) -> None:
         import queue
 
         self._q: Any = queue.Queue()
+        self._timeout = timeout
 
     def send(self, msg: Any) -> None:
         self._q.put(msg)
@@ -200,7 +202,7 @@ class RequestFeeder:
         return self
 
     def __next__(self) -> Any:
-        item = self._q.get()
+        item = self._q.get(timeout=self._timeout)
         if item is self._END:
             raise StopIteration
         return item
