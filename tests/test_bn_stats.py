@@ -51,7 +51,7 @@ def _bn_mismatch(tmp_path, best) -> float:
     """
     from trainer.bnstats import trainable_bns
     from trainer.checkpoint import load_checkpoint, unwrap
-    from trainer.loop import setup
+    from trainer.loop_setup import setup
 
     st = setup(_loop_config("keep", tmp_path / "probe"))  # same data, split and evaluation transform
     unwrap(st.model).load_state_dict(load_checkpoint(best)["model_state"])

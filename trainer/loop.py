@@ -4,7 +4,8 @@
 metrics reported every epoch, deadline, shared data source, whether to load the test split), or its dict form
 (what Ray Train hands a worker); ``LoopConfig.coerce`` validates either in one place.
 
-Steps (timm's train script split the same way): :func:`setup` (model, feeds, optimiser, resume),
+Steps (timm's train script split the same way): :func:`trainer.loop_setup.setup` (model, feeds, optimiser,
+resume; its :class:`~trainer.loop_setup.LoopState` is what one run carries from epoch to epoch),
 :func:`train_one_epoch`, :func:`validate` (BatchNorm statistics recomputed first, per ``model.bn_stats``),
 :func:`end_of_epoch` (the checkpoint policy: best-epoch rule of :mod:`trainer.metric`, when to save, report,
 whether to stop); :func:`train_loop` runs them (:func:`run_epoch` = one training epoch plus its validation).
@@ -21,7 +22,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,39 +30,19 @@ import torch
 import torch.distributed as dist
 
 from edgetune.numeric import confusion_matrix
-from trainer.bnstats import recompute_bn_stats, suit_bn_momentum
-from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from trainer.config import TrainConfig
+from trainer.bnstats import recompute_bn_stats
+from trainer.checkpoint import save_checkpoint, unwrap
 from trainer.loop_config import LoopConfig
-from trainer.metric import CHECKPOINT_SCORE, METRIC_NAMES, METRICS, Metric, get_metric
-from trainer.optim import Schedule, build_optimizer, build_scheduler
-from trainer.reporting import Reporter, make_reporter
+from trainer.loop_setup import TRAIN_STATE, LoopState, setup
+from trainer.metric import CHECKPOINT_SCORE, METRIC_NAMES, METRICS
+from trainer.optim import Schedule
 
-TRAIN_STATE = "train_state.pt"
 #: Test-only failure injection: fail once at this epoch (1-based) unless the marker file exists.
 FAIL_AT_ENV, FAIL_MARKER_ENV = "EDGETUNE_FAIL_AT_EPOCH", "EDGETUNE_FAIL_MARKER"
 
 
 class InjectedFailure(RuntimeError):
     """Raised by the test-only failure switch."""
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.use_gpu and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        try:
-            import ray.train
-
-            return ray.train.torch.get_device()
-        except Exception:  # noqa: BLE001 - not inside Ray Train
-            return torch.device("cuda", local)
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -106,173 +86,6 @@ def _maybe_inject_failure(epoch: int) -> None:
 
 
 # -- the loop, in steps --------------------------------------------------------------------------------------------
-@dataclass
-class LoopState:
-    """Everything one run carries from epoch to epoch."""
-
-    cfg: TrainConfig
-    metric: Metric
-    model: torch.nn.Module
-    feeds: Any
-    data: Any
-    spec: Any
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    loss_fn: torch.nn.Module
-    eval_loss: torch.nn.Module
-    device: torch.device
-    reporter: Reporter
-    rank: int
-    world: int
-    use_amp: bool
-    static: dict[str, Any]
-    start_epoch: int = 1
-    best: float | None = None
-    best_epoch: int = 0
-    train_seconds_total: float = 0.0
-    bn_images: int = 0
-    at_best: dict[str, float] = field(default_factory=dict)  #: validation metrics of the best epoch
-    history: list[dict[str, Any]] = field(default_factory=list)
-    resumed_from_epoch: int = 0  #: the checkpoint's epoch this run resumed from (0: started fresh)
-
-
-def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopState:
-    """Model (weights, freeze cut), feeds (cached or live path), loss, optimiser, schedule; resume if asked."""
-    from trainer.losses import build_loss
-    from trainer.model import preprocess_spec_for
-
-    t_launch = time.perf_counter()
-    lc = LoopConfig.coerce(loop_config)
-    cfg = TrainConfig.from_dict(dict(lc.train_config))
-    rank, world = _dist_info()
-    device = _init_process(cfg, rank)
-    spec = preprocess_spec_for(cfg.model)
-    if data is None:
-        data = _build_data(cfg, spec, lc, rank)
-    model, feeds = _build_model(cfg, data, device, rank, world)
-    reporter = make_reporter(
-        lc.report_to, lc.run_dir, cfg.metric, cfg.mode
-    )
-    model = _wrap_ddp(model, world)
-    opt = build_optimizer(cfg, model)
-    module = unwrap(model)
-    static = _static_info(module, feeds)
-    st = LoopState(
-        cfg=cfg,
-        metric=get_metric(cfg.metric),
-        model=model,
-        feeds=feeds,
-        data=data,
-        spec=spec,
-        opt=opt,
-        sched=build_scheduler(cfg, opt, feeds.steps_per_epoch),
-        scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"),
-        loss_fn=build_loss(cfg.loss, data.class_counts).to(device),
-        eval_loss=torch.nn.CrossEntropyLoss(),  # comparable val_loss across focal settings
-        device=device,
-        reporter=reporter,
-        rank=rank,
-        world=world,
-        use_amp=cfg.amp and device.type == "cuda",
-        static=static,
-    )
-    _resume(st)
-    static.update(lc.static_metrics)  # e.g. the architecture's latency (tuner/device.py)
-    static["setup_seconds"] = time.perf_counter() - t_launch
-    return st
-
-
-def _init_process(cfg: TrainConfig, rank: int) -> torch.device:
-    """Threads and seeds (per rank) of this process; the device it trains on."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    return _device(cfg)
-
-
-def _build_data(cfg: TrainConfig, spec: Any, lc: LoopConfig, rank: int) -> Any:
-    """The dataset splits (written under ``run_dir`` by rank 0 only)."""
-    from trainer.data import build_data
-
-    run_dir = lc.run_dir
-    return build_data(
-        cfg.data,
-        spec,
-        run_dir=run_dir if rank == 0 else None,
-        seed=cfg.seed,
-        source=lc.source,
-        with_test=lc.with_test,
-    )
-
-
-def _build_model(
-    cfg: TrainConfig, data: Any, device: torch.device, rank: int, world: int
-) -> tuple[torch.nn.Module, Any]:
-    """The model on ``device`` and its feeds (the cached path starts the model at its freeze cut)."""
-    from trainer.feeds import make_feeds
-    from trainer.model import create_model
-
-    model: torch.nn.Module = create_model(cfg.model, num_classes=len(data.classes))
-    feeds = make_feeds(cfg, model, data, rank, world)
-    if feeds.path == "cached":
-        model.input_cut = model.cut  # type: ignore[assignment]
-    model = model.to(device)
-    if cfg.channels_last:  # NHWC convolutions: ~20 % faster steps on CPU too (Lite0, 128 px, 2 threads)
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.model.bn_stats == "momentum":
-        suit_bn_momentum(model, feeds.steps_per_epoch)
-    return model, feeds
-
-
-def _wrap_ddp(model: torch.nn.Module, world: int) -> torch.nn.Module:
-    """DistributedDataParallel through Ray Train when there is more than one worker; the model as is otherwise."""
-    if world > 1:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model, move_to_device=False)
-    return model
-
-
-def _static_info(module: Any, feeds: Any) -> dict[str, Any]:
-    """What every epoch's result repeats: model size, node, data path, freeze cut, activation cache."""
-    from trainer.model import count_params, model_size_mb
-
-    return {
-        "params": count_params(module),
-        "size_mb": model_size_mb(module),
-        "node_id": _node_id(),
-        "data_path": feeds.path,
-        "data_path_reason": feeds.reason,
-        "freeze_cut": _report(module).get("cut", 0),
-        "freeze_fraction": _report(module).get("fraction", 0.0),
-        **{f"act_cache_{k}": v for k, v in feeds.cache_stats.items()},
-    }
-
-
-def _report(module: Any) -> dict[str, Any]:
-    return dict(getattr(module, "freeze_report", {}) or {})
-
-
-def _resume(st: LoopState) -> None:
-    resume = st.reporter.resume_dir()
-    if resume is None:
-        return
-    ckpt = load_checkpoint(resume)
-    unwrap(st.model).load_state_dict(ckpt["model_state"])
-    state = torch.load(resume / TRAIN_STATE, map_location="cpu", weights_only=True)
-    st.opt.load_state_dict(state["optimizer"])
-    st.sched.load_state_dict(state["scheduler"])
-    st.start_epoch, st.best = int(state["epoch"]) + 1, state.get("best")
-    st.best_epoch = int(state.get("best_epoch", 0))
-    st.at_best = dict(state.get("at_best", {}))
-    st.train_seconds_total = float(state.get("train_seconds", 0.0))
-    st.static.update({k: v for k, v in state.get("static", {}).items() if k not in ("setup_seconds",)})
-    st.history = list(ckpt["meta"].get("history", []))
-    st.resumed_from_epoch = int(state["epoch"])
-
-
 def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str, Any]:
     """One pass over the training feed; stops at the first non-finite loss (``diverged``)."""
     from trainer.model import set_train_mode
@@ -470,15 +283,6 @@ def fit_epochs_to_deadline(st: LoopState, epoch: int, epoch_seconds: float, dead
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker`` entry (one argument, as Ray Train requires)."""
     train_loop(loop_config)
-
-
-def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-    except Exception:  # noqa: BLE001 - outside Ray
-        return "local"
 
 
 def _progress(st: LoopState, epoch: int, report_to: str) -> Any:
