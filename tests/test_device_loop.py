@@ -13,101 +13,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from edgetune.errors import ConfigError, EdgetuneError
+from edgetune.errors import EdgetuneError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- no Ray --------------------------------------------------------------------------------------------------
-
-def test_timing_side_imports_no_torch_or_trainer():
-    """What an edge node runs (the timing task and its module) needs edgetune[serve] + Ray, not torch/trainer."""
-    code = ("import sys, edge_server.timing, edge_server.edge_node, tuner.device; "
-            "bad = [m for m in ('torch', 'trainer', 'torchvision') if m in sys.modules]; print(bad); "
-            "sys.exit(1 if bad else 0)")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-
-
-def test_signature_key_is_stable_and_ignores_training_settings():
-    from trainer.config import TrainConfig
-    from tuner.device import ArchSignature, signature_for
-
-    a = TrainConfig().replace({"model.backbone": "efficientnet_lite0", "model.img_size": 96, "model.dropout": 0.1,
-                               "optim.lr": 0.01})
-    b = a.replace({"model.dropout": 0.3, "optim.lr": 0.001, "model.freeze": 0.5})
-    c = a.replace({"model.img_size": 128})
-    sa, sb, sc = (signature_for(x, 3) for x in (a, b, c))
-    assert sa == sb and sa.key == sb.key  # weights/training settings do not change latency
-    assert sa.key != sc.key and sa.input_size == (96, 96)
-    assert ArchSignature.from_dict(json.loads(json.dumps(sa.to_dict()))) == sa
-    assert sa.key != signature_for(a, 3, precision="fp16").key != signature_for(a, 4).key
-    assert sa.label == "efficientnet_lite0/linear/96x96/fp32/b1"
-
-
-def test_target_name_and_protocol_are_validated():
-    from edge_server.timing import TimingProtocol
-    from tuner.device import target_resource
-    from tuner.run import TuneOptions
-
-    assert target_resource("jetson-orin.1") == "edge_target:jetson-orin.1"
-    for bad in ("", "a b", "x" * 65, "-x", "a:b"):
-        with pytest.raises(ConfigError, match="target must be"):
-            target_resource(bad)
-    with pytest.raises(ConfigError, match="timing runs must be an integer in"):
-        TimingProtocol(runs=1)
-    with pytest.raises(ConfigError, match="target must be"):
-        TuneOptions(trials=1, target="no spaces please")
-    assert TuneOptions(trials=1, target="sim").multi_objective  # the target's latency is the second objective
-
-
-def test_pareto_points_and_rejection():
-    from tuner.device import rejection
-    from tuner.latency_report import pareto_points
-
-    pts = [(0.9, 10.0), (0.8, 5.0), (0.85, 12.0), (0.9, 11.0), (0.7, 5.0)]
-    assert pareto_points(pts, "max") == [0, 1]
-    assert pareto_points([(0.5, 3.0), (0.4, 2.0)], "min") == [1]
-    m = {"latency_ms": 7.5, "latency_signature": "x/linear/64x64/fp32/b1"}
-    assert "p50 7.50 ms > --max-latency-ms 5 ms" in (rejection(m, 5.0) or "")
-    assert rejection(m, 8.0) is None and rejection(m, 0.0) is None and rejection({}, 1.0) is None
-
-
-def test_time_bundle_of_an_untrained_architecture(tmp_path):
-    """The timing task's body on this machine: a real ONNX export of Lite0, timed with the server's runner."""
-    from edge_server.timing import TimingProtocol, time_bundle, time_bundle_files
-    from trainer.config import ModelConfig
-    from trainer.export import bundle_files, write_architecture_bundle
-    from trainer.model import create_model, preprocess_spec_for
-
-    cfg = ModelConfig(backbone="efficientnet_lite0", weights="none", img_size=64)
-    d = write_architecture_bundle(create_model(cfg, 3), preprocess_spec_for(cfg), 3, tmp_path / "arch",
-                                  "efficientnet_lite0")
-    rec = time_bundle(d, protocol=TimingProtocol(warmup=2, runs=10))
-    assert 0 < rec["min_ms"] <= rec["p50_ms"] <= rec["p90_ms"] <= rec["max_ms"]
-    assert rec["protocol"] == {"warmup": 2, "runs": 10, "batch": 1, "threads": 1}
-    assert rec["device"]["backend"] == "onnxruntime" and rec["device"]["cpu"] and rec["device"]["onnxruntime_version"]
-    again = time_bundle_files(bundle_files(d), protocol={"warmup": 1, "runs": 5})
-    assert again["onnx_sha256"] == rec["onnx_sha256"]
-    with pytest.raises(EdgetuneError, match="outside the bundle"):
-        time_bundle_files({"../evil.onnx": b"x"})
-    with pytest.raises(ConfigError, match="fp32 and int8"):
-        time_bundle(d, precision="fp16", backend="onnxruntime")
-
-
-def test_latency_cache_is_shared_across_instances_and_studies(tmp_path):
-    from trainer.config import TrainConfig
-    from tuner.device import CACHE_STUDY, LatencyCache, signature_for
-
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    sig = signature_for(TrainConfig().replace({"model.img_size": 64}), 3)
-    LatencyCache(url).put("sim", sig, {"p50_ms": 2.5, "p90_ms": 3.0, "node_id": "n1"})
-    other = LatencyCache(url)  # e.g. a later study in the same storage
-    assert other.get("sim", sig)["p50_ms"] == 2.5
-    assert other.get("jetson", sig) is None  # keyed by target too
-    [rec] = other.records("sim")
-    assert rec["signature_key"] == sig.key and rec["target"] == "sim"
-    assert CACHE_STUDY in [s.study_name for s in optuna.get_all_study_summaries(url)]
 
 
 # --- a real Ray cluster: head + edge node ----------------------------------------------------------------------
@@ -337,7 +245,7 @@ def test_edge_node_dies_mid_study_study_finishes_nothing_lost(cluster, tmp_path)
             "--no-export", "--no-refit", "--space", str(space), "--storage", storage, "--study", "dies",
             "--trials", "3", "--epochs", "1", "--max-concurrent", "1", "--out", str(tmp_path / "dies"),
             "--target", "sim", "--timing-backend", "onnxruntime", "--timing-runs", "10", "--timing-warmup", "2",
-            "--timing-timeout", "40", "--address", c.address]
+            "--timing-timeout", "40", "--precisions", "fp32", "--address", c.address]
     log = open(tmp_path / "tune.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env=tuner_env())
@@ -370,3 +278,36 @@ def test_edge_node_dies_mid_study_study_finishes_nothing_lost(cluster, tmp_path)
     assert "within 40 s" in t1.user_attrs["target_latency_status"] and not t1.intermediate_values  # not trained
     assert t2.state.name == "COMPLETE", t2.user_attrs
     assert new_edge is not None and t2.user_attrs["target_node"] == new_edge.node_id
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_int8_searched_on_target_timed_as_int8_and_handed_off(cluster, tmp_path):
+    """``--precisions int8`` on the sim target (ONNX Runtime): the trial is timed on the edge node as its static
+    INT8 variant, the table says int8, and the winner's bundle deploys what its export accepted, timed at that
+    precision on the edge node."""
+    from edgetune.bundle import load_bundle
+    from tuner.run import run_study
+
+    opts = _opts(tmp_path, "q8", target="sim", trials=1, export=True, precisions=("int8",))
+    summary = run_study(opts)
+    [t] = optuna.load_study(study_name="q8", storage=opts.storage).trials
+    assert t.params["precision"] == "int8" and list(t.distributions["precision"].choices) == ["int8"]
+    assert t.user_attrs["latency_signature"].endswith("/int8/b1") and t.user_attrs["target_latency_ms"] > 0
+    assert t.user_attrs["target_node"] == _edge_id(cluster)
+    with open(Path(opts.out) / "latency_table.csv") as f:
+        [row] = list(csv.DictReader(f))
+    assert row["precision"] == "int8" and row["node_id"] == _edge_id(cluster)
+    from tuner import device
+
+    [rec] = device.LatencyCache(opts.storage).records("sim")
+    assert rec["variant"] == "int8_static" and rec["precision"] == "int8"  # the quantised model was timed
+    b = load_bundle(summary["bundle"])
+    deploy, winner = b.meta["deploy_precision"], summary["latency"]["winner"]
+    assert deploy["searched"] == "int8" and winner["deploy"] == deploy and winner["status"] == "timed"
+    assert winner["precision"] == deploy["deployed"] and winner["node_id"] == _edge_id(cluster)
+    if deploy["deployed"] == "int8":  # the export's tolerance accepted the static variant
+        assert b.int8_variant == "int8_static" and b.meta["target_latency"]["precision"] == "int8"
+    else:
+        assert "refused" in deploy["why"] and b.int8_variant is None
