@@ -112,3 +112,13 @@ def test_precisions_option_narrows_the_search_and_is_validated(tmp_path: Path) -
     space = load_space(None, ["efficientnet_lite0"])
     space.add_device_params(["int8"])  # one precision is still a parameter: trials and hand-off name it
     assert space.params["precision"].choices == ["int8"]
+    # a space without an input size gets the default space's sizes (one definition: default_space.yaml)
+    custom = tmp_path / "space.yaml"
+    custom.write_text("params:\n  lr: {type: float, key: optim.lr, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    bare = load_space(custom)
+    bare.add_device_params(["fp32", "int8"])
+    assert bare.params["img"].choices == space.params["img"].choices and bare.params["img"].key == "model.img_size"
+    assert bare.params["precision"].choices == ["fp32", "int8"]
+    fixed = load_space(custom)
+    fixed.add_device_params(["fp32"], img_fixed=True)  # --img given: the size is not searched
+    assert "img" not in fixed.params

@@ -22,8 +22,10 @@ DEFAULT_SPACE = Path(__file__).with_name("default_space.yaml")
 TYPES = ("categorical", "float", "int")
 
 
-#: Input sizes searched with a target device when the space has no ``img`` parameter.
-DEVICE_IMG_CHOICES = (128, 160, 192, 224)
+def device_img_choices() -> list[int]:
+    """Input sizes searched with a target device when the space has no ``img`` parameter: the default space's
+    (one definition, ``default_space.yaml``)."""
+    return list(parse_space_doc(load_yaml_mapping(DEFAULT_SPACE, "search space"), DEFAULT_SPACE).params["img"].choices)
 
 
 @dataclass
@@ -119,7 +121,7 @@ class SearchSpace:
         choice is still a parameter, so that every trial and the hand-off name the precision it was timed at)."""
         if not img_fixed and "img" not in self.params:
             self.params["img"] = Param(name="img", type="categorical", key="model.img_size",
-                                       choices=list(DEVICE_IMG_CHOICES))
+                                       choices=device_img_choices())
         if precisions and "precision" not in self.params:
             self.params["precision"] = Param(name="precision", type="categorical", choices=list(precisions),
                                              key="", sets={p: {} for p in precisions})
