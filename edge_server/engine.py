@@ -9,13 +9,13 @@ engine (that name, sidecar matching this system, ONNX and options, engine SHA) i
 built for other GPUs / TensorRT versions / ONNX files are left in place (bundles may be shared over NFS). After a
 build the engine runs the check images next to ONNX Runtime; top-1 agreement and max |Δprob| are printed and kept in
 the sidecar. TensorRT 8.5/8.6 and 10.x. Exit status: 0 built or up to date, 1 build failed or agreement below
-``--min-agreement``, 2 usage error (bundle, options, no TensorRT).
+``--min-agreement``, 2 usage error (bundle, options, no TensorRT). Sidecars and the keep / reuse decisions
+(installed engine current, engine from the search's device cache): :mod:`edge_server.engine_cache`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import sys
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from edge_server import calibrator as cal
+from edge_server.engine_cache import ProfileShapes, cached_engine, engine_status, make_sidecar
 from edge_server.runners import tensorrt as rt
 from edgetune.bundle import Bundle, load_bundle
 from edgetune.dataclass_cli import Flag, add_fields, field_values
@@ -113,15 +114,6 @@ def decide_precision(requested: str, *, fast_fp16: bool, fast_int8: bool, n_cali
     return requested, "requested"
 
 
-@dataclass(frozen=True)
-class ProfileShapes:
-    """Optimisation profile of the input: kernels are tuned for ``opt`` and valid from ``min`` to ``max``."""
-
-    min: tuple[int, int, int, int]
-    opt: tuple[int, int, int, int]
-    max: tuple[int, int, int, int]
-
-
 def profile_shapes(input_shape: Sequence[int], input_hw: tuple[int, int], max_batch: int, opt_batch: int
                    ) -> ProfileShapes:
     """Profile for the network input ``input_shape`` (-1 = dynamic) at the bundle's ``input_hw``."""
@@ -163,35 +155,6 @@ def network_flags(trt: Any) -> int:
 def default_timing_cache(bundle: Bundle, system: dict[str, str]) -> Path:
     """Per TensorRT version and GPU, next to the engines (shared by the bundle's fp32/fp16/int8 builds)."""
     return rt.engines_dir(bundle) / f"timing.{rt.system_tag(system['tensorrt_version'], system['compute_capability'])}.cache"
-
-
-def make_sidecar(bundle: Bundle, system: dict[str, str], precision: str, shapes: ProfileShapes,
-                 options: BuildOptions, engine_bytes: bytes, **extra: Any) -> dict[str, Any]:
-    return {"format": "edgetune-engine-sidecar", "format_version": 1, **system, "onnx_sha256": bundle.sha256,
-            "precision": precision, "max_batch_size": shapes.max[0], "opt_batch_size": shapes.opt[0],
-            "profile": {"min": list(shapes.min), "opt": list(shapes.opt), "max": list(shapes.max)},
-            "workspace_mb": options.workspace_mb, "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
-            "engine_bytes": len(engine_bytes), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **extra}
-
-
-def engine_status(bundle: Bundle, system: dict[str, str], precision: str, options: BuildOptions
-                  ) -> tuple[bool, str]:
-    """(True, why) when the cached engine for ``precision`` is current for this system, bundle and options."""
-    engine = rt.engine_path(bundle, precision, system)  # the same name the server selects
-    if not engine.is_file():
-        others = [p.name for p in rt.find_engines(bundle, precision)]
-        return False, f"no engine at {engine}" + (f" (kept, built for other systems: {others})" if others else "")
-    try:
-        meta = rt.read_sidecar(engine)
-        rt.validate_sidecar(meta, bundle=bundle, engine=engine, precision=precision, **system)
-        rt.check_engine_sha(engine, engine.read_bytes(), meta, precision)
-    except BundleError as e:
-        return False, str(e)
-    if (meta.get("max_batch_size"), meta.get("opt_batch_size")) != (options.max_batch, options.opt):
-        return False, (f"engine batch profile max {meta.get('max_batch_size')}/opt {meta.get('opt_batch_size')} "
-                       f"differs from the requested max {options.max_batch}/opt {options.opt}")
-    return True, f"{engine} is current (TensorRT {system['tensorrt_version']}, {system['gpu_name']})"
 
 
 def compare_outputs(engine_logits: np.ndarray, reference_logits: np.ndarray) -> dict[str, Any]:
@@ -308,32 +271,6 @@ def build_engine_bytes(trt: Any, cudart: Any, bundle: Bundle, precision: str, op
     tc_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(tc_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized)), shapes, facts
-
-
-def cached_engine(bundle: Bundle, system: dict[str, str], precision: str, options: BuildOptions,
-                  cache_dir: Path) -> tuple[bytes, ProfileShapes, dict[str, Any]] | None:
-    """An engine this device already built for exactly this bundle (``make tune TARGET=…`` times the winner's
-    bundle on its target and keeps the engine in the device's engine cache, ``edge_server.timing``): reused when
-    its sidecar matches TensorRT version, GPU, compute capability, ONNX SHA, precision and batch profile and its
-    bytes match their SHA-256; None (with the reason logged) otherwise."""
-    path = cache_dir / rt.engine_path(bundle, precision, system).name
-    if not path.is_file():
-        return None
-    try:
-        meta = rt.read_sidecar(path)
-        rt.validate_sidecar(meta, bundle=bundle, engine=path, precision=precision, **system)
-        data = path.read_bytes()
-        rt.check_engine_sha(path, data, meta, precision)
-        if (meta.get("max_batch_size"), meta.get("opt_batch_size")) != (options.max_batch, options.opt):
-            raise BundleError(f"batch profile max {meta.get('max_batch_size')}/opt {meta.get('opt_batch_size')}, "
-                              f"requested max {options.max_batch}/opt {options.opt}")
-        prof = meta["profile"]
-        shapes = ProfileShapes(min=tuple(prof["min"]), opt=tuple(prof["opt"]), max=tuple(prof["max"]))  # type: ignore[arg-type]
-    except (BundleError, KeyError, TypeError, ValueError, OSError) as e:
-        log.info("cached engine not reused", extra={"fields": {"engine": str(path), "reason": str(e)}})
-        return None
-    facts: dict[str, Any] = {k: meta[k] for k in ("flags", "timing_cache", "calibration") if k in meta}
-    return data, shapes, {**facts, "reused_from": str(path), "reused_build_seconds": meta.get("build_seconds")}
 
 
 def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) -> dict[str, Any]:

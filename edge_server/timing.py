@@ -27,7 +27,7 @@ from edgetune.errors import ConfigError, EdgetuneError
 #: Backends a timing can use: ``auto`` = TensorRT where it imports, else ONNX Runtime (as ``make serve``).
 TIMING_BACKENDS = ("auto", "tensorrt", "onnxruntime")
 #: Engines built while timing are kept here on the device, named as ``make engine`` names them, so that
-#: ``make engine`` on the same device reuses the winner's engine instead of rebuilding (edge_server.engine).
+#: ``make engine`` on the same device reuses the winner's engine instead of rebuilding (edge_server.engine_cache).
 ENGINE_CACHE_ENV = "EDGETUNE_ENGINE_CACHE"
 
 
@@ -147,6 +147,7 @@ def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol, k
     untrained) and run it with the server's TensorRT runner; ``keep_engine`` (the winner's bundle at hand-off):
     also keep it in the device's engine cache under its standard name, for ``make engine`` to reuse."""
     from edge_server import engine as eng
+    from edge_server.engine_cache import make_sidecar
     from edge_server.runners import tensorrt as rt
 
     trt, cudart = rt.import_tensorrt(), rt.import_cudart()
@@ -154,15 +155,15 @@ def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol, k
     logger = trt.Logger(trt.Logger.WARNING)
     fast_fp16 = bool(trt.Builder(logger).platform_has_fast_fp16)
     # the profile `make engine` builds by default (max 8, opt 4), so that the engine kept in the device's cache
-    # is the one `make engine` would build, and is reused by it (edge_server.engine.cached_engine)
+    # is the one `make engine` would build, and is reused by it (edge_server.engine_cache.cached_engine)
     default = eng.BuildOptions(precision=precision)
     options = default if protocol.batch <= default.max_batch else eng.BuildOptions(
         precision=precision, max_batch=protocol.batch, opt_batch=protocol.batch)
     path = rt.engine_path(bundle, precision, system)
     t0 = time.perf_counter()
     data, shapes, facts = eng.build_engine_bytes(trt, cudart, bundle, precision, options, system, fast_fp16, logger)
-    side = eng.make_sidecar(bundle, system, precision, shapes, options, data,
-                            build_seconds=round(time.perf_counter() - t0, 2), built_by="edgetune timing", **facts)
+    side = make_sidecar(bundle, system, precision, shapes, options, data,
+                        build_seconds=round(time.perf_counter() - t0, 2), built_by="edgetune timing", **facts)
     rt.write_engine_files(path, data, side)
     if keep_engine:
         cache = engine_cache_dir()

@@ -19,6 +19,7 @@ import pytest
 
 from edge_server import calibrator as cal
 from edge_server import engine as eng
+from edge_server import engine_cache
 from edge_server.runners.onnxruntime import OnnxRuntimeRunner
 from edge_server.runners.tensorrt import (
     SIDECAR_KEYS,
@@ -131,7 +132,7 @@ def test_naming(loaded_bundle):
 
 def _sidecar(bundle, system=SYSTEM, precision="fp16", data=b"engine", **extra):
     shapes = eng.profile_shapes((-1, 3, 32, 32), (32, 32), 8, 4)
-    return eng.make_sidecar(bundle, system, precision, shapes, eng.BuildOptions(), data, **extra)
+    return engine_cache.make_sidecar(bundle, system, precision, shapes, eng.BuildOptions(), data, **extra)
 
 
 def test_sidecar_fields_and_mismatches(loaded_bundle, tmp_path):
@@ -162,31 +163,31 @@ def test_sidecar_fields_and_mismatches(loaded_bundle, tmp_path):
 def test_engine_status_and_atomic_writes(bundle_copy):
     b = bundle_copy
     opts = eng.BuildOptions(precision="fp16", max_batch=8)
-    current, why = eng.engine_status(b, SYSTEM, "fp16", opts)
+    current, why = engine_cache.engine_status(b, SYSTEM, "fp16", opts)
     assert not current and "no engine at" in why and "other systems" not in why
     engine = engine_path(b, "fp16", SYSTEM)
     write_engine_files(engine, b"serialized engine", _sidecar(b, data=b"serialized engine"))
     assert sorted(p.name for p in engine.parent.iterdir()) == [engine.name, engine.name + ".json"]
     assert read_sidecar(engine)["engine_bytes"] == len(b"serialized engine")
-    assert eng.engine_status(b, SYSTEM, "fp16", opts)[0]
+    assert engine_cache.engine_status(b, SYSTEM, "fp16", opts)[0]
     # another TensorRT / GPU looks for its own name: this engine is kept and listed, not "stale"
     for other in (dict(SYSTEM, tensorrt_version="10.4.0"), dict(SYSTEM, compute_capability="8.6")):
-        current, why = eng.engine_status(b, other, "fp16", opts)
+        current, why = engine_cache.engine_status(b, other, "fp16", opts)
         assert not current and f"no engine at {engine_path(b, 'fp16', other)}" in why and engine.name in why
     # same name but the sidecar disagrees (same sm, other GPU model): the sidecar is the truth
-    current, why = eng.engine_status(b, dict(SYSTEM, gpu_name="Orin Nano"), "fp16", opts)
+    current, why = engine_cache.engine_status(b, dict(SYSTEM, gpu_name="Orin Nano"), "fp16", opts)
     assert not current and "running on 'Orin Nano'" in why and "PRECISION=fp16" in why
-    current, why = eng.engine_status(b, SYSTEM, "fp16", eng.BuildOptions(max_batch=16))
+    current, why = engine_cache.engine_status(b, SYSTEM, "fp16", eng.BuildOptions(max_batch=16))
     assert not current and "differs from the requested max 16/opt 8" in why
     side = _sidecar(b, system=dict(SYSTEM, tensorrt_version="8.6.2", compute_capability="7.2"), data=b"xavier")
     xavier = engine_path(b, "fp16", dict(SYSTEM, tensorrt_version="8.6.2", compute_capability="7.2"))
     write_engine_files(xavier, b"xavier", side)  # another device sharing the bundle directory
-    assert eng.engine_status(b, SYSTEM, "fp16", opts)[0] and find_engines(b, "fp16") == sorted([engine, xavier])
+    assert engine_cache.engine_status(b, SYSTEM, "fp16", opts)[0] and find_engines(b, "fp16") == sorted([engine, xavier])
     engine.write_bytes(b"serialized engine, truncated")
-    current, why = eng.engine_status(b, SYSTEM, "fp16", opts)
+    current, why = engine_cache.engine_status(b, SYSTEM, "fp16", opts)
     assert not current and "does not match the SHA-256" in why
     sidecar_path(engine).unlink()
-    current, why = eng.engine_status(b, SYSTEM, "fp16", opts)
+    current, why = engine_cache.engine_status(b, SYSTEM, "fp16", opts)
     assert not current and "no sidecar" in why and "PRECISION=fp16" in why
 
 

@@ -29,28 +29,36 @@ def _snapshot(storage: str, study: str) -> dict[int, tuple[str, object, dict]]:
     return {t.number: (t.state.name, t.value, dict(t.intermediate_values)) for t in trials}
 
 
+def _safe_to_kill(snap: dict[int, tuple[str, object, dict]]) -> bool:
+    """One trial finished, and every RUNNING trial has reported (and checkpointed) exactly its first epoch: ASHA's
+    first rung (grace period 2) and max_t (4) come later, so the driver cannot have ended that trial before the
+    kill lands, however fast the machine (the driver is the study's only writer). The first epoch's checkpoint
+    always holds the weights (a later one holds them only when the epoch improved the metric)."""
+    running = [iv for s, _, iv in snap.values() if s == "RUNNING"]
+    return (any(s in FINISHED for s, _, _ in snap.values()) and bool(running)
+            and all(iv and max(iv) == 1 for iv in running))
+
+
 def test_resume_after_driver_killed(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    # slower trials than TINY_ARGS (more images, larger input, 4 epochs) so that the window "one trial finished,
-    # the next one has checkpointed and is still running" is seconds wide even on an idle machine
+    # slower trials than TINY_ARGS (more images, larger input, 4 epochs); the driver is killed as soon as the
+    # state "one trial finished, the next one has checkpointed its first epoch and is still running" is seen
     args = [*TINY_ARGS, "--space", str(write_space(tmp_path)), "--study", "res", "--trials", "4", "--epochs", "4",
-            "--img", "128", "--max-images", "150", "--max-concurrent", "1", "--storage", storage, "--out", str(tmp_path / "out"), "--address", "local"]
+            "--grace-period", "2", "--img", "128", "--max-images", "150", "--max-concurrent", "1",
+            "--storage", storage, "--out", str(tmp_path / "out"), "--address", "local"]
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     driver = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=ROOT, env=tuner_env(), stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
         while time.time() < deadline:
-            snap = _snapshot(storage, "res")
-            states = [s for s, _, _ in snap.values()]
-            if any(s in FINISHED for s in states) and "RUNNING" in states:
-                running = [n for n, (s, _, iv) in snap.items() if s == "RUNNING"]
-                if all(snap[n][2] for n in running):  # the running trial has reported (and checkpointed) once
-                    break
+            # kill as soon as the state is seen (no fixed sleep): the driver is the only writer of the study
+            if _safe_to_kill(_snapshot(storage, "res")):
+                break
             assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.5)
+            time.sleep(0.05)
         else:
-            raise AssertionError("no trial finished in time")
+            raise AssertionError("no trial finished while the next one was running in time")
     finally:
         # the driver and its local Ray instance (same process group) are killed by their own handle
         os.killpg(driver.pid, signal.SIGKILL)
