@@ -9,7 +9,9 @@ reporter's checkpoint when there is one (weights, optimiser and schedule state, 
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from edgetune.errors import EdgetuneError
 from trainer.bnstats import suit_bn_momentum
-from trainer.checkpoint import load_checkpoint, unwrap
+from trainer.checkpoint import WEIGHTS_FILE, load_checkpoint, unwrap
 from trainer.config import TrainConfig
 from trainer.loop_config import LoopConfig
 from trainer.metric import Metric, get_metric
@@ -28,6 +31,7 @@ from trainer.reporting import Reporter, make_reporter
 
 #: The optimiser/schedule/best-epoch state saved next to each checkpoint (what a resume reads back).
 TRAIN_STATE = "train_state.pt"
+log = logging.getLogger(__name__)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -198,12 +202,27 @@ def _report(module: Any) -> dict[str, Any]:
 
 
 def _resume(st: LoopState) -> None:
-    resume = st.reporter.resume_dir()
-    if resume is None:
+    """Continue from the checkpoint Ray restored this run with (weights, optimiser, scheduler, best so far).
+
+    A checkpoint that is gone or incomplete (Ray's experiment snapshot can name a checkpoint that retention
+    deleted, or one the driver's SIGKILL caught half-deleted, before the snapshot was next written) cannot be
+    continued: the run restarts from epoch 1, says why in the log and reports ``resume_restarted``, instead of
+    failing every retry. Weights that load but do not fit the model still raise."""
+    try:
+        resume = st.reporter.resume_dir()
+        if resume is None:
+            return
+        missing = [f for f in (WEIGHTS_FILE, TRAIN_STATE) if not (resume / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{resume} has no {' or '.join(missing)}")
+        ckpt = load_checkpoint(resume)
+        state = torch.load(resume / TRAIN_STATE, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, EdgetuneError, pickle.UnpicklingError) as e:
+        reason = f"the checkpoint to resume from is gone or incomplete ({type(e).__name__}: {e})"
+        log.warning(f"{reason}; restarting this run from epoch 1")
+        st.static["resume_restarted"] = reason
         return
-    ckpt = load_checkpoint(resume)
     unwrap(st.model).load_state_dict(ckpt["model_state"])
-    state = torch.load(resume / TRAIN_STATE, map_location="cpu", weights_only=True)
     st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])
     st.start_epoch, st.best = int(state["epoch"]) + 1, state.get("best")
