@@ -59,7 +59,8 @@ def _curve(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_grid_comparison(work: Path, b: dict[str, Any]) -> dict[str, Any]:
     from trainer.data import build_data, prepare_source
     from trainer.model import preprocess_spec_for
-    from tuner.run import TuneOptions, run_study
+    from tuner.options import TuneOptions
+    from tuner.run import run_study
 
     work.mkdir(parents=True, exist_ok=True)
     base = _base(b, work / "cache")

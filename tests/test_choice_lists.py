@@ -96,7 +96,7 @@ def test_validators_accept_exactly_the_owned_lists():
     from trainer.datasets import ELPV_TASKS
     from trainer.metric import METRIC_NAMES
     from trainer.ray_trainer import PLACEMENT_STRATEGIES
-    from tuner.run import TuneOptions
+    from tuner.options import TuneOptions
 
     for task in ELPV_TASKS:
         assert TrainConfig.from_dict({"data": {"elpv_task": task}}).data.elpv_task == task

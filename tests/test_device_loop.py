@@ -145,7 +145,7 @@ seeds:
 
 
 def _opts(tmp: Path, study: str, **kw):
-    from tuner.run import TuneOptions
+    from tuner.options import TuneOptions
 
     space = tmp / "space.yaml"
     space.write_text(DEVICE_SPACE)

@@ -44,7 +44,7 @@ def test_signature_key_is_stable_and_ignores_training_settings():
 def test_target_name_and_protocol_are_validated():
     from edge_server.timing import TimingProtocol
     from tuner.device import target_resource
-    from tuner.run import TuneOptions
+    from tuner.options import TuneOptions
 
     assert target_resource("jetson-orin.1") == "edge_target:jetson-orin.1"
     for bad in ("", "a b", "x" * 65, "-x", "a:b"):

@@ -97,7 +97,7 @@ def test_server_runner_serves_int8_variant_or_explains(bundle_copy, arch_int8: P
 
 def test_precisions_option_narrows_the_search_and_is_validated(tmp_path: Path) -> None:
     from tuner.device import search_precisions
-    from tuner.run import TuneOptions
+    from tuner.options import TuneOptions
     from tuner.space import load_space
 
     assert search_precisions(["fp32", "fp16", "int8"], (), "jet") == ["fp32", "fp16", "int8"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-from tuner.refit import THREAD_EFFICIENCY, plan_epochs
-from tuner.run import FINISH_RESERVE_S, TuneOptions
+from tuner.options import TuneOptions
+from tuner.refit import FINISH_RESERVE_S, THREAD_EFFICIENCY, plan_epochs
 
 
 def _trial(epoch_s: float, trained: int, setup_s: float = 0.0) -> SimpleNamespace:

@@ -156,7 +156,7 @@ def test_cli_stops_with_a_clear_error_when_no_backbone_has_weights(tmp_path):
 
 
 def test_tune_options_validation():
-    from tuner.run import TuneOptions
+    from tuner.options import TuneOptions
 
     for bad, match in [({"trials": -1}, "trials must be an integer >= 0"),
                        ({"trials": 0, "time_budget_s": 0}, "give a time budget"),

@@ -1,4 +1,4 @@
-"""``python -m tuner``'s flags are derived from tuner.run.TuneOptions (#12 "Configs"): every field has its flag, the
+"""``python -m tuner``'s flags are derived from tuner.options.TuneOptions (#12 "Configs"): every field has its flag, the
 CLI defaults are the dataclass defaults, the flag names of before still work, and TuneOptions is frozen."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from edgetune.dataclass_cli import field_values
 from edgetune.errors import ConfigError
 from tuner.__main__ import build_parser, tune_options
-from tuner.run import TuneOptions
+from tuner.options import TuneOptions
 
 #: field -> (its flag and a value, the field's value then). The flag names are the CLI's contract: the ones of
 #: before the CLI was derived from TuneOptions. A field added to TuneOptions needs a row here.

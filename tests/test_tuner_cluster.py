@@ -26,7 +26,8 @@ DRIVER = r'''
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
-from tuner.run import TuneOptions, run_study
+from tuner.options import TuneOptions
+from tuner.run import run_study
 
 tmp, space = sys.argv[1], sys.argv[2]
 c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})

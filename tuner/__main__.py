@@ -17,11 +17,11 @@ from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.logs import setup_cli_logging
 
 if TYPE_CHECKING:
-    from tuner.run import TuneOptions
+    from tuner.options import TuneOptions
 
 
 def _irregular() -> dict[str, Flag]:
-    """The fields whose flag is not the generated one. Every other field of tuner.run.TuneOptions gets
+    """The fields whose flag is not the generated one. Every other field of tuner.options.TuneOptions gets
     ``--field-name`` (``--no-field-name`` for a bool that defaults to True) with its type, default and help."""
     from edge_server.timing import TIMING_BACKENDS
     from trainer.metric import METRIC_NAMES
@@ -41,7 +41,7 @@ def _irregular() -> dict[str, Flag]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tuner.run import TuneOptions
+    from tuner.options import TuneOptions
 
     p = argparse.ArgumentParser(prog="python -m tuner", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tune_options(args: argparse.Namespace) -> TuneOptions:
     """The study's options from parsed ``python -m tuner`` arguments (ConfigError where they are invalid)."""
-    from tuner.run import TuneOptions
+    from tuner.options import TuneOptions
 
     return TuneOptions(**field_values(args, TuneOptions))
 
