@@ -33,9 +33,9 @@ def _safe_to_kill(snap: dict[int, tuple[str, object, dict]]) -> bool:
     """One trial finished, and every RUNNING trial has reported (and checkpointed) exactly its first epoch: ASHA's
     first rung (grace period 2) and max_t (4) come later, so the driver cannot have ended that trial before the
     kill lands, however fast the machine (the driver is the study's only writer). The first epoch's checkpoint is
-    then the trial's best and latest, so it is whole when Ray restores it; a kill later on was seen to leave Ray's
-    snapshot naming a checkpoint without its weights (retention deletes checkpoints between snapshots), which the
-    loop answers by restarting that trial from epoch 1 (tests/test_resume_checkpoint.py)."""
+    then the trial's best and latest, so Ray restores it and the trial continues from it. (A kill later on can
+    leave Ray's snapshot naming a checkpoint its retention deleted, ray-project/ray#27790: the resume then puts a
+    stand-in there and the trial restarts from epoch 1; tests/test_ray_restore_pin.py, test_resume_checkpoint.py.)"""
     running = [iv for s, _, iv in snap.values() if s == "RUNNING"]
     return (any(s in FINISHED for s, _, _ in snap.values()) and bool(running)
             and all(iv and max(iv) == 1 for iv in running))

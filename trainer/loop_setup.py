@@ -31,6 +31,9 @@ from trainer.reporting import Reporter, make_reporter
 
 #: The optimiser/schedule/best-epoch state saved next to each checkpoint (what a resume reads back).
 TRAIN_STATE = "train_state.pt"
+#: What tuner/_ray_compat.fill_deleted_checkpoints puts in a stand-in for a checkpoint Ray's retention deleted (the
+#: trainer reads the name, it does not import the tuner).
+DELETED_CHECKPOINT_MARKER = ".edgetune-deleted-checkpoint"
 log = logging.getLogger(__name__)
 
 
@@ -213,6 +216,8 @@ def _resume(st: LoopState) -> None:
         if resume is None:
             return
         missing = [f for f in (WEIGHTS_FILE, TRAIN_STATE) if not (resume / f).is_file()]
+        if (resume / DELETED_CHECKPOINT_MARKER).is_file():
+            raise FileNotFoundError(f"{resume} stands in for a checkpoint Ray's retention deleted")
         if missing:
             raise FileNotFoundError(f"{resume} has no {' or '.join(missing)}")
         ckpt = load_checkpoint(resume)

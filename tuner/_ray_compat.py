@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,39 @@ def set_auth_mode(mode: str) -> None:
 
     os.environ["RAY_AUTH_MODE"] = mode
     Config.initialize("")
+
+
+# --- Ray Tune's trial checkpoints: checkpoint_<6 digits> per trial directory (ray.train._internal.storage) ------
+
+_CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{6})$")
+
+
+def fill_deleted_checkpoints(exp_path: str, trial_ids: set[str]) -> list[str]:
+    """Before ``Tuner.restore``: in the directory ``trial_<id>`` of each Ray trial in ``trial_ids`` (those the
+    driver left running), recreate as an empty directory with ``DELETED_CHECKPOINT_MARKER`` each
+    ``checkpoint_<k>`` missing below the trial's newest one; returns their paths.
+
+    Ray's experiment snapshot can name a trial checkpoint that its retention (``num_to_keep``) deleted after the
+    snapshot was written; the restore then fails every retry ("does not exist on storage anymore",
+    ray-project/ray#27790) and the trial ends ERROR. With the stand-in the restore goes ahead and the loop
+    restarts that trial from epoch 1, saying why (trainer/loop_setup.py). Any pyarrow filesystem (local, s3://,
+    gs://), as Ray's storage path."""
+    import pyarrow.fs as pafs
+
+    from trainer.loop_setup import DELETED_CHECKPOINT_MARKER
+
+    fs, root = pafs.FileSystem.from_uri(exp_path) if "://" in exp_path else (pafs.LocalFileSystem(), exp_path)
+    made: list[str] = []
+    for trial in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if trial.type != pafs.FileType.Directory or trial.base_name.removeprefix("trial_") not in trial_ids:
+            continue
+        found = {int(m.group(1)) for e in fs.get_file_info(pafs.FileSelector(trial.path))
+                 if e.type == pafs.FileType.Directory and (m := _CHECKPOINT_DIR.match(e.base_name))}
+        for k in sorted(set(range(max(found, default=0))) - found):
+            path = f"{trial.path}/checkpoint_{k:06d}"
+            fs.create_dir(path)
+            with fs.open_output_stream(f"{path}/{DELETED_CHECKPOINT_MARKER}") as f:
+                f.write(b"deleted by Ray's checkpoint retention before the driver stopped; a restore from here "
+                        b"restarts the trial from epoch 1\n")
+            made.append(path)
+    return made

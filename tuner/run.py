@@ -18,6 +18,7 @@ import yaml
 import edgetune
 from edgetune.errors import EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
+from tuner import _ray_compat
 from tuner.latency_study import hand_off, latency_outputs, latency_setup, rejector
 from tuner.options import TuneOptions
 from tuner.refit import FINISH_RESERVE_S
@@ -252,6 +253,23 @@ def trial_resources(opts: TuneOptions) -> tuple[Any, dict[str, float]]:
     return res, {"cpu": opts.cpus_per_worker, "gpu": opts.gpus_per_trial, **opts.resources_per_worker}
 
 
+def _fail_stale_trials(opts: TuneOptions, storage: Any) -> set[str]:
+    """Resume: the trials a killed driver left RUNNING -> FAIL (Ray resumes them as new twins); their Ray ids."""
+    import optuna
+
+    from tuner.searcher import mark_stale_running_failed
+
+    try:
+        study = optuna.load_study(study_name=opts.study, storage=storage)
+    except KeyError:
+        raise EdgetuneError(f"cannot resume: study {opts.study!r} not found in {opts.storage}") from None
+    stale = mark_stale_running_failed(study)
+    if stale:
+        log.info(f"resume: marked stale RUNNING trial(s) {stale} as FAIL")
+    return {str(t.user_attrs["ray_trial_id"]) for t in study.get_trials(deepcopy=False)
+            if t.number in stale and t.user_attrs.get("ray_trial_id")}
+
+
 def _fit(
     opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, info: dict[str, Any], deadline: float | None,
     latency: Any = None,
@@ -261,7 +279,7 @@ def _fit(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from tuner.searcher import CheckpointAttrCallback, EdgetuneOptunaSearch, mark_stale_running_failed
+    from tuner.searcher import CheckpointAttrCallback, EdgetuneOptunaSearch
     from tuner.storage import rdb_storage
     from tuner.trial import TrialContext, run_trial
 
@@ -269,13 +287,7 @@ def _fit(
     m = opts.metric_def
     metric: Any = [m.best_key, "latency_ms"] if opts.multi_objective else m.best_key
     mode: Any = ["max", "min"] if opts.multi_objective else m.mode
-    if opts.resume:
-        try:
-            stale = mark_stale_running_failed(optuna.load_study(study_name=opts.study, storage=storage))
-        except KeyError:
-            raise EdgetuneError(f"cannot resume: study {opts.study!r} not found in {opts.storage}") from None
-        if stale:
-            log.info(f"resume: marked stale RUNNING trial(s) {stale} as FAIL")
+    stale_ray_ids = _fail_stale_trials(opts, storage) if opts.resume else set()
     seeds = space.points_to_evaluate()
     n_trials = opts.trials or 100_000  # with no cap, the time budget ends the search
     searcher = EdgetuneOptunaSearch(
@@ -348,6 +360,10 @@ def _fit(
     exp_path = f"{opts.storage_path.rstrip('/')}/{opts.study}"
     if opts.resume and tune.Tuner.can_restore(exp_path):
         log.info(f"resuming Ray experiment {exp_path}")
+        filled = _ray_compat.fill_deleted_checkpoints(exp_path, stale_ray_ids)
+        if filled:
+            log.info(f"resume: {len(filled)} checkpoint(s) deleted by Ray's retention after its last snapshot stand "
+                     "in as empty (a trial restored from one restarts from epoch 1): " + ", ".join(filled))
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
     else:
         if opts.resume:

@@ -127,12 +127,19 @@ class EdgetuneOptunaSearch(OptunaSearch):
         self._attrs.setdefault(trial_id, {}).update(attrs)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if trial_id not in self._last and "setup_seconds" in result:
+        first = trial_id not in self._last
+        if first and "setup_seconds" in result:
             self._setup_s.append(float(result["setup_seconds"]))
         if "epoch_seconds" in result and result.get("stop_reason") != "diverged":
             self._epoch_s.append(float(result["epoch_seconds"]))
         self._last[trial_id] = dict(result)
         self._replace_stale(trial_id)
+        ot = _ray_compat.searcher_trials(self).get(trial_id)
+        if first and ot is not None:  # a resume after a driver kill finds a running trial's Ray directory by it
+            try:
+                ot.set_user_attr("ray_trial_id", trial_id)
+            except Exception as e:  # noqa: BLE001 - never lose a result because of one attr
+                log.warning("could not set user attr ray_trial_id on trial %s: %s", trial_id, e)
         if isinstance(self.metric, list):
             self._record_curve(trial_id, result)
         elif self.metric not in result:
