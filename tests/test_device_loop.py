@@ -309,5 +309,16 @@ def test_int8_searched_on_target_timed_as_int8_and_handed_off(cluster, tmp_path)
     assert winner["precision"] == deploy["deployed"] and winner["node_id"] == _edge_id(cluster)
     if deploy["deployed"] == "int8":  # the export's tolerance accepted the static variant
         assert b.int8_variant == "int8_static" and b.meta["target_latency"]["precision"] == "int8"
-    else:
+    else:  # refused: the fp32 architecture was timed at hand-off and recorded
         assert "refused" in deploy["why"] and b.int8_variant is None
+        assert b.meta["target_latency"]["precision"] == "fp32" and b.meta["target_latency"]["p50_ms"] > 0
+    # a precision the search never timed (what an INT8 refusal deploys at) is timed at hand-off, on the edge node
+    from tuner.latency_study import _winner_latency
+
+    svc, setup = _service(opts.storage, "q8-handoff", warmup=2, runs=15)
+    rec = _winner_latency(opts, summary, "fp32", setup)
+    assert rec["precision"] == "fp32" and rec["p50_ms"] > 0 and rec["node_id"] == _edge_id(cluster)
+    assert len(device.LatencyCache(opts.storage).records("sim")) == 2  # and cached with the int8 one
+    import ray
+
+    ray.kill(svc)

@@ -43,6 +43,7 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "multi_objective": (["--multi-objective"], True),
     "max_latency_ms": (["--max-latency-ms", "20"], 20.0),
     "target": (["--target", "sim"], "sim"),
+    "int8_tolerance": (["--int8-tolerance", "0.05"], 0.05),
     "precisions": (["--precisions", "fp32,int8", "--target", "sim"], ("fp32", "int8")),
     "timing_warmup": (["--timing-warmup", "2"], 2),
     "timing_runs": (["--timing-runs", "5"], 5),

@@ -108,13 +108,23 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     )
 
 
+class UnreadableCheckpoint(EdgetuneError):
+    """``model.pt`` could not be read. ``damaged``: the file itself is (truncated, not an archive), as opposed to
+    an archive holding something ``weights_only`` loading refuses."""
+
+    def __init__(self, message: str, damaged: bool) -> None:
+        super().__init__(message)
+        self.damaged = damaged
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict ``{"meta": {...}, "model_state": {...}}`` on CPU, validated."""
     f = resolve_checkpoint_path(path)
     try:
         ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise EdgetuneError(f"{f} is not a readable edgetune checkpoint ({type(e).__name__}: {e})") from None
+        raise UnreadableCheckpoint(f"{f} is not a readable edgetune checkpoint ({type(e).__name__}: {e})",
+                                   damaged=isinstance(e, (OSError, EOFError, RuntimeError))) from None
     ckpt["meta"] = validate_meta(ckpt.get("meta") if isinstance(ckpt, dict) else None, f)
     ckpt["path"] = str(f)
     return ckpt

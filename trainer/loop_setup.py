@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from edgetune.errors import EdgetuneError
 from trainer.bnstats import suit_bn_momentum
-from trainer.checkpoint import WEIGHTS_FILE, load_checkpoint, unwrap
+from trainer.checkpoint import WEIGHTS_FILE, UnreadableCheckpoint, load_checkpoint, unwrap
 from trainer.config import TrainConfig
 from trainer.loop_config import LoopConfig
 from trainer.metric import Metric, get_metric
@@ -207,23 +206,19 @@ def _report(module: Any) -> dict[str, Any]:
 def _resume(st: LoopState) -> None:
     """Continue from the checkpoint Ray restored this run with (weights, optimiser, scheduler, best so far).
 
-    A checkpoint that is gone or incomplete (Ray's experiment snapshot can name a checkpoint that retention
-    deleted, or one the driver's SIGKILL caught half-deleted, before the snapshot was next written) cannot be
-    continued: the run restarts from epoch 1, says why in the log and reports ``resume_restarted``, instead of
-    failing every retry. Weights that load but do not fit the model still raise."""
+    A checkpoint that cannot be continued restarts the run from epoch 1, says why in the log and reports
+    ``resume_restarted``, instead of failing every retry: the stand-in the tuner puts where Ray's retention
+    deleted the checkpoint its snapshot names (tuner/_ray_compat.fill_deleted_checkpoints), a checkpoint without
+    its weights or train state, or one whose files are truncated (a SIGKILL mid-write or mid-delete). Anything else
+    still raises: a read error (Ray retries the trial), a schema this version does not know, weights that do not
+    fit the model. Every rank reads the same checkpoint, so DDP ranks decide alike."""
+    resume = st.reporter.resume_dir()
+    if resume is None:
+        return
     try:
-        resume = st.reporter.resume_dir()
-        if resume is None:
-            return
-        missing = [f for f in (WEIGHTS_FILE, TRAIN_STATE) if not (resume / f).is_file()]
-        if (resume / DELETED_CHECKPOINT_MARKER).is_file():
-            raise FileNotFoundError(f"{resume} stands in for a checkpoint Ray's retention deleted")
-        if missing:
-            raise FileNotFoundError(f"{resume} has no {' or '.join(missing)}")
-        ckpt = load_checkpoint(resume)
-        state = torch.load(resume / TRAIN_STATE, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, EdgetuneError, pickle.UnpicklingError) as e:
-        reason = f"the checkpoint to resume from is gone or incomplete ({type(e).__name__}: {e})"
+        ckpt, state = _read_resume(resume)
+    except _LostCheckpoint as e:
+        reason = f"the checkpoint to resume from is gone or incomplete ({e})"
         log.warning(f"{reason}; restarting this run from epoch 1")
         st.static["resume_restarted"] = reason
         return
@@ -237,6 +232,30 @@ def _resume(st: LoopState) -> None:
     st.static.update({k: v for k, v in state.get("static", {}).items() if k not in ("setup_seconds",)})
     st.history = list(ckpt["meta"].get("history", []))
     st.resumed_from_epoch = int(state["epoch"])
+
+
+class _LostCheckpoint(Exception):
+    """The checkpoint to resume from is a stand-in, lacks a file, or has a truncated one."""
+
+
+def _read_resume(resume: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    if (resume / DELETED_CHECKPOINT_MARKER).is_file():
+        raise _LostCheckpoint(f"{resume} stands in for a checkpoint Ray's retention deleted")
+    missing = [f for f in (WEIGHTS_FILE, TRAIN_STATE) if not (resume / f).is_file()]
+    if missing:
+        raise _LostCheckpoint(f"{resume} has no {' or '.join(missing)}")
+    # the files are local now (Ray copied them in resume_dir): a read that fails here is a damaged file
+    try:
+        ckpt = load_checkpoint(resume)  # a schema this version does not know still raises: a real error
+    except UnreadableCheckpoint as e:
+        if not e.damaged:
+            raise  # e.g. a type weights_only loading refuses: a bug to see, not a lost checkpoint
+        raise _LostCheckpoint(f"{resume}: {WEIGHTS_FILE} is damaged ({str(e).splitlines()[0]})") from e
+    try:
+        state = torch.load(resume / TRAIN_STATE, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError) as e:
+        raise _LostCheckpoint(f"{resume}: {TRAIN_STATE} is damaged ({type(e).__name__}: {e})") from e
+    return ckpt, state
 
 
 def _node_id() -> str:

@@ -68,9 +68,12 @@ def latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]:
     return res
 
 
-def _winner_latency(opts: TuneOptions, summary: dict[str, Any], precision: str) -> dict[str, Any] | None:
+def _winner_latency(opts: TuneOptions, summary: dict[str, Any], precision: str, setup: Any = None
+                    ) -> dict[str, Any] | None:
     """What the bundle records of the winner's latency: its architecture's timing at the precision the bundle
-    deploys at (target, device, p50/p90); None where that architecture was not timed at that precision."""
+    deploys at (target, device, p50/p90). An architecture not timed at that precision (a winner searched at int8
+    whose INT8 variant the export refused deploys at fp32) is timed now through the study's latency service
+    (``setup``); None where it cannot be."""
     if not opts.latency_on or summary.get("best_trial") is None:
         return None
     from trainer.checkpoint import read_meta
@@ -81,6 +84,9 @@ def _winner_latency(opts: TuneOptions, summary: dict[str, Any], precision: str) 
     cfg = TrainConfig.from_dict(meta["config"])
     sig = device.signature_for(cfg, len(meta["classes"]), precision)
     rec = device.LatencyCache(_rdb(opts.storage)).get(device.cache_target(opts.target or None), sig)
+    if rec is None and setup is not None:
+        answer = device.get_latency(setup, cfg, len(meta["classes"]), precision)
+        rec = answer.get("record") if answer["status"] != "unavailable" else None
     if rec is None:
         return None
     return {"target": opts.target or None, "kind": rec.get("kind"), "architecture": sig.label,
@@ -108,20 +114,27 @@ def _time_winner(opts: TuneOptions, bundle_dir: Path, precision: str) -> dict[st
 
 
 
-def hand_off(opts: TuneOptions, summary: dict[str, Any], out: Path, source: Any) -> None:
+def hand_off(opts: TuneOptions, summary: dict[str, Any], out: Path, source: Any, latency: Any = None) -> None:
     """Export the winner (``<out>/bundle``, at the precision the search picked, with its architecture's latency
     record) and, with a target, time the bundle's own ONNX on the device (and keep its engine there). Fills in
-    ``summary["bundle"]`` and, with a target, ``summary["latency"]["winner"]``."""
+    ``summary["bundle"]`` and, with a target, ``summary["latency"]["winner"]``. ``latency``: the study's
+    LatencySetup (times the architecture at the deployed precision if the search never did)."""
     from edgetune.bundle import load_bundle
     from trainer.export import export_bundle
 
     searched = str((summary.get("best_params") or {}).get("precision", "fp32"))
-    b = export_bundle(out, out / "bundle", source=source, precision=searched,
-                      target_latency=lambda p: _winner_latency(opts, summary, p))
+    b = export_bundle(out, out / "bundle", source=source, precision=searched, tolerance=opts.int8_tolerance,
+                      target_latency=lambda p: _winner_latency(opts, summary, p, latency))
     summary["bundle"] = str(b)
-    deploy = dict(load_bundle(b).meta["deploy_precision"])
+    meta = load_bundle(b).meta
+    deploy = dict(meta["deploy_precision"])
     if deploy["deployed"] != searched:
-        log.warning(f"the search picked {searched} but the bundle deploys at {deploy['deployed']}: "
-                    f"{deploy['why']}")
+        p50 = (meta.get("target_latency") or {}).get("p50_ms")
+        log.warning(f"the search picked {searched} but the bundle deploys at {deploy['deployed']}: {deploy['why']}; "
+                    f"{deploy['deployed']} p50 {f'{p50:.2f} ms' if p50 is not None else 'not measured'}")
+        if p50 is not None and 0 < opts.max_latency_ms < p50:
+            deploy["breaks_max_latency"] = True
+            log.warning(f"at {deploy['deployed']} the winner breaks --max-latency-ms {opts.max_latency_ms:g} "
+                        f"(p50 {p50:.2f} ms): pick another trial from the Pareto table, or raise --int8-tolerance")
     if opts.target:  # hand-off: the winner's own ONNX timed on the device (and its engine kept there)
         summary["latency"]["winner"] = {**_time_winner(opts, b, deploy["deployed"]), "deploy": deploy}

@@ -63,6 +63,9 @@ class TuneOptions:
     target: str = opt("", "device in the loop: time every architecture on the Ray node carrying "
                       "edge_target:<TARGET> (join it with `make edge-node HEAD=<host:port> TARGET=<name>`); "
                       "implies --multi-objective")
+    int8_tolerance: float = opt(
+        0.01, "the most validation accuracy the winner's INT8 variant may lose (when the search picked int8), else "
+              "it deploys at fp32")
     precisions: tuple[str, ...] = opt(
         (), "with --target: the deployed precisions the search may pick (comma list of fp32, fp16, int8; default: "
             "all the target supports)")
@@ -164,6 +167,8 @@ class TuneOptions:
             raise ConfigError(f"timing_backend must be one of {TIMING_BACKENDS}, got {self.timing_backend!r}")
         from edge_server.runners.tensorrt import PRECISIONS
 
+        if not 0 <= self.int8_tolerance <= 1:
+            raise ConfigError(f"int8_tolerance must be in [0, 1] (validation accuracy), got {self.int8_tolerance}")
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad:
             raise ConfigError(f"precisions: {bad} not allowed; choose from {list(PRECISIONS)}")

@@ -112,6 +112,12 @@ def materialise_best_checkpoint(result: Any, best: dict[str, Any], metric: str, 
         shutil.rmtree(dest)
     if ckpt is not None:
         ckpt.to_directory(str(dest))
+        if not (dest / "model.pt").is_file() and result.checkpoint is not None \
+                and result.checkpoint.path != ckpt.path:
+            # the best-scored one is a stand-in for a checkpoint Ray's retention deleted before a resume
+            # (tuner/_ray_compat.fill_deleted_checkpoints): the trial's latest holds the weights it ended with
+            shutil.rmtree(dest)
+            result.checkpoint.to_directory(str(dest))
         return True
     # Train-in-Tune (DDP trials): the Tune result has no checkpoint; the Train run's is in the metrics/attrs.
     uri = ((result.metrics or {}).get("checkpoint_uri") if result is not None else None) or best.get("checkpoint_uri")

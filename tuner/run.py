@@ -209,7 +209,7 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
             summary["latency"] = latency_outputs(opts, study, out)
         (out / "tune_options.yaml").write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
         if opts.export and summary.get("best_checkpoint"):
-            hand_off(opts, summary, out, source)  # the winner's bundle; with a target, timed on the device
+            hand_off(opts, summary, out, source, latency)  # the winner's bundle; with a target, timed on the device
     finally:
         if info is not None:
             cluster.shutdown(info)
@@ -323,7 +323,7 @@ def _fit(
         FIFOScheduler()
         if opts.multi_objective
         else ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr="epoch",  # the loop's own count (tuner.searcher.result_epoch), as the curves' steps
             max_t=opts.epochs,
             grace_period=opts.grace_period,
             reduction_factor=opts.reduction_factor,

@@ -66,11 +66,20 @@ ATTR_KEYS = {
     "trial_id": "ray_trial_id",
     "worker_node_ids": "worker_node_ids",  # DDP trials: the node of every rank
     "checkpoint_uri": "checkpoint_uri",  # DDP trials: the Train run's checkpoint
+    "resume_restarted": "resume_restarted",  # why a resumed trial restarted from epoch 1 (a lost checkpoint)
 }
 
 
 #: Times a sampled configuration known to break the latency constraint is re-sampled within one ``suggest``.
 REJECT_RESAMPLES = 20
+
+
+def result_epoch(result: dict[str, Any]) -> int:
+    """The epoch a result is about: the loop's own count (``epoch``), the step of learning curves and ASHA's time
+    attribute. Ray's ``training_iteration`` counts a trial's reports and is not reset when the loop restarts a
+    trial from epoch 1 after a lost checkpoint; a result without an epoch (a trial rejected before training)
+    falls back to it."""
+    return int(result.get("epoch") or result.get("training_iteration") or 0)
 
 
 class EdgetuneOptunaSearch(OptunaSearch):
@@ -133,18 +142,24 @@ class EdgetuneOptunaSearch(OptunaSearch):
         if "epoch_seconds" in result and result.get("stop_reason") != "diverged":
             self._epoch_s.append(float(result["epoch_seconds"]))
         self._last[trial_id] = dict(result)
-        self._replace_stale(trial_id)
+        replaced = self._replace_stale(trial_id, restarted=bool(result.get("resume_restarted")))
         ot = _ray_compat.searcher_trials(self).get(trial_id)
-        if first and ot is not None:  # a resume after a driver kill finds a running trial's Ray directory by it
-            try:
-                ot.set_user_attr("ray_trial_id", trial_id)
-            except Exception as e:  # noqa: BLE001 - never lose a result because of one attr
-                log.warning("could not set user attr ray_trial_id on trial %s: %s", trial_id, e)
+        if first and not replaced and ot is not None:
+            self._set_ray_id(ot, trial_id)
         if isinstance(self.metric, list):
             self._record_curve(trial_id, result)
         elif self.metric not in result:
             return  # a result without the metric (a trial the latency constraint rejected): nothing to report
-        super().on_trial_result(trial_id, result)
+        super().on_trial_result(trial_id, {**result, "training_iteration": result_epoch(result)})  # step = epoch
+
+    @staticmethod
+    def _set_ray_id(ot_trial: Any, trial_id: str) -> None:
+        """The Ray trial id on the Optuna trial from its first result (a resume after a driver kill finds a trial
+        left running, and its Ray directory, by it)."""
+        try:
+            ot_trial.set_user_attr("ray_trial_id", trial_id)
+        except Exception as e:  # noqa: BLE001 - never lose a result because of one attr
+            log.warning("could not set user attr ray_trial_id on trial %s: %s", trial_id, e)
 
     def _record_curve(self, trial_id: str, result: dict[str, Any]) -> None:
         """Multi-objective studies: ``Trial.report`` is single-objective only, and Ray's OptunaSearch records no
@@ -152,7 +167,7 @@ class EdgetuneOptunaSearch(OptunaSearch):
         API, so every trained trial shows its curve (optuna-dashboard) and can be told from one that never
         trained."""
         ot = _ray_compat.searcher_trials(self).get(trial_id)
-        value, step = result.get(self.metric[0]), result.get("training_iteration")
+        value, step = result.get(self.metric[0]), result_epoch(result)
         if ot is not None and value is not None and step:
             self._report_value(ot, float(value), int(step))
 
@@ -171,26 +186,31 @@ class EdgetuneOptunaSearch(OptunaSearch):
         except Exception as e:  # noqa: BLE001 - a curve point is never worth failing the study
             log.warning("could not record epoch %s of trial %s: %s", step, ot_trial.number, e)
 
-    def _replace_stale(self, trial_id: str) -> None:
-        """After a driver restart, a resumed trial's Optuna twin may have been marked FAIL: give it a new one."""
+    def _replace_stale(self, trial_id: str, restarted: bool = False) -> bool:
+        """After a driver restart, a resumed trial's Optuna twin may have been marked FAIL: give it a new one (with
+        the Ray trial id, and the epochs before the kill unless the loop ``restarted`` it from epoch 1 after a lost
+        checkpoint). Returns whether it did."""
         ot = _ray_compat.searcher_trials(self).get(trial_id)
         if ot is None:
-            return
+            return False
         frozen = _optuna_compat.stored_trial(self.study, ot)
-        if frozen.state.is_finished() and trial_id not in _ray_compat.searcher_completed(self):
-            self.study.enqueue_trial(frozen.params, skip_if_exists=False)
-            twin = self.study.ask(fixed_distributions=frozen.distributions)
-            for step, value in sorted(frozen.intermediate_values.items()):  # the epochs before the restart
-                self._report_value(twin, value, step)
-            _ray_compat.searcher_trials(self)[trial_id] = twin
-            self.add_attrs(trial_id, resumed_from_trial=frozen.number)
+        if not (frozen.state.is_finished() and trial_id not in _ray_compat.searcher_completed(self)):
+            return False
+        self.study.enqueue_trial(frozen.params, skip_if_exists=False)
+        twin = self.study.ask(fixed_distributions=frozen.distributions)
+        for step, value in sorted(frozen.intermediate_values.items()) if not restarted else ():
+            self._report_value(twin, value, step)  # the epochs before the kill, continued from its checkpoint
+        _ray_compat.searcher_trials(self)[trial_id] = twin
+        self.add_attrs(trial_id, resumed_from_trial=frozen.number)
+        self._set_ray_id(twin, trial_id)
+        return True
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id in _ray_compat.searcher_completed(self) or trial_id not in _ray_compat.searcher_trials(self):
             return super().on_trial_complete(trial_id, result, error)
-        self._replace_stale(trial_id)
-        ot_trial = _ray_compat.searcher_trials(self)[trial_id]
         last = result or self._last.get(trial_id) or {}
+        self._replace_stale(trial_id, restarted=bool(last.get("resume_restarted")))
+        ot_trial = _ray_compat.searcher_trials(self)[trial_id]
         attrs = {name: last[k] for k, name in ATTR_KEYS.items() if k in last}
         attrs["ray_trial_id"] = trial_id
         attrs.update(self._attrs.get(trial_id, {}))
@@ -199,7 +219,7 @@ class EdgetuneOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(k, v)
             except Exception as e:  # noqa: BLE001 - never lose the tell because of one attr
                 log.warning("could not set user attr %s on trial %s: %s", k, trial_id, e)
-        iteration = int(last.get("training_iteration", 0) or 0)
+        iteration = result_epoch(last)
         multi = isinstance(self.metric, list)
         if not multi and iteration and not error and last.get(self.metric) is not None:
             self._report_final(ot_trial, float(last[self.metric]), iteration)
