@@ -74,3 +74,23 @@ def test_a_deleted_snapshot_checkpoint_fails_the_restore_and_a_stand_in_lets_it_
         assert restarted[0].metrics["it"] == 2
     finally:
         ray.shutdown()
+
+
+def test_the_winner_copy_skips_a_stand_in_best_checkpoint(tmp_path: Path) -> None:
+    """A stand-in kept as a trial's best-scored checkpoint (it had the old run's score) is not copied as the
+    winner: the trial's latest checkpoint, which holds the weights it ended with, is."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from tuner.report import materialise_best_checkpoint
+
+    stand_in, latest = tmp_path / "checkpoint_000001", tmp_path / "checkpoint_000004"
+    stand_in.mkdir()
+    (stand_in / ".edgetune-deleted-checkpoint").write_text("x")
+    latest.mkdir()
+    (latest / "model.pt").write_bytes(b"weights")
+    result = SimpleNamespace(get_best_checkpoint=lambda metric, mode: tune.Checkpoint.from_directory(str(stand_in)),
+                             checkpoint=tune.Checkpoint.from_directory(str(latest)), metrics={})
+    assert materialise_best_checkpoint(result, {}, "checkpoint_score", "max", tmp_path / "best")
+    assert (tmp_path / "best" / "model.pt").read_bytes() == b"weights"

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -27,6 +28,23 @@ def _snapshot(storage: str, study: str) -> dict[int, tuple[str, object, dict]]:
     except KeyError:
         return {}
     return {t.number: (t.state.name, t.value, dict(t.intermediate_values)) for t in trials}
+
+
+def _ray_snapshot_has(exp: Path, ray_ids: list[str]) -> bool:
+    """Whether Ray's newest experiment snapshot (``experiment_state-*.json``) already names these trials: a trial
+    created after the last snapshot is unknown to ``Tuner.restore`` and cannot be resumed (it is replaced by a new
+    trial instead), so the kill waits for the snapshot."""
+    states = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    try:
+        text = states[-1].read_text() if states else ""
+    except OSError:
+        return False
+    return bool(ray_ids) and all(i in text for i in ray_ids)
+
+
+def _running_ray_ids(storage: str, study: str) -> list[str]:
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    return [str(t.user_attrs.get("ray_trial_id", "")) for t in trials if t.state.name == "RUNNING"]
 
 
 def _safe_to_kill(snap: dict[int, tuple[str, object, dict]]) -> bool:
@@ -55,7 +73,8 @@ def test_resume_after_driver_killed(tmp_path):
         deadline = time.time() + 600
         while time.time() < deadline:
             # kill as soon as the state is seen (no fixed sleep): the driver is the only writer of the study
-            if _safe_to_kill(_snapshot(storage, "res")):
+            if _safe_to_kill(_snapshot(storage, "res")) and _ray_snapshot_has(
+                    tmp_path / "out" / "ray" / "res", [i for i in _running_ray_ids(storage, "res") if i]):
                 break
             assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.05)
