@@ -29,6 +29,8 @@ TIMING_BACKENDS = ("auto", "tensorrt", "onnxruntime")
 #: Engines built while timing are kept here on the device, named as ``make engine`` names them, so that
 #: ``make engine`` on the same device reuses the winner's engine instead of rebuilding (edge_server.engine_cache).
 ENGINE_CACHE_ENV = "EDGETUNE_ENGINE_CACHE"
+#: Precisions ONNX Runtime times and serves on a CPU: model.onnx and the bundle's INT8 variant (no fp16).
+ORT_PRECISIONS = ("fp32", "int8")
 
 
 def engine_cache_dir() -> Path:
@@ -119,7 +121,7 @@ def supported_precisions(backend: str = "auto") -> tuple[str, ...]:
     ONNX Runtime on the CPU: fp32 and int8 (the static QDQ variant; whether it is faster depends on the CPU's
     integer instructions and the architecture, which is why it is measured), not fp16 (no faster on a CPU)."""
     if pick_backend(backend) != "tensorrt":
-        return ("fp32", "int8")
+        return ORT_PRECISIONS
     from edge_server.runners import tensorrt as rt
 
     trt = rt.import_tensorrt()
@@ -132,8 +134,8 @@ def _runner(bundle: Bundle, backend: str, precision: str, protocol: TimingProtoc
             ) -> tuple[Any, dict[str, Any]]:
     if backend == "tensorrt":
         return _tensorrt_runner(bundle, precision, protocol, keep_engine)
-    if precision not in ("fp32", "int8"):
-        raise ConfigError(f"ONNX Runtime timing supports precisions fp32 and int8, got {precision!r}")
+    if precision not in ORT_PRECISIONS:
+        raise ConfigError(f"ONNX Runtime timing supports precisions {' and '.join(ORT_PRECISIONS)}, got {precision!r}")
     from edge_server.runners.onnxruntime import OnnxRuntimeRunner, variant_for
 
     variant, _ = variant_for(bundle, precision)

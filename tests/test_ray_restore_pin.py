@@ -30,7 +30,9 @@ def _trainable(config: dict) -> None:
         if (d / "it.json").is_file():
             start, seen = json.loads((d / "it.json").read_text())["it"] + 1, "checkpoint"
         else:
-            seen = "stand-in" if any(p.name.startswith(".edgetune-") for p in d.iterdir()) else "empty"
+            from trainer.loop_setup import DELETED_CHECKPOINT_MARKER
+
+            seen = "stand-in" if (d / DELETED_CHECKPOINT_MARKER).is_file() else "empty"
     for it in range(start, 3):
         if it == 2 and not Path(config["ok"]).exists():
             raise RuntimeError("fail at iteration 2 (the first run)")
@@ -83,11 +85,12 @@ def test_the_winner_copy_skips_a_stand_in_best_checkpoint(tmp_path: Path) -> Non
 
     from ray import tune
 
+    from trainer.loop_setup import DELETED_CHECKPOINT_MARKER
     from tuner.report import materialise_best_checkpoint
 
     stand_in, latest = tmp_path / "checkpoint_000001", tmp_path / "checkpoint_000004"
     stand_in.mkdir()
-    (stand_in / ".edgetune-deleted-checkpoint").write_text("x")
+    (stand_in / DELETED_CHECKPOINT_MARKER).write_text("x")
     latest.mkdir()
     (latest / "model.pt").write_bytes(b"weights")
     result = SimpleNamespace(get_best_checkpoint=lambda metric, mode: tune.Checkpoint.from_directory(str(stand_in)),

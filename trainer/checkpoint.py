@@ -108,6 +108,10 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     )
 
 
+#: What reading a damaged file raises (truncated, not an archive), as opposed to a refused content or a bad schema.
+DAMAGED_FILE_ERRORS = (OSError, EOFError, RuntimeError)
+
+
 class UnreadableCheckpoint(EdgetuneError):
     """``model.pt`` could not be read. ``damaged``: the file itself is (truncated, not an archive), as opposed to
     an archive holding something ``weights_only`` loading refuses."""
@@ -124,7 +128,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise UnreadableCheckpoint(f"{f} is not a readable edgetune checkpoint ({type(e).__name__}: {e})",
-                                   damaged=isinstance(e, (OSError, EOFError, RuntimeError))) from None
+                                   damaged=isinstance(e, DAMAGED_FILE_ERRORS)) from None
     ckpt["meta"] = validate_meta(ckpt.get("meta") if isinstance(ckpt, dict) else None, f)
     ckpt["path"] = str(f)
     return ckpt

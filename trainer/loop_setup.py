@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.bnstats import suit_bn_momentum
-from trainer.checkpoint import WEIGHTS_FILE, UnreadableCheckpoint, load_checkpoint, unwrap
+from trainer.checkpoint import DAMAGED_FILE_ERRORS, WEIGHTS_FILE, UnreadableCheckpoint, load_checkpoint, unwrap
 from trainer.config import TrainConfig
 from trainer.loop_config import LoopConfig
 from trainer.metric import Metric, get_metric
@@ -253,7 +253,7 @@ def _read_resume(resume: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise _LostCheckpoint(f"{resume}: {WEIGHTS_FILE} is damaged ({str(e).splitlines()[0]})") from e
     try:
         state = torch.load(resume / TRAIN_STATE, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError) as e:
+    except DAMAGED_FILE_ERRORS as e:
         raise _LostCheckpoint(f"{resume}: {TRAIN_STATE} is damaged ({type(e).__name__}: {e})") from e
     return ckpt, state
 

@@ -113,7 +113,6 @@ def _time_winner(opts: TuneOptions, bundle_dir: Path, precision: str) -> dict[st
             "onnx_sha256": rec["onnx_sha256"], "engine": rec.get("engine"), "precision": precision}
 
 
-
 def hand_off(opts: TuneOptions, summary: dict[str, Any], out: Path, source: Any, latency: Any = None) -> None:
     """Export the winner (``<out>/bundle``, at the precision the search picked, with its architecture's latency
     record) and, with a target, time the bundle's own ONNX on the device (and keep its engine there). Fills in
