@@ -86,7 +86,7 @@ report: $(STAMP)
 
 bench: bench-search bench-train bench-serve bench-client bench-device
 bench-search: $(STAMP)
-	$(PY) bench/bench_search.py $(BENCH_ARGS)
+	$(PY) bench/bench_search.py $(if $(SEEDS),--seeds $(SEEDS)) $(BENCH_ARGS)
 bench-train: $(STAMP)
 	$(PY) bench/bench_train.py $(BENCH_ARGS)
 bench-serve: $(STAMP)

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,15 @@ from edgetune.fsutil import atomic_write_text  # noqa: E402
 from edgetune.markdown import markdown_table  # noqa: E402
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(description: str, argv: Sequence[str] | None = None,
+               add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The flags every benchmark has (--budget, --out, --work), plus the ones ``add_args`` adds."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--budget", default="small", help=f"one of {list(BUDGETS)} (small: the `make bench` default)")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON results")
     p.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
+    if add_args is not None:
+        add_args(p)
     args = p.parse_args(argv)
     if args.budget not in BUDGETS:
         raise ConfigError(f"--budget must be one of {list(BUDGETS)}, got {args.budget!r}")
