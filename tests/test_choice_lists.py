@@ -221,7 +221,7 @@ def _place(hit: str) -> tuple[str, str]:
 
 #: (file, function) of the one place allowed to spell out a derived list: the dict that computes each metric's
 #: value from the validation pass (a metric is a key it produces).
-PRODUCERS = {("trainer/loop.py", "validate")}
+PRODUCERS = {("trainer/loop.py", "_validate_model")}
 
 
 def test_the_metric_producer_is_the_only_literal_of_the_metric_names(scanned):

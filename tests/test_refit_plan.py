@@ -6,7 +6,7 @@ import math
 from types import SimpleNamespace
 
 from tuner.options import TuneOptions
-from tuner.refit import FINISH_RESERVE_S, THREAD_EFFICIENCY, plan_epochs
+from tuner.refit import BUDGETED_REFIT_CAP, FINISH_RESERVE_S, THREAD_EFFICIENCY, plan_epochs
 
 
 def _trial(epoch_s: float, trained: int, setup_s: float = 0.0) -> SimpleNamespace:
@@ -22,7 +22,9 @@ def test_epochs_come_from_the_time_left_at_the_refits_speed():
     n, _ = plan_epochs(opts, _trial(70.0, 4), FINISH_RESERVE_S + 8 * 70.0 + 1, refit_cpus=1)
     assert n == 8  # same threads as the trial: its own epoch time
     n, _ = plan_epochs(opts, _trial(1.0, 4), 10_000.0, refit_cpus=2)
-    assert n == 3 * opts.epochs  # capped (refit_max_epochs 0 = 3 x epochs)
+    assert n == BUDGETED_REFIT_CAP  # a budget is used to its end, up to the cap (refit_max_epochs 0)
+    n, _ = plan_epochs(TuneOptions(epochs=4, refit_max_epochs=7), _trial(1.0, 4), 10_000.0, refit_cpus=2)
+    assert n == 7
 
 
 def test_a_trial_stopped_by_the_deadline_sets_the_bar_at_what_it_trained():

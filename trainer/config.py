@@ -197,6 +197,9 @@ class OptimConfig(ConfigModel):
     backbone_lr_mult: Annotated[Number, interval(0.0, 100.0)] = 0.1
     schedule: Annotated[Str, one_of(SCHEDULES)] = "cosine"
     warmup_epochs: Annotated[Number, interval(0.0, 1000.0)] = 0.0
+    #: weight averaging (trainer/ema.py): EMA decay per step, 0 = off; the better of raw and averaged weights on
+    #: validation is kept each epoch
+    ema_decay: Annotated[Number, interval(0.0, 1.0, hi_open=True)] = 0.0
 
 
 class TrainConfig(ConfigModel):

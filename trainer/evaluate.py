@@ -87,17 +87,25 @@ def test_report(model: torch.nn.Module, test_ds: Any, classes: list[str], out_di
                 batch_size: int = 64) -> dict[str, Any]:
     """Evaluate on the test split; writes confusion_matrix.{png,json} and test_predictions.json (every test
     item with its label, prediction and probabilities, for paired comparisons); returns test_* metrics."""
+    probs, labels = predict_dataset(model, test_ds, batch_size)
+    sources = [test_ds.source(i) if hasattr(test_ds, "source") else str(i) for i in range(len(labels))]
+    return report_from_probs(probs, labels, sources, classes, out_dir)
+
+
+def report_from_probs(probs: np.ndarray, labels: np.ndarray, sources: list[str], classes: list[str],
+                      out_dir: str | Path) -> dict[str, Any]:
+    """:func:`test_report`'s files and metrics from test probabilities already computed (a study's final model
+    that is an ensemble: tuner/posthoc.py)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    probs, labels = predict_dataset(model, test_ds, batch_size)
     k = len(classes)
     preds = probs.argmax(1)
     cm = confusion_matrix(labels, preds, k)
     m = metrics_from_confusion(cm)
     (out / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "matrix": cm.tolist()}, indent=2))
-    items = [{"source": test_ds.source(i) if hasattr(test_ds, "source") else str(i), "label": classes[int(y)],
-              "prediction": classes[int(p)], "probs": [round(float(v), 6) for v in pr]}
-             for i, (y, p, pr) in enumerate(zip(labels, preds, probs, strict=True))]
+    items = [{"source": src, "label": classes[int(y)], "prediction": classes[int(p)],
+              "probs": [round(float(v), 6) for v in pr]}
+             for src, y, p, pr in zip(sources, labels, preds, probs, strict=True)]
     (out / "test_predictions.json").write_text(json.dumps({"classes": classes, "items": items}))
     plot_confusion(cm, classes, out / "confusion_matrix.png", title=f"test accuracy {m['accuracy']:.3f}")
     per_class = {c: {"precision": m["precision"][i], "recall": m["recall"][i], "f1": m["f1"][i],

@@ -73,7 +73,7 @@ def ort_probs(session: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
     return softmax(np.concatenate(outs), axis=1)
 
 
-def _eval_arrays(ds: Any, spec: PreprocessSpec, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def eval_arrays(ds: Any, spec: PreprocessSpec, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
     n = len(ds) if not limit else min(limit, len(ds))
     raws = [ds.raw(i) for i in range(n)]
     return spec.apply_batch([r[0] for r in raws]), np.array([r[1] for r in raws], dtype=np.int64)
@@ -172,13 +172,30 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
     the static INT8 variant to ``quantize``, and if the tolerance refuses it the bundle records that it deploys
     at fp32 instead (``extra.deploy_precision``). ``target_latency(deployed precision)``: the latency measured on
     the target device for that precision, with the target's name and identity (recorded in the bundle)."""
-    from trainer.config import TrainConfig
-    from trainer.data import build_data
     from trainer.model import model_from_checkpoint
 
-    t0 = time.perf_counter()
     ckpt, info = resolve_run(run)
     model, meta = model_from_checkpoint(ckpt)
+    return export_model(model, meta, out_dir, data=data, quantize=quantize, tolerance=tolerance, n_calib=n_calib,
+                        n_check=n_check, source=source, target_latency=target_latency, precision=precision,
+                        origin={"run": str(Path(run).resolve()), "checkpoint": str(ckpt.resolve()), "info": info})
+
+
+def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Path, data: Any = None,
+                 quantize: tuple[str, ...] = (), tolerance: float = 0.01, n_calib: int = 32, n_check: int = 16,
+                 source: Any = None, target_latency: Callable[[str], dict[str, Any] | None] | None = None,
+                 precision: str = "fp32", origin: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Export an image -> logits ``model`` described by checkpoint-style ``meta`` (config, classes, preprocess,
+    backbone, metrics) as a bundle in ``out_dir``: :func:`export_bundle`'s work once the model is built. A study's
+    final model that is an ensemble (members, test-time views and decision rule in one graph, tuner.posthoc) is
+    exported through here with its description in ``extra``."""
+    from trainer.config import TrainConfig
+    from trainer.data import build_data
+
+    t0 = time.perf_counter()
+    origin = dict(origin or {})
+    info = origin.pop("info", {}) or {}
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     cfg = TrainConfig.from_dict(meta["config"])
     out = Path(out_dir)
@@ -192,7 +209,7 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
         data = build_data(cfg.data, spec, run_dir=None, seed=cfg.seed, source=source)
     if list(data.classes) != list(meta["classes"]):
         raise BundleError(f"dataset classes {data.classes} differ from the checkpoint's {meta['classes']}")
-    x_test, y_test = _eval_arrays(data.test, spec)
+    x_test, y_test = eval_arrays(data.test, spec)
     parity = parity_check(model, session, x_test)
     if parity["top1_agreement"] < 1.0:
         raise BundleError(f"ONNX parity failed: top-1 agreement {parity['top1_agreement']:.4f} < 1.0 "
@@ -210,12 +227,14 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
         quantize = (*quantize, QUANTIZATIONS[0])
     if quantize:
         x_cal = spec.apply_batch([read_image(tmp / c["file"]) for c in calib])
-        x_val, y_val = _eval_arrays(data.val, spec)
+        x_val, y_val = eval_arrays(data.val, spec)
         val_acc = float((ort_probs(session, x_val).argmax(1) == y_val).mean()) if len(y_val) else 0.0
         for kind in quantize:
             v = quantize_variant(kind, onnx_path, tmp, x_cal, x_val, y_val, val_acc, tolerance, x_test, y_test)
             (refused if "refused" in v else variants)[int8_variant_name(kind)] = v
     deploy = _deploy_precision(precision, variants, refused)
+    if extra and "final_model" in extra:  # a post-hoc model (members x views): its cost on this CPU, recorded
+        extra = {**extra, "final_model": {**extra["final_model"], "latency_here": cpu_latency(onnx_path, spec)}}
     latency = target_latency(deploy["deployed"]) if target_latency else None
     manifest = BundleManifest(
         model_file="model.onnx",
@@ -237,13 +256,14 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
             "onnx_test_accuracy": fp32_acc,
             "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
                         "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
-            "source": {"run": str(Path(run).resolve()), "checkpoint": str(ckpt.resolve()), "epoch": meta["epoch"],
+            "source": {**origin, "epoch": meta["epoch"],
                        "study": info.get("study"), "trial_id": info.get("trial_id"),
                        "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
             "refused_variants": refused,
             "export_seconds": round(time.perf_counter() - t0, 3),
             "deploy_precision": deploy,
             **({"target_latency": latency} if latency else {}),
+            **(extra or {}),
         },
     ).to_dict()
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -252,6 +272,22 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def cpu_latency(onnx_path: Path, spec: PreprocessSpec, warmup: int = 5, runs: int = 20) -> dict[str, Any]:
+    """Batch-1, 1-thread ONNX Runtime latency on the exporting machine (p50/p90 ms): what one camera stream costs
+    on a CPU; a target device's own figure comes from the latency service (bundle ``target_latency``)."""
+    sess = ort_session(onnx_path, threads=1)
+    x = np.zeros((1, 3, *spec.input_size), dtype=np.float32)
+    for _ in range(warmup):
+        sess.run([OUTPUT], {INPUT: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run([OUTPUT], {INPUT: x})
+        times.append((time.perf_counter() - t) * 1e3)
+    return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3),
+            "backend": "onnxruntime CPU, 1 thread, batch 1", "runs": runs}
 
 
 def _deploy_precision(searched: str, variants: dict[str, Any], refused: dict[str, Any]) -> dict[str, Any]:

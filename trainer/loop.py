@@ -41,6 +41,10 @@ from trainer.optim import Schedule
 FAIL_AT_ENV, FAIL_MARKER_ENV = "EDGETUNE_FAIL_AT_EPOCH", "EDGETUNE_FAIL_MARKER"
 
 
+#: Share of the time left that ``fit_epochs_to_deadline`` plans epochs into (the rest absorbs slower epochs).
+FIT_MARGIN = 0.92
+
+
 class InjectedFailure(RuntimeError):
     """Raised by the test-only failure switch."""
 
@@ -113,6 +117,8 @@ def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str
         st.scaler.step(st.opt)
         st.scaler.update()
         st.sched.step()
+        if st.ema is not None:
+            st.ema.update()
         seen += len(y)
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.detach().argmax(1) == y).sum())
@@ -132,10 +138,30 @@ def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str
 
 
 def validate(st: LoopState) -> dict[str, Any]:
-    """BatchNorm statistics per ``model.bn_stats`` (recomputed on training images), then the validation split."""
+    """BatchNorm statistics per ``model.bn_stats`` (recomputed on training images), then the validation split.
+    With weight averaging (``optim.ema_decay``) the averaged weights are validated too (their BatchNorm statistics
+    always recomputed) and the better on the run's metric is the epoch's result (``weights``; both sets are
+    reported as ``raw_val_*`` and ``ema_val_*``)."""
     if st.cfg.model.bn_stats == "recompute":
         st.bn_images = recompute_bn_stats(st.model, st.feeds.bn(), st.device)
-    val = evaluate_batches(st.model, st.feeds.val(), st.eval_loss, len(st.data.classes), st.device, st.use_amp)
+    raw = _validate_model(st, st.model)
+    st.epoch_weights = "raw"
+    if st.ema is None:
+        return raw
+    recompute_bn_stats(st.ema.module, st.feeds.bn(), st.device)
+    ema = _validate_model(st, st.ema.module)
+    m = st.metric
+    if m.better(ema[m.name], raw[m.name]):
+        st.epoch_weights = "ema"
+    out = dict(ema if st.epoch_weights == "ema" else raw)
+    out.update({f"raw_{k}": v for k, v in raw.items()})
+    out.update({f"ema_{k}": v for k, v in ema.items()})
+    out["weights"] = st.epoch_weights
+    return out
+
+
+def _validate_model(st: LoopState, model: torch.nn.Module) -> dict[str, Any]:
+    val = evaluate_batches(model, st.feeds.val(), st.eval_loss, len(st.data.classes), st.device, st.use_amp)
     recall = [r for r, s in zip(val["recall"], val["support"], strict=True) if s > 0]
     return {
         "val_loss": val["loss"],
@@ -191,7 +217,7 @@ def _should_save(st: LoopState, stop: str) -> bool:
 
 
 def _save(st: LoopState, tmp: str, epoch: int, metrics: dict[str, Any]) -> Path:
-    module = unwrap(st.model)
+    module = st.ema.module if st.ema is not None and st.epoch_weights == "ema" else unwrap(st.model)
     extra = {
         "dataset": st.data.dataset_name,
         "dataset_hash": st.data.dataset_hash,
@@ -205,7 +231,7 @@ def _save(st: LoopState, tmp: str, epoch: int, metrics: dict[str, Any]) -> Path:
     cut = getattr(module, "input_cut", 0)
     module.input_cut = 0  # type: ignore[assignment]  # a checkpoint is always the image -> logits model
     try:
-        d = save_checkpoint(tmp, st.model, st.cfg.to_dict(), st.data.classes, st.spec, epoch, metrics, extra=extra)
+        d = save_checkpoint(tmp, module, st.cfg.to_dict(), st.data.classes, st.spec, epoch, metrics, extra=extra)
     finally:
         module.input_cut = cut  # type: ignore[assignment]
     torch.save(
@@ -235,7 +261,7 @@ def train_loop(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> di
     while epoch <= st.cfg.epochs:
         metrics = run_epoch(st, epoch, report_to)
         if epoch == st.start_epoch and lc.fit_to_deadline and deadline and not metrics["diverged"]:
-            fit_epochs_to_deadline(st, epoch, metrics["epoch_seconds"], deadline)
+            metrics["epochs_planned"] = fit_epochs_to_deadline(st, epoch, metrics["epoch_seconds"], deadline)
         stop = end_of_epoch(st, epoch, metrics, deadline)
         last = metrics
         if stop:
@@ -269,7 +295,8 @@ def fit_epochs_to_deadline(st: LoopState, epoch: int, epoch_seconds: float, dead
     anneals instead of being cut off mid-schedule (the refit uses this). Single-worker runs only."""
     if st.world > 1:
         return st.cfg.epochs
-    fit = epoch + int(max(0.0, deadline - time.time()) // max(epoch_seconds, 1e-6))
+    # a margin for epochs that run slower than the first (a busy node): the run must end before the deadline
+    fit = epoch + int(FIT_MARGIN * max(0.0, deadline - time.time()) // max(epoch_seconds, 1e-6))
     n = max(epoch, min(st.cfg.epochs, fit))
     if n != st.cfg.epochs:
         st.cfg = st.cfg.replace({"epochs": n})

@@ -83,6 +83,8 @@ class LoopState:
     at_best: dict[str, float] = field(default_factory=dict)  #: validation metrics of the best epoch
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_epoch: int = 0  #: the checkpoint's epoch this run resumed from (0: started fresh)
+    ema: Any = None  #: trainer.ema.Ema when optim.ema_decay > 0 (weight averaging)
+    epoch_weights: str = "raw"  #: which weights this epoch's result and checkpoint are: raw | ema
 
 
 def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopState:
@@ -90,7 +92,7 @@ def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopSta
     from trainer.losses import build_loss
     from trainer.model import preprocess_spec_for
 
-    t_launch = time.perf_counter()
+    t_launch, started_at = time.perf_counter(), time.time()
     lc = LoopConfig.coerce(loop_config)
     cfg = TrainConfig.from_dict(dict(lc.train_config))
     rank, world = _dist_info()
@@ -126,8 +128,13 @@ def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopSta
         static=static,
     )
     _resume(st)
+    if cfg.optim.ema_decay > 0:
+        from trainer.ema import Ema
+
+        st.ema = Ema(model, cfg.optim.ema_decay)  # after a resume: averaging restarts from the resumed weights
     static.update(lc.static_metrics)  # e.g. the architecture's latency (tuner/device.py)
     static["setup_seconds"] = time.perf_counter() - t_launch
+    static["started_at"] = started_at  # unix time: the study's budget ledger places the run by it
     return st
 
 

@@ -5,6 +5,7 @@ The pieces it uses have their own modules: tuner/device.py, tuner/latency_servic
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -113,17 +114,28 @@ def _time_winner(opts: TuneOptions, bundle_dir: Path, precision: str) -> dict[st
             "onnx_sha256": rec["onnx_sha256"], "engine": rec.get("engine"), "precision": precision}
 
 
-def hand_off(opts: TuneOptions, summary: dict[str, Any], out: Path, source: Any, latency: Any = None) -> None:
+def hand_off(opts: TuneOptions, summary: dict[str, Any], out: Path, source: Any, latency: Any = None,
+             final: Any = None) -> None:
     """Export the winner (``<out>/bundle``, at the precision the search picked, with its architecture's latency
     record) and, with a target, time the bundle's own ONNX on the device (and keep its engine there). Fills in
     ``summary["bundle"]`` and, with a target, ``summary["latency"]["winner"]``. ``latency``: the study's
     LatencySetup (times the architecture at the deployed precision if the search never did)."""
     from edgetune.bundle import load_bundle
-    from trainer.export import export_bundle
+    from trainer.checkpoint import read_meta
+    from trainer.export import export_bundle, export_model
 
     searched = str((summary.get("best_params") or {}).get("precision", "fp32"))
-    b = export_bundle(out, out / "bundle", source=source, precision=searched, tolerance=opts.int8_tolerance,
-                      target_latency=lambda p: _winner_latency(opts, summary, p, latency))
+    timing = lambda p: _winner_latency(opts, summary, p, latency)  # noqa: E731
+    if final is not None and (final.tta or final.ensemble or final.tau):
+        # the post-hoc model (tuner/posthoc.py): members, views and decision rule exported as one graph
+        b = export_model(final.model, read_meta(out / "best"), out / "bundle", source=source, precision=searched,
+                         tolerance=opts.int8_tolerance, target_latency=timing,
+                         origin={"run": str(out), "checkpoint": str(out / "best"),
+                                 "info": json.loads((out / "best" / "metrics.json").read_text())},
+                         extra={"final_model": final.describe()})
+    else:
+        b = export_bundle(out, out / "bundle", source=source, precision=searched, tolerance=opts.int8_tolerance,
+                          target_latency=timing)
     summary["bundle"] = str(b)
     meta = load_bundle(b).meta
     deploy = dict(meta["deploy_precision"])

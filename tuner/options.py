@@ -85,7 +85,14 @@ class TuneOptions:
                       "README, 'Why macro-F1')")
     refit: bool = opt(True, "retrain the best configuration for longer after the search (the exported model)")
     refit_share: float = opt(0.55, "share of the time budget kept for the refit")
-    refit_max_epochs: int = opt(0, "cap on refit epochs (0 = 3 x --epochs)")
+    refit_max_epochs: int = opt(0, "cap on refit epochs (0 = as many as the time budget holds, at most "
+                                "60; without a budget 3 x --epochs)")
+    probe_share: float = opt(0.1, "share of the time budget for the probe stage (tuner/probe.py: linear heads on "
+                                  "frozen features rank backbone x size and join the ensemble; 0 = off)")
+    ema_decay: float = opt(0.99, "weight averaging in every fine-tune: EMA decay per step (0 = off); the better of "
+                                 "raw and averaged weights on validation is kept")
+    ensemble: str = opt("auto", "post-hoc ensemble of the study's models (tuner/posthoc.py): auto (kept only when it "
+                                "beats the best single model on validation beyond noise), off, or a member cap N")
     env_vars: dict[str, str] = opt(factory=dict, help="environment for every Ray worker")
     verbose: bool = opt(False, "list every place looked for each backbone left out for missing weights")
 
@@ -124,6 +131,11 @@ class TuneOptions:
             raise ConfigError("time budget and max latency must be >= 0")
         if not self.time_budget_s and not self.trials:
             raise ConfigError("give a time budget (--time-budget / TIME=, seconds) or a trial count (--trials)")
+        if not 0.0 <= self.probe_share < 0.5:
+            raise ConfigError(f"probe_share must be in [0, 0.5), got {self.probe_share}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        self.ensemble_rounds  # noqa: B018 - validates ensemble
         if not 0.0 <= self.refit_share < 0.9:
             raise ConfigError(f"refit_share must be in [0, 0.9), got {self.refit_share}")
         get_metric(self.metric)
@@ -153,6 +165,18 @@ class TuneOptions:
             put("storage_path", os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray"))
         elif "://" not in self.storage_path:
             put("storage_path", str(Path(self.storage_path).resolve()))  # Ray needs an absolute path
+
+    @property
+    def ensemble_rounds(self) -> int:
+        """Greedy selection rounds (0: ensemble off): auto = tuner.posthoc.ENSEMBLE_ROUNDS, N = a cap of N members."""
+        from tuner.posthoc import ENSEMBLE_MODES, ENSEMBLE_ROUNDS
+
+        v = str(self.ensemble).strip().lower()
+        if v in ENSEMBLE_MODES:
+            return ENSEMBLE_ROUNDS if v == "auto" else 0
+        if v.isdigit() and int(v) >= 1:
+            return int(v)
+        raise ConfigError(f"ensemble must be one of {list(ENSEMBLE_MODES)} or a member cap N >= 1, got {self.ensemble!r}")
 
     @property
     def metric_def(self) -> Metric:

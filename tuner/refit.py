@@ -29,9 +29,9 @@ from trainer.metric import get_metric
 
 log = logging.getLogger(__name__)
 
-#: Seconds kept after the search and the refit for the test evaluation, export (ONNX + parity) and plots
-#: (measured 25-40 s for elpv's 393 test images on 2 cores).
-FINISH_RESERVE_S = 45.0
+#: Seconds kept after the search and the refit for post-hoc selection (tuner/posthoc.py: every candidate's
+#: validation and test predictions over 4 flip views), the test evaluation, export (ONNX + parity) and plots.
+FINISH_RESERVE_S = 45.0  #: the default, until the probe stage measured this study's forward speed
 
 #: Refit epochs when the study has no time budget: this many times the search's max epochs.
 UNBUDGETED_FACTOR = 2
@@ -79,10 +79,21 @@ def best_trial(study: Any, metric: str, max_latency_ms: float = 0.0) -> Any:
 THREAD_EFFICIENCY = 0.7
 
 
-def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0) -> tuple[int, str]:
+#: The most epochs a budgeted refit plans (it fills the time left: a budget is used to its end).
+BUDGETED_REFIT_CAP = 60
+
+
+def refit_cap(opts: Any) -> int:
+    """``--refit-max-epochs``, else: with a time budget as many as fit (at most BUDGETED_REFIT_CAP), without one
+    3 x ``--epochs``."""
+    return int(opts.refit_max_epochs or (BUDGETED_REFIT_CAP if opts.time_budget_s else 3 * opts.epochs))
+
+
+def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0,
+                reserve_s: float = FINISH_RESERVE_S) -> tuple[int, str]:
     """(epochs, reason) for the refit of ``trial`` with ``left_s`` seconds left (inf: no budget). ``refit_cpus``:
     the refit's threads (CPU runs), to scale the trial's measured epoch time from its ``cpus_per_worker``."""
-    cap = opts.refit_max_epochs or 3 * opts.epochs
+    cap = refit_cap(opts)
     if math.isinf(left_s):
         return min(cap, UNBUDGETED_FACTOR * opts.epochs), f"no time budget: {UNBUDGETED_FACTOR} x {opts.epochs} epochs"
     epoch_s = float(trial.user_attrs.get("epoch_seconds") or 0.0)
@@ -90,7 +101,7 @@ def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0) -
     if refit_cpus > trial_cpus and not opts.gpus_per_trial:
         epoch_s *= trial_cpus / (refit_cpus * THREAD_EFFICIENCY)
     setup_s = float(trial.user_attrs.get("setup_seconds") or 0.0)
-    usable = left_s - FINISH_RESERVE_S - setup_s
+    usable = left_s - reserve_s - setup_s
     if epoch_s <= 0:
         return 0, "the best trial recorded no epoch time"
     n = int(usable // epoch_s)
@@ -108,7 +119,7 @@ def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0) -
 
 
 def refit_best(
-    opts: Any, study: Any, base: dict[str, Any], space: Any, source: Any, clock: Any, out: Path
+    opts: Any, study: Any, base: dict[str, Any], space: Any, source: Any, clock: Any, out: Path, ledger: Any = None
 ) -> RefitRun | None:
     """Train the best trial's configuration again for longer; returns the run, or None without a best trial."""
     import ray
@@ -119,30 +130,40 @@ def refit_best(
         log.info("refit skipped: multi-objective study (the final model is picked from the Pareto front)")
         return None
     trial = best_trial(study, opts.metric, opts.max_latency_ms)
-    if trial is None:
-        why = f" within {opts.max_latency_ms:g} ms" if opts.max_latency_ms > 0 else ""
-        log.info(f"refit skipped: no finished trial{why}")
-        return None
     cpus, gpus = _refit_resources(opts)
-    epochs, why = plan_epochs(opts, trial, clock.left(), refit_cpus=cpus)
+    if trial is None:
+        seeds = space.points_to_evaluate()
+        why = f" within {opts.max_latency_ms:g} ms" if opts.max_latency_ms > 0 else ""
+        if not clock.end() or not seeds or opts.max_latency_ms > 0:
+            log.info(f"refit skipped: no finished trial{why}")
+            return None
+        # the portfolio always holds the plain recipe: with no finished trial, the first seed point is the final fit,
+        # its epochs fitted to the time left after its first
+        trial = _SeedTrial(params=dict(seeds[0]))
+        epochs, why = refit_cap(opts), "no trial finished in the search window: the space's first seed point"
+    else:
+        epochs, why = plan_epochs(opts, trial, clock.left(), refit_cpus=cpus, reserve_s=clock.finish_reserve_s)
     run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=epochs)
     if not epochs:
         run.skipped = why
         log.info(f"refit skipped: {why}")
         return run
-    cap = opts.refit_max_epochs or 3 * opts.epochs
+    cap = refit_cap(opts)
     cfg = build_trial_config(base, space.to_overrides(trial.params)).replace({"epochs": cap if clock.end() else epochs})
     cfg = cfg.replace({"threads": int(cpus) if not gpus else cfg.threads})
     end = clock.end()
-    deadline = end - FINISH_RESERVE_S if end else None
+    deadline = end - clock.finish_reserve_s if end else None
+    score = trial.user_attrs.get(get_metric(opts.metric).best_key)
     log.info(
-        f"refit of trial #{trial.number} ({get_metric(opts.metric).best_key} "
-        f"{trial.user_attrs.get(get_metric(opts.metric).best_key):.4f}): up to {cfg.epochs} epochs, fitted to the "
-        f"budget after the first ({why}); {cpus:g} CPU, {gpus:g} GPU"
+        f"refit of {'trial #' + str(trial.number) if trial.number >= 0 else 'the first seed point'}"
+        + (f" ({get_metric(opts.metric).best_key} {score:.4f})" if score is not None else "")
+        + f": up to {cfg.epochs} epochs, fitted to the budget after the first ({why}); {cpus:g} CPU, {gpus:g} GPU"
     )
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
     res = ray.get(task.remote(cfg.to_dict(), source, deadline))
+    if ledger is not None:
+        _ledger_entries(ledger, res, started, time.time(), gpus or cpus)
     if not res["files"]:
         run.skipped = "the refit produced no checkpoint (its loss diverged in the first epoch)"
         log.info(f"refit failed: {run.skipped}; the best trial's own checkpoint is used")
@@ -168,6 +189,27 @@ def refit_best(
     return run
 
 
+@dataclass(frozen=True)
+class _SeedTrial:
+    """A seed point standing in for a trial (no trial finished): number -1, no measurements."""
+
+    params: dict[str, Any]
+    number: int = -1
+    user_attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _ledger_entries(ledger: Any, res: dict[str, Any], start: float, end: float, cores: float) -> None:
+    """The final fit in the budget ledger: its set-up as overhead, its epochs as compute when it ran its planned
+    schedule to the end (waste when the deadline or a divergence cut it)."""
+    hist = res.get("history") or []
+    setup = float(res.get("setup_seconds") or 0.0)
+    stop = str(hist[-1].get("stop_reason", "")) if hist else "no epoch"
+    if setup and start + setup < end:
+        ledger.add("final fit set-up", "overhead", start, start + setup, cores)
+        start += setup
+    ledger.add("final fit", "waste" if stop else "compute", start, end, cores, stop or "finished its schedule")
+
+
 def _refit_resources(opts: Any) -> tuple[float, float]:
     """One node's worth: all CPUs of the largest alive node (at most 16), or the trial's GPUs."""
     import ray
@@ -189,4 +231,5 @@ def _refit_task(train_config: dict[str, Any], source: Any, deadline: float | Non
         best = Path(tmp) / "best"
         history = [json.loads(line) for line in (Path(tmp) / "history.jsonl").read_text().splitlines() if line]
         files = {p.name: p.read_bytes() for p in best.iterdir() if p.name != "train_state.pt"} if best.is_dir() else {}
-        return {"files": files, "history": history}
+        setup = read_meta(best)["metrics"].get("setup_seconds", 0.0) if best.is_dir() else 0.0
+        return {"files": files, "history": history, "setup_seconds": setup}

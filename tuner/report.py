@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 #: Leaderboard columns; ``{metric}`` is the study's selection metric (trainer.metric), the value Optuna holds.
 LEADER_COLUMNS = ["rank", "trial", "state", "backbone", "img", "freeze", "lr", "optimizer", "augment", "sampler",
-                  "epochs", "best_epoch", "{metric}", "val_acc", "val_macro_f1", "test_acc", "test_macro_f1",
+                  "epochs", "fidelity", "ens_weight", "best_epoch", "{metric}", "val_acc", "val_macro_f1", "test_acc", "test_macro_f1",
                   "params", "size_mb", "accuracy_density", "train_seconds", "data_path", "stop_reason", "latency_ms",
                   "precision", "target_latency_ms", "target_latency_p90_ms", "target_device", "rejected",
                   "ray_trial_id"]
@@ -50,7 +50,7 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
             "trial": t.number, "state": t.state.name, "backbone": p.get("backbone"), "img": p.get("img"),
             "freeze": p.get("freeze"), "lr": p.get("lr"), "optimizer": p.get("optimizer"),
             "augment": p.get("augment"), "sampler": p.get("sampler"), "epochs": a.get("epochs_trained"),
-            "best_epoch": a.get("best_epoch"), metric: value, "val_acc": val_acc,
+            "fidelity": _fidelity(a), "ens_weight": None, "best_epoch": a.get("best_epoch"), metric: value, "val_acc": val_acc,
             "val_macro_f1": a.get("val_macro_f1_at_best", a.get("val_macro_f1")), "test_acc": None, "test_macro_f1": None, "params": params,
             "size_mb": a.get("size_mb"),
             # accuracy density (model-selection study): validation accuracy per million parameters
@@ -67,6 +67,31 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return rows
+
+
+def _fidelity(attrs: dict[str, Any]) -> str | None:
+    """What a trial trained: ``<epochs> ep`` (of its planned ``epochs_planned``), with the weights it kept."""
+    done = attrs.get("epochs_trained")
+    if done is None:
+        return None
+    planned = attrs.get("epochs_planned")
+    w = attrs.get("weights")
+    return f"{done}{f'/{planned}' if planned and planned != done else ''} ep" + (f", {w}" if w else "")
+
+
+def _mark_members(rows: list[dict[str, Any]], post: Any, final: dict[str, Any], probes: Any, metric: str) -> None:
+    """Ensemble weights on the leaderboard's rows; one row per probe (fidelity: frozen features)."""
+    for p in probes:
+        rows.append({**dict.fromkeys(leader_columns(metric)), "ray_trial_id": None, "params": None,
+                     "trial": p.name, "state": "PROBE", "backbone": p.backbone, "img": p.img,
+                     "fidelity": "linear head, frozen features", "ens_weight": None, metric: None,
+                     "val_acc": p.val_accuracy, "val_macro_f1": p.val_macro_f1, "train_seconds": p.seconds})
+    for m in post.members if post is not None else ():
+        if m["kind"] == "final":
+            final["ens_weight"] = m["weight"]
+        for r in rows:
+            if (m["kind"] == "trial" and r["trial"] == int(m["name"].split()[-1])) or r["trial"] == m["name"]:
+                r["ens_weight"] = m["weight"]
 
 
 def _device_name(attrs: dict[str, Any]) -> str | None:
@@ -159,7 +184,7 @@ def leaderboard_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Path, multi: bool,
-          metric: str) -> list[str]:
+          metric: str, refit_history: list[dict[str, Any]] | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,9 +220,13 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
         df = getattr(res, "metrics_dataframe", None)
         if df is not None and metric in df:
             ax.plot(df["epoch"], df[metric], marker="o", label=f"#{r['trial']} {r['backbone']}")
+    if refit_history:
+        pts = [(h["epoch"], h[metric]) for h in refit_history if metric in h]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="s", color="black", linewidth=2, label="final fit")
     ax.set_xlabel("epoch")
     ax.set_ylabel(get_metric(metric).label)
-    ax.set_title("learning curves of the top trials")
+    ax.set_title("learning curves of the top trials and the final fit")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -208,24 +237,29 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
 
 
 def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source: Any = None,
-                 refit: Any = None) -> dict[str, Any]:
+                 refit: Any = None, deadline: float | None = None, probes: Any = ()) -> tuple[dict[str, Any], Any]:
     """The final model -> out/best (the refit, else the best trial's checkpoint) and its one test evaluation;
-    leaderboard (the refit row marked); plots. Returns the summary."""
-    from trainer.run import evaluate_checkpoint
-
+    post-hoc selection over the study's models (tuner/posthoc.py: test-time views, ensemble, decision rule; then
+    the final model's test figures are the selected model's); leaderboard (the refit row marked); plots. Returns
+    (the summary, the :class:`tuner.posthoc.PosthocResult` or None)."""
     metric = opts.metric
     rows = _rows(study, metric)
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     summary: dict[str, Any] = {"study": opts.study, "storage": opts.storage, "trials": len(rows), "states": states,
                                "metric": metric, "out": str(out)}
-    dest, final = out / "best", None
+    dest, final, post = out / "best", None, None
     if refit is not None and refit.dir is not None:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(refit.dir, dest)
-        base_row = next(r for r in rows if r["trial"] == refit.of_trial)
-        final = {**base_row, "rank": 0, "trial": f"refit of #{refit.of_trial}", "state": "REFIT",
-                 "epochs": refit.epochs, "best_epoch": refit.best_epoch, metric: refit.value,
+        base_row = next((r for r in rows if r["trial"] == refit.of_trial),
+                        {**dict.fromkeys(leader_columns(metric)), "backbone": refit.params.get("backbone"),
+                         "img": refit.params.get("img"), "freeze": refit.params.get("freeze"), "params": None,
+                         "ray_trial_id": None, "latency_ms": None})
+        name = f"refit of #{refit.of_trial}" if refit.of_trial >= 0 else "final fit of the first seed point"
+        final = {**base_row, "rank": 0, "trial": name, "state": "REFIT",
+                 "epochs": refit.epochs, "fidelity": f"{refit.epochs} ep (final fit)", "best_epoch": refit.best_epoch,
+                 metric: refit.value,
                  "val_acc": refit.val.get("val_acc"), "val_macro_f1": refit.val.get("val_macro_f1"),
                  "train_seconds": refit.seconds, "stop_reason": refit.stop_reason or None, "ray_trial_id": None}
         if final["val_acc"] is not None and final["params"]:
@@ -243,41 +277,155 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
                 break
             log.info(f"trial #{cand['trial']} has no checkpoint any more (earlier run of the study); skipped")
     if final:
-        data = None
-        if source is not None:
-            from trainer.config import TrainConfig
-            from trainer.data import build_data
-            from trainer.model import preprocess_spec_for
-
-            cfg = TrainConfig.from_dict(read_meta(dest)["config"])
-            data = build_data(cfg.data, preprocess_spec_for(cfg.model), seed=cfg.seed, source=source)
-        metrics = evaluate_checkpoint(dest, dest, data=data, extra={  # the one read of the test split
-            "study": opts.study, "trial_number": final["trial"], "trial_id": final["ray_trial_id"],
-            "storage": opts.storage, "train_seconds": final["train_seconds"], "refit": final["state"] == "REFIT"})
-        final["test_acc"], final["test_macro_f1"] = metrics["test_accuracy"], metrics["test_macro_f1"]
-        shutil.copy(dest / "confusion_matrix.png", out / "confusion_matrix.png")
+        post = _evaluate_final(opts, results, rows, final, dest, source, refit, deadline, probes, summary)
         params_of = refit.of_trial if final["state"] == "REFIT" else final["trial"]
-        summary.update({"best_trial": final["trial"], "best_ray_trial_id": final["ray_trial_id"],
-                        "best_backbone": final["backbone"], "best_value": final[metric],
-                        "best_val_acc": final["val_acc"], "best_test_accuracy": metrics["test_accuracy"],
-                        "best_test_macro_f1": metrics["test_macro_f1"], "best_checkpoint": str(dest),
-                        "best_params": study.trials[params_of].params,
-                        "test_images": metrics.get("test_images")})
+        summary["best_params"] = refit.params if params_of == -1 else study.trials[params_of].params
         (out / "best_config.yaml").write_text((dest / "checkpoint.json").read_text())
     else:
         log.info("no trial produced a checkpoint; nothing to evaluate")
+    if final:
+        _mark_members(rows, post, final, probes, metric)
     write_leaderboard(rows, out, metric)
     if opts.multi_objective:
         summary["pareto_front"] = [{"trial": t.number, "values": t.values, "params": t.params}
                                    for t in study.best_trials]
-    summary["plots"] = plots(study, results, rows, out, opts.multi_objective, metric)
+    summary["plots"] = plots(study, results, rows, out, opts.multi_objective, metric,
+                             refit.history if refit is not None else None)
     latency_cols = (["target_latency_ms", "target_latency_p90_ms", "target_device", "rejected"]
                     if getattr(opts, "target", "") else ["latency_ms"] if getattr(opts, "latency_on", False) else [])
     summary["leaderboard_md"] = leaderboard_table(rows[:12], ["rank", "trial", "state", "backbone", "img", "freeze",
-                                                            "epochs", metric, "val_acc", "test_acc",
+                                                            "fidelity", "ens_weight", metric, "val_acc", "test_acc",
                                                             "test_macro_f1", "data_path", "train_seconds",
                                                             *latency_cols])
-    return summary
+    return summary, post
+
+
+def _evaluate_final(opts: Any, results: Any, rows: list[dict[str, Any]], final: dict[str, Any], dest: Path,
+                    source: Any, refit: Any, deadline: float | None, probes: Any, summary: dict[str, Any]) -> Any:
+    """The final model's test evaluation: the single model's, then post-hoc selection (whose chosen model's test
+    report replaces it); fills the summary's best_* keys. Returns the PosthocResult or None."""
+    from trainer.run import evaluate_checkpoint
+
+    data, post = None, None
+    if source is not None:
+        from trainer.config import TrainConfig
+        from trainer.data import build_data
+        from trainer.model import preprocess_spec_for
+
+        cfg = TrainConfig.from_dict(read_meta(dest)["config"])
+        data = build_data(cfg.data, preprocess_spec_for(cfg.model), seed=cfg.seed, source=source)
+    metrics = evaluate_checkpoint(dest, dest, data=data, extra={  # the one read of the test split
+        "study": opts.study, "trial_number": final["trial"], "trial_id": final["ray_trial_id"],
+        "storage": opts.storage, "train_seconds": final["train_seconds"], "refit": final["state"] == "REFIT"})
+    if data is not None:
+        post = _posthoc(opts, results, rows, final, dest, data, deadline, probes)
+        metrics = _posthoc_metrics(post, metrics, data, dest)
+        summary["posthoc"] = post.describe()
+        summary["levers"] = _lever_rows(post, refit)
+    final["test_acc"], final["test_macro_f1"] = metrics["test_accuracy"], metrics["test_macro_f1"]
+    shutil.copy(dest / "confusion_matrix.png", Path(summary["out"]) / "confusion_matrix.png")
+    summary.update({"best_trial": final["trial"], "best_ray_trial_id": final["ray_trial_id"],
+                    "best_backbone": final["backbone"], "best_value": final[opts.metric],
+                    "best_val_acc": final["val_acc"], "best_test_accuracy": metrics["test_accuracy"],
+                    "best_test_macro_f1": metrics["test_macro_f1"], "best_checkpoint": str(dest),
+                    "test_images": metrics.get("test_images")})
+    return post
+
+
+#: Trials (best first) offered to post-hoc selection beside the final model and the probes.
+MAX_TRIAL_MEMBERS = 6
+
+
+def _member_dirs(results: Any, rows: list[dict[str, Any]], final: dict[str, Any], dest: Path,
+                 out: Path) -> list[tuple[str, str]]:
+    """Every other finished trial's best checkpoint at the final model's preprocessing spec ->
+    ``out/members/trial_<n>``; (name, dir) pairs."""
+    spec = read_meta(dest)["preprocess"]
+    members: list[tuple[str, str]] = []
+    for r in rows:  # best first
+        if r["state"] not in ("COMPLETE", "PRUNED") or r["trial"] == final["trial"] or not r["ray_trial_id"]:
+            continue
+        if len(members) >= MAX_TRIAL_MEMBERS:
+            break
+        d = out / "members" / f"trial_{r['trial']}"
+        res = _result_for(results, r["ray_trial_id"])
+        try:
+            ok = materialise_best_checkpoint(res, r, CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, d)
+            if ok and (d / "model.pt").is_file() and read_meta(d)["preprocess"] == spec:
+                members.append((f"trial {r['trial']}", str(d)))
+        except Exception as e:  # noqa: BLE001 - a member that cannot be read is left out, with the reason
+            log.info(f"post-hoc: trial #{r['trial']}'s checkpoint left out ({type(e).__name__}: {e})")
+    return members
+
+
+def _posthoc(opts: Any, results: Any, rows: list[dict[str, Any]], final: dict[str, Any], dest: Path, data: Any,
+             deadline: float | None, probes: Any = ()) -> Any:
+    """Post-hoc selection (tuner/posthoc.py) over the final model and the trials at its spec."""
+    import numpy as np
+
+    from edgetune.preprocess import PreprocessSpec
+    from trainer.export import eval_arrays
+    from tuner import posthoc
+
+    spec = PreprocessSpec.from_dict(read_meta(dest)["preprocess"])
+    rounds = opts.ensemble_rounds
+    others = _member_dirs(results, rows, final, dest, Path(opts.out).resolve()) if rounds else []
+    x_val, y_val = eval_arrays(data.val, spec)
+    x_test, y_test = eval_arrays(data.test, spec)
+    counts = np.asarray(data.class_counts, dtype=np.float64)
+    prior = np.log(np.clip(counts / counts.sum(), 1e-6, 1.0))
+    inputs = posthoc.Inputs(x_val, y_val, x_test, y_test, prior, list(data.classes))
+    # probes at the final model's spec join as candidates (their heads: out/probes/, for the record)
+    extra = []
+    for p in probes if rounds else ():
+        from trainer.config import ModelConfig
+        from trainer.model import preprocess_spec_for
+
+        if preprocess_spec_for(ModelConfig(backbone=p.backbone, img_size=p.img)).to_dict() == spec.to_dict():
+            extra.append((p.name, p.model(len(data.classes))))
+    post = posthoc.select(str(dest), others, inputs, opts.metric, "auto" if rounds else "off", deadline=deadline,
+                          seed=opts.seed, rounds=max(1, rounds), extra=extra)
+    d = post.decisions
+    log.info(f"post-hoc: test-time flips {'kept' if post.tta else 'not kept'}, ensemble "
+             f"{'of ' + str(len(post.members)) + ' members kept' if post.ensemble else 'not kept'}, decision rule "
+             f"{'tau=' + str(post.tau) if post.tau else 'not kept'} (validation: {d})")
+    return post
+
+
+def _posthoc_metrics(post: Any, metrics: dict[str, Any], data: Any, dest: Path) -> dict[str, Any]:
+    """The selected model's test report replaces the single model's (kept as ``single_model``)."""
+    import numpy as np
+
+    from trainer.evaluate import report_from_probs
+
+    if post.test_probs is None or not (post.tta or post.ensemble or post.tau):
+        return metrics
+    labels = np.asarray([data.test.raw(i)[1] for i in range(len(data.test))])
+    sources = [data.test.source(i) for i in range(len(data.test))]
+    single = {k: metrics[k] for k in ("test_accuracy", "test_macro_f1")}
+    rep = report_from_probs(post.test_probs, labels, sources, list(data.classes), dest)
+    metrics = {**metrics, **rep, "single_model": single, "final_model": post.describe()}
+    (dest / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
+def _lever_rows(post: Any, refit: Any) -> list[dict[str, Any]]:
+    """The levers each measured on validation and test (summary.json ``levers``; bench/bench_search.py reads it)."""
+    rows = []
+    hist = (refit.history if refit is not None and refit.dir is not None else []) or []
+    best = next((h for h in hist if h.get("epoch") == (refit.best_epoch if refit else None)), None)
+    if best and "raw_val_acc" in best:
+        rows.append({"name": "final fit (raw weights)", "used": best.get("weights") != "ema",
+                     "val_accuracy": best["raw_val_acc"], "val_macro_f1": best["raw_val_macro_f1"],
+                     "test_accuracy": None, "test_macro_f1": None})
+        rows.append({"name": "+ weight averaging", "used": best.get("weights") == "ema",
+                     "val_accuracy": best["ema_val_acc"], "val_macro_f1": best["ema_val_macro_f1"],
+                     "test_accuracy": None, "test_macro_f1": None})
+    for lv in post.levers:
+        rows.append({"name": lv["name"], "used": lv["used"], "val_accuracy": lv["val"]["accuracy"],
+                     "val_macro_f1": lv["val"]["macro_f1"], "test_accuracy": lv["test"]["accuracy"],
+                     "test_macro_f1": lv["test"]["macro_f1"], **({"tau": lv["tau"]} if "tau" in lv else {})})
+    return rows
 
 
 def print_summary(summary: dict[str, Any], opts: Any) -> None:

@@ -18,7 +18,7 @@ import yaml
 import edgetune
 from edgetune.errors import EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
-from tuner import _ray_compat
+from tuner import _ray_compat, report
 from tuner.latency_study import hand_off, latency_outputs, latency_setup, rejector
 from tuner.options import TuneOptions
 from tuner.refit import FINISH_RESERVE_S
@@ -39,6 +39,7 @@ def base_config(opts: TuneOptions) -> dict[str, Any]:
         "metric": opts.metric,
         "use_gpu": opts.gpus_per_trial > 0,
         "workers": opts.workers_per_trial,
+        "optim.ema_decay": opts.ema_decay,
     }
     if opts.img:
         over["model.img_size"] = opts.img
@@ -101,6 +102,9 @@ class Clock:
 
     budget_s: float
     t0: float = field(default_factory=time.time)
+    #: seconds kept after the final fit for post-hoc selection, the test evaluation and export (measured by the
+    #: probe stage where it ran: tuner.probe.finish_reserve)
+    finish_reserve_s: float = FINISH_RESERVE_S
 
     def left(self) -> float:
         return (self.t0 + self.budget_s - time.time()) if self.budget_s else float("inf")
@@ -112,7 +116,7 @@ class Clock:
         """No trial epoch ends after this: what remains is for the refit (a share of the budget) and the finish."""
         if not self.budget_s:
             return None
-        keep = FINISH_RESERVE_S + (refit_share * self.budget_s if refit else 0.0)
+        keep = self.finish_reserve_s + (refit_share * self.budget_s if refit else 0.0)
         return self.t0 + self.budget_s - keep
 
 
@@ -126,23 +130,29 @@ def process_start() -> float:
         return time.time()
 
 
-def study_specs(base: dict[str, Any], space: Any) -> list[Any]:
-    """The distinct preprocessing specs (backbone x input size) the space can ask for."""
+def study_specs(base: dict[str, Any], space: Any, seeds_only: bool = False) -> list[Any]:
+    """The distinct preprocessing specs (backbone x input size) the space can ask for; ``seeds_only``: those of its
+    seed points only (a small budget reaches few others: a trial that asks for another spec resizes it itself, into
+    the same content-keyed disk cache)."""
     from trainer.config import ModelConfig
     from trainer.imagestore import resize_key
     from trainer.model import preprocess_spec_for
 
     sizes = list(space.params["img"].choices) if "img" in space.params else [base["model"]["img_size"]]
     backbones = space.backbones or [base["model"]["backbone"]]
+    pairs = [(b, int(size)) for b in backbones for size in sizes]
+    if seeds_only:
+        seeds = [(p["backbone"], int(p.get("img", base["model"]["img_size"]))) for p in space.points_to_evaluate()
+                 if p.get("backbone") in backbones and ("img" not in space.params or "img" in p)]
+        pairs = [p for p in pairs if p in seeds] or pairs[:1]
     out: dict[str, Any] = {}
-    for b in backbones:
-        for size in sizes:
-            spec = preprocess_spec_for(ModelConfig(backbone=b, img_size=int(size)))
-            out.setdefault(json.dumps(resize_key(spec), sort_keys=True), spec)
+    for b, size in pairs:
+        spec = preprocess_spec_for(ModelConfig(backbone=b, img_size=size))
+        out.setdefault(json.dumps(resize_key(spec), sort_keys=True), spec)
     return list(out.values())
 
 
-def prepare_study_data(base: dict[str, Any], space: Any, out: Path) -> Any:
+def prepare_study_data(base: dict[str, Any], space: Any, out: Path, seeds_only: bool = False) -> Any:
     """Once per study: scan, hash and split the dataset (``split.json``) and resize it for every spec the space
     can ask for (the node's disk cache, keyed by content). Returns the :class:`trainer.data.PreparedSource`
     that trials start from."""
@@ -152,7 +162,7 @@ def prepare_study_data(base: dict[str, Any], space: Any, out: Path) -> Any:
     cfg = TrainConfig.from_dict(base)
     t0 = time.perf_counter()
     source = prepare_source(cfg.data)
-    specs = study_specs(base, space)
+    specs = study_specs(base, space, seeds_only)
     for i, spec in enumerate(specs):
         build_data(cfg.data, spec, run_dir=out if i == 0 else None, seed=cfg.seed, source=source)
     source.decoded.clear()
@@ -169,57 +179,133 @@ def prepare_study_data(base: dict[str, Any], space: Any, out: Path) -> Any:
 def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, Any]:
     """Run (or resume) a study; returns the summary written to ``<out>/summary.json``. The time budget counts
     from ``started_at`` (unix time; ``python -m tuner`` passes its process start, so interpreter and import time
-    count too), else from this call."""
+    count too), else from this call. Every stage is entered in the study's budget ledger (tuner/ledger.py)."""
     from trainer.backbones import weights_available
     from trainer.config import TrainConfig
-    from tuner import cluster, refit, report
+    from tuner import cluster
+    from tuner.ledger import Ledger
     from tuner.space import load_space
     from tuner.storage import check_storage
 
     clock = Clock(opts.time_budget_s, started_at if started_at is not None else time.time())
+    ledger = Ledger(cores=float(os.cpu_count() or 1), t0=clock.t0)
+    ledger.add("start-up (interpreter, imports)", "overhead", clock.t0, time.time(), cores=1)
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    check_storage(opts.storage)
-    base = base_config(opts)
-    weights = TrainConfig.from_dict(base).model.weights
-    space = load_space(
-        opts.space or None,
-        list(opts.backbones) or None,
-        weights_check=lambda b: weights_available(b, weights),
-        layer_count=_layer_count,
-        fixed={"img": opts.img} if opts.img else None,
-    )
+    with ledger.stage("options, storage, space", cores=1):
+        check_storage(opts.storage)
+        base = base_config(opts)
+        weights = TrainConfig.from_dict(base).model.weights
+        space = load_space(
+            opts.space or None,
+            list(opts.backbones) or None,
+            weights_check=lambda b: weights_available(b, weights),
+            layer_count=_layer_count,
+            fixed={"img": opts.img} if opts.img else None,
+        )
     for line in space.dropped_report(verbose=opts.verbose, explicit=bool(opts.backbones)):
         log.info(line)
-    connect = lambda: cluster.connect(  # noqa: E731
-        opts.address or None, env_vars=opts.env_vars, include_dashboard=opts.workers_per_trial > 1)
+
+    def connect() -> dict[str, Any]:
+        with ledger.stage("Ray start"):
+            info = cluster.connect(opts.address or None, env_vars=opts.env_vars,
+                                   include_dashboard=opts.workers_per_trial > 1)
+        ledger.cores = _study_cores(opts, info)
+        return info
+
     info = connect() if opts.target else None  # a missing target fails before the data is prepared
     try:
-        latency = latency_setup(opts, space) if opts.target else None
-        source = prepare_study_data(base, space, out)
-        if info is None:
-            info = connect()
-        if opts.latency_on and latency is None:
-            latency = latency_setup(opts, space)
-        deadline = clock.search_deadline(opts.refit, opts.refit_share)
-        results, study = _fit(opts, base, space, source, info, deadline, latency)
-        refit_run = refit.refit_best(opts, study, base, space, source, clock, out) if opts.refit else None
-        summary = report.finish_study(opts, results, study, out, source=source, refit=refit_run)
-        if latency is not None:
-            summary["latency"] = latency_outputs(opts, study, out)
-        (out / "tune_options.yaml").write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
-        if opts.export and summary.get("best_checkpoint"):
-            hand_off(opts, summary, out, source, latency)  # the winner's bundle; with a target, timed on the device
+        summary = _run_stages(opts, base, space, info, connect, clock, ledger, out)
+        info = summary.pop("_info")
     finally:
         if info is not None:
-            cluster.shutdown(info)
+            with ledger.stage("Ray shutdown"):
+                cluster.shutdown(info)
     summary["ray"] = {"mode": info["mode"], "address": info["address"], "storage_path": opts.storage_path}
+    _close_ledger(summary, ledger, out)
     summary["wall_seconds"] = time.time() - clock.t0
     summary["time_budget_s"] = opts.time_budget_s
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     report.print_summary(summary, opts)
+    for line in summary["ledger_lines"]:
+        print(line)
     return summary
 
+
+def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[str, Any] | None, connect: Any,
+                clock: Clock, ledger: Any, out: Path) -> dict[str, Any]:
+    """Data preparation, the search, the final fit, post-hoc selection and the test evaluation, the hand-off."""
+    from tuner import refit
+    from tuner.ledger import trial_stages
+
+    latency = latency_setup(opts, space) if opts.target else None
+    with ledger.stage("data preparation", cores=1):
+        source = prepare_study_data(base, space, out, seeds_only=bool(opts.time_budget_s))
+    if info is None:
+        info = connect()
+    if opts.latency_on and latency is None:
+        latency = latency_setup(opts, space)
+    probes = _probes(opts, base, space, source, clock, ledger)
+    if probes:
+        from tuner.probe import finish_reserve
+
+        clock.finish_reserve_s = finish_reserve(probes, source, opts.ensemble_rounds > 0)
+        log.info(f"kept {clock.finish_reserve_s:.0f} s at the end for post-hoc selection, test evaluation and export "
+                 "(from the probes' measured forward speed)")
+    deadline = clock.search_deadline(opts.refit, opts.refit_share)
+    t_search = time.time()
+    results, study = _fit(opts, base, space, source, info, deadline, latency)
+    trial_stages(ledger, study, opts.cpus_per_worker * opts.workers_per_trial)
+    ledger.add("search driver (Ray Tune, Optuna)", "overhead", t_search, time.time(), cores=0.0)
+    refit_run = refit.refit_best(opts, study, base, space, source, clock, out, ledger=ledger) if opts.refit else None
+    end = clock.end()
+    with ledger.stage("post-hoc selection, test evaluation, plots", "compute"):
+        summary, post = report.finish_study(opts, results, study, out, source=source, refit=refit_run,
+                                            deadline=(end - EXPORT_RESERVE_S) if end else None, probes=probes)
+    summary["probes"] = [p.row() for p in probes]
+    if latency is not None:
+        summary["latency"] = latency_outputs(opts, study, out)
+    (out / "tune_options.yaml").write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
+    if opts.export and summary.get("best_checkpoint"):
+        with ledger.stage("export (ONNX, parity gate)", "compute"):
+            hand_off(opts, summary, out, source, latency, final=post)  # with a target, timed on the device
+    summary["_info"] = info
+    return summary
+
+
+def _probes(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, clock: Clock, ledger: Any) -> list[Any]:
+    """The probe stage (tuner/probe.py) within ``probe_share`` of the budget (none without a budget, on a resume, a
+    multi-objective study or a DDP study)."""
+    if not opts.probe_share or not opts.time_budget_s or opts.resume or opts.multi_objective:
+        return []
+    from tuner.probe import probe_stage
+
+    return probe_stage(opts, base, space, source, opts.probe_share * opts.time_budget_s, ledger)
+
+
+#: Seconds kept at the end of a budget for the export (ONNX, checker, parity on the test split, bundle).
+EXPORT_RESERVE_S = 40.0
+
+
+def _study_cores(opts: TuneOptions, info: dict[str, Any]) -> float:
+    """The cores the study holds: the cluster's GPUs for a GPU study, else its CPUs."""
+    res = info.get("resources") or {}
+    key = "GPU" if opts.gpus_per_trial else "CPU"
+    return float(res.get(key) or os.cpu_count() or 1)
+
+
+def _close_ledger(summary: dict[str, Any], ledger: Any, out: Path) -> None:
+    from tuner.ledger import plot_timeline
+
+    led = ledger.summary()
+    summary["ledger"] = led.to_dict()
+    summary["useful_fraction"] = round(led.useful_fraction, 4)
+    summary["ledger_lines"] = led.lines()
+    try:
+        if plot_timeline(led, out / "timeline.png"):
+            summary.setdefault("plots", []).append("timeline.png")
+    except Exception as e:  # noqa: BLE001 - a plot is never worth failing the study
+        log.info(f"timeline plot skipped ({type(e).__name__}: {e})")
 
 
 def _max_concurrent(opts: TuneOptions, resources: dict[str, float]) -> int | None:

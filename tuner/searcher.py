@@ -44,6 +44,7 @@ ATTR_KEYS = {
     "act_cache_dtype": "act_cache_dtype",
     "act_cache_seconds": "act_cache_seconds",
     "setup_seconds": "setup_seconds",
+    "started_at": "started_at",
     "first_batch_at": "first_batch_at",
     "epoch_seconds": "epoch_seconds",
     "latency_ms": "latency_ms",
@@ -63,6 +64,8 @@ ATTR_KEYS = {
     "rejected_reason": "rejected_reason",
     "node_id": "node_id",
     "epoch": "epochs_trained",
+    "epochs_planned": "epochs_planned",  # the fidelity it completed (fitted to the search deadline, or max_t)
+    "weights": "weights",  # raw | ema: which weights its best epoch kept (trainer/ema.py)
     "trial_id": "ray_trial_id",
     "worker_node_ids": "worker_node_ids",  # DDP trials: the node of every rank
     "checkpoint_uri": "checkpoint_uri",  # DDP trials: the Train run's checkpoint
@@ -80,6 +83,13 @@ def result_epoch(result: dict[str, Any]) -> int:
     trial from epoch 1 after a lost checkpoint; a result without an epoch (a trial rejected before training)
     falls back to it."""
     return int(result.get("epoch") or result.get("training_iteration") or 0)
+
+
+def planned_epochs(result: dict[str, Any], max_t: int) -> int:
+    """The fidelity a trial planned: ``max_t``, or fewer when it fitted its schedule to the search deadline after its
+    first epoch (``epochs_planned``). A trial that reached it finished what it started: COMPLETE at that fidelity."""
+    planned = result.get("epochs_planned")
+    return min(int(planned), max_t) if planned else max_t
 
 
 class EdgetuneOptunaSearch(OptunaSearch):
@@ -103,11 +113,12 @@ class EdgetuneOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
 
     def min_trial_seconds(self) -> float:
-        """Seconds a new trial needs to reach its first rung (median of what trials so far took; 0 before)."""
+        """Seconds a new trial needs to finish what it starts: set-up plus its planned ``max_t`` epochs (medians of
+        what trials so far took; 0 before any). A trial is not started unless its planned end fits the time left."""
         if not self._epoch_s:
             return 0.0
         setup = statistics.median(self._setup_s) if self._setup_s else 0.0
-        return setup + self._grace * statistics.median(self._epoch_s)
+        return setup + self._max_t * statistics.median(self._epoch_s)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self._deadline is not None and time.time() + self.min_trial_seconds() >= self._deadline:
@@ -236,7 +247,7 @@ class EdgetuneOptunaSearch(OptunaSearch):
             elif multi and str(last.get("target_latency_status", "")).startswith("unavailable"):
                 ot_trial.set_user_attr("fail_reason", f"no latency for the second objective: "
                                                       f"{last['target_latency_status']}")
-        elif (iteration < self._max_t or last.get("stop_reason")) and not multi:
+        elif (iteration < planned_epochs(last, self._max_t) or last.get("stop_reason")) and not multi:
             state = optuna.trial.TrialState.PRUNED  # ASHA, the search deadline, or divergence stopped it early
         else:
             state = optuna.trial.TrialState.COMPLETE

@@ -72,8 +72,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             # missing, so training would be wasted; the searcher records FAIL with this reason
             tune.report(static)
             return
+    # every run finishes what it starts: a 1-worker trial fits its epochs (and LR schedule) to the search deadline
+    # after its first epoch, so the deadline never cuts it mid-schedule (it completes at that fidelity)
     lc = LoopConfig(train_config=cfg.to_dict(), static_metrics=static, deadline=ctx.deadline, source=ctx.source,
-                    with_test=False)
+                    with_test=False, fit_to_deadline=ctx.deadline is not None and ctx.res.workers <= 1)
     if ctx.res.workers <= 1:
         train_loop(lc.replace(report_to="tune"))
         return

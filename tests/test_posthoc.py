@@ -1,0 +1,84 @@
+"""Post-hoc selection (tuner/posthoc.py): the decisions on validation predictions, and the final model as one graph
+(ONNX parity with PyTorch). Pure arithmetic on synthetic probabilities plus one small real model export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tuner import posthoc
+
+
+def _probs(y: np.ndarray, k: int, right: float, rng: np.random.Generator) -> np.ndarray:
+    """Probabilities that put ``right`` mass on the true class for a random 70 % of items, noise elsewhere."""
+    p = rng.dirichlet(np.ones(k), size=len(y))
+    hit = rng.random(len(y)) < 0.7
+    p[hit] *= (1 - right)
+    p[hit, y[hit]] += right
+    return p / p.sum(1, keepdims=True)
+
+
+def test_greedy_ensemble_averages_complementary_members_and_starts_from_the_best() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    a, b = _probs(y, 3, 0.8, rng), _probs(y, 3, 0.8, rng)
+    junk = rng.dirichlet(np.ones(3), size=len(y))
+    counts, loss = posthoc.greedy_ensemble([a, b, junk], y)
+    assert counts[2] == 0 and counts[0] > 0 and counts[1] > 0  # independent errors: both kept, noise never
+    single = min(posthoc.nll_items(p, y).mean() for p in (a, b))
+    assert loss < single
+    counts, _ = posthoc.greedy_ensemble([junk, a], y, rounds=1)
+    assert counts == [0, 1]  # one round: the best single candidate
+
+
+def test_beats_needs_more_than_the_noise() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 300)
+    a = _probs(y, 3, 0.6, rng)
+    assert posthoc.beats(a, a, y)[0] is False  # no gain
+    better = 0.5 * a + 0.5 * np.eye(3)[y]
+    kept, gain, se = posthoc.beats(better, a, y)
+    assert kept and gain > 2 * se
+
+
+def test_tau_is_kept_only_when_cross_validation_says_so() -> None:
+    rng = np.random.default_rng(2)
+    k, n = 3, 600
+    y = rng.choice(k, size=n, p=[0.8, 0.15, 0.05])
+    prior = np.log(np.bincount(y, minlength=k) / n)
+    # a model biased towards the majority: the rare classes' true mass is scaled down by the prior
+    logits = np.log(np.clip(_probs(y, k, 0.5, rng), 1e-6, 1)) + 1.5 * prior
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    rule = posthoc.choose_tau(p, y, prior, "val_macro_f1")
+    assert rule["kept"] and rule["tau"] > 0 and rule["cv_gain"] > rule["cv_se"]
+    calibrated = _probs(y, k, 0.9, rng)  # already balanced decisions: no adjustment is kept
+    assert posthoc.choose_tau(calibrated, y, prior, "val_acc")["tau"] == 0.0
+
+
+def test_ensemble_graph_matches_its_parts_and_exports_with_parity(tmp_path) -> None:
+    torch.manual_seed(0)
+    m1 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                             torch.nn.Linear(4, 3)).eval()
+    m2 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3)).eval()
+    prior = [-0.2, -1.0, -2.5]
+    net = posthoc.Ensemble([m1, m2], [posthoc.TTA_VIEWS, ("id",)], [3.0, 1.0], prior, tau=0.5).eval()
+    x = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        tta = sum(torch.softmax(m1(posthoc.view(x, v)), 1) for v in posthoc.TTA_VIEWS) / 4
+        want = torch.log(0.75 * tta + 0.25 * torch.softmax(m2(x), 1)) - 0.5 * torch.tensor(prior)
+        got = net(x)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(posthoc.view(x, "rot180"), x.flip(2).flip(3))
+    from edgetune.preprocess import PreprocessSpec
+    from trainer.export import export_onnx, ort_probs, ort_session
+
+    spec = PreprocessSpec(input_size=(16, 16), resize=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    path = export_onnx(net, spec, tmp_path / "ens.onnx")
+    p_ort = ort_probs(ort_session(path), x.numpy())
+    assert np.abs(p_ort - torch.softmax(got, 1).numpy()).max() < 1e-5
+
+
+def test_ensemble_rejects_mismatched_members() -> None:
+    with pytest.raises(ValueError, match="as many"):
+        posthoc.Ensemble([torch.nn.Identity()], [("id",), ("id",)], [1.0])
