@@ -23,6 +23,8 @@ def test_epochs_come_from_the_time_left_at_the_refits_speed():
     assert n == 8  # same threads as the trial: its own epoch time
     n, _ = plan_epochs(opts, _trial(1.0, 4), 10_000.0, refit_cpus=2)
     assert n == BUDGETED_REFIT_CAP  # a budget is used to its end, up to the cap (refit_max_epochs 0)
+    n, _ = plan_epochs(TuneOptions(epochs=4, trials=3), _trial(1.0, 4), 10_000.0, refit_cpus=2)
+    assert n == 12  # a trial-capped study: 3 x epochs
     n, _ = plan_epochs(TuneOptions(epochs=4, refit_max_epochs=7), _trial(1.0, 4), 10_000.0, refit_cpus=2)
     assert n == 7
 

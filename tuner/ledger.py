@@ -167,6 +167,8 @@ def plot_timeline(summary: LedgerSummary, path: Path) -> bool:
     lanes_free: list[float] = []  # per core lane: when it becomes free
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.5 * max(1, int(summary.cores))), dpi=100)
     for s in sorted(summary.stages, key=lambda s: s.start):
+        if s.cores <= 0:  # holds no core (e.g. the search driver waiting on its trials): not a lane
+            continue
         need = max(1, round(s.cores))
         picked: list[int] = []
         for i, free in enumerate(lanes_free):

@@ -86,9 +86,10 @@ class TuneOptions:
     refit: bool = opt(True, "retrain the best configuration for longer after the search (the exported model)")
     refit_share: float = opt(0.55, "share of the time budget kept for the refit")
     refit_max_epochs: int = opt(0, "cap on refit epochs (0 = as many as the time budget holds, at most "
-                                "60; without a budget 3 x --epochs)")
+                                "60; with --trials or without a budget 3 x --epochs)")
     probe_share: float = opt(0.1, "share of the time budget for the probe stage (tuner/probe.py: linear heads on "
-                                  "frozen features rank backbone x size and join the ensemble; 0 = off)")
+                                  "frozen features rank backbone x size and join the ensemble; 0 = off; only "
+                                  "without --trials)")
     ema_decay: float = opt(0.99, "weight averaging in every fine-tune: EMA decay per step (0 = off); the better of "
                                  "raw and averaged weights on validation is kept")
     ensemble: str = opt("auto", "post-hoc ensemble of the study's models (tuner/posthoc.py): auto (kept only when it "

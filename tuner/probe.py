@@ -101,27 +101,29 @@ def features(backbone: nn.Module, x: np.ndarray, views: tuple[str, ...], batch: 
 def fit_head(f_tr: np.ndarray, y_tr: np.ndarray, f_val: np.ndarray, y_val: np.ndarray, k: int,
              grid: tuple[float, ...] = L2_GRID) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Softmax regression on standardised features, L2 chosen on validation log-loss:
-    (weight [K, D], bias [K], l2, val log-loss)."""
-    xt, yt = torch.from_numpy(f_tr).double(), torch.from_numpy(y_tr).long()
-    xv, yv = torch.from_numpy(f_val).double(), torch.from_numpy(y_val).long()
+    (weight [K, D], bias [K], l2, val log-loss). The path runs from the strongest L2 down, each fit warm-started
+    from the previous one (a few L-BFGS iterations each)."""
+    xt, yt = torch.from_numpy(np.ascontiguousarray(f_tr, dtype=np.float32)), torch.from_numpy(y_tr).long()
+    xv, yv = torch.from_numpy(np.ascontiguousarray(f_val, dtype=np.float32)), torch.from_numpy(y_val).long()
     best: tuple[float, Any, Any, float] | None = None
-    for l2 in grid:
-        lin = _softmax_regression(xt, yt, k, l2)
+    lin = nn.Linear(xt.shape[1], k)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    for l2 in sorted(grid, reverse=True):
+        _softmax_regression(lin, xt, yt, l2)
         with torch.no_grad():
             nll = float(nn.functional.cross_entropy(lin(xv), yv))
         if math.isfinite(nll) and (best is None or nll < best[0]):
-            best = (nll, lin.weight.detach().float().numpy(), lin.bias.detach().float().numpy(), l2)
+            best = (nll, lin.weight.detach().clone().numpy(), lin.bias.detach().clone().numpy(), l2)
     if best is None:
         raise RuntimeError("probe head: every L2 strength diverged")
     return best[1], best[2], best[3], best[0]
 
 
-def _softmax_regression(x: torch.Tensor, y: torch.Tensor, k: int, l2: float) -> nn.Linear:
-    """Multinomial logistic regression with an L2 penalty on the weights, by L-BFGS from zeros."""
-    lin = nn.Linear(x.shape[1], k).double()
-    nn.init.zeros_(lin.weight)
-    nn.init.zeros_(lin.bias)
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+def _softmax_regression(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int = 100) -> None:
+    """Multinomial logistic regression with an L2 penalty on the weights, by L-BFGS from ``lin``'s weights."""
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iter, history_size=10,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-5, tolerance_change=1e-7)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -130,7 +132,6 @@ def _softmax_regression(x: torch.Tensor, y: torch.Tensor, k: int, l2: float) -> 
         return loss
 
     opt.step(closure)
-    return lin
 
 
 def run_probe(backbone: str, img: int, data_cfg: dict[str, Any], source: Any, threads: int) -> ProbeResult:
@@ -210,13 +211,17 @@ def probe_stage(opts: Any, base: dict[str, Any], space: Any, source: Any, budget
         if left <= 0:
             break
         t0 = time.time()
+        ref = task.remote(backbone, img, base["data"], source, int(cpus) if not gpus else 0)
         try:
-            res = ray.get(task.remote(backbone, img, base["data"], source, int(cpus) if not gpus else 0))
-        except Exception as e:  # noqa: BLE001 - a probe that fails is left out with the reason
-            log.warning(f"probe {backbone}@{img} failed ({type(e).__name__}: {e}); left out")
+            # the first probe's cost is unknown: it may take at most its share of the budget twice over
+            res = ray.get(ref, timeout=max(PROBE_MIN_S, 2 * left))
+        except Exception as e:  # noqa: BLE001 - a probe that fails or overruns is left out with the reason
+            ray.cancel(ref, force=True)
+            log.warning(f"probe {backbone}@{img} failed or overran ({type(e).__name__}: {e}); left out, and the probe "
+                        "stage ends")
             if ledger is not None:
                 ledger.add(f"probe {backbone}@{img}", "waste", t0, time.time(), gpus or cpus, "failed")
-            continue
+            break
         spent = time.time() - t0
         left -= spent
         per_cost = spent / cost if per_cost is None else max(per_cost, spent / cost)

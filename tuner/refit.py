@@ -84,9 +84,10 @@ BUDGETED_REFIT_CAP = 60
 
 
 def refit_cap(opts: Any) -> int:
-    """``--refit-max-epochs``, else: with a time budget as many as fit (at most BUDGETED_REFIT_CAP), without one
-    3 x ``--epochs``."""
-    return int(opts.refit_max_epochs or (BUDGETED_REFIT_CAP if opts.time_budget_s else 3 * opts.epochs))
+    """``--refit-max-epochs``, else: a study bounded by its time budget alone (no ``--trials`` cap) fills the time
+    left (at most BUDGETED_REFIT_CAP epochs); a trial-capped or unbudgeted one trains 3 x ``--epochs``."""
+    return int(opts.refit_max_epochs or (BUDGETED_REFIT_CAP if opts.time_budget_s and not opts.trials
+                                         else 3 * opts.epochs))
 
 
 def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0,
@@ -134,8 +135,8 @@ def refit_best(
     if trial is None:
         seeds = space.points_to_evaluate()
         why = f" within {opts.max_latency_ms:g} ms" if opts.max_latency_ms > 0 else ""
-        if not clock.end() or not seeds or opts.max_latency_ms > 0:
-            log.info(f"refit skipped: no finished trial{why}")
+        if not clock.end() or not seeds or opts.max_latency_ms > 0 or clock.left() <= clock.finish_reserve_s:
+            log.info(f"refit skipped: no finished trial{why}" + (" and no time left" if clock.end() else ""))
             return None
         # the portfolio always holds the plain recipe: with no finished trial, the first seed point is the final fit,
         # its epochs fitted to the time left after its first

@@ -249,7 +249,8 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
     if probes:
         from tuner.probe import finish_reserve
 
-        clock.finish_reserve_s = finish_reserve(probes, source, opts.ensemble_rounds > 0)
+        clock.finish_reserve_s = min(finish_reserve(probes, source, opts.ensemble_rounds > 0),
+                                     MAX_FINISH_SHARE * opts.time_budget_s)
         log.info(f"kept {clock.finish_reserve_s:.0f} s at the end for post-hoc selection, test evaluation and export "
                  "(from the probes' measured forward speed)")
     deadline = clock.search_deadline(opts.refit, opts.refit_share)
@@ -274,14 +275,17 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
 
 
 def _probes(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, clock: Clock, ledger: Any) -> list[Any]:
-    """The probe stage (tuner/probe.py) within ``probe_share`` of the budget (none without a budget, on a resume, a
-    multi-objective study or a DDP study)."""
-    if not opts.probe_share or not opts.time_budget_s or opts.resume or opts.multi_objective:
+    """The probe stage (tuner/probe.py) within ``probe_share`` of the budget: in a study bounded by its time budget
+    alone (none with a ``--trials`` cap, without a budget, on a resume, or in a multi-objective study)."""
+    if not opts.probe_share or not opts.time_budget_s or opts.trials or opts.resume or opts.multi_objective:
         return []
     from tuner.probe import probe_stage
 
     return probe_stage(opts, base, space, source, opts.probe_share * opts.time_budget_s, ledger)
 
+
+#: The most of the budget kept for the finish, whatever the probes measured (a busy node measures slow).
+MAX_FINISH_SHARE = 0.2
 
 #: Seconds kept at the end of a budget for the export (ONNX, checker, parity on the test split, bundle).
 EXPORT_RESERVE_S = 40.0
