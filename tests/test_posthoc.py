@@ -82,3 +82,43 @@ def test_ensemble_graph_matches_its_parts_and_exports_with_parity(tmp_path) -> N
 def test_ensemble_rejects_mismatched_members() -> None:
     with pytest.raises(ValueError, match="as many"):
         posthoc.Ensemble([torch.nn.Identity()], [("id",), ("id",)], [1.0])
+
+
+def test_select_on_real_checkpoints_exports_one_graph_with_parity(tmp_path) -> None:
+    """Two real tiny fine-tunes (textures, 64 px) -> post-hoc selection on their validation predictions -> the
+    final model exported through export_model: parity gate passed, members and latency in bundle.json."""
+    import json
+
+    from edgetune.bundle import load_bundle
+    from tests.trainer_fixtures import tiny_config
+    from trainer.checkpoint import read_meta
+    from trainer.data import build_data
+    from trainer.export import eval_arrays, export_model
+    from trainer.loop import train_loop
+    from trainer.model import preprocess_spec_for
+
+    runs = []
+    for seed in (0, 1):
+        cfg = tiny_config(**{"seed": seed, "model.freeze": 0.5})
+        train_loop({"train_config": cfg.to_dict(), "run_dir": str(tmp_path / f"r{seed}"), "report_to": "local"})
+        runs.append(tmp_path / f"r{seed}" / "best")
+    spec = preprocess_spec_for(cfg.model)
+    data = build_data(cfg.data, spec, seed=0)
+    x_val, y_val = eval_arrays(data.val, spec)
+    x_test, y_test = eval_arrays(data.test, spec)
+    counts = np.asarray(data.class_counts, dtype=float)
+    inputs = posthoc.Inputs(x_val, y_val, x_test, y_test, np.log(counts / counts.sum()), list(data.classes))
+    post = posthoc.select(str(runs[0]), [("trial 1", str(runs[1]))], inputs, "val_macro_f1")
+    assert post.members and post.test_probs is not None and post.test_probs.shape == (len(y_test), 3)
+    assert [lv["name"] for lv in post.levers] == ["final model", "+ test-time flips", "+ ensemble",
+                                                  "+ decision rule"]
+    single = posthoc.select(str(runs[0]), [("trial 1", str(runs[1]))], inputs, "val_macro_f1", views=False)
+    assert not single.tta and not single.ensemble and len(single.members) == 1  # a latency budget: one model
+    forced = posthoc.Ensemble([posthoc.select(str(r), [], inputs, "val_macro_f1", views=False).model for r in runs],
+                              [posthoc.TTA_VIEWS, ("id",)], [0.5, 0.5]).eval()
+    b = export_model(forced, read_meta(runs[0]), tmp_path / "bundle", data=data,
+                     extra={"final_model": {"members": ["r0 (flips)", "r1"]}})
+    meta = json.loads((b / "bundle.json").read_text())
+    assert meta["parity"]["top1_agreement"] == 1.0
+    assert meta["final_model"]["latency_here"]["p50_ms"] > 0  # bundle.json carries extra at its top level
+    assert load_bundle(b).meta["final_model"]["members"] == ["r0 (flips)", "r1"]

@@ -237,12 +237,15 @@ class Inputs:
 
 def select(final_ckpt: str, others: list[tuple[str, str]], inputs: Inputs, metric: str, mode: str = "auto",
            deadline: float | None = None, seed: int = 0, rounds: int = ENSEMBLE_ROUNDS,
-           extra: tuple[tuple[str, nn.Module], ...] | list[tuple[str, nn.Module]] = ()) -> PosthocResult:
+           extra: tuple[tuple[str, nn.Module], ...] | list[tuple[str, nn.Module]] = (),
+           views: bool = True) -> PosthocResult:
     """Post-hoc selection over the final model (``final_ckpt``), ``others`` ((name, checkpoint dir) of trials at the
     same spec) and ``extra`` ((name, module): the probes); see the module doc. ``deadline`` (unix time): candidates
-    are scored only while time is left."""
-    models, cands = _score_candidates(final_ckpt, others, extra, inputs.x_val, deadline)
-    d = _decide(cands, inputs, metric, mode, seed, rounds)
+    are scored only while time is left. ``views=False`` (a latency budget measured for single models): no test-time
+    views and no ensemble, the decision rule only."""
+    models, cands = _score_candidates(final_ckpt, others if views else [], extra if views else (), inputs.x_val,
+                                      deadline, views)
+    d = _decide(cands, inputs, metric, mode if views else "off", seed, rounds)
     net = Ensemble([models[c.name] for c, _, _ in d.members], [TTA_VIEWS if t else ("id",) for _, t, _ in d.members],
                    [w for _, _, w in d.members], inputs.log_prior.tolist(), d.rule["tau"]).eval()
     desc = tuple({"name": c.name, "kind": c.kind, "checkpoint": c.ckpt, "views": list(TTA_VIEWS if t else ("id",)),
@@ -255,7 +258,7 @@ def select(final_ckpt: str, others: list[tuple[str, str]], inputs: Inputs, metri
 
 
 def _score_candidates(final_ckpt: str, others: list[tuple[str, str]], extra: Any, x_val: np.ndarray,
-                      deadline: float | None) -> tuple[dict[str, nn.Module], list[Candidate]]:
+                      deadline: float | None, views: bool = True) -> tuple[dict[str, nn.Module], list[Candidate]]:
     """Every candidate's validation probabilities (the final model under every view, the others under one)."""
     from trainer.model import model_from_checkpoint
 
@@ -270,8 +273,8 @@ def _score_candidates(final_ckpt: str, others: list[tuple[str, str]], extra: Any
             continue
         model = module if module is not None else model_from_checkpoint(ckpt)[0]
         models[name] = model
-        views = TTA_VIEWS if kind == "final" else ("id",)
-        cands.append(Candidate(name, kind, ckpt, view_probs(model, x_val, views)))
+        vs = TTA_VIEWS if kind == "final" and views else ("id",)
+        cands.append(Candidate(name, kind, ckpt, view_probs(model, x_val, vs)))
     return models, cands
 
 
@@ -291,7 +294,7 @@ def _decide(cands: list[Candidate], inputs: Inputs, metric: str, mode: str, seed
     """Test-time views, ensemble, decision rule: each on validation, each kept only beyond noise."""
     y = inputs.y_val
     final = cands[0]
-    tta, gain, sd = beats(final.val(True), final.val(False), y)
+    tta, gain, sd = beats(final.val(True), final.val(False), y) if final.has_views else (False, 0.0, 0.0)
     record: dict[str, Any] = {"test_time_views": {"kept": tta, "val_logloss_gain": round(gain, 5),
                                                   "se": round(sd, 5)}}
     # every candidate alone, the final model also under its test-time views
@@ -345,8 +348,8 @@ def _test_and_levers(models: dict[str, nn.Module], cands: list[Candidate], d: _D
     levers = [
         {"name": "final model", "used": True, "val": figures(final.val(False), y, k),
          "test": figures(test_of(final, False), yt, k)},
-        {"name": "+ test-time flips", "used": d.tta, "val": figures(final.val(True), y, k),
-         "test": figures(test_of(final, True), yt, k)},
+        {"name": "+ test-time flips", "used": d.tta, "val": figures(final.val(True) if final.has_views else None, y, k),
+         "test": figures(test_of(final, True) if final.has_views else None, yt, k)},
         {"name": "+ ensemble", "used": d.use_ens, "val": figures(d.p_ens, y, k), "test": figures(ens_test, yt, k)},
         {"name": "+ decision rule", "used": bool(tau), "tau": tau_fit, "val": figures(adjust(d.p_sel, lp, tau_fit), y, k),
          "test": figures(adjust(p_test_sel, lp, tau_fit) if p_test_sel is not None else None, yt, k)},

@@ -63,6 +63,7 @@ class ProbeResult:
     l2: float
     seconds: float
     images: int
+    feature_seconds: float  #: of ``seconds``, the forward passes over ``images`` (the node's speed, no set-up)
     mean: np.ndarray
     std: np.ndarray
     weight: np.ndarray
@@ -153,8 +154,10 @@ def run_probe(backbone: str, img: int, data_cfg: dict[str, Any], source: Any, th
     model = create_model(mcfg, num_classes=k)
     x_tr, y_tr = eval_arrays(data.train_eval, spec)
     x_val, y_val = eval_arrays(data.val, spec)
+    t_feat = time.perf_counter()
     f_tr = features(model.backbone, x_tr, TRAIN_VIEWS)
     f_val = features(model.backbone, x_val, ("id",))
+    feature_seconds = time.perf_counter() - t_feat
     mean, std = f_tr.mean(0), f_tr.std(0) + 1e-6
     w, b, l2, nll = fit_head((f_tr - mean) / std, np.tile(y_tr, len(TRAIN_VIEWS)), (f_val - mean) / std, y_val, k)
     pred = ((f_val - mean) / std @ w.T + b).argmax(1)
@@ -162,6 +165,7 @@ def run_probe(backbone: str, img: int, data_cfg: dict[str, Any], source: Any, th
     return ProbeResult(backbone=backbone, img=img, val_accuracy=float(m["accuracy"]),
                        val_macro_f1=float(m["macro_f1"]), val_logloss=nll, l2=l2,
                        seconds=time.perf_counter() - t0, images=len(x_tr) * len(TRAIN_VIEWS) + len(x_val),
+                       feature_seconds=feature_seconds,
                        mean=mean.astype(np.float32), std=std.astype(np.float32), weight=w, bias=b)
 
 
@@ -234,6 +238,21 @@ def probe_stage(opts: Any, base: dict[str, Any], space: Any, source: Any, budget
     return done
 
 
+def trial_epoch_seconds(probes: list[ProbeResult], source: Any, base: dict[str, Any], probe_threads: float,
+                       trial_threads: float) -> float:
+    """A fine-tuning trial's epoch, estimated from the fastest probe's measured seconds per forward image: a
+    training step costs ~3 forward passes (forward + backward), then validation and BatchNorm recompute for the
+    raw and the averaged weights; scaled from the probe's threads to the trial's (at 0.7 parallel efficiency)."""
+    from tuner.refit import THREAD_EFFICIENCY
+
+    per_image = min(p.feature_seconds / max(1, p.images) for p in probes)
+    n_train, n_val = len(source.parts.get("train", [])), len(source.parts.get("val", []))
+    bn = min(n_train, int(base["model"].get("bn_images") or n_train))
+    forwards = 3 * n_train + 2 * (n_val + bn)
+    scale = max(1.0, probe_threads / max(trial_threads, 1e-9) * THREAD_EFFICIENCY)
+    return per_image * forwards * scale
+
+
 #: Other candidates the post-hoc stage is expected to score beside the final model (two trials, a probe).
 FINISH_OTHERS = 3
 #: Fixed seconds of the finish (ONNX export and checker, files, plots).
@@ -246,7 +265,7 @@ def finish_reserve(probes: list[ProbeResult], source: Any, ensemble: bool) -> fl
     over test) at the fastest probe's measured seconds per image, with a 1.5 x margin."""
     from tuner.posthoc import TTA_VIEWS
 
-    per_image = min(p.seconds / max(1, p.images) for p in probes)
+    per_image = min(p.feature_seconds / max(1, p.images) for p in probes)
     n_val, n_test = len(source.parts.get("val", [])), len(source.parts.get("test", []))
     per_item = len(TTA_VIEWS) + (FINISH_OTHERS if ensemble else 0)
     passes = per_item * (n_val + n_test) + 2 * per_item * n_test

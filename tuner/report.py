@@ -383,8 +383,12 @@ def _posthoc(opts: Any, results: Any, rows: list[dict[str, Any]], final: dict[st
 
         if preprocess_spec_for(ModelConfig(backbone=p.backbone, img_size=p.img)).to_dict() == spec.to_dict():
             extra.append((p.name, p.model(len(data.classes))))
+    # a latency budget or a target device measured single models: the final model stays one model there
+    single = bool(opts.max_latency_ms > 0 or getattr(opts, "target", ""))
+    if single:
+        log.info("post-hoc: a latency budget / target device: no test-time views or ensemble (one model's latency)")
     post = posthoc.select(str(dest), others, inputs, opts.metric, "auto" if rounds else "off", deadline=deadline,
-                          seed=opts.seed, rounds=max(1, rounds), extra=extra)
+                          seed=opts.seed, rounds=max(1, rounds), extra=extra, views=not single)
     d = post.decisions
     log.info(f"post-hoc: test-time flips {'kept' if post.tta else 'not kept'}, ensemble "
              f"{'of ' + str(len(post.members)) + ' members kept' if post.ensemble else 'not kept'}, decision rule "

@@ -254,6 +254,8 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
         log.info(f"kept {clock.finish_reserve_s:.0f} s at the end for post-hoc selection, test evaluation and export "
                  "(from the probes' measured forward speed)")
     deadline = clock.search_deadline(opts.refit, opts.refit_share)
+    if probes and deadline:
+        opts, base = _plan_trials(opts, base, probes, source, deadline)
     t_search = time.time()
     results, study = _fit(opts, base, space, source, info, deadline, latency)
     trial_stages(ledger, study, opts.cpus_per_worker * opts.workers_per_trial)
@@ -272,6 +274,29 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
             hand_off(opts, summary, out, source, latency, final=post)  # with a target, timed on the device
     summary["_info"] = info
     return summary
+
+
+def _plan_trials(opts: TuneOptions, base: dict[str, Any], probes: list[Any], source: Any, deadline: float
+                 ) -> tuple[TuneOptions, dict[str, Any]]:
+    """Every run finishes what it starts: the trials' fidelity (their epochs, ASHA's max_t and their LR schedule) is
+    planned before the first starts, from the probes' measured speed, so the first wave ends before the search
+    deadline with its schedule annealed (at most ``--epochs``, at least 1)."""
+    import dataclasses
+
+    from tuner.probe import trial_epoch_seconds
+    from tuner.refit import _refit_resources
+
+    if opts.gpus_per_trial or opts.workers_per_trial > 1:
+        return opts, base
+    est = trial_epoch_seconds(probes, source, base, _refit_resources(opts)[0], opts.cpus_per_worker)
+    fit = int((deadline - time.time()) // max(est, 1e-6))
+    epochs = max(1, min(opts.epochs, fit))
+    log.info(f"trials: ~{est:.0f} s per epoch at {opts.cpus_per_worker:g} CPU (from the probes' speed): "
+             f"{epochs} epoch(s) per trial fit the {max(0.0, deadline - time.time()):.0f} s of the search window")
+    if epochs == opts.epochs:
+        return opts, base
+    return dataclasses.replace(opts, epochs=epochs, grace_period=min(opts.grace_period, epochs)), {**base,
+                                                                                                   "epochs": epochs}
 
 
 def _probes(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, clock: Clock, ledger: Any) -> list[Any]:
