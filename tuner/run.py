@@ -206,21 +206,24 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
     for line in space.dropped_report(verbose=opts.verbose, explicit=bool(opts.backbones)):
         log.info(line)
 
+    held: dict[str, Any] = {}  # the Ray connection, wherever a stage made it (shut down whatever happens)
+
     def connect() -> dict[str, Any]:
         with ledger.stage("Ray start"):
-            info = cluster.connect(opts.address or None, env_vars=opts.env_vars,
-                                   include_dashboard=opts.workers_per_trial > 1)
-        ledger.cores = _study_cores(opts, info)
-        return info
+            held["info"] = cluster.connect(opts.address or None, env_vars=opts.env_vars,
+                                           include_dashboard=opts.workers_per_trial > 1)
+        ledger.cores = _study_cores(opts, held["info"])
+        return dict(held["info"])
 
-    info = connect() if opts.target else None  # a missing target fails before the data is prepared
     try:
-        summary = _run_stages(opts, base, space, info, connect, clock, ledger, out)
-        info = summary.pop("_info")
+        if opts.target:
+            connect()  # a missing target fails before the data is prepared
+        summary = _run_stages(opts, base, space, held.get("info"), connect, clock, ledger, out)
     finally:
-        if info is not None:
+        if held.get("info") is not None:
             with ledger.stage("Ray shutdown"):
-                cluster.shutdown(info)
+                cluster.shutdown(held["info"])
+    info = held["info"]
     summary["ray"] = {"mode": info["mode"], "address": info["address"], "storage_path": opts.storage_path}
     _close_ledger(summary, ledger, out)
     summary["wall_seconds"] = time.time() - clock.t0
@@ -272,7 +275,6 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
     if opts.export and summary.get("best_checkpoint"):
         with ledger.stage("export (ONNX, parity gate)", "compute"):
             hand_off(opts, summary, out, source, latency, final=post)  # with a target, timed on the device
-    summary["_info"] = info
     return summary
 
 
