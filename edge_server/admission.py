@@ -7,7 +7,12 @@ Limits are per kind of call, so that one kind cannot starve another (Envoy's per
   servicer, ``--stream-idle-timeout``);
 * ``watch``: health ``Watch`` streams (:data:`MAX_HEALTH_WATCHERS`), ``reflection`` streams
   (:data:`MAX_REFLECTION_STREAMS`);
-* health ``Check`` is never limited and never refused, not even while draining.
+* health ``Check`` is never refused, not even while draining, and never holds a server thread for long: a
+  Check whose request message has not arrived within :data:`HEALTH_REQUEST_TIMEOUT_S` is cancelled, and
+  while :data:`MAX_HEALTH_PENDING` Checks are already running, the next one is answered at once with the
+  server's status (SERVING, or NOT_SERVING while draining) without waiting for its request. So a flood of
+  stalled health calls holds at most that many threads for at most that long (issue 21: 300 stalled Checks
+  used to pin the whole pool for ``--stream-idle-timeout``).
 
 A call over its limit gets RESOURCE_EXHAUSTED naming the limit, with the trailer
 ``grpc-retry-pushback-ms`` (the camera client waits that long and retries); those replies are counted in
@@ -38,6 +43,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from edge_server.rejections import RejectionLog
 from edge_server.stats import ServerStats
@@ -52,6 +58,12 @@ REFLECTION_PREFIX = "/grpc.reflection."
 MAX_HEALTH_WATCHERS = 16
 #: Open server-reflection streams allowed at once.
 MAX_REFLECTION_STREAMS = 4
+#: Health Checks running at once (each waits for its request message on a server thread); beyond it a Check
+#: is answered at once from the server's status, without reading its request.
+MAX_HEALTH_PENDING = 16
+#: A health Check or Watch whose request message has not arrived within this is cancelled (a prober sends it
+#: with the headers).
+HEALTH_REQUEST_TIMEOUT_S = 1.0
 #: Client-side mistakes: logged at info; everything else at warning (INTERNAL / UNKNOWN at error).
 _CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -89,7 +101,7 @@ class Admission(grpc.ServerInterceptor):
         self.request_timeout_s = request_timeout_s
         self._watchdog = Watchdog()
         self.limits = {"unary": max_unary, "stream": max_streams, "watch": MAX_HEALTH_WATCHERS,
-                       "reflection": MAX_REFLECTION_STREAMS}
+                       "reflection": MAX_REFLECTION_STREAMS, "health": MAX_HEALTH_PENDING}
         self._active = dict.fromkeys(self.limits, 0)
         self._cond = threading.Condition()
         self.draining = threading.Event()
@@ -133,7 +145,7 @@ class Admission(grpc.ServerInterceptor):
     @staticmethod
     def _kind(method: str, handler: grpc.RpcMethodHandler) -> str | None:
         if method == HEALTH_CHECK:
-            return None
+            return "health"
         if method == HEALTH_WATCH:
             return "watch"
         if method.startswith(REFLECTION_PREFIX):
@@ -155,7 +167,7 @@ class Admission(grpc.ServerInterceptor):
         kind = self._kind(method, handler)
         if kind is None:
             return self._guard(handler, method, None)
-        if self.draining.is_set() and kind != "watch":
+        if self.draining.is_set() and kind not in ("watch", "health"):
             return self._refuse(handler, method, grpc.StatusCode.UNAVAILABLE,
                                 "server is shutting down; retry on another server or once it is back")
         with self._cond:
@@ -163,8 +175,22 @@ class Admission(grpc.ServerInterceptor):
             if admitted:
                 self._active[kind] += 1
         if not admitted:
+            if kind == "health":
+                return self._health_answer(handler)
             return self._refuse(handler, method, grpc.StatusCode.RESOURCE_EXHAUSTED, self._limit_message(kind))
         return self._guard(handler, method, kind)
+
+    def _health_answer(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """A health Check answered at once with the server's status, its request never read (while
+        :data:`MAX_HEALTH_PENDING` Checks are running already: stalled ones must not queue up on threads)."""
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if self.draining.is_set()
+                  else health_pb2.HealthCheckResponse.SERVING)
+
+        def answer(_requests: Any, _context: grpc.ServicerContext) -> Any:
+            return health_pb2.HealthCheckResponse(status=status)
+
+        return grpc.stream_unary_rpc_method_handler(answer, request_deserializer=None,
+                                                    response_serializer=handler.response_serializer)
 
     def _limit_message(self, kind: str) -> str:
         n = self.limits[kind]
@@ -213,9 +239,12 @@ class Admission(grpc.ServerInterceptor):
                                     "peer": _peer(context)}})
         context.abort(grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
 
-    def _one_request(self, requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Any:
-        """The single request message of a unary-request call, within ``request_timeout_s``."""
-        timer = self._watchdog.arm(self.request_timeout_s, context.cancel) if self.request_timeout_s else None
+    def _request_timeout(self, kind: str | None) -> float:
+        return HEALTH_REQUEST_TIMEOUT_S if kind in ("health", "watch") else self.request_timeout_s
+
+    def _one_request(self, requests: Iterator[Any], context: grpc.ServicerContext, method: str, timeout: float) -> Any:
+        """The single request message of a unary-request call, within ``timeout`` s (0 = no limit)."""
+        timer = self._watchdog.arm(timeout, context.cancel) if timeout else None
         try:
             return next(requests)
         except StopIteration:
@@ -228,7 +257,7 @@ class Admission(grpc.ServerInterceptor):
                 self.stats.error()
                 log.warning("rpc error", extra={"fields": {
                     "method": method, "code": "CANCELLED", "peer": _peer(context),
-                    "details": f"no request message within {self.request_timeout_s:g} s; call cancelled"}})
+                    "details": f"no request message within {timeout:g} s; call cancelled"}})
             raise _CallGone() from None
         finally:
             if timer is not None:
@@ -239,12 +268,13 @@ class Admission(grpc.ServerInterceptor):
         parse = handler.request_deserializer
         kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}  # raw bytes in
         unary_request = not handler.request_streaming
+        timeout = self._request_timeout(kind)
 
         def start(requests: Any, context: grpc.ServicerContext) -> Any:
             if not context.add_callback(release):  # the call ended already
                 release()
             if unary_request:
-                raw = self._one_request(requests, context, method)
+                raw = self._one_request(requests, context, method, timeout)
                 try:
                     return parse(raw) if parse is not None else raw
                 except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others

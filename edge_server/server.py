@@ -226,7 +226,12 @@ class EdgeServer:
             self.admission.start_draining()
             if self.watcher is not None:
                 self.watcher.stop()
-            drained = self.admission.wait_idle(grace)
+            drained = False
+            while True:  # a stream whose peer stopped reading cannot finish its frame: cancel it after 1 s
+                drained = self.admission.wait_idle(min(0.5, max(0.0, t0 + grace - time.monotonic())))
+                if drained or time.monotonic() - t0 >= grace:
+                    break
+                self.servicer.cancel_stuck_sends(1.0)
             self._grpc.stop(max(0.0, grace - (time.monotonic() - t0))).wait()
             self.holder.close()
             self.admission.close()

@@ -3,7 +3,8 @@
 Bounded work per call: the image header is read first (format, size and aspect ratio checked before
 decoding), decoding takes a share of a server-wide memory budget (``--max-decode-mb``), camera ids are
 bounded (:data:`~edge_server.stats.MAX_CAMERA_ID_CHARS`), a stream that sends no frame for
-``--stream-idle-timeout`` seconds is closed, and while the server drains each stream finishes the frame it
+``--stream-idle-timeout`` seconds is closed, so is a stream whose peer does not take a result within it (a
+closed HTTP/2 receive window blocks the send: the call is cancelled and its slot freed), and while the server drains each stream finishes the frame it
 holds and ends with UNAVAILABLE. Errors that escape a handler are turned into INTERNAL (and logged) by the
 RPC guard in :mod:`edge_server.admission`; in a stream, an unexpected error fails only its frame.
 """
@@ -25,6 +26,7 @@ from edge_server.batcher import BatcherClosed, BatchResult, DeadlineExpired, Lat
 from edge_server.model import ModelHolder, ServedModel
 from edge_server.stats import MAX_CAMERA_ID_CHARS, ServerStats
 from edge_server.versions import server_versions
+from edge_server.watchdog import Watchdog
 from edgetune.errors import EdgetuneError, ImageDecodeError
 from edgetune.imagedecode import DEFAULT_MAX_PIXELS, check_aspect_ratio, decode_image
 from edgetune.imageheader import read_image_header
@@ -117,6 +119,52 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.stream_idle_s = stream_idle_s
         self.draining = draining or threading.Event()
         self.decode_budget = decode_budget
+        self._send_watchdog = Watchdog()
+        self._sending_lock = threading.Lock()
+        self._sending: dict[int, tuple[float, grpc.ServicerContext]] = {}  # results being sent: start, call
+
+    def _send_stuck(self, key: int, context: grpc.ServicerContext, idle_s: float) -> None:
+        """A stream's result has not been taken by its peer within ``idle_s``: cancel the call (RST_STREAM), which
+        ends the blocked send, the handler and so the stream's slot."""
+        with self._sending_lock:
+            if self._sending.pop(key, None) is None:
+                return
+        self.stats.error()
+        log.warning("rpc error", extra={"fields": {
+            "method": "/edgetune.v1.Classifier/StreamClassify", "code": "CANCELLED",
+            "details": f"the peer took no result for {idle_s:g} s (--stream-idle-timeout; its receive window stays "
+                       "closed); stream cancelled"}})
+        context.cancel()
+
+    def cancel_stuck_sends(self, older_than_s: float) -> int:
+        """Cancel the streams whose result has waited for the peer longer than ``older_than_s`` (the drain does:
+        such a stream cannot finish its frame); how many."""
+        now = time.monotonic()
+        with self._sending_lock:
+            stuck = [(k, c) for k, (t, c) in self._sending.items() if now - t > older_than_s]
+            for k, _ in stuck:
+                del self._sending[k]
+        for _, c in stuck:
+            c.cancel()
+        return len(stuck)
+
+    def _send(self, result: pb.FrameResult, context: grpc.ServicerContext) -> Iterator[pb.FrameResult]:
+        """Yield ``result`` to gRPC, which sends it before asking for the next one; a send the peer does not take
+        within the idle timeout (its receive window closed) cancels the call."""
+        idle_s = self.stream_idle_s
+        if not idle_s:
+            yield result
+            return
+        key = id(context)
+        with self._sending_lock:
+            self._sending[key] = (time.monotonic(), context)
+        timer = self._send_watchdog.arm(idle_s, lambda: self._send_stuck(key, context, idle_s))
+        try:
+            yield result
+        finally:
+            Watchdog.disarm(timer)
+            with self._sending_lock:
+                self._sending.pop(key, None)
 
     # -- core ------------------------------------------------------------------------------
     def _decode(self, data: bytes, deadline: float | None) -> np.ndarray:
@@ -253,7 +301,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             if not context.is_active():
                 break
             (frame, t_recv, problem), dropped = got
-            yield self._frame_result(frame, t_recv, problem, dropped, deadline, context)
+            yield from self._send(self._frame_result(frame, t_recv, problem, dropped, deadline, context), context)
             activity[0] = time.monotonic()
 
     def _frame_result(self, frame: pb.Frame, t_recv: float, problem: str | None, dropped: int,

@@ -1,0 +1,86 @@
+"""The edge server under hostile clients, round two (issue 21): real bundle, real ONNX Runtime, real gRPC on
+127.0.0.1, raw HTTP/2 clients (``tests/raw_h2.py``) for what grpcio clients cannot do. One test per finding,
+each a short version of the attack ``make soak`` runs (``bench/soak_attacks.py``); each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from edgetune.v1 import classifier_pb2 as pb
+from edgetune.v1 import classifier_pb2_grpc as pb_grpc
+from tests.edge_fixtures import RequestFeeder
+from tests.raw_h2 import RawH2
+from tests.server_helpers import health_status, start_server
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+STREAM = "/edgetune.v1.Classifier/StreamClassify"
+
+
+def _wait(pred: object, timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(step)
+    return bool(pred())  # type: ignore[operator]
+
+
+# -- finding 1: stalled health checks ------------------------------------------------------------
+
+def test_stalled_health_checks_starve_nothing(bundle_dir: Path, good_png: bytes) -> None:
+    """Hundreds of health Checks that send headers but never their request message: Classify and health
+    still answer at once (before: each held a server thread for --stream-idle-timeout, the pool starved)."""
+    srv = start_server(bundle_dir, max_concurrent=4, max_streams=2)  # a small pool: 4 + 2 + watch + reserve
+    conns = [RawH2(srv.address) for _ in range(4)]
+    try:
+        for c in conns:
+            for _ in range(60):
+                c.open(HEALTH_CHECK)  # headers only: no message, no half-close
+        time.sleep(1.0)
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            for _ in range(5):
+                t0 = time.monotonic()
+                assert stub.Classify(pb.ClassifyRequest(image=good_png), timeout=5).predictions
+                assert health_status(ch, timeout=5) == health_pb2.HealthCheckResponse.SERVING
+                assert time.monotonic() - t0 < 3
+        # every stalled check is answered (with the server's status) or ended, none left holding a thread
+        assert _wait(lambda: all(len(c.ended) >= 60 for c in conns), 20), [len(c.ended) for c in conns]
+    finally:
+        for c in conns:
+            c.close()
+        srv.stop(grace=1)
+
+
+# -- finding 2: a stream whose peer never reads --------------------------------------------------
+
+def test_stream_with_closed_receive_window_is_closed_and_frees_its_slot(bundle_dir: Path, good_png: bytes) -> None:
+    """Camera streams on an HTTP/2 connection whose receive window is 0 (the peer answers pings, never reads):
+    each blocks the server sending its first result; they are closed within the idle timeout and their slots
+    freed, so a real camera is served (before: the slots stayed held for good)."""
+    srv = start_server(bundle_dir, max_streams=3, stream_idle_s=1.0)
+    frame = pb.Frame(camera_id="stuck", frame_id=1, image=good_png).SerializeToString()
+    raw = RawH2(srv.address, window=0, read=False)
+    try:
+        sids = [raw.open(STREAM, message=frame) for _ in range(3)]
+        assert _wait(lambda: srv.admission.active("stream") == 3, 10)
+        t0 = time.monotonic()
+        assert _wait(lambda: srv.admission.active("stream") == 0, 15), "window-0 streams still hold their slots"
+        freed_after = time.monotonic() - t0
+        assert freed_after < 8, freed_after
+        assert _wait(lambda: all(raw.status(s) for s in sids), 5), raw.ended
+        with grpc.insecure_channel(srv.address) as ch:
+            feed = RequestFeeder(timeout=30)
+            call = pb_grpc.ClassifierStub(ch).StreamClassify(feed, timeout=30)
+            feed.send(pb.Frame(camera_id="real", frame_id=7, image=good_png))
+            assert next(call).frame_id == 7
+            feed.end()
+            assert list(call) == []
+    finally:
+        raw.close()
+        srv.stop(grace=1)
