@@ -16,7 +16,8 @@ Limits are per kind of call, so that one kind cannot starve another (Envoy's per
 
 A call over its limit gets RESOURCE_EXHAUSTED naming the limit, with the trailer
 ``grpc-retry-pushback-ms`` (the camera client waits that long and retries); those replies are counted in
-``errors_total`` and logged, aggregated per second (a flood of them must not become a flood of log lines).
+``errors_total`` and logged. Every error log line here is grouped per second and kind with a count
+(``edge_server.logs.BoundedJsonHandler``): a flood of errors must not become a flood of log lines.
 While the server drains (:meth:`Admission.start_draining`), new calls other than health get UNAVAILABLE.
 
 Every admitted call runs inside a guard: an exception that escapes a handler becomes INTERNAL (never
@@ -45,7 +46,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from edge_server.rejections import RejectionLog
 from edge_server.stats import ServerStats
 from edge_server.watchdog import Watchdog
 
@@ -105,10 +105,6 @@ class Admission(grpc.ServerInterceptor):
         self._active = dict.fromkeys(self.limits, 0)
         self._cond = threading.Condition()
         self.draining = threading.Event()
-        self._rejections = RejectionLog()
-        self._stop_flusher = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_loop, name="edge-reject-log", daemon=True)
-        self._flusher.start()
 
     @property
     def threads_needed(self) -> int:
@@ -134,12 +130,7 @@ class Admission(grpc.ServerInterceptor):
         return True
 
     def close(self) -> None:
-        self._stop_flusher.set()
-        self._rejections.flush(force=True)
-
-    def _flush_loop(self) -> None:
-        while not self._stop_flusher.wait(0.5):
-            self._rejections.flush()
+        """Nothing to release (kept for the server's stop sequence)."""
 
     # -- interceptor -----------------------------------------------------------------------
     @staticmethod
@@ -158,7 +149,7 @@ class Admission(grpc.ServerInterceptor):
             handler = continuation(handler_call_details)
         except Exception:  # a bug in a later interceptor: INTERNAL and a log line, not gRPC's UNKNOWN
             log.exception("unexpected error looking up the handler; answered INTERNAL",
-                          extra={"fields": {"method": method, "code": "INTERNAL"}})
+                          extra={"fields": {"method": method, "code": "INTERNAL"}, "group": True})
             self.stats.error()
             return abort_handler(grpc.stream_stream_rpc_method_handler(lambda *_: iter(())),
                                  grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
@@ -205,7 +196,8 @@ class Admission(grpc.ServerInterceptor):
     def _refuse(self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode,
                 message: str) -> grpc.RpcMethodHandler:
         self.stats.error(rejected=code == grpc.StatusCode.RESOURCE_EXHAUSTED)
-        self._rejections.add(method, code.name, message)
+        log.warning("rpc rejected", extra={"fields": {"method": method, "code": code.name, "details": message},
+                                           "group": True})
         return abort_handler(handler, code, message, ((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),))
 
     def _release_once(self, kind: str | None) -> Callable[[], None]:
@@ -232,11 +224,11 @@ class Admission(grpc.ServerInterceptor):
             text = details.decode("utf-8", "replace") if isinstance(details, bytes) else str(details or "")
             level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
             log.log(level, "rpc error", extra={"fields": {"method": method, "code": code.name, "details": text,
-                                                          "peer": _peer(context)}})
+                                                          "peer": _peer(context)}, "group": True})
             return
         log.error("unexpected error in handler; answered INTERNAL", exc_info=(type(exc), exc, exc.__traceback__),
                   extra={"fields": {"method": method, "code": "INTERNAL", "error_type": type(exc).__name__,
-                                    "peer": _peer(context)}})
+                                    "peer": _peer(context)}, "group": True})
         context.abort(grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
 
     def _request_timeout(self, kind: str | None) -> float:
@@ -257,7 +249,7 @@ class Admission(grpc.ServerInterceptor):
                 self.stats.error()
                 log.warning("rpc error", extra={"fields": {
                     "method": method, "code": "CANCELLED", "peer": _peer(context),
-                    "details": f"no request message within {timeout:g} s; call cancelled"}})
+                    "details": f"no request message within {timeout:g} s; call cancelled"}, "group": True})
             raise _CallGone() from None
         finally:
             if timer is not None:
@@ -334,7 +326,7 @@ class _ParsedRequests:
             self._context.set_details(message)
             self._admission.stats.error()
             log.info("rpc error", extra={"fields": {"method": self._method, "code": "INVALID_ARGUMENT",
-                                                    "details": message, "peer": _peer(self._context)}})
+                                                    "details": message, "peer": _peer(self._context)}, "group": True})
             raise StopIteration from None
 
 

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edge_server.admission import Admission
 from edge_server.auth import BearerTokenInterceptor, LoadModelPolicy, check_bind_policy, server_credentials
+from edge_server.logs import add_secret
 from edge_server.model import ModelHolder, RunnerOptions
 from edge_server.servicer import DEFAULT_DECODE_BUDGET_MB, ClassifierServicer, DecodeBudget
 from edge_server.stats import DEFAULT_CAMERA_IDLE_S, DEFAULT_MAX_CAMERAS, ServerStats
@@ -136,6 +137,8 @@ class EdgeServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        add_secret(config.token)
+        add_secret(config.admin_token)
         self.stats = ServerStats(max_cameras=config.max_cameras, camera_idle_s=config.camera_idle_s)
         creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
         policy = (LoadModelPolicy(config.admin_token, config.model_root)

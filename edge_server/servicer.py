@@ -133,7 +133,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         log.warning("rpc error", extra={"fields": {
             "method": "/edgetune.v1.Classifier/StreamClassify", "code": "CANCELLED",
             "details": f"the peer took no result for {idle_s:g} s (--stream-idle-timeout; its receive window stays "
-                       "closed); stream cancelled"}})
+                       "closed); stream cancelled"}, "group": True})
         context.cancel()
 
     def cancel_stuck_sends(self, older_than_s: float) -> int:
@@ -309,7 +309,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         stats = self.stats
         if problem is not None:  # not echoed, not tracked: a hostile id must not grow replies or stats
             stats.frame_done(None, 0.0, ok=False)
-            log.info("frame refused", extra={"fields": {"frame_id": frame.frame_id, "error": problem}})
+            log.info("frame refused", extra={"fields": {"frame_id": frame.frame_id, "error": problem}, "group": True})
             return pb.FrameResult(frame_id=frame.frame_id, capture_time_us=frame.capture_time_us,
                                   dropped_before=dropped, error=problem,
                                   model_version=self.holder.current.version)
@@ -326,13 +326,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         except (ImageDecodeError, InvalidRequest, _Unavailable, _Busy) as e:
             result.error = str(e)
             log.info("frame error", extra={"fields": {"camera_id": frame.camera_id, "frame_id": frame.frame_id,
-                                                      "error": str(e)}})
+                                                      "error": str(e)}, "group": True})
         except _Deadline as e:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except Exception as e:  # a bug must fail this frame only, never the camera's stream; logged in full
             log.exception("unexpected error processing a frame; the stream goes on",
                           extra={"fields": {"camera_id": frame.camera_id, "frame_id": frame.frame_id,
-                                            "error_type": type(e).__name__}})
+                                            "error_type": type(e).__name__}, "group": True})
             result.error = "internal error processing this frame; it is logged on the server"
         result.model_version = self.holder.current.version
         stats.frame_done(frame.camera_id, 0.0, ok=False)
@@ -360,7 +360,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             model = self.holder.load(policy.resolve(request.bundle_path))
         except EdgetuneError as e:
             log.warning("LoadModel failed; previous model still serving",
-                        extra={"fields": {"bundle_path": request.bundle_path, "error": str(e)}})
+                        extra={"fields": {"bundle_path": request.bundle_path, "error": str(e)}, "group": True})
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load {request.bundle_path!r}: {e}")
         return model_info(model)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import h2.config
@@ -93,15 +94,29 @@ class RawH2:
                 (b":authority", self.address.encode()), (b"content-type", b"application/grpc"), (b"te", b"trailers")]
             hdrs += [(k.encode(), v if isinstance(v, bytes) else v.encode()) for k, v in metadata]
             self.conn.send_headers(sid, hdrs, end_stream=end and message is None)
-            if message is not None:
-                self.conn.send_data(sid, grpc_frame(message), end_stream=end)
             self._flush()
+        if message is not None:
+            self.send(sid, message, end)
         return sid
 
-    def send(self, sid: int, message: bytes, end: bool = False) -> None:
-        with self._lock:
-            self.conn.send_data(sid, grpc_frame(message), end_stream=end)
-            self._flush()
+    def send(self, sid: int, message: bytes, end: bool = False, timeout: float = 30.0) -> None:
+        """One gRPC message on stream ``sid``, in frames the server's flow-control windows allow."""
+        data = memoryview(grpc_frame(message))
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if sid in self.ended or self.conn.streams.get(sid) is None or self.conn.streams[sid].closed:
+                    return  # the server answered (or reset) the call already
+                n = min(len(data), self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+                if n or not data:
+                    self.conn.send_data(sid, bytes(data[:n]), end_stream=end and n == len(data))
+                    self._flush()
+                    data = data[n:]
+                    if not data:
+                        return
+            if time.monotonic() > deadline or self.closed.is_set():
+                raise TimeoutError(f"stream {sid}: the server's flow-control window stayed closed")
+            time.sleep(0.005)
 
     def status(self, sid: int) -> str | None:
         with self._lock:

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import RequestFeeder
+from tests.edge_fixtures import CliServer, RequestFeeder
 from tests.raw_h2 import RawH2
 from tests.server_helpers import health_status, start_server
 
@@ -84,3 +84,74 @@ def test_stream_with_closed_receive_window_is_closed_and_frees_its_slot(bundle_d
     finally:
         raw.close()
         srv.stop(grace=1)
+
+
+# -- findings 4 and 5: what reaches the log, and how much ----------------------------------------
+
+TOKEN = "hostile2-camera-token-4711"
+
+
+def _cli_with_token(bundle_dir: Path, tmp_path: Path, name: str) -> CliServer:
+    token_file = tmp_path / "camera.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    return CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1", "--token-file", str(token_file)],
+                     tmp_path / name)
+
+
+def test_non_utf8_metadata_never_puts_the_token_in_the_log(bundle_dir: Path, tmp_path: Path,
+                                                           good_png: bytes) -> None:
+    """A valid token plus one stray byte: answered UNAUTHENTICATED, and neither the token nor the raw header
+    value reaches the log (before: gRPC's own logger printed the value verbatim with a traceback, 36 KB/call)."""
+    srv = _cli_with_token(bundle_dir, tmp_path, "server.log")
+    try:
+        msg = pb.ClassifyRequest(image=good_png).SerializeToString()
+        size0 = srv.log_path.stat().st_size
+        with RawH2(srv.address) as raw:
+            sids = [raw.open("/edgetune.v1.Classifier/Classify", message=msg, end=True,
+                             metadata=(("authorization", f"Bearer {TOKEN}".encode() + b"\xff" + b"A" * 2000),
+                                       ("x-junk", b"\xfe\xff" * 1000)))
+                    for _ in range(20)]
+            assert _wait(lambda: all(raw.status(s) for s in sids), 20), raw.ended
+            assert {raw.status(s) for s in sids} == {"grpc-status 16"}  # UNAUTHENTICATED
+        with grpc.insecure_channel(srv.address) as ch:  # the server still serves the real token
+            assert pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(image=good_png), timeout=10, metadata=(
+                ("authorization", f"Bearer {TOKEN}"),)).predictions
+        time.sleep(1.5)  # grouped lines are flushed every second
+    finally:
+        srv.stop()
+    text = srv.log_path.read_text()
+    assert TOKEN not in text
+    assert "AAAAAAAAAAAAAAAA" not in text and "\\xfe\\xff\\xfe" not in text
+    grown = len(text.encode()) - size0
+    assert grown < 20 * 1024, grown  # 20 calls; before: 36 KB each
+    srv.records()  # every line is still JSON
+
+
+def test_log_volume_under_error_floods_is_grouped(bundle_dir: Path, tmp_path: Path, good_png: bytes) -> None:
+    """300 unauthenticated calls and a stream of 200 bad frames: repeated errors are grouped per second with a
+    count, so the log grows by a few KB, and every error is still counted (before: one line each)."""
+    srv = _cli_with_token(bundle_dir, tmp_path, "server.log")
+    try:
+        size0 = srv.log_path.stat().st_size
+        t0 = time.monotonic()
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            for _ in range(3):
+                futs = [stub.Classify.future(pb.ClassifyRequest(image=good_png), timeout=20) for _ in range(100)]
+                assert {f.code() for f in futs} == {grpc.StatusCode.UNAUTHENTICATED}, {f.details() for f in futs}
+            md = (("authorization", f"Bearer {TOKEN}"),)
+            frames = (pb.Frame(camera_id="bad", frame_id=i, image=b"\x89PNG\r\n\x1a\nnot a png") for i in range(200))
+            results = list(stub.StreamClassify(frames, timeout=60, metadata=md))
+            assert results and all(r.error for r in results)
+        time.sleep(1.5)
+        took = time.monotonic() - t0
+    finally:
+        srv.stop()
+    recs = srv.records()
+    grown = srv.log_path.stat().st_size - size0
+    assert grown < 3000 * took + 4000, (grown, took)  # a few lines per second, not one per error
+    unauth = sum(int(r.get("count", 1)) for r in recs if r.get("code") == "UNAUTHENTICATED")
+    assert unauth == 300, unauth
+    frame_errors = sum(int(r.get("count", 1)) for r in recs if r.get("msg") == "frame error")
+    assert frame_errors == len(results), (frame_errors, len(results))
