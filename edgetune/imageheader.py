@@ -142,9 +142,12 @@ def _jpeg_header(b: memoryview) -> ImageHeader:
 
 
 def _webp_header(b: memoryview) -> ImageHeader:
+    """The size from the first chunk, which the WebP container requires to be ``VP8 `` / ``VP8L`` (simple) or
+    ``VP8X`` (extended: it carries the canvas size): O(1), unlike a walk over chunks (a 15.5 MB file of empty
+    chunks cost 4 s of Python per request)."""
     i = 12
-    while i + 8 <= len(b):
-        tag, size = bytes(b[i : i + 4]), struct.unpack("<I", b[i + 4 : i + 8])[0]
+    if i + 8 <= len(b):
+        tag = bytes(b[i : i + 4])
         p = i + 8
         if tag == b"VP8X":
             w = 1 + int.from_bytes(b[p + 4 : p + 7], "little")
@@ -162,7 +165,7 @@ def _webp_header(b: memoryview) -> ImageHeader:
                 raise _HeaderError("corrupt lossy WebP header")
             w, h = struct.unpack("<HH", b[p + 6 : p + 10])
             return ImageHeader("WebP", w & 0x3FFF, h & 0x3FFF, 3, 1)
-        i = p + size + (size & 1)
+        raise _HeaderError(f"corrupt WebP (first chunk {tag!r}, not VP8/VP8L/VP8X)")
     raise _HeaderError("truncated WebP (no VP8/VP8L/VP8X chunk)")
 
 
