@@ -56,7 +56,7 @@ class Soak(SoakWorkers):
         super().__init__(args, work, good_images())
 
     # -- server ---------------------------------------------------------------------------------
-    def start_server(self, port: int = 0) -> Any:
+    def start_server(self, port: int = 0, log_name: str | None = None) -> Any:
         from tests.edge_fixtures import CliServer
 
         n = len(self.servers) + 1
@@ -65,7 +65,7 @@ class Soak(SoakWorkers):
                          "--max-pixels", str(4 * 1024 * 1024), "--max-decode-mb", "128", "--grace", "2",
                          "--token-file", str(self.work / "camera.token"), "--enable-load-model",
                          "--model-root", str(self.models), "--admin-token-file", str(self.work / "admin.token")],
-                        self.work / f"server-{n}.log")
+                        self.work / (log_name or f"server-{n}.log"))
         with self._server_lock:
             self.servers.append(srv)
         self.address = srv.address
@@ -164,7 +164,26 @@ class Soak(SoakWorkers):
             final = pb_grpc.ClassifierStub(ch).GetStats(pb.GetStatsRequest(), timeout=10, metadata=CAM_MD)
         second.stop()
         wall = time.monotonic() - t_start
-        return report(self, box, client_records, final, restart_s, wall, client.is_alive())
+        res = report(self, box, client_records, final, restart_s, wall, client.is_alive())
+        res["attacks"] = self.run_attacks()
+        for a in res["attacks"].values():
+            res["failures"] += [f"attack {a['attack']}: {f}" for f in a["failures"]]
+        return res
+
+    def run_attacks(self) -> dict[str, Any]:
+        """The targeted attacks (``bench/soak_attacks.py``), each on a fresh server; one line each."""
+        from soak_attacks import ATTACKS, Attacks
+
+        names = ATTACKS if self.args.attacks == "all" else [
+            a for a in self.args.attacks.split(",") if a and a != "none"]
+        unknown = sorted(set(names) - set(ATTACKS))
+        if unknown:
+            raise SystemExit(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
+        attacks = Attacks(lambda log_name: self.start_server(log_name=log_name), self.good[0], max_streams=8,
+                          idle_s=2.0, grace_s=2.0, rss_budget_mb=self.args.rss_limit_mb)
+        for name in names:
+            print(Attacks.line(attacks.run(name)), flush=True)
+        return attacks.results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-fps", type=float, default=10.0, help="frame rate of the attached camera client")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed)")
+    p.add_argument("--attacks", default="all",
+                   help="targeted attacks after the mixed load: all (default), none, or a comma list of "
+                        "health-stall,stream-window0,big-messages,nonutf8-metadata,log-flood,webp-chunks,sighup,getstats")
     p.add_argument("--workers", help=argparse.SUPPRESS)  # debugging: a comma list of worker names to run
     args = p.parse_args(argv)
     if args.duration < 10:

@@ -289,7 +289,7 @@ def make_server(config: ServerConfig | None = None, **kwargs: Any) -> EdgeServer
 
 
 def serve(config: ServerConfig) -> int:
-    """Serve in the foreground until SIGINT/SIGTERM; then drain and return 0."""
+    """Serve in the foreground until SIGINT, SIGTERM or SIGHUP; then drain and return 0."""
     server = make_server(config).start()
     stop_requested = threading.Event()
 
@@ -297,7 +297,9 @@ def serve(config: ServerConfig) -> int:
         log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
         stop_requested.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP (a closed terminal, `systemctl kill -s HUP`, a supervisor's reload) drains like SIGTERM: the bundle
+    # is reloaded by --watch or LoadModel, not by a signal
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         while not stop_requested.wait(0.5):
             pass

@@ -40,6 +40,7 @@ class RawH2:
         self.headers: dict[int, dict[bytes, bytes]] = {}
         self.data: dict[int, int] = {}  # stream -> DATA bytes received
         self.closed = threading.Event()
+        self.headers_sent: list[int] = []  # for callers that keep count of the calls they opened
         with self._lock:
             self.conn.initiate_connection()
             self._flush()
@@ -85,23 +86,30 @@ class RawH2:
             self.closed.set()
 
     def open(self, path: str, metadata: tuple[tuple[str, str | bytes], ...] = (), message: bytes | None = None,
-             end: bool = False) -> int:
-        """Start a call on ``path``: headers, then ``message`` (if given) as one gRPC frame; ``end`` half-closes."""
+             end: bool = False, raw_message: bytes | None = None) -> int:
+        """Start a call on ``path``: headers, then ``message`` (if given) as one gRPC frame, or ``raw_message``
+        as it is (an already framed, e.g. compressed, message); ``end`` half-closes."""
+        if message is not None:
+            raw_message = grpc_frame(message)
         with self._lock:
             sid = self.conn.get_next_available_stream_id()
             hdrs: list[tuple[bytes, bytes]] = [
                 (b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
                 (b":authority", self.address.encode()), (b"content-type", b"application/grpc"), (b"te", b"trailers")]
             hdrs += [(k.encode(), v if isinstance(v, bytes) else v.encode()) for k, v in metadata]
-            self.conn.send_headers(sid, hdrs, end_stream=end and message is None)
+            self.conn.send_headers(sid, hdrs, end_stream=end and raw_message is None)
             self._flush()
-        if message is not None:
-            self.send(sid, message, end)
+        if raw_message is not None:
+            self.send_raw(sid, raw_message, end)
         return sid
 
     def send(self, sid: int, message: bytes, end: bool = False, timeout: float = 30.0) -> None:
         """One gRPC message on stream ``sid``, in frames the server's flow-control windows allow."""
-        data = memoryview(grpc_frame(message))
+        self.send_raw(sid, grpc_frame(message), end, timeout)
+
+    def send_raw(self, sid: int, framed: bytes, end: bool = False, timeout: float = 30.0) -> None:
+        """Bytes on stream ``sid`` as they are (``b""`` with ``end``: half-close), as the windows allow."""
+        data = memoryview(framed)
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
