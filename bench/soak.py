@@ -62,7 +62,8 @@ class Soak(SoakWorkers):
         n = len(self.servers) + 1
         srv = CliServer(["--bundle", str(self.models / "a"), "--port", str(port), "--threads", "1",
                          "--max-streams", "8", "--max-concurrent", "16", "--stream-idle-timeout", "2",
-                         "--max-pixels", str(4 * 1024 * 1024), "--max-decode-mb", "128", "--grace", "2",
+                         "--max-pixels", str(4 * 1024 * 1024), "--max-decode-mb", "128", "--max-inflight-mb", "128",
+                         "--grace", "2",
                          "--token-file", str(self.work / "camera.token"), "--enable-load-model",
                          "--model-root", str(self.models), "--admin-token-file", str(self.work / "admin.token")],
                         self.work / (log_name or f"server-{n}.log"))
@@ -164,14 +165,11 @@ class Soak(SoakWorkers):
             final = pb_grpc.ClassifierStub(ch).GetStats(pb.GetStatsRequest(), timeout=10, metadata=CAM_MD)
         second.stop()
         wall = time.monotonic() - t_start
-        res = report(self, box, client_records, final, restart_s, wall, client.is_alive())
-        res["attacks"] = self.run_attacks()
-        for a in res["attacks"].values():
-            res["failures"] += [f"attack {a['attack']}: {f}" for f in a["failures"]]
-        return res
+        return self.run_attacks(report(self, box, client_records, final, restart_s, wall, client.is_alive()))
 
-    def run_attacks(self) -> dict[str, Any]:
-        """The targeted attacks (``bench/soak_attacks.py``), each on a fresh server; one line each."""
+    def run_attacks(self, res: dict[str, Any]) -> dict[str, Any]:
+        """The targeted attacks (``bench/soak_attacks.py``), each on a fresh server, one line each; their results
+        and failures added to ``res``."""
         from soak_attacks import ATTACKS, Attacks
 
         names = ATTACKS if self.args.attacks == "all" else [
@@ -179,11 +177,18 @@ class Soak(SoakWorkers):
         unknown = sorted(set(names) - set(ATTACKS))
         if unknown:
             raise SystemExit(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
+        from edge_server.budget import request_memory_bound_mb
+
+        # the soak server's limits (start_server): 16 MB messages, 16 unary calls, 8 streams, 128 + 128 MB budgets
+        bound = request_memory_bound_mb(16.0, 16, 8, 128.0, 128.0)
         attacks = Attacks(lambda log_name: self.start_server(log_name=log_name), self.good[0], max_streams=8,
-                          idle_s=2.0, grace_s=2.0, rss_budget_mb=self.args.rss_limit_mb)
+                          idle_s=2.0, grace_s=2.0, rss_budget_mb=self.args.rss_limit_mb, request_bound_mb=bound)
         for name in names:
             print(Attacks.line(attacks.run(name)), flush=True)
-        return attacks.results
+        res["attacks"] = attacks.results
+        for a in attacks.results.values():
+            res["failures"] += [f"attack {a['attack']}: {f}" for f in a["failures"]]
+        return res
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from edge_server.budget import INFLIGHT_FACTOR, ByteBudget
 from edge_server.stats import ServerStats
 from edge_server.watchdog import Watchdog
 
@@ -96,8 +97,10 @@ class _CallGone(Exception):
 class Admission(grpc.ServerInterceptor):
     """Per-kind concurrency limits, drain refusal and the exception guard (see the module docstring)."""
 
-    def __init__(self, stats: ServerStats, max_unary: int, max_streams: int, request_timeout_s: float = 30.0) -> None:
+    def __init__(self, stats: ServerStats, max_unary: int, max_streams: int, request_timeout_s: float = 30.0,
+                 inflight: ByteBudget | None = None) -> None:
         self.stats = stats
+        self.inflight = inflight
         self.request_timeout_s = request_timeout_s
         self._watchdog = Watchdog()
         self.limits = {"unary": max_unary, "stream": max_streams, "watch": MAX_HEALTH_WATCHERS,
@@ -231,6 +234,35 @@ class Admission(grpc.ServerInterceptor):
                                     "peer": _peer(context)}, "group": True})
         context.abort(grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
 
+    def _unary_request(self, requests: Any, context: grpc.ServicerContext, method: str, timeout: float,
+                       parse: Callable[[bytes], Any] | None, shares: list[int]) -> Any:
+        """The one request message of a unary-request call, read (within ``timeout``), budgeted and parsed."""
+        raw = self._one_request(requests, context, method, timeout)
+        if not self._reserve(len(raw), context, shares):
+            del raw
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "server busy: too many large requests in flight (--max-inflight-mb); retry later")
+        try:
+            return parse(raw) if parse is not None else raw
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {_message_name(parse)}")
+
+    def _reserve(self, size: int, context: grpc.ServicerContext, shares: list[int]) -> bool:
+        """A large request message's share of the in-flight budget (appended to ``shares``), waiting up to 2 s
+        (or the call's deadline); False when the budget stayed full."""
+        if self.inflight is None or size < 1 << 16:  # small messages are not worth the lock
+            return True
+        share = self.inflight.acquire(INFLIGHT_FACTOR * size, min(2.0, _remaining(context)))
+        if share is None:
+            return False
+        shares.append(share)
+        return True
+
+    def _release_shares(self, shares: list[int]) -> None:
+        if self.inflight is not None:
+            for n in shares:
+                self.inflight.release(n)
+
     def _request_timeout(self, kind: str | None) -> float:
         return HEALTH_REQUEST_TIMEOUT_S if kind in ("health", "watch") else self.request_timeout_s
 
@@ -262,23 +294,20 @@ class Admission(grpc.ServerInterceptor):
         unary_request = not handler.request_streaming
         timeout = self._request_timeout(kind)
 
-        def start(requests: Any, context: grpc.ServicerContext) -> Any:
+        def start(requests: Any, context: grpc.ServicerContext, shares: list[int]) -> Any:
             if not context.add_callback(release):  # the call ended already
                 release()
             if unary_request:
-                raw = self._one_request(requests, context, method, timeout)
-                try:
-                    return parse(raw) if parse is not None else raw
-                except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {_message_name(parse)}")
+                return self._unary_request(requests, context, method, timeout, parse, shares)
             return _ParsedRequests(requests, parse, context, self, method)
 
         if handler.response_streaming:
             inner_stream = handler.unary_stream or handler.stream_stream
 
             def streaming(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                shares: list[int] = []
                 try:
-                    yield from inner_stream(start(requests, context), context)
+                    yield from inner_stream(start(requests, context, shares), context)
                 except _CallGone:
                     context.abort(grpc.StatusCode.CANCELLED, "call ended before its request was read")
                 except Exception as e:
@@ -286,13 +315,15 @@ class Admission(grpc.ServerInterceptor):
                     raise
                 finally:
                     release()
+                    self._release_shares(shares)
 
             return grpc.stream_stream_rpc_method_handler(streaming, **kw)
         inner = handler.unary_unary or handler.stream_unary
 
         def unary(requests: Any, context: grpc.ServicerContext) -> Any:
+            shares: list[int] = []
             try:
-                return inner(start(requests, context), context)
+                return inner(start(requests, context, shares), context)
             except _CallGone:
                 context.abort(grpc.StatusCode.CANCELLED, "call ended before its request was read")
             except Exception as e:
@@ -300,6 +331,7 @@ class Admission(grpc.ServerInterceptor):
                 raise
             finally:
                 release()
+                self._release_shares(shares)
 
         return grpc.stream_unary_rpc_method_handler(unary, **kw)
 
@@ -328,6 +360,15 @@ class _ParsedRequests:
             log.info("rpc error", extra={"fields": {"method": self._method, "code": "INVALID_ARGUMENT",
                                                     "details": message, "peer": _peer(self._context)}, "group": True})
             raise StopIteration from None
+
+
+def _remaining(context: grpc.ServicerContext) -> float:
+    """Seconds left before the call's deadline (a huge number without one)."""
+    try:
+        left = context.time_remaining()
+    except Exception:  # noqa: BLE001 - no deadline information
+        return 10.0
+    return 10.0 if left is None else max(0.0, left)
 
 
 def _message_name(parse: Any) -> str:

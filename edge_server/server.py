@@ -28,9 +28,10 @@ from grpc_reflection.v1alpha import reflection
 
 from edge_server.admission import Admission
 from edge_server.auth import BearerTokenInterceptor, LoadModelPolicy, check_bind_policy, server_credentials
+from edge_server.budget import DEFAULT_DECODE_BUDGET_MB, DEFAULT_INFLIGHT_MB, ByteBudget, request_memory_bound_mb
 from edge_server.logs import add_secret
 from edge_server.model import ModelHolder, RunnerOptions
-from edge_server.servicer import DEFAULT_DECODE_BUDGET_MB, ClassifierServicer, DecodeBudget
+from edge_server.servicer import ClassifierServicer
 from edge_server.stats import DEFAULT_CAMERA_IDLE_S, DEFAULT_MAX_CAMERAS, ServerStats
 from edge_server.watch import BundleWatcher
 from edgetune.errors import ConfigError
@@ -86,6 +87,9 @@ class ServerConfig(RunnerOptions):
     max_cameras: int = DEFAULT_MAX_CAMERAS
     camera_idle_s: float = DEFAULT_CAMERA_IDLE_S
     max_decode_mb: float = DEFAULT_DECODE_BUDGET_MB
+    #: admitted request messages held at once (each budgeted at twice its size); beyond it a large request waits
+    #: up to 2 s, then RESOURCE_EXHAUSTED (a camera frame: an error result)
+    max_inflight_mb: float = DEFAULT_INFLIGHT_MB
     #: gRPC keepalive: the server pings idle connections every keepalive_s and drops them after no answer
     keepalive_s: float = 30.0
     keepalive_timeout_s: float = 10.0
@@ -116,6 +120,8 @@ class ServerConfig(RunnerOptions):
         _positive("max_connection_age_s", self.max_connection_age_s, allow_zero=True)
         if not isinstance(self.max_decode_mb, (int, float)) or not 1 <= self.max_decode_mb <= 1 << 20:
             raise ConfigError(f"max_decode_mb must be in [1, 1048576], got {self.max_decode_mb!r}")
+        if not isinstance(self.max_inflight_mb, (int, float)) or not 1 <= self.max_inflight_mb <= 1 << 20:
+            raise ConfigError(f"max_inflight_mb must be in [1, 1048576], got {self.max_inflight_mb!r}")
         if self.load_model:
             if not self.admin_token:
                 raise ConfigError("LoadModel needs an admin token: --admin-token-file FILE or EDGETUNE_ADMIN_TOKEN")
@@ -126,6 +132,11 @@ class ServerConfig(RunnerOptions):
             LoadModelPolicy(self.admin_token, self.model_root)  # validates the token
         check_bind_policy(self.host, tls=self.tls_cert is not None, insecure=self.insecure)
         super().__post_init__()
+
+    def request_memory_bound_mb(self) -> float:
+        """The most memory requests can hold at once (:func:`edge_server.budget.request_memory_bound_mb`)."""
+        return request_memory_bound_mb(self.max_message_mb, self.max_concurrent, self.max_streams,
+                                       self.max_inflight_mb, self.max_decode_mb)
 
     def runner_options(self) -> RunnerOptions:
         """The :class:`RunnerOptions` part of this config (what each (re)loaded bundle is served with)."""
@@ -143,8 +154,9 @@ class EdgeServer:
         creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
         policy = (LoadModelPolicy(config.admin_token, config.model_root)
                   if config.load_model and config.admin_token and config.model_root is not None else None)
+        self.inflight = ByteBudget(int(config.max_inflight_mb * 1024 * 1024), "the in-flight budget")
         self.admission = Admission(self.stats, max_unary=config.max_concurrent, max_streams=config.max_streams,
-                                   request_timeout_s=config.stream_idle_s)
+                                   request_timeout_s=config.stream_idle_s, inflight=self.inflight)
         # The admission guard is outermost: it also sees (and counts, and logs) the token check's refusals.
         interceptors: list[grpc.ServerInterceptor] = [self.admission]
         if config.token:
@@ -169,7 +181,8 @@ class EdgeServer:
             self.servicer = ClassifierServicer(
                 self.holder, self.stats, max_pixels=config.max_pixels, load_model=policy,
                 stream_idle_s=config.stream_idle_s, draining=self.admission.draining,
-                decode_budget=DecodeBudget(int(config.max_decode_mb * 1024 * 1024)))
+                decode_budget=ByteBudget(int(config.max_decode_mb * 1024 * 1024), "the decode budget"),
+                inflight=self.inflight)
             classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, self._grpc)
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -212,6 +225,9 @@ class EdgeServer:
             "batch_wait": self.config.batch_wait, "max_concurrent": self.config.max_concurrent,
             "max_streams": self.config.max_streams, "stream_idle_s": self.config.stream_idle_s,
             "max_pixels": self.config.max_pixels, "load_model": self.servicer.load_model is not None,
+            "max_message_mb": self.config.max_message_mb, "max_inflight_mb": self.config.max_inflight_mb,
+            "max_decode_mb": self.config.max_decode_mb,
+            "request_memory_bound_mb": round(self.config.request_memory_bound_mb()),
             "model_root": str(self.servicer.load_model.root) if self.servicer.load_model else None,
             "watch": self.config.watch}})
         return self

@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_server.auth import ADMIN_METADATA_KEY, LoadModelPolicy
 from edge_server.batcher import BatcherClosed, BatchResult, DeadlineExpired, LatestSlot
+from edge_server.budget import INFLIGHT_FACTOR, ByteBudget
 from edge_server.model import ModelHolder, ServedModel
 from edge_server.stats import MAX_CAMERA_ID_CHARS, ServerStats
 from edge_server.versions import server_versions
@@ -54,35 +55,6 @@ class _Busy(Exception):
     pass
 
 
-#: Default server-wide budget of memory that images being decoded may take at once.
-DEFAULT_DECODE_BUDGET_MB = 512.0
-
-
-class DecodeBudget:
-    """Bytes that concurrent decodes may use together; a decode waits (up to its deadline) for its share."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        if not isinstance(capacity_bytes, int) or capacity_bytes < 1 << 20:
-            raise ValueError(f"decode budget must be at least 1 MiB, got {capacity_bytes!r}")
-        self.capacity = capacity_bytes
-        self.used = 0
-        self._cond = threading.Condition()
-
-    def acquire(self, n: int, timeout: float) -> int | None:
-        """Reserve ``n`` bytes (capped at the capacity); the reserved amount, or None on timeout."""
-        n = max(1, min(int(n), self.capacity))
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.used + n <= self.capacity, timeout):
-                return None
-            self.used += n
-            return n
-
-    def release(self, n: int) -> None:
-        with self._cond:
-            self.used -= n
-            self._cond.notify_all()
-
-
 def camera_id_problem(camera_id: str) -> str | None:
     """Why a frame's ``camera_id`` is refused, or None when it is acceptable."""
     if len(camera_id) > MAX_CAMERA_ID_CHARS:
@@ -107,11 +79,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         stream_idle_s: a stream with no frame for this long is closed (DEADLINE_EXCEEDED); 0 = never.
         draining: set when the server drains: streams end after the frame they hold.
         decode_budget: shared memory budget of concurrent decodes (None = unbounded).
+        inflight: shared budget of admitted request messages (camera frames here; unary requests in the guard).
     """
 
     def __init__(self, holder: ModelHolder, stats: ServerStats, max_pixels: int = DEFAULT_MAX_PIXELS,
                  load_model: LoadModelPolicy | None = None, stream_idle_s: float = 30.0,
-                 draining: threading.Event | None = None, decode_budget: DecodeBudget | None = None) -> None:
+                 draining: threading.Event | None = None, decode_budget: ByteBudget | None = None,
+                 inflight: ByteBudget | None = None) -> None:
         self.holder = holder
         self.stats = stats
         self.max_pixels = max_pixels
@@ -119,6 +93,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.stream_idle_s = stream_idle_s
         self.draining = draining or threading.Event()
         self.decode_budget = decode_budget
+        self.inflight = inflight
         self._send_watchdog = Watchdog()
         self._sending_lock = threading.Lock()
         self._sending: dict[int, tuple[float, grpc.ServicerContext]] = {}  # results being sent: start, call
@@ -255,54 +230,91 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             self.stats.unary_done((time.monotonic() - t0) * 1e3, ok)
         raise AssertionError("unreachable")  # context.abort always raises
 
+    def _admit_frame(self, frame: pb.Frame) -> tuple[pb.Frame, int, str | None]:
+        """A received frame's share of the in-flight budget: (frame, share, None), or, when the budget stays
+        full for 0.5 s, the frame without its image and the error it gets (its bytes are let go at once)."""
+        budget = self.inflight
+        if budget is None:
+            return frame, 0, None
+        share = budget.acquire(INFLIGHT_FACTOR * frame.ByteSize(), 0.5)
+        if share is not None:
+            return frame, share, None
+        bare = pb.Frame(camera_id=frame.camera_id, frame_id=frame.frame_id, capture_time_us=frame.capture_time_us)
+        return bare, 0, ("server busy: too many large frames and requests in flight (--max-inflight-mb); "
+                         "frame dropped, send the next one")
+
+    def _release(self, share: int) -> None:
+        if share and self.inflight is not None:
+            self.inflight.release(share)
+
+    def _read_frames(self, request_iterator: Iterator[pb.Frame],
+                     slot: LatestSlot[tuple[pb.Frame, float, str | None, int]], activity: list[float]) -> None:
+        """A stream's reader thread: each frame into the slot (latest frame wins) with its budget share."""
+        stats = self.stats
+        try:
+            for received in request_iterator:
+                activity[0] = time.monotonic()
+                problem = camera_id_problem(received.camera_id)
+                if problem is None:
+                    stats.frame_received(received.camera_id)
+                    frame, share, problem = self._admit_frame(received)
+                else:
+                    frame, share = received, 0
+                del received
+                replaced = slot.put((frame, activity[0], problem, share))
+                if replaced is not None:
+                    self._release(replaced[3])
+                    if replaced[2] is None:
+                        stats.frame_dropped(replaced[0].camera_id)
+                del frame, replaced  # no frame kept alive while the next one is awaited
+        except Exception as e:  # client cancelled / connection lost: just end the stream
+            log.debug("stream reader ended", extra={"fields": {"error": repr(e)}})
+        finally:
+            slot.close()
+
     def StreamClassify(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext  # noqa: C901
                        ) -> Iterator[pb.FrameResult]:
-        slot: LatestSlot[tuple[pb.Frame, float, str | None]] = LatestSlot()
-        stats = self.stats
+        slot: LatestSlot[tuple[pb.Frame, float, str | None, int]] = LatestSlot()
         activity = [time.monotonic()]  # last frame received or answered
-
-        def read() -> None:
-            try:
-                for frame in request_iterator:
-                    activity[0] = time.monotonic()
-                    problem = camera_id_problem(frame.camera_id)
-                    if problem is None:
-                        stats.frame_received(frame.camera_id)
-                    replaced = slot.put((frame, activity[0], problem))
-                    if replaced is not None and replaced[2] is None:
-                        stats.frame_dropped(replaced[0].camera_id)
-            except Exception as e:  # client cancelled / connection lost: just end the stream
-                log.debug("stream reader ended", extra={"fields": {"error": repr(e)}})
-            finally:
-                slot.close()
-
-        reader = threading.Thread(target=read, name="edge-stream-reader", daemon=True)
+        reader = threading.Thread(target=self._read_frames, args=(request_iterator, slot, activity),
+                                  name="edge-stream-reader", daemon=True)
         reader.start()
         deadline = self._deadline(context)
         idle_s = self.stream_idle_s
         drained = False
-        while True:
-            if self.draining.is_set():
-                if drained:
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect to continue")
-                drained = True  # finish the frame already received, then end the stream
-                got = slot.take(timeout=0)
+        try:
+            while True:
+                if self.draining.is_set():
+                    if drained:
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect to continue")
+                    drained = True  # finish the frame already received, then end the stream
+                    got = slot.take(timeout=0)
+                    if got is None:
+                        continue
+                else:
+                    got = slot.take(timeout=0.25)
                 if got is None:
+                    if slot.closed or not context.is_active():
+                        break
+                    if idle_s and time.monotonic() - activity[0] > idle_s:
+                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      f"no frame received for {idle_s:g} s (--stream-idle-timeout); stream closed")
                     continue
-            else:
-                got = slot.take(timeout=0.25)
-            if got is None:
-                if slot.closed or not context.is_active():
-                    break
-                if idle_s and time.monotonic() - activity[0] > idle_s:
-                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  f"no frame received for {idle_s:g} s (--stream-idle-timeout); stream closed")
-                continue
-            if not context.is_active():
-                break
-            (frame, t_recv, problem), dropped = got
-            yield from self._send(self._frame_result(frame, t_recv, problem, dropped, deadline, context), context)
-            activity[0] = time.monotonic()
+                (frame, t_recv, problem, share), dropped = got
+                try:
+                    if not context.is_active():
+                        break
+                    result = self._frame_result(frame, t_recv, problem, dropped, deadline, context)
+                finally:
+                    del frame
+                    self._release(share)
+                yield from self._send(result, context)
+                activity[0] = time.monotonic()
+        finally:
+            slot.close()
+            left = slot.take(timeout=0)  # a frame received but never taken: its share goes back
+            if left is not None:
+                self._release(left[0][3])
 
     def _frame_result(self, frame: pb.Frame, t_recv: float, problem: str | None, dropped: int,
                       deadline: float | None, context: grpc.ServicerContext) -> pb.FrameResult:

@@ -22,6 +22,14 @@ def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
+def gzip_frame(message: bytes) -> bytes:
+    """One gzip-compressed gRPC message (send it with metadata ``grpc-encoding: gzip``)."""
+    import gzip
+
+    body = gzip.compress(message, compresslevel=9)
+    return b"\x01" + struct.pack(">I", len(body)) + body
+
+
 class RawH2:
     """One HTTP/2 connection to ``address`` (``host:port``). ``window`` is the initial stream receive window it
     announces (0: the server cannot send a byte of DATA on any stream); ``read=False`` never widens it."""
