@@ -16,7 +16,7 @@ import time
 
 from edge_server.logs import LOG_LEVELS, NativeStderr, configure_logging
 from edge_server.model import BATCH_WAITS
-from edge_server.profiles import SERVER_PROFILES, profile_limits
+from edge_server.profiles import PROFILE_NAMES, SERVER_PROFILES, profile_limits
 from edge_server.runners import BACKENDS
 from edge_server.runners.tensorrt import PRECISIONS
 from edgetune.errors import EdgetuneError
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait", choices=BATCH_WAITS, default="adaptive",
                    help="adaptive: a batch waits only for images already being decoded (a lone request runs at "
                         "once); fixed: every batch waits up to --max-wait-ms for company")
-    p.add_argument("--profile", default="default", choices=tuple(SERVER_PROFILES),
+    p.add_argument("--profile", default="default", choices=PROFILE_NAMES,
                    help="defaults of the memory-related limits: default (" + _profile_text("default") + ") or jetson ("
                         + _profile_text("jetson") + "; 8 GB shared with the GPU); explicit flags override them")
     p.add_argument("--max-concurrent", type=int, default=None, help="concurrent unary calls (Classify, GetStats, "

@@ -21,6 +21,9 @@ SERVER_PROFILES: dict[str, dict[str, Any]] = {
                "max_decode_mb": 128.0},
 }
 
+#: ``--profile`` choices.
+PROFILE_NAMES = tuple(SERVER_PROFILES)
+
 
 def profile_limits(profile: str, **given: Any) -> dict[str, Any]:
     """The profile's limits, with every value in ``given`` that is not None in their place."""

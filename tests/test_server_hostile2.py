@@ -316,3 +316,15 @@ def _rss_mb(pid: int) -> int:
         if line.startswith("VmRSS"):
             return int(line.split()[1]) // 1024
     return 0
+
+
+def test_jetson_profile_states_a_512_mb_request_memory_bound(bundle_dir: Path, tmp_path: Path) -> None:
+    from edge_server.profiles import profile_bound_mb
+
+    assert profile_bound_mb("jetson") == 512
+    srv = CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1", "--profile", "jetson",
+                     "--max-streams", "8"], tmp_path / "s.log")
+    srv.stop()
+    serving = next(r for r in srv.records() if r["msg"] == "serving")
+    assert (serving["max_message_mb"], serving["max_concurrent"], serving["max_streams"]) == (4.0, 16, 8)
+    assert serving["request_memory_bound_mb"] == 128 + (16 + 8) * 2 * 4 + 128  # an explicit flag overrides
