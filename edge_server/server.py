@@ -276,6 +276,10 @@ def grpc_server_options(config: ServerConfig, max_bytes: int) -> list[tuple[str,
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.so_reuseport", 0),
+        # requests must not be compressed (images are compressed already): a gzip'ed 15.5 MB message is 16 KB on the
+        # wire, so compression let a client make the server inflate and hold far more than it sends. gRPC answers
+        # such a call UNIMPLEMENTED before decompressing it. (Responses are not compressed either.)
+        ("grpc.compression_enabled_algorithms_bitset", 1),
         # HTTP/2 streams per connection (each call is one): bounds what one connection can queue, and stays above
         # everything the limits admit (a client's connection is shared by all its channels to this server), so
         # health checks on a busy connection are not refused by HTTP/2 itself
