@@ -145,7 +145,9 @@ class Soak(SoakWorkers):
         # planned kill -9 half-way, restart on the same port
         self.stop.wait(max(1.0, args.duration * 0.5))
         self.pause.set()
-        time.sleep(1.6)  # the server's per-second aggregated refusal log is flushed
+        # the hostile workers' last calls end (idle streams: --stream-idle-timeout 2 s) and the server's grouped error
+        # lines (at most one per second and kind, flushed every 0.5 s) are written before the kill -9
+        time.sleep(4.0)
         t_kill = time.monotonic()
         self.window = (t_kill, t_kill + 120.0)
         srv.kill()

@@ -358,6 +358,9 @@ class Attacks:
             fails.append(f"{per_call:.0f} bytes of log per call")
 
     def attack_log_flood(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
+        """As many unauthenticated calls and bad frames as this process can send for 10 s: the bound is the log's
+        volume; the flood costs CPU (the attacker shares the machine), so legit p99 is only held under 500 ms."""
+        extra["p99_bound_ms"] = 500.0
         stop = time.monotonic() + 10
         n = [0, 0]
 
@@ -389,24 +392,29 @@ class Attacks:
         extra["unauthenticated_calls"], extra["bad_frames"] = n
 
     def attack_webp_chunks(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
-        from tests.raw_h2 import RawH2
+        """15.5 MB WebPs made only of empty chunks: 10 sent plain (refused from the header), one gzip'ed (23.7 KB
+        on the wire; refused before it is inflated: requests must not be compressed)."""
+        from tests.raw_h2 import RawH2, grpc_frame
 
         body = b"WEBP" + b"JUNK\x00\x00\x00\x00" * ((BIG - 12) // 8)
-        webp = b"RIFF" + len(body).to_bytes(4, "little") + body
-        msg = gzip_frame(pb.ClassifyRequest(image=webp).SerializeToString())
-        extra["wire_bytes"] = len(msg)
-        md = (*CAM_MD, ("grpc-encoding", "gzip"))
+        webp = pb.ClassifyRequest(image=b"RIFF" + len(body).to_bytes(4, "little") + body).SerializeToString()
         took = []
         with RawH2(srv.address) as raw:
-            for _ in range(20):
+            sid = raw.open(CLASSIFY, metadata=(*CAM_MD, ("grpc-encoding", "gzip")), raw_message=gzip_frame(webp),
+                           end=True)
+            _wait_all(raw, [sid], 30)
+            if raw.status(sid) != "grpc-status 12":
+                fails.append(f"a gzip'ed WebP of empty chunks answered {raw.status(sid)}, want UNIMPLEMENTED (12)")
+            plain = grpc_frame(webp)
+            for _ in range(10):
                 t0 = time.monotonic()
-                sid = raw.open(CLASSIFY, metadata=md, raw_message=msg, end=True)
+                sid = raw.open(CLASSIFY, metadata=CAM_MD, raw_message=plain, end=True)
                 _wait_all(raw, [sid], 30)
-                took.append(time.monotonic() - t0)
+                took.append(time.monotonic() - t0)  # includes sending 15.5 MB through this Python HTTP/2 client
                 if raw.status(sid) != "grpc-status 3":
                     fails.append(f"WebP of empty chunks answered {raw.status(sid)}, want INVALID_ARGUMENT (3)")
                     break
-        extra["refused_in_max_s"] = round(max(took), 3)
+        extra["answered_in_max_s"] = round(max(took), 3)
         if max(took) > 1.0:
             fails.append(f"a WebP of empty chunks took {max(took):.2f} s")
 
