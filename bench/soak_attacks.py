@@ -287,6 +287,7 @@ class Attacks:
                 feed.end()
                 call.cancel()
             # a SIGTERM with window-0 streams open drains within the grace period
+            extra["allowed_legit_failures"] = ("UNAVAILABLE",)  # a probe call that starts during the drain
             sids = [raw.open(STREAM, metadata=CAM_MD, message=frame) for _ in range(self.max_streams)]
             time.sleep(0.5)
             probe.stop.set()
@@ -421,6 +422,7 @@ class Attacks:
     def attack_sighup(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
         from tests.edge_fixtures import RequestFeeder
 
+        extra["allowed_legit_failures"] = ("UNAVAILABLE",)  # a probe call that starts during the drain
         with grpc.insecure_channel(srv.address) as ch:
             feed = RequestFeeder(timeout=30)
             call = pb_grpc.ClassifierStub(ch).StreamClassify(feed, timeout=30, metadata=CAM_MD)
