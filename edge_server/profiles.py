@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_server.budget import request_memory_bound_mb
+from edge_server.budget import DEFAULT_DECODE_BUDGET_MB, DEFAULT_INFLIGHT_MB, request_memory_bound_mb
 
-SERVER_PROFILES: dict[str, dict[str, Any]] = {
-    "default": {"max_message_mb": 16.0, "max_concurrent": 64, "max_streams": 32, "max_inflight_mb": 256.0,
-                "max_decode_mb": 512.0},
+SERVER_PROFILES: dict[str, dict[str, Any]] = {  # "default" is also ServerConfig's defaults
+    "default": {"max_message_mb": 16.0, "max_concurrent": 64, "max_streams": 32,
+                "max_inflight_mb": DEFAULT_INFLIGHT_MB, "max_decode_mb": DEFAULT_DECODE_BUDGET_MB},
     "jetson": {"max_message_mb": 4.0, "max_concurrent": 16, "max_streams": 16, "max_inflight_mb": 128.0,
                "max_decode_mb": 128.0},
 }

@@ -28,9 +28,10 @@ from grpc_reflection.v1alpha import reflection
 
 from edge_server.admission import Admission
 from edge_server.auth import BearerTokenInterceptor, LoadModelPolicy, check_bind_policy, server_credentials
-from edge_server.budget import DEFAULT_DECODE_BUDGET_MB, DEFAULT_INFLIGHT_MB, ByteBudget, request_memory_bound_mb
+from edge_server.budget import ByteBudget, request_memory_bound_mb
 from edge_server.logs import add_secret
 from edge_server.model import ModelHolder, RunnerOptions
+from edge_server.profiles import SERVER_PROFILES
 from edge_server.servicer import ClassifierServicer
 from edge_server.stats import DEFAULT_CAMERA_IDLE_S, DEFAULT_MAX_CAMERAS, ServerStats
 from edge_server.watch import BundleWatcher
@@ -43,6 +44,7 @@ SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_nam
 #: The server's default decoded-image limit (16 MP, e.g. 4096x4096): well above camera frames, and a
 #: bounded decode (the shared preprocessing's own default, 64 MP, is for training data on big machines).
 DEFAULT_SERVER_MAX_PIXELS = 16 * 1024 * 1024
+_DEFAULTS = SERVER_PROFILES["default"]
 #: Server threads kept free for health checks and refusals, beyond what admitted calls can hold.
 _THREAD_RESERVE = 16
 
@@ -69,14 +71,14 @@ class ServerConfig(RunnerOptions):
     tls_key: str | Path | None = None
     tls_client_ca: str | Path | None = None
     insecure: bool = False
-    max_message_mb: float = 16.0
-    max_concurrent: int = 64
+    max_message_mb: float = _DEFAULTS["max_message_mb"]
+    max_concurrent: int = _DEFAULTS["max_concurrent"]
     max_pixels: int = DEFAULT_SERVER_MAX_PIXELS
     watch: bool = False
     watch_interval_s: float = 2.0
     grace_s: float = 10.0
     #: camera streams open at once (their own limit: unary calls and health are never starved by them)
-    max_streams: int = 32
+    max_streams: int = _DEFAULTS["max_streams"]
     #: a stream that sends no frame for this long is closed, a unary call whose request message does not
     #: arrive within it is cancelled (0 = never)
     stream_idle_s: float = 30.0
@@ -86,10 +88,10 @@ class ServerConfig(RunnerOptions):
     model_root: str | Path | None = None
     max_cameras: int = DEFAULT_MAX_CAMERAS
     camera_idle_s: float = DEFAULT_CAMERA_IDLE_S
-    max_decode_mb: float = DEFAULT_DECODE_BUDGET_MB
+    max_decode_mb: float = _DEFAULTS["max_decode_mb"]
     #: admitted request messages held at once (each budgeted at twice its size); beyond it a large request waits
     #: up to 2 s, then RESOURCE_EXHAUSTED (a camera frame: an error result)
-    max_inflight_mb: float = DEFAULT_INFLIGHT_MB
+    max_inflight_mb: float = _DEFAULTS["max_inflight_mb"]
     #: gRPC keepalive: the server pings idle connections every keepalive_s and drops them after no answer
     keepalive_s: float = 30.0
     keepalive_timeout_s: float = 10.0
@@ -251,7 +253,10 @@ class EdgeServer:
                 if drained or time.monotonic() - t0 >= grace:
                     break
                 self.servicer.cancel_stuck_sends(1.0)
-            self._grpc.stop(max(0.0, grace - (time.monotonic() - t0))).wait()
+            # every handler has finished when drained: gRPC gets 1 s to write what they answered (a peer that does
+            # not read would otherwise hold the stop for the whole grace period)
+            left = max(0.0, grace - (time.monotonic() - t0))
+            self._grpc.stop(min(left, 1.0) if drained else left).wait()
             self.holder.close()
             self.admission.close()
             self._stopped.set()

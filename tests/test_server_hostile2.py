@@ -41,6 +41,7 @@ def test_stalled_health_checks_starve_nothing(bundle_dir: Path, good_png: bytes)
         for c in conns:
             for _ in range(60):
                 c.open(HEALTH_CHECK)  # headers only: no message, no half-close
+        watches = [conns[0].open("/grpc.health.v1.Health/Watch") for _ in range(8)]  # stalled Watch calls too
         time.sleep(1.0)
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -51,6 +52,7 @@ def test_stalled_health_checks_starve_nothing(bundle_dir: Path, good_png: bytes)
                 assert time.monotonic() - t0 < 3
         # every stalled check is answered (with the server's status) or ended, none left holding a thread
         assert _wait(lambda: all(len(c.ended) >= 60 for c in conns), 20), [len(c.ended) for c in conns]
+        assert _wait(lambda: all(conns[0].status(w) for w in watches), 10)  # cancelled: no request within 1 s
     finally:
         for c in conns:
             c.close()
@@ -86,7 +88,65 @@ def test_stream_with_closed_receive_window_is_closed_and_frees_its_slot(bundle_d
         srv.stop(grace=1)
 
 
+def test_drain_cancels_streams_whose_peer_stopped_reading(bundle_dir: Path, good_png: bytes) -> None:
+    """With the idle timeout far away, a stop does not wait its whole grace period for streams that cannot
+    finish their frame (receive window 0): they are cancelled after 1 s (before: the full grace)."""
+    srv = start_server(bundle_dir, max_streams=2, stream_idle_s=30.0, grace_s=10.0)
+    frame = pb.Frame(camera_id="stuck", frame_id=1, image=good_png).SerializeToString()
+    raw = RawH2(srv.address, window=0, read=False)
+    try:
+        for _ in range(2):
+            raw.open(STREAM, message=frame)
+        assert _wait(lambda: len(srv.servicer._sending) == 2, 10)  # both blocked sending their result
+        t0 = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - t0 < 5, time.monotonic() - t0
+    finally:
+        raw.close()
+        srv.stop(grace=0)
+
+
 # -- findings 4 and 5: what reaches the log, and how much ----------------------------------------
+
+def test_log_lines_are_escaped_clipped_redacted_and_bounded() -> None:
+    """The JSON formatter and handler on their own: ASCII only, strings clipped, tokens redacted, lines at most
+    MAX_LINE_BYTES; repeated errors grouped with a count; ungrouped lines capped per second."""
+    import io
+    import json
+    import logging
+
+    from edge_server import logs
+
+    logs.add_secret("unit-secret-token-42")
+    buf = io.StringIO()
+    handler = logs.BoundedJsonHandler(buf)
+    rec = logging.LogRecord("edge_server.x", logging.WARNING, __file__, 1, "m\x1b[31m", None, None)
+    rec.fields = {"value": "unit-secret-token-42 \u202e\x00" + "z" * 5000, "n": 3}
+    line = handler.format(rec)
+    assert line.isascii() and "unit-secret-token-42" not in line and "[redacted]" in line
+    assert len(line) <= logs.MAX_LINE_BYTES and "chars]" in json.loads(line)["value"]
+    grpc_rec = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1, "Invalid encoding on %s",
+                                 (b"Bearer abc\xff",), None)
+    assert "abc" not in handler.format(grpc_rec) and "<withheld>" in handler.format(grpc_rec)
+    err = logging.getLogger("edge_server.unit")
+    err.addHandler(handler)
+    err.propagate = False
+    err.setLevel(logging.INFO)
+    try:
+        for _ in range(500):
+            err.warning("rpc error", extra={"fields": {"method": "/m", "code": "X"}, "group": True})
+        for i in range(100):
+            err.info(f"plain line {i}")
+        handler.flush_groups(force=True)
+    finally:
+        err.removeHandler(handler)
+        handler.close()
+    out = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert sum(r["count"] for r in out if r["msg"] == "rpc error") == 500
+    assert len([r for r in out if r["msg"] == "rpc error"]) <= 2
+    assert len([r for r in out if r["msg"].startswith("plain line")]) == logs.MAX_LINES_PER_PERIOD
+    assert sum(r["count"] for r in out if r["msg"] == "log lines suppressed") == 100 - logs.MAX_LINES_PER_PERIOD
+
 
 TOKEN = "hostile2-camera-token-4711"
 
