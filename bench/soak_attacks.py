@@ -9,7 +9,7 @@ and fails when a bound is broken:
   excepted where said); RSS within 20 % (+ 16 MB of noise) of its pre-attack value within 30 s after; the log
   grows by at most ``edge_server.logs.WORST_CASE_BYTES_PER_S``; no token in the log;
 * ``health-stall``: 300 health Checks that send headers but never their message, kept open: legit p99 within
-  2x quiet (floor 50 ms);
+  2x quiet (floor 100 ms);
 * ``stream-window0``: ``--max-streams`` camera streams on an HTTP/2 connection with receive window 0: all
   slots free within the idle timeout (+2 s), then a real camera is served; a SIGTERM with such streams open
   exits within the grace period (+2 s);
@@ -206,7 +206,7 @@ class Attacks:
             fails.append(f"legit calls failed before the attack: {m['quiet_fail'][:2]}")
         lat, q99 = m["lat"], pct(m["quiet_lat"], 99)
         p99 = pct(lat, 99)
-        bound = extra.pop("p99_bound_ms", max(2 * q99, 50.0))
+        bound = extra.pop("p99_bound_ms", max(2 * q99, 100.0))  # 100 ms: the noise of a shared 2-core machine
         if lat and p99 > bound:
             fails.append(f"legit p99 {p99:.1f} ms > bound {bound:.1f} ms (quiet p99 {q99:.1f} ms)")
         if not lat:
