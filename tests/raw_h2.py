@@ -99,6 +99,14 @@ class RawH2:
         as it is (an already framed, e.g. compressed, message); ``end`` half-closes."""
         if message is not None:
             raw_message = grpc_frame(message)
+        deadline = time.monotonic() + 30
+        while True:  # the server's SETTINGS_MAX_CONCURRENT_STREAMS: wait for one of ours to end
+            with self._lock:
+                if self.conn.open_outbound_streams < self.conn.remote_settings.max_concurrent_streams:
+                    break
+            if time.monotonic() > deadline or self.closed.is_set():
+                raise TimeoutError("no HTTP/2 stream free on this connection within 30 s")
+            time.sleep(0.01)
         with self._lock:
             sid = self.conn.get_next_available_stream_id()
             hdrs: list[tuple[bytes, bytes]] = [
@@ -121,8 +129,13 @@ class RawH2:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                if sid in self.ended or self.conn.streams.get(sid) is None or self.conn.streams[sid].closed:
-                    return  # the server answered (or reset) the call already
+                stream = self.conn.streams.get(sid)
+                if stream is None or stream.closed:
+                    return  # the server reset the call
+                if sid in self.ended:  # the server answered already: close our side too (frees the stream)
+                    self.conn.reset_stream(sid)
+                    self._flush()
+                    return
                 n = min(len(data), self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
                 if n or not data:
                     self.conn.send_data(sid, bytes(data[:n]), end_stream=end and n == len(data))
