@@ -56,16 +56,17 @@ class Soak(SoakWorkers):
         super().__init__(args, work, good_images())
 
     # -- server ---------------------------------------------------------------------------------
-    def start_server(self, port: int = 0) -> Any:
+    def start_server(self, port: int = 0, log_name: str | None = None) -> Any:
         from tests.edge_fixtures import CliServer
 
         n = len(self.servers) + 1
         srv = CliServer(["--bundle", str(self.models / "a"), "--port", str(port), "--threads", "1",
                          "--max-streams", "8", "--max-concurrent", "16", "--stream-idle-timeout", "2",
-                         "--max-pixels", str(4 * 1024 * 1024), "--max-decode-mb", "128", "--grace", "2",
+                         "--max-pixels", str(4 * 1024 * 1024), "--max-decode-mb", "128", "--max-inflight-mb", "128",
+                         "--grace", "2",
                          "--token-file", str(self.work / "camera.token"), "--enable-load-model",
                          "--model-root", str(self.models), "--admin-token-file", str(self.work / "admin.token")],
-                        self.work / f"server-{n}.log")
+                        self.work / (log_name or f"server-{n}.log"))
         with self._server_lock:
             self.servers.append(srv)
         self.address = srv.address
@@ -144,7 +145,9 @@ class Soak(SoakWorkers):
         # planned kill -9 half-way, restart on the same port
         self.stop.wait(max(1.0, args.duration * 0.5))
         self.pause.set()
-        time.sleep(1.6)  # the server's per-second aggregated refusal log is flushed
+        # the hostile workers' last calls end (idle streams: --stream-idle-timeout 2 s) and the server's grouped error
+        # lines (at most one per second and kind, flushed every 0.5 s) are written before the kill -9
+        time.sleep(4.0)
         t_kill = time.monotonic()
         self.window = (t_kill, t_kill + 120.0)
         srv.kill()
@@ -164,7 +167,30 @@ class Soak(SoakWorkers):
             final = pb_grpc.ClassifierStub(ch).GetStats(pb.GetStatsRequest(), timeout=10, metadata=CAM_MD)
         second.stop()
         wall = time.monotonic() - t_start
-        return report(self, box, client_records, final, restart_s, wall, client.is_alive())
+        return self.run_attacks(report(self, box, client_records, final, restart_s, wall, client.is_alive()))
+
+    def run_attacks(self, res: dict[str, Any]) -> dict[str, Any]:
+        """The targeted attacks (``bench/soak_attacks.py``), each on a fresh server, one line each; their results
+        and failures added to ``res``."""
+        from soak_attacks import ATTACKS, Attacks
+
+        names = ATTACKS if self.args.attacks == "all" else [
+            a for a in self.args.attacks.split(",") if a and a != "none"]
+        unknown = sorted(set(names) - set(ATTACKS))
+        if unknown:
+            raise SystemExit(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
+        from edge_server.budget import request_memory_bound_mb
+
+        # the soak server's limits (start_server): 16 MB messages, 16 unary calls, 8 streams, 128 + 128 MB budgets
+        bound = request_memory_bound_mb(16.0, 16, 8, 128.0, 128.0)
+        attacks = Attacks(lambda log_name: self.start_server(log_name=log_name), self.good[0], max_streams=8,
+                          idle_s=2.0, grace_s=2.0, rss_budget_mb=self.args.rss_limit_mb, request_bound_mb=bound)
+        for name in names:
+            print(Attacks.line(attacks.run(name)), flush=True)
+        res["attacks"] = attacks.results
+        for a in attacks.results.values():
+            res["failures"] += [f"attack {a['attack']}: {f}" for f in a["failures"]]
+        return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-fps", type=float, default=10.0, help="frame rate of the attached camera client")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed)")
+    p.add_argument("--attacks", default="all",
+                   help="targeted attacks after the mixed load: all (default), none, or a comma list of "
+                        "health-stall,stream-window0,big-messages,nonutf8-metadata,log-flood,webp-chunks,sighup,getstats")
     p.add_argument("--workers", help=argparse.SUPPRESS)  # debugging: a comma list of worker names to run
     args = p.parse_args(argv)
     if args.duration < 10:

@@ -100,14 +100,13 @@ def logged_errors(soak: SoakState) -> tuple[collections.Counter, int]:
     for srv in soak.servers:
         for rec in srv.records():
             msg, code = rec.get("msg", ""), rec.get("code")
-            if msg == "rpc error" and code:
-                logged[code] += 1
-            elif msg == "rpc rejected" and code:
-                logged[code] += int(rec.get("count", 1))
+            n = int(rec.get("count", 1))  # grouped lines stand for `count` events
+            if msg in ("rpc error", "rpc rejected") and code:
+                logged[code] += n
             elif msg == "unexpected error in handler; answered INTERNAL":
-                logged["INTERNAL"] += 1
+                logged["INTERNAL"] += n
             elif rec.get("logger", "").startswith("grpc") and "deserializ" in msg.lower():
-                logged["INTERNAL"] += 1
+                logged["INTERNAL"] += n
             elif msg in ("frame refused", "frame error", "unexpected error processing a frame; the stream goes on"):
-                logged_frames += 1
+                logged_frames += n
     return logged, logged_frames

@@ -48,8 +48,9 @@ class SoakWorkers(SoakState):
                  metadata=CAM_MD)
         if not isinstance(r, grpc.RpcError):
             self.tally.valid_ms.append((t0, (time.monotonic() - t0) * 1000))
-        elif r.code() != SC.RESOURCE_EXHAUSTED:  # judged at the end, against the restart window
-            self.timed_failures.append((t0, f"valid Classify failed outside the restart at t={t0 - self.t0:.2f} s: "
+        elif r.code() != SC.RESOURCE_EXHAUSTED:  # judged at the end, against the restart window, by when it ended
+            t1 = time.monotonic()  # (a call in flight at the kill -9 started before it and fails after it)
+            self.timed_failures.append((t1, f"valid Classify failed outside the restart at t={t0 - self.t0:.2f} s: "
                                             f"{r.code().name} {r.details()}"))
 
     def hostile_unary(self, stub: Any, _ch: grpc.Channel) -> None:

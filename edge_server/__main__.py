@@ -11,14 +11,23 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 
 from edge_server.logs import LOG_LEVELS, NativeStderr, configure_logging
 from edge_server.model import BATCH_WAITS
+from edge_server.profiles import PROFILE_NAMES, SERVER_PROFILES, profile_limits
 from edge_server.runners import BACKENDS
 from edge_server.runners.tensorrt import PRECISIONS
 from edgetune.errors import EdgetuneError
 
 log = logging.getLogger("edge_server.main")
+
+
+def _profile_text(name: str) -> str:
+    v = SERVER_PROFILES[name]
+    return (f"--max-message-mb {v['max_message_mb']:g} --max-concurrent {v['max_concurrent']} --max-streams "
+            f"{v['max_streams']} --max-inflight-mb {v['max_inflight_mb']:g} --max-decode-mb {v['max_decode_mb']:g}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,17 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait", choices=BATCH_WAITS, default="adaptive",
                    help="adaptive: a batch waits only for images already being decoded (a lone request runs at "
                         "once); fixed: every batch waits up to --max-wait-ms for company")
-    p.add_argument("--max-concurrent", type=int, default=64, help="concurrent unary calls (Classify, GetStats, "
-                   "GetModelInfo, LoadModel) before RESOURCE_EXHAUSTED; streams and health checks are not counted")
-    p.add_argument("--max-streams", type=int, default=32, help="camera streams open at once before "
-                   "RESOURCE_EXHAUSTED (their own limit)")
+    p.add_argument("--profile", default="default", choices=PROFILE_NAMES,
+                   help="defaults of the memory-related limits: default (" + _profile_text("default") + ") or jetson ("
+                        + _profile_text("jetson") + "; 8 GB shared with the GPU); explicit flags override them")
+    p.add_argument("--max-concurrent", type=int, default=None, help="concurrent unary calls (Classify, GetStats, "
+                   "GetModelInfo, LoadModel) before RESOURCE_EXHAUSTED; streams and health checks are not counted "
+                   "(default: the profile's)")
+    p.add_argument("--max-streams", type=int, default=None, help="camera streams open at once before "
+                   "RESOURCE_EXHAUSTED (their own limit; default: the profile's)")
     p.add_argument("--stream-idle-timeout", type=float, default=30.0,
                    help="close a stream that sends no frame for this many seconds (0 = never)")
-    p.add_argument("--max-message-mb", type=float, default=16.0, help="largest request/response message")
+    p.add_argument("--max-message-mb", type=float, default=None,
+                   help="largest request/response message, decompressed (default: the profile's)")
+    p.add_argument("--max-inflight-mb", type=float, default=None,
+                   help="memory that admitted request messages may hold together (each counts twice its size); "
+                        "beyond it a large request waits up to 2 s, then RESOURCE_EXHAUSTED (default: the profile's)")
     p.add_argument("--max-pixels", type=int, default=16 * 1024 * 1024,
                    help="largest image (pixels, read from its header before decoding; default 16 M = 4096x4096)")
-    p.add_argument("--max-decode-mb", type=float, default=512.0,
-                   help="memory that images being decoded may use together; beyond it decodes wait")
+    p.add_argument("--max-decode-mb", type=float, default=None,
+                   help="memory that images being decoded may use together; beyond it decodes wait (default: the "
+                        "profile's)")
     p.add_argument("--max-cameras", type=int, default=256,
                    help="cameras tracked in GetStats (others are summed as '(untracked)')")
     p.add_argument("--camera-idle-timeout", type=float, default=300.0,
@@ -103,17 +121,31 @@ def _tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
 def _return_large_buffers_to_the_os() -> None:
     """glibc raises its mmap threshold after large frees, so image-sized buffers (messages, decoded images)
     then come from thread arenas and stay in the RSS; a fixed 256 KiB threshold keeps them mmap'ed and returned
-    on free (measured: peak RSS after 16 MB requests 330 -> 223 MB). No-op where glibc's mallopt is absent."""
+    on free (measured: peak RSS after 16 MB requests 330 -> 223 MB). gRPC receives a message in many small
+    slices, which fill the arenas of the server's threads and stayed there after an attack of 15.5 MB messages
+    (issue 21: RSS 226 MB 30 s after, 125 MB before): the arenas are capped at 2 and trimmed every second
+    (``malloc_trim``, which gives free pages in the middle of a heap back too). No-op without glibc."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD (fixing it also disables the dynamic adjustment)
     except OSError:
-        pass
+        return
+    if libc is None or not hasattr(libc, "mallopt"):
+        return
+    libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD (fixing it also disables the dynamic adjustment)
+    libc.mallopt(-8, 2)  # M_ARENA_MAX: ~150 server threads would otherwise get up to 8 arenas per core
+    if hasattr(libc, "malloc_trim"):
+        trim = libc.malloc_trim
+
+        def trim_loop() -> None:
+            while True:
+                time.sleep(1.0)
+                trim(0)
+
+        threading.Thread(target=trim_loop, name="edge-malloc-trim", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,13 +167,16 @@ def _serve(args: argparse.Namespace, native: NativeStderr) -> int:
         config = ServerConfig(
             bundle=args.bundle, host=args.host, port=args.port, backend=args.backend, precision=args.precision,
             intra_op_threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batch_wait=args.batch_wait,
-            max_concurrent=args.max_concurrent, max_message_mb=args.max_message_mb, max_pixels=args.max_pixels,
+            **profile_limits(args.profile, max_concurrent=args.max_concurrent, max_streams=args.max_streams,
+                             max_message_mb=args.max_message_mb, max_inflight_mb=args.max_inflight_mb,
+                             max_decode_mb=args.max_decode_mb),
+            max_pixels=args.max_pixels,
             token=token, tls_cert=args.tls_cert,
             tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, insecure=args.insecure, watch=args.watch,
-            watch_interval_s=args.watch_interval, grace_s=args.grace, max_streams=args.max_streams,
+            watch_interval_s=args.watch_interval, grace_s=args.grace,
             stream_idle_s=args.stream_idle_timeout, load_model=args.enable_load_model, admin_token=admin_token,
             model_root=args.model_root, max_cameras=args.max_cameras, camera_idle_s=args.camera_idle_timeout,
-            max_decode_mb=args.max_decode_mb, keepalive_s=args.keepalive,
+            keepalive_s=args.keepalive,
             max_connection_age_s=args.max_connection_age,
         )
         return serve(config)

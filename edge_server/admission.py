@@ -7,11 +7,17 @@ Limits are per kind of call, so that one kind cannot starve another (Envoy's per
   servicer, ``--stream-idle-timeout``);
 * ``watch``: health ``Watch`` streams (:data:`MAX_HEALTH_WATCHERS`), ``reflection`` streams
   (:data:`MAX_REFLECTION_STREAMS`);
-* health ``Check`` is never limited and never refused, not even while draining.
+* health ``Check`` is never refused, not even while draining, and never holds a server thread for long: a
+  Check whose request message has not arrived within :data:`HEALTH_REQUEST_TIMEOUT_S` is cancelled, and
+  while :data:`MAX_HEALTH_PENDING` Checks are already running, the next one is answered at once with the
+  server's status (SERVING, or NOT_SERVING while draining) without waiting for its request. So a flood of
+  stalled health calls holds at most that many threads for at most that long (issue 21: 300 stalled Checks
+  used to pin the whole pool for ``--stream-idle-timeout``).
 
 A call over its limit gets RESOURCE_EXHAUSTED naming the limit, with the trailer
 ``grpc-retry-pushback-ms`` (the camera client waits that long and retries); those replies are counted in
-``errors_total`` and logged, aggregated per second (a flood of them must not become a flood of log lines).
+``errors_total`` and logged. Every error log line here is grouped per second and kind with a count
+(``edge_server.logs.BoundedJsonHandler``): a flood of errors must not become a flood of log lines.
 While the server drains (:meth:`Admission.start_draining`), new calls other than health get UNAVAILABLE.
 
 Every admitted call runs inside a guard: an exception that escapes a handler becomes INTERNAL (never
@@ -38,8 +44,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
-from edge_server.rejections import RejectionLog
+from edge_server.budget import INFLIGHT_FACTOR, ByteBudget
 from edge_server.stats import ServerStats
 from edge_server.watchdog import Watchdog
 
@@ -52,6 +59,12 @@ REFLECTION_PREFIX = "/grpc.reflection."
 MAX_HEALTH_WATCHERS = 16
 #: Open server-reflection streams allowed at once.
 MAX_REFLECTION_STREAMS = 4
+#: Health Checks running at once (each waits for its request message on a server thread); beyond it a Check
+#: is answered at once from the server's status, without reading its request.
+MAX_HEALTH_PENDING = 16
+#: A health Check or Watch whose request message has not arrived within this is cancelled (a prober sends it
+#: with the headers).
+HEALTH_REQUEST_TIMEOUT_S = 1.0
 #: Client-side mistakes: logged at info; everything else at warning (INTERNAL / UNKNOWN at error).
 _CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -84,19 +97,17 @@ class _CallGone(Exception):
 class Admission(grpc.ServerInterceptor):
     """Per-kind concurrency limits, drain refusal and the exception guard (see the module docstring)."""
 
-    def __init__(self, stats: ServerStats, max_unary: int, max_streams: int, request_timeout_s: float = 30.0) -> None:
+    def __init__(self, stats: ServerStats, max_unary: int, max_streams: int, request_timeout_s: float = 30.0,
+                 inflight: ByteBudget | None = None) -> None:
         self.stats = stats
+        self.inflight = inflight
         self.request_timeout_s = request_timeout_s
         self._watchdog = Watchdog()
         self.limits = {"unary": max_unary, "stream": max_streams, "watch": MAX_HEALTH_WATCHERS,
-                       "reflection": MAX_REFLECTION_STREAMS}
+                       "reflection": MAX_REFLECTION_STREAMS, "health": MAX_HEALTH_PENDING}
         self._active = dict.fromkeys(self.limits, 0)
         self._cond = threading.Condition()
         self.draining = threading.Event()
-        self._rejections = RejectionLog()
-        self._stop_flusher = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_loop, name="edge-reject-log", daemon=True)
-        self._flusher.start()
 
     @property
     def threads_needed(self) -> int:
@@ -122,18 +133,13 @@ class Admission(grpc.ServerInterceptor):
         return True
 
     def close(self) -> None:
-        self._stop_flusher.set()
-        self._rejections.flush(force=True)
-
-    def _flush_loop(self) -> None:
-        while not self._stop_flusher.wait(0.5):
-            self._rejections.flush()
+        """Nothing to release (kept for the server's stop sequence)."""
 
     # -- interceptor -----------------------------------------------------------------------
     @staticmethod
     def _kind(method: str, handler: grpc.RpcMethodHandler) -> str | None:
         if method == HEALTH_CHECK:
-            return None
+            return "health"
         if method == HEALTH_WATCH:
             return "watch"
         if method.startswith(REFLECTION_PREFIX):
@@ -146,7 +152,7 @@ class Admission(grpc.ServerInterceptor):
             handler = continuation(handler_call_details)
         except Exception:  # a bug in a later interceptor: INTERNAL and a log line, not gRPC's UNKNOWN
             log.exception("unexpected error looking up the handler; answered INTERNAL",
-                          extra={"fields": {"method": method, "code": "INTERNAL"}})
+                          extra={"fields": {"method": method, "code": "INTERNAL"}, "group": True})
             self.stats.error()
             return abort_handler(grpc.stream_stream_rpc_method_handler(lambda *_: iter(())),
                                  grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
@@ -155,7 +161,7 @@ class Admission(grpc.ServerInterceptor):
         kind = self._kind(method, handler)
         if kind is None:
             return self._guard(handler, method, None)
-        if self.draining.is_set() and kind != "watch":
+        if self.draining.is_set() and kind not in ("watch", "health"):
             return self._refuse(handler, method, grpc.StatusCode.UNAVAILABLE,
                                 "server is shutting down; retry on another server or once it is back")
         with self._cond:
@@ -163,8 +169,22 @@ class Admission(grpc.ServerInterceptor):
             if admitted:
                 self._active[kind] += 1
         if not admitted:
+            if kind == "health":
+                return self._health_answer(handler)
             return self._refuse(handler, method, grpc.StatusCode.RESOURCE_EXHAUSTED, self._limit_message(kind))
         return self._guard(handler, method, kind)
+
+    def _health_answer(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """A health Check answered at once with the server's status, its request never read (while
+        :data:`MAX_HEALTH_PENDING` Checks are running already: stalled ones must not queue up on threads)."""
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if self.draining.is_set()
+                  else health_pb2.HealthCheckResponse.SERVING)
+
+        def answer(_requests: Any, _context: grpc.ServicerContext) -> Any:
+            return health_pb2.HealthCheckResponse(status=status)
+
+        return grpc.stream_unary_rpc_method_handler(answer, request_deserializer=None,
+                                                    response_serializer=handler.response_serializer)
 
     def _limit_message(self, kind: str) -> str:
         n = self.limits[kind]
@@ -179,7 +199,8 @@ class Admission(grpc.ServerInterceptor):
     def _refuse(self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode,
                 message: str) -> grpc.RpcMethodHandler:
         self.stats.error(rejected=code == grpc.StatusCode.RESOURCE_EXHAUSTED)
-        self._rejections.add(method, code.name, message)
+        log.warning("rpc rejected", extra={"fields": {"method": method, "code": code.name, "details": message},
+                                           "group": True})
         return abort_handler(handler, code, message, ((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),))
 
     def _release_once(self, kind: str | None) -> Callable[[], None]:
@@ -206,16 +227,48 @@ class Admission(grpc.ServerInterceptor):
             text = details.decode("utf-8", "replace") if isinstance(details, bytes) else str(details or "")
             level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
             log.log(level, "rpc error", extra={"fields": {"method": method, "code": code.name, "details": text,
-                                                          "peer": _peer(context)}})
+                                                          "peer": _peer(context)}, "group": True})
             return
         log.error("unexpected error in handler; answered INTERNAL", exc_info=(type(exc), exc, exc.__traceback__),
                   extra={"fields": {"method": method, "code": "INTERNAL", "error_type": type(exc).__name__,
-                                    "peer": _peer(context)}})
+                                    "peer": _peer(context)}, "group": True})
         context.abort(grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
 
-    def _one_request(self, requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Any:
-        """The single request message of a unary-request call, within ``request_timeout_s``."""
-        timer = self._watchdog.arm(self.request_timeout_s, context.cancel) if self.request_timeout_s else None
+    def _unary_request(self, requests: Any, context: grpc.ServicerContext, method: str, timeout: float,
+                       parse: Callable[[bytes], Any] | None, shares: list[int]) -> Any:
+        """The one request message of a unary-request call, read (within ``timeout``), budgeted and parsed."""
+        raw = self._one_request(requests, context, method, timeout)
+        if not self._reserve(len(raw), context, shares):
+            del raw
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "server busy: too many large requests in flight (--max-inflight-mb); retry later")
+        try:
+            return parse(raw) if parse is not None else raw
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {_message_name(parse)}")
+
+    def _reserve(self, size: int, context: grpc.ServicerContext, shares: list[int]) -> bool:
+        """A large request message's share of the in-flight budget (appended to ``shares``), waiting up to 2 s
+        (or the call's deadline); False when the budget stayed full."""
+        if self.inflight is None or size < 1 << 16:  # small messages are not worth the lock
+            return True
+        share = self.inflight.acquire(INFLIGHT_FACTOR * size, min(2.0, _remaining(context)))
+        if share is None:
+            return False
+        shares.append(share)
+        return True
+
+    def _release_shares(self, shares: list[int]) -> None:
+        if self.inflight is not None:
+            for n in shares:
+                self.inflight.release(n)
+
+    def _request_timeout(self, kind: str | None) -> float:
+        return HEALTH_REQUEST_TIMEOUT_S if kind in ("health", "watch") else self.request_timeout_s
+
+    def _one_request(self, requests: Iterator[Any], context: grpc.ServicerContext, method: str, timeout: float) -> Any:
+        """The single request message of a unary-request call, within ``timeout`` s (0 = no limit)."""
+        timer = self._watchdog.arm(timeout, context.cancel) if timeout else None
         try:
             return next(requests)
         except StopIteration:
@@ -228,7 +281,7 @@ class Admission(grpc.ServerInterceptor):
                 self.stats.error()
                 log.warning("rpc error", extra={"fields": {
                     "method": method, "code": "CANCELLED", "peer": _peer(context),
-                    "details": f"no request message within {self.request_timeout_s:g} s; call cancelled"}})
+                    "details": f"no request message within {timeout:g} s; call cancelled"}, "group": True})
             raise _CallGone() from None
         finally:
             if timer is not None:
@@ -239,24 +292,22 @@ class Admission(grpc.ServerInterceptor):
         parse = handler.request_deserializer
         kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}  # raw bytes in
         unary_request = not handler.request_streaming
+        timeout = self._request_timeout(kind)
 
-        def start(requests: Any, context: grpc.ServicerContext) -> Any:
+        def start(requests: Any, context: grpc.ServicerContext, shares: list[int]) -> Any:
             if not context.add_callback(release):  # the call ended already
                 release()
             if unary_request:
-                raw = self._one_request(requests, context, method)
-                try:
-                    return parse(raw) if parse is not None else raw
-                except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {_message_name(parse)}")
+                return self._unary_request(requests, context, method, timeout, parse, shares)
             return _ParsedRequests(requests, parse, context, self, method)
 
         if handler.response_streaming:
             inner_stream = handler.unary_stream or handler.stream_stream
 
             def streaming(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                shares: list[int] = []
                 try:
-                    yield from inner_stream(start(requests, context), context)
+                    yield from inner_stream(start(requests, context, shares), context)
                 except _CallGone:
                     context.abort(grpc.StatusCode.CANCELLED, "call ended before its request was read")
                 except Exception as e:
@@ -264,13 +315,15 @@ class Admission(grpc.ServerInterceptor):
                     raise
                 finally:
                     release()
+                    self._release_shares(shares)
 
             return grpc.stream_stream_rpc_method_handler(streaming, **kw)
         inner = handler.unary_unary or handler.stream_unary
 
         def unary(requests: Any, context: grpc.ServicerContext) -> Any:
+            shares: list[int] = []
             try:
-                return inner(start(requests, context), context)
+                return inner(start(requests, context, shares), context)
             except _CallGone:
                 context.abort(grpc.StatusCode.CANCELLED, "call ended before its request was read")
             except Exception as e:
@@ -278,6 +331,7 @@ class Admission(grpc.ServerInterceptor):
                 raise
             finally:
                 release()
+                self._release_shares(shares)
 
         return grpc.stream_unary_rpc_method_handler(unary, **kw)
 
@@ -304,8 +358,17 @@ class _ParsedRequests:
             self._context.set_details(message)
             self._admission.stats.error()
             log.info("rpc error", extra={"fields": {"method": self._method, "code": "INVALID_ARGUMENT",
-                                                    "details": message, "peer": _peer(self._context)}})
+                                                    "details": message, "peer": _peer(self._context)}, "group": True})
             raise StopIteration from None
+
+
+def _remaining(context: grpc.ServicerContext) -> float:
+    """Seconds left before the call's deadline (a huge number without one)."""
+    try:
+        left = context.time_remaining()
+    except Exception:  # noqa: BLE001 - no deadline information
+        return 10.0
+    return 10.0 if left is None else max(0.0, left)
 
 
 def _message_name(parse: Any) -> str:

@@ -181,7 +181,7 @@ class MicroBatcher:
         try:
             logits = self.runner.infer(np.stack([it.x for it in live]))
         except Exception as e:  # a backend failure must reach every waiting caller, not kill the worker
-            log.exception("inference failed", extra={"fields": {"batch_size": len(live)}})
+            log.exception("inference failed", extra={"fields": {"batch_size": len(live)}, "group": True})
             for it in live:
                 it.future.set_exception(e)
             return

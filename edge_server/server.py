@@ -28,8 +28,11 @@ from grpc_reflection.v1alpha import reflection
 
 from edge_server.admission import Admission
 from edge_server.auth import BearerTokenInterceptor, LoadModelPolicy, check_bind_policy, server_credentials
+from edge_server.budget import ByteBudget, request_memory_bound_mb
+from edge_server.logs import add_secret
 from edge_server.model import ModelHolder, RunnerOptions
-from edge_server.servicer import DEFAULT_DECODE_BUDGET_MB, ClassifierServicer, DecodeBudget
+from edge_server.profiles import SERVER_PROFILES
+from edge_server.servicer import ClassifierServicer
 from edge_server.stats import DEFAULT_CAMERA_IDLE_S, DEFAULT_MAX_CAMERAS, ServerStats
 from edge_server.watch import BundleWatcher
 from edgetune.errors import ConfigError
@@ -41,6 +44,7 @@ SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_nam
 #: The server's default decoded-image limit (16 MP, e.g. 4096x4096): well above camera frames, and a
 #: bounded decode (the shared preprocessing's own default, 64 MP, is for training data on big machines).
 DEFAULT_SERVER_MAX_PIXELS = 16 * 1024 * 1024
+_DEFAULTS = SERVER_PROFILES["default"]
 #: Server threads kept free for health checks and refusals, beyond what admitted calls can hold.
 _THREAD_RESERVE = 16
 
@@ -67,14 +71,14 @@ class ServerConfig(RunnerOptions):
     tls_key: str | Path | None = None
     tls_client_ca: str | Path | None = None
     insecure: bool = False
-    max_message_mb: float = 16.0
-    max_concurrent: int = 64
+    max_message_mb: float = _DEFAULTS["max_message_mb"]
+    max_concurrent: int = _DEFAULTS["max_concurrent"]
     max_pixels: int = DEFAULT_SERVER_MAX_PIXELS
     watch: bool = False
     watch_interval_s: float = 2.0
     grace_s: float = 10.0
     #: camera streams open at once (their own limit: unary calls and health are never starved by them)
-    max_streams: int = 32
+    max_streams: int = _DEFAULTS["max_streams"]
     #: a stream that sends no frame for this long is closed, a unary call whose request message does not
     #: arrive within it is cancelled (0 = never)
     stream_idle_s: float = 30.0
@@ -84,7 +88,10 @@ class ServerConfig(RunnerOptions):
     model_root: str | Path | None = None
     max_cameras: int = DEFAULT_MAX_CAMERAS
     camera_idle_s: float = DEFAULT_CAMERA_IDLE_S
-    max_decode_mb: float = DEFAULT_DECODE_BUDGET_MB
+    max_decode_mb: float = _DEFAULTS["max_decode_mb"]
+    #: admitted request messages held at once (each budgeted at twice its size); beyond it a large request waits
+    #: up to 2 s, then RESOURCE_EXHAUSTED (a camera frame: an error result)
+    max_inflight_mb: float = _DEFAULTS["max_inflight_mb"]
     #: gRPC keepalive: the server pings idle connections every keepalive_s and drops them after no answer
     keepalive_s: float = 30.0
     keepalive_timeout_s: float = 10.0
@@ -115,6 +122,8 @@ class ServerConfig(RunnerOptions):
         _positive("max_connection_age_s", self.max_connection_age_s, allow_zero=True)
         if not isinstance(self.max_decode_mb, (int, float)) or not 1 <= self.max_decode_mb <= 1 << 20:
             raise ConfigError(f"max_decode_mb must be in [1, 1048576], got {self.max_decode_mb!r}")
+        if not isinstance(self.max_inflight_mb, (int, float)) or not 1 <= self.max_inflight_mb <= 1 << 20:
+            raise ConfigError(f"max_inflight_mb must be in [1, 1048576], got {self.max_inflight_mb!r}")
         if self.load_model:
             if not self.admin_token:
                 raise ConfigError("LoadModel needs an admin token: --admin-token-file FILE or EDGETUNE_ADMIN_TOKEN")
@@ -126,6 +135,11 @@ class ServerConfig(RunnerOptions):
         check_bind_policy(self.host, tls=self.tls_cert is not None, insecure=self.insecure)
         super().__post_init__()
 
+    def request_memory_bound_mb(self) -> float:
+        """The most memory requests can hold at once (:func:`edge_server.budget.request_memory_bound_mb`)."""
+        return request_memory_bound_mb(self.max_message_mb, self.max_concurrent, self.max_streams,
+                                       self.max_inflight_mb, self.max_decode_mb)
+
     def runner_options(self) -> RunnerOptions:
         """The :class:`RunnerOptions` part of this config (what each (re)loaded bundle is served with)."""
         return RunnerOptions(**{f.name: getattr(self, f.name) for f in fields(RunnerOptions)})
@@ -136,12 +150,15 @@ class EdgeServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        add_secret(config.token)
+        add_secret(config.admin_token)
         self.stats = ServerStats(max_cameras=config.max_cameras, camera_idle_s=config.camera_idle_s)
         creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
         policy = (LoadModelPolicy(config.admin_token, config.model_root)
                   if config.load_model and config.admin_token and config.model_root is not None else None)
+        self.inflight = ByteBudget(int(config.max_inflight_mb * 1024 * 1024), "the in-flight budget")
         self.admission = Admission(self.stats, max_unary=config.max_concurrent, max_streams=config.max_streams,
-                                   request_timeout_s=config.stream_idle_s)
+                                   request_timeout_s=config.stream_idle_s, inflight=self.inflight)
         # The admission guard is outermost: it also sees (and counts, and logs) the token check's refusals.
         interceptors: list[grpc.ServerInterceptor] = [self.admission]
         if config.token:
@@ -166,7 +183,8 @@ class EdgeServer:
             self.servicer = ClassifierServicer(
                 self.holder, self.stats, max_pixels=config.max_pixels, load_model=policy,
                 stream_idle_s=config.stream_idle_s, draining=self.admission.draining,
-                decode_budget=DecodeBudget(int(config.max_decode_mb * 1024 * 1024)))
+                decode_budget=ByteBudget(int(config.max_decode_mb * 1024 * 1024), "the decode budget"),
+                inflight=self.inflight)
             classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, self._grpc)
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -209,6 +227,9 @@ class EdgeServer:
             "batch_wait": self.config.batch_wait, "max_concurrent": self.config.max_concurrent,
             "max_streams": self.config.max_streams, "stream_idle_s": self.config.stream_idle_s,
             "max_pixels": self.config.max_pixels, "load_model": self.servicer.load_model is not None,
+            "max_message_mb": self.config.max_message_mb, "max_inflight_mb": self.config.max_inflight_mb,
+            "max_decode_mb": self.config.max_decode_mb,
+            "request_memory_bound_mb": round(self.config.request_memory_bound_mb()),
             "model_root": str(self.servicer.load_model.root) if self.servicer.load_model else None,
             "watch": self.config.watch}})
         return self
@@ -226,8 +247,16 @@ class EdgeServer:
             self.admission.start_draining()
             if self.watcher is not None:
                 self.watcher.stop()
-            drained = self.admission.wait_idle(grace)
-            self._grpc.stop(max(0.0, grace - (time.monotonic() - t0))).wait()
+            drained = False
+            while True:  # a stream whose peer stopped reading cannot finish its frame: cancel it after 1 s
+                drained = self.admission.wait_idle(min(0.5, max(0.0, t0 + grace - time.monotonic())))
+                if drained or time.monotonic() - t0 >= grace:
+                    break
+                self.servicer.cancel_stuck_sends(1.0)
+            # every handler has finished when drained: gRPC gets 1 s to write what they answered (a peer that does
+            # not read would otherwise hold the stop for the whole grace period)
+            left = max(0.0, grace - (time.monotonic() - t0))
+            self._grpc.stop(min(left, 1.0) if drained else left).wait()
             self.holder.close()
             self.admission.close()
             self._stopped.set()
@@ -252,6 +281,10 @@ def grpc_server_options(config: ServerConfig, max_bytes: int) -> list[tuple[str,
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.so_reuseport", 0),
+        # requests must not be compressed (images are compressed already): a gzip'ed 15.5 MB message is 16 KB on the
+        # wire, so compression let a client make the server inflate and hold far more than it sends. gRPC answers
+        # such a call UNIMPLEMENTED before decompressing it. (Responses are not compressed either.)
+        ("grpc.compression_enabled_algorithms_bitset", 1),
         # HTTP/2 streams per connection (each call is one): bounds what one connection can queue, and stays above
         # everything the limits admit (a client's connection is shared by all its channels to this server), so
         # health checks on a busy connection are not refused by HTTP/2 itself
@@ -281,7 +314,7 @@ def make_server(config: ServerConfig | None = None, **kwargs: Any) -> EdgeServer
 
 
 def serve(config: ServerConfig) -> int:
-    """Serve in the foreground until SIGINT/SIGTERM; then drain and return 0."""
+    """Serve in the foreground until SIGINT, SIGTERM or SIGHUP; then drain and return 0."""
     server = make_server(config).start()
     stop_requested = threading.Event()
 
@@ -289,7 +322,9 @@ def serve(config: ServerConfig) -> int:
         log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
         stop_requested.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP (a closed terminal, `systemctl kill -s HUP`, a supervisor's reload) drains like SIGTERM: the bundle
+    # is reloaded by --watch or LoadModel, not by a signal
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         while not stop_requested.wait(0.5):
             pass

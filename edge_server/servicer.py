@@ -3,7 +3,8 @@
 Bounded work per call: the image header is read first (format, size and aspect ratio checked before
 decoding), decoding takes a share of a server-wide memory budget (``--max-decode-mb``), camera ids are
 bounded (:data:`~edge_server.stats.MAX_CAMERA_ID_CHARS`), a stream that sends no frame for
-``--stream-idle-timeout`` seconds is closed, and while the server drains each stream finishes the frame it
+``--stream-idle-timeout`` seconds is closed, so is a stream whose peer does not take a result within it (a
+closed HTTP/2 receive window blocks the send: the call is cancelled and its slot freed), and while the server drains each stream finishes the frame it
 holds and ends with UNAVAILABLE. Errors that escape a handler are turned into INTERNAL (and logged) by the
 RPC guard in :mod:`edge_server.admission`; in a stream, an unexpected error fails only its frame.
 """
@@ -22,9 +23,11 @@ import numpy as np
 
 from edge_server.auth import ADMIN_METADATA_KEY, LoadModelPolicy
 from edge_server.batcher import BatcherClosed, BatchResult, DeadlineExpired, LatestSlot
+from edge_server.budget import INFLIGHT_FACTOR, ByteBudget
 from edge_server.model import ModelHolder, ServedModel
 from edge_server.stats import MAX_CAMERA_ID_CHARS, ServerStats
 from edge_server.versions import server_versions
+from edge_server.watchdog import Watchdog
 from edgetune.errors import EdgetuneError, ImageDecodeError
 from edgetune.imagedecode import DEFAULT_MAX_PIXELS, check_aspect_ratio, decode_image
 from edgetune.imageheader import read_image_header
@@ -52,35 +55,6 @@ class _Busy(Exception):
     pass
 
 
-#: Default server-wide budget of memory that images being decoded may take at once.
-DEFAULT_DECODE_BUDGET_MB = 512.0
-
-
-class DecodeBudget:
-    """Bytes that concurrent decodes may use together; a decode waits (up to its deadline) for its share."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        if not isinstance(capacity_bytes, int) or capacity_bytes < 1 << 20:
-            raise ValueError(f"decode budget must be at least 1 MiB, got {capacity_bytes!r}")
-        self.capacity = capacity_bytes
-        self.used = 0
-        self._cond = threading.Condition()
-
-    def acquire(self, n: int, timeout: float) -> int | None:
-        """Reserve ``n`` bytes (capped at the capacity); the reserved amount, or None on timeout."""
-        n = max(1, min(int(n), self.capacity))
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.used + n <= self.capacity, timeout):
-                return None
-            self.used += n
-            return n
-
-    def release(self, n: int) -> None:
-        with self._cond:
-            self.used -= n
-            self._cond.notify_all()
-
-
 def camera_id_problem(camera_id: str) -> str | None:
     """Why a frame's ``camera_id`` is refused, or None when it is acceptable."""
     if len(camera_id) > MAX_CAMERA_ID_CHARS:
@@ -105,11 +79,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         stream_idle_s: a stream with no frame for this long is closed (DEADLINE_EXCEEDED); 0 = never.
         draining: set when the server drains: streams end after the frame they hold.
         decode_budget: shared memory budget of concurrent decodes (None = unbounded).
+        inflight: shared budget of admitted request messages (camera frames here; unary requests in the guard).
     """
 
     def __init__(self, holder: ModelHolder, stats: ServerStats, max_pixels: int = DEFAULT_MAX_PIXELS,
                  load_model: LoadModelPolicy | None = None, stream_idle_s: float = 30.0,
-                 draining: threading.Event | None = None, decode_budget: DecodeBudget | None = None) -> None:
+                 draining: threading.Event | None = None, decode_budget: ByteBudget | None = None,
+                 inflight: ByteBudget | None = None) -> None:
         self.holder = holder
         self.stats = stats
         self.max_pixels = max_pixels
@@ -117,6 +93,53 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.stream_idle_s = stream_idle_s
         self.draining = draining or threading.Event()
         self.decode_budget = decode_budget
+        self.inflight = inflight
+        self._send_watchdog = Watchdog()
+        self._sending_lock = threading.Lock()
+        self._sending: dict[int, tuple[float, grpc.ServicerContext]] = {}  # results being sent: start, call
+
+    def _send_stuck(self, key: int, context: grpc.ServicerContext, idle_s: float) -> None:
+        """A stream's result has not been taken by its peer within ``idle_s``: cancel the call (RST_STREAM), which
+        ends the blocked send, the handler and so the stream's slot."""
+        with self._sending_lock:
+            if self._sending.pop(key, None) is None:
+                return
+        self.stats.error()
+        log.warning("rpc error", extra={"fields": {
+            "method": "/edgetune.v1.Classifier/StreamClassify", "code": "CANCELLED",
+            "details": f"the peer took no result for {idle_s:g} s (--stream-idle-timeout; its receive window stays "
+                       "closed); stream cancelled"}, "group": True})
+        context.cancel()
+
+    def cancel_stuck_sends(self, older_than_s: float) -> int:
+        """Cancel the streams whose result has waited for the peer longer than ``older_than_s`` (the drain does:
+        such a stream cannot finish its frame); how many."""
+        now = time.monotonic()
+        with self._sending_lock:
+            stuck = [(k, c) for k, (t, c) in self._sending.items() if now - t > older_than_s]
+            for k, _ in stuck:
+                del self._sending[k]
+        for _, c in stuck:
+            c.cancel()
+        return len(stuck)
+
+    def _send(self, result: pb.FrameResult, context: grpc.ServicerContext) -> Iterator[pb.FrameResult]:
+        """Yield ``result`` to gRPC, which sends it before asking for the next one; a send the peer does not take
+        within the idle timeout (its receive window closed) cancels the call."""
+        idle_s = self.stream_idle_s
+        if not idle_s:
+            yield result
+            return
+        key = id(context)
+        with self._sending_lock:
+            self._sending[key] = (time.monotonic(), context)
+        timer = self._send_watchdog.arm(idle_s, lambda: self._send_stuck(key, context, idle_s))
+        try:
+            yield result
+        finally:
+            Watchdog.disarm(timer)
+            with self._sending_lock:
+                self._sending.pop(key, None)
 
     # -- core ------------------------------------------------------------------------------
     def _decode(self, data: bytes, deadline: float | None) -> np.ndarray:
@@ -207,61 +230,98 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             self.stats.unary_done((time.monotonic() - t0) * 1e3, ok)
         raise AssertionError("unreachable")  # context.abort always raises
 
+    def _admit_frame(self, frame: pb.Frame) -> tuple[pb.Frame, int, str | None]:
+        """A received frame's share of the in-flight budget: (frame, share, None), or, when the budget stays
+        full for 0.5 s, the frame without its image and the error it gets (its bytes are let go at once)."""
+        budget = self.inflight
+        if budget is None:
+            return frame, 0, None
+        share = budget.acquire(INFLIGHT_FACTOR * frame.ByteSize(), 0.5)
+        if share is not None:
+            return frame, share, None
+        bare = pb.Frame(camera_id=frame.camera_id, frame_id=frame.frame_id, capture_time_us=frame.capture_time_us)
+        return bare, 0, ("server busy: too many large frames and requests in flight (--max-inflight-mb); "
+                         "frame dropped, send the next one")
+
+    def _release(self, share: int) -> None:
+        if share and self.inflight is not None:
+            self.inflight.release(share)
+
+    def _read_frames(self, request_iterator: Iterator[pb.Frame],
+                     slot: LatestSlot[tuple[pb.Frame, float, str | None, int]], activity: list[float]) -> None:
+        """A stream's reader thread: each frame into the slot (latest frame wins) with its budget share."""
+        stats = self.stats
+        try:
+            for received in request_iterator:
+                activity[0] = time.monotonic()
+                problem = camera_id_problem(received.camera_id)
+                if problem is None:
+                    stats.frame_received(received.camera_id)
+                    frame, share, problem = self._admit_frame(received)
+                else:
+                    frame, share = received, 0
+                del received
+                replaced = slot.put((frame, activity[0], problem, share))
+                if replaced is not None:
+                    self._release(replaced[3])
+                    if replaced[2] is None:
+                        stats.frame_dropped(replaced[0].camera_id)
+                del frame, replaced  # no frame kept alive while the next one is awaited
+        except Exception as e:  # client cancelled / connection lost: just end the stream
+            log.debug("stream reader ended", extra={"fields": {"error": repr(e)}})
+        finally:
+            slot.close()
+
     def StreamClassify(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext  # noqa: C901
                        ) -> Iterator[pb.FrameResult]:
-        slot: LatestSlot[tuple[pb.Frame, float, str | None]] = LatestSlot()
-        stats = self.stats
+        slot: LatestSlot[tuple[pb.Frame, float, str | None, int]] = LatestSlot()
         activity = [time.monotonic()]  # last frame received or answered
-
-        def read() -> None:
-            try:
-                for frame in request_iterator:
-                    activity[0] = time.monotonic()
-                    problem = camera_id_problem(frame.camera_id)
-                    if problem is None:
-                        stats.frame_received(frame.camera_id)
-                    replaced = slot.put((frame, activity[0], problem))
-                    if replaced is not None and replaced[2] is None:
-                        stats.frame_dropped(replaced[0].camera_id)
-            except Exception as e:  # client cancelled / connection lost: just end the stream
-                log.debug("stream reader ended", extra={"fields": {"error": repr(e)}})
-            finally:
-                slot.close()
-
-        reader = threading.Thread(target=read, name="edge-stream-reader", daemon=True)
+        reader = threading.Thread(target=self._read_frames, args=(request_iterator, slot, activity),
+                                  name="edge-stream-reader", daemon=True)
         reader.start()
         deadline = self._deadline(context)
         idle_s = self.stream_idle_s
         drained = False
-        while True:
-            if self.draining.is_set():
-                if drained:
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect to continue")
-                drained = True  # finish the frame already received, then end the stream
-                got = slot.take(timeout=0)
+        try:
+            while True:
+                if self.draining.is_set():
+                    if drained:
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect to continue")
+                    drained = True  # finish the frame already received, then end the stream
+                    got = slot.take(timeout=0)
+                    if got is None:
+                        continue
+                else:
+                    got = slot.take(timeout=0.25)
                 if got is None:
+                    if slot.closed or not context.is_active():
+                        break
+                    if idle_s and time.monotonic() - activity[0] > idle_s:
+                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      f"no frame received for {idle_s:g} s (--stream-idle-timeout); stream closed")
                     continue
-            else:
-                got = slot.take(timeout=0.25)
-            if got is None:
-                if slot.closed or not context.is_active():
-                    break
-                if idle_s and time.monotonic() - activity[0] > idle_s:
-                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  f"no frame received for {idle_s:g} s (--stream-idle-timeout); stream closed")
-                continue
-            if not context.is_active():
-                break
-            (frame, t_recv, problem), dropped = got
-            yield self._frame_result(frame, t_recv, problem, dropped, deadline, context)
-            activity[0] = time.monotonic()
+                (frame, t_recv, problem, share), dropped = got
+                try:
+                    if not context.is_active():
+                        break
+                    result = self._frame_result(frame, t_recv, problem, dropped, deadline, context)
+                finally:
+                    del frame
+                    self._release(share)
+                yield from self._send(result, context)
+                activity[0] = time.monotonic()
+        finally:
+            slot.close()
+            left = slot.take(timeout=0)  # a frame received but never taken: its share goes back
+            if left is not None:
+                self._release(left[0][3])
 
     def _frame_result(self, frame: pb.Frame, t_recv: float, problem: str | None, dropped: int,
                       deadline: float | None, context: grpc.ServicerContext) -> pb.FrameResult:
         stats = self.stats
         if problem is not None:  # not echoed, not tracked: a hostile id must not grow replies or stats
             stats.frame_done(None, 0.0, ok=False)
-            log.info("frame refused", extra={"fields": {"frame_id": frame.frame_id, "error": problem}})
+            log.info("frame refused", extra={"fields": {"frame_id": frame.frame_id, "error": problem}, "group": True})
             return pb.FrameResult(frame_id=frame.frame_id, capture_time_us=frame.capture_time_us,
                                   dropped_before=dropped, error=problem,
                                   model_version=self.holder.current.version)
@@ -278,13 +338,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         except (ImageDecodeError, InvalidRequest, _Unavailable, _Busy) as e:
             result.error = str(e)
             log.info("frame error", extra={"fields": {"camera_id": frame.camera_id, "frame_id": frame.frame_id,
-                                                      "error": str(e)}})
+                                                      "error": str(e)}, "group": True})
         except _Deadline as e:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except Exception as e:  # a bug must fail this frame only, never the camera's stream; logged in full
             log.exception("unexpected error processing a frame; the stream goes on",
                           extra={"fields": {"camera_id": frame.camera_id, "frame_id": frame.frame_id,
-                                            "error_type": type(e).__name__}})
+                                            "error_type": type(e).__name__}, "group": True})
             result.error = "internal error processing this frame; it is logged on the server"
         result.model_version = self.holder.current.version
         stats.frame_done(frame.camera_id, 0.0, ok=False)
@@ -312,7 +372,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             model = self.holder.load(policy.resolve(request.bundle_path))
         except EdgetuneError as e:
             log.warning("LoadModel failed; previous model still serving",
-                        extra={"fields": {"bundle_path": request.bundle_path, "error": str(e)}})
+                        extra={"fields": {"bundle_path": request.bundle_path, "error": str(e)}, "group": True})
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load {request.bundle_path!r}: {e}")
         return model_info(model)
 

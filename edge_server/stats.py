@@ -7,8 +7,9 @@ camera ids longer than :data:`MAX_CAMERA_ID_CHARS` before they reach these count
 
 Locking: the frame-counting hot path takes the table lock only to find its camera (an O(1) dict lookup)
 and then that camera's own lock. :meth:`ServerStats.snapshot` (``GetStats``) copies the table and the
-scalar totals under the table lock (microseconds), then copies each camera under its own lock and
-computes every percentile with no lock held.
+scalar totals under the table lock (microseconds), then reads each camera's counters under its own lock;
+FPS and percentiles are pre-aggregated per camera and recomputed (with no lock held) at most every
+:data:`SUMMARY_MAX_AGE_S`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ MAX_CAMERA_ID_CHARS = 128
 DEFAULT_MAX_CAMERAS = 256
 #: Default seconds without a frame after which a tracked camera may be forgotten.
 DEFAULT_CAMERA_IDLE_S = 300.0
+#: A camera's FPS and latency percentiles are recomputed for GetStats at most this often (and whenever its
+#: sample window has doubled since), so GetStats with every camera tracked costs a few ms, not 35 (issue 21);
+#: counters (received, processed, dropped, errors) are always current.
+SUMMARY_MAX_AGE_S = 1.0
 
 
 def percentiles(samples: collections.deque[float] | list[float]) -> tuple[float, float, float]:
@@ -49,6 +54,8 @@ class CameraCounters:
     latencies_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=_WINDOW))
     done_times: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=_WINDOW))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    #: (computed at, samples then, fps, p50, p95, p99): GetStats reuses it for up to SUMMARY_MAX_AGE_S
+    summary: tuple[float, int, float, float, float, float] | None = field(default=None, repr=False, compare=False)
 
     def fps(self, now: float) -> float:
         return _fps(list(self.done_times), now)
@@ -169,16 +176,21 @@ class ServerStats:
             unary = list(self.unary_latencies_ms)
             totals = {"requests_total": self.requests_total, "errors_total": self.errors_total,
                       "mean_batch_size": self._batch_sum / self._batch_count if self._batch_count else 0.0}
-        copies = []
-        for cid, c in cams:
-            with c.lock:
-                copies.append((cid, c.received, c.processed, c.dropped, list(c.latencies_ms), list(c.done_times)))
         out = {}
-        for cid, received, processed, dropped, lat, done in sorted(copies, key=lambda t: t[0]):
-            p50, p95, p99 = percentiles(lat)
-            out[cid] = {"fps": _fps(done, now), "frames_received": received, "frames_processed": processed,
-                        "frames_dropped": dropped, "latency_p50_ms": p50, "latency_p95_ms": p95,
-                        "latency_p99_ms": p99}
+        for cid, c in sorted(cams, key=lambda t: t[0]):
+            with c.lock:
+                received, processed, dropped = c.received, c.processed, c.dropped
+                summary = c.summary
+                n = len(c.latencies_ms)
+                stale = summary is None or now - summary[0] >= SUMMARY_MAX_AGE_S or n > 2 * summary[1]
+                lat, done = (list(c.latencies_ms), list(c.done_times)) if stale else ([], [])
+            if summary is None or stale:  # computed with no lock held
+                summary = (now, n, _fps(done, now), *percentiles(lat))
+                with c.lock:
+                    c.summary = summary
+            out[cid] = {"fps": summary[2], "frames_received": received, "frames_processed": processed,
+                        "frames_dropped": dropped, "latency_p50_ms": summary[3], "latency_p95_ms": summary[4],
+                        "latency_p99_ms": summary[5]}
         u50, u95, u99 = percentiles(unary)
         return {
             "cameras": out,

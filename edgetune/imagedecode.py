@@ -34,12 +34,9 @@ def _to_rgb_uint8(arr: np.ndarray, source: str) -> np.ndarray:
     if arr.dtype == np.uint16:
         arr = cv2.convertScaleAbs(arr, alpha=1.0 / 257.0)  # round(v / 257), as (v / 257 + 0.5) truncated
     elif arr.dtype in (np.float32, np.float64):
-        finite = np.isfinite(arr)
-        if not finite.all():
-            lo = float(arr[finite].min()) if finite.any() else 0.0
-            hi = float(arr[finite].max()) if finite.any() else 0.0
-            np.nan_to_num(arr, copy=False, nan=lo, posinf=hi, neginf=lo)
         lo, hi = float(arr.min()), float(arr.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # min/max are NaN or infinite iff some pixel is
+            raise ImageDecodeError(f"{source}: float image with NaN or infinite pixel values")
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         arr = cv2.convertScaleAbs(arr, alpha=scale, beta=-lo * scale)
     elif arr.dtype != np.uint8:
@@ -85,7 +82,28 @@ def decode_image(data: bytes | bytearray | memoryview | np.ndarray, source: str 
         raise ImageDecodeError(f"{source}: image {arr.shape[1]}x{arr.shape[0]} exceeds {max_pixels} pixels")
     if _is_truncated(buf):
         raise ImageDecodeError(f"{source}: truncated image data (missing end-of-image marker)")
-    return _to_rgb_uint8(arr, source)
+    return apply_orientation(_to_rgb_uint8(arr, source), head.orientation)
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn decoded pixels the way the EXIF ``orientation`` (1-8) says a viewer shows them (a phone held
+    upright stores a landscape sensor image with orientation 6: rotate 90° clockwise)."""
+    cv2 = load_cv2()
+    if orientation == 2:
+        return cv2.flip(img, 1)
+    if orientation == 3:
+        return cv2.rotate(img, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(img, 0)
+    if orientation == 5:
+        return cv2.transpose(img)
+    if orientation == 6:
+        return cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.rotate(cv2.transpose(img), cv2.ROTATE_180)
+    if orientation == 8:
+        return cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return img
 
 
 def check_aspect_ratio(width: int, height: int, max_ratio: float, source: str = "image") -> None:

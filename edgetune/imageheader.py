@@ -32,6 +32,8 @@ class ImageHeader:
     height: int
     channels: int = 3
     bytes_per_sample: int = 1
+    #: EXIF orientation (1-8; 1 = as stored) of a JPEG from its APP1 segment: how a viewer turns the pixels
+    orientation: int = 1
 
     @property
     def pixels(self) -> int:
@@ -110,9 +112,31 @@ _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0
 _JPEG_MAX_SEGMENTS = 1024  # real files have a few dozen before the frame header
 
 
+def _exif_orientation(seg: memoryview) -> int:
+    """The Orientation tag (0x0112) of IFD0 in an APP1 ``Exif`` segment's payload; 1 when absent or invalid."""
+    if bytes(seg[:6]) != b"Exif\x00\x00" or len(seg) < 14:
+        return 1
+    t = seg[6:]
+    order = {b"II": "<", b"MM": ">"}.get(bytes(t[:2]))
+    if order is None:
+        return 1
+    (ifd,) = struct.unpack(order + "I", t[4:8])
+    if ifd + 2 > len(t):
+        return 1
+    (count,) = struct.unpack(order + "H", t[ifd : ifd + 2])
+    for k in range(min(count, (len(t) - ifd - 2) // 12)):  # bounded by the segment (at most 64 KB)
+        e = ifd + 2 + 12 * k
+        tag, typ = struct.unpack(order + "HH", t[e : e + 4])
+        if tag == 0x0112 and typ == 3:
+            (value,) = struct.unpack(order + "H", t[e + 8 : e + 10])
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
 def _jpeg_header(b: memoryview) -> ImageHeader:
     i = 2
     n = len(b)
+    orientation = 1
     for _ in range(_JPEG_MAX_SEGMENTS):
         if i + 4 > n:
             break
@@ -134,7 +158,9 @@ def _jpeg_header(b: memoryview) -> ImageHeader:
             precision, h, w, comps = struct.unpack(">BHHB", b[i + 4 : i + 10])
             if h == 0:
                 raise _HeaderError("JPEG without a height in its frame header (DNL) is not supported")
-            return ImageHeader("JPEG", w, h, max(1, comps), 2 if precision > 8 else 1)
+            return ImageHeader("JPEG", w, h, max(1, comps), 2 if precision > 8 else 1, orientation)
+        if marker == 0xE1 and orientation == 1:
+            orientation = _exif_orientation(b[i + 4 : i + 2 + length])
         i += 2 + length
     else:
         raise _HeaderError(f"corrupt JPEG (more than {_JPEG_MAX_SEGMENTS} segments before the frame header)")
@@ -142,9 +168,12 @@ def _jpeg_header(b: memoryview) -> ImageHeader:
 
 
 def _webp_header(b: memoryview) -> ImageHeader:
+    """The size from the first chunk, which the WebP container requires to be ``VP8 `` / ``VP8L`` (simple) or
+    ``VP8X`` (extended: it carries the canvas size): O(1), unlike a walk over chunks (a 15.5 MB file of empty
+    chunks cost 4 s of Python per request)."""
     i = 12
-    while i + 8 <= len(b):
-        tag, size = bytes(b[i : i + 4]), struct.unpack("<I", b[i + 4 : i + 8])[0]
+    if i + 8 <= len(b):
+        tag = bytes(b[i : i + 4])
         p = i + 8
         if tag == b"VP8X":
             w = 1 + int.from_bytes(b[p + 4 : p + 7], "little")
@@ -162,7 +191,7 @@ def _webp_header(b: memoryview) -> ImageHeader:
                 raise _HeaderError("corrupt lossy WebP header")
             w, h = struct.unpack("<HH", b[p + 6 : p + 10])
             return ImageHeader("WebP", w & 0x3FFF, h & 0x3FFF, 3, 1)
-        i = p + size + (size & 1)
+        raise _HeaderError(f"corrupt WebP (first chunk {tag!r}, not VP8/VP8L/VP8X)")
     raise _HeaderError("truncated WebP (no VP8/VP8L/VP8X chunk)")
 
 

@@ -72,6 +72,7 @@ CLI_CHOICES = {
     ("edge_server", "precision"): ("edge_server.runners.tensorrt", "PRECISIONS"),
     ("edge_server", "batch_wait"): ("edge_server.model", "BATCH_WAITS"),
     ("edge_server", "log_level"): ("edge_server.logs", "LOG_LEVELS"),
+    ("edge_server", "profile"): ("edge_server.profiles", "PROFILE_NAMES"),
     ("edge_server.engine", "precision"): ("edge_server.engine", "PRECISION_CHOICES"),
     ("edge_client", "log_format"): ("edge_client.output", "LOG_FORMATS"),
 }

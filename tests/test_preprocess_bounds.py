@@ -221,11 +221,15 @@ def test_pixel_conversions_unchanged_and_lean() -> None:
                                   cv2.cvtColor((u16.astype(np.float32) / 257.0 + 0.5).astype(np.uint8),
                                                cv2.COLOR_BGR2RGB))
     f32 = rng.normal(3, 5, (40, 30)).astype(np.float32)
-    f32[3, 4] = np.nan
-    lo, hi = float(np.nanmin(f32)), float(np.nanmax(f32))
-    ref = ((np.nan_to_num(f32, nan=lo) - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
+    lo, hi = float(f32.min()), float(f32.max())
+    ref = ((f32 - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
     got = imagedecode._to_rgb_uint8(f32.copy(), "x")
     assert np.abs(got[..., 0].astype(int) - ref.astype(int)).max() <= 1 and (got[..., 0] == got[..., 2]).all()
+    for bad in (np.nan, np.inf, -np.inf):  # issue 21: NaN/Inf pixels are refused, not classified
+        f = f32.copy()
+        f[3, 4] = bad
+        with pytest.raises(ImageDecodeError, match="NaN or infinite"):
+            imagedecode._to_rgb_uint8(f, "x")
     bgra = rng.integers(0, 256, (33, 44, 4), dtype=np.uint8)
     rgb = cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB).astype(np.float32)
     ref = (rgb * (bgra[..., 3:4].astype(np.float32) / 255.0) + 0.5).astype(np.uint8)

@@ -18,7 +18,8 @@ def test_short_soak(bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path) -> Non
     a, b = bundle_dir, bundle_dir_b
     out = tmp_path / "soak.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "20", "--bundle", str(a),
-                        "--bundle-b", str(b), "--json", str(out), "--work", str(tmp_path / "work")],
+                        "--bundle-b", str(b), "--json", str(out), "--work", str(tmp_path / "work"),
+                        "--attacks", "sighup"],  # one targeted attack (make soak runs all; each has a test)
                        cwd=ROOT, capture_output=True, text=True, timeout=240)
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -28,3 +29,4 @@ def test_short_soak(bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path) -> Non
     assert res["health_not_serving_outside_restart"] == 0
     assert res["peak_rss_mb"] < res["rss_limit_mb"]
     assert res["hostile_inputs"] > 500 and res["requests_served"] > 200 and res["valid_p99_ms"] is not None
+    assert "attack sighup:" in r.stdout and res["attacks"]["sighup"]["failures"] == []
