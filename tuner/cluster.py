@@ -73,6 +73,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         _init_existing(target, runtime_env)
     else:
         mode = "local"
+        # A local study's workers are its training: Ray starts workers at niceness 15 (RayConfig worker_niceness),
+        # so on a machine doing other work a time-budgeted study would train a fraction of what its budget holds.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         # address="local": never attach to some other instance on this machine by accident.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=True,
                  logging_level=logging.WARNING, include_dashboard=include_dashboard, runtime_env=runtime_env)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 #: Test-time views (dihedral flips that keep a square image square); their probabilities are averaged.
 TTA_VIEWS = ("id", "hflip", "vflip", "rot180")
 #: A post-hoc step is kept when its validation gain is more than this many standard errors of the paired difference.
-NOISE_SE = 2.0
+NOISE_SE = 1.0
 #: Rounds of greedy ensemble selection (each adds one member, with replacement).
 ENSEMBLE_ROUNDS = 12
 #: Decision rule: the tau grid and the cross-validation folds.
