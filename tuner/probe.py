@@ -217,8 +217,8 @@ def probe_stage(opts: Any, base: dict[str, Any], space: Any, source: Any, budget
         t0 = time.time()
         ref = task.remote(backbone, img, base["data"], source, int(cpus) if not gpus else 0)
         try:
-            # the first probe's cost is unknown: it may take at most its share of the budget twice over
-            res = ray.get(ref, timeout=max(PROBE_MIN_S, 2 * left))
+            # the first probe's cost is unknown: it may overrun what is left of its share by half, no more
+            res = ray.get(ref, timeout=max(PROBE_MIN_S, 1.5 * left))
         except Exception as e:  # noqa: BLE001 - a probe that fails or overruns is left out with the reason
             ray.cancel(ref, force=True)
             log.warning(f"probe {backbone}@{img} failed or overran ({type(e).__name__}: {e}); left out, and the probe "
