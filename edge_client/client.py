@@ -229,7 +229,7 @@ class CameraStream:
         backoff = Backoff(self.opts.backoff_initial, self.opts.backoff_max, max_total=self.opts.max_retry_time)
         outage_started: float | None = None
         while not self.stop.is_set():
-            channel = make_channel(self.conn)
+            channel = make_channel(self.conn, connect_timeout=self.opts.connect_timeout)
             alive = threading.Event()
             alive.set()
             call_box: list[Any] = []
@@ -260,7 +260,8 @@ class CameraStream:
             except grpc.RpcError as e:
                 if self.stop.is_set() or self._finished:
                     return self._end()
-                retryable, raise_msg = describe_rpc_error(e, self.conn, established=established or self._connected_once)
+                retryable, raise_msg = describe_rpc_error(e, self.conn, established=established or self._connected_once,
+                                                           deadline_s=None if established else self.opts.connect_timeout)
                 if not retryable:
                     raise ClientError(raise_msg) from None
                 pushback = retry_pushback_ms(e)

@@ -77,13 +77,17 @@ def _read(path: str | None) -> bytes | None:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
 
 
-def make_channel(opts: ConnectionOptions) -> grpc.Channel:
-    """A new channel (connects lazily). Reconnection pacing is ours, so gRPC's own is kept short."""
+def make_channel(opts: ConnectionOptions, connect_timeout: float = 3.0) -> grpc.Channel:
+    """A new channel (connects lazily). Reconnection pacing is ours, so gRPC's own is kept short; one connection
+    attempt (TCP connect, TLS and the HTTP/2 handshake) may take ``connect_timeout`` seconds. gRPC reads its
+    minimum connect timeout from ``grpc.min_reconnect_backoff_ms``: at 100 ms (the pacing), a loaded machine or
+    a busy server cut every attempt off mid-handshake (``tcp handshaker shutdown``, ``connection attempt timed
+    out before receiving SETTINGS frame``)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", max(100, int(connect_timeout * 1000))),  # = the minimum connect timeout
         ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
@@ -103,6 +107,9 @@ def make_channel(opts: ConnectionOptions) -> grpc.Channel:
 
 
 _TLS_HINTS = ("ssl", "tls", "handshake", "certificate", "x509", "tsi_")
+#: gRPC's words for a connection attempt its deadline cut off before the handshake finished (not a TLS failure:
+#: the TCP handshaker is shut down by the deadline on plain channels too)
+_CUT_OFF_HINTS = ("handshaker shutdown", "connection attempt timed out", "timed out before receiving settings")
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -137,12 +144,23 @@ def retry_pushback_ms(err: grpc.RpcError) -> int | None:
     return None
 
 
-def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False) -> tuple[bool, str]:  # noqa: C901
+def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False,  # noqa: C901
+                       deadline_s: float | None = None) -> tuple[bool, str]:
     """(retryable, one-line message) for a failed call; ``established``: a call on this server already
-    succeeded, so a closed connection means the server went away, not a TLS mismatch during setup."""
+    succeeded, so a closed connection means the server went away, not a TLS mismatch during setup;
+    ``deadline_s``: the call's deadline, named when it was reached."""
     code, details = _code(err), _details(err)
     low = details.lower()
     where = f"server {opts.server}"
+    within = f" within {deadline_s:g} s" if deadline_s else ""
+    if any(h in low for h in _CUT_OFF_HINTS):
+        return True, (f"deadline reached while connecting to {where}: the connection attempt was cut off before "
+                      f"its handshake finished{within} (server or machine slow or overloaded?) ({details})")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not established:
+        return True, (f"deadline reached while connecting to {where}: no answer{within} (the connection or its "
+                      f"handshake did not finish, or the server is slow or overloaded) ({details})")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return True, f"deadline reached waiting for {where}: no answer{within} ({details})"
     if any(h in low for h in _TLS_HINTS):
         if not opts.secure:
             return False, f"TLS failure talking to {where} without TLS: it may require TLS (use --tls-ca) ({details})"

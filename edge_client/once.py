@@ -34,7 +34,7 @@ def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOption
     else:
         rgb = read_image(path)
         data, _ = encode_frame(rgb[..., ::-1].copy(), encode)
-    channel = make_channel(conn)
+    channel = make_channel(conn, connect_timeout=timeout)
     try:
         t0 = time.perf_counter()
         res = pb_grpc.ClassifierStub(channel).Classify(
@@ -42,7 +42,7 @@ def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOption
             metadata=conn.metadata())
         latency_ms = (time.perf_counter() - t0) * 1000.0
     except grpc.RpcError as e:
-        _, msg = describe_rpc_error(e, conn)
+        _, msg = describe_rpc_error(e, conn, deadline_s=timeout)
         raise ClientError(msg) from None
     finally:
         channel.close()
