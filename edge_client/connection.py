@@ -4,6 +4,7 @@ descriptions of RPC failures (which ones are worth retrying)."""
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,11 +145,25 @@ def retry_pushback_ms(err: grpc.RpcError) -> int | None:
     return None
 
 
+def watch_connected(channel: grpc.Channel) -> threading.Event:
+    """An event set once ``channel`` is READY (its TCP, TLS and HTTP/2 handshakes finished): tells a deadline
+    reached while connecting from one reached waiting for the server's answer."""
+    ready = threading.Event()
+
+    def on_state(state: grpc.ChannelConnectivity) -> None:
+        if state == grpc.ChannelConnectivity.READY:
+            ready.set()
+
+    channel.subscribe(on_state, try_to_connect=False)
+    return ready
+
+
 def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False,  # noqa: C901
-                       deadline_s: float | None = None) -> tuple[bool, str]:
+                       deadline_s: float | None = None, connected: bool = False) -> tuple[bool, str]:
     """(retryable, one-line message) for a failed call; ``established``: a call on this server already
     succeeded, so a closed connection means the server went away, not a TLS mismatch during setup;
-    ``deadline_s``: the call's deadline, named when it was reached."""
+    ``deadline_s``: the call's deadline, named when it was reached; ``connected``: this call's channel finished
+    its handshakes (:func:`watch_connected`), so a deadline was reached waiting for the answer."""
     code, details = _code(err), _details(err)
     low = details.lower()
     where = f"server {opts.server}"
@@ -156,11 +171,12 @@ def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established:
     if any(h in low for h in _CUT_OFF_HINTS):
         return True, (f"deadline reached while connecting to {where}: the connection attempt was cut off before "
                       f"its handshake finished{within} (server or machine slow or overloaded?) ({details})")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not established:
-        return True, (f"deadline reached while connecting to {where}: no answer{within} (the connection or its "
-                      f"handshake did not finish, or the server is slow or overloaded) ({details})")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not connected:
+        return True, (f"deadline reached while connecting to {where}: the connection or its handshake did not "
+                      f"finish{within} (server or machine slow or overloaded?) ({details})")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return True, f"deadline reached waiting for {where}: no answer{within} ({details})"
+        return True, (f"deadline reached waiting for {where} to answer: connected, but no answer{within} "
+                      f"(server slow or overloaded?) ({details})")
     if any(h in low for h in _TLS_HINTS):
         if not opts.secure:
             return False, f"TLS failure talking to {where} without TLS: it may require TLS (use --tls-ca) ({details})"

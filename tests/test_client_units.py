@@ -6,6 +6,7 @@ import csv
 import json
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -197,10 +198,51 @@ def test_deadline_reached_while_connecting_is_not_called_tls_or_refused() -> Non
     with _SilentListener() as address:
         opts = ConnectionOptions(address, token="some-token-1")
         err, _ = _get_model_info(opts, connect_timeout=30.0, timeout=0.5)  # the call's deadline comes first
-    retryable, msg = describe_rpc_error(err, opts, deadline_s=0.5)
-    assert retryable and msg.startswith(f"deadline reached while connecting to server {address}: no answer within "
-                                        "0.5 s"), msg
+    retryable, msg = describe_rpc_error(err, opts, deadline_s=0.5, connected=False)
+    assert retryable and msg.startswith(f"deadline reached while connecting to server {address}: the connection or "
+                                        "its handshake did not finish within 0.5 s"), msg
     assert "TLS" not in msg and "refused" not in msg and "authentication" not in msg
+
+
+def test_deadline_reached_after_connecting_says_the_server_did_not_answer() -> None:
+    """A real gRPC server on 127.0.0.1 whose GetModelInfo holds until the test ends: the channel connects, the
+    call's deadline is reached waiting for the answer, and the message says so (not 'while connecting')."""
+    from concurrent import futures
+
+    import grpc
+
+    from edge_client.connection import watch_connected
+    from edgetune.v1 import classifier_pb2 as pb
+    from edgetune.v1 import classifier_pb2_grpc as pb_grpc
+
+    release = threading.Event()
+
+    def held(_req: object, _ctx: object) -> pb.ModelInfo:
+        release.wait(60)
+        return pb.ModelInfo()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("edgetune.v1.Classifier", {
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            held, request_deserializer=pb.GetModelInfoRequest.FromString,
+            response_serializer=pb.ModelInfo.SerializeToString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        opts = ConnectionOptions(f"127.0.0.1:{port}")
+        channel = make_channel(opts, connect_timeout=60.0)
+        connected = watch_connected(channel)
+        grpc.channel_ready_future(channel).result(timeout=120)  # connected first, however slow the machine
+        assert connected.wait(30)
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ClassifierStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=0.5)
+        channel.close()
+    finally:
+        release.set()
+        server.stop(0)
+    retryable, msg = describe_rpc_error(info.value, opts, deadline_s=0.5, connected=connected.is_set())
+    assert retryable and msg.startswith(f"deadline reached waiting for server 127.0.0.1:{port} to answer: connected, "
+                                        "but no answer within 0.5 s"), msg
 
 
 def test_handshaker_shutdown_is_a_deadline_not_a_tls_failure() -> None:
