@@ -303,7 +303,8 @@ def test_health_not_serving_during_drain(bundle_dir: Path, good_png: bytes) -> N
         feeder = RequestFeeder()
         stream = stub.StreamClassify(feeder, timeout=30)
         inflight = stub.Classify.future(pb.ClassifyRequest(image=good_png, request_id="inflight"), timeout=30)
-        wait_until(lambda: srv.admission.active("unary") == 1)  # in flight when the drain begins (a state, not a sleep)
+        # in flight (or already answered) when the drain begins: a state, not a sleep
+        wait_until(lambda: srv.admission.active("unary") == 1 or inflight.done())
         stopper = threading.Thread(target=srv.stop, kwargs={"grace": 8})
         stopper.start()
         wait_until(lambda: health_status(ch) != health_pb2.HealthCheckResponse.SERVING)  # the drain has begun
