@@ -10,11 +10,11 @@ EXTRAS ?= train,serve,client,dev,postgres
 # (train, tune, export, engine, serve, client); SET="…" is kept as an alias for ARGS on `make train`.
 opt = $(if $($(1)),$(2) $($(1)))
 
-.PHONY: install test test-fast lint proto proto-check train tune export engine serve client dashboard report \
+.PHONY: install test test-stress test-fast lint proto proto-check train tune export engine serve client dashboard report \
         edge-node edge-node-stop bench-device bench bench-search bench-train bench-serve bench-client soak clean help
 
 help:
-	@echo "make tune | make test | make train DATA=textures EPOCHS=2 OUT=runs/x | make export RUN=… OUT=…"
+	@echo "make tune | make test | make test-stress | make train DATA=textures EPOCHS=2 OUT=runs/x | make export RUN=… OUT=…"
 	@echo "make serve BUNDLE=… PORT=50051 | make client SOURCE=… SERVER=127.0.0.1:50051 | make dashboard | make bench"
 	@echo "make soak [SOAK_DURATION=120] [SOAK_ARGS='--bundle … --bundle-b …']  (hostile-load soak of the edge server)"
 
@@ -31,6 +31,17 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The same suite beside a CPU hog that keeps every core busy (one `while True: pass` per core, at least 2; started
+# here and stopped by their PIDs on exit): no test may depend on how fast the machine is today.
+STRESS_HOGS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -lt 2 ] && n=2; echo $$n)
+test-stress: $(STAMP)
+	@hogs=""; trap 'kill $$hogs 2>/dev/null' EXIT INT TERM; \
+	for _ in $$(seq 1 $(STRESS_HOGS)); do $(PY) -c "while True: pass" & hogs="$$hogs $$!"; done; \
+	echo "test-stress: $(STRESS_HOGS) CPU hogs (PIDs$$hogs) beside the suite"; start=$$(date +%s); \
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	echo "test-stress: pytest exited $$rc after $$(( $$(date +%s) - start )) s (load average $$(cut -d' ' -f1-3 /proc/loadavg))"; \
+	exit $$rc
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

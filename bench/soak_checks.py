@@ -14,21 +14,12 @@ from soak_state import SoakState
 def report(soak: SoakState, box: dict[str, Any], records: list[dict], final: Any, restart_s: float, wall: float,
            client_hung: bool) -> dict[str, Any]:
     t = soak.tally
-    # The planned restart lasts from the kill until this process's channels reach the new server again:
-    # the first SERVING health check after the kill (they reconnect within 0.5 s: see SoakWorkers._channel_options).
-    t_kill = soak.window[0] if soak.window else 0.0
-    back = [ts for ts, st in t.health if ts > t_kill and st == "SERVING"]
-    soak.window = (t_kill, back[0] if back else float("inf"))
-    fails = list(t.failures)
-    if not back or back[0] - t_kill > 15.0:
-        fails.append(f"health not SERVING again within 15 s of the kill -9 (back after "
-                     f"{(back[0] - t_kill) if back else float('inf'):.1f} s)")
-    fails += [msg for ts, msg in soak.timed_failures if not soak.in_window(ts)][:20]
+    fails = list(t.failures) + restart_failures(soak)
     if t.unknown:
         fails.append(f"{len(t.unknown)} call(s) ended with UNKNOWN: {t.unknown[:3]}")
     if soak.peak_rss_mb >= soak.args.rss_limit_mb:
         fails.append(f"server peak RSS {soak.peak_rss_mb} MB >= limit {soak.args.rss_limit_mb} MB")
-    bad_health = [(round(ts - soak.t0, 2), s) for ts, s in t.health if s != "SERVING" and not soak.in_window(ts)]
+    bad_health = [(round(t0 - soak.t0, 2), s) for t0, t1, s in t.health if s != "SERVING" and not soak.overlaps_window(t0, t1)]
     if bad_health:
         fails.append(f"health not SERVING outside the restart: {bad_health[:5]} ({len(bad_health)})")
     csum = client_checks(soak, box, records, client_hung, fails)
@@ -73,6 +64,33 @@ def report(soak: SoakState, box: dict[str, Any], records: list[dict], final: Any
         "codes": {f"{w}:{c}": n for (w, c), n in sorted(t.codes.items())},
         "failures": fails,
     }
+
+
+def restart_failures(soak: SoakState) -> list[str]:
+    """Sets ``soak.window`` to the planned restart as observed; the failures around it: the server not back in
+    ``--restart-limit-s``, and every timed failure (valid Classify, LoadModel) outside the restart.
+
+    The restart lasts from the kill until this process's channels reach the new server again: the first SERVING
+    health check after the kill (they reconnect within 0.5 s: see SoakWorkers._channel_options). A call counts as
+    part of it when it was in flight at any moment of it (one in flight at the kill is cut by the kill). The valid
+    Classify worker's own channel may still be backing off when health is SERVING, so for it the restart ends at
+    its own first answer after the kill; every failure after that is a failure."""
+    t = soak.tally
+    t_kill = soak.window[0] if soak.window else 0.0
+    back = [t0 for t0, _t1, st in t.health if t0 > t_kill and st == "SERVING"]
+    soak.window = (t_kill, back[0] if back else float("inf"))
+    valid_back = [t0 for t0, _ms in t.valid_ms if t0 > t_kill]
+    valid_end = max(soak.window[1], valid_back[0] if valid_back else float("inf"))
+    fails = []
+    limit = soak.args.restart_limit_s
+    if not back or back[0] - t_kill > limit:
+        fails.append(f"health not SERVING again within {limit:g} s of the kill -9 (back after "
+                     f"{(back[0] - t_kill) if back else float('inf'):.1f} s)")
+    if not valid_back or valid_back[0] - t_kill > limit:
+        fails.append(f"no valid Classify answered within {limit:g} s of the kill -9")
+    fails += [msg for worker, t0, t1, msg in soak.timed_failures
+              if not soak.overlaps_window(t0, t1, valid_end if worker == "valid" else None)][:20]
+    return fails
 
 
 def client_checks(soak: SoakState, box: dict[str, Any], records: list[dict], client_hung: bool,

@@ -38,7 +38,7 @@ class Tally:
     valid_ms: list[tuple[float, float]] = field(default_factory=list)  # (time, latency) of valid unary calls
     served: int = 0
     hostile: int = 0
-    health: list[tuple[float, str]] = field(default_factory=list)
+    health: list[tuple[float, float, str]] = field(default_factory=list)  # (start, end, status) of each check
     stats_bytes_max: int = 0
 
     def rpc(self, worker: str, code: SC, details: str = "", hostile: bool = False) -> None:
@@ -102,7 +102,10 @@ class SoakState:
         self.pause = threading.Event()  # hostile workers hold still around the planned kill
         self.address = ""
         self.window: tuple[float, float] | None = None  # the planned restart (monotonic seconds)
-        self.timed_failures: list[tuple[float, str]] = []  # failures unless they fall into the restart
+        # failures unless the call overlaps the restart: (worker, call start, call end, message)
+        self.timed_failures: list[tuple[str, float, float, str]] = []
+        self.hostile_busy = 0  # hostile workers inside a call (the kill waits for 0 once they are paused)
+        self.busy_lock = threading.Lock()
         self.peak_rss_mb = 0
         self.servers: list[Any] = []
         self._server_lock = threading.Lock()
@@ -118,3 +121,10 @@ class SoakState:
 
     def in_window(self, t: float) -> bool:
         return self.window is not None and self.window[0] <= t <= self.window[1]
+
+    def overlaps_window(self, start: float, end: float, window_end: float | None = None) -> bool:
+        """Whether a call that ran from ``start`` to ``end`` overlapped the restart (a call in flight at the kill
+        is cut by it; ``window_end``: a later end of the restart for this caller, see ``soak_checks``)."""
+        if self.window is None:
+            return False
+        return start <= (self.window[1] if window_end is None else window_end) and end >= self.window[0]

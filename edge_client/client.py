@@ -32,7 +32,14 @@ from typing import Any
 
 import grpc
 
-from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel, retry_pushback_ms
+from edge_client.connection import (
+    ClientError,
+    ConnectionOptions,
+    describe_rpc_error,
+    make_channel,
+    retry_pushback_ms,
+    watch_connected,
+)
 from edge_client.frames import encode_frame
 from edge_client.frames import result_record as make_record
 from edge_client.once import classify_once
@@ -229,7 +236,8 @@ class CameraStream:
         backoff = Backoff(self.opts.backoff_initial, self.opts.backoff_max, max_total=self.opts.max_retry_time)
         outage_started: float | None = None
         while not self.stop.is_set():
-            channel = make_channel(self.conn)
+            channel = make_channel(self.conn, connect_timeout=self.opts.connect_timeout)
+            connected = watch_connected(channel)
             alive = threading.Event()
             alive.set()
             call_box: list[Any] = []
@@ -260,7 +268,9 @@ class CameraStream:
             except grpc.RpcError as e:
                 if self.stop.is_set() or self._finished:
                     return self._end()
-                retryable, raise_msg = describe_rpc_error(e, self.conn, established=established or self._connected_once)
+                retryable, raise_msg = describe_rpc_error(
+                    e, self.conn, established=established or self._connected_once,
+                    deadline_s=None if established else self.opts.connect_timeout, connected=connected.is_set())
                 if not retryable:
                     raise ClientError(raise_msg) from None
                 pushback = retry_pushback_ms(e)

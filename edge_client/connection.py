@@ -4,6 +4,7 @@ descriptions of RPC failures (which ones are worth retrying)."""
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,13 +78,17 @@ def _read(path: str | None) -> bytes | None:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
 
 
-def make_channel(opts: ConnectionOptions) -> grpc.Channel:
-    """A new channel (connects lazily). Reconnection pacing is ours, so gRPC's own is kept short."""
+def make_channel(opts: ConnectionOptions, connect_timeout: float = 3.0) -> grpc.Channel:
+    """A new channel (connects lazily). Reconnection pacing is ours, so gRPC's own is kept short; one connection
+    attempt (TCP connect, TLS and the HTTP/2 handshake) may take ``connect_timeout`` seconds. gRPC reads its
+    minimum connect timeout from ``grpc.min_reconnect_backoff_ms``: at 100 ms (the pacing), a loaded machine or
+    a busy server cut every attempt off mid-handshake (``tcp handshaker shutdown``, ``connection attempt timed
+    out before receiving SETTINGS frame``)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", max(100, int(connect_timeout * 1000))),  # = the minimum connect timeout
         ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
@@ -103,6 +108,9 @@ def make_channel(opts: ConnectionOptions) -> grpc.Channel:
 
 
 _TLS_HINTS = ("ssl", "tls", "handshake", "certificate", "x509", "tsi_")
+#: gRPC's words for a connection attempt its deadline cut off before the handshake finished (not a TLS failure:
+#: the TCP handshaker is shut down by the deadline on plain channels too)
+_CUT_OFF_HINTS = ("handshaker shutdown", "connection attempt timed out", "timed out before receiving settings")
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -137,12 +145,38 @@ def retry_pushback_ms(err: grpc.RpcError) -> int | None:
     return None
 
 
-def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False) -> tuple[bool, str]:  # noqa: C901
+def watch_connected(channel: grpc.Channel) -> threading.Event:
+    """An event set once ``channel`` is READY (its TCP, TLS and HTTP/2 handshakes finished): tells a deadline
+    reached while connecting from one reached waiting for the server's answer."""
+    ready = threading.Event()
+
+    def on_state(state: grpc.ChannelConnectivity) -> None:
+        if state == grpc.ChannelConnectivity.READY:
+            ready.set()
+
+    channel.subscribe(on_state, try_to_connect=False)
+    return ready
+
+
+def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False,  # noqa: C901
+                       deadline_s: float | None = None, connected: bool = False) -> tuple[bool, str]:
     """(retryable, one-line message) for a failed call; ``established``: a call on this server already
-    succeeded, so a closed connection means the server went away, not a TLS mismatch during setup."""
+    succeeded, so a closed connection means the server went away, not a TLS mismatch during setup;
+    ``deadline_s``: the call's deadline, named when it was reached; ``connected``: this call's channel finished
+    its handshakes (:func:`watch_connected`), so a deadline was reached waiting for the answer."""
     code, details = _code(err), _details(err)
     low = details.lower()
     where = f"server {opts.server}"
+    within = f" within {deadline_s:g} s" if deadline_s else ""
+    if any(h in low for h in _CUT_OFF_HINTS):
+        return True, (f"deadline reached while connecting to {where}: the connection attempt was cut off before "
+                      f"its handshake finished{within} (server or machine slow or overloaded?) ({details})")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not connected:
+        return True, (f"deadline reached while connecting to {where}: the connection or its handshake did not "
+                      f"finish{within} (server or machine slow or overloaded?) ({details})")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return True, (f"deadline reached waiting for {where} to answer: connected, but no answer{within} "
+                      f"(server slow or overloaded?) ({details})")
     if any(h in low for h in _TLS_HINTS):
         if not opts.secure:
             return False, f"TLS failure talking to {where} without TLS: it may require TLS (use --tls-ca) ({details})"

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel
+from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel, watch_connected
 from edge_client.frames import EncodeOptions, encode_frame
 from edgetune.errors import ConfigError
 from edgetune.v1 import classifier_pb2 as pb
@@ -34,7 +34,8 @@ def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOption
     else:
         rgb = read_image(path)
         data, _ = encode_frame(rgb[..., ::-1].copy(), encode)
-    channel = make_channel(conn)
+    channel = make_channel(conn, connect_timeout=timeout)
+    connected = watch_connected(channel)
     try:
         t0 = time.perf_counter()
         res = pb_grpc.ClassifierStub(channel).Classify(
@@ -42,7 +43,7 @@ def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOption
             metadata=conn.metadata())
         latency_ms = (time.perf_counter() - t0) * 1000.0
     except grpc.RpcError as e:
-        _, msg = describe_rpc_error(e, conn)
+        _, msg = describe_rpc_error(e, conn, deadline_s=timeout, connected=connected.is_set())
         raise ClientError(msg) from None
     finally:
         channel.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,15 @@ def call_error(fn: Any, *args: Any, **kw: Any) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as e:
         fn(*args, **kw)
     return e.value
+
+
+def wait_until(cond: Any, timeout: float = 120.0, what: str = "") -> None:
+    """Polls ``cond()`` until true; an AssertionError after ``timeout`` s (generous: a loaded machine is slow, the
+    state itself does not go away)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"not reached within {timeout:g} s: {what or cond}"
+        time.sleep(0.02)
 
 
 def health_status(ch: grpc.Channel, timeout: float = 5) -> int:

@@ -62,6 +62,14 @@ def _unary(address: str, data: bytes) -> pb.ClassifyResponse:
         return pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(image=data), timeout=10)
 
 
+def _unary_ready(address: str, token: str, timeout: float = 120.0) -> None:
+    """Until the server answers a call (waits for the channel to be ready, however long a loaded machine takes)."""
+    with grpc.insecure_channel(address) as ch:
+        grpc.channel_ready_future(ch).result(timeout=timeout)
+        pb_grpc.ClassifierStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout,
+                                                metadata=[("authorization", f"Bearer {token}")])
+
+
 def test_make_client_streams_whole_file_and_matches_unary(media: dict[str, Path], server: Any,
                                                           tmp_path: Path) -> None:
     log = tmp_path / "out.jsonl"
@@ -170,9 +178,9 @@ def test_once_prints_json(media: dict[str, Path], server: Any, tmp_path: Path,
     assert raw["label"] == _unary(server.address, image.read_bytes()).predictions[0].label
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edge_client", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=timeout)
 
 
 def test_bad_server_address_gives_one_clear_line_and_nonzero_exit(media: dict[str, Path]) -> None:
@@ -191,14 +199,35 @@ def test_bad_server_address_gives_one_clear_line_and_nonzero_exit(media: dict[st
 def test_bearer_token_rejected_and_accepted(media: dict[str, Path], tmp_path: Path) -> None:
     srv = make_server(bundle=media["bundle"], port=0, token="right-token-123", grace_s=0.0).start()
     try:
-        proc = _cli("--source", str(media["video"]), "--server", srv.address, "--token", "wrong-token-123")
-        assert proc.returncode == 1 and "authentication failed" in proc.stderr and "Traceback" not in proc.stderr
+        _unary_ready(srv.address, token="right-token-123")  # the server answers before the client connects
+        # a generous connect timeout: on a loaded machine the handshake is slow, and the test is about the token
+        proc = _cli("--source", str(media["video"]), "--server", srv.address, "--token", "wrong-token-123",
+                    "--connect-timeout", "60", timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "authentication failed" in last and "the token was rejected" in last, proc.stderr
         log = tmp_path / "t.jsonl"
         rc = main(["--source", str(media["video"]), "--server", srv.address, "--token", "right-token-123",
-                   "--log", str(log), "--quiet"])
+                   "--log", str(log), "--quiet", "--connect-timeout", "60"])
         assert rc == 0 and len(log.read_text().splitlines()) == 45
     finally:
         srv.stop(grace=0.0)
+
+
+def test_deadline_reached_while_connecting_says_so(media: dict[str, Path]) -> None:
+    import socket
+
+    # a real listener that never answers gRPC's handshake: the client's deadline is always reached there
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        proc = _cli("--source", str(media["video"]), "--server", address, "--connect-timeout", "1",
+                    "--max-retry-time", "2", timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"deadline reached while connecting to server {address}" in last and "gave up after retrying" in last
+    assert "TLS" not in last and "refused" not in last and "authentication" not in last
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -72,8 +72,8 @@ def test_kill9_restart_message_and_no_lost_frames(bundle_dir: Path, videos: dict
     thread, box = _start(cs)
     second = None
     try:
-        _wait_for(lambda: len(records) >= 5)
-        time.sleep(0.07)  # mid-wait of the next frame
+        # a state, not a sleep: the next frame has been sent and not answered (the server holds it 250 ms)
+        _wait_for(lambda: len(records) >= 5 and cs.stats.sent > cs.stats.results, timeout=120)
         first.kill()
         time.sleep(0.3)
         second = CliServer([*slow, "--port", str(port)], tmp_path / "s2.log")

@@ -6,6 +6,7 @@ import csv
 import json
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -149,6 +150,114 @@ def test_refused_connection_is_described_as_retryable() -> None:
     channel.close()
     retryable, msg = describe_rpc_error(info.value, opts)
     assert retryable and f"127.0.0.1:{port}" in msg and "\n" not in msg
+
+
+class _SilentListener:
+    """A real TCP listener on 127.0.0.1 that never speaks HTTP/2: the kernel completes the TCP handshake (backlog),
+    nothing answers gRPC's, so every connection attempt ends at its deadline, however fast the machine."""
+
+    def __enter__(self) -> str:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def _get_model_info(opts: ConnectionOptions, connect_timeout: float, timeout: float) -> tuple[object, float]:
+    import grpc
+
+    from edgetune.v1 import classifier_pb2 as pb
+    from edgetune.v1 import classifier_pb2_grpc as pb_grpc
+
+    channel = make_channel(opts, connect_timeout=connect_timeout)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        pb_grpc.ClassifierStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+    elapsed = time.monotonic() - t0
+    channel.close()
+    return info.value, elapsed
+
+
+def test_a_connection_attempt_gets_the_whole_connect_timeout() -> None:
+    # gRPC takes its minimum connect timeout from grpc.min_reconnect_backoff_ms: at 100 ms every handshake slower
+    # than that (a loaded machine) was cut off. The attempt must last the connect timeout (a lower bound: load only
+    # makes it longer).
+    with _SilentListener() as address:
+        opts = ConnectionOptions(address)
+        err, elapsed = _get_model_info(opts, connect_timeout=2.0, timeout=30.0)
+    assert elapsed >= 1.8, f"the connection attempt was cut off after {elapsed:.2f} s, not the 2 s connect timeout"
+    retryable, msg = describe_rpc_error(err, opts, deadline_s=2.0)
+    assert retryable and msg.startswith(f"deadline reached while connecting to server {address}"), msg
+    assert "TLS" not in msg and "refused" not in msg and "\n" not in msg
+
+
+def test_deadline_reached_while_connecting_is_not_called_tls_or_refused() -> None:
+    with _SilentListener() as address:
+        opts = ConnectionOptions(address, token="some-token-1")
+        err, _ = _get_model_info(opts, connect_timeout=30.0, timeout=0.5)  # the call's deadline comes first
+    retryable, msg = describe_rpc_error(err, opts, deadline_s=0.5, connected=False)
+    assert retryable and msg.startswith(f"deadline reached while connecting to server {address}: the connection or "
+                                        "its handshake did not finish within 0.5 s"), msg
+    assert "TLS" not in msg and "refused" not in msg and "authentication" not in msg
+
+
+def test_deadline_reached_after_connecting_says_the_server_did_not_answer() -> None:
+    """A real gRPC server on 127.0.0.1 whose GetModelInfo holds until the test ends: the channel connects, the
+    call's deadline is reached waiting for the answer, and the message says so (not 'while connecting')."""
+    from concurrent import futures
+
+    import grpc
+
+    from edge_client.connection import watch_connected
+    from edgetune.v1 import classifier_pb2 as pb
+    from edgetune.v1 import classifier_pb2_grpc as pb_grpc
+
+    release = threading.Event()
+
+    def held(_req: object, _ctx: object) -> pb.ModelInfo:
+        release.wait(60)
+        return pb.ModelInfo()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("edgetune.v1.Classifier", {
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            held, request_deserializer=pb.GetModelInfoRequest.FromString,
+            response_serializer=pb.ModelInfo.SerializeToString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        opts = ConnectionOptions(f"127.0.0.1:{port}")
+        channel = make_channel(opts, connect_timeout=60.0)
+        connected = watch_connected(channel)
+        grpc.channel_ready_future(channel).result(timeout=120)  # connected first, however slow the machine
+        assert connected.wait(30)
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ClassifierStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=0.5)
+        channel.close()
+    finally:
+        release.set()
+        server.stop(0)
+    retryable, msg = describe_rpc_error(info.value, opts, deadline_s=0.5, connected=connected.is_set())
+    assert retryable and msg.startswith(f"deadline reached waiting for server 127.0.0.1:{port} to answer: connected, "
+                                        "but no answer within 0.5 s"), msg
+
+
+def test_handshaker_shutdown_is_a_deadline_not_a_tls_failure() -> None:
+    import grpc
+
+    class Cut(grpc.RpcError):  # the status a loaded machine produced (issue 20), word for word
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:4321: tcp handshaker shutdown"
+
+    retryable, msg = describe_rpc_error(Cut(), ConnectionOptions("127.0.0.1:4321"), deadline_s=3.0)
+    assert retryable and msg.startswith("deadline reached while connecting to server 127.0.0.1:4321"), msg
+    assert "within 3 s" in msg and "TLS" not in msg
 
 
 def _record(i: int) -> dict:

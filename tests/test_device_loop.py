@@ -144,11 +144,16 @@ seeds:
 """
 
 
-def _opts(tmp: Path, study: str, **kw):
+#: the rejection test's space: the slow architecture is far slower (640 px, ~100x the FLOPs of 64 px), so a loaded
+#: machine cannot blur which side of the constraint each one falls on (see that test)
+REJECT_SPACE = DEVICE_SPACE.replace("[64, 224]", "[64, 640]").replace("img: 224", "img: 640")
+
+
+def _opts(tmp: Path, study: str, space_text: str = DEVICE_SPACE, **kw):
     from tuner.options import TuneOptions
 
     space = tmp / "space.yaml"
-    space.write_text(DEVICE_SPACE)
+    space.write_text(space_text)
     base = dict(data="textures", study=study, trials=3, epochs=1, time_budget_s=0, max_images=60,
                 sets=("batch_size=16", "threads=1"), storage=f"sqlite:///{tmp / 'optuna.db'}", space=str(space),
                 out=str(tmp / study), refit=False, export=False, max_concurrent=1, timing_warmup=2, timing_runs=15,
@@ -165,21 +170,25 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
     from tuner import device
     from tuner.run import run_study
 
-    # the constraint sits between the two architectures' measured latencies (measured here, on the edge node)
+    # the constraint sits between the two architectures' latencies (measured here, on the edge node). A loaded
+    # machine only adds time to a run (waiting for a CPU: a few ms to the ~1 ms median of 64 px, issue 20 saw 4 ms),
+    # never removes any: the limit is half the 640 px architecture's fastest probe run, so that one is rejected
+    # however loaded the machine (its median cannot be below its fastest run), and 64 px passes unless waiting adds
+    # more than that to its median (tens of ms)
     svc, setup = _service(f"sqlite:///{tmp_path / 'probe.db'}", "probe", warmup=2, runs=15)
-    lat = {img: device.get_latency(setup, TrainConfig().replace({"model.backbone": "efficientnet_lite0",
+    rec = {img: device.get_latency(setup, TrainConfig().replace({"model.backbone": "efficientnet_lite0",
                                                                  "model.img_size": img}), 3,
-                                   "fp32")["record"]["p50_ms"] for img in (64, 224)}
-    assert lat[224] > 3 * lat[64], lat
-    limit = (lat[64] * lat[224]) ** 0.5
+                                   "fp32")["record"] for img in (64, 640)}
+    assert rec[640]["min_ms"] > 10 * rec[64]["min_ms"], rec
+    limit = rec[640]["min_ms"] / 2
 
-    opts = _opts(tmp_path, "dev", target="sim", max_latency_ms=limit, export=True)
+    opts = _opts(tmp_path, "dev", REJECT_SPACE, target="sim", max_latency_ms=limit, export=True)
     summary = run_study(opts)
     s = optuna.load_study(study_name="dev", storage=opts.storage)
     by_img: dict[int, list] = {}
     for t in s.trials:
         by_img.setdefault(t.params["img"], []).append(t)
-    slow, fast = by_img[224], by_img[64]
+    slow, fast = by_img[640], by_img[64]
     assert len(slow) == 2 and len(fast) >= 1
     for t in slow:  # rejected before its first epoch, with the reason
         assert t.state.name == "PRUNED" and not t.intermediate_values, t
@@ -194,7 +203,7 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
     out = Path(opts.out)
     with open(out / "latency_table.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted(r["input_size"] for r in rows) == ["224x224", "64x64"]  # one row per architecture
+    assert sorted(r["input_size"] for r in rows) == ["640x640", "64x64"]  # one row per architecture
     assert all(r["node_id"] == _edge_id(cluster) and r["kind"] == "device" for r in rows)
     assert (out / "pareto.png").stat().st_size > 5000
     # the storage-wide table next to the SQLite file (every study of the storage; here the one)

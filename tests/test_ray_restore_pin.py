@@ -49,7 +49,7 @@ def test_a_deleted_snapshot_checkpoint_fails_the_restore_and_a_stand_in_lets_it_
     from tuner.run import _trial_dirname
 
     ok = tmp_path / "ok"
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # never another Ray here
     try:
         run = tune.RunConfig(name="pin", storage_path=str(tmp_path / "ray"), verbose=0,
                              failure_config=tune.FailureConfig(max_failures=0))

@@ -64,7 +64,7 @@ def test_factory_trainer_keeps_the_best_not_the_latest(tmp_path: Path) -> None:
 
     from trainer.ray_trainer import make_torch_trainer
 
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # never another Ray here
     try:
         result = make_torch_trainer({}, workers=1, use_gpu=False, name="t", storage_path=str(tmp_path),
                                     max_failures=0, resources_per_worker={"CPU": 1.0}, loop_fn=_scored_loop).fit()
@@ -116,7 +116,8 @@ def test_ddp_trial_records_and_exports_its_best_epoch(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path}/optuna.db"
     run_tuner([*TINY_ARGS, "--set", "threads=1", "--no-refit", "--study", "ddp", "--trials", "1", "--epochs", "4",
                "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--space", str(tmp_path / "space.yaml"),
-               "--storage", db, "--out", str(tmp_path / "out")], tmp_path / "tuner.log", timeout=800)
+               "--storage", db, "--out", str(tmp_path / "out"), "--address", "local"], tmp_path / "tuner.log",
+              timeout=800)
     (trial,) = optuna.load_study(study_name="ddp", storage=db).trials
     uri = Path(trial.user_attrs["checkpoint_uri"])
     latest = max((read_meta(d) for d in uri.parent.glob("checkpoint_*") if d.is_dir()), key=lambda m: m["epoch"])

@@ -41,7 +41,7 @@ from tests.edge_fixtures import (
     encode_png,
     texture_tiles,
 )
-from tests.server_helpers import call_code, call_error, health_status, start_server
+from tests.server_helpers import call_code, call_error, health_status, start_server, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "admin-token-for-tests-0123456789"
@@ -318,9 +318,11 @@ def test_grpc_and_native_errors_reach_the_json_log(cli: CliServer, good_png: byt
     corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 40] = b"\x00" * 40
     with grpc.insecure_channel(cli.address) as ch:
         call_code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(image=bytes(corrupt)), timeout=10)
-    time.sleep(0.5)
-    native = [r for r in cli.records() if r["logger"] == "edge_server.native"]
-    assert any("JPEG" in r["text"] for r in native), native  # libjpeg's warning, as a JSON record
+    def native() -> list[dict]:
+        return [r for r in cli.records() if r["logger"] == "edge_server.native"]
+
+    # libjpeg's warning, as a JSON record (waited for: a loaded server writes it a little later)
+    wait_until(lambda: any("JPEG" in r["text"] for r in native()), timeout=60, what="libjpeg's warning in the log")
 
 
 # -- finding 7 (server side) -------------------------------------------------------------------

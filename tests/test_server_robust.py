@@ -23,6 +23,7 @@ from edge_server.server import make_server
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 from tests.edge_fixtures import RequestFeeder, encode_jpeg, encode_png, texture_tiles
+from tests.server_helpers import health_status, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,15 +103,16 @@ def test_fuzzed_payloads_never_break_the_server(served, good_png, payload):
 
 def test_deadline_is_honoured(bundle_dir, good_png):
     srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
-                      max_wait_ms=1000, batch_wait="fixed").start()
+                      max_wait_ms=5000, batch_wait="fixed").start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as e:
                 stub.Classify(pb.ClassifyRequest(image=good_png), timeout=0.2)
-            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 0.9
-            assert stub.Classify(pb.ClassifyRequest(image=good_png), timeout=5).predictions
+            # ended by the 0.2 s deadline, not by the 5 s batch wait (a margin a loaded machine cannot eat)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 4.0
+            assert stub.Classify(pb.ClassifyRequest(image=good_png), timeout=60).predictions
     finally:
         srv.stop(grace=2)
 
@@ -133,15 +135,16 @@ def test_concurrency_limit_resource_exhausted(bundle_dir, good_png):
             feeder.end()
             assert list(stream) == []
             frame = pb.Frame(camera_id="d", frame_id=2, image=good_png)
-            for _ in range(50):  # the slot frees once the server has finished the stream
+            deadline = time.monotonic() + 60  # the slot frees once the server has finished the stream
+            while True:
                 try:
-                    assert [r.frame_id for r in stub.StreamClassify(iter([frame]), timeout=5)] == [2]
+                    assert [r.frame_id for r in stub.StreamClassify(iter([frame]), timeout=30)] == [2]
                     break
                 except grpc.RpcError as err:
                     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    if time.monotonic() > deadline:
+                        pytest.fail("concurrency slot not freed within 60 s")
                     time.sleep(0.05)
-            else:
-                pytest.fail("concurrency slot never freed")
     finally:
         srv.stop(grace=1)
 
@@ -165,9 +168,18 @@ def test_backpressure_latest_frame_wins(bundle_dir):
     assert ids == sorted(ids) and ids[-1] == n - 1  # in order; the newest frame is always processed
     assert dropped > 0 and len(results) + dropped == n
     assert stats.frames_received == n and stats.frames_dropped == dropped and stats.frames_processed == len(results)
-    # with a queue the last frame would wait ~n * 40 ms = 3.2 s; latest-frame-wins keeps it to ~2 frame times
-    assert max(r.timing.total_us for r in results) < 400_000
+    # with a queue the last frame would wait at least n * 40 ms = 3.2 s; latest-frame-wins keeps it to ~2 frame
+    # times (~100 ms here; a loaded machine stretches them, so the bound is half the queue's least wait)
+    assert max(r.timing.total_us for r in results) < 1_600_000
     assert all(not r.error for r in results)
+
+
+def _health_or_gone(ch: grpc.Channel) -> int:
+    """The health status, or -1 once the server no longer answers (stopped)."""
+    try:
+        return health_status(ch)
+    except grpc.RpcError:
+        return -1
 
 
 def test_graceful_stop_drains_in_flight_request(bundle_dir, good_png):
@@ -176,15 +188,17 @@ def test_graceful_stop_drains_in_flight_request(bundle_dir, good_png):
     with grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.ClassifierStub(ch)
         stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
-        fut = stub.Classify.future(pb.ClassifyRequest(image=good_png, request_id="inflight"), timeout=10)
-        time.sleep(0.3)
+        fut = stub.Classify.future(pb.ClassifyRequest(image=good_png, request_id="inflight"), timeout=30)
+        # states, not sleeps: the request is in flight (or already answered) when the stop begins, and the drain
+        # has begun (health NOT_SERVING) before the new call
+        wait_until(lambda: srv.admission.active("unary") == 1 or fut.done())
         stopper = threading.Thread(target=srv.stop, kwargs={"grace": 8})
         stopper.start()
-        time.sleep(0.2)
+        wait_until(lambda: _health_or_gone(ch) != health_pb2.HealthCheckResponse.SERVING)
         with pytest.raises(grpc.RpcError) as e:  # new work is refused while draining
             stub.Classify(pb.ClassifyRequest(image=good_png), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        resp = fut.result(timeout=10)
+        resp = fut.result(timeout=30)
         assert resp.request_id == "inflight" and resp.predictions
         stopper.join(15)
         assert not stopper.is_alive() and srv.wait_for_termination(0)

@@ -65,7 +65,7 @@ def test_watch_directory_swaps_and_survives_bad_bundle(bundle_dir, bundle_dir_b,
             stub = pb_grpc.ClassifierStub(ch)
             data = encode_png(texture_tiles("test")[0][0])
             feeder = RequestFeeder()
-            stream = stub.StreamClassify(feeder, timeout=60)
+            stream = stub.StreamClassify(feeder, timeout=600)
             feeder.send(pb.Frame(camera_id="w", frame_id=0, image=data))
             assert next(stream).model_version == load_bundle(a).version
             # a half-deployed bundle (manifest updated, model not yet) must not replace the good one
@@ -76,7 +76,7 @@ def test_watch_directory_swaps_and_survives_bad_bundle(bundle_dir, bundle_dir_b,
             assert next(stream).model_version == load_bundle(a).version
             shutil.copy(b / "model.onnx", live / "model.onnx")
             (live / "bundle.json").touch()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 120  # loading the new model is slow on a loaded machine
             version, i = "", 2
             while version != vb and time.monotonic() < deadline:
                 feeder.send(pb.Frame(camera_id="w", frame_id=i, image=data))

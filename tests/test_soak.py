@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,3 +31,43 @@ def test_short_soak(bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path) -> Non
     assert res["peak_rss_mb"] < res["rss_limit_mb"]
     assert res["hostile_inputs"] > 500 and res["requests_served"] > 200 and res["valid_p99_ms"] is not None
     assert "attack sighup:" in r.stdout and res["attacks"]["sighup"]["failures"] == []
+
+
+def _soak_state(t_kill: float) -> Any:
+    import argparse
+
+    from soak_state import SoakState  # bench/ is on sys.path (the test prepends it)
+
+    state = SoakState(argparse.Namespace(restart_limit_s=60.0), ROOT, [])
+    state.window = (t_kill, t_kill + 120.0)
+    return state
+
+
+def test_the_restart_window_excuses_only_calls_it_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The soak's rule (bench/soak_checks.restart_failures) on recorded times: a valid Classify in flight at the
+    kill (issue 20: started 0.04 s before it, 'Stream removed') and one failing while its channel still backs off
+    after health is SERVING again are part of the restart; a failure before the kill, or after that worker's own
+    first answer from the new server, is a failure."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from soak_checks import restart_failures
+
+    kill = 100.0
+    s = _soak_state(kill)
+    s.tally.health += [(99.0, 99.01, "SERVING"), (100.2, 100.21, "UNAVAILABLE"), (101.0, 101.01, "SERVING")]
+    s.tally.valid_ms += [(98.0, 5.0), (101.5, 5.0), (103.0, 5.0)]  # answered before the kill and from 101.5 s on
+    s.timed_failures += [
+        ("valid", 99.96, 100.3, "in flight at the kill"),
+        ("valid", 101.2, 101.21, "channel still backing off after SERVING"),
+        ("valid", 50.0, 50.1, "before the kill"),
+        ("valid", 102.0, 102.1, "after the worker's own first answer"),
+        ("load-model", 101.2, 101.3, "LoadModel after SERVING"),
+    ]
+    fails = restart_failures(s)
+    assert fails == ["before the kill", "after the worker's own first answer", "LoadModel after SERVING"], fails
+    assert s.window == (kill, 101.0)
+
+    s = _soak_state(kill)  # never back: both missing answers are failures, and nothing is excused forever
+    s.tally.health += [(100.2, 100.21, "UNAVAILABLE")]
+    fails = restart_failures(s)
+    assert any("health not SERVING again within 60 s" in f for f in fails)
+    assert any("no valid Classify answered within 60 s" in f for f in fails)

@@ -158,7 +158,7 @@ def test_two_worker_ddp_run(tmp_path: Path) -> None:
     """Ray Train TorchTrainer with 2 DDP workers (gloo) on real tiles: completes, reports, evaluates."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
     try:
         cfg = tiny_config(**{"workers": 2, "epochs": 2, "threads": 1, "robustness": False})
         m = run_training(cfg, tmp_path)
@@ -184,7 +184,7 @@ def test_ddp_worker_crash_restarts_from_last_checkpoint(tmp_path: Path) -> None:
     from trainer.loop import FAIL_AT_ENV, FAIL_MARKER_ENV
 
     marker = tmp_path / "failed-once"
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR",
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR",
              runtime_env={"env_vars": {FAIL_AT_ENV: "1", FAIL_MARKER_ENV: str(marker)}})
     try:
         cfg = tiny_config(**{"workers": 2, "epochs": 2, "threads": 1, "robustness": False})

@@ -48,9 +48,10 @@ def _running_ray_ids(storage: str, study: str) -> list[str]:
 
 
 def _safe_to_kill(snap: dict[int, tuple[str, object, dict]]) -> bool:
-    """One trial finished, and every RUNNING trial has reported (and checkpointed) exactly its first epoch: ASHA's
-    first rung (grace period 2) and max_t (4) come later, so the driver cannot have ended that trial before the
-    kill lands, however fast the machine (the driver is the study's only writer). The first epoch's checkpoint is
+    """One trial finished, and every RUNNING trial has reported (and checkpointed) exactly its first epoch. The
+    running trial is held there by the trainer's test switch (``EDGETUNE_HOLD_AFTER_EPOCH``: the second trial to
+    finish epoch 1 waits before epoch 2), so neither ASHA (first rung at the grace period, 2) nor the end of its
+    epochs can finish it before the kill, however slow or loaded the machine. The first epoch's checkpoint is
     then the trial's best and latest, so Ray restores it and the trial continues from it. (A kill later on can
     leave Ray's snapshot naming a checkpoint its retention deleted, ray-project/ray#27790: the resume then puts a
     stand-in there and the trial restarts from epoch 1; tests/test_ray_restore_pin.py, test_resume_checkpoint.py.)"""
@@ -59,37 +60,51 @@ def _safe_to_kill(snap: dict[int, tuple[str, object, dict]]) -> bool:
             and all(iv and max(iv) == 1 for iv in running))
 
 
+def _wait_group_gone(pgid: int, timeout: float = 60.0) -> None:
+    """Until no process of the killed process group is left (Ray's processes die with the driver)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
 def test_resume_after_driver_killed(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    # slower trials than TINY_ARGS (more images, larger input, 4 epochs); the driver is killed as soon as the
-    # state "one trial finished, the next one has checkpointed its first epoch and is still running" is seen
+    hold = tmp_path / "hold"
+    # 4 epochs, ASHA grace period 2; the second trial to finish epoch 1 is held there (trainer test switch) until
+    # the driver is killed, so the state "one trial finished, the next one has checkpointed its first epoch and is
+    # still running" is arranged, not raced for; the kill comes once Optuna and Ray's snapshot both show it
     args = [*TINY_ARGS, "--space", str(write_space(tmp_path)), "--study", "res", "--trials", "4", "--epochs", "4",
             "--grace-period", "2", "--img", "128", "--max-images", "150", "--max-concurrent", "1",
             "--storage", storage, "--out", str(tmp_path / "out"), "--address", "local"]
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
-    driver = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=ROOT, env=tuner_env(), stdout=log,
+    env = tuner_env(EDGETUNE_HOLD_AFTER_EPOCH="1", EDGETUNE_HOLD_DIR=str(hold))
+    driver = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=ROOT, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + 900  # generous: a loaded machine is slow, the state itself does not go away
         while time.time() < deadline:
-            # kill as soon as the state is seen (no fixed sleep): the driver is the only writer of the study
-            if _safe_to_kill(_snapshot(storage, "res")) and _ray_snapshot_has(
+            if list(hold.glob("holding-*")) and _safe_to_kill(_snapshot(storage, "res")) and _ray_snapshot_has(
                     tmp_path / "out" / "ray" / "res", [i for i in _running_ray_ids(storage, "res") if i]):
                 break
-            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.05)
+            assert driver.poll() is None, "the driver ended before a trial was held:\n" + \
+                (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
         else:
-            raise AssertionError("no trial finished while the next one was running in time")
+            raise AssertionError("no trial finished while the next one was held within 900 s")
     finally:
         # the driver and its local Ray instance (same process group) are killed by their own handle
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
         log.close()
-    time.sleep(2)
+    _wait_group_gone(driver.pid)
     before = _snapshot(storage, "res")
     finished = {n: v for n, v in before.items() if v[0] in FINISHED}
     stale = [n for n, v in before.items() if v[0] == "RUNNING"]
-    assert finished and stale
+    assert finished and stale, before
 
     run_tuner([*args, "--resume"], tmp_path / "resume.log")
     text = (tmp_path / "resume.log").read_text()

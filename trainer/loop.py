@@ -39,6 +39,11 @@ from trainer.optim import Schedule
 
 #: Test-only failure injection: fail once at this epoch (1-based) unless the marker file exists.
 FAIL_AT_ENV, FAIL_MARKER_ENV = "EDGETUNE_FAIL_AT_EPOCH", "EDGETUNE_FAIL_MARKER"
+#: Test-only hold: the second and later runs (rank 0) to finish this epoch (1-based; its result and checkpoint
+#: already reported) wait there, before the next epoch, until ``<dir>/release`` exists. Each arrival takes a
+#: numbered ticket in the directory (``arrived-<k>``, created exclusively, so runs in other processes count
+#: too); a held run writes ``holding-<k>``. Lets a test kill a driver while a trial is known to be running.
+HOLD_AFTER_ENV, HOLD_DIR_ENV = "EDGETUNE_HOLD_AFTER_EPOCH", "EDGETUNE_HOLD_DIR"
 
 
 #: Share of the time left that ``fit_epochs_to_deadline`` plans epochs into (the rest absorbs slower epochs).
@@ -87,6 +92,27 @@ def _maybe_inject_failure(epoch: int) -> None:
     if at and marker and int(at) == epoch and not Path(marker).exists():
         Path(marker).write_text(f"failed once at epoch {epoch}\n")
         raise InjectedFailure(f"injected failure at epoch {epoch} (test switch {FAIL_AT_ENV})")
+
+
+def _maybe_hold(st: LoopState, epoch: int) -> None:
+    """The test-only hold (:data:`HOLD_AFTER_ENV`): the first run to finish ``epoch`` goes on, later ones wait."""
+    at, where = os.environ.get(HOLD_AFTER_ENV), os.environ.get(HOLD_DIR_ENV)
+    if not (at and where and int(at) == epoch and st.rank == 0):
+        return
+    d = Path(where)
+    d.mkdir(parents=True, exist_ok=True)
+    k = 1
+    while True:  # the next free ticket, taken atomically (O_EXCL) across processes
+        try:
+            os.close(os.open(d / f"arrived-{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            k += 1
+    if k == 1:
+        return
+    (d / f"holding-{k}").write_text(f"held after epoch {epoch} (test switch {HOLD_AFTER_ENV})\n")
+    while not (d / "release").exists():
+        time.sleep(0.2)
 
 
 # -- the loop, in steps --------------------------------------------------------------------------------------------
@@ -267,6 +293,7 @@ def train_loop(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> di
         if stop:
             break
         _maybe_inject_failure(epoch)
+        _maybe_hold(st, epoch)
         epoch += 1
     return last
 
