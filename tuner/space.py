@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from edgetune.errors import ConfigError
-from trainer.config import load_yaml_mapping
+from trainer.config import TrainConfig, load_yaml_mapping
 
 DEFAULT_SPACE = Path(__file__).with_name("default_space.yaml")
 TYPES = ("categorical", "float", "int")
@@ -26,6 +26,24 @@ def device_img_choices() -> list[int]:
     """Input sizes searched with a target device when the space has no ``img`` parameter: the default space's
     (one definition, ``default_space.yaml``)."""
     return list(parse_space_doc(load_yaml_mapping(DEFAULT_SPACE, "search space"), DEFAULT_SPACE).params["img"].choices)
+
+
+def build_trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """A trial's TrainConfig: the study's base config with a sampled configuration's overrides (ConfigError naming
+    an unknown key and the allowed ones)."""
+    return TrainConfig.from_dict(base).replace(overrides)
+
+
+def flatten_params(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray may nest keys containing '/'; our parameter names are flat."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            for k2, v2 in flatten_params(v).items():
+                out[f"{k}/{k2}"] = v2
+        else:
+            out[k] = v
+    return out
 
 
 @dataclass
