@@ -20,7 +20,7 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "study": (["--study", "s1"], "s1"),
     "trials": (["--trials", "7"], 7),
     "epochs": (["--epochs", "9"], 9),
-    "time_budget_s": (["--time-budget", "12.5"], 12.5),
+    "time_budget_s": (["--time-budget", "120.5"], 120.5),
     "storage": (["--storage", "sqlite:///{tmp}/x.db"], "sqlite:///{tmp}/x.db"),
     "storage_path": (["--storage-path", "{tmp}/ray-store"], "{tmp}/ray-store"),
     "space": (["--space", "my_space.yaml"], "my_space.yaml"),

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's table reporter (trials, states, best so far)
     warnings.filterwarnings("ignore", category=optuna_experimental_warning())
     try:
-        from tuner.run import process_start, run_study
+        from tuner.run import process_start, run_study, study_failure
 
         opts = tune_options(args)
         from tuner.launcher import forward, launched_cluster
@@ -79,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         if head:
             return forward(args.cluster_config, head, list(sys.argv[1:] if argv is None else argv), opts.study,
                            opts.out)
-        run_study(opts, started_at=process_start())
+        summary = run_study(opts, started_at=process_start())
     except (ConfigError, EdgetuneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    failure = study_failure(summary)
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

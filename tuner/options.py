@@ -15,6 +15,21 @@ from trainer.ray_trainer import PLACEMENT_STRATEGIES
 
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
 
+#: Seconds kept at the end of a budget for the export (ONNX, checker, parity on the test split, bundle).
+EXPORT_RESERVE_S = 40.0
+#: The fixed costs of a study before and after its search, on 2 cores, the smallest built-in dataset (textures) and
+#: the default space's first seed point (EfficientNet-Lite0 at 128 px), as the study's budget ledger counts them
+#: (tuner/ledger.py): the interpreter with the torch / Ray / Optuna imports (~10 s), Ray start (`ray.init` ~5 s plus
+#: ~2 s for `tuner.fit`: bench/README.md "Ray start-up"), data preparation (scan, hash, split, the seed's input
+#: size: ~1-5 s on textures), one trial epoch (21-26 s measured for that seed on textures in the contract runs'
+#: leaderboards), then the export reserve (:data:`EXPORT_RESERVE_S`). A budget below their sum cannot train and
+#: export a single one-epoch trial, so it is refused before anything starts.
+STARTUP_S = 12.0
+RAY_START_S = 8.0
+DATA_PREPARATION_S = 5.0
+ONE_TRIAL_EPOCH_S = 25.0
+MIN_TIME_BUDGET_S = STARTUP_S + RAY_START_S + DATA_PREPARATION_S + ONE_TRIAL_EPOCH_S + EXPORT_RESERVE_S  # 90 s
+
 
 @dataclass(frozen=True)
 class TuneOptions:
@@ -130,8 +145,7 @@ class TuneOptions:
             )
         if self.time_budget_s < 0 or self.max_latency_ms < 0:
             raise ConfigError("time budget and max latency must be >= 0")
-        if not self.time_budget_s and not self.trials:
-            raise ConfigError("give a time budget (--time-budget / TIME=, seconds) or a trial count (--trials)")
+        self._check_budget()
         if not 0.0 <= self.probe_share < 0.5:
             raise ConfigError(f"probe_share must be in [0, 0.5), got {self.probe_share}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -166,6 +180,17 @@ class TuneOptions:
             put("storage_path", os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray"))
         elif "://" not in self.storage_path:
             put("storage_path", str(Path(self.storage_path).resolve()))  # Ray needs an absolute path
+
+    def _check_budget(self) -> None:
+        """A time budget or a trial count; a budget no smaller than :data:`MIN_TIME_BUDGET_S` (ConfigError naming it)."""
+        if not self.time_budget_s and not self.trials:
+            raise ConfigError("give a time budget (--time-budget / TIME=, seconds) or a trial count (--trials)")
+        if 0 < self.time_budget_s < MIN_TIME_BUDGET_S:
+            raise ConfigError(
+                f"time budget {self.time_budget_s:g} s is too small for one trial: the minimum is "
+                f"{MIN_TIME_BUDGET_S:g} s (start-up {STARTUP_S:g} + Ray start {RAY_START_S:g} + data preparation "
+                f"{DATA_PREPARATION_S:g} + one trial epoch {ONE_TRIAL_EPOCH_S:g} + export {EXPORT_RESERVE_S:g}); "
+                "give --time-budget / TIME= of at least that, or 0 with --trials")
 
     @property
     def ensemble_rounds(self) -> int:

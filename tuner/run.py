@@ -20,7 +20,7 @@ from edgetune.errors import EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from tuner import _ray_compat, report
 from tuner.latency_study import hand_off, latency_outputs, latency_setup, rejector
-from tuner.options import TuneOptions
+from tuner.options import EXPORT_RESERVE_S, TuneOptions
 from tuner.refit import FINISH_RESERVE_S
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
             weights_check=lambda b: weights_available(b, weights),
             layer_count=_layer_count,
             fixed={"img": opts.img} if opts.img else None,
+            base=TrainConfig.from_dict(base),  # every key the space sets applies to it (a typo fails here)
         )
     for line in space.dropped_report(verbose=opts.verbose, explicit=bool(opts.backbones)):
         log.info(line)
@@ -233,6 +234,21 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
     for line in summary["ledger_lines"]:
         print(line)
     return summary
+
+
+def study_failure(summary: dict[str, Any]) -> str | None:
+    """Why a finished study produced nothing to deploy (``python -m tuner`` exits 1 with it), or None: no final model
+    (no trial left a checkpoint and no final fit was made)."""
+    if summary.get("best_checkpoint"):
+        return None
+    states = summary.get("states") or {}
+    counts = ", ".join(f"{n} {s}" for s, n in states.items() if n) or "none"
+    refit = summary.get("refit") or {}
+    why = refit.get("skipped") or refit.get("stop_reason")
+    why = f"; no final fit: {why}" if why else ""
+    return (f"study {summary.get('study')!r} produced no model: no trial finished with a checkpoint (trials: "
+            f"{summary.get('trials', 0)}, states: {counts}){why}; see the trial errors above and in "
+            f"{summary.get('out')}/leaderboard.csv; a larger --time-budget or --trials may be needed")
 
 
 def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[str, Any] | None, connect: Any,
@@ -313,9 +329,6 @@ def _probes(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, cl
 
 #: The most of the budget kept for the finish, whatever the probes measured (a busy node measures slow).
 MAX_FINISH_SHARE = 0.2
-
-#: Seconds kept at the end of a budget for the export (ONNX, checker, parity on the test split, bundle).
-EXPORT_RESERVE_S = 40.0
 
 
 def _study_cores(opts: TuneOptions, info: dict[str, Any]) -> float:

@@ -144,6 +144,23 @@ class SearchSpace:
             self.params["precision"] = Param(name="precision", type="categorical", choices=list(precisions),
                                              key="", sets={p: {} for p in precisions})
 
+    def check_keys(self, base: TrainConfig) -> None:
+        """Every key the space can set applies to ``base``: each parameter's value (each choice; a range's ends) and
+        each override a ``sets:`` choice sets is applied to it once, so that a key typo (``model.dropuot``) or a
+        value the config refuses fails when the space is loaded, before any trial (ConfigError naming the
+        parameter, the key and the allowed ones)."""
+        for prm in self.params.values():
+            values = prm.choices if prm.type == "categorical" else [prm.low, prm.high]
+            if prm.type == "int":
+                values = [int(v) for v in values]
+            for v in values:
+                over = self.to_overrides({prm.name: v})
+                try:
+                    base.replace(over)
+                except ConfigError as e:
+                    what = f"sets {over}" if prm.sets else f"key {prm.key!r} = {over.get(prm.key, v)!r}"
+                    raise ConfigError(f"search space parameter {prm.name!r} ({what}): {e}") from None
+
     def points_to_evaluate(self) -> list[dict[str, Any]]:
         return [dict(s["params"]) for s in self.seeds]
 
@@ -296,10 +313,11 @@ def _dig(doc: Any, loc: tuple[Any, ...]) -> Any:
 def load_space(path: str | Path | None = None, backbones: list[str] | None = None,
                weights_check: Callable[[str], tuple[bool, str]] | None = None,
                layer_count: Callable[[str], int] | None = None,
-               fixed: dict[str, Any] | None = None) -> SearchSpace:
+               fixed: dict[str, Any] | None = None, base: TrainConfig | None = None) -> SearchSpace:
     """Load a space YAML; ``backbones`` overrides the backbone choices; unavailable weights are dropped;
     parameters named in ``fixed`` (e.g. ``{"img": 96}`` from ``--img``) are not searched (the base config sets
-    them) and disappear from the seeds."""
+    them) and disappear from the seeds. Every key the space sets is applied to ``base`` (default
+    ``TrainConfig()``) once (:meth:`SearchSpace.check_keys`): a bad key fails here, naming it."""
     p = Path(path) if path else DEFAULT_SPACE
     doc = parse_space_doc(load_yaml_mapping(p, "search space"), p)
     params = {name: spec.to_param(name) for name, spec in doc.params.items()}
@@ -313,6 +331,7 @@ def load_space(path: str | Path | None = None, backbones: list[str] | None = Non
         if "backbone" not in params:
             raise ConfigError("the search space has no 'backbone' parameter to restrict")
         params["backbone"].choices = list(backbones)
+    space.check_keys(base if base is not None else TrainConfig())
     if "backbone" in params and weights_check is not None:
         keep = []
         for b in params["backbone"].choices:
