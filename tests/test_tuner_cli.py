@@ -25,7 +25,7 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "storage_path": (["--storage-path", "{tmp}/ray-store"], "{tmp}/ray-store"),
     "space": (["--space", "my_space.yaml"], "my_space.yaml"),
     "backbones": (["--backbones", "resnet18,,mobilenetv3_small_100"], ("resnet18", "mobilenetv3_small_100")),
-    "config": (["--config", "base.yaml"], "base.yaml"),
+    "train_config": (["--train-config", "base.yaml"], "base.yaml"),  # --config: the tuner's own options file
     "sets": (["--set", "batch_size=8", "--set", "optim.lr=0.01"], ("batch_size=8", "optim.lr=0.01")),
     "img": (["--img", "64"], 64),
     "max_images": (["--max-images", "40"], 40),
@@ -56,6 +56,9 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "refit": (["--no-refit"], False),
     "refit_share": (["--refit-share", "0.3"], 0.3),
     "refit_max_epochs": (["--refit-max-epochs", "6"], 6),
+    "probe_share": (["--probe-share", "0.2"], 0.2),
+    "ema_decay": (["--ema-decay", "0.5"], 0.5),
+    "ensemble": (["--ensemble", "off"], "off"),
     "env_vars": (["--env-vars", "A=1,B=x"], {"A": "1", "B": "x"}),
     "verbose": (["--verbose"], True),
 }

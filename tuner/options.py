@@ -4,11 +4,12 @@ fields (tuner/__main__.py, edgetune/dataclass_cli.py)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_server.timing import TimingProtocol
-from edgetune.dataclass_cli import opt
+from edgetune.dataclass_cli import file_values, opt
 from edgetune.errors import ConfigError
 from trainer.metric import DEFAULT_METRIC, Metric, get_metric
 from trainer.ray_trainer import PLACEMENT_STRATEGIES
@@ -52,7 +53,7 @@ class TuneOptions:
                             "(default $EDGETUNE_STORAGE_PATH, else <out>/ray); must be shared on a multi-node cluster")
     space: str = opt("", "search space YAML (default tuner/default_space.yaml)")
     backbones: tuple[str, ...] = opt((), "restrict the backbone choices")
-    config: str = opt("", "base TrainConfig YAML for every trial")
+    train_config: str = opt("", "base TrainConfig YAML for every trial (--config is the tuner's own options file)")
     sets: tuple[str, ...] = opt((), "base config override (repeatable; wins over img/max_images)")
     img: int = opt(0, "fix the input size of every trial (0 = searched where the space has `img`, "
                    "else backbone default)")
@@ -240,3 +241,29 @@ class TuneOptions:
     def latency_on(self) -> bool:
         """Whether trials get a latency: a target, a latency objective or a latency constraint."""
         return bool(self.target) or self.multi_objective or self.max_latency_ms > 0
+
+
+def options_yaml(opts: TuneOptions) -> str:
+    """The effective options as YAML, every field (derived defaults resolved): what ``python -m tuner --print-config``
+    prints and a study writes to ``<out>/tune_options.yaml``; ``--config`` reads it back to the same options."""
+    import yaml
+
+    return str(yaml.safe_dump(asdict(opts), sort_keys=False))
+
+
+def load_options_file(path: str | Path) -> dict[str, Any]:
+    """The TuneOptions fields a ``--config`` YAML sets (ConfigError: unreadable, not a mapping, an unknown key with
+    the allowed ones, a value of the wrong type)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read the tuner config {p}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"tuner config {p} is not valid YAML: {e}") from None
+    try:
+        return file_values(TuneOptions, data, f"tuner config {p}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

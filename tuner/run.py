@@ -13,14 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import edgetune
 from edgetune.errors import EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from tuner import _ray_compat, report
 from tuner.latency_study import hand_off, latency_outputs, latency_setup, rejector
-from tuner.options import EXPORT_RESERVE_S, TuneOptions
+from tuner.options import EXPORT_RESERVE_S, TuneOptions, options_yaml
 from tuner.refit import FINISH_RESERVE_S
 
 log = logging.getLogger(__name__)
@@ -29,7 +27,7 @@ log = logging.getLogger(__name__)
 def base_config(opts: TuneOptions) -> dict[str, Any]:
     from trainer.config import TrainConfig, parse_override
 
-    cfg = TrainConfig.from_yaml(opts.config) if opts.config else TrainConfig()
+    cfg = TrainConfig.from_yaml(opts.train_config) if opts.train_config else TrainConfig()
     over: dict[str, Any] = {
         "data.dataset": opts.data,
         "epochs": opts.epochs,
@@ -287,7 +285,7 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
     summary["probes"] = [p.row() for p in probes]
     if latency is not None:
         summary["latency"] = latency_outputs(opts, study, out)
-    (out / "tune_options.yaml").write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
+    (out / "tune_options.yaml").write_text(options_yaml(opts))  # `python -m tuner --config` reads it back
     if opts.export and summary.get("best_checkpoint"):
         with ledger.stage("export (ONNX, parity gate)", "compute"):
             hand_off(opts, summary, out, source, latency, final=post)  # with a target, timed on the device
