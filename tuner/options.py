@@ -20,11 +20,13 @@ STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
 EXPORT_RESERVE_S = 40.0
 #: The fixed costs of a study before and after its search, on 2 cores, the smallest built-in dataset (textures) and
 #: the default space's first seed point (EfficientNet-Lite0 at 128 px), as the study's budget ledger counts them
-#: (tuner/ledger.py): the interpreter with the torch / Ray / Optuna imports (~10 s), Ray start (`ray.init` ~5 s plus
-#: ~2 s for `tuner.fit`: bench/README.md "Ray start-up"), data preparation (scan, hash, split, the seed's input
-#: size: ~1-5 s on textures), one trial epoch (21-26 s measured for that seed on textures in the contract runs'
-#: leaderboards), then the export reserve (:data:`EXPORT_RESERVE_S`). A budget below their sum cannot train and
-#: export a single one-epoch trial, so it is refused before anything starts.
+#: (tuner/ledger.py). Measured: on a quiet machine `ray.init` ~5 s plus ~2 s per `tuner.fit` (bench/README.md "Ray
+#: start-up") and one trial epoch 21-26 s (the contract runs' leaderboards); the ledger of a `make tune DATA=textures
+#: TRIALS=2 EPOCHS=1` on a busy shared 2-core machine (issue 22): start-up (interpreter, imports) 8.1 s, data
+#: preparation 0.5 s, Ray start 17.9 s, trial epochs ~54 s, export 22.9 s. The constants are the quiet-machine
+#: figures rounded up, plus the export reserve the study keeps (:data:`EXPORT_RESERVE_S`): a budget below their sum
+#: cannot train and export even one one-epoch trial, so it is refused before anything starts. It is a floor, not a
+#: recommendation: a busy machine needs more (the default is 840 s).
 STARTUP_S = 12.0
 RAY_START_S = 8.0
 DATA_PREPARATION_S = 5.0
@@ -46,7 +48,8 @@ class TuneOptions:
     trials: int = opt(0, "optional cap on the number of trials (0 = the time budget decides)")
     epochs: int = opt(4, "max epochs per trial (ASHA max_t; each trial's LR schedule)")
     time_budget_s: float = opt(
-        840.0, "seconds for search + refit + export, counted from the start (0 = none; then --trials is needed)")
+        840.0, f"seconds for search + refit + export, counted from the start (at least {MIN_TIME_BUDGET_S:g}; 0 = none; "
+               "then --trials is needed)")
     storage: str = opt("", "Optuna storage URL (default sqlite:///<out>/../optuna.db, i.e. runs/optuna.db; "
                        "postgresql://… for shared)")
     storage_path: str = opt("", "Ray storage for trial checkpoints: a directory or s3://bucket/prefix "
