@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import edgetune
 from edge_server.logs import LOG_LEVELS, NativeStderr, configure_logging
 from edge_server.model import BATCH_WAITS
 from edge_server.profiles import PROFILE_NAMES, SERVER_PROFILES, profile_limits
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between --watch polls")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight RPCs on SIGTERM/SIGINT")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p
 
 

@@ -21,18 +21,26 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge_server import calibrator as cal
-from edge_server.engine_cache import ProfileShapes, cached_engine, engine_status, make_sidecar
+from edge_server.engine_cache import (  # noqa: F401 - BuildOptions, PRECISION_CHOICES, MAX_BATCH_LIMIT: re-exported
+    MAX_BATCH_LIMIT,
+    PRECISION_CHOICES,
+    BuildOptions,
+    ProfileShapes,
+    _int,
+    cached_engine,
+    engine_cache_dir,
+    engine_status,
+    make_sidecar,
+)
 from edge_server.runners import tensorrt as rt
 from edgetune.bundle import Bundle, load_bundle
 from edgetune.dataclass_cli import Flag, add_fields, field_values
-from edgetune.dataclass_cli import opt as option  # BuildOptions has an ``opt`` of its own
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
 from edgetune.fsutil import atomic_write_bytes
 from edgetune.imagedecode import read_image
@@ -40,52 +48,12 @@ from edgetune.numeric import softmax
 
 log = logging.getLogger("edge_server.engine")
 
-PRECISION_CHOICES = ("auto", *rt.PRECISIONS)
 #: TensorRT versions this builder is written for: [8.5, 11.0) (tensor-name API, memory pools, calibrators).
 TRT_SUPPORTED = ((8, 5), (11, 0))
-MAX_BATCH_LIMIT = 1024
 
 
 class EngineBuildError(EdgetuneError):
     """TensorRT could not build the engine, or the built engine failed its accuracy check."""
-
-
-def _int(name: str, value: Any, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """What the user asked for (validated). ``opt_batch`` None = ``max(1, max_batch // 2)``."""
-
-    precision: str = option("fp16", "engine precision (default fp16, the server's default); auto = int8 > fp16 > "
-                                     "fp32 by what the GPU does fast and whether the bundle has calibration images")
-    max_batch: int = option(8, "largest batch of the profile (server --max-batch)")
-    opt_batch: int | None = option(None, "batch the kernels are tuned for (default max/2)")
-    workspace_mb: int = option(1024, "TensorRT workspace memory pool limit (MiB)")
-    timing_cache: Path | None = option(None, "timing cache file, loaded and updated "
-                                             "(default <bundle>/engines/timing.trt<ver>.sm<cc>.cache)")
-    calib_batch: int = option(8, "INT8 calibration batch size")
-    min_agreement: float = option(0.0, "refuse the engine when its top-1 agreement with ONNX Runtime on the check "
-                                       "images is lower")
-    force: bool = option(False, "rebuild even when the cached engine is current")
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISION_CHOICES:
-            raise ConfigError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
-        _int("max batch", self.max_batch, 1, MAX_BATCH_LIMIT)
-        if self.opt_batch is not None:
-            _int("opt batch", self.opt_batch, 1, self.max_batch)
-        _int("workspace (MiB)", self.workspace_mb, 16, 1 << 20)
-        _int("calibration batch", self.calib_batch, 1, MAX_BATCH_LIMIT)
-        if not isinstance(self.min_agreement, (int, float)) or not 0.0 <= self.min_agreement <= 1.0:
-            raise ConfigError(f"min agreement must be a number in [0, 1], got {self.min_agreement!r}")
-
-    @property
-    def opt(self) -> int:
-        return self.opt_batch if self.opt_batch is not None else max(1, self.max_batch // 2)
 
 
 def decide_precision(requested: str, *, fast_fp16: bool, fast_int8: bool, n_calibration_images: int
@@ -291,8 +259,6 @@ def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) 
     current, reason = engine_status(bundle, system, precision, options)
     if current and not options.force:
         return {**summary, "status": "up-to-date", "reason": reason}
-    from edge_server.timing import engine_cache_dir
-
     t0 = time.perf_counter()
     reused = None if options.force else cached_engine(bundle, system, precision, options, engine_cache_dir())
     if reused is not None:

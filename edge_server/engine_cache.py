@@ -15,19 +15,68 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edge_server.runners import tensorrt as rt
 from edgetune.bundle import Bundle
-from edgetune.errors import BundleError
-
-if TYPE_CHECKING:
-    from edge_server.engine import BuildOptions
+from edgetune.dataclass_cli import opt as option  # BuildOptions has an ``opt`` of its own
+from edgetune.errors import BundleError, ConfigError
 
 log = logging.getLogger("edge_server.engine")  # the builder's logger, as before the split
+
+#: Engines built while timing are kept here on the device, named as ``make engine`` names them, so that
+#: ``make engine`` on the same device reuses the winner's engine instead of rebuilding (:func:`cached_engine`).
+ENGINE_CACHE_ENV = "EDGETUNE_ENGINE_CACHE"
+
+
+def engine_cache_dir() -> Path:
+    return Path(os.environ.get(ENGINE_CACHE_ENV) or Path.home() / ".cache" / "edgetune" / "engines")
+
+
+PRECISION_CHOICES = ("auto", *rt.PRECISIONS)
+MAX_BATCH_LIMIT = 1024
+
+
+def _int(name: str, value: Any, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What the user asked for (validated). ``opt_batch`` None = ``max(1, max_batch // 2)``."""
+
+    precision: str = option("fp16", "engine precision (default fp16, the server's default); auto = int8 > fp16 > "
+                                     "fp32 by what the GPU does fast and whether the bundle has calibration images")
+    max_batch: int = option(8, "largest batch of the profile (server --max-batch)")
+    opt_batch: int | None = option(None, "batch the kernels are tuned for (default max/2)")
+    workspace_mb: int = option(1024, "TensorRT workspace memory pool limit (MiB)")
+    timing_cache: Path | None = option(None, "timing cache file, loaded and updated "
+                                             "(default <bundle>/engines/timing.trt<ver>.sm<cc>.cache)")
+    calib_batch: int = option(8, "INT8 calibration batch size")
+    min_agreement: float = option(0.0, "refuse the engine when its top-1 agreement with ONNX Runtime on the check "
+                                       "images is lower")
+    force: bool = option(False, "rebuild even when the cached engine is current")
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
+        _int("max batch", self.max_batch, 1, MAX_BATCH_LIMIT)
+        if self.opt_batch is not None:
+            _int("opt batch", self.opt_batch, 1, self.max_batch)
+        _int("workspace (MiB)", self.workspace_mb, 16, 1 << 20)
+        _int("calibration batch", self.calib_batch, 1, MAX_BATCH_LIMIT)
+        if not isinstance(self.min_agreement, (int, float)) or not 0.0 <= self.min_agreement <= 1.0:
+            raise ConfigError(f"min agreement must be a number in [0, 1], got {self.min_agreement!r}")
+
+    @property
+    def opt(self) -> int:
+        return self.opt_batch if self.opt_batch is not None else max(1, self.max_batch // 2)
 
 
 @dataclass(frozen=True)

@@ -21,20 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from edge_server.engine_cache import ENGINE_CACHE_ENV, engine_cache_dir  # noqa: F401 - ENGINE_CACHE_ENV re-exported
 from edgetune.bundle import Bundle, load_bundle
 from edgetune.errors import ConfigError, EdgetuneError
 
 #: Backends a timing can use: ``auto`` = TensorRT where it imports, else ONNX Runtime (as ``make serve``).
 TIMING_BACKENDS = ("auto", "tensorrt", "onnxruntime")
-#: Engines built while timing are kept here on the device, named as ``make engine`` names them, so that
-#: ``make engine`` on the same device reuses the winner's engine instead of rebuilding (edge_server.engine_cache).
-ENGINE_CACHE_ENV = "EDGETUNE_ENGINE_CACHE"
 #: Precisions ONNX Runtime times and serves on a CPU: model.onnx and the bundle's INT8 variant (no fp16).
 ORT_PRECISIONS = ("fp32", "int8")
-
-
-def engine_cache_dir() -> Path:
-    return Path(os.environ.get(ENGINE_CACHE_ENV) or Path.home() / ".cache" / "edgetune" / "engines")
 
 
 @dataclass(frozen=True)

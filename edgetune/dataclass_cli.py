@@ -138,3 +138,61 @@ def field_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
             v = getattr(args, f.name)
             out[f.name] = tuple(v) if hints[f.name] == tuple[str, ...] else v
     return out
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+#: type -> (accepts a file value, converts it, what the field takes)
+_SCALARS: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
+    bool: (lambda x: isinstance(x, bool), bool, "true or false"),
+    int: (lambda x: isinstance(x, int) and not isinstance(x, bool), int, "an integer"),
+    float: (_is_number, float, "a number"),
+    str: (lambda x: isinstance(x, str), str, "a string"),
+    Path: (lambda x: isinstance(x, str), Path, "a string (a path)"),
+    tuple[str, ...]: (lambda x: isinstance(x, (list, tuple)) and all(isinstance(i, str) for i in x), tuple,
+                      "a list of strings"),
+    dict[str, float]: (lambda x: isinstance(x, Mapping) and all(isinstance(k, str) and _is_number(v)
+                                                                for k, v in x.items()),
+                       lambda x: {k: float(v) for k, v in x.items()}, "a mapping of names to numbers"),
+    dict[str, str]: (lambda x: isinstance(x, Mapping) and all(isinstance(k, str) and isinstance(v, str)
+                                                              for k, v in x.items()), dict,
+                     "a mapping of names to strings"),
+}
+
+
+def _check_value(hint: Any, v: Any) -> Any:
+    """``v`` as a value of a field with type ``hint`` (a YAML scalar / list / mapping), or raise ValueError saying
+    what the field takes."""
+    inner = _optional(hint)
+    if inner is not None:
+        return None if v is None else _check_value(inner, v)
+    if hint not in _SCALARS:
+        raise ValueError(f"a {hint!r} (not settable from a file)")
+    ok, convert, what = _SCALARS[hint]
+    if not ok(v):
+        raise ValueError(what)
+    return convert(v)
+
+
+def file_values(cls: type, data: Any, source: str) -> dict[str, Any]:
+    """The init fields of dataclass ``cls`` given by a config file's mapping ``data`` (e.g. YAML), each checked
+    against its field's type. ``ValueError`` names what is wrong: not a mapping, the unknown keys with the allowed
+    ones, a value of the wrong type with what the field takes."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: must be a mapping of option names to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [str(k) for k in data if k not in names]
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(names)}")
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        try:
+            out[k] = _check_value(hints[k], v)
+        except ValueError as e:
+            raise ValueError(f"{source}: {k!r} must be {e}, got {v!r}") from None
+    return out

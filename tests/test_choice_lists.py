@@ -38,7 +38,7 @@ OWNED = [
 ]
 DERIVED = [
     ("trainer.metric", "METRIC_NAMES"),  # = tuple(METRICS), each a Metric("<name>", ...) in trainer/metric.py
-    ("edge_server.engine", "PRECISION_CHOICES"),  # = ("auto", *PRECISIONS)
+    ("edge_server.engine_cache", "PRECISION_CHOICES"),  # = ("auto", *PRECISIONS); edge_server.engine re-exports it
 ]
 
 
@@ -73,7 +73,7 @@ CLI_CHOICES = {
     ("edge_server", "batch_wait"): ("edge_server.model", "BATCH_WAITS"),
     ("edge_server", "log_level"): ("edge_server.logs", "LOG_LEVELS"),
     ("edge_server", "profile"): ("edge_server.profiles", "PROFILE_NAMES"),
-    ("edge_server.engine", "precision"): ("edge_server.engine", "PRECISION_CHOICES"),
+    ("edge_server.engine", "precision"): ("edge_server.engine_cache", "PRECISION_CHOICES"),
     ("edge_client", "log_format"): ("edge_client.output", "LOG_FORMATS"),
 }
 

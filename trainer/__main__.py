@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import edgetune
 from edgetune.dataclass_cli import Flag, add_fields, field_values, opt
 from edgetune.errors import EdgetuneError
 from edgetune.logs import setup_cli_logging
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_fields(p, TrainOptions, {"sets": Flag("--set", repeat=True, metavar="KEY=VALUE")})
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p
 
 

@@ -12,6 +12,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
+import edgetune
 from edgetune.dataclass_cli import Flag, add_fields, field_values
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.logs import setup_cli_logging
@@ -48,7 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, TuneOptions, _irregular())
     p.add_argument("--cluster-config", default="cluster.yaml",  # not a study option: where the study runs
                    help="after `ray up` of this file from here, the study runs on that cluster (EDGETUNE_LOCAL=1: here)")
+    p.add_argument("--config", dest="options_file", default="", metavar="RUN_YAML",
+                   help="the study's options from a YAML file (what --print-config prints, or a study's "
+                        "<out>/tune_options.yaml); flags given with it override it (--set adds to its sets)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective options as YAML (every field, derived defaults resolved) and exit")
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``python -m tuner``'s arguments; with ``--config FILE`` the file's values are the defaults the flags given
+    override (ConfigError: an unknown key in the file, naming the allowed ones; a value of the wrong type)."""
+    from tuner.options import load_options_file
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.options_file:
+        values = load_options_file(args.options_file)
+        parser.set_defaults(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+        args = parser.parse_args(argv)
+    return args
 
 
 def tune_options(args: argparse.Namespace) -> TuneOptions:
@@ -65,12 +86,21 @@ def optuna_experimental_warning() -> type[Warning]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     setup_cli_logging(verbose=args.verbose)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's table reporter (trials, states, best so far)
     warnings.filterwarnings("ignore", category=optuna_experimental_warning())
     try:
-        from tuner.run import process_start, run_study
+        if args.print_config:
+            from tuner.options import options_yaml
+
+            sys.stdout.write(options_yaml(tune_options(args)))
+            return 0
+        from tuner.run import process_start, run_study, study_failure
 
         opts = tune_options(args)
         from tuner.launcher import forward, launched_cluster
@@ -79,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         if head:
             return forward(args.cluster_config, head, list(sys.argv[1:] if argv is None else argv), opts.study,
                            opts.out)
-        run_study(opts, started_at=process_start())
+        summary = run_study(opts, started_at=process_start())
     except (ConfigError, EdgetuneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    failure = study_failure(summary)
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

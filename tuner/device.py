@@ -33,6 +33,9 @@ from edgetune.errors import ConfigError, EdgetuneError
 
 #: The Optuna study (in the study's storage) whose user attrs hold the latency records.
 CACHE_STUDY = "edgetune-latency-cache"
+#: The study's latency service actor (tuner/latency_service.py), named here so that trials find it without
+#: importing the service module.
+SERVICE_NAME = "edgetune-latency-{study}"
 log = logging.getLogger(__name__)
 
 
@@ -235,8 +238,6 @@ def get_latency(setup: LatencySetup, train_config: Any, num_classes: int, precis
     sig = signature_for(train_config, num_classes, precision)
     service = setup.service
     if service is None:
-        from tuner.latency_service import SERVICE_NAME
-
         service = ray.get_actor(SERVICE_NAME.format(study=setup.study))
     answer: dict[str, Any] = dict(ray.get(service.lookup.remote(sig.to_dict())))
     if answer["status"] == "claim":
@@ -308,10 +309,10 @@ class LatencyRejector:
         return {**self.__dict__, "_cache": None}
 
     def __call__(self, config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        from tuner.space import build_trial_config, flatten_params
         from tuner.storage import rdb_storage
-        from tuner.trial import _flatten, build_trial_config
 
-        flat = _flatten(config)
+        flat = flatten_params(config)
         cfg = build_trial_config(self.base, self.space.to_overrides(flat))
         p = self.setup.precision_param
         sig = signature_for(cfg, self.num_classes, str(flat.get(p, "fp32")) if p else "fp32")

@@ -10,10 +10,17 @@ import logging
 import time
 from typing import Any
 
-from tuner.device import ArchSignature, LatencyCache, cache_target, target_resource, task_options, time_on_node
+from tuner.device import (  # noqa: F401 - SERVICE_NAME re-exported
+    SERVICE_NAME,
+    ArchSignature,
+    LatencyCache,
+    cache_target,
+    target_resource,
+    task_options,
+    time_on_node,
+)
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "edgetune-latency-{study}"
 
 
 class _Service:

@@ -4,16 +4,34 @@ fields (tuner/__main__.py, edgetune/dataclass_cli.py)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_server.timing import TimingProtocol
-from edgetune.dataclass_cli import opt
+from edgetune.dataclass_cli import file_values, opt
 from edgetune.errors import ConfigError
 from trainer.metric import DEFAULT_METRIC, Metric, get_metric
 from trainer.ray_trainer import PLACEMENT_STRATEGIES
 
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
+
+#: Seconds kept at the end of a budget for the export (ONNX, checker, parity on the test split, bundle).
+EXPORT_RESERVE_S = 40.0
+#: The fixed costs of a study before and after its search, on 2 cores, the smallest built-in dataset (textures) and
+#: the default space's first seed point (EfficientNet-Lite0 at 128 px), as the study's budget ledger counts them
+#: (tuner/ledger.py). Measured: on a quiet machine `ray.init` ~5 s plus ~2 s per `tuner.fit` (bench/README.md "Ray
+#: start-up") and one trial epoch 21-26 s (the contract runs' leaderboards); the ledger of a `make tune DATA=textures
+#: TRIALS=2 EPOCHS=1` on a busy shared 2-core machine (issue 22): start-up (interpreter, imports) 8.1 s, data
+#: preparation 0.5 s, Ray start 17.9 s, trial epochs ~54 s, export 22.9 s. The constants are the quiet-machine
+#: figures rounded up, plus the export reserve the study keeps (:data:`EXPORT_RESERVE_S`): a budget below their sum
+#: cannot train and export even one one-epoch trial, so it is refused before anything starts. It is a floor, not a
+#: recommendation: a busy machine needs more (the default is 840 s).
+STARTUP_S = 12.0
+RAY_START_S = 8.0
+DATA_PREPARATION_S = 5.0
+ONE_TRIAL_EPOCH_S = 25.0
+MIN_TIME_BUDGET_S = STARTUP_S + RAY_START_S + DATA_PREPARATION_S + ONE_TRIAL_EPOCH_S + EXPORT_RESERVE_S  # 90 s
 
 
 @dataclass(frozen=True)
@@ -30,14 +48,15 @@ class TuneOptions:
     trials: int = opt(0, "optional cap on the number of trials (0 = the time budget decides)")
     epochs: int = opt(4, "max epochs per trial (ASHA max_t; each trial's LR schedule)")
     time_budget_s: float = opt(
-        840.0, "seconds for search + refit + export, counted from the start (0 = none; then --trials is needed)")
+        840.0, f"seconds for search + refit + export, counted from the start (at least {MIN_TIME_BUDGET_S:g}; 0 = none; "
+               "then --trials is needed)")
     storage: str = opt("", "Optuna storage URL (default sqlite:///<out>/../optuna.db, i.e. runs/optuna.db; "
                        "postgresql://… for shared)")
     storage_path: str = opt("", "Ray storage for trial checkpoints: a directory or s3://bucket/prefix "
                             "(default $EDGETUNE_STORAGE_PATH, else <out>/ray); must be shared on a multi-node cluster")
     space: str = opt("", "search space YAML (default tuner/default_space.yaml)")
     backbones: tuple[str, ...] = opt((), "restrict the backbone choices")
-    config: str = opt("", "base TrainConfig YAML for every trial")
+    train_config: str = opt("", "base TrainConfig YAML for every trial (--config is the tuner's own options file)")
     sets: tuple[str, ...] = opt((), "base config override (repeatable; wins over img/max_images)")
     img: int = opt(0, "fix the input size of every trial (0 = searched where the space has `img`, "
                    "else backbone default)")
@@ -130,8 +149,7 @@ class TuneOptions:
             )
         if self.time_budget_s < 0 or self.max_latency_ms < 0:
             raise ConfigError("time budget and max latency must be >= 0")
-        if not self.time_budget_s and not self.trials:
-            raise ConfigError("give a time budget (--time-budget / TIME=, seconds) or a trial count (--trials)")
+        self._check_budget()
         if not 0.0 <= self.probe_share < 0.5:
             raise ConfigError(f"probe_share must be in [0, 0.5), got {self.probe_share}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -166,6 +184,17 @@ class TuneOptions:
             put("storage_path", os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray"))
         elif "://" not in self.storage_path:
             put("storage_path", str(Path(self.storage_path).resolve()))  # Ray needs an absolute path
+
+    def _check_budget(self) -> None:
+        """A time budget or a trial count; a budget no smaller than :data:`MIN_TIME_BUDGET_S` (ConfigError naming it)."""
+        if not self.time_budget_s and not self.trials:
+            raise ConfigError("give a time budget (--time-budget / TIME=, seconds) or a trial count (--trials)")
+        if 0 < self.time_budget_s < MIN_TIME_BUDGET_S:
+            raise ConfigError(
+                f"time budget {self.time_budget_s:g} s is too small for one trial: the minimum is "
+                f"{MIN_TIME_BUDGET_S:g} s (start-up {STARTUP_S:g} + Ray start {RAY_START_S:g} + data preparation "
+                f"{DATA_PREPARATION_S:g} + one trial epoch {ONE_TRIAL_EPOCH_S:g} + export {EXPORT_RESERVE_S:g}); "
+                "give --time-budget / TIME= of at least that, or 0 with --trials")
 
     @property
     def ensemble_rounds(self) -> int:
@@ -215,3 +244,29 @@ class TuneOptions:
     def latency_on(self) -> bool:
         """Whether trials get a latency: a target, a latency objective or a latency constraint."""
         return bool(self.target) or self.multi_objective or self.max_latency_ms > 0
+
+
+def options_yaml(opts: TuneOptions) -> str:
+    """The effective options as YAML, every field (derived defaults resolved): what ``python -m tuner --print-config``
+    prints and a study writes to ``<out>/tune_options.yaml``; ``--config`` reads it back to the same options."""
+    import yaml
+
+    return str(yaml.safe_dump(asdict(opts), sort_keys=False))
+
+
+def load_options_file(path: str | Path) -> dict[str, Any]:
+    """The TuneOptions fields a ``--config`` YAML sets (ConfigError: unreadable, not a mapping, an unknown key with
+    the allowed ones, a value of the wrong type)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read the tuner config {p}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"tuner config {p} is not valid YAML: {e}") from None
+    try:
+        return file_values(TuneOptions, data, f"tuner config {p}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -13,14 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import edgetune
 from edgetune.errors import EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from tuner import _ray_compat, report
 from tuner.latency_study import hand_off, latency_outputs, latency_setup, rejector
-from tuner.options import TuneOptions
+from tuner.options import EXPORT_RESERVE_S, TuneOptions, options_yaml
 from tuner.refit import FINISH_RESERVE_S
 
 log = logging.getLogger(__name__)
@@ -29,7 +27,7 @@ log = logging.getLogger(__name__)
 def base_config(opts: TuneOptions) -> dict[str, Any]:
     from trainer.config import TrainConfig, parse_override
 
-    cfg = TrainConfig.from_yaml(opts.config) if opts.config else TrainConfig()
+    cfg = TrainConfig.from_yaml(opts.train_config) if opts.train_config else TrainConfig()
     over: dict[str, Any] = {
         "data.dataset": opts.data,
         "epochs": opts.epochs,
@@ -202,6 +200,7 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
             weights_check=lambda b: weights_available(b, weights),
             layer_count=_layer_count,
             fixed={"img": opts.img} if opts.img else None,
+            base=TrainConfig.from_dict(base),  # every key the space sets applies to it (a typo fails here)
         )
     for line in space.dropped_report(verbose=opts.verbose, explicit=bool(opts.backbones)):
         log.info(line)
@@ -233,6 +232,21 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
     for line in summary["ledger_lines"]:
         print(line)
     return summary
+
+
+def study_failure(summary: dict[str, Any]) -> str | None:
+    """Why a finished study produced nothing to deploy (``python -m tuner`` exits 1 with it), or None: no final model
+    (no trial left a checkpoint and no final fit was made)."""
+    if summary.get("best_checkpoint"):
+        return None
+    states = summary.get("states") or {}
+    counts = ", ".join(f"{n} {s}" for s, n in states.items() if n) or "none"
+    refit = summary.get("refit") or {}
+    why = refit.get("skipped") or refit.get("stop_reason")
+    why = f"; no final fit: {why}" if why else ""
+    return (f"study {summary.get('study')!r} produced no model: no trial finished with a checkpoint (trials: "
+            f"{summary.get('trials', 0)}, states: {counts}){why}; see the trial errors above and in "
+            f"{summary.get('out')}/leaderboard.csv; a larger --time-budget or --trials may be needed")
 
 
 def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[str, Any] | None, connect: Any,
@@ -271,7 +285,7 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
     summary["probes"] = [p.row() for p in probes]
     if latency is not None:
         summary["latency"] = latency_outputs(opts, study, out)
-    (out / "tune_options.yaml").write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
+    (out / "tune_options.yaml").write_text(options_yaml(opts))  # `python -m tuner --config` reads it back
     if opts.export and summary.get("best_checkpoint"):
         with ledger.stage("export (ONNX, parity gate)", "compute"):
             hand_off(opts, summary, out, source, latency, final=post)  # with a target, timed on the device
@@ -313,9 +327,6 @@ def _probes(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, cl
 
 #: The most of the budget kept for the finish, whatever the probes measured (a busy node measures slow).
 MAX_FINISH_SHARE = 0.2
-
-#: Seconds kept at the end of a budget for the export (ONNX, checker, parity on the test split, bundle).
-EXPORT_RESERVE_S = 40.0
 
 
 def _study_cores(opts: TuneOptions, info: dict[str, Any]) -> float:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from edgetune.errors import ConfigError
-from trainer.config import load_yaml_mapping
+from trainer.config import TrainConfig, load_yaml_mapping
 
 DEFAULT_SPACE = Path(__file__).with_name("default_space.yaml")
 TYPES = ("categorical", "float", "int")
@@ -26,6 +26,24 @@ def device_img_choices() -> list[int]:
     """Input sizes searched with a target device when the space has no ``img`` parameter: the default space's
     (one definition, ``default_space.yaml``)."""
     return list(parse_space_doc(load_yaml_mapping(DEFAULT_SPACE, "search space"), DEFAULT_SPACE).params["img"].choices)
+
+
+def build_trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """A trial's TrainConfig: the study's base config with a sampled configuration's overrides (ConfigError naming
+    an unknown key and the allowed ones)."""
+    return TrainConfig.from_dict(base).replace(overrides)
+
+
+def flatten_params(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray may nest keys containing '/'; our parameter names are flat."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            for k2, v2 in flatten_params(v).items():
+                out[f"{k}/{k2}"] = v2
+        else:
+            out[k] = v
+    return out
 
 
 @dataclass
@@ -125,6 +143,23 @@ class SearchSpace:
         if precisions and "precision" not in self.params:
             self.params["precision"] = Param(name="precision", type="categorical", choices=list(precisions),
                                              key="", sets={p: {} for p in precisions})
+
+    def check_keys(self, base: TrainConfig) -> None:
+        """Every key the space can set applies to ``base``: each parameter's value (each choice; a range's ends) and
+        each override a ``sets:`` choice sets is applied to it once, so that a key typo (``model.dropuot``) or a
+        value the config refuses fails when the space is loaded, before any trial (ConfigError naming the
+        parameter, the key and the allowed ones)."""
+        for prm in self.params.values():
+            values = prm.choices if prm.type == "categorical" else [prm.low, prm.high]
+            if prm.type == "int":
+                values = [int(v) for v in values]
+            for v in values:
+                over = self.to_overrides({prm.name: v})
+                try:
+                    base.replace(over)
+                except ConfigError as e:
+                    what = f"sets {over}" if prm.sets else f"key {prm.key!r} = {over.get(prm.key, v)!r}"
+                    raise ConfigError(f"search space parameter {prm.name!r} ({what}): {e}") from None
 
     def points_to_evaluate(self) -> list[dict[str, Any]]:
         return [dict(s["params"]) for s in self.seeds]
@@ -278,10 +313,11 @@ def _dig(doc: Any, loc: tuple[Any, ...]) -> Any:
 def load_space(path: str | Path | None = None, backbones: list[str] | None = None,
                weights_check: Callable[[str], tuple[bool, str]] | None = None,
                layer_count: Callable[[str], int] | None = None,
-               fixed: dict[str, Any] | None = None) -> SearchSpace:
+               fixed: dict[str, Any] | None = None, base: TrainConfig | None = None) -> SearchSpace:
     """Load a space YAML; ``backbones`` overrides the backbone choices; unavailable weights are dropped;
     parameters named in ``fixed`` (e.g. ``{"img": 96}`` from ``--img``) are not searched (the base config sets
-    them) and disappear from the seeds."""
+    them) and disappear from the seeds. Every key the space sets is applied to ``base`` (default
+    ``TrainConfig()``) once (:meth:`SearchSpace.check_keys`): a bad key fails here, naming it."""
     p = Path(path) if path else DEFAULT_SPACE
     doc = parse_space_doc(load_yaml_mapping(p, "search space"), p)
     params = {name: spec.to_param(name) for name, spec in doc.params.items()}
@@ -295,6 +331,7 @@ def load_space(path: str | Path | None = None, backbones: list[str] | None = Non
         if "backbone" not in params:
             raise ConfigError("the search space has no 'backbone' parameter to restrict")
         params["backbone"].choices = list(backbones)
+    space.check_keys(base if base is not None else TrainConfig())
     if "backbone" in params and weights_check is not None:
         keep = []
         for b in params["backbone"].choices:

@@ -17,10 +17,7 @@ from typing import Any
 
 from edgetune.errors import EdgetuneError
 from trainer.config import TrainConfig
-
-
-def build_trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    return TrainConfig.from_dict(base).replace(overrides)
+from tuner.space import build_trial_config, flatten_params
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         # suggested while budget remained, but it waited for resources until the search deadline: end without
         # training (the searcher records it FAIL with the reason) so the refit gets the node at once
         return
-    flat = _flatten(config)
+    flat = flatten_params(config)
     cfg = build_trial_config(ctx.base, ctx.space.to_overrides(flat))
     static: dict[str, Any] = {}
     if ctx.latency is not None:
@@ -158,15 +155,3 @@ def checkpoint_uri(checkpoint: Any) -> str:
     fs = getattr(checkpoint, "filesystem", None)
     scheme = getattr(fs, "type_name", "local") if fs is not None else "local"
     return path if scheme == "local" else f"{scheme}://{path}"
-
-
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray may nest keys containing '/'; our parameter names are flat."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            for k2, v2 in _flatten(v).items():
-                out[f"{k}/{k2}"] = v2
-        else:
-            out[k] = v
-    return out
