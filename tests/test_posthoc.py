@@ -122,3 +122,24 @@ def test_select_on_real_checkpoints_exports_one_graph_with_parity(tmp_path) -> N
     assert meta["parity"]["top1_agreement"] == 1.0
     assert meta["final_model"]["latency_here"]["p50_ms"] > 0  # bundle.json carries extra at its top level
     assert load_bundle(b).meta["final_model"]["members"] == ["r0 (flips)", "r1"]
+
+
+def test_an_ensemble_that_lowers_the_studys_metric_is_not_kept() -> None:
+    """Log-loss picks members, but an ensemble whose validation macro-F1 is below the single model's is refused:
+    a calibrated majority-leaning member lowers log-loss while the rare class's recall falls."""
+    rng = np.random.default_rng(3)
+    n = 600
+    y = rng.choice(3, size=n, p=[0.8, 0.15, 0.05])
+    sharp = np.full((n, 3), 0.05)
+    sharp[np.arange(n), y] = 0.9  # right on every class, overconfident when wrong
+    wrong = rng.random(n) < 0.25
+    sharp[wrong] = np.roll(sharp[wrong], 1, axis=1)
+    prior = np.bincount(y, minlength=3) / n
+    calm = np.tile(prior, (n, 1)) * 0.7 + 0.3 * np.eye(3)[y] * (y == 0)[:, None]  # majority-leaning, calibrated
+    calm /= calm.sum(1, keepdims=True)
+    views = {v: sharp for v in posthoc.TTA_VIEWS}
+    cands = [posthoc.Candidate("final", "final", "", views), posthoc.Candidate("probe", "probe", "", {"id": calm})]
+    inputs = posthoc.Inputs(np.zeros((n, 3, 2, 2), np.float32), y, None, None, np.log(prior), ["a", "b", "c"])
+    d = posthoc._decide(cands, inputs, "val_macro_f1", "auto", 0, posthoc.ENSEMBLE_ROUNDS)
+    rec = d.record["ensemble"]
+    assert rec["val_macro_f1_ensemble"] < rec["val_macro_f1_single"] and not d.use_ens, rec

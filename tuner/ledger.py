@@ -136,11 +136,12 @@ def trial_stages(ledger: Ledger, study: Any, cores_per_trial: float) -> None:
     trial's own set-up and training seconds): set-up is overhead; training is compute when the trial finished its
     planned fidelity (COMPLETE) or was stopped by ASHA by design (PRUNED), waste when it failed or was cut."""
     for t in study.get_trials(deepcopy=False):
-        if t.datetime_start is None or not t.user_attrs.get("started_at"):
+        launched = t.user_attrs.get("started_at") or t.user_attrs.get("launched_at")
+        if t.datetime_start is None or not launched:
             continue  # never ran (it waited for a slot until the search ended), or an earlier version's trial
         # the run's own start (the trainer's set-up; Optuna's start is when Ray asked for the trial, which may then
         # wait for a free slot) and Optuna's completion
-        start = float(t.user_attrs["started_at"])
+        start = float(launched)  # a trial stopped before its first result has only Ray's launch time
         end = t.datetime_complete.timestamp() if t.datetime_complete else time.time()
         if end <= ledger.t0:
             continue  # an earlier run of the study

@@ -305,9 +305,15 @@ def _decide(cands: list[Candidate], inputs: Inputs, metric: str, mode: str, seed
     singles = [c.val(t) for c, t in pool]
     best_single = singles[int(np.argmin([nll_items(p, y).mean() for p in singles]))]
     use_ens, g2, sd2 = beats(p_ens, best_single, y)
-    use_ens = use_ens and mode == "auto" and len(chosen) > 1
+    # log-loss picks the members; the study's metric must not lose to the single model it replaces (a calibrated
+    # member can lower log-loss while the rare classes' recall, and so macro-F1, falls)
+    k = len(inputs.classes)
+    single_metric = score(final.val(tta).argmax(1), y, k, metric)
+    ens_metric = score(p_ens.argmax(1), y, k, metric)
+    use_ens = use_ens and mode == "auto" and len(chosen) > 1 and ens_metric >= single_metric
     record["ensemble"] = {"kept": use_ens, "mode": mode, "candidates": len(pool), "val_logloss": round(ens_loss, 5),
                           "val_logloss_gain_over_best_single": round(g2, 5), "se": round(sd2, 5),
+                          f"{metric}_single": round(single_metric, 4), f"{metric}_ensemble": round(ens_metric, 4),
                           "members": [{"name": c.name, "views": "flips" if t else "id", "count": n}
                                       for (c, t), n in chosen]}
     members = (tuple((c, t, n / sum(counts)) for (c, t), n in chosen) if use_ens else ((final, tta, 1.0),))

@@ -73,6 +73,9 @@ ATTR_KEYS = {
 }
 
 
+#: How much longer than the trials so far a new trial's planned end is assumed to take (see min_trial_seconds).
+NEW_TRIAL_MARGIN = 1.5
+
 #: Times a sampled configuration known to break the latency constraint is re-sampled within one ``suggest``.
 REJECT_RESAMPLES = 20
 
@@ -118,7 +121,8 @@ class EdgetuneOptunaSearch(OptunaSearch):
         if not self._epoch_s:
             return 0.0
         setup = statistics.median(self._setup_s) if self._setup_s else 0.0
-        return setup + self._max_t * statistics.median(self._epoch_s)
+        # a margin: the next trial may be a slower backbone, and its first epoch builds its activation cache
+        return NEW_TRIAL_MARGIN * (setup + self._max_t * statistics.median(self._epoch_s))
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self._deadline is not None and time.time() + self.min_trial_seconds() >= self._deadline:
@@ -296,7 +300,7 @@ class CheckpointAttrCallback(Callback):
         self.searcher.add_attrs(trial.trial_id, checkpoint_uri=checkpoint_uri(checkpoint))
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.searcher.add_attrs(trial.trial_id, ray_trial_name=str(trial))
+        self.searcher.add_attrs(trial.trial_id, ray_trial_name=str(trial), launched_at=time.time())
 
 
 def mark_stale_running_failed(study: optuna.Study) -> list[int]:
