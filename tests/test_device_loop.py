@@ -14,6 +14,7 @@ import optuna
 import pytest
 
 from edgetune.errors import EdgetuneError
+from tuner.device import CACHE_STUDY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,6 +236,14 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def _timed_architectures(storage: str) -> int:
+    """Timings the study's latency service has stored (one user attr per target and signature)."""
+    try:
+        return len(optuna.load_study(study_name=CACHE_STUDY, storage=storage).user_attrs)
+    except KeyError:
+        return 0
+
+
 def test_edge_node_dies_mid_study_study_finishes_nothing_lost(cluster, tmp_path):
     """The edge node goes away after the first trial: the next new architecture's trial waits, then is marked
     FAIL with the reason (not trained); the node comes back while the last trial waits for its timing, and that
@@ -267,8 +276,10 @@ def test_edge_node_dies_mid_study_study_finishes_nothing_lost(cluster, tmp_path)
             except KeyError:
                 trials = []
             done = [t for t in trials if t.state.is_finished()]
-            if len(done) == 1 and cluster["edge"] is not None:
-                c.remove_node(cluster["edge"])  # the edge node dies after the first trial
+            if cluster["edge"] is not None and new_edge is None and _timed_architectures(storage) >= 1:
+                # the edge node dies once it has timed the first trial's architecture: a state, not a race with
+                # the second trial's timing request (trials run one at a time)
+                c.remove_node(cluster["edge"])
                 cluster["edge"] = None
             if len(done) == 2 and new_edge is None:
                 time.sleep(3)  # the third trial is waiting for its timing now

@@ -111,7 +111,7 @@ def fit_head(f_tr: np.ndarray, y_tr: np.ndarray, f_val: np.ndarray, y_val: np.nd
     nn.init.zeros_(lin.weight)
     nn.init.zeros_(lin.bias)
     for l2 in sorted(grid, reverse=True):
-        _softmax_regression(lin, xt, yt, l2)
+        _fit_multinomial(lin, xt, yt, l2)
         with torch.no_grad():
             nll = float(nn.functional.cross_entropy(lin(xv), yv))
         if math.isfinite(nll) and (best is None or nll < best[0]):
@@ -121,7 +121,7 @@ def fit_head(f_tr: np.ndarray, y_tr: np.ndarray, f_val: np.ndarray, y_val: np.nd
     return best[1], best[2], best[3], best[0]
 
 
-def _softmax_regression(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int = 100) -> None:
+def _fit_multinomial(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int = 100) -> None:
     """Multinomial logistic regression with an L2 penalty on the weights, by L-BFGS from ``lin``'s weights."""
     opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iter, history_size=10,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-5, tolerance_change=1e-7)
