@@ -274,11 +274,10 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
     return out
 
 
-def cpu_latency(onnx_path: Path, spec: PreprocessSpec, warmup: int = 5, runs: int = 20) -> dict[str, Any]:
-    """Batch-1, 1-thread ONNX Runtime latency on the exporting machine (p50/p90 ms): what one camera stream costs
-    on a CPU; a target device's own figure comes from the latency service (bundle ``target_latency``)."""
-    sess = ort_session(onnx_path, threads=1)
-    x = np.zeros((1, 3, *spec.input_size), dtype=np.float32)
+def time_onnx(path: str | Path, input_size: tuple[int, int], warmup: int, runs: int, threads: int = 1) -> list[float]:
+    """Per-run batch-1 latencies (ms) of an ONNX file in ONNX Runtime on this CPU, after ``warmup`` untimed runs."""
+    sess = ort_session(path, threads=threads)
+    x = np.zeros((1, 3, *input_size), dtype=np.float32)
     for _ in range(warmup):
         sess.run([OUTPUT], {INPUT: x})
     times = []
@@ -286,6 +285,13 @@ def cpu_latency(onnx_path: Path, spec: PreprocessSpec, warmup: int = 5, runs: in
         t = time.perf_counter()
         sess.run([OUTPUT], {INPUT: x})
         times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def cpu_latency(onnx_path: Path, spec: PreprocessSpec, warmup: int = 5, runs: int = 20) -> dict[str, Any]:
+    """Batch-1, 1-thread ONNX Runtime latency on the exporting machine (p50/p90 ms): what one camera stream costs
+    on a CPU; a target device's own figure comes from the latency service (bundle ``target_latency``)."""
+    times = time_onnx(onnx_path, spec.input_size, warmup, runs)
     return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3),
             "backend": "onnxruntime CPU, 1 thread, batch 1", "runs": runs}
 

@@ -5,12 +5,9 @@ baseline of ``bench/bench_device.py``."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import numpy as np
-
-from trainer.export import INPUT, OUTPUT, ort_session
+from trainer.export import time_onnx
 
 IN_TRIAL_WARMUP, IN_TRIAL_RUNS = 1, 20
 
@@ -18,13 +15,4 @@ IN_TRIAL_WARMUP, IN_TRIAL_RUNS = 1, 20
 def time_onnx_in_trial(path: str | Path, input_size: tuple[int, int], runs: int = IN_TRIAL_RUNS,
                        threads: int = 1) -> list[float]:
     """Per-run latencies (ms) of an ONNX file with the in-trial protocol."""
-    sess = ort_session(path, threads=threads)
-    x = np.zeros((1, 3, *input_size), np.float32)
-    for _ in range(IN_TRIAL_WARMUP):
-        sess.run([OUTPUT], {INPUT: x})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run([OUTPUT], {INPUT: x})
-        times.append((time.perf_counter() - t) * 1e3)
-    return times
+    return time_onnx(path, input_size, IN_TRIAL_WARMUP, runs, threads)
