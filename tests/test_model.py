@@ -137,6 +137,23 @@ def test_init_from_checkpoint_with_other_class_count(tmp_path):
         create_model(ModelConfig(backbone="resnet34", weights="none", init=str(tmp_path / "run")), 3)
 
 
+def test_init_head_continues_the_same_task_only(tmp_path):
+    """model.init_head: the head starts from the checkpoint too when it has the same shape (a run continued);
+    with another class count it is fresh, as without the flag."""
+    src = _model(classes=3)
+    with torch.no_grad():
+        src.head[1].weight.add_(1.0)
+    cfg = TrainConfig(model=ModelConfig(backbone="resnet18", weights="none"))
+    save_checkpoint(tmp_path / "run" / "best", src, cfg.to_dict(), list("abc"), preprocess_spec_for(cfg.model), 1,
+                    {"val_acc": 0.5})
+    warm = create_model(ModelConfig(backbone="resnet18", init=str(tmp_path / "run"), init_head=True), 3)
+    assert torch.equal(warm.head[1].weight, src.head[1].weight)
+    cold = create_model(ModelConfig(backbone="resnet18", init=str(tmp_path / "run")), 3)
+    assert not torch.equal(cold.head[1].weight, src.head[1].weight)
+    other = create_model(ModelConfig(backbone="resnet18", init=str(tmp_path / "run"), init_head=True), 4)
+    assert other.head[1].out_features == 4
+
+
 def test_spec_override_sizes_and_validation():
     cfg = ModelConfig(backbone="efficientnet_lite1")
     assert preprocess_spec_for(cfg).input_size == (240, 240)

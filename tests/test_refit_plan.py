@@ -45,3 +45,14 @@ def test_no_budget_and_no_measurement():
     assert plan_epochs(opts, _trial(50.0, 4), math.inf)[0] == 8
     n, why = plan_epochs(opts, _trial(0.0, 4), 1000.0)
     assert n == 0 and "no epoch time" in why
+
+
+def test_a_warm_refit_needs_only_one_more_epoch():
+    """A final fit that continues the trial's weights adds to what it trained: one epoch is worth it."""
+    opts = TuneOptions(epochs=6)
+    left = FINISH_RESERVE_S + 2.5 * 50.0
+    assert plan_epochs(opts, _trial(50.0, 6), left, refit_cpus=1)[0] == 0  # from scratch: shorter than the trial
+    n, why = plan_epochs(opts, _trial(50.0, 6), left, refit_cpus=1, warm=True)
+    assert n == 2 and "2 epochs" in why
+    n, why = plan_epochs(opts, _trial(50.0, 6), FINISH_RESERVE_S + 10.0, refit_cpus=1, warm=True)
+    assert n == 0 and "not more than" not in why

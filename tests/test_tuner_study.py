@@ -12,6 +12,7 @@ import optuna
 import pytest
 
 from tests.test_tuner_helpers import TINY_ARGS, run_tuner, write_space
+from trainer.checkpoint import read_meta
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -74,6 +75,9 @@ def test_outputs_written_and_best_checkpoint_loads(studies):
     assert 0.0 <= m["test_accuracy"] <= 1.0 and m["test_images"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ray"]["mode"] == "local"
+    # the final fit continued the best trial's own weights (--refit-warm, the default), not ImageNet's again
+    assert summary["refit"]["warm_from"] == summary["refit"]["of_trial"] >= 0
+    assert read_meta(out / "best")["weights_source"].startswith("init:")
     assert summary["best_test_accuracy"] == m["test_accuracy"]
     for png in ("optimization_history.png", "learning_curves.png", "confusion_matrix.png"):
         assert (out / png).stat().st_size > 1000, png

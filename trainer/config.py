@@ -121,6 +121,8 @@ class ModelConfig(ConfigModel):
     backbone: Str = "efficientnet_lite0"
     weights: Str = "imagenet"  #: imagenet (resolved offline, error if missing), none (from scratch), or a file/dir path
     init: Str = ""  #: earlier edgetune run dir or checkpoint: start the backbone from it (source-domain pre-training)
+    #: with init: also start the head from it when it has the same shape (continuing a run of the same task)
+    init_head: Bool = False
     freeze: Number = 0.0  #: fraction in [0, 1] of parameterised backbone layers frozen (forward order), or a count > 1
     head: Annotated[Str, one_of(HEADS)] = "linear"
     head_hidden: tuple[int, int] = (512, 256)  #: widths of FC1, FC2 of the mlp head

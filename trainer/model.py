@@ -217,7 +217,7 @@ def freeze_backbone(model: EdgeModel, freeze: float) -> dict[str, Any]:
     return dict(model.freeze_report)
 
 
-def _init_from_checkpoint(model: EdgeModel, path: str) -> None:
+def _init_from_checkpoint(model: EdgeModel, path: str, with_head: bool = False) -> None:
     from trainer.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
@@ -238,6 +238,10 @@ def _init_from_checkpoint(model: EdgeModel, path: str) -> None:
         raise EdgetuneError(
             f"model.init checkpoint {ckpt['path']} does not fit backbone {src!r}: {format_load_error(e)}"
         ) from None
+    head = {k[len("head."):]: v for k, v in ckpt["model_state"].items() if k.startswith("head.")}
+    mine = model.head.state_dict()
+    if with_head and head.keys() == mine.keys() and all(head[k].shape == mine[k].shape for k in mine):
+        model.head.load_state_dict(head, strict=True)  # the same task continued: its head too
     model.weights_source = f"init:{ckpt['path']}"
     model.weights_tag = str(meta.get("weights_tag", ""))  # the init checkpoint's own start ("" if it predates tags)
 
@@ -246,7 +250,8 @@ def create_model(cfg: ModelConfig, num_classes: int) -> EdgeModel:
     """Backbone (weights per ``cfg.weights``, or from ``cfg.init``) + head; ``cfg.freeze`` applied.
 
     With ``cfg.init`` set, the backbone starts from that checkpoint's ``backbone.*`` weights (whatever its
-    class count) and ``cfg.weights`` is not resolved. The head is always freshly initialised.
+    class count) and ``cfg.weights`` is not resolved. The head is freshly initialised, unless ``cfg.init_head`` and
+    the checkpoint's head has the same shape (a run of the same task continued: the warm final fit of a study).
     """
     if not isinstance(cfg, ModelConfig):
         raise ConfigError(f"create_model needs a ModelConfig, got {type(cfg).__name__}")
@@ -264,7 +269,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> EdgeModel:
     model.weights_source = source
     model.weights_tag = weights_tag_of(cfg.backbone, source)
     if cfg.init:
-        _init_from_checkpoint(model, cfg.init)
+        _init_from_checkpoint(model, cfg.init, with_head=cfg.init_head)
     freeze_backbone(model, cfg.freeze)
     return model
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint import read_meta
-from trainer.metric import get_metric
+from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class RefitRun:
     seconds: float = 0.0
     stop_reason: str = ""
     skipped: str = ""  #: why no refit ran ("" when it did)
+    warm_from: int | None = None  #: the trial whose weights it continued (``--refit-warm``), None: from ImageNet's
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +80,12 @@ def best_trial(study: Any, metric: str, max_latency_ms: float = 0.0) -> Any:
 THREAD_EFFICIENCY = 0.7
 
 
+#: A warm final fit (``--refit-warm``, the default) restarts the best trial's schedule at this fraction of its peak
+#: LR, after this many warm-up epochs: the trial's epochs are not thrown away (SGDR's warm restart).
+WARM_LR_FACTOR = 0.5
+WARM_WARMUP_EPOCHS = 0.3
+
+
 #: The most epochs a budgeted refit plans (it fills the time left: a budget is used to its end).
 BUDGETED_REFIT_CAP = 60
 
@@ -91,9 +98,10 @@ def refit_cap(opts: Any) -> int:
 
 
 def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0,
-                reserve_s: float = FINISH_RESERVE_S) -> tuple[int, str]:
+                reserve_s: float = FINISH_RESERVE_S, warm: bool = False) -> tuple[int, str]:
     """(epochs, reason) for the refit of ``trial`` with ``left_s`` seconds left (inf: no budget). ``refit_cpus``:
-    the refit's threads (CPU runs), to scale the trial's measured epoch time from its ``cpus_per_worker``."""
+    the refit's threads (CPU runs), to scale the trial's measured epoch time from its ``cpus_per_worker``.
+    ``warm``: the refit continues the trial's weights, so any whole epoch adds to what it trained."""
     cap = refit_cap(opts)
     if math.isinf(left_s):
         return min(cap, UNBUDGETED_FACTOR * opts.epochs), f"no time budget: {UNBUDGETED_FACTOR} x {opts.epochs} epochs"
@@ -109,20 +117,24 @@ def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0,
     # worth it when it trains longer than the best trial did (a trial the search deadline stopped early never
     # finished its LR schedule; the refit's schedule spans exactly its epochs)
     trained = int(trial.user_attrs.get("epochs_trained") or opts.epochs)
-    need = max(1, min(opts.epochs, trained)) + 1  # longer than the trial, else it would only repeat it
-    if n < need:
+    need = 1 if warm else max(1, min(opts.epochs, trained)) + 1  # from scratch: longer than the trial, else it
+    if n < need:                                                 # would only repeat it
         return 0, (
-            f"{usable:.0f} s left fit {max(0, n)} epoch(s) of {epoch_s:.1f} s, not more than the {need - 1} the "
-            f"best trial trained: the best trial's own checkpoint is used"
+            f"{usable:.0f} s left fit {max(0, n)} epoch(s) of {epoch_s:.1f} s"
+            + ("" if warm else f", not more than the {need - 1} the best trial trained")
+            + ": the best trial's own checkpoint is used"
         )
     n = min(n, cap)
     return n, f"{n} epochs of ~{epoch_s:.1f} s in the {usable:.0f} s left (cap {cap})"
 
 
 def refit_best(
-    opts: Any, study: Any, base: dict[str, Any], space: Any, source: Any, clock: Any, out: Path, ledger: Any = None
+    opts: Any, study: Any, base: dict[str, Any], space: Any, source: Any, clock: Any, out: Path, ledger: Any = None,
+    results: Any = None,
 ) -> RefitRun | None:
-    """Train the best trial's configuration again for longer; returns the run, or None without a best trial."""
+    """Train the best trial's configuration again for longer (from the trial's own weights with ``--refit-warm``:
+    ``results`` is Ray Tune's result grid, where its checkpoint is); returns the run, or None without a best
+    trial."""
     import ray
 
     from tuner.trial import build_trial_config
@@ -142,8 +154,10 @@ def refit_best(
         # its epochs fitted to the time left after its first
         trial = _SeedTrial(params=dict(seeds[0]))
         epochs, why = refit_cap(opts), "no trial finished in the search window: the space's first seed point"
-    else:
-        epochs, why = plan_epochs(opts, trial, clock.left(), refit_cpus=cpus, reserve_s=clock.finish_reserve_s)
+    warm = _warm_start_files(opts, trial, results)
+    if trial.number >= 0:
+        epochs, why = plan_epochs(opts, trial, clock.left(), refit_cpus=cpus, reserve_s=clock.finish_reserve_s,
+                                  warm=bool(warm))
     run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=epochs)
     if not epochs:
         run.skipped = why
@@ -152,6 +166,10 @@ def refit_best(
     cap = refit_cap(opts)
     cfg = build_trial_config(base, space.to_overrides(trial.params)).replace({"epochs": cap if clock.end() else epochs})
     cfg = cfg.replace({"threads": int(cpus) if not gpus else cfg.threads})
+    if warm:
+        cfg = cfg.replace({"optim.lr": cfg.optim.lr * WARM_LR_FACTOR, "optim.warmup_epochs": WARM_WARMUP_EPOCHS,
+                           "model.init_head": True})
+        run.warm_from = trial.number
     end = clock.end()
     deadline = end - clock.finish_reserve_s if end else None
     score = trial.user_attrs.get(get_metric(opts.metric).best_key)
@@ -159,25 +177,31 @@ def refit_best(
         f"refit of {'trial #' + str(trial.number) if trial.number >= 0 else 'the first seed point'}"
         + (f" ({get_metric(opts.metric).best_key} {score:.4f})" if score is not None else "")
         + f": up to {cfg.epochs} epochs, fitted to the budget after the first ({why}); {cpus:g} CPU, {gpus:g} GPU"
+        + (f"; continues the trial's weights at {WARM_LR_FACTOR:g} x its LR" if warm else "")
     )
     t0, started = time.perf_counter(), time.time()
     task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    res = ray.get(task.remote(cfg.to_dict(), source, deadline))
+    res = ray.get(task.remote(cfg.to_dict(), source, deadline, warm))
     if ledger is not None:
         _ledger_entries(ledger, res, started, time.time(), gpus or cpus)
     if not res["files"]:
         run.skipped = "the refit produced no checkpoint (its loss diverged in the first epoch)"
         log.info(f"refit failed: {run.skipped}; the best trial's own checkpoint is used")
         return run
-    dest = out / "refit"
+    _collect(run, res, out / "refit", opts.metric, time.perf_counter() - t0)
+    return run
+
+
+def _collect(run: RefitRun, res: dict[str, Any], dest: Path, metric: str, seconds: float) -> None:
+    """The refit task's best checkpoint -> ``dest``; its figures -> ``run``."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     for name, blob in res["files"].items():
         (dest / name).write_bytes(blob)
     meta = read_meta(dest)
-    m = get_metric(opts.metric)
-    run.dir, run.history, run.seconds = dest, res["history"], time.perf_counter() - t0
+    m = get_metric(metric)
+    run.dir, run.history, run.seconds = dest, res["history"], seconds
     run.epochs = int(meta["config"]["epochs"])  # as fitted to the deadline after its first epoch
     run.best_epoch = int(meta["epoch"])
     run.value = meta["metrics"].get(m.name)
@@ -187,7 +211,6 @@ def refit_best(
         f"refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{run.epochs}, "
         f"{m.name} {run.value:.4f}" + (f" (stopped: {run.stop_reason})" if run.stop_reason else "")
     )
-    return run
 
 
 @dataclass(frozen=True)
@@ -221,12 +244,44 @@ def _refit_resources(opts: Any) -> tuple[float, float]:
     return float(max(1.0, min(16.0, max(cpus or [1.0])))), 0.0
 
 
-def _refit_task(train_config: dict[str, Any], source: Any, deadline: float | None) -> dict[str, Any]:
-    """Runs on a worker: the trainer's loop in-process into a scratch run dir; returns the best checkpoint."""
+def _warm_start_files(opts: Any, trial: Any, results: Any) -> dict[str, bytes]:
+    """The best trial's best checkpoint as files (they travel to the refit's node through the object store), or
+    {} when the final fit starts from ImageNet's weights: ``--refit-warm`` off, no trial (a seed point), or no
+    checkpoint of it left."""
+    from tuner.report import _result_for, materialise_best_checkpoint
+
+    ray_id = trial.user_attrs.get("ray_trial_id") if trial.number >= 0 else None
+    if not opts.refit_warm or not ray_id or results is None:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="edgetune-warm-") as tmp:
+        d = Path(tmp) / "ckpt"
+        try:
+            ok = materialise_best_checkpoint(_result_for(results, ray_id), {"checkpoint_uri":
+                                             trial.user_attrs.get("checkpoint_uri")}, CHECKPOINT_SCORE,
+                                             CHECKPOINT_SCORE_MODE, d)
+        except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be read: the final fit starts cold
+            log.info(f"refit: trial #{trial.number}'s checkpoint is not readable ({type(e).__name__}: {e}); "
+                     "the final fit starts from the backbone's pretrained weights")
+            return {}
+        if not ok or not (d / "model.pt").is_file():
+            return {}
+        return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.name != "train_state.pt"}
+
+
+def _refit_task(train_config: dict[str, Any], source: Any, deadline: float | None,
+                warm: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """Runs on a worker: the trainer's loop in-process into a scratch run dir (from ``warm``'s weights: checkpoint
+    files); returns the best checkpoint."""
     from trainer.loop import train_loop
     from trainer.loop_config import LoopConfig
 
     with tempfile.TemporaryDirectory(prefix="edgetune-refit-") as tmp:
+        if warm:
+            init = Path(tmp) / "init"
+            init.mkdir()
+            for name, blob in warm.items():
+                (init / name).write_bytes(blob)
+            train_config = {**train_config, "model": {**train_config["model"], "init": str(init)}}
         train_loop(LoopConfig(train_config=train_config, run_dir=tmp, source=source, with_test=False,
                               deadline=deadline, fit_to_deadline=deadline is not None))
         best = Path(tmp) / "best"

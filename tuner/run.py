@@ -277,7 +277,8 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
     results, study = _fit(opts, base, space, source, info, deadline, latency)
     trial_stages(ledger, study, opts.cpus_per_worker * opts.workers_per_trial)
     ledger.add("search driver (Ray Tune, Optuna)", "overhead", t_search, time.time(), cores=0.0)
-    refit_run = refit.refit_best(opts, study, base, space, source, clock, out, ledger=ledger) if opts.refit else None
+    refit_run = refit.refit_best(opts, study, base, space, source, clock, out, ledger=ledger,
+                                  results=results) if opts.refit else None
     end = clock.end()
     with ledger.stage("post-hoc selection, test evaluation, plots", "compute"):
         summary, post = report.finish_study(opts, results, study, out, source=source, refit=refit_run,
