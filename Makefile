@@ -11,7 +11,8 @@ EXTRAS ?= train,serve,client,dev,postgres
 opt = $(if $($(1)),$(2) $($(1)))
 
 .PHONY: install test test-stress test-fast lint proto proto-check train tune export engine serve client dashboard report \
-        edge-node edge-node-stop bench-device bench bench-search bench-train bench-serve bench-client soak clean help
+        edge-node edge-node-stop bench-device bench bench-search bench-train bench-serve bench-client soak clean help \
+        harvest label bench-field
 
 help:
 	@echo "make tune | make test | make test-stress | make train DATA=textures EPOCHS=2 OUT=runs/x | make export RUN=… OUT=…"
@@ -89,6 +90,16 @@ serve: $(STAMP)
 client: $(STAMP)
 	$(PY) -m edge_client $(call opt,SOURCE,--source) $(call opt,SERVER,--server) $(call opt,LOG,--log) $(ARGS)
 
+# Field loop: pull the capture spool of a server started with ARGS="--capture DIR" (admin token: $$EDGETUNE_ADMIN_TOKEN
+# or ARGS="--admin-token-file F"); label it in the browser on 127.0.0.1.
+harvest: $(STAMP)
+	@test -n "$(SERVER)" -a -n "$(OUT)" || { echo "usage: make harvest SERVER=host:port OUT=dir [ARGS='--tls-ca ca.pem --admin-token-file f']"; exit 2; }
+	$(PY) -m edge_client.harvest --server $(SERVER) --out $(OUT) $(ARGS)
+
+label: $(STAMP)
+	@test -n "$(DIR)" || { echo "usage: make label DIR=dir [PORT=8765]"; exit 2; }
+	$(PY) -m fieldloop.label --dir $(DIR) $(call opt,PORT,--port) $(ARGS)
+
 dashboard: $(STAMP)
 	$(PY) -m tuner.dashboard $(call opt,STORAGE,--storage) $(call opt,PORT,--port)
 
@@ -106,6 +117,8 @@ bench-client: $(STAMP)
 	$(PY) bench/bench_client.py $(BENCH_ARGS)
 bench-device: $(STAMP)
 	$(PY) bench/bench_device.py $(BENCH_ARGS)
+bench-field: $(STAMP)
+	RAY_ADDRESS=local $(PY) bench/bench_field.py $(BENCH_ARGS)
 
 # Soak + fuzz of the edge server under hostile load (not part of `make test`; tests/test_soak.py runs 20 s of it).
 SOAK_DURATION ?= 120

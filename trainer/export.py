@@ -254,6 +254,8 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
         extra={
             "opset": OPSET,
             "onnx_test_accuracy": fp32_acc,
+            # the training split's class counts: the edge server's drift signal compares its predictions to them
+            "train_class_counts": [int(c) for c in getattr(data, "class_counts", None) or []],
             "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
                         "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
             "source": {**origin, "epoch": meta["epoch"],
