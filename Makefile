@@ -48,8 +48,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check edgetune trainer tuner edge_server edge_client tests bench
-	$(PY) -m mypy edgetune trainer tuner edge_server edge_client
+	$(PY) -m ruff check edgetune trainer tuner edge_server edge_client fieldloop tests bench
+	$(PY) -m mypy edgetune trainer tuner edge_server edge_client fieldloop
 
 # Generated gRPC code: the only way edgetune/v1/*_pb2*.py are produced (a test checks they are fresh).
 proto: $(STAMP)
@@ -60,8 +60,11 @@ train: $(STAMP)
 	  $(call opt,OUT,--out) $(call opt,BACKBONE,--backbone) $(call opt,WORKERS,--workers) $(call opt,IMG,--img) \
 	  $(call opt,INIT,--init) $(call opt,REPEATS,--repeats) $(call opt,SEED,--seed) $(ARGS) $(SET)
 
+# With ADD= (labelled field frames, make label) and WARM= (the previous study's OUT): a warm study (tuner/field.py)
+# on the original data plus the field frames, the previous best configurations first, INIT=warm|<run> optional.
+TUNE_MAIN = $(if $(or $(ADD),$(WARM)),-m tuner.field $(call opt,ADD,--add) $(call opt,WARM,--warm) $(call opt,INIT,--init),-m tuner)
 tune: $(STAMP)
-	$(PY) -m tuner $(call opt,DATA,--data) $(call opt,STUDY,--study) $(call opt,TRIALS,--trials) \
+	$(PY) $(TUNE_MAIN) $(call opt,DATA,--data) $(call opt,STUDY,--study) $(call opt,TRIALS,--trials) \
 	  $(call opt,TIME,--time-budget) $(call opt,STORAGE,--storage) $(call opt,SPACE,--space) \
 	  $(call opt,GPUS_PER_TRIAL,--gpus-per-trial) $(call opt,WORKERS_PER_TRIAL,--workers-per-trial) \
 	  $(call opt,EPOCHS,--epochs) $(call opt,OUT,--out) $(call opt,IMG,--img) $(if $(RESUME),--resume) \

@@ -360,6 +360,18 @@ def write_architecture_bundle(model: torch.nn.Module, spec: PreprocessSpec, num_
     return out
 
 
+def record_parent(bundle_dir: str | Path, parent: dict[str, Any]) -> None:
+    """Record in an exported bundle the bundle it was retrained from (``extra.parent``: its SHA-256, model version,
+    path, study); the manifest is read, validated and written back through :class:`BundleManifest`."""
+    from edgetune.fsutil import atomic_write_text
+
+    path = Path(bundle_dir) / MANIFEST
+    manifest = BundleManifest.from_dict(json.loads(path.read_text()), str(path))
+    updated = dataclasses.replace(manifest, extra={**manifest.extra, "parent": dict(parent)})
+    atomic_write_text(path, json.dumps(updated.to_dict(), indent=2))
+    load_bundle(bundle_dir)
+
+
 def bundle_files(bundle_dir: str | Path) -> dict[str, bytes]:
     """``{relative path: bytes}`` of a bundle directory (what a timing task on another node receives)."""
     root = Path(bundle_dir)
