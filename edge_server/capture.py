@@ -104,6 +104,7 @@ class _Pending:
     data: bytes
     camera_id: str
     capture_time_us: int
+    frame_id: int
     time_unix: float
     model_version: str
     bundle_sha256: str
@@ -133,7 +134,8 @@ class Capture:
         self._writer.start()
 
     # -- request path: decide and enqueue, never wait -------------------------------------------------
-    def offer(self, data: bytes, probs: np.ndarray, model: Any, camera_id: str, capture_time_us: int) -> str | None:
+    def offer(self, data: bytes, probs: np.ndarray, model: Any, camera_id: str, capture_time_us: int,
+              frame_id: int = 0) -> str | None:
         """Queue the frame when it is worth keeping; returns its reason, or None (not kept or dropped)."""
         cfg = self.cfg
         with self._lock:
@@ -148,7 +150,8 @@ class Capture:
             self._queued += 1
             self._queued_bytes += len(data)
         b = model.bundle
-        self._queue.put(_Pending(bytes(data), camera_id, int(capture_time_us), time.time(), model.version, b.sha256,
+        self._queue.put(_Pending(bytes(data), camera_id, int(capture_time_us), int(frame_id), time.time(),
+                                 model.version, b.sha256,
                                  tuple(b.labels), tuple(float(p) for p in probs), reason))
         return reason
 
@@ -197,7 +200,7 @@ class Capture:
         cid = new_capture_id()
         rec = CaptureRecord(id=cid, frame=cid + ext, frame_sha256=hashlib.sha256(p.data).hexdigest(),
                             frame_bytes=len(p.data), camera_id=p.camera_id, time_unix=round(p.time_unix, 6),
-                            capture_time_us=p.capture_time_us, model_version=p.model_version,
+                            capture_time_us=p.capture_time_us, frame_id=p.frame_id, model_version=p.model_version,
                             bundle_sha256=p.bundle_sha256, labels=p.labels, probs=p.probs, reason=p.reason)
         before = self.spool.evicted
         try:

@@ -38,11 +38,12 @@ class HarvestRpcs:
         self.admin_token = admin_token
         self.drift = DriftMonitor()
 
-    def observe(self, data: bytes, probs: Any, model: Any, camera_id: str, capture_time_us: int) -> None:
+    def observe(self, data: bytes, probs: Any, model: Any, camera_id: str, capture_time_us: int,
+                frame_id: int = 0) -> None:
         """Every classified image: drift counters, and the capture decision (never waits)."""
         self.drift.observe(probs)
         if self.capture is not None:
-            self.capture.offer(data, probs, model, camera_id, capture_time_us)
+            self.capture.offer(data, probs, model, camera_id, capture_time_us, frame_id)
 
     def _spool(self, context: grpc.ServicerContext) -> Capture:
         if self.capture is None or not self.admin_token:

@@ -164,8 +164,8 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
         finally:
             budget.release(share)
 
-    def _infer_one(self, data: bytes, top_k: int, deadline: float | None, camera_id: str = "",
-                   capture_time_us: int = 0) -> tuple[list[pb.Prediction], ServedModel, pb.Timing]:
+    def _infer_one(self, data: bytes, top_k: int, deadline: float | None, frame: pb.Frame | None = None
+                   ) -> tuple[list[pb.Prediction], ServedModel, pb.Timing]:
         with self.holder.current.batcher.incoming() as ticket:  # lets a forming batch wait for this image
             t0 = time.monotonic()
             img = self._decode(data, deadline)
@@ -201,7 +201,10 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
         if res is None or model is None:
             raise _Unavailable("model is being replaced or the server is shutting down; retry")
         probs = softmax(res.logits).astype(np.float32)
-        self.observe(data, probs, model, camera_id, capture_time_us)  # drift + capture: never waits
+        if frame is None:  # drift + capture: never waits
+            self.observe(data, probs, model, "", 0)
+        else:
+            self.observe(data, probs, model, frame.camera_id, frame.capture_time_us, frame.frame_id)
         k = top_k or 1
         order = np.argsort(-probs, kind="stable")[:k]
         preds = [pb.Prediction(label=model.bundle.labels[i], index=int(i), score=float(probs[i])) for i in order]
@@ -334,8 +337,7 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
         result = pb.FrameResult(camera_id=frame.camera_id, frame_id=frame.frame_id,
                                 capture_time_us=frame.capture_time_us, dropped_before=dropped)
         try:
-            preds, model, timing = self._infer_one(frame.image, frame.top_k, deadline, frame.camera_id,
-                                                   frame.capture_time_us)
+            preds, model, timing = self._infer_one(frame.image, frame.top_k, deadline, frame)
             timing.total_us = _us(t_recv, time.monotonic())
             result.predictions.extend(preds)
             result.model_version = model.version

@@ -53,7 +53,7 @@ class CaptureRecord:
         frame_sha256, frame_bytes: of the frame file.
         camera_id: the stream's camera id (``""`` for a unary Classify call).
         time_unix: server time the frame was classified (seconds since the epoch).
-        capture_time_us: the camera's own clock (0 when not given).
+        capture_time_us: the camera's own clock (0 when not given); frame_id: the stream's frame number (0: unary).
         model_version, bundle_sha256: the bundle that classified it.
         labels: the bundle's class names; probs: its softmax, one per label.
         reason: one of :data:`CAPTURE_REASONS`.
@@ -66,6 +66,7 @@ class CaptureRecord:
     camera_id: str
     time_unix: float
     capture_time_us: int
+    frame_id: int
     model_version: str
     bundle_sha256: str
     labels: tuple[str, ...]

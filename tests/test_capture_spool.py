@@ -29,7 +29,7 @@ def frames() -> list[bytes]:
 def _rec(data: bytes, reason: str, probs: tuple[float, ...] = (0.5, 0.3, 0.2), n: int = 0) -> CaptureRecord:
     cid = new_capture_id(10**18 + n)
     return CaptureRecord(id=cid, frame=cid + ".png", frame_sha256=hashlib.sha256(data).hexdigest(),
-                         frame_bytes=len(data), camera_id="cam-1", time_unix=1.0, capture_time_us=0,
+                         frame_bytes=len(data), camera_id="cam-1", time_unix=1.0, capture_time_us=0, frame_id=n,
                          model_version="abc", bundle_sha256="d" * 64, labels=LABELS, probs=probs, reason=reason)
 
 

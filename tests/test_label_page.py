@@ -32,7 +32,7 @@ def harvested(folder: Path, n: int = 6) -> list[CaptureRecord]:
         probs[(labels[k * step] + 1) % 3] = 0.6  # the model is wrong and unsure: worth labelling
         rec = CaptureRecord(id=cid, frame=cid + ".png", frame_sha256=hashlib.sha256(data).hexdigest(),
                             frame_bytes=len(data), camera_id=f"cam-{k % 2}", time_unix=1_700_000_000.0 + k,
-                            capture_time_us=0, model_version="abc123", bundle_sha256="e" * 64, labels=LABELS,
+                            capture_time_us=0, frame_id=k, model_version="abc123", bundle_sha256="e" * 64, labels=LABELS,
                             probs=tuple(probs), reason="low_confidence")
         (folder / rec.frame).write_bytes(data)
         (folder / f"{cid}.json").write_text(rec.to_json())
