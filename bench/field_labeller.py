@@ -5,6 +5,7 @@ says so)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -42,9 +43,7 @@ def label_folder(folder: Path, port: int, answer: Any, limit: int) -> dict[str, 
     try:
         _wait_page(url, proc)
         exe = shutil.which("chromium") or shutil.which("chromium-browser")
-        try:
-            from playwright.sync_api import sync_playwright
-        except ImportError:
+        if importlib.util.find_spec("playwright") is None:
             exe = None
         t0 = time.perf_counter()
         n = _by_keys(url, exe, answer, limit) if exe else _by_api(url, answer, limit)
