@@ -116,26 +116,34 @@ def main(argv: list[str] | None = None) -> int:
     stages["warm_study_s"] = time.perf_counter() - t
     loop_wall = time.perf_counter() - t_loop
     rep = json.loads((warm / "field_report.json").read_text())
+    payload = _payload(rep, cap, lab, loop_wall, len(frames), sum(len(v) for v in frames.values()))
+    payload.update(stages_s={k: round(v, 1) for k, v in stages.items()}, total_wall_s=round(time.perf_counter() - t0, 1),
+                   study_args=STUDY_ARGS, work=str(work))
+    write_results("field", payload, args.out, {"field loop": _table(rep)})
+    ok = bool(payload["target_met"])
+    return 0 if ok else 1
+
+
+def _payload(rep: dict[str, Any], cap: dict[str, Any], lab: dict[str, Any], loop_wall: float, cameras: int,
+             field_frames: int) -> dict[str, Any]:
     f, h = rep["sets"]["field test"], rep["sets"]["home test"]
-    captured = int(sum(cap["captured"].values()))
     head = {"field_acc_before": f["acc_old"], "field_acc_after": f["acc_new"], "home_acc_before": h["acc_old"],
-            "home_acc_after": h["acc_new"], "captured": captured, "labelled": lab["labelled"],
-            "loop_wall_s": round(loop_wall, 1)}
+            "home_acc_after": h["acc_new"], "captured": int(sum(cap["captured"].values())),
+            "labelled": lab["labelled"], "loop_wall_s": round(loop_wall, 1)}
     ok = (head["field_acc_after"] - head["field_acc_before"] >= 0.10
           and head["home_acc_before"] - head["home_acc_after"] <= 0.01 and head["labelled"] <= 200)
-    payload = {**head, "target_met": ok, "target": "field +0.10, home -0.01 at most, <= 200 labelled",
-               "field_test": f, "home_test": h, "shift": SHIFT, "cameras": len(frames),
-               "field_frames": sum(len(v) for v in frames.values()), "capture": cap, "labelling": lab,
-               "data": rep["data"], "new_bundle_parent": _parent(rep["new"]["bundle"]),
-               "stages_s": {k: round(v, 1) for k, v in stages.items()}, "total_wall_s": round(time.perf_counter() - t0, 1),
-               "study_args": STUDY_ARGS, "work": str(work)}
-    rows = [{"test set": "field (held-out cameras)", "n": f["n"], "before": f["acc_old"], "after": f["acc_new"],
-             "95% paired CI of the gain": f"[{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}]"},
-            {"test set": "home (original test split)", "n": h["n"], "before": h["acc_old"], "after": h["acc_new"],
-             "95% paired CI of the gain": f"[{h['ci95'][0]:+.3f}, {h['ci95'][1]:+.3f}]"}]
-    table = md_table(rows, ["test set", "n", "before", "after", "95% paired CI of the gain"])
-    write_results("field", payload, args.out, {"field loop": table})
-    return 0 if ok else 1
+    return {**head, "target_met": ok, "target": "field +0.10, home -0.01 at most, <= 200 labelled",
+            "field_test": f, "home_test": h, "shift": SHIFT, "cameras": cameras, "field_frames": field_frames,
+            "capture": cap, "labelling": lab, "data": rep["data"], "new_bundle_parent": _parent(rep["new"]["bundle"])}
+
+
+def _table(rep: dict[str, Any]) -> str:
+    rows = []
+    for name, key in (("field (held-out cameras)", "field test"), ("home (original test split)", "home test")):
+        r = rep["sets"][key]
+        rows.append({"test set": name, "n": r["n"], "before": r["acc_old"], "after": r["acc_new"],
+                     "95% paired CI of the gain": f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"})
+    return md_table(rows, ["test set", "n", "before", "after", "95% paired CI of the gain"])
 
 
 def _parent(bundle: str) -> Any:

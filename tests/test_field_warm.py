@@ -117,3 +117,17 @@ def test_paired_interval_and_parent_record(tmp_path, bundle_dir):
     b = shutil.copytree(bundle_dir, tmp_path / "new")
     record_parent(b, {"bundle_sha256": "a" * 64, "model_version": "a" * 12, "path": "/x", "study": "home"})
     assert load_bundle(b).meta["parent"]["study"] == "home"
+
+
+def test_cli_refuses_other_data_and_missing_previous_study(tmp_path, bundle_dir, capsys):
+    from tuner.field import main
+
+    prev = _previous(tmp_path, bundle_dir, "sqlite:///x.db")
+    (prev.out / "tune_options.yaml").write_text(yaml.safe_dump({"study": "home", "storage": "sqlite:///x.db",
+                                                                "space": str(SPACE), "data": "textures"}))
+    add = tmp_path / "harvest"
+    harvested(add, n=3)
+    assert main(["--add", str(add), "--warm", str(prev.out), "--data", "elpv"]) == 2
+    assert "not the previous study's data (textures)" in capsys.readouterr().err
+    assert main(["--add", str(add), "--warm", str(tmp_path / "nowhere")]) == 2
+    assert "not a finished study's output folder" in capsys.readouterr().err

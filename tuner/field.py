@@ -79,6 +79,7 @@ class Previous:
     study: str
     storage: str
     space: str
+    data: str
     bundle: Path
     split_file: Path
 
@@ -92,7 +93,8 @@ class Previous:
                               "of an earlier `make tune`")
         opts = yaml.safe_load(opts_file.read_text(encoding="utf-8")) or {}
         return cls(out=out, study=str(opts.get("study", "")), storage=str(opts.get("storage", "")),
-                   space=str(opts.get("space", "")), bundle=bundle, split_file=split_file)
+                   space=str(opts.get("space", "")), data=str(opts.get("data", "")), bundle=bundle,
+                   split_file=split_file)
 
 
 def group_of(row: dict[str, str], group_s: float) -> str:
@@ -238,6 +240,9 @@ def prepare(own: argparse.Namespace, tuner_argv: list[str]) -> tuple[Any, FieldD
             raise ConfigError(f"--{name.replace('_', '-')} must be in [{lo:g}, {hi:g}], got {getattr(own, name)}")
     prev = Previous.read(own.warm)
     args = parse_args(tuner_argv)
+    if "--data" in tuner_argv and args.data != prev.data:
+        raise ConfigError(f"DATA={args.data} is not the previous study's data ({prev.data}); the warm study keeps the "
+                          f"previous study's exact files and splits ({prev.split_file})")
     if not args.study:
         args.study = f"{prev.study}-field"
     opts = tune_options(args)
