@@ -23,6 +23,8 @@ log = logging.getLogger("edge_server.harvest")
 MAX_CHUNK = 1 << 20
 MAX_LIST = 1000
 MAX_ACKS = 1000
+#: A listing stops (``more`` set) once its sidecars pass this size, so a reply stays far below --max-message-mb.
+MAX_LIST_BYTES = 1 << 20
 
 
 class HarvestRpcs:
@@ -64,11 +66,16 @@ class HarvestRpcs:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit {request.limit} exceeds {MAX_LIST}")
         items, more = cap.spool.list(request.after, request.limit or 100)
         out = pb.CaptureList(more=more, spool_files=cap.spool.files, spool_bytes=cap.spool.bytes)
+        size = 0
         for it in items:
+            if size > MAX_LIST_BYTES:
+                out.more = True
+                break
             try:
                 sidecar = cap.spool.read_sidecar(it)
             except OSError:  # evicted or acknowledged meanwhile
                 continue
+            size += len(sidecar) + 200
             out.frames.add(id=it.id, frame_name=it.frame, frame_bytes=it.frame_bytes, frame_sha256=it.frame_sha256,
                            reason=it.reason, sidecar_json=sidecar)
         return out

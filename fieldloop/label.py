@@ -37,7 +37,8 @@ def state(store: LabelStore) -> dict[str, Any]:
         r = store.records[nid]
         item = {"id": r.id, "top3": [[lab, round(p, 4)] for lab, p in r.top[:3]], "camera_id": r.camera_id,
                 "time_unix": r.time_unix, "reason": r.reason, "model_version": r.model_version}
-    return {"classes": list(store.classes), "keys": list(CLASS_KEYS[:len(store.classes)]),
+    keys = [CLASS_KEYS[i] if i < len(CLASS_KEYS) else "" for i in range(len(store.classes))]  # the rest: click
+    return {"classes": list(store.classes), "keys": keys,
             "progress": store.progress(), "item": item, "can_undo": bool(store.decisions)}
 
 

@@ -138,3 +138,26 @@ def test_harvest_over_tls(bundle_dir, jpegs, tmp_path):
         assert side["schema"] == "edgetune.capture/1"
     finally:
         srv.stop(grace=1)
+
+
+def test_a_disk_that_refuses_writes_degrades_capture_never_serving(bundle_dir, jpegs, tmp_path, monkeypatch):
+    import errno
+
+    srv = start_server(bundle_dir, capture=_capture_all(tmp_path / "spool"), admin_token=ADMIN)
+    try:
+        def full(rec, data):  # ENOSPC from the spool's disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(srv.capture.spool, "add", full)
+        results = _stream(srv, jpegs)
+        assert len(results) == 6 and all(r.predictions and not r.error for r in results)  # every frame served
+        wait_until(lambda: srv.capture.snapshot()["queued"] == 0, 60, "the capture queue written (or refused)")
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            st = stub.GetStats(pb.GetStatsRequest(), timeout=10)
+            c = st.capture.counters
+            assert st.capture.paused and st.capture.spool_files == 0 and c["write_errors"] >= 1
+            assert c["write_errors"] + c["dropped_paused"] == 6  # each frame: a refused write, or not queued
+            assert stub.Classify(pb.ClassifyRequest(image=jpegs[0]), timeout=30).predictions
+    finally:
+        srv.stop(grace=1)
