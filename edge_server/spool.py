@@ -74,7 +74,7 @@ class Spool:
         frames: set[str] = set()
         for p in self.folder.iterdir():
             name = p.name
-            if name.startswith(".") and ".tmp" in name:  # a temporary file of an interrupted atomic write
+            if name.startswith(".") and CAPTURE_ID_RE.match(name[1:]) and name.endswith(".tmp"):  # interrupted write
                 _unlink(p)
             elif name.endswith(SIDECAR_SUFFIX) and is_capture_id(name[:-len(SIDECAR_SUFFIX)]):
                 try:

@@ -73,11 +73,13 @@ def test_restart_recovers_complete_items_and_deletes_half_written(tmp_path, fram
         sp.add(_rec(frames[n], "low_confidence", n=n), frames[n])
     orphan = _rec(frames[5], "random", n=9)
     (tmp_path / orphan.frame).write_bytes(frames[5])  # a crash between frame and sidecar
-    (tmp_path / ".x.png.abc.tmp").write_bytes(b"half")  # a crash inside an atomic write
+    half = tmp_path / f".{orphan.id}.png.abc123.tmp"  # a crash inside an atomic write (edgetune.fsutil)
+    half.write_bytes(b"half")
+    (tmp_path / ".mine.tmp").write_text("not ours either")
     (tmp_path / "notes.txt").write_text("not ours")
     again = Spool(tmp_path, max_bytes=10**9, max_files=100, class_quota_files=100)
     assert again.files == 3 and again.bytes == sp.bytes
-    assert not (tmp_path / orphan.frame).exists() and not (tmp_path / ".x.png.abc.tmp").exists()
+    assert not (tmp_path / orphan.frame).exists() and not half.exists() and (tmp_path / ".mine.tmp").exists()
     assert (tmp_path / "notes.txt").exists()
     item = again.list("", 1)[0][0]
     assert again.ack(item.id, "0" * 64) is False  # wrong digest: nothing deleted
