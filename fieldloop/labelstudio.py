@@ -1,6 +1,6 @@
 """Label Studio interop without a Label Studio server: export a harvested folder as Label Studio tasks (its JSON
 import format, with the edge model's top-1 as a prediction and a labeling config), and import the annotations it
-exports (its JSON export format) as decisions of :class:`~fieldloop.labels.LabelStore` (``labelled_by``
+exports (its JSON and JSON-MIN export formats) as decisions of :class:`~fieldloop.labels.LabelStore` (``labelled_by``
 ``labelstudio``), which writes the same ``labels.csv`` as the page.
 
     python -m fieldloop.labelstudio export --dir DIR --out tasks.json   # + tasks.config.xml
@@ -52,7 +52,12 @@ def export_tasks(store: LabelStore, image_prefix: str = "/data/local-files/?d=")
 
 
 def _choice(task: dict[str, Any]) -> str | None:
-    """The last submitted (not cancelled) annotation's choice of a task, or None."""
+    """The last submitted (not cancelled) annotation's choice of a task (JSON export), or the ``label`` column of a
+    JSON-MIN export row; None when not annotated."""
+    if "annotations" not in task and FROM_NAME in task:  # JSON-MIN: {"label": "grass" | {"choices": [...]}, ...}
+        v = task[FROM_NAME]
+        got = v.get("choices") if isinstance(v, dict) else [v]
+        return str(got[0]) if got and got[0] else None
     anns = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
     for ann in reversed(anns):
         for res in ann.get("result") or []:
@@ -69,7 +74,10 @@ def import_annotations(store: LabelStore, tasks: Any) -> dict[str, int]:
         raise ConfigError("a Label Studio JSON export is a list of tasks")
     counts = {"imported": 0, "unannotated": 0, "unknown_frame": 0}
     for t in tasks:
-        cid = ((t or {}).get("data") or {}).get("capture_id") if isinstance(t, dict) else None
+        if not isinstance(t, dict):
+            counts["unknown_frame"] += 1
+            continue
+        cid = (t.get("data") or {}).get("capture_id") or t.get("capture_id")  # JSON export / JSON-MIN
         if cid not in store.records:
             counts["unknown_frame"] += 1
             continue

@@ -113,6 +113,9 @@ def test_label_studio_export_and_import(tmp_path):
     assert [(r["capture_id"], r["label"], r["labelled_by"]) for r in rows] == [(recs[0].id, "gravel", "labelstudio")]
     with pytest.raises(ConfigError, match="not one of"):
         import_annotations(store, [dict(tasks[3], annotations=[ann("granite")])])
+    json_min = [{"image": tasks[4]["data"]["image"], "capture_id": recs[4].id, "label": "brick", "id": 5}]
+    assert import_annotations(store, json_min)["imported"] == 1  # Label Studio's JSON-MIN export
+    assert read_labels_csv(tmp_path / LABELS_CSV)[-1]["capture_id"] == recs[4].id
 
 
 def _chromium() -> str:
