@@ -18,6 +18,7 @@ help:
 	@echo "make tune | make test | make test-stress | make train DATA=textures EPOCHS=2 OUT=runs/x | make export RUN=… OUT=…"
 	@echo "make serve BUNDLE=… PORT=50051 | make client SOURCE=… SERVER=127.0.0.1:50051 | make dashboard | make bench"
 	@echo "make soak [SOAK_DURATION=120] [SOAK_ARGS='--bundle … --bundle-b …']  (hostile-load soak of the edge server)"
+	@echo "make harvest SERVER=host:port OUT=dir | make label DIR=dir [PORT=8765] | make tune DATA=… ADD=dir WARM=<study out> [INIT=warm] | make bench-field"
 
 $(STAMP): pyproject.toml deploy/ray-auth.pth
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
