@@ -11,12 +11,14 @@ EXTRAS ?= train,serve,client,dev,postgres
 opt = $(if $($(1)),$(2) $($(1)))
 
 .PHONY: install test test-stress test-fast lint proto proto-check train tune export engine serve client dashboard report \
-        edge-node edge-node-stop bench-device bench bench-search bench-train bench-serve bench-client soak clean help
+        edge-node edge-node-stop bench-device bench bench-search bench-train bench-serve bench-client soak clean help \
+        harvest label bench-field
 
 help:
 	@echo "make tune | make test | make test-stress | make train DATA=textures EPOCHS=2 OUT=runs/x | make export RUN=… OUT=…"
 	@echo "make serve BUNDLE=… PORT=50051 | make client SOURCE=… SERVER=127.0.0.1:50051 | make dashboard | make bench"
 	@echo "make soak [SOAK_DURATION=120] [SOAK_ARGS='--bundle … --bundle-b …']  (hostile-load soak of the edge server)"
+	@echo "make harvest SERVER=host:port OUT=dir | make label DIR=dir [PORT=8765] | make tune DATA=… ADD=dir WARM=<study out> [INIT=warm] | make bench-field"
 
 $(STAMP): pyproject.toml deploy/ray-auth.pth
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,8 +49,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check edgetune trainer tuner edge_server edge_client tests bench
-	$(PY) -m mypy edgetune trainer tuner edge_server edge_client
+	$(PY) -m ruff check edgetune trainer tuner edge_server edge_client fieldloop tests bench
+	$(PY) -m mypy edgetune trainer tuner edge_server edge_client fieldloop
 
 # Generated gRPC code: the only way edgetune/v1/*_pb2*.py are produced (a test checks they are fresh).
 proto: $(STAMP)
@@ -59,8 +61,11 @@ train: $(STAMP)
 	  $(call opt,OUT,--out) $(call opt,BACKBONE,--backbone) $(call opt,WORKERS,--workers) $(call opt,IMG,--img) \
 	  $(call opt,INIT,--init) $(call opt,REPEATS,--repeats) $(call opt,SEED,--seed) $(ARGS) $(SET)
 
+# With ADD= (labelled field frames, make label) and WARM= (the previous study's OUT): a warm study (tuner/field.py)
+# on the original data plus the field frames, the previous best configurations first, INIT=warm|<run> optional.
+TUNE_MAIN = $(if $(or $(ADD),$(WARM)),-m tuner.field $(call opt,ADD,--add) $(call opt,WARM,--warm) $(call opt,INIT,--init),-m tuner)
 tune: $(STAMP)
-	$(PY) -m tuner $(call opt,DATA,--data) $(call opt,STUDY,--study) $(call opt,TRIALS,--trials) \
+	$(PY) $(TUNE_MAIN) $(call opt,DATA,--data) $(call opt,STUDY,--study) $(call opt,TRIALS,--trials) \
 	  $(call opt,TIME,--time-budget) $(call opt,STORAGE,--storage) $(call opt,SPACE,--space) \
 	  $(call opt,GPUS_PER_TRIAL,--gpus-per-trial) $(call opt,WORKERS_PER_TRIAL,--workers-per-trial) \
 	  $(call opt,EPOCHS,--epochs) $(call opt,OUT,--out) $(call opt,IMG,--img) $(if $(RESUME),--resume) \
@@ -89,6 +94,16 @@ serve: $(STAMP)
 client: $(STAMP)
 	$(PY) -m edge_client $(call opt,SOURCE,--source) $(call opt,SERVER,--server) $(call opt,LOG,--log) $(ARGS)
 
+# Field loop: pull the capture spool of a server started with ARGS="--capture DIR" (admin token: $$EDGETUNE_ADMIN_TOKEN
+# or ARGS="--admin-token-file F"); label it in the browser on 127.0.0.1.
+harvest: $(STAMP)
+	@test -n "$(SERVER)" -a -n "$(OUT)" || { echo "usage: make harvest SERVER=host:port OUT=dir [ARGS='--tls-ca ca.pem --admin-token-file f']"; exit 2; }
+	$(PY) -m edge_client.harvest --server $(SERVER) --out $(OUT) $(ARGS)
+
+label: $(STAMP)
+	@test -n "$(DIR)" || { echo "usage: make label DIR=dir [PORT=8765]"; exit 2; }
+	$(PY) -m fieldloop.label --dir $(DIR) $(call opt,PORT,--port) $(ARGS)
+
 dashboard: $(STAMP)
 	$(PY) -m tuner.dashboard $(call opt,STORAGE,--storage) $(call opt,PORT,--port)
 
@@ -106,6 +121,8 @@ bench-client: $(STAMP)
 	$(PY) bench/bench_client.py $(BENCH_ARGS)
 bench-device: $(STAMP)
 	$(PY) bench/bench_device.py $(BENCH_ARGS)
+bench-field: $(STAMP)
+	RAY_ADDRESS=local $(PY) bench/bench_field.py $(BENCH_ARGS)
 
 # Soak + fuzz of the edge server under hostile load (not part of `make test`; tests/test_soak.py runs 20 s of it).
 SOAK_DURATION ?= 120

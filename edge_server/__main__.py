@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import edgetune
 from edge_server.logs import LOG_LEVELS, NativeStderr, configure_logging
@@ -21,6 +22,9 @@ from edge_server.profiles import PROFILE_NAMES, SERVER_PROFILES, profile_limits
 from edge_server.runners import BACKENDS
 from edge_server.runners.tensorrt import PRECISIONS
 from edgetune.errors import EdgetuneError
+
+if TYPE_CHECKING:
+    from edge_server.capture import CaptureConfig
 
 log = logging.getLogger("edge_server.main")
 
@@ -91,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="poll --bundle and hot-swap when a new bundle appears there")
     p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between --watch polls")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight RPCs on SIGTERM/SIGINT")
+    g = p.add_argument_group("capture (field loop)")
+    g.add_argument("--capture", default=None, metavar="DIR",
+                   help="keep frames worth labelling in DIR (low confidence, a uniform random sample); harvest them "
+                        "with `make harvest` (needs an admin token)")
+    g.add_argument("--capture-max-mb", type=float, default=256.0, help="spool bound in MB (default 256)")
+    g.add_argument("--capture-max-files", type=int, default=2000, help="spool bound in frames (default 2000)")
+    g.add_argument("--capture-min-confidence", type=float, default=0.6,
+                   help="keep frames whose top-1 probability is below this (default 0.6)")
+    g.add_argument("--capture-min-margin", type=float, default=0.2,
+                   help="keep frames whose top-1 minus top-2 probability is below this (default 0.2)")
+    g.add_argument("--capture-random-rate", type=float, default=0.02,
+                   help="share of the other frames kept as a uniform random sample (default 0.02)")
+    g.add_argument("--capture-class-quota", type=float, default=0.5,
+                   help="share of the spool's frames that low-confidence frames of one class may hold (default 0.5)")
+    g.add_argument("--capture-max-writes-per-s", type=float, default=20.0,
+                   help="frames written per second at most; beyond it frames are dropped and counted (default 20)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p
@@ -150,6 +170,17 @@ def _return_large_buffers_to_the_os() -> None:
         threading.Thread(target=trim_loop, name="edge-malloc-trim", daemon=True).start()
 
 
+def _capture_config(args: argparse.Namespace) -> CaptureConfig | None:
+    if not args.capture:
+        return None
+    from edge_server.capture import CaptureConfig
+
+    return CaptureConfig(dir=args.capture, max_mb=args.capture_max_mb, max_files=args.capture_max_files,
+                         min_confidence=args.capture_min_confidence, min_margin=args.capture_min_margin,
+                         random_rate=args.capture_random_rate, class_quota=args.capture_class_quota,
+                         max_writes_per_s=args.capture_max_writes_per_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _return_large_buffers_to_the_os()
@@ -179,7 +210,7 @@ def _serve(args: argparse.Namespace, native: NativeStderr) -> int:
             stream_idle_s=args.stream_idle_timeout, load_model=args.enable_load_model, admin_token=admin_token,
             model_root=args.model_root, max_cameras=args.max_cameras, camera_idle_s=args.camera_idle_timeout,
             keepalive_s=args.keepalive,
-            max_connection_age_s=args.max_connection_age,
+            max_connection_age_s=args.max_connection_age, capture=_capture_config(args),
         )
         return serve(config)
     except EdgetuneError as e:

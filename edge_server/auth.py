@@ -113,6 +113,16 @@ def read_token_file(path: str | Path, what: str = "token") -> str:
     return token
 
 
+def admin_authorized(context: grpc.ServicerContext, expected: str | bytes) -> bool:
+    """Whether the call carries the admin token (metadata :data:`ADMIN_METADATA_KEY`), compared in constant time."""
+    want = expected.encode() if isinstance(expected, str) else expected
+    got = b""
+    for k, v in context.invocation_metadata() or ():
+        if k == ADMIN_METADATA_KEY:
+            got = v.encode() if isinstance(v, str) else bytes(v)
+    return bool(got) and bool(want) and hmac.compare_digest(got, want)
+
+
 class InvalidBundlePath(EdgetuneError, ValueError):
     """A LoadModel path that is not inside the model root (reported as INVALID_ARGUMENT)."""
 
@@ -133,11 +143,7 @@ class LoadModelPolicy:
         self._expected = admin_token.encode()
 
     def authorized(self, context: grpc.ServicerContext) -> bool:
-        got = b""
-        for k, v in context.invocation_metadata() or ():
-            if k == ADMIN_METADATA_KEY:
-                got = v.encode() if isinstance(v, str) else bytes(v)
-        return bool(got) and hmac.compare_digest(got, self._expected)
+        return admin_authorized(context, self._expected)
 
     def resolve(self, bundle_path: str) -> Path:
         """The bundle directory ``bundle_path`` names, resolved inside the model root; raises

@@ -27,8 +27,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edge_server.admission import Admission
-from edge_server.auth import BearerTokenInterceptor, LoadModelPolicy, check_bind_policy, server_credentials
+from edge_server.auth import (
+    MIN_ADMIN_TOKEN_CHARS,
+    BearerTokenInterceptor,
+    LoadModelPolicy,
+    check_bind_policy,
+    server_credentials,
+)
 from edge_server.budget import ByteBudget, request_memory_bound_mb
+from edge_server.capture import Capture, CaptureConfig
 from edge_server.logs import add_secret
 from edge_server.model import ModelHolder, RunnerOptions
 from edge_server.profiles import SERVER_PROFILES
@@ -99,6 +106,8 @@ class ServerConfig(RunnerOptions):
     #: max_connection_age_s (open streams on it continue; new calls reconnect). 0 = never.
     max_connection_idle_s: float = 600.0
     max_connection_age_s: float = 1800.0
+    #: --capture DIR: keep unsure and randomly sampled frames for labelling (harvest RPCs need admin_token)
+    capture: CaptureConfig | None = None
 
     def __post_init__(self) -> None:  # noqa: C901
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -132,6 +141,14 @@ class ServerConfig(RunnerOptions):
             if self.token and self.admin_token == self.token:
                 raise ConfigError("the admin token must differ from the camera token")
             LoadModelPolicy(self.admin_token, self.model_root)  # validates the token
+        if self.capture is not None and not isinstance(self.capture, CaptureConfig):
+            raise ConfigError(f"capture must be a CaptureConfig or None, got {type(self.capture).__name__}")
+        if self.capture is not None and self.admin_token:
+            if len(self.admin_token) < MIN_ADMIN_TOKEN_CHARS or any(c.isspace() for c in self.admin_token):
+                raise ConfigError(f"the admin token must be at least {MIN_ADMIN_TOKEN_CHARS} characters without "
+                                  "whitespace")
+            if self.admin_token == self.token:
+                raise ConfigError("the admin token must differ from the camera token")
         check_bind_policy(self.host, tls=self.tls_cert is not None, insecure=self.insecure)
         super().__post_init__()
 
@@ -168,6 +185,7 @@ class EdgeServer:
         except BaseException:
             self.admission.close()
             raise
+        self.capture = Capture(config.capture) if config.capture is not None else None
         try:
             max_bytes = int(config.max_message_mb * 1024 * 1024)
             self.grpc_options = grpc_server_options(config, max_bytes)
@@ -184,7 +202,8 @@ class EdgeServer:
                 self.holder, self.stats, max_pixels=config.max_pixels, load_model=policy,
                 stream_idle_s=config.stream_idle_s, draining=self.admission.draining,
                 decode_budget=ByteBudget(int(config.max_decode_mb * 1024 * 1024), "the decode budget"),
-                inflight=self.inflight)
+                inflight=self.inflight, capture=self.capture,
+                admin_token=config.admin_token if self.capture is not None else None)
             classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, self._grpc)
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -202,6 +221,8 @@ class EdgeServer:
         except BaseException:
             self.holder.close()
             self.admission.close()
+            if self.capture is not None:
+                self.capture.close()
             raise
         self.tls = creds is not None
         self.watcher = BundleWatcher(self.holder, config.bundle, config.watch_interval_s) if config.watch else None
@@ -231,7 +252,9 @@ class EdgeServer:
             "max_decode_mb": self.config.max_decode_mb,
             "request_memory_bound_mb": round(self.config.request_memory_bound_mb()),
             "model_root": str(self.servicer.load_model.root) if self.servicer.load_model else None,
-            "watch": self.config.watch}})
+            "watch": self.config.watch,
+            "capture": str(self.capture.spool.folder) if self.capture else None,
+            "harvest": bool(self.capture and self.config.admin_token)}})
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -259,6 +282,8 @@ class EdgeServer:
             self._grpc.stop(min(left, 1.0) if drained else left).wait()
             self.holder.close()
             self.admission.close()
+            if self.capture is not None:
+                self.capture.close()  # writes what is queued, then stops its thread
             self._stopped.set()
             snap = self.stats.snapshot()
             snap["cameras"] = len(snap["cameras"])

@@ -24,6 +24,8 @@ import numpy as np
 from edge_server.auth import ADMIN_METADATA_KEY, LoadModelPolicy
 from edge_server.batcher import BatcherClosed, BatchResult, DeadlineExpired, LatestSlot
 from edge_server.budget import INFLIGHT_FACTOR, ByteBudget
+from edge_server.capture import Capture
+from edge_server.harvest_rpc import HarvestRpcs
 from edge_server.model import ModelHolder, ServedModel
 from edge_server.stats import MAX_CAMERA_ID_CHARS, ServerStats
 from edge_server.versions import server_versions
@@ -68,7 +70,7 @@ def _us(t0: float, t1: float) -> int:
     return max(0, int((t1 - t0) * 1e6))
 
 
-class ClassifierServicer(pb_grpc.ClassifierServicer):
+class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
     """Serves the model held by ``holder``.
 
     Args:
@@ -80,12 +82,15 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         draining: set when the server drains: streams end after the frame they hold.
         decode_budget: shared memory budget of concurrent decodes (None = unbounded).
         inflight: shared budget of admitted request messages (camera frames here; unary requests in the guard).
+        capture: the capture queue (``--capture``), or None; admin_token: the harvest RPCs' token.
     """
 
     def __init__(self, holder: ModelHolder, stats: ServerStats, max_pixels: int = DEFAULT_MAX_PIXELS,
                  load_model: LoadModelPolicy | None = None, stream_idle_s: float = 30.0,
                  draining: threading.Event | None = None, decode_budget: ByteBudget | None = None,
-                 inflight: ByteBudget | None = None) -> None:
+                 inflight: ByteBudget | None = None, capture: Capture | None = None,
+                 admin_token: str | None = None) -> None:
+        self.init_field(capture, admin_token)
         self.holder = holder
         self.stats = stats
         self.max_pixels = max_pixels
@@ -159,7 +164,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         finally:
             budget.release(share)
 
-    def _infer_one(self, data: bytes, top_k: int, deadline: float | None
+    def _infer_one(self, data: bytes, top_k: int, deadline: float | None, frame: pb.Frame | None = None
                    ) -> tuple[list[pb.Prediction], ServedModel, pb.Timing]:
         with self.holder.current.batcher.incoming() as ticket:  # lets a forming batch wait for this image
             t0 = time.monotonic()
@@ -196,6 +201,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         if res is None or model is None:
             raise _Unavailable("model is being replaced or the server is shutting down; retry")
         probs = softmax(res.logits).astype(np.float32)
+        if frame is None:  # drift + capture: never waits
+            self.observe(data, probs, model, "", 0)
+        else:
+            self.observe(data, probs, model, frame.camera_id, frame.capture_time_us, frame.frame_id)
         k = top_k or 1
         order = np.argsort(-probs, kind="stable")[:k]
         preds = [pb.Prediction(label=model.bundle.labels[i], index=int(i), score=float(probs[i])) for i in order]
@@ -328,7 +337,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         result = pb.FrameResult(camera_id=frame.camera_id, frame_id=frame.frame_id,
                                 capture_time_us=frame.capture_time_us, dropped_before=dropped)
         try:
-            preds, model, timing = self._infer_one(frame.image, frame.top_k, deadline)
+            preds, model, timing = self._infer_one(frame.image, frame.top_k, deadline, frame)
             timing.total_us = _us(t_recv, time.monotonic())
             result.predictions.extend(preds)
             result.model_version = model.version
@@ -356,7 +365,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def GetStats(self, request: pb.GetStatsRequest, context: grpc.ServicerContext) -> pb.Stats:
         snap = self.stats.snapshot()  # no lock held while this message is built
         cams = [pb.CameraStats(camera_id=cid, **c) for cid, c in snap.pop("cameras").items()]
-        return pb.Stats(cameras=cams, model_version=self.holder.current.version, **snap)
+        model = self.holder.current
+        msg = pb.Stats(cameras=cams, model_version=model.version, **snap)
+        self.fill_field_stats(msg, model.bundle.labels, model.bundle.meta.get("train_class_counts"))
+        return msg
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         policy = self.load_model

@@ -27,7 +27,7 @@ def studies(tmp_path_factory):
     space = write_space(tmp)
     common = [*TINY_ARGS, "--space", str(space), "--storage", storage, "--address", "local"]
     run_tuner([*common, "--study", "single", "--trials", "4", "--epochs", "2", "--grace-period", "1", "--max-concurrent", "1",
-               "--out", str(tmp / "single")], tmp / "single.log")
+               "--refit-warm", "--out", str(tmp / "single")], tmp / "single.log")
     run_tuner([*common, "--study", "multi", "--trials", "2", "--epochs", "1", "--multi-objective",
                "--max-latency-ms", "10000", "--out", str(tmp / "multi")], tmp / "multi.log")
     return {"tmp": tmp, "storage": storage}
@@ -75,7 +75,7 @@ def test_outputs_written_and_best_checkpoint_loads(studies):
     assert 0.0 <= m["test_accuracy"] <= 1.0 and m["test_images"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ray"]["mode"] == "local"
-    # the final fit continued the best trial's own weights (--refit-warm, the default), not ImageNet's again
+    # --refit-warm: the final fit continued the best trial's own weights, not ImageNet's again
     assert summary["refit"]["warm_from"] == summary["refit"]["of_trial"] >= 0
     assert read_meta(out / "best")["weights_source"].startswith("init:")
     assert summary["best_test_accuracy"] == m["test_accuracy"]

@@ -254,6 +254,8 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
         extra={
             "opset": OPSET,
             "onnx_test_accuracy": fp32_acc,
+            # the training split's class counts: the edge server's drift signal compares its predictions to them
+            "train_class_counts": [int(c) for c in getattr(data, "class_counts", None) or []],
             "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
                         "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
             "source": {**origin, "epoch": meta["epoch"],
@@ -356,6 +358,18 @@ def write_architecture_bundle(model: torch.nn.Module, spec: PreprocessSpec, num_
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     load_bundle(out)
     return out
+
+
+def record_parent(bundle_dir: str | Path, parent: dict[str, Any]) -> None:
+    """Record in an exported bundle the bundle it was retrained from (``extra.parent``: its SHA-256, model version,
+    path, study); the manifest is read, validated and written back through :class:`BundleManifest`."""
+    from edgetune.fsutil import atomic_write_text
+
+    path = Path(bundle_dir) / MANIFEST
+    manifest = BundleManifest.from_dict(json.loads(path.read_text()), str(path))
+    updated = dataclasses.replace(manifest, extra={**manifest.extra, "parent": dict(parent)})
+    atomic_write_text(path, json.dumps(updated.to_dict(), indent=2))
+    load_bundle(bundle_dir)
 
 
 def bundle_files(bundle_dir: str | Path) -> dict[str, bytes]:

@@ -104,8 +104,9 @@ class TuneOptions:
                       "README, 'Why macro-F1')")
     refit: bool = opt(True, "retrain the best configuration for longer after the search (the exported model)")
     refit_share: float = opt(0.55, "share of the time budget kept for the refit")
-    refit_warm: bool = opt(True, "warm final fit (default): it continues the best trial's weights, a warm restart "
-                                 "of its schedule at 0.5 x its peak LR; --no-refit-warm starts from ImageNet's again")
+    refit_warm: bool = opt(False, "warm final fit: it continues the best trial's weights (a warm restart of its "
+                                  "schedule) instead of starting from ImageNet's again (off by default: bench/README.md, "
+                                  "'Warm final fit')")
     refit_max_epochs: int = opt(0, "cap on refit epochs (0 = as many as the time budget holds, at most "
                                 "60; with --trials or without a budget 3 x --epochs)")
     probe_share: float = opt(0.1, "share of the time budget for the probe stage (tuner/probe.py: linear heads on "

@@ -80,9 +80,11 @@ def best_trial(study: Any, metric: str, max_latency_ms: float = 0.0) -> Any:
 THREAD_EFFICIENCY = 0.7
 
 
-#: A warm final fit (``--refit-warm``, the default) restarts the best trial's schedule at this fraction of its peak
-#: LR, after this many warm-up epochs: the trial's epochs are not thrown away (SGDR's warm restart).
-WARM_LR_FACTOR = 0.5
+#: A warm final fit (``--refit-warm``) restarts the best trial's schedule at this fraction of its peak LR, after this
+#: many warm-up epochs: the trial's epochs are not thrown away (SGDR's warm restart, same peak). Off by default: on
+#: elpv seed 0 (2 cores) the trials train ~1 epoch, and the one measured warm run (then at 0.5 x LR) scored below
+#: the cold one; bench/README.md, "Warm final fit".
+WARM_LR_FACTOR = 1.0
 WARM_WARMUP_EPOCHS = 0.3
 
 

@@ -166,7 +166,7 @@ class CameraStats(_message.Message):
     def __init__(self, camera_id: _Optional[str] = ..., fps: _Optional[float] = ..., frames_received: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("cameras", "requests_total", "errors_total", "unary_latency_p50_ms", "unary_latency_p95_ms", "unary_latency_p99_ms", "mean_batch_size", "uptime_s", "model_version")
+    __slots__ = ("cameras", "requests_total", "errors_total", "unary_latency_p50_ms", "unary_latency_p95_ms", "unary_latency_p99_ms", "mean_batch_size", "uptime_s", "model_version", "drift", "capture")
     CAMERAS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ERRORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,8 @@ class Stats(_message.Message):
     MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_FIELD_NUMBER: _ClassVar[int]
     cameras: _containers.RepeatedCompositeFieldContainer[CameraStats]
     requests_total: int
     errors_total: int
@@ -185,7 +187,145 @@ class Stats(_message.Message):
     mean_batch_size: float
     uptime_s: float
     model_version: str
-    def __init__(self, cameras: _Optional[_Iterable[_Union[CameraStats, _Mapping]]] = ..., requests_total: _Optional[int] = ..., errors_total: _Optional[int] = ..., unary_latency_p50_ms: _Optional[float] = ..., unary_latency_p95_ms: _Optional[float] = ..., unary_latency_p99_ms: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., uptime_s: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+    drift: DriftStats
+    capture: CaptureStats
+    def __init__(self, cameras: _Optional[_Iterable[_Union[CameraStats, _Mapping]]] = ..., requests_total: _Optional[int] = ..., errors_total: _Optional[int] = ..., unary_latency_p50_ms: _Optional[float] = ..., unary_latency_p95_ms: _Optional[float] = ..., unary_latency_p99_ms: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., uptime_s: _Optional[float] = ..., model_version: _Optional[str] = ..., drift: _Optional[_Union[DriftStats, _Mapping]] = ..., capture: _Optional[_Union[CaptureStats, _Mapping]] = ...) -> None: ...
+
+class ClassShare(_message.Message):
+    __slots__ = ("label", "predicted_share", "train_share")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SHARE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    predicted_share: float
+    train_share: float
+    def __init__(self, label: _Optional[str] = ..., predicted_share: _Optional[float] = ..., train_share: _Optional[float] = ...) -> None: ...
+
+class DriftStats(_message.Message):
+    __slots__ = ("mean_confidence", "window", "classes", "total_variation")
+    MEAN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_VARIATION_FIELD_NUMBER: _ClassVar[int]
+    mean_confidence: float
+    window: int
+    classes: _containers.RepeatedCompositeFieldContainer[ClassShare]
+    total_variation: float
+    def __init__(self, mean_confidence: _Optional[float] = ..., window: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassShare, _Mapping]]] = ..., total_variation: _Optional[float] = ...) -> None: ...
+
+class CaptureStats(_message.Message):
+    __slots__ = ("enabled", "captured", "counters", "spool_files", "spool_bytes", "paused", "queued")
+    class CapturedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_FILES_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    captured: _containers.ScalarMap[str, int]
+    counters: _containers.ScalarMap[str, int]
+    spool_files: int
+    spool_bytes: int
+    paused: bool
+    queued: int
+    def __init__(self, enabled: _Optional[bool] = ..., captured: _Optional[_Mapping[str, int]] = ..., counters: _Optional[_Mapping[str, int]] = ..., spool_files: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., paused: _Optional[bool] = ..., queued: _Optional[int] = ...) -> None: ...
+
+class ListCapturesRequest(_message.Message):
+    __slots__ = ("after", "limit")
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    after: str
+    limit: int
+    def __init__(self, after: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class CapturedFrame(_message.Message):
+    __slots__ = ("id", "frame_name", "frame_bytes", "frame_sha256", "reason", "sidecar_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_NAME_FIELD_NUMBER: _ClassVar[int]
+    FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRAME_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SIDECAR_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    frame_name: str
+    frame_bytes: int
+    frame_sha256: str
+    reason: str
+    sidecar_json: str
+    def __init__(self, id: _Optional[str] = ..., frame_name: _Optional[str] = ..., frame_bytes: _Optional[int] = ..., frame_sha256: _Optional[str] = ..., reason: _Optional[str] = ..., sidecar_json: _Optional[str] = ...) -> None: ...
+
+class CaptureList(_message.Message):
+    __slots__ = ("frames", "more", "spool_files", "spool_bytes")
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_FILES_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[CapturedFrame]
+    more: bool
+    spool_files: int
+    spool_bytes: int
+    def __init__(self, frames: _Optional[_Iterable[_Union[CapturedFrame, _Mapping]]] = ..., more: _Optional[bool] = ..., spool_files: _Optional[int] = ..., spool_bytes: _Optional[int] = ...) -> None: ...
+
+class FetchCaptureRequest(_message.Message):
+    __slots__ = ("id", "offset", "length")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    offset: int
+    length: int
+    def __init__(self, id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class CaptureChunk(_message.Message):
+    __slots__ = ("id", "offset", "data", "total_bytes", "eof")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    offset: int
+    data: bytes
+    total_bytes: int
+    eof: bool
+    def __init__(self, id: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., eof: _Optional[bool] = ...) -> None: ...
+
+class CaptureAck(_message.Message):
+    __slots__ = ("id", "frame_sha256")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_SHA256_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    frame_sha256: str
+    def __init__(self, id: _Optional[str] = ..., frame_sha256: _Optional[str] = ...) -> None: ...
+
+class AckCapturesRequest(_message.Message):
+    __slots__ = ("acks",)
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    acks: _containers.RepeatedCompositeFieldContainer[CaptureAck]
+    def __init__(self, acks: _Optional[_Iterable[_Union[CaptureAck, _Mapping]]] = ...) -> None: ...
+
+class AckCapturesResponse(_message.Message):
+    __slots__ = ("deleted", "not_found")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    not_found: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("bundle_path",)

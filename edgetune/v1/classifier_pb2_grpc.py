@@ -59,6 +59,21 @@ class ClassifierStub:
                 request_serializer=edgetune_dot_v1_dot_classifier__pb2.LoadModelRequest.SerializeToString,
                 response_deserializer=edgetune_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListCaptures = channel.unary_unary(
+                '/edgetune.v1.Classifier/ListCaptures',
+                request_serializer=edgetune_dot_v1_dot_classifier__pb2.ListCapturesRequest.SerializeToString,
+                response_deserializer=edgetune_dot_v1_dot_classifier__pb2.CaptureList.FromString,
+                _registered_method=True)
+        self.FetchCapture = channel.unary_unary(
+                '/edgetune.v1.Classifier/FetchCapture',
+                request_serializer=edgetune_dot_v1_dot_classifier__pb2.FetchCaptureRequest.SerializeToString,
+                response_deserializer=edgetune_dot_v1_dot_classifier__pb2.CaptureChunk.FromString,
+                _registered_method=True)
+        self.AckCaptures = channel.unary_unary(
+                '/edgetune.v1.Classifier/AckCaptures',
+                request_serializer=edgetune_dot_v1_dot_classifier__pb2.AckCapturesRequest.SerializeToString,
+                response_deserializer=edgetune_dot_v1_dot_classifier__pb2.AckCapturesResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -103,6 +118,28 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCaptures(self, request, context):
+        """Harvest of the capture spool (server started with --capture DIR and an admin token; admin token in metadata
+        "x-edgetune-admin-token"). Captured frames in id (= capture time) order, with their sidecars.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchCapture(self, request, context):
+        """One chunk of a captured frame's bytes (at most 1 MiB; resume a broken transfer at any offset).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckCaptures(self, request, context):
+        """Delete from the spool the frames the caller has stored (only those whose id and frame SHA-256 match).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +167,21 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.LoadModel,
                     request_deserializer=edgetune_dot_v1_dot_classifier__pb2.LoadModelRequest.FromString,
                     response_serializer=edgetune_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListCaptures': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCaptures,
+                    request_deserializer=edgetune_dot_v1_dot_classifier__pb2.ListCapturesRequest.FromString,
+                    response_serializer=edgetune_dot_v1_dot_classifier__pb2.CaptureList.SerializeToString,
+            ),
+            'FetchCapture': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchCapture,
+                    request_deserializer=edgetune_dot_v1_dot_classifier__pb2.FetchCaptureRequest.FromString,
+                    response_serializer=edgetune_dot_v1_dot_classifier__pb2.CaptureChunk.SerializeToString,
+            ),
+            'AckCaptures': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckCaptures,
+                    request_deserializer=edgetune_dot_v1_dot_classifier__pb2.AckCapturesRequest.FromString,
+                    response_serializer=edgetune_dot_v1_dot_classifier__pb2.AckCapturesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +319,87 @@ class Classifier:
             '/edgetune.v1.Classifier/LoadModel',
             edgetune_dot_v1_dot_classifier__pb2.LoadModelRequest.SerializeToString,
             edgetune_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCaptures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgetune.v1.Classifier/ListCaptures',
+            edgetune_dot_v1_dot_classifier__pb2.ListCapturesRequest.SerializeToString,
+            edgetune_dot_v1_dot_classifier__pb2.CaptureList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchCapture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgetune.v1.Classifier/FetchCapture',
+            edgetune_dot_v1_dot_classifier__pb2.FetchCaptureRequest.SerializeToString,
+            edgetune_dot_v1_dot_classifier__pb2.CaptureChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckCaptures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgetune.v1.Classifier/AckCaptures',
+            edgetune_dot_v1_dot_classifier__pb2.AckCapturesRequest.SerializeToString,
+            edgetune_dot_v1_dot_classifier__pb2.AckCapturesResponse.FromString,
             options,
             channel_credentials,
             insecure,
