@@ -29,6 +29,7 @@ from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_
 from edgetune.backoff import Backoff
 from edgetune.capture_record import SIDECAR_SUFFIX, CaptureRecord, CaptureRecordError
 from edgetune.errors import ConfigError, EdgetuneError
+from edgetune.fsutil import atomic_write_text, commit_file
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -103,13 +104,9 @@ class _Harvest:
         if _sha256(part) != rec.frame_sha256:
             part.unlink()
             raise ClientError(f"captured frame {rec.id}: SHA-256 mismatch after transfer; it will be fetched again")
-        os.replace(part, self.out / rec.frame)
-        side = self.out / PARTIAL / (rec.id + SIDECAR_SUFFIX)
-        with open(side, "w", encoding="utf-8") as f:
-            f.write(rec.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(side, self.out / (rec.id + SIDECAR_SUFFIX))
+        commit_file(part, self.out / rec.frame)
+        # the sidecar last: a frame counts as harvested once its sidecar is there
+        atomic_write_text(self.out / (rec.id + SIDECAR_SUFFIX), rec.to_json())
         self.stored += 1
 
 

@@ -45,3 +45,9 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> N
     """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding=encoding)
+
+
+def commit_file(tmp: str | Path, path: str | Path) -> None:
+    """A file written in full under another name in the same folder tree (a resumable download's ``.part``, kept
+    across attempts) replaces ``path`` atomically."""
+    os.replace(tmp, path)

@@ -56,6 +56,7 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "refit": (["--no-refit"], False),
     "refit_share": (["--refit-share", "0.3"], 0.3),
     "refit_max_epochs": (["--refit-max-epochs", "6"], 6),
+    "refit_warm": (["--refit-warm"], True),
     "probe_share": (["--probe-share", "0.2"], 0.2),
     "ema_decay": (["--ema-decay", "0.5"], 0.5),
     "ensemble": (["--ensemble", "off"], "off"),
