@@ -156,7 +156,7 @@ class PreprocessSpec:
                 f"use a smaller preprocess.resize or tile the image first")
         if (th, tw) == (h, w):
             return np.ascontiguousarray(img)
-        out = cv2.resize(img, (tw, th), interpolation=interp)
+        out: np.ndarray = cv2.resize(img, (tw, th), interpolation=interp)
         return out.reshape(th, tw, -1) if out.ndim == 2 else out
 
     def center_crop(self, img: np.ndarray) -> np.ndarray:

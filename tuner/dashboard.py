@@ -5,17 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgetune.logs import setup_cli_logging
 
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
 
-def make_app(storage: str):  # noqa: ANN201 - WSGI app
+
+def make_app(storage: str) -> WSGIApplication:
     """WSGI app serving the dashboard for ``storage`` (used by tests and by :func:`main`)."""
     from optuna_dashboard import wsgi
 
     from tuner.storage import rdb_storage
 
-    return wsgi(rdb_storage(storage))
+    app: WSGIApplication = wsgi(rdb_storage(storage))
+    return app
 
 
 def main(argv: list[str] | None = None) -> int:

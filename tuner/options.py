@@ -117,7 +117,9 @@ class TuneOptions:
     verbose: bool = opt(False, "list every place looked for each backbone left out for missing weights")
 
     def __post_init__(self) -> None:  # noqa: C901
-        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: derived defaults only
+        def put(name: str, value: Any) -> None:  # frozen: derived defaults only
+            object.__setattr__(self, name, value)
+
         put("backbones", tuple(self.backbones))
         put("sets", tuple(self.sets))
         put("precisions", tuple(self.precisions))

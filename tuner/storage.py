@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 from edgetune.errors import ConfigError
 
@@ -30,7 +31,8 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def rdb_storage(url: str):  # noqa: ANN201 - optuna.storages.RDBStorage
+def rdb_storage(url: str) -> Any:
+    """An ``optuna.storages.RDBStorage`` on ``url`` (typed Any: tuner/report.py rebinds its ``storage: str`` to it)."""
     import optuna
 
     return optuna.storages.RDBStorage(normalise_url(url), heartbeat_interval=None)

@@ -17,7 +17,8 @@ from typing import Any
 
 from edgetune.errors import EdgetuneError
 from trainer.config import TrainConfig
-from tuner.space import build_trial_config, flatten_params
+from tuner.space import build_trial_config as build_trial_config  # re-exported: tuner/refit.py imports it here
+from tuner.space import flatten_params
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def _report_callback() -> Any:
 
     class _Callback(TuneReportCallback):
         def __init__(self) -> None:
-            super().__init__()
+            super().__init__()  # type: ignore[no-untyped-call]  # Ray's __init__ is unannotated
             self.best: dict[str, Any] = {}
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
