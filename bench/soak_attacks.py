@@ -231,7 +231,8 @@ class Attacks:
         verdict = "ok" if not r["failures"] else "FAIL " + "; ".join(r["failures"])
         return (f"attack {r['attack']}: legit p50 {r['legit_p50_ms']} ms p99 {r['legit_p99_ms']} ms during it "
                 f"(quiet p50 {r['quiet_p50_ms']} / p99 {r['quiet_p99_ms']} ms, {r['legit_calls']} calls), peak RSS "
-                f"{r['peak_rss_mb']} MB (bound {r['peak_rss_bound_mb']}, before {r['rss_before_mb']} MB), RSS 30 s after {r['rss_after_mb']} MB "
+                f"{r['peak_rss_mb']} MB (bound {r['peak_rss_bound_mb']}, before {r['rss_before_mb']} MB), "
+                f"RSS 30 s after {r['rss_after_mb']} MB "
                 f"(back in {r['rss_recovered_s']} s), log {r['log_bytes']} bytes ({r['log_bytes_per_s']} B/s)"
                 f"{', ' + more if more else ''}: {verdict}")
 

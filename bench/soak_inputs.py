@@ -24,7 +24,8 @@ def good_images() -> list[bytes]:
 def hostile_payloads(good: bytes) -> list[tuple[str, bytes, int]]:
     from tests.hostile_media import CRAFTED, oversized, wide_png
 
-    out: list[tuple[str, bytes, int]] = [("wide-png-1x60000", wide_png(60000), 0), ("wide-png-1x3000", wide_png(3000), 0)]
+    out: list[tuple[str, bytes, int]] = [("wide-png-1x60000", wide_png(60000), 0),
+                                         ("wide-png-1x3000", wide_png(3000), 0)]
     out += [(f"bomb-{fmt}", oversized(fmt, 8192, 8192), 0) for fmt in CRAFTED]
     out += [(f"bomb-{fmt}-16k", oversized(fmt, 16383, 16383), 0) for fmt in ("WebP-lossless", "PNG", "JPEG")]
     tile = np.full((64, 64, 3), 90, np.uint8)

@@ -71,8 +71,9 @@ class SoakWorkers(SoakState):
         if not isinstance(r, grpc.RpcError):
             self.tally.valid_ms.append((t0, (t1 - t0) * 1000))
         elif r.code() != SC.RESOURCE_EXHAUSTED:  # judged at the end, against the restart window
-            self.timed_failures.append(("valid", t0, t1, f"valid Classify failed outside the restart (t={t0 - self.t0:.2f}"
-                                                         f"..{t1 - self.t0:.2f} s): {r.code().name} {r.details()}"))
+            self.timed_failures.append(("valid", t0, t1,
+                                        f"valid Classify failed outside the restart (t={t0 - self.t0:.2f}"
+                                        f"..{t1 - self.t0:.2f} s): {r.code().name} {r.details()}"))
 
     def hostile_unary(self, stub: Any, _ch: grpc.Channel) -> None:
         if not hasattr(self, "_payloads"):

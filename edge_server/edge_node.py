@@ -76,7 +76,8 @@ def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]
     if not valid_target(target):
         raise SystemExit(f"error: TARGET must be {TARGET_RULE}, got {target!r}")
     if not _HEAD.match(head or ""):
-        raise SystemExit(f"error: HEAD must be <head host>:<port> (the address `ray start --head` printed), got {head!r}")
+        raise SystemExit(f"error: HEAD must be <head host>:<port> (the address `ray start --head` printed), "
+                         f"got {head!r}")
     host = head.rsplit(":", 1)[0].strip("[]")
     port = int(head.rsplit(":", 1)[1])
     try:

@@ -38,7 +38,9 @@ from edge_server.engine_cache import (  # noqa: F401 - BuildOptions, PRECISION_C
     engine_status,
     make_sidecar,
 )
+from edge_server.logs import configure_logging
 from edge_server.runners import tensorrt as rt
+from edge_server.runners.onnxruntime import OnnxRuntimeRunner
 from edgetune.bundle import Bundle, load_bundle
 from edgetune.dataclass_cli import Flag, add_fields, field_values
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
@@ -122,7 +124,8 @@ def network_flags(trt: Any) -> int:
 
 def default_timing_cache(bundle: Bundle, system: dict[str, str]) -> Path:
     """Per TensorRT version and GPU, next to the engines (shared by the bundle's fp32/fp16/int8 builds)."""
-    return rt.engines_dir(bundle) / f"timing.{rt.system_tag(system['tensorrt_version'], system['compute_capability'])}.cache"
+    tag = rt.system_tag(system["tensorrt_version"], system["compute_capability"])
+    return rt.engines_dir(bundle) / f"timing.{tag}.cache"
 
 
 def compare_outputs(engine_logits: np.ndarray, reference_logits: np.ndarray) -> dict[str, Any]:
@@ -157,7 +160,6 @@ def run_batched(runner: Any, x: np.ndarray) -> np.ndarray:
 
 def accuracy_check(bundle: Bundle, engine: Path, precision: str, max_batch: int) -> dict[str, Any]:
     """Run the engine (TensorRTRunner) and ONNX Runtime (CPU, fp32) on the check images and compare."""
-    from edge_server.runners.onnxruntime import OnnxRuntimeRunner
 
     x, recorded = load_check_images(bundle)
     ort = OnnxRuntimeRunner(bundle, max_batch_size=max_batch, cpu_only=True)
@@ -299,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from edge_server.logs import configure_logging
 
     configure_logging("info" if args.verbose else "warning")
     try:

@@ -71,3 +71,55 @@ def test_mypy_checks_against_python_310(tmp_path):
     """typing.Self is Python 3.11: the edge runs 3.10, so mypy must refuse it."""
     out = _mypy(tmp_path, {"edgetune/__init__.py": "", "edgetune/newer.py": "from typing import Self\n"})
     assert 'Module "typing" has no attribute "Self"' in out, out
+
+
+def _ruff(tmp_path: Path, rel: str, text: str) -> str:
+    p = tmp_path / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(textwrap.dedent(text))
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
+                        "--config", str(ROOT / "pyproject.toml"), str(p)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return r.stdout + r.stderr
+
+
+def test_ruff_line_length_is_on():
+    lint = CONFIG["tool"]["ruff"]["lint"]
+    assert CONFIG["tool"]["ruff"]["line-length"] == 120
+    assert "E501" not in lint.get("ignore", []) and "E" in lint["select"]
+
+
+def test_ruff_refuses_a_needless_local_import_and_allows_heavy_ones(tmp_path):
+    """PLC0415 is on: a function-local import of a light module is refused; the documented heavy or optional
+    libraries (ruff's banned-module-level-imports, e.g. ray, onnxruntime, cv2) may be imported where used."""
+    heavy = CONFIG["tool"]["ruff"]["lint"]["flake8-tidy-imports"]["banned-module-level-imports"]
+    assert {"ray", "optuna", "onnxruntime", "tensorrt", "cv2", "optuna_dashboard", "matplotlib"} <= set(heavy)
+    out = _ruff(tmp_path, "edgetune/lazy.py", '''\
+        def light():
+            import json
+
+            return json
+
+
+        def heavy():
+            import ray
+
+            return ray
+
+
+        def long_line():
+            return "''' + "x" * 120 + '''"
+        ''')
+    assert "lazy.py:2:5: PLC0415" in out, out
+    assert ":8:5:" not in out, out
+    assert "E501" in out, out
+
+
+def test_pre_commit_runs_ruff_ruff_format_and_mypy():
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = {h["id"]: h for repo in cfg["repos"] for h in repo["hooks"]}
+    assert {"ruff", "ruff-format", "mypy"} <= set(hooks)
+    assert "ruff format" in hooks["ruff-format"]["entry"] and "mypy" in hooks["mypy"]["entry"]
+    assert "format" in CONFIG["tool"]["ruff"]

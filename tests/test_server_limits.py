@@ -159,7 +159,8 @@ def test_headers_only_unary_calls_are_bounded_and_cancelled(bundle_dir: Path, go
             raw = ch.stream_unary("/edgetune.v1.Classifier/GetStats")  # a unary method, its message withheld
             t0 = time.monotonic()
             calls = [raw.future(no_message(), timeout=60) for _ in range(12)]
-            wait_until(lambda: sum(c.done() for c in calls) >= 8)  # the refusals are immediate; a loaded machine is slow
+            # the refusals are immediate; a loaded machine is slow
+            wait_until(lambda: sum(c.done() for c in calls) >= 8)
             refused = [c for c in calls if c.done()]
             assert len(refused) == 8 and {c.code() for c in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert health_status(ch) == health_pb2.HealthCheckResponse.SERVING

@@ -76,7 +76,8 @@ def test_unavailable_weights_are_left_out_with_reason(capsys):
     # seeds whose backbone left are dropped too, with a reason; the Lite recipes stay
     assert [x["name"] for x in s.seeds] == ["generic recipe (EfficientNet-Lite0, first blocks frozen)",
                                             "generic recipe (EfficientNet-Lite0, full fine-tuning)",
-                                            "generic recipe (EfficientNet-Lite1)", "generic recipe (EfficientNet-Lite2)"]
+                                            "generic recipe (EfficientNet-Lite1)",
+                                            "generic recipe (EfficientNet-Lite2)"]
     assert any("graphite" in r and "mobilenet_v2 not in the space" in r for r in s.dropped)
 
 
@@ -124,7 +125,8 @@ def test_seed_freeze_counts_become_fractions(tmp_path):
     ("params:\n  x: {type: float}\n", r"parameter 'x' needs 'type' and 'key' \(or 'sets'\)"),
     ("params:\n  x: [1, 2]\n", "parameter 'x' must be a mapping"),
     ("params: [1]\n", "'params' must map parameter names to their specs"),
-    ("seeds:\n  - {name: a, parms: {}}\n", r"seed configuration 1: unknown field\(s\) \['parms'\]; allowed: \['name', 'params'\]"),
+    ("seeds:\n  - {name: a, parms: {}}\n",
+     r"seed configuration 1: unknown field\(s\) \['parms'\]; allowed: \['name', 'params'\]"),
 ])
 def test_invalid_space_files(tmp_path, text, match):
     y = tmp_path / "bad.yaml"

@@ -21,6 +21,7 @@ import edgetune
 from edgetune.dataclass_cli import Flag, add_fields, field_values, opt
 from edgetune.errors import EdgetuneError
 from edgetune.logs import setup_cli_logging
+from trainer.config import TrainConfig, parse_override
 
 
 def _config_key(key: str, help: str = "", default: Any = None) -> Any:  # noqa: A002 - argparse's name for it
@@ -54,7 +55,6 @@ class TrainOptions:
 
     def overrides(self) -> dict[str, Any]:
         """The config keys the options set: the key options given, then the ``--set`` ones (ConfigError if bad)."""
-        from trainer.config import parse_override
 
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
@@ -68,7 +68,6 @@ class TrainOptions:
 
     def train_config(self) -> Any:
         """The run's TrainConfig: the YAML (or the defaults) with :meth:`overrides` applied."""
-        from trainer.config import TrainConfig
 
         cfg = TrainConfig.from_yaml(self.config) if self.config else TrainConfig()
         overrides = self.overrides()
@@ -104,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli_logging(verbose=False)
     try:
         if opts.list_backbones:
-            from trainer.backbones import get_backbone_info, list_backbones
-            from trainer.model import backbone_cut_points
+            from trainer.backbones import get_backbone_info, list_backbones  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torch, torchvision
+            from trainer.model import backbone_cut_points  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torch, torchvision
 
             for name in list_backbones():
                 info = get_backbone_info(name)
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = opts.train_config()
         out = Path(opts.out) if opts.out else default_out(cfg)
-        from trainer.run import format_summary, run_repeats
+        from trainer.run import format_summary, run_repeats  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torch, torchvision
 
         metrics = run_repeats(cfg, out, opts.repeats)
     except EdgetuneError as e:

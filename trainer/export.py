@@ -38,6 +38,8 @@ from edgetune.logs import setup_cli_logging
 from edgetune.numeric import softmax
 from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import resolve_checkpoint_path, versions
+from trainer.config import TrainConfig
+from trainer.evaluate import predict_arrays
 
 OPSET = 17
 INPUT, OUTPUT = "input", "logits"
@@ -80,8 +82,6 @@ def eval_arrays(ds: Any, spec: PreprocessSpec, limit: int = 0) -> tuple[np.ndarr
 
 
 def parity_check(model: torch.nn.Module, session: Any, x: np.ndarray) -> dict[str, Any]:
-    from trainer.evaluate import predict_arrays
-
     p_torch = predict_arrays(model, x).astype(np.float64)
     p_ort = ort_probs(session, x)
     agree = float((p_torch.argmax(1) == p_ort.argmax(1)).mean()) if len(x) else 1.0
@@ -172,7 +172,7 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
     the static INT8 variant to ``quantize``, and if the tolerance refuses it the bundle records that it deploys
     at fp32 instead (``extra.deploy_precision``). ``target_latency(deployed precision)``: the latency measured on
     the target device for that precision, with the target's name and identity (recorded in the bundle)."""
-    from trainer.model import model_from_checkpoint
+    from trainer.model import model_from_checkpoint  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torchvision
 
     ckpt, info = resolve_run(run)
     model, meta = model_from_checkpoint(ckpt)
@@ -190,8 +190,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
     backbone, metrics) as a bundle in ``out_dir``: :func:`export_bundle`'s work once the model is built. A study's
     final model that is an ensemble (members, test-time views and decision rule in one graph, tuner.posthoc) is
     exported through here with its description in ``extra``."""
-    from trainer.config import TrainConfig
-    from trainer.data import build_data
+    from trainer.data import build_data  # noqa: PLC0415 - lazy: torchvision
 
     t0 = time.perf_counter()
     origin = dict(origin or {})

@@ -23,7 +23,10 @@ import torch.distributed as dist
 from trainer.bnstats import suit_bn_momentum
 from trainer.checkpoint import DAMAGED_FILE_ERRORS, WEIGHTS_FILE, UnreadableCheckpoint, load_checkpoint, unwrap
 from trainer.config import TrainConfig
+from trainer.ema import Ema
+from trainer.feeds import make_feeds
 from trainer.loop_config import LoopConfig
+from trainer.losses import build_loss
 from trainer.metric import Metric, get_metric
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.reporting import Reporter, make_reporter
@@ -89,8 +92,7 @@ class LoopState:
 
 def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopState:
     """Model (weights, freeze cut), feeds (cached or live path), loss, optimiser, schedule; resume if asked."""
-    from trainer.losses import build_loss
-    from trainer.model import preprocess_spec_for
+    from trainer.model import preprocess_spec_for  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torchvision
 
     t_launch, started_at = time.perf_counter(), time.time()
     lc = LoopConfig.coerce(loop_config)
@@ -129,8 +131,6 @@ def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopSta
     )
     _resume(st)
     if cfg.optim.ema_decay > 0:
-        from trainer.ema import Ema
-
         st.ema = Ema(model, cfg.optim.ema_decay)  # after a resume: averaging restarts from the resumed weights
     static.update(lc.static_metrics)  # e.g. the architecture's latency (tuner/device.py)
     static["setup_seconds"] = time.perf_counter() - t_launch
@@ -149,7 +149,7 @@ def _init_process(cfg: TrainConfig, rank: int) -> torch.device:
 
 def _build_data(cfg: TrainConfig, spec: Any, lc: LoopConfig, rank: int) -> Any:
     """The dataset splits (written under ``run_dir`` by rank 0 only)."""
-    from trainer.data import build_data
+    from trainer.data import build_data  # noqa: PLC0415 - lazy: torchvision
 
     run_dir = lc.run_dir
     return build_data(
@@ -166,8 +166,7 @@ def _build_model(
     cfg: TrainConfig, data: Any, device: torch.device, rank: int, world: int
 ) -> tuple[torch.nn.Module, Any]:
     """The model on ``device`` and its feeds (the cached path starts the model at its freeze cut)."""
-    from trainer.feeds import make_feeds
-    from trainer.model import create_model
+    from trainer.model import create_model  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torchvision
 
     model: torch.nn.Module = create_model(cfg.model, num_classes=len(data.classes))
     feeds = make_feeds(cfg, model, data, rank, world)
@@ -192,7 +191,7 @@ def _wrap_ddp(model: torch.nn.Module, world: int) -> torch.nn.Module:
 
 def _static_info(module: Any, feeds: Any) -> dict[str, Any]:
     """What every epoch's result repeats: model size, node, data path, freeze cut, activation cache."""
-    from trainer.model import count_params, model_size_mb
+    from trainer.model import count_params, model_size_mb  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torchvision
 
     return {
         "params": count_params(module),

@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import make_server
 
 from edgetune.logs import setup_cli_logging
+from tuner.storage import rdb_storage
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -16,8 +18,6 @@ if TYPE_CHECKING:
 def make_app(storage: str) -> WSGIApplication:
     """WSGI app serving the dashboard for ``storage`` (used by tests and by :func:`main`)."""
     from optuna_dashboard import wsgi
-
-    from tuner.storage import rdb_storage
 
     app: WSGIApplication = wsgi(rdb_storage(storage))
     return app
@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.storage.startswith("sqlite:///") and not Path(a.storage[len("sqlite:///"):]).exists():
         print(f"error: no study storage at {a.storage}; run `make tune` first", file=sys.stderr)
         return 2
-    from wsgiref.simple_server import make_server
 
     httpd = make_server(a.host, a.port, make_app(a.storage))
     print(f"optuna-dashboard for {a.storage} on http://{a.host}:{a.port}/ (Ctrl-C to stop)")

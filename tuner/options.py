@@ -8,11 +8,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_server.timing import TimingProtocol
+import yaml
+
+from edge_server.runners.tensorrt import PRECISIONS
+from edge_server.timing import TIMING_BACKENDS, TimingProtocol
 from edgetune.dataclass_cli import file_values, opt
 from edgetune.errors import ConfigError
 from trainer.metric import DEFAULT_METRIC, Metric, get_metric
 from trainer.ray_trainer import PLACEMENT_STRATEGIES
+from tuner.device import target_resource
+from tuner.storage import normalise_url
 
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
 
@@ -48,7 +53,8 @@ class TuneOptions:
     trials: int = opt(0, "optional cap on the number of trials (0 = the time budget decides)")
     epochs: int = opt(4, "max epochs per trial (ASHA max_t; each trial's LR schedule)")
     time_budget_s: float = opt(
-        840.0, f"seconds for search + refit + export, counted from the start (at least {MIN_TIME_BUDGET_S:g}; 0 = none; "
+        840.0, f"seconds for search + refit + export, counted from the start (at least {MIN_TIME_BUDGET_S:g}; "
+               "0 = none; "
                "then --trials is needed)")
     storage: str = opt("", "Optuna storage URL (default sqlite:///<out>/../optuna.db, i.e. runs/optuna.db; "
                        "postgresql://… for shared)")
@@ -179,7 +185,6 @@ class TuneOptions:
             db = Path(self.out).resolve().parent / "optuna.db"
             db.parent.mkdir(parents=True, exist_ok=True)
             put("storage", f"sqlite:///{db}")
-        from tuner.storage import normalise_url
 
         normalise_url(self.storage)  # validates the URL early
         if not self.storage_path:
@@ -188,7 +193,8 @@ class TuneOptions:
             put("storage_path", str(Path(self.storage_path).resolve()))  # Ray needs an absolute path
 
     def _check_budget(self) -> None:
-        """A time budget or a trial count; a budget no smaller than :data:`MIN_TIME_BUDGET_S` (ConfigError naming it)."""
+        """A time budget or a trial count; a budget no smaller than :data:`MIN_TIME_BUDGET_S` (ConfigError naming
+        it)."""
         if not self.time_budget_s and not self.trials:
             raise ConfigError("give a time budget (--time-budget / TIME=, seconds) or a trial count (--trials)")
         if 0 < self.time_budget_s < MIN_TIME_BUDGET_S:
@@ -201,14 +207,15 @@ class TuneOptions:
     @property
     def ensemble_rounds(self) -> int:
         """Greedy selection rounds (0: ensemble off): auto = tuner.posthoc.ENSEMBLE_ROUNDS, N = a cap of N members."""
-        from tuner.posthoc import ENSEMBLE_MODES, ENSEMBLE_ROUNDS
+        from tuner.posthoc import ENSEMBLE_MODES, ENSEMBLE_ROUNDS  # noqa: PLC0415 - lazy: torch
 
         v = str(self.ensemble).strip().lower()
         if v in ENSEMBLE_MODES:
             return ENSEMBLE_ROUNDS if v == "auto" else 0
         if v.isdigit() and int(v) >= 1:
             return int(v)
-        raise ConfigError(f"ensemble must be one of {list(ENSEMBLE_MODES)} or a member cap N >= 1, got {self.ensemble!r}")
+        raise ConfigError(f"ensemble must be one of {list(ENSEMBLE_MODES)} or a member cap N >= 1, "
+                          f"got {self.ensemble!r}")
 
     @property
     def metric_def(self) -> Metric:
@@ -216,12 +223,10 @@ class TuneOptions:
 
     def _check_latency(self) -> None:
         """Target name, timing protocol, backend and timeout (ConfigError naming what is allowed)."""
-        from edge_server.timing import TIMING_BACKENDS
 
         self.timing_protocol  # noqa: B018 - TimingProtocol validates timing_warmup / timing_runs
         if self.timing_backend not in TIMING_BACKENDS:
             raise ConfigError(f"timing_backend must be one of {TIMING_BACKENDS}, got {self.timing_backend!r}")
-        from edge_server.runners.tensorrt import PRECISIONS
 
         if not 0 <= self.int8_tolerance <= 1:
             raise ConfigError(f"int8_tolerance must be in [0, 1] (validation accuracy), got {self.int8_tolerance}")
@@ -231,8 +236,6 @@ class TuneOptions:
         if self.precisions and not self.target:
             raise ConfigError("precisions needs --target (the precisions are the target device's)")
         if self.target:
-            from tuner.device import target_resource
-
             target_resource(self.target)  # validates the name
         if self.timing_timeout_s <= 0:
             raise ConfigError(f"timing_timeout_s must be > 0, got {self.timing_timeout_s}")
@@ -251,7 +254,6 @@ class TuneOptions:
 def options_yaml(opts: TuneOptions) -> str:
     """The effective options as YAML, every field (derived defaults resolved): what ``python -m tuner --print-config``
     prints and a study writes to ``<out>/tune_options.yaml``; ``--config`` reads it back to the same options."""
-    import yaml
 
     return str(yaml.safe_dump(asdict(opts), sort_keys=False))
 
@@ -259,7 +261,6 @@ def options_yaml(opts: TuneOptions) -> str:
 def load_options_file(path: str | Path) -> dict[str, Any]:
     """The TuneOptions fields a ``--config`` YAML sets (ConfigError: unreadable, not a mapping, an unknown key with
     the allowed ones, a value of the wrong type)."""
-    import yaml
 
     p = Path(path)
     try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
-from edgetune.errors import ConfigError
+from edgetune.errors import ConfigError, EdgetuneError
 
 SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
 
@@ -53,12 +54,8 @@ def check_storage(url: str, timeout_s: float = 10.0) -> None:
     (password masked) and the cause."""
     import sqlalchemy
 
-    from edgetune.errors import EdgetuneError
-
     norm = normalise_url(url)
     if norm.startswith("sqlite:///"):
-        from pathlib import Path
-
         db = Path(norm[len("sqlite:///"):])
         if not db.parent.is_dir():
             raise EdgetuneError(f"storage {url}: folder {db.parent} does not exist")
