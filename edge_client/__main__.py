@@ -14,6 +14,7 @@ import sys
 import threading
 from typing import Any
 
+import edgetune
 from edge_client.client import CameraStream
 from edge_client.connection import ClientError, ConnectionOptions
 from edge_client.frames import EncodeOptions
@@ -21,6 +22,7 @@ from edge_client.once import classify_once
 from edge_client.output import LOG_FORMATS, OverlayWindow, ResultLog
 from edge_client.sources import open_sources
 from edge_client.stream_options import StreamOptions
+from edgetune.dataclass_cli import HelpFormatter
 from edgetune.errors import ConfigError, EdgetuneError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -30,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m edge_client",
         description="Stream camera frames to an edgetune server and log/show the classifications.",
+        formatter_class=HelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     src = p.add_argument_group("input")
     src.add_argument("--source", action="append", default=[], metavar="[NAME=]SOURCE",
                      help="camera index (0), csi:N, gst:<pipeline>, rtsp/http(s) URL, video file or image directory; "

@@ -24,6 +24,7 @@ from edge_server.profiles import PROFILE_NAMES, SERVER_PROFILES, profile_limits
 from edge_server.runners import BACKENDS
 from edge_server.runners.tensorrt import PRECISIONS
 from edge_server.server import ServerConfig, serve
+from edgetune.dataclass_cli import HelpFormatter
 from edgetune.errors import ConfigError, EdgetuneError
 
 log = logging.getLogger("edge_server.main")
@@ -36,7 +37,8 @@ def _profile_text(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edge_server", description="edgetune gRPC inference server")
+    p = argparse.ArgumentParser(prog="python -m edge_server", description="edgetune gRPC inference server",
+                                formatter_class=HelpFormatter)
     p.add_argument("--bundle", required=True, help="bundle directory (model.onnx + bundle.json)")
     p.add_argument("--host", default="127.0.0.1",
                    help="listen address (default 127.0.0.1; others need --tls-cert/--tls-key or --insecure)")
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="poll --bundle and hot-swap when a new bundle appears there")
     p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between --watch polls")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight RPCs on SIGTERM/SIGINT")
-    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="least severe log level written")
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+import edgetune
 from edge_server import calibrator as cal
 from edge_server.engine_cache import (  # noqa: F401 - BuildOptions, PRECISION_CHOICES, MAX_BATCH_LIMIT: re-exported
     MAX_BATCH_LIMIT,
@@ -42,7 +43,7 @@ from edge_server.logs import configure_logging
 from edge_server.runners import tensorrt as rt
 from edge_server.runners.onnxruntime import OnnxRuntimeRunner
 from edgetune.bundle import Bundle, load_bundle
-from edgetune.dataclass_cli import Flag, add_fields, field_values
+from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
 from edgetune.fsutil import atomic_write_bytes
 from edgetune.imagedecode import read_image
@@ -292,7 +293,9 @@ def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge_server.engine",
-                                description="Build (or reuse) the bundle's TensorRT engine on this device.")
+                                description="Build (or reuse) the bundle's TensorRT engine on this device.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     p.add_argument("--bundle", required=True, help="bundle directory (model.onnx + bundle.json)")
     add_fields(p, BuildOptions, {"precision": Flag(choices=PRECISION_CHOICES)})
     p.add_argument("--verbose", action="store_true", help="TensorRT INFO messages")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import edgetune
-from edgetune.dataclass_cli import Flag, add_fields, field_values, opt
+from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values, opt
 from edgetune.errors import EdgetuneError
 from edgetune.logs import setup_cli_logging
 from trainer.config import TrainConfig, parse_override
@@ -76,7 +76,7 @@ class TrainOptions:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m trainer", description=__doc__, formatter_class=HelpFormatter
     )
     add_fields(p, TrainOptions, {"sets": Flag("--set", repeat=True, metavar="KEY=VALUE")})
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import edgetune
 from edgetune.bundle import (
     MANIFEST,
     QUANTIZATIONS,
@@ -31,7 +32,7 @@ from edgetune.bundle import (
     load_bundle,
     sha256_file,
 )
-from edgetune.dataclass_cli import add_fields, field_values, opt
+from edgetune.dataclass_cli import HelpFormatter, add_fields, field_values, opt
 from edgetune.errors import BundleError, EdgetuneError
 from edgetune.imagedecode import read_image
 from edgetune.logs import setup_cli_logging
@@ -388,8 +389,9 @@ class ExportOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__, formatter_class=HelpFormatter)
     add_fields(p, ExportOptions)
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p
 
 

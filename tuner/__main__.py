@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import edgetune
 from edge_server.timing import TIMING_BACKENDS
-from edgetune.dataclass_cli import Flag, add_fields, field_values
+from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.logs import setup_cli_logging
 from trainer.metric import METRIC_NAMES
@@ -44,7 +44,7 @@ def _irregular() -> dict[str, Flag]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tuner", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_fields(p, TuneOptions, _irregular())
     p.add_argument("--cluster-config", default="cluster.yaml",  # not a study option: where the study runs
                    help="after `ray up` of this file from here, the study runs on that cluster "

@@ -107,7 +107,7 @@ class TuneOptions:
                        "or local)")
     export: bool = opt(True, "export the best trial (the refit, where there is one) as a bundle")
     metric: str = opt(DEFAULT_METRIC, "selects epochs, trials and the final model (default val_macro_f1: see "
-                      "README, 'Why macro-F1')")
+                      "README 'Tuner', its Metric paragraph)")
     refit: bool = opt(True, "retrain the best configuration for longer after the search (the exported model)")
     refit_share: float = opt(0.55, "share of the time budget kept for the refit")
     refit_max_epochs: int = opt(0, "cap on refit epochs (0 = as many as the time budget holds, at most "
