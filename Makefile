@@ -114,8 +114,8 @@ engine: $(STAMP)
 	$(PY) -m edge_server.engine $(call opt,BUNDLE,--bundle) $(call opt,PRECISION,--precision) $(ARGS)
 
 serve: $(STAMP)
-	$(PY) -m edge_server $(call opt,BUNDLE,--bundle) $(call opt,PORT,--port) $(call opt,HOST,--host) \
-	  $(call opt,BACKEND,--backend) $(ARGS)
+	$(PY) -m edge_server $(call opt,CONFIG,--config) $(call opt,BUNDLE,--bundle) $(call opt,PORT,--port) \
+	  $(call opt,HOST,--host) $(call opt,BACKEND,--backend) $(ARGS)
 
 client: $(STAMP)
 	$(PY) -m edge_client $(call opt,SOURCE,--source) $(call opt,SERVER,--server) $(call opt,LOG,--log) $(ARGS)

@@ -26,6 +26,7 @@ from edge_server.runners.tensorrt import PRECISIONS
 from edge_server.server import ServerConfig, serve
 from edgetune.dataclass_cli import HelpFormatter
 from edgetune.errors import ConfigError, EdgetuneError
+from edgetune.runfile import add_run_file_flags, parse_args_with_run_file, run_file_yaml
 
 log = logging.getLogger("edge_server.main")
 
@@ -101,8 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between --watch polls")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight RPCs on SIGTERM/SIGINT")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="least severe log level written")
+    add_run_file_flags(p, "server")
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p
+
+
+#: Options never printed by --print-config nor read from --config: a token belongs in a file (--token-file).
+SECRET_OPTIONS = ("token",)
 
 
 def _tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -156,7 +162,15 @@ def _return_large_buffers_to_the_os() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parse_args_with_run_file(parser, argv, SECRET_OPTIONS)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(run_file_yaml(parser, args, SECRET_OPTIONS))
+        return 0
     _return_large_buffers_to_the_os()
     native = NativeStderr()  # libjpeg/OpenCV/ONNX Runtime stderr lines become JSON log records
     try:
