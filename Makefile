@@ -55,7 +55,7 @@ test-stress: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-LINT_PATHS := edgetune trainer tuner edge_server edge_client tests bench
+LINT_PATHS := edgetune trainer tuner edge_server edge_client testkit tests bench
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m mypy edgetune trainer tuner edge_server edge_client

@@ -40,7 +40,7 @@ from soak_state import CAM_MD, CAMERA_TOKEN
 
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.raw_h2 import gzip_frame
+from testkit.raw_h2 import gzip_frame
 
 ATTACKS = ("health-stall", "stream-window0", "big-messages", "nonutf8-metadata", "log-flood", "webp-chunks",
            "sighup", "getstats")
@@ -238,7 +238,7 @@ class Attacks:
 
     # -- the attacks --------------------------------------------------------------------------------
     def attack_health_stall(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
-        from tests.raw_h2 import RawH2
+        from testkit.raw_h2 import RawH2
 
         conns = [RawH2(srv.address) for _ in range(4)]
         for c in conns:  # 300 at once, as found
@@ -260,8 +260,8 @@ class Attacks:
         extra["stalled_checks_opened"] = opened
 
     def attack_stream_window0(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
-        from tests.edge_fixtures import RequestFeeder
-        from tests.raw_h2 import RawH2
+        from testkit.edge_fixtures import RequestFeeder
+        from testkit.raw_h2 import RawH2
 
         frame = pb.Frame(camera_id="stuck", frame_id=1, image=self.image).SerializeToString()
         raw = RawH2(srv.address, window=0, read=False)
@@ -308,7 +308,7 @@ class Attacks:
     def attack_big_messages(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
         """60 Classify calls, then 32 streams of 4 frames, of 15.5 MB gzip'ed to 16 KB (refused before they are
         inflated); then 16 calls and 8 streams of 2 frames of 15.5 MB uncompressed (budgeted)."""
-        from tests.raw_h2 import RawH2, grpc_frame
+        from testkit.raw_h2 import RawH2, grpc_frame
 
         codes: dict[str, int] = {}
 
@@ -341,7 +341,7 @@ class Attacks:
         extra["p99_bound_ms"] = 2000.0
 
     def attack_nonutf8_metadata(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
-        from tests.raw_h2 import RawH2
+        from testkit.raw_h2 import RawH2
 
         msg = pb.ClassifyRequest(image=self.image).SerializeToString()
         bad = (("authorization", f"Bearer {CAMERA_TOKEN}".encode() + b"\xff" + b"A" * 2000),
@@ -396,7 +396,7 @@ class Attacks:
     def attack_webp_chunks(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
         """15.5 MB WebPs made only of empty chunks: 10 sent plain (refused from the header), one gzip'ed (23.7 KB
         on the wire; refused before it is inflated: requests must not be compressed)."""
-        from tests.raw_h2 import RawH2, grpc_frame
+        from testkit.raw_h2 import RawH2, grpc_frame
 
         body = b"WEBP" + b"JUNK\x00\x00\x00\x00" * ((BIG - 12) // 8)
         webp = pb.ClassifyRequest(image=b"RIFF" + len(body).to_bytes(4, "little") + body).SerializeToString()
@@ -421,7 +421,7 @@ class Attacks:
             fails.append(f"a WebP of empty chunks took {max(took):.2f} s")
 
     def attack_sighup(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
-        from tests.edge_fixtures import RequestFeeder
+        from testkit.edge_fixtures import RequestFeeder
 
         extra["allowed_legit_failures"] = ("UNAVAILABLE",)  # a probe call that starts during the drain
         with grpc.insecure_channel(srv.address) as ch:
@@ -457,7 +457,7 @@ class Attacks:
     def attack_getstats(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
-            from tests.edge_fixtures import RequestFeeder
+            from testkit.edge_fixtures import RequestFeeder
 
             feed = RequestFeeder(timeout=60)
             call = stub.StreamClassify(feed, timeout=120, metadata=CAM_MD)

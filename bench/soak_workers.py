@@ -160,8 +160,8 @@ class SoakWorkers(SoakState):
             self.tally.fail(f"fast stream: {len(results)} results + {dropped} dropped != {n} sent")
 
     def hostile_stream(self, stub: Any, _ch: grpc.Channel) -> None:
-        from tests.edge_fixtures import RequestFeeder
-        from tests.hostile_media import oversized, wide_png
+        from testkit.edge_fixtures import RequestFeeder
+        from testkit.hostile_media import oversized, wide_png
 
         frames = [pb.Frame(camera_id="x" * (1 << 20), frame_id=0, image=self.good[0]),
                   pb.Frame(camera_id="cam\x00\x07", frame_id=1, image=self.good[0]),

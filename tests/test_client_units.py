@@ -20,7 +20,7 @@ from edge_client.sources import DirectorySource, LiveSource, VideoFileSource, op
 from edgetune.backoff import Backoff
 from edgetune.errors import ConfigError
 from edgetune.imagedecode import decode_image
-from tests.client_media import write_image_dir, write_video
+from testkit.client_media import write_image_dir, write_video
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from edgetune.bundle import load_bundle
 from edgetune.errors import BundleError, ConfigError
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import (
+from testkit.edge_fixtures import (
     CliServer,
     RequestFeeder,
     copy_bundle,

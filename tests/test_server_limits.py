@@ -28,11 +28,11 @@ from edge_server.server import make_server
 from edge_server.stats import ServerStats
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import (
+from testkit.edge_fixtures import (
     CliServer,
     RequestFeeder,
 )
-from tests.hostile_media import oversized, wide_png
+from testkit.hostile_media import oversized, wide_png
 from tests.server_helpers import call_error, health_status, start_server, wait_until
 
 # -- finding 1 ---------------------------------------------------------------------------------

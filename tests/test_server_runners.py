@@ -29,7 +29,7 @@ from edge_server.runners.tensorrt import (
 )
 from edgetune.bundle import load_bundle
 from edgetune.errors import BundleError, ConfigError
-from tests.edge_fixtures import copy_bundle, texture_tiles
+from testkit.edge_fixtures import copy_bundle, texture_tiles
 
 ORIN = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7"}
 XAVIER = {"tensorrt_version": "8.5.2", "gpu_name": "Xavier", "compute_capability": "7.2"}
