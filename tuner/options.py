@@ -115,8 +115,9 @@ class TuneOptions:
     probe_share: float = opt(0.1, "share of the time budget for the probe stage (tuner/probe.py: linear heads on "
                                   "frozen features rank backbone x size and join the ensemble; 0 = off; only "
                                   "without --trials)")
-    ema_decay: float = opt(0.99, "weight averaging in every fine-tune: EMA decay per step (0 = off); the better of "
-                                 "raw and averaged weights on validation is kept")
+    ema_decay: float = opt(0.99, "weight averaging in every fine-tune: EMA decay per step (0 = off; a space that "
+                           "searches optim.ema_decay, as the default space does, samples it per trial); the better of "
+                           "raw and averaged weights on validation is kept")
     ensemble: str = opt("auto", "post-hoc ensemble of the study's models (tuner/posthoc.py): auto (kept only when it "
                                 "beats the best single model on validation beyond noise), off, or a member cap N")
     env_vars: dict[str, str] = opt(factory=dict, help="environment for every Ray worker")
