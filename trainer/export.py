@@ -199,10 +199,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     cfg = TrainConfig.from_dict(meta["config"])
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_partial_dir(out)
     onnx_path = export_onnx(model, spec, tmp / "model.onnx")
     session = ort_session(onnx_path)
     if data is None:
@@ -214,29 +211,39 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
     if parity["top1_agreement"] < 1.0:
         raise BundleError(f"ONNX parity failed: top-1 agreement {parity['top1_agreement']:.4f} < 1.0 "
                           f"(max |Δp| {parity['max_abs_prob_diff']:.2e}); bundle not written")
-    calib = _save_images(data.train_eval, _spread(len(data.train_eval), n_calib), tmp / "calib", "calib")
-    check = _save_images(data.train_eval, _spread(len(data.train_eval), n_check)[::-1], tmp / "check", "check")
-    x_check = spec.apply_batch([read_image(tmp / c["file"]) for c in check])
-    check_top1 = ort_probs(session, x_check).argmax(1)
-    for c, t in zip(check, check_top1, strict=True):
-        c["onnx_top1"] = int(t)
+    calib, check = _bundle_images(data, spec, session, tmp, n_calib, n_check)
     fp32_acc = float((ort_probs(session, x_test).argmax(1) == y_test).mean()) if len(y_test) else 0.0
-    variants: dict[str, Any] = {}
-    refused: dict[str, Any] = {}
     if precision == "int8" and QUANTIZATIONS[0] not in quantize:
         quantize = (*quantize, QUANTIZATIONS[0])
-    if quantize:
-        x_cal = spec.apply_batch([read_image(tmp / c["file"]) for c in calib])
-        x_val, y_val = eval_arrays(data.val, spec)
-        val_acc = float((ort_probs(session, x_val).argmax(1) == y_val).mean()) if len(y_val) else 0.0
-        for kind in quantize:
-            v = quantize_variant(kind, onnx_path, tmp, x_cal, x_val, y_val, val_acc, tolerance, x_test, y_test)
-            (refused if "refused" in v else variants)[int8_variant_name(kind)] = v
+    variants, refused = _int8_variants(quantize, data, spec, session, onnx_path, tmp, calib, tolerance,
+                                       x_test, y_test)
     deploy = _deploy_precision(precision, variants, refused)
     if extra and "final_model" in extra:  # a post-hoc model (members x views): its cost on this CPU, recorded
         extra = {**extra, "final_model": {**extra["final_model"], "latency_here": cpu_latency(onnx_path, spec)}}
     latency = target_latency(deploy["deployed"]) if target_latency else None
-    manifest = BundleManifest(
+    manifest = _manifest(meta, spec, onnx_path, parity, calib, check, variants, extra={
+        "opset": OPSET,
+        "onnx_test_accuracy": fp32_acc,
+        **_provenance(meta, info, origin),
+        "refused_variants": refused,
+        "export_seconds": round(time.perf_counter() - t0, 3),
+        "deploy_precision": deploy,
+        **({"target_latency": latency} if latency else {}),
+        **(extra or {}),
+    })
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    load_bundle(tmp)  # validate what we wrote
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _manifest(meta: dict[str, Any], spec: PreprocessSpec, onnx_path: Path, parity: dict[str, Any],
+              calib: list[dict[str, Any]], check: list[dict[str, Any]], variants: dict[str, Any],
+              extra: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's ``bundle.json`` (edgetune.bundle.BundleManifest, its one writer) as a dict."""
+    return BundleManifest(
         model_file="model.onnx",
         onnx_sha256=sha256_file(onnx_path),
         labels=tuple(meta["classes"]),
@@ -251,27 +258,59 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
         variants=variants,
         weights={"weights_tag": meta.get("weights_tag", ""), "source": meta.get("weights_source", "")},
         freeze=meta.get("freeze") or {},
-        extra={
-            "opset": OPSET,
-            "onnx_test_accuracy": fp32_acc,
-            "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
-                        "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
-            "source": {**origin, "epoch": meta["epoch"],
-                       "study": info.get("study"), "trial_id": info.get("trial_id"),
-                       "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
-            "refused_variants": refused,
-            "export_seconds": round(time.perf_counter() - t0, 3),
-            "deploy_precision": deploy,
-            **({"target_latency": latency} if latency else {}),
-            **(extra or {}),
-        },
+        extra=extra,
     ).to_dict()
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    load_bundle(tmp)  # validate what we wrote
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+
+
+def _fresh_partial_dir(out: Path) -> Path:
+    """An empty ``<out>.partial`` next to ``out``: the bundle is written there and renamed into place when valid."""
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _bundle_images(data: Any, spec: PreprocessSpec, session: Any, tmp: Path, n_calib: int,
+                   n_check: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The calibration and check images (spread over the training split) saved in the bundle; each check image
+    carries the ONNX model's top-1 on it (what the edge's accuracy check compares against)."""
+    calib = _save_images(data.train_eval, _spread(len(data.train_eval), n_calib), tmp / "calib", "calib")
+    check = _save_images(data.train_eval, _spread(len(data.train_eval), n_check)[::-1], tmp / "check", "check")
+    x_check = spec.apply_batch([read_image(tmp / c["file"]) for c in check])
+    check_top1 = ort_probs(session, x_check).argmax(1)
+    for c, t in zip(check, check_top1, strict=True):
+        c["onnx_top1"] = int(t)
+    return calib, check
+
+
+def _int8_variants(quantize: tuple[str, ...], data: Any, spec: PreprocessSpec, session: Any, onnx_path: Path,
+                   tmp: Path, calib: list[dict[str, Any]], tolerance: float, x_test: np.ndarray,
+                   y_test: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(kept, refused) INT8 variants by name, each decided on validation accuracy against the fp32 model's."""
+    variants: dict[str, Any] = {}
+    refused: dict[str, Any] = {}
+    if not quantize:
+        return variants, refused
+    x_cal = spec.apply_batch([read_image(tmp / c["file"]) for c in calib])
+    x_val, y_val = eval_arrays(data.val, spec)
+    val_acc = float((ort_probs(session, x_val).argmax(1) == y_val).mean()) if len(y_val) else 0.0
+    for kind in quantize:
+        v = quantize_variant(kind, onnx_path, tmp, x_cal, x_val, y_val, val_acc, tolerance, x_test, y_test)
+        (refused if "refused" in v else variants)[int8_variant_name(kind)] = v
+    return variants, refused
+
+
+def _provenance(meta: dict[str, Any], info: dict[str, Any], origin: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's ``metrics`` (validation from the checkpoint, test from the run's metrics.json) and ``source``
+    (run, checkpoint, epoch, study, trial, dataset)."""
+    return {
+        "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
+                    "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
+        "source": {**origin, "epoch": meta["epoch"],
+                   "study": info.get("study"), "trial_id": info.get("trial_id"),
+                   "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
+    }
 
 
 def time_onnx(path: str | Path, input_size: tuple[int, int], warmup: int, runs: int, threads: int = 1) -> list[float]:
