@@ -23,7 +23,6 @@ def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOption
     With ``encode`` the image is decoded, resized and JPEG-encoded exactly like a camera frame;
     with ``None`` the file's bytes are sent unchanged.
     """
-
     path = Path(image_path)
     if not path.is_file():
         raise ConfigError(f"--once {image_path}: no such file")

@@ -113,7 +113,6 @@ SECRET_OPTIONS = ("token",)
 
 def _tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """(camera token, admin token) from files, the environment or (camera only, warned) the command line."""
-
     if args.token and args.token_file:
         raise ConfigError("give the camera token once: --token-file or --token, not both")
     if args.token:
@@ -140,7 +139,6 @@ def _return_large_buffers_to_the_os() -> None:
     slices, which fill the arenas of the server's threads and stayed there after an attack of 15.5 MB messages
     (issue 21: RSS 226 MB 30 s after, 125 MB before): the arenas are capped at 2 and trimmed every second
     (``malloc_trim``, which gives free pages in the middle of a heap back too). No-op without glibc."""
-
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None

@@ -161,7 +161,6 @@ def run_batched(runner: Any, x: np.ndarray) -> np.ndarray:
 
 def accuracy_check(bundle: Bundle, engine: Path, precision: str, max_batch: int) -> dict[str, Any]:
     """Run the engine (TensorRTRunner) and ONNX Runtime (CPU, fp32) on the check images and compare."""
-
     x, recorded = load_check_images(bundle)
     ort = OnnxRuntimeRunner(bundle, max_batch_size=max_batch, cpu_only=True)
     try:

@@ -75,7 +75,6 @@ def _jetpack() -> str:
 
 def _tensorrt_system() -> dict[str, str] | None:
     """TensorRT version, GPU name and compute capability, or None where TensorRT / a GPU is absent."""
-
     try:
         return rt.system_info(rt.import_tensorrt(), rt.import_cudart())
     except Exception:  # noqa: BLE001 - no TensorRT / CUDA / GPU here: ONNX Runtime is used
@@ -142,7 +141,6 @@ def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol, k
     """Build the engine with ``make engine``'s builder (no accuracy check here: a candidate's timed copy is
     untrained) and run it with the server's TensorRT runner; ``keep_engine`` (the winner's bundle at hand-off):
     also keep it in the device's engine cache under its standard name, for ``make engine`` to reuse."""
-
     trt, cudart = rt.import_tensorrt(), rt.import_cudart()
     system = rt.system_info(trt, cudart)
     logger = trt.Logger(trt.Logger.WARNING)

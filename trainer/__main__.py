@@ -65,7 +65,6 @@ class TrainOptions:
 
     def overrides(self) -> dict[str, Any]:
         """The config keys the options set: the key options given, then the ``--set`` ones (ConfigError if bad)."""
-
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -78,7 +77,6 @@ class TrainOptions:
 
     def train_config(self) -> Any:
         """The run's TrainConfig: the YAML (or the defaults) with :meth:`overrides` applied."""
-
         cfg = TrainConfig.from_dict(read_run_file(self.config)[0]) if self.config else TrainConfig()
         overrides = self.overrides()
         return cfg.replace(overrides) if overrides else cfg

@@ -300,7 +300,6 @@ def model_size_mb(model: nn.Module) -> float:
 
 def model_from_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the exact model of a checkpoint (no pretrained download needed): (model in eval, meta)."""
-
     ckpt = load_checkpoint(os.fspath(path))
     meta = ckpt["meta"]
     untrained = {"model.weights": "none", "model.init": "", "model.freeze": 0.0}

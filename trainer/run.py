@@ -35,7 +35,6 @@ SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "params", "size_mb", "accuracy
 def evaluate_checkpoint(ckpt_path: str | Path, out_dir: str | Path, data: Any = None,
                         robustness: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Test-split evaluation of a checkpoint; writes metrics.json, confusion matrix, robustness report."""
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, meta = model_from_checkpoint(ckpt_path)
@@ -74,7 +73,6 @@ def evaluate_checkpoint(ckpt_path: str | Path, out_dir: str | Path, data: Any = 
 def _ddp_trainer(cfg: TrainConfig, run_dir: Path, cpus: float, max_failures: int = 2) -> Any:
     """The run's ``TorchTrainer`` (:func:`trainer.ray_trainer.make_torch_trainer`): ``cfg.workers`` DDP workers
     sharing ``cpus`` on CPU; a killed/crashed worker group restarts from the last checkpoint."""
-
     per_worker = max(0.5, min(1.0, (cpus - 0.01) / cfg.workers))
     return make_torch_trainer(
         {"train_config": cfg.to_dict(), "run_dir": None, "report_to": "ray_train"},
@@ -107,7 +105,6 @@ def _train_ddp(cfg: TrainConfig, run_dir: Path, max_failures: int = 2) -> list[d
 
 def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train with ``cfg`` into ``run_dir`` and evaluate the best checkpoint on the test split."""
-
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

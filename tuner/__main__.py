@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING
 
 import edgetune
 from edge_server.timing import TIMING_BACKENDS
@@ -21,14 +20,10 @@ from trainer.metric import METRIC_NAMES
 from trainer.ray_trainer import PLACEMENT_STRATEGIES
 from tuner.options import TuneOptions, load_options_file, options_yaml
 
-if TYPE_CHECKING:
-    from tuner.options import TuneOptions
-
 
 def _irregular() -> dict[str, Flag]:
     """The fields whose flag is not the generated one. Every other field of tuner.options.TuneOptions gets
     ``--field-name`` (``--no-field-name`` for a bool that defaults to True) with its type, default and help."""
-
     return {
         "time_budget_s": Flag("--time-budget"),
         "timing_timeout_s": Flag("--timing-timeout"),
@@ -61,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """``python -m tuner``'s arguments; with ``--config FILE`` the file's values are the defaults the flags given
     override (ConfigError: an unknown key in the file, naming the allowed ones; a value of the wrong type)."""
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.options_file:
@@ -73,7 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def tune_options(args: argparse.Namespace) -> TuneOptions:
     """The study's options from parsed ``python -m tuner`` arguments (ConfigError where they are invalid)."""
-
     return TuneOptions(**field_values(args, TuneOptions))
 
 

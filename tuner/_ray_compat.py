@@ -86,7 +86,6 @@ def launcher_cache_file(config: dict[str, Any]) -> Path:
 
 def token_available() -> bool:
     """Whether a Ray auth token is at hand (one definition: edge_server.edge_node, which the edge node uses too)."""
-
     return available()
 
 
@@ -95,7 +94,6 @@ def set_auth_mode(mode: str) -> None:
     Ray's cached config see it (``ray._raylet.Config.initialize``, what Ray's own ``_enable_token_auth`` does). A
     head started with its mode unset turns token auth on when a token exists; a client with its mode unset does
     not, so joining such a head fails until this is done."""
-
     from ray._raylet import Config  # type: ignore[attr-defined]
 
     os.environ["RAY_AUTH_MODE"] = mode

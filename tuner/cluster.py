@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 def bootstrap_file() -> str:
     """The file where ``ray start`` records the address of the node it started (honours RAY_TMPDIR)."""
-
     return _ray_compat.address_file()
 
 

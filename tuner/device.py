@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 def cache_target(target: str | None) -> str:
     """The cache's target key: the target, or for estimates (no target: timed on the driver's node alongside
     training) ``estimate:<driver host>``, so that drivers on other machines sharing a storage do not mix."""
-
     return target or f"estimate:{platform.node()}"
 
 

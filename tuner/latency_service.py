@@ -58,7 +58,6 @@ class _Service:
     async def lookup(self, sig: dict[str, Any]) -> dict[str, Any]:
         """``{"status": "hit", "record": …}``, or ``{"status": "claim", "token": …}``: the caller exports and calls
         :meth:`measure` (or :meth:`release` if it cannot). A caller for an architecture being timed waits."""
-
         s = ArchSignature.from_dict(sig)
         while True:
             rec = self.memory.get(s.key) or self._usable(self.cache.get(self.cache_target, s))

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 def latency_setup(opts: TuneOptions, space: Any) -> Any:
     """Device in the loop (tuner/device.py): check the target's nodes, ask which precisions it supports (they join
     the space, with the input size), start the study's latency service. Needs Ray connected."""
-
     protocol = opts.timing_protocol.to_dict()
     target = opts.target or None
     if target:

@@ -30,7 +30,6 @@ REMOTE_DIR = "~/edgetune"
 
 def launcher_cache_file(config_path: str | Path) -> Path:
     """Where ``ray up config_path`` caches its resolved config (same hashing as Ray's ``_bootstrap_config``)."""
-
     return _ray_compat.launcher_cache_file(yaml.safe_load(Path(config_path).read_text()))
 
 

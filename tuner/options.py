@@ -224,7 +224,6 @@ class TuneOptions:
 
     def _check_latency(self) -> None:
         """Target name, timing protocol, backend and timeout (ConfigError naming what is allowed)."""
-
         self.timing_protocol  # noqa: B018 - TimingProtocol validates timing_warmup / timing_runs
         if self.timing_backend not in TIMING_BACKENDS:
             raise ConfigError(f"timing_backend must be one of {TIMING_BACKENDS}, got {self.timing_backend!r}")
@@ -255,14 +254,12 @@ class TuneOptions:
 def options_yaml(opts: TuneOptions) -> str:
     """The effective options as YAML, every field (derived defaults resolved): what ``python -m tuner --print-config``
     prints and a study writes to ``<out>/tune_options.yaml``; ``--config`` reads it back to the same options."""
-
     return str(yaml.safe_dump(asdict(opts), sort_keys=False))
 
 
 def load_options_file(path: str | Path) -> dict[str, Any]:
     """The TuneOptions fields a ``--config`` YAML sets (ConfigError: unreadable, not a mapping, an unknown key with
     the allowed ones, a value of the wrong type)."""
-
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())

@@ -88,7 +88,6 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 def _latency(ctx: TrialContext, cfg: TrainConfig, flat: dict[str, Any]) -> dict[str, Any]:
     """The architecture's latency on the target (timed there first if no trial has), as result keys; with
     ``rejected_reason`` when the constraint rejects it."""
-
     setup = ctx.latency
     precision = str(flat.get(setup.precision_param, "fp32")) if setup.precision_param else "fp32"
     if ctx.source is None:
@@ -106,7 +105,6 @@ def _latency(ctx: TrialContext, cfg: TrainConfig, flat: dict[str, Any]) -> dict[
 def ddp_trainer(loop_cfg: dict[str, Any], res: TrialResources, trial_id: str, callbacks: Sequence[Any] = ()) -> Any:
     """A multi-worker trial's ``TorchTrainer`` from the trainer's one factory (the best epoch's checkpoint is
     kept, as in ``make train``) with the trial's resources; ``callbacks``: the report callback in a Tune trial."""
-
     per_worker = dict(res.resources_per_worker)
     if not res.use_gpu:
         per_worker.setdefault("CPU", res.cpus_per_worker)
@@ -139,7 +137,6 @@ def _report_callback() -> Any:
 def best_checkpoint(best: dict[str, Any], metrics: dict[str, Any], checkpoint: Any) -> dict[str, Any]:
     """``{"score", "checkpoint_path", "checkpoint_uri"}`` of the run's best checkpoint after this report: the
     one ``trainer.metric.CHECKPOINT_SCORE`` ranks highest (the one the Train run keeps; ties keep the earlier)."""
-
     if checkpoint is None:
         return best
     score = float(metrics.get(CHECKPOINT_SCORE, -1))
