@@ -123,39 +123,51 @@ class TuneOptions:
     env_vars: dict[str, str] = opt(factory=dict, help="environment for every Ray worker")
     verbose: bool = opt(False, "list every place looked for each backbone left out for missing weights")
 
-    def __post_init__(self) -> None:  # noqa: C901
-        def put(name: str, value: Any) -> None:  # frozen: derived defaults only
-            object.__setattr__(self, name, value)
+    def __post_init__(self) -> None:
+        self._put("backbones", tuple(self.backbones))
+        self._put("sets", tuple(self.sets))
+        self._put("precisions", tuple(self.precisions))
+        self._put("resources_per_worker", dict(self.resources_per_worker))  # a copy: the caller's dict is not shared
+        self._put("env_vars", dict(self.env_vars))
+        self._check_counts()
+        self._check_shares()
+        self._check_latency()
+        if self.target:
+            self._put("multi_objective", True)  # objectives: the metric and the target's p50 latency
+        if self.multi_objective and get_metric(self.metric).mode != "max":
+            raise ConfigError(f"multi-objective mode maximises a score metric, not {self.metric}")
+        self._fill_places()
 
-        put("backbones", tuple(self.backbones))
-        put("sets", tuple(self.sets))
-        put("precisions", tuple(self.precisions))
-        put("resources_per_worker", dict(self.resources_per_worker))  # a copy: the caller's dict is not shared
-        put("env_vars", dict(self.env_vars))
-        for name, lo in (
-            ("trials", 0),
-            ("epochs", 1),
-            ("workers_per_trial", 1),
-            ("grace_period", 1),
-            ("reduction_factor", 2),
-            ("max_concurrent", 0),
-            ("max_failures", 0),
-            ("img", 0),
-            ("max_images", 0),
-            ("refit_max_epochs", 0),
-        ):
+    def _put(self, name: str, value: Any) -> None:
+        """Set a field of the frozen options: the derived defaults only, at construction."""
+        object.__setattr__(self, name, value)
+
+    def _check_counts(self) -> None:
+        """The integer fields, the input size, resources and placement (ConfigError naming the field)."""
+        for name, lo in (("trials", 0), ("epochs", 1), ("workers_per_trial", 1), ("grace_period", 1),
+                         ("reduction_factor", 2), ("max_concurrent", 0), ("max_failures", 0), ("img", 0),
+                         ("max_images", 0), ("refit_max_epochs", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
         if self.img and not 32 <= self.img <= 1024:
             raise ConfigError(f"img must be 0 (searched / backbone default) or in [32, 1024], got {self.img}")
         if self.grace_period > self.epochs:
-            put("grace_period", self.epochs)
+            self._put("grace_period", self.epochs)
         if self.gpus_per_trial < 0 or self.cpus_per_worker <= 0:
             raise ConfigError(
                 f"gpus_per_trial must be >= 0 and cpus_per_worker > 0, got {self.gpus_per_trial}, "
                 f"{self.cpus_per_worker}"
             )
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(
+                f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}"
+            )
+        if any(not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()):
+            raise ConfigError(f"resources_per_worker values must be numbers >= 0, got {self.resources_per_worker}")
+
+    def _check_shares(self) -> None:
+        """The budget, the shares of it and the other bounded numbers; the metric and the ensemble mode."""
         if self.time_budget_s < 0 or self.max_latency_ms < 0:
             raise ConfigError("time budget and max latency must be >= 0")
         self._check_budget()
@@ -167,31 +179,22 @@ class TuneOptions:
         if not 0.0 <= self.refit_share < 0.9:
             raise ConfigError(f"refit_share must be in [0, 0.9), got {self.refit_share}")
         get_metric(self.metric)
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ConfigError(
-                f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}"
-            )
-        if any(not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()):
-            raise ConfigError(f"resources_per_worker values must be numbers >= 0, got {self.resources_per_worker}")
-        self._check_latency()
-        if self.target:
-            put("multi_objective", True)  # objectives: the metric and the target's p50 latency
-        if self.multi_objective and get_metric(self.metric).mode != "max":
-            raise ConfigError(f"multi-objective mode maximises a score metric, not {self.metric}")
+
+    def _fill_places(self) -> None:
+        """The derived study name, output directory, storage (checked) and Ray storage path."""
         if not self.study:
-            put("study", f"{Path(self.data).name}-default")
+            self._put("study", f"{Path(self.data).name}-default")
         if not self.out:
-            put("out", str(Path("runs") / self.study))
+            self._put("out", str(Path("runs") / self.study))
         if not self.storage:
             db = Path(self.out).resolve().parent / "optuna.db"
             db.parent.mkdir(parents=True, exist_ok=True)
-            put("storage", f"sqlite:///{db}")
-
+            self._put("storage", f"sqlite:///{db}")
         normalise_url(self.storage)  # validates the URL early
         if not self.storage_path:
-            put("storage_path", os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray"))
+            self._put("storage_path", os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray"))
         elif "://" not in self.storage_path:
-            put("storage_path", str(Path(self.storage_path).resolve()))  # Ray needs an absolute path
+            self._put("storage_path", str(Path(self.storage_path).resolve()))  # Ray needs an absolute path
 
     def _check_budget(self) -> None:
         """A time budget or a trial count; a budget no smaller than :data:`MIN_TIME_BUDGET_S` (ConfigError naming
