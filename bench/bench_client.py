@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                     raw.setdefault(f"{size}/{qual}", []).append(m)
     rows = []
     for ms in raw.values():
-        cat = {k: [x for m in ms for x in m[k]] for k in ("bytes", "encode_ms", "rtt_ms", "e2e_ms", "server_ms", "labels")}
+        keys = ("bytes", "encode_ms", "rtt_ms", "e2e_ms", "server_ms", "labels")
+        cat = {k: [x for m in ms for x in m[k]] for k in keys}
         top = max(set(cat["labels"]), key=cat["labels"].count)
-        rows.append({"max_size": ms[0]["max_size"] or f"0 (full {FRAME_SIZE[0]})", "jpeg_quality": ms[0]["jpeg_quality"],
+        rows.append({"max_size": ms[0]["max_size"] or f"0 (full {FRAME_SIZE[0]})",
+                     "jpeg_quality": ms[0]["jpeg_quality"],
                      "sent_w x h": "x".join(map(str, ms[0]["sent_wh"])),
                      "kB_per_frame": float(np.mean(cat["bytes"])) / 1e3,
                      "Mbit_s_at_30fps": float(np.mean(cat["bytes"])) * 8 * 30 / 1e6,
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                      "server_ms_p50": percentile(cat["server_ms"], 50),
                      "e2e_ms_p50": percentile(cat["e2e_ms"], 50), "e2e_ms_p99": percentile(cat["e2e_ms"], 99),
                      "same_top1_as_full_frame_top_q": None, "top1": top, "frames": len(cat["bytes"])})
-    ref = next((r["top1"] for r in rows if str(r["max_size"]).startswith("0") and r["jpeg_quality"] == max(b["qualities"])),
-               None)
+    best_q = max(b["qualities"])
+    ref = next((r["top1"] for r in rows if str(r["max_size"]).startswith("0") and r["jpeg_quality"] == best_q), None)
     for r in rows:
         r["same_top1_as_full_frame_top_q"] = r["top1"] == ref
     cols = ["max_size", "jpeg_quality", "sent_w x h", "kB_per_frame", "Mbit_s_at_30fps", "encode_ms_p50", "rtt_ms_p50",

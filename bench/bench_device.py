@@ -7,7 +7,8 @@ on the architecture, not the weights). Three measurements of each, in interleave
   1 warm-up, 20 runs, in a Ray task on the training node while a training process (a real fwd/bwd loop of
   EfficientNet-Lite0, one torch thread: what a concurrent trial does) runs on the same 2-core node.
 * **exclusive** (``make tune TARGET=…``): the timing task pinned to ``edge_target:sim`` on an edge node
-  (``tuner.device``/``edge_server.timing``: the product's protocol, 20 warm-up, 100 runs, p50/p90), while the same training load runs.
+  (``tuner.device``/``edge_server.timing``: the product's protocol, 20 warm-up, 100 runs, p50/p90), while the same
+  training load runs.
   The sim edge node is pinned to CPU 1 and the training load to CPU 0: on one machine that stands in for what a
   real target is, a separate device that does no training.
 * **reference**: an isolated re-measurement of the same files, nothing else running, 50 warm-up + 400 runs.

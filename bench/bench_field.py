@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     loop_wall = time.perf_counter() - t_loop
     rep = json.loads((warm / "field_report.json").read_text())
     payload = _payload(rep, cap, lab, loop_wall, len(frames), sum(len(v) for v in frames.values()))
-    payload.update(stages_s={k: round(v, 1) for k, v in stages.items()}, total_wall_s=round(time.perf_counter() - t0, 1),
+    payload.update(stages_s={k: round(v, 1) for k, v in stages.items()},
+                   total_wall_s=round(time.perf_counter() - t0, 1),
                    study_args=STUDY_ARGS, work=str(work))
     write_results("field", payload, args.out, {"field loop": _table(rep)})
     ok = bool(payload["target_met"])

@@ -79,8 +79,8 @@ class InProcessWorker:
     def __init__(self, bundle_dir: Path) -> None:
         import subprocess
 
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--inproc-worker", str(bundle_dir)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--inproc-worker", str(bundle_dir)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def block(self, n: int, batch: int) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None  # noqa: S101 - set by Popen(PIPE)
@@ -160,7 +160,8 @@ def server_block(address: str, jpeg: bytes, streams: int, n_per_stream: int) -> 
     lat = [x for xs in lats for x in xs]
     if len(lat) != streams * n_per_stream:
         raise RuntimeError(f"{streams} stream(s): got {len(lat)} of {streams * n_per_stream} results")
-    return {"latencies_ms": lat, "images": len(lat), "seconds": wall, "server_timing": [x for xs in timings for x in xs]}
+    return {"latencies_ms": lat, "images": len(lat), "seconds": wall,
+            "server_timing": [x for xs in timings for x in xs]}
 
 
 def merge(blocks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -173,7 +174,8 @@ def merge(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     if st:
         out["server_ms_median"] = {k: float(np.median([t[k] for t in st])) / (1 if k == "batch_size" else 1e3)
                                    for k in st[0]}
-        out["transport_ms_median"] = float(np.median([lat_i - t["total_us"] / 1e3 for lat_i, t in zip(lat, st, strict=True)]))
+        transport = [lat_i - t["total_us"] / 1e3 for lat_i, t in zip(lat, st, strict=True)]
+        out["transport_ms_median"] = float(np.median(transport))
     return out
 
 
@@ -223,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     prof = []
     for k in ("server_1", "server_4", "server_16", "server_16_maxbatch1", "server_1_wait0", "server_16_wait0"):
         sm = res[k]["server_ms_median"]
-        prof.append({"path": k, **{f"{n}": v for n, v in sm.items()}, "client_minus_server_ms": res[k]["transport_ms_median"]})
+        prof.append({"path": k, **{f"{n}": v for n, v in sm.items()},
+                     "client_minus_server_ms": res[k]["transport_ms_median"]})
     headline = {
         "p50_ratio_1_stream": p50_ratio, "p50_target": 1.15, "p50_target_met": p50_ratio <= 1.15,
         "throughput_ratio_16_streams": thr_ratio, "throughput_target": 0.9, "throughput_target_met": thr_ratio >= 0.9,
@@ -244,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         "budget": args.budget, **headline,
         "setup": {"model": "mobilenet_v2 (weights=none, head trained 1 epoch on textures; speed only)",
                   "input": "scikit-image astronaut 512x512 JPEG q90", "img_size": 224, "ort_intra_op_threads": THREADS,
-                  "server": "python -m edge_server subprocess, --backend onnxruntime; default --max-wait-ms 2 (headlines), "
+                  "server": "python -m edge_server subprocess, --backend onnxruntime; default --max-wait-ms 2 "
+                            "(headlines), "
                             "plus a --max-wait-ms 0 server to show what the micro-batch wait costs one stream",
                   "client": "closed loop: each stream sends its next frame after the previous result",
-                  "baseline_process": "the in-process baseline runs in its own child process (no gRPC, no torch threads)",
+                  "baseline_process": "the in-process baseline runs in its own child process (no gRPC, no torch "
+                                      "threads)",
                   "interleaving": "per round: in-process b1, server 1 stream, in-process b8, server 4/16 streams, "
                                   "server max_batch=1 16 streams, server max_wait 0 at 1 and 16 streams"},
         "summary": res, "raw": raw, "wall_seconds": time.perf_counter() - t_start,

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     plain_ips, tune_ips = steady(raw["plain"], "images_per_s"), steady(raw["tune"], "images_per_s")
     plain_wall, tune_wall = steady(raw["plain"], "epoch_wall_s"), steady(raw["tune"], "epoch_wall_s")
-    launch = [w - sum(e["epoch_wall_s"] for e in run) for w, run in zip(raw["tune_fit_wall_s"], raw["tune"], strict=True)]
+    launch = [w - sum(e["epoch_wall_s"] for e in run)
+              for w, run in zip(raw["tune_fit_wall_s"], raw["tune"], strict=True)]
     ratio = tune_ips / plain_ips
     # Under CPU contention from other processes the least-disturbed epoch is the cleanest estimate of each path.
     best_plain = max(e["images_per_s"] for run in raw["plain"] for e in run[1:])
@@ -211,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "pass, and for the Tune trial the checkpoint + tune.report"},
         "summary": {"plain_images_per_s": plain_ips, "tune_images_per_s": tune_ips, "plain_epoch_wall_s": plain_wall,
                     "tune_epoch_wall_s": tune_wall,
-                    "plain_best_epoch_images_per_s": best_plain, "tune_best_epoch_images_per_s": best_tune, "startup": startup, "data_vs_model": dvm},
+                    "plain_best_epoch_images_per_s": best_plain, "tune_best_epoch_images_per_s": best_tune,
+                    "startup": startup, "data_vs_model": dvm},
         "ratio_definition": "median steady-state (epoch >= 2) train images/s of the Tune trial / the plain loop; "
                             "imgs_per_s_ratio_best_epochs uses each path's fastest steady-state epoch instead",
         "raw": raw, "wall_seconds": time.perf_counter() - t_start,

@@ -58,7 +58,7 @@ class Soak(SoakWorkers):
 
     # -- server ---------------------------------------------------------------------------------
     def start_server(self, port: int = 0, log_name: str | None = None) -> Any:
-        from tests.edge_fixtures import CliServer
+        from testkit.edge_fixtures import CliServer
 
         n = len(self.servers) + 1
         srv = CliServer(["--bundle", str(self.models / "a"), "--port", str(port), "--threads", "1",
@@ -74,7 +74,7 @@ class Soak(SoakWorkers):
         return srv
 
     def prepare(self) -> None:
-        from tests.edge_fixtures import cached_test_bundle, copy_bundle
+        from testkit.edge_fixtures import cached_test_bundle, copy_bundle
 
         a = Path(self.args.bundle) if self.args.bundle else cached_test_bundle(seed=0)
         b = Path(self.args.bundle_b) if self.args.bundle_b else cached_test_bundle(seed=1)
@@ -96,7 +96,7 @@ class Soak(SoakWorkers):
         for name, token in (("camera.token", CAMERA_TOKEN), ("admin.token", ADMIN_TOKEN)):
             (self.work / name).write_text(token + "\n")
             (self.work / name).chmod(0o600)
-        from tests.client_media import write_video
+        from testkit.client_media import write_video
 
         n = max(30, int(self.args.client_fps * (self.args.duration - 8)))  # ends before the soak does
         self.video = write_video(self.work / "camera.avi", n=n, size=96)

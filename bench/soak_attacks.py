@@ -40,7 +40,7 @@ from soak_state import CAM_MD, CAMERA_TOKEN
 
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.raw_h2 import gzip_frame
+from testkit.raw_h2 import gzip_frame
 
 ATTACKS = ("health-stall", "stream-window0", "big-messages", "nonutf8-metadata", "log-flood", "webp-chunks",
            "sighup", "getstats")
@@ -231,13 +231,14 @@ class Attacks:
         verdict = "ok" if not r["failures"] else "FAIL " + "; ".join(r["failures"])
         return (f"attack {r['attack']}: legit p50 {r['legit_p50_ms']} ms p99 {r['legit_p99_ms']} ms during it "
                 f"(quiet p50 {r['quiet_p50_ms']} / p99 {r['quiet_p99_ms']} ms, {r['legit_calls']} calls), peak RSS "
-                f"{r['peak_rss_mb']} MB (bound {r['peak_rss_bound_mb']}, before {r['rss_before_mb']} MB), RSS 30 s after {r['rss_after_mb']} MB "
+                f"{r['peak_rss_mb']} MB (bound {r['peak_rss_bound_mb']}, before {r['rss_before_mb']} MB), "
+                f"RSS 30 s after {r['rss_after_mb']} MB "
                 f"(back in {r['rss_recovered_s']} s), log {r['log_bytes']} bytes ({r['log_bytes_per_s']} B/s)"
                 f"{', ' + more if more else ''}: {verdict}")
 
     # -- the attacks --------------------------------------------------------------------------------
     def attack_health_stall(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
-        from tests.raw_h2 import RawH2
+        from testkit.raw_h2 import RawH2
 
         conns = [RawH2(srv.address) for _ in range(4)]
         for c in conns:  # 300 at once, as found
@@ -259,8 +260,8 @@ class Attacks:
         extra["stalled_checks_opened"] = opened
 
     def attack_stream_window0(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
-        from tests.edge_fixtures import RequestFeeder
-        from tests.raw_h2 import RawH2
+        from testkit.edge_fixtures import RequestFeeder
+        from testkit.raw_h2 import RawH2
 
         frame = pb.Frame(camera_id="stuck", frame_id=1, image=self.image).SerializeToString()
         raw = RawH2(srv.address, window=0, read=False)
@@ -307,7 +308,7 @@ class Attacks:
     def attack_big_messages(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
         """60 Classify calls, then 32 streams of 4 frames, of 15.5 MB gzip'ed to 16 KB (refused before they are
         inflated); then 16 calls and 8 streams of 2 frames of 15.5 MB uncompressed (budgeted)."""
-        from tests.raw_h2 import RawH2, grpc_frame
+        from testkit.raw_h2 import RawH2, grpc_frame
 
         codes: dict[str, int] = {}
 
@@ -340,7 +341,7 @@ class Attacks:
         extra["p99_bound_ms"] = 2000.0
 
     def attack_nonutf8_metadata(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
-        from tests.raw_h2 import RawH2
+        from testkit.raw_h2 import RawH2
 
         msg = pb.ClassifyRequest(image=self.image).SerializeToString()
         bad = (("authorization", f"Bearer {CAMERA_TOKEN}".encode() + b"\xff" + b"A" * 2000),
@@ -395,7 +396,7 @@ class Attacks:
     def attack_webp_chunks(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
         """15.5 MB WebPs made only of empty chunks: 10 sent plain (refused from the header), one gzip'ed (23.7 KB
         on the wire; refused before it is inflated: requests must not be compressed)."""
-        from tests.raw_h2 import RawH2, grpc_frame
+        from testkit.raw_h2 import RawH2, grpc_frame
 
         body = b"WEBP" + b"JUNK\x00\x00\x00\x00" * ((BIG - 12) // 8)
         webp = pb.ClassifyRequest(image=b"RIFF" + len(body).to_bytes(4, "little") + body).SerializeToString()
@@ -420,7 +421,7 @@ class Attacks:
             fails.append(f"a WebP of empty chunks took {max(took):.2f} s")
 
     def attack_sighup(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
-        from tests.edge_fixtures import RequestFeeder
+        from testkit.edge_fixtures import RequestFeeder
 
         extra["allowed_legit_failures"] = ("UNAVAILABLE",)  # a probe call that starts during the drain
         with grpc.insecure_channel(srv.address) as ch:
@@ -456,7 +457,7 @@ class Attacks:
     def attack_getstats(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
-            from tests.edge_fixtures import RequestFeeder
+            from testkit.edge_fixtures import RequestFeeder
 
             feed = RequestFeeder(timeout=60)
             call = stub.StreamClassify(feed, timeout=120, metadata=CAM_MD)

@@ -19,7 +19,8 @@ def report(soak: SoakState, box: dict[str, Any], records: list[dict], final: Any
         fails.append(f"{len(t.unknown)} call(s) ended with UNKNOWN: {t.unknown[:3]}")
     if soak.peak_rss_mb >= soak.args.rss_limit_mb:
         fails.append(f"server peak RSS {soak.peak_rss_mb} MB >= limit {soak.args.rss_limit_mb} MB")
-    bad_health = [(round(t0 - soak.t0, 2), s) for t0, t1, s in t.health if s != "SERVING" and not soak.overlaps_window(t0, t1)]
+    bad_health = [(round(t0 - soak.t0, 2), s) for t0, t1, s in t.health
+                  if s != "SERVING" and not soak.overlaps_window(t0, t1)]
     if bad_health:
         fails.append(f"health not SERVING outside the restart: {bad_health[:5]} ({len(bad_health)})")
     csum = client_checks(soak, box, records, client_hung, fails)

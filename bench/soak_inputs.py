@@ -1,5 +1,5 @@
 """The soak's inputs (``bench/soak.py``): valid images, the hostile payload list (built on
-``tests/hostile_media.py``) and the Hypothesis strategy of fuzzed images and raw protobuf bytes."""
+``testkit/hostile_media.py``) and the Hypothesis strategy of fuzzed images and raw protobuf bytes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ FUZZ_FORMATS = [".png", ".jpg", ".webp", ".tiff", ".bmp", ".gif", ".ppm"]
 
 
 def good_images() -> list[bytes]:
-    from tests.edge_fixtures import texture_tiles
+    from testkit.edge_fixtures import texture_tiles
 
     tiles = texture_tiles("test")[0][::6]
     out = [cv2.imencode(".jpg", t[..., ::-1])[1].tobytes() for t in tiles]
@@ -22,9 +22,10 @@ def good_images() -> list[bytes]:
 
 
 def hostile_payloads(good: bytes) -> list[tuple[str, bytes, int]]:
-    from tests.hostile_media import CRAFTED, oversized, wide_png
+    from testkit.hostile_media import CRAFTED, oversized, wide_png
 
-    out: list[tuple[str, bytes, int]] = [("wide-png-1x60000", wide_png(60000), 0), ("wide-png-1x3000", wide_png(3000), 0)]
+    out: list[tuple[str, bytes, int]] = [("wide-png-1x60000", wide_png(60000), 0),
+                                         ("wide-png-1x3000", wide_png(3000), 0)]
     out += [(f"bomb-{fmt}", oversized(fmt, 8192, 8192), 0) for fmt in CRAFTED]
     out += [(f"bomb-{fmt}-16k", oversized(fmt, 16383, 16383), 0) for fmt in ("WebP-lossless", "PNG", "JPEG")]
     tile = np.full((64, 64, 3), 90, np.uint8)

@@ -71,8 +71,9 @@ class SoakWorkers(SoakState):
         if not isinstance(r, grpc.RpcError):
             self.tally.valid_ms.append((t0, (t1 - t0) * 1000))
         elif r.code() != SC.RESOURCE_EXHAUSTED:  # judged at the end, against the restart window
-            self.timed_failures.append(("valid", t0, t1, f"valid Classify failed outside the restart (t={t0 - self.t0:.2f}"
-                                                         f"..{t1 - self.t0:.2f} s): {r.code().name} {r.details()}"))
+            self.timed_failures.append(("valid", t0, t1,
+                                        f"valid Classify failed outside the restart (t={t0 - self.t0:.2f}"
+                                        f"..{t1 - self.t0:.2f} s): {r.code().name} {r.details()}"))
 
     def hostile_unary(self, stub: Any, _ch: grpc.Channel) -> None:
         if not hasattr(self, "_payloads"):
@@ -159,8 +160,8 @@ class SoakWorkers(SoakState):
             self.tally.fail(f"fast stream: {len(results)} results + {dropped} dropped != {n} sent")
 
     def hostile_stream(self, stub: Any, _ch: grpc.Channel) -> None:
-        from tests.edge_fixtures import RequestFeeder
-        from tests.hostile_media import oversized, wide_png
+        from testkit.edge_fixtures import RequestFeeder
+        from testkit.hostile_media import oversized, wide_png
 
         frames = [pb.Frame(camera_id="x" * (1 << 20), frame_id=0, image=self.good[0]),
                   pb.Frame(camera_id="cam\x00\x07", frame_id=1, image=self.good[0]),

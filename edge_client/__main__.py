@@ -14,18 +14,27 @@ import sys
 import threading
 from typing import Any
 
-from edgetune.errors import EdgetuneError
+import edgetune
+from edge_client.client import CameraStream
+from edge_client.connection import ClientError, ConnectionOptions
+from edge_client.frames import EncodeOptions
+from edge_client.once import classify_once
+from edge_client.output import LOG_FORMATS, OverlayWindow, ResultLog
+from edge_client.sources import open_sources
+from edge_client.stream_options import StreamOptions
+from edgetune.dataclass_cli import HelpFormatter
+from edgetune.errors import ConfigError, EdgetuneError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edge_client.output import LOG_FORMATS
-
     p = argparse.ArgumentParser(
         prog="python -m edge_client",
         description="Stream camera frames to an edgetune server and log/show the classifications.",
+        formatter_class=HelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     src = p.add_argument_group("input")
     src.add_argument("--source", action="append", default=[], metavar="[NAME=]SOURCE",
                      help="camera index (0), csi:N, gst:<pipeline>, rtsp/http(s) URL, video file or image directory; "
@@ -56,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--fps", type=float, default=0.0, help="maximum frames per second per camera (0 = no limit)")
     st.add_argument("--top-k", type=int, default=1, help="predictions per frame")
     st.add_argument("--max-inflight", type=int, default=None,
-                    help="unanswered frames per camera before waiting (default: 1 for files/directories, so that every frame is processed; "
+                    help="unanswered frames per camera before waiting (default: 1 for files/directories, so that "
+                         "every frame is processed; "
                          "unlimited for live sources; 0 = unlimited)")
     st.add_argument("--result-timeout", type=float, default=10.0,
                     help="seconds to wait for outstanding results at the end of a file")
@@ -70,9 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_once(args: argparse.Namespace, conn: Any) -> int:
-    from edge_client.frames import EncodeOptions
-    from edge_client.once import classify_once
-
     enc = None if args.raw else EncodeOptions(max_size=args.max_size, jpeg_quality=args.jpeg_quality)
     result = classify_once(conn, args.once, enc, top_k=args.top_k, timeout=max(args.connect_timeout, 10.0))
     print(json.dumps(result))
@@ -80,12 +87,6 @@ def _run_once(args: argparse.Namespace, conn: Any) -> int:
 
 
 def _run_stream(args: argparse.Namespace, conn: Any) -> int:
-    from edge_client.client import CameraStream
-    from edge_client.frames import EncodeOptions
-    from edge_client.output import OverlayWindow, ResultLog
-    from edge_client.sources import open_sources
-    from edge_client.stream_options import StreamOptions
-
     opts = StreamOptions(
         encode=EncodeOptions(max_size=args.max_size, jpeg_quality=args.jpeg_quality), fps=args.fps,
         top_k=args.top_k, max_inflight=args.max_inflight, max_retry_time=args.max_retry_time,
@@ -160,8 +161,6 @@ def _supervise(threads: list[threading.Thread], stop: threading.Event, overlay: 
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    from edgetune.errors import ConfigError
-
     if args.token and args.token_file:
         raise ConfigError("give the token once: --token-file or --token, not both")
     if args.token:
@@ -187,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("edge_client: error: give either --source (one or more) or --once IMAGE", file=sys.stderr)
         return EXIT_USAGE
-    from edge_client.connection import ClientError, ConnectionOptions
-    from edgetune.errors import ConfigError
 
     try:
         conn = ConnectionOptions(server=args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,

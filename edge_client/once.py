@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel, watch_connected
-from edge_client.frames import EncodeOptions, encode_frame
+from edge_client.frames import EncodeOptions, encode_frame, predictions_to_list
 from edgetune.errors import ConfigError
+from edgetune.imagedecode import read_image
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -21,11 +23,6 @@ def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOption
     With ``encode`` the image is decoded, resized and JPEG-encoded exactly like a camera frame;
     with ``None`` the file's bytes are sent unchanged.
     """
-    from pathlib import Path
-
-    from edge_client.frames import predictions_to_list
-    from edgetune.imagedecode import read_image
-
     path = Path(image_path)
     if not path.is_file():
         raise ConfigError(f"--once {image_path}: no such file")

@@ -8,23 +8,26 @@ admin token of LoadModel only from ``--admin-token-file`` or ``EDGETUNE_ADMIN_TO
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import logging
 import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
 
 import edgetune
+from edge_server.auth import read_token_file
+from edge_server.capture import CaptureConfig
 from edge_server.logs import LOG_LEVELS, NativeStderr, configure_logging
 from edge_server.model import BATCH_WAITS
 from edge_server.profiles import PROFILE_NAMES, SERVER_PROFILES, profile_limits
 from edge_server.runners import BACKENDS
 from edge_server.runners.tensorrt import PRECISIONS
-from edgetune.errors import EdgetuneError
-
-if TYPE_CHECKING:
-    from edge_server.capture import CaptureConfig
+from edge_server.server import ServerConfig, serve
+from edgetune.dataclass_cli import HelpFormatter
+from edgetune.errors import ConfigError, EdgetuneError
+from edgetune.runfile import add_run_file_flags, parse_args_with_run_file, run_file_yaml
 
 log = logging.getLogger("edge_server.main")
 
@@ -36,14 +39,16 @@ def _profile_text(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edge_server", description="edgetune gRPC inference server")
+    p = argparse.ArgumentParser(prog="python -m edge_server", description="edgetune gRPC inference server",
+                                formatter_class=HelpFormatter)
     p.add_argument("--bundle", required=True, help="bundle directory (model.onnx + bundle.json)")
     p.add_argument("--host", default="127.0.0.1",
                    help="listen address (default 127.0.0.1; others need --tls-cert/--tls-key or --insecure)")
     p.add_argument("--port", type=int, default=50051, help="TCP port (0 = pick a free one; logged)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="inference backend (auto logs its choice)")
-    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="model precision: the TensorRT engine's; with ONNX Runtime, int8 serves the bundle's INT8 "
-                   "variant (fp32/fp16: model.onnx)")
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS,
+                   help="model precision: the TensorRT engine's; with ONNX Runtime, int8 serves the bundle's INT8 "
+                        "variant (fp32/fp16: model.onnx)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--max-batch", type=int, default=8, help="largest micro-batch")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a micro-batch waits to fill")
@@ -78,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connection-age", type=float, default=1800.0,
                    help="seconds after which a connection is asked to reconnect (open streams continue; 0 = never)")
     p.add_argument("--token-file", default=None,
-                   help="file holding the camera token: require 'authorization: Bearer <token>' (or set EDGETUNE_TOKEN)")
+                   help="file holding the camera token: require 'authorization: Bearer <token>' "
+                        "(or set EDGETUNE_TOKEN)")
     p.add_argument("--token", default=None,
                    help="the camera token on the command line (visible in the process table: prefer --token-file)")
     p.add_argument("--enable-load-model", action="store_true",
                    help="enable the LoadModel admin RPC (needs --model-root and an admin token)")
     p.add_argument("--model-root", default=None,
-                   help="directory that every LoadModel bundle path must resolve into (relative paths are taken from it)")
+                   help="directory that every LoadModel bundle path must resolve into (relative paths are taken "
+                        "from it)")
     p.add_argument("--admin-token-file", default=None,
                    help="file holding LoadModel's admin token (metadata 'x-edgetune-admin-token'; or set "
                         "EDGETUNE_ADMIN_TOKEN); never the camera token")
@@ -111,16 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the spool's frames that low-confidence frames of one class may hold (default 0.5)")
     g.add_argument("--capture-max-writes-per-s", type=float, default=20.0,
                    help="frames written per second at most; beyond it frames are dropped and counted (default 20)")
-    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="least severe log level written")
+    add_run_file_flags(p, "server")
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p
 
 
+#: Options never printed by --print-config nor read from --config: a token belongs in a file (--token-file).
+SECRET_OPTIONS = ("token",)
+
+
 def _tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """(camera token, admin token) from files, the environment or (camera only, warned) the command line."""
-    from edge_server.auth import read_token_file
-    from edgetune.errors import ConfigError
-
     if args.token and args.token_file:
         raise ConfigError("give the camera token once: --token-file or --token, not both")
     if args.token:
@@ -147,9 +156,6 @@ def _return_large_buffers_to_the_os() -> None:
     slices, which fill the arenas of the server's threads and stayed there after an attack of 15.5 MB messages
     (issue 21: RSS 226 MB 30 s after, 125 MB before): the arenas are capped at 2 and trimmed every second
     (``malloc_trim``, which gives free pages in the middle of a heap back too). No-op without glibc."""
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -173,8 +179,6 @@ def _return_large_buffers_to_the_os() -> None:
 def _capture_config(args: argparse.Namespace) -> CaptureConfig | None:
     if not args.capture:
         return None
-    from edge_server.capture import CaptureConfig
-
     return CaptureConfig(dir=args.capture, max_mb=args.capture_max_mb, max_files=args.capture_max_files,
                          min_confidence=args.capture_min_confidence, min_margin=args.capture_min_margin,
                          random_rate=args.capture_random_rate, class_quota=args.capture_class_quota,
@@ -182,7 +186,15 @@ def _capture_config(args: argparse.Namespace) -> CaptureConfig | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parse_args_with_run_file(parser, argv, SECRET_OPTIONS)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(run_file_yaml(parser, args, SECRET_OPTIONS))
+        return 0
     _return_large_buffers_to_the_os()
     native = NativeStderr()  # libjpeg/OpenCV/ONNX Runtime stderr lines become JSON log records
     try:
@@ -193,13 +205,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, native: NativeStderr) -> int:
-    from edge_server.server import ServerConfig, serve  # after logging is set up (grpc import is slow)
-
     try:
         token, admin_token = _tokens(args)
         config = ServerConfig(
             bundle=args.bundle, host=args.host, port=args.port, backend=args.backend, precision=args.precision,
-            intra_op_threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batch_wait=args.batch_wait,
+            intra_op_threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+            batch_wait=args.batch_wait,
             **profile_limits(args.profile, max_concurrent=args.max_concurrent, max_streams=args.max_streams,
                              max_message_mb=args.max_message_mb, max_inflight_mb=args.max_inflight_mb,
                              max_decode_mb=args.max_decode_mb),

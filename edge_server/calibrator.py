@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edge_server.runners.tensorrt import _check
 from edgetune.bundle import Bundle
 from edgetune.errors import BundleError, ConfigError, ImageDecodeError
 from edgetune.fsutil import atomic_write_bytes
@@ -151,8 +152,6 @@ class CudaBuffer:
     """A ``cudaMalloc`` allocation filled with ``cudaMemcpy`` (``cuda-python`` runtime bindings)."""
 
     def __init__(self, cudart: Any, nbytes: int) -> None:
-        from edge_server.runners.tensorrt import _check
-
         self._cudart, self._check, self.nbytes = cudart, _check, int(nbytes)
         self.ptr = int(_check(cudart.cudaMalloc(self.nbytes), "cudaMalloc(calibration batch)"))
 

@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+import edgetune
+from edgetune.dataclass_cli import HelpFormatter
+
 #: The custom resource an edge node carries is ``edge_target:<target>`` (one definition: tuner/device.py uses it).
 RESOURCE_PREFIX = "edge_target:"
 _TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -76,7 +79,8 @@ def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]
     if not valid_target(target):
         raise SystemExit(f"error: TARGET must be {TARGET_RULE}, got {target!r}")
     if not _HEAD.match(head or ""):
-        raise SystemExit(f"error: HEAD must be <head host>:<port> (the address `ray start --head` printed), got {head!r}")
+        raise SystemExit(f"error: HEAD must be <head host>:<port> (the address `ray start --head` printed), "
+                         f"got {head!r}")
     host = head.rsplit(":", 1)[0].strip("[]")
     port = int(head.rsplit(":", 1)[1])
     try:
@@ -178,16 +182,22 @@ def stop(target: str = "", timeout_s: float = 60.0) -> list[str]:
     return stopped
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edge_server.edge_node", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edge_server.edge_node", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start", help="join the Ray head as the timing node of a target")
+    s = sub.add_parser("start", help="join the Ray head as the timing node of a target", formatter_class=HelpFormatter)
     s.add_argument("--head", required=True, help="the Ray head's <host>:<port> (GCS address)")
     s.add_argument("--target", required=True, help="target name: the node carries resource edge_target:<name>")
-    s.add_argument("--timeout", type=float, default=120.0)
-    t = sub.add_parser("stop", help="stop the edge node(s) started on this machine")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the node to join")
+    t = sub.add_parser("stop", help="stop the edge node(s) started on this machine", formatter_class=HelpFormatter)
     t.add_argument("--target", default="", help="only this target's node (default: all)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.cmd == "start":
         info = start(a.head, a.target, a.timeout)
         print(f"edge node for target {info['target']} joined {info['head']} (resource {info['resource']}, pid "

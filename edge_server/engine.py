@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+import edgetune
 from edge_server import calibrator as cal
 from edge_server.engine_cache import (  # noqa: F401 - BuildOptions, PRECISION_CHOICES, MAX_BATCH_LIMIT: re-exported
     MAX_BATCH_LIMIT,
@@ -38,9 +39,11 @@ from edge_server.engine_cache import (  # noqa: F401 - BuildOptions, PRECISION_C
     engine_status,
     make_sidecar,
 )
+from edge_server.logs import configure_logging
 from edge_server.runners import tensorrt as rt
+from edge_server.runners.onnxruntime import OnnxRuntimeRunner
 from edgetune.bundle import Bundle, load_bundle
-from edgetune.dataclass_cli import Flag, add_fields, field_values
+from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
 from edgetune.fsutil import atomic_write_bytes
 from edgetune.imagedecode import read_image
@@ -122,7 +125,8 @@ def network_flags(trt: Any) -> int:
 
 def default_timing_cache(bundle: Bundle, system: dict[str, str]) -> Path:
     """Per TensorRT version and GPU, next to the engines (shared by the bundle's fp32/fp16/int8 builds)."""
-    return rt.engines_dir(bundle) / f"timing.{rt.system_tag(system['tensorrt_version'], system['compute_capability'])}.cache"
+    tag = rt.system_tag(system["tensorrt_version"], system["compute_capability"])
+    return rt.engines_dir(bundle) / f"timing.{tag}.cache"
 
 
 def compare_outputs(engine_logits: np.ndarray, reference_logits: np.ndarray) -> dict[str, Any]:
@@ -157,8 +161,6 @@ def run_batched(runner: Any, x: np.ndarray) -> np.ndarray:
 
 def accuracy_check(bundle: Bundle, engine: Path, precision: str, max_batch: int) -> dict[str, Any]:
     """Run the engine (TensorRTRunner) and ONNX Runtime (CPU, fp32) on the check images and compare."""
-    from edge_server.runners.onnxruntime import OnnxRuntimeRunner
-
     x, recorded = load_check_images(bundle)
     ort = OnnxRuntimeRunner(bundle, max_batch_size=max_batch, cpu_only=True)
     try:
@@ -290,7 +292,9 @@ def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge_server.engine",
-                                description="Build (or reuse) the bundle's TensorRT engine on this device.")
+                                description="Build (or reuse) the bundle's TensorRT engine on this device.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     p.add_argument("--bundle", required=True, help="bundle directory (model.onnx + bundle.json)")
     add_fields(p, BuildOptions, {"precision": Flag(choices=PRECISION_CHOICES)})
     p.add_argument("--verbose", action="store_true", help="TensorRT INFO messages")
@@ -299,7 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from edge_server.logs import configure_logging
 
     configure_logging("info" if args.verbose else "warning")
     try:

@@ -25,6 +25,8 @@ import threading
 import time
 from typing import IO, Any
 
+from edgetune.errors import ConfigError
+
 LOG_LEVELS = ("debug", "info", "warning", "error")  #: ``--log-level`` / :func:`configure_logging`
 
 #: Longest string a log field (or ``msg``) keeps; longer ones end with ``…[+N chars]``.
@@ -185,7 +187,8 @@ class BoundedJsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
             rec.msecs = (rec.created - int(rec.created)) * 1000
             super().emit(rec)
         if suppressed:
-            rec = logging.LogRecord("edge_server.logs", logging.WARNING, __file__, 0, "log lines suppressed", None, None)
+            rec = logging.LogRecord("edge_server.logs", logging.WARNING, __file__, 0, "log lines suppressed", None,
+                                    None)
             rec.fields = {"count": suppressed, "limit_per_s": MAX_LINES_PER_PERIOD / LOG_PERIOD_S}
             super().emit(rec)
 
@@ -216,8 +219,6 @@ def _detached(record: logging.LogRecord) -> logging.LogRecord:
 def configure_logging(level: str = "info", stream: IO[str] | None = None) -> None:
     """Send the ``edge_server`` and gRPC loggers to ``stream`` (stderr) as bounded JSON lines."""
     if level not in LOG_LEVELS:
-        from edgetune.errors import ConfigError
-
         raise ConfigError(f"log level must be one of {LOG_LEVELS}, got {level!r}")
     handler = BoundedJsonHandler(stream or sys.stderr)
     for name, lvl in (("edge_server", level.upper()), ("grpc", "WARNING")):

@@ -4,9 +4,10 @@ Bounded work per call: the image header is read first (format, size and aspect r
 decoding), decoding takes a share of a server-wide memory budget (``--max-decode-mb``), camera ids are
 bounded (:data:`~edge_server.stats.MAX_CAMERA_ID_CHARS`), a stream that sends no frame for
 ``--stream-idle-timeout`` seconds is closed, so is a stream whose peer does not take a result within it (a
-closed HTTP/2 receive window blocks the send: the call is cancelled and its slot freed), and while the server drains each stream finishes the frame it
-holds and ends with UNAVAILABLE. Errors that escape a handler are turned into INTERNAL (and logged) by the
-RPC guard in :mod:`edge_server.admission`; in a stream, an unexpected error fails only its frame.
+closed HTTP/2 receive window blocks the send: the call is cancelled and its slot freed), and while the server
+drains each stream finishes the frame it holds and ends with UNAVAILABLE. Errors that escape a handler are turned
+into INTERNAL (and logged) by the RPC guard in :mod:`edge_server.admission`; in a stream, an unexpected error fails
+only its frame.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_server.engine_cache import ENGINE_CACHE_ENV, engine_cache_dir  # noqa: F401 - ENGINE_CACHE_ENV re-exported
+from edge_server import engine as eng
+from edge_server.engine_cache import ENGINE_CACHE_ENV, engine_cache_dir, make_sidecar  # noqa: F401 - ENGINE_CACHE_ENV re-exported
+from edge_server.runners import tensorrt as rt
+from edge_server.runners.onnxruntime import OnnxRuntimeRunner, variant_for
 from edgetune.bundle import Bundle, load_bundle
 from edgetune.errors import ConfigError, EdgetuneError
 
@@ -72,8 +75,6 @@ def _jetpack() -> str:
 
 def _tensorrt_system() -> dict[str, str] | None:
     """TensorRT version, GPU name and compute capability, or None where TensorRT / a GPU is absent."""
-    from edge_server.runners import tensorrt as rt
-
     try:
         return rt.system_info(rt.import_tensorrt(), rt.import_cudart())
     except Exception:  # noqa: BLE001 - no TensorRT / CUDA / GPU here: ONNX Runtime is used
@@ -116,7 +117,6 @@ def supported_precisions(backend: str = "auto") -> tuple[str, ...]:
     integer instructions and the architecture, which is why it is measured), not fp16 (no faster on a CPU)."""
     if pick_backend(backend) != "tensorrt":
         return ORT_PRECISIONS
-    from edge_server.runners import tensorrt as rt
 
     trt = rt.import_tensorrt()
     builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
@@ -130,7 +130,6 @@ def _runner(bundle: Bundle, backend: str, precision: str, protocol: TimingProtoc
         return _tensorrt_runner(bundle, precision, protocol, keep_engine)
     if precision not in ORT_PRECISIONS:
         raise ConfigError(f"ONNX Runtime timing supports precisions {' and '.join(ORT_PRECISIONS)}, got {precision!r}")
-    from edge_server.runners.onnxruntime import OnnxRuntimeRunner, variant_for
 
     variant, _ = variant_for(bundle, precision)
     return OnnxRuntimeRunner(bundle, max_batch_size=protocol.batch, intra_op_threads=protocol.threads,
@@ -142,10 +141,6 @@ def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol, k
     """Build the engine with ``make engine``'s builder (no accuracy check here: a candidate's timed copy is
     untrained) and run it with the server's TensorRT runner; ``keep_engine`` (the winner's bundle at hand-off):
     also keep it in the device's engine cache under its standard name, for ``make engine`` to reuse."""
-    from edge_server import engine as eng
-    from edge_server.engine_cache import make_sidecar
-    from edge_server.runners import tensorrt as rt
-
     trt, cudart = rt.import_tensorrt(), rt.import_cudart()
     system = rt.system_info(trt, cudart)
     logger = trt.Logger(trt.Logger.WARNING)

@@ -19,6 +19,22 @@ from pathlib import Path
 from typing import Any
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every CLI's ``--help``: the description as written, and each option's default appended as ``(default: X)``
+    unless its help already states one or there is nothing to state (no value, a switch that is off, an empty list).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        empty = isinstance(d, (str, tuple, list, dict)) and not d
+        if (not action.option_strings or action.nargs == 0 or "default" in text.lower() or d is None
+                or d is argparse.SUPPRESS or empty):
+            return text
+        shown = ",".join(map(str, d)) if isinstance(d, (tuple, list)) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
 def opt(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse's name for it
         factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field with its help text: ``x: int = opt(3, "what x is")``; ``factory`` for mutable defaults."""

@@ -9,6 +9,7 @@ caller, trainer and server alike, decodes through here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +42,19 @@ def _to_rgb_uint8(arr: np.ndarray, source: str) -> np.ndarray:
         arr = cv2.convertScaleAbs(arr, alpha=scale, beta=-lo * scale)
     elif arr.dtype != np.uint8:
         raise ImageDecodeError(f"{source}: unsupported pixel type {arr.dtype}")
+    rgb: np.ndarray
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
-        return cv2.cvtColor(arr.reshape(arr.shape[0], arr.shape[1]), cv2.COLOR_GRAY2RGB)
+        rgb = cv2.cvtColor(arr.reshape(arr.shape[0], arr.shape[1]), cv2.COLOR_GRAY2RGB)
+        return rgb
     if arr.ndim == 3 and arr.shape[2] == 3:
-        return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+        rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+        return rgb
     if arr.ndim == 3 and arr.shape[2] == 4:
         # Composite over black, weighting by alpha: transparent pixels carry no colour (uint8 in OpenCV).
         rgb = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
         alpha = cv2.cvtColor(np.ascontiguousarray(arr[..., 3]), cv2.COLOR_GRAY2RGB)
-        return cv2.multiply(rgb, alpha, scale=1.0 / 255.0)
+        rgb = cv2.multiply(rgb, alpha, scale=1.0 / 255.0)
+        return rgb
     raise ImageDecodeError(f"{source}: unsupported image shape {arr.shape}")
 
 
@@ -89,21 +94,17 @@ def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
     """Turn decoded pixels the way the EXIF ``orientation`` (1-8) says a viewer shows them (a phone held
     upright stores a landscape sensor image with orientation 6: rotate 90° clockwise)."""
     cv2 = load_cv2()
-    if orientation == 2:
-        return cv2.flip(img, 1)
-    if orientation == 3:
-        return cv2.rotate(img, cv2.ROTATE_180)
-    if orientation == 4:
-        return cv2.flip(img, 0)
-    if orientation == 5:
-        return cv2.transpose(img)
-    if orientation == 6:
-        return cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
-    if orientation == 7:
-        return cv2.rotate(cv2.transpose(img), cv2.ROTATE_180)
-    if orientation == 8:
-        return cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    return img
+    turns: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+        2: lambda m: cv2.flip(m, 1),
+        3: lambda m: cv2.rotate(m, cv2.ROTATE_180),
+        4: lambda m: cv2.flip(m, 0),
+        5: lambda m: cv2.transpose(m),
+        6: lambda m: cv2.rotate(m, cv2.ROTATE_90_CLOCKWISE),
+        7: lambda m: cv2.rotate(cv2.transpose(m), cv2.ROTATE_180),
+        8: lambda m: cv2.rotate(m, cv2.ROTATE_90_COUNTERCLOCKWISE),
+    }
+    turn = turns.get(orientation)
+    return img if turn is None else turn(img)
 
 
 def check_aspect_ratio(width: int, height: int, max_ratio: float, source: str = "image") -> None:

@@ -63,19 +63,19 @@ def read_image_header(data: bytes | bytearray | memoryview | np.ndarray, source:
         raise ImageDecodeError(f"{source}: empty image data")
     kind = "image"
     try:
-        if buf[:8] == _PNG_SIG:
+        if bytes(buf[:8]) == _PNG_SIG:
             kind = "PNG"
             head = _png_header(buf)
-        elif buf[:3] == b"\xff\xd8\xff":
+        elif bytes(buf[:3]) == b"\xff\xd8\xff":
             kind = "JPEG"
             head = _jpeg_header(buf)
-        elif buf[:4] == b"RIFF" and buf[8:12] == b"WEBP":
+        elif bytes(buf[:4]) == b"RIFF" and bytes(buf[8:12]) == b"WEBP":
             kind = "WebP"
             head = _webp_header(buf)
         elif bytes(buf[:4]) in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
             kind = "TIFF"
             head = _tiff_header(buf)
-        elif buf[:2] == b"BM":
+        elif bytes(buf[:2]) == b"BM":
             kind = "BMP"
             head = _bmp_header(buf)
         else:
@@ -96,7 +96,7 @@ class _HeaderError(ValueError):
 
 
 def _png_header(b: memoryview) -> ImageHeader:
-    if len(b) < 33 or b[12:16] != b"IHDR":
+    if len(b) < 33 or bytes(b[12:16]) != b"IHDR":
         raise _HeaderError("truncated PNG header (no IHDR chunk)")
     w, h = struct.unpack(">II", b[16:24])
     depth, color = b[24], b[25]
@@ -187,7 +187,7 @@ def _webp_header(b: memoryview) -> ImageHeader:
             bits = int.from_bytes(b[p + 1 : p + 5], "little")
             return ImageHeader("WebP", 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF), 4, 1)
         if tag == b"VP8 ":
-            if len(b) < p + 10 or b[p + 3 : p + 6] != b"\x9d\x01\x2a":
+            if len(b) < p + 10 or bytes(b[p + 3 : p + 6]) != b"\x9d\x01\x2a":
                 raise _HeaderError("corrupt lossy WebP header")
             w, h = struct.unpack("<HH", b[p + 6 : p + 10])
             return ImageHeader("WebP", w & 0x3FFF, h & 0x3FFF, 3, 1)
@@ -200,7 +200,7 @@ _TIFF_TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 6: ("b", 1), 8: ("h", 2), 
 
 
 def _tiff_header(b: memoryview) -> ImageHeader:
-    e = "<" if b[:2] == b"II" else ">"
+    e = "<" if bytes(b[:2]) == b"II" else ">"
     big = bytes(b[2:4]) in (b"+\0", b"\0+")
     if big:
         bytesize, _, ifd = struct.unpack(e + "HHQ", b[4:16])

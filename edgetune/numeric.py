@@ -15,7 +15,8 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """
     z = np.asarray(logits, dtype=np.float64)
     e = np.exp(z - z.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    out: np.ndarray = e / e.sum(axis=axis, keepdims=True)
+    return out
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:

@@ -7,7 +7,8 @@ normalisation constants.
 
 Pipeline for evaluation and serving (training uses the same resize, then augments)::
 
-    bytes/file --decode_image--> HxWx3 uint8 RGB --spec.resize--> --spec.center_crop--> --spec.normalize--> 3xHxW float32
+    bytes/file --decode_image--> HxWx3 uint8 RGB --spec.resize--> --spec.center_crop--> --spec.normalize-->
+    3xHxW float32
 
 Decoding lives in :mod:`edgetune.imagedecode` (:func:`~edgetune.imagedecode.decode_image`,
 :func:`~edgetune.imagedecode.read_image`) and header parsing in :mod:`edgetune.imageheader`; both bound
@@ -70,7 +71,8 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         size = tuple(self.input_size) if isinstance(self.input_size, (list, tuple)) else None
         if size is None or len(size) != 2 or not all(isinstance(v, int) and v >= 8 for v in size):
-            raise ConfigError(f"preprocess.input_size must be two integers >= 8 (height, width), got {self.input_size!r}")
+            raise ConfigError(f"preprocess.input_size must be two integers >= 8 (height, width), "
+                              f"got {self.input_size!r}")
         object.__setattr__(self, "input_size", (int(size[0]), int(size[1])))
         if self.resize_mode not in _RESIZE_MODES:
             raise ConfigError(f"preprocess.resize_mode must be one of {_RESIZE_MODES}, got {self.resize_mode!r}")
@@ -94,7 +96,8 @@ class PreprocessSpec:
             except (TypeError, ValueError):
                 raise ConfigError(f"preprocess.{name} must be three numbers, got {vals!r}") from None
             if not all(math.isfinite(v) for v in floats) or (name == "std" and min(floats) <= 0):
-                raise ConfigError(f"preprocess.{name} must be finite{' and > 0' if name == 'std' else ''}, got {vals!r}")
+                positive = " and > 0" if name == "std" else ""
+                raise ConfigError(f"preprocess.{name} must be finite{positive}, got {vals!r}")
             object.__setattr__(self, name, floats)
 
     # -- serialisation ----------------------------------------------------------------
@@ -156,7 +159,7 @@ class PreprocessSpec:
                 f"use a smaller preprocess.resize or tile the image first")
         if (th, tw) == (h, w):
             return np.ascontiguousarray(img)
-        out = cv2.resize(img, (tw, th), interpolation=interp)
+        out: np.ndarray = cv2.resize(img, (tw, th), interpolation=interp)
         return out.reshape(th, tw, -1) if out.ndim == 2 else out
 
     def center_crop(self, img: np.ndarray) -> np.ndarray:

@@ -27,7 +27,8 @@ STATE_SCHEMA = "edgetune.labels/1"
 #: What a decision may be besides a class name.
 SKIP, NONE = "skip", "none"
 #: The manifest's columns: what the trainer reads (path, label) and the provenance kept from the sidecar.
-CSV_COLUMNS = ("path", "label", "capture_id", "camera_id", "frame_id", "time_unix", "model_version", "bundle_sha256", "reason",
+CSV_COLUMNS = ("path", "label", "capture_id", "camera_id", "frame_id", "time_unix", "model_version", "bundle_sha256",
+               "reason",
                "model_top1", "model_top1_prob", "labelled_at", "labelled_by")
 
 
@@ -141,7 +142,8 @@ class LabelStore:
                 continue
             r = self.records[i]
             top_label, top_p = r.top[0]
-            w.writerow([r.frame, d.decision, r.id, r.camera_id, r.frame_id, r.time_unix, r.model_version, r.bundle_sha256,
+            w.writerow([r.frame, d.decision, r.id, r.camera_id, r.frame_id, r.time_unix, r.model_version,
+                        r.bundle_sha256,
                         r.reason, top_label, round(top_p, 6), d.at, d.by])
         return buf.getvalue()
 

@@ -1,7 +1,7 @@
 """Fixtures shared by the test modules: the test bundles, built once per test process.
 
 ``bundle_dir`` and ``bundle_dir_b`` are read-only by contract: every test that writes into a bundle takes
-``bundle_copy`` (or copies one with :func:`tests.edge_fixtures.copy_bundle` into its ``tmp_path``). At the end
+``bundle_copy`` (or copies one with :func:`testkit.edge_fixtures.copy_bundle` into its ``tmp_path``). At the end
 of the session the shared directories are compared with their state when built, so a test that wrote into
 one fails the run instead of leaking into the tests after it.
 """
@@ -17,7 +17,7 @@ import pytest
 
 if TYPE_CHECKING:
     from edgetune.bundle import Bundle
-    from tests.edge_fixtures import CliServer
+    from testkit.edge_fixtures import CliServer
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -27,7 +27,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 @contextmanager
 def _shared_bundle(seed: int) -> Iterator[Path]:
-    from tests.edge_fixtures import cached_test_bundle
+    from testkit.edge_fixtures import cached_test_bundle
 
     path = cached_test_bundle(seed=seed)
     before = _snapshot(path)
@@ -68,7 +68,7 @@ def loaded_bundle(bundle_dir: Path) -> Bundle:
 def bundle_copy(bundle_dir: Path, tmp_path: Path) -> Bundle:
     """A loaded private copy of the seed-0 bundle in ``tmp_path``, for tests that modify a bundle."""
     from edgetune.bundle import load_bundle
-    from tests.edge_fixtures import copy_bundle
+    from testkit.edge_fixtures import copy_bundle
 
     return load_bundle(copy_bundle(bundle_dir, tmp_path / "bundle"))
 
@@ -76,7 +76,7 @@ def bundle_copy(bundle_dir: Path, tmp_path: Path) -> Bundle:
 @pytest.fixture(scope="module")
 def good_png() -> bytes:
     """One real texture tile as PNG bytes (the server tests' well-formed image)."""
-    from tests.edge_fixtures import encode_png, texture_tiles
+    from testkit.edge_fixtures import encode_png, texture_tiles
 
     return encode_png(texture_tiles("test")[0][0])
 
@@ -84,7 +84,7 @@ def good_png() -> bytes:
 @pytest.fixture(scope="module")
 def cli(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliServer]:
     """The server CLI (``python -m edge_server``) on ``bundle_dir``, one per test module, logging to a file."""
-    from tests.edge_fixtures import CliServer
+    from testkit.edge_fixtures import CliServer
 
     srv = CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1"],
                     tmp_path_factory.mktemp("cli") / "server.log")

@@ -1,4 +1,5 @@
-"""Small helpers shared by the hostile-client server tests (``test_server_limits.py``, ``test_server_admin_errors.py``)."""
+"""Small helpers shared by the hostile-client server tests (``test_server_limits.py``,
+``test_server_admin_errors.py``)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from edge_server.capture import Capture, CaptureConfig, DriftMonitor, capture_re
 from edge_server.spool import Spool, SpoolFull
 from edgetune.capture_record import CaptureRecord, CaptureRecordError, new_capture_id
 from edgetune.errors import ConfigError
-from tests.edge_fixtures import encode_png, texture_tiles
+from testkit.edge_fixtures import encode_png, texture_tiles
 
 LABELS = ("brick", "grass", "gravel")
 

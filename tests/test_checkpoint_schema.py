@@ -56,7 +56,8 @@ def test_schema_1_checkpoint_is_migrated(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(schema_version=99), r"checkpoint schema_version 99 is not supported.*reads checkpoint schema_version 2"),
+    (lambda m: m.update(schema_version=99),
+     r"checkpoint schema_version 99 is not supported.*reads checkpoint schema_version 2"),
     (lambda m: m.pop("schema_version"), r"checkpoint schema_version None is not supported"),
     (lambda m: m.pop("classes"), r"checkpoint metadata lacks \['classes'\]"),
 ])

@@ -239,7 +239,8 @@ def test_metric_names_are_defined_once_each(scanned):
     _, calls, _ = scanned
     assert METRIC_NAMES == tuple(METRICS) and len(METRIC_NAMES) >= 4
     for name in METRIC_NAMES:
-        assert len(calls.get(name, [])) == 1 and calls[name][0].startswith("trainer/metric.py:"), (name, calls.get(name))
+        found = calls.get(name, [])
+        assert len(found) == 1 and found[0].startswith("trainer/metric.py:"), (name, found)
 
 
 def test_precision_choices_derive_from_the_tensorrt_precisions():

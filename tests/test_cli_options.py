@@ -37,6 +37,7 @@ TRAIN_FLAGS: dict[str, tuple[list[str], object]] = {
     "gpu": (["--gpu"], True),
     "out": (["--out", "runs/x"], "runs/x"),
     "list_backbones": (["--list-backbones"], True),
+    "print_config": (["--print-config"], True),
 }
 EXPORT_FLAGS: dict[str, tuple[list[str], object]] = {
     "run": (["--run", "runs/a"], "runs/a"),
@@ -112,12 +113,12 @@ def test_help_lists_every_option(cli: str, monkeypatch: pytest.MonkeyPatch) -> N
         assert f.metadata.get("help") and f.metadata["help"].split(";")[0] in text, f.name  # each with its help
 
 
-def test_trainer_options_set_the_same_config_keys_as_before() -> None:
+def test_trainer_flags_set_their_config_keys_and_set_wins() -> None:
     argv = [a for argv, _ in TRAIN_FLAGS.values() for a in argv if argv[0] not in ("--config", "--set")]
     opts, _ = _parse("trainer", [*argv, "--set", "optim.lr=2e-4", "--set", "epochs=7"])
     assert opts.overrides() == {"data.dataset": "textures", "epochs": 7, "model.backbone": "resnet18", "workers": 2,
                                 "model.img_size": 64, "model.init": "runs/earlier", "seed": 5, "data.strict": True,
-                                "use_gpu": True, "optim.lr": 2e-4}  # --set wins over --epochs, as before
+                                "use_gpu": True, "optim.lr": 2e-4}  # --set wins over --epochs
     assert _parse("trainer", [])[0].overrides() == {}  # nothing given: the YAML / TrainConfig defaults
     cfg = train_cli.config_from_args(_parse("trainer", ["--data", "textures", "--epochs", "2", "--img", "64",
                                                         "--set", "optim.lr=2e-4"])[1])
@@ -132,7 +133,7 @@ def test_trainer_config_yaml_then_flags(tmp_path: Path) -> None:
     assert (cfg.epochs, cfg.seed) == (4, 9)
 
 
-def test_trainer_errors_are_config_errors_as_before() -> None:
+def test_trainer_bad_overrides_are_config_errors_naming_the_rule() -> None:
     with pytest.raises(ConfigError, match="optim.lr must be in"):
         train_cli.config_from_args(_parse("trainer", ["--set", "optim.lr=-1"])[1])
     with pytest.raises(ConfigError, match="must look like section.key=value"):
@@ -144,9 +145,9 @@ def test_export_bundle_dir_default() -> None:
     assert _parse("export", ["--out", "b"])[0].bundle_dir == Path("b")
 
 
-def test_engine_options_as_before() -> None:
+def test_engine_empty_timing_cache_is_none_and_opt_batch_is_bounded() -> None:
     opts, args = _parse("engine", ["--timing-cache", ""])
-    assert opts.timing_cache is None and args.bundle == "b" and args.verbose is False  # "" is no cache, as before
+    assert opts.timing_cache is None and args.bundle == "b" and args.verbose is False  # "" is no cache
     assert opts == eng.BuildOptions()
     with pytest.raises(ConfigError, match="opt batch must be an integer in 1..8"):
         _parse("engine", ["--opt-batch", "9"])

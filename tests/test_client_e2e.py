@@ -23,8 +23,8 @@ from edge_client.stream_options import StreamOptions
 from edge_server.server import make_server
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.client_media import write_image_dir, write_video
-from tests.edge_fixtures import LABELS
+from testkit.client_media import write_image_dir, write_video
+from testkit.edge_fixtures import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 

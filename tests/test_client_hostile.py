@@ -26,8 +26,8 @@ from edge_client.connection import ConnectionOptions
 from edge_client.sources import VideoFileSource, open_source
 from edge_client.stream_options import StreamOptions
 from edge_server.server import make_server
-from tests.client_media import write_image_dir, write_video
-from tests.edge_fixtures import CliServer
+from testkit.client_media import write_image_dir, write_video
+from testkit.edge_fixtures import CliServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from edge_client.sources import DirectorySource, LiveSource, VideoFileSource, op
 from edgetune.backoff import Backoff
 from edgetune.errors import ConfigError
 from edgetune.imagedecode import decode_image
-from tests.client_media import write_image_dir, write_video
+from testkit.client_media import write_image_dir, write_video
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,8 @@ def test_handshaker_shutdown_is_a_deadline_not_a_tls_failure() -> None:
             return grpc.StatusCode.UNAVAILABLE
 
         def details(self) -> str:
-            return "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:4321: tcp handshaker shutdown"
+            return ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:4321: "
+                    "tcp handshaker shutdown")
 
     retryable, msg = describe_rpc_error(Cut(), ConnectionOptions("127.0.0.1:4321"), deadline_s=3.0)
     assert retryable and msg.startswith("deadline reached while connecting to server 127.0.0.1:4321"), msg

@@ -56,7 +56,8 @@ def test_broken_copy_fails(breakage):
         cfg["available_node_types"][workers[0]]["min_workers"] = 5
         cfg["available_node_types"][workers[0]]["max_workers"] = 2
     elif breakage == "typo_key":
-        cfg["available_node_types"][workers[0]]["max_worker"] = cfg["available_node_types"][workers[0]].pop("max_workers")
+        node = cfg["available_node_types"][workers[0]]
+        node["max_worker"] = node.pop("max_workers")
     elif breakage == "bad_head_type":
         cfg["head_node_type"] = "no.such.type"
     else:

@@ -38,7 +38,8 @@ def test_installed_versions_are_the_tested_ones() -> None:
 def test_untested_versions_are_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EDGETUNE_ALLOW_UNTESTED_RAY", raising=False)
     monkeypatch.delenv("EDGETUNE_ALLOW_UNTESTED_OPTUNA", raising=False)
-    with pytest.raises(EdgetuneError, match=r"tested with ray 2\.60\.x; found ray 3\.1\.0.*EDGETUNE_ALLOW_UNTESTED_RAY"):
+    with pytest.raises(EdgetuneError,
+                       match=r"tested with ray 2\.60\.x; found ray 3\.1\.0.*EDGETUNE_ALLOW_UNTESTED_RAY"):
         _ray_compat.check_version("3.1.0")
     with pytest.raises(EdgetuneError, match=r"tested with optuna 5\.x; found optuna 6\.0\.0"):
         _optuna_compat.check_version("6.0.0")

@@ -168,7 +168,8 @@ def test_slicing_and_expansion_happen_after_the_split(cache: str, tmp_path: Path
     d = build_data(cfg(root, cache, slice_grid=(2, 2), expand=("hflip", "vflip", "rot90", "affine")), spec, seed=1)
     # Split membership is by source file: the three splits share no file, and tiles stay with their file.
     members = split_members(d)
-    assert not (members["train"] & members["val"] or members["train"] & members["test"] or members["val"] & members["test"])
+    tr, va, te = members["train"], members["val"], members["test"]
+    assert not (tr & va or tr & te or va & te)
     assert members["train"] == split_members(d)["train"] == {it.file.path for it in d.train_eval.items}
     n_train_files = len(members["train"])
     assert len(d.train_eval) == 4 * n_train_files and len(d.train) == 5 * 4 * n_train_files  # tiles x (orig + 4)

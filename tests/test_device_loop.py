@@ -62,7 +62,8 @@ def test_study_with_a_target_without_live_node_fails_at_start(cluster, tmp_path)
 
     opts = _opts(tmp_path, "nodevice", target="jetson")
     t0 = time.time()
-    with pytest.raises(EdgetuneError, match=r"edge_target:jetson.*make edge-node HEAD=<head host>:<port> TARGET=jetson"):
+    with pytest.raises(EdgetuneError,
+                       match=r"edge_target:jetson.*make edge-node HEAD=<head host>:<port> TARGET=jetson"):
         run_study(opts)
     assert time.time() - t0 < 60
     assert not (Path(opts.out) / "split.json").exists()  # failed before the data was prepared

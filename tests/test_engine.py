@@ -125,9 +125,11 @@ def test_naming(loaded_bundle):
     paths = cal.calibration_image_paths(loaded_bundle)
     b4, b8 = (cal.CalibrationBatches(paths, loaded_bundle.spec, n) for n in (4, 8))
     c4 = cal.calibration_cache_path(loaded_bundle, "8.6.2", b4)
-    assert c4.parent == loaded_bundle.path / "engines" and loaded_bundle.version in c4.name and c4.name.endswith(".trt8.6.2.cache")
+    assert c4.parent == loaded_bundle.path / "engines" and loaded_bundle.version in c4.name
+    assert c4.name.endswith(".trt8.6.2.cache")
     assert c4 != cal.calibration_cache_path(loaded_bundle, "8.6.2", b8)  # other batching -> other cache
-    assert c4 == cal.calibration_cache_path(loaded_bundle, "8.6.2", cal.CalibrationBatches(paths, loaded_bundle.spec, 4))
+    same = cal.CalibrationBatches(paths, loaded_bundle.spec, 4)
+    assert c4 == cal.calibration_cache_path(loaded_bundle, "8.6.2", same)
 
 
 def _sidecar(bundle, system=SYSTEM, precision="fp16", data=b"engine", **extra):
@@ -151,7 +153,8 @@ def test_sidecar_fields_and_mismatches(loaded_bundle, tmp_path):
             validate_sidecar(meta, bundle=loaded_bundle, engine=engine, precision="fp16", **system)
         assert fragment in str(e.value) and f"make engine BUNDLE={loaded_bundle.path} PRECISION=fp16" in str(e.value)
     with pytest.raises(BundleError, match="built from ONNX 000000000000") as e:
-        validate_sidecar(dict(meta, onnx_sha256="0" * 64), bundle=loaded_bundle, engine=engine, precision="fp16", **SYSTEM)
+        validate_sidecar(dict(meta, onnx_sha256="0" * 64), bundle=loaded_bundle, engine=engine, precision="fp16",
+                         **SYSTEM)
     with pytest.raises(BundleError, match="engine precision is fp16, int8 was requested") as e:
         validate_sidecar(meta, bundle=loaded_bundle, engine=engine, precision="int8", **SYSTEM)
     assert f"make engine BUNDLE={loaded_bundle.path} PRECISION=int8" in str(e.value)
@@ -182,7 +185,8 @@ def test_engine_status_and_atomic_writes(bundle_copy):
     side = _sidecar(b, system=dict(SYSTEM, tensorrt_version="8.6.2", compute_capability="7.2"), data=b"xavier")
     xavier = engine_path(b, "fp16", dict(SYSTEM, tensorrt_version="8.6.2", compute_capability="7.2"))
     write_engine_files(xavier, b"xavier", side)  # another device sharing the bundle directory
-    assert engine_cache.engine_status(b, SYSTEM, "fp16", opts)[0] and find_engines(b, "fp16") == sorted([engine, xavier])
+    assert engine_cache.engine_status(b, SYSTEM, "fp16", opts)[0]
+    assert find_engines(b, "fp16") == sorted([engine, xavier])
     engine.write_bytes(b"serialized engine, truncated")
     current, why = engine_cache.engine_status(b, SYSTEM, "fp16", opts)
     assert not current and "does not match the SHA-256" in why

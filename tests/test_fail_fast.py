@@ -112,3 +112,19 @@ def test_a_study_that_produced_no_model_exits_1_with_the_reason(tmp_path: Path, 
     assert "produced no model" in err and "2 FAIL" in err and "no trial and no seed point" in err
     monkeypatch.setattr(tuner.run, "run_study", lambda opts, started_at=None: {**summary, "best_checkpoint": "x"})
     assert main(args) == 0
+
+
+def test_every_seed_point_of_the_default_space_builds_a_valid_train_config() -> None:
+    """The seed configurations (points_to_evaluate, tried first) are whole trials: each one's values, applied together
+    as a trial applies them, give a TrainConfig that carries every value."""
+    from tuner.space import build_trial_config
+
+    space = load_space(DEFAULT_SPACE)
+    assert space.seeds
+    for seed in space.seeds:
+        over = space.to_overrides(dict(seed["params"]))
+        cfg = build_trial_config(TrainConfig().to_dict(), over)
+        for key, value in over.items():
+            section, _, field = key.rpartition(".")
+            got = getattr(getattr(cfg, section) if section else cfg, field)
+            assert got == value or (isinstance(value, list) and list(got) == value), (seed["name"], key, got, value)

@@ -17,7 +17,7 @@ from edge_server.capture import CaptureConfig
 from edgetune.capture_record import CaptureRecord
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import encode_jpeg, self_signed_cert, texture_tiles
+from testkit.edge_fixtures import encode_jpeg, self_signed_cert, texture_tiles
 from tests.server_helpers import call_code, start_server, wait_until
 
 ADMIN = "admin-token-0123456789"

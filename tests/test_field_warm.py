@@ -37,7 +37,7 @@ def _previous(tmp_path: Path, bundle_dir: Path, storage: str, study: str = "home
     """A finished previous study's folder: tune_options.yaml, split.json (real images), bundle/."""
     import cv2
 
-    from tests.edge_fixtures import LABELS, texture_tiles
+    from testkit.edge_fixtures import LABELS, texture_tiles
 
     out = tmp_path / "prev"
     imgs, labels = texture_tiles("train")

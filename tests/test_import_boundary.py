@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EDGE_PACKAGES = [p for p in ("edgetune", "edge_server", "edge_client", "fieldloop") if (REPO / p / "__init__.py").is_file()]
+EDGE_PACKAGES = [p for p in ("edgetune", "edge_server", "edge_client", "fieldloop")
+                 if (REPO / p / "__init__.py").is_file()]
 FORBIDDEN = ("torch", "torchvision", "ray", "trainer", "tuner")
 
 

@@ -16,7 +16,7 @@ from edgetune.errors import ConfigError
 from fieldloop.label import LabelServer
 from fieldloop.labels import LABELS_CSV, LabelStore, read_labels_csv
 from fieldloop.labelstudio import NONE_CHOICE, export_tasks, import_annotations, labeling_config
-from tests.edge_fixtures import LABELS, encode_png, texture_tiles
+from testkit.edge_fixtures import LABELS, encode_png, texture_tiles
 
 
 def harvested(folder: Path, n: int = 6) -> list[CaptureRecord]:
@@ -32,7 +32,8 @@ def harvested(folder: Path, n: int = 6) -> list[CaptureRecord]:
         probs[(labels[k * step] + 1) % 3] = 0.6  # the model is wrong and unsure: worth labelling
         rec = CaptureRecord(id=cid, frame=cid + ".png", frame_sha256=hashlib.sha256(data).hexdigest(),
                             frame_bytes=len(data), camera_id=f"cam-{k % 2}", time_unix=1_700_000_000.0 + k,
-                            capture_time_us=0, frame_id=k, model_version="abc123", bundle_sha256="e" * 64, labels=LABELS,
+                            capture_time_us=0, frame_id=k, model_version="abc123", bundle_sha256="e" * 64,
+                            labels=LABELS,
                             probs=tuple(probs), reason="low_confidence")
         (folder / rec.frame).write_bytes(data)
         (folder / f"{cid}.json").write_text(rec.to_json())

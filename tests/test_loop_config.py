@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 
 import pytest
 
@@ -27,7 +28,7 @@ def test_round_trip_through_the_dict_ray_train_hands_a_worker():
 
 @pytest.mark.parametrize("bad,match", [
     ({"run-dir": "x"}, r"unknown key\(s\) \['run-dir'\]; allowed: \['train_config', 'run_dir'"),
-    ({"report_to": "stdout"}, "report_to must be one of " + str(list(REPORT_TO)).replace("[", r"\[").replace("]", r"\]")),
+    ({"report_to": "stdout"}, "report_to must be one of " + re.escape(str(list(REPORT_TO)))),
     ({"deadline": "soon"}, "deadline must be a unix time or None"),
     ({"static_metrics": [1]}, "static_metrics must be a mapping"),
 ])

@@ -11,6 +11,7 @@ from edgetune.errors import ConfigError
 from trainer.checkpoint import save_checkpoint
 from trainer.config import ModelConfig, TrainConfig
 from trainer.model import (
+    CutPoint,
     EdgeModel,
     count_params,
     create_model,
@@ -18,6 +19,7 @@ from trainer.model import (
     model_size_mb,
     param_groups,
     preprocess_spec_for,
+    resolve_cut,
     set_train_mode,
 )
 
@@ -45,7 +47,7 @@ def test_frozen_layers_get_no_grad_and_keep_bn_stats():
     m = _model(freeze=0.5)
     rep = m.freeze_report
     cuts = m.cut_points()
-    assert rep["layers_frozen"] == min(cuts, key=lambda c: abs(c.fraction - 0.5)).layers_frozen
+    assert not any(abs(c.fraction - 0.5) < abs(rep["fraction"] - 0.5) - 1e-9 for c in cuts)  # no cut is nearer
     assert rep["params_frozen"] > 0
     layers = m.layer_order()
     frozen = [mod for _, mod in layers[: rep["layers_frozen"]]]
@@ -85,7 +87,9 @@ def test_fraction_is_comparable_across_backbones():
         cuts = m.cut_points()  # the freeze snaps to the block boundary nearest 50 % of the layers
         gap = max(b.fraction - a.fraction for a, b in zip(cuts, cuts[1:], strict=False))
         assert abs(rep["fraction"] - 0.5) <= gap / 2 + 1e-9, (name, rep)
-        assert rep["cut"] == min(cuts, key=lambda c: (abs(c.fraction - 0.5), c.fraction, -c.index)).index
+        assert rep["layers_frozen"] == cuts[rep["cut"]].layers_frozen  # the report is the cut it froze at
+        frozen = [freeze_backbone(m, f)["layers_frozen"] for f in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)]
+        assert frozen == sorted(frozen), (name, frozen)  # freezing more never freezes fewer layers
         assert freeze_backbone(m, 1.0)["cut"] == len(cuts) - 1  # the last cut: pooled features, a linear probe
         assert freeze_backbone(m, 0.0)["layers_frozen"] == 0
         assert all(p.requires_grad for p in m.parameters())
@@ -166,3 +170,26 @@ def test_spec_override_sizes_and_validation():
     assert model_size_mb(m) == pytest.approx((n * 4 + buffers) / 2**20)
     with pytest.raises(ConfigError, match="num_classes"):
         create_model(ModelConfig(backbone="resnet18", weights="none"), 1)
+
+
+def _cut(index: int, fraction: float) -> CutPoint:
+    return CutPoint(index=index, after=f"stage{index}", layers_frozen=round(fraction * 100), fraction=fraction)
+
+
+def test_resolve_cut_snaps_to_the_nearest_boundary_and_breaks_ties_as_documented():
+    """Behaviour on a made-up backbone: the nearest cut; equally near, the one freezing less; cuts freezing the same
+    layers (before and after a parameter-free pool), the deeper one; a count above 1 is layers, whole and at most
+    the backbone's."""
+    cuts = [_cut(0, 0.0), _cut(1, 0.4), _cut(2, 0.6), _cut(3, 1.0), _cut(4, 1.0)]
+    assert resolve_cut(0.45, cuts, "toy").index == 1
+    assert resolve_cut(0.55, cuts, "toy").index == 2
+    assert resolve_cut(0.5, cuts, "toy").index == 1  # equally near 0.4 and 0.6: freeze less
+    assert resolve_cut(1.0, cuts, "toy").index == 4  # 3 and 4 freeze the same layers: the deeper
+    assert resolve_cut(0.0, cuts, "toy").index == 0
+    assert resolve_cut(60, cuts, "toy").index == 2  # 60 of 100 layers
+    with pytest.raises(ConfigError, match="has only 100 parameterised layers"):
+        resolve_cut(101, cuts, "toy")
+    with pytest.raises(ConfigError, match="must be whole"):
+        resolve_cut(2.5, cuts, "toy")
+    with pytest.raises(ConfigError, match="fraction in"):
+        resolve_cut(-0.1, cuts, "toy")

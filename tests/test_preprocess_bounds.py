@@ -28,7 +28,7 @@ from edgetune.errors import ImageDecodeError
 from edgetune.imagedecode import decode_image
 from edgetune.imageheader import ACCEPTED_FORMATS, read_image_header
 from edgetune.preprocess import MAX_ASPECT_RATIO, MAX_RESIZE_PIXELS, PreprocessSpec
-from tests.hostile_media import CRAFTED, EXT, encode, oversized, patch_webp_lossless, tiff_bytes
+from testkit.hostile_media import CRAFTED, EXT, encode, oversized, patch_webp_lossless, tiff_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 

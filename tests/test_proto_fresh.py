@@ -44,7 +44,7 @@ def test_client_generated_only_from_proto(tmp_path, server):
     _protoc(tmp_path)
     for pkg in (tmp_path / "edgetune", tmp_path / "edgetune" / "v1"):
         (pkg / "__init__.py").write_text("")
-    from tests.edge_fixtures import encode_png, texture_tiles
+    from testkit.edge_fixtures import encode_png, texture_tiles
 
     (tmp_path / "img.png").write_bytes(encode_png(texture_tiles("test")[0][0]))
     script = textwrap.dedent(f"""

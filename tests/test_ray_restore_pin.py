@@ -1,7 +1,8 @@
 """Pins what tuner/_ray_compat.fill_deleted_checkpoints relies on, on a real local Ray: a trial is restored from the
 checkpoint Ray's experiment snapshot names; if retention deleted that checkpoint after the snapshot (what a driver
 SIGKILL can leave, ray-project/ray#27790) the restore fails every retry; with the empty stand-in the restore goes
-ahead and the trainable sees the marker (the trainer then restarts the run from epoch 1, tests/test_resume_checkpoint.py).
+ahead and the trainable sees the marker (the trainer then restarts the run from epoch 1,
+tests/test_resume_checkpoint.py).
 
 The race is reproduced exactly: a trial checkpoints iterations 0 and 1 and errors; the snapshot names
 ``checkpoint_000001``; then, as if the trial had gone on before the driver died, ``checkpoint_000002`` appears and

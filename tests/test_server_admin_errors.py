@@ -33,7 +33,7 @@ from edgetune.bundle import load_bundle
 from edgetune.errors import BundleError, ConfigError
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import (
+from testkit.edge_fixtures import (
     CliServer,
     RequestFeeder,
     copy_bundle,
@@ -66,7 +66,8 @@ def test_load_model_is_off_unless_enabled(bundle_dir: Path, bundle_dir_b: Path) 
             stub = pb_grpc.ClassifierStub(ch)
             e = call_error(stub.LoadModel, pb.LoadModelRequest(bundle_path=str(bundle_dir_b)), timeout=30)
             assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "--enable-load-model" in e.details()
-            assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).model_version == load_bundle(bundle_dir).version
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+            assert info.model_version == load_bundle(bundle_dir).version
     finally:
         srv.stop(grace=1)
 
@@ -129,7 +130,8 @@ def test_load_model_admin_credential_and_model_root(bundle_dir: Path, bundle_dir
                 grpc.StatusCode.UNAUTHENTICATED
             assert call_error(load, "b", cam + [("x-edgetune-admin-token", ADMIN + "x")]).code() == \
                 grpc.StatusCode.UNAUTHENTICATED
-            assert call_error(load, "b", ADMIN_MD).code() == grpc.StatusCode.UNAUTHENTICATED  # camera token still needed
+            # the camera token is still needed
+            assert call_error(load, "b", ADMIN_MD).code() == grpc.StatusCode.UNAUTHENTICATED
             assert load("b", cam + ADMIN_MD).model_version == vb  # relative to the model root, not the cwd
             assert load(str(root / "a"), cam + ADMIN_MD).model_version == va
             refused = {}
@@ -139,7 +141,8 @@ def test_load_model_admin_credential_and_model_root(bundle_dir: Path, bundle_dir
                 assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, e)
                 refused[path] = e.details().replace(repr(path), "<path>")
             outside_msgs = {v for k, v in refused.items() if k != str(root / "does-not-exist")}
-            assert len(outside_msgs) == 1, "\n".join(f"{k}: {v}" for k, v in refused.items())  # the same words whether the target exists or not
+            # the same words whether the target exists or not
+            assert len(outside_msgs) == 1, "\n".join(f"{k}: {v}" for k, v in refused.items())
             assert "inside the model root" in next(iter(outside_msgs))
             assert str(outside) not in " ".join(refused.values()) and "outside-bundle" not in next(iter(outside_msgs))
             # still serving the last good model, streams and unary alike

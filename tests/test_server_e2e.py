@@ -15,7 +15,7 @@ from edgetune.bundle import load_bundle
 from edgetune.imagedecode import decode_image
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import LABELS, RequestFeeder, encode_jpeg, encode_png, texture_tiles
+from testkit.edge_fixtures import LABELS, RequestFeeder, encode_jpeg, encode_png, texture_tiles
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The edge server under hostile clients, round two (issue 21): real bundle, real ONNX Runtime, real gRPC on
-127.0.0.1, raw HTTP/2 clients (``tests/raw_h2.py``) for what grpcio clients cannot do. One test per finding,
+127.0.0.1, raw HTTP/2 clients (``testkit/raw_h2.py``) for what grpcio clients cannot do. One test per finding,
 each a short version of the attack ``make soak`` runs (``bench/soak_attacks.py``); each failed before its fix.
 """
 
@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2
 
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import CliServer, RequestFeeder
-from tests.raw_h2 import RawH2
+from testkit.edge_fixtures import CliServer, RequestFeeder
+from testkit.raw_h2 import RawH2
 from tests.server_helpers import health_status, start_server
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -254,7 +254,7 @@ def jpeg_with_orientation(img_rgb: object, orientation: int, big_endian: bool = 
     """``img_rgb`` as a JPEG whose APP1 EXIF segment says ``orientation`` (what a phone camera writes)."""
     import struct
 
-    from tests.edge_fixtures import encode_jpeg
+    from testkit.edge_fixtures import encode_jpeg
 
     o = ">" if big_endian else "<"
     tiff = (b"MM" if big_endian else b"II") + struct.pack(o + "HI", 42, 8) + struct.pack(o + "H", 1)
@@ -343,7 +343,7 @@ def test_big_messages_take_bounded_memory_that_goes_back(bundle_dir: Path, tmp_p
     within its stated request-memory bound and its RSS comes back within 20 % in 30 s (before: compressed ones
     were inflated, and 70-100 MB stayed held in the threads' malloc arenas)."""
     from edge_server.budget import request_memory_bound_mb
-    from tests.raw_h2 import grpc_frame, gzip_frame
+    from testkit.raw_h2 import grpc_frame, gzip_frame
 
     srv = CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1", "--max-concurrent", "8",
                      "--max-streams", "4", "--max-inflight-mb", "64", "--max-decode-mb", "64"], tmp_path / "s.log")

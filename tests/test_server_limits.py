@@ -28,11 +28,11 @@ from edge_server.server import make_server
 from edge_server.stats import ServerStats
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import (
+from testkit.edge_fixtures import (
     CliServer,
     RequestFeeder,
 )
-from tests.hostile_media import oversized, wide_png
+from testkit.hostile_media import oversized, wide_png
 from tests.server_helpers import call_error, health_status, start_server, wait_until
 
 # -- finding 1 ---------------------------------------------------------------------------------
@@ -159,7 +159,8 @@ def test_headers_only_unary_calls_are_bounded_and_cancelled(bundle_dir: Path, go
             raw = ch.stream_unary("/edgetune.v1.Classifier/GetStats")  # a unary method, its message withheld
             t0 = time.monotonic()
             calls = [raw.future(no_message(), timeout=60) for _ in range(12)]
-            wait_until(lambda: sum(c.done() for c in calls) >= 8)  # the refusals are immediate; a loaded machine is slow
+            # the refusals are immediate; a loaded machine is slow
+            wait_until(lambda: sum(c.done() for c in calls) >= 8)
             refused = [c for c in calls if c.done()]
             assert len(refused) == 8 and {c.code() for c in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert health_status(ch) == health_pb2.HealthCheckResponse.SERVING

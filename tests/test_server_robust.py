@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from edge_server.server import make_server
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import RequestFeeder, encode_jpeg, encode_png, texture_tiles
+from testkit.edge_fixtures import RequestFeeder, encode_jpeg, encode_png, texture_tiles
 from tests.server_helpers import health_status, wait_until
 
 REPO = Path(__file__).resolve().parents[1]

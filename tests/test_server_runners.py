@@ -29,7 +29,7 @@ from edge_server.runners.tensorrt import (
 )
 from edgetune.bundle import load_bundle
 from edgetune.errors import BundleError, ConfigError
-from tests.edge_fixtures import copy_bundle, texture_tiles
+from testkit.edge_fixtures import copy_bundle, texture_tiles
 
 ORIN = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7"}
 XAVIER = {"tensorrt_version": "8.5.2", "gpu_name": "Xavier", "compute_capability": "7.2"}
@@ -63,7 +63,8 @@ def test_sidecar_validation(loaded_bundle, tmp_path):
         "built from ONNX 000000000000": dict(meta=_sidecar(loaded_bundle, onnx_sha256="0" * 64)),
         "built for compute capability 7.2": dict(meta=_sidecar(loaded_bundle, compute_capability="7.2")),
         "max_batch_size must be": dict(meta=_sidecar(loaded_bundle, max_batch_size=0)),
-        "missing field(s) ['gpu_name']": dict(meta={k: v for k, v in _sidecar(loaded_bundle).items() if k != "gpu_name"}),
+        "missing field(s) ['gpu_name']": dict(meta={k: v for k, v in _sidecar(loaded_bundle).items()
+                                                    if k != "gpu_name"}),
     }
     for fragment, case in cases.items():
         with pytest.raises(BundleError) as e:
@@ -83,7 +84,8 @@ def test_engine_filename(loaded_bundle):
                                                "compute_capability": "8.7", "onnx_sha12": loaded_bundle.version}
     assert parse_engine_filename("model.int8.trt8.6.2.3.sm100.1a2b3c4d5e6f.engine")["compute_capability"] == "10.0"
     assert engine_path(loaded_bundle, "fp16", XAVIER).name == f"model.fp16.trt8.5.2.sm72.{loaded_bundle.version}.engine"
-    for bad in ("model.fp16.engine", "model.fp8.trt10.3.0.sm87.1a2b3c4d5e6f.engine", "model.fp16.trt10.3.0.sm87.x.engine",
+    for bad in ("model.fp16.engine", "model.fp8.trt10.3.0.sm87.1a2b3c4d5e6f.engine",
+                "model.fp16.trt10.3.0.sm87.x.engine",
                 "model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine.json", ".model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine"):
         assert parse_engine_filename(bad) is None, bad
     errors = {"precision must be one of": ("fp8", "10.3.0", "8.7", sha),

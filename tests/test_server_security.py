@@ -16,7 +16,7 @@ from edge_server.server import ServerConfig, make_server
 from edgetune.errors import ConfigError
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import encode_png, self_signed_cert, texture_tiles
+from testkit.edge_fixtures import encode_png, self_signed_cert, texture_tiles
 
 TOKEN = "s3cret-token-for-tests"
 

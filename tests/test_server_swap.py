@@ -13,7 +13,7 @@ from edge_server.server import make_server
 from edgetune.bundle import load_bundle
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
-from tests.edge_fixtures import RequestFeeder, copy_bundle, encode_png, texture_tiles
+from testkit.edge_fixtures import RequestFeeder, copy_bundle, encode_png, texture_tiles
 
 ADMIN = "admin-token-of-the-swap-tests"
 ADMIN_MD = [("x-edgetune-admin-token", ADMIN)]

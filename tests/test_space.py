@@ -8,6 +8,7 @@ import optuna
 import pytest
 
 from edgetune.errors import ConfigError
+from trainer.config import TrainConfig
 from tuner.space import DEFAULT_SPACE, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -76,7 +77,8 @@ def test_unavailable_weights_are_left_out_with_reason(capsys):
     # seeds whose backbone left are dropped too, with a reason; the Lite recipes stay
     assert [x["name"] for x in s.seeds] == ["generic recipe (EfficientNet-Lite0, first blocks frozen)",
                                             "generic recipe (EfficientNet-Lite0, full fine-tuning)",
-                                            "generic recipe (EfficientNet-Lite1)", "generic recipe (EfficientNet-Lite2)"]
+                                            "generic recipe (EfficientNet-Lite1)",
+                                            "generic recipe (EfficientNet-Lite2)"]
     assert any("graphite" in r and "mobilenet_v2 not in the space" in r for r in s.dropped)
 
 
@@ -124,7 +126,8 @@ def test_seed_freeze_counts_become_fractions(tmp_path):
     ("params:\n  x: {type: float}\n", r"parameter 'x' needs 'type' and 'key' \(or 'sets'\)"),
     ("params:\n  x: [1, 2]\n", "parameter 'x' must be a mapping"),
     ("params: [1]\n", "'params' must map parameter names to their specs"),
-    ("seeds:\n  - {name: a, parms: {}}\n", r"seed configuration 1: unknown field\(s\) \['parms'\]; allowed: \['name', 'params'\]"),
+    ("seeds:\n  - {name: a, parms: {}}\n",
+     r"seed configuration 1: unknown field\(s\) \['parms'\]; allowed: \['name', 'params'\]"),
 ])
 def test_invalid_space_files(tmp_path, text, match):
     y = tmp_path / "bad.yaml"
@@ -191,6 +194,25 @@ def test_makefile_args_is_the_one_name_set_kept_for_train():
     text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     for target in ("train", "tune", "export", "serve", "client"):
         body = re.search(rf"^{target}: .*?\n((?:\t.*\n)+)", text, re.M)
-        assert body and "$(ARGS)" in body.group(1), target
+        assert body, target
+        recipe = body.group(1)
+        for var in re.findall(r"\$\((\w+_CMD)\)", recipe):  # a command shown masked, then run (Makefile `show`)
+            recipe += re.search(rf"^{var} = ((?:.*\\\n)*.*)$", text, re.M).group(1)
+        assert "$(ARGS)" in recipe, target
     train = re.search(r"^train: .*?\n((?:\t.*\n)+)", text, re.M)
     assert train and "$(SET)" in train.group(1)
+
+
+def test_ema_decay_is_a_searched_parameter_of_the_default_space():
+    """CONTRIBUTING.md's worked example: a parameter added to default_space.yaml alone is searched, maps onto its
+    TrainConfig key in a trial's config, and the seed recipes keep the measured value."""
+    from tuner.space import build_trial_config
+
+    s = load_space(layer_count=lambda b: 100)
+    prm = s.params["ema_decay"]
+    assert prm.key == "optim.ema_decay" and set(prm.choices) == {0.99, 0.999}
+    assert s.to_overrides({"ema_decay": 0.999}) == {"optim.ema_decay": 0.999}
+    cfg = build_trial_config(TrainConfig().to_dict(), s.to_overrides({"backbone": "efficientnet_lite0",
+                                                                        "ema_decay": 0.999}))
+    assert cfg.optim.ema_decay == 0.999
+    assert all(x["params"]["ema_decay"] == 0.99 for x in s.seeds if x["name"].startswith("generic recipe"))

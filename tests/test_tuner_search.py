@@ -21,7 +21,10 @@ params:
   backbone: {type: categorical, key: model.backbone, choices: [efficientnet_lite0]}
   freeze: {type: categorical, key: model.freeze, choices: [0.75]}
   lr: {type: float, key: optim.lr, low: 1.0e-3, high: 3.0e-3, log: true}
-  alpha: {type: categorical, choices: [none, overflow], sets: {none: {}, overflow: {loss.alpha: [3.0e+38, 3.0e+38, 3.0e+38]}}}
+  alpha:
+    type: categorical
+    choices: [none, overflow]
+    sets: {none: {}, overflow: {loss.alpha: [3.0e+38, 3.0e+38, 3.0e+38]}}
 seeds:
   - name: good
     params: {backbone: efficientnet_lite0, freeze: 0.75, lr: 2.0e-3, alpha: none}
@@ -39,7 +42,8 @@ def study(tmp_path_factory):
     (tmp / "space.yaml").write_text(SPACE)
     storage = f"sqlite:///{tmp / 'optuna.db'}"
     run_tuner([*ARGS, "--space", str(tmp / "space.yaml"), "--study", "loss", "--metric", "val_loss", "--trials", "3",
-               "--epochs", "3", "--grace-period", "3", "--max-concurrent", "1", "--storage", storage, "--out", str(tmp / "out"),
+               "--epochs", "3", "--grace-period", "3", "--max-concurrent", "1", "--storage", storage,
+               "--out", str(tmp / "out"),
                "--set", f"data.cache_dir={tmp / 'cache'}", "--refit-max-epochs", "4"], tmp / "loss.log")
     return {"tmp": tmp, "storage": storage, "study": optuna.load_study(study_name="loss", storage=storage)}
 

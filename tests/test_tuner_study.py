@@ -26,8 +26,8 @@ def studies(tmp_path_factory):
     storage = f"sqlite:///{tmp / 'optuna.db'}"
     space = write_space(tmp)
     common = [*TINY_ARGS, "--space", str(space), "--storage", storage, "--address", "local"]
-    run_tuner([*common, "--study", "single", "--trials", "4", "--epochs", "2", "--grace-period", "1", "--max-concurrent", "1",
-               "--refit-warm", "--out", str(tmp / "single")], tmp / "single.log")
+    run_tuner([*common, "--study", "single", "--trials", "4", "--epochs", "2", "--grace-period", "1",
+               "--max-concurrent", "1", "--refit-warm", "--out", str(tmp / "single")], tmp / "single.log")
     run_tuner([*common, "--study", "multi", "--trials", "2", "--epochs", "1", "--multi-objective",
                "--max-latency-ms", "10000", "--out", str(tmp / "multi")], tmp / "multi.log")
     return {"tmp": tmp, "storage": storage}

@@ -5,6 +5,11 @@ Examples::
     python -m trainer --data textures --epochs 2 --out runs/textures
     python -m trainer --config configs/graphite.yaml --set optim.lr=2e-4 --set loss.gamma=0.25
     python -m trainer --list-backbones
+    python -m trainer --data textures --epochs 2 --print-config > run.yaml   # the effective run, every key
+    python -m trainer --config run.yaml                                       # reproduces it (flags override)
+
+A run file is a TrainConfig YAML (configs/*.yaml are ones), with ``out`` the run directory, plus an optional
+``run:`` section for how the run is done (``repeats``).
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 import edgetune
-from edgetune.dataclass_cli import Flag, add_fields, field_values, opt
-from edgetune.errors import EdgetuneError
+from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values, file_values, opt
+from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.logs import setup_cli_logging
+from trainer.config import TrainConfig, load_yaml_mapping, parse_override
 
 
 def _config_key(key: str, help: str = "", default: Any = None) -> Any:  # noqa: A002 - argparse's name for it
@@ -34,7 +42,8 @@ class TrainOptions:
     """``python -m trainer``'s options: the run config (YAML, then the options that set one of its keys, then the
     ``--set`` overrides) and how the run is done. The CLI is derived from these fields (edgetune.dataclass_cli)."""
 
-    config: str | None = opt(None, "YAML run config (see configs/); other options override it")
+    config: str | None = opt(None, "YAML run config (see configs/, or what --print-config prints); other options "
+                             "override it")
     sets: tuple[str, ...] = opt((), "override any config key, e.g. optim.lr=3e-4 (repeatable)")
     data: str | None = _config_key("data.dataset", "built-in dataset (elpv, textures) or an ImageFolder/CSV path")
     epochs: int | None = _config_key("epochs")
@@ -48,14 +57,14 @@ class TrainOptions:
     gpu: bool = _config_key("use_gpu", "one GPU per worker (AMP, channels_last)", default=False)
     out: str | None = opt(None, "run directory (default runs/train/<dataset>-<backbone>)")
     list_backbones: bool = opt(False, "list the backbones (family, feature size, input size, freeze cuts) and exit")
+    print_config: bool = opt(False, "print the effective run config as YAML (the TrainConfig with out resolved, "
+                             "and run: repeats) and exit; --config reads it back")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sets", tuple(self.sets))
 
     def overrides(self) -> dict[str, Any]:
         """The config keys the options set: the key options given, then the ``--set`` ones (ConfigError if bad)."""
-        from trainer.config import parse_override
-
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -68,16 +77,43 @@ class TrainOptions:
 
     def train_config(self) -> Any:
         """The run's TrainConfig: the YAML (or the defaults) with :meth:`overrides` applied."""
-        from trainer.config import TrainConfig
-
-        cfg = TrainConfig.from_yaml(self.config) if self.config else TrainConfig()
+        cfg = TrainConfig.from_dict(read_run_file(self.config)[0]) if self.config else TrainConfig()
         overrides = self.overrides()
         return cfg.replace(overrides) if overrides else cfg
+
+    def run_dir(self, cfg: TrainConfig) -> Path:
+        """Where the run writes: --out, else the config's ``out``, else runs/train/<dataset>-<backbone>."""
+        return Path(self.out or cfg.out or default_out(cfg))
+
+    def run_yaml(self) -> str:
+        """The effective run as a run file: what --print-config prints and --config reads back."""
+        cfg = self.train_config()
+        data = cfg.replace({"out": str(self.run_dir(cfg))}).to_dict()
+        return str(yaml.safe_dump({**data, RUN_SECTION: {"repeats": self.repeats}}, sort_keys=False))
+
+
+#: The section of a run file that is not TrainConfig: how the run is done.
+RUN_SECTION = "run"
+RUN_SECTION_KEYS = ("repeats",)
+
+
+def read_run_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the TrainConfig mapping, the ``run:`` section's TrainOptions values) of a run file (ConfigError: unreadable,
+    not a mapping, a ``run:`` key other than :data:`RUN_SECTION_KEYS`, a value of the wrong type)."""
+    data = load_yaml_mapping(path, "config")
+    run = data.pop(RUN_SECTION, None) or {}
+    if not isinstance(run, dict) or set(run) - set(RUN_SECTION_KEYS):
+        raise ConfigError(f"config {path}: the {RUN_SECTION}: section may set only {', '.join(RUN_SECTION_KEYS)}, "
+                          f"got {run!r}")
+    try:
+        return data, file_values(TrainOptions, run, f"config {path} {RUN_SECTION}:")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m trainer", description=__doc__, formatter_class=HelpFormatter
     )
     add_fields(p, TrainOptions, {"sets": Flag("--set", repeat=True, metavar="KEY=VALUE")})
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
@@ -87,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
 def train_options(args: argparse.Namespace) -> TrainOptions:
     """The options from parsed ``python -m trainer`` arguments."""
     return TrainOptions(**field_values(args, TrainOptions))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``python -m trainer``'s arguments; a ``--config`` file's ``run:`` section gives the defaults of the options
+    it sets (flags given override them). ConfigError where the file is bad."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**read_run_file(args.config)[1])
+        args = parser.parse_args(argv)
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -100,12 +147,15 @@ def default_out(cfg: Any) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = train_options(build_parser().parse_args(argv))
     setup_cli_logging(verbose=False)
     try:
+        opts = train_options(parse_args(argv))
+        if opts.print_config:
+            sys.stdout.write(opts.run_yaml())
+            return 0
         if opts.list_backbones:
-            from trainer.backbones import get_backbone_info, list_backbones
-            from trainer.model import backbone_cut_points
+            from trainer.backbones import get_backbone_info, list_backbones  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torch, torchvision
+            from trainer.model import backbone_cut_points  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torch, torchvision
 
             for name in list_backbones():
                 info = get_backbone_info(name)
@@ -116,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             return 0
         cfg = opts.train_config()
-        out = Path(opts.out) if opts.out else default_out(cfg)
-        from trainer.run import format_summary, run_repeats
+        out = opts.run_dir(cfg)
+        from trainer.run import format_summary, run_repeats  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torch, torchvision
 
         metrics = run_repeats(cfg, out, opts.repeats)
     except EdgetuneError as e:

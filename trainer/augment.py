@@ -31,6 +31,7 @@ from torchvision.transforms import v2
 
 from edgetune.errors import ConfigError
 from edgetune.preprocess import PreprocessSpec
+from trainer.actcache import VIEW_SETS
 from trainer.config import AUG_PRESETS as PRESETS  # one choice list
 
 
@@ -103,8 +104,6 @@ def build_augment(preset: str, spec: PreprocessSpec, strength: float = 1.0) -> C
     if preset == "none":
         ops = [v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)]
     elif preset in ("flips", "dihedral"):
-        from trainer.actcache import VIEW_SETS
-
         if preset == "dihedral" and size[0] != size[1]:
             raise ConfigError(f"augmentation 'dihedral' rotates by 90 degrees and needs a square input, got {size}")
         ops = [v2.CenterCrop(size), RandomView(VIEW_SETS[preset]), v2.ToDtype(torch.float32, scale=True)]

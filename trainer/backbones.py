@@ -2,7 +2,8 @@
 
 Every registered backbone builds a *features-only* module: images ``[N,3,H,W]`` -> pooled features
 ``[N, feature_dim]`` (global average pool over the last conv map; the network's own classifier is
-removed). ``feature_dim`` is never typed by hand: it is read off the built module (:func:`feature_dim_of`). Pretrained files are loaded strictly into that module after dropping the classifier keys.
+removed). ``feature_dim`` is never typed by hand: it is read off the built module (:func:`feature_dim_of`).
+Pretrained files are loaded strictly into that module after dropping the classifier keys.
 Lookups are explicit (a dict filled by :func:`register_backbone`); unknown names fail listing the valid ones.
 """
 
@@ -214,7 +215,8 @@ def _strip_googlenet(m: Any) -> nn.Module:
     return m
 
 
-_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                           r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def _densenet_fixup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -327,7 +329,8 @@ def _lite_builder(arch: str) -> Callable[[bool, int], nn.Module]:
     def build(pretrained: bool, image_size: int) -> nn.Module:
         if _LiteBase is None or _lite_params is None:
             raise EdgetuneError(
-                f"backbone {arch} needs the PyPI package efficientnet-lite-pytorch (pip install efficientnet-lite-pytorch)"
+                f"backbone {arch} needs the PyPI package efficientnet-lite-pytorch "
+                "(pip install efficientnet-lite-pytorch)"
             )
         # "SAME" padding is static in this package: compute it for the actual input size.
         blocks_args, global_params = _lite_params(arch, {"image_size": int(image_size)})

@@ -12,8 +12,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
+import torchvision
 
+import edgetune
 from edgetune.errors import EdgetuneError
 from edgetune.fsutil import atomic_path
 from edgetune.preprocess import PreprocessSpec
@@ -36,11 +39,6 @@ OPTIONAL_META = ("weights_tag", "weights_source", "freeze", "dataset", "dataset_
 
 def versions() -> dict[str, str]:
     """Versions of everything that decides whether a checkpoint or bundle reproduces."""
-    import numpy
-    import torchvision
-
-    import edgetune
-
     out = {
         "edgetune": edgetune.__version__,
         "python": platform.python_version(),

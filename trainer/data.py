@@ -200,20 +200,7 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
         "val": make_items(parts["val"], class_index, grid),
         "test": make_items(parts["test"], class_index, grid),
     }
-    stores: dict[str, ImageStore] = {}
-    budget = memory_budget_bytes()  # shared by the stores of this dataset
-    for key in ("train_eval", "train", "val", "test"):
-        if key == "test" and not with_test:
-            continue
-        if key == "train" and not cfg.expand:
-            stores[key] = stores["train_eval"]
-            continue
-        st: dict[str, float] = {}
-        stores[key] = build_store(items[key], spec, cache, seed, source.decoded, cfg.cache_images, st, budget)
-        if stores[key].in_memory:
-            budget -= stores[key].nbytes
-        log.debug("%s: %d images %s in %.2f s", key, len(items[key]),
-                  "from the disk cache" if st["cache_hit"] else "decoded+resized", st["seconds"])
+    stores = _build_stores(items, cfg, spec, cache, seed, source, with_test)
     manifest_path = None
     if run_dir is not None:
         manifest_path = write_manifest(Path(run_dir) / "split.json", parts, skipped, {
@@ -239,6 +226,27 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
         dataset_name=name,
         dataset_hash=dhash,
     )
+
+
+def _build_stores(items: dict[str, Any], cfg: DataConfig, spec: PreprocessSpec, cache: Any, seed: int,
+                  source: PreparedSource, with_test: bool) -> dict[str, ImageStore]:
+    """The decoded, resized images of each split (one memory budget shared by the stores of this dataset); the
+    train split shares the train_eval store when nothing is expanded; no test store without ``with_test``."""
+    stores: dict[str, ImageStore] = {}
+    budget = memory_budget_bytes()
+    for key in ("train_eval", "train", "val", "test"):
+        if key == "test" and not with_test:
+            continue
+        if key == "train" and not cfg.expand:
+            stores[key] = stores["train_eval"]
+            continue
+        st: dict[str, float] = {}
+        stores[key] = build_store(items[key], spec, cache, seed, source.decoded, cfg.cache_images, st, budget)
+        if stores[key].in_memory:
+            budget -= stores[key].nbytes
+        log.debug("%s: %d images %s in %.2f s", key, len(items[key]),
+                  "from the disk cache" if st["cache_hit"] else "decoded+resized", st["seconds"])
+    return stores
 
 
 def split_members(data: DataSplits) -> dict[str, set[str]]:

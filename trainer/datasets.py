@@ -119,7 +119,8 @@ def prepare_textures(cache: Path, tile: int = TEXTURE_TILE, stride: int = TEXTUR
 def elpv_package_dir() -> Path:
     spec = importlib.util.find_spec("elpv_dataset")
     if spec is None or not spec.submodule_search_locations:
-        raise EdgetuneError("the elpv dataset needs the PyPI package elpv-dataset: pip install elpv-dataset==1.0.0.post1")
+        raise EdgetuneError("the elpv dataset needs the PyPI package elpv-dataset: "
+                            "pip install elpv-dataset==1.0.0.post1")
     d = Path(list(spec.submodule_search_locations)[0]) / "data"
     if not (d / "labels.csv").exists():
         raise EdgetuneError(f"elpv-dataset is installed but {d / 'labels.csv'} is missing; reinstall the package")

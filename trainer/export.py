@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import edgetune
 from edgetune.bundle import (
     MANIFEST,
     QUANTIZATIONS,
@@ -31,13 +32,16 @@ from edgetune.bundle import (
     load_bundle,
     sha256_file,
 )
-from edgetune.dataclass_cli import add_fields, field_values, opt
+from edgetune.dataclass_cli import HelpFormatter, add_fields, field_values, opt
 from edgetune.errors import BundleError, EdgetuneError
+from edgetune.fsutil import atomic_write_text
 from edgetune.imagedecode import read_image
 from edgetune.logs import setup_cli_logging
 from edgetune.numeric import softmax
 from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import resolve_checkpoint_path, versions
+from trainer.config import TrainConfig
+from trainer.evaluate import predict_arrays
 
 OPSET = 17
 INPUT, OUTPUT = "input", "logits"
@@ -80,8 +84,6 @@ def eval_arrays(ds: Any, spec: PreprocessSpec, limit: int = 0) -> tuple[np.ndarr
 
 
 def parity_check(model: torch.nn.Module, session: Any, x: np.ndarray) -> dict[str, Any]:
-    from trainer.evaluate import predict_arrays
-
     p_torch = predict_arrays(model, x).astype(np.float64)
     p_ort = ort_probs(session, x)
     agree = float((p_torch.argmax(1) == p_ort.argmax(1)).mean()) if len(x) else 1.0
@@ -172,7 +174,7 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
     the static INT8 variant to ``quantize``, and if the tolerance refuses it the bundle records that it deploys
     at fp32 instead (``extra.deploy_precision``). ``target_latency(deployed precision)``: the latency measured on
     the target device for that precision, with the target's name and identity (recorded in the bundle)."""
-    from trainer.model import model_from_checkpoint
+    from trainer.model import model_from_checkpoint  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torchvision
 
     ckpt, info = resolve_run(run)
     model, meta = model_from_checkpoint(ckpt)
@@ -190,8 +192,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
     backbone, metrics) as a bundle in ``out_dir``: :func:`export_bundle`'s work once the model is built. A study's
     final model that is an ensemble (members, test-time views and decision rule in one graph, tuner.posthoc) is
     exported through here with its description in ``extra``."""
-    from trainer.config import TrainConfig
-    from trainer.data import build_data
+    from trainer.data import build_data  # noqa: PLC0415 - lazy: torchvision
 
     t0 = time.perf_counter()
     origin = dict(origin or {})
@@ -199,10 +200,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     cfg = TrainConfig.from_dict(meta["config"])
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_partial_dir(out)
     onnx_path = export_onnx(model, spec, tmp / "model.onnx")
     session = ort_session(onnx_path)
     if data is None:
@@ -214,29 +212,41 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
     if parity["top1_agreement"] < 1.0:
         raise BundleError(f"ONNX parity failed: top-1 agreement {parity['top1_agreement']:.4f} < 1.0 "
                           f"(max |Δp| {parity['max_abs_prob_diff']:.2e}); bundle not written")
-    calib = _save_images(data.train_eval, _spread(len(data.train_eval), n_calib), tmp / "calib", "calib")
-    check = _save_images(data.train_eval, _spread(len(data.train_eval), n_check)[::-1], tmp / "check", "check")
-    x_check = spec.apply_batch([read_image(tmp / c["file"]) for c in check])
-    check_top1 = ort_probs(session, x_check).argmax(1)
-    for c, t in zip(check, check_top1, strict=True):
-        c["onnx_top1"] = int(t)
+    calib, check = _bundle_images(data, spec, session, tmp, n_calib, n_check)
     fp32_acc = float((ort_probs(session, x_test).argmax(1) == y_test).mean()) if len(y_test) else 0.0
-    variants: dict[str, Any] = {}
-    refused: dict[str, Any] = {}
     if precision == "int8" and QUANTIZATIONS[0] not in quantize:
         quantize = (*quantize, QUANTIZATIONS[0])
-    if quantize:
-        x_cal = spec.apply_batch([read_image(tmp / c["file"]) for c in calib])
-        x_val, y_val = eval_arrays(data.val, spec)
-        val_acc = float((ort_probs(session, x_val).argmax(1) == y_val).mean()) if len(y_val) else 0.0
-        for kind in quantize:
-            v = quantize_variant(kind, onnx_path, tmp, x_cal, x_val, y_val, val_acc, tolerance, x_test, y_test)
-            (refused if "refused" in v else variants)[int8_variant_name(kind)] = v
+    variants, refused = _int8_variants(quantize, data, spec, session, onnx_path, tmp, calib, tolerance,
+                                       x_test, y_test)
     deploy = _deploy_precision(precision, variants, refused)
     if extra and "final_model" in extra:  # a post-hoc model (members x views): its cost on this CPU, recorded
         extra = {**extra, "final_model": {**extra["final_model"], "latency_here": cpu_latency(onnx_path, spec)}}
     latency = target_latency(deploy["deployed"]) if target_latency else None
-    manifest = BundleManifest(
+    manifest = _manifest(meta, spec, onnx_path, parity, calib, check, variants, extra={
+        "opset": OPSET,
+        "onnx_test_accuracy": fp32_acc,
+        # the training split's class counts: the edge server's drift signal compares its predictions to them
+        "train_class_counts": [int(c) for c in getattr(data, "class_counts", None) or []],
+        **_provenance(meta, info, origin),
+        "refused_variants": refused,
+        "export_seconds": round(time.perf_counter() - t0, 3),
+        "deploy_precision": deploy,
+        **({"target_latency": latency} if latency else {}),
+        **(extra or {}),
+    })
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    load_bundle(tmp)  # validate what we wrote
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _manifest(meta: dict[str, Any], spec: PreprocessSpec, onnx_path: Path, parity: dict[str, Any],
+              calib: list[dict[str, Any]], check: list[dict[str, Any]], variants: dict[str, Any],
+              extra: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's ``bundle.json`` (edgetune.bundle.BundleManifest, its one writer) as a dict."""
+    return BundleManifest(
         model_file="model.onnx",
         onnx_sha256=sha256_file(onnx_path),
         labels=tuple(meta["classes"]),
@@ -251,29 +261,59 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
         variants=variants,
         weights={"weights_tag": meta.get("weights_tag", ""), "source": meta.get("weights_source", "")},
         freeze=meta.get("freeze") or {},
-        extra={
-            "opset": OPSET,
-            "onnx_test_accuracy": fp32_acc,
-            # the training split's class counts: the edge server's drift signal compares its predictions to them
-            "train_class_counts": [int(c) for c in getattr(data, "class_counts", None) or []],
-            "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
-                        "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
-            "source": {**origin, "epoch": meta["epoch"],
-                       "study": info.get("study"), "trial_id": info.get("trial_id"),
-                       "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
-            "refused_variants": refused,
-            "export_seconds": round(time.perf_counter() - t0, 3),
-            "deploy_precision": deploy,
-            **({"target_latency": latency} if latency else {}),
-            **(extra or {}),
-        },
+        extra=extra,
     ).to_dict()
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    load_bundle(tmp)  # validate what we wrote
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+
+
+def _fresh_partial_dir(out: Path) -> Path:
+    """An empty ``<out>.partial`` next to ``out``: the bundle is written there and renamed into place when valid."""
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _bundle_images(data: Any, spec: PreprocessSpec, session: Any, tmp: Path, n_calib: int,
+                   n_check: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The calibration and check images (spread over the training split) saved in the bundle; each check image
+    carries the ONNX model's top-1 on it (what the edge's accuracy check compares against)."""
+    calib = _save_images(data.train_eval, _spread(len(data.train_eval), n_calib), tmp / "calib", "calib")
+    check = _save_images(data.train_eval, _spread(len(data.train_eval), n_check)[::-1], tmp / "check", "check")
+    x_check = spec.apply_batch([read_image(tmp / c["file"]) for c in check])
+    check_top1 = ort_probs(session, x_check).argmax(1)
+    for c, t in zip(check, check_top1, strict=True):
+        c["onnx_top1"] = int(t)
+    return calib, check
+
+
+def _int8_variants(quantize: tuple[str, ...], data: Any, spec: PreprocessSpec, session: Any, onnx_path: Path,
+                   tmp: Path, calib: list[dict[str, Any]], tolerance: float, x_test: np.ndarray,
+                   y_test: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(kept, refused) INT8 variants by name, each decided on validation accuracy against the fp32 model's."""
+    variants: dict[str, Any] = {}
+    refused: dict[str, Any] = {}
+    if not quantize:
+        return variants, refused
+    x_cal = spec.apply_batch([read_image(tmp / c["file"]) for c in calib])
+    x_val, y_val = eval_arrays(data.val, spec)
+    val_acc = float((ort_probs(session, x_val).argmax(1) == y_val).mean()) if len(y_val) else 0.0
+    for kind in quantize:
+        v = quantize_variant(kind, onnx_path, tmp, x_cal, x_val, y_val, val_acc, tolerance, x_test, y_test)
+        (refused if "refused" in v else variants)[int8_variant_name(kind)] = v
+    return variants, refused
+
+
+def _provenance(meta: dict[str, Any], info: dict[str, Any], origin: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's ``metrics`` (validation from the checkpoint, test from the run's metrics.json) and ``source``
+    (run, checkpoint, epoch, study, trial, dataset)."""
+    return {
+        "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
+                    "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
+        "source": {**origin, "epoch": meta["epoch"],
+                   "study": info.get("study"), "trial_id": info.get("trial_id"),
+                   "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
+    }
 
 
 def time_onnx(path: str | Path, input_size: tuple[int, int], warmup: int, runs: int, threads: int = 1) -> list[float]:
@@ -363,7 +403,6 @@ def write_architecture_bundle(model: torch.nn.Module, spec: PreprocessSpec, num_
 def record_parent(bundle_dir: str | Path, parent: dict[str, Any]) -> None:
     """Record in an exported bundle the bundle it was retrained from (``extra.parent``: its SHA-256, model version,
     path, study); the manifest is read, validated and written back through :class:`BundleManifest`."""
-    from edgetune.fsutil import atomic_write_text
 
     path = Path(bundle_dir) / MANIFEST
     manifest = BundleManifest.from_dict(json.loads(path.read_text()), str(path))
@@ -403,8 +442,9 @@ class ExportOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__, formatter_class=HelpFormatter)
     add_fields(p, ExportOptions)
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p
 
 

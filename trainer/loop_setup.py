@@ -23,10 +23,14 @@ import torch.distributed as dist
 from trainer.bnstats import suit_bn_momentum
 from trainer.checkpoint import DAMAGED_FILE_ERRORS, WEIGHTS_FILE, UnreadableCheckpoint, load_checkpoint, unwrap
 from trainer.config import TrainConfig
+from trainer.ema import Ema
+from trainer.feeds import make_feeds
 from trainer.loop_config import LoopConfig
+from trainer.losses import build_loss
 from trainer.metric import Metric, get_metric
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.reporting import Reporter, make_reporter
+from trainer.train_state import TrainState
 
 #: The optimiser/schedule/best-epoch state saved next to each checkpoint (what a resume reads back).
 TRAIN_STATE = "train_state.pt"
@@ -89,8 +93,7 @@ class LoopState:
 
 def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopState:
     """Model (weights, freeze cut), feeds (cached or live path), loss, optimiser, schedule; resume if asked."""
-    from trainer.losses import build_loss
-    from trainer.model import preprocess_spec_for
+    from trainer.model import preprocess_spec_for  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torchvision
 
     t_launch, started_at = time.perf_counter(), time.time()
     lc = LoopConfig.coerce(loop_config)
@@ -129,8 +132,6 @@ def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopSta
     )
     _resume(st)
     if cfg.optim.ema_decay > 0:
-        from trainer.ema import Ema
-
         st.ema = Ema(model, cfg.optim.ema_decay)  # after a resume: averaging restarts from the resumed weights
     static.update(lc.static_metrics)  # e.g. the architecture's latency (tuner/device.py)
     static["setup_seconds"] = time.perf_counter() - t_launch
@@ -149,7 +150,7 @@ def _init_process(cfg: TrainConfig, rank: int) -> torch.device:
 
 def _build_data(cfg: TrainConfig, spec: Any, lc: LoopConfig, rank: int) -> Any:
     """The dataset splits (written under ``run_dir`` by rank 0 only)."""
-    from trainer.data import build_data
+    from trainer.data import build_data  # noqa: PLC0415 - lazy: torchvision
 
     run_dir = lc.run_dir
     return build_data(
@@ -166,8 +167,7 @@ def _build_model(
     cfg: TrainConfig, data: Any, device: torch.device, rank: int, world: int
 ) -> tuple[torch.nn.Module, Any]:
     """The model on ``device`` and its feeds (the cached path starts the model at its freeze cut)."""
-    from trainer.feeds import make_feeds
-    from trainer.model import create_model
+    from trainer.model import create_model  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torchvision
 
     model: torch.nn.Module = create_model(cfg.model, num_classes=len(data.classes))
     feeds = make_feeds(cfg, model, data, rank, world)
@@ -192,7 +192,7 @@ def _wrap_ddp(model: torch.nn.Module, world: int) -> torch.nn.Module:
 
 def _static_info(module: Any, feeds: Any) -> dict[str, Any]:
     """What every epoch's result repeats: model size, node, data path, freeze cut, activation cache."""
-    from trainer.model import count_params, model_size_mb
+    from trainer.model import count_params, model_size_mb  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torchvision
 
     return {
         "params": count_params(module),
@@ -230,22 +230,22 @@ def _resume(st: LoopState) -> None:
         st.static["resume_restarted"] = reason
         return
     unwrap(st.model).load_state_dict(ckpt["model_state"])
-    st.opt.load_state_dict(state["optimizer"])
-    st.sched.load_state_dict(state["scheduler"])
-    st.start_epoch, st.best = int(state["epoch"]) + 1, state.get("best")
-    st.best_epoch = int(state.get("best_epoch", 0))
-    st.at_best = dict(state.get("at_best", {}))
-    st.train_seconds_total = float(state.get("train_seconds", 0.0))
-    st.static.update({k: v for k, v in state.get("static", {}).items() if k not in ("setup_seconds",)})
+    st.opt.load_state_dict(dict(state.optimizer))
+    st.sched.load_state_dict(dict(state.scheduler))
+    st.start_epoch, st.best = state.epoch + 1, state.best
+    st.best_epoch = state.best_epoch
+    st.at_best = dict(state.at_best)
+    st.train_seconds_total = state.train_seconds
+    st.static.update(state.static)
     st.history = list(ckpt["meta"].get("history", []))
-    st.resumed_from_epoch = int(state["epoch"])
+    st.resumed_from_epoch = state.epoch
 
 
 class _LostCheckpoint(Exception):
     """The checkpoint to resume from is a stand-in, lacks a file, or has a truncated one."""
 
 
-def _read_resume(resume: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _read_resume(resume: Path) -> tuple[dict[str, Any], TrainState]:
     if (resume / DELETED_CHECKPOINT_MARKER).is_file():
         raise _LostCheckpoint(f"{resume} stands in for a checkpoint Ray's retention deleted")
     missing = [f for f in (WEIGHTS_FILE, TRAIN_STATE) if not (resume / f).is_file()]
@@ -262,7 +262,7 @@ def _read_resume(resume: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         state = torch.load(resume / TRAIN_STATE, map_location="cpu", weights_only=True)
     except DAMAGED_FILE_ERRORS as e:
         raise _LostCheckpoint(f"{resume}: {TRAIN_STATE} is damaged ({type(e).__name__}: {e})") from e
-    return ckpt, state
+    return ckpt, TrainState.from_dict(state)  # TrainStateError (a bug to see): a field missing or mistyped
 
 
 def _node_id() -> str:

@@ -27,7 +27,8 @@ from trainer.backbones import (
     parameterised_layers,
     weights_tag_of,
 )
-from trainer.config import HEADS, ModelConfig
+from trainer.checkpoint import load_checkpoint
+from trainer.config import HEADS, ModelConfig, TrainConfig
 from trainer.stages import Stage, run_stages, stages_of
 
 _NORM_TYPES = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.modules.instancenorm._InstanceNorm)
@@ -218,8 +219,6 @@ def freeze_backbone(model: EdgeModel, freeze: float) -> dict[str, Any]:
 
 
 def _init_from_checkpoint(model: EdgeModel, path: str, with_head: bool = False) -> None:
-    from trainer.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
     cfg_model = (meta.get("config") or {}).get("model") or {}
@@ -306,12 +305,10 @@ def model_size_mb(model: nn.Module) -> float:
 
 def model_from_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the exact model of a checkpoint (no pretrained download needed): (model in eval, meta)."""
-    from trainer.checkpoint import load_checkpoint
-    from trainer.config import TrainConfig
-
     ckpt = load_checkpoint(os.fspath(path))
     meta = ckpt["meta"]
-    cfg = TrainConfig.from_dict(meta["config"]).replace({"model.weights": "none", "model.init": "", "model.freeze": 0.0})
+    untrained = {"model.weights": "none", "model.init": "", "model.freeze": 0.0}
+    cfg = TrainConfig.from_dict(meta["config"]).replace(untrained)
     model = create_model(cfg.model, num_classes=len(meta["classes"]))
     model.load_state_dict(ckpt["model_state"])
     model.eval()

@@ -11,7 +11,7 @@ from trainer.config import TrainConfig
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    from trainer.model import param_groups
+    from trainer.model import param_groups  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torchvision
 
     module = unwrap(model)
     groups = param_groups(module, cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay)  # type: ignore[arg-type]

@@ -46,7 +46,7 @@ def make_torch_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if loop_fn is None:
-        from trainer.loop import train_worker
+        from trainer.loop import train_worker  # noqa: PLC0415 - lazy: torch
 
         loop_fn = train_worker
     return TorchTrainer(

@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
+from trainer.metric import get_metric
+
 
 class Reporter(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
@@ -28,7 +30,6 @@ class LocalReporter:
 
     def __init__(self, run_dir: str | Path, metric: str, mode: str) -> None:
         self.run_dir = Path(run_dir)
-        from trainer.metric import get_metric
 
         self.metric, self.mode = metric, mode
         self._rule = get_metric(metric)

@@ -19,10 +19,13 @@ from edgetune.errors import EdgetuneError
 from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import load_checkpoint, versions
 from trainer.config import TrainConfig
+from trainer.data import build_data
+from trainer.evaluate import plot_confusion, plot_history, robustness_report, test_report
 from trainer.loop import train_loop
 from trainer.loop_config import LoopConfig
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
-from trainer.model import model_from_checkpoint
+from trainer.model import count_params, model_from_checkpoint, model_size_mb, preprocess_spec_for
+from trainer.ray_trainer import make_torch_trainer
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,6 @@ SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "params", "size_mb", "accuracy
 def evaluate_checkpoint(ckpt_path: str | Path, out_dir: str | Path, data: Any = None,
                         robustness: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Test-split evaluation of a checkpoint; writes metrics.json, confusion matrix, robustness report."""
-    from trainer.data import build_data
-    from trainer.evaluate import robustness_report, test_report
-    from trainer.model import count_params, model_size_mb
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, meta = model_from_checkpoint(ckpt_path)
@@ -74,8 +73,6 @@ def evaluate_checkpoint(ckpt_path: str | Path, out_dir: str | Path, data: Any = 
 def _ddp_trainer(cfg: TrainConfig, run_dir: Path, cpus: float, max_failures: int = 2) -> Any:
     """The run's ``TorchTrainer`` (:func:`trainer.ray_trainer.make_torch_trainer`): ``cfg.workers`` DDP workers
     sharing ``cpus`` on CPU; a killed/crashed worker group restarts from the last checkpoint."""
-    from trainer.ray_trainer import make_torch_trainer
-
     per_worker = max(0.5, min(1.0, (cpus - 0.01) / cfg.workers))
     return make_torch_trainer(
         {"train_config": cfg.to_dict(), "run_dir": None, "report_to": "ray_train"},
@@ -108,10 +105,6 @@ def _train_ddp(cfg: TrainConfig, run_dir: Path, max_failures: int = 2) -> list[d
 
 def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train with ``cfg`` into ``run_dir`` and evaluate the best checkpoint on the test split."""
-    from trainer.data import build_data
-    from trainer.evaluate import plot_history
-    from trainer.model import preprocess_spec_for
-
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -168,10 +161,10 @@ def run_repeats(cfg: TrainConfig, run_dir: str | Path, repeats: int) -> dict[str
     cm = [[sum(r["test_confusion_matrix"][i][j] for r in runs) for j in range(len(runs[0]["classes"]))]
           for i in range(len(runs[0]["classes"]))]
     summary["test_confusion_matrix_sum"] = cm
-    from trainer.evaluate import plot_confusion
 
     plot_confusion(np.asarray(cm), runs[0]["classes"], out / "confusion_matrix.png",
-                   title=f"{repeats} seeds, accuracy {summary['test_accuracy']:.3f} ± {summary['test_accuracy_std']:.3f}")
+                   title=f"{repeats} seeds, accuracy {summary['test_accuracy']:.3f} "
+                         f"± {summary['test_accuracy_std']:.3f}")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
 

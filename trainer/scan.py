@@ -20,6 +20,7 @@ import csv
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,8 +159,6 @@ def scan_sources(files: list[SourceFile], cache_dir: Path | None, keep_bytes: in
     (``files`` must be hashed). Decoded images are kept in memory up to ``keep_bytes`` so the
     caller can resize them without decoding twice.
     """
-    import time
-
     key = hashlib.sha256("\n".join(sorted(f"{f.rel}\t{f.sha256}" for f in files)).encode()).hexdigest()
     cache_file = cache_dir / "scan" / f"{key}.json" if cache_dir is not None else None
     if cache_file is not None and cache_file.exists():

@@ -1,6 +1,7 @@
 """Where pretrained backbone weights come from (never silently random).
 
-``trainer.backbones.resolve_weights(name, weights)`` (via :func:`find_weights`) turns a model config's ``weights`` value into a file:
+``trainer.backbones.resolve_weights(name, weights)`` (via :func:`find_weights`) turns a model config's ``weights``
+value into a file:
 
 - ``"none"``      -> ``None`` (train from scratch, on purpose);
 - ``"imagenet"``  -> the backbone's ImageNet file, looked for in this order:
@@ -116,7 +117,8 @@ def _explicit(name: str, weights: str, wf: WeightFile) -> Path:
         f = p / wf.filename
         if f.is_file():
             return f
-        raise WeightsNotFoundError(f"weights for {name}: directory {p} does not contain the expected file {wf.filename}")
+        raise WeightsNotFoundError(f"weights for {name}: directory {p} does not contain the expected file "
+                                   f"{wf.filename}")
     raise WeightsNotFoundError(
         f"weights for {name}: {weights!r} is neither 'imagenet', 'none', an existing file nor a directory "
         f"(looked at {p.resolve()})"
@@ -124,7 +126,8 @@ def _explicit(name: str, weights: str, wf: WeightFile) -> Path:
 
 
 def find_weights(name: str, weights: str, wf: WeightFile, download: bool = True) -> tuple[Path | None, list[str]]:  # noqa: C901
-    """Like :func:`trainer.backbones.resolve_weights` but for a given :class:`WeightFile`; returns (file or None, places looked).
+    """Like :func:`trainer.backbones.resolve_weights` but for a given :class:`WeightFile`; returns (file or None,
+    places looked).
 
     ``download=False`` never downloads; the URL is then reported as a place when the host is reachable.
     """

@@ -10,24 +10,20 @@ import argparse
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING
 
 import edgetune
-from edgetune.dataclass_cli import Flag, add_fields, field_values
+from edge_server.timing import TIMING_BACKENDS
+from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.logs import setup_cli_logging
-
-if TYPE_CHECKING:
-    from tuner.options import TuneOptions
+from trainer.metric import METRIC_NAMES
+from trainer.ray_trainer import PLACEMENT_STRATEGIES
+from tuner.options import TuneOptions, load_options_file, options_yaml
 
 
 def _irregular() -> dict[str, Flag]:
     """The fields whose flag is not the generated one. Every other field of tuner.options.TuneOptions gets
     ``--field-name`` (``--no-field-name`` for a bool that defaults to True) with its type, default and help."""
-    from edge_server.timing import TIMING_BACKENDS
-    from trainer.metric import METRIC_NAMES
-    from trainer.ray_trainer import PLACEMENT_STRATEGIES
-
     return {
         "time_budget_s": Flag("--time-budget"),
         "timing_timeout_s": Flag("--timing-timeout"),
@@ -42,13 +38,12 @@ def _irregular() -> dict[str, Flag]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tuner.options import TuneOptions
-
     p = argparse.ArgumentParser(prog="python -m tuner", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_fields(p, TuneOptions, _irregular())
     p.add_argument("--cluster-config", default="cluster.yaml",  # not a study option: where the study runs
-                   help="after `ray up` of this file from here, the study runs on that cluster (EDGETUNE_LOCAL=1: here)")
+                   help="after `ray up` of this file from here, the study runs on that cluster "
+                        "(EDGETUNE_LOCAL=1: here)")
     p.add_argument("--config", dest="options_file", default="", metavar="RUN_YAML",
                    help="the study's options from a YAML file (what --print-config prints, or a study's "
                         "<out>/tune_options.yaml); flags given with it override it (--set adds to its sets)")
@@ -61,8 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """``python -m tuner``'s arguments; with ``--config FILE`` the file's values are the defaults the flags given
     override (ConfigError: an unknown key in the file, naming the allowed ones; a value of the wrong type)."""
-    from tuner.options import load_options_file
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.options_file:
@@ -74,8 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def tune_options(args: argparse.Namespace) -> TuneOptions:
     """The study's options from parsed ``python -m tuner`` arguments (ConfigError where they are invalid)."""
-    from tuner.options import TuneOptions
-
     return TuneOptions(**field_values(args, TuneOptions))
 
 
@@ -96,14 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=optuna_experimental_warning())
     try:
         if args.print_config:
-            from tuner.options import options_yaml
-
             sys.stdout.write(options_yaml(tune_options(args)))
             return 0
-        from tuner.run import process_start, run_study, study_failure
+        from tuner.run import process_start, run_study, study_failure  # noqa: PLC0415 - lazy: optuna, torch
 
         opts = tune_options(args)
-        from tuner.launcher import forward, launched_cluster
+        from tuner.launcher import forward, launched_cluster  # noqa: PLC0415 - late-bound: tests patch it
 
         head = launched_cluster(args.cluster_config, args.address)
         if head:

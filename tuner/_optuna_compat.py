@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import optuna
+import optuna  # noqa: TID253 - this adapter exists to use optuna
 
 from tuner.compat import require_tested
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from edge_server.edge_node import token_available as available
 from tuner.compat import require_tested
 
 #: Ray release lines these internals were read from and are tested with.
@@ -84,8 +86,6 @@ def launcher_cache_file(config: dict[str, Any]) -> Path:
 
 def token_available() -> bool:
     """Whether a Ray auth token is at hand (one definition: edge_server.edge_node, which the edge node uses too)."""
-    from edge_server.edge_node import token_available as available
-
     return available()
 
 
@@ -94,8 +94,6 @@ def set_auth_mode(mode: str) -> None:
     Ray's cached config see it (``ray._raylet.Config.initialize``, what Ray's own ``_enable_token_auth`` does). A
     head started with its mode unset turns token auth on when a token exists; a client with its mode unset does
     not, so joining such a head fails until this is done."""
-    import os
-
     from ray._raylet import Config  # type: ignore[attr-defined]
 
     os.environ["RAY_AUTH_MODE"] = mode
@@ -119,7 +117,7 @@ def fill_deleted_checkpoints(exp_path: str, trial_ids: set[str]) -> list[str]:
     gs://), as Ray's storage path."""
     import pyarrow.fs as pafs
 
-    from trainer.loop_setup import DELETED_CHECKPOINT_MARKER
+    from trainer.loop_setup import DELETED_CHECKPOINT_MARKER  # noqa: PLC0415 - lazy: torch
 
     fs, root = pafs.FileSystem.from_uri(exp_path) if "://" in exp_path else (pafs.LocalFileSystem(), exp_path)
     made: list[str] = []

@@ -15,13 +15,13 @@ import os
 import socket
 from typing import Any
 
+from tuner import _ray_compat
+
 log = logging.getLogger(__name__)
 
 
 def bootstrap_file() -> str:
     """The file where ``ray start`` records the address of the node it started (honours RAY_TMPDIR)."""
-    from tuner import _ray_compat
-
     return _ray_compat.address_file()
 
 
@@ -94,8 +94,6 @@ def _init_existing(address: str, runtime_env: dict[str, Any] | None) -> None:
     refuses the connection for that, retry once in token mode (Ray's own retries make that first refusal take
     about 20 s; export RAY_AUTH_MODE=token to skip it, as cluster.yaml does)."""
     import ray
-
-    from tuner import _ray_compat
 
     # as given first: a client forced into token mode against a cluster without token auth connects, but its
     # actors are then never scheduled (measured with Ray 2.60), so token mode is only the retry

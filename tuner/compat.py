@@ -8,7 +8,8 @@ from edgetune.errors import EdgetuneError
 
 
 def require_tested(lib: str, version: str, tested: tuple[str, ...], install: str) -> str:
-    """``version`` when it starts with one of ``tested`` (or ``EDGETUNE_ALLOW_UNTESTED_<LIB>`` is set), else an error."""
+    """``version`` when it starts with one of ``tested`` (or ``EDGETUNE_ALLOW_UNTESTED_<LIB>`` is set), else an
+    error."""
     env = f"EDGETUNE_ALLOW_UNTESTED_{lib.upper()}"
     if not version.startswith(tested) and not os.environ.get(env):
         raise EdgetuneError(

@@ -5,30 +5,42 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import make_server
 
+import edgetune
+from edgetune.dataclass_cli import HelpFormatter
 from edgetune.logs import setup_cli_logging
+from tuner.storage import rdb_storage
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
 
 
-def make_app(storage: str):  # noqa: ANN201 - WSGI app
+def make_app(storage: str) -> WSGIApplication:
     """WSGI app serving the dashboard for ``storage`` (used by tests and by :func:`main`)."""
     from optuna_dashboard import wsgi
 
-    from tuner.storage import rdb_storage
+    app: WSGIApplication = wsgi(rdb_storage(storage))
+    return app
 
-    return wsgi(rdb_storage(storage))
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tuner.dashboard", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--storage", default="sqlite:///" + str(Path("runs/optuna.db").resolve()),
+                   help="Optuna storage URL of the studies")
+    p.add_argument("--host", default="127.0.0.1", help="listen address")
+    p.add_argument("--port", type=int, default=8080, help="listen port")
+    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tuner.dashboard", description=__doc__)
-    p.add_argument("--storage", default="sqlite:///" + str(Path("runs/optuna.db").resolve()))
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     setup_cli_logging(verbose=False)
     if a.storage.startswith("sqlite:///") and not Path(a.storage[len("sqlite:///"):]).exists():
         print(f"error: no study storage at {a.storage}; run `make tune` first", file=sys.stderr)
         return 2
-    from wsgiref.simple_server import make_server
 
     httpd = make_server(a.host, a.port, make_app(a.storage))
     print(f"optuna-dashboard for {a.storage} on http://{a.host}:{a.port}/ (Ctrl-C to stop)")

@@ -25,11 +25,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import platform
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from edge_server.edge_node import RESOURCE_PREFIX, TARGET_RULE, valid_target
+from edge_server.timing import device_identity, supported_precisions, time_bundle_files
 from edgetune.errors import ConfigError, EdgetuneError
+from tuner.storage import rdb_storage
 
 #: The Optuna study (in the study's storage) whose user attrs hold the latency records.
 CACHE_STUDY = "edgetune-latency-cache"
@@ -42,8 +46,6 @@ log = logging.getLogger(__name__)
 def cache_target(target: str | None) -> str:
     """The cache's target key: the target, or for estimates (no target: timed on the driver's node alongside
     training) ``estimate:<driver host>``, so that drivers on other machines sharing a storage do not mix."""
-    import platform
-
     return target or f"estimate:{platform.node()}"
 
 
@@ -119,7 +121,7 @@ class ArchSignature:
 
 def signature_for(train_config: Any, num_classes: int, precision: str = "fp32", batch: int = 1) -> ArchSignature:
     """The signature of a :class:`trainer.config.TrainConfig`'s model."""
-    from trainer.model import preprocess_spec_for
+    from trainer.model import preprocess_spec_for  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torch, torchvision
 
     m = train_config.model
     spec = preprocess_spec_for(m)
@@ -167,8 +169,6 @@ def time_on_node(files: dict[str, bytes], precision: str, protocol: dict[str, in
     ``keep_engine``: keep a TensorRT engine in the device's engine cache (the winner's, for ``make engine``)."""
     import ray
 
-    from edge_server.timing import time_bundle_files
-
     rec = time_bundle_files(files, precision=precision, protocol=protocol, backend=backend, keep_engine=keep_engine)
     rec["node_id"] = ray.get_runtime_context().get_node_id()
     return rec
@@ -176,8 +176,6 @@ def time_on_node(files: dict[str, bytes], precision: str, protocol: dict[str, in
 
 def _capabilities(backend: str) -> dict[str, Any]:
     import ray
-
-    from edge_server.timing import device_identity, supported_precisions
 
     return {"precisions": list(supported_precisions(backend)), "device": device_identity(backend),
             "node_id": ray.get_runtime_context().get_node_id()}
@@ -241,11 +239,10 @@ def get_latency(setup: LatencySetup, train_config: Any, num_classes: int, precis
         service = ray.get_actor(SERVICE_NAME.format(study=setup.study))
     answer: dict[str, Any] = dict(ray.get(service.lookup.remote(sig.to_dict())))
     if answer["status"] == "claim":
-        import tempfile
-
-        from trainer.config import ModelConfig
-        from trainer.export import bundle_files, write_architecture_bundle
-        from trainer.model import create_model, preprocess_spec_for
+        # the timing side (edge_server.timing, tuner.device) imports no trainer: tests/test_device_units.py
+        from trainer.config import ModelConfig  # noqa: PLC0415 - lazy: trainer
+        from trainer.export import bundle_files, write_architecture_bundle  # noqa: PLC0415 - lazy: torch
+        from trainer.model import create_model, preprocess_spec_for  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torch, torchvision
 
         token = answer["token"]
         try:
@@ -309,8 +306,7 @@ class LatencyRejector:
         return {**self.__dict__, "_cache": None}
 
     def __call__(self, config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-        from tuner.space import build_trial_config, flatten_params
-        from tuner.storage import rdb_storage
+        from tuner.space import build_trial_config, flatten_params  # noqa: PLC0415 - lazy: trainer (see get_latency)
 
         flat = flatten_params(config)
         cfg = build_trial_config(self.base, self.space.to_overrides(flat))

@@ -31,7 +31,10 @@ import yaml
 
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.fsutil import atomic_write_text
+from edgetune.logs import setup_cli_logging
 from fieldloop.labels import LABELS_CSV, read_labels_csv
+from tuner.space import DEFAULT_SPACE
+from tuner.storage import rdb_storage
 
 FIELD_DIR = "field_data"
 MANIFEST_COLUMNS = ("path", "label", "split", "source", "capture_id", "camera_id", "time_unix", "model_version",
@@ -184,7 +187,6 @@ def warm_seeds(prev: Previous, top: int) -> list[dict[str, Any]]:
     """The previous study's best ``top`` finished configurations (best first) as search-space seeds."""
     import optuna
 
-    from tuner.storage import rdb_storage
 
     try:
         study = optuna.load_study(study_name=prev.study, storage=rdb_storage(prev.storage))
@@ -200,7 +202,6 @@ def warm_seeds(prev: Previous, top: int) -> list[dict[str, Any]]:
 
 def warm_space(prev: Previous, space: str, seeds: list[dict[str, Any]], out: Path) -> Path:
     """The search space with the previous best configurations as its first seeds (the space's own seeds follow)."""
-    from tuner.space import DEFAULT_SPACE
 
     src = Path(space or prev.space or DEFAULT_SPACE)
     if not src.is_absolute() and not src.is_file():
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(own: argparse.Namespace, tuner_argv: list[str]) -> tuple[Any, FieldData, Previous]:
     """The warm study's TuneOptions, its joined data and the previous study."""
-    from tuner.__main__ import parse_args, tune_options
+    from tuner.__main__ import parse_args, tune_options  # noqa: PLC0415 - lazy: the tuner CLI (Ray, Optuna)
 
     for name, lo, hi in (("field_test_share", 0.05, 0.6), ("field_val_share", 0.0, 0.6), ("group_s", 1e-3, 1e9)):
         if not lo <= getattr(own, name) <= hi:
@@ -257,7 +258,6 @@ def prepare(own: argparse.Namespace, tuner_argv: list[str]) -> tuple[Any, FieldD
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgetune.logs import setup_cli_logging
 
     own, rest = build_parser().parse_known_args(argv)
     setup_cli_logging(verbose=False)
@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         opts, data, prev = prepare(own, rest)
         print(f"edgetune: warm study {opts.study}: {json.dumps(data.counts())} (field groups: "
               f"{len(data.groups)}); previous best configurations first; data {data.manifest}", flush=True)
-        from tuner.field_report import compare_and_record
-        from tuner.run import process_start, run_study, study_failure
+        from tuner.field_report import compare_and_record  # noqa: PLC0415 - lazy: torch, ONNX Runtime
+        from tuner.run import process_start, run_study, study_failure  # noqa: PLC0415 - lazy: Ray
 
         summary = run_study(opts, started_at=process_start())
         failure = study_failure(summary)

@@ -21,7 +21,7 @@ BOOTSTRAP_REPS = 2000
 
 def correct(bundle_dir: Path, items: Sequence[tuple[str, str]]) -> np.ndarray:
     """Per image (path, label): whether the bundle's top-1 (ONNX Runtime, CPU) is the label."""
-    from trainer.export import ort_probs, ort_session
+    from trainer.export import ort_probs, ort_session  # noqa: PLC0415 - lazy: torch, ONNX Runtime
 
     b = load_bundle(bundle_dir)
     if not items:
@@ -53,7 +53,7 @@ def compare(old_bundle: Path, new_bundle: Path, sets: Mapping[str, Sequence[tupl
 
 
 def record_parent(new_bundle: Path, old_bundle: Path, study: str) -> None:
-    from trainer.export import record_parent as write_parent
+    from trainer.export import record_parent as write_parent  # noqa: PLC0415 - lazy: torch
 
     old = load_bundle(old_bundle, verify_sha=False)
     write_parent(new_bundle, {"bundle_sha256": old.sha256, "model_version": old.version,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.metric import get_metric
+from tuner.storage import rdb_storage
 
 LATENCY_COLUMNS = ["architecture", "backbone", "head", "input_size", "precision", "batch", "p50_ms", "p90_ms",
                    "kind", "target", "node_id", "device", "backend", "runs", "warmup", "trials", "rejected_trials",
@@ -134,7 +135,6 @@ def write_storage_latency_table(storage_url: str, records: list[dict[str, Any]],
     studies). None otherwise."""
     if not storage_url.startswith("sqlite:///"):
         return None
-    from tuner.storage import rdb_storage
 
     path = Path(storage_url[len("sqlite:///"):]).resolve().parent / "latency_table.csv"
     if path.parent == Path(out).resolve():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any
 
 from tuner.device import (  # noqa: F401 - SERVICE_NAME re-exported
@@ -19,6 +20,7 @@ from tuner.device import (  # noqa: F401 - SERVICE_NAME re-exported
     task_options,
     time_on_node,
 )
+from tuner.storage import rdb_storage
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,6 @@ class _Service:
 
     def __init__(self, storage_url: str, target: str | None, protocol: dict[str, int], backend: str = "auto",
                  timeout_s: float = 600.0) -> None:
-        from tuner.storage import rdb_storage
 
         self.target = target
         self.cache_target = cache_target(target)
@@ -57,8 +58,6 @@ class _Service:
     async def lookup(self, sig: dict[str, Any]) -> dict[str, Any]:
         """``{"status": "hit", "record": …}``, or ``{"status": "claim", "token": …}``: the caller exports and calls
         :meth:`measure` (or :meth:`release` if it cannot). A caller for an architecture being timed waits."""
-        import uuid
-
         s = ArchSignature.from_dict(sig)
         while True:
             rec = self.memory.get(s.key) or self._usable(self.cache.get(self.cache_target, s))

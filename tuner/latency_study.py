@@ -10,7 +10,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from edgetune.bundle import load_bundle
+from trainer.config import TrainConfig
+from tuner import device, latency_service
+from tuner.device import LatencyRejector
+from tuner.latency_report import write_latency_outputs, write_storage_latency_table
 from tuner.options import TuneOptions
+from tuner.storage import rdb_storage
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +24,6 @@ log = logging.getLogger(__name__)
 def latency_setup(opts: TuneOptions, space: Any) -> Any:
     """Device in the loop (tuner/device.py): check the target's nodes, ask which precisions it supports (they join
     the space, with the input size), start the study's latency service. Needs Ray connected."""
-    from tuner import device, latency_service
-
     protocol = opts.timing_protocol.to_dict()
     target = opts.target or None
     if target:
@@ -41,8 +45,6 @@ def latency_setup(opts: TuneOptions, space: Any) -> Any:
 
 
 def _rdb(url: str) -> Any:
-    from tuner.storage import rdb_storage
-
     return rdb_storage(url)
 
 
@@ -51,16 +53,12 @@ def rejector(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, l
     ``--max-latency-ms`` on the target (None without a constraint)."""
     if latency is None or opts.max_latency_ms <= 0:
         return None
-    from tuner.device import LatencyRejector
 
     return LatencyRejector(base=base, space=space, num_classes=len(source.classes), storage=opts.storage,
                            setup=latency)
 
 
 def latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]:
-    from tuner import device
-    from tuner.latency_report import write_latency_outputs, write_storage_latency_table
-
     records = device.LatencyCache(_rdb(opts.storage)).records(device.cache_target(opts.target or None))
     res: dict[str, Any] = write_latency_outputs(study, records, out, opts.metric, opts.max_latency_ms)
     shared = write_storage_latency_table(opts.storage, records, opts.metric, device.CACHE_STUDY, out)
@@ -77,9 +75,7 @@ def _winner_latency(opts: TuneOptions, summary: dict[str, Any], precision: str, 
     (``setup``); None where it cannot be."""
     if not opts.latency_on or summary.get("best_trial") is None:
         return None
-    from trainer.checkpoint import read_meta
-    from trainer.config import TrainConfig
-    from tuner import device
+    from trainer.checkpoint import read_meta  # noqa: PLC0415 - lazy: torch
 
     meta = read_meta(Path(summary["best_checkpoint"]))
     cfg = TrainConfig.from_dict(meta["config"])
@@ -100,8 +96,7 @@ def _time_winner(opts: TuneOptions, bundle_dir: Path, precision: str) -> dict[st
     its engine there and keeps it in the device's engine cache, for ``make engine PRECISION=<it>`` to reuse)."""
     import ray
 
-    from trainer.export import bundle_files
-    from tuner import device
+    from trainer.export import bundle_files  # noqa: PLC0415 - lazy: torch
 
     ref = ray.remote(device.time_on_node).options(**device.task_options(opts.target)).remote(
         bundle_files(bundle_dir), precision, opts.timing_protocol.to_dict(), opts.timing_backend, True)
@@ -120,9 +115,8 @@ def hand_off(opts: TuneOptions, summary: dict[str, Any], out: Path, source: Any,
     record) and, with a target, time the bundle's own ONNX on the device (and keep its engine there). Fills in
     ``summary["bundle"]`` and, with a target, ``summary["latency"]["winner"]``. ``latency``: the study's
     LatencySetup (times the architecture at the deployed precision if the search never did)."""
-    from edgetune.bundle import load_bundle
-    from trainer.checkpoint import read_meta
-    from trainer.export import export_bundle, export_model
+    from trainer.checkpoint import read_meta  # noqa: PLC0415 - lazy: torch
+    from trainer.export import export_bundle, export_model  # noqa: PLC0415 - lazy: torch
 
     searched = str((summary.get("best_params") or {}).get("precision", "fp32"))
     timing = lambda p: _winner_latency(opts, summary, p, latency)  # noqa: E731

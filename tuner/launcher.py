@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from tuner import _ray_compat
+
 log = logging.getLogger(__name__)
 
 REMOTE_DIR = "~/edgetune"
@@ -28,8 +30,6 @@ REMOTE_DIR = "~/edgetune"
 
 def launcher_cache_file(config_path: str | Path) -> Path:
     """Where ``ray up config_path`` caches its resolved config (same hashing as Ray's ``_bootstrap_config``)."""
-    from tuner import _ray_compat
-
     return _ray_compat.launcher_cache_file(yaml.safe_load(Path(config_path).read_text()))
 
 
@@ -52,7 +52,7 @@ def head_ip(config_path: str | Path, timeout: float = 60.0) -> str | None:
 def launched_cluster(config_path: str | Path = "cluster.yaml", address: str = "",
                      get_head_ip: Callable[[Path], str | None] | None = None) -> str | None:
     """Head IP of a cluster launched from this machine with ``config_path``, or None (then run here)."""
-    from tuner.cluster import running_local_cluster
+    from tuner.cluster import running_local_cluster  # noqa: PLC0415 - late-bound: tests patch it
 
     p = Path(config_path)
     if os.environ.get("EDGETUNE_LOCAL") or address or os.environ.get("RAY_ADDRESS") or not p.is_file():

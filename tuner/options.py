@@ -8,11 +8,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_server.timing import TimingProtocol
+import yaml
+
+from edge_server.runners.tensorrt import PRECISIONS
+from edge_server.timing import TIMING_BACKENDS, TimingProtocol
 from edgetune.dataclass_cli import file_values, opt
 from edgetune.errors import ConfigError
 from trainer.metric import DEFAULT_METRIC, Metric, get_metric
 from trainer.ray_trainer import PLACEMENT_STRATEGIES
+from tuner.device import target_resource
+from tuner.storage import normalise_url
 
 STORAGE_PATH_ENV = "EDGETUNE_STORAGE_PATH"
 
@@ -48,7 +53,8 @@ class TuneOptions:
     trials: int = opt(0, "optional cap on the number of trials (0 = the time budget decides)")
     epochs: int = opt(4, "max epochs per trial (ASHA max_t; each trial's LR schedule)")
     time_budget_s: float = opt(
-        840.0, f"seconds for search + refit + export, counted from the start (at least {MIN_TIME_BUDGET_S:g}; 0 = none; "
+        840.0, f"seconds for search + refit + export, counted from the start (at least {MIN_TIME_BUDGET_S:g}; "
+               "0 = none; "
                "then --trials is needed)")
     storage: str = opt("", "Optuna storage URL (default sqlite:///<out>/../optuna.db, i.e. runs/optuna.db; "
                        "postgresql://… for shared)")
@@ -101,55 +107,70 @@ class TuneOptions:
                        "or local)")
     export: bool = opt(True, "export the best trial (the refit, where there is one) as a bundle")
     metric: str = opt(DEFAULT_METRIC, "selects epochs, trials and the final model (default val_macro_f1: see "
-                      "README, 'Why macro-F1')")
+                      "README 'Tuner', its Metric paragraph)")
     refit: bool = opt(True, "retrain the best configuration for longer after the search (the exported model)")
     refit_share: float = opt(0.55, "share of the time budget kept for the refit")
     refit_warm: bool = opt(False, "warm final fit: it continues the best trial's weights (a warm restart of its "
-                                  "schedule) instead of starting from ImageNet's again (off by default: bench/README.md, "
-                                  "'Warm final fit')")
+                                  "schedule) instead of starting from ImageNet's again (off by default: "
+                                  "bench/README.md, 'Warm final fit')")
     refit_max_epochs: int = opt(0, "cap on refit epochs (0 = as many as the time budget holds, at most "
                                 "60; with --trials or without a budget 3 x --epochs)")
     probe_share: float = opt(0.1, "share of the time budget for the probe stage (tuner/probe.py: linear heads on "
                                   "frozen features rank backbone x size and join the ensemble; 0 = off; only "
                                   "without --trials)")
-    ema_decay: float = opt(0.99, "weight averaging in every fine-tune: EMA decay per step (0 = off); the better of "
-                                 "raw and averaged weights on validation is kept")
+    ema_decay: float = opt(0.99, "weight averaging in every fine-tune: EMA decay per step (0 = off; a space that "
+                           "searches optim.ema_decay, as the default space does, samples it per trial); the better of "
+                           "raw and averaged weights on validation is kept")
     ensemble: str = opt("auto", "post-hoc ensemble of the study's models (tuner/posthoc.py): auto (kept only when it "
                                 "beats the best single model on validation beyond noise), off, or a member cap N")
     env_vars: dict[str, str] = opt(factory=dict, help="environment for every Ray worker")
     verbose: bool = opt(False, "list every place looked for each backbone left out for missing weights")
 
-    def __post_init__(self) -> None:  # noqa: C901
-        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: derived defaults only
-        put("backbones", tuple(self.backbones))
-        put("sets", tuple(self.sets))
-        put("precisions", tuple(self.precisions))
-        put("resources_per_worker", dict(self.resources_per_worker))  # a copy: the caller's dict is not shared
-        put("env_vars", dict(self.env_vars))
-        for name, lo in (
-            ("trials", 0),
-            ("epochs", 1),
-            ("workers_per_trial", 1),
-            ("grace_period", 1),
-            ("reduction_factor", 2),
-            ("max_concurrent", 0),
-            ("max_failures", 0),
-            ("img", 0),
-            ("max_images", 0),
-            ("refit_max_epochs", 0),
-        ):
+    def __post_init__(self) -> None:
+        self._put("backbones", tuple(self.backbones))
+        self._put("sets", tuple(self.sets))
+        self._put("precisions", tuple(self.precisions))
+        self._put("resources_per_worker", dict(self.resources_per_worker))  # a copy: the caller's dict is not shared
+        self._put("env_vars", dict(self.env_vars))
+        self._check_counts()
+        self._check_shares()
+        self._check_latency()
+        if self.target:
+            self._put("multi_objective", True)  # objectives: the metric and the target's p50 latency
+        if self.multi_objective and get_metric(self.metric).mode != "max":
+            raise ConfigError(f"multi-objective mode maximises a score metric, not {self.metric}")
+        self._fill_places()
+
+    def _put(self, name: str, value: Any) -> None:
+        """Set a field of the frozen options: the derived defaults only, at construction."""
+        object.__setattr__(self, name, value)
+
+    def _check_counts(self) -> None:
+        """The integer fields, the input size, resources and placement (ConfigError naming the field)."""
+        for name, lo in (("trials", 0), ("epochs", 1), ("workers_per_trial", 1), ("grace_period", 1),
+                         ("reduction_factor", 2), ("max_concurrent", 0), ("max_failures", 0), ("img", 0),
+                         ("max_images", 0), ("refit_max_epochs", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
         if self.img and not 32 <= self.img <= 1024:
             raise ConfigError(f"img must be 0 (searched / backbone default) or in [32, 1024], got {self.img}")
         if self.grace_period > self.epochs:
-            put("grace_period", self.epochs)
+            self._put("grace_period", self.epochs)
         if self.gpus_per_trial < 0 or self.cpus_per_worker <= 0:
             raise ConfigError(
                 f"gpus_per_trial must be >= 0 and cpus_per_worker > 0, got {self.gpus_per_trial}, "
                 f"{self.cpus_per_worker}"
             )
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(
+                f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}"
+            )
+        if any(not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()):
+            raise ConfigError(f"resources_per_worker values must be numbers >= 0, got {self.resources_per_worker}")
+
+    def _check_shares(self) -> None:
+        """The budget, the shares of it and the other bounded numbers; the metric and the ensemble mode."""
         if self.time_budget_s < 0 or self.max_latency_ms < 0:
             raise ConfigError("time budget and max latency must be >= 0")
         self._check_budget()
@@ -161,35 +182,26 @@ class TuneOptions:
         if not 0.0 <= self.refit_share < 0.9:
             raise ConfigError(f"refit_share must be in [0, 0.9), got {self.refit_share}")
         get_metric(self.metric)
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ConfigError(
-                f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}"
-            )
-        if any(not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()):
-            raise ConfigError(f"resources_per_worker values must be numbers >= 0, got {self.resources_per_worker}")
-        self._check_latency()
-        if self.target:
-            put("multi_objective", True)  # objectives: the metric and the target's p50 latency
-        if self.multi_objective and get_metric(self.metric).mode != "max":
-            raise ConfigError(f"multi-objective mode maximises a score metric, not {self.metric}")
+
+    def _fill_places(self) -> None:
+        """The derived study name, output directory, storage (checked) and Ray storage path."""
         if not self.study:
-            put("study", f"{Path(self.data).name}-default")
+            self._put("study", f"{Path(self.data).name}-default")
         if not self.out:
-            put("out", str(Path("runs") / self.study))
+            self._put("out", str(Path("runs") / self.study))
         if not self.storage:
             db = Path(self.out).resolve().parent / "optuna.db"
             db.parent.mkdir(parents=True, exist_ok=True)
-            put("storage", f"sqlite:///{db}")
-        from tuner.storage import normalise_url
-
+            self._put("storage", f"sqlite:///{db}")
         normalise_url(self.storage)  # validates the URL early
         if not self.storage_path:
-            put("storage_path", os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray"))
+            self._put("storage_path", os.environ.get(STORAGE_PATH_ENV, "") or str(Path(self.out).resolve() / "ray"))
         elif "://" not in self.storage_path:
-            put("storage_path", str(Path(self.storage_path).resolve()))  # Ray needs an absolute path
+            self._put("storage_path", str(Path(self.storage_path).resolve()))  # Ray needs an absolute path
 
     def _check_budget(self) -> None:
-        """A time budget or a trial count; a budget no smaller than :data:`MIN_TIME_BUDGET_S` (ConfigError naming it)."""
+        """A time budget or a trial count; a budget no smaller than :data:`MIN_TIME_BUDGET_S` (ConfigError naming
+        it)."""
         if not self.time_budget_s and not self.trials:
             raise ConfigError("give a time budget (--time-budget / TIME=, seconds) or a trial count (--trials)")
         if 0 < self.time_budget_s < MIN_TIME_BUDGET_S:
@@ -202,14 +214,15 @@ class TuneOptions:
     @property
     def ensemble_rounds(self) -> int:
         """Greedy selection rounds (0: ensemble off): auto = tuner.posthoc.ENSEMBLE_ROUNDS, N = a cap of N members."""
-        from tuner.posthoc import ENSEMBLE_MODES, ENSEMBLE_ROUNDS
+        from tuner.posthoc import ENSEMBLE_MODES, ENSEMBLE_ROUNDS  # noqa: PLC0415 - lazy: torch
 
         v = str(self.ensemble).strip().lower()
         if v in ENSEMBLE_MODES:
             return ENSEMBLE_ROUNDS if v == "auto" else 0
         if v.isdigit() and int(v) >= 1:
             return int(v)
-        raise ConfigError(f"ensemble must be one of {list(ENSEMBLE_MODES)} or a member cap N >= 1, got {self.ensemble!r}")
+        raise ConfigError(f"ensemble must be one of {list(ENSEMBLE_MODES)} or a member cap N >= 1, "
+                          f"got {self.ensemble!r}")
 
     @property
     def metric_def(self) -> Metric:
@@ -217,12 +230,9 @@ class TuneOptions:
 
     def _check_latency(self) -> None:
         """Target name, timing protocol, backend and timeout (ConfigError naming what is allowed)."""
-        from edge_server.timing import TIMING_BACKENDS
-
         self.timing_protocol  # noqa: B018 - TimingProtocol validates timing_warmup / timing_runs
         if self.timing_backend not in TIMING_BACKENDS:
             raise ConfigError(f"timing_backend must be one of {TIMING_BACKENDS}, got {self.timing_backend!r}")
-        from edge_server.runners.tensorrt import PRECISIONS
 
         if not 0 <= self.int8_tolerance <= 1:
             raise ConfigError(f"int8_tolerance must be in [0, 1] (validation accuracy), got {self.int8_tolerance}")
@@ -232,8 +242,6 @@ class TuneOptions:
         if self.precisions and not self.target:
             raise ConfigError("precisions needs --target (the precisions are the target device's)")
         if self.target:
-            from tuner.device import target_resource
-
             target_resource(self.target)  # validates the name
         if self.timing_timeout_s <= 0:
             raise ConfigError(f"timing_timeout_s must be > 0, got {self.timing_timeout_s}")
@@ -252,16 +260,12 @@ class TuneOptions:
 def options_yaml(opts: TuneOptions) -> str:
     """The effective options as YAML, every field (derived defaults resolved): what ``python -m tuner --print-config``
     prints and a study writes to ``<out>/tune_options.yaml``; ``--config`` reads it back to the same options."""
-    import yaml
-
     return str(yaml.safe_dump(asdict(opts), sort_keys=False))
 
 
 def load_options_file(path: str | Path) -> dict[str, Any]:
     """The TuneOptions fields a ``--config`` YAML sets (ConfigError: unreadable, not a mapping, an unknown key with
     the allowed ones, a value of the wrong type)."""
-    import yaml
-
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
+from typing import Any
 
-from edgetune.errors import ConfigError
+from edgetune.errors import ConfigError, EdgetuneError
 
 SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
 
@@ -30,7 +32,8 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def rdb_storage(url: str):  # noqa: ANN201 - optuna.storages.RDBStorage
+def rdb_storage(url: str) -> Any:
+    """An ``optuna.storages.RDBStorage`` on ``url`` (typed Any: tuner/report.py rebinds its ``storage: str`` to it)."""
     import optuna
 
     return optuna.storages.RDBStorage(normalise_url(url), heartbeat_interval=None)
@@ -51,12 +54,8 @@ def check_storage(url: str, timeout_s: float = 10.0) -> None:
     (password masked) and the cause."""
     import sqlalchemy
 
-    from edgetune.errors import EdgetuneError
-
     norm = normalise_url(url)
     if norm.startswith("sqlite:///"):
-        from pathlib import Path
-
         db = Path(norm[len("sqlite:///"):])
         if not db.parent.is_dir():
             raise EdgetuneError(f"storage {url}: folder {db.parent} does not exist")

@@ -17,7 +17,12 @@ from typing import Any
 
 from edgetune.errors import EdgetuneError
 from trainer.config import TrainConfig
-from tuner.space import build_trial_config, flatten_params
+from trainer.loop_config import LoopConfig
+from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
+from trainer.ray_trainer import make_torch_trainer
+from tuner import _ray_compat, device
+from tuner.space import build_trial_config as build_trial_config  # re-exported: tuner/refit.py imports it here
+from tuner.space import flatten_params
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Tune function trainable (bound with ``tune.with_parameters``)."""
     from ray import tune
 
-    from trainer.loop import train_loop
-    from trainer.loop_config import LoopConfig
+    from trainer.loop import train_loop  # noqa: PLC0415 - lazy: torch
 
     if ctx.deadline is not None and time.time() >= ctx.deadline:
         # suggested while budget remained, but it waited for resources until the search deadline: end without
@@ -84,8 +88,6 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 def _latency(ctx: TrialContext, cfg: TrainConfig, flat: dict[str, Any]) -> dict[str, Any]:
     """The architecture's latency on the target (timed there first if no trial has), as result keys; with
     ``rejected_reason`` when the constraint rejects it."""
-    from tuner import device
-
     setup = ctx.latency
     precision = str(flat.get(setup.precision_param, "fp32")) if setup.precision_param else "fp32"
     if ctx.source is None:
@@ -103,8 +105,6 @@ def _latency(ctx: TrialContext, cfg: TrainConfig, flat: dict[str, Any]) -> dict[
 def ddp_trainer(loop_cfg: dict[str, Any], res: TrialResources, trial_id: str, callbacks: Sequence[Any] = ()) -> Any:
     """A multi-worker trial's ``TorchTrainer`` from the trainer's one factory (the best epoch's checkpoint is
     kept, as in ``make train``) with the trial's resources; ``callbacks``: the report callback in a Tune trial."""
-    from trainer.ray_trainer import make_torch_trainer
-
     per_worker = dict(res.resources_per_worker)
     if not res.use_gpu:
         per_worker.setdefault("CPU", res.cpus_per_worker)
@@ -119,11 +119,9 @@ def _report_callback() -> Any:
     """``TuneReportCallback`` that also forwards every rank's node id and the best epoch's checkpoint URI."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from tuner import _ray_compat
-
     class _Callback(TuneReportCallback):
         def __init__(self) -> None:
-            super().__init__()
+            super().__init__()  # type: ignore[no-untyped-call]  # Ray's __init__ is unannotated
             self.best: dict[str, Any] = {}
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
@@ -139,8 +137,6 @@ def _report_callback() -> Any:
 def best_checkpoint(best: dict[str, Any], metrics: dict[str, Any], checkpoint: Any) -> dict[str, Any]:
     """``{"score", "checkpoint_path", "checkpoint_uri"}`` of the run's best checkpoint after this report: the
     one ``trainer.metric.CHECKPOINT_SCORE`` ranks highest (the one the Train run keeps; ties keep the earlier)."""
-    from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
-
     if checkpoint is None:
         return best
     score = float(metrics.get(CHECKPOINT_SCORE, -1))

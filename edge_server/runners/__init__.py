@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 
 from edge_server.runners.base import Runner
+from edge_server.runners.onnxruntime import GPU_PROVIDERS, OnnxRuntimeRunner, available_providers, variant_for
+from edge_server.runners.tensorrt import TensorRTRunner, engines_dir, find_engines
 from edgetune.bundle import Bundle
 from edgetune.errors import ConfigError
 
@@ -28,8 +30,6 @@ def get_runner(name: str, bundle: Bundle, *, max_batch_size: int = 8, intra_op_t
     """Build the runner ``name`` (one of :data:`BACKENDS`) for ``bundle``."""
     if name not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {name!r}")
-    from edge_server.runners.onnxruntime import OnnxRuntimeRunner, variant_for
-    from edge_server.runners.tensorrt import TensorRTRunner
 
     if name == "tensorrt":
         runner: Runner = TensorRTRunner(bundle, precision=precision, max_batch_size=max_batch_size)
@@ -48,9 +48,6 @@ def get_runner(name: str, bundle: Bundle, *, max_batch_size: int = 8, intra_op_t
 
 
 def _auto(bundle: Bundle, max_batch_size: int, intra_op_threads: int, precision: str) -> tuple[Runner, str]:
-    from edge_server.runners.onnxruntime import GPU_PROVIDERS, OnnxRuntimeRunner, available_providers, variant_for
-    from edge_server.runners.tensorrt import TensorRTRunner, engines_dir, find_engines
-
     engines = find_engines(bundle, precision)  # by name only: TensorRT is not imported yet
     if engines:
         # Engines present but none for this GPU/TensorRT/ONNX (or a stale one) raises with a rebuild hint;

@@ -84,7 +84,8 @@ class OnnxRuntimeRunner(Runner):
         self._input_hw = bundle.spec.input_size
         inputs = {i.name: i for i in self._session.get_inputs()}
         if self._input_name not in inputs:
-            raise BundleError(f"bundle {bundle.path}: model has no input {self._input_name!r}; inputs: {sorted(inputs)}")
+            raise BundleError(f"bundle {bundle.path}: model has no input {self._input_name!r}; "
+                              f"inputs: {sorted(inputs)}")
         outputs = [o.name for o in self._session.get_outputs()]
         if self._output_name not in outputs:
             raise BundleError(f"bundle {bundle.path}: model has no output {self._output_name!r}; outputs: {outputs}")

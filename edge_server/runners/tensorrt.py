@@ -176,7 +176,8 @@ def validate_sidecar(meta: Mapping[str, Any], *, bundle: Bundle, tensorrt_versio
         raise BundleError(f"{sidecar_path(engine)}: sidecar must be a JSON object; {hint}")
     missing = [k for k in SIDECAR_KEYS if k not in meta]
     if missing:
-        raise BundleError(f"{sidecar_path(engine)}: missing field(s) {missing} (required: {list(SIDECAR_KEYS)}); {hint}")
+        raise BundleError(f"{sidecar_path(engine)}: missing field(s) {missing} (required: {list(SIDECAR_KEYS)}); "
+                          f"{hint}")
     problems = []
     if str(meta["onnx_sha256"]) != bundle.sha256:
         problems.append(f"built from ONNX {str(meta['onnx_sha256'])[:12]}, bundle model is {bundle.version}")
@@ -341,7 +342,8 @@ class TensorRTRunner(Runner):
         _check(cudart.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream), "cudaMemcpyAsync(H2D)")
         if not self._context.execute_async_v3(int(self._stream)):
             raise RuntimeError("TensorRT execute_async_v3 failed")
-        _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream), "cudaMemcpyAsync(D2H)")
+        _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream),
+               "cudaMemcpyAsync(D2H)")
         _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         return out.astype(np.float32, copy=False)
 
