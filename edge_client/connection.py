@@ -94,6 +94,9 @@ def make_channel(opts: ConnectionOptions, connect_timeout: float = 3.0) -> grpc.
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # a connection of its own per channel, i.e. per camera (grpcio otherwise shares one among equal channels):
+        # the server lets one connection hold only its share of the stream slots (--max-streams-per-connection)
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if not opts.secure:
         return grpc.insecure_channel(opts.server, options=options)

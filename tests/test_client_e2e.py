@@ -162,6 +162,27 @@ def test_directory_source_and_csv_log(media: dict[str, Path], server: Any, tmp_p
     assert [line.split(",")[1] for line in lines[1:]] == ["0", "1", "2", "3", "4"]
 
 
+def test_several_cameras_in_one_client_each_get_a_stream(media: dict[str, Path], tmp_path: Path) -> None:
+    """One client process with 4 cameras against a server that lets one connection hold 2 streams: every camera
+    has its own connection, so none is refused (before: grpcio shared one connection among the client's equal
+    channels, and the cameras beyond the connection's share were refused and had to wait their turn)."""
+    srv = make_server(bundle=media["bundle"], port=0, backend="onnxruntime", intra_op_threads=1, max_streams=4,
+                      stream_idle_s=30.0).start()
+    try:
+        assert srv.config.streams_per_connection() == 2
+        args = ["--server", srv.address, "--fps", "20", "--quiet"]
+        for i in range(4):
+            d = write_image_dir(tmp_path / f"imgs{i}", n=20, size=64)  # 1 s of frames at 20 fps: streams overlap
+            args += ["--source", f"cam{i}={d}"]
+        assert main([*args, "--log", str(tmp_path / "r.csv")]) == 0
+        rows = [line.split(",") for line in (tmp_path / "r.csv").read_text().splitlines()[1:]]
+        assert sorted({r[0] for r in rows}) == ["cam0", "cam1", "cam2", "cam3"]
+        assert {r[0] for r in rows if r[1] == "19"} == {"cam0", "cam1", "cam2", "cam3"}  # (latest frame wins)
+        assert srv.stats.rejected_total == 0, "a camera was refused: its client shares a connection"
+    finally:
+        srv.stop(grace=1)
+
+
 def test_once_prints_json(media: dict[str, Path], server: Any, tmp_path: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
     d = write_image_dir(tmp_path / "imgs", n=3, size=96)

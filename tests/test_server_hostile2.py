@@ -65,7 +65,8 @@ def test_stream_with_closed_receive_window_is_closed_and_frees_its_slot(bundle_d
     """Camera streams on an HTTP/2 connection whose receive window is 0 (the peer answers pings, never reads):
     each blocks the server sending its first result; they are closed within the idle timeout and their slots
     freed, so a real camera is served (before: the slots stayed held for good)."""
-    srv = start_server(bundle_dir, max_streams=3, stream_idle_s=1.0)
+    # every slot on one connection (the per-connection cap is the test below): the idle timeout must free them
+    srv = start_server(bundle_dir, max_streams=3, max_streams_per_connection=3, stream_idle_s=1.0)
     frame = pb.Frame(camera_id="stuck", frame_id=1, image=good_png).SerializeToString()
     raw = RawH2(srv.address, window=0, read=False)
     try:
@@ -88,10 +89,66 @@ def test_stream_with_closed_receive_window_is_closed_and_frees_its_slot(bundle_d
         srv.stop(grace=1)
 
 
+def test_one_connection_cannot_hold_every_stream_slot(bundle_dir: Path, good_png: bytes) -> None:
+    """One connection opens --max-streams camera streams with receive window 0 (each blocks the server sending
+    its first result, until the idle timeout, here far away): it gets at most --max-streams-per-connection of the
+    slots (half by default), the rest are refused at once, and a camera on another connection is admitted and
+    served while the attack still holds its streams (before: that connection held every slot until the idle
+    timeout, and every new camera was refused meanwhile)."""
+    srv = start_server(bundle_dir, max_streams=4, stream_idle_s=60.0)
+    frame = pb.Frame(camera_id="stuck", frame_id=1, image=good_png).SerializeToString()
+    raw = RawH2(srv.address, window=0, read=False)
+    try:
+        sids = [raw.open(STREAM, message=frame) for _ in range(4)]
+        # states: the server has taken all 4 calls (admitted, or refused and answered), the admitted ones are
+        # blocked sending their result to the window-0 peer
+        refused = lambda: [s for s in sids if raw.status(s)]  # noqa: E731
+        assert _wait(lambda: srv.admission.active("stream") + len(refused()) == 4, 60), (
+            srv.admission.active("stream"), raw.ended)
+        assert _wait(lambda: len(srv.servicer._sending) == srv.admission.active("stream"), 60)
+        held = srv.admission.active("stream")
+        with grpc.insecure_channel(srv.address) as ch:  # a real camera, on its own connection
+            feed = RequestFeeder(timeout=60)
+            call = pb_grpc.ClassifierStub(ch).StreamClassify(feed, timeout=60)
+            feed.send(pb.Frame(camera_id="real", frame_id=7, image=good_png))
+            try:
+                got = next(call).frame_id
+            except grpc.RpcError as e:
+                raise AssertionError(f"a camera on another connection was refused: {e.code().name} "
+                                     f"{e.details()}") from None
+            assert got == 7
+            still_held = [s for s in sids if not raw.status(s)]
+            assert len(still_held) == held, raw.ended  # served while the attack held its slots
+            feed.end()
+            assert list(call) == []
+        assert held == srv.config.streams_per_connection() == 2
+        assert {raw.status(s) for s in refused()} == {"grpc-status 8"}  # RESOURCE_EXHAUSTED
+    finally:
+        raw.close()
+        srv.stop(grace=1)
+
+
+def test_streams_per_connection_is_validated(bundle_dir: Path) -> None:
+    from edge_server.server import ServerConfig
+    from edgetune.errors import ConfigError
+
+    assert ServerConfig(bundle=bundle_dir, max_streams=8).streams_per_connection() == 4
+    assert ServerConfig(bundle=bundle_dir, max_streams=3).streams_per_connection() == 2
+    assert ServerConfig(bundle=bundle_dir, max_streams=1).streams_per_connection() == 1
+    assert ServerConfig(bundle=bundle_dir, max_streams=8, max_streams_per_connection=8).streams_per_connection() == 8
+    for bad in (0, 9, 2.5, True):
+        try:
+            ServerConfig(bundle=bundle_dir, max_streams=8, max_streams_per_connection=bad)
+        except ConfigError as e:
+            assert "1..max_streams (8)" in str(e), e
+        else:
+            raise AssertionError(f"max_streams_per_connection={bad!r} accepted")
+
+
 def test_drain_cancels_streams_whose_peer_stopped_reading(bundle_dir: Path, good_png: bytes) -> None:
     """With the idle timeout far away, a stop does not wait its whole grace period for streams that cannot
     finish their frame (receive window 0): they are cancelled after 1 s (before: the full grace)."""
-    srv = start_server(bundle_dir, max_streams=2, stream_idle_s=30.0, grace_s=10.0)
+    srv = start_server(bundle_dir, max_streams=2, max_streams_per_connection=2, stream_idle_s=30.0, grace_s=10.0)
     frame = pb.Frame(camera_id="stuck", frame_id=1, image=good_png).SerializeToString()
     raw = RawH2(srv.address, window=0, read=False)
     try:
