@@ -148,8 +148,9 @@ def test_fast_live_source_vs_slow_model_drops_and_bounds_latency(media: dict[str
     assert 2 <= stats.results < 20 and stats.dropped > 10
     assert stats.dropped == sum(r["dropped_before"] for r in records)
     assert stats.sent + stats.skipped == 45 and stats.sent == stats.results + stats.dropped + stats.lost
-    # A queue would make the last frames wait seconds; dropping keeps every latency near 2 service times.
-    assert max(r["latency_ms"] for r in records) < 1000.0
+    # A queue would make the last frames wait ~10 s (45 frames at ~4/s); dropping keeps every latency near 2 service
+    # times (0.5 s): 3 s tells them apart with room for a loaded machine.
+    assert max(r["latency_ms"] for r in records) < 3000.0
 
 
 def test_directory_source_and_csv_log(media: dict[str, Path], server: Any, tmp_path: Path) -> None:
