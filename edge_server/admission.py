@@ -216,9 +216,13 @@ class Admission(grpc.ServerInterceptor):
             self._peer_streams[peer] = held + 1
         return None
 
-    def _admit_stream_call(self, context: grpc.ServicerContext, method: str, admitted_peer: list[str]) -> None:
+    def _admit_stream_call(self, context: grpc.ServicerContext, method: str, admitted_peer: list[str] | None
+                           ) -> None:
         """Admit a stream from its handler (its peer appended to ``admitted_peer``), or refuse it as :meth:`_refuse`
-        does (counted, logged, pushback; raises)."""
+        does (counted, logged, pushback; raises). Nothing to do for other calls (``admitted_peer`` None): they were
+        admitted in :meth:`intercept_service`."""
+        if admitted_peer is None:
+            return
         peer = _peer(context)
         message = self._admit_stream(peer)
         if message is None:
@@ -358,8 +362,7 @@ class Admission(grpc.ServerInterceptor):
 
             def streaming(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 shares: list[int] = []
-                if admitted_peer is not None:  # a camera stream: admitted here, where its connection is known
-                    self._admit_stream_call(context, method, admitted_peer)
+                self._admit_stream_call(context, method, admitted_peer)  # a camera stream: admitted here
                 try:
                     yield from inner_stream(start(requests, context, shares), context)
                 except _CallGone:
@@ -376,6 +379,7 @@ class Admission(grpc.ServerInterceptor):
 
         def unary(requests: Any, context: grpc.ServicerContext) -> Any:
             shares: list[int] = []
+            self._admit_stream_call(context, method, admitted_peer)  # (client-streaming: none is served today)
             try:
                 return inner(start(requests, context, shares), context)
             except _CallGone:

@@ -1,7 +1,8 @@
 """Building, starting and stopping the gRPC server (``make_server``) and the blocking ``serve``.
 
 Safe defaults against hostile clients (issue 11): unary calls and camera streams have separate limits
-(``max_concurrent``, ``max_streams``) enforced by :class:`~edge_server.admission.Admission`, health
+(``max_concurrent``, ``max_streams``, and ``max_streams_per_connection`` for what one client connection may
+hold) enforced by :class:`~edge_server.admission.Admission`, health
 checks are never limited, idle streams are closed after ``stream_idle_s``, connections are kept alive
 and recycled by gRPC's keepalive / max-connection-idle / max-connection-age settings, images are checked
 from their header and decoded within a memory budget, per-camera statistics are bounded, and
