@@ -10,9 +10,11 @@ and fails when a bound is broken:
   grows by at most ``edge_server.logs.WORST_CASE_BYTES_PER_S``; no token in the log;
 * ``health-stall``: 300 health Checks that send headers but never their message, kept open: legit p99 within
   2x quiet (floor 100 ms);
-* ``stream-window0``: ``--max-streams`` camera streams on an HTTP/2 connection with receive window 0: all
-  slots free within the idle timeout (+2 s), then a real camera is served; a SIGTERM with such streams open
-  exits within the grace period (+2 s);
+* ``stream-window0``: ``--max-streams`` camera streams on an HTTP/2 connection with receive window 0: that
+  connection holds at most ``--max-streams-per-connection`` slots (the rest refused at once), a real camera on
+  another connection is admitted and served while the attack's streams are still held, all of them are closed
+  within the idle timeout (+2 s), then a real camera is served again; a SIGTERM with such streams open exits
+  within the grace period (+2 s);
 * ``big-messages``: 60 Classify calls then ``--max-streams`` streams of 15.5 MB messages, gzip-compressed
   on the wire: peak RSS within the stated budget (``--rss-limit-mb``), RSS back after;
 * ``nonutf8-metadata``: 200 calls whose token has a stray non-UTF-8 byte: UNAUTHENTICATED, the token never
@@ -38,6 +40,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from soak_state import CAM_MD, CAMERA_TOKEN
 
+from edge_server.admission import default_streams_per_peer
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 from testkit.raw_h2 import gzip_frame
@@ -260,14 +263,30 @@ class Attacks:
         extra["stalled_checks_opened"] = opened
 
     def attack_stream_window0(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
-        from testkit.edge_fixtures import RequestFeeder
         from testkit.raw_h2 import RawH2
 
         frame = pb.Frame(camera_id="stuck", frame_id=1, image=self.image).SerializeToString()
         raw = RawH2(srv.address, window=0, read=False)
+        share = default_streams_per_peer(self.max_streams)  # the soak server's --max-streams-per-connection
         try:
             sids = [raw.open(STREAM, metadata=CAM_MD, message=frame) for _ in range(self.max_streams)]
             t0 = time.monotonic()
+            # the streams beyond the connection's share are refused at once; then, while the attack holds its
+            # slots (its streams blocked sending to the window-0 peer until the idle timeout), a real camera on
+            # another connection must get its stream and its result
+            while time.monotonic() < t0 + self.idle_s and len([s for s in sids if raw.status(s)]) < len(sids) - share:
+                time.sleep(0.01)
+            refused = [raw.status(s) for s in sids if raw.status(s)]
+            extra["window0_streams_refused"] = len(refused)
+            if len(refused) < len(sids) - share or set(refused) != {"grpc-status 8"}:
+                fails.append(f"one connection held more than its {share} stream slots: {len(sids) - len(refused)} of "
+                             f"{len(sids)} admitted ({sorted(set(refused))})")
+            camera_s = self._camera_result(srv, fails, "while the window-0 streams hold their slots")
+            held = len([s for s in sids if not raw.status(s)])
+            extra["camera_during_attack_s"] = None if camera_s is None else round(camera_s, 3)
+            extra["window0_streams_held_then"] = held
+            if camera_s is not None and held == 0:
+                fails.append("the window-0 streams had ended before the real camera was answered: not measured")
             deadline = t0 + self.idle_s + 15
             while time.monotonic() < deadline and not all(raw.status(s) for s in sids):
                 time.sleep(0.05)
@@ -276,17 +295,7 @@ class Attacks:
             if not all(raw.status(s) for s in sids) or freed > self.idle_s + 2:
                 fails.append(f"window-0 streams not closed within the idle timeout + 2 s ({freed:.1f} s)")
             time.sleep(0.3)
-            with grpc.insecure_channel(srv.address) as ch:  # a real camera is served
-                feed = RequestFeeder(timeout=30)
-                call = pb_grpc.ClassifierStub(ch).StreamClassify(feed, timeout=30, metadata=CAM_MD)
-                feed.send(pb.Frame(camera_id="real", frame_id=7, image=self.image))
-                try:
-                    if next(call).frame_id != 7:
-                        fails.append("the real camera got a wrong result")
-                except grpc.RpcError as e:
-                    fails.append(f"a real camera after the attack got {e.code().name}")
-                feed.end()
-                call.cancel()
+            self._camera_result(srv, fails, "after the attack")  # a real camera is served
             # a SIGTERM with window-0 streams open drains within the grace period
             extra["allowed_legit_failures"] = ("UNAVAILABLE",)  # a probe call that starts during the drain
             sids = [raw.open(STREAM, metadata=CAM_MD, message=frame) for _ in range(self.max_streams)]
@@ -304,6 +313,27 @@ class Attacks:
                 fails.append(f"SIGTERM with window-0 streams took {took:.1f} s (grace {self.grace_s:g} s)")
         finally:
             raw.close()
+
+    def _camera_result(self, srv: Any, fails: list[str], when: str) -> float | None:
+        """A real camera's stream on its own connection: seconds to its first result, None (and a failure) if
+        refused. (A channel with its own option: grpcio shares one connection among equal channels.)"""
+        from testkit.edge_fixtures import RequestFeeder
+
+        t0 = time.monotonic()
+        with grpc.insecure_channel(srv.address, options=[("edgetune.soak.camera", 1)]) as ch:
+            feed = RequestFeeder(timeout=30)
+            call = pb_grpc.ClassifierStub(ch).StreamClassify(feed, timeout=30, metadata=CAM_MD)
+            feed.send(pb.Frame(camera_id="real", frame_id=7, image=self.image))
+            took: float | None = None
+            try:
+                if next(call).frame_id != 7:
+                    fails.append(f"the real camera {when} got a wrong result")
+                took = time.monotonic() - t0
+            except grpc.RpcError as e:
+                fails.append(f"a real camera {when} got {e.code().name}: {(e.details() or '')[:120]}")
+            feed.end()
+            call.cancel()
+        return took
 
     def attack_big_messages(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
         """60 Classify calls, then 32 streams of 4 frames, of 15.5 MB gzip'ed to 16 KB (refused before they are

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,34 @@ def _read(path: str | None) -> bytes | None:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
 
 
+#: What grpcio's connectivity poller raises when its channel is closed between two of its polls.
+_GRPC_CLOSE_RACE = "Cannot monitor channel state: Channel closed"
+_hook_lock = threading.Lock()
+_hook_installed = False
+
+
+def quiet_grpc_close_race() -> None:
+    """Drop one harmless thread traceback: a channel with a connectivity subscription (:func:`watch_connected`)
+    that is closed while grpcio's poller thread is between two polls (``grpc._channel._poll_connectivity``)
+    makes that thread raise ``ValueError: Cannot monitor channel state: Channel closed!``, which Python printed
+    on stderr (in about 1 of 10 runs of a client that gave up on a closed port). The channel was closed on
+    purpose; every other thread exception goes to the previous ``threading.excepthook``. Idempotent."""
+    global _hook_installed
+    with _hook_lock:
+        if _hook_installed:
+            return
+        previous = threading.excepthook
+
+        def hook(args: Any) -> None:
+            if args.exc_type is ValueError and _GRPC_CLOSE_RACE in str(args.exc_value) and any(
+                    f.name == "_poll_connectivity" for f in traceback.extract_tb(args.exc_traceback)):
+                return
+            previous(args)
+
+        threading.excepthook = hook
+        _hook_installed = True
+
+
 def make_channel(opts: ConnectionOptions, connect_timeout: float = 3.0) -> grpc.Channel:
     """A new channel (connects lazily). Reconnection pacing is ours, so gRPC's own is kept short; one connection
     attempt (TCP connect, TLS and the HTTP/2 handshake) may take ``connect_timeout`` seconds. gRPC reads its
@@ -94,6 +123,9 @@ def make_channel(opts: ConnectionOptions, connect_timeout: float = 3.0) -> grpc.
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # a connection of its own per channel, i.e. per camera (grpcio otherwise shares one among equal channels):
+        # the server lets one connection hold only its share of the stream slots (--max-streams-per-connection)
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if not opts.secure:
         return grpc.insecure_channel(opts.server, options=options)
@@ -149,6 +181,7 @@ def watch_connected(channel: grpc.Channel) -> threading.Event:
     """An event set once ``channel`` is READY (its TCP, TLS and HTTP/2 handshakes finished): tells a deadline
     reached while connecting from one reached waiting for the server's answer."""
     ready = threading.Event()
+    quiet_grpc_close_race()  # the subscription's poller may race the channel's close
 
     def on_state(state: grpc.ChannelConnectivity) -> None:
         if state == grpc.ChannelConnectivity.READY:

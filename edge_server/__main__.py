@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the profile's)")
     p.add_argument("--max-streams", type=int, default=None, help="camera streams open at once before "
                    "RESOURCE_EXHAUSTED (their own limit; default: the profile's)")
+    p.add_argument("--max-streams-per-connection", type=int, default=None,
+                   help="camera streams one client connection may hold at once, so that one connection never takes "
+                        "the slots other cameras need (default: half of --max-streams, rounded up)")
     p.add_argument("--stream-idle-timeout", type=float, default=30.0,
                    help="close a stream that sends no frame for this many seconds (0 = never)")
     p.add_argument("--max-message-mb", type=float, default=None,
@@ -218,7 +221,8 @@ def _serve(args: argparse.Namespace, native: NativeStderr) -> int:
             token=token, tls_cert=args.tls_cert,
             tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, insecure=args.insecure, watch=args.watch,
             watch_interval_s=args.watch_interval, grace_s=args.grace,
-            stream_idle_s=args.stream_idle_timeout, load_model=args.enable_load_model, admin_token=admin_token,
+            stream_idle_s=args.stream_idle_timeout, max_streams_per_connection=args.max_streams_per_connection,
+            load_model=args.enable_load_model, admin_token=admin_token,
             model_root=args.model_root, max_cameras=args.max_cameras, camera_idle_s=args.camera_idle_timeout,
             keepalive_s=args.keepalive,
             max_connection_age_s=args.max_connection_age, capture=_capture_config(args),

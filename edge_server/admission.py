@@ -3,8 +3,12 @@
 Limits are per kind of call, so that one kind cannot starve another (Envoy's per-route circuit breakers):
 
 * ``unary``: Classify, GetModelInfo, GetStats, LoadModel: at most ``--max-concurrent`` at once;
-* ``stream``: StreamClassify: at most ``--max-streams`` open at once (idle streams also time out in the
-  servicer, ``--stream-idle-timeout``);
+* ``stream``: StreamClassify: at most ``--max-streams`` open at once, and at most
+  ``--max-streams-per-connection`` of them on one client connection (gRPC's peer: its address and port; by default
+  half of ``--max-streams``, rounded up), so one connection, whatever it does with its streams (a receive window
+  of 0 that blocks every send, say), never holds the slots a camera on another connection needs (issue 21; idle
+  streams also time out in the servicer, ``--stream-idle-timeout``). A stream is admitted in its handler, where
+  the peer is known (``handler_call_details`` does not carry it): both counts are checked and taken at once;
 * ``watch``: health ``Watch`` streams (:data:`MAX_HEALTH_WATCHERS`), ``reflection`` streams
   (:data:`MAX_REFLECTION_STREAMS`);
 * health ``Check`` is never refused, not even while draining, and never holds a server thread for long: a
@@ -98,8 +102,12 @@ class Admission(grpc.ServerInterceptor):
     """Per-kind concurrency limits, drain refusal and the exception guard (see the module docstring)."""
 
     def __init__(self, stats: ServerStats, max_unary: int, max_streams: int, request_timeout_s: float = 30.0,
-                 inflight: ByteBudget | None = None) -> None:
+                 inflight: ByteBudget | None = None, max_streams_per_peer: int | None = None) -> None:
         self.stats = stats
+        #: camera streams one connection (gRPC peer) may hold at once
+        self.max_streams_per_peer = default_streams_per_peer(max_streams) if max_streams_per_peer is None \
+            else max_streams_per_peer
+        self._peer_streams: dict[str, int] = {}  # peer -> streams it holds (only peers holding one)
         self.inflight = inflight
         self.request_timeout_s = request_timeout_s
         self._watchdog = Watchdog()
@@ -117,6 +125,11 @@ class Admission(grpc.ServerInterceptor):
     def active(self, kind: str) -> int:
         with self._cond:
             return self._active[kind]
+
+    def peer_streams(self) -> dict[str, int]:
+        """Camera streams held per connection (gRPC peer), only connections holding one."""
+        with self._cond:
+            return dict(self._peer_streams)
 
     def start_draining(self) -> None:
         self.draining.set()
@@ -164,6 +177,8 @@ class Admission(grpc.ServerInterceptor):
         if self.draining.is_set() and kind not in ("watch", "health"):
             return self._refuse(handler, method, grpc.StatusCode.UNAVAILABLE,
                                 "server is shutting down; retry on another server or once it is back")
+        if kind == "stream":  # admitted in the handler, where its connection is known (_admit_stream)
+            return self._guard(handler, method, kind)
         with self._cond:
             admitted = self._active[kind] < self.limits[kind]
             if admitted:
@@ -186,6 +201,39 @@ class Admission(grpc.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(answer, request_deserializer=None,
                                                     response_serializer=handler.response_serializer)
 
+    def _admit_stream(self, peer: str) -> str | None:
+        """Take a stream slot for a call from ``peer``, the server's and the connection's at once: None, or why
+        the call is refused."""
+        with self._cond:
+            if self._active["stream"] >= self.limits["stream"]:
+                return self._limit_message("stream")
+            held = self._peer_streams.get(peer, 0)
+            if held >= self.max_streams_per_peer:
+                n = self.max_streams_per_peer
+                return (f"too many open camera streams on this connection (limit {n}, --max-streams-per-connection);"
+                        " open further cameras on their own connections, or retry later")
+            self._active["stream"] += 1
+            self._peer_streams[peer] = held + 1
+        return None
+
+    def _admit_stream_call(self, context: grpc.ServicerContext, method: str, admitted_peer: list[str] | None
+                           ) -> None:
+        """Admit a stream from its handler (its peer appended to ``admitted_peer``), or refuse it as :meth:`_refuse`
+        does (counted, logged, pushback; raises). Nothing to do for other calls (``admitted_peer`` None): they were
+        admitted in :meth:`intercept_service`."""
+        if admitted_peer is None:
+            return
+        peer = _peer(context)
+        message = self._admit_stream(peer)
+        if message is None:
+            admitted_peer.append(peer)
+            return
+        self.stats.error(rejected=True)
+        log.warning("rpc rejected", extra={"fields": {"method": method, "code": "RESOURCE_EXHAUSTED",
+                                                      "details": message, "peer": peer}, "group": True})
+        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
     def _limit_message(self, kind: str) -> str:
         n = self.limits[kind]
         if kind == "stream":
@@ -203,17 +251,24 @@ class Admission(grpc.ServerInterceptor):
                                            "group": True})
         return abort_handler(handler, code, message, ((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),))
 
-    def _release_once(self, kind: str | None) -> Callable[[], None]:
+    def _release_once(self, kind: str | None, peer: list[str] | None = None) -> Callable[[], None]:
+        """Give back the call's slot once (a stream's: also its connection's, once ``peer`` holds the peer)."""
         done = [False]
 
         def release() -> None:
             if kind is None:
                 return
             with self._cond:
-                if done[0]:
+                if done[0] or (peer is not None and not peer):  # (a stream not admitted holds nothing)
                     return
                 done[0] = True
                 self._active[kind] -= 1
+                if peer:
+                    left = self._peer_streams.get(peer[0], 0) - 1
+                    if left > 0:
+                        self._peer_streams[peer[0]] = left
+                    else:
+                        self._peer_streams.pop(peer[0], None)
                 self._cond.notify_all()
 
         return release
@@ -288,7 +343,8 @@ class Admission(grpc.ServerInterceptor):
                 self._watchdog.disarm(timer)
 
     def _guard(self, handler: grpc.RpcMethodHandler, method: str, kind: str | None) -> grpc.RpcMethodHandler:
-        release = self._release_once(kind)
+        admitted_peer: list[str] | None = [] if kind == "stream" else None  # a stream's peer, once admitted
+        release = self._release_once(kind, admitted_peer)
         parse = handler.request_deserializer
         kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}  # raw bytes in
         unary_request = not handler.request_streaming
@@ -306,6 +362,7 @@ class Admission(grpc.ServerInterceptor):
 
             def streaming(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 shares: list[int] = []
+                self._admit_stream_call(context, method, admitted_peer)  # a camera stream: admitted here
                 try:
                     yield from inner_stream(start(requests, context, shares), context)
                 except _CallGone:
@@ -322,6 +379,7 @@ class Admission(grpc.ServerInterceptor):
 
         def unary(requests: Any, context: grpc.ServicerContext) -> Any:
             shares: list[int] = []
+            self._admit_stream_call(context, method, admitted_peer)  # (client-streaming: none is served today)
             try:
                 return inner(start(requests, context, shares), context)
             except _CallGone:
@@ -334,6 +392,12 @@ class Admission(grpc.ServerInterceptor):
                 self._release_shares(shares)
 
         return grpc.stream_unary_rpc_method_handler(unary, **kw)
+
+
+def default_streams_per_peer(max_streams: int) -> int:
+    """``--max-streams-per-connection`` by default: half of ``--max-streams``, rounded up (the rest is always
+    left to other connections once there are at least 2 slots)."""
+    return max(1, (max_streams + 1) // 2)
 
 
 class _ParsedRequests:

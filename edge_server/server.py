@@ -1,7 +1,8 @@
 """Building, starting and stopping the gRPC server (``make_server``) and the blocking ``serve``.
 
 Safe defaults against hostile clients (issue 11): unary calls and camera streams have separate limits
-(``max_concurrent``, ``max_streams``) enforced by :class:`~edge_server.admission.Admission`, health
+(``max_concurrent``, ``max_streams``, and ``max_streams_per_connection`` for what one client connection may
+hold) enforced by :class:`~edge_server.admission.Admission`, health
 checks are never limited, idle streams are closed after ``stream_idle_s``, connections are kept alive
 and recycled by gRPC's keepalive / max-connection-idle / max-connection-age settings, images are checked
 from their header and decoded within a memory budget, per-camera statistics are bounded, and
@@ -26,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge_server.admission import Admission
+from edge_server.admission import Admission, default_streams_per_peer
 from edge_server.auth import (
     MIN_ADMIN_TOKEN_CHARS,
     BearerTokenInterceptor,
@@ -86,6 +87,9 @@ class ServerConfig(RunnerOptions):
     grace_s: float = 10.0
     #: camera streams open at once (their own limit: unary calls and health are never starved by them)
     max_streams: int = _DEFAULTS["max_streams"]
+    #: camera streams one client connection may hold at once (None: half of max_streams, rounded up), so one
+    #: connection never holds the slots other cameras need
+    max_streams_per_connection: int | None = None
     #: a stream that sends no frame for this long is closed, a unary call whose request message does not
     #: arrive within it is cancelled (0 = never)
     stream_idle_s: float = 30.0
@@ -124,6 +128,10 @@ class ServerConfig(RunnerOptions):
             raise ConfigError(f"watch_interval_s must be > 0 seconds, got {self.watch_interval_s!r}")
         if not isinstance(self.max_streams, int) or not 1 <= self.max_streams <= 10_000:
             raise ConfigError(f"max_streams must be an integer in 1..10000, got {self.max_streams!r}")
+        per = self.max_streams_per_connection
+        if per is not None and (not isinstance(per, int) or isinstance(per, bool) or not 1 <= per <= self.max_streams):
+            raise ConfigError(f"max_streams_per_connection must be an integer in 1..max_streams ({self.max_streams}), "
+                              f"or None for half of max_streams; got {per!r}")
         _positive("stream_idle_s", self.stream_idle_s, allow_zero=True)
         _positive("keepalive_s", self.keepalive_s)
         _positive("keepalive_timeout_s", self.keepalive_timeout_s)
@@ -152,6 +160,12 @@ class ServerConfig(RunnerOptions):
         check_bind_policy(self.host, tls=self.tls_cert is not None, insecure=self.insecure)
         super().__post_init__()
 
+    def streams_per_connection(self) -> int:
+        """Camera streams one client connection may hold at once (``max_streams_per_connection`` resolved)."""
+        if self.max_streams_per_connection is not None:
+            return self.max_streams_per_connection
+        return default_streams_per_peer(self.max_streams)
+
     def request_memory_bound_mb(self) -> float:
         """The most memory requests can hold at once (:func:`edge_server.budget.request_memory_bound_mb`)."""
         return request_memory_bound_mb(self.max_message_mb, self.max_concurrent, self.max_streams,
@@ -175,7 +189,8 @@ class EdgeServer:
                   if config.load_model and config.admin_token and config.model_root is not None else None)
         self.inflight = ByteBudget(int(config.max_inflight_mb * 1024 * 1024), "the in-flight budget")
         self.admission = Admission(self.stats, max_unary=config.max_concurrent, max_streams=config.max_streams,
-                                   request_timeout_s=config.stream_idle_s, inflight=self.inflight)
+                                   request_timeout_s=config.stream_idle_s, inflight=self.inflight,
+                                   max_streams_per_peer=config.streams_per_connection())
         # The admission guard is outermost: it also sees (and counts, and logs) the token check's refusals.
         interceptors: list[grpc.ServerInterceptor] = [self.admission]
         if config.token:
@@ -247,6 +262,7 @@ class EdgeServer:
             "max_wait_ms": self.config.max_wait_ms,
             "batch_wait": self.config.batch_wait, "max_concurrent": self.config.max_concurrent,
             "max_streams": self.config.max_streams, "stream_idle_s": self.config.stream_idle_s,
+            "max_streams_per_connection": self.config.streams_per_connection(),
             "max_pixels": self.config.max_pixels, "load_model": self.servicer.load_model is not None,
             "max_message_mb": self.config.max_message_mb, "max_inflight_mb": self.config.max_inflight_mb,
             "max_decode_mb": self.config.max_decode_mb,

@@ -45,6 +45,12 @@ class BundleWatcher:
             return None
         return str(sha), st.st_mtime
 
+    def refused_current(self) -> bool:
+        """Whether the bundle now in the watched directory has been tried and refused (the previous model still
+        serves): a state that tests and tools can wait for."""
+        state = self._manifest_state()
+        return state is not None and state == self._failed
+
     def check_once(self) -> bool:
         """Swap if the watched bundle changed; returns True when a swap happened."""
         state = self._manifest_state()

@@ -28,6 +28,7 @@ from edge_client.stream_options import StreamOptions
 from edge_server.server import make_server
 from testkit.client_media import write_image_dir, write_video
 from testkit.edge_fixtures import CliServer
+from tests.server_helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,10 +171,11 @@ def test_client_retries_when_the_stream_limit_pushes_back(bundle_dir: Path, tmp_
         yield
 
     try:
+        d = write_image_dir(tmp_path / "imgs", n=3, size=64)
         with grpc.insecure_channel(srv.address) as ch:
             squatter = pb_grpc.ClassifierStub(ch).StreamClassify(idle())
-            time.sleep(0.3)
-            d = write_image_dir(tmp_path / "imgs", n=3, size=64)
+            # a state, not a sleep: the squatter holds the only slot before the camera comes
+            wait_until(lambda: srv.admission.active("stream") == 1, 120, "the idle stream admitted")
             records: list[dict] = []
             cs = CameraStream(open_source(str(d), "door"), ConnectionOptions(srv.address),
                               StreamOptions(backoff_initial=0.1, backoff_max=0.5, max_retry_time=20.0),

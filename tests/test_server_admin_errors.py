@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +228,9 @@ def test_labels_mismatch_is_refused_by_load_model_and_watch(bundle_dir: Path, bu
             # --watch: another model with too few labels is deployed into the watched directory
             shutil.copy(bundle_dir_b / "model.onnx", live / "model.onnx")
             shutil.copy(root / "two-labels" / "bundle.json", live / "bundle.json")
-            time.sleep(1.0)
+            # a state, not a sleep: the watcher has tried the new bundle and refused it
+            assert srv.watcher is not None
+            wait_until(srv.watcher.refused_current, 120, "the watcher refused the mismatched bundle")
             r = stub.Classify(pb.ClassifyRequest(image=good_png, top_k=3), timeout=10)
             assert len(r.predictions) == 3 and r.model_version == load_bundle(bundle_dir).version
     finally:

@@ -34,7 +34,10 @@ def _wait(pred: object, timeout: float, step: float = 0.05) -> bool:
 
 def test_stalled_health_checks_starve_nothing(bundle_dir: Path, good_png: bytes) -> None:
     """Hundreds of health Checks that send headers but never their request message: Classify and health
-    still answer at once (before: each held a server thread for --stream-idle-timeout, the pool starved)."""
+    still answer (before: each held a server thread for --stream-idle-timeout, 30 s, the pool starved and every
+    call waited for it: the 20 s deadlines below tell the two apart on a loaded machine, no clock bound)."""
+    from edge_server.admission import MAX_HEALTH_PENDING
+
     srv = start_server(bundle_dir, max_concurrent=4, max_streams=2)  # a small pool: 4 + 2 + watch + reserve
     conns = [RawH2(srv.address) for _ in range(4)]
     try:
@@ -42,17 +45,17 @@ def test_stalled_health_checks_starve_nothing(bundle_dir: Path, good_png: bytes)
             for _ in range(60):
                 c.open(HEALTH_CHECK)  # headers only: no message, no half-close
         watches = [conns[0].open("/grpc.health.v1.Health/Watch") for _ in range(8)]  # stalled Watch calls too
-        time.sleep(1.0)
+        # a state, not a sleep: the flood has reached the server (all but the pending ones answered at once)
+        assert _wait(lambda: sum(len(c.ended) for c in conns) >= 4 * 60 - MAX_HEALTH_PENDING, 60), [
+            len(c.ended) for c in conns]
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
             for _ in range(5):
-                t0 = time.monotonic()
-                assert stub.Classify(pb.ClassifyRequest(image=good_png), timeout=5).predictions
-                assert health_status(ch, timeout=5) == health_pb2.HealthCheckResponse.SERVING
-                assert time.monotonic() - t0 < 3
+                assert stub.Classify(pb.ClassifyRequest(image=good_png), timeout=20).predictions
+                assert health_status(ch, timeout=20) == health_pb2.HealthCheckResponse.SERVING
         # every stalled check is answered (with the server's status) or ended, none left holding a thread
-        assert _wait(lambda: all(len(c.ended) >= 60 for c in conns), 20), [len(c.ended) for c in conns]
-        assert _wait(lambda: all(conns[0].status(w) for w in watches), 10)  # cancelled: no request within 1 s
+        assert _wait(lambda: all(len(c.ended) >= 60 for c in conns), 60), [len(c.ended) for c in conns]
+        assert _wait(lambda: all(conns[0].status(w) for w in watches), 60)  # cancelled: no request within 1 s
     finally:
         for c in conns:
             c.close()
@@ -65,17 +68,19 @@ def test_stream_with_closed_receive_window_is_closed_and_frees_its_slot(bundle_d
     """Camera streams on an HTTP/2 connection whose receive window is 0 (the peer answers pings, never reads):
     each blocks the server sending its first result; they are closed within the idle timeout and their slots
     freed, so a real camera is served (before: the slots stayed held for good)."""
-    srv = start_server(bundle_dir, max_streams=3, stream_idle_s=1.0)
+    # every slot on one connection (the per-connection cap is the test below): the idle timeout must free them
+    srv = start_server(bundle_dir, max_streams=3, max_streams_per_connection=3, stream_idle_s=1.0)
     frame = pb.Frame(camera_id="stuck", frame_id=1, image=good_png).SerializeToString()
     raw = RawH2(srv.address, window=0, read=False)
     try:
         sids = [raw.open(STREAM, message=frame) for _ in range(3)]
-        assert _wait(lambda: srv.admission.active("stream") == 3, 10)
+        assert _wait(lambda: srv.admission.active("stream") == 3, 60)
         t0 = time.monotonic()
-        assert _wait(lambda: srv.admission.active("stream") == 0, 15), "window-0 streams still hold their slots"
+        # before: held for good; the bound only tells "closed by the 1 s idle timeout" from that (the soak measures)
+        assert _wait(lambda: srv.admission.active("stream") == 0, 60), "window-0 streams still hold their slots"
         freed_after = time.monotonic() - t0
-        assert freed_after < 8, freed_after
-        assert _wait(lambda: all(raw.status(s) for s in sids), 5), raw.ended
+        assert freed_after < 30, freed_after
+        assert _wait(lambda: all(raw.status(s) for s in sids), 60), raw.ended
         with grpc.insecure_channel(srv.address) as ch:
             feed = RequestFeeder(timeout=30)
             call = pb_grpc.ClassifierStub(ch).StreamClassify(feed, timeout=30)
@@ -88,19 +93,76 @@ def test_stream_with_closed_receive_window_is_closed_and_frees_its_slot(bundle_d
         srv.stop(grace=1)
 
 
+def test_one_connection_cannot_hold_every_stream_slot(bundle_dir: Path, good_png: bytes) -> None:
+    """One connection opens --max-streams camera streams with receive window 0 (each blocks the server sending
+    its first result, until the idle timeout, here far away): it gets at most --max-streams-per-connection of the
+    slots (half by default), the rest are refused at once, and a camera on another connection is admitted and
+    served while the attack still holds its streams (before: that connection held every slot until the idle
+    timeout, and every new camera was refused meanwhile)."""
+    srv = start_server(bundle_dir, max_streams=4, stream_idle_s=60.0)
+    frame = pb.Frame(camera_id="stuck", frame_id=1, image=good_png).SerializeToString()
+    raw = RawH2(srv.address, window=0, read=False)
+    try:
+        sids = [raw.open(STREAM, message=frame) for _ in range(4)]
+        # states: the server has taken all 4 calls (admitted, or refused and answered), the admitted ones are
+        # blocked sending their result to the window-0 peer
+        refused = lambda: [s for s in sids if raw.status(s)]  # noqa: E731
+        assert _wait(lambda: srv.admission.active("stream") + len(refused()) == 4, 60), (
+            srv.admission.active("stream"), raw.ended)
+        assert _wait(lambda: len(srv.servicer._sending) == srv.admission.active("stream"), 60)
+        held = srv.admission.active("stream")
+        with grpc.insecure_channel(srv.address) as ch:  # a real camera, on its own connection
+            feed = RequestFeeder(timeout=60)
+            call = pb_grpc.ClassifierStub(ch).StreamClassify(feed, timeout=60)
+            feed.send(pb.Frame(camera_id="real", frame_id=7, image=good_png))
+            try:
+                got = next(call).frame_id
+            except grpc.RpcError as e:
+                raise AssertionError(f"a camera on another connection was refused: {e.code().name} "
+                                     f"{e.details()}") from None
+            assert got == 7
+            still_held = [s for s in sids if not raw.status(s)]
+            assert len(still_held) == held, raw.ended  # served while the attack held its slots
+            feed.end()
+            assert list(call) == []
+        assert held == srv.config.streams_per_connection() == 2
+        assert {raw.status(s) for s in refused()} == {"grpc-status 8"}  # RESOURCE_EXHAUSTED
+    finally:
+        raw.close()
+        srv.stop(grace=1)
+
+
+def test_streams_per_connection_is_validated(bundle_dir: Path) -> None:
+    from edge_server.server import ServerConfig
+    from edgetune.errors import ConfigError
+
+    assert ServerConfig(bundle=bundle_dir, max_streams=8).streams_per_connection() == 4
+    assert ServerConfig(bundle=bundle_dir, max_streams=3).streams_per_connection() == 2
+    assert ServerConfig(bundle=bundle_dir, max_streams=1).streams_per_connection() == 1
+    assert ServerConfig(bundle=bundle_dir, max_streams=8, max_streams_per_connection=8).streams_per_connection() == 8
+    for bad in (0, 9, 2.5, True):
+        try:
+            ServerConfig(bundle=bundle_dir, max_streams=8, max_streams_per_connection=bad)
+        except ConfigError as e:
+            assert "1..max_streams (8)" in str(e), e
+        else:
+            raise AssertionError(f"max_streams_per_connection={bad!r} accepted")
+
+
 def test_drain_cancels_streams_whose_peer_stopped_reading(bundle_dir: Path, good_png: bytes) -> None:
     """With the idle timeout far away, a stop does not wait its whole grace period for streams that cannot
-    finish their frame (receive window 0): they are cancelled after 1 s (before: the full grace)."""
-    srv = start_server(bundle_dir, max_streams=2, stream_idle_s=30.0, grace_s=10.0)
+    finish their frame (receive window 0): they are cancelled after 1 s (before: the full grace, here 60 s; the
+    20 s bound leaves a loaded machine room)."""
+    srv = start_server(bundle_dir, max_streams=2, max_streams_per_connection=2, stream_idle_s=120.0, grace_s=60.0)
     frame = pb.Frame(camera_id="stuck", frame_id=1, image=good_png).SerializeToString()
     raw = RawH2(srv.address, window=0, read=False)
     try:
         for _ in range(2):
             raw.open(STREAM, message=frame)
-        assert _wait(lambda: len(srv.servicer._sending) == 2, 10)  # both blocked sending their result
+        assert _wait(lambda: len(srv.servicer._sending) == 2, 60)  # both blocked sending their result
         t0 = time.monotonic()
         srv.stop()
-        assert time.monotonic() - t0 < 5, time.monotonic() - t0
+        assert time.monotonic() - t0 < 20, time.monotonic() - t0
     finally:
         raw.close()
         srv.stop(grace=0)
@@ -177,8 +239,7 @@ def test_non_utf8_metadata_never_puts_the_token_in_the_log(bundle_dir: Path, tmp
         with grpc.insecure_channel(srv.address) as ch:  # the server still serves the real token
             assert pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(image=good_png), timeout=10, metadata=(
                 ("authorization", f"Bearer {TOKEN}"),)).predictions
-        time.sleep(1.5)  # grouped lines are flushed every second
-    finally:
+    finally:  # (grouped lines are flushed every second, and all of them when the server exits)
         srv.stop()
     text = srv.log_path.read_text()
     assert TOKEN not in text
@@ -234,13 +295,13 @@ def test_webp_of_empty_chunks_is_refused_in_constant_time() -> None:
     from edgetune.imageheader import read_image_header
 
     data = webp_of_empty_chunks(int(15.5 * 1024 * 1024))
-    t0 = time.perf_counter()
+    t0 = time.thread_time()  # CPU time: what the walk costs, whatever else the machine runs
     try:
         read_image_header(data, "image")
         raise AssertionError("a WebP without an image chunk was accepted")
     except ImageDecodeError as e:
         assert "WebP" in str(e)
-    assert time.perf_counter() - t0 < 0.05
+    assert time.thread_time() - t0 < 0.05
     for lossless in (True, False):  # real files still read
         img = np.zeros((37, 53, 3), np.uint8)
         buf = cv2.imencode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 101 if lossless else 80])[1].tobytes()
@@ -312,7 +373,9 @@ def test_sighup_drains_like_sigterm(bundle_dir: Path, tmp_path: Path, good_png: 
 
 
 def test_get_stats_is_cheap_with_every_camera_tracked(bundle_dir: Path) -> None:
-    """256 cameras with full latency windows: GetStats answers in a few ms (before: ~35 ms of work per call)."""
+    """256 cameras with full latency windows: a GetStats reply costs a few ms of CPU (before: ~35 ms of work per
+    call). Measured as the handler's thread CPU time (building and serialising the reply), which a loaded machine
+    does not inflate as it does a round trip's wall-clock time; the soak's getstats attack times the calls."""
     srv = start_server(bundle_dir)
     try:
         for i in range(srv.config.max_cameras):
@@ -324,13 +387,15 @@ def test_get_stats_is_cheap_with_every_camera_tracked(bundle_dir: Path) -> None:
             stub = pb_grpc.ClassifierStub(ch)
             first = stub.GetStats(pb.GetStatsRequest(), timeout=30)
             assert len(first.cameras) == srv.config.max_cameras and first.cameras[0].latency_p99_ms > 40
-            took = []
-            for _ in range(40):
-                t0 = time.perf_counter()
-                stub.GetStats(pb.GetStatsRequest(), timeout=30)
-                took.append(time.perf_counter() - t0)
+        took = []
+        for _ in range(40):
+            t0 = time.thread_time()
+            reply = srv.servicer.GetStats(pb.GetStatsRequest(), None)  # type: ignore[arg-type]  # (no context used)
+            reply.SerializeToString()
+            took.append(time.thread_time() - t0)
+        assert len(reply.cameras) == srv.config.max_cameras
         took.sort()
-        assert took[len(took) // 2] < 0.010, took  # median, on a loaded 2-core machine
+        assert took[len(took) // 2] < 0.010, took  # median CPU seconds per reply
     finally:
         srv.stop(grace=1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -14,6 +15,7 @@ from edgetune.bundle import load_bundle
 from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 from testkit.edge_fixtures import RequestFeeder, copy_bundle, encode_png, texture_tiles
+from tests.server_helpers import wait_until
 
 ADMIN = "admin-token-of-the-swap-tests"
 ADMIN_MD = [("x-edgetune-admin-token", ADMIN)]
@@ -71,11 +73,13 @@ def test_watch_directory_swaps_and_survives_bad_bundle(bundle_dir, bundle_dir_b,
             # a half-deployed bundle (manifest updated, model not yet) must not replace the good one
             meta = json.loads((b / "bundle.json").read_text())
             (live / "bundle.json").write_text(json.dumps(meta))
-            time.sleep(0.5)
+            assert srv.watcher is not None
+            wait_until(srv.watcher.refused_current, 120, "the watcher refused the half-deployed bundle")  # a state
             feeder.send(pb.Frame(camera_id="w", frame_id=1, image=data))
             assert next(stream).model_version == load_bundle(a).version
             shutil.copy(b / "model.onnx", live / "model.onnx")
-            (live / "bundle.json").touch()
+            st = (live / "bundle.json").stat()  # touched: a later mtime than the refused one, however soon this runs
+            os.utime(live / "bundle.json", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
             deadline = time.monotonic() + 120  # loading the new model is slow on a loaded machine
             version, i = "", 2
             while version != vb and time.monotonic() < deadline:
