@@ -216,3 +216,15 @@ def test_ema_decay_is_a_searched_parameter_of_the_default_space():
                                                                         "ema_decay": 0.999}))
     assert cfg.optim.ema_decay == 0.999
     assert all(x["params"]["ema_decay"] == 0.99 for x in s.seeds if x["name"].startswith("generic recipe"))
+
+
+def test_a_given_ema_decay_fixes_the_searched_one():
+    """--ema-decay other than the default is not overridden by the space (0 turns weight averaging off)."""
+    from tuner.options import DEFAULT_EMA_DECAY, TuneOptions
+    from tuner.run import fixed_params
+
+    assert fixed_params(TuneOptions()) is None
+    assert fixed_params(TuneOptions(ema_decay=DEFAULT_EMA_DECAY)) is None
+    assert fixed_params(TuneOptions(ema_decay=0.0, img=96)) == {"ema_decay": 0.0, "img": 96}
+    s = load_space(layer_count=lambda b: 100, fixed=fixed_params(TuneOptions(ema_decay=0.0)))
+    assert "ema_decay" not in s.params and all("ema_decay" not in x["params"] for x in s.seeds)

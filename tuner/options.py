@@ -36,6 +36,8 @@ STARTUP_S = 12.0
 RAY_START_S = 8.0
 DATA_PREPARATION_S = 5.0
 ONE_TRIAL_EPOCH_S = 25.0
+#: --ema-decay's default; another value given fixes the space's ema_decay parameter (tuner.run.fixed_params).
+DEFAULT_EMA_DECAY = 0.99
 MIN_TIME_BUDGET_S = STARTUP_S + RAY_START_S + DATA_PREPARATION_S + ONE_TRIAL_EPOCH_S + EXPORT_RESERVE_S  # 90 s
 
 
@@ -118,9 +120,10 @@ class TuneOptions:
     probe_share: float = opt(0.1, "share of the time budget for the probe stage (tuner/probe.py: linear heads on "
                                   "frozen features rank backbone x size and join the ensemble; 0 = off; only "
                                   "without --trials)")
-    ema_decay: float = opt(0.99, "weight averaging in every fine-tune: EMA decay per step (0 = off; a space that "
-                           "searches optim.ema_decay, as the default space does, samples it per trial); the better of "
-                           "raw and averaged weights on validation is kept")
+    ema_decay: float = opt(DEFAULT_EMA_DECAY, "weight averaging in every fine-tune: EMA decay per step (0 = off); a "
+                           "space that searches it (the default space's ema_decay) samples it per trial unless a "
+                           "value other than the default is given here, which fixes it; the better of raw and "
+                           "averaged weights on validation is kept")
     ensemble: str = opt("auto", "post-hoc ensemble of the study's models (tuner/posthoc.py): auto (kept only when it "
                                 "beats the best single model on validation beyond noise), off, or a member cap N")
     env_vars: dict[str, str] = opt(factory=dict, help="environment for every Ray worker")

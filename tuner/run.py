@@ -18,7 +18,7 @@ from edgetune.errors import EdgetuneError
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from tuner import _ray_compat, report
 from tuner.latency_study import hand_off, latency_outputs, latency_setup, rejector
-from tuner.options import EXPORT_RESERVE_S, TuneOptions, options_yaml
+from tuner.options import DEFAULT_EMA_DECAY, EXPORT_RESERVE_S, TuneOptions, options_yaml
 from tuner.refit import FINISH_RESERVE_S
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,17 @@ class Clock:
         return self.t0 + self.budget_s - keep
 
 
+def fixed_params(opts: TuneOptions) -> dict[str, Any] | None:
+    """Space parameters a flag fixes (not searched; the base config sets them): ``--img``, and ``--ema-decay`` when
+    it is not the default (so ``--ema-decay 0`` turns weight averaging off even where the space searches it)."""
+    fixed: dict[str, Any] = {}
+    if opts.img:
+        fixed["img"] = opts.img
+    if opts.ema_decay != DEFAULT_EMA_DECAY:
+        fixed["ema_decay"] = opts.ema_decay
+    return fixed or None
+
+
 def process_start() -> float:
     """When this process started (the CLI's budget counts from it)."""
     try:
@@ -199,7 +210,7 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
             list(opts.backbones) or None,
             weights_check=lambda b: weights_available(b, weights),
             layer_count=_layer_count,
-            fixed={"img": opts.img} if opts.img else None,
+            fixed=fixed_params(opts),
             base=TrainConfig.from_dict(base),  # every key the space sets applies to it (a typo fails here)
         )
     for line in space.dropped_report(verbose=opts.verbose, explicit=bool(opts.backbones)):
