@@ -11,7 +11,7 @@ from wsgiref.simple_server import make_server
 import edgetune
 from edgetune.dataclass_cli import HelpFormatter
 from edgetune.logs import setup_cli_logging
-from tuner.storage import rdb_storage
+from tuner.storage import missing_sqlite, rdb_storage
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     setup_cli_logging(verbose=False)
-    if a.storage.startswith("sqlite:///") and not Path(a.storage[len("sqlite:///"):]).exists():
-        print(f"error: no study storage at {a.storage}; run `make tune` first", file=sys.stderr)
+    missing = missing_sqlite(a.storage)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 2
 
     httpd = make_server(a.host, a.port, make_app(a.storage))

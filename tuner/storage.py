@@ -49,6 +49,14 @@ def masked(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
+def missing_sqlite(url: str) -> str | None:
+    """Why a read-only command cannot open ``url`` (a SQLite file that does not exist: opening it would create an
+    empty one), or None. One check for the dashboard and the study listing."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return f"no study storage at {masked(url)}; run `make tune` first (or give STORAGE=)"
+    return None
+
+
 def check_storage(url: str, timeout_s: float = 10.0) -> None:
     """Open the storage once before any work: an unreachable or unusable one fails in one line naming the URL
     (password masked) and the cause."""

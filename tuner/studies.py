@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import edgetune
 from edgetune.dataclass_cli import HelpFormatter
 from edgetune.logs import setup_cli_logging
 from edgetune.markdown import markdown_table
 from tuner.device import CACHE_STUDY
-from tuner.storage import masked, rdb_storage
+from tuner.storage import masked, missing_sqlite, rdb_storage
 
 DEFAULT_STORAGE = "sqlite:///runs/optuna.db"
 
@@ -65,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     setup_cli_logging(verbose=False)
-    if a.storage.startswith("sqlite:///") and not Path(a.storage[len("sqlite:///"):]).exists():
-        print(f"error: no study storage at {a.storage}; run `make tune` first (or give STORAGE=)", file=sys.stderr)
+    missing = missing_sqlite(a.storage)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     sys.stdout.write(format_listing(list_studies(a.storage), a.storage))
     return 0
