@@ -60,11 +60,11 @@ test-fast: $(STAMP)
 LINT_PATHS := edgetune trainer tuner edge_server edge_client fieldloop testkit tests bench
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 	$(PY) -m mypy edgetune trainer tuner edge_server edge_client fieldloop
 
-# ruff format over the tree (pyproject.toml [tool.ruff.format]); `make format-check` says which files it would change.
-# Not yet part of `make lint`: the tree has not been formatted in one go yet (pre-commit's ruff-format hook formats
-# the files a commit touches).
+# ruff format over the tree (pyproject.toml [tool.ruff.format]); `make lint` fails on a file it would change, and
+# pre-commit's ruff-format hook formats the files a commit touches.
 format: $(STAMP)
 	$(PY) -m ruff format $(LINT_PATHS)
 	$(PY) -m ruff check --fix $(LINT_PATHS)

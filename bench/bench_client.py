@@ -53,8 +53,9 @@ def measure(address: str, frame: np.ndarray, max_size: int, quality: int, n: int
             t0 = time.perf_counter()
             data, small = encode_frame(frame, opts)
             t1 = time.perf_counter()
-            q.put(pb.Frame(camera_id="bench", frame_id=i + 1, capture_time_us=time.time_ns() // 1000, image=data,
-                           top_k=1))
+            q.put(
+                pb.Frame(camera_id="bench", frame_id=i + 1, capture_time_us=time.time_ns() // 1000, image=data, top_k=1)
+            )
             r = next(responses)
             t2 = time.perf_counter()
             if r.error:
@@ -68,9 +69,17 @@ def measure(address: str, frame: np.ndarray, max_size: int, quality: int, n: int
         q.put(None)
         for _ in responses:
             pass
-    return {"max_size": max_size, "jpeg_quality": quality, "sent_wh": [int(small.shape[1]), int(small.shape[0])],
-            "bytes": sizes, "encode_ms": enc_ms, "rtt_ms": rtt_ms, "e2e_ms": e2e_ms, "server_ms": server_ms,
-            "labels": labels}
+    return {
+        "max_size": max_size,
+        "jpeg_quality": quality,
+        "sent_wh": [int(small.shape[1]), int(small.shape[0])],
+        "bytes": sizes,
+        "encode_ms": enc_ms,
+        "rtt_ms": rtt_ms,
+        "e2e_ms": e2e_ms,
+        "server_ms": server_ms,
+        "labels": labels,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,39 +103,73 @@ def main(argv: list[str] | None = None) -> int:
         keys = ("bytes", "encode_ms", "rtt_ms", "e2e_ms", "server_ms", "labels")
         cat = {k: [x for m in ms for x in m[k]] for k in keys}
         top = max(set(cat["labels"]), key=cat["labels"].count)
-        rows.append({"max_size": ms[0]["max_size"] or f"0 (full {FRAME_SIZE[0]})",
-                     "jpeg_quality": ms[0]["jpeg_quality"],
-                     "sent_w x h": "x".join(map(str, ms[0]["sent_wh"])),
-                     "kB_per_frame": float(np.mean(cat["bytes"])) / 1e3,
-                     "Mbit_s_at_30fps": float(np.mean(cat["bytes"])) * 8 * 30 / 1e6,
-                     "encode_ms_p50": percentile(cat["encode_ms"], 50), "rtt_ms_p50": percentile(cat["rtt_ms"], 50),
-                     "server_ms_p50": percentile(cat["server_ms"], 50),
-                     "e2e_ms_p50": percentile(cat["e2e_ms"], 50), "e2e_ms_p99": percentile(cat["e2e_ms"], 99),
-                     "same_top1_as_full_frame_top_q": None, "top1": top, "frames": len(cat["bytes"])})
+        rows.append(
+            {
+                "max_size": ms[0]["max_size"] or f"0 (full {FRAME_SIZE[0]})",
+                "jpeg_quality": ms[0]["jpeg_quality"],
+                "sent_w x h": "x".join(map(str, ms[0]["sent_wh"])),
+                "kB_per_frame": float(np.mean(cat["bytes"])) / 1e3,
+                "Mbit_s_at_30fps": float(np.mean(cat["bytes"])) * 8 * 30 / 1e6,
+                "encode_ms_p50": percentile(cat["encode_ms"], 50),
+                "rtt_ms_p50": percentile(cat["rtt_ms"], 50),
+                "server_ms_p50": percentile(cat["server_ms"], 50),
+                "e2e_ms_p50": percentile(cat["e2e_ms"], 50),
+                "e2e_ms_p99": percentile(cat["e2e_ms"], 99),
+                "same_top1_as_full_frame_top_q": None,
+                "top1": top,
+                "frames": len(cat["bytes"]),
+            }
+        )
     best_q = max(b["qualities"])
     ref = next((r["top1"] for r in rows if str(r["max_size"]).startswith("0") and r["jpeg_quality"] == best_q), None)
     for r in rows:
         r["same_top1_as_full_frame_top_q"] = r["top1"] == ref
-    cols = ["max_size", "jpeg_quality", "sent_w x h", "kB_per_frame", "Mbit_s_at_30fps", "encode_ms_p50", "rtt_ms_p50",
-            "server_ms_p50", "e2e_ms_p50", "e2e_ms_p99", "same_top1_as_full_frame_top_q"]
+    cols = [
+        "max_size",
+        "jpeg_quality",
+        "sent_w x h",
+        "kB_per_frame",
+        "Mbit_s_at_30fps",
+        "encode_ms_p50",
+        "rtt_ms_p50",
+        "server_ms_p50",
+        "e2e_ms_p50",
+        "e2e_ms_p99",
+        "same_top1_as_full_frame_top_q",
+    ]
     default = next((r for r in rows if r["max_size"] == 640 and r["jpeg_quality"] == 90), None)
     full = next((r for r in rows if str(r["max_size"]).startswith("0") and r["jpeg_quality"] == 90), None)
-    headline = {"default_640_q90_kB": default and default["kB_per_frame"],
-                "default_640_q90_e2e_ms_p50": default and default["e2e_ms_p50"],
-                "full_frame_q90_e2e_ms_p50": full and full["e2e_ms_p50"],
-                "bandwidth_saving_640_vs_full_q90": (full["kB_per_frame"] / default["kB_per_frame"])
-                if default and full else None}
-    write_results("client", {
-        "budget": args.budget, **headline,
-        "setup": {"frame": f"scikit-image astronaut upscaled to {FRAME_SIZE[0]}x{FRAME_SIZE[1]} BGR",
-                  "model": "mobilenet_v2 224 px (weights=none, speed only)",
-                  "server": "python -m edge_server subprocess, onnxruntime, 2 threads, max_batch 8",
-                  "path": "edge_client.frames.encode_frame -> pb.Frame -> StreamClassify (closed loop, 1 stream)",
-                  "note": "top1 agreement compares the untrained model's label across settings (a sanity check that "
-                          "downscaling/quality does not change what the server sees, not an accuracy claim)"},
-        "rows": rows, "raw": raw, "wall_seconds": time.perf_counter() - t_start,
-    }, args.out, {"Client: bytes per frame and end-to-end latency vs frame size and JPEG quality": md_table(rows, cols),
-                  "Headlines": md_table([headline], list(headline))})
+    headline = {
+        "default_640_q90_kB": default and default["kB_per_frame"],
+        "default_640_q90_e2e_ms_p50": default and default["e2e_ms_p50"],
+        "full_frame_q90_e2e_ms_p50": full and full["e2e_ms_p50"],
+        "bandwidth_saving_640_vs_full_q90": (full["kB_per_frame"] / default["kB_per_frame"])
+        if default and full
+        else None,
+    }
+    write_results(
+        "client",
+        {
+            "budget": args.budget,
+            **headline,
+            "setup": {
+                "frame": f"scikit-image astronaut upscaled to {FRAME_SIZE[0]}x{FRAME_SIZE[1]} BGR",
+                "model": "mobilenet_v2 224 px (weights=none, speed only)",
+                "server": "python -m edge_server subprocess, onnxruntime, 2 threads, max_batch 8",
+                "path": "edge_client.frames.encode_frame -> pb.Frame -> StreamClassify (closed loop, 1 stream)",
+                "note": "top1 agreement compares the untrained model's label across settings (a sanity check that "
+                "downscaling/quality does not change what the server sees, not an accuracy claim)",
+            },
+            "rows": rows,
+            "raw": raw,
+            "wall_seconds": time.perf_counter() - t_start,
+        },
+        args.out,
+        {
+            "Client: bytes per frame and end-to-end latency vs frame size and JPEG quality": md_table(rows, cols),
+            "Headlines": md_table([headline], list(headline)),
+        },
+    )
     return 0
 
 

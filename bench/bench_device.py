@@ -38,10 +38,16 @@ from edge_server.timing import TimingProtocol  # noqa: E402
 #: Close neighbours on purpose (Lite0 vs Lite1, input sizes 16 px apart): a ranking only says something when
 #: some architectures are nearly as fast as others.
 BUDGET = {
-    "small": {"backbones": ["efficientnet_lite0", "efficientnet_lite1", "mobilenet_v2"], "sizes": [96, 112, 128, 160],
-              "rounds": 3},
-    "large": {"backbones": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2",
-                            "resnet18"], "sizes": [96, 112, 128, 144, 160, 192, 224], "rounds": 5},
+    "small": {
+        "backbones": ["efficientnet_lite0", "efficientnet_lite1", "mobilenet_v2"],
+        "sizes": [96, 112, 128, 160],
+        "rounds": 3,
+    },
+    "large": {
+        "backbones": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2", "resnet18"],
+        "sizes": [96, 112, 128, 144, 160, 192, 224],
+        "rounds": 5,
+    },
 }
 EXCLUSIVE = {**TimingProtocol().to_dict()}  # what `make tune TARGET=…` uses
 REFERENCE_WARMUP, REFERENCE_RUNS = 50, 400
@@ -97,9 +103,12 @@ def export_architectures(work: Path, backbones: list[str], sizes: list[int]) -> 
 
 def start_load() -> subprocess.Popen[bytes]:
     root = str(Path(__file__).resolve().parents[1])
-    p = subprocess.Popen([sys.executable, "-c", LOAD.format(root=root)], stdout=subprocess.PIPE,
-                         preexec_fn=lambda: os.sched_setaffinity(0, {0}) if hasattr(os, "sched_setaffinity") else None,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", LOAD.format(root=root)],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.sched_setaffinity(0, {0}) if hasattr(os, "sched_setaffinity") else None,
+        start_new_session=True,
+    )
     assert p.stdout is not None
     p.stdout.readline()  # "load running"
     time.sleep(2.0)
@@ -146,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             rec: dict[str, Any] = {"in_trial": {}, "exclusive": {}, "exclusive_nodes": set()}
             for a in order:
                 times = ray.get(in_trial_task.remote(str(a["dir"] / "model.onnx"), (a["size"], a["size"])))
-                rec["in_trial"][a["name"]] = {"p50_ms": float(np.percentile(times, 50)),
-                                              "p90_ms": float(np.percentile(times, 90))}
+                rec["in_trial"][a["name"]] = {
+                    "p50_ms": float(np.percentile(times, 50)),
+                    "p90_ms": float(np.percentile(times, 90)),
+                }
                 ex = ray.get(exclusive_task.remote(a["files"], "fp32", EXCLUSIVE, "onnxruntime"))
                 rec["exclusive"][a["name"]] = {"p50_ms": ex["p50_ms"], "p90_ms": ex["p90_ms"]}
                 rec["exclusive_nodes"].add(ex["node_id"])
@@ -163,16 +174,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summarise(rounds: list[dict[str, Any]], names: list[str], ref: list[dict[str, Any]], edge_id: str
-              ) -> tuple[dict[str, Any], dict[str, str]]:
+def summarise(
+    rounds: list[dict[str, Any]], names: list[str], ref: list[dict[str, Any]], edge_id: str
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Headline, per-method rows and per-architecture rows of the measurements."""
     ref_p50 = [x["p50_ms"] for x in ref]
-    out: dict[str, Any] = {"architectures": names, "rounds": len(rounds), "protocols": {
-        "in_trial": {"warmup": 1, "runs": 20, "threads": 1, "where": "Ray task on the training node, next to a "
-                     "training process"},
-        "exclusive": {**EXCLUSIVE, "where": "timing task pinned to edge_target:sim (edge node on CPU 1, "
-                      "training load on CPU 0)"},
-        "reference": {"warmup": REFERENCE_WARMUP, "runs": REFERENCE_RUNS, "where": "isolated, nothing else running"}}}
+    out: dict[str, Any] = {
+        "architectures": names,
+        "rounds": len(rounds),
+        "protocols": {
+            "in_trial": {
+                "warmup": 1,
+                "runs": 20,
+                "threads": 1,
+                "where": "Ray task on the training node, next to a training process",
+            },
+            "exclusive": {
+                **EXCLUSIVE,
+                "where": "timing task pinned to edge_target:sim (edge node on CPU 1, training load on CPU 0)",
+            },
+            "reference": {
+                "warmup": REFERENCE_WARMUP,
+                "runs": REFERENCE_RUNS,
+                "where": "isolated, nothing else running",
+            },
+        },
+    }
     rows = []
     for method in ("in_trial", "exclusive"):
         taus = [kendall_tau([rd[method][n]["p50_ms"] for n in names], ref_p50) for rd in rounds]
@@ -183,20 +210,37 @@ def summarise(rounds: list[dict[str, Any]], names: list[str], ref: list[dict[str
         out[f"{method}_tau_pooled_median"] = kendall_tau(pooled, ref_p50)
         out[f"{method}_spread_p90_p50_median"] = float(np.median(spreads))
         out[f"{method}_spread_p90_p50_max"] = float(np.max(spreads))
-        rows.append({"method": method, "tau (median of rounds)": out[f"kendall_tau_{method}"],
-                     "tau per round": " / ".join(f"{t:.2f}" for t in taus),
-                     "tau of round-median p50": out[f"{method}_tau_pooled_median"],
-                     "spread p90/p50 median": out[f"{method}_spread_p90_p50_median"],
-                     "spread p90/p50 max": out[f"{method}_spread_p90_p50_max"]})
+        rows.append(
+            {
+                "method": method,
+                "tau (median of rounds)": out[f"kendall_tau_{method}"],
+                "tau per round": " / ".join(f"{t:.2f}" for t in taus),
+                "tau of round-median p50": out[f"{method}_tau_pooled_median"],
+                "spread p90/p50 median": out[f"{method}_spread_p90_p50_median"],
+                "spread p90/p50 max": out[f"{method}_spread_p90_p50_max"],
+            }
+        )
     out["exclusive_ran_only_on_edge_node"] = all(rd["exclusive_nodes"] == {edge_id} for rd in rounds)
-    per_arch = [{"architecture": n, "reference p50": ref[i]["p50_ms"], "reference p90/p50": ref[i]["p90_ms"] /
-                 ref[i]["p50_ms"], **{f"{m} p50 (median)": float(np.median([rd[m][n]["p50_ms"] for rd in rounds]))
-                                     for m in ("in_trial", "exclusive")}} for i, n in enumerate(names)]
+    per_arch = [
+        {
+            "architecture": n,
+            "reference p50": ref[i]["p50_ms"],
+            "reference p90/p50": ref[i]["p90_ms"] / ref[i]["p50_ms"],
+            **{
+                f"{m} p50 (median)": float(np.median([rd[m][n]["p50_ms"] for rd in rounds]))
+                for m in ("in_trial", "exclusive")
+            },
+        }
+        for i, n in enumerate(names)
+    ]
     out["per_architecture"] = per_arch
     out["target_tau"] = 0.9
     out["target_met"] = out["kendall_tau_exclusive"] >= 0.9
-    return out, {"Latency rank agreement with an isolated re-measurement": md_table(rows, list(rows[0])),
-                 "Per architecture (ms)": md_table(per_arch, list(per_arch[0]))}
+    return out, {
+        "Latency rank agreement with an isolated re-measurement": md_table(rows, list(rows[0])),
+        "Per architecture (ms)": md_table(per_arch, list(per_arch[0])),
+    }
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,8 +31,21 @@ from field_data import SHIFT, AnswerKey, write_field  # noqa: E402
 from field_labeller import label_folder  # noqa: E402
 
 SPACE = Path(__file__).resolve().with_name("field_space.yaml")
-STUDY_ARGS = ["--space", str(SPACE), "--trials", "2", "--epochs", "4", "--no-refit", "--ensemble", "off",
-              "--time-budget", "0", "--address", "local"]
+STUDY_ARGS = [
+    "--space",
+    str(SPACE),
+    "--trials",
+    "2",
+    "--epochs",
+    "4",
+    "--no-refit",
+    "--ensemble",
+    "off",
+    "--time-budget",
+    "0",
+    "--address",
+    "local",
+]
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -56,24 +69,44 @@ def _stats(address: str) -> Any:
 def serve_and_capture(bundle: Path, field_root: Path, cams: list[str], work: Path) -> dict[str, Any]:
     """Serve with capture, stream every camera, wait for the spool to be written, harvest; the server stops."""
     spool, harvest = work / "spool", work / "harvest"
-    srv = ServerProcess(bundle, threads=1, extra=["--capture", str(spool), "--capture-max-writes-per-s", "200",
-                                                  "--capture-random-rate", "0.05"])
+    srv = ServerProcess(
+        bundle,
+        threads=1,
+        extra=["--capture", str(spool), "--capture-max-writes-per-s", "200", "--capture-random-rate", "0.05"],
+    )
     with srv:
-        cmd = [sys.executable, "-m", "edge_client", "--server", srv.address, "--log", str(work / "client.jsonl"),
-               "--quiet", *[a for c in cams for a in ("--source", f"{c}={field_root / c}")]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge_client",
+            "--server",
+            srv.address,
+            "--log",
+            str(work / "client.jsonl"),
+            "--quiet",
+            *[a for c in cams for a in ("--source", f"{c}={field_root / c}")],
+        ]
         _run(cmd, work / "client.log")
         end = time.monotonic() + 120
         while _stats(srv.address).capture.queued and time.monotonic() < end:  # a state: the queue is written
             time.sleep(0.2)
         st = _stats(srv.address)
-        _run([sys.executable, "-m", "edge_client.harvest", "--server", srv.address, "--out", str(harvest)],
-             work / "harvest.log")
+        _run(
+            [sys.executable, "-m", "edge_client.harvest", "--server", srv.address, "--out", str(harvest)],
+            work / "harvest.log",
+        )
         harvested = json.loads((work / "harvest.log").read_text().strip().splitlines()[-1])
         after = _stats(srv.address)
-    return {"streamed": sum(c.frames_processed for c in st.cameras), "captured": dict(st.capture.captured),
-            "capture_counters": dict(st.capture.counters), "mean_confidence": round(st.drift.mean_confidence, 4),
-            "drift_total_variation": round(st.drift.total_variation, 4), "harvest": harvested,
-            "spool_files_after_harvest": after.capture.spool_files, "harvest_dir": str(harvest)}
+    return {
+        "streamed": sum(c.frames_processed for c in st.cameras),
+        "captured": dict(st.capture.captured),
+        "capture_counters": dict(st.capture.counters),
+        "mean_confidence": round(st.drift.mean_confidence, 4),
+        "drift_total_variation": round(st.drift.total_variation, 4),
+        "harvest": harvested,
+        "spool_files_after_harvest": after.capture.spool_files,
+        "harvest_dir": str(harvest),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,8 +120,23 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     home = work / "home"
-    _run([sys.executable, "-m", "tuner", "--data", "textures", "--study", f"field-home-{tag}", "--out", str(home),
-          "--storage", storage, *STUDY_ARGS], work / "home.log")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "tuner",
+            "--data",
+            "textures",
+            "--study",
+            f"field-home-{tag}",
+            "--out",
+            str(home),
+            "--storage",
+            storage,
+            *STUDY_ARGS,
+        ],
+        work / "home.log",
+    )
     stages["home_study_s"] = time.perf_counter() - t
 
     classes = tuple(json.loads((home / "split.json").read_text())["classes"])
@@ -110,40 +158,97 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     warm = work / "warm"
-    _run([sys.executable, "-m", "tuner.field", "--add", str(hdir), "--warm", str(home), "--init", "warm",
-          "--group-s", "3600", "--field-test-share", "0.25", "--field-val-share", "0.1", "--data", "textures",
-          "--study", f"field-warm-{tag}", "--out", str(warm), "--storage", storage, *STUDY_ARGS], work / "warm.log")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "tuner.field",
+            "--add",
+            str(hdir),
+            "--warm",
+            str(home),
+            "--init",
+            "warm",
+            "--group-s",
+            "3600",
+            "--field-test-share",
+            "0.25",
+            "--field-val-share",
+            "0.1",
+            "--data",
+            "textures",
+            "--study",
+            f"field-warm-{tag}",
+            "--out",
+            str(warm),
+            "--storage",
+            storage,
+            *STUDY_ARGS,
+        ],
+        work / "warm.log",
+    )
     stages["warm_study_s"] = time.perf_counter() - t
     loop_wall = time.perf_counter() - t_loop
     rep = json.loads((warm / "field_report.json").read_text())
     payload = _payload(rep, cap, lab, loop_wall, len(frames), sum(len(v) for v in frames.values()))
-    payload.update(stages_s={k: round(v, 1) for k, v in stages.items()},
-                   total_wall_s=round(time.perf_counter() - t0, 1),
-                   study_args=STUDY_ARGS, work=str(work))
+    payload.update(
+        stages_s={k: round(v, 1) for k, v in stages.items()},
+        total_wall_s=round(time.perf_counter() - t0, 1),
+        study_args=STUDY_ARGS,
+        work=str(work),
+    )
     write_results("field", payload, args.out, {"field loop": _table(rep)})
     ok = bool(payload["target_met"])
     return 0 if ok else 1
 
 
-def _payload(rep: dict[str, Any], cap: dict[str, Any], lab: dict[str, Any], loop_wall: float, cameras: int,
-             field_frames: int) -> dict[str, Any]:
+def _payload(
+    rep: dict[str, Any], cap: dict[str, Any], lab: dict[str, Any], loop_wall: float, cameras: int, field_frames: int
+) -> dict[str, Any]:
     f, h = rep["sets"]["field test"], rep["sets"]["home test"]
-    head = {"field_acc_before": f["acc_old"], "field_acc_after": f["acc_new"], "home_acc_before": h["acc_old"],
-            "home_acc_after": h["acc_new"], "captured": int(sum(cap["captured"].values())),
-            "labelled": lab["labelled"], "loop_wall_s": round(loop_wall, 1)}
-    ok = (head["field_acc_after"] - head["field_acc_before"] >= 0.10
-          and head["home_acc_before"] - head["home_acc_after"] <= 0.01 and head["labelled"] <= 200)
-    return {**head, "target_met": ok, "target": "field +0.10, home -0.01 at most, <= 200 labelled",
-            "field_test": f, "home_test": h, "shift": SHIFT, "cameras": cameras, "field_frames": field_frames,
-            "capture": cap, "labelling": lab, "data": rep["data"], "new_bundle_parent": _parent(rep["new"]["bundle"])}
+    head = {
+        "field_acc_before": f["acc_old"],
+        "field_acc_after": f["acc_new"],
+        "home_acc_before": h["acc_old"],
+        "home_acc_after": h["acc_new"],
+        "captured": int(sum(cap["captured"].values())),
+        "labelled": lab["labelled"],
+        "loop_wall_s": round(loop_wall, 1),
+    }
+    ok = (
+        head["field_acc_after"] - head["field_acc_before"] >= 0.10
+        and head["home_acc_before"] - head["home_acc_after"] <= 0.01
+        and head["labelled"] <= 200
+    )
+    return {
+        **head,
+        "target_met": ok,
+        "target": "field +0.10, home -0.01 at most, <= 200 labelled",
+        "field_test": f,
+        "home_test": h,
+        "shift": SHIFT,
+        "cameras": cameras,
+        "field_frames": field_frames,
+        "capture": cap,
+        "labelling": lab,
+        "data": rep["data"],
+        "new_bundle_parent": _parent(rep["new"]["bundle"]),
+    }
 
 
 def _table(rep: dict[str, Any]) -> str:
     rows = []
     for name, key in (("field (held-out cameras)", "field test"), ("home (original test split)", "home test")):
         r = rep["sets"][key]
-        rows.append({"test set": name, "n": r["n"], "before": r["acc_old"], "after": r["acc_new"],
-                     "95% paired CI of the gain": f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"})
+        rows.append(
+            {
+                "test set": name,
+                "n": r["n"],
+                "before": r["acc_old"],
+                "after": r["acc_new"],
+                "95% paired CI of the gain": f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]",
+            }
+        )
     return md_table(rows, ["test set", "n", "before", "after", "95% paired CI of the gain"])
 
 

@@ -23,11 +23,18 @@ params:
 def _base(b: dict[str, Any], cache: Path) -> Any:
     from trainer.config import TrainConfig
 
-    return TrainConfig.from_dict({
-        "data": {"dataset": "elpv", "max_images": b["max_images"], "augment": "flips", "cache_dir": str(cache)},
-        "model": {"backbone": "efficientnet_lite0", "img_size": b["img"]},
-        "optim": {"backbone_lr_mult": 1.0}, "epochs": b["epochs"], "batch_size": 32, "threads": 2,
-        "progress": False, "robustness": False})
+    return TrainConfig.from_dict(
+        {
+            "data": {"dataset": "elpv", "max_images": b["max_images"], "augment": "flips", "cache_dir": str(cache)},
+            "model": {"backbone": "efficientnet_lite0", "img_size": b["img"]},
+            "optim": {"backbone_lr_mult": 1.0},
+            "epochs": b["epochs"],
+            "batch_size": 32,
+            "threads": 2,
+            "progress": False,
+            "robustness": False,
+        }
+    )
 
 
 def _point(base: Any, over: dict[str, Any], data: Any, test: Any, run_dir: Path, t_start: float) -> dict[str, Any]:
@@ -40,9 +47,17 @@ def _point(base: Any, over: dict[str, Any], data: Any, test: Any, run_dir: Path,
     hist = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     best = max(hist, key=lambda h: (h["val_macro_f1"], -h["epoch"]))
     m = evaluate_checkpoint(run_dir / "best", run_dir / "eval", data=test, robustness=False)
-    return {"overrides": over, "epochs": len(hist), "best_epoch": best["epoch"], "val_macro_f1": best["val_macro_f1"],
-            "val_acc": best["val_acc"], "test_acc": m["test_accuracy"], "test_macro_f1": m["test_macro_f1"],
-            "seconds": time.perf_counter() - t0, "done_at_s": time.perf_counter() - t_start}
+    return {
+        "overrides": over,
+        "epochs": len(hist),
+        "best_epoch": best["epoch"],
+        "val_macro_f1": best["val_macro_f1"],
+        "val_acc": best["val_acc"],
+        "test_acc": m["test_accuracy"],
+        "test_macro_f1": m["test_macro_f1"],
+        "seconds": time.perf_counter() - t0,
+        "done_at_s": time.perf_counter() - t_start,
+    }
 
 
 def _curve(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -51,8 +66,14 @@ def _curve(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for p in sorted(points, key=lambda p: p["done_at_s"]):
         if best is None or p["val_macro_f1"] > best["val_macro_f1"]:
             best = p
-        out.append({"wall_s": p["done_at_s"], "val_macro_f1": best["val_macro_f1"], "test_acc": best["test_acc"],
-                    "test_macro_f1": best["test_macro_f1"]})
+        out.append(
+            {
+                "wall_s": p["done_at_s"],
+                "val_macro_f1": best["val_macro_f1"],
+                "test_acc": best["test_acc"],
+                "test_macro_f1": best["test_macro_f1"],
+            }
+        )
     return out
 
 
@@ -67,42 +88,72 @@ def run_grid_comparison(work: Path, b: dict[str, Any]) -> dict[str, Any]:
     src = prepare_source(base.data)
     data = build_data(base.data, preprocess_spec_for(base.model), seed=0, source=src)
     t0 = time.perf_counter()
-    grid = [_point(base, {"model.freeze": f, "optim.lr": lr}, data, data, work / f"grid-f{f}-lr{lr}", t0)
-            for f in b["freeze"] for lr in b["lr"]]
+    grid = [
+        _point(base, {"model.freeze": f, "optim.lr": lr}, data, data, work / f"grid-f{f}-lr{lr}", t0)
+        for f in b["freeze"]
+        for lr in b["lr"]
+    ]
     grid_s = time.perf_counter() - t0
     (work / "space.yaml").write_text(GRID_SPACE % {"lo": min(b["lr"]), "hi": max(b["lr"])})
     t1 = time.perf_counter()
-    opts = TuneOptions(data="elpv", study="grid-tpe", space=str(work / "space.yaml"), img=b["img"],
-                       max_images=b["max_images"], epochs=b["epochs"], trials=0, time_budget_s=grid_s / 3,
-                       out=str(work / "tpe"), storage=f"sqlite:///{work / 'optuna.db'}", export=False, refit=False,
-                       sets=("batch_size=32", "data.augment=flips", "optim.backbone_lr_mult=1.0",
-                             f"data.cache_dir={work / 'cache'}"), address="local", grace_period=1)
+    opts = TuneOptions(
+        data="elpv",
+        study="grid-tpe",
+        space=str(work / "space.yaml"),
+        img=b["img"],
+        max_images=b["max_images"],
+        epochs=b["epochs"],
+        trials=0,
+        time_budget_s=grid_s / 3,
+        out=str(work / "tpe"),
+        storage=f"sqlite:///{work / 'optuna.db'}",
+        export=False,
+        refit=False,
+        sets=("batch_size=32", "data.augment=flips", "optim.backbone_lr_mult=1.0", f"data.cache_dir={work / 'cache'}"),
+        address="local",
+        grace_period=1,
+    )
     summary = run_study(opts)
     tpe_s = time.perf_counter() - t1
     rng = np.random.default_rng(0)
     t2 = time.perf_counter()
     rand: list[dict[str, Any]] = []
     while time.perf_counter() - t2 < tpe_s and len(rand) < len(grid):
-        over = {"model.freeze": float(rng.uniform(0, 1)),
-                "optim.lr": float(10 ** rng.uniform(np.log10(min(b["lr"])), np.log10(max(b["lr"]))))}
+        over = {
+            "model.freeze": float(rng.uniform(0, 1)),
+            "optim.lr": float(10 ** rng.uniform(np.log10(min(b["lr"])), np.log10(max(b["lr"])))),
+        }
         rand.append(_point(base, over, data, data, work / f"rand-{len(rand)}", t2))
     rows = [
         {"method": "grid (waste protocol)", "configs": len(grid), "wall_s": grid_s, **_final(_curve(grid))},
-        {"method": "edgetune TPE+ASHA (no seeds), 1/3 of the grid's wall time", "configs": summary["trials"],
-         "wall_s": tpe_s, "val_macro_f1": summary.get("best_value"), "test_acc": summary.get("best_test_accuracy"),
-         "test_macro_f1": summary.get("best_test_macro_f1")},
-        {"method": "random search, same wall time as edgetune", "configs": len(rand),
-         "wall_s": time.perf_counter() - t2, **_final(_curve(rand))},
+        {
+            "method": "edgetune TPE+ASHA (no seeds), 1/3 of the grid's wall time",
+            "configs": summary["trials"],
+            "wall_s": tpe_s,
+            "val_macro_f1": summary.get("best_value"),
+            "test_acc": summary.get("best_test_accuracy"),
+            "test_macro_f1": summary.get("best_test_macro_f1"),
+        },
+        {
+            "method": "random search, same wall time as edgetune",
+            "configs": len(rand),
+            "wall_s": time.perf_counter() - t2,
+            **_final(_curve(rand)),
+        },
     ]
     grid_rows = [{"freeze": p["overrides"]["model.freeze"], "lr": p["overrides"]["optim.lr"], **p} for p in grid]
-    return {"results": {"setup": b, "methods": rows, "grid": grid, "random": rand,
-                        "test_images": len(data.test)},
-            "tables": {f"Grid vs TPE+ASHA vs random (elpv subset of {b['max_images']}, {b['img']} px, "
-                       f"{len(data.test)} test images), wall seconds": md_table(
-                           rows, ["method", "configs", "wall_s", "val_macro_f1", "test_acc", "test_macro_f1"]),
-                       "Grid points (best-val epoch)": md_table(
-                           grid_rows, ["freeze", "lr", "best_epoch", "val_macro_f1", "test_acc", "test_macro_f1",
-                                       "seconds"])}}
+    return {
+        "results": {"setup": b, "methods": rows, "grid": grid, "random": rand, "test_images": len(data.test)},
+        "tables": {
+            f"Grid vs TPE+ASHA vs random (elpv subset of {b['max_images']}, {b['img']} px, "
+            f"{len(data.test)} test images), wall seconds": md_table(
+                rows, ["method", "configs", "wall_s", "val_macro_f1", "test_acc", "test_macro_f1"]
+            ),
+            "Grid points (best-val epoch)": md_table(
+                grid_rows, ["freeze", "lr", "best_epoch", "val_macro_f1", "test_acc", "test_macro_f1", "seconds"]
+            ),
+        },
+    }
 
 
 def _final(curve: list[dict[str, Any]]) -> dict[str, Any]:

@@ -42,19 +42,37 @@ from edgetune.errors import ConfigError  # noqa: E402
 HERE = Path(__file__).resolve().parent
 BUDGET = {
     # tune_args: added to `make tune`'s defaults (small = exactly the embedded default, the contract)
-    "small": {"tune_args": [], "textures_time": 240, "grid": {"max_images": 300, "img": 64, "epochs": 3, "freeze": [0.0, 0.5, 1.0],
-                                            "lr": [3e-4, 1e-3, 3e-3]}},
-    "large": {"tune_args": ["--time-budget", "3600", "--epochs", "12", "--refit-share", "0.3"], "textures_time": 600, "grid": {"max_images": 1200, "img": 96, "epochs": 6,
-                                            "freeze": [0.0, 0.25, 0.5, 0.75, 1.0], "lr": [1e-4, 3e-4, 1e-3, 3e-3]}},
+    "small": {
+        "tune_args": [],
+        "textures_time": 240,
+        "grid": {"max_images": 300, "img": 64, "epochs": 3, "freeze": [0.0, 0.5, 1.0], "lr": [3e-4, 1e-3, 3e-3]},
+    },
+    "large": {
+        "tune_args": ["--time-budget", "3600", "--epochs", "12", "--refit-share", "0.3"],
+        "textures_time": 600,
+        "grid": {
+            "max_images": 1200,
+            "img": 96,
+            "epochs": 6,
+            "freeze": [0.0, 0.25, 0.5, 0.75, 1.0],
+            "lr": [1e-4, 3e-4, 1e-3, 3e-3],
+        },
+    },
 }
 BOOTSTRAP = 10_000
 DEFAULT_SEEDS = (0, 1, 2)
 BASELINE_EPOCHS = 8  # baseline_plain.py's default recipe
 #: issue 19 §6: pooled gains with intervals above 0, no seed clearly worse, not worse at equal compute,
 #: the tune's time mostly useful, every tune inside make tune's 900 s
-TARGETS = {"delta_test_accuracy": 0.03, "delta_test_macro_f1": 0.06, "ci95_low_above": 0.0,
-           "min_seed_delta_test_accuracy": -0.01, "delta_equal_time": 0.0, "useful_fraction": 0.85,
-           "tune_wall_s": 900}
+TARGETS = {
+    "delta_test_accuracy": 0.03,
+    "delta_test_macro_f1": 0.06,
+    "ci95_low_above": 0.0,
+    "min_seed_delta_test_accuracy": -0.01,
+    "delta_equal_time": 0.0,
+    "useful_fraction": 0.85,
+    "tune_wall_s": 900,
+}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -69,11 +87,17 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
-                   help="comma list of elpv split seeds (data.split_seed), run in this order; the first one also "
-                        "gets the equal-time baseline (default 0,1,2; SEEDS=0 for a quick check)")
-    p.add_argument("--extra", action="store_true",
-                   help="also run the secondary stages: activation-cache speed-up and the grid comparison")
+    p.add_argument(
+        "--seeds",
+        default=",".join(map(str, DEFAULT_SEEDS)),
+        help="comma list of elpv split seeds (data.split_seed), run in this order; the first one also "
+        "gets the equal-time baseline (default 0,1,2; SEEDS=0 for a quick check)",
+    )
+    p.add_argument(
+        "--extra",
+        action="store_true",
+        help="also run the secondary stages: activation-cache speed-up and the grid comparison",
+    )
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -87,8 +111,18 @@ def run_tune(work: Path, name: str, extra: list[str]) -> dict[str, Any]:
     """`make tune` (python -m tuner) with its defaults plus ``extra``, cold caches; returns its summary."""
     out = work / name
     cache = work / f"cache-{name}"
-    cmd = [sys.executable, "-m", "tuner", "--study", name, "--out", str(out),
-           "--storage", f"sqlite:///{work / 'optuna.db'}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tuner",
+        "--study",
+        name,
+        "--out",
+        str(out),
+        "--storage",
+        f"sqlite:///{work / 'optuna.db'}",
+        *extra,
+    ]
     t0 = time.time()
     with open(work / f"{name}.log", "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=_env(cache), stdout=log, stderr=subprocess.STDOUT).returncode
@@ -125,14 +159,23 @@ def equal_time_epochs(base: dict[str, Any], tune_wall_s: float) -> dict[str, Any
     median = float(np.median(secs))
     overhead = max(0.0, float(base["wall_s"]) - sum(secs))
     epochs = max(1, math.floor((tune_wall_s - overhead) / median)) if median > 0 else 1
-    return {"epochs": int(epochs), "median_epoch_s": median, "overhead_s": overhead, "tune_wall_s": float(tune_wall_s),
-            "fitted_from_epochs": len(secs)}
+    return {
+        "epochs": int(epochs),
+        "median_epoch_s": median,
+        "overhead_s": overhead,
+        "tune_wall_s": float(tune_wall_s),
+        "fitted_from_epochs": len(secs),
+    }
 
 
 def _macro_f1(y: np.ndarray, p: np.ndarray, k: int) -> float:
     f1 = []
     for c in range(k):
-        tp, fp, fn = int(((p == c) & (y == c)).sum()), int(((p == c) & (y != c)).sum()), int(((p != c) & (y == c)).sum())
+        tp, fp, fn = (
+            int(((p == c) & (y == c)).sum()),
+            int(((p == c) & (y != c)).sum()),
+            int(((p != c) & (y == c)).sum()),
+        )
         f1.append(2 * tp / max(1, 2 * tp + fp + fn))
     return float(np.mean(f1))
 
@@ -172,8 +215,10 @@ def bootstrap_deltas(groups: Sequence[Group], k: int, n_boot: int = BOOTSTRAP, s
         df.append(_macro_f1_rows(ys, es, k) - _macro_f1_rows(ys, bs, k))
         done += m
     a, f = np.concatenate(da), np.concatenate(df)
-    return {"ci95_delta_accuracy": [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))],
-            "ci95_delta_macro_f1": [float(np.percentile(f, 2.5)), float(np.percentile(f, 97.5))]}
+    return {
+        "ci95_delta_accuracy": [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))],
+        "ci95_delta_macro_f1": [float(np.percentile(f, 2.5)), float(np.percentile(f, 97.5))],
+    }
 
 
 def compare(classes: list[str], groups: Sequence[Group], n_boot: int = BOOTSTRAP) -> dict[str, Any]:
@@ -183,18 +228,26 @@ def compare(classes: list[str], groups: Sequence[Group], n_boot: int = BOOTSTRAP
     pe = np.concatenate([g[1] for g in groups])
     pb = np.concatenate([g[2] for g in groups])
     k = len(classes)
-    recall = {c: {"edgetune": float((pe[y == i] == i).mean()) if (y == i).any() else None,
-                  "baseline": float((pb[y == i] == i).mean()) if (y == i).any() else None,
-                  "support": int((y == i).sum())} for i, c in enumerate(classes)}
+    recall = {
+        c: {
+            "edgetune": float((pe[y == i] == i).mean()) if (y == i).any() else None,
+            "baseline": float((pb[y == i] == i).mean()) if (y == i).any() else None,
+            "support": int((y == i).sum()),
+        }
+        for i, c in enumerate(classes)
+    }
     return {
-        "n_test": len(y), "classes": classes,
+        "n_test": len(y),
+        "classes": classes,
         "edgetune": {"test_accuracy": float((pe == y).mean()), "test_macro_f1": _macro_f1(y, pe, k)},
         "baseline": {"test_accuracy": float((pb == y).mean()), "test_macro_f1": _macro_f1(y, pb, k)},
         "delta_test_accuracy": float((pe == y).mean() - (pb == y).mean()),
         "delta_test_macro_f1": _macro_f1(y, pe, k) - _macro_f1(y, pb, k),
         **bootstrap_deltas(groups, k, n_boot),
-        "both_right": int(((pe == y) & (pb == y)).sum()), "only_edgetune_right": int(((pe == y) & (pb != y)).sum()),
-        "only_baseline_right": int(((pe != y) & (pb == y)).sum()), "per_class_recall": recall,
+        "both_right": int(((pe == y) & (pb == y)).sum()),
+        "only_edgetune_right": int(((pe == y) & (pb != y)).sum()),
+        "only_baseline_right": int(((pe != y) & (pb == y)).sum()),
+        "per_class_recall": recall,
     }
 
 
@@ -234,13 +287,17 @@ def study_overheads(tune_out: Path, storage: str, study: str) -> dict[str, Any]:
     launch = [float(t.user_attrs["first_batch_at"]) - t.datetime_start.timestamp() for t in timed]
     rows = [t.user_attrs for t in timed]
     paths = [a.get("data_path") for a in rows]
-    return {"trials": len(s.trials), "states": {st: sum(t.state.name == st for t in s.trials)
-                                                for st in ("COMPLETE", "PRUNED", "FAIL")},
-            "launch_to_first_batch_s": {"median": float(np.median(launch)) if launch else None,
-                                        "max": float(np.max(launch)) if launch else None},
-            "data_paths": {p: paths.count(p) for p in set(paths)},
-            "act_cache_builds": sum(int(a.get("act_cache_builds", 0)) for a in rows),
-            "act_cache_disk_hits": sum(int(a.get("act_cache_disk_hits", 0)) for a in rows)}
+    return {
+        "trials": len(s.trials),
+        "states": {st: sum(t.state.name == st for t in s.trials) for st in ("COMPLETE", "PRUNED", "FAIL")},
+        "launch_to_first_batch_s": {
+            "median": float(np.median(launch)) if launch else None,
+            "max": float(np.max(launch)) if launch else None,
+        },
+        "data_paths": {p: paths.count(p) for p in set(paths)},
+        "act_cache_builds": sum(int(a.get("act_cache_builds", 0)) for a in rows),
+        "act_cache_disk_hits": sum(int(a.get("act_cache_disk_hits", 0)) for a in rows),
+    }
 
 
 def cache_speedup(work: Path) -> dict[str, Any]:
@@ -250,9 +307,16 @@ def cache_speedup(work: Path) -> dict[str, Any]:
     from trainer.loop import train_loop
     from trainer.model import preprocess_spec_for
 
-    base = TrainConfig.from_dict({"data": {"dataset": "elpv", "augment": "flips", "cache_dir": str(work / "cache-speed")},
-                                  "model": {"backbone": "efficientnet_lite0", "img_size": 128, "freeze": 0.25},
-                                  "epochs": 2, "threads": 2, "progress": False, "robustness": False})
+    base = TrainConfig.from_dict(
+        {
+            "data": {"dataset": "elpv", "augment": "flips", "cache_dir": str(work / "cache-speed")},
+            "model": {"backbone": "efficientnet_lite0", "img_size": 128, "freeze": 0.25},
+            "epochs": 2,
+            "threads": 2,
+            "progress": False,
+            "robustness": False,
+        }
+    )
     src = prepare_source(base.data)
     data = build_data(base.data, preprocess_spec_for(base.model), seed=0, source=src, with_test=False)
     out = {}
@@ -261,9 +325,12 @@ def cache_speedup(work: Path) -> dict[str, Any]:
         cfg = base.replace(over)
         train_loop({"train_config": cfg.to_dict(), "run_dir": str(d), "report_to": "local"}, data=data)
         hist = [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
-        out[path] = {"data_path": hist[-1]["data_path"], "epoch_seconds": hist[-1]["epoch_seconds"],
-                     "train_phase_seconds": hist[-1]["train_phase_seconds"],
-                     "cache_build_seconds": hist[0].get("act_cache_seconds", 0.0)}
+        out[path] = {
+            "data_path": hist[-1]["data_path"],
+            "epoch_seconds": hist[-1]["epoch_seconds"],
+            "train_phase_seconds": hist[-1]["train_phase_seconds"],
+            "cache_build_seconds": hist[0].get("act_cache_seconds", 0.0),
+        }
     out["speedup_epoch"] = out["live"]["epoch_seconds"] / out["cached"]["epoch_seconds"]
     out["setup"] = "efficientnet_lite0, 128 px, cut after blocks.3 (freeze 0.25), flips, batch 32, 2 threads, elpv full"
     return out
@@ -298,7 +365,9 @@ def aggregate_levers(per_seed: Sequence[Any]) -> list[dict[str, Any]]:
     """One row per lever name over the seeds' ``summary.json`` ``levers`` lists (a seed without one, e.g. an
     older summary, is left out): the MEAN OVER SEEDS of val accuracy / macro-F1 and of test accuracy / macro-F1
     (None where no seed has the value), ``n_seeds``, and each mean's gain over the previous row."""
-    lists = [[lv for lv in levers if isinstance(lv, dict)] for levers in per_seed if isinstance(levers, list) and levers]
+    lists = [
+        [lv for lv in levers if isinstance(lv, dict)] for levers in per_seed if isinstance(levers, list) and levers
+    ]
     lists = [levers for levers in lists if levers]
     rows: list[dict[str, Any]] = []
     for name in _lever_order(lists):
@@ -309,53 +378,84 @@ def aggregate_levers(per_seed: Sequence[Any]) -> list[dict[str, Any]]:
             row[m] = float(np.mean(vals)) if vals else None
         prev = rows[-1] if rows else None
         for m in LEVER_METRICS:
-            row[f"gain_{m}"] = (row[m] - prev[m] if prev is not None and row[m] is not None and prev[m] is not None
-                                else None)
+            row[f"gain_{m}"] = (
+                row[m] - prev[m] if prev is not None and row[m] is not None and prev[m] is not None else None
+            )
         rows.append(row)
     return rows
 
 
 def _flat(cmp: dict[str, Any]) -> dict[str, Any]:
     """The flat head-to-head keys of one comparison (``compare``'s output)."""
-    return {"delta_test_accuracy": cmp["delta_test_accuracy"], "delta_test_macro_f1": cmp["delta_test_macro_f1"],
-            "ci95_delta_test_accuracy": cmp["ci95_delta_accuracy"], "ci95_delta_test_macro_f1": cmp["ci95_delta_macro_f1"],
-            "n_test": cmp["n_test"],
-            "edgetune_test_accuracy": cmp["edgetune"]["test_accuracy"], "edgetune_test_macro_f1": cmp["edgetune"]["test_macro_f1"],
-            "baseline_test_accuracy": cmp["baseline"]["test_accuracy"], "baseline_test_macro_f1": cmp["baseline"]["test_macro_f1"]}
+    return {
+        "delta_test_accuracy": cmp["delta_test_accuracy"],
+        "delta_test_macro_f1": cmp["delta_test_macro_f1"],
+        "ci95_delta_test_accuracy": cmp["ci95_delta_accuracy"],
+        "ci95_delta_test_macro_f1": cmp["ci95_delta_macro_f1"],
+        "n_test": cmp["n_test"],
+        "edgetune_test_accuracy": cmp["edgetune"]["test_accuracy"],
+        "edgetune_test_macro_f1": cmp["edgetune"]["test_macro_f1"],
+        "baseline_test_accuracy": cmp["baseline"]["test_accuracy"],
+        "baseline_test_macro_f1": cmp["baseline"]["test_macro_f1"],
+    }
 
 
-def seed_result(seed: int, summary: dict[str, Any], tune_wall_s: float, base: dict[str, Any], cmp: dict[str, Any],
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def seed_result(
+    seed: int,
+    summary: dict[str, Any],
+    tune_wall_s: float,
+    base: dict[str, Any],
+    cmp: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One split seed's entry of search.json ``seeds``: the head-to-head (``compare``'s output ``cmp``), walls,
     the tune summary's ``useful_fraction``, ``levers`` (None if absent) and ``ledger`` (only if present)."""
     row: dict[str, Any] = {
-        "seed": seed, **_flat(cmp), "tune_wall_s": float(tune_wall_s), "baseline_wall_s": float(base["wall_s"]),
+        "seed": seed,
+        **_flat(cmp),
+        "tune_wall_s": float(tune_wall_s),
+        "baseline_wall_s": float(base["wall_s"]),
         "baseline_epochs": base.get("args", {}).get("epochs", BASELINE_EPOCHS),
-        "useful_fraction": summary.get("useful_fraction"), "levers": summary.get("levers"),
+        "useful_fraction": summary.get("useful_fraction"),
+        "levers": summary.get("levers"),
     }
     if "ledger" in summary:
         row["ledger"] = summary["ledger"]
-    row.update({"refit": summary.get("refit"), "best_params": summary.get("best_params"),
-                "both_right": cmp["both_right"], "only_edgetune_right": cmp["only_edgetune_right"],
-                "only_baseline_right": cmp["only_baseline_right"], "per_class_recall": cmp["per_class_recall"],
-                **(extra or {})})
+    row.update(
+        {
+            "refit": summary.get("refit"),
+            "best_params": summary.get("best_params"),
+            "both_right": cmp["both_right"],
+            "only_edgetune_right": cmp["only_edgetune_right"],
+            "only_baseline_right": cmp["only_baseline_right"],
+            "per_class_recall": cmp["per_class_recall"],
+            **(extra or {}),
+        }
+    )
     return row
 
 
 def equal_time_result(seed: int, fit: dict[str, Any], base: dict[str, Any], cmp: dict[str, Any]) -> dict[str, Any]:
     """The equal-compute head-to-head: the tune vs the plain script run for ``fit["epochs"]`` on the same split."""
-    return {"seed": seed, **_flat(cmp), **fit, "baseline_wall_s": float(base["wall_s"]),
-            "baseline_epochs": base.get("args", {}).get("epochs", fit["epochs"])}
+    return {
+        "seed": seed,
+        **_flat(cmp),
+        **fit,
+        "baseline_wall_s": float(base["wall_s"]),
+        "baseline_epochs": base.get("args", {}).get("epochs", fit["epochs"]),
+    }
 
 
-def headline(seed_rows: Sequence[dict[str, Any]], pooled: dict[str, Any],
-             equal_time: dict[str, Any] | None) -> dict[str, Any]:
+def headline(
+    seed_rows: Sequence[dict[str, Any]], pooled: dict[str, Any], equal_time: dict[str, Any] | None
+) -> dict[str, Any]:
     """The headline keys of search.json: pooled deltas and intervals (vs the plain 8-epoch script), the
     equal-time deltas (first seed), the worst seed's useful_fraction, the largest walls, the per-seed rows."""
     uf = [float(r["useful_fraction"]) for r in seed_rows if r.get("useful_fraction") is not None]
     et = equal_time or {}
     return {
-        "delta_test_accuracy": pooled["delta_test_accuracy"], "delta_test_macro_f1": pooled["delta_test_macro_f1"],
+        "delta_test_accuracy": pooled["delta_test_accuracy"],
+        "delta_test_macro_f1": pooled["delta_test_macro_f1"],
         "ci95_delta_test_accuracy": pooled["ci95_delta_accuracy"],
         "ci95_delta_test_macro_f1": pooled["ci95_delta_macro_f1"],
         "delta_equal_time_accuracy": et.get("delta_test_accuracy"),
@@ -374,8 +474,10 @@ def targets_met(head: dict[str, Any]) -> dict[str, bool]:
     lo_acc, lo_f1 = head["ci95_delta_test_accuracy"][0], head["ci95_delta_test_macro_f1"][0]
     eq = (head["delta_equal_time_accuracy"], head["delta_equal_time_macro_f1"])
     met = {
-        "pooled_delta_test_accuracy": head["delta_test_accuracy"] >= t["delta_test_accuracy"] and lo_acc > t["ci95_low_above"],
-        "pooled_delta_test_macro_f1": head["delta_test_macro_f1"] >= t["delta_test_macro_f1"] and lo_f1 > t["ci95_low_above"],
+        "pooled_delta_test_accuracy": head["delta_test_accuracy"] >= t["delta_test_accuracy"]
+        and lo_acc > t["ci95_low_above"],
+        "pooled_delta_test_macro_f1": head["delta_test_macro_f1"] >= t["delta_test_macro_f1"]
+        and lo_f1 > t["ci95_low_above"],
         "no_seed_below": all(r["delta_test_accuracy"] >= t["min_seed_delta_test_accuracy"] for r in head["seeds"]),
         "equal_time": all(v is not None and v >= t["delta_equal_time"] for v in eq),
         "useful_fraction": head["useful_fraction"] is not None and head["useful_fraction"] >= t["useful_fraction"],
@@ -394,62 +496,129 @@ def _pm(v: float | None) -> str:
 
 
 def _h2h_row(run: str, r: dict[str, Any]) -> dict[str, Any]:
-    return {"run": run, "n_test": r["n_test"], "tune_acc": r["edgetune_test_accuracy"],
-            "base_acc": r["baseline_test_accuracy"], "delta_acc": _pm(r["delta_test_accuracy"]),
-            "ci95_acc": _ci(r["ci95_delta_test_accuracy"]), "tune_f1": r["edgetune_test_macro_f1"],
-            "base_f1": r["baseline_test_macro_f1"], "delta_f1": _pm(r["delta_test_macro_f1"]),
-            "ci95_f1": _ci(r["ci95_delta_test_macro_f1"]), "tune_s": r.get("tune_wall_s"),
-            "base_s": r.get("baseline_wall_s"), "base_epochs": r.get("baseline_epochs"),
-            "useful_fraction": r.get("useful_fraction")}
+    return {
+        "run": run,
+        "n_test": r["n_test"],
+        "tune_acc": r["edgetune_test_accuracy"],
+        "base_acc": r["baseline_test_accuracy"],
+        "delta_acc": _pm(r["delta_test_accuracy"]),
+        "ci95_acc": _ci(r["ci95_delta_test_accuracy"]),
+        "tune_f1": r["edgetune_test_macro_f1"],
+        "base_f1": r["baseline_test_macro_f1"],
+        "delta_f1": _pm(r["delta_test_macro_f1"]),
+        "ci95_f1": _ci(r["ci95_delta_test_macro_f1"]),
+        "tune_s": r.get("tune_wall_s"),
+        "base_s": r.get("baseline_wall_s"),
+        "base_epochs": r.get("baseline_epochs"),
+        "useful_fraction": r.get("useful_fraction"),
+    }
 
 
-def build_tables(head: dict[str, Any], met: dict[str, bool], pooled: dict[str, Any], equal_time: dict[str, Any] | None,
-                 levers: list[dict[str, Any]], textures: dict[str, Any] | None) -> dict[str, str]:
+def build_tables(
+    head: dict[str, Any],
+    met: dict[str, bool],
+    pooled: dict[str, Any],
+    equal_time: dict[str, Any] | None,
+    levers: list[dict[str, Any]],
+    textures: dict[str, Any] | None,
+) -> dict[str, str]:
     """search.json's Markdown tables: per-seed head-to-head with the pooled and equal-time rows, headlines
     against their targets, the lever table, pooled per-class recall."""
     rows = [_h2h_row(f"elpv seed {r['seed']}", r) for r in head["seeds"]]
-    rows.append(_h2h_row(f"elpv pooled ({len(head['seeds'])} seeds; tune_s, base_s: max)",
-                         {**_flat(pooled), "tune_wall_s": head["tune_wall_s"], "baseline_wall_s": head["baseline_wall_s"],
-                          "baseline_epochs": BASELINE_EPOCHS, "useful_fraction": head["useful_fraction"]}))
+    rows.append(
+        _h2h_row(
+            f"elpv pooled ({len(head['seeds'])} seeds; tune_s, base_s: max)",
+            {
+                **_flat(pooled),
+                "tune_wall_s": head["tune_wall_s"],
+                "baseline_wall_s": head["baseline_wall_s"],
+                "baseline_epochs": BASELINE_EPOCHS,
+                "useful_fraction": head["useful_fraction"],
+            },
+        )
+    )
     if equal_time:
         rows.append(_h2h_row(f"elpv seed {equal_time['seed']}, equal time ({equal_time['epochs']} epochs)", equal_time))
     if textures:
-        rows.append(_h2h_row("textures (default split)", {**_flat(textures), "tune_wall_s": textures["tune_wall_s"],
-                                                          "baseline_wall_s": textures["baseline_wall_s"],
-                                                          "baseline_epochs": BASELINE_EPOCHS}))
+        rows.append(
+            _h2h_row(
+                "textures (default split)",
+                {
+                    **_flat(textures),
+                    "tune_wall_s": textures["tune_wall_s"],
+                    "baseline_wall_s": textures["baseline_wall_s"],
+                    "baseline_epochs": BASELINE_EPOCHS,
+                },
+            )
+        )
     t = TARGETS
     worst = min(head["seeds"], key=lambda r: r["delta_test_accuracy"])
     heads = [
-        {"headline": "pooled Δ test accuracy [95 % CI]", "value": f"{_pm(head['delta_test_accuracy'])} "
-         f"{_ci(head['ci95_delta_test_accuracy'])}", "target": f"≥ +{t['delta_test_accuracy']:.2f}, CI low > 0",
-         "met": met["pooled_delta_test_accuracy"]},
-        {"headline": "pooled Δ test macro-F1 [95 % CI]", "value": f"{_pm(head['delta_test_macro_f1'])} "
-         f"{_ci(head['ci95_delta_test_macro_f1'])}", "target": f"≥ +{t['delta_test_macro_f1']:.2f}, CI low > 0",
-         "met": met["pooled_delta_test_macro_f1"]},
-        {"headline": "worst seed Δ test accuracy", "value": f"{_pm(worst['delta_test_accuracy'])} (seed {worst['seed']})",
-         "target": f"≥ {t['min_seed_delta_test_accuracy']:+.2f}", "met": met["no_seed_below"]},
-        {"headline": "equal-time Δ accuracy / Δ macro-F1", "value": f"{_pm(head['delta_equal_time_accuracy'])} / "
-         f"{_pm(head['delta_equal_time_macro_f1'])}", "target": "≥ 0 / ≥ 0", "met": met["equal_time"]},
-        {"headline": "useful_fraction (min over seeds)", "value": head["useful_fraction"],
-         "target": f"≥ {t['useful_fraction']}", "met": met["useful_fraction"]},
-        {"headline": "tune wall s (max over seeds)", "value": head["tune_wall_s"], "target": f"≤ {t['tune_wall_s']}",
-         "met": met["tune_wall_s"]},
+        {
+            "headline": "pooled Δ test accuracy [95 % CI]",
+            "value": f"{_pm(head['delta_test_accuracy'])} {_ci(head['ci95_delta_test_accuracy'])}",
+            "target": f"≥ +{t['delta_test_accuracy']:.2f}, CI low > 0",
+            "met": met["pooled_delta_test_accuracy"],
+        },
+        {
+            "headline": "pooled Δ test macro-F1 [95 % CI]",
+            "value": f"{_pm(head['delta_test_macro_f1'])} {_ci(head['ci95_delta_test_macro_f1'])}",
+            "target": f"≥ +{t['delta_test_macro_f1']:.2f}, CI low > 0",
+            "met": met["pooled_delta_test_macro_f1"],
+        },
+        {
+            "headline": "worst seed Δ test accuracy",
+            "value": f"{_pm(worst['delta_test_accuracy'])} (seed {worst['seed']})",
+            "target": f"≥ {t['min_seed_delta_test_accuracy']:+.2f}",
+            "met": met["no_seed_below"],
+        },
+        {
+            "headline": "equal-time Δ accuracy / Δ macro-F1",
+            "value": f"{_pm(head['delta_equal_time_accuracy'])} / {_pm(head['delta_equal_time_macro_f1'])}",
+            "target": "≥ 0 / ≥ 0",
+            "met": met["equal_time"],
+        },
+        {
+            "headline": "useful_fraction (min over seeds)",
+            "value": head["useful_fraction"],
+            "target": f"≥ {t['useful_fraction']}",
+            "met": met["useful_fraction"],
+        },
+        {
+            "headline": "tune wall s (max over seeds)",
+            "value": head["tune_wall_s"],
+            "target": f"≤ {t['tune_wall_s']}",
+            "met": met["tune_wall_s"],
+        },
     ]
     recall_rows = [{"class": c, **v} for c, v in pooled["per_class_recall"].items()]
     tables = {
-        "Head-to-head: make tune (default) vs the plain fine-tuning script, same split per seed": md_table(rows, list(rows[0])),
+        "Head-to-head: make tune (default) vs the plain fine-tuning script, same split per seed": md_table(
+            rows, list(rows[0])
+        ),
         "Headlines vs targets": md_table(heads, ["headline", "value", "target", "met"]),
-        "elpv per-class test recall, pooled over seeds": md_table(recall_rows, ["class", "support", "edgetune", "baseline"]),
+        "elpv per-class test recall, pooled over seeds": md_table(
+            recall_rows, ["class", "support", "edgetune", "baseline"]
+        ),
     }
     if levers:
         tables["Levers of the final fit (mean over seeds; gain = vs the row above)"] = md_table(
-            levers, ["lever", "n_seeds", *LEVER_METRICS, *(f"gain_{m}" for m in LEVER_METRICS)])
+            levers, ["lever", "n_seeds", *LEVER_METRICS, *(f"gain_{m}" for m in LEVER_METRICS)]
+        )
     return tables
 
 
-def build_report(budget: str, planned: Sequence[int], seed_rows: Sequence[dict[str, Any]], classes: list[str],
-                 groups: Sequence[Group], equal_time: dict[str, Any] | None, stages: dict[str, Any],
-                 partial: str | None, n_boot: int = BOOTSTRAP) -> tuple[dict[str, Any], dict[str, str]]:
+def build_report(
+    budget: str,
+    planned: Sequence[int],
+    seed_rows: Sequence[dict[str, Any]],
+    classes: list[str],
+    groups: Sequence[Group],
+    equal_time: dict[str, Any] | None,
+    stages: dict[str, Any],
+    partial: str | None,
+    n_boot: int = BOOTSTRAP,
+) -> tuple[dict[str, Any], dict[str, str]]:
     """search.json's payload and tables from the seeds run so far (``groups``: their paired arrays)."""
     pooled = compare(classes, groups, n_boot)
     head = headline(seed_rows, pooled, equal_time)
@@ -461,23 +630,31 @@ def build_report(budget: str, planned: Sequence[int], seed_rows: Sequence[dict[s
     if speed:
         tables["Activation cache: epoch seconds at the same cut"] = md_table(
             [{"path": p, **speed[p]} for p in ("cached", "live")],
-            ["path", "epoch_seconds", "train_phase_seconds", "cache_build_seconds"])
+            ["path", "epoch_seconds", "train_phase_seconds", "cache_build_seconds"],
+        )
     if grid:
         tables.update(grid.get("tables", {}))
     payload: dict[str, Any] = {
-        "budget": budget, **head, "seeds_planned": list(planned), "targets": TARGETS, "targets_met": met,
-        "pooled": pooled, "equal_time": equal_time, "levers": levers,
+        "budget": budget,
+        **head,
+        "seeds_planned": list(planned),
+        "targets": TARGETS,
+        "targets_met": met,
+        "pooled": pooled,
+        "equal_time": equal_time,
+        "levers": levers,
         "levers_aggregation": "per lever name: mean over the seeds that report it (val and test); gain = vs the row above",
         "textures": textures,
-        "per_trial_overhead_s": {str(r["seed"]): (r.get("overheads") or {}).get("launch_to_first_batch_s")
-                                 for r in seed_rows},
+        "per_trial_overhead_s": {
+            str(r["seed"]): (r.get("overheads") or {}).get("launch_to_first_batch_s") for r in seed_rows
+        },
         "definition": "delta = edgetune's final model (python -m tuner defaults, --set data.split_seed=<seed>) minus "
-                      "the plain script (baseline_plain.py, 8 epochs, best-val epoch), both evaluated once on the same "
-                      "test files of that split; pooled = the seeds' paired test arrays concatenated (macro-F1 on the "
-                      "concatenation); ci95 = paired bootstrap, 10,000 resamples of the items within each seed; "
-                      "equal time = the plain script on the first seed with epochs = max(1, floor((tune wall - "
-                      "overhead) / median epoch s)) from its 8-epoch run; useful_fraction = min over seeds of "
-                      "summary.json's useful_fraction; tune_wall_s / baseline_wall_s = largest over seeds.",
+        "the plain script (baseline_plain.py, 8 epochs, best-val epoch), both evaluated once on the same "
+        "test files of that split; pooled = the seeds' paired test arrays concatenated (macro-F1 on the "
+        "concatenation); ci95 = paired bootstrap, 10,000 resamples of the items within each seed; "
+        "equal time = the plain script on the first seed with epochs = max(1, floor((tune wall - "
+        "overhead) / median epoch s)) from its 8-epoch run; useful_fraction = min over seeds of "
+        "summary.json's useful_fraction; tune_wall_s / baseline_wall_s = largest over seeds.",
     }
     if speed:
         payload["cache_speedup"] = speed
@@ -489,23 +666,35 @@ def build_report(budget: str, planned: Sequence[int], seed_rows: Sequence[dict[s
     return payload, tables
 
 
-def run_seed(work: Path, storage: str, seed: int, tune_args: list[str],
-             with_equal_time: bool) -> tuple[list[str], Group, dict[str, Any], dict[str, Any] | None]:
+def run_seed(
+    work: Path, storage: str, seed: int, tune_args: list[str], with_equal_time: bool
+) -> tuple[list[str], Group, dict[str, Any], dict[str, Any] | None]:
     """One split seed: the tune, the 8-epoch plain script on its split right after, and (``with_equal_time``)
     the plain script for the tune's wall clock; returns the classes, paired arrays, the seed's row and the
     equal-time result."""
     name = f"elpv-seed{seed}"
     tune = run_tune(work, name, [*tune_args, "--set", f"data.split_seed={seed}"])
-    print(f"bench-search: seed {seed}: tune took {tune['wall_s']:.0f} s; the plain script on the same split", flush=True)
+    print(
+        f"bench-search: seed {seed}: tune took {tune['wall_s']:.0f} s; the plain script on the same split", flush=True
+    )
     split = tune["out"] / "split.json"
     base = run_baseline(work, split, f"baseline-{name}", tune["cache"])
     classes, group = paired_arrays(tune["out"], base)
-    row = seed_result(seed, tune["summary"], tune["wall_s"], base, compare(classes, [group]),
-                      {"study": name, "overheads": study_overheads(tune["out"], storage, name)})
+    row = seed_result(
+        seed,
+        tune["summary"],
+        tune["wall_s"],
+        base,
+        compare(classes, [group]),
+        {"study": name, "overheads": study_overheads(tune["out"], storage, name)},
+    )
     equal_time = None
     if with_equal_time:
         fit = equal_time_epochs(base, tune["wall_s"])
-        print(f"bench-search: seed {seed}: the plain script for the tune's wall clock ({fit['epochs']} epochs)", flush=True)
+        print(
+            f"bench-search: seed {seed}: the plain script for the tune's wall clock ({fit['epochs']} epochs)",
+            flush=True,
+        )
         beq = run_baseline(work, split, f"baseline-{name}-equal-time", tune["cache"], fit["epochs"])
         equal_time = equal_time_result(seed, fit, beq, paired(tune["out"], beq))
     return classes, group, row, equal_time
@@ -535,8 +724,10 @@ def main(argv: list[str] | None = None) -> int:
         write_results("search", {**payload, "wall_seconds": time.time() - t_start}, args.out, tables)
 
     for i, seed in enumerate(seeds):
-        print(f"bench-search: {i + 1}/{n_stages} split seed {seed}: make tune (embedded default, full elpv, cold caches)",
-              flush=True)
+        print(
+            f"bench-search: {i + 1}/{n_stages} split seed {seed}: make tune (embedded default, full elpv, cold caches)",
+            flush=True,
+        )
         cls, group, row, et = run_seed(work, storage, seed, [*b["tune_args"], *gpu], with_equal_time=i == 0)
         if classes is None:
             classes = cls
@@ -547,15 +738,23 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         groups.append(group)
         left = [s for s in seeds if s not in {r["seed"] for r in rows}]
-        save(f"elpv seeds done {[r['seed'] for r in rows]}, not yet run {left}; textures"
-             f"{', cache speed-up, grid' if args.extra else ''} not run yet")
+        save(
+            f"elpv seeds done {[r['seed'] for r in rows]}, not yet run {left}; textures"
+            f"{', cache speed-up, grid' if args.extra else ''} not run yet"
+        )
 
     print(f"bench-search: {len(seeds) + 1}/{n_stages} textures (second built-in dataset)", flush=True)
     ttune = run_tune(work, "textures-default", ["--data", "textures", "--time-budget", str(b["textures_time"])])
     tbase = run_baseline(work, ttune["out"] / "split.json", "baseline-textures", ttune["cache"])
     tex = paired(ttune["out"], tbase)
-    tex.update({"tune_wall_s": ttune["wall_s"], "baseline_wall_s": tbase["wall_s"],
-                "time_budget_s": b["textures_time"], "best_params": ttune["summary"].get("best_params")})
+    tex.update(
+        {
+            "tune_wall_s": ttune["wall_s"],
+            "baseline_wall_s": tbase["wall_s"],
+            "time_budget_s": b["textures_time"],
+            "best_params": ttune["summary"].get("best_params"),
+        }
+    )
     stages["textures"] = tex
 
     if args.extra:

@@ -48,8 +48,9 @@ class InProcess:
         opts.intra_op_num_threads = THREADS
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(self.bundle.model_path), sess_options=opts,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(self.bundle.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
         self.input = self.session.get_inputs()[0].name
 
     def classify(self, jpegs: list[bytes]) -> np.ndarray:
@@ -110,8 +111,15 @@ def worker_main(bundle_dir: str) -> int:
     return 0
 
 
-def _stream(address: str, cam: str, jpeg: bytes, n: int, lat: list[float], timing: list[dict[str, int]],
-            start: threading.Barrier) -> None:
+def _stream(
+    address: str,
+    cam: str,
+    jpeg: bytes,
+    n: int,
+    lat: list[float],
+    timing: list[dict[str, int]],
+    start: threading.Barrier,
+) -> None:
     import grpc
 
     from edgetune.v1 import classifier_pb2 as pb
@@ -137,8 +145,16 @@ def _stream(address: str, cam: str, jpeg: bytes, n: int, lat: list[float], timin
             if r.error:
                 raise RuntimeError(f"server error on frame {i + 1}: {r.error}")
             tm = r.timing
-            timing.append({"decode_us": tm.decode_us, "preprocess_us": tm.preprocess_us, "queue_us": tm.queue_us,
-                           "infer_us": tm.infer_us, "total_us": tm.total_us, "batch_size": tm.batch_size})
+            timing.append(
+                {
+                    "decode_us": tm.decode_us,
+                    "preprocess_us": tm.preprocess_us,
+                    "queue_us": tm.queue_us,
+                    "infer_us": tm.infer_us,
+                    "total_us": tm.total_us,
+                    "batch_size": tm.batch_size,
+                }
+            )
         q.put(None)
         for _ in responses:
             pass
@@ -148,8 +164,10 @@ def server_block(address: str, jpeg: bytes, streams: int, n_per_stream: int) -> 
     lats: list[list[float]] = [[] for _ in range(streams)]
     timings: list[list[dict[str, int]]] = [[] for _ in range(streams)]
     barrier = threading.Barrier(streams + 1)
-    threads = [threading.Thread(target=_stream, args=(address, f"cam{i}", jpeg, n_per_stream, lats[i], timings[i],
-                                                      barrier)) for i in range(streams)]
+    threads = [
+        threading.Thread(target=_stream, args=(address, f"cam{i}", jpeg, n_per_stream, lats[i], timings[i], barrier))
+        for i in range(streams)
+    ]
     for t in threads:
         t.start()
     barrier.wait()
@@ -160,20 +178,31 @@ def server_block(address: str, jpeg: bytes, streams: int, n_per_stream: int) -> 
     lat = [x for xs in lats for x in xs]
     if len(lat) != streams * n_per_stream:
         raise RuntimeError(f"{streams} stream(s): got {len(lat)} of {streams * n_per_stream} results")
-    return {"latencies_ms": lat, "images": len(lat), "seconds": wall,
-            "server_timing": [x for xs in timings for x in xs]}
+    return {
+        "latencies_ms": lat,
+        "images": len(lat),
+        "seconds": wall,
+        "server_timing": [x for xs in timings for x in xs],
+    }
 
 
 def merge(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     lat = [x for b in blocks for x in b["latencies_ms"]]
     images, seconds = sum(b["images"] for b in blocks), sum(b["seconds"] for b in blocks)
-    out = {"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "mean_ms": float(np.mean(lat)),
-           "images": images, "seconds": seconds, "images_per_s": images / seconds,
-           "per_block_images_per_s": [b["images"] / b["seconds"] for b in blocks]}
+    out = {
+        "p50_ms": percentile(lat, 50),
+        "p99_ms": percentile(lat, 99),
+        "mean_ms": float(np.mean(lat)),
+        "images": images,
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+        "per_block_images_per_s": [b["images"] / b["seconds"] for b in blocks],
+    }
     st = [x for b in blocks for x in b.get("server_timing", [])]
     if st:
-        out["server_ms_median"] = {k: float(np.median([t[k] for t in st])) / (1 if k == "batch_size" else 1e3)
-                                   for k in st[0]}
+        out["server_ms_median"] = {
+            k: float(np.median([t[k] for t in st])) / (1 if k == "batch_size" else 1e3) for k in st[0]
+        }
         transport = [lat_i - t["total_us"] / 1e3 for lat_i, t in zip(lat, st, strict=True)]
         out["transport_ms_median"] = float(np.median(transport))
     return out
@@ -187,11 +216,24 @@ def main(argv: list[str] | None = None) -> int:
     bundle = build_bundle_subprocess(work / "bundle", "mobilenet_v2", 224)
     jpeg = test_jpeg(512, 90)
     ip = InProcessWorker(bundle)
-    raw: dict[str, list[dict[str, Any]]] = {k: [] for k in (
-        "inproc_b1", "inproc_b8", "server_1", "server_4", "server_16", "server_16_maxbatch1", "server_1_wait0",
-        "server_16_wait0")}
-    with ServerProcess(bundle, THREADS, max_batch=8) as s8, ServerProcess(bundle, THREADS, max_batch=1) as s1, \
-            ServerProcess(bundle, THREADS, max_batch=8, max_wait_ms=0.0) as s0:
+    raw: dict[str, list[dict[str, Any]]] = {
+        k: []
+        for k in (
+            "inproc_b1",
+            "inproc_b8",
+            "server_1",
+            "server_4",
+            "server_16",
+            "server_16_maxbatch1",
+            "server_1_wait0",
+            "server_16_wait0",
+        )
+    }
+    with (
+        ServerProcess(bundle, THREADS, max_batch=8) as s8,
+        ServerProcess(bundle, THREADS, max_batch=1) as s1,
+        ServerProcess(bundle, THREADS, max_batch=8, max_wait_ms=0.0) as s0,
+    ):
         ip.block(b["warmup"], 1)  # warm-up (first runs allocate)
         server_block(s8.address, jpeg, 1, b["warmup"])
         server_block(s1.address, jpeg, 4, 3)
@@ -225,38 +267,65 @@ def main(argv: list[str] | None = None) -> int:
     prof = []
     for k in ("server_1", "server_4", "server_16", "server_16_maxbatch1", "server_1_wait0", "server_16_wait0"):
         sm = res[k]["server_ms_median"]
-        prof.append({"path": k, **{f"{n}": v for n, v in sm.items()},
-                     "client_minus_server_ms": res[k]["transport_ms_median"]})
+        prof.append(
+            {"path": k, **{f"{n}": v for n, v in sm.items()}, "client_minus_server_ms": res[k]["transport_ms_median"]}
+        )
     headline = {
-        "p50_ratio_1_stream": p50_ratio, "p50_target": 1.15, "p50_target_met": p50_ratio <= 1.15,
-        "throughput_ratio_16_streams": thr_ratio, "throughput_target": 0.9, "throughput_target_met": thr_ratio >= 0.9,
+        "p50_ratio_1_stream": p50_ratio,
+        "p50_target": 1.15,
+        "p50_target_met": p50_ratio <= 1.15,
+        "throughput_ratio_16_streams": thr_ratio,
+        "throughput_target": 0.9,
+        "throughput_target_met": thr_ratio >= 0.9,
         "micro_batching_gain_16_streams": res["server_16"]["images_per_s"] / res["server_16_maxbatch1"]["images_per_s"],
         "inprocess_batching_gain": limit / res["inproc_b1"]["images_per_s"],
         "p50_ratio_1_stream_max_wait_0": res["server_1_wait0"]["p50_ms"] / res["inproc_b1"]["p50_ms"],
         "throughput_ratio_16_streams_max_wait_0": res["server_16_wait0"]["images_per_s"] / limit,
     }
     tables = {
-        "Serving: server vs in-process ONNX Runtime (same JPEG, decode + preprocessing in both)":
-            md_table(rows, ["path", "images_per_s", "vs_batched_limit", "p50_ms", "p99_ms", "mean_ms", "images"]),
-        "Where the server's time goes (medians, ms; batch_size = median micro-batch)":
-            md_table(prof, ["path", "decode_us", "preprocess_us", "queue_us", "infer_us", "total_us", "batch_size",
-                            "client_minus_server_ms"]),
+        "Serving: server vs in-process ONNX Runtime (same JPEG, decode + preprocessing in both)": md_table(
+            rows, ["path", "images_per_s", "vs_batched_limit", "p50_ms", "p99_ms", "mean_ms", "images"]
+        ),
+        "Where the server's time goes (medians, ms; batch_size = median micro-batch)": md_table(
+            prof,
+            [
+                "path",
+                "decode_us",
+                "preprocess_us",
+                "queue_us",
+                "infer_us",
+                "total_us",
+                "batch_size",
+                "client_minus_server_ms",
+            ],
+        ),
         "Headlines": md_table([headline], list(headline)),
     }
-    write_results("serve", {
-        "budget": args.budget, **headline,
-        "setup": {"model": "mobilenet_v2 (weights=none, head trained 1 epoch on textures; speed only)",
-                  "input": "scikit-image astronaut 512x512 JPEG q90", "img_size": 224, "ort_intra_op_threads": THREADS,
-                  "server": "python -m edge_server subprocess, --backend onnxruntime; default --max-wait-ms 2 "
-                            "(headlines), "
-                            "plus a --max-wait-ms 0 server to show what the micro-batch wait costs one stream",
-                  "client": "closed loop: each stream sends its next frame after the previous result",
-                  "baseline_process": "the in-process baseline runs in its own child process (no gRPC, no torch "
-                                      "threads)",
-                  "interleaving": "per round: in-process b1, server 1 stream, in-process b8, server 4/16 streams, "
-                                  "server max_batch=1 16 streams, server max_wait 0 at 1 and 16 streams"},
-        "summary": res, "raw": raw, "wall_seconds": time.perf_counter() - t_start,
-    }, args.out, tables)
+    write_results(
+        "serve",
+        {
+            "budget": args.budget,
+            **headline,
+            "setup": {
+                "model": "mobilenet_v2 (weights=none, head trained 1 epoch on textures; speed only)",
+                "input": "scikit-image astronaut 512x512 JPEG q90",
+                "img_size": 224,
+                "ort_intra_op_threads": THREADS,
+                "server": "python -m edge_server subprocess, --backend onnxruntime; default --max-wait-ms 2 "
+                "(headlines), "
+                "plus a --max-wait-ms 0 server to show what the micro-batch wait costs one stream",
+                "client": "closed loop: each stream sends its next frame after the previous result",
+                "baseline_process": "the in-process baseline runs in its own child process (no gRPC, no torch threads)",
+                "interleaving": "per round: in-process b1, server 1 stream, in-process b8, server 4/16 streams, "
+                "server max_batch=1 16 streams, server max_wait 0 at 1 and 16 streams",
+            },
+            "summary": res,
+            "raw": raw,
+            "wall_seconds": time.perf_counter() - t_start,
+        },
+        args.out,
+        tables,
+    )
     return 0
 
 

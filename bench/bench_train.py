@@ -28,11 +28,18 @@ THREADS = 1  # torch threads of both paths; the tuner runs 1-worker trials with 
 def make_config(b: dict[str, Any]) -> Any:
     from trainer.config import TrainConfig
 
-    return TrainConfig.from_dict({
-        "data": {"dataset": "elpv", "max_images": b["max_images"]},
-        "model": {"backbone": "efficientnet_lite0", "img_size": b["img"], "freeze": b["freeze"]},
-        "optim": {"lr": 1e-3}, "epochs": b["epochs"], "batch_size": 32, "threads": THREADS,
-        "progress": False, "robustness": False})
+    return TrainConfig.from_dict(
+        {
+            "data": {"dataset": "elpv", "max_images": b["max_images"]},
+            "model": {"backbone": "efficientnet_lite0", "img_size": b["img"], "freeze": b["freeze"]},
+            "optim": {"lr": 1e-3},
+            "epochs": b["epochs"],
+            "batch_size": 32,
+            "threads": THREADS,
+            "progress": False,
+            "robustness": False,
+        }
+    )
 
 
 def _train_loader(data: Any, cfg: Any) -> Any:
@@ -41,10 +48,15 @@ def _train_loader(data: Any, cfg: Any) -> Any:
 
     g = torch.Generator()
     g.manual_seed(cfg.seed)
-    return torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True,
-                                       num_workers=cfg.data.loader_workers,
-                                       drop_last=len(data.train) > cfg.batch_size, generator=g,
-                                       persistent_workers=cfg.data.loader_workers > 0)
+    return torch.utils.data.DataLoader(
+        data.train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.data.loader_workers,
+        drop_last=len(data.train) > cfg.batch_size,
+        generator=g,
+        persistent_workers=cfg.data.loader_workers > 0,
+    )
 
 
 def plain_run(cfg: Any, data: Any) -> list[dict[str, float]]:
@@ -79,8 +91,15 @@ def plain_run(cfg: Any, data: Any) -> list[dict[str, float]]:
         with torch.no_grad():
             for x, y in val_loader:
                 correct += int((model(x).argmax(1) == y).sum())
-        out.append({"images": seen, "train_seconds": t_train, "images_per_s": seen / t_train,
-                    "epoch_wall_s": time.perf_counter() - t0, "val_acc": correct / max(1, len(data.val))})
+        out.append(
+            {
+                "images": seen,
+                "train_seconds": t_train,
+                "images_per_s": seen / t_train,
+                "epoch_wall_s": time.perf_counter() - t0,
+                "val_acc": correct / max(1, len(data.val)),
+            }
+        )
     return out
 
 
@@ -97,17 +116,27 @@ def tune_run(cfg: Any, data: Any, storage: Path, name: str) -> tuple[list[dict[s
     if __name__ != "__main__":  # imported (e.g. by a test): Ray workers cannot import bench/ modules by name
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
     trainable = tune.with_resources(tune.with_parameters(_tune_trial, data=data), {"cpu": THREADS})
-    tuner = tune.Tuner(trainable, param_space={"train_config": cfg.to_dict()},
-                       tune_config=tune.TuneConfig(num_samples=1),
-                       run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"train_config": cfg.to_dict()},
+        tune_config=tune.TuneConfig(num_samples=1),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
+    )
     t0 = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - t0
     if grid.errors:
         raise RuntimeError(f"Tune trial failed: {grid.errors[0]}")
     df = grid[0].metrics_dataframe.sort_values("training_iteration")
-    out = [{"images_per_s": float(r.images_per_s), "epoch_wall_s": float(r.time_this_iter_s),
-            "epoch_seconds_in_loop": float(r.epoch_seconds), "val_acc": float(r.val_acc)} for r in df.itertuples()]
+    out = [
+        {
+            "images_per_s": float(r.images_per_s),
+            "epoch_wall_s": float(r.time_this_iter_s),
+            "epoch_seconds_in_loop": float(r.epoch_seconds),
+            "val_acc": float(r.val_acc),
+        }
+        for r in df.itertuples()
+    ]
     return out, wall
 
 
@@ -139,8 +168,11 @@ def data_vs_model(cfg: Any, data: Any) -> dict[str, float]:
         loss.backward()
         opt.step()
     model_ips = steps * cfg.batch_size / (time.perf_counter() - t0)
-    return {"dataloader_images_per_s": data_ips, "model_fwd_bwd_images_per_s": model_ips,
-            "data_headroom": data_ips / model_ips}
+    return {
+        "dataloader_images_per_s": data_ips,
+        "model_fwd_bwd_images_per_s": model_ips,
+        "data_headroom": data_ips / model_ips,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,48 +208,82 @@ def main(argv: list[str] | None = None) -> int:
 
     plain_ips, tune_ips = steady(raw["plain"], "images_per_s"), steady(raw["tune"], "images_per_s")
     plain_wall, tune_wall = steady(raw["plain"], "epoch_wall_s"), steady(raw["tune"], "epoch_wall_s")
-    launch = [w - sum(e["epoch_wall_s"] for e in run)
-              for w, run in zip(raw["tune_fit_wall_s"], raw["tune"], strict=True)]
+    launch = [
+        w - sum(e["epoch_wall_s"] for e in run) for w, run in zip(raw["tune_fit_wall_s"], raw["tune"], strict=True)
+    ]
     ratio = tune_ips / plain_ips
     # Under CPU contention from other processes the least-disturbed epoch is the cleanest estimate of each path.
     best_plain = max(e["images_per_s"] for run in raw["plain"] for e in run[1:])
     best_tune = max(e["images_per_s"] for run in raw["tune"] for e in run[1:])
     rows = [
-        {"path": "plain PyTorch loop", "train_images_per_s": plain_ips, "epoch_wall_s": plain_wall,
-         "ratio_vs_plain": 1.0},
-        {"path": "edgetune: Ray Tune function trial -> train_loop", "train_images_per_s": tune_ips,
-         "epoch_wall_s": tune_wall, "ratio_vs_plain": ratio},
+        {
+            "path": "plain PyTorch loop",
+            "train_images_per_s": plain_ips,
+            "epoch_wall_s": plain_wall,
+            "ratio_vs_plain": 1.0,
+        },
+        {
+            "path": "edgetune: Ray Tune function trial -> train_loop",
+            "train_images_per_s": tune_ips,
+            "epoch_wall_s": tune_wall,
+            "ratio_vs_plain": ratio,
+        },
     ]
-    startup = {"ray_init_s": ray_init_s, "tune_fit_minus_epochs_s_median": float(np.median(launch)),
-               "tune_fit_wall_s": raw["tune_fit_wall_s"]}
-    headline = {"imgs_per_s_ratio": ratio, "target": 0.9, "target_met": ratio >= 0.9,
-                "imgs_per_s_ratio_best_epochs": best_tune / best_plain,
-                "epoch_wall_ratio_incl_val_and_checkpoint": plain_wall / tune_wall,
-                "data_headroom": dvm["data_headroom"]}
+    startup = {
+        "ray_init_s": ray_init_s,
+        "tune_fit_minus_epochs_s_median": float(np.median(launch)),
+        "tune_fit_wall_s": raw["tune_fit_wall_s"],
+    }
+    headline = {
+        "imgs_per_s_ratio": ratio,
+        "target": 0.9,
+        "target_met": ratio >= 0.9,
+        "imgs_per_s_ratio_best_epochs": best_tune / best_plain,
+        "epoch_wall_ratio_incl_val_and_checkpoint": plain_wall / tune_wall,
+        "data_headroom": dvm["data_headroom"],
+    }
     tables = {
-        "Training: images/s of one Tune trial vs a plain PyTorch loop (steady state, epochs >= 2)":
-            md_table(rows, ["path", "train_images_per_s", "epoch_wall_s", "ratio_vs_plain"]),
+        "Training: images/s of one Tune trial vs a plain PyTorch loop (steady state, epochs >= 2)": md_table(
+            rows, ["path", "train_images_per_s", "epoch_wall_s", "ratio_vs_plain"]
+        ),
         "Ray start-up (excluded above)": md_table([startup], ["ray_init_s", "tune_fit_minus_epochs_s_median"]),
         "Data loading vs model consumption": md_table([dvm], list(dvm)),
         "Headlines": md_table([headline], list(headline)),
     }
-    write_results("train", {
-        "budget": args.budget, **headline,
-        "setup": {"dataset": f"elpv defect4, stratified subset of {b['max_images']} images "
-                             f"({len(data.train)} train / {len(data.val)} val)",
-                  "model": f"efficientnet_lite0 ImageNet, img {b['img']}, freeze {b['freeze']}, batch 32, adamw",
-                  "threads": THREADS, "epochs_per_run": b["epochs"], "rounds": b["rounds"],
-                  "loader_workers": cfg.data.loader_workers,
-                  "train_images_per_s": "train phase only (as trainer.loop measures it); epoch_wall_s adds the val "
-                                        "pass, and for the Tune trial the checkpoint + tune.report"},
-        "summary": {"plain_images_per_s": plain_ips, "tune_images_per_s": tune_ips, "plain_epoch_wall_s": plain_wall,
-                    "tune_epoch_wall_s": tune_wall,
-                    "plain_best_epoch_images_per_s": best_plain, "tune_best_epoch_images_per_s": best_tune,
-                    "startup": startup, "data_vs_model": dvm},
-        "ratio_definition": "median steady-state (epoch >= 2) train images/s of the Tune trial / the plain loop; "
-                            "imgs_per_s_ratio_best_epochs uses each path's fastest steady-state epoch instead",
-        "raw": raw, "wall_seconds": time.perf_counter() - t_start,
-    }, args.out, tables)
+    write_results(
+        "train",
+        {
+            "budget": args.budget,
+            **headline,
+            "setup": {
+                "dataset": f"elpv defect4, stratified subset of {b['max_images']} images "
+                f"({len(data.train)} train / {len(data.val)} val)",
+                "model": f"efficientnet_lite0 ImageNet, img {b['img']}, freeze {b['freeze']}, batch 32, adamw",
+                "threads": THREADS,
+                "epochs_per_run": b["epochs"],
+                "rounds": b["rounds"],
+                "loader_workers": cfg.data.loader_workers,
+                "train_images_per_s": "train phase only (as trainer.loop measures it); epoch_wall_s adds the val "
+                "pass, and for the Tune trial the checkpoint + tune.report",
+            },
+            "summary": {
+                "plain_images_per_s": plain_ips,
+                "tune_images_per_s": tune_ips,
+                "plain_epoch_wall_s": plain_wall,
+                "tune_epoch_wall_s": tune_wall,
+                "plain_best_epoch_images_per_s": best_plain,
+                "tune_best_epoch_images_per_s": best_tune,
+                "startup": startup,
+                "data_vs_model": dvm,
+            },
+            "ratio_definition": "median steady-state (epoch >= 2) train images/s of the Tune trial / the plain loop; "
+            "imgs_per_s_ratio_best_epochs uses each path's fastest steady-state epoch instead",
+            "raw": raw,
+            "wall_seconds": time.perf_counter() - t_start,
+        },
+        args.out,
+        tables,
+    )
     return 0
 
 

@@ -31,8 +31,11 @@ from edgetune.fsutil import atomic_write_text  # noqa: E402
 from edgetune.markdown import markdown_table  # noqa: E402
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None,
-               add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str,
+    argv: Sequence[str] | None = None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     """The flags every benchmark has (--budget, --out, --work), plus the ones ``add_args`` adds."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--budget", default="small", help=f"one of {list(BUDGETS)} (small: the `make bench` default)")
@@ -63,7 +66,9 @@ def work_dir(args: argparse.Namespace, prefix: str) -> Path:
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -98,8 +103,9 @@ def md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str], digits: int = 
     return markdown_table(rows, cols, lambda v: fmt(v, digits))
 
 
-def write_results(name: str, payload: dict[str, Any], out_dir: str | Path = RESULTS,
-                  tables: dict[str, str] | None = None) -> Path:
+def write_results(
+    name: str, payload: dict[str, Any], out_dir: str | Path = RESULTS, tables: dict[str, str] | None = None
+) -> Path:
     """Write ``<out_dir>/<name>.json`` (payload + machine info + tables) and print the tables."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,10 +139,16 @@ def build_bundle(out_dir: str | Path, backbone: str = "mobilenet_v2", img: int =
     from trainer.export import export_bundle
     from trainer.run import run_training
 
-    cfg = TrainConfig.from_dict({
-        "data": {"dataset": "textures", "max_images": 30},
-        "model": {"backbone": backbone, "weights": weights, "img_size": img, "freeze": 1.0},
-        "epochs": 1, "batch_size": 16, "progress": False, "robustness": False})
+    cfg = TrainConfig.from_dict(
+        {
+            "data": {"dataset": "textures", "max_images": 30},
+            "model": {"backbone": backbone, "weights": weights, "img_size": img, "freeze": 1.0},
+            "epochs": 1,
+            "batch_size": 16,
+            "progress": False,
+            "robustness": False,
+        }
+    )
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-run-") as run:
         run_training(cfg, run)
         return export_bundle(run, out_dir)
@@ -144,8 +156,11 @@ def build_bundle(out_dir: str | Path, backbone: str = "mobilenet_v2", img: int =
 
 def build_bundle_subprocess(out_dir: str | Path, backbone: str = "mobilenet_v2", img: int = 224) -> Path:
     """``build_bundle`` in a child process, so that torch's threads never live in the measuring process."""
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--build-bundle", str(out_dir), backbone, str(img)],
-                   cwd=ROOT, check=True)
+    subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--build-bundle", str(out_dir), backbone, str(img)],
+        cwd=ROOT,
+        check=True,
+    )
     return Path(out_dir)
 
 
@@ -158,12 +173,30 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m edge_server`` as a subprocess on 127.0.0.1 (stopped by its own handle)."""
 
-    def __init__(self, bundle: Path, threads: int = 2, max_batch: int = 8, max_wait_ms: float = 2.0,
-                 extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, bundle: Path, threads: int = 2, max_batch: int = 8, max_wait_ms: float = 2.0, extra: Sequence[str] = ()
+    ) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "edge_server", "--bundle", str(bundle), "--port", str(self.port),
-               "--backend", "onnxruntime", "--threads", str(threads), "--max-batch", str(max_batch),
-               "--max-wait-ms", str(max_wait_ms), "--log-level", "warning", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge_server",
+            "--bundle",
+            str(bundle),
+            "--port",
+            str(self.port),
+            "--backend",
+            "onnxruntime",
+            "--threads",
+            str(threads),
+            "--max-batch",
+            str(max_batch),
+            "--max-wait-ms",
+            str(max_wait_ms),
+            "--log-level",
+            "warning",
+            *extra,
+        ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT)
         self.address = f"127.0.0.1:{self.port}"
 

@@ -43,8 +43,12 @@ def write_field(folder: Path, classes: tuple[str, ...], seed: int = 0) -> dict[s
     out: dict[str, list[FieldFrame]] = {}
     for k, (y0, x0) in enumerate(CAMERA_REGIONS):
         cam = f"cam-{k + 1}"
-        tiles = [(c, photos[c][y:y + TILE, x:x + TILE]) for c in classes
-                 for y in (y0, y0 + 8) for x in range(x0, x0 + 256 - TILE + 1, 16)]
+        tiles = [
+            (c, photos[c][y : y + TILE, x : x + TILE])
+            for c in classes
+            for y in (y0, y0 + 8)
+            for x in range(x0, x0 + 256 - TILE + 1, 16)
+        ]
         order = rng.permutation(len(tiles))
         d = folder / cam
         d.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,11 @@ def _state(url: str) -> dict[str, Any]:
 def label_folder(folder: Path, port: int, answer: Any, limit: int) -> dict[str, Any]:
     """Label up to ``limit`` frames of ``folder``; ``answer(record_id) -> class``. Returns how it went."""
     url = f"http://127.0.0.1:{port}/"
-    proc = subprocess.Popen([sys.executable, "-m", "fieldloop.label", "--dir", str(folder), "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fieldloop.label", "--dir", str(folder), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         _wait_page(url, proc)
         exe = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -47,8 +50,12 @@ def label_folder(folder: Path, port: int, answer: Any, limit: int) -> dict[str, 
             exe = None
         t0 = time.perf_counter()
         n = _by_keys(url, exe, answer, limit) if exe else _by_api(url, answer, limit)
-        return {"labelled": n, "via": "chromium key presses" if exe else "page JSON API (no Chromium/Playwright)",
-                "label_s": round(time.perf_counter() - t0, 2), "progress": _state(url)["progress"]}
+        return {
+            "labelled": n,
+            "via": "chromium key presses" if exe else "page JSON API (no Chromium/Playwright)",
+            "label_s": round(time.perf_counter() - t0, 2),
+            "progress": _state(url)["progress"],
+        }
     finally:
         proc.terminate()
         proc.wait(10)
@@ -88,8 +95,12 @@ def _by_api(url: str, answer: Any, limit: int) -> int:
         if item is None:
             break
         body = json.dumps({"id": item["id"], "decision": answer(item["id"])}).encode()
-        req = urllib.request.Request(url + "api/decide", data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "X-Edgetune-Label": "1"})
+        req = urllib.request.Request(
+            url + "api/decide",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json", "X-Edgetune-Label": "1"},
+        )
         urllib.request.urlopen(req, timeout=10).read()
         done += 1
     return done

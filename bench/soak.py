@@ -61,13 +61,38 @@ class Soak(SoakWorkers):
         from testkit.edge_fixtures import CliServer
 
         n = len(self.servers) + 1
-        srv = CliServer(["--bundle", str(self.models / "a"), "--port", str(port), "--threads", "1",
-                         "--max-streams", "8", "--max-concurrent", "16", "--stream-idle-timeout", "2",
-                         "--max-pixels", str(4 * 1024 * 1024), "--max-decode-mb", "128", "--max-inflight-mb", "128",
-                         "--grace", "2",
-                         "--token-file", str(self.work / "camera.token"), "--enable-load-model",
-                         "--model-root", str(self.models), "--admin-token-file", str(self.work / "admin.token")],
-                        self.work / (log_name or f"server-{n}.log"))
+        srv = CliServer(
+            [
+                "--bundle",
+                str(self.models / "a"),
+                "--port",
+                str(port),
+                "--threads",
+                "1",
+                "--max-streams",
+                "8",
+                "--max-concurrent",
+                "16",
+                "--stream-idle-timeout",
+                "2",
+                "--max-pixels",
+                str(4 * 1024 * 1024),
+                "--max-decode-mb",
+                "128",
+                "--max-inflight-mb",
+                "128",
+                "--grace",
+                "2",
+                "--token-file",
+                str(self.work / "camera.token"),
+                "--enable-load-model",
+                "--model-root",
+                str(self.models),
+                "--admin-token-file",
+                str(self.work / "admin.token"),
+            ],
+            self.work / (log_name or f"server-{n}.log"),
+        )
         with self._server_lock:
             self.servers.append(srv)
         self.address = srv.address
@@ -170,20 +195,31 @@ class Soak(SoakWorkers):
         port = srv.port
         self.rss_at_start_mb = srv.hwm_mb()
         t_start = self.t0 = time.monotonic()
-        workers = [(self.valid_unary, 0.05, False), (self.hostile_unary, 0.05, True), (self.fuzz, 0.0, True),
-                   (self.idle_flood, 0.5, True), (self.fast_stream, 0.5, False), (self.hostile_stream, 0.5, True),
-                   (self.load_model, 1.5, True), (self.health, 0.1, False), (self.get_stats, 0.5, False)]
+        workers = [
+            (self.valid_unary, 0.05, False),
+            (self.hostile_unary, 0.05, True),
+            (self.fuzz, 0.0, True),
+            (self.idle_flood, 0.5, True),
+            (self.fast_stream, 0.5, False),
+            (self.hostile_stream, 0.5, True),
+            (self.load_model, 1.5, True),
+            (self.health, 0.1, False),
+            (self.get_stats, 0.5, False),
+        ]
         if args.workers:
             keep = set(args.workers.split(","))
             workers = [w for w in workers if w[0].__name__ in keep or w[0].__name__ in ("health", "valid_unary")]
-        threads = [threading.Thread(target=self._loop, args=w, name=f"soak-{w[0].__name__}", daemon=True)
-                   for w in workers]
+        threads = [
+            threading.Thread(target=self._loop, args=w, name=f"soak-{w[0].__name__}", daemon=True) for w in workers
+        ]
         threads.append(threading.Thread(target=self.sample_rss, name="soak-rss", daemon=True))
         client_records: list[dict] = []
-        cs = CameraStream(VideoFileSource(self.video, "soak-cam"),
-                          ConnectionOptions(f"127.0.0.1:{port}", token=CAMERA_TOKEN),
-                          StreamOptions(fps=args.client_fps, max_retry_time=60.0, backoff_initial=0.1, backoff_max=1.0),
-                          [lambda rec, _img: client_records.append(rec)])
+        cs = CameraStream(
+            VideoFileSource(self.video, "soak-cam"),
+            ConnectionOptions(f"127.0.0.1:{port}", token=CAMERA_TOKEN),
+            StreamOptions(fps=args.client_fps, max_retry_time=60.0, backoff_initial=0.1, backoff_max=1.0),
+            [lambda rec, _img: client_records.append(rec)],
+        )
         box: dict[str, Any] = {}
 
         def run_client() -> None:
@@ -219,8 +255,9 @@ class Soak(SoakWorkers):
         and failures added to ``res``."""
         from soak_attacks import ATTACKS, Attacks
 
-        names = ATTACKS if self.args.attacks == "all" else [
-            a for a in self.args.attacks.split(",") if a and a != "none"]
+        names = (
+            ATTACKS if self.args.attacks == "all" else [a for a in self.args.attacks.split(",") if a and a != "none"]
+        )
         unknown = sorted(set(names) - set(ATTACKS))
         if unknown:
             raise SystemExit(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
@@ -228,8 +265,15 @@ class Soak(SoakWorkers):
 
         # the soak server's limits (start_server): 16 MB messages, 16 unary calls, 8 streams, 128 + 128 MB budgets
         bound = request_memory_bound_mb(16.0, 16, 8, 128.0, 128.0)
-        attacks = Attacks(lambda log_name: self.start_server(log_name=log_name), self.good[0], max_streams=8,
-                          idle_s=2.0, grace_s=2.0, rss_budget_mb=self.args.rss_limit_mb, request_bound_mb=bound)
+        attacks = Attacks(
+            lambda log_name: self.start_server(log_name=log_name),
+            self.good[0],
+            max_streams=8,
+            idle_s=2.0,
+            grace_s=2.0,
+            rss_budget_mb=self.args.rss_limit_mb,
+            request_bound_mb=bound,
+        )
         for name in names:
             print(Attacks.line(attacks.run(name)), flush=True)
         res["attacks"] = attacks.results
@@ -248,14 +292,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle-b", help="bundle B for the LoadModel swaps (default: another test bundle)")
     p.add_argument("--rss-limit-mb", type=int, default=512, help="the server's peak RSS must stay below this")
     p.add_argument("--client-fps", type=float, default=10.0, help="frame rate of the attached camera client")
-    p.add_argument("--restart-limit-s", type=float, default=60.0,
-                   help="health must be SERVING and a valid Classify answered within this of the kill -9 (a figure "
-                        "for a loaded machine; the measured time is reported)")
+    p.add_argument(
+        "--restart-limit-s",
+        type=float,
+        default=60.0,
+        help="health must be SERVING and a valid Classify answered within this of the kill -9 (a figure "
+        "for a loaded machine; the measured time is reported)",
+    )
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed)")
-    p.add_argument("--attacks", default="all",
-                   help="targeted attacks after the mixed load: all (default), none, or a comma list of "
-                        "health-stall,stream-window0,big-messages,nonutf8-metadata,log-flood,webp-chunks,sighup,getstats")
+    p.add_argument(
+        "--attacks",
+        default="all",
+        help="targeted attacks after the mixed load: all (default), none, or a comma list of "
+        "health-stall,stream-window0,big-messages,nonutf8-metadata,log-flood,webp-chunks,sighup,getstats",
+    )
     p.add_argument("--workers", help=argparse.SUPPRESS)  # debugging: a comma list of worker names to run
     args = p.parse_args(argv)
     if args.duration < 10:
@@ -270,23 +321,40 @@ def main(argv: list[str] | None = None) -> int:
             srv.stop()
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"soak: {res['duration_s']:g} s of hostile load on 127.0.0.1 ({res['cpus']} CPUs, load average "
-          f"{res['load_average_end']}), kill -9 + restart half-way ({res['restart_s']} s to serve again, health "
-          f"SERVING again {res['health_back_after_kill_s']} s after the kill)")
+    print(
+        f"soak: {res['duration_s']:g} s of hostile load on 127.0.0.1 ({res['cpus']} CPUs, load average "
+        f"{res['load_average_end']}), kill -9 + restart half-way ({res['restart_s']} s to serve again, health "
+        f"SERVING again {res['health_back_after_kill_s']} s after the kill)"
+    )
     print(f"  requests served       {res['requests_served']}")
     print(f"  hostile inputs tried  {res['hostile_inputs']}")
-    print(f"  peak RSS (server)     {res['peak_rss_mb']} MB (limit {res['rss_limit_mb']} MB; "
-          f"{res['rss_at_start_mb']} MB after start)")
-    print(f"  p99 latency of valid requests under attack  {res['valid_p99_ms']} ms "
-          f"(p50 {res['valid_p50_ms']} ms, {res['valid_requests']} requests)")
+    print(
+        f"  peak RSS (server)     {res['peak_rss_mb']} MB (limit {res['rss_limit_mb']} MB; "
+        f"{res['rss_at_start_mb']} MB after start)"
+    )
+    print(
+        f"  p99 latency of valid requests under attack  {res['valid_p99_ms']} ms "
+        f"(p50 {res['valid_p50_ms']} ms, {res['valid_requests']} requests)"
+    )
     print(f"  frames lost           {res['frames_lost']} (camera client: {res['client']})")
-    print(f"  health not SERVING outside the restart: {res['health_not_serving_outside_restart']} of "
-          f"{res['health_checks']}; UNKNOWN statuses: {res['unknown']}; LoadModel as expected: "
-          f"{res['loadmodel_as_expected']}")
-    print(f"  errors replied by the server {res['errors_observed']} + {res['frame_errors_observed']} frame errors; "
-          f"logged {res['errors_logged']} + {res['frame_errors_logged']} frame errors")
-    print("SOAK " + json.dumps({k: res[k] for k in ("requests_served", "hostile_inputs", "peak_rss_mb",
-                                                     "valid_p99_ms", "frames_lost", "failures")}))
+    print(
+        f"  health not SERVING outside the restart: {res['health_not_serving_outside_restart']} of "
+        f"{res['health_checks']}; UNKNOWN statuses: {res['unknown']}; LoadModel as expected: "
+        f"{res['loadmodel_as_expected']}"
+    )
+    print(
+        f"  errors replied by the server {res['errors_observed']} + {res['frame_errors_observed']} frame errors; "
+        f"logged {res['errors_logged']} + {res['frame_errors_logged']} frame errors"
+    )
+    print(
+        "SOAK "
+        + json.dumps(
+            {
+                k: res[k]
+                for k in ("requests_served", "hostile_inputs", "peak_rss_mb", "valid_p99_ms", "frames_lost", "failures")
+            }
+        )
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -45,8 +45,16 @@ from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 from testkit.raw_h2 import gzip_frame
 
-ATTACKS = ("health-stall", "stream-window0", "big-messages", "nonutf8-metadata", "log-flood", "webp-chunks",
-           "sighup", "getstats")
+ATTACKS = (
+    "health-stall",
+    "stream-window0",
+    "big-messages",
+    "nonutf8-metadata",
+    "log-flood",
+    "webp-chunks",
+    "sighup",
+    "getstats",
+)
 BIG = int(15.5 * 1024 * 1024)
 CLASSIFY = "/edgetune.v1.Classifier/Classify"
 STREAM = "/edgetune.v1.Classifier/StreamClassify"
@@ -68,8 +76,10 @@ class Probe:
         self.failures: list[str] = []
         self.health: list[str] = []
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._classify, daemon=True),
-                        threading.Thread(target=self._health, daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._classify, daemon=True),
+            threading.Thread(target=self._health, daemon=True),
+        ]
 
     def start(self) -> Probe:
         for t in self.threads:
@@ -103,7 +113,7 @@ class Probe:
         return len(self.lat_ms), len(self.failures), len(self.health)
 
     def since(self, m: tuple[int, int, int]) -> tuple[list[float], list[str], list[str]]:
-        return [ms for _, ms in self.lat_ms[m[0]:]], self.failures[m[1]:], self.health[m[2]:]
+        return [ms for _, ms in self.lat_ms[m[0] :]], self.failures[m[1] :], self.health[m[2] :]
 
     def close(self) -> None:
         self.stop.set()
@@ -118,8 +128,16 @@ def pct(values: list[float], q: float) -> float:
 class Attacks:
     """Runs the attacks of ``names`` with ``start_server(log_name) -> CliServer``; ``results`` per attack."""
 
-    def __init__(self, start_server: Callable[[str], Any], image: bytes, max_streams: int, idle_s: float,
-                 grace_s: float, rss_budget_mb: int, request_bound_mb: float) -> None:
+    def __init__(
+        self,
+        start_server: Callable[[str], Any],
+        image: bytes,
+        max_streams: int,
+        idle_s: float,
+        grace_s: float,
+        rss_budget_mb: int,
+        request_bound_mb: float,
+    ) -> None:
         self.start_server, self.image = start_server, image
         self.max_streams, self.idle_s, self.grace_s, self.rss_budget_mb = max_streams, idle_s, grace_s, rss_budget_mb
         self.request_bound_mb = request_bound_mb
@@ -135,8 +153,20 @@ class Attacks:
             m = self._measure(name, srv, probe, fails, extra)
         except Exception as e:  # noqa: BLE001 - a broken attack is a failure of its own line, the others still run
             fails.append(f"the attack itself failed: {type(e).__name__}: {e}")
-            m = {"quiet_lat": [], "quiet_fail": [], "rss_before": 0, "attack_s": 0.0, "lat": [], "failed": [],
-                 "health": [], "rss_after": 0, "recovered_s": 0.0, "peak": 0, "log_bytes": 0, "span": 1.0}
+            m = {
+                "quiet_lat": [],
+                "quiet_fail": [],
+                "rss_before": 0,
+                "attack_s": 0.0,
+                "lat": [],
+                "failed": [],
+                "health": [],
+                "rss_after": 0,
+                "recovered_s": 0.0,
+                "peak": 0,
+                "log_bytes": 0,
+                "span": 1.0,
+            }
         finally:
             probe.close()
             srv.stop()
@@ -188,8 +218,7 @@ class Attacks:
         m["span"] = max(1.0, time.monotonic() - t0)
         return m
 
-    def _judge(self, name: str, m: dict[str, Any], srv: Any, fails: list[str], extra: dict[str, Any]
-               ) -> dict[str, Any]:
+    def _judge(self, name: str, m: dict[str, Any], srv: Any, fails: list[str], extra: dict[str, Any]) -> dict[str, Any]:
         from edge_server.logs import WORST_CASE_BYTES_PER_S
 
         text = srv.log_path.read_text(errors="replace")
@@ -217,27 +246,54 @@ class Attacks:
         budget = extra.pop("rss_bound_mb", self.rss_budget_mb)
         if m["peak"] > budget:
             fails.append(f"peak RSS {m['peak']} MB > {budget} MB")
-        return {"attack": name, "attack_s": round(m["attack_s"], 1), "legit_p50_ms": round(pct(lat, 50), 1),
-                "legit_p99_ms": round(p99, 1), "quiet_p50_ms": round(pct(m["quiet_lat"], 50), 1),
-                "quiet_p99_ms": round(q99, 1), "legit_calls": len(lat), "rss_before_mb": m["rss_before"],
-                "peak_rss_mb": m["peak"], "peak_rss_bound_mb": budget, "rss_after_mb": m["rss_after"],
-                "rss_recovered_s": round(m["recovered_s"], 1), "log_bytes": m["log_bytes"],
-                "log_bytes_per_s": round(rate), **extra, "failures": fails}
+        return {
+            "attack": name,
+            "attack_s": round(m["attack_s"], 1),
+            "legit_p50_ms": round(pct(lat, 50), 1),
+            "legit_p99_ms": round(p99, 1),
+            "quiet_p50_ms": round(pct(m["quiet_lat"], 50), 1),
+            "quiet_p99_ms": round(q99, 1),
+            "legit_calls": len(lat),
+            "rss_before_mb": m["rss_before"],
+            "peak_rss_mb": m["peak"],
+            "peak_rss_bound_mb": budget,
+            "rss_after_mb": m["rss_after"],
+            "rss_recovered_s": round(m["recovered_s"], 1),
+            "log_bytes": m["log_bytes"],
+            "log_bytes_per_s": round(rate),
+            **extra,
+            "failures": fails,
+        }
 
     @staticmethod
     def line(r: dict[str, Any]) -> str:
-        keys = ("legit_p50_ms", "legit_p99_ms", "quiet_p50_ms", "quiet_p99_ms", "rss_before_mb", "peak_rss_mb",
-                "peak_rss_bound_mb",
-                "rss_after_mb", "rss_recovered_s", "log_bytes", "log_bytes_per_s", "failures", "attack", "attack_s",
-                "legit_calls")
+        keys = (
+            "legit_p50_ms",
+            "legit_p99_ms",
+            "quiet_p50_ms",
+            "quiet_p99_ms",
+            "rss_before_mb",
+            "peak_rss_mb",
+            "peak_rss_bound_mb",
+            "rss_after_mb",
+            "rss_recovered_s",
+            "log_bytes",
+            "log_bytes_per_s",
+            "failures",
+            "attack",
+            "attack_s",
+            "legit_calls",
+        )
         more = ", ".join(f"{k} {v}" for k, v in r.items() if k not in keys)
         verdict = "ok" if not r["failures"] else "FAIL " + "; ".join(r["failures"])
-        return (f"attack {r['attack']}: legit p50 {r['legit_p50_ms']} ms p99 {r['legit_p99_ms']} ms during it "
-                f"(quiet p50 {r['quiet_p50_ms']} / p99 {r['quiet_p99_ms']} ms, {r['legit_calls']} calls), peak RSS "
-                f"{r['peak_rss_mb']} MB (bound {r['peak_rss_bound_mb']}, before {r['rss_before_mb']} MB), "
-                f"RSS 30 s after {r['rss_after_mb']} MB "
-                f"(back in {r['rss_recovered_s']} s), log {r['log_bytes']} bytes ({r['log_bytes_per_s']} B/s)"
-                f"{', ' + more if more else ''}: {verdict}")
+        return (
+            f"attack {r['attack']}: legit p50 {r['legit_p50_ms']} ms p99 {r['legit_p99_ms']} ms during it "
+            f"(quiet p50 {r['quiet_p50_ms']} / p99 {r['quiet_p99_ms']} ms, {r['legit_calls']} calls), peak RSS "
+            f"{r['peak_rss_mb']} MB (bound {r['peak_rss_bound_mb']}, before {r['rss_before_mb']} MB), "
+            f"RSS 30 s after {r['rss_after_mb']} MB "
+            f"(back in {r['rss_recovered_s']} s), log {r['log_bytes']} bytes ({r['log_bytes_per_s']} B/s)"
+            f"{', ' + more if more else ''}: {verdict}"
+        )
 
     # -- the attacks --------------------------------------------------------------------------------
     def attack_health_stall(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
@@ -279,8 +335,10 @@ class Attacks:
             refused = [raw.status(s) for s in sids if raw.status(s)]
             extra["window0_streams_refused"] = len(refused)
             if len(refused) < len(sids) - share or set(refused) != {"grpc-status 8"}:
-                fails.append(f"one connection held more than its {share} stream slots: {len(sids) - len(refused)} of "
-                             f"{len(sids)} admitted ({sorted(set(refused))})")
+                fails.append(
+                    f"one connection held more than its {share} stream slots: {len(sids) - len(refused)} of "
+                    f"{len(sids)} admitted ({sorted(set(refused))})"
+                )
             camera_s = self._camera_result(srv, fails, "while the window-0 streams hold their slots")
             held = len([s for s in sids if not raw.status(s)])
             extra["camera_during_attack_s"] = None if camera_s is None else round(camera_s, 3)
@@ -354,8 +412,11 @@ class Attacks:
             frame = compress(pb.Frame(camera_id="big", frame_id=1, image=b"\x00" * BIG).SerializeToString())
             tag = "gzip" if compress is gzip_frame else "plain"
             with RawH2(srv.address) as raw:
-                count(raw, [raw.open(CLASSIFY, metadata=md, raw_message=unary, end=True) for _ in range(n_unary)],
-                      f"{tag} unary")
+                count(
+                    raw,
+                    [raw.open(CLASSIFY, metadata=md, raw_message=unary, end=True) for _ in range(n_unary)],
+                    f"{tag} unary",
+                )
             with RawH2(srv.address) as raw:
                 sids = [raw.open(STREAM, metadata=md, raw_message=frame) for _ in range(n_streams)]
                 for _ in range(n_frames - 1):
@@ -374,8 +435,10 @@ class Attacks:
         from testkit.raw_h2 import RawH2
 
         msg = pb.ClassifyRequest(image=self.image).SerializeToString()
-        bad = (("authorization", f"Bearer {CAMERA_TOKEN}".encode() + b"\xff" + b"A" * 2000),
-               ("x-junk", b"\xfe\xff" * 1000))
+        bad = (
+            ("authorization", f"Bearer {CAMERA_TOKEN}".encode() + b"\xff" + b"A" * 2000),
+            ("x-junk", b"\xfe\xff" * 1000),
+        )
         log0 = srv.log_path.stat().st_size
         with RawH2(srv.address) as raw:
             sids = [raw.open(CLASSIFY, metadata=bad, message=msg, end=True) for _ in range(200)]
@@ -432,8 +495,9 @@ class Attacks:
         webp = pb.ClassifyRequest(image=b"RIFF" + len(body).to_bytes(4, "little") + body).SerializeToString()
         took = []
         with RawH2(srv.address) as raw:
-            sid = raw.open(CLASSIFY, metadata=(*CAM_MD, ("grpc-encoding", "gzip")), raw_message=gzip_frame(webp),
-                           end=True)
+            sid = raw.open(
+                CLASSIFY, metadata=(*CAM_MD, ("grpc-encoding", "gzip")), raw_message=gzip_frame(webp), end=True
+            )
             _wait_all(raw, [sid], 30)
             if raw.status(sid) != "grpc-status 12":
                 fails.append(f"a gzip'ed WebP of empty chunks answered {raw.status(sid)}, want UNIMPLEMENTED (12)")

@@ -11,16 +11,24 @@ import numpy as np
 from soak_state import SoakState
 
 
-def report(soak: SoakState, box: dict[str, Any], records: list[dict], final: Any, restart_s: float, wall: float,
-           client_hung: bool) -> dict[str, Any]:
+def report(
+    soak: SoakState,
+    box: dict[str, Any],
+    records: list[dict],
+    final: Any,
+    restart_s: float,
+    wall: float,
+    client_hung: bool,
+) -> dict[str, Any]:
     t = soak.tally
     fails = list(t.failures) + restart_failures(soak)
     if t.unknown:
         fails.append(f"{len(t.unknown)} call(s) ended with UNKNOWN: {t.unknown[:3]}")
     if soak.peak_rss_mb >= soak.args.rss_limit_mb:
         fails.append(f"server peak RSS {soak.peak_rss_mb} MB >= limit {soak.args.rss_limit_mb} MB")
-    bad_health = [(round(t0 - soak.t0, 2), s) for t0, t1, s in t.health
-                  if s != "SERVING" and not soak.overlaps_window(t0, t1)]
+    bad_health = [
+        (round(t0 - soak.t0, 2), s) for t0, t1, s in t.health if s != "SERVING" and not soak.overlaps_window(t0, t1)
+    ]
     if bad_health:
         fails.append(f"health not SERVING outside the restart: {bad_health[:5]} ({len(bad_health)})")
     csum = client_checks(soak, box, records, client_hung, fails)
@@ -45,22 +53,35 @@ def report(soak: SoakState, box: dict[str, Any], records: list[dict], final: Any
     except OSError:
         load = []
     return {
-        "duration_s": soak.args.duration, "wall_s": round(wall, 1), "cpus": os.cpu_count(),
+        "duration_s": soak.args.duration,
+        "wall_s": round(wall, 1),
+        "cpus": os.cpu_count(),
         "restart_window_s": [round(v - soak.t0, 2) for v in soak.window] if soak.window else None,
         "health_back_after_kill_s": round(soak.window[1] - soak.window[0], 2) if soak.window else None,
         **soak.phases,
         "load_average_end": [round(v, 2) for v in load],
-        "requests_served": t.served, "hostile_inputs": t.hostile,
-        "peak_rss_mb": soak.peak_rss_mb, "rss_limit_mb": soak.args.rss_limit_mb,
+        "requests_served": t.served,
+        "hostile_inputs": t.hostile,
+        "peak_rss_mb": soak.peak_rss_mb,
+        "rss_limit_mb": soak.args.rss_limit_mb,
         "rss_at_start_mb": soak.rss_at_start_mb,
         "valid_p99_ms": round(p99, 1) if p99 is not None else None,
-        "valid_p50_ms": round(float(np.percentile(lat, 50)), 1) if lat else None, "valid_requests": len(lat),
-        "frames_lost": csum.get("lost"), "client": csum, "restart_s": round(restart_s, 2),
-        "health_checks": len(t.health), "health_not_serving_outside_restart": len(bad_health),
-        "unknown": len(t.unknown), "errors_observed": dict(observed), "errors_logged": dict(logged),
-        "frame_errors_observed": observed_frames, "frame_errors_logged": logged_frames,
-        "final_errors_total": final.errors_total, "stats_bytes_max": t.stats_bytes_max,
-        "loadmodel_as_expected": f"{lm_ok}/{len(soak.loadmodel_results)}", "fast_streams": soak.fast_streams,
+        "valid_p50_ms": round(float(np.percentile(lat, 50)), 1) if lat else None,
+        "valid_requests": len(lat),
+        "frames_lost": csum.get("lost"),
+        "client": csum,
+        "restart_s": round(restart_s, 2),
+        "health_checks": len(t.health),
+        "health_not_serving_outside_restart": len(bad_health),
+        "unknown": len(t.unknown),
+        "errors_observed": dict(observed),
+        "errors_logged": dict(logged),
+        "frame_errors_observed": observed_frames,
+        "frame_errors_logged": logged_frames,
+        "final_errors_total": final.errors_total,
+        "stats_bytes_max": t.stats_bytes_max,
+        "loadmodel_as_expected": f"{lm_ok}/{len(soak.loadmodel_results)}",
+        "fast_streams": soak.fast_streams,
         "loadmodel_other": lm_other,
         "codes": {f"{w}:{c}": n for (w, c), n in sorted(t.codes.items())},
         "failures": fails,
@@ -85,17 +106,23 @@ def restart_failures(soak: SoakState) -> list[str]:
     fails = []
     limit = soak.args.restart_limit_s
     if not back or back[0] - t_kill > limit:
-        fails.append(f"health not SERVING again within {limit:g} s of the kill -9 (back after "
-                     f"{(back[0] - t_kill) if back else float('inf'):.1f} s)")
+        fails.append(
+            f"health not SERVING again within {limit:g} s of the kill -9 (back after "
+            f"{(back[0] - t_kill) if back else float('inf'):.1f} s)"
+        )
     if not valid_back or valid_back[0] - t_kill > limit:
         fails.append(f"no valid Classify answered within {limit:g} s of the kill -9")
-    fails += [msg for worker, t0, t1, msg in soak.timed_failures
-              if not soak.overlaps_window(t0, t1, valid_end if worker == "valid" else None)][:20]
+    fails += [
+        msg
+        for worker, t0, t1, msg in soak.timed_failures
+        if not soak.overlaps_window(t0, t1, valid_end if worker == "valid" else None)
+    ][:20]
     return fails
 
 
-def client_checks(soak: SoakState, box: dict[str, Any], records: list[dict], client_hung: bool,
-                  fails: list[str]) -> dict[str, Any]:
+def client_checks(
+    soak: SoakState, box: dict[str, Any], records: list[dict], client_hung: bool, fails: list[str]
+) -> dict[str, Any]:
     """The client: every frame accounted for (failures appended to ``fails``); its summary."""
     cstats = box.get("stats")
     if client_hung or "error" in box or cstats is None:

@@ -24,8 +24,11 @@ class SoakWorkers(SoakState):
         """Reconnect within 0.5 s once the restarted server listens (gRPC's default backoff reaches 120 s), and
         give one connection attempt 10 s: gRPC reads its minimum connect timeout from min_reconnect_backoff_ms,
         and at 100 ms a loaded machine's handshakes were cut off (edge_client.connection.make_channel)."""
-        return [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 10_000),
-                ("grpc.max_reconnect_backoff_ms", 500)]
+        return [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 10_000),
+            ("grpc.max_reconnect_backoff_ms", 500),
+        ]
 
     def _loop(self, fn: Any, period: float, hostile: bool = True) -> None:
         """Run ``fn(stub, channel)`` every ``period`` s on a fresh channel after each restart."""
@@ -65,15 +68,22 @@ class SoakWorkers(SoakState):
         data = self.good[int(time.monotonic() * 1000) % len(self.good)]
         t0 = time.monotonic()
         # a deadline for a loaded machine: the latency is the figure (p99), the invariant is the answer
-        r = call(self.tally, "valid", stub.Classify, pb.ClassifyRequest(image=data, top_k=2), timeout=60,
-                 metadata=CAM_MD)
+        r = call(
+            self.tally, "valid", stub.Classify, pb.ClassifyRequest(image=data, top_k=2), timeout=60, metadata=CAM_MD
+        )
         t1 = time.monotonic()
         if not isinstance(r, grpc.RpcError):
             self.tally.valid_ms.append((t0, (t1 - t0) * 1000))
         elif r.code() != SC.RESOURCE_EXHAUSTED:  # judged at the end, against the restart window
-            self.timed_failures.append(("valid", t0, t1,
-                                        f"valid Classify failed outside the restart (t={t0 - self.t0:.2f}"
-                                        f"..{t1 - self.t0:.2f} s): {r.code().name} {r.details()}"))
+            self.timed_failures.append(
+                (
+                    "valid",
+                    t0,
+                    t1,
+                    f"valid Classify failed outside the restart (t={t0 - self.t0:.2f}"
+                    f"..{t1 - self.t0:.2f} s): {r.code().name} {r.details()}",
+                )
+            )
 
     def hostile_unary(self, stub: Any, _ch: grpc.Channel) -> None:
         if not hasattr(self, "_payloads"):
@@ -81,8 +91,15 @@ class SoakWorkers(SoakState):
             self._next = 0
         name, data, top_k = self._payloads[self._next % len(self._payloads)]
         self._next += 1
-        r = call(self.tally, "hostile", stub.Classify, pb.ClassifyRequest(image=data, top_k=top_k), timeout=60,
-                 metadata=CAM_MD, hostile=True)
+        r = call(
+            self.tally,
+            "hostile",
+            stub.Classify,
+            pb.ClassifyRequest(image=data, top_k=top_k),
+            timeout=60,
+            metadata=CAM_MD,
+            hostile=True,
+        )
         allowed = {SC.INVALID_ARGUMENT, SC.RESOURCE_EXHAUSTED}
         if name == "png-rgba16-1400":  # within the limits: an honest, large decode
             allowed |= {SC.OK}
@@ -94,13 +111,20 @@ class SoakWorkers(SoakState):
         """One Hypothesis run (generate phase only) of images and protobuf bytes against the server."""
         from hypothesis import HealthCheck, Phase, given, settings
 
-        raw = {m: ch.unary_unary(f"/edgetune.v1.Classifier/{m}") for m in
-               ("Classify", "GetStats", "GetModelInfo", "LoadModel")}
+        raw = {
+            m: ch.unary_unary(f"/edgetune.v1.Classifier/{m}")
+            for m in ("Classify", "GetStats", "GetModelInfo", "LoadModel")
+        }
         raw_stream = ch.stream_stream("/edgetune.v1.Classifier/StreamClassify")
         case = fuzz_cases(self.good, list(raw))
 
-        @settings(max_examples=25, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case)
         def run(c: tuple[Any, ...]) -> None:
             if self.stop.is_set() or self.pause.is_set():
@@ -108,11 +132,22 @@ class SoakWorkers(SoakState):
             kind, payload, extra, with_token = c
             md = CAM_MD if with_token else ()
             if kind == "image":
-                r = call(self.tally, "fuzz-image", stub.Classify, pb.ClassifyRequest(image=payload, top_k=extra),
-                         timeout=15, metadata=md, hostile=True)
+                r = call(
+                    self.tally,
+                    "fuzz-image",
+                    stub.Classify,
+                    pb.ClassifyRequest(image=payload, top_k=extra),
+                    timeout=15,
+                    metadata=md,
+                    hostile=True,
+                )
             elif extra == "StreamClassify":
-                r = call(self.tally, "fuzz-proto", lambda: list(raw_stream(iter([payload]), timeout=15,
-                                                                            metadata=md)), hostile=True)
+                r = call(
+                    self.tally,
+                    "fuzz-proto",
+                    lambda: list(raw_stream(iter([payload]), timeout=15, metadata=md)),
+                    hostile=True,
+                )
             else:
                 r = call(self.tally, "fuzz-proto", raw[extra], payload, timeout=15, metadata=md, hostile=True)
             if isinstance(r, grpc.RpcError) and r.code() == SC.UNKNOWN:
@@ -163,13 +198,15 @@ class SoakWorkers(SoakState):
         from testkit.edge_fixtures import RequestFeeder
         from testkit.hostile_media import oversized, wide_png
 
-        frames = [pb.Frame(camera_id="x" * (1 << 20), frame_id=0, image=self.good[0]),
-                  pb.Frame(camera_id="cam\x00\x07", frame_id=1, image=self.good[0]),
-                  pb.Frame(camera_id="h", frame_id=2, image=wide_png(60000)),
-                  pb.Frame(camera_id="h", frame_id=3, image=oversized("WebP-lossless", 8192, 8192)),
-                  pb.Frame(camera_id="h", frame_id=4, image=b"\x89PNG\r\n\x1a\ngarbage"),
-                  pb.Frame(camera_id="h", frame_id=5, image=self.good[1], top_k=99),
-                  pb.Frame(camera_id="h", frame_id=6, image=self.good[1])]
+        frames = [
+            pb.Frame(camera_id="x" * (1 << 20), frame_id=0, image=self.good[0]),
+            pb.Frame(camera_id="cam\x00\x07", frame_id=1, image=self.good[0]),
+            pb.Frame(camera_id="h", frame_id=2, image=wide_png(60000)),
+            pb.Frame(camera_id="h", frame_id=3, image=oversized("WebP-lossless", 8192, 8192)),
+            pb.Frame(camera_id="h", frame_id=4, image=b"\x89PNG\r\n\x1a\ngarbage"),
+            pb.Frame(camera_id="h", frame_id=5, image=self.good[1], top_k=99),
+            pb.Frame(camera_id="h", frame_id=6, image=self.good[1]),
+        ]
         feed = RequestFeeder(timeout=60)
         call = stub.StreamClassify(feed, timeout=30, metadata=CAM_MD)
         try:
@@ -192,24 +229,37 @@ class SoakWorkers(SoakState):
             self.tally.fail("hostile stream ended early")
 
     def load_model(self, stub: Any, _ch: grpc.Channel) -> None:
-        plan = [("b", ADMIN_MD, SC.OK), ("broken-labels", ADMIN_MD, SC.INVALID_ARGUMENT),
-                ("tampered", ADMIN_MD, SC.INVALID_ARGUMENT), ("escape", ADMIN_MD, SC.INVALID_ARGUMENT),
-                ("../../../../etc", ADMIN_MD, SC.INVALID_ARGUMENT), ("a", CAM_MD, SC.UNAUTHENTICATED),
-                ("a", (*CAM_MD, ("x-edgetune-admin-token", CAMERA_TOKEN)), SC.UNAUTHENTICATED),
-                ("a", ADMIN_MD, SC.OK)]
+        plan = [
+            ("b", ADMIN_MD, SC.OK),
+            ("broken-labels", ADMIN_MD, SC.INVALID_ARGUMENT),
+            ("tampered", ADMIN_MD, SC.INVALID_ARGUMENT),
+            ("escape", ADMIN_MD, SC.INVALID_ARGUMENT),
+            ("../../../../etc", ADMIN_MD, SC.INVALID_ARGUMENT),
+            ("a", CAM_MD, SC.UNAUTHENTICATED),
+            ("a", (*CAM_MD, ("x-edgetune-admin-token", CAMERA_TOKEN)), SC.UNAUTHENTICATED),
+            ("a", ADMIN_MD, SC.OK),
+        ]
         if not hasattr(self, "_lm"):
             self._lm = 0
         path, md, want = plan[self._lm % len(plan)]
         self._lm += 1
         t0 = time.monotonic()
-        r = call(self.tally, "load-model", stub.LoadModel, pb.LoadModelRequest(bundle_path=path), timeout=60,
-                 metadata=md, hostile=want != SC.OK)
+        r = call(
+            self.tally,
+            "load-model",
+            stub.LoadModel,
+            pb.LoadModelRequest(bundle_path=path),
+            timeout=60,
+            metadata=md,
+            hostile=want != SC.OK,
+        )
         got = SC.OK if not isinstance(r, grpc.RpcError) else r.code()
         details = "" if not isinstance(r, grpc.RpcError) else r.details() or ""
         self.loadmodel_results.append((path, want.name, got.name))
         if got != want and got != SC.UNAVAILABLE:
-            self.timed_failures.append(("load-model", t0, time.monotonic(),
-                                        f"LoadModel {path}: {got.name} (want {want.name}) {details[:200]}"))
+            self.timed_failures.append(
+                ("load-model", t0, time.monotonic(), f"LoadModel {path}: {got.name} (want {want.name}) {details[:200]}")
+            )
         if "passwd" in details and "root:" in details:
             self.tally.fail("LoadModel error revealed /etc/passwd content")
 
@@ -239,4 +289,3 @@ class SoakWorkers(SoakState):
                 except (OSError, AssertionError):
                     pass
             self.stop.wait(0.2)
-

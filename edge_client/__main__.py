@@ -36,45 +36,80 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     src = p.add_argument_group("input")
-    src.add_argument("--source", action="append", default=[], metavar="[NAME=]SOURCE",
-                     help="camera index (0), csi:N, gst:<pipeline>, rtsp/http(s) URL, video file or image directory; "
-                          "repeat for several cameras (each its own stream); NAME= sets the camera id")
+    src.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="[NAME=]SOURCE",
+        help="camera index (0), csi:N, gst:<pipeline>, rtsp/http(s) URL, video file or image directory; "
+        "repeat for several cameras (each its own stream); NAME= sets the camera id",
+    )
     src.add_argument("--once", metavar="IMAGE", help="classify one image with a unary call and print JSON")
     src.add_argument("--raw", action="store_true", help="with --once: send the file bytes unchanged (no resize)")
-    src.add_argument("--live", action="store_true",
-                     help="replay video files as cameras at their native frame rate (frames dropped when slow)")
+    src.add_argument(
+        "--live",
+        action="store_true",
+        help="replay video files as cameras at their native frame rate (frames dropped when slow)",
+    )
     srv = p.add_argument_group("server")
-    srv.add_argument("--server", default=os.environ.get("EDGETUNE_SERVER", "127.0.0.1:50051"),
-                     help="host:port of the server (default $EDGETUNE_SERVER or 127.0.0.1:50051)")
+    srv.add_argument(
+        "--server",
+        default=os.environ.get("EDGETUNE_SERVER", "127.0.0.1:50051"),
+        help="host:port of the server (default $EDGETUNE_SERVER or 127.0.0.1:50051)",
+    )
     srv.add_argument("--tls", action="store_true", help="use TLS with the system root CAs")
     srv.add_argument("--tls-ca", help="PEM CA of the server certificate (enables TLS)")
     srv.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
     srv.add_argument("--tls-key", help="PEM client key (mutual TLS)")
     srv.add_argument("--tls-server-name", help="name expected in the server certificate (default: the host)")
-    srv.add_argument("--token-file", help="file holding the bearer token (default: $EDGETUNE_TOKEN), sent as "
-                                           "'authorization: Bearer <token>'")
-    srv.add_argument("--token", help="the bearer token on the command line (visible in the process table: "
-                                     "prefer --token-file or $EDGETUNE_TOKEN)")
-    srv.add_argument("--max-retry-time", type=float, default=60.0,
-                     help="seconds to keep reconnecting to an unreachable server before giving up (0 = forever)")
+    srv.add_argument(
+        "--token-file",
+        help="file holding the bearer token (default: $EDGETUNE_TOKEN), sent as 'authorization: Bearer <token>'",
+    )
+    srv.add_argument(
+        "--token",
+        help="the bearer token on the command line (visible in the process table: "
+        "prefer --token-file or $EDGETUNE_TOKEN)",
+    )
+    srv.add_argument(
+        "--max-retry-time",
+        type=float,
+        default=60.0,
+        help="seconds to keep reconnecting to an unreachable server before giving up (0 = forever)",
+    )
     srv.add_argument("--connect-timeout", type=float, default=3.0, help="seconds per connection attempt")
     st = p.add_argument_group("streaming")
-    st.add_argument("--max-size", type=int, default=640,
-                    help="resize frames so that the longer side is at most this many pixels before JPEG (0 = off)")
+    st.add_argument(
+        "--max-size",
+        type=int,
+        default=640,
+        help="resize frames so that the longer side is at most this many pixels before JPEG (0 = off)",
+    )
     st.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1..100")
     st.add_argument("--fps", type=float, default=0.0, help="maximum frames per second per camera (0 = no limit)")
     st.add_argument("--top-k", type=int, default=1, help="predictions per frame")
-    st.add_argument("--max-inflight", type=int, default=None,
-                    help="unanswered frames per camera before waiting (default: 1 for files/directories, so that "
-                         "every frame is processed; "
-                         "unlimited for live sources; 0 = unlimited)")
-    st.add_argument("--result-timeout", type=float, default=10.0,
-                    help="seconds to wait for outstanding results at the end of a file")
+    st.add_argument(
+        "--max-inflight",
+        type=int,
+        default=None,
+        help="unanswered frames per camera before waiting (default: 1 for files/directories, so that "
+        "every frame is processed; "
+        "unlimited for live sources; 0 = unlimited)",
+    )
+    st.add_argument(
+        "--result-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for outstanding results at the end of a file",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--log", help="write every result to this file: .csv → CSV, otherwise JSON lines; '-' = stdout")
     out.add_argument("--log-format", choices=LOG_FORMATS, help="override the format chosen from --log's name")
-    out.add_argument("--display", action="store_true",
-                     help="show an overlay window per camera (label, score, FPS, latency); needs a display")
+    out.add_argument(
+        "--display",
+        action="store_true",
+        help="show an overlay window per camera (label, score, FPS, latency); needs a display",
+    )
     out.add_argument("--quiet", action="store_true", help="no per-camera summary on stderr at the end")
     return p
 
@@ -88,9 +123,15 @@ def _run_once(args: argparse.Namespace, conn: Any) -> int:
 
 def _run_stream(args: argparse.Namespace, conn: Any) -> int:
     opts = StreamOptions(
-        encode=EncodeOptions(max_size=args.max_size, jpeg_quality=args.jpeg_quality), fps=args.fps,
-        top_k=args.top_k, max_inflight=args.max_inflight, max_retry_time=args.max_retry_time,
-        result_timeout=args.result_timeout, connect_timeout=args.connect_timeout, keep_images=args.display)
+        encode=EncodeOptions(max_size=args.max_size, jpeg_quality=args.jpeg_quality),
+        fps=args.fps,
+        top_k=args.top_k,
+        max_inflight=args.max_inflight,
+        max_retry_time=args.max_retry_time,
+        result_timeout=args.result_timeout,
+        connect_timeout=args.connect_timeout,
+        keep_images=args.display,
+    )
     overlay = OverlayWindow() if args.display else None
     log = ResultLog(args.log, args.log_format) if args.log else None
     sinks = _result_sinks(overlay, log)
@@ -110,8 +151,9 @@ def _run_stream(args: argparse.Namespace, conn: Any) -> int:
             stop.set()
             raise
 
-    threads = [threading.Thread(target=run_one, args=(cs,), name=f"cam-{cs.source.camera_id}", daemon=True)
-               for cs in streams]
+    threads = [
+        threading.Thread(target=run_one, args=(cs,), name=f"cam-{cs.source.camera_id}", daemon=True) for cs in streams
+    ]
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         _supervise(threads, stop, overlay)
@@ -164,15 +206,19 @@ def _token(args: argparse.Namespace) -> str | None:
     if args.token and args.token_file:
         raise ConfigError("give the token once: --token-file or --token, not both")
     if args.token:
-        print("edge_client: warning: --token puts the token in the process table (ps) for every local user to "
-              "read; use --token-file FILE or the EDGETUNE_TOKEN environment variable instead", file=sys.stderr)
+        print(
+            "edge_client: warning: --token puts the token in the process table (ps) for every local user to "
+            "read; use --token-file FILE or the EDGETUNE_TOKEN environment variable instead",
+            file=sys.stderr,
+        )
         return str(args.token)
     if args.token_file:
         try:
             token = open(args.token_file, encoding="utf-8").read().strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read the token file {args.token_file}: "
-                              f"{getattr(e, 'strerror', None) or e}") from None
+            raise ConfigError(
+                f"cannot read the token file {args.token_file}: {getattr(e, 'strerror', None) or e}"
+            ) from None
         if not token:
             raise ConfigError(f"the token file {args.token_file} is empty")
         return token
@@ -188,9 +234,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     try:
-        conn = ConnectionOptions(server=args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                                 tls_key=args.tls_key, tls_server_name=args.tls_server_name, tls=args.tls,
-                                 token=_token(args))
+        conn = ConnectionOptions(
+            server=args.server,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+            tls=args.tls,
+            token=_token(args),
+        )
         return _run_once(args, conn) if args.once else _run_stream(args, conn)
     except ConfigError as e:
         print(f"edge_client: error: {e}", file=sys.stderr)

@@ -73,8 +73,14 @@ def _log(camera_id: str, msg: str) -> None:
 class CameraStream:
     """Streams one source to the server until the source ends or ``stop`` is set."""
 
-    def __init__(self, source: Source, conn: ConnectionOptions, opts: StreamOptions, sinks: list[Sink],
-                 stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        conn: ConnectionOptions,
+        opts: StreamOptions,
+        sinks: list[Sink],
+        stop: threading.Event | None = None,
+    ) -> None:
         self.source, self.conn, self.opts, self.sinks = source, conn, opts, sinks
         self.stop = stop or threading.Event()
         self.stats = CameraStats(source.camera_id)
@@ -140,8 +146,9 @@ class CameraStream:
                 with self._cond:
                     self._pending[p.seq] = p
                 self.stats.resent += 1
-                yield pb.Frame(camera_id=cam, frame_id=p.seq, capture_time_us=p.capture_us, image=p.data,
-                               top_k=self.opts.top_k)
+                yield pb.Frame(
+                    camera_id=cam, frame_id=p.seq, capture_time_us=p.capture_us, image=p.data, top_k=self.opts.top_k
+                )
                 continue
             frame = self._next_frame(alive)
             if frame is not None:
@@ -159,20 +166,31 @@ class CameraStream:
                 self._next_send = max(self._next_send + 1.0 / self.opts.fps, time.monotonic())
             data, small = encode_frame(frame.image, self.opts.encode)
             with self._cond:
-                self._pending[frame.seq] = _Pending(frame.seq, frame.capture_time_us,
-                                                    small if self.opts.keep_images else None,
-                                                    None if self.source.live else data)
+                self._pending[frame.seq] = _Pending(
+                    frame.seq,
+                    frame.capture_time_us,
+                    small if self.opts.keep_images else None,
+                    None if self.source.live else data,
+                )
             self.stats.sent += 1
-            yield pb.Frame(camera_id=cam, frame_id=frame.seq, capture_time_us=frame.capture_time_us, image=data,
-                           top_k=self.opts.top_k)
+            yield pb.Frame(
+                camera_id=cam,
+                frame_id=frame.seq,
+                capture_time_us=frame.capture_time_us,
+                image=data,
+                top_k=self.opts.top_k,
+            )
         # End of the source: wait for the outstanding results, then half-close the stream.
         deadline = time.monotonic() + self.opts.result_timeout
         with self._cond:
             while self._pending and alive.is_set() and time.monotonic() < deadline:
                 self._cond.wait(0.1)
             if self._pending and alive.is_set():
-                _log(cam, f"{len(self._pending)} frame(s) still unanswered after {self.opts.result_timeout} s; "
-                          "counted as lost")
+                _log(
+                    cam,
+                    f"{len(self._pending)} frame(s) still unanswered after {self.opts.result_timeout} s; "
+                    "counted as lost",
+                )
             self._finished = alive.is_set()
         # A server that does not end the stream after the half-close is cancelled shortly after.
         timer = threading.Timer(2.0, lambda: call_box and call_box[0].cancel())
@@ -226,8 +244,9 @@ class CameraStream:
 
     # -- connection loop ---------------------------------------------------------------
     def _probe(self, stub: Any) -> Any:
-        return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.opts.connect_timeout,
-                                 metadata=self.conn.metadata())
+        return stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=self.opts.connect_timeout, metadata=self.conn.metadata()
+        )
 
     def run(self) -> CameraStats:
         """Stream until the source ends (returns) or ``stop`` is set; raises :class:`ClientError`
@@ -256,7 +275,8 @@ class CameraStream:
                     outage_started = None
                 backoff.reset()
                 call = pb_grpc.ClassifierStub(channel).StreamClassify(
-                    self._tracked(self._requests(alive, call_box), idle), metadata=self.conn.metadata())
+                    self._tracked(self._requests(alive, call_box), idle), metadata=self.conn.metadata()
+                )
                 call_box.append(call)
                 watcher.start()
                 self._connected_once = True
@@ -269,8 +289,12 @@ class CameraStream:
                 if self.stop.is_set() or self._finished:
                     return self._end()
                 retryable, raise_msg = describe_rpc_error(
-                    e, self.conn, established=established or self._connected_once,
-                    deadline_s=None if established else self.opts.connect_timeout, connected=connected.is_set())
+                    e,
+                    self.conn,
+                    established=established or self._connected_once,
+                    deadline_s=None if established else self.opts.connect_timeout,
+                    connected=connected.is_set(),
+                )
                 if not retryable:
                     raise ClientError(raise_msg) from None
                 pushback = retry_pushback_ms(e)
@@ -312,8 +336,9 @@ class CameraStream:
         if delay is not None and pushback is not None:
             delay = max(delay, pushback / 1000.0)  # the server said when to come back
         if delay is None:
-            raise ClientError(f"{raise_msg}; gave up after retrying for {self.opts.max_retry_time:g} s "
-                              "(--max-retry-time)")
+            raise ClientError(
+                f"{raise_msg}; gave up after retrying for {self.opts.max_retry_time:g} s (--max-retry-time)"
+            )
         if backoff.attempts > 1:
             _log(self.source.camera_id, f"retry {backoff.attempts} in {delay:.1f} s (down for {backoff.elapsed:.1f} s)")
         return delay

@@ -98,8 +98,11 @@ def quiet_grpc_close_race() -> None:
         previous = threading.excepthook
 
         def hook(args: Any) -> None:
-            if args.exc_type is ValueError and _GRPC_CLOSE_RACE in str(args.exc_value) and any(
-                    f.name == "_poll_connectivity" for f in traceback.extract_tb(args.exc_traceback)):
+            if (
+                args.exc_type is ValueError
+                and _GRPC_CLOSE_RACE in str(args.exc_value)
+                and any(f.name == "_poll_connectivity" for f in traceback.extract_tb(args.exc_traceback))
+            ):
                 return
             previous(args)
 
@@ -191,8 +194,13 @@ def watch_connected(channel: grpc.Channel) -> threading.Event:
     return ready
 
 
-def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established: bool = False,  # noqa: C901
-                       deadline_s: float | None = None, connected: bool = False) -> tuple[bool, str]:
+def describe_rpc_error(  # noqa: C901
+    err: grpc.RpcError,
+    opts: ConnectionOptions,
+    established: bool = False,
+    deadline_s: float | None = None,
+    connected: bool = False,
+) -> tuple[bool, str]:
     """(retryable, one-line message) for a failed call; ``established``: a call on this server already
     succeeded, so a closed connection means the server went away, not a TLS mismatch during setup;
     ``deadline_s``: the call's deadline, named when it was reached; ``connected``: this call's channel finished
@@ -202,14 +210,20 @@ def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established:
     where = f"server {opts.server}"
     within = f" within {deadline_s:g} s" if deadline_s else ""
     if any(h in low for h in _CUT_OFF_HINTS):
-        return True, (f"deadline reached while connecting to {where}: the connection attempt was cut off before "
-                      f"its handshake finished{within} (server or machine slow or overloaded?) ({details})")
+        return True, (
+            f"deadline reached while connecting to {where}: the connection attempt was cut off before "
+            f"its handshake finished{within} (server or machine slow or overloaded?) ({details})"
+        )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and not connected:
-        return True, (f"deadline reached while connecting to {where}: the connection or its handshake did not "
-                      f"finish{within} (server or machine slow or overloaded?) ({details})")
+        return True, (
+            f"deadline reached while connecting to {where}: the connection or its handshake did not "
+            f"finish{within} (server or machine slow or overloaded?) ({details})"
+        )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return True, (f"deadline reached waiting for {where} to answer: connected, but no answer{within} "
-                      f"(server slow or overloaded?) ({details})")
+        return True, (
+            f"deadline reached waiting for {where} to answer: connected, but no answer{within} "
+            f"(server slow or overloaded?) ({details})"
+        )
     if any(h in low for h in _TLS_HINTS):
         if not opts.secure:
             return False, f"TLS failure talking to {where} without TLS: it may require TLS (use --tls-ca) ({details})"
@@ -226,8 +240,13 @@ def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established:
         return False, f"{where} does not serve edgetune.v1.Classifier (wrong port or program?): {details}"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_pushback_ms(err) is not None:
         return True, f"{where} is at its limit (RESOURCE_EXHAUSTED): {details}"
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND):
+    if code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.NOT_FOUND,
+    ):
         name = code.name if code is not None else "ERROR"
         return False, f"{where} refused the request ({name}): {details}"
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -235,10 +254,15 @@ def describe_rpc_error(err: grpc.RpcError, opts: ConnectionOptions, established:
             return True, f"cannot reach {where}: connection refused (is the server running on that port?)"
         if "socket closed" in low or "connection reset" in low:
             if established:
-                return True, f"connection to {where} lost: the server closed it (stopped, killed or restarted?) " \
-                             f"({details})"
-            hint = ("if it requires TLS pass --tls-ca" if not opts.secure else
-                    "if it requires mutual TLS pass --tls-cert and --tls-key")
+                return (
+                    True,
+                    f"connection to {where} lost: the server closed it (stopped, killed or restarted?) ({details})",
+                )
+            hint = (
+                "if it requires TLS pass --tls-ca"
+                if not opts.secure
+                else "if it requires mutual TLS pass --tls-cert and --tls-key"
+            )
             return True, f"cannot connect to {where}: it closed the connection during setup ({hint}) ({details})"
         if "dns" in low or "resolv" in low or "name or service" in low:
             return True, f"cannot resolve the host of {where}: {details}"

@@ -57,8 +57,9 @@ class _Harvest:
 
     def page(self, stub: pb_grpc.ClassifierStub, after: str) -> tuple[str, bool]:
         """Store one listed page and acknowledge what was stored; (last id, more pages)."""
-        res = stub.ListCaptures(pb.ListCapturesRequest(after=after, limit=100), timeout=self.timeout,
-                                metadata=self.metadata)
+        res = stub.ListCaptures(
+            pb.ListCapturesRequest(after=after, limit=100), timeout=self.timeout, metadata=self.metadata
+        )
         acks = []
         for f in res.frames:
             self.listed += 1
@@ -77,8 +78,10 @@ class _Harvest:
         if not side.is_file():
             return False
         try:
-            return CaptureRecord.read(side).frame_sha256 == rec.frame_sha256 and \
-                _sha256(self.out / rec.frame) == rec.frame_sha256
+            return (
+                CaptureRecord.read(side).frame_sha256 == rec.frame_sha256
+                and _sha256(self.out / rec.frame) == rec.frame_sha256
+            )
         except (CaptureRecordError, OSError):
             return False
 
@@ -90,8 +93,11 @@ class _Harvest:
                 f.truncate(0)
                 offset = 0
             while offset < rec.frame_bytes:
-                chunk = stub.FetchCapture(pb.FetchCaptureRequest(id=rec.id, offset=offset, length=CHUNK),
-                                          timeout=self.timeout, metadata=self.metadata)
+                chunk = stub.FetchCapture(
+                    pb.FetchCaptureRequest(id=rec.id, offset=offset, length=CHUNK),
+                    timeout=self.timeout,
+                    metadata=self.metadata,
+                )
                 if chunk.offset != offset or not chunk.data and not chunk.eof:
                     raise ClientError(f"server sent a bad chunk of {rec.id} (offset {chunk.offset}, wanted {offset})")
                 f.write(chunk.data)
@@ -128,8 +134,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def harvest(conn: ConnectionOptions, admin_token: str, out: str | Path, ack: bool = True, timeout: float = 30.0,
-            max_retry_time: float = 60.0) -> HarvestResult:
+def harvest(
+    conn: ConnectionOptions,
+    admin_token: str,
+    out: str | Path,
+    ack: bool = True,
+    timeout: float = 30.0,
+    max_retry_time: float = 60.0,
+) -> HarvestResult:
     """Pull the whole spool into ``out``; retries retryable failures for up to ``max_retry_time`` s per outage."""
     h = _Harvest(conn, admin_token, Path(out), ack, timeout)
     backoff = Backoff(initial=0.2, maximum=5.0, max_total=max_retry_time)
@@ -152,13 +164,14 @@ def harvest(conn: ConnectionOptions, admin_token: str, out: str | Path, ack: boo
             time.sleep(delay)
         finally:
             channel.close()
-    return HarvestResult(listed=h.listed, stored=h.stored, acknowledged=h.acknowledged, bytes=h.bytes,
-                         retries=retries)
+    return HarvestResult(listed=h.listed, stored=h.stored, acknowledged=h.acknowledged, bytes=h.bytes, retries=retries)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edge_client.harvest", description="pull an edge server's capture "
-                                "spool (make harvest SERVER=host:port OUT=dir)")
+    p = argparse.ArgumentParser(
+        prog="python -m edge_client.harvest",
+        description="pull an edge server's capture spool (make harvest SERVER=host:port OUT=dir)",
+    )
     p.add_argument("--server", required=True, help="host:port of the edge server")
     p.add_argument("--out", required=True, help="folder the frames and sidecars go to (created)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system root CAs")
@@ -192,9 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         admin = _read_secret(args.admin_token_file, "EDGETUNE_ADMIN_TOKEN", "admin token")
         if not admin:
             raise ConfigError("harvest needs the admin token: --admin-token-file FILE or EDGETUNE_ADMIN_TOKEN")
-        conn = ConnectionOptions(server=args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                 tls_server_name=args.tls_server_name, tls=args.tls,
-                                 token=_read_secret(args.token_file, "EDGETUNE_TOKEN", "camera token"))
+        conn = ConnectionOptions(
+            server=args.server,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+            tls=args.tls,
+            token=_read_secret(args.token_file, "EDGETUNE_TOKEN", "camera token"),
+        )
         r = harvest(conn, admin, args.out, ack=not args.no_ack, max_retry_time=args.max_retry_time)
     except EdgetuneError as e:
         print(f"error: {e}", file=sys.stderr)

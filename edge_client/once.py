@@ -16,8 +16,9 @@ from edgetune.v1 import classifier_pb2 as pb
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 
 
-def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOptions | None, top_k: int = 1,
-                  timeout: float = 10.0) -> dict[str, Any]:
+def classify_once(
+    conn: ConnectionOptions, image_path: str, encode: EncodeOptions | None, top_k: int = 1, timeout: float = 10.0
+) -> dict[str, Any]:
     """Unary classification of one image file.
 
     With ``encode`` the image is decoded, resized and JPEG-encoded exactly like a camera frame;
@@ -36,8 +37,8 @@ def classify_once(conn: ConnectionOptions, image_path: str, encode: EncodeOption
     try:
         t0 = time.perf_counter()
         res = pb_grpc.ClassifierStub(channel).Classify(
-            pb.ClassifyRequest(image=data, request_id=path.name, top_k=top_k), timeout=timeout,
-            metadata=conn.metadata())
+            pb.ClassifyRequest(image=data, request_id=path.name, top_k=top_k), timeout=timeout, metadata=conn.metadata()
+        )
         latency_ms = (time.perf_counter() - t0) * 1000.0
     except grpc.RpcError as e:
         _, msg = describe_rpc_error(e, conn, deadline_s=timeout, connected=connected.is_set())

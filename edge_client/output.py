@@ -121,8 +121,16 @@ def draw_overlay(image: np.ndarray, record: dict[str, Any], fps: float) -> np.nd
     out[:band] = (out[:band].astype(np.float32) * 0.35).astype(np.uint8)
     for i, text in enumerate(lines):
         y = line_h * (i + 1)
-        cv2.putText(out, text, (6, y), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, (255, 255, 255), max(1, int(2 * scale)),
-                    cv2.LINE_AA)
+        cv2.putText(
+            out,
+            text,
+            (6, y),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.7 * scale,
+            (255, 255, 255),
+            max(1, int(2 * scale)),
+            cv2.LINE_AA,
+        )
     return out
 
 

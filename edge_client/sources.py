@@ -71,9 +71,7 @@ class Source(abc.ABC):
 
     def __init__(self, camera_id: str, description: str) -> None:
         if not _CAMERA_ID_RE.match(camera_id):
-            raise ConfigError(
-                f"camera id {camera_id!r} is invalid: use 1-64 letters, digits, '_', '.' or '-'"
-            )
+            raise ConfigError(f"camera id {camera_id!r} is invalid: use 1-64 letters, digits, '_', '.' or '-'")
         self.camera_id = camera_id
         self.description = description
 
@@ -159,8 +157,9 @@ class LiveSource(Source):
 
     live = True
 
-    def __init__(self, opener: Any, camera_id: str, description: str, *, finite: bool = False,
-                 pace_fps: float = 0.0) -> None:
+    def __init__(
+        self, opener: Any, camera_id: str, description: str, *, finite: bool = False, pace_fps: float = 0.0
+    ) -> None:
         super().__init__(camera_id, description)
         self._opener = opener
         self._finite = finite
@@ -197,8 +196,10 @@ class LiveSource(Source):
                 break
             delay = backoff.next_delay()
             retry = REOPEN_MAX_S if delay is None else delay  # None only with a max_total, not set here
-            print(f"edge_client: [{self.camera_id}] no frame from {self.description}; reopening in {retry:.1f} s",
-                  file=sys.stderr)
+            print(
+                f"edge_client: [{self.camera_id}] no frame from {self.description}; reopening in {retry:.1f} s",
+                file=sys.stderr,
+            )
             if self._cap is not None:
                 self._cap.release()
                 self._cap = None
@@ -302,8 +303,9 @@ def open_source(spec: str, camera_id: str | None = None, *, live: bool = False) 
     if target.isdigit():
         index = int(target)
         api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
-        return LiveSource(lambda: _open_capture(index, api, f"camera {index} (V4L2 /dev/video{index})"),
-                          cam, f"camera {index}")
+        return LiveSource(
+            lambda: _open_capture(index, api, f"camera {index} (V4L2 /dev/video{index})"), cam, f"camera {index}"
+        )
     if target.startswith(("csi:", "gst:")):
         if target.startswith("csi:"):
             if not target[4:].isdigit():
@@ -327,8 +329,13 @@ def open_source(spec: str, camera_id: str | None = None, *, live: bool = False) 
             probe = VideoFileSource(path, cam)
             fps = probe.native_fps or 30.0
             probe.close()
-            return LiveSource(lambda: _open_capture(str(path), cv2.CAP_ANY, f"video file {path}"), cam,
-                              str(path), finite=True, pace_fps=fps)
+            return LiveSource(
+                lambda: _open_capture(str(path), cv2.CAP_ANY, f"video file {path}"),
+                cam,
+                str(path),
+                finite=True,
+                pace_fps=fps,
+            )
         return VideoFileSource(path, cam)
     raise ConfigError(
         f"source {spec!r} is neither a camera index (0, 1, …), csi:N, gst:<pipeline>, an "

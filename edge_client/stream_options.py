@@ -71,7 +71,17 @@ class CameraStats:
         def pct(q: float) -> float | None:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
-        return {"camera_id": self.camera_id, "sent": self.sent, "results": self.results, "errors": self.errors,
-                "dropped": self.dropped, "lost": self.lost, "skipped": self.skipped, "resent": self.resent,
-                "reconnects": self.reconnects,
-                "latency_p50_ms": pct(0.5), "latency_p95_ms": pct(0.95), "latency_max_ms": pct(1.0)}
+        return {
+            "camera_id": self.camera_id,
+            "sent": self.sent,
+            "results": self.results,
+            "errors": self.errors,
+            "dropped": self.dropped,
+            "lost": self.lost,
+            "skipped": self.skipped,
+            "resent": self.resent,
+            "reconnects": self.reconnects,
+            "latency_p50_ms": pct(0.5),
+            "latency_p95_ms": pct(0.95),
+            "latency_max_ms": pct(1.0),
+        }

@@ -70,8 +70,13 @@ MAX_HEALTH_PENDING = 16
 #: with the headers).
 HEALTH_REQUEST_TIMEOUT_S = 1.0
 #: Client-side mistakes: logged at info; everything else at warning (INTERNAL / UNKNOWN at error).
-_CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
-                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+_CLIENT_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
 
 
 #: Trailer telling clients when a refused call may be retried (gRPC's retry pushback, proposal A6).
@@ -79,10 +84,12 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 RETRY_PUSHBACK_MS = 1000
 
 
-def abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
-                  trailing: tuple[tuple[str, str], ...] = ()) -> grpc.RpcMethodHandler:
+def abort_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, str], ...] = ()
+) -> grpc.RpcMethodHandler:
     """A handler of the same response shape as ``handler`` that fails every call with ``code`` (and ``trailing``
     metadata) at once, without waiting for (or reading) the request message."""
+
     def deny(_requests: Any, context: grpc.ServicerContext) -> Any:
         if trailing:
             context.set_trailing_metadata(trailing)
@@ -101,18 +108,31 @@ class _CallGone(Exception):
 class Admission(grpc.ServerInterceptor):
     """Per-kind concurrency limits, drain refusal and the exception guard (see the module docstring)."""
 
-    def __init__(self, stats: ServerStats, max_unary: int, max_streams: int, request_timeout_s: float = 30.0,
-                 inflight: ByteBudget | None = None, max_streams_per_peer: int | None = None) -> None:
+    def __init__(
+        self,
+        stats: ServerStats,
+        max_unary: int,
+        max_streams: int,
+        request_timeout_s: float = 30.0,
+        inflight: ByteBudget | None = None,
+        max_streams_per_peer: int | None = None,
+    ) -> None:
         self.stats = stats
         #: camera streams one connection (gRPC peer) may hold at once
-        self.max_streams_per_peer = default_streams_per_peer(max_streams) if max_streams_per_peer is None \
-            else max_streams_per_peer
+        self.max_streams_per_peer = (
+            default_streams_per_peer(max_streams) if max_streams_per_peer is None else max_streams_per_peer
+        )
         self._peer_streams: dict[str, int] = {}  # peer -> streams it holds (only peers holding one)
         self.inflight = inflight
         self.request_timeout_s = request_timeout_s
         self._watchdog = Watchdog()
-        self.limits = {"unary": max_unary, "stream": max_streams, "watch": MAX_HEALTH_WATCHERS,
-                       "reflection": MAX_REFLECTION_STREAMS, "health": MAX_HEALTH_PENDING}
+        self.limits = {
+            "unary": max_unary,
+            "stream": max_streams,
+            "watch": MAX_HEALTH_WATCHERS,
+            "reflection": MAX_REFLECTION_STREAMS,
+            "health": MAX_HEALTH_PENDING,
+        }
         self._active = dict.fromkeys(self.limits, 0)
         self._cond = threading.Condition()
         self.draining = threading.Event()
@@ -164,19 +184,28 @@ class Admission(grpc.ServerInterceptor):
         try:
             handler = continuation(handler_call_details)
         except Exception:  # a bug in a later interceptor: INTERNAL and a log line, not gRPC's UNKNOWN
-            log.exception("unexpected error looking up the handler; answered INTERNAL",
-                          extra={"fields": {"method": method, "code": "INTERNAL"}, "group": True})
+            log.exception(
+                "unexpected error looking up the handler; answered INTERNAL",
+                extra={"fields": {"method": method, "code": "INTERNAL"}, "group": True},
+            )
             self.stats.error()
-            return abort_handler(grpc.stream_stream_rpc_method_handler(lambda *_: iter(())),
-                                 grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
+            return abort_handler(
+                grpc.stream_stream_rpc_method_handler(lambda *_: iter(())),
+                grpc.StatusCode.INTERNAL,
+                "internal server error; it is logged on the server",
+            )
         if handler is None:
             return None
         kind = self._kind(method, handler)
         if kind is None:
             return self._guard(handler, method, None)
         if self.draining.is_set() and kind not in ("watch", "health"):
-            return self._refuse(handler, method, grpc.StatusCode.UNAVAILABLE,
-                                "server is shutting down; retry on another server or once it is back")
+            return self._refuse(
+                handler,
+                method,
+                grpc.StatusCode.UNAVAILABLE,
+                "server is shutting down; retry on another server or once it is back",
+            )
         if kind == "stream":  # admitted in the handler, where its connection is known (_admit_stream)
             return self._guard(handler, method, kind)
         with self._cond:
@@ -192,14 +221,18 @@ class Admission(grpc.ServerInterceptor):
     def _health_answer(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """A health Check answered at once with the server's status, its request never read (while
         :data:`MAX_HEALTH_PENDING` Checks are running already: stalled ones must not queue up on threads)."""
-        status = (health_pb2.HealthCheckResponse.NOT_SERVING if self.draining.is_set()
-                  else health_pb2.HealthCheckResponse.SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if self.draining.is_set()
+            else health_pb2.HealthCheckResponse.SERVING
+        )
 
         def answer(_requests: Any, _context: grpc.ServicerContext) -> Any:
             return health_pb2.HealthCheckResponse(status=status)
 
-        return grpc.stream_unary_rpc_method_handler(answer, request_deserializer=None,
-                                                    response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(
+            answer, request_deserializer=None, response_serializer=handler.response_serializer
+        )
 
     def _admit_stream(self, peer: str) -> str | None:
         """Take a stream slot for a call from ``peer``, the server's and the connection's at once: None, or why
@@ -210,14 +243,15 @@ class Admission(grpc.ServerInterceptor):
             held = self._peer_streams.get(peer, 0)
             if held >= self.max_streams_per_peer:
                 n = self.max_streams_per_peer
-                return (f"too many open camera streams on this connection (limit {n}, --max-streams-per-connection);"
-                        " open further cameras on their own connections, or retry later")
+                return (
+                    f"too many open camera streams on this connection (limit {n}, --max-streams-per-connection);"
+                    " open further cameras on their own connections, or retry later"
+                )
             self._active["stream"] += 1
             self._peer_streams[peer] = held + 1
         return None
 
-    def _admit_stream_call(self, context: grpc.ServicerContext, method: str, admitted_peer: list[str] | None
-                           ) -> None:
+    def _admit_stream_call(self, context: grpc.ServicerContext, method: str, admitted_peer: list[str] | None) -> None:
         """Admit a stream from its handler (its peer appended to ``admitted_peer``), or refuse it as :meth:`_refuse`
         does (counted, logged, pushback; raises). Nothing to do for other calls (``admitted_peer`` None): they were
         admitted in :meth:`intercept_service`."""
@@ -229,8 +263,13 @@ class Admission(grpc.ServerInterceptor):
             admitted_peer.append(peer)
             return
         self.stats.error(rejected=True)
-        log.warning("rpc rejected", extra={"fields": {"method": method, "code": "RESOURCE_EXHAUSTED",
-                                                      "details": message, "peer": peer}, "group": True})
+        log.warning(
+            "rpc rejected",
+            extra={
+                "fields": {"method": method, "code": "RESOURCE_EXHAUSTED", "details": message, "peer": peer},
+                "group": True,
+            },
+        )
         context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),))
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
@@ -244,11 +283,13 @@ class Admission(grpc.ServerInterceptor):
             return f"too many health Watch streams (limit {n}); use Check"
         return f"too many reflection streams (limit {n})"
 
-    def _refuse(self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode,
-                message: str) -> grpc.RpcMethodHandler:
+    def _refuse(
+        self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode, message: str
+    ) -> grpc.RpcMethodHandler:
         self.stats.error(rejected=code == grpc.StatusCode.RESOURCE_EXHAUSTED)
-        log.warning("rpc rejected", extra={"fields": {"method": method, "code": code.name, "details": message},
-                                           "group": True})
+        log.warning(
+            "rpc rejected", extra={"fields": {"method": method, "code": code.name, "details": message}, "group": True}
+        )
         return abort_handler(handler, code, message, ((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),))
 
     def _release_once(self, kind: str | None, peer: list[str] | None = None) -> Callable[[], None]:
@@ -281,22 +322,47 @@ class Admission(grpc.ServerInterceptor):
             details = context.details()
             text = details.decode("utf-8", "replace") if isinstance(details, bytes) else str(details or "")
             level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
-            log.log(level, "rpc error", extra={"fields": {"method": method, "code": code.name, "details": text,
-                                                          "peer": _peer(context)}, "group": True})
+            log.log(
+                level,
+                "rpc error",
+                extra={
+                    "fields": {"method": method, "code": code.name, "details": text, "peer": _peer(context)},
+                    "group": True,
+                },
+            )
             return
-        log.error("unexpected error in handler; answered INTERNAL", exc_info=(type(exc), exc, exc.__traceback__),
-                  extra={"fields": {"method": method, "code": "INTERNAL", "error_type": type(exc).__name__,
-                                    "peer": _peer(context)}, "group": True})
+        log.error(
+            "unexpected error in handler; answered INTERNAL",
+            exc_info=(type(exc), exc, exc.__traceback__),
+            extra={
+                "fields": {
+                    "method": method,
+                    "code": "INTERNAL",
+                    "error_type": type(exc).__name__,
+                    "peer": _peer(context),
+                },
+                "group": True,
+            },
+        )
         context.abort(grpc.StatusCode.INTERNAL, "internal server error; it is logged on the server")
 
-    def _unary_request(self, requests: Any, context: grpc.ServicerContext, method: str, timeout: float,
-                       parse: Callable[[bytes], Any] | None, shares: list[int]) -> Any:
+    def _unary_request(
+        self,
+        requests: Any,
+        context: grpc.ServicerContext,
+        method: str,
+        timeout: float,
+        parse: Callable[[bytes], Any] | None,
+        shares: list[int],
+    ) -> Any:
         """The one request message of a unary-request call, read (within ``timeout``), budgeted and parsed."""
         raw = self._one_request(requests, context, method, timeout)
         if not self._reserve(len(raw), context, shares):
             del raw
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          "server busy: too many large requests in flight (--max-inflight-mb); retry later")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "server busy: too many large requests in flight (--max-inflight-mb); retry later",
+            )
         try:
             return parse(raw) if parse is not None else raw
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
@@ -334,9 +400,18 @@ class Admission(grpc.ServerInterceptor):
         except grpc.RpcError:
             if timer is not None and self._watchdog.disarm(timer):
                 self.stats.error()
-                log.warning("rpc error", extra={"fields": {
-                    "method": method, "code": "CANCELLED", "peer": _peer(context),
-                    "details": f"no request message within {timeout:g} s; call cancelled"}, "group": True})
+                log.warning(
+                    "rpc error",
+                    extra={
+                        "fields": {
+                            "method": method,
+                            "code": "CANCELLED",
+                            "peer": _peer(context),
+                            "details": f"no request message within {timeout:g} s; call cancelled",
+                        },
+                        "group": True,
+                    },
+                )
             raise _CallGone() from None
         finally:
             if timer is not None:
@@ -403,8 +478,14 @@ def default_streams_per_peer(max_streams: int) -> int:
 class _ParsedRequests:
     """A stream's request messages, parsed here; an undecodable one ends the stream with INVALID_ARGUMENT."""
 
-    def __init__(self, raw: Iterator[Any], parse: Callable[[bytes], Any] | None, context: grpc.ServicerContext,
-                 admission: Admission, method: str) -> None:
+    def __init__(
+        self,
+        raw: Iterator[Any],
+        parse: Callable[[bytes], Any] | None,
+        context: grpc.ServicerContext,
+        admission: Admission,
+        method: str,
+    ) -> None:
         self._raw, self._parse, self._context, self._admission, self._method = raw, parse, context, admission, method
 
     def __iter__(self) -> _ParsedRequests:
@@ -421,8 +502,18 @@ class _ParsedRequests:
             self._context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             self._context.set_details(message)
             self._admission.stats.error()
-            log.info("rpc error", extra={"fields": {"method": self._method, "code": "INVALID_ARGUMENT",
-                                                    "details": message, "peer": _peer(self._context)}, "group": True})
+            log.info(
+                "rpc error",
+                extra={
+                    "fields": {
+                        "method": self._method,
+                        "code": "INVALID_ARGUMENT",
+                        "details": message,
+                        "peer": _peer(self._context),
+                    },
+                    "group": True,
+                },
+            )
             raise StopIteration from None
 
 

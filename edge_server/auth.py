@@ -58,8 +58,9 @@ def _read(path: str | Path, what: str) -> bytes:
     return data
 
 
-def server_credentials(cert: str | Path | None, key: str | Path | None,
-                       client_ca: str | Path | None = None) -> grpc.ServerCredentials | None:
+def server_credentials(
+    cert: str | Path | None, key: str | Path | None, client_ca: str | Path | None = None
+) -> grpc.ServerCredentials | None:
     """TLS credentials, or None when neither cert nor key is given. ``client_ca`` turns on mTLS."""
     if cert is None and key is None:
         if client_ca is not None:
@@ -89,8 +90,9 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             if k == "authorization":
                 got = v if isinstance(v, str) else v.decode("latin-1")
         if not got:
-            return abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                 "missing metadata 'authorization: Bearer <token>'")
+            return abort_handler(
+                handler, grpc.StatusCode.UNAUTHENTICATED, "missing metadata 'authorization: Bearer <token>'"
+            )
         if not hmac.compare_digest(got.encode(), self._expected):
             return abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
         return handler
@@ -108,8 +110,10 @@ def read_token_file(path: str | Path, what: str = "token") -> str:
     if not token:
         raise ConfigError(f"the {what} file {p} is empty")
     if st.st_mode & (stat.S_IRGRP | stat.S_IROTH | stat.S_IWGRP | stat.S_IWOTH):
-        log.warning(f"the {what} file is readable by other users; chmod 600 it",
-                    extra={"fields": {"file": str(p), "mode": oct(stat.S_IMODE(st.st_mode))}})
+        log.warning(
+            f"the {what} file is readable by other users; chmod 600 it",
+            extra={"fields": {"file": str(p), "mode": oct(stat.S_IMODE(st.st_mode))}},
+        )
     return token
 
 
@@ -132,10 +136,12 @@ class LoadModelPolicy:
     root that every requested path must resolve into (relative paths are taken relative to it)."""
 
     def __init__(self, admin_token: str, model_root: str | Path) -> None:
-        if not isinstance(admin_token, str) or len(admin_token) < MIN_ADMIN_TOKEN_CHARS or \
-                any(c.isspace() for c in admin_token):
-            raise ConfigError(f"the admin token must be at least {MIN_ADMIN_TOKEN_CHARS} characters without "
-                              "whitespace")
+        if (
+            not isinstance(admin_token, str)
+            or len(admin_token) < MIN_ADMIN_TOKEN_CHARS
+            or any(c.isspace() for c in admin_token)
+        ):
+            raise ConfigError(f"the admin token must be at least {MIN_ADMIN_TOKEN_CHARS} characters without whitespace")
         root = Path(model_root)
         if not root.is_dir():
             raise ConfigError(f"the model root {model_root} is not a directory (--model-root)")
@@ -150,7 +156,8 @@ class LoadModelPolicy:
         :class:`InvalidBundlePath` with the same words for every path outside it (existing or not)."""
         outside = InvalidBundlePath(
             f"bundle_path {bundle_path!r} is not inside the model root (paths are resolved against the model "
-            "root, symlinks included, and must stay inside it)")
+            "root, symlinks included, and must stay inside it)"
+        )
         if not bundle_path or "\0" in bundle_path or len(bundle_path) > _PATH_MAX:
             raise outside
         try:

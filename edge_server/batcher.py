@@ -45,7 +45,7 @@ class DeadlineExpired(RuntimeError):
 
 @dataclass
 class BatchResult:
-    logits: np.ndarray       # [C]
+    logits: np.ndarray  # [C]
     queue_us: int
     infer_us: int
     batch_size: int
@@ -71,8 +71,14 @@ class MicroBatcher:
         on_batch: called with the batch size after each batch (statistics).
     """
 
-    def __init__(self, runner: Runner, max_batch: int = 8, max_wait_ms: float = 2.0, adaptive: bool = True,
-                 on_batch: Callable[[int], Any] | None = None) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        max_batch: int = 8,
+        max_wait_ms: float = 2.0,
+        adaptive: bool = True,
+        on_batch: Callable[[int], Any] | None = None,
+    ) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms <= 10_000:

@@ -42,8 +42,9 @@ class ByteBudget:
             self._cond.notify_all()
 
 
-def request_memory_bound_mb(max_message_mb: float, max_concurrent: int, max_streams: int, max_inflight_mb: float,
-                            max_decode_mb: float) -> float:
+def request_memory_bound_mb(
+    max_message_mb: float, max_concurrent: int, max_streams: int, max_inflight_mb: float, max_decode_mb: float
+) -> float:
     """The most memory (MB) requests can hold at once, beyond the idle server: admitted messages
     (``max_inflight_mb``), one message being received per unary call and per stream (their count x the largest
     message x :data:`RECEIVING_FACTOR`, compressed on the wire or not: the limit applies to the decompressed

@@ -52,19 +52,24 @@ def calibration_image_paths(bundle: Bundle) -> list[Path]:
 class CalibrationBatches:
     """Fixed-size preprocessed batches over ``images`` (in order), see the module docstring."""
 
-    def __init__(self, images: Sequence[str | Path], spec: PreprocessSpec, batch_size: int,
-                 partial: str = "pad") -> None:
+    def __init__(
+        self, images: Sequence[str | Path], spec: PreprocessSpec, batch_size: int, partial: str = "pad"
+    ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError(f"calibration batch size must be an integer >= 1, got {batch_size!r}")
         if partial not in PARTIAL_MODES:
             raise ConfigError(f"partial must be one of {PARTIAL_MODES}, got {partial!r}")
         self.images = [Path(p) for p in images]
         if not self.images:
-            raise ConfigError("INT8 calibration needs at least one calibration image; the bundle lists none "
-                              "(re-export it, or build fp16/fp32)")
+            raise ConfigError(
+                "INT8 calibration needs at least one calibration image; the bundle lists none "
+                "(re-export it, or build fp16/fp32)"
+            )
         if partial == "drop" and len(self.images) < batch_size:
-            raise ConfigError(f"partial='drop' with {len(self.images)} calibration image(s) and batch size "
-                              f"{batch_size} leaves no batch; use a batch size <= {len(self.images)} or partial='pad'")
+            raise ConfigError(
+                f"partial='drop' with {len(self.images)} calibration image(s) and batch size "
+                f"{batch_size} leaves no batch; use a batch size <= {len(self.images)} or partial='pad'"
+            )
         self.spec = spec
         self.batch_size = batch_size
         self.partial = partial
@@ -134,8 +139,11 @@ class CalibrationCache:
 
 def calibration_cache_path(bundle: Bundle, tensorrt_version: str, batches: CalibrationBatches) -> Path:
     """``<bundle>/engines/int8-calibration.<onnx sha12>.<images digest12>.trt<version>.cache``."""
-    return (bundle.path / "engines"
-            / f"int8-calibration.{bundle.version}.{batches.digest()[:12]}.trt{tensorrt_version}.cache")
+    return (
+        bundle.path
+        / "engines"
+        / f"int8-calibration.{bundle.version}.{batches.digest()[:12]}.trt{tensorrt_version}.cache"
+    )
 
 
 class DeviceBuffer(Protocol):
@@ -172,8 +180,9 @@ class CudaBuffer:
 class CalibratorCore:
     """The ``IInt8Calibrator`` protocol over batches, a device buffer and a cache (no TensorRT needed)."""
 
-    def __init__(self, batches: CalibrationBatches, buffer: DeviceBuffer, cache: CalibrationCache,
-                 input_name: str) -> None:
+    def __init__(
+        self, batches: CalibrationBatches, buffer: DeviceBuffer, cache: CalibrationCache, input_name: str
+    ) -> None:
         self.batches, self.buffer, self.cache, self.input_name = batches, buffer, cache, input_name
         self._it: Iterator[np.ndarray] = iter(batches)
         self.batches_served = 0
@@ -186,8 +195,10 @@ class CalibratorCore:
     def get_batch(self, names: Sequence[str]) -> list[int] | None:
         """Device pointers for the next batch (one per name), ``None`` when calibration data is exhausted."""
         if list(names) != [self.input_name]:
-            raise BundleError(f"TensorRT asks calibration data for inputs {list(names)}, the bundle's model has "
-                              f"the single input {self.input_name!r}")
+            raise BundleError(
+                f"TensorRT asks calibration data for inputs {list(names)}, the bundle's model has "
+                f"the single input {self.input_name!r}"
+            )
         batch = next(self._it, None)
         if batch is None:
             log.info("calibration batches done", extra={"fields": {"batches": self.batches_served}})

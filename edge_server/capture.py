@@ -37,8 +37,15 @@ from edgetune.imageheader import read_image_header
 log = logging.getLogger("edge_server.capture")
 
 #: Counters of :class:`Capture` (GetStats ``capture.counters``).
-CAPTURE_COUNTERS = ("dropped_queue", "dropped_rate", "dropped_quota", "dropped_too_large", "dropped_paused",
-                    "write_errors", "evicted")
+CAPTURE_COUNTERS = (
+    "dropped_queue",
+    "dropped_rate",
+    "dropped_quota",
+    "dropped_too_large",
+    "dropped_paused",
+    "write_errors",
+    "evicted",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,8 +141,9 @@ class Capture:
         self._writer.start()
 
     # -- request path: decide and enqueue, never wait -------------------------------------------------
-    def offer(self, data: bytes, probs: np.ndarray, model: Any, camera_id: str, capture_time_us: int,
-              frame_id: int = 0) -> str | None:
+    def offer(
+        self, data: bytes, probs: np.ndarray, model: Any, camera_id: str, capture_time_us: int, frame_id: int = 0
+    ) -> str | None:
         """Queue the frame when it is worth keeping; returns its reason, or None (not kept or dropped)."""
         cfg = self.cfg
         with self._lock:
@@ -150,9 +158,20 @@ class Capture:
             self._queued += 1
             self._queued_bytes += len(data)
         b = model.bundle
-        self._queue.put(_Pending(bytes(data), camera_id, int(capture_time_us), int(frame_id), time.time(),
-                                 model.version, b.sha256,
-                                 tuple(b.labels), tuple(float(p) for p in probs), reason))
+        self._queue.put(
+            _Pending(
+                bytes(data),
+                camera_id,
+                int(capture_time_us),
+                int(frame_id),
+                time.time(),
+                model.version,
+                b.sha256,
+                tuple(b.labels),
+                tuple(float(p) for p in probs),
+                reason,
+            )
+        )
         return reason
 
     def _admit(self, size: int, now: float) -> str | None:
@@ -198,10 +217,21 @@ class Capture:
             return
 
         cid = new_capture_id()
-        rec = CaptureRecord(id=cid, frame=cid + ext, frame_sha256=hashlib.sha256(p.data).hexdigest(),
-                            frame_bytes=len(p.data), camera_id=p.camera_id, time_unix=round(p.time_unix, 6),
-                            capture_time_us=p.capture_time_us, frame_id=p.frame_id, model_version=p.model_version,
-                            bundle_sha256=p.bundle_sha256, labels=p.labels, probs=p.probs, reason=p.reason)
+        rec = CaptureRecord(
+            id=cid,
+            frame=cid + ext,
+            frame_sha256=hashlib.sha256(p.data).hexdigest(),
+            frame_bytes=len(p.data),
+            camera_id=p.camera_id,
+            time_unix=round(p.time_unix, 6),
+            capture_time_us=p.capture_time_us,
+            frame_id=p.frame_id,
+            model_version=p.model_version,
+            bundle_sha256=p.bundle_sha256,
+            labels=p.labels,
+            probs=p.probs,
+            reason=p.reason,
+        )
         before = self.spool.evicted
         try:
             self.spool.add(rec, p.data)
@@ -213,8 +243,10 @@ class Capture:
             with self._lock:
                 self.counters["write_errors"] += 1
                 self._paused_until = time.monotonic() + self.cfg.pause_after_error_s
-            log.warning("capture write failed; capture paused, serving goes on", extra={"fields": {
-                "error": str(e), "pause_s": self.cfg.pause_after_error_s}, "group": True})
+            log.warning(
+                "capture write failed; capture paused, serving goes on",
+                extra={"fields": {"error": str(e), "pause_s": self.cfg.pause_after_error_s}, "group": True},
+            )
             return
         with self._lock:
             self.captured[p.reason] += 1
@@ -236,9 +268,12 @@ class Capture:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            out = {"captured": {r: self.captured[r] for r in CAPTURE_REASONS},
-                   "counters": {c: self.counters[c] for c in CAPTURE_COUNTERS},
-                   "queued": self._queued, "paused": time.monotonic() < self._paused_until}
+            out = {
+                "captured": {r: self.captured[r] for r in CAPTURE_REASONS},
+                "counters": {c: self.counters[c] for c in CAPTURE_COUNTERS},
+                "queued": self._queued,
+                "paused": time.monotonic() < self._paused_until,
+            }
         out["spool_files"], out["spool_bytes"] = self.spool.files, self.spool.bytes
         return out
 

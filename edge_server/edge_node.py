@@ -46,8 +46,10 @@ def _ray_exe() -> str:
     here = Path(sys.executable).with_name("ray")
     exe = str(here) if here.exists() else shutil.which("ray")
     if not exe:
-        raise SystemExit("error: the `ray` command is not installed: pip install 'edgetune[serve,edge]' (on a Jetson: "
-                         "the aarch64 Ray wheel of the cluster's Ray version; README 'Device in the loop')")
+        raise SystemExit(
+            "error: the `ray` command is not installed: pip install 'edgetune[serve,edge]' (on a Jetson: "
+            "the aarch64 Ray wheel of the cluster's Ray version; README 'Device in the loop')"
+        )
     return exe
 
 
@@ -79,35 +81,60 @@ def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]
     if not valid_target(target):
         raise SystemExit(f"error: TARGET must be {TARGET_RULE}, got {target!r}")
     if not _HEAD.match(head or ""):
-        raise SystemExit(f"error: HEAD must be <head host>:<port> (the address `ray start --head` printed), "
-                         f"got {head!r}")
+        raise SystemExit(
+            f"error: HEAD must be <head host>:<port> (the address `ray start --head` printed), got {head!r}"
+        )
     host = head.rsplit(":", 1)[0].strip("[]")
     port = int(head.rsplit(":", 1)[1])
     try:
         socket.create_connection((host, port), timeout=5.0).close()
     except OSError as e:
-        raise SystemExit(f"error: no Ray head answers at {head} ({e}); start it with `ray start --head --port {port}`"
-                         " (or `ray up cluster.yaml`)") from None
+        raise SystemExit(
+            f"error: no Ray head answers at {head} ({e}); start it with `ray start --head --port {port}`"
+            " (or `ray up cluster.yaml`)"
+        ) from None
     d = state_dir()
     d.mkdir(parents=True, exist_ok=True)
     state_file = d / f"{target}.json"
     if state_file.exists():
         old = json.loads(state_file.read_text())
         if _is_our_node(int(old["pid"]), target):
-            raise SystemExit(f"error: an edge node for target {target!r} already runs here (pid {old['pid']}); "
-                             "stop it with `make edge-node-stop`")
+            raise SystemExit(
+                f"error: an edge node for target {target!r} already runs here (pid {old['pid']}); "
+                "stop it with `make edge-node-stop`"
+            )
         state_file.unlink()
     log = d / f"{target}.log"
     resource = json.dumps({RESOURCE_PREFIX + target: 1})
     ip = _local_ip_towards(host)
-    cmd = [_ray_exe(), "start", "--address", head, *(["--node-ip-address", ip] if ip else []), "--num-cpus", "0",
-           "--num-gpus", "0", "--resources", resource, "--disable-usage-stats", "--block"]
+    cmd = [
+        _ray_exe(),
+        "start",
+        "--address",
+        head,
+        *(["--node-ip-address", ip] if ip else []),
+        "--num-cpus",
+        "0",
+        "--num-gpus",
+        "0",
+        "--resources",
+        resource,
+        "--disable-usage-stats",
+        "--block",
+    ]
     env = dict(os.environ)
     for attempt in (1, 2):
         proc, text = _launch(cmd, env, log, timeout_s)
         if proc.poll() is None:
-            info = {"pid": proc.pid, "target": target, "head": head, "resource": RESOURCE_PREFIX + target,
-                    "log": str(log), "started_at": time.time(), "auth_mode": env.get("RAY_AUTH_MODE", "")}
+            info = {
+                "pid": proc.pid,
+                "target": target,
+                "head": head,
+                "resource": RESOURCE_PREFIX + target,
+                "log": str(log),
+                "started_at": time.time(),
+                "auth_mode": env.get("RAY_AUTH_MODE", ""),
+            }
             state_file.write_text(json.dumps(info))
             return info
         # Ray 2.60: a head started where a token exists uses token auth, a joining node with RAY_AUTH_MODE unset
@@ -183,8 +210,9 @@ def stop(target: str = "", timeout_s: float = 60.0) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edge_server.edge_node", description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m edge_server.edge_node", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("start", help="join the Ray head as the timing node of a target", formatter_class=HelpFormatter)
@@ -200,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.cmd == "start":
         info = start(a.head, a.target, a.timeout)
-        print(f"edge node for target {info['target']} joined {info['head']} (resource {info['resource']}, pid "
-              f"{info['pid']}, log {info['log']}); stop it with `make edge-node-stop`")
+        print(
+            f"edge node for target {info['target']} joined {info['head']} (resource {info['resource']}, pid "
+            f"{info['pid']}, log {info['log']}); stop it with `make edge-node-stop`"
+        )
     else:
         done = stop(a.target)
         print(f"stopped edge node(s): {', '.join(done)}" if done else "no edge node started here is running")

@@ -59,8 +59,7 @@ class EngineBuildError(EdgetuneError):
     """TensorRT could not build the engine, or the built engine failed its accuracy check."""
 
 
-def decide_precision(requested: str, *, fast_fp16: bool, fast_int8: bool, n_calibration_images: int
-                     ) -> tuple[str, str]:
+def decide_precision(requested: str, *, fast_fp16: bool, fast_int8: bool, n_calibration_images: int) -> tuple[str, str]:
     """The precision to build and why. ``auto``: int8 if the platform has fast INT8 and the bundle has
     calibration images, else fp16 if it has fast FP16, else fp32."""
     if requested not in PRECISION_CHOICES:
@@ -74,30 +73,38 @@ def decide_precision(requested: str, *, fast_fp16: bool, fast_int8: bool, n_cali
         return "fp32", "auto: this GPU has neither fast INT8 nor fast FP16"
     if requested == "int8":
         if not fast_int8:
-            raise ConfigError("this GPU has no fast INT8 (TensorRT platform_has_fast_int8 is false); "
-                              "build --precision fp16 or auto")
+            raise ConfigError(
+                "this GPU has no fast INT8 (TensorRT platform_has_fast_int8 is false); build --precision fp16 or auto"
+            )
         if n_calibration_images < 1:
-            raise ConfigError("INT8 needs calibration images and the bundle lists none (calibration_images); "
-                              "re-export the bundle or build --precision fp16")
+            raise ConfigError(
+                "INT8 needs calibration images and the bundle lists none (calibration_images); "
+                "re-export the bundle or build --precision fp16"
+            )
         return "int8", f"requested; {n_calibration_images} calibration images"
     if requested == "fp16" and not fast_fp16:
         return "fp16", "requested, but this GPU has no fast FP16: TensorRT will mostly pick FP32 kernels"
     return requested, "requested"
 
 
-def profile_shapes(input_shape: Sequence[int], input_hw: tuple[int, int], max_batch: int, opt_batch: int
-                   ) -> ProfileShapes:
+def profile_shapes(
+    input_shape: Sequence[int], input_hw: tuple[int, int], max_batch: int, opt_batch: int
+) -> ProfileShapes:
     """Profile for the network input ``input_shape`` (-1 = dynamic) at the bundle's ``input_hw``."""
     shape = tuple(int(d) for d in input_shape)
     if len(shape) != 4 or shape[1] != 3:
         raise BundleError(f"model input must be [batch, 3, H, W], the ONNX has {list(shape)}")
     if shape[0] != -1:
-        raise BundleError(f"model input batch axis is fixed at {shape[0]}; the engine needs a dynamic batch axis "
-                          "(re-export the bundle)")
+        raise BundleError(
+            f"model input batch axis is fixed at {shape[0]}; the engine needs a dynamic batch axis "
+            "(re-export the bundle)"
+        )
     for axis, (dim, want) in enumerate(zip(shape[2:], input_hw, strict=True), start=2):
         if dim not in (-1, want):
-            raise BundleError(f"model input axis {axis} is {dim} but the bundle's preprocessing makes {want} "
-                              f"(input_size {list(input_hw)})")
+            raise BundleError(
+                f"model input axis {axis} is {dim} but the bundle's preprocessing makes {want} "
+                f"(input_size {list(input_hw)})"
+            )
     _int("max batch", max_batch, 1, MAX_BATCH_LIMIT)
     _int("opt batch", opt_batch, 1, max_batch)
     h, w = input_hw
@@ -112,8 +119,10 @@ def parse_tensorrt_version(version: str) -> tuple[int, int]:
         raise ConfigError(f"cannot read the TensorRT version {version!r}") from None
     low, high = TRT_SUPPORTED
     if not low <= (major, minor) < high:
-        raise ConfigError(f"TensorRT {version} is not supported by the engine builder (supported: "
-                          f"{low[0]}.{low[1]} up to, not including, {high[0]}.{high[1]})")
+        raise ConfigError(
+            f"TensorRT {version} is not supported by the engine builder (supported: "
+            f"{low[0]}.{low[1]} up to, not including, {high[0]}.{high[1]})"
+        )
     return major, minor
 
 
@@ -132,11 +141,16 @@ def default_timing_cache(bundle: Bundle, system: dict[str, str]) -> Path:
 def compare_outputs(engine_logits: np.ndarray, reference_logits: np.ndarray) -> dict[str, Any]:
     """Top-1 agreement and max |Δprob| of the engine against the ONNX Runtime reference."""
     if engine_logits.shape != reference_logits.shape or engine_logits.ndim != 2 or not len(engine_logits):
-        raise ValueError(f"logits must be two equal non-empty [N, C] arrays, got {engine_logits.shape} "
-                         f"and {reference_logits.shape}")
+        raise ValueError(
+            f"logits must be two equal non-empty [N, C] arrays, got {engine_logits.shape} and {reference_logits.shape}"
+        )
     pe, pr = softmax(engine_logits), softmax(reference_logits)
-    return {"n_images": int(len(pe)), "top1_agreement": float((pe.argmax(1) == pr.argmax(1)).mean()),
-            "max_abs_prob_diff": float(np.abs(pe - pr).max()), "mean_abs_prob_diff": float(np.abs(pe - pr).mean())}
+    return {
+        "n_images": int(len(pe)),
+        "top1_agreement": float((pe.argmax(1) == pr.argmax(1)).mean()),
+        "max_abs_prob_diff": float(np.abs(pe - pr).max()),
+        "mean_abs_prob_diff": float(np.abs(pe - pr).mean()),
+    }
 
 
 def load_check_images(bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +170,7 @@ def load_check_images(bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
 
 def run_batched(runner: Any, x: np.ndarray) -> np.ndarray:
     n = runner.max_batch_size
-    return np.concatenate([runner.infer(x[i:i + n]) for i in range(0, len(x), n)])
+    return np.concatenate([runner.infer(x[i : i + n]) for i in range(0, len(x), n)])
 
 
 def accuracy_check(bundle: Bundle, engine: Path, precision: str, max_batch: int) -> dict[str, Any]:
@@ -172,13 +186,23 @@ def accuracy_check(bundle: Bundle, engine: Path, precision: str, max_batch: int)
         out = run_batched(trt_runner, x)
     finally:
         trt_runner.close()
-    return {**compare_outputs(out, ref), "reference": "onnxruntime:CPUExecutionProvider fp32",
-            "onnx_matches_export_top1": float((ref.argmax(1) == recorded).mean())}
+    return {
+        **compare_outputs(out, ref),
+        "reference": "onnxruntime:CPUExecutionProvider fp32",
+        "onnx_matches_export_top1": float((ref.argmax(1) == recorded).mean()),
+    }
 
 
-def build_engine_bytes(trt: Any, cudart: Any, bundle: Bundle, precision: str, options: BuildOptions,  # noqa: PLR0915
-                       system: dict[str, str], fast_fp16: bool, trt_logger: Any
-                       ) -> tuple[bytes, ProfileShapes, dict[str, Any]]:
+def build_engine_bytes(  # noqa: PLR0915
+    trt: Any,
+    cudart: Any,
+    bundle: Bundle,
+    precision: str,
+    options: BuildOptions,  # noqa: PLR0915
+    system: dict[str, str],
+    fast_fp16: bool,
+    trt_logger: Any,
+) -> tuple[bytes, ProfileShapes, dict[str, Any]]:
     """Parse the ONNX, configure and build; returns (serialized engine, profile, build facts)."""
     builder = trt.Builder(trt_logger)
     network = builder.create_network(network_flags(trt))
@@ -189,10 +213,13 @@ def build_engine_bytes(trt: Any, cudart: Any, bundle: Bundle, precision: str, op
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
     if list(inputs) != [bundle.input_name] or bundle.output_name not in outputs:
-        raise BundleError(f"{bundle.model_path}: inputs {list(inputs)} / outputs {outputs}, bundle.json says "
-                          f"input {bundle.input_name!r}, output {bundle.output_name!r}")
-    shapes = profile_shapes(tuple(inputs[bundle.input_name].shape), bundle.spec.input_size, options.max_batch,
-                            options.opt)
+        raise BundleError(
+            f"{bundle.model_path}: inputs {list(inputs)} / outputs {outputs}, bundle.json says "
+            f"input {bundle.input_name!r}, output {bundle.output_name!r}"
+        )
+    shapes = profile_shapes(
+        tuple(inputs[bundle.input_name].shape), bundle.spec.input_size, options.max_batch, options.opt
+    )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
     profile = builder.create_optimization_profile()
@@ -217,14 +244,20 @@ def build_engine_bytes(trt: Any, cudart: Any, bundle: Bundle, precision: str, op
         config.int8_calibrator = calibrator
         config.set_calibration_profile(calib_profile)  # calibration runs at one fixed batch shape
         facts["flags"].append("INT8")
-        facts["calibration"] = {"images": len(batches.images), "batch_size": batches.batch_size,
-                                "batches": len(batches), "cache": str(cache.path), "cache_reused": cache.path.is_file()}
+        facts["calibration"] = {
+            "images": len(batches.images),
+            "batch_size": batches.batch_size,
+            "batches": len(batches),
+            "cache": str(cache.path),
+            "cache_reused": cache.path.is_file(),
+        }
     tc_path = Path(options.timing_cache) if options.timing_cache else default_timing_cache(bundle, system)
     blob = tc_path.read_bytes() if tc_path.is_file() else b""
     timing_cache = config.create_timing_cache(blob)
     if timing_cache is None or not config.set_timing_cache(timing_cache, False):
-        log.warning("timing cache unusable (other TensorRT/GPU?), starting a new one", extra={"fields": {
-            "path": str(tc_path)}})
+        log.warning(
+            "timing cache unusable (other TensorRT/GPU?), starting a new one", extra={"fields": {"path": str(tc_path)}}
+        )
         blob = b""
         if not config.set_timing_cache(config.create_timing_cache(b""), False):
             raise EngineBuildError("TensorRT refused a new, empty timing cache")
@@ -254,8 +287,9 @@ def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) 
     probe = trt.Builder(trt_logger)
     fast_fp16, fast_int8 = bool(probe.platform_has_fast_fp16), bool(probe.platform_has_fast_int8)
     n_calib = len(bundle.manifest.calibration_images)
-    precision, why = decide_precision(options.precision, fast_fp16=fast_fp16, fast_int8=fast_int8,
-                                      n_calibration_images=n_calib)
+    precision, why = decide_precision(
+        options.precision, fast_fp16=fast_fp16, fast_int8=fast_int8, n_calibration_images=n_calib
+    )
     engine = rt.engine_path(bundle, precision, system)
     summary: dict[str, Any] = {"engine": str(engine), "precision": precision, "precision_reason": why, **system}
     current, reason = engine_status(bundle, system, precision, options)
@@ -268,8 +302,7 @@ def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) 
         log.info("reusing the engine built during the search", extra={"fields": {**summary, **facts}})
     else:
         log.info("building TensorRT engine", extra={"fields": {**summary, "reason": "--force" if current else reason}})
-        data, shapes, facts = build_engine_bytes(trt, cudart, bundle, precision, options, system, fast_fp16,
-                                                 trt_logger)
+        data, shapes, facts = build_engine_bytes(trt, cudart, bundle, precision, options, system, fast_fp16, trt_logger)
     seconds = round(time.perf_counter() - t0, 2)
     side = {"build_seconds": seconds, "platform": {"fast_fp16": fast_fp16, "fast_int8": fast_int8}, **facts}
     staged = engine.with_name(f".{engine.name}.{os.getpid()}.staged")
@@ -280,20 +313,29 @@ def build(bundle_dir: str | Path, options: BuildOptions, verbose: bool = False) 
             raise EngineBuildError(
                 f"{precision} engine agrees with ONNX Runtime on {check['top1_agreement']:.1%} of the check images "
                 f"(< --min-agreement {options.min_agreement:.1%}, max |Δp| {check['max_abs_prob_diff']:.3g}); "
-                "engine not installed: try --precision fp16 or fp32")
-        rt.write_engine_files(engine, data, make_sidecar(bundle, system, precision, shapes, options, data,
-                                                      accuracy_check=check, **side))
+                "engine not installed: try --precision fp16 or fp32"
+            )
+        rt.write_engine_files(
+            engine, data, make_sidecar(bundle, system, precision, shapes, options, data, accuracy_check=check, **side)
+        )
     finally:
         staged.unlink(missing_ok=True)
         rt.sidecar_path(staged).unlink(missing_ok=True)
-    return {**summary, "status": "reused" if reused is not None else "built", "build_seconds": seconds,
-            "accuracy_check": check, **facts}
+    return {
+        **summary,
+        "status": "reused" if reused is not None else "built",
+        "build_seconds": seconds,
+        "accuracy_check": check,
+        **facts,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edge_server.engine",
-                                description="Build (or reuse) the bundle's TensorRT engine on this device.",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m edge_server.engine",
+        description="Build (or reuse) the bundle's TensorRT engine on this device.",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     p.add_argument("--bundle", required=True, help="bundle directory (model.onnx + bundle.json)")
     add_fields(p, BuildOptions, {"precision": Flag(choices=PRECISION_CHOICES)})
@@ -315,10 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"up to date: {result['reason']}")
     else:
         c = result["accuracy_check"]
-        print(f"built {result['engine']} ({result['precision']}: {result['precision_reason']}) in "
-              f"{result['build_seconds']} s on {result['gpu_name']} (sm {result['compute_capability']}, TensorRT "
-              f"{result['tensorrt_version']}); check images vs ONNX Runtime: top-1 agreement "
-              f"{c['top1_agreement']:.1%} of {c['n_images']}, max |Δprob| {c['max_abs_prob_diff']:.3g}")
+        print(
+            f"built {result['engine']} ({result['precision']}: {result['precision_reason']}) in "
+            f"{result['build_seconds']} s on {result['gpu_name']} (sm {result['compute_capability']}, TensorRT "
+            f"{result['tensorrt_version']}); check images vs ONNX Runtime: top-1 agreement "
+            f"{c['top1_agreement']:.1%} of {c['n_images']}, max |Δprob| {c['max_abs_prob_diff']:.3g}"
+        )
     return 0
 
 

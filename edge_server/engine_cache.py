@@ -51,16 +51,21 @@ def _int(name: str, value: Any, low: int, high: int) -> int:
 class BuildOptions:
     """What the user asked for (validated). ``opt_batch`` None = ``max(1, max_batch // 2)``."""
 
-    precision: str = option("fp16", "engine precision (default fp16, the server's default); auto = int8 > fp16 > "
-                                     "fp32 by what the GPU does fast and whether the bundle has calibration images")
+    precision: str = option(
+        "fp16",
+        "engine precision (default fp16, the server's default); auto = int8 > fp16 > "
+        "fp32 by what the GPU does fast and whether the bundle has calibration images",
+    )
     max_batch: int = option(8, "largest batch of the profile (server --max-batch)")
     opt_batch: int | None = option(None, "batch the kernels are tuned for (default max/2)")
     workspace_mb: int = option(1024, "TensorRT workspace memory pool limit (MiB)")
-    timing_cache: Path | None = option(None, "timing cache file, loaded and updated "
-                                             "(default <bundle>/engines/timing.trt<ver>.sm<cc>.cache)")
+    timing_cache: Path | None = option(
+        None, "timing cache file, loaded and updated (default <bundle>/engines/timing.trt<ver>.sm<cc>.cache)"
+    )
     calib_batch: int = option(8, "INT8 calibration batch size")
-    min_agreement: float = option(0.0, "refuse the engine when its top-1 agreement with ONNX Runtime on the check "
-                                       "images is lower")
+    min_agreement: float = option(
+        0.0, "refuse the engine when its top-1 agreement with ONNX Runtime on the check images is lower"
+    )
     force: bool = option(False, "rebuild even when the cached engine is current")
 
     def __post_init__(self) -> None:
@@ -88,18 +93,33 @@ class ProfileShapes:
     max: tuple[int, int, int, int]
 
 
-def make_sidecar(bundle: Bundle, system: dict[str, str], precision: str, shapes: ProfileShapes,
-                 options: BuildOptions, engine_bytes: bytes, **extra: Any) -> dict[str, Any]:
-    return {"format": "edgetune-engine-sidecar", "format_version": 1, **system, "onnx_sha256": bundle.sha256,
-            "precision": precision, "max_batch_size": shapes.max[0], "opt_batch_size": shapes.opt[0],
-            "profile": {"min": list(shapes.min), "opt": list(shapes.opt), "max": list(shapes.max)},
-            "workspace_mb": options.workspace_mb, "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
-            "engine_bytes": len(engine_bytes), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **extra}
+def make_sidecar(
+    bundle: Bundle,
+    system: dict[str, str],
+    precision: str,
+    shapes: ProfileShapes,
+    options: BuildOptions,
+    engine_bytes: bytes,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "format": "edgetune-engine-sidecar",
+        "format_version": 1,
+        **system,
+        "onnx_sha256": bundle.sha256,
+        "precision": precision,
+        "max_batch_size": shapes.max[0],
+        "opt_batch_size": shapes.opt[0],
+        "profile": {"min": list(shapes.min), "opt": list(shapes.opt), "max": list(shapes.max)},
+        "workspace_mb": options.workspace_mb,
+        "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
+        "engine_bytes": len(engine_bytes),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
 
 
-def engine_status(bundle: Bundle, system: dict[str, str], precision: str, options: BuildOptions
-                  ) -> tuple[bool, str]:
+def engine_status(bundle: Bundle, system: dict[str, str], precision: str, options: BuildOptions) -> tuple[bool, str]:
     """(True, why) when the cached engine for ``precision`` is current for this system, bundle and options."""
     engine = rt.engine_path(bundle, precision, system)  # the same name the server selects
     if not engine.is_file():
@@ -112,13 +132,16 @@ def engine_status(bundle: Bundle, system: dict[str, str], precision: str, option
     except BundleError as e:
         return False, str(e)
     if (meta.get("max_batch_size"), meta.get("opt_batch_size")) != (options.max_batch, options.opt):
-        return False, (f"engine batch profile max {meta.get('max_batch_size')}/opt {meta.get('opt_batch_size')} "
-                       f"differs from the requested max {options.max_batch}/opt {options.opt}")
+        return False, (
+            f"engine batch profile max {meta.get('max_batch_size')}/opt {meta.get('opt_batch_size')} "
+            f"differs from the requested max {options.max_batch}/opt {options.opt}"
+        )
     return True, f"{engine} is current (TensorRT {system['tensorrt_version']}, {system['gpu_name']})"
 
 
-def cached_engine(bundle: Bundle, system: dict[str, str], precision: str, options: BuildOptions,
-                  cache_dir: Path) -> tuple[bytes, ProfileShapes, dict[str, Any]] | None:
+def cached_engine(
+    bundle: Bundle, system: dict[str, str], precision: str, options: BuildOptions, cache_dir: Path
+) -> tuple[bytes, ProfileShapes, dict[str, Any]] | None:
     """An engine this device already built for exactly this bundle (``make tune TARGET=…`` times the winner's
     bundle on its target and keeps the engine in the device's engine cache, ``edge_server.timing``): reused when
     its sidecar matches TensorRT version, GPU, compute capability, ONNX SHA, precision and batch profile and its
@@ -132,8 +155,10 @@ def cached_engine(bundle: Bundle, system: dict[str, str], precision: str, option
         data = path.read_bytes()
         rt.check_engine_sha(path, data, meta, precision)
         if (meta.get("max_batch_size"), meta.get("opt_batch_size")) != (options.max_batch, options.opt):
-            raise BundleError(f"batch profile max {meta.get('max_batch_size')}/opt {meta.get('opt_batch_size')}, "
-                              f"requested max {options.max_batch}/opt {options.opt}")
+            raise BundleError(
+                f"batch profile max {meta.get('max_batch_size')}/opt {meta.get('opt_batch_size')}, "
+                f"requested max {options.max_batch}/opt {options.opt}"
+            )
         prof = meta["profile"]
         shapes = ProfileShapes(min=tuple(prof["min"]), opt=tuple(prof["opt"]), max=tuple(prof["max"]))  # type: ignore[arg-type]
     except (BundleError, KeyError, TypeError, ValueError, OSError) as e:

@@ -40,8 +40,9 @@ class HarvestRpcs:
         self.admin_token = admin_token
         self.drift = DriftMonitor()
 
-    def observe(self, data: bytes, probs: Any, model: Any, camera_id: str, capture_time_us: int,
-                frame_id: int = 0) -> None:
+    def observe(
+        self, data: bytes, probs: Any, model: Any, camera_id: str, capture_time_us: int, frame_id: int = 0
+    ) -> None:
         """Every classified image: drift counters, and the capture decision (never waits)."""
         self.drift.observe(probs)
         if self.capture is not None:
@@ -49,13 +50,17 @@ class HarvestRpcs:
 
     def _spool(self, context: grpc.ServicerContext) -> Capture:
         if self.capture is None or not self.admin_token:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "harvest is disabled on this server; start it with --capture DIR and an admin token "
-                          "(--admin-token-file FILE or EDGETUNE_ADMIN_TOKEN)")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "harvest is disabled on this server; start it with --capture DIR and an admin token "
+                "(--admin-token-file FILE or EDGETUNE_ADMIN_TOKEN)",
+            )
             raise AssertionError("unreachable")
         if not admin_authorized(context, self.admin_token):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"harvest needs the admin token in metadata '{ADMIN_METADATA_KEY}' (missing or invalid)")
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"harvest needs the admin token in metadata '{ADMIN_METADATA_KEY}' (missing or invalid)",
+            )
         return self.capture
 
     def ListCaptures(self, request: pb.ListCapturesRequest, context: grpc.ServicerContext) -> pb.CaptureList:
@@ -76,8 +81,14 @@ class HarvestRpcs:
             except OSError:  # evicted or acknowledged meanwhile
                 continue
             size += len(sidecar) + 200
-            out.frames.add(id=it.id, frame_name=it.frame, frame_bytes=it.frame_bytes, frame_sha256=it.frame_sha256,
-                           reason=it.reason, sidecar_json=sidecar)
+            out.frames.add(
+                id=it.id,
+                frame_name=it.frame,
+                frame_bytes=it.frame_bytes,
+                frame_sha256=it.frame_sha256,
+                reason=it.reason,
+                sidecar_json=sidecar,
+            )
         return out
 
     def FetchCapture(self, request: pb.FetchCaptureRequest, context: grpc.ServicerContext) -> pb.CaptureChunk:
@@ -89,15 +100,17 @@ class HarvestRpcs:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no captured frame {request.id[:40]!r} in the spool")
             raise AssertionError("unreachable")
         if request.offset > item.frame_bytes:
-            context.abort(grpc.StatusCode.OUT_OF_RANGE,
-                          f"offset {request.offset} is beyond the frame's {item.frame_bytes} bytes")
+            context.abort(
+                grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is beyond the frame's {item.frame_bytes} bytes"
+            )
         try:
             data = cap.spool.read_frame(item, request.offset, request.length or MAX_CHUNK)
         except OSError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"captured frame {request.id!r} was deleted meanwhile")
         end = request.offset + len(data)
-        return pb.CaptureChunk(id=item.id, offset=request.offset, data=data, total_bytes=item.frame_bytes,
-                               eof=end >= item.frame_bytes)
+        return pb.CaptureChunk(
+            id=item.id, offset=request.offset, data=data, total_bytes=item.frame_bytes, eof=end >= item.frame_bytes
+        )
 
     def AckCaptures(self, request: pb.AckCapturesRequest, context: grpc.ServicerContext) -> pb.AckCapturesResponse:
         cap = self._spool(context)
@@ -114,8 +127,11 @@ class HarvestRpcs:
 
     def fill_field_stats(self, msg: pb.Stats, labels: list[str] | tuple[str, ...], train_counts: Any) -> None:
         mean, n, counts = self.drift.snapshot(len(labels))
-        train = [float(c) for c in train_counts] if isinstance(train_counts, (list, tuple)) and \
-            len(train_counts) == len(labels) else []
+        train = (
+            [float(c) for c in train_counts]
+            if isinstance(train_counts, (list, tuple)) and len(train_counts) == len(labels)
+            else []
+        )
         tsum = sum(train)
         tv = 0.0
         for i, label in enumerate(labels):
@@ -129,6 +145,11 @@ class HarvestRpcs:
             s = self.capture.snapshot()
             c = msg.capture
             c.enabled, c.spool_files, c.spool_bytes, c.paused, c.queued = (
-                True, s["spool_files"], s["spool_bytes"], s["paused"], s["queued"])
+                True,
+                s["spool_files"],
+                s["spool_bytes"],
+                s["paused"],
+                s["queued"],
+            )
             c.captured.update(s["captured"])
             c.counters.update(s["counters"])

@@ -187,8 +187,9 @@ class BoundedJsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
             rec.msecs = (rec.created - int(rec.created)) * 1000
             super().emit(rec)
         if suppressed:
-            rec = logging.LogRecord("edge_server.logs", logging.WARNING, __file__, 0, "log lines suppressed", None,
-                                    None)
+            rec = logging.LogRecord(
+                "edge_server.logs", logging.WARNING, __file__, 0, "log lines suppressed", None, None
+            )
             rec.fields = {"count": suppressed, "limit_per_s": MAX_LINES_PER_PERIOD / LOG_PERIOD_S}
             super().emit(rec)
 
@@ -241,8 +242,7 @@ class NativeStderr:
     def __init__(self) -> None:
         sys.stderr.flush()
         self._orig_fd = os.dup(2)
-        self.stream: IO[str] = os.fdopen(os.dup(self._orig_fd), "w", buffering=1, encoding="utf-8",
-                                         errors="replace")
+        self.stream: IO[str] = os.fdopen(os.dup(self._orig_fd), "w", buffering=1, encoding="utf-8", errors="replace")
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, 2)
         os.close(write_fd)

@@ -67,14 +67,20 @@ def check_runner_matches_bundle(runner: Runner, bundle: Bundle) -> None:
     try:
         out = np.asarray(runner.infer(np.zeros((1, 3, h, w), np.float32)))
     except Exception as e:  # backends raise their own types; the message says what the model rejected
-        raise BundleError(f"bundle {bundle.path}: the model does not run on a 1x3x{h}x{w} input (preprocess "
-                          f"input_size {[h, w]}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise BundleError(
+            f"bundle {bundle.path}: the model does not run on a 1x3x{h}x{w} input (preprocess "
+            f"input_size {[h, w]}): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if out.ndim != 2 or out.shape[0] != 1:
-        raise BundleError(f"bundle {bundle.path}: the model's output has shape {list(out.shape)} for one image; "
-                          "expected [1, number of labels]")
+        raise BundleError(
+            f"bundle {bundle.path}: the model's output has shape {list(out.shape)} for one image; "
+            "expected [1, number of labels]"
+        )
     if out.shape[1] != len(bundle.labels):
-        raise BundleError(f"bundle {bundle.path}: bundle.json has {len(bundle.labels)} labels but the model has "
-                          f"{out.shape[1]} outputs; the labels must match the model's classes (re-export the bundle)")
+        raise BundleError(
+            f"bundle {bundle.path}: bundle.json has {len(bundle.labels)} labels but the model has "
+            f"{out.shape[1]} outputs; the labels must match the model's classes (re-export the bundle)"
+        )
     if not np.isfinite(out).all():
         raise BundleError(f"bundle {bundle.path}: the model gives non-finite logits on a blank image")
 
@@ -87,8 +93,9 @@ class ModelHolder:
     already queued on it.
     """
 
-    def __init__(self, bundle_path: str | Path, options: RunnerOptions,
-                 on_batch: Callable[[int], Any] | None = None) -> None:
+    def __init__(
+        self, bundle_path: str | Path, options: RunnerOptions, on_batch: Callable[[int], Any] | None = None
+    ) -> None:
         self.options = options
         self._on_batch = on_batch
         self._swap_lock = threading.Lock()
@@ -97,12 +104,18 @@ class ModelHolder:
 
     def _build(self, bundle: Bundle) -> ServedModel:
         o = self.options
-        runner = get_runner(o.backend, bundle, max_batch_size=o.max_batch, intra_op_threads=o.intra_op_threads,
-                            precision=o.precision)
+        runner = get_runner(
+            o.backend, bundle, max_batch_size=o.max_batch, intra_op_threads=o.intra_op_threads, precision=o.precision
+        )
         try:
             check_runner_matches_bundle(runner, bundle)
-            batcher = MicroBatcher(runner, max_batch=o.max_batch, max_wait_ms=o.max_wait_ms,
-                                   adaptive=o.batch_wait == "adaptive", on_batch=self._on_batch)
+            batcher = MicroBatcher(
+                runner,
+                max_batch=o.max_batch,
+                max_wait_ms=o.max_wait_ms,
+                adaptive=o.batch_wait == "adaptive",
+                on_batch=self._on_batch,
+            )
         except Exception:
             runner.close()
             raise
@@ -118,8 +131,17 @@ class ModelHolder:
             new = self._build(load_bundle(bundle_path))
             old, self._current = self._current, new
             self.bundle_source = Path(bundle_path)
-        log.info("model swapped", extra={"fields": {"old_version": old.version, "new_version": new.version,
-                                                    "bundle": str(bundle_path), "backend": new.runner.name}})
+        log.info(
+            "model swapped",
+            extra={
+                "fields": {
+                    "old_version": old.version,
+                    "new_version": new.version,
+                    "bundle": str(bundle_path),
+                    "backend": new.runner.name,
+                }
+            },
+        )
         threading.Thread(target=old.batcher.close, name="edge-retire-model", daemon=True).start()
         return new
 

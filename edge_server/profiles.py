@@ -15,10 +15,20 @@ from typing import Any
 from edge_server.budget import DEFAULT_DECODE_BUDGET_MB, DEFAULT_INFLIGHT_MB, request_memory_bound_mb
 
 SERVER_PROFILES: dict[str, dict[str, Any]] = {  # "default" is also ServerConfig's defaults
-    "default": {"max_message_mb": 16.0, "max_concurrent": 64, "max_streams": 32,
-                "max_inflight_mb": DEFAULT_INFLIGHT_MB, "max_decode_mb": DEFAULT_DECODE_BUDGET_MB},
-    "jetson": {"max_message_mb": 4.0, "max_concurrent": 16, "max_streams": 16, "max_inflight_mb": 128.0,
-               "max_decode_mb": 128.0},
+    "default": {
+        "max_message_mb": 16.0,
+        "max_concurrent": 64,
+        "max_streams": 32,
+        "max_inflight_mb": DEFAULT_INFLIGHT_MB,
+        "max_decode_mb": DEFAULT_DECODE_BUDGET_MB,
+    },
+    "jetson": {
+        "max_message_mb": 4.0,
+        "max_concurrent": 16,
+        "max_streams": 16,
+        "max_inflight_mb": 128.0,
+        "max_decode_mb": 128.0,
+    },
 }
 
 #: ``--profile`` choices.
@@ -35,5 +45,6 @@ def profile_limits(profile: str, **given: Any) -> dict[str, Any]:
 def profile_bound_mb(profile: str) -> float:
     """The request-memory bound (MB) of ``profile`` with its own limits."""
     v = SERVER_PROFILES[profile]
-    return request_memory_bound_mb(v["max_message_mb"], v["max_concurrent"], v["max_streams"], v["max_inflight_mb"],
-                                   v["max_decode_mb"])
+    return request_memory_bound_mb(
+        v["max_message_mb"], v["max_concurrent"], v["max_streams"], v["max_inflight_mb"], v["max_decode_mb"]
+    )

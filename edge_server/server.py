@@ -130,8 +130,10 @@ class ServerConfig(RunnerOptions):
             raise ConfigError(f"max_streams must be an integer in 1..10000, got {self.max_streams!r}")
         per = self.max_streams_per_connection
         if per is not None and (not isinstance(per, int) or isinstance(per, bool) or not 1 <= per <= self.max_streams):
-            raise ConfigError(f"max_streams_per_connection must be an integer in 1..max_streams ({self.max_streams}), "
-                              f"or None for half of max_streams; got {per!r}")
+            raise ConfigError(
+                f"max_streams_per_connection must be an integer in 1..max_streams ({self.max_streams}), "
+                f"or None for half of max_streams; got {per!r}"
+            )
         _positive("stream_idle_s", self.stream_idle_s, allow_zero=True)
         _positive("keepalive_s", self.keepalive_s)
         _positive("keepalive_timeout_s", self.keepalive_timeout_s)
@@ -153,8 +155,9 @@ class ServerConfig(RunnerOptions):
             raise ConfigError(f"capture must be a CaptureConfig or None, got {type(self.capture).__name__}")
         if self.capture is not None and self.admin_token:
             if len(self.admin_token) < MIN_ADMIN_TOKEN_CHARS or any(c.isspace() for c in self.admin_token):
-                raise ConfigError(f"the admin token must be at least {MIN_ADMIN_TOKEN_CHARS} characters without "
-                                  "whitespace")
+                raise ConfigError(
+                    f"the admin token must be at least {MIN_ADMIN_TOKEN_CHARS} characters without whitespace"
+                )
             if self.admin_token == self.token:
                 raise ConfigError("the admin token must differ from the camera token")
         check_bind_policy(self.host, tls=self.tls_cert is not None, insecure=self.insecure)
@@ -168,8 +171,9 @@ class ServerConfig(RunnerOptions):
 
     def request_memory_bound_mb(self) -> float:
         """The most memory requests can hold at once (:func:`edge_server.budget.request_memory_bound_mb`)."""
-        return request_memory_bound_mb(self.max_message_mb, self.max_concurrent, self.max_streams,
-                                       self.max_inflight_mb, self.max_decode_mb)
+        return request_memory_bound_mb(
+            self.max_message_mb, self.max_concurrent, self.max_streams, self.max_inflight_mb, self.max_decode_mb
+        )
 
     def runner_options(self) -> RunnerOptions:
         """The :class:`RunnerOptions` part of this config (what each (re)loaded bundle is served with)."""
@@ -185,12 +189,20 @@ class EdgeServer:
         add_secret(config.admin_token)
         self.stats = ServerStats(max_cameras=config.max_cameras, camera_idle_s=config.camera_idle_s)
         creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        policy = (LoadModelPolicy(config.admin_token, config.model_root)
-                  if config.load_model and config.admin_token and config.model_root is not None else None)
+        policy = (
+            LoadModelPolicy(config.admin_token, config.model_root)
+            if config.load_model and config.admin_token and config.model_root is not None
+            else None
+        )
         self.inflight = ByteBudget(int(config.max_inflight_mb * 1024 * 1024), "the in-flight budget")
-        self.admission = Admission(self.stats, max_unary=config.max_concurrent, max_streams=config.max_streams,
-                                   request_timeout_s=config.stream_idle_s, inflight=self.inflight,
-                                   max_streams_per_peer=config.streams_per_connection())
+        self.admission = Admission(
+            self.stats,
+            max_unary=config.max_concurrent,
+            max_streams=config.max_streams,
+            request_timeout_s=config.stream_idle_s,
+            inflight=self.inflight,
+            max_streams_per_peer=config.streams_per_connection(),
+        )
         # The admission guard is outermost: it also sees (and counts, and logs) the token check's refusals.
         interceptors: list[grpc.ServerInterceptor] = [self.admission]
         if config.token:
@@ -208,27 +220,38 @@ class EdgeServer:
             # threads free for health checks and refusals, so the pool never starves. No gRPC-level
             # maximum_concurrent_rpcs: it would refuse health checks too.
             self._grpc = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=self.admission.threads_needed + _THREAD_RESERVE,
-                                           thread_name_prefix="edge-rpc"),
+                futures.ThreadPoolExecutor(
+                    max_workers=self.admission.threads_needed + _THREAD_RESERVE, thread_name_prefix="edge-rpc"
+                ),
                 interceptors=interceptors,
                 options=self.grpc_options,
             )
             self.servicer = ClassifierServicer(
-                self.holder, self.stats, max_pixels=config.max_pixels, load_model=policy,
-                stream_idle_s=config.stream_idle_s, draining=self.admission.draining,
+                self.holder,
+                self.stats,
+                max_pixels=config.max_pixels,
+                load_model=policy,
+                stream_idle_s=config.stream_idle_s,
+                draining=self.admission.draining,
                 decode_budget=ByteBudget(int(config.max_decode_mb * 1024 * 1024), "the decode budget"),
-                inflight=self.inflight, capture=self.capture,
-                admin_token=config.admin_token if self.capture is not None else None)
+                inflight=self.inflight,
+                capture=self.capture,
+                admin_token=config.admin_token if self.capture is not None else None,
+            )
             classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, self._grpc)
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-                self._grpc)
+                self._grpc,
+            )
             address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
             try:
-                self.port = (self._grpc.add_secure_port(address, creds) if creds is not None
-                             else self._grpc.add_insecure_port(address))
+                self.port = (
+                    self._grpc.add_secure_port(address, creds)
+                    if creds is not None
+                    else self._grpc.add_insecure_port(address)
+                )
             except RuntimeError as e:
                 raise ConfigError(f"cannot listen on {address}: {e}") from None
             if self.port == 0:
@@ -255,22 +278,39 @@ class EdgeServer:
         if self.watcher is not None:
             self.watcher.start()
         m = self.holder.current
-        log.info("serving", extra={"fields": {
-            "address": self.address, "port": self.port, "tls": self.tls, "mtls": self.config.tls_client_ca is not None,
-            "token": bool(self.config.token), "backend": m.runner.name, "precision": m.runner.precision,
-            "model_version": m.version, "bundle": str(m.bundle.path), "max_batch": m.batcher.max_batch,
-            "max_wait_ms": self.config.max_wait_ms,
-            "batch_wait": self.config.batch_wait, "max_concurrent": self.config.max_concurrent,
-            "max_streams": self.config.max_streams, "stream_idle_s": self.config.stream_idle_s,
-            "max_streams_per_connection": self.config.streams_per_connection(),
-            "max_pixels": self.config.max_pixels, "load_model": self.servicer.load_model is not None,
-            "max_message_mb": self.config.max_message_mb, "max_inflight_mb": self.config.max_inflight_mb,
-            "max_decode_mb": self.config.max_decode_mb,
-            "request_memory_bound_mb": round(self.config.request_memory_bound_mb()),
-            "model_root": str(self.servicer.load_model.root) if self.servicer.load_model else None,
-            "watch": self.config.watch,
-            "capture": str(self.capture.spool.folder) if self.capture else None,
-            "harvest": bool(self.capture and self.config.admin_token)}})
+        log.info(
+            "serving",
+            extra={
+                "fields": {
+                    "address": self.address,
+                    "port": self.port,
+                    "tls": self.tls,
+                    "mtls": self.config.tls_client_ca is not None,
+                    "token": bool(self.config.token),
+                    "backend": m.runner.name,
+                    "precision": m.runner.precision,
+                    "model_version": m.version,
+                    "bundle": str(m.bundle.path),
+                    "max_batch": m.batcher.max_batch,
+                    "max_wait_ms": self.config.max_wait_ms,
+                    "batch_wait": self.config.batch_wait,
+                    "max_concurrent": self.config.max_concurrent,
+                    "max_streams": self.config.max_streams,
+                    "stream_idle_s": self.config.stream_idle_s,
+                    "max_streams_per_connection": self.config.streams_per_connection(),
+                    "max_pixels": self.config.max_pixels,
+                    "load_model": self.servicer.load_model is not None,
+                    "max_message_mb": self.config.max_message_mb,
+                    "max_inflight_mb": self.config.max_inflight_mb,
+                    "max_decode_mb": self.config.max_decode_mb,
+                    "request_memory_bound_mb": round(self.config.request_memory_bound_mb()),
+                    "model_root": str(self.servicer.load_model.root) if self.servicer.load_model else None,
+                    "watch": self.config.watch,
+                    "capture": str(self.capture.spool.folder) if self.capture else None,
+                    "harvest": bool(self.capture and self.config.admin_token),
+                }
+            },
+        )
         return self
 
     def stop(self, grace: float | None = None) -> None:

@@ -86,11 +86,19 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
         capture: the capture queue (``--capture``), or None; admin_token: the harvest RPCs' token.
     """
 
-    def __init__(self, holder: ModelHolder, stats: ServerStats, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 load_model: LoadModelPolicy | None = None, stream_idle_s: float = 30.0,
-                 draining: threading.Event | None = None, decode_budget: ByteBudget | None = None,
-                 inflight: ByteBudget | None = None, capture: Capture | None = None,
-                 admin_token: str | None = None) -> None:
+    def __init__(
+        self,
+        holder: ModelHolder,
+        stats: ServerStats,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        load_model: LoadModelPolicy | None = None,
+        stream_idle_s: float = 30.0,
+        draining: threading.Event | None = None,
+        decode_budget: ByteBudget | None = None,
+        inflight: ByteBudget | None = None,
+        capture: Capture | None = None,
+        admin_token: str | None = None,
+    ) -> None:
         self.init_field(capture, admin_token)
         self.holder = holder
         self.stats = stats
@@ -111,10 +119,18 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
             if self._sending.pop(key, None) is None:
                 return
         self.stats.error()
-        log.warning("rpc error", extra={"fields": {
-            "method": "/edgetune.v1.Classifier/StreamClassify", "code": "CANCELLED",
-            "details": f"the peer took no result for {idle_s:g} s (--stream-idle-timeout; its receive window stays "
-                       "closed); stream cancelled"}, "group": True})
+        log.warning(
+            "rpc error",
+            extra={
+                "fields": {
+                    "method": "/edgetune.v1.Classifier/StreamClassify",
+                    "code": "CANCELLED",
+                    "details": f"the peer took no result for {idle_s:g} s "
+                    "(--stream-idle-timeout; its receive window stays closed); stream cancelled",
+                },
+                "group": True,
+            },
+        )
         context.cancel()
 
     def cancel_stuck_sends(self, older_than_s: float) -> int:
@@ -165,8 +181,9 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
         finally:
             budget.release(share)
 
-    def _infer_one(self, data: bytes, top_k: int, deadline: float | None, frame: pb.Frame | None = None
-                   ) -> tuple[list[pb.Prediction], ServedModel, pb.Timing]:
+    def _infer_one(
+        self, data: bytes, top_k: int, deadline: float | None, frame: pb.Frame | None = None
+    ) -> tuple[list[pb.Prediction], ServedModel, pb.Timing]:
         with self.holder.current.batcher.incoming() as ticket:  # lets a forming batch wait for this image
             t0 = time.monotonic()
             img = self._decode(data, deadline)
@@ -179,8 +196,9 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
                 model = self.holder.current
                 labels = model.bundle.labels
                 if top_k > len(labels):
-                    raise InvalidRequest(f"top_k {top_k} exceeds the model's {len(labels)} classes; "
-                                         f"allowed 0..{len(labels)}")
+                    raise InvalidRequest(
+                        f"top_k {top_k} exceeds the model's {len(labels)} classes; allowed 0..{len(labels)}"
+                    )
                 tp = time.monotonic()
                 x = model.bundle.spec.apply(img)
                 pre_us = _us(tp, time.monotonic())
@@ -209,8 +227,13 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
         k = top_k or 1
         order = np.argsort(-probs, kind="stable")[:k]
         preds = [pb.Prediction(label=model.bundle.labels[i], index=int(i), score=float(probs[i])) for i in order]
-        timing = pb.Timing(decode_us=_us(t0, t1), preprocess_us=pre_us, queue_us=res.queue_us,
-                           infer_us=res.infer_us, batch_size=res.batch_size)
+        timing = pb.Timing(
+            decode_us=_us(t0, t1),
+            preprocess_us=pre_us,
+            queue_us=res.queue_us,
+            infer_us=res.infer_us,
+            batch_size=res.batch_size,
+        )
         return preds, model, timing
 
     @staticmethod
@@ -226,8 +249,9 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
             preds, model, timing = self._infer_one(request.image, request.top_k, self._deadline(context))
             timing.total_us = _us(t0, time.monotonic())
             ok = True
-            return pb.ClassifyResponse(request_id=request.request_id, predictions=preds,
-                                       model_version=model.version, timing=timing)
+            return pb.ClassifyResponse(
+                request_id=request.request_id, predictions=preds, model_version=model.version, timing=timing
+            )
         except (ImageDecodeError, InvalidRequest) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except _Busy as e:
@@ -250,15 +274,25 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
         if share is not None:
             return frame, share, None
         bare = pb.Frame(camera_id=frame.camera_id, frame_id=frame.frame_id, capture_time_us=frame.capture_time_us)
-        return bare, 0, ("server busy: too many large frames and requests in flight (--max-inflight-mb); "
-                         "frame dropped, send the next one")
+        return (
+            bare,
+            0,
+            (
+                "server busy: too many large frames and requests in flight (--max-inflight-mb); "
+                "frame dropped, send the next one"
+            ),
+        )
 
     def _release(self, share: int) -> None:
         if share and self.inflight is not None:
             self.inflight.release(share)
 
-    def _read_frames(self, request_iterator: Iterator[pb.Frame],
-                     slot: LatestSlot[tuple[pb.Frame, float, str | None, int]], activity: list[float]) -> None:
+    def _read_frames(
+        self,
+        request_iterator: Iterator[pb.Frame],
+        slot: LatestSlot[tuple[pb.Frame, float, str | None, int]],
+        activity: list[float],
+    ) -> None:
         """A stream's reader thread: each frame into the slot (latest frame wins) with its budget share."""
         stats = self.stats
         try:
@@ -282,12 +316,16 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
         finally:
             slot.close()
 
-    def StreamClassify(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext  # noqa: C901
-                       ) -> Iterator[pb.FrameResult]:
+    def StreamClassify(
+        self,
+        request_iterator: Iterator[pb.Frame],
+        context: grpc.ServicerContext,  # noqa: C901
+    ) -> Iterator[pb.FrameResult]:
         slot: LatestSlot[tuple[pb.Frame, float, str | None, int]] = LatestSlot()
         activity = [time.monotonic()]  # last frame received or answered
-        reader = threading.Thread(target=self._read_frames, args=(request_iterator, slot, activity),
-                                  name="edge-stream-reader", daemon=True)
+        reader = threading.Thread(
+            target=self._read_frames, args=(request_iterator, slot, activity), name="edge-stream-reader", daemon=True
+        )
         reader.start()
         deadline = self._deadline(context)
         idle_s = self.stream_idle_s
@@ -307,8 +345,10 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
                     if slot.closed or not context.is_active():
                         break
                     if idle_s and time.monotonic() - activity[0] > idle_s:
-                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      f"no frame received for {idle_s:g} s (--stream-idle-timeout); stream closed")
+                        context.abort(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"no frame received for {idle_s:g} s (--stream-idle-timeout); stream closed",
+                        )
                     continue
                 (frame, t_recv, problem, share), dropped = got
                 try:
@@ -326,17 +366,32 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
             if left is not None:
                 self._release(left[0][3])
 
-    def _frame_result(self, frame: pb.Frame, t_recv: float, problem: str | None, dropped: int,
-                      deadline: float | None, context: grpc.ServicerContext) -> pb.FrameResult:
+    def _frame_result(
+        self,
+        frame: pb.Frame,
+        t_recv: float,
+        problem: str | None,
+        dropped: int,
+        deadline: float | None,
+        context: grpc.ServicerContext,
+    ) -> pb.FrameResult:
         stats = self.stats
         if problem is not None:  # not echoed, not tracked: a hostile id must not grow replies or stats
             stats.frame_done(None, 0.0, ok=False)
             log.info("frame refused", extra={"fields": {"frame_id": frame.frame_id, "error": problem}, "group": True})
-            return pb.FrameResult(frame_id=frame.frame_id, capture_time_us=frame.capture_time_us,
-                                  dropped_before=dropped, error=problem,
-                                  model_version=self.holder.current.version)
-        result = pb.FrameResult(camera_id=frame.camera_id, frame_id=frame.frame_id,
-                                capture_time_us=frame.capture_time_us, dropped_before=dropped)
+            return pb.FrameResult(
+                frame_id=frame.frame_id,
+                capture_time_us=frame.capture_time_us,
+                dropped_before=dropped,
+                error=problem,
+                model_version=self.holder.current.version,
+            )
+        result = pb.FrameResult(
+            camera_id=frame.camera_id,
+            frame_id=frame.frame_id,
+            capture_time_us=frame.capture_time_us,
+            dropped_before=dropped,
+        )
         try:
             preds, model, timing = self._infer_one(frame.image, frame.top_k, deadline, frame)
             timing.total_us = _us(t_recv, time.monotonic())
@@ -347,14 +402,27 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
             return result
         except (ImageDecodeError, InvalidRequest, _Unavailable, _Busy) as e:
             result.error = str(e)
-            log.info("frame error", extra={"fields": {"camera_id": frame.camera_id, "frame_id": frame.frame_id,
-                                                      "error": str(e)}, "group": True})
+            log.info(
+                "frame error",
+                extra={
+                    "fields": {"camera_id": frame.camera_id, "frame_id": frame.frame_id, "error": str(e)},
+                    "group": True,
+                },
+            )
         except _Deadline as e:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except Exception as e:  # a bug must fail this frame only, never the camera's stream; logged in full
-            log.exception("unexpected error processing a frame; the stream goes on",
-                          extra={"fields": {"camera_id": frame.camera_id, "frame_id": frame.frame_id,
-                                            "error_type": type(e).__name__}, "group": True})
+            log.exception(
+                "unexpected error processing a frame; the stream goes on",
+                extra={
+                    "fields": {
+                        "camera_id": frame.camera_id,
+                        "frame_id": frame.frame_id,
+                        "error_type": type(e).__name__,
+                    },
+                    "group": True,
+                },
+            )
             result.error = "internal error processing this frame; it is logged on the server"
         result.model_version = self.holder.current.version
         stats.frame_done(frame.camera_id, 0.0, ok=False)
@@ -374,18 +442,24 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         policy = self.load_model
         if policy is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "LoadModel is disabled on this server; enable it with --enable-load-model, --model-root DIR "
-                          "and an admin token (--admin-token-file FILE or EDGETUNE_ADMIN_TOKEN)")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "LoadModel is disabled on this server; enable it with --enable-load-model, --model-root DIR "
+                "and an admin token (--admin-token-file FILE or EDGETUNE_ADMIN_TOKEN)",
+            )
             raise AssertionError("unreachable")
         if not policy.authorized(context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"LoadModel needs the admin token in metadata '{ADMIN_METADATA_KEY}' (missing or invalid)")
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"LoadModel needs the admin token in metadata '{ADMIN_METADATA_KEY}' (missing or invalid)",
+            )
         try:
             model = self.holder.load(policy.resolve(request.bundle_path))
         except EdgetuneError as e:
-            log.warning("LoadModel failed; previous model still serving",
-                        extra={"fields": {"bundle_path": request.bundle_path, "error": str(e)}, "group": True})
+            log.warning(
+                "LoadModel failed; previous model still serving",
+                extra={"fields": {"bundle_path": request.bundle_path, "error": str(e)}, "group": True},
+            )
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load {request.bundle_path!r}: {e}")
         return model_info(model)
 
@@ -397,10 +471,21 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
     versions.update({f"server.{k}": v for k, v in server_versions().items()})
     return pb.ModelInfo(
         labels=b.labels,
-        input=pb.InputSpec(input_size=list(spec.input_size), resize=spec.resize, resize_mode=spec.resize_mode,
-                           interpolation=spec.interpolation, mean=list(spec.mean), std=list(spec.std),
-                           channel_order=spec.channel_order, layout=spec.layout),
-        backend=model.runner.name, precision=model.runner.precision, bundle_sha256=b.sha256,
-        model_version=b.version, backbone=str(b.meta.get("backbone", "")), versions=versions,
+        input=pb.InputSpec(
+            input_size=list(spec.input_size),
+            resize=spec.resize,
+            resize_mode=spec.resize_mode,
+            interpolation=spec.interpolation,
+            mean=list(spec.mean),
+            std=list(spec.std),
+            channel_order=spec.channel_order,
+            layout=spec.layout,
+        ),
+        backend=model.runner.name,
+        precision=model.runner.precision,
+        bundle_sha256=b.sha256,
+        model_version=b.version,
+        backbone=str(b.meta.get("backbone", "")),
+        versions=versions,
         max_batch_size=model.batcher.max_batch,
     )

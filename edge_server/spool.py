@@ -58,8 +58,9 @@ class Spool:
         self.folder = folder
         self.max_bytes, self.max_files, self.class_quota_files = max_bytes, max_files, class_quota_files
         self._lock = threading.Lock()
-        self._items: dict[str, collections.OrderedDict[str, SpoolItem]] = {r: collections.OrderedDict()
-                                                                           for r in CAPTURE_REASONS}
+        self._items: dict[str, collections.OrderedDict[str, SpoolItem]] = {
+            r: collections.OrderedDict() for r in CAPTURE_REASONS
+        }
         self._by_id: dict[str, SpoolItem] = {}
         self._per_class: collections.Counter[int] = collections.Counter()
         self.bytes = 0
@@ -76,13 +77,14 @@ class Spool:
             name = p.name
             if name.startswith(".") and CAPTURE_ID_RE.match(name[1:]) and name.endswith(".tmp"):  # interrupted write
                 _unlink(p)
-            elif name.endswith(SIDECAR_SUFFIX) and is_capture_id(name[:-len(SIDECAR_SUFFIX)]):
+            elif name.endswith(SIDECAR_SUFFIX) and is_capture_id(name[: -len(SIDECAR_SUFFIX)]):
                 try:
                     rec = CaptureRecord.read(p)
                     size = (self.folder / rec.frame).stat().st_size + p.stat().st_size
                 except (CaptureRecordError, OSError) as e:
-                    log.warning("capture spool: unreadable item deleted", extra={"fields": {"file": name,
-                                                                                              "error": str(e)}})
+                    log.warning(
+                        "capture spool: unreadable item deleted", extra={"fields": {"file": name, "error": str(e)}}
+                    )
                     _unlink(p)
                     continue
                 found.append((rec, size))
@@ -94,8 +96,10 @@ class Spool:
         for name in frames:  # frames whose sidecar was never written
             _unlink(self.folder / name)
         if found or frames:
-            log.info("capture spool recovered", extra={"fields": {"items": len(found), "bytes": self.bytes,
-                                                                   "incomplete_deleted": len(frames)}})
+            log.info(
+                "capture spool recovered",
+                extra={"fields": {"items": len(found), "bytes": self.bytes, "incomplete_deleted": len(frames)}},
+            )
 
     def _index(self, item: SpoolItem) -> None:
         self._items[item.reason][item.id] = item
@@ -193,8 +197,15 @@ class Spool:
 
 
 def _item(rec: CaptureRecord, size: int) -> SpoolItem:
-    return SpoolItem(id=rec.id, frame=rec.frame, reason=rec.reason, predicted=_argmax(rec.probs), nbytes=size,
-                     frame_sha256=rec.frame_sha256, frame_bytes=rec.frame_bytes)
+    return SpoolItem(
+        id=rec.id,
+        frame=rec.frame,
+        reason=rec.reason,
+        predicted=_argmax(rec.probs),
+        nbytes=size,
+        frame_sha256=rec.frame_sha256,
+        frame_bytes=rec.frame_bytes,
+    )
 
 
 def _argmax(probs: tuple[float, ...]) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgetune.errors import ConfigError
 
-_WINDOW = 2048      # latency samples kept per series
+_WINDOW = 2048  # latency samples kept per series
 _FPS_WINDOW_S = 10.0
 #: Longest ``camera_id`` (characters) the server accepts in a frame.
 MAX_CAMERA_ID_CHARS = 128
@@ -75,8 +75,12 @@ class ServerStats:
     #: Pseudo camera id under which frames of cameras beyond ``max_cameras`` are counted.
     OVERFLOW = "(untracked)"
 
-    def __init__(self, max_cameras: int = DEFAULT_MAX_CAMERAS, camera_idle_s: float = DEFAULT_CAMERA_IDLE_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_cameras: int = DEFAULT_MAX_CAMERAS,
+        camera_idle_s: float = DEFAULT_CAMERA_IDLE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not isinstance(max_cameras, int) or not 1 <= max_cameras <= 100_000:
             raise ConfigError(f"max_cameras must be an integer in 1..100000, got {max_cameras!r}")
         if not isinstance(camera_idle_s, (int, float)) or camera_idle_s <= 0:
@@ -174,8 +178,11 @@ class ServerStats:
             if self._overflow.received or self._overflow.processed or self._overflow.dropped:
                 cams.append((self.OVERFLOW, self._overflow))
             unary = list(self.unary_latencies_ms)
-            totals = {"requests_total": self.requests_total, "errors_total": self.errors_total,
-                      "mean_batch_size": self._batch_sum / self._batch_count if self._batch_count else 0.0}
+            totals = {
+                "requests_total": self.requests_total,
+                "errors_total": self.errors_total,
+                "mean_batch_size": self._batch_sum / self._batch_count if self._batch_count else 0.0,
+            }
         out = {}
         for cid, c in sorted(cams, key=lambda t: t[0]):
             with c.lock:
@@ -188,9 +195,15 @@ class ServerStats:
                 summary = (now, n, _fps(done, now), *percentiles(lat))
                 with c.lock:
                     c.summary = summary
-            out[cid] = {"fps": summary[2], "frames_received": received, "frames_processed": processed,
-                        "frames_dropped": dropped, "latency_p50_ms": summary[3], "latency_p95_ms": summary[4],
-                        "latency_p99_ms": summary[5]}
+            out[cid] = {
+                "fps": summary[2],
+                "frames_received": received,
+                "frames_processed": processed,
+                "frames_dropped": dropped,
+                "latency_p50_ms": summary[3],
+                "latency_p95_ms": summary[4],
+                "latency_p99_ms": summary[5],
+            }
         u50, u95, u99 = percentiles(unary)
         return {
             "cameras": out,

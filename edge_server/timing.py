@@ -93,8 +93,14 @@ def pick_backend(backend: str) -> str:
 def device_identity(backend: str = "auto") -> dict[str, Any]:
     """What the latency was measured on: host, CPU, runtime, and with TensorRT the GPU, TensorRT and JetPack."""
     used = pick_backend(backend)
-    ident: dict[str, Any] = {"host": platform.node(), "machine": platform.machine(), "cpu": cpu_model(),
-                             "cpus": os.cpu_count() or 0, "python": platform.python_version(), "backend": used}
+    ident: dict[str, Any] = {
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count() or 0,
+        "python": platform.python_version(),
+        "backend": used,
+    }
     jp = _jetpack()
     if jp:
         ident["jetpack"] = jp
@@ -120,24 +126,30 @@ def supported_precisions(backend: str = "auto") -> tuple[str, ...]:
 
     trt = rt.import_tensorrt()
     builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
-    return ("fp32", *(("fp16",) if builder.platform_has_fast_fp16 else ()),
-            *(("int8",) if builder.platform_has_fast_int8 else ()))
+    return (
+        "fp32",
+        *(("fp16",) if builder.platform_has_fast_fp16 else ()),
+        *(("int8",) if builder.platform_has_fast_int8 else ()),
+    )
 
 
-def _runner(bundle: Bundle, backend: str, precision: str, protocol: TimingProtocol, keep_engine: bool = False
-            ) -> tuple[Any, dict[str, Any]]:
+def _runner(
+    bundle: Bundle, backend: str, precision: str, protocol: TimingProtocol, keep_engine: bool = False
+) -> tuple[Any, dict[str, Any]]:
     if backend == "tensorrt":
         return _tensorrt_runner(bundle, precision, protocol, keep_engine)
     if precision not in ORT_PRECISIONS:
         raise ConfigError(f"ONNX Runtime timing supports precisions {' and '.join(ORT_PRECISIONS)}, got {precision!r}")
 
     variant, _ = variant_for(bundle, precision)
-    return OnnxRuntimeRunner(bundle, max_batch_size=protocol.batch, intra_op_threads=protocol.threads,
-                             cpu_only=True, variant=variant), {"variant": variant}
+    return OnnxRuntimeRunner(
+        bundle, max_batch_size=protocol.batch, intra_op_threads=protocol.threads, cpu_only=True, variant=variant
+    ), {"variant": variant}
 
 
-def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol, keep_engine: bool = False
-                     ) -> tuple[Any, dict[str, Any]]:
+def _tensorrt_runner(
+    bundle: Bundle, precision: str, protocol: TimingProtocol, keep_engine: bool = False
+) -> tuple[Any, dict[str, Any]]:
     """Build the engine with ``make engine``'s builder (no accuracy check here: a candidate's timed copy is
     untrained) and run it with the server's TensorRT runner; ``keep_engine`` (the winner's bundle at hand-off):
     also keep it in the device's engine cache under its standard name, for ``make engine`` to reuse."""
@@ -148,13 +160,25 @@ def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol, k
     # the profile `make engine` builds by default (max 8, opt 4), so that the engine kept in the device's cache
     # is the one `make engine` would build, and is reused by it (edge_server.engine_cache.cached_engine)
     default = eng.BuildOptions(precision=precision)
-    options = default if protocol.batch <= default.max_batch else eng.BuildOptions(
-        precision=precision, max_batch=protocol.batch, opt_batch=protocol.batch)
+    options = (
+        default
+        if protocol.batch <= default.max_batch
+        else eng.BuildOptions(precision=precision, max_batch=protocol.batch, opt_batch=protocol.batch)
+    )
     path = rt.engine_path(bundle, precision, system)
     t0 = time.perf_counter()
     data, shapes, facts = eng.build_engine_bytes(trt, cudart, bundle, precision, options, system, fast_fp16, logger)
-    side = make_sidecar(bundle, system, precision, shapes, options, data,
-                        build_seconds=round(time.perf_counter() - t0, 2), built_by="edgetune timing", **facts)
+    side = make_sidecar(
+        bundle,
+        system,
+        precision,
+        shapes,
+        options,
+        data,
+        build_seconds=round(time.perf_counter() - t0, 2),
+        built_by="edgetune timing",
+        **facts,
+    )
     rt.write_engine_files(path, data, side)
     if keep_engine:
         cache = engine_cache_dir()
@@ -164,8 +188,13 @@ def _tensorrt_runner(bundle: Bundle, precision: str, protocol: TimingProtocol, k
     return runner, {"engine": path.name, "engine_build_seconds": side["build_seconds"]}
 
 
-def time_bundle(bundle_dir: str | Path, precision: str = "fp32", protocol: TimingProtocol | None = None,
-                backend: str = "auto", keep_engine: bool = False) -> dict[str, Any]:
+def time_bundle(
+    bundle_dir: str | Path,
+    precision: str = "fp32",
+    protocol: TimingProtocol | None = None,
+    backend: str = "auto",
+    keep_engine: bool = False,
+) -> dict[str, Any]:
     """Latency of the bundle's model on this device: ``p50_ms``, ``p90_ms`` (and mean/min/max) over
     ``protocol.runs`` timed batches after ``protocol.warmup`` untimed ones, with the device's identity."""
     protocol = protocol or TimingProtocol()
@@ -200,8 +229,13 @@ def time_bundle(bundle_dir: str | Path, precision: str = "fp32", protocol: Timin
     }
 
 
-def time_bundle_files(files: dict[str, bytes], precision: str = "fp32", protocol: dict[str, int] | None = None,
-                      backend: str = "auto", keep_engine: bool = False) -> dict[str, Any]:
+def time_bundle_files(
+    files: dict[str, bytes],
+    precision: str = "fp32",
+    protocol: dict[str, int] | None = None,
+    backend: str = "auto",
+    keep_engine: bool = False,
+) -> dict[str, Any]:
     """:func:`time_bundle` for a bundle sent as ``{relative path: bytes}`` (what a Ray task receives)."""
     tmp = Path(tempfile.mkdtemp(prefix="edgetune-timing-"))
     try:

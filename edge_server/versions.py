@@ -10,8 +10,16 @@ import platform
 @functools.lru_cache(maxsize=1)
 def server_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("edgetune", "grpcio", "protobuf", "onnxruntime", "onnxruntime-gpu", "numpy",
-                 "opencv-python-headless", "tensorrt"):
+    for dist in (
+        "edgetune",
+        "grpcio",
+        "protobuf",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "numpy",
+        "opencv-python-headless",
+        "tensorrt",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -60,8 +60,10 @@ class BundleWatcher:
             self.holder.load(self.path)
         except EdgetuneError as e:
             self._failed = state
-            log.error("watched bundle changed but cannot be loaded; previous model still serving",
-                      extra={"fields": {"bundle": str(self.path), "error": str(e)}})
+            log.error(
+                "watched bundle changed but cannot be loaded; previous model still serving",
+                extra={"fields": {"bundle": str(self.path), "error": str(e)}},
+            )
             return False
         self._failed = None
         return True

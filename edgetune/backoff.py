@@ -18,9 +18,16 @@ class Backoff:
     after the last :meth:`reset`; :meth:`next_delay` returns ``None`` once it is exceeded.
     """
 
-    def __init__(self, initial: float = 0.2, maximum: float = 5.0, factor: float = 2.0, max_total: float = 0.0,
-                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic,
-                 jitter: bool = True) -> None:
+    def __init__(
+        self,
+        initial: float = 0.2,
+        maximum: float = 5.0,
+        factor: float = 2.0,
+        max_total: float = 0.0,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: bool = True,
+    ) -> None:
         if not initial > 0:
             raise ConfigError(f"backoff initial delay must be > 0 s, got {initial!r}")
         if not maximum >= initial:
@@ -51,7 +58,7 @@ class Backoff:
         now = self._clock()
         if self._first_failure is None:
             self._first_failure = now
-        ceiling = min(self.maximum, self.initial * self.factor ** self.attempts)
+        ceiling = min(self.maximum, self.initial * self.factor**self.attempts)
         self.attempts += 1
         delay = self._rng.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
         if self.max_total:

@@ -210,14 +210,23 @@ class BundleManifest:
             raise BundleError(f"{where}: model_file and onnx_sha256 must be strings")
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         return cls(
-            model_file=meta["model_file"], onnx_sha256=meta["onnx_sha256"], labels=tuple(labels), preprocess=spec,
-            input=meta["input"], output=meta["output"], backbone=str(meta["backbone"]), parity=meta["parity"],
+            model_file=meta["model_file"],
+            onnx_sha256=meta["onnx_sha256"],
+            labels=tuple(labels),
+            preprocess=spec,
+            input=meta["input"],
+            output=meta["output"],
+            backbone=str(meta["backbone"]),
+            parity=meta["parity"],
             versions=meta["versions"],
             calibration_images=_images(where, "calibration_images", meta.get("calibration_images")),
             check_images=_images(where, "check_images", meta.get("check_images"), need_top1=True),
-            variants=meta.get("variants") or {}, weights=meta.get("weights") or {}, freeze=meta.get("freeze") or {},
+            variants=meta.get("variants") or {},
+            weights=meta.get("weights") or {},
+            freeze=meta.get("freeze") or {},
             extra={k: v for k, v in meta.items() if k not in known},
-            schema_version=meta["schema_version"], format=meta["format"],
+            schema_version=meta["schema_version"],
+            format=meta["format"],
         )
 
 
@@ -288,8 +297,9 @@ def member_path(bundle_dir: str | Path, rel: object, what: str = "file") -> Path
     """``bundle_dir / rel`` resolved (symlinks included); raises :class:`BundleError` unless it stays inside
     the resolved ``bundle_dir``. Checked before anything is opened; the message never depends on the target."""
     base = Path(bundle_dir).resolve()
-    bad = BundleError(f"bundle {bundle_dir}: {what} {rel!r} must be a relative path to a file inside the bundle "
-                      "directory")
+    bad = BundleError(
+        f"bundle {bundle_dir}: {what} {rel!r} must be a relative path to a file inside the bundle directory"
+    )
     if not isinstance(rel, str) or not rel or "\0" in rel or Path(rel).is_absolute():
         raise bad
     try:
@@ -327,5 +337,12 @@ def load_bundle(path: str | Path, verify_sha: bool = True) -> Bundle:
                 f"bundle {p}: {meta['model_file']} SHA-256 {actual[:12]}… does not match bundle.json "
                 f"{str(meta['onnx_sha256'])[:12]}… (modified or corrupted; re-export the bundle)"
             )
-    return Bundle(path=p, meta=meta, spec=spec, labels=list(labels), model_path=model_path,
-                  variants=dict(meta.get("variants") or {}), manifest=m)
+    return Bundle(
+        path=p,
+        meta=meta,
+        spec=spec,
+        labels=list(labels),
+        model_path=model_path,
+        variants=dict(meta.get("variants") or {}),
+        manifest=m,
+    )

@@ -96,7 +96,8 @@ class CaptureRecord:
             raise CaptureRecordError(f"{where}: a capture record is a JSON object, got {type(raw).__name__}")
         if raw.get("schema") != CAPTURE_SCHEMA:
             raise CaptureRecordError(
-                f"{where}: schema is {raw.get('schema')!r}; this edgetune reads {CAPTURE_SCHEMA!r}")
+                f"{where}: schema is {raw.get('schema')!r}; this edgetune reads {CAPTURE_SCHEMA!r}"
+            )
         names = {f for f in cls.__dataclass_fields__}
         missing = sorted(names - set(raw) - {"schema"})
         if missing:

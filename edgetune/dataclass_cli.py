@@ -28,15 +28,25 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         d = action.default
         empty = isinstance(d, (str, tuple, list, dict)) and not d
-        if (not action.option_strings or action.nargs == 0 or "default" in text.lower() or d is None
-                or d is argparse.SUPPRESS or empty):
+        if (
+            not action.option_strings
+            or action.nargs == 0
+            or "default" in text.lower()
+            or d is None
+            or d is argparse.SUPPRESS
+            or empty
+        ):
             return text
         shown = ",".join(map(str, d)) if isinstance(d, (tuple, list)) else "%(default)s"
         return f"{text} (default: {shown})" if text else f"(default: {shown})"
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse's name for it
-        factory: Callable[[], Any] | None = None) -> Any:
+def opt(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,  # noqa: A002 - argparse's name for it
+    factory: Callable[[], Any] | None = None,
+) -> Any:
     """A dataclass field with its help text: ``x: int = opt(3, "what x is")``; ``factory`` for mutable defaults."""
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={"help": help})
@@ -127,8 +137,12 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, overrides: Mapping[st
             kw.update(action="store_false" if default else "store_true", default=default)
         elif base in (int, float, str, Path):
             named = flag_name(f, over).lstrip("-").replace("-", "_").upper()  # argparse's, from the flag, not dest
-            kw.update(type=optional_path if base is Path else base, default=default, choices=over.choices,
-                      metavar=over.metavar or (None if over.choices else named))
+            kw.update(
+                type=optional_path if base is Path else base,
+                default=default,
+                choices=over.choices,
+                metavar=over.metavar or (None if over.choices else named),
+            )
         elif hint == tuple[str, ...]:
             if over.repeat:  # argparse appends to a copy of a list default
                 kw.update(action="append", default=list(default), metavar=over.metavar)
@@ -136,8 +150,11 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, overrides: Mapping[st
                 kw.update(type=comma_list, default=default, metavar=over.metavar or "NAME,…")
         elif hint in (dict[str, float], dict[str, str]):
             word = "AMOUNT" if hint == dict[str, float] else "VALUE"
-            kw.update(type=key_values(typing.get_args(hint)[1], word), default=default,
-                      metavar=over.metavar or f"NAME={word},…")
+            kw.update(
+                type=key_values(typing.get_args(hint)[1], word),
+                default=default,
+                metavar=over.metavar or f"NAME={word},…",
+            )
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {hint!r}")
         if kw.get("default") is dataclasses.MISSING:
@@ -167,14 +184,21 @@ _SCALARS: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
     float: (_is_number, float, "a number"),
     str: (lambda x: isinstance(x, str), str, "a string"),
     Path: (lambda x: isinstance(x, str), Path, "a string (a path)"),
-    tuple[str, ...]: (lambda x: isinstance(x, (list, tuple)) and all(isinstance(i, str) for i in x), tuple,
-                      "a list of strings"),
-    dict[str, float]: (lambda x: isinstance(x, Mapping) and all(isinstance(k, str) and _is_number(v)
-                                                                for k, v in x.items()),
-                       lambda x: {k: float(v) for k, v in x.items()}, "a mapping of names to numbers"),
-    dict[str, str]: (lambda x: isinstance(x, Mapping) and all(isinstance(k, str) and isinstance(v, str)
-                                                              for k, v in x.items()), dict,
-                     "a mapping of names to strings"),
+    tuple[str, ...]: (
+        lambda x: isinstance(x, (list, tuple)) and all(isinstance(i, str) for i in x),
+        tuple,
+        "a list of strings",
+    ),
+    dict[str, float]: (
+        lambda x: isinstance(x, Mapping) and all(isinstance(k, str) and _is_number(v) for k, v in x.items()),
+        lambda x: {k: float(v) for k, v in x.items()},
+        "a mapping of names to numbers",
+    ),
+    dict[str, str]: (
+        lambda x: isinstance(x, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in x.items()),
+        dict,
+        "a mapping of names to strings",
+    ),
 }
 
 

@@ -58,8 +58,12 @@ def _to_rgb_uint8(arr: np.ndarray, source: str) -> np.ndarray:
     raise ImageDecodeError(f"{source}: unsupported image shape {arr.shape}")
 
 
-def decode_image(data: bytes | bytearray | memoryview | np.ndarray, source: str = "<bytes>",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes | bytearray | memoryview | np.ndarray,
+    source: str = "<bytes>",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float | None = None,
+) -> np.ndarray:
     """Decode encoded image bytes (one of :data:`ACCEPTED_FORMATS`) to HxWx3 uint8 RGB.
 
     The header is read first (:func:`read_image_header`): an unknown format, an image over
@@ -117,7 +121,8 @@ def check_aspect_ratio(width: int, height: int, max_ratio: float, source: str = 
         shown = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}"
         raise ImageDecodeError(
             f"{source}: image {width}x{height} has aspect ratio {shown}:1 exceeds the maximum {max_ratio:g}:1 "
-            f"(crop or tile such images before classifying them)")
+            f"(crop or tile such images before classifying them)"
+        )
 
 
 def _is_truncated(buf: np.ndarray) -> bool:

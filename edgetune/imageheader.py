@@ -79,15 +79,16 @@ def read_image_header(data: bytes | bytearray | memoryview | np.ndarray, source:
             kind = "BMP"
             head = _bmp_header(buf)
         else:
-            raise ImageDecodeError(f"{source}: not a decodable image (unrecognised format; accepted formats: "
-                                   f"{', '.join(ACCEPTED_FORMATS)})")
+            raise ImageDecodeError(
+                f"{source}: not a decodable image (unrecognised format; accepted formats: "
+                f"{', '.join(ACCEPTED_FORMATS)})"
+            )
     except _HeaderError as e:
         raise ImageDecodeError(f"{source}: {e}") from None
     except (struct.error, IndexError, OverflowError):
         raise ImageDecodeError(f"{source}: truncated or corrupt {kind} header") from None
     if not (1 <= head.width <= _MAX_SIDE and 1 <= head.height <= _MAX_SIDE):
-        raise ImageDecodeError(f"{source}: {head.format} header declares an impossible size "
-                               f"{head.width}x{head.height}")
+        raise ImageDecodeError(f"{source}: {head.format} header declares an impossible size {head.width}x{head.height}")
     return head
 
 
@@ -195,8 +196,7 @@ def _webp_header(b: memoryview) -> ImageHeader:
     raise _HeaderError("truncated WebP (no VP8/VP8L/VP8X chunk)")
 
 
-_TIFF_TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 6: ("b", 1), 8: ("h", 2), 9: ("i", 4), 16: ("Q", 8),
-               17: ("q", 8)}
+_TIFF_TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 6: ("b", 1), 8: ("h", 2), 9: ("i", 4), 16: ("Q", 8), 17: ("q", 8)}
 
 
 def _tiff_header(b: memoryview) -> ImageHeader:
@@ -238,8 +238,9 @@ def _tiff_header(b: memoryview) -> ImageHeader:
     if 322 in tags or 323 in tags:  # tiled: the decoder allocates one whole tile, which may exceed the image
         tile = tags.get(322, 0) * tags.get(323, 0)
         if tile > max(tags[256] * tags[257], 1 << 18):
-            raise _HeaderError(f"TIFF tile {tags.get(322)}x{tags.get(323)} is larger than its "
-                               f"{tags[256]}x{tags[257]} image")
+            raise _HeaderError(
+                f"TIFF tile {tags.get(322)}x{tags.get(323)} is larger than its {tags[256]}x{tags[257]} image"
+            )
     return ImageHeader("TIFF", tags[256], tags[257], min(channels, 64), max(1, -(-bits // 8)))
 
 

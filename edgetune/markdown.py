@@ -11,8 +11,7 @@ def escape_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str],
-                   fmt: Callable[[Any], str] = str) -> str:
+def markdown_table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str], fmt: Callable[[Any], str] = str) -> str:
     """A GitHub-flavoured Markdown table of ``rows`` (dicts) with columns ``cols``, no trailing newline.
 
     ``fmt`` turns each value (``None`` for a missing key) into text; the result is escaped.

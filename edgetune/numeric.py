@@ -27,6 +27,7 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
         raise ValueError(f"confusion matrix: {y.size} labels but {p.size} predictions")
     for name, a in (("label", y), ("prediction", p)):
         if a.size and (a.min() < 0 or a.max() >= num_classes):
-            raise ValueError(f"confusion matrix: {name} {int(a.min() if a.min() < 0 else a.max())} is outside "
-                             f"0..{num_classes - 1}")
+            raise ValueError(
+                f"confusion matrix: {name} {int(a.min() if a.min() < 0 else a.max())} is outside 0..{num_classes - 1}"
+            )
     return np.bincount(y * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)

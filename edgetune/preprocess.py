@@ -71,8 +71,9 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         size = tuple(self.input_size) if isinstance(self.input_size, (list, tuple)) else None
         if size is None or len(size) != 2 or not all(isinstance(v, int) and v >= 8 for v in size):
-            raise ConfigError(f"preprocess.input_size must be two integers >= 8 (height, width), "
-                              f"got {self.input_size!r}")
+            raise ConfigError(
+                f"preprocess.input_size must be two integers >= 8 (height, width), got {self.input_size!r}"
+            )
         object.__setattr__(self, "input_size", (int(size[0]), int(size[1])))
         if self.resize_mode not in _RESIZE_MODES:
             raise ConfigError(f"preprocess.resize_mode must be one of {_RESIZE_MODES}, got {self.resize_mode!r}")
@@ -156,7 +157,8 @@ class PreprocessSpec:
         if th * tw > MAX_RESIZE_PIXELS:
             raise ImageDecodeError(
                 f"image {w}x{h} would be resized to {tw}x{th}, more than {MAX_RESIZE_PIXELS} pixels; "
-                f"use a smaller preprocess.resize or tile the image first")
+                f"use a smaller preprocess.resize or tile the image first"
+            )
         if (th, tw) == (h, w):
             return np.ascontiguousarray(img)
         out: np.ndarray = cv2.resize(img, (tw, th), interpolation=interp)

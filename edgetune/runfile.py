@@ -24,18 +24,27 @@ _NOT_OPTIONS = frozenset({"help", "version", "config", "print_config"})
 
 def add_run_file_flags(parser: argparse.ArgumentParser, what: str) -> None:
     """Add ``--config RUN_YAML`` and ``--print-config`` to ``parser`` (``what``: e.g. "server")."""
-    parser.add_argument("--config", default="", metavar="RUN_YAML",
-                        help=f"the {what}'s options from a YAML file (what --print-config prints); flags given with "
-                             "it override it")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the effective options as YAML (every option) and exit")
+    parser.add_argument(
+        "--config",
+        default="",
+        metavar="RUN_YAML",
+        help=f"the {what}'s options from a YAML file (what --print-config prints); flags given with it override it",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the effective options as YAML (every option) and exit"
+    )
 
 
 def option_actions(parser: argparse.ArgumentParser, secret: Collection[str] = ()) -> dict[str, argparse.Action]:
     """The parser's run options by ``dest`` (not help/version/--config/--print-config, not the ``secret`` ones)."""
-    return {a.dest: a for a in parser._actions
-            if a.option_strings and a.dest not in _NOT_OPTIONS and a.dest not in secret
-            and not isinstance(a, (argparse._HelpAction, argparse._VersionAction))}
+    return {
+        a.dest: a
+        for a in parser._actions
+        if a.option_strings
+        and a.dest not in _NOT_OPTIONS
+        and a.dest not in secret
+        and not isinstance(a, (argparse._HelpAction, argparse._VersionAction))
+    }
 
 
 def _check(action: argparse.Action, v: Any) -> Any:
@@ -80,8 +89,11 @@ def load_run_file(parser: argparse.ArgumentParser, path: str | Path, secret: Col
     actions = option_actions(parser, secret)
     unknown = sorted(str(k) for k in data if k not in actions)
     if unknown:
-        hint = f" ({', '.join(sorted(set(unknown) & set(secret)))}: give it in a file, e.g. --token-file)" \
-            if set(unknown) & set(secret) else ""
+        hint = (
+            f" ({', '.join(sorted(set(unknown) & set(secret)))}: give it in a file, e.g. --token-file)"
+            if set(unknown) & set(secret)
+            else ""
+        )
         raise ConfigError(f"run config {p}: unknown key(s) {unknown}{hint}; allowed: {', '.join(actions)}")
     out: dict[str, Any] = {}
     for k, v in data.items():
@@ -92,8 +104,9 @@ def load_run_file(parser: argparse.ArgumentParser, path: str | Path, secret: Col
     return out
 
 
-def parse_args_with_run_file(parser: argparse.ArgumentParser, argv: list[str] | None = None,
-                             secret: Collection[str] = ()) -> argparse.Namespace:
+def parse_args_with_run_file(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None, secret: Collection[str] = ()
+) -> argparse.Namespace:
     """``parser.parse_args(argv)`` where a ``--config FILE`` gives the defaults (a required option the file sets is
     no longer required on the command line). ConfigError where the file is bad."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -110,5 +123,4 @@ def parse_args_with_run_file(parser: argparse.ArgumentParser, argv: list[str] | 
 
 def run_file_yaml(parser: argparse.ArgumentParser, args: argparse.Namespace, secret: Collection[str] = ()) -> str:
     """Every run option's effective value as YAML: what ``--print-config`` prints and ``--config`` reads back."""
-    return str(yaml.safe_dump({dest: getattr(args, dest) for dest in option_actions(parser, secret)},
-                              sort_keys=False))
+    return str(yaml.safe_dump({dest: getattr(args, dest) for dest in option_actions(parser, secret)}, sort_keys=False))

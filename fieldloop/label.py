@@ -35,11 +35,22 @@ def state(store: LabelStore) -> dict[str, Any]:
     item = None
     if nid is not None:
         r = store.records[nid]
-        item = {"id": r.id, "top3": [[lab, round(p, 4)] for lab, p in r.top[:3]], "camera_id": r.camera_id,
-                "time_unix": r.time_unix, "reason": r.reason, "model_version": r.model_version}
+        item = {
+            "id": r.id,
+            "top3": [[lab, round(p, 4)] for lab, p in r.top[:3]],
+            "camera_id": r.camera_id,
+            "time_unix": r.time_unix,
+            "reason": r.reason,
+            "model_version": r.model_version,
+        }
     keys = [CLASS_KEYS[i] if i < len(CLASS_KEYS) else "" for i in range(len(store.classes))]  # the rest: click
-    return {"classes": list(store.classes), "keys": keys,
-            "progress": store.progress(), "item": item, "can_undo": bool(store.decisions)}
+    return {
+        "classes": list(store.classes),
+        "keys": keys,
+        "progress": store.progress(),
+        "item": item,
+        "can_undo": bool(store.decisions),
+    }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -55,8 +66,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
-                                                    "style-src 'unsafe-inline'; img-src 'self'")
+        self.send_header(
+            "Content-Security-Policy",
+            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self'",
+        )
         self.end_headers()
         try:
             self.wfile.write(body)
@@ -82,12 +95,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/api/state":
             return self._json(state(store))
         if self.path.startswith("/frame/"):
-            cid = self.path[len("/frame/"):]
+            cid = self.path[len("/frame/") :]
             rec = store.records.get(cid) if is_capture_id(cid) else None
             if rec is None:
                 return self._error(HTTPStatus.NOT_FOUND, "no such frame")
             data = (store.folder / rec.frame).read_bytes()
-            return self._send(200, data, _TYPES.get(rec.frame[rec.frame.rfind("."):], "application/octet-stream"))
+            return self._send(200, data, _TYPES.get(rec.frame[rec.frame.rfind(".") :], "application/octet-stream"))
         return self._error(HTTPStatus.NOT_FOUND, "not found")
 
     def do_POST(self) -> None:  # noqa: N802
@@ -135,12 +148,15 @@ class LabelServer(ThreadingHTTPServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fieldloop.label", description="label harvested frames in a browser "
-                                "(make label DIR=dir [PORT=8765]); serves on 127.0.0.1 only")
+    p = argparse.ArgumentParser(
+        prog="python -m fieldloop.label",
+        description="label harvested frames in a browser (make label DIR=dir [PORT=8765]); serves on 127.0.0.1 only",
+    )
     p.add_argument("--dir", required=True, help="harvested folder (make harvest OUT=...)")
     p.add_argument("--port", type=int, default=8765, help="TCP port on 127.0.0.1 (0 = pick a free one)")
-    p.add_argument("--classes", default="", help="comma-separated class names (default: the model's, from the "
-                                                 "sidecars)")
+    p.add_argument(
+        "--classes", default="", help="comma-separated class names (default: the model's, from the sidecars)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="edgetune: %(message)s")
     try:

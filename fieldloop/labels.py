@@ -27,9 +27,21 @@ STATE_SCHEMA = "edgetune.labels/1"
 #: What a decision may be besides a class name.
 SKIP, NONE = "skip", "none"
 #: The manifest's columns: what the trainer reads (path, label) and the provenance kept from the sidecar.
-CSV_COLUMNS = ("path", "label", "capture_id", "camera_id", "frame_id", "time_unix", "model_version", "bundle_sha256",
-               "reason",
-               "model_top1", "model_top1_prob", "labelled_at", "labelled_by")
+CSV_COLUMNS = (
+    "path",
+    "label",
+    "capture_id",
+    "camera_id",
+    "frame_id",
+    "time_unix",
+    "model_version",
+    "bundle_sha256",
+    "reason",
+    "model_top1",
+    "model_top1_prob",
+    "labelled_at",
+    "labelled_by",
+)
 
 
 @dataclass(frozen=True)
@@ -102,16 +114,22 @@ class LabelStore:
         labelled = sum(d.decision in self.classes for d in done)
         none = sum(d.decision == NONE for d in done)
         skipped = sum(d.decision == SKIP for d in done)
-        return {"total": len(self.order), "labelled": labelled, "none": none, "skipped": skipped,
-                "remaining": len(self.order) - labelled - none - skipped}
+        return {
+            "total": len(self.order),
+            "labelled": labelled,
+            "none": none,
+            "skipped": skipped,
+            "remaining": len(self.order) - labelled - none - skipped,
+        }
 
     # -- changes ------------------------------------------------------------------------------------------
     def decide(self, item_id: str, decision: str, by: str = "page") -> None:
         if item_id not in self.records:
             raise KeyError(item_id)
         if decision not in self.classes and decision not in (SKIP, NONE):
-            raise ConfigError(f"decision {decision!r} is not one of the classes {list(self.classes)}, "
-                              f"{SKIP!r} or {NONE!r}")
+            raise ConfigError(
+                f"decision {decision!r} is not one of the classes {list(self.classes)}, {SKIP!r} or {NONE!r}"
+            )
         with self._lock:
             self.decisions.append(Decision(item_id, decision, round(time.time(), 3), by))
             self._save()
@@ -126,8 +144,11 @@ class LabelStore:
 
     def _save(self) -> None:
         """Under the lock: the state file, then the manifest (both atomic)."""
-        state = {"schema": STATE_SCHEMA, "classes": list(self.classes),
-                 "decisions": [d.to_dict() for d in self.decisions]}
+        state = {
+            "schema": STATE_SCHEMA,
+            "classes": list(self.classes),
+            "decisions": [d.to_dict() for d in self.decisions],
+        }
         atomic_write_text(self.folder / STATE_FILE, json.dumps(state, indent=1))
         atomic_write_text(self.folder / LABELS_CSV, self._manifest())
 
@@ -142,9 +163,23 @@ class LabelStore:
                 continue
             r = self.records[i]
             top_label, top_p = r.top[0]
-            w.writerow([r.frame, d.decision, r.id, r.camera_id, r.frame_id, r.time_unix, r.model_version,
-                        r.bundle_sha256,
-                        r.reason, top_label, round(top_p, 6), d.at, d.by])
+            w.writerow(
+                [
+                    r.frame,
+                    d.decision,
+                    r.id,
+                    r.camera_id,
+                    r.frame_id,
+                    r.time_unix,
+                    r.model_version,
+                    r.bundle_sha256,
+                    r.reason,
+                    top_label,
+                    round(top_p, 6),
+                    d.at,
+                    d.by,
+                ]
+            )
         return buf.getvalue()
 
 

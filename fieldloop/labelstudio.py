@@ -30,9 +30,11 @@ NONE_CHOICE = "none of these"
 
 def labeling_config(classes: tuple[str, ...]) -> str:
     choices = "".join(f"<Choice value={quoteattr(c)}/>" for c in (*classes, NONE_CHOICE))
-    return (f'<View><Image name="{TO_NAME}" value="$image"/>'
-            f'<Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInLine="true">{choices}</Choices>'
-            "</View>\n")
+    return (
+        f'<View><Image name="{TO_NAME}" value="$image"/>'
+        f'<Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInLine="true">{choices}</Choices>'
+        "</View>\n"
+    )
 
 
 def export_tasks(store: LabelStore, image_prefix: str = "/data/local-files/?d=") -> list[dict[str, Any]]:
@@ -40,14 +42,33 @@ def export_tasks(store: LabelStore, image_prefix: str = "/data/local-files/?d=")
     for n, cid in enumerate(store.order, start=1):
         r = store.records[cid]
         top_label, top_p = r.top[0]
-        tasks.append({
-            "id": n,
-            "data": {"image": image_prefix + r.frame, "capture_id": r.id, "camera_id": r.camera_id,
-                     "time_unix": r.time_unix, "reason": r.reason, "model_version": r.model_version},
-            "predictions": [{"model_version": r.model_version, "score": round(top_p, 6),
-                             "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-                                         "value": {"choices": [top_label]}}]}],
-        })
+        tasks.append(
+            {
+                "id": n,
+                "data": {
+                    "image": image_prefix + r.frame,
+                    "capture_id": r.id,
+                    "camera_id": r.camera_id,
+                    "time_unix": r.time_unix,
+                    "reason": r.reason,
+                    "model_version": r.model_version,
+                },
+                "predictions": [
+                    {
+                        "model_version": r.model_version,
+                        "score": round(top_p, 6),
+                        "result": [
+                            {
+                                "from_name": FROM_NAME,
+                                "to_name": TO_NAME,
+                                "type": "choices",
+                                "value": {"choices": [top_label]},
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
     return tasks
 
 
@@ -87,8 +108,9 @@ def import_annotations(store: LabelStore, tasks: Any) -> dict[str, int]:
             continue
         decision = NONE if choice == NONE_CHOICE else choice
         if decision != NONE and decision not in store.classes:
-            raise ConfigError(f"task {t.get('id')}: choice {choice!r} is not one of {list(store.classes)} or "
-                              f"{NONE_CHOICE!r}")
+            raise ConfigError(
+                f"task {t.get('id')}: choice {choice!r} is not one of {list(store.classes)} or {NONE_CHOICE!r}"
+            )
         store.decide(cid, decision, by="labelstudio")
         counts["imported"] += 1
     return counts

@@ -40,7 +40,7 @@ def texture_tiles(split: str = "train", tile: int = TILE) -> tuple[list[np.ndarr
         x_range = range(0, w // 2 - tile + 1, tile) if split == "train" else range(w // 2, w - tile + 1, tile)
         for y in range(0, h - tile + 1, tile):
             for x in x_range:
-                images.append(cv2.cvtColor(np.ascontiguousarray(photo[y:y + tile, x:x + tile]), cv2.COLOR_GRAY2RGB))
+                images.append(cv2.cvtColor(np.ascontiguousarray(photo[y : y + tile, x : x + tile]), cv2.COLOR_GRAY2RGB))
                 labels.append(label)
     return images, labels
 
@@ -85,11 +85,18 @@ def make_test_bundle(out_dir: str | Path, *, seed: int = 0, steps: int = 1, size
     from trainer.run import run_training
 
     out = Path(out_dir)
-    cfg = TrainConfig.from_dict({
-        "data": {"dataset": "textures", "max_images": 60},
-        "model": {"backbone": "efficientnet_lite0", "img_size": size, "freeze": 1.0},
-        "optim": {"lr": 1e-2}, "epochs": max(1, steps), "batch_size": 16, "seed": seed, "progress": False,
-        "robustness": False})
+    cfg = TrainConfig.from_dict(
+        {
+            "data": {"dataset": "textures", "max_images": 60},
+            "model": {"backbone": "efficientnet_lite0", "img_size": size, "freeze": 1.0},
+            "optim": {"lr": 1e-2},
+            "epochs": max(1, steps),
+            "batch_size": 16,
+            "seed": seed,
+            "progress": False,
+            "robustness": False,
+        }
+    )
     with tempfile.TemporaryDirectory(prefix="edgetune-fixture-run-") as run:
         run_training(cfg, run)
         export_bundle(run, out)
@@ -146,8 +153,9 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     return dst
 
 
-def self_signed_cert(out_dir: Path, name: str = "localhost", ca: tuple[Any, Any] | None = None
-                     ) -> tuple[Path, Path, Any, Any]:
+def self_signed_cert(
+    out_dir: Path, name: str = "localhost", ca: tuple[Any, Any] | None = None
+) -> tuple[Path, Path, Any, Any]:
     """Write ``<name>.crt``/``<name>.key`` (SAN localhost + 127.0.0.1); signed by ``ca`` = (cert, key) if given.
 
     Returns (cert_path, key_path, cert, key) so the result can itself serve as a CA.
@@ -164,19 +172,26 @@ def self_signed_cert(out_dir: Path, name: str = "localhost", ca: tuple[Any, Any]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_cert, issuer_key = ca if ca is not None else (None, key)
     now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(subject)
-               .issuer_name(issuer_cert.subject if issuer_cert is not None else subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                           x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                              critical=False)
-               .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert is not None else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
+    )
     cert = builder.sign(issuer_key, hashes.SHA256())
     cert_path, key_path = out_dir / f"{name}.crt", out_dir / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path, cert, key
 
 
@@ -215,9 +230,14 @@ class CliServer:
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge_server", *args], cwd=_REPO,
-                                     stdout=subprocess.DEVNULL, stderr=self._log, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_server", *args],
+            cwd=_REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         deadline = time.monotonic() + 90
         self.port = 0
         while time.monotonic() < deadline and not self.port:

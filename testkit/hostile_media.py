@@ -54,12 +54,29 @@ def patch_webp_lossy(data: bytes, w: int, h: int) -> bytes:
     return data[:j] + struct.pack("<HH", w, h) + data[j + 4 :]
 
 
-def tiff_bytes(w: int, h: int, data: bytes = b"\0" * 16, big_endian: bool = False, bigtiff: bool = False,
-               spp: int = 1, bits: int = 8, tile: tuple[int, int] | None = None) -> bytes:
+def tiff_bytes(
+    w: int,
+    h: int,
+    data: bytes = b"\0" * 16,
+    big_endian: bool = False,
+    bigtiff: bool = False,
+    spp: int = 1,
+    bits: int = 8,
+    tile: tuple[int, int] | None = None,
+) -> bytes:
     """A minimal uncompressed TIFF (or BigTIFF) declaring ``w`` x ``h`` with ``data`` as its only strip."""
     e = ">" if big_endian else "<"
-    tags = [(256, 4, w), (257, 4, h), (258, 3, bits), (259, 3, 1), (262, 3, 1 if spp == 1 else 2),
-            (273, 4, 0), (277, 3, spp), (278, 4, h), (279, 4, len(data))]
+    tags = [
+        (256, 4, w),
+        (257, 4, h),
+        (258, 3, bits),
+        (259, 3, 1),
+        (262, 3, 1 if spp == 1 else 2),
+        (273, 4, 0),
+        (277, 3, spp),
+        (278, 4, h),
+        (279, 4, len(data)),
+    ]
     if tile is not None:
         tags += [(322, 4, tile[0]), (323, 4, tile[1])]
     if bigtiff:
@@ -69,8 +86,11 @@ def tiff_bytes(w: int, h: int, data: bytes = b"\0" * 16, big_endian: bool = Fals
         ifd = struct.pack(e + "Q", len(tags))
         for tag, typ, val in tags:
             val = strip_at if tag == 273 else val
-            ifd += struct.pack(e + "HHQQ", tag, 16 if typ == 4 else typ, 1, val) if typ == 4 else \
-                struct.pack(e + "HHQH6x", tag, typ, 1, val)
+            ifd += (
+                struct.pack(e + "HHQQ", tag, 16 if typ == 4 else typ, 1, val)
+                if typ == 4
+                else struct.pack(e + "HHQH6x", tag, typ, 1, val)
+            )
         return head + ifd + struct.pack(e + "Q", 0) + data
     head = (b"MM" if big_endian else b"II") + struct.pack(e + "HI", 42, 8)
     ifd_size = 2 + 12 * len(tags) + 4

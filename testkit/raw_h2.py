@@ -41,8 +41,13 @@ class RawH2:
         self.sock = socket.create_connection((host, int(port)), timeout=timeout)
         self.sock.settimeout(None)
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-        self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window, h2.settings.SettingCodes.ENABLE_PUSH: 0})
+        self.conn.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
         self._lock = threading.Lock()
         self.ended: dict[int, str] = {}  # stream -> "grpc-status N" | "reset N" | "closed"
         self.headers: dict[int, dict[bytes, bytes]] = {}
@@ -93,8 +98,14 @@ class RawH2:
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self.closed.set()
 
-    def open(self, path: str, metadata: tuple[tuple[str, str | bytes], ...] = (), message: bytes | None = None,
-             end: bool = False, raw_message: bytes | None = None) -> int:
+    def open(
+        self,
+        path: str,
+        metadata: tuple[tuple[str, str | bytes], ...] = (),
+        message: bytes | None = None,
+        end: bool = False,
+        raw_message: bytes | None = None,
+    ) -> int:
         """Start a call on ``path``: headers, then ``message`` (if given) as one gRPC frame, or ``raw_message``
         as it is (an already framed, e.g. compressed, message); ``end`` half-closes."""
         if message is not None:
@@ -110,8 +121,13 @@ class RawH2:
         with self._lock:
             sid = self.conn.get_next_available_stream_id()
             hdrs: list[tuple[bytes, bytes]] = [
-                (b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
-                (b":authority", self.address.encode()), (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path.encode()),
+                (b":authority", self.address.encode()),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ]
             hdrs += [(k.encode(), v if isinstance(v, bytes) else v.encode()) for k, v in metadata]
             self.conn.send_headers(sid, hdrs, end_stream=end and raw_message is None)
             self._flush()

@@ -35,8 +35,11 @@ def _shared_bundle(seed: int) -> Iterator[Path]:
     after = _snapshot(path)
     if after != before:
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        pytest.fail(f"a test wrote into the shared test bundle {path} (changed: {changed}); tests that modify a "
-                    "bundle must take the bundle_copy fixture or copy_bundle() it into tmp_path", pytrace=False)
+        pytest.fail(
+            f"a test wrote into the shared test bundle {path} (changed: {changed}); tests that modify a "
+            "bundle must take the bundle_copy fixture or copy_bundle() it into tmp_path",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +89,8 @@ def cli(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """The server CLI (``python -m edge_server``) on ``bundle_dir``, one per test module, logging to a file."""
     from testkit.edge_fixtures import CliServer
 
-    srv = CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1"],
-                    tmp_path_factory.mktemp("cli") / "server.log")
+    srv = CliServer(
+        ["--bundle", str(bundle_dir), "--port", "0", "--threads", "1"], tmp_path_factory.mktemp("cli") / "server.log"
+    )
     yield srv
     srv.stop()

@@ -26,8 +26,9 @@ def _images(ds, view: str = "id") -> torch.Tensor:
     return torch.from_numpy(np.stack([view_tensor(ds.spec, ds.resized(i), view) for i in range(len(ds))]))
 
 
-@pytest.mark.parametrize("backbone,weights", [("efficientnet_lite0", "imagenet"), ("resnet18", "none"),
-                                              ("mobilenet_v2", "none")])
+@pytest.mark.parametrize(
+    "backbone,weights", [("efficientnet_lite0", "imagenet"), ("resnet18", "none"), ("mobilenet_v2", "none")]
+)
 def test_cached_and_live_forward_agree_at_every_cut(tex, tmp_path, backbone, weights):
     cfg, data = tex
     torch.manual_seed(0)
@@ -42,8 +43,9 @@ def test_cached_and_live_forward_agree_at_every_cut(tex, tmp_path, backbone, wei
         assert [c.index for c in cuts] == list(range(len(model.stages()) + 1))
         for c in cuts:
             model.cut = c.index
-            acts = _activations(model, data.val, view, cache, prefix_fingerprint(model.stages(), c.index),
-                                allow_fp16=False)
+            acts = _activations(
+                model, data.val, view, cache, prefix_fingerprint(model.stages(), c.index), allow_fp16=False
+            )
             model.input_cut = c.index
             with torch.no_grad():
                 cached = model(torch.from_numpy(np.asarray(acts, dtype=np.float32)))
@@ -129,8 +131,12 @@ def test_fp16_only_where_parity_holds(tex, tmp_path):
     assert f.cache_stats["dtype"] == "float16"  # ReLU6-bounded Lite activations round within tolerance
     c = ActivationCache(tmp_path / "x")
     huge = np.full((4, 3), 70000.0, dtype=np.float32)  # beyond float16's range: parity fails
-    got = c.get(ActKey("i", "b", "p", "s", 0, "id"), lambda: iter([huge]), 4,
-                fp16_ok=lambda b: bool(np.allclose(b.astype(np.float16).astype(np.float32), b, rtol=1e-3)))
+    got = c.get(
+        ActKey("i", "b", "p", "s", 0, "id"),
+        lambda: iter([huge]),
+        4,
+        fp16_ok=lambda b: bool(np.allclose(b.astype(np.float16).astype(np.float32), b, rtol=1e-3)),
+    )
     assert got.dtype == np.float32
 
 

@@ -21,9 +21,22 @@ from trainer.config import ModelConfig
 from trainer.model import create_model
 
 REQUIRED = [
-    "vgg16", "resnet34", "mobilenet_v2", "resnext50_32x4d", "alexnet", "densenet121", "googlenet", "mnasnet1_0",
-    "resnet18", "shufflenet_v2_x1_0", "squeezenet1_1", "wide_resnet50_2", "efficientnet_b0",
-    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+    "vgg16",
+    "resnet34",
+    "mobilenet_v2",
+    "resnext50_32x4d",
+    "alexnet",
+    "densenet121",
+    "googlenet",
+    "mnasnet1_0",
+    "resnet18",
+    "shufflenet_v2_x1_0",
+    "squeezenet1_1",
+    "wide_resnet50_2",
+    "efficientnet_b0",
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
 ]
 
 
@@ -69,8 +82,10 @@ def test_lite_specs_match_their_weights():
         np.testing.assert_allclose(out, [0.0, 1.0, -127 / 128], atol=1e-6)
 
 
-@pytest.mark.parametrize("name,weights", [("resnet34", tvm.ResNet34_Weights.IMAGENET1K_V1),
-                                          ("efficientnet_b0", tvm.EfficientNet_B0_Weights.IMAGENET1K_V1)])
+@pytest.mark.parametrize(
+    "name,weights",
+    [("resnet34", tvm.ResNet34_Weights.IMAGENET1K_V1), ("efficientnet_b0", tvm.EfficientNet_B0_Weights.IMAGENET1K_V1)],
+)
 def test_torchvision_specs_come_from_weight_transforms(name, weights):
     spec = get_backbone_info(name).default_spec
     t = weights.transforms()
@@ -118,8 +133,14 @@ def test_feature_dim_is_read_off_the_module():
     def build(pretrained: bool, image_size: int) -> torch.nn.Module:
         return torch.nn.Sequential(torch.nn.Conv2d(3, 7, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
 
-    info = BackboneInfo(name="tiny", family="tiny", default_spec=PreprocessSpec(input_size=(32, 32), resize=36),
-                        weight_sources=(), weight_file=WeightFile(filename="tiny.pth"), build=build)
+    info = BackboneInfo(
+        name="tiny",
+        family="tiny",
+        default_spec=PreprocessSpec(input_size=(32, 32), resize=36),
+        weight_sources=(),
+        weight_file=WeightFile(filename="tiny.pth"),
+        build=build,
+    )
     assert info.feature_dim == 7
     m = build(False, 32).train()
     assert feature_dim_of(m, 32) == 7 and m.training  # the probe leaves the training mode as it was

@@ -59,9 +59,17 @@ def test_paired_comparison_on_the_shared_test_files(tmp_path: Path) -> None:
         base_pred[i] = 1 - base_pred[i]  # baseline: 36/40 right
     best = tmp_path / "best"
     best.mkdir()
-    (best / "test_predictions.json").write_text(json.dumps({"classes": ["a", "b"], "items": [
-        {"source": f, "label": "ab"[y], "prediction": "ab"[p], "probs": [0.5, 0.5]}
-        for f, y, p in zip(files, labels, edge_pred, strict=True)]}))
+    (best / "test_predictions.json").write_text(
+        json.dumps(
+            {
+                "classes": ["a", "b"],
+                "items": [
+                    {"source": f, "label": "ab"[y], "prediction": "ab"[p], "probs": [0.5, 0.5]}
+                    for f, y, p in zip(files, labels, edge_pred, strict=True)
+                ],
+            }
+        )
+    )
     base = {"classes": ["a", "b"], "test_files": files, "test_labels": labels, "test_predictions": base_pred}
     r = bench_search.paired(tmp_path, base)
     assert r["n_test"] == 40 and r["delta_test_accuracy"] == pytest.approx(3 / 40)
@@ -151,44 +159,85 @@ def test_equal_time_epochs_from_the_baseline_history() -> None:
 
 
 def _cmp(delta: float) -> dict:
-    return {"delta_test_accuracy": delta, "delta_test_macro_f1": 2 * delta,
-            "ci95_delta_accuracy": [delta - 0.02, delta + 0.02],
-            "ci95_delta_macro_f1": [2 * delta - 0.03, 2 * delta + 0.03], "n_test": 100,
-            "edgetune": {"test_accuracy": 0.8 + delta, "test_macro_f1": 0.6 + 2 * delta},
-            "baseline": {"test_accuracy": 0.8, "test_macro_f1": 0.6}, "both_right": 70, "only_edgetune_right": 10,
-            "only_baseline_right": 5, "per_class_recall": {}}
+    return {
+        "delta_test_accuracy": delta,
+        "delta_test_macro_f1": 2 * delta,
+        "ci95_delta_accuracy": [delta - 0.02, delta + 0.02],
+        "ci95_delta_macro_f1": [2 * delta - 0.03, 2 * delta + 0.03],
+        "n_test": 100,
+        "edgetune": {"test_accuracy": 0.8 + delta, "test_macro_f1": 0.6 + 2 * delta},
+        "baseline": {"test_accuracy": 0.8, "test_macro_f1": 0.6},
+        "both_right": 70,
+        "only_edgetune_right": 10,
+        "only_baseline_right": 5,
+        "per_class_recall": {},
+    }
 
 
 def test_headline_builder_keys_minimum_useful_fraction_and_targets() -> None:
     import bench_search
 
     base = {"wall_s": 300.0, "args": {"epochs": 8}}
-    summaries = [{"useful_fraction": 0.9, "levers": [], "ledger": {"search_s": 400}}, {"useful_fraction": 0.87},
-                 {}]  # an older summary: no useful_fraction, no levers
-    rows = [bench_search.seed_result(s, summ, 700.0 + 50 * s, {**base, "wall_s": 300.0 + s}, _cmp(0.05 - 0.01 * s))
-            for s, summ in enumerate(summaries)]
+    summaries = [
+        {"useful_fraction": 0.9, "levers": [], "ledger": {"search_s": 400}},
+        {"useful_fraction": 0.87},
+        {},
+    ]  # an older summary: no useful_fraction, no levers
+    rows = [
+        bench_search.seed_result(s, summ, 700.0 + 50 * s, {**base, "wall_s": 300.0 + s}, _cmp(0.05 - 0.01 * s))
+        for s, summ in enumerate(summaries)
+    ]
     assert rows[0]["ledger"] == {"search_s": 400} and "ledger" not in rows[1] and rows[2]["levers"] is None
     assert rows[2]["useful_fraction"] is None and rows[1]["baseline_epochs"] == 8
     fit = {"epochs": 14, "median_epoch_s": 47.0, "overhead_s": 20.0, "tune_wall_s": 700.0, "fitted_from_epochs": 8}
     et = bench_search.equal_time_result(0, fit, {"wall_s": 690.0, "args": {"epochs": 14}}, _cmp(0.01))
     head = bench_search.headline(rows, _cmp(0.04), et)
-    for key in ("delta_test_accuracy", "delta_test_macro_f1", "ci95_delta_test_accuracy", "ci95_delta_test_macro_f1",
-                "delta_equal_time_accuracy", "delta_equal_time_macro_f1", "useful_fraction", "tune_wall_s",
-                "baseline_wall_s", "n_test_pooled", "seeds"):
+    for key in (
+        "delta_test_accuracy",
+        "delta_test_macro_f1",
+        "ci95_delta_test_accuracy",
+        "ci95_delta_test_macro_f1",
+        "delta_equal_time_accuracy",
+        "delta_equal_time_macro_f1",
+        "useful_fraction",
+        "tune_wall_s",
+        "baseline_wall_s",
+        "n_test_pooled",
+        "seeds",
+    ):
         assert key in head, key
     assert head["useful_fraction"] == 0.87  # the minimum over the seeds that report it
     assert head["tune_wall_s"] == 800.0 and head["baseline_wall_s"] == 302.0 and head["n_test_pooled"] == 100
     assert head["ci95_delta_test_accuracy"] == pytest.approx([0.02, 0.06])
     assert head["delta_equal_time_accuracy"] == 0.01 and head["delta_equal_time_macro_f1"] == 0.02
     for r in head["seeds"]:
-        for key in ("seed", "delta_test_accuracy", "delta_test_macro_f1", "ci95_delta_test_accuracy",
-                    "ci95_delta_test_macro_f1", "n_test", "tune_wall_s", "baseline_wall_s", "useful_fraction",
-                    "edgetune_test_accuracy", "edgetune_test_macro_f1", "baseline_test_accuracy",
-                    "baseline_test_macro_f1", "levers"):
+        for key in (
+            "seed",
+            "delta_test_accuracy",
+            "delta_test_macro_f1",
+            "ci95_delta_test_accuracy",
+            "ci95_delta_test_macro_f1",
+            "n_test",
+            "tune_wall_s",
+            "baseline_wall_s",
+            "useful_fraction",
+            "edgetune_test_accuracy",
+            "edgetune_test_macro_f1",
+            "baseline_test_accuracy",
+            "baseline_test_macro_f1",
+            "levers",
+        ):
             assert key in r, key
     met = bench_search.targets_met(head)
-    assert met == {"pooled_delta_test_accuracy": True, "pooled_delta_test_macro_f1": True, "no_seed_below": True,
-                   "equal_time": True, "useful_fraction": True, "tune_wall_s": True, "all": True}
+    assert met == {
+        "pooled_delta_test_accuracy": True,
+        "pooled_delta_test_macro_f1": True,
+        "no_seed_below": True,
+        "equal_time": True,
+        "useful_fraction": True,
+        "tune_wall_s": True,
+        "all": True,
+    }
     slow_seed = bench_search.seed_result(3, {"useful_fraction": 0.5}, 950.0, base, _cmp(-0.02))
     bad = bench_search.headline([*rows, slow_seed], _cmp(0.02), None)
     met = bench_search.targets_met(bad)
@@ -203,13 +252,24 @@ def test_lever_aggregation_over_seeds() -> None:
     def lv(name: str, va: float, vf: float, ta: float | None, tf: float | None) -> dict:
         return {"name": name, "val_accuracy": va, "val_macro_f1": vf, "test_accuracy": ta, "test_macro_f1": tf}
 
-    seed0 = [lv("final fit (raw weights)", 0.70, 0.50, 0.72, 0.52), lv("+ weight averaging", 0.74, 0.54, 0.74, 0.55),
-             lv("+ decision rule", 0.75, 0.60, None, None)]
-    seed1 = [lv("final fit (raw weights)", 0.80, 0.60, 0.78, 0.58), lv("+ weight averaging", 0.82, 0.62, 0.80, 0.61),
-             lv("+ test-time flips", 0.83, 0.63, 0.81, 0.62), lv("+ decision rule", 0.85, 0.70, 0.82, 0.68)]
+    seed0 = [
+        lv("final fit (raw weights)", 0.70, 0.50, 0.72, 0.52),
+        lv("+ weight averaging", 0.74, 0.54, 0.74, 0.55),
+        lv("+ decision rule", 0.75, 0.60, None, None),
+    ]
+    seed1 = [
+        lv("final fit (raw weights)", 0.80, 0.60, 0.78, 0.58),
+        lv("+ weight averaging", 0.82, 0.62, 0.80, 0.61),
+        lv("+ test-time flips", 0.83, 0.63, 0.81, 0.62),
+        lv("+ decision rule", 0.85, 0.70, 0.82, 0.68),
+    ]
     rows = bench_search.aggregate_levers([seed0, None, seed1, []])
-    assert [r["lever"] for r in rows] == ["final fit (raw weights)", "+ weight averaging", "+ test-time flips",
-                                          "+ decision rule"]
+    assert [r["lever"] for r in rows] == [
+        "final fit (raw weights)",
+        "+ weight averaging",
+        "+ test-time flips",
+        "+ decision rule",
+    ]
     first, avg, flips, rule = rows
     assert first["n_seeds"] == 2 and first["val_accuracy"] == pytest.approx(0.75)
     assert first["test_macro_f1"] == pytest.approx(0.55) and first["gain_val_accuracy"] is None
@@ -240,13 +300,30 @@ def test_bench_search_main_with_stubbed_runs(tmp_path: Path, monkeypatch: pytest
         out = work / name
         (out / "best").mkdir(parents=True, exist_ok=True)
         (out / "split.json").write_text("{}")
-        (out / "best" / "test_predictions.json").write_text(json.dumps({"classes": classes, "items": [
-            {"source": f"/{name}/{i}.png", "label": classes[a], "prediction": classes[b]}
-            for i, (a, b) in enumerate(zip(y, pe, strict=True))]}))
+        (out / "best" / "test_predictions.json").write_text(
+            json.dumps(
+                {
+                    "classes": classes,
+                    "items": [
+                        {"source": f"/{name}/{i}.png", "label": classes[a], "prediction": classes[b]}
+                        for i, (a, b) in enumerate(zip(y, pe, strict=True))
+                    ],
+                }
+            )
+        )
         seed = int(extra[-1].split("=")[1]) if extra and extra[-1].startswith("data.split_seed=") else 0
-        summary = {"useful_fraction": 0.9 - 0.01 * seed,
-                   "levers": [{"name": "final fit (raw weights)", "val_accuracy": 0.7, "val_macro_f1": 0.5,
-                               "test_accuracy": 0.7, "test_macro_f1": 0.5}]}
+        summary = {
+            "useful_fraction": 0.9 - 0.01 * seed,
+            "levers": [
+                {
+                    "name": "final fit (raw weights)",
+                    "val_accuracy": 0.7,
+                    "val_macro_f1": 0.5,
+                    "test_accuracy": 0.7,
+                    "test_macro_f1": 0.5,
+                }
+            ],
+        }
         calls.append(("tune " + " ".join(extra), None))
         return {"out": out, "wall_s": 800.0, "summary": summary, "cache": work / f"cache-{name}"}
 
@@ -254,10 +331,15 @@ def test_bench_search_main_with_stubbed_runs(tmp_path: Path, monkeypatch: pytest
         tname = split.parent.name
         y, _, pb = data(tname)
         calls.append((name, epochs))
-        return {"classes": classes, "test_files": [f"/{tname}/{i}.png" for i in range(len(y))],
-                "test_labels": y.tolist(), "test_predictions": pb.tolist(), "wall_s": 420.0,
-                "args": {"epochs": epochs or 8},
-                "history": [{"seconds": 50.0} for _ in range(epochs or 8)]}
+        return {
+            "classes": classes,
+            "test_files": [f"/{tname}/{i}.png" for i in range(len(y))],
+            "test_labels": y.tolist(),
+            "test_predictions": pb.tolist(),
+            "wall_s": 420.0,
+            "args": {"epochs": epochs or 8},
+            "history": [{"seconds": 50.0} for _ in range(epochs or 8)],
+        }
 
     monkeypatch.setattr(bench_search, "run_tune", fake_tune)
     monkeypatch.setattr(bench_search, "run_baseline", fake_base)
@@ -270,7 +352,10 @@ def test_bench_search_main_with_stubbed_runs(tmp_path: Path, monkeypatch: pytest
     assert "partial" in doc and [r["seed"] for r in doc["seeds"]] == [0, 1] and doc["seeds_planned"] == [0, 1, 2]
     # equal time: floor((800 - (420 - 8 * 50)) / 50) = 15 epochs, on the first seed only
     assert [c for c in calls if c[0].startswith("baseline")] == [
-        ("baseline-elpv-seed0", None), ("baseline-elpv-seed0-equal-time", 15), ("baseline-elpv-seed1", None)]
+        ("baseline-elpv-seed0", None),
+        ("baseline-elpv-seed0-equal-time", 15),
+        ("baseline-elpv-seed1", None),
+    ]
     assert "tune --set data.split_seed=0" in [c[0] for c in calls]
     assert doc["equal_time"]["epochs"] == 15 and doc["n_test_pooled"] == 120
 

@@ -20,11 +20,17 @@ pytestmark = pytest.mark.slow
 
 
 def _loop_config(bn_stats: str, run_dir) -> dict:
-    cfg = TrainConfig.from_dict({
-        "data": {"dataset": "elpv", "elpv_task": "type", "max_images": 300},
-        "model": {"backbone": "efficientnet_lite0", "img_size": 64, "freeze": 0.0, "bn_stats": bn_stats},
-        "optim": {"lr": 1e-3, "backbone_lr_mult": 1.0}, "epochs": 2, "threads": 2, "progress": False,
-        "robustness": False})
+    cfg = TrainConfig.from_dict(
+        {
+            "data": {"dataset": "elpv", "elpv_task": "type", "max_images": 300},
+            "model": {"backbone": "efficientnet_lite0", "img_size": 64, "freeze": 0.0, "bn_stats": bn_stats},
+            "optim": {"lr": 1e-3, "backbone_lr_mult": 1.0},
+            "epochs": 2,
+            "threads": 2,
+            "progress": False,
+            "robustness": False,
+        }
+    )
     return {"train_config": cfg.to_dict(), "run_dir": str(run_dir), "report_to": "local"}
 
 
@@ -67,6 +73,7 @@ def _bn_mismatch(tmp_path, best) -> float:
         def record(_module, args):
             x = args[0].double()
             sums[offsets[i] : offsets[i + 1]] += torch.cat([x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=True)])
+
         return record
 
     st.model.eval()
@@ -117,4 +124,4 @@ def test_recompute_gives_the_population_statistics_and_momentum_suits_the_steps(
     assert torch.allclose(bn.running_mean, a.mean((0, 2, 3)), atol=1e-4)
     assert bn.momentum == pytest.approx(0.01)  # restored
     m = suit_bn_momentum(model, steps_per_epoch=10)
-    assert m == pytest.approx(1 - 0.01 ** 0.1) and bn.momentum == pytest.approx(m)
+    assert m == pytest.approx(1 - 0.01**0.1) and bn.momentum == pytest.approx(m)

@@ -28,15 +28,31 @@ def frames() -> list[bytes]:
 
 def _rec(data: bytes, reason: str, probs: tuple[float, ...] = (0.5, 0.3, 0.2), n: int = 0) -> CaptureRecord:
     cid = new_capture_id(10**18 + n)
-    return CaptureRecord(id=cid, frame=cid + ".png", frame_sha256=hashlib.sha256(data).hexdigest(),
-                         frame_bytes=len(data), camera_id="cam-1", time_unix=1.0, capture_time_us=0, frame_id=n,
-                         model_version="abc", bundle_sha256="d" * 64, labels=LABELS, probs=probs, reason=reason)
+    return CaptureRecord(
+        id=cid,
+        frame=cid + ".png",
+        frame_sha256=hashlib.sha256(data).hexdigest(),
+        frame_bytes=len(data),
+        camera_id="cam-1",
+        time_unix=1.0,
+        capture_time_us=0,
+        frame_id=n,
+        model_version="abc",
+        bundle_sha256="d" * 64,
+        labels=LABELS,
+        probs=probs,
+        reason=reason,
+    )
 
 
 def test_eviction_order_random_first_then_oldest_low_confidence(tmp_path, frames):
     sp = Spool(tmp_path, max_bytes=10**9, max_files=4, class_quota_files=100)
-    recs = [_rec(frames[0], "low_confidence", n=0), _rec(frames[1], "random", n=1),
-            _rec(frames[2], "low_confidence", n=2), _rec(frames[3], "random", n=3)]
+    recs = [
+        _rec(frames[0], "low_confidence", n=0),
+        _rec(frames[1], "random", n=1),
+        _rec(frames[2], "low_confidence", n=2),
+        _rec(frames[3], "random", n=3),
+    ]
     for r, f in zip(recs, frames, strict=False):
         sp.add(r, f)
     sp.add(_rec(frames[4], "low_confidence", n=4), frames[4])  # evicts the oldest random (n=1)
@@ -171,7 +187,12 @@ def test_capture_record_refuses_paths_and_bad_fields(frames):
     rec = _rec(frames[0], "random")
     good = rec.to_dict()
     assert CaptureRecord.from_dict(good) == rec
-    for key, bad in (("id", "../../etc/passwd"), ("frame", "../x.png"), ("reason", "whatever"),
-                     ("probs", [0.5]), ("frame_sha256", "zz")):
+    for key, bad in (
+        ("id", "../../etc/passwd"),
+        ("frame", "../x.png"),
+        ("reason", "whatever"),
+        ("probs", [0.5]),
+        ("frame_sha256", "zz"),
+    ):
         with pytest.raises(CaptureRecordError):
             CaptureRecord.from_dict({**good, key: bad})

@@ -21,8 +21,15 @@ from trainer.checkpoint import (
 
 
 def _write(d: Path) -> Path:
-    return save_checkpoint(d, torch.nn.Linear(3, 2), {"model": {"backbone": "tiny"}}, ["a", "b"],
-                           PreprocessSpec(), epoch=2, metrics={"val_acc": torch.tensor(0.5)})
+    return save_checkpoint(
+        d,
+        torch.nn.Linear(3, 2),
+        {"model": {"backbone": "tiny"}},
+        ["a", "b"],
+        PreprocessSpec(),
+        epoch=2,
+        metrics={"val_acc": torch.tensor(0.5)},
+    )
 
 
 def test_written_with_schema_version_and_read_back(tmp_path: Path) -> None:
@@ -55,12 +62,17 @@ def test_schema_1_checkpoint_is_migrated(tmp_path: Path) -> None:
         assert meta["schema_version"] == CHECKPOINT_SCHEMA_VERSION and "format_version" not in meta
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(schema_version=99),
-     r"checkpoint schema_version 99 is not supported.*reads checkpoint schema_version 2"),
-    (lambda m: m.pop("schema_version"), r"checkpoint schema_version None is not supported"),
-    (lambda m: m.pop("classes"), r"checkpoint metadata lacks \['classes'\]"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda m: m.update(schema_version=99),
+            r"checkpoint schema_version 99 is not supported.*reads checkpoint schema_version 2",
+        ),
+        (lambda m: m.pop("schema_version"), r"checkpoint schema_version None is not supported"),
+        (lambda m: m.pop("classes"), r"checkpoint metadata lacks \['classes'\]"),
+    ],
+)
 def test_unknown_schema_or_missing_fields_are_refused(tmp_path: Path, edit, message: str) -> None:
     d = _write(tmp_path / "ck")
     _rewrite(d, edit)

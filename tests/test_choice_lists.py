@@ -58,9 +58,13 @@ def _parsers() -> dict[str, Any]:
     import trainer.__main__ as train_cli
     import tuner.__main__ as tune_cli
 
-    return {"tuner": tune_cli.build_parser(), "trainer": train_cli.build_parser(),
-            "edge_server": server_cli.build_parser(), "edge_server.engine": engine_cli.build_parser(),
-            "edge_client": client_cli.build_parser()}
+    return {
+        "tuner": tune_cli.build_parser(),
+        "trainer": train_cli.build_parser(),
+        "edge_server": server_cli.build_parser(),
+        "edge_server.engine": engine_cli.build_parser(),
+        "edge_client": client_cli.build_parser(),
+    }
 
 
 #: (CLI, argparse dest) -> the constant its choices must be (identity, not just equality).
@@ -171,8 +175,13 @@ def _scan() -> tuple[Hits, dict[str, list[str]], dict[str, int]]:
             where = f"{self.rel}:{getattr(node, 'lineno', 0)}" + (f" in {self.func}" if self.func else "")
             for values in _literal(node):
                 literals.setdefault(values, []).append(where)
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Metric"
-                    and node.args and isinstance(node.args[0], ast.Constant)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "Metric"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 metric_calls.setdefault(str(node.args[0].value), []).append(where)
             super().generic_visit(node)
 
@@ -182,8 +191,13 @@ def _scan() -> tuple[Hits, dict[str, list[str]], dict[str, int]]:
         tree = ast.parse(f.read_text(), str(f))
         Visitor(rel).visit(tree)
         for node in tree.body:
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-                node, ast.AnnAssign) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AnnAssign)
+                else []
+            )
             for t in targets:
                 if isinstance(t, ast.Name):
                     assigns[f"{module}.{t.id}"] = node.lineno
@@ -216,7 +230,7 @@ def test_derived_lists_have_no_literal_copy(scanned, module, name):
 
 
 def _place(hit: str) -> tuple[str, str]:
-    """"trainer/loop.py:412 in validate" -> ("trainer/loop.py", "validate")."""
+    """ "trainer/loop.py:412 in validate" -> ("trainer/loop.py", "validate")."""
     return hit.split(":")[0], hit.partition(" in ")[2]
 
 

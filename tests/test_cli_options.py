@@ -116,12 +116,22 @@ def test_help_lists_every_option(cli: str, monkeypatch: pytest.MonkeyPatch) -> N
 def test_trainer_flags_set_their_config_keys_and_set_wins() -> None:
     argv = [a for argv, _ in TRAIN_FLAGS.values() for a in argv if argv[0] not in ("--config", "--set")]
     opts, _ = _parse("trainer", [*argv, "--set", "optim.lr=2e-4", "--set", "epochs=7"])
-    assert opts.overrides() == {"data.dataset": "textures", "epochs": 7, "model.backbone": "resnet18", "workers": 2,
-                                "model.img_size": 64, "model.init": "runs/earlier", "seed": 5, "data.strict": True,
-                                "use_gpu": True, "optim.lr": 2e-4}  # --set wins over --epochs
+    assert opts.overrides() == {
+        "data.dataset": "textures",
+        "epochs": 7,
+        "model.backbone": "resnet18",
+        "workers": 2,
+        "model.img_size": 64,
+        "model.init": "runs/earlier",
+        "seed": 5,
+        "data.strict": True,
+        "use_gpu": True,
+        "optim.lr": 2e-4,
+    }  # --set wins over --epochs
     assert _parse("trainer", [])[0].overrides() == {}  # nothing given: the YAML / TrainConfig defaults
-    cfg = train_cli.config_from_args(_parse("trainer", ["--data", "textures", "--epochs", "2", "--img", "64",
-                                                        "--set", "optim.lr=2e-4"])[1])
+    cfg = train_cli.config_from_args(
+        _parse("trainer", ["--data", "textures", "--epochs", "2", "--img", "64", "--set", "optim.lr=2e-4"])[1]
+    )
     assert (cfg.data.dataset, cfg.epochs, cfg.model.img_size, cfg.optim.lr) == ("textures", 2, 64, 2e-4)
     assert cfg.data.strict is False and cfg.use_gpu is False
 
@@ -154,10 +164,12 @@ def test_engine_empty_timing_cache_is_none_and_opt_batch_is_bounded() -> None:
 
 
 def test_bad_flag_values_say_what_is_allowed(capsys: pytest.CaptureFixture[str]) -> None:
-    for cli, argv, expect in (("trainer", ["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
-                              ("export", ["--tolerance", "x"], "argument --tolerance: invalid float value: 'x'"),
-                              ("engine", ["--precision", "int4"], "invalid choice: 'int4' (choose from 'auto',"),
-                              ("engine", ["--max-batch", "1.5"], "argument --max-batch: invalid int value: '1.5'")):
+    for cli, argv, expect in (
+        ("trainer", ["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
+        ("export", ["--tolerance", "x"], "argument --tolerance: invalid float value: 'x'"),
+        ("engine", ["--precision", "int4"], "invalid choice: 'int4' (choose from 'auto',"),
+        ("engine", ["--max-batch", "1.5"], "argument --max-batch: invalid int value: '1.5'"),
+    ):
         with pytest.raises(SystemExit):
             _parse(cli, argv)
         assert expect in capsys.readouterr().err

@@ -66,18 +66,30 @@ def _unary_ready(address: str, token: str, timeout: float = 120.0) -> None:
     """Until the server answers a call (waits for the channel to be ready, however long a loaded machine takes)."""
     with grpc.insecure_channel(address) as ch:
         grpc.channel_ready_future(ch).result(timeout=timeout)
-        pb_grpc.ClassifierStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout,
-                                                metadata=[("authorization", f"Bearer {token}")])
+        pb_grpc.ClassifierStub(ch).GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout, metadata=[("authorization", f"Bearer {token}")]
+        )
 
 
-def test_make_client_streams_whole_file_and_matches_unary(media: dict[str, Path], server: Any,
-                                                          tmp_path: Path) -> None:
+def test_make_client_streams_whole_file_and_matches_unary(media: dict[str, Path], server: Any, tmp_path: Path) -> None:
     log = tmp_path / "out.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
     proc = subprocess.run(
-        ["make", "-s", "client", f"SOURCE={media['video']}", f"SERVER={server.address}", f"LOG={log}",
-         "ARGS=--max-size 128 --jpeg-quality 80"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+        [
+            "make",
+            "-s",
+            "client",
+            f"SOURCE={media['video']}",
+            f"SERVER={server.address}",
+            f"LOG={log}",
+            "ARGS=--max-size 128 --jpeg-quality 80",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -103,8 +115,9 @@ def test_make_client_streams_whole_file_and_matches_unary(media: dict[str, Path]
     assert len(labels_seen) >= 2  # the frames differ and so do the answers
 
 
-def test_server_restart_mid_stream_reconnects_and_reports_gap(media: dict[str, Path], server: Any,
-                                                              capfd: pytest.CaptureFixture[str]) -> None:
+def test_server_restart_mid_stream_reconnects_and_reports_gap(
+    media: dict[str, Path], server: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
     port = server.port
     records: list[dict] = []
     opts = StreamOptions(fps=20.0, backoff_initial=0.1, backoff_max=0.5, max_retry_time=30.0)
@@ -167,8 +180,9 @@ def test_several_cameras_in_one_client_each_get_a_stream(media: dict[str, Path],
     """One client process with 4 cameras against a server that lets one connection hold 2 streams: every camera
     has its own connection, so none is refused (before: grpcio shared one connection among the client's equal
     channels, and the cameras beyond the connection's share were refused and had to wait their turn)."""
-    srv = make_server(bundle=media["bundle"], port=0, backend="onnxruntime", intra_op_threads=1, max_streams=4,
-                      stream_idle_s=30.0).start()
+    srv = make_server(
+        bundle=media["bundle"], port=0, backend="onnxruntime", intra_op_threads=1, max_streams=4, stream_idle_s=30.0
+    ).start()
     try:
         assert srv.config.streams_per_connection() == 2
         args = ["--server", srv.address, "--fps", "20", "--quiet"]
@@ -184,8 +198,9 @@ def test_several_cameras_in_one_client_each_get_a_stream(media: dict[str, Path],
         srv.stop(grace=1)
 
 
-def test_once_prints_json(media: dict[str, Path], server: Any, tmp_path: Path,
-                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_once_prints_json(
+    media: dict[str, Path], server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = write_image_dir(tmp_path / "imgs", n=3, size=96)
     image = d / "img_001.png"
     assert main(["--once", str(image), "--server", server.address, "--top-k", "3"]) == 0
@@ -201,8 +216,9 @@ def test_once_prints_json(media: dict[str, Path], server: Any, tmp_path: Path,
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_client", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_client", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_bad_server_address_gives_one_clear_line_and_nonzero_exit(media: dict[str, Path]) -> None:
@@ -223,14 +239,36 @@ def test_bearer_token_rejected_and_accepted(media: dict[str, Path], tmp_path: Pa
     try:
         _unary_ready(srv.address, token="right-token-123")  # the server answers before the client connects
         # a generous connect timeout: on a loaded machine the handshake is slow, and the test is about the token
-        proc = _cli("--source", str(media["video"]), "--server", srv.address, "--token", "wrong-token-123",
-                    "--connect-timeout", "60", timeout=300)
+        proc = _cli(
+            "--source",
+            str(media["video"]),
+            "--server",
+            srv.address,
+            "--token",
+            "wrong-token-123",
+            "--connect-timeout",
+            "60",
+            timeout=300,
+        )
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         last = proc.stderr.strip().splitlines()[-1]
         assert "authentication failed" in last and "the token was rejected" in last, proc.stderr
         log = tmp_path / "t.jsonl"
-        rc = main(["--source", str(media["video"]), "--server", srv.address, "--token", "right-token-123",
-                   "--log", str(log), "--quiet", "--connect-timeout", "60"])
+        rc = main(
+            [
+                "--source",
+                str(media["video"]),
+                "--server",
+                srv.address,
+                "--token",
+                "right-token-123",
+                "--log",
+                str(log),
+                "--quiet",
+                "--connect-timeout",
+                "60",
+            ]
+        )
         assert rc == 0 and len(log.read_text().splitlines()) == 45
     finally:
         srv.stop(grace=0.0)
@@ -244,8 +282,17 @@ def test_deadline_reached_while_connecting_says_so(media: dict[str, Path]) -> No
         s.bind(("127.0.0.1", 0))
         s.listen(64)
         address = f"127.0.0.1:{s.getsockname()[1]}"
-        proc = _cli("--source", str(media["video"]), "--server", address, "--connect-timeout", "1",
-                    "--max-retry-time", "2", timeout=300)
+        proc = _cli(
+            "--source",
+            str(media["video"]),
+            "--server",
+            address,
+            "--connect-timeout",
+            "1",
+            "--max-retry-time",
+            "2",
+            timeout=300,
+        )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert f"deadline reached while connecting to server {address}" in last and "gave up after retrying" in last
@@ -257,16 +304,61 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _make_ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
 
 
 def _make_leaf(d: Path, name: str, ca: str, san: str) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=d,
+    )
     (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
 
 
 def test_mutual_tls_works_and_wrong_ca_is_one_clear_line(media: dict[str, Path], tmp_path: Path) -> None:
@@ -278,8 +370,14 @@ def test_mutual_tls_works_and_wrong_ca_is_one_clear_line(media: dict[str, Path],
     _make_ca(tmp_path, "other_ca")
     _make_leaf(tmp_path, "server", "ca", "IP:127.0.0.1,DNS:localhost")
     _make_leaf(tmp_path, "client", "ca", "DNS:camera-client")
-    srv = make_server(bundle=media["bundle"], port=0, tls_cert=tmp_path / "server.pem",
-                      tls_key=tmp_path / "server.key", tls_client_ca=tmp_path / "ca.pem", grace_s=0.0).start()
+    srv = make_server(
+        bundle=media["bundle"],
+        port=0,
+        tls_cert=tmp_path / "server.pem",
+        tls_key=tmp_path / "server.key",
+        tls_client_ca=tmp_path / "ca.pem",
+        grace_s=0.0,
+    ).start()
     try:
         image = write_image_dir(tmp_path / "imgs", n=1, size=64) / "img_000.png"
         tls = ["--server", srv.address, "--tls-ca", str(tmp_path / "ca.pem")]
@@ -287,8 +385,18 @@ def test_mutual_tls_works_and_wrong_ca_is_one_clear_line(media: dict[str, Path],
         proc = _cli("--once", str(image), *mtls)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["label"] in LABELS
-        proc = _cli("--once", str(image), "--server", srv.address, "--tls-ca", str(tmp_path / "other_ca.pem"),
-                    "--tls-cert", str(tmp_path / "client.pem"), "--tls-key", str(tmp_path / "client.key"))
+        proc = _cli(
+            "--once",
+            str(image),
+            "--server",
+            srv.address,
+            "--tls-ca",
+            str(tmp_path / "other_ca.pem"),
+            "--tls-cert",
+            str(tmp_path / "client.pem"),
+            "--tls-key",
+            str(tmp_path / "client.key"),
+        )
         assert proc.returncode == 1 and "TLS handshake" in proc.stderr and "Traceback" not in proc.stderr
         proc = _cli("--source", str(media["video"]), *tls, "--max-retry-time", "3")  # no client certificate
         assert proc.returncode == 1 and "Traceback" not in proc.stderr

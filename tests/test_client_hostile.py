@@ -60,16 +60,21 @@ def _wait_for(cond: Any, timeout: float = 30.0) -> None:
     assert cond()
 
 
-def test_kill9_restart_message_and_no_lost_frames(bundle_dir: Path, videos: dict[str, Path], tmp_path: Path,
-                                                   capfd: pytest.CaptureFixture[str]) -> None:
+def test_kill9_restart_message_and_no_lost_frames(
+    bundle_dir: Path, videos: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     # every frame waits 250 ms for a micro-batch that never fills: a frame is in flight when the server dies
     slow = ["--bundle", str(bundle_dir), "--threads", "1", "--max-wait-ms", "250", "--batch-wait", "fixed"]
     first = CliServer([*slow, "--port", "0"], tmp_path / "s1.log")
     port = first.port
     records: list[dict] = []
     opts = StreamOptions(backoff_initial=0.1, backoff_max=0.5, max_retry_time=60.0)
-    cs = CameraStream(VideoFileSource(videos["short"], "line"), ConnectionOptions(first.address), opts,
-                      [lambda rec, _img: records.append(rec)])
+    cs = CameraStream(
+        VideoFileSource(videos["short"], "line"),
+        ConnectionOptions(first.address),
+        opts,
+        [lambda rec, _img: records.append(rec)],
+    )
     thread, box = _start(cs)
     second = None
     try:
@@ -109,8 +114,9 @@ def test_live_source_accounts_for_every_captured_frame(bundle_dir: Path, videos:
         _wait_for(lambda: len(records) >= 20)
         srv.stop(grace=0.0)
         time.sleep(0.4)
-        second = make_server(bundle=bundle_dir, port=port, backend="onnxruntime", intra_op_threads=1,
-                             grace_s=0.0).start()
+        second = make_server(
+            bundle=bundle_dir, port=port, backend="onnxruntime", intra_op_threads=1, grace_s=0.0
+        ).start()
         thread.join(timeout=60)
         assert not thread.is_alive() and "error" not in box, box
     finally:
@@ -127,14 +133,21 @@ def _client_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     import os
 
     base = {k: v for k, v in os.environ.items() if k != "EDGETUNE_TOKEN"}
-    return subprocess.run([sys.executable, "-m", "edge_client", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={**base, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "edge_client", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+    )
 
 
 def test_client_token_on_command_line_warns(bundle_dir: Path, tmp_path: Path) -> None:
     token = "camera-token-123456"
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, token=token,
-                      grace_s=0.0).start()
+    srv = make_server(
+        bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, token=token, grace_s=0.0
+    ).start()
     try:
         image = write_image_dir(tmp_path / "imgs", n=1, size=64) / "img_000.png"
         r = _client_cli("--once", str(image), "--server", srv.address, "--token", token)
@@ -153,16 +166,24 @@ def test_client_token_on_command_line_warns(bundle_dir: Path, tmp_path: Path) ->
         srv.stop(grace=0.0)
 
 
-def test_client_retries_when_the_stream_limit_pushes_back(bundle_dir: Path, tmp_path: Path,
-                                                          capfd: pytest.CaptureFixture[str]) -> None:
+def test_client_retries_when_the_stream_limit_pushes_back(
+    bundle_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """An idle stream holds the only stream slot: the camera is refused (RESOURCE_EXHAUSTED with
     grpc-retry-pushback-ms), waits, retries, and gets in once the idle stream is closed by the server."""
     import grpc
 
     from edgetune.v1 import classifier_pb2_grpc as pb_grpc
 
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_streams=1,
-                      stream_idle_s=1.5, grace_s=0.0).start()
+    srv = make_server(
+        bundle=bundle_dir,
+        port=0,
+        backend="onnxruntime",
+        intra_op_threads=1,
+        max_streams=1,
+        stream_idle_s=1.5,
+        grace_s=0.0,
+    ).start()
     stop = threading.Event()
 
     def idle() -> Any:
@@ -177,9 +198,12 @@ def test_client_retries_when_the_stream_limit_pushes_back(bundle_dir: Path, tmp_
             # a state, not a sleep: the squatter holds the only slot before the camera comes
             wait_until(lambda: srv.admission.active("stream") == 1, 120, "the idle stream admitted")
             records: list[dict] = []
-            cs = CameraStream(open_source(str(d), "door"), ConnectionOptions(srv.address),
-                              StreamOptions(backoff_initial=0.1, backoff_max=0.5, max_retry_time=20.0),
-                              [lambda rec, _img: records.append(rec)])
+            cs = CameraStream(
+                open_source(str(d), "door"),
+                ConnectionOptions(srv.address),
+                StreamOptions(backoff_initial=0.1, backoff_max=0.5, max_retry_time=20.0),
+                [lambda rec, _img: records.append(rec)],
+            )
             thread, box = _start(cs)
             thread.join(timeout=30)
             assert not thread.is_alive() and "error" not in box, box

@@ -199,8 +199,10 @@ def test_deadline_reached_while_connecting_is_not_called_tls_or_refused() -> Non
         opts = ConnectionOptions(address, token="some-token-1")
         err, _ = _get_model_info(opts, connect_timeout=30.0, timeout=0.5)  # the call's deadline comes first
     retryable, msg = describe_rpc_error(err, opts, deadline_s=0.5, connected=False)
-    assert retryable and msg.startswith(f"deadline reached while connecting to server {address}: the connection or "
-                                        "its handshake did not finish within 0.5 s"), msg
+    assert retryable and msg.startswith(
+        f"deadline reached while connecting to server {address}: the connection or "
+        "its handshake did not finish within 0.5 s"
+    ), msg
     assert "TLS" not in msg and "refused" not in msg and "authentication" not in msg
 
 
@@ -222,10 +224,20 @@ def test_deadline_reached_after_connecting_says_the_server_did_not_answer() -> N
         return pb.ModelInfo()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("edgetune.v1.Classifier", {
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            held, request_deserializer=pb.GetModelInfoRequest.FromString,
-            response_serializer=pb.ModelInfo.SerializeToString)})])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "edgetune.v1.Classifier",
+                {
+                    "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                        held,
+                        request_deserializer=pb.GetModelInfoRequest.FromString,
+                        response_serializer=pb.ModelInfo.SerializeToString,
+                    )
+                },
+            )
+        ]
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -241,8 +253,9 @@ def test_deadline_reached_after_connecting_says_the_server_did_not_answer() -> N
         release.set()
         server.stop(0)
     retryable, msg = describe_rpc_error(info.value, opts, deadline_s=0.5, connected=connected.is_set())
-    assert retryable and msg.startswith(f"deadline reached waiting for server 127.0.0.1:{port} to answer: connected, "
-                                        "but no answer within 0.5 s"), msg
+    assert retryable and msg.startswith(
+        f"deadline reached waiting for server 127.0.0.1:{port} to answer: connected, but no answer within 0.5 s"
+    ), msg
 
 
 def test_handshaker_shutdown_is_a_deadline_not_a_tls_failure() -> None:
@@ -253,8 +266,9 @@ def test_handshaker_shutdown_is_a_deadline_not_a_tls_failure() -> None:
             return grpc.StatusCode.UNAVAILABLE
 
         def details(self) -> str:
-            return ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:4321: "
-                    "tcp handshaker shutdown")
+            return (
+                "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:4321: tcp handshaker shutdown"
+            )
 
     retryable, msg = describe_rpc_error(Cut(), ConnectionOptions("127.0.0.1:4321"), deadline_s=3.0)
     assert retryable and msg.startswith("deadline reached while connecting to server 127.0.0.1:4321"), msg
@@ -262,9 +276,20 @@ def test_handshaker_shutdown_is_a_deadline_not_a_tls_failure() -> None:
 
 
 def _record(i: int) -> dict:
-    return {"camera_id": "cam0", "frame_id": i, "capture_time_us": 1, "label": "brick", "score": 0.9,
-            "predictions": [{"label": "brick", "index": 0, "score": 0.9}], "latency_ms": 12.5, "server_ms": 3.0,
-            "model_version": "abc", "dropped_before": 0, "lost_before": 0, "error": None}
+    return {
+        "camera_id": "cam0",
+        "frame_id": i,
+        "capture_time_us": 1,
+        "label": "brick",
+        "score": 0.9,
+        "predictions": [{"label": "brick", "index": 0, "score": 0.9}],
+        "latency_ms": 12.5,
+        "server_ms": 3.0,
+        "model_version": "abc",
+        "dropped_before": 0,
+        "lost_before": 0,
+        "error": None,
+    }
 
 
 def test_jsonl_and_csv_logs_write_one_line_per_result(tmp_path: Path) -> None:

@@ -17,14 +17,20 @@ from edgetune.errors import EdgetuneError
 from tuner import _optuna_compat, _ray_compat
 
 REPO = Path(__file__).resolve().parents[1]
-PRIVATE = re.compile(r"\._ot_study|\._ot_trials|\._completed_trials|\._storage\b|\._trial_id\b|"
-                     r"_training_actor_item_queue|ray\._common|ray\._private|ray\._raylet|autoscaler\._private|"
-                     r"optuna\._")
+PRIVATE = re.compile(
+    r"\._ot_study|\._ot_trials|\._completed_trials|\._storage\b|\._trial_id\b|"
+    r"_training_actor_item_queue|ray\._common|ray\._private|ray\._raylet|autoscaler\._private|"
+    r"optuna\._"
+)
 
 
 def test_private_access_only_in_the_adapters() -> None:
-    hits = sorted(str(p.relative_to(REPO)) for d in ("trainer", "tuner", "edge_server", "edge_client")
-                  for p in (REPO / d).rglob("*.py") if PRIVATE.search(p.read_text()))
+    hits = sorted(
+        str(p.relative_to(REPO))
+        for d in ("trainer", "tuner", "edge_server", "edge_client")
+        for p in (REPO / d).rglob("*.py")
+        if PRIVATE.search(p.read_text())
+    )
     assert hits == ["tuner/_optuna_compat.py", "tuner/_ray_compat.py"]
 
 
@@ -38,8 +44,9 @@ def test_installed_versions_are_the_tested_ones() -> None:
 def test_untested_versions_are_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EDGETUNE_ALLOW_UNTESTED_RAY", raising=False)
     monkeypatch.delenv("EDGETUNE_ALLOW_UNTESTED_OPTUNA", raising=False)
-    with pytest.raises(EdgetuneError,
-                       match=r"tested with ray 2\.60\.x; found ray 3\.1\.0.*EDGETUNE_ALLOW_UNTESTED_RAY"):
+    with pytest.raises(
+        EdgetuneError, match=r"tested with ray 2\.60\.x; found ray 3\.1\.0.*EDGETUNE_ALLOW_UNTESTED_RAY"
+    ):
         _ray_compat.check_version("3.1.0")
     with pytest.raises(EdgetuneError, match=r"tested with optuna 5\.x; found optuna 6\.0\.0"):
         _optuna_compat.check_version("6.0.0")
@@ -54,8 +61,14 @@ def test_optuna_search_internals(tmp_path: Path) -> None:
     from tuner.searcher import EdgetuneOptunaSearch
 
     storage = f"sqlite:///{tmp_path}/s.db"
-    search = EdgetuneOptunaSearch(space={"lr": tune.loguniform(1e-4, 1e-1)}, metric="m", mode="max",
-                                  study_name="pin", storage=optuna.storages.RDBStorage(storage), max_t=2)
+    search = EdgetuneOptunaSearch(
+        space={"lr": tune.loguniform(1e-4, 1e-1)},
+        metric="m",
+        mode="max",
+        study_name="pin",
+        storage=optuna.storages.RDBStorage(storage),
+        max_t=2,
+    )
     cfg = search.suggest("ray-trial-1")
     assert cfg is not None and "lr" in cfg
     study = _ray_compat.searcher_study(search)

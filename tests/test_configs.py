@@ -53,12 +53,20 @@ def test_to_dict_is_plain_json_and_reads_back() -> None:
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # Ray ships configs by pickle
 
 
-@pytest.mark.parametrize("key,allowed", [
-    ("optim.optimizer", "OPTIMIZERS"), ("optim.schedule", "SCHEDULES"), ("model.head", "HEADS"),
-    ("data.augment", "AUG_PRESETS"), ("data.sampler", "SAMPLERS"), ("model.bn_stats", "BN_STATS"),
-    ("data.cache_images", "CACHE_IMAGES"), ("data.activation_cache", "ACTIVATION_CACHE"),
-    ("data.activation_dtype", "ACTIVATION_DTYPES"),
-])
+@pytest.mark.parametrize(
+    "key,allowed",
+    [
+        ("optim.optimizer", "OPTIMIZERS"),
+        ("optim.schedule", "SCHEDULES"),
+        ("model.head", "HEADS"),
+        ("data.augment", "AUG_PRESETS"),
+        ("data.sampler", "SAMPLERS"),
+        ("model.bn_stats", "BN_STATS"),
+        ("data.cache_images", "CACHE_IMAGES"),
+        ("data.activation_cache", "ACTIVATION_CACHE"),
+        ("data.activation_dtype", "ACTIVATION_DTYPES"),
+    ],
+)
 def test_each_choice_field_accepts_exactly_its_list(key: str, allowed: str) -> None:
     from trainer import config
 
@@ -102,10 +110,13 @@ def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as e:
         TrainConfig.from_dict({"model": {"head": "x", "dropout": 2, "q": 1}, "foo": 3, "epochs": 0})
     msg = str(e.value)
-    for part in ("unknown config key(s) ['model.q']; allowed in model: ['backbone',",
-                 "unknown config key(s) ['foo']; allowed in the top level: ['amp',",
-                 "model.head must be one of ['linear', 'mlp'], got 'x'", "model.dropout must be in [0.0, 1.0), got 2",
-                 "epochs must be an integer >= 1, got 0"):
+    for part in (
+        "unknown config key(s) ['model.q']; allowed in model: ['backbone',",
+        "unknown config key(s) ['foo']; allowed in the top level: ['amp',",
+        "model.head must be one of ['linear', 'mlp'], got 'x'",
+        "model.dropout must be in [0.0, 1.0), got 2",
+        "epochs must be an integer >= 1, got 0",
+    ):
         assert part in msg, (part, msg)
 
 

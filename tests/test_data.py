@@ -222,7 +222,8 @@ def test_image_modes_are_converted(cache: str, tmp_path: Path) -> None:
 
     Image.fromarray(grey, "L").save(put("a/grey.png", np.stack([grey] * 3, -1)))
     Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(
-        put("a/rgba.png", ((rgb.astype(np.float32) * (alpha[..., None] / 255.0)) + 0.5).astype(np.uint8), 1))
+        put("a/rgba.png", ((rgb.astype(np.float32) * (alpha[..., None] / 255.0)) + 0.5).astype(np.uint8), 1)
+    )
     buf = io.BytesIO()
     Image.fromarray(rgb).convert("CMYK").save(buf, "JPEG", quality=98)
     put("a/cmyk.jpg", rgb, 40).write_bytes(buf.getvalue())

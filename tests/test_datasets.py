@@ -75,8 +75,10 @@ def test_concurrent_preparation_is_safe(tmp_path: Path) -> None:
         from trainer.datasets import prepare_textures
         print(prepare_textures(Path({str(tmp_path)!r})))
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     roots = {o[0].strip() for o in outs}

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- a real Ray cluster: head + edge node ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cluster():
     import ray
@@ -62,8 +63,9 @@ def test_study_with_a_target_without_live_node_fails_at_start(cluster, tmp_path)
 
     opts = _opts(tmp_path, "nodevice", target="jetson")
     t0 = time.time()
-    with pytest.raises(EdgetuneError,
-                       match=r"edge_target:jetson.*make edge-node HEAD=<head host>:<port> TARGET=jetson"):
+    with pytest.raises(
+        EdgetuneError, match=r"edge_target:jetson.*make edge-node HEAD=<head host>:<port> TARGET=jetson"
+    ):
         run_study(opts)
     assert time.time() - t0 < 60
     assert not (Path(opts.out) / "split.json").exists()  # failed before the data was prepared
@@ -76,8 +78,9 @@ def _service(url: str, study: str, warmup: int, runs: int):
     from tuner.latency_service import start_service
 
     device.LatencyCache(url)
-    svc = start_service(study, url, "sim", {"warmup": warmup, "runs": runs, "batch": 1, "threads": 1},
-                        "onnxruntime", 120.0)
+    svc = start_service(
+        study, url, "sim", {"warmup": warmup, "runs": runs, "batch": 1, "threads": 1}, "onnxruntime", 120.0
+    )
     return svc, device.LatencySetup(study=study, target="sim", service=svc)
 
 
@@ -156,10 +159,25 @@ def _opts(tmp: Path, study: str, space_text: str = DEVICE_SPACE, **kw):
 
     space = tmp / "space.yaml"
     space.write_text(space_text)
-    base = dict(data="textures", study=study, trials=3, epochs=1, time_budget_s=0, max_images=60,
-                sets=("batch_size=16", "threads=1"), storage=f"sqlite:///{tmp / 'optuna.db'}", space=str(space),
-                out=str(tmp / study), refit=False, export=False, max_concurrent=1, timing_warmup=2, timing_runs=15,
-                timing_backend="onnxruntime", precisions=("fp32",))
+    base = dict(
+        data="textures",
+        study=study,
+        trials=3,
+        epochs=1,
+        time_budget_s=0,
+        max_images=60,
+        sets=("batch_size=16", "threads=1"),
+        storage=f"sqlite:///{tmp / 'optuna.db'}",
+        space=str(space),
+        out=str(tmp / study),
+        refit=False,
+        export=False,
+        max_concurrent=1,
+        timing_warmup=2,
+        timing_runs=15,
+        timing_backend="onnxruntime",
+        precisions=("fp32",),
+    )
     base.update(kw)
     return TuneOptions(**base)
 
@@ -178,9 +196,12 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
     # however loaded the machine (its median cannot be below its fastest run), and 64 px passes unless waiting adds
     # more than that to its median (tens of ms)
     svc, setup = _service(f"sqlite:///{tmp_path / 'probe.db'}", "probe", warmup=2, runs=15)
-    rec = {img: device.get_latency(setup, TrainConfig().replace({"model.backbone": "efficientnet_lite0",
-                                                                 "model.img_size": img}), 3,
-                                   "fp32")["record"] for img in (64, 640)}
+    rec = {
+        img: device.get_latency(
+            setup, TrainConfig().replace({"model.backbone": "efficientnet_lite0", "model.img_size": img}), 3, "fp32"
+        )["record"]
+        for img in (64, 640)
+    }
     assert rec[640]["min_ms"] > 10 * rec[64]["min_ms"], rec
     limit = rec[640]["min_ms"] / 2
 
@@ -216,8 +237,9 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
     assert summary["latency"]["rejected_by_constraint"] == [t.number for t in slow]
     with open(out / "leaderboard.csv") as f:
         lb = {r["trial"]: r for r in csv.DictReader(f)}
-    assert all(lb[str(t.number)]["rejected"] for t in slow) and all(float(lb[str(t.number)]["target_latency_ms"])
-                                                                     > 0 for t in fast)
+    assert all(lb[str(t.number)]["rejected"] for t in slow) and all(
+        float(lb[str(t.number)]["target_latency_ms"]) > 0 for t in fast
+    )
     from edgetune.bundle import load_bundle
     from tuner.report import compare_studies
 
@@ -254,20 +276,59 @@ def test_edge_node_dies_mid_study_study_finishes_nothing_lost(cluster, tmp_path)
 
     c = cluster["cluster"]
     space = tmp_path / "space.yaml"
-    space.write_text(DEVICE_SPACE.replace("choices: [64, 224]", "choices: [64, 72, 80]").split("seeds:")[0] + """seeds:
+    space.write_text(
+        DEVICE_SPACE.replace("choices: [64, 224]", "choices: [64, 72, 80]").split("seeds:")[0]
+        + """seeds:
   - {name: a, params: {backbone: efficientnet_lite0, img: 64, freeze: 1.0, lr: 3.0e-3}}
   - {name: b, params: {backbone: efficientnet_lite0, img: 72, freeze: 1.0, lr: 3.0e-3}}
   - {name: c, params: {backbone: efficientnet_lite0, img: 80, freeze: 1.0, lr: 3.0e-3}}
-""")
+"""
+    )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = ["--data", "textures", "--max-images", "60", "--set", "batch_size=16", "--set", "threads=1",
-            "--no-export", "--no-refit", "--space", str(space), "--storage", storage, "--study", "dies",
-            "--trials", "3", "--epochs", "1", "--max-concurrent", "1", "--out", str(tmp_path / "dies"),
-            "--target", "sim", "--timing-backend", "onnxruntime", "--timing-runs", "10", "--timing-warmup", "2",
-            "--timing-timeout", "40", "--precisions", "fp32", "--address", c.address]
+    args = [
+        "--data",
+        "textures",
+        "--max-images",
+        "60",
+        "--set",
+        "batch_size=16",
+        "--set",
+        "threads=1",
+        "--no-export",
+        "--no-refit",
+        "--space",
+        str(space),
+        "--storage",
+        storage,
+        "--study",
+        "dies",
+        "--trials",
+        "3",
+        "--epochs",
+        "1",
+        "--max-concurrent",
+        "1",
+        "--out",
+        str(tmp_path / "dies"),
+        "--target",
+        "sim",
+        "--timing-backend",
+        "onnxruntime",
+        "--timing-runs",
+        "10",
+        "--timing-warmup",
+        "2",
+        "--timing-timeout",
+        "40",
+        "--precisions",
+        "fp32",
+        "--address",
+        c.address,
+    ]
     log = open(tmp_path / "tune.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env=tuner_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuner", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=tuner_env()
+    )
     new_edge = None
     try:
         deadline = time.time() + 800

@@ -16,11 +16,14 @@ from edgetune.errors import ConfigError, EdgetuneError
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def test_timing_side_imports_no_torch_or_trainer():
     """What an edge node runs (the timing task and its module) needs edgetune[serve] + Ray, not torch/trainer."""
-    code = ("import sys, edge_server.timing, edge_server.edge_node, tuner.device; "
-            "bad = [m for m in ('torch', 'trainer', 'torchvision') if m in sys.modules]; print(bad); "
-            "sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, edge_server.timing, edge_server.edge_node, tuner.device; "
+        "bad = [m for m in ('torch', 'trainer', 'torchvision') if m in sys.modules]; print(bad); "
+        "sys.exit(1 if bad else 0)"
+    )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
 
@@ -29,8 +32,9 @@ def test_signature_key_is_stable_and_ignores_training_settings():
     from trainer.config import TrainConfig
     from tuner.device import ArchSignature, signature_for
 
-    a = TrainConfig().replace({"model.backbone": "efficientnet_lite0", "model.img_size": 96, "model.dropout": 0.1,
-                               "optim.lr": 0.01})
+    a = TrainConfig().replace(
+        {"model.backbone": "efficientnet_lite0", "model.img_size": 96, "model.dropout": 0.1, "optim.lr": 0.01}
+    )
     b = a.replace({"model.dropout": 0.3, "optim.lr": 0.001, "model.freeze": 0.5})
     c = a.replace({"model.img_size": 128})
     sa, sb, sc = (signature_for(x, 3) for x in (a, b, c))
@@ -77,8 +81,9 @@ def test_time_bundle_of_an_untrained_architecture(tmp_path):
     from trainer.model import create_model, preprocess_spec_for
 
     cfg = ModelConfig(backbone="efficientnet_lite0", weights="none", img_size=64)
-    d = write_architecture_bundle(create_model(cfg, 3), preprocess_spec_for(cfg), 3, tmp_path / "arch",
-                                  "efficientnet_lite0")
+    d = write_architecture_bundle(
+        create_model(cfg, 3), preprocess_spec_for(cfg), 3, tmp_path / "arch", "efficientnet_lite0"
+    )
     rec = time_bundle(d, protocol=TimingProtocol(warmup=2, runs=10))
     assert 0 < rec["min_ms"] <= rec["p50_ms"] <= rec["p90_ms"] <= rec["max_ms"]
     assert rec["protocol"] == {"warmup": 2, "runs": 10, "batch": 1, "threads": 1}
@@ -104,5 +109,3 @@ def test_latency_cache_is_shared_across_instances_and_studies(tmp_path):
     [rec] = other.records("sim")
     assert rec["signature_key"] == sig.key and rec["target"] == "sim"
     assert CACHE_STUDY in [s.study_name for s in optuna.get_all_study_summaries(url)]
-
-

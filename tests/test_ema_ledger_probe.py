@@ -66,21 +66,31 @@ def test_trial_stages_count_finished_runs_as_compute_and_cut_ones_as_waste() -> 
     import datetime as dt
 
     def trial(n: int, state: str, start: float, end: float, **attrs: object) -> SimpleNamespace:
-        return SimpleNamespace(number=n, state=SimpleNamespace(name=state), user_attrs=attrs,
-                               datetime_start=dt.datetime.fromtimestamp(start - 30),  # waited for a slot
-                               datetime_complete=dt.datetime.fromtimestamp(end))
+        return SimpleNamespace(
+            number=n,
+            state=SimpleNamespace(name=state),
+            user_attrs=attrs,
+            datetime_start=dt.datetime.fromtimestamp(start - 30),  # waited for a slot
+            datetime_complete=dt.datetime.fromtimestamp(end),
+        )
 
-    study = SimpleNamespace(get_trials=lambda deepcopy=False: [
-        trial(0, "COMPLETE", 1000.0, 1100.0, started_at=1000.0, setup_seconds=5.0),
-        trial(1, "PRUNED", 1000.0, 1050.0, started_at=1000.0, stop_reason="deadline"),
-        trial(2, "FAIL", 1000.0, 1010.0, started_at=1000.0),
-        trial(3, "COMPLETE", 10.0, 20.0, started_at=10.0),  # an earlier run of the study: not in this ledger
-    ])
+    study = SimpleNamespace(
+        get_trials=lambda deepcopy=False: [
+            trial(0, "COMPLETE", 1000.0, 1100.0, started_at=1000.0, setup_seconds=5.0),
+            trial(1, "PRUNED", 1000.0, 1050.0, started_at=1000.0, stop_reason="deadline"),
+            trial(2, "FAIL", 1000.0, 1010.0, started_at=1000.0),
+            trial(3, "COMPLETE", 10.0, 20.0, started_at=10.0),  # an earlier run of the study: not in this ledger
+        ]
+    )
     led = Ledger(cores=2, t0=900.0)
     trial_stages(led, study, 1.0)
     kinds = {(s.name, s.kind, round(s.seconds)) for s in led.stages}
-    assert kinds == {("trial 0 set-up", "overhead", 5), ("trial 0", "compute", 95), ("trial 1", "waste", 50),
-                     ("trial 2", "waste", 10)}
+    assert kinds == {
+        ("trial 0 set-up", "overhead", 5),
+        ("trial 0", "compute", 95),
+        ("trial 1", "waste", 50),
+        ("trial 2", "waste", 10),
+    }
 
 
 def test_probe_head_separates_real_features() -> None:
@@ -118,10 +128,14 @@ def test_a_trial_that_reaches_its_planned_fidelity_is_complete() -> None:
 def test_probe_plan_follows_the_seeds_sizes() -> None:
     from tuner.probe import plan
 
-    space = SimpleNamespace(backbones=["efficientnet_lite0", "efficientnet_lite1"],
-                            points_to_evaluate=lambda: [{"backbone": "efficientnet_lite0", "img": 128},
-                                                        {"backbone": "efficientnet_lite0", "img": 128},
-                                                        {"backbone": "efficientnet_lite1"}])
+    space = SimpleNamespace(
+        backbones=["efficientnet_lite0", "efficientnet_lite1"],
+        points_to_evaluate=lambda: [
+            {"backbone": "efficientnet_lite0", "img": 128},
+            {"backbone": "efficientnet_lite0", "img": 128},
+            {"backbone": "efficientnet_lite1"},
+        ],
+    )
     base = {"model": {"img_size": 160, "backbone": "efficientnet_lite0"}}
     assert plan(space, base) == [("efficientnet_lite0", 128), ("efficientnet_lite1", 160)]
     assert plan(space, base, fixed_img=96) == [("efficientnet_lite0", 96), ("efficientnet_lite1", 96)]

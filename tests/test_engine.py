@@ -49,17 +49,20 @@ def _onnx_input_shape(bundle) -> tuple[int, ...]:
 
 
 # -- precision ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("requested,fp16,int8,n_calib,expected", [
-    ("auto", True, True, 32, "int8"),
-    ("auto", True, True, 0, "fp16"),
-    ("auto", True, False, 32, "fp16"),
-    ("auto", False, False, 32, "fp32"),
-    ("auto", False, True, 0, "fp32"),
-    ("fp32", True, True, 32, "fp32"),
-    ("fp16", True, True, 0, "fp16"),
-    ("fp16", False, False, 0, "fp16"),
-    ("int8", True, True, 5, "int8"),
-])
+@pytest.mark.parametrize(
+    "requested,fp16,int8,n_calib,expected",
+    [
+        ("auto", True, True, 32, "int8"),
+        ("auto", True, True, 0, "fp16"),
+        ("auto", True, False, 32, "fp16"),
+        ("auto", False, False, 32, "fp32"),
+        ("auto", False, True, 0, "fp32"),
+        ("fp32", True, True, 32, "fp32"),
+        ("fp16", True, True, 0, "fp16"),
+        ("fp16", False, False, 0, "fp16"),
+        ("int8", True, True, 5, "int8"),
+    ],
+)
 def test_decide_precision(requested, fp16, int8, n_calib, expected):
     precision, why = eng.decide_precision(requested, fast_fp16=fp16, fast_int8=int8, n_calibration_images=n_calib)
     assert precision == expected and why
@@ -80,12 +83,14 @@ def test_decide_precision_errors():
 def test_build_options_validation():
     assert eng.BuildOptions().opt == 4 and eng.BuildOptions(max_batch=1).opt == 1
     assert eng.BuildOptions(max_batch=16, opt_batch=2).opt == 2
-    bad = {"max batch must be an integer in 1..1024": dict(max_batch=0),
-           "opt batch must be an integer in 1..8": dict(opt_batch=9),
-           "workspace (MiB)": dict(workspace_mb=1),
-           "calibration batch": dict(calib_batch=0),
-           "min agreement": dict(min_agreement=1.5),
-           "precision must be one of": dict(precision="half")}
+    bad = {
+        "max batch must be an integer in 1..1024": dict(max_batch=0),
+        "opt batch must be an integer in 1..8": dict(opt_batch=9),
+        "workspace (MiB)": dict(workspace_mb=1),
+        "calibration batch": dict(calib_batch=0),
+        "min agreement": dict(min_agreement=1.5),
+        "precision must be one of": dict(precision="half"),
+    }
     for fragment, kwargs in bad.items():
         with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             eng.BuildOptions(**kwargs)
@@ -99,8 +104,12 @@ def test_profile_shapes_from_bundle(loaded_bundle):
     assert (p.min, p.opt, p.max) == ((1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32))
     p = eng.profile_shapes((-1, 3, -1, -1), (48, 64), 2, 1)  # dynamic H/W: the bundle's input size is used
     assert p.max == (2, 3, 48, 64) and p.opt == (1, 3, 48, 64)
-    cases = {"batch axis is fixed at 1": ((1, 3, 32, 32), 8, 4), "must be [batch, 3, H, W]": ((-1, 1, 32, 32), 8, 4),
-             "axis 3 is 28": ((-1, 3, 32, 28), 8, 4), "opt batch must be an integer in 1..4": (shape, 4, 5)}
+    cases = {
+        "batch axis is fixed at 1": ((1, 3, 32, 32), 8, 4),
+        "must be [batch, 3, H, W]": ((-1, 1, 32, 32), 8, 4),
+        "axis 3 is 28": ((-1, 3, 32, 28), 8, 4),
+        "opt batch must be an integer in 1..4": (shape, 4, 5),
+    }
     for fragment, (shp, mx, opt) in cases.items():
         with pytest.raises((BundleError, ConfigError)) as e:
             eng.profile_shapes(shp, (32, 32), mx, opt)
@@ -153,8 +162,9 @@ def test_sidecar_fields_and_mismatches(loaded_bundle, tmp_path):
             validate_sidecar(meta, bundle=loaded_bundle, engine=engine, precision="fp16", **system)
         assert fragment in str(e.value) and f"make engine BUNDLE={loaded_bundle.path} PRECISION=fp16" in str(e.value)
     with pytest.raises(BundleError, match="built from ONNX 000000000000") as e:
-        validate_sidecar(dict(meta, onnx_sha256="0" * 64), bundle=loaded_bundle, engine=engine, precision="fp16",
-                         **SYSTEM)
+        validate_sidecar(
+            dict(meta, onnx_sha256="0" * 64), bundle=loaded_bundle, engine=engine, precision="fp16", **SYSTEM
+        )
     with pytest.raises(BundleError, match="engine precision is fp16, int8 was requested") as e:
         validate_sidecar(meta, bundle=loaded_bundle, engine=engine, precision="int8", **SYSTEM)
     assert f"make engine BUNDLE={loaded_bundle.path} PRECISION=int8" in str(e.value)
@@ -226,10 +236,12 @@ def test_calibration_batches(loaded_bundle):
     assert len(drop) == 2 and len(list(drop)) == 2 and drop.batch_indices() == [[0, 1, 2], [3, 4, 5]]
     exact = cal.CalibrationBatches(paths[:6], loaded_bundle.spec, 3)
     assert len(exact) == 2
-    for kwargs, fragment in [(dict(images=[], batch_size=2), "at least one calibration image"),
-                             (dict(images=paths[:2], batch_size=0), "batch size must be an integer >= 1"),
-                             (dict(images=paths[:2], batch_size=3, partial="drop"), "leaves no batch"),
-                             (dict(images=paths[:2], batch_size=1, partial="repeat"), "partial must be one of")]:
+    for kwargs, fragment in [
+        (dict(images=[], batch_size=2), "at least one calibration image"),
+        (dict(images=paths[:2], batch_size=0), "batch size must be an integer >= 1"),
+        (dict(images=paths[:2], batch_size=3, partial="drop"), "leaves no batch"),
+        (dict(images=paths[:2], batch_size=1, partial="repeat"), "partial must be one of"),
+    ]:
         with pytest.raises(ConfigError, match=fragment):
             cal.CalibrationBatches(spec=loaded_bundle.spec, **kwargs)
 
@@ -308,8 +320,9 @@ def test_check_images_missing(bundle_copy):
 
 # -- CLI -----------------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_server.engine", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_server.engine", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_usage_errors(loaded_bundle, tmp_path):
@@ -334,8 +347,11 @@ def test_cli_without_tensorrt(bundle_copy):
 
 # -- real builds (TensorRT + NVIDIA GPU) -----------------------------------------------------------
 def _require_tensorrt_gpu():
-    trt = pytest.importorskip("tensorrt", reason="tensorrt Python package not installed (JetPack / NVIDIA GPU "
-                              "machines only); the TensorRT build path is not exercised here")
+    trt = pytest.importorskip(
+        "tensorrt",
+        reason="tensorrt Python package not installed (JetPack / NVIDIA GPU "
+        "machines only); the TensorRT build path is not exercised here",
+    )
     try:
         cudart = import_cudart()
     except ConfigError as e:
@@ -355,8 +371,9 @@ def test_build_fp32_then_reuse_then_force(bundle_copy):
     assert first["status"] == "built" and first["accuracy_check"]["top1_agreement"] == 1.0
     assert first["accuracy_check"]["max_abs_prob_diff"] < 1e-3
     assert find_engines(bundle_copy, "fp32") == [Path(first["engine"])]
-    assert Path(first["engine"]).name == engine_filename("fp32", first["tensorrt_version"],
-                                                         first["compute_capability"], bundle_copy.sha256)
+    assert Path(first["engine"]).name == engine_filename(
+        "fp32", first["tensorrt_version"], first["compute_capability"], bundle_copy.sha256
+    )
     meta = read_sidecar(Path(first["engine"]))
     assert meta["accuracy_check"]["top1_agreement"] == 1.0 and meta["max_batch_size"] == 4
     assert Path(first["timing_cache"]["path"]).is_file() and first["timing_cache"]["loaded_bytes"] == 0

@@ -16,11 +16,17 @@ ORIN = {"tensorrt_version": "10.3.0", "gpu_name": "Orin (nvgpu)", "compute_capab
 
 def _cache_engine(bundle, cache: Path, system=ORIN, precision="fp16", options=None, data=b"serialized engine"):
     options = options or eng.BuildOptions(precision=precision)
-    shapes = eng.profile_shapes((-1, 3, *bundle.spec.input_size), bundle.spec.input_size, options.max_batch,
-                                options.opt)
+    shapes = eng.profile_shapes(
+        (-1, 3, *bundle.spec.input_size), bundle.spec.input_size, options.max_batch, options.opt
+    )
     path = cache / rt.engine_path(bundle, precision, system).name
-    rt.write_engine_files(path, data, engine_cache.make_sidecar(bundle, system, precision, shapes, options, data,
-                                                                build_seconds=42.0, built_by="edgetune timing"))
+    rt.write_engine_files(
+        path,
+        data,
+        engine_cache.make_sidecar(
+            bundle, system, precision, shapes, options, data, build_seconds=42.0, built_by="edgetune timing"
+        ),
+    )
     return path, shapes
 
 
@@ -40,10 +46,13 @@ def test_engine_not_reused_on_any_mismatch(loaded_bundle, bundle_dir_b, tmp_path
     path, _ = _cache_engine(loaded_bundle, tmp_path)
     for system in ({**ORIN, "tensorrt_version": "10.4.0"}, {**ORIN, "compute_capability": "7.2"}):
         assert engine_cache.cached_engine(loaded_bundle, system, "fp16", opts, tmp_path) is None
-    assert engine_cache.cached_engine(loaded_bundle, ORIN, "fp32", eng.BuildOptions(precision="fp32"),
-                                      tmp_path) is None
-    assert engine_cache.cached_engine(loaded_bundle, ORIN, "fp16", eng.BuildOptions(precision="fp16", max_batch=16),
-                                      tmp_path) is None
+    assert engine_cache.cached_engine(loaded_bundle, ORIN, "fp32", eng.BuildOptions(precision="fp32"), tmp_path) is None
+    assert (
+        engine_cache.cached_engine(
+            loaded_bundle, ORIN, "fp16", eng.BuildOptions(precision="fp16", max_batch=16), tmp_path
+        )
+        is None
+    )
     other = load_bundle(bundle_dir_b)  # other weights -> other ONNX SHA
     assert engine_cache.cached_engine(other, ORIN, "fp16", opts, tmp_path) is None
     # the name matches but the sidecar says another GPU (a copied-in engine): refused

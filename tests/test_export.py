@@ -26,8 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _train(tmp: Path, backbone: str, weights: str = "imagenet") -> Path:
-    cfg = tiny_config(**{"model.backbone": backbone, "model.weights": weights, "model.freeze": 0.5,
-                         "robustness": False, "data.max_images": 45})
+    cfg = tiny_config(
+        **{
+            "model.backbone": backbone,
+            "model.weights": weights,
+            "model.freeze": 0.5,
+            "robustness": False,
+            "data.max_images": 45,
+        }
+    )
     run_training(cfg, tmp)
     return tmp
 
@@ -49,8 +56,10 @@ def _check_round_trip(run: Path, bundle: Path) -> None:
     meta = b.meta
     # the weight set, its file and the freeze report of the checkpoint the bundle was made from
     ckpt = read_meta(run / "best")
-    assert ckpt["weights_tag"] and b.manifest.weights == {"weights_tag": ckpt["weights_tag"],
-                                                         "source": ckpt["weights_source"]}
+    assert ckpt["weights_tag"] and b.manifest.weights == {
+        "weights_tag": ckpt["weights_tag"],
+        "source": ckpt["weights_source"],
+    }
     assert b.manifest.freeze == ckpt["freeze"] and ckpt["freeze"]["fraction"] > 0
     assert meta["labels"] == ["brick", "grass", "gravel"]
     assert meta["parity"]["top1_agreement"] == 1.0
@@ -107,8 +116,7 @@ def test_int8_variant_recorded_and_refused_beyond_tolerance(lite_run: Path, lite
     assert not (strict / "model.int8_dynamic.onnx").exists()
 
 
-def test_searched_int8_is_exported_served_and_falls_back_to_fp32_when_refused(lite_run: Path, tmp_path: Path
-                                                                             ) -> None:
+def test_searched_int8_is_exported_served_and_falls_back_to_fp32_when_refused(lite_run: Path, tmp_path: Path) -> None:
     """A device-in-the-loop search that picked int8: the bundle gets the static INT8 variant (real calibration
     images), records it deploys at int8 with that precision's latency, and ONNX Runtime serves the variant; if
     the tolerance refuses it, the bundle says it deploys at fp32, why, and records the fp32 latency."""
@@ -121,8 +129,7 @@ def test_searched_int8_is_exported_served_and_falls_back_to_fp32_when_refused(li
         asked.append(p)
         return {"target": "sim", "precision": p, "p50_ms": 1.0}
 
-    b = load_bundle(export_bundle(lite_run, tmp_path / "int8", precision="int8", target_latency=latency,
-                                  tolerance=1.0))
+    b = load_bundle(export_bundle(lite_run, tmp_path / "int8", precision="int8", target_latency=latency, tolerance=1.0))
     assert b.meta["deploy_precision"] == {"searched": "int8", "deployed": "int8"}
     assert b.int8_variant == "int8_static" and b.variants["int8_static"]["method"] == "static"
     assert b.meta["target_latency"]["precision"] == "int8" and asked == ["int8"]
@@ -133,8 +140,9 @@ def test_searched_int8_is_exported_served_and_falls_back_to_fp32_when_refused(li
         assert runner.infer(np.zeros((2, 3, h, w), np.float32)).shape == (2, len(b.labels))
     finally:
         runner.close()
-    refused = load_bundle(export_bundle(lite_run, tmp_path / "refused", precision="int8", target_latency=latency,
-                                        tolerance=-1.0))
+    refused = load_bundle(
+        export_bundle(lite_run, tmp_path / "refused", precision="int8", target_latency=latency, tolerance=-1.0)
+    )
     deploy = refused.meta["deploy_precision"]
     assert deploy["deployed"] == "fp32" and "int8_static refused" in deploy["why"] and refused.int8_variant is None
     assert refused.meta["target_latency"]["precision"] == "fp32" and asked == ["int8", "fp32"]
@@ -211,8 +219,13 @@ def test_parity_failure_refuses_export(lite_run: Path, tmp_path: Path, monkeypat
 
 
 def test_export_cli_errors_clearly(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "trainer.export", "--run", str(tmp_path), "--out", str(tmp_path / "b")],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer.export", "--run", str(tmp_path), "--out", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 2 and "no edgetune checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 

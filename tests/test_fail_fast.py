@@ -45,14 +45,16 @@ def test_a_space_key_typo_is_refused_at_load_naming_the_key_and_the_allowed_ones
 def test_a_key_set_by_a_choice_is_checked_too(tmp_path: Path) -> None:
     (tmp_path / "space.yaml").write_text(
         "params:\n  balance: {type: categorical, choices: [none, sampler],\n"
-        "            sets: {none: {}, sampler: {data.smapler: balanced}}}\n")
+        "            sets: {none: {}, sampler: {data.smapler: balanced}}}\n"
+    )
     with pytest.raises(ConfigError, match=r"'balance'.*data\.smapler.*allowed here"):
         load_space(tmp_path / "space.yaml")
 
 
 def test_a_value_the_config_refuses_is_refused_at_load(tmp_path: Path) -> None:
     (tmp_path / "space.yaml").write_text(
-        "params:\n  optimizer: {type: categorical, key: optim.optimizer, choices: [adamw, rmsprop]}\n")
+        "params:\n  optimizer: {type: categorical, key: optim.optimizer, choices: [adamw, rmsprop]}\n"
+    )
     with pytest.raises(ConfigError, match=r"'optimizer'.*rmsprop"):
         load_space(tmp_path / "space.yaml")
 
@@ -70,8 +72,14 @@ def test_a_space_key_typo_fails_the_study_before_ray_starts(tmp_path: Path, monk
     monkeypatch.setattr(cluster, "connect", no_ray)
     monkeypatch.setattr(ray, "init", no_ray)
     (tmp_path / "space.yaml").write_text(TYPO)
-    opts = TuneOptions(data="textures", trials=1, epochs=1, space=str(tmp_path / "space.yaml"),
-                       out=str(tmp_path / "out"), storage=f"sqlite:///{tmp_path / 'o.db'}")
+    opts = TuneOptions(
+        data="textures",
+        trials=1,
+        epochs=1,
+        space=str(tmp_path / "space.yaml"),
+        out=str(tmp_path / "out"),
+        storage=f"sqlite:///{tmp_path / 'o.db'}",
+    )
     with pytest.raises(ConfigError, match="dropuot"):
         run_study(opts)
     assert not (tmp_path / "out" / "split.json").exists()  # not even the data was prepared
@@ -90,23 +98,50 @@ def test_a_budget_too_small_for_one_trial_is_refused_naming_the_minimum() -> Non
 def test_the_cli_refuses_a_too_small_budget_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tuner.__main__ import main
 
-    assert main(["--data", "textures", "--time-budget", "20", "--out", str(tmp_path / "o"),
-                 "--storage", f"sqlite:///{tmp_path / 'o.db'}"]) == 2
+    assert (
+        main(
+            [
+                "--data",
+                "textures",
+                "--time-budget",
+                "20",
+                "--out",
+                str(tmp_path / "o"),
+                "--storage",
+                f"sqlite:///{tmp_path / 'o.db'}",
+            ]
+        )
+        == 2
+    )
     assert "minimum is 90 s" in capsys.readouterr().err
 
 
-def test_a_study_that_produced_no_model_exits_1_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_study_that_produced_no_model_exits_1_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import tuner.launcher
     import tuner.run
     from tuner.__main__ import main
 
-    summary = {"study": "s", "trials": 2, "states": {"COMPLETE": 0, "PRUNED": 0, "FAIL": 2, "RUNNING": 0},
-               "out": str(tmp_path), "refit": {"skipped": "no trial and no seed point to fit"}}
+    summary = {
+        "study": "s",
+        "trials": 2,
+        "states": {"COMPLETE": 0, "PRUNED": 0, "FAIL": 2, "RUNNING": 0},
+        "out": str(tmp_path),
+        "refit": {"skipped": "no trial and no seed point to fit"},
+    }
     monkeypatch.setattr(tuner.run, "run_study", lambda opts, started_at=None: summary)
     monkeypatch.setattr(tuner.launcher, "launched_cluster", lambda *a: None)
-    args = ["--data", "textures", "--trials", "2", "--out", str(tmp_path / "o"),
-            "--storage", f"sqlite:///{tmp_path / 'o.db'}"]
+    args = [
+        "--data",
+        "textures",
+        "--trials",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+        "--storage",
+        f"sqlite:///{tmp_path / 'o.db'}",
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "produced no model" in err and "2 FAIL" in err and "no trial and no seed point" in err

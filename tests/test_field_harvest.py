@@ -30,8 +30,9 @@ def jpegs() -> list[bytes]:
 
 
 def _stream(srv, jpegs, camera="cam-7", creds=None) -> list[pb.FrameResult]:
-    frames = [pb.Frame(camera_id=camera, frame_id=i, capture_time_us=1_000 + i, image=j, top_k=3)
-              for i, j in enumerate(jpegs)]
+    frames = [
+        pb.Frame(camera_id=camera, frame_id=i, capture_time_us=1_000 + i, image=j, top_k=3) for i, j in enumerate(jpegs)
+    ]
     ch = grpc.secure_channel(srv.address, creds) if creds else grpc.insecure_channel(srv.address)
     with ch:
         stub = pb_grpc.ClassifierStub(ch)
@@ -100,22 +101,36 @@ def test_harvest_rpcs_refuse_hostile_requests(bundle_dir, jpegs, tmp_path):
             stub = pb_grpc.ClassifierStub(ch)
             assert call_code(stub.ListCaptures, pb.ListCapturesRequest(), timeout=10) == grpc.StatusCode.UNAUTHENTICATED
             for bad in ("../secret", str(outside), "../../etc/passwd", "00000000000000000001-0000000g"):
-                assert call_code(stub.FetchCapture, pb.FetchCaptureRequest(id=bad), timeout=10,
-                                 metadata=md) == grpc.StatusCode.NOT_FOUND
-            assert call_code(stub.ListCaptures, pb.ListCapturesRequest(after="../x"), timeout=10,
-                             metadata=md) == grpc.StatusCode.INVALID_ARGUMENT
-            assert call_code(stub.FetchCapture, pb.FetchCaptureRequest(id="x", length=1 << 30), timeout=10,
-                             metadata=md) == grpc.StatusCode.INVALID_ARGUMENT
+                assert (
+                    call_code(stub.FetchCapture, pb.FetchCaptureRequest(id=bad), timeout=10, metadata=md)
+                    == grpc.StatusCode.NOT_FOUND
+                )
+            assert (
+                call_code(stub.ListCaptures, pb.ListCapturesRequest(after="../x"), timeout=10, metadata=md)
+                == grpc.StatusCode.INVALID_ARGUMENT
+            )
+            assert (
+                call_code(stub.FetchCapture, pb.FetchCaptureRequest(id="x", length=1 << 30), timeout=10, metadata=md)
+                == grpc.StatusCode.INVALID_ARGUMENT
+            )
             item = stub.ListCaptures(pb.ListCapturesRequest(), timeout=10, metadata=md).frames[0]
-            assert call_code(stub.FetchCapture, pb.FetchCaptureRequest(id=item.id, offset=10**9), timeout=10,
-                             metadata=md) == grpc.StatusCode.OUT_OF_RANGE
-            got = stub.AckCaptures(pb.AckCapturesRequest(acks=[pb.CaptureAck(id=item.id, frame_sha256="0" * 64),
-                                                               pb.CaptureAck(id="../secret.jpg")]),
-                                   timeout=10, metadata=md)
+            assert (
+                call_code(stub.FetchCapture, pb.FetchCaptureRequest(id=item.id, offset=10**9), timeout=10, metadata=md)
+                == grpc.StatusCode.OUT_OF_RANGE
+            )
+            got = stub.AckCaptures(
+                pb.AckCapturesRequest(
+                    acks=[pb.CaptureAck(id=item.id, frame_sha256="0" * 64), pb.CaptureAck(id="../secret.jpg")]
+                ),
+                timeout=10,
+                metadata=md,
+            )
             assert got.deleted == 0 and len(got.not_found) == 2 and srv.capture.spool.files == 1
         with grpc.insecure_channel(plain.address) as ch:
-            assert call_code(pb_grpc.ClassifierStub(ch).ListCaptures, pb.ListCapturesRequest(), timeout=10,
-                             metadata=md) == grpc.StatusCode.FAILED_PRECONDITION
+            assert (
+                call_code(pb_grpc.ClassifierStub(ch).ListCaptures, pb.ListCapturesRequest(), timeout=10, metadata=md)
+                == grpc.StatusCode.FAILED_PRECONDITION
+            )
         assert outside.read_bytes() == jpegs[0]
     finally:
         srv.stop(grace=1)
@@ -124,8 +139,9 @@ def test_harvest_rpcs_refuse_hostile_requests(bundle_dir, jpegs, tmp_path):
 
 def test_harvest_over_tls(bundle_dir, jpegs, tmp_path):
     cert, key, *_ = self_signed_cert(tmp_path, "localhost")
-    srv = start_server(bundle_dir, capture=_capture_all(tmp_path / "spool"), admin_token=ADMIN,
-                       tls_cert=cert, tls_key=key)
+    srv = start_server(
+        bundle_dir, capture=_capture_all(tmp_path / "spool"), admin_token=ADMIN, tls_cert=cert, tls_key=key
+    )
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         _stream(srv, jpegs[:2], creds=creds)
@@ -145,6 +161,7 @@ def test_a_disk_that_refuses_writes_degrades_capture_never_serving(bundle_dir, j
 
     srv = start_server(bundle_dir, capture=_capture_all(tmp_path / "spool"), admin_token=ADMIN)
     try:
+
         def full(rec, data):  # ENOSPC from the spool's disk
             raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -19,14 +19,35 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(3600)
 def test_field_loop_end_to_end(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "local"}
-    r = subprocess.run([sys.executable, "bench/bench_field.py", "--work", str(tmp_path / "work"), "--out",
-                        str(tmp_path / "results"), "--label-budget", "120"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=3500)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "bench/bench_field.py",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "results"),
+            "--label-budget",
+            "120",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3500,
+    )
     res = tmp_path / "results" / "field.json"
     assert res.is_file(), r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads(res.read_text())
-    for k in ("field_acc_before", "field_acc_after", "home_acc_before", "home_acc_after", "captured", "labelled",
-              "loop_wall_s"):
+    for k in (
+        "field_acc_before",
+        "field_acc_after",
+        "home_acc_before",
+        "home_acc_after",
+        "captured",
+        "labelled",
+        "loop_wall_s",
+    ):
         assert isinstance(doc[k], (int, float)), k
     assert doc["labelled"] == 120 and doc["captured"] >= 120
     assert doc["capture"]["spool_files_after_harvest"] == 0  # harvested and acknowledged

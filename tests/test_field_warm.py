@@ -88,14 +88,19 @@ def test_previous_best_configurations_come_first(tmp_path, bundle_dir):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="home", storage=storage, direction="maximize")
     for lr, value in ((0.001, 0.7), (0.004, 0.9), (0.002, 0.8)):
-        study.add_trial(optuna.trial.create_trial(
-            params={"backbone": "efficientnet_lite0", "img": 96, "freeze": 0.5, "lr": lr, "augment": "flips"},
-            distributions={"backbone": optuna.distributions.CategoricalDistribution(["efficientnet_lite0"]),
-                           "img": optuna.distributions.CategoricalDistribution([96]),
-                           "freeze": optuna.distributions.CategoricalDistribution([0.5, 0.75]),
-                           "lr": optuna.distributions.FloatDistribution(1e-3, 5e-3, log=True),
-                           "augment": optuna.distributions.CategoricalDistribution(["flips", "none"])},
-            value=value))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"backbone": "efficientnet_lite0", "img": 96, "freeze": 0.5, "lr": lr, "augment": "flips"},
+                distributions={
+                    "backbone": optuna.distributions.CategoricalDistribution(["efficientnet_lite0"]),
+                    "img": optuna.distributions.CategoricalDistribution([96]),
+                    "freeze": optuna.distributions.CategoricalDistribution([0.5, 0.75]),
+                    "lr": optuna.distributions.FloatDistribution(1e-3, 5e-3, log=True),
+                    "augment": optuna.distributions.CategoricalDistribution(["flips", "none"]),
+                },
+                value=value,
+            )
+        )
     prev = _previous(tmp_path, bundle_dir, storage)
     seeds = warm_seeds(prev, top=2)
     assert [s["params"]["lr"] for s in seeds] == [0.004, 0.002]
@@ -123,8 +128,9 @@ def test_cli_refuses_other_data_and_missing_previous_study(tmp_path, bundle_dir,
     from tuner.field import main
 
     prev = _previous(tmp_path, bundle_dir, "sqlite:///x.db")
-    (prev.out / "tune_options.yaml").write_text(yaml.safe_dump({"study": "home", "storage": "sqlite:///x.db",
-                                                                "space": str(SPACE), "data": "textures"}))
+    (prev.out / "tune_options.yaml").write_text(
+        yaml.safe_dump({"study": "home", "storage": "sqlite:///x.db", "space": str(SPACE), "data": "textures"})
+    )
     add = tmp_path / "harvest"
     harvested(add, n=3)
     assert main(["--add", str(add), "--warm", str(prev.out), "--data", "elpv"]) == 2

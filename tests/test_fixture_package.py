@@ -28,12 +28,17 @@ def test_bench_imports_nothing_from_tests():
 
 
 def test_testkit_imports_neither_tests_nor_bench():
-    bad = {f: sorted(roots & {"tests", "bench"}) for f, roots in _imported_roots("testkit").items()
-           if roots & {"tests", "bench"}}
+    bad = {
+        f: sorted(roots & {"tests", "bench"})
+        for f, roots in _imported_roots("testkit").items()
+        if roots & {"tests", "bench"}
+    }
     assert not bad, bad
 
 
 def test_bench_and_tests_share_the_fixture_package():
-    users = {folder: sorted(f for f, roots in _imported_roots(folder).items() if "testkit" in roots)
-             for folder in ("bench", "tests")}
+    users = {
+        folder: sorted(f for f, roots in _imported_roots(folder).items() if "testkit" in roots)
+        for folder in ("bench", "tests")
+    }
     assert users["bench"] and users["tests"], users

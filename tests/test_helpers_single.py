@@ -206,15 +206,25 @@ SINGLE = [
 @pytest.mark.parametrize(("what", "pattern", "home"), SINGLE, ids=[s[0] for s in SINGLE])
 def test_each_helper_has_one_implementation(what: str, pattern: str, home: str) -> None:
     rx = re.compile(pattern)
-    hits = sorted({f.relative_to(REPO).as_posix() for f in _sources() for line in f.read_text().splitlines()
-                   if rx.search(line) and not line.lstrip().startswith("#")})
+    hits = sorted(
+        {
+            f.relative_to(REPO).as_posix()
+            for f in _sources()
+            for line in f.read_text().splitlines()
+            if rx.search(line) and not line.lstrip().startswith("#")
+        }
+    )
     assert hits == [home], f"{what}: expected only in {home}, found in {hits}"
 
 
 def test_no_hand_rolled_retry_doubling() -> None:
     rx = re.compile(r"\b\w*(retry|delay|backoff)\w*\s*(\*=|\*)\s*\d")
-    hits = [f"{f.relative_to(REPO)}:{i}" for f in _sources() for i, line in enumerate(f.read_text().splitlines(), 1)
-            if rx.search(line)]
+    hits = [
+        f"{f.relative_to(REPO)}:{i}"
+        for f in _sources()
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if rx.search(line)
+    ]
     assert not hits, f"retry delays are grown by edgetune.backoff.Backoff only: {hits}"
     assert rx.search("retry = min(retry * 2, 10.0)")  # the pattern does catch the old copy
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EDGE_PACKAGES = [p for p in ("edgetune", "edge_server", "edge_client", "fieldloop")
-                 if (REPO / p / "__init__.py").is_file()]
+EDGE_PACKAGES = [
+    p for p in ("edgetune", "edge_server", "edge_client", "fieldloop") if (REPO / p / "__init__.py").is_file()
+]
 FORBIDDEN = ("torch", "torchvision", "ray", "trainer", "tuner")
 
 
@@ -20,8 +21,13 @@ def _python310() -> str | None:
     """A working Python 3.10 interpreter (pyenv shims may exist without being usable)."""
     candidates = [shutil.which("python3.10"), *map(str, Path("/root/.pyenv/versions").glob("3.10*/bin/python3.10"))]
     for c in candidates:
-        if c and subprocess.run([c, "-c", "import sys; assert sys.version_info[:2] == (3, 10)"],
-                                capture_output=True, timeout=30).returncode == 0:
+        if (
+            c
+            and subprocess.run(
+                [c, "-c", "import sys; assert sys.version_info[:2] == (3, 10)"], capture_output=True, timeout=30
+            ).returncode
+            == 0
+        ):
             return c
     return None
 

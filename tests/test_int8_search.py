@@ -21,8 +21,14 @@ def arch_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.model import create_model, preprocess_spec_for
 
     cfg = ModelConfig(backbone="efficientnet_lite0", weights="none", img_size=64)
-    return write_architecture_bundle(create_model(cfg, 3), preprocess_spec_for(cfg), 3,
-                                     tmp_path_factory.mktemp("arch") / "int8", "efficientnet_lite0", precision="int8")
+    return write_architecture_bundle(
+        create_model(cfg, 3),
+        preprocess_spec_for(cfg),
+        3,
+        tmp_path_factory.mktemp("arch") / "int8",
+        "efficientnet_lite0",
+        precision="int8",
+    )
 
 
 def test_int8_timing_bundle_has_synthetic_calibration_and_the_static_variant(arch_int8: Path) -> None:
@@ -61,8 +67,9 @@ def test_fp32_timing_bundle_has_no_int8_and_int8_on_it_says_how_to_make_one(tmp_
     from trainer.model import create_model, preprocess_spec_for
 
     cfg = ModelConfig(backbone="efficientnet_lite0", weights="none", img_size=64)
-    d = write_architecture_bundle(create_model(cfg, 3), preprocess_spec_for(cfg), 3, tmp_path / "a",
-                                  "efficientnet_lite0")
+    d = write_architecture_bundle(
+        create_model(cfg, 3), preprocess_spec_for(cfg), 3, tmp_path / "a", "efficientnet_lite0"
+    )
     b = load_bundle(d)
     assert not b.variants and not b.manifest.calibration_images and b.int8_variant is None
     with pytest.raises(ConfigError, match="--quantize static"):

@@ -30,11 +30,21 @@ def harvested(folder: Path, n: int = 6) -> list[CaptureRecord]:
         cid = new_capture_id(1_700_000_000_000_000_000 + k)
         probs = [0.2, 0.2, 0.2]
         probs[(labels[k * step] + 1) % 3] = 0.6  # the model is wrong and unsure: worth labelling
-        rec = CaptureRecord(id=cid, frame=cid + ".png", frame_sha256=hashlib.sha256(data).hexdigest(),
-                            frame_bytes=len(data), camera_id=f"cam-{k % 2}", time_unix=1_700_000_000.0 + k,
-                            capture_time_us=0, frame_id=k, model_version="abc123", bundle_sha256="e" * 64,
-                            labels=LABELS,
-                            probs=tuple(probs), reason="low_confidence")
+        rec = CaptureRecord(
+            id=cid,
+            frame=cid + ".png",
+            frame_sha256=hashlib.sha256(data).hexdigest(),
+            frame_bytes=len(data),
+            camera_id=f"cam-{k % 2}",
+            time_unix=1_700_000_000.0 + k,
+            capture_time_us=0,
+            frame_id=k,
+            model_version="abc123",
+            bundle_sha256="e" * 64,
+            labels=LABELS,
+            probs=tuple(probs),
+            reason="low_confidence",
+        )
         (folder / rec.frame).write_bytes(data)
         (folder / f"{cid}.json").write_text(rec.to_json())
         recs.append(rec)
@@ -56,16 +66,23 @@ def test_store_decisions_undo_and_manifest_the_trainer_reads(tmp_path):
     with pytest.raises(ConfigError, match="not one of the classes"):
         store.decide(recs[3].id, "granite")
     rows = read_labels_csv(tmp_path / LABELS_CSV)
-    assert [(r["path"], r["label"], r["capture_id"], r["camera_id"]) for r in rows] == \
-        [(recs[0].frame, "grass", recs[0].id, "cam-0")]
+    assert [(r["path"], r["label"], r["capture_id"], r["camera_id"]) for r in rows] == [
+        (recs[0].frame, "grass", recs[0].id, "cam-0")
+    ]
     files, rejected = list_csv(tmp_path / LABELS_CSV)
     assert [(Path(f.path).name, f.label) for f in files] == [(recs[0].frame, "grass")] and not rejected
     again = LabelStore(tmp_path)  # decisions survive a restart of the page
     assert again.progress() == store.progress() and again.next_id() == recs[3].id
 
 
-def _http(srv: LabelServer, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-          host: str | None = None) -> tuple[int, bytes]:
+def _http(
+    srv: LabelServer,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict | None = None,
+    host: str | None = None,
+) -> tuple[int, bytes]:
     c = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=10)
     h = {"Host": host or f"127.0.0.1:{srv.server_address[1]}", **(headers or {})}
     c.request(method, path, body=body, headers=h)
@@ -105,10 +122,17 @@ def test_label_studio_export_and_import(tmp_path):
     assert 'toName="image"' in labeling_config(store.classes) and NONE_CHOICE in labeling_config(store.classes)
 
     def ann(choice, cancelled=False):
-        return {"was_cancelled": cancelled, "result": [{"from_name": "label", "to_name": "image", "type": "choices",
-                                                        "value": {"choices": [choice]}}]}
-    export = [dict(tasks[0], annotations=[ann("gravel")]), dict(tasks[1], annotations=[ann(NONE_CHOICE)]),
-              dict(tasks[2], annotations=[ann("grass", cancelled=True)]), {"data": {"capture_id": "x"}}]
+        return {
+            "was_cancelled": cancelled,
+            "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [choice]}}],
+        }
+
+    export = [
+        dict(tasks[0], annotations=[ann("gravel")]),
+        dict(tasks[1], annotations=[ann(NONE_CHOICE)]),
+        dict(tasks[2], annotations=[ann("grass", cancelled=True)]),
+        {"data": {"capture_id": "x"}},
+    ]
     assert import_annotations(store, export) == {"imported": 2, "unannotated": 1, "unknown_frame": 1}
     rows = read_labels_csv(tmp_path / LABELS_CSV)
     assert [(r["capture_id"], r["label"], r["labelled_by"]) for r in rows] == [(recs[0].id, "gravel", "labelstudio")]
@@ -141,8 +165,10 @@ def test_label_page_in_headless_chromium_by_key_presses(tmp_path):
             frame = page.locator("#frame")
 
             def shows(i: int) -> None:  # wait for a state: the page shows frame i
-                page.wait_for_function(f"document.getElementById('frame').dataset.id === '{recs[i].id}'",
-                                       timeout=15_000)
+                page.wait_for_function(
+                    f"document.getElementById('frame').dataset.id === '{recs[i].id}'", timeout=15_000
+                )
+
             shows(0)
             assert page.locator("#top3 .top").count() == 3
             assert "60.0 %" in page.locator("#top3").inner_text()
@@ -158,6 +184,10 @@ def test_label_page_in_headless_chromium_by_key_presses(tmp_path):
         srv.server_close()
     rows = read_labels_csv(tmp_path / LABELS_CSV)
     assert [(r["capture_id"], r["label"]) for r in rows] == [
-        (recs[0].id, "brick"), (recs[1].id, "gravel"), (recs[3].id, "grass"), (recs[4].id, "brick")]
+        (recs[0].id, "brick"),
+        (recs[1].id, "gravel"),
+        (recs[3].id, "grass"),
+        (recs[4].id, "brick"),
+    ]
     state = json.loads((tmp_path / "labelling.json").read_text())
     assert [d["decision"] for d in state["decisions"]] == ["brick", "gravel", "skip", "grass", "brick"]

@@ -13,9 +13,19 @@ import pytest
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (the dev venv); the edge's 3.10 skips
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())
-STRICT_FLAGS = ("disallow_any_generics", "disallow_subclassing_any", "disallow_untyped_calls", "disallow_untyped_defs",
-                "disallow_incomplete_defs", "check_untyped_defs", "disallow_untyped_decorators", "warn_return_any",
-                "no_implicit_reexport", "strict_equality", "extra_checks")
+STRICT_FLAGS = (
+    "disallow_any_generics",
+    "disallow_subclassing_any",
+    "disallow_untyped_calls",
+    "disallow_untyped_defs",
+    "disallow_incomplete_defs",
+    "check_untyped_defs",
+    "disallow_untyped_decorators",
+    "warn_return_any",
+    "no_implicit_reexport",
+    "strict_equality",
+    "extra_checks",
+)
 
 
 def _overrides(module: str) -> list[dict[str, object]]:
@@ -34,8 +44,12 @@ def test_mypy_strict_flags_on(package):
 
 def test_strict_relaxations_are_only_the_listed_ones():
     """Per-module relaxations of the strict tuner: each names modules and turns off one check, nothing wider."""
-    allowed = {("tuner.posthoc", "warn_return_any"), ("tuner.probe", "warn_return_any"),
-               ("tuner.searcher", "warn_return_any"), ("tuner.report", "disallow_untyped_calls")}
+    allowed = {
+        ("tuner.posthoc", "warn_return_any"),
+        ("tuner.probe", "warn_return_any"),
+        ("tuner.searcher", "warn_return_any"),
+        ("tuner.report", "disallow_untyped_calls"),
+    }
     found = set()
     for o in CONFIG["tool"]["mypy"]["overrides"]:
         mods = o["module"] if isinstance(o["module"], list) else [o["module"]]
@@ -51,9 +65,22 @@ def _mypy(tmp_path: Path, files: dict[str, str]) -> str:
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(textwrap.dedent(text))
-    r = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-                        "--no-incremental", "--follow-imports=silent", *files],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--no-incremental",
+            "--follow-imports=silent",
+            *files,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return r.stdout + r.stderr
 
 
@@ -77,9 +104,24 @@ def _ruff(tmp_path: Path, rel: str, text: str) -> str:
     p = tmp_path / rel
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(textwrap.dedent(text))
-    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
-                        "--config", str(ROOT / "pyproject.toml"), str(p)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "check",
+            "--no-cache",
+            "--output-format",
+            "concise",
+            "--config",
+            str(ROOT / "pyproject.toml"),
+            str(p),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return r.stdout + r.stderr
 
 
@@ -94,7 +136,10 @@ def test_ruff_refuses_a_needless_local_import_and_allows_heavy_ones(tmp_path):
     libraries (ruff's banned-module-level-imports, e.g. ray, onnxruntime, cv2) may be imported where used."""
     heavy = CONFIG["tool"]["ruff"]["lint"]["flake8-tidy-imports"]["banned-module-level-imports"]
     assert {"ray", "optuna", "onnxruntime", "tensorrt", "cv2", "optuna_dashboard", "matplotlib"} <= set(heavy)
-    out = _ruff(tmp_path, "edgetune/lazy.py", '''\
+    out = _ruff(
+        tmp_path,
+        "edgetune/lazy.py",
+        '''\
         def light():
             import json
 
@@ -108,8 +153,11 @@ def test_ruff_refuses_a_needless_local_import_and_allows_heavy_ones(tmp_path):
 
 
         def long_line():
-            return "''' + "x" * 120 + '''"
-        ''')
+            return "'''
+        + "x" * 120
+        + """"
+        """,
+    )
     assert "lazy.py:2:5: PLC0415" in out, out
     assert ":8:5:" not in out, out
     assert "E501" in out, out
@@ -123,3 +171,17 @@ def test_pre_commit_runs_ruff_ruff_format_and_mypy():
     assert {"ruff", "ruff-format", "mypy"} <= set(hooks)
     assert "ruff format" in hooks["ruff-format"]["entry"] and "mypy" in hooks["mypy"]["entry"]
     assert "format" in CONFIG["tool"]["ruff"]
+
+
+def test_make_lint_checks_the_format_of_the_whole_tree(tmp_path):
+    """`make lint` runs `ruff format --check` over the same paths as `ruff check`, and that check fails on a file
+    ruff format would change (the tree is formatted in one go, so a diff means someone skipped `make format`)."""
+    make = subprocess.run(["make", "-n", "lint"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "ruff format --check" in make, make
+    paths = next(line for line in make.splitlines() if "ruff check" in line).split("ruff check", 1)[1].split()
+    fmt = next(line for line in make.splitlines() if "ruff format --check" in line)
+    assert paths and all(p in fmt.split() for p in paths), (paths, fmt)
+    ugly = tmp_path / "ugly.py"
+    ugly.write_text("x = {  'a':1 }\n")
+    cmd = [sys.executable, "-m", "ruff", "format", "--check", "--config", str(ROOT / "pyproject.toml"), str(ugly)]
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 1

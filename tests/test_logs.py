@@ -28,8 +28,9 @@ def clean_loggers() -> Iterator[None]:
         lg.handlers[:] = handlers
 
 
-def test_info_to_stdout_warnings_to_stderr_with_the_prefix(clean_loggers: None,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_to_stdout_warnings_to_stderr_with_the_prefix(
+    clean_loggers: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     setup_cli_logging()
     setup_cli_logging()  # a CLI main run twice in one process: still one handler, each message once
     logging.getLogger("tuner.run").info("dataset x: 1 train")
@@ -44,8 +45,9 @@ def test_info_to_stdout_warnings_to_stderr_with_the_prefix(clean_loggers: None,
     assert capsys.readouterr().out == "edgetune: train: 12 images\n"
 
 
-def test_library_messages_are_logged_not_printed(clean_loggers: None, capsys: pytest.CaptureFixture[str],
-                                                 tmp_path: Path) -> None:
+def test_library_messages_are_logged_not_printed(
+    clean_loggers: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """Without the CLI setup the library writes nothing to the console; with it each message appears once."""
     from tuner.launcher import forward
 
@@ -61,8 +63,9 @@ def test_library_messages_are_logged_not_printed(clean_loggers: None, capsys: py
     assert "is up (head 10.0.0.5)" in lines[0] and lines[1].startswith("edgetune: $ ") and " exec " in lines[1]
 
 
-def test_skipped_files_are_reported_once_on_stderr(clean_loggers: None, capsys: pytest.CaptureFixture[str],
-                                                   tmp_path: Path) -> None:
+def test_skipped_files_are_reported_once_on_stderr(
+    clean_loggers: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """The unreadable-file notice was printed and logged (and printed again by the trainer run): now one line."""
     from tests.test_data import SPEC32, cfg, make_folder
     from trainer.data import build_data

@@ -14,8 +14,13 @@ from trainer.loop_config import REPORT_TO, LoopConfig
 
 
 def test_round_trip_through_the_dict_ray_train_hands_a_worker():
-    lc = LoopConfig(train_config=TrainConfig().to_dict(), run_dir="/tmp/x", static_metrics={"latency_ms": 2.5},
-                    deadline=1e9, with_test=False)
+    lc = LoopConfig(
+        train_config=TrainConfig().to_dict(),
+        run_dir="/tmp/x",
+        static_metrics={"latency_ms": 2.5},
+        deadline=1e9,
+        with_test=False,
+    )
     d = lc.to_dict()
     assert isinstance(d, dict) and d["static_metrics"] == {"latency_ms": 2.5}
     back = LoopConfig.coerce(d)
@@ -26,12 +31,15 @@ def test_round_trip_through_the_dict_ray_train_hands_a_worker():
         lc.report_to = "tune"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"run-dir": "x"}, r"unknown key\(s\) \['run-dir'\]; allowed: \['train_config', 'run_dir'"),
-    ({"report_to": "stdout"}, "report_to must be one of " + re.escape(str(list(REPORT_TO)))),
-    ({"deadline": "soon"}, "deadline must be a unix time or None"),
-    ({"static_metrics": [1]}, "static_metrics must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"run-dir": "x"}, r"unknown key\(s\) \['run-dir'\]; allowed: \['train_config', 'run_dir'"),
+        ({"report_to": "stdout"}, "report_to must be one of " + re.escape(str(list(REPORT_TO)))),
+        ({"deadline": "soon"}, "deadline must be a unix time or None"),
+        ({"static_metrics": [1]}, "static_metrics must be a mapping"),
+    ],
+)
 def test_bad_loop_config_is_refused_naming_what_is_allowed(bad, match):
     with pytest.raises(ConfigError, match=match):
         LoopConfig.coerce({"train_config": TrainConfig().to_dict(), **bad})

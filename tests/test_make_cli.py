@@ -48,14 +48,21 @@ def test_make_report_without_a_storage_says_so(tmp_path):
     assert not (tmp_path / "none.db").exists()  # looking did not create one
 
 
-@pytest.mark.parametrize("target, extra", [("tune", []), ("dashboard", []), ("report", []),
-                                           ("report", ["STUDIES=a,b"]), ("tune", ["ARGS=--storage {url}"])])
+@pytest.mark.parametrize(
+    "target, extra",
+    [("tune", []), ("dashboard", []), ("report", []), ("report", ["STUDIES=a,b"]), ("tune", ["ARGS=--storage {url}"])],
+)
 def test_make_never_echoes_a_postgresql_password(target, extra):
     url = "postgresql://edgetune:s3cr3t-pw@db.example:5432/studies"
     args = [a.format(url=url) for a in extra]
     # PY=true: the command itself does nothing; what make shows of it is the point
-    r = subprocess.run(["make", "--no-print-directory", "STAMP=", "PY=true", target, f"STORAGE={url}", *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["make", "--no-print-directory", "STAMP=", "PY=true", target, f"STORAGE={url}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     shown = r.stdout + r.stderr
     assert r.returncode == 0, shown
     assert "s3cr3t" not in shown, shown
@@ -86,8 +93,16 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     from tuner.dashboard import build_parser as dashboard
     from tuner.studies import build_parser as studies
 
-    out = {"tune": tune(), "train": train(), "export": export(), "serve": serve(), "engine": engine(),
-           "client": client(), "dashboard": dashboard(), "studies": studies()}
+    out = {
+        "tune": tune(),
+        "train": train(),
+        "export": export(),
+        "serve": serve(),
+        "engine": engine(),
+        "client": client(),
+        "dashboard": dashboard(),
+        "studies": studies(),
+    }
     node = edge_node()
     out["edge-node"] = node
     for a in node._actions:
@@ -116,8 +131,9 @@ def test_help_shows_every_default(name):
             continue
         assert action.help, f"{name}: {action.option_strings[0]} has no help text"
         helped = " ".join(action.help.split())
-        assert "default" in helped.lower() or f"(default: {' '.join(want.split())})" in text, \
+        assert "default" in helped.lower() or f"(default: {' '.join(want.split())})" in text, (
             f"{name} --help does not show the default of {action.option_strings[0]} ({want})"
+        )
 
 
 def _readme_sections() -> set[str]:

@@ -36,8 +36,11 @@ def test_linear_and_mlp_heads():
     m = _model("mobilenet_v2", classes=4, head="mlp", head_hidden=(64, 32), dropout=0.5)
     types = [type(x) for x in m.head]
     assert types == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
-    assert [(x.in_features, x.out_features) for x in m.head if isinstance(x, nn.Linear)] == [(1280, 64), (64, 32),
-                                                                                              (32, 4)]
+    assert [(x.in_features, x.out_features) for x in m.head if isinstance(x, nn.Linear)] == [
+        (1280, 64),
+        (64, 32),
+        (32, 4),
+    ]
     assert all(x.p == 0.5 for x in m.head if isinstance(x, nn.Dropout))
     m.eval()
     assert m(torch.randn(2, 3, 64, 64)).shape == (2, 4)
@@ -51,7 +54,7 @@ def test_frozen_layers_get_no_grad_and_keep_bn_stats():
     assert rep["params_frozen"] > 0
     layers = m.layer_order()
     frozen = [mod for _, mod in layers[: rep["layers_frozen"]]]
-    live = [mod for _, mod in layers[rep["layers_frozen"]:]]
+    live = [mod for _, mod in layers[rep["layers_frozen"] :]]
     assert all(not p.requires_grad for mod in frozen for p in mod.parameters(recurse=False))
     assert all(p.requires_grad for mod in live for p in mod.parameters(recurse=False))
     frozen_bn = [mod for mod in frozen if isinstance(mod, _BatchNorm)]
@@ -148,8 +151,9 @@ def test_init_head_continues_the_same_task_only(tmp_path):
     with torch.no_grad():
         src.head[1].weight.add_(1.0)
     cfg = TrainConfig(model=ModelConfig(backbone="resnet18", weights="none"))
-    save_checkpoint(tmp_path / "run" / "best", src, cfg.to_dict(), list("abc"), preprocess_spec_for(cfg.model), 1,
-                    {"val_acc": 0.5})
+    save_checkpoint(
+        tmp_path / "run" / "best", src, cfg.to_dict(), list("abc"), preprocess_spec_for(cfg.model), 1, {"val_acc": 0.5}
+    )
     warm = create_model(ModelConfig(backbone="resnet18", init=str(tmp_path / "run"), init_head=True), 3)
     assert torch.equal(warm.head[1].weight, src.head[1].weight)
     cold = create_model(ModelConfig(backbone="resnet18", init=str(tmp_path / "run")), 3)

@@ -14,7 +14,7 @@ def _probs(y: np.ndarray, k: int, right: float, rng: np.random.Generator) -> np.
     """Probabilities that put ``right`` mass on the true class for a random 70 % of items, noise elsewhere."""
     p = rng.dirichlet(np.ones(k), size=len(y))
     hit = rng.random(len(y)) < 0.7
-    p[hit] *= (1 - right)
+    p[hit] *= 1 - right
     p[hit, y[hit]] += right
     return p / p.sum(1, keepdims=True)
 
@@ -58,8 +58,9 @@ def test_tau_is_kept_only_when_cross_validation_says_so() -> None:
 
 def test_ensemble_graph_matches_its_parts_and_exports_with_parity(tmp_path) -> None:
     torch.manual_seed(0)
-    m1 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                             torch.nn.Linear(4, 3)).eval()
+    m1 = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+    ).eval()
     m2 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3)).eval()
     prior = [-0.2, -1.0, -2.5]
     net = posthoc.Ensemble([m1, m2], [posthoc.TTA_VIEWS, ("id",)], [3.0, 1.0], prior, tau=0.5).eval()
@@ -110,14 +111,21 @@ def test_select_on_real_checkpoints_exports_one_graph_with_parity(tmp_path) -> N
     inputs = posthoc.Inputs(x_val, y_val, x_test, y_test, np.log(counts / counts.sum()), list(data.classes))
     post = posthoc.select(str(runs[0]), [("trial 1", str(runs[1]))], inputs, "val_macro_f1")
     assert post.members and post.test_probs is not None and post.test_probs.shape == (len(y_test), 3)
-    assert [lv["name"] for lv in post.levers] == ["final model", "+ test-time flips", "+ ensemble",
-                                                  "+ decision rule"]
+    assert [lv["name"] for lv in post.levers] == ["final model", "+ test-time flips", "+ ensemble", "+ decision rule"]
     single = posthoc.select(str(runs[0]), [("trial 1", str(runs[1]))], inputs, "val_macro_f1", views=False)
     assert not single.tta and not single.ensemble and len(single.members) == 1  # a latency budget: one model
-    forced = posthoc.Ensemble([posthoc.select(str(r), [], inputs, "val_macro_f1", views=False).model for r in runs],
-                              [posthoc.TTA_VIEWS, ("id",)], [0.5, 0.5]).eval()
-    b = export_model(forced, read_meta(runs[0]), tmp_path / "bundle", data=data,
-                     extra={"final_model": {"members": ["r0 (flips)", "r1"]}})
+    forced = posthoc.Ensemble(
+        [posthoc.select(str(r), [], inputs, "val_macro_f1", views=False).model for r in runs],
+        [posthoc.TTA_VIEWS, ("id",)],
+        [0.5, 0.5],
+    ).eval()
+    b = export_model(
+        forced,
+        read_meta(runs[0]),
+        tmp_path / "bundle",
+        data=data,
+        extra={"final_model": {"members": ["r0 (flips)", "r1"]}},
+    )
     meta = json.loads((b / "bundle.json").read_text())
     assert meta["parity"]["top1_agreement"] == 1.0
     assert meta["final_model"]["latency_here"]["p50_ms"] > 0  # bundle.json carries extra at its top level

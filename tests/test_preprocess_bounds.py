@@ -53,9 +53,15 @@ def test_accepted_formats_are_listed_exactly() -> None:
 
 # -- finding 2: dimensions from the header of every accepted format ---------------------------
 
+
 @settings(max_examples=60, deadline=None)
-@given(fmt=st.sampled_from(sorted(EXT)), h=st.integers(1, 300), w=st.integers(1, 300),
-       channels=st.sampled_from([1, 3, 4]), seed=st.integers(0, 2**16))
+@given(
+    fmt=st.sampled_from(sorted(EXT)),
+    h=st.integers(1, 300),
+    w=st.integers(1, 300),
+    channels=st.sampled_from([1, 3, 4]),
+    seed=st.integers(0, 2**16),
+)
 def test_header_dimensions_match_the_decoded_image(fmt: str, h: int, w: int, channels: int, seed: int) -> None:
     if fmt == "JPEG" and channels == 4:
         channels = 3  # JPEG has no alpha
@@ -99,8 +105,9 @@ def test_tiff_tile_larger_than_the_image_is_refused(imdecode_calls: list) -> Non
 
 def test_webp_bomb_memory_stays_small() -> None:
     """A 38-byte lossless WebP declaring 8192x8192 (67 M pixels): refused with < 40 MB peak RSS growth."""
-    bomb = patch_webp_lossless(encode("WebP", np.full((16, 16, 3), 77, np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101]),
-                                8192, 8192)
+    bomb = patch_webp_lossless(
+        encode("WebP", np.full((16, 16, 3), 77, np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101]), 8192, 8192
+    )
     code = f"""
 import json, sys
 import numpy as np, cv2
@@ -137,16 +144,28 @@ def test_other_formats_are_refused_clearly(ext: str, imdecode_calls: list) -> No
     assert imdecode_calls == []
 
 
-@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n\0\0", b"\xff\xd8\xff\xe0\0\x10JFIF", b"RIFF\0\0\0\0WEBPVP8L",
-                                  b"II*\0\xff\xff\xff\x7f", b"BM\0\0\0\0"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x89PNG\r\n\x1a\n\0\0",
+        b"\xff\xd8\xff\xe0\0\x10JFIF",
+        b"RIFF\0\0\0\0WEBPVP8L",
+        b"II*\0\xff\xff\xff\x7f",
+        b"BM\0\0\0\0",
+    ],
+)
 def test_truncated_headers_are_invalid_not_crashes(data: bytes) -> None:
     with pytest.raises(ImageDecodeError):
         decode_image(data)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(prefix=st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\0\0\0\0WEBP", b"II*\0", b"MM\0*",
-                               b"II+\0", b"BM", b""]), tail=st.binary(max_size=300))
+@given(
+    prefix=st.sampled_from(
+        [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\0\0\0\0WEBP", b"II*\0", b"MM\0*", b"II+\0", b"BM", b""]
+    ),
+    tail=st.binary(max_size=300),
+)
 def test_fuzzed_headers_never_raise_anything_else(prefix: bytes, tail: bytes) -> None:
     try:
         head = read_image_header(prefix + tail)
@@ -157,8 +176,9 @@ def test_fuzzed_headers_never_raise_anything_else(prefix: bytes, tail: bytes) ->
 
 # -- finding 1: aspect ratio and intermediate size on every path ------------------------------
 
-SPECS = [PreprocessSpec(input_size=(8, 8), resize=8, interpolation=i) for i in ("bilinear", "area", "bicubic",
-                                                                                  "nearest")]
+SPECS = [
+    PreprocessSpec(input_size=(8, 8), resize=8, interpolation=i) for i in ("bilinear", "area", "bicubic", "nearest")
+]
 SPECS += [PreprocessSpec(input_size=(8, 8), resize=8, resize_mode="stretch")]
 
 
@@ -186,8 +206,13 @@ def test_the_1x60000_png_is_refused_from_its_header(imdecode_calls: list) -> Non
 
 
 @settings(max_examples=80, deadline=None)
-@given(h=st.integers(1, 2500), w=st.integers(1, 2500), size=st.integers(8, 64), extra=st.integers(0, 40),
-       mode=st.sampled_from(["shorter_side", "stretch"]))
+@given(
+    h=st.integers(1, 2500),
+    w=st.integers(1, 2500),
+    size=st.integers(8, 64),
+    extra=st.integers(0, 40),
+    mode=st.sampled_from(["shorter_side", "stretch"]),
+)
 def test_resize_output_is_bounded_or_refused(h: int, w: int, size: int, extra: int, mode: str) -> None:
     spec = PreprocessSpec(input_size=(size, size), resize=size + extra, resize_mode=mode)
     img = np.zeros((h, w, 3), np.uint8)
@@ -197,7 +222,7 @@ def test_resize_output_is_bounded_or_refused(h: int, w: int, size: int, extra: i
         assert max(h, w) / min(h, w) > MAX_ASPECT_RATIO, (h, w, str(e))
         return
     assert max(h, w) / min(h, w) <= MAX_ASPECT_RATIO
-    assert out.shape[0] * out.shape[1] <= min(MAX_RESIZE_PIXELS, spec.resize ** 2 * MAX_ASPECT_RATIO + 4 * spec.resize)
+    assert out.shape[0] * out.shape[1] <= min(MAX_RESIZE_PIXELS, spec.resize**2 * MAX_ASPECT_RATIO + 4 * spec.resize)
     assert spec.apply(img).shape == (3, size, size)
 
 
@@ -217,9 +242,10 @@ def test_pixel_conversions_unchanged_and_lean() -> None:
     """16-bit, float and RGBA images convert exactly as before (without float copies of the whole image)."""
     rng = np.random.default_rng(2)
     u16 = rng.integers(0, 65536, (50, 60, 3), dtype=np.uint16)
-    np.testing.assert_array_equal(imagedecode._to_rgb_uint8(u16, "x"),
-                                  cv2.cvtColor((u16.astype(np.float32) / 257.0 + 0.5).astype(np.uint8),
-                                               cv2.COLOR_BGR2RGB))
+    np.testing.assert_array_equal(
+        imagedecode._to_rgb_uint8(u16, "x"),
+        cv2.cvtColor((u16.astype(np.float32) / 257.0 + 0.5).astype(np.uint8), cv2.COLOR_BGR2RGB),
+    )
     f32 = rng.normal(3, 5, (40, 30)).astype(np.float32)
     lo, hi = float(f32.min()), float(f32.max())
     ref = ((f32 - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)

@@ -17,8 +17,14 @@ GENERATED = ("classifier_pb2.py", "classifier_pb2.pyi", "classifier_pb2_grpc.py"
 def _protoc(out: Path) -> None:
     from grpc_tools import protoc
 
-    args = ["grpc_tools.protoc", f"-I{REPO / 'proto'}", f"--python_out={out}", f"--pyi_out={out}",
-            f"--grpc_python_out={out}", *map(str, PROTOS)]
+    args = [
+        "grpc_tools.protoc",
+        f"-I{REPO / 'proto'}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *map(str, PROTOS),
+    ]
     assert protoc.main(args) == 0, "protoc failed"
 
 

@@ -17,8 +17,9 @@ def _mode(home: Path, **env: str) -> str:
     e = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     e.update(HOME=str(home), **env)
     code = LINE + "\nimport os; print(os.environ.get('RAY_AUTH_MODE', '<unset>'))"
-    return subprocess.run([sys.executable, "-S", "-c", code], env=e, capture_output=True, text=True,
-                          timeout=60, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-S", "-c", code], env=e, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.strip()
 
 
 def test_token_mode_follows_the_heads_rule(tmp_path):

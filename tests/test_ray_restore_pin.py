@@ -52,8 +52,9 @@ def test_a_deleted_snapshot_checkpoint_fails_the_restore_and_a_stand_in_lets_it_
     ok = tmp_path / "ok"
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # never another Ray here
     try:
-        run = tune.RunConfig(name="pin", storage_path=str(tmp_path / "ray"), verbose=0,
-                             failure_config=tune.FailureConfig(max_failures=0))
+        run = tune.RunConfig(
+            name="pin", storage_path=str(tmp_path / "ray"), verbose=0, failure_config=tune.FailureConfig(max_failures=0)
+        )
         names = tune.TuneConfig(trial_dirname_creator=_trial_dirname)  # trial_<id>, as edgetune's studies name them
         first = tune.Tuner(_trainable, param_space={"ok": str(ok)}, run_config=run, tune_config=names).fit()
         assert first.errors and first[0].metrics["it"] == 1
@@ -94,7 +95,10 @@ def test_the_winner_copy_skips_a_stand_in_best_checkpoint(tmp_path: Path) -> Non
     (stand_in / DELETED_CHECKPOINT_MARKER).write_text("x")
     latest.mkdir()
     (latest / "model.pt").write_bytes(b"weights")
-    result = SimpleNamespace(get_best_checkpoint=lambda metric, mode: tune.Checkpoint.from_directory(str(stand_in)),
-                             checkpoint=tune.Checkpoint.from_directory(str(latest)), metrics={})
+    result = SimpleNamespace(
+        get_best_checkpoint=lambda metric, mode: tune.Checkpoint.from_directory(str(stand_in)),
+        checkpoint=tune.Checkpoint.from_directory(str(latest)),
+        metrics={},
+    )
     assert materialise_best_checkpoint(result, {}, "checkpoint_score", "max", tmp_path / "best")
     assert (tmp_path / "best" / "model.pt").read_bytes() == b"weights"

@@ -17,10 +17,18 @@ def _trainers(tmp_path: Path) -> dict[str, Any]:
     from tuner.trial import TrialResources, ddp_trainer
 
     cfg = tiny_config(**{"workers": 2})
-    res = TrialResources(workers=2, cpus_per_worker=0.5, resources_per_worker={"slot": 1.0},
-                         placement_strategy="STRICT_SPREAD", max_failures=3, storage_path=str(tmp_path / "ray"))
-    return {"make train": _ddp_trainer(cfg, tmp_path, cpus=2.0),
-            "tuner trial": ddp_trainer({"train_config": cfg.to_dict(), "report_to": "ray_train"}, res, "t1")}
+    res = TrialResources(
+        workers=2,
+        cpus_per_worker=0.5,
+        resources_per_worker={"slot": 1.0},
+        placement_strategy="STRICT_SPREAD",
+        max_failures=3,
+        storage_path=str(tmp_path / "ray"),
+    )
+    return {
+        "make train": _ddp_trainer(cfg, tmp_path, cpus=2.0),
+        "tuner trial": ddp_trainer({"train_config": cfg.to_dict(), "report_to": "ray_train"}, res, "t1"),
+    }
 
 
 def test_both_ddp_callers_keep_the_best_checkpoint(tmp_path: Path) -> None:
@@ -66,8 +74,16 @@ def test_factory_trainer_keeps_the_best_not_the_latest(tmp_path: Path) -> None:
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # never another Ray here
     try:
-        result = make_torch_trainer({}, workers=1, use_gpu=False, name="t", storage_path=str(tmp_path),
-                                    max_failures=0, resources_per_worker={"CPU": 1.0}, loop_fn=_scored_loop).fit()
+        result = make_torch_trainer(
+            {},
+            workers=1,
+            use_gpu=False,
+            name="t",
+            storage_path=str(tmp_path),
+            max_failures=0,
+            resources_per_worker={"CPU": 1.0},
+            loop_fn=_scored_loop,
+        ).fit()
     finally:
         ray.shutdown()
     assert result.error is None
@@ -86,8 +102,9 @@ def _scored_loop(config: dict) -> None:
     for epoch, score in ((1, 1), (2, -1), (3, -1)):
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "epoch").write_text(str(epoch))
-            ray.train.report({"epoch": epoch, CHECKPOINT_SCORE: score},
-                             checkpoint=ray.train.Checkpoint.from_directory(d))
+            ray.train.report(
+                {"epoch": epoch, CHECKPOINT_SCORE: score}, checkpoint=ray.train.Checkpoint.from_directory(d)
+            )
 
 
 DDP_SPACE = """\
@@ -114,10 +131,34 @@ def test_ddp_trial_records_and_exports_its_best_epoch(tmp_path: Path) -> None:
 
     (tmp_path / "space.yaml").write_text(DDP_SPACE)
     db = f"sqlite:///{tmp_path}/optuna.db"
-    run_tuner([*TINY_ARGS, "--set", "threads=1", "--no-refit", "--study", "ddp", "--trials", "1", "--epochs", "4",
-               "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--space", str(tmp_path / "space.yaml"),
-               "--storage", db, "--out", str(tmp_path / "out"), "--address", "local"], tmp_path / "tuner.log",
-              timeout=800)
+    run_tuner(
+        [
+            *TINY_ARGS,
+            "--set",
+            "threads=1",
+            "--no-refit",
+            "--study",
+            "ddp",
+            "--trials",
+            "1",
+            "--epochs",
+            "4",
+            "--workers-per-trial",
+            "2",
+            "--cpus-per-worker",
+            "0.5",
+            "--space",
+            str(tmp_path / "space.yaml"),
+            "--storage",
+            db,
+            "--out",
+            str(tmp_path / "out"),
+            "--address",
+            "local",
+        ],
+        tmp_path / "tuner.log",
+        timeout=800,
+    )
     (trial,) = optuna.load_study(study_name="ddp", storage=db).trials
     uri = Path(trial.user_attrs["checkpoint_uri"])
     latest = max((read_meta(d) for d in uri.parent.glob("checkpoint_*") if d.is_dir()), key=lambda m: m["epoch"])

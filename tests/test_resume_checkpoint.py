@@ -18,11 +18,18 @@ pytestmark = pytest.mark.slow
 
 
 def _loop_config(run_dir: Path, epochs: int) -> dict:
-    cfg = TrainConfig.from_dict({
-        "data": {"dataset": "textures", "max_images": 45},
-        "model": {"backbone": "efficientnet_lite0", "img_size": 32, "freeze": 1.0},
-        "optim": {"lr": 1e-2}, "epochs": epochs, "batch_size": 16, "threads": 1, "progress": False,
-        "robustness": False})
+    cfg = TrainConfig.from_dict(
+        {
+            "data": {"dataset": "textures", "max_images": 45},
+            "model": {"backbone": "efficientnet_lite0", "img_size": 32, "freeze": 1.0},
+            "optim": {"lr": 1e-2},
+            "epochs": epochs,
+            "batch_size": 16,
+            "threads": 1,
+            "progress": False,
+            "robustness": False,
+        }
+    )
     return {"train_config": cfg.to_dict(), "run_dir": str(run_dir), "report_to": "local"}
 
 
@@ -80,10 +87,12 @@ def _damaged(src: Path, dst: Path, how: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("how", ["stand-in", "no weights", "truncated weights", "truncated train state",
-                                 "no train state"])
-def test_a_lost_or_incomplete_checkpoint_restarts_from_epoch_1_and_says_why(monkeypatch, tmp_path, caplog,
-                                                                           last_checkpoint, how):
+@pytest.mark.parametrize(
+    "how", ["stand-in", "no weights", "truncated weights", "truncated train state", "no train state"]
+)
+def test_a_lost_or_incomplete_checkpoint_restarts_from_epoch_1_and_says_why(
+    monkeypatch, tmp_path, caplog, last_checkpoint, how
+):
     if how == "stand-in":  # what the tuner puts where Ray's retention deleted the snapshot's checkpoint
         from tuner import _ray_compat
 

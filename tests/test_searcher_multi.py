@@ -16,8 +16,14 @@ def _space(trial):
 
 def test_multi_objective_curves_and_resumed_twin(tmp_path):
     storage = rdb_storage(f"sqlite:///{tmp_path / 'o.db'}")
-    s = EdgetuneOptunaSearch(space=_space, metric=["best_val_macro_f1", "latency_ms"], mode=["max", "min"], max_t=3,
-                             study_name="m", storage=storage)
+    s = EdgetuneOptunaSearch(
+        space=_space,
+        metric=["best_val_macro_f1", "latency_ms"],
+        mode=["max", "min"],
+        max_t=3,
+        study_name="m",
+        storage=storage,
+    )
     assert s.suggest("a") is not None
     s.on_trial_result("a", {"best_val_macro_f1": 0.5, "latency_ms": 3.0, "training_iteration": 1})
     s.on_trial_result("a", {"best_val_macro_f1": 0.6, "latency_ms": 3.0, "training_iteration": 2})
@@ -40,8 +46,9 @@ def test_steps_are_epochs_and_a_restarted_twin_starts_a_new_curve(tmp_path):
     does not reset); a twin whose run restarted gets no curve from before the kill, and every trial names its Ray
     trial id from its first result (a later resume finds its directory by it)."""
     storage = rdb_storage(f"sqlite:///{tmp_path / 'o.db'}")
-    s = EdgetuneOptunaSearch(space=_space, metric="best_val_macro_f1", mode="max", max_t=3, study_name="r",
-                             storage=storage)
+    s = EdgetuneOptunaSearch(
+        space=_space, metric="best_val_macro_f1", mode="max", max_t=3, study_name="r", storage=storage
+    )
     assert s.suggest("a") is not None
     for it in (1, 2):
         s.on_trial_result("a", {"best_val_macro_f1": 0.1 * it, "epoch": it, "training_iteration": it})
@@ -51,8 +58,15 @@ def test_steps_are_epochs_and_a_restarted_twin_starts_a_new_curve(tmp_path):
     study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # the driver was killed; the resume marked it FAIL
     why = "the checkpoint to resume from is gone or incomplete (...)"
     for epoch in (1, 2, 3):  # Ray counts on (3, 4, 5); the loop restarted from epoch 1
-        s.on_trial_result("a", {"best_val_macro_f1": 0.5 + 0.1 * epoch, "epoch": epoch,
-                                "training_iteration": 2 + epoch, "resume_restarted": why})
+        s.on_trial_result(
+            "a",
+            {
+                "best_val_macro_f1": 0.5 + 0.1 * epoch,
+                "epoch": epoch,
+                "training_iteration": 2 + epoch,
+                "resume_restarted": why,
+            },
+        )
     twin = optuna.load_study(study_name="r", storage=storage).trials[-1]
     assert twin.number != t.number and twin.params == t.params
     assert twin.user_attrs["ray_trial_id"] == "a"

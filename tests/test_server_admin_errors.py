@@ -58,6 +58,7 @@ def _labels_mismatch(src: Path, dst: Path, n: int = 2) -> Path:
 
 # -- finding 4 ---------------------------------------------------------------------------------
 
+
 def test_load_model_is_off_unless_enabled(bundle_dir: Path, bundle_dir_b: Path) -> None:
     srv = start_server(bundle_dir)  # loopback, no token: LoadModel used to be open here
     try:
@@ -106,8 +107,9 @@ def _admin_server(bundle: Path, root: Path, **kw: Any) -> Any:
     return start_server(bundle, load_model=True, admin_token=ADMIN, model_root=root, **kw)
 
 
-def test_load_model_admin_credential_and_model_root(bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path,
-                                                    good_png: bytes) -> None:
+def test_load_model_admin_credential_and_model_root(
+    bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path, good_png: bytes
+) -> None:
     root = tmp_path / "models"
     root.mkdir()
     copy_bundle(bundle_dir, root / "a")
@@ -125,17 +127,29 @@ def test_load_model_admin_credential_and_model_root(bundle_dir: Path, bundle_dir
                 return stub.LoadModel(pb.LoadModelRequest(bundle_path=path), timeout=30, metadata=md)
 
             assert call_error(load, "b", cam).code() == grpc.StatusCode.UNAUTHENTICATED  # camera token is not admin
-            assert call_error(load, "b", cam + [("x-edgetune-admin-token", CAMERA)]).code() == \
-                grpc.StatusCode.UNAUTHENTICATED
-            assert call_error(load, "b", cam + [("x-edgetune-admin-token", ADMIN + "x")]).code() == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                call_error(load, "b", cam + [("x-edgetune-admin-token", CAMERA)]).code()
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
+            assert (
+                call_error(load, "b", cam + [("x-edgetune-admin-token", ADMIN + "x")]).code()
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
             # the camera token is still needed
             assert call_error(load, "b", ADMIN_MD).code() == grpc.StatusCode.UNAUTHENTICATED
             assert load("b", cam + ADMIN_MD).model_version == vb  # relative to the model root, not the cwd
             assert load(str(root / "a"), cam + ADMIN_MD).model_version == va
             refused = {}
-            for path in ["../outside-bundle", str(outside), "link", "link/../b", "/etc", "/nonexistent/x",
-                         "../../../../../../etc", str(root / "does-not-exist")]:
+            for path in [
+                "../outside-bundle",
+                str(outside),
+                "link",
+                "link/../b",
+                "/etc",
+                "/nonexistent/x",
+                "../../../../../../etc",
+                str(root / "does-not-exist"),
+            ]:
                 e = call_error(load, path, cam + ADMIN_MD)
                 assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, e)
                 refused[path] = e.details().replace(repr(path), "<path>")
@@ -171,50 +185,101 @@ def test_cli_admin_token_from_file_or_environment(bundle_dir: Path, bundle_dir_b
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN + "\n")
     token_file.chmod(0o600)
-    srv = CliServer(["--bundle", str(root / "a"), "--port", "0", "--threads", "1", "--enable-load-model",
-                     "--model-root", str(root), "--admin-token-file", str(token_file)], tmp_path / "s1.log")
+    srv = CliServer(
+        [
+            "--bundle",
+            str(root / "a"),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--enable-load-model",
+            "--model-root",
+            str(root),
+            "--admin-token-file",
+            str(token_file),
+        ],
+        tmp_path / "s1.log",
+    )
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
-            assert call_code(stub.LoadModel, pb.LoadModelRequest(bundle_path="b"), timeout=30) == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                call_code(stub.LoadModel, pb.LoadModelRequest(bundle_path="b"), timeout=30)
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
             info = stub.LoadModel(pb.LoadModelRequest(bundle_path="b"), timeout=30, metadata=ADMIN_MD)
             assert info.model_version == load_bundle(bundle_dir_b).version
     finally:
         srv.stop()
     swapped = [r for r in srv.records() if r["msg"] == "model swapped"]
     assert swapped and ADMIN not in srv.log_path.read_text()
-    srv = CliServer(["--bundle", str(root / "a"), "--port", "0", "--threads", "1", "--enable-load-model",
-                     "--model-root", str(root)], tmp_path / "s2.log", env={"EDGETUNE_ADMIN_TOKEN": ADMIN})
+    srv = CliServer(
+        [
+            "--bundle",
+            str(root / "a"),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--enable-load-model",
+            "--model-root",
+            str(root),
+        ],
+        tmp_path / "s2.log",
+        env={"EDGETUNE_ADMIN_TOKEN": ADMIN},
+    )
     try:
         with grpc.insecure_channel(srv.address) as ch:
-            info = pb_grpc.ClassifierStub(ch).LoadModel(pb.LoadModelRequest(bundle_path="b"), timeout=30,
-                                                        metadata=ADMIN_MD)
+            info = pb_grpc.ClassifierStub(ch).LoadModel(
+                pb.LoadModelRequest(bundle_path="b"), timeout=30, metadata=ADMIN_MD
+            )
             assert info.model_version == load_bundle(bundle_dir_b).version
     finally:
         srv.stop()
-    r = subprocess.run([sys.executable, "-m", "edge_server", "--bundle", str(root / "a"), "--enable-load-model",
-                        "--model-root", str(root)], cwd=REPO, capture_output=True, text=True, timeout=60,
-                       env={k: v for k, v in os.environ.items() if k != "EDGETUNE_ADMIN_TOKEN"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_server",
+            "--bundle",
+            str(root / "a"),
+            "--enable-load-model",
+            "--model-root",
+            str(root),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "EDGETUNE_ADMIN_TOKEN"},
+    )
     assert r.returncode == 2 and "admin token" in r.stderr
 
 
 # -- finding 5 ---------------------------------------------------------------------------------
+
 
 def test_labels_mismatch_is_refused_at_startup(bundle_dir: Path, tmp_path: Path) -> None:
     bad = _labels_mismatch(bundle_dir, tmp_path / "two-labels")
     with pytest.raises(BundleError) as e:
         make_server(bundle=bad, port=0, backend="onnxruntime", intra_op_threads=1)
     assert re.search(r"2 labels.*3 outputs", str(e.value)), str(e.value)
-    r = subprocess.run([sys.executable, "-m", "edge_server", "--bundle", str(bad), "--port", "0", "--threads", "1"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_server", "--bundle", str(bad), "--port", "0", "--threads", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert "labels" in last and "2" in last and "3" in last, r.stderr
 
 
-def test_labels_mismatch_is_refused_by_load_model_and_watch(bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path,
-                                                           good_png: bytes) -> None:
+def test_labels_mismatch_is_refused_by_load_model_and_watch(
+    bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path, good_png: bytes
+) -> None:
     root = tmp_path / "models"
     root.mkdir()
     live = copy_bundle(bundle_dir, root / "live")
@@ -237,8 +302,9 @@ def test_labels_mismatch_is_refused_by_load_model_and_watch(bundle_dir: Path, bu
         srv.stop(grace=1)
 
 
-def test_unexpected_handler_exception_is_internal_and_logged(bundle_dir: Path, good_png: bytes,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_unexpected_handler_exception_is_internal_and_logged(
+    bundle_dir: Path, good_png: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     """What a labels/outputs mismatch used to do at request time (IndexError -> UNKNOWN, stream ended)."""
     srv = start_server(bundle_dir)
     try:
@@ -322,6 +388,7 @@ def test_grpc_and_native_errors_reach_the_json_log(cli: CliServer, good_png: byt
     corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 40] = b"\x00" * 40
     with grpc.insecure_channel(cli.address) as ch:
         call_code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(image=bytes(corrupt)), timeout=10)
+
     def native() -> list[dict]:
         return [r for r in cli.records() if r["logger"] == "edge_server.native"]
 
@@ -331,8 +398,10 @@ def test_grpc_and_native_errors_reach_the_json_log(cli: CliServer, good_png: byt
 
 # -- finding 7 (server side) -------------------------------------------------------------------
 
-def test_cli_token_on_command_line_warns_and_file_or_env_is_preferred(bundle_dir: Path, tmp_path: Path,
-                                                                      good_png: bytes) -> None:
+
+def test_cli_token_on_command_line_warns_and_file_or_env_is_preferred(
+    bundle_dir: Path, tmp_path: Path, good_png: bytes
+) -> None:
     base = ["--bundle", str(bundle_dir), "--port", "0", "--threads", "1"]
     srv = CliServer([*base, "--token", CAMERA], tmp_path / "t1.log")
     srv.stop()
@@ -345,10 +414,13 @@ def test_cli_token_on_command_line_warns_and_file_or_env_is_preferred(bundle_dir
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
-            assert call_code(stub.Classify, pb.ClassifyRequest(image=good_png), timeout=10) == \
-                grpc.StatusCode.UNAUTHENTICATED
-            assert stub.Classify(pb.ClassifyRequest(image=good_png), timeout=10,
-                                 metadata=[("authorization", f"Bearer {CAMERA}")]).predictions
+            assert (
+                call_code(stub.Classify, pb.ClassifyRequest(image=good_png), timeout=10)
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
+            assert stub.Classify(
+                pb.ClassifyRequest(image=good_png), timeout=10, metadata=[("authorization", f"Bearer {CAMERA}")]
+            ).predictions
     finally:
         srv.stop()
     recs = srv.records()
@@ -358,7 +430,9 @@ def test_cli_token_on_command_line_warns_and_file_or_env_is_preferred(bundle_dir
     srv = CliServer(base, tmp_path / "t3.log", env={"EDGETUNE_TOKEN": CAMERA})
     try:
         with grpc.insecure_channel(srv.address) as ch:
-            assert call_code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(image=good_png), timeout=10) == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                call_code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(image=good_png), timeout=10)
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
     finally:
         srv.stop()

@@ -81,8 +81,11 @@ def test_stream_one_result_per_frame(stub, bundle_dir):
     feeder = RequestFeeder()
     responses = stub.StreamClassify(feeder, timeout=30)
     for i in range(6):
-        feeder.send(pb.Frame(camera_id="cam-a", frame_id=100 + i, capture_time_us=1_000 + i,
-                             image=encode_png(imgs[i * 7]), top_k=2))
+        feeder.send(
+            pb.Frame(
+                camera_id="cam-a", frame_id=100 + i, capture_time_us=1_000 + i, image=encode_png(imgs[i * 7]), top_k=2
+            )
+        )
         res = next(responses)
         assert (res.camera_id, res.frame_id, res.capture_time_us) == ("cam-a", 100 + i, 1_000 + i)
         assert res.error == "" and len(res.predictions) == 2 and res.dropped_before == 0
@@ -112,8 +115,10 @@ def test_model_info(stub, bundle_dir):
 def test_health_serving(channel):
     h = health_pb2_grpc.HealthStub(channel)
     for svc in ("", "edgetune.v1.Classifier"):
-        assert h.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            h.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
 
 
 def test_reflection_lists_service(channel):
@@ -150,8 +155,15 @@ def test_micro_batching_groups_concurrent_requests(bundle_dir):
     (The default adaptive wait groups only requests that overlap in time; tiny test images decode in
     microseconds, so the fixed window makes grouping deterministic here. Adaptive grouping is tested in
     test_server_runners.py.)"""
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
-                      max_wait_ms=50, batch_wait="fixed").start()
+    srv = make_server(
+        bundle=bundle_dir,
+        port=0,
+        backend="onnxruntime",
+        intra_op_threads=1,
+        max_batch=8,
+        max_wait_ms=50,
+        batch_wait="fixed",
+    ).start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)

@@ -32,6 +32,7 @@ def _wait(pred: object, timeout: float, step: float = 0.05) -> bool:
 
 # -- finding 1: stalled health checks ------------------------------------------------------------
 
+
 def test_stalled_health_checks_starve_nothing(bundle_dir: Path, good_png: bytes) -> None:
     """Hundreds of health Checks that send headers but never their request message: Classify and health
     still answer (before: each held a server thread for --stream-idle-timeout, 30 s, the pool starved and every
@@ -47,7 +48,8 @@ def test_stalled_health_checks_starve_nothing(bundle_dir: Path, good_png: bytes)
         watches = [conns[0].open("/grpc.health.v1.Health/Watch") for _ in range(8)]  # stalled Watch calls too
         # a state, not a sleep: the flood has reached the server (all but the pending ones answered at once)
         assert _wait(lambda: sum(len(c.ended) for c in conns) >= 4 * 60 - MAX_HEALTH_PENDING, 60), [
-            len(c.ended) for c in conns]
+            len(c.ended) for c in conns
+        ]
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
             for _ in range(5):
@@ -63,6 +65,7 @@ def test_stalled_health_checks_starve_nothing(bundle_dir: Path, good_png: bytes)
 
 
 # -- finding 2: a stream whose peer never reads --------------------------------------------------
+
 
 def test_stream_with_closed_receive_window_is_closed_and_frees_its_slot(bundle_dir: Path, good_png: bytes) -> None:
     """Camera streams on an HTTP/2 connection whose receive window is 0 (the peer answers pings, never reads):
@@ -108,7 +111,9 @@ def test_one_connection_cannot_hold_every_stream_slot(bundle_dir: Path, good_png
         # blocked sending their result to the window-0 peer
         refused = lambda: [s for s in sids if raw.status(s)]  # noqa: E731
         assert _wait(lambda: srv.admission.active("stream") + len(refused()) == 4, 60), (
-            srv.admission.active("stream"), raw.ended)
+            srv.admission.active("stream"),
+            raw.ended,
+        )
         assert _wait(lambda: len(srv.servicer._sending) == srv.admission.active("stream"), 60)
         held = srv.admission.active("stream")
         with grpc.insecure_channel(srv.address) as ch:  # a real camera, on its own connection
@@ -118,8 +123,9 @@ def test_one_connection_cannot_hold_every_stream_slot(bundle_dir: Path, good_png
             try:
                 got = next(call).frame_id
             except grpc.RpcError as e:
-                raise AssertionError(f"a camera on another connection was refused: {e.code().name} "
-                                     f"{e.details()}") from None
+                raise AssertionError(
+                    f"a camera on another connection was refused: {e.code().name} {e.details()}"
+                ) from None
             assert got == 7
             still_held = [s for s in sids if not raw.status(s)]
             assert len(still_held) == held, raw.ended  # served while the attack held its slots
@@ -170,6 +176,7 @@ def test_drain_cancels_streams_whose_peer_stopped_reading(bundle_dir: Path, good
 
 # -- findings 4 and 5: what reaches the log, and how much ----------------------------------------
 
+
 def test_log_lines_are_escaped_clipped_redacted_and_bounded() -> None:
     """The JSON formatter and handler on their own: ASCII only, strings clipped, tokens redacted, lines at most
     MAX_LINE_BYTES; repeated errors grouped with a count; ungrouped lines capped per second."""
@@ -187,8 +194,9 @@ def test_log_lines_are_escaped_clipped_redacted_and_bounded() -> None:
     line = handler.format(rec)
     assert line.isascii() and "unit-secret-token-42" not in line and "[redacted]" in line
     assert len(line) <= logs.MAX_LINE_BYTES and "chars]" in json.loads(line)["value"]
-    grpc_rec = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1, "Invalid encoding on %s",
-                                 (b"Bearer abc\xff",), None)
+    grpc_rec = logging.LogRecord(
+        "grpc._cython.cygrpc", logging.ERROR, __file__, 1, "Invalid encoding on %s", (b"Bearer abc\xff",), None
+    )
     assert "abc" not in handler.format(grpc_rec) and "<withheld>" in handler.format(grpc_rec)
     err = logging.getLogger("edge_server.unit")
     err.addHandler(handler)
@@ -217,12 +225,12 @@ def _cli_with_token(bundle_dir: Path, tmp_path: Path, name: str) -> CliServer:
     token_file = tmp_path / "camera.token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    return CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1", "--token-file", str(token_file)],
-                     tmp_path / name)
+    return CliServer(
+        ["--bundle", str(bundle_dir), "--port", "0", "--threads", "1", "--token-file", str(token_file)], tmp_path / name
+    )
 
 
-def test_non_utf8_metadata_never_puts_the_token_in_the_log(bundle_dir: Path, tmp_path: Path,
-                                                           good_png: bytes) -> None:
+def test_non_utf8_metadata_never_puts_the_token_in_the_log(bundle_dir: Path, tmp_path: Path, good_png: bytes) -> None:
     """A valid token plus one stray byte: answered UNAUTHENTICATED, and neither the token nor the raw header
     value reaches the log (before: gRPC's own logger printed the value verbatim with a traceback, 36 KB/call)."""
     srv = _cli_with_token(bundle_dir, tmp_path, "server.log")
@@ -230,15 +238,28 @@ def test_non_utf8_metadata_never_puts_the_token_in_the_log(bundle_dir: Path, tmp
         msg = pb.ClassifyRequest(image=good_png).SerializeToString()
         size0 = srv.log_path.stat().st_size
         with RawH2(srv.address) as raw:
-            sids = [raw.open("/edgetune.v1.Classifier/Classify", message=msg, end=True,
-                             metadata=(("authorization", f"Bearer {TOKEN}".encode() + b"\xff" + b"A" * 2000),
-                                       ("x-junk", b"\xfe\xff" * 1000)))
-                    for _ in range(20)]
+            sids = [
+                raw.open(
+                    "/edgetune.v1.Classifier/Classify",
+                    message=msg,
+                    end=True,
+                    metadata=(
+                        ("authorization", f"Bearer {TOKEN}".encode() + b"\xff" + b"A" * 2000),
+                        ("x-junk", b"\xfe\xff" * 1000),
+                    ),
+                )
+                for _ in range(20)
+            ]
             assert _wait(lambda: all(raw.status(s) for s in sids), 20), raw.ended
             assert {raw.status(s) for s in sids} == {"grpc-status 16"}  # UNAUTHENTICATED
         with grpc.insecure_channel(srv.address) as ch:  # the server still serves the real token
-            assert pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(image=good_png), timeout=10, metadata=(
-                ("authorization", f"Bearer {TOKEN}"),)).predictions
+            assert (
+                pb_grpc.ClassifierStub(ch)
+                .Classify(
+                    pb.ClassifyRequest(image=good_png), timeout=10, metadata=(("authorization", f"Bearer {TOKEN}"),)
+                )
+                .predictions
+            )
     finally:  # (grouped lines are flushed every second, and all of them when the server exits)
         srv.stop()
     text = srv.log_path.read_text()
@@ -280,6 +301,7 @@ def test_log_volume_under_error_floods_is_grouped(bundle_dir: Path, tmp_path: Pa
 
 # -- finding 6: the WebP chunk walk --------------------------------------------------------------
 
+
 def webp_of_empty_chunks(size: int) -> bytes:
     """A RIFF/WEBP file of ``size`` bytes made only of empty unknown chunks (no image chunk at all)."""
     body = b"WEBP" + b"JUNK\x00\x00\x00\x00" * ((size - 12) // 8)
@@ -311,6 +333,7 @@ def test_webp_of_empty_chunks_is_refused_in_constant_time() -> None:
 
 # -- finding 7: EXIF orientation, SIGHUP, GetStats at the camera cap -----------------------------
 
+
 def jpeg_with_orientation(img_rgb: object, orientation: int, big_endian: bool = True) -> bytes:
     """``img_rgb`` as a JPEG whose APP1 EXIF segment says ``orientation`` (what a phone camera writes)."""
     import struct
@@ -334,8 +357,13 @@ def test_exif_orientation_is_applied_as_a_phone_shows_it() -> None:
     img = np.zeros((40, 64, 3), np.uint8)
     img[:10, :20] = (255, 0, 0)  # a red block top-left of a landscape picture
     plain = decode_image(jpeg_with_orientation(img, 1), "x")
-    expect = {1: plain, 3: cv2.rotate(plain, cv2.ROTATE_180), 6: cv2.rotate(plain, cv2.ROTATE_90_CLOCKWISE),
-              8: cv2.rotate(plain, cv2.ROTATE_90_COUNTERCLOCKWISE), 2: cv2.flip(plain, 1)}
+    expect = {
+        1: plain,
+        3: cv2.rotate(plain, cv2.ROTATE_180),
+        6: cv2.rotate(plain, cv2.ROTATE_90_CLOCKWISE),
+        8: cv2.rotate(plain, cv2.ROTATE_90_COUNTERCLOCKWISE),
+        2: cv2.flip(plain, 1),
+    }
     for orientation, want in expect.items():
         for big_endian in (True, False):
             got = decode_image(jpeg_with_orientation(img, orientation, big_endian), "x")
@@ -348,8 +376,9 @@ def test_sighup_drains_like_sigterm(bundle_dir: Path, tmp_path: Path, good_png: 
     (before: killed at once, no drain, no log line)."""
     import signal
 
-    srv = CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1", "--grace", "5"],
-                    tmp_path / "server.log")
+    srv = CliServer(
+        ["--bundle", str(bundle_dir), "--port", "0", "--threads", "1", "--grace", "5"], tmp_path / "server.log"
+    )
     try:
         with grpc.insecure_channel(srv.address) as ch:
             feed = RequestFeeder(timeout=30)
@@ -402,6 +431,7 @@ def test_get_stats_is_cheap_with_every_camera_tracked(bundle_dir: Path) -> None:
 
 # -- finding 3: memory of big (compressed) messages ----------------------------------------------
 
+
 def test_big_messages_take_bounded_memory_that_goes_back(bundle_dir: Path, tmp_path: Path) -> None:
     """15.5 MB messages gzip-compressed to 16 KB on the wire are refused before they are inflated (UNIMPLEMENTED:
     requests must not be compressed); uncompressed ones, as unary calls and on streams, keep the server's peak
@@ -410,16 +440,37 @@ def test_big_messages_take_bounded_memory_that_goes_back(bundle_dir: Path, tmp_p
     from edge_server.budget import request_memory_bound_mb
     from testkit.raw_h2 import grpc_frame, gzip_frame
 
-    srv = CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1", "--max-concurrent", "8",
-                     "--max-streams", "4", "--max-inflight-mb", "64", "--max-decode-mb", "64"], tmp_path / "s.log")
+    srv = CliServer(
+        [
+            "--bundle",
+            str(bundle_dir),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--max-concurrent",
+            "8",
+            "--max-streams",
+            "4",
+            "--max-inflight-mb",
+            "64",
+            "--max-decode-mb",
+            "64",
+        ],
+        tmp_path / "s.log",
+    )
     big = int(15.5 * 1024 * 1024)
     try:
         time.sleep(1.0)
         before = _rss_mb(srv.proc.pid)
         with RawH2(srv.address) as raw:
             gz = gzip_frame(pb.ClassifyRequest(image=b"\x00" * big).SerializeToString())
-            sids = [raw.open("/edgetune.v1.Classifier/Classify", metadata=(("grpc-encoding", "gzip"),),
-                             raw_message=gz, end=True) for _ in range(8)]
+            sids = [
+                raw.open(
+                    "/edgetune.v1.Classifier/Classify", metadata=(("grpc-encoding", "gzip"),), raw_message=gz, end=True
+                )
+                for _ in range(8)
+            ]
             assert _wait(lambda: all(raw.status(s) for s in sids), 60), raw.ended
             assert {raw.status(s) for s in sids} == {"grpc-status 12"}  # UNIMPLEMENTED: compression is off
         assert _rss_mb(srv.proc.pid) - before < 40
@@ -453,8 +504,10 @@ def test_jetson_profile_states_a_512_mb_request_memory_bound(bundle_dir: Path, t
     from edge_server.profiles import profile_bound_mb
 
     assert profile_bound_mb("jetson") == 512
-    srv = CliServer(["--bundle", str(bundle_dir), "--port", "0", "--threads", "1", "--profile", "jetson",
-                     "--max-streams", "8"], tmp_path / "s.log")
+    srv = CliServer(
+        ["--bundle", str(bundle_dir), "--port", "0", "--threads", "1", "--profile", "jetson", "--max-streams", "8"],
+        tmp_path / "s.log",
+    )
     srv.stop()
     serving = next(r for r in srv.records() if r["msg"] == "serving")
     assert (serving["max_message_mb"], serving["max_concurrent"], serving["max_streams"]) == (4.0, 16, 8)

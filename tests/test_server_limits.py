@@ -37,6 +37,7 @@ from tests.server_helpers import call_error, health_status, start_server, wait_u
 
 # -- finding 1 ---------------------------------------------------------------------------------
 
+
 def test_tiny_wide_png_is_refused_fast_with_bounded_memory(cli: CliServer) -> None:
     png = wide_png(60000)
     assert len(png) < 400
@@ -58,6 +59,7 @@ def test_tiny_wide_png_is_refused_fast_with_bounded_memory(cli: CliServer) -> No
 
 # -- finding 2 ---------------------------------------------------------------------------------
 
+
 def test_header_bombs_are_refused_with_bounded_memory(cli: CliServer) -> None:
     with grpc.insecure_channel(cli.address) as ch:
         stub = pb_grpc.ClassifierStub(ch)
@@ -74,6 +76,7 @@ def test_header_bombs_are_refused_with_bounded_memory(cli: CliServer) -> None:
 
 
 # -- finding 3 ---------------------------------------------------------------------------------
+
 
 def _idle(stop: threading.Event) -> Any:
     stop.wait()
@@ -136,8 +139,7 @@ def test_stream_limit_idle_timeout_and_rejections_counted(bundle_dir: Path, good
             feeder.end()
             assert list(active) == []
             # the slot is free again: a new stream is served
-            again = list(stub.StreamClassify(iter([pb.Frame(camera_id="c2", frame_id=9, image=good_png)]),
-                                             timeout=10))
+            again = list(stub.StreamClassify(iter([pb.Frame(camera_id="c2", frame_id=9, image=good_png)]), timeout=10))
             assert [r.frame_id for r in again] == [9]
             stats = stub.GetStats(pb.GetStatsRequest(), timeout=5)
             assert stats.errors_total >= 3  # 2 RESOURCE_EXHAUSTED + 1 idle stream ended
@@ -198,8 +200,9 @@ def test_health_is_never_refused_by_the_concurrency_limit(bundle_dir: Path, good
 
 
 def test_server_sets_keepalive_and_connection_age(bundle_dir: Path) -> None:
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, keepalive_s=20,
-                      max_connection_age_s=600)
+    srv = make_server(
+        bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, keepalive_s=20, max_connection_age_s=600
+    )
     try:
         opts = dict(srv.grpc_options)
         assert opts["grpc.keepalive_time_ms"] == 20_000 and opts["grpc.keepalive_timeout_ms"] > 0
@@ -213,6 +216,7 @@ def test_server_sets_keepalive_and_connection_age(bundle_dir: Path) -> None:
 
 
 # -- finding 6 ---------------------------------------------------------------------------------
+
 
 def test_camera_id_is_bounded_and_stats_stay_small(bundle_dir: Path, good_png: bytes) -> None:
     srv = start_server(bundle_dir, max_message_mb=2)

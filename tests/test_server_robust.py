@@ -30,8 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def served(bundle_dir):
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_wait_ms=1,
-                      max_pixels=512 * 512, max_message_mb=1).start()
+    srv = make_server(
+        bundle=bundle_dir,
+        port=0,
+        backend="onnxruntime",
+        intra_op_threads=1,
+        max_wait_ms=1,
+        max_pixels=512 * 512,
+        max_message_mb=1,
+    ).start()
     ch = grpc.insecure_channel(srv.address)
     yield srv, pb_grpc.ClassifierStub(ch)
     ch.close()
@@ -58,8 +65,10 @@ def test_bad_inputs_are_invalid_argument_with_clear_messages(served, good_png):
         "truncated jpeg": (encode_jpeg(tile)[:-40], ""),
         "enormous (header)": (huge_header, "exceeds"),
         "enormous (decoded)": (encode_png(np.zeros((600, 600, 3), np.uint8)), "exceeds"),
-        "wrong mode (int32 TIFF)": (cv2.imencode(".tiff", np.zeros((8, 8), np.int32))[1].tobytes(),
-                                    "unsupported pixel type"),
+        "wrong mode (int32 TIFF)": (
+            cv2.imencode(".tiff", np.zeros((8, 8), np.int32))[1].tobytes(),
+            "unsupported pixel type",
+        ),
     }
     for name, (data, fragment) in cases.items():
         with pytest.raises(grpc.RpcError) as e:
@@ -81,11 +90,13 @@ def test_bad_inputs_are_invalid_argument_with_clear_messages(served, good_png):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(payload=st.one_of(
-    st.binary(min_size=0, max_size=2048),
-    st.integers(min_value=0, max_value=10_000).map(lambda n: ("prefix", n)),
-    st.tuples(st.integers(0, 10_000), st.integers(0, 255)).map(lambda t: ("flip", t)),
-))
+@given(
+    payload=st.one_of(
+        st.binary(min_size=0, max_size=2048),
+        st.integers(min_value=0, max_value=10_000).map(lambda n: ("prefix", n)),
+        st.tuples(st.integers(0, 10_000), st.integers(0, 255)).map(lambda t: ("flip", t)),
+    )
+)
 def test_fuzzed_payloads_never_break_the_server(served, good_png, payload):
     _, stub = served
     if isinstance(payload, tuple) and payload[0] == "prefix":
@@ -102,8 +113,15 @@ def test_fuzzed_payloads_never_break_the_server(served, good_png, payload):
 
 
 def test_deadline_is_honoured(bundle_dir, good_png):
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
-                      max_wait_ms=5000, batch_wait="fixed").start()
+    srv = make_server(
+        bundle=bundle_dir,
+        port=0,
+        backend="onnxruntime",
+        intra_op_threads=1,
+        max_batch=8,
+        max_wait_ms=5000,
+        batch_wait="fixed",
+    ).start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -119,8 +137,9 @@ def test_deadline_is_honoured(bundle_dir, good_png):
 
 def test_concurrency_limit_resource_exhausted(bundle_dir, good_png):
     """Beyond --max-streams a stream gets RESOURCE_EXHAUSTED; unary calls have their own limit (issue 11)."""
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_concurrent=1,
-                      max_streams=1).start()
+    srv = make_server(
+        bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_concurrent=1, max_streams=1
+    ).start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -151,8 +170,9 @@ def test_concurrency_limit_resource_exhausted(bundle_dir, good_png):
 
 def test_backpressure_latest_frame_wins(bundle_dir):
     """A camera sending far faster than the server runs: stale frames are dropped, latency stays bounded."""
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=4,
-                      max_wait_ms=40).start()  # a lone stream waits 40 ms per frame for a batch: <= 25 fps
+    srv = make_server(
+        bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=4, max_wait_ms=40
+    ).start()  # a lone stream waits 40 ms per frame for a batch: <= 25 fps
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -183,8 +203,9 @@ def _health_or_gone(ch: grpc.Channel) -> int:
 
 
 def test_graceful_stop_drains_in_flight_request(bundle_dir, good_png):
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8,
-                      max_wait_ms=1500).start()  # the request sits ~1.5 s in the batcher: in flight during stop
+    srv = make_server(
+        bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8, max_wait_ms=1500
+    ).start()  # the request sits ~1.5 s in the batcher: in flight during stop
     with grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.ClassifierStub(ch)
         stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
@@ -205,8 +226,14 @@ def test_graceful_stop_drains_in_flight_request(bundle_dir, good_png):
 
 
 def _start_cli(args: list[str]) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "edge_server", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_server", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
@@ -239,6 +266,11 @@ def test_cli_serves_until_signal(bundle_dir, good_png, sig):
 
 
 def test_cli_rejects_public_plaintext(bundle_dir):
-    r = subprocess.run([sys.executable, "-m", "edge_server", "--bundle", str(bundle_dir), "--host", "0.0.0.0"],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_server", "--bundle", str(bundle_dir), "--host", "0.0.0.0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--insecure" in r.stderr and "TLS" in r.stderr

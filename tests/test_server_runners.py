@@ -44,32 +44,55 @@ def _sidecar(bundle, **over):
 
 def _install(bundle, system, precision="fp16", onnx_sha=None, data=b"engine"):
     """An engine file + sidecar as the builder writes them for ``system`` (bytes: not a real engine)."""
-    meta = _sidecar(bundle, **system, precision=precision, onnx_sha256=onnx_sha or bundle.sha256,
-                    engine_sha256=hashlib.sha256(data).hexdigest())
-    path = engine_path(bundle, precision, system) if onnx_sha is None else (
-        bundle.path / "engines" / f"model.{precision}.trt{system['tensorrt_version']}"
-        f".sm{system['compute_capability'].replace('.', '')}.{onnx_sha[:12]}.engine")
+    meta = _sidecar(
+        bundle,
+        **system,
+        precision=precision,
+        onnx_sha256=onnx_sha or bundle.sha256,
+        engine_sha256=hashlib.sha256(data).hexdigest(),
+    )
+    path = (
+        engine_path(bundle, precision, system)
+        if onnx_sha is None
+        else (
+            bundle.path / "engines" / f"model.{precision}.trt{system['tensorrt_version']}"
+            f".sm{system['compute_capability'].replace('.', '')}.{onnx_sha[:12]}.engine"
+        )
+    )
     write_engine_files(path, data, meta)
     return path
 
 
 def test_sidecar_validation(loaded_bundle, tmp_path):
     eng = tmp_path / "model.fp16.engine"
-    validate_sidecar(_sidecar(loaded_bundle), bundle=loaded_bundle, tensorrt_version="10.3.0", gpu_name="Orin",
-                     compute_capability="8.7", engine=eng)
+    validate_sidecar(
+        _sidecar(loaded_bundle),
+        bundle=loaded_bundle,
+        tensorrt_version="10.3.0",
+        gpu_name="Orin",
+        compute_capability="8.7",
+        engine=eng,
+    )
     cases = {
         "TensorRT 8.6.2": dict(meta=_sidecar(loaded_bundle, tensorrt_version="8.6.2")),
         "built on GPU 'Xavier'": dict(meta=_sidecar(loaded_bundle, gpu_name="Xavier")),
         "built from ONNX 000000000000": dict(meta=_sidecar(loaded_bundle, onnx_sha256="0" * 64)),
         "built for compute capability 7.2": dict(meta=_sidecar(loaded_bundle, compute_capability="7.2")),
         "max_batch_size must be": dict(meta=_sidecar(loaded_bundle, max_batch_size=0)),
-        "missing field(s) ['gpu_name']": dict(meta={k: v for k, v in _sidecar(loaded_bundle).items()
-                                                    if k != "gpu_name"}),
+        "missing field(s) ['gpu_name']": dict(
+            meta={k: v for k, v in _sidecar(loaded_bundle).items() if k != "gpu_name"}
+        ),
     }
     for fragment, case in cases.items():
         with pytest.raises(BundleError) as e:
-            validate_sidecar(case["meta"], bundle=loaded_bundle, tensorrt_version="10.3.0", gpu_name="Orin",
-                             compute_capability="8.7", engine=eng)
+            validate_sidecar(
+                case["meta"],
+                bundle=loaded_bundle,
+                tensorrt_version="10.3.0",
+                gpu_name="Orin",
+                compute_capability="8.7",
+                engine=eng,
+            )
         assert fragment in str(e.value)
         assert f"make engine BUNDLE={loaded_bundle.path}" in str(e.value)
 
@@ -80,26 +103,37 @@ def test_engine_filename(loaded_bundle):
     assert engine_filename("int8", "8.6.2.3", "10.0", sha[:12]) == "model.int8.trt8.6.2.3.sm100.1a2b3c4d5e6f.engine"
     for p in ("fp32", "fp16", "int8"):
         name = engine_path(loaded_bundle, p, ORIN).name
-        assert parse_engine_filename(name) == {"precision": p, "tensorrt_version": "10.3.0",
-                                               "compute_capability": "8.7", "onnx_sha12": loaded_bundle.version}
+        assert parse_engine_filename(name) == {
+            "precision": p,
+            "tensorrt_version": "10.3.0",
+            "compute_capability": "8.7",
+            "onnx_sha12": loaded_bundle.version,
+        }
     assert parse_engine_filename("model.int8.trt8.6.2.3.sm100.1a2b3c4d5e6f.engine")["compute_capability"] == "10.0"
     assert engine_path(loaded_bundle, "fp16", XAVIER).name == f"model.fp16.trt8.5.2.sm72.{loaded_bundle.version}.engine"
-    for bad in ("model.fp16.engine", "model.fp8.trt10.3.0.sm87.1a2b3c4d5e6f.engine",
-                "model.fp16.trt10.3.0.sm87.x.engine",
-                "model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine.json", ".model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine"):
+    for bad in (
+        "model.fp16.engine",
+        "model.fp8.trt10.3.0.sm87.1a2b3c4d5e6f.engine",
+        "model.fp16.trt10.3.0.sm87.x.engine",
+        "model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine.json",
+        ".model.fp16.trt10.3.0.sm87.1a2b3c4d5e6f.engine",
+    ):
         assert parse_engine_filename(bad) is None, bad
-    errors = {"precision must be one of": ("fp8", "10.3.0", "8.7", sha),
-              "TensorRT version must look like '10.3.0'": ("fp16", "10/3", "8.7", sha),
-              "compute capability must be '<major>.<minor>'": ("fp16", "10.3.0", "87", sha),
-              "ONNX SHA-256 must be 12 to 64 hex digits": ("fp16", "10.3.0", "8.7", "abc")}
+    errors = {
+        "precision must be one of": ("fp8", "10.3.0", "8.7", sha),
+        "TensorRT version must look like '10.3.0'": ("fp16", "10/3", "8.7", sha),
+        "compute capability must be '<major>.<minor>'": ("fp16", "10.3.0", "87", sha),
+        "ONNX SHA-256 must be 12 to 64 hex digits": ("fp16", "10.3.0", "8.7", "abc"),
+    }
     for fragment, args in errors.items():
         with pytest.raises(ConfigError, match=re.escape(fragment)):
             engine_filename(*args)
 
 
 def test_engine_paths_and_sidecar_reading(loaded_bundle, tmp_path):
-    assert engine_path(loaded_bundle, "int8", ORIN) == (loaded_bundle.path / "engines" /
-                                                 f"model.int8.trt10.3.0.sm87.{loaded_bundle.version}.engine")
+    assert engine_path(loaded_bundle, "int8", ORIN) == (
+        loaded_bundle.path / "engines" / f"model.int8.trt10.3.0.sm87.{loaded_bundle.version}.engine"
+    )
     with pytest.raises(ConfigError, match="precision must be one of"):
         engine_path(loaded_bundle, "fp8", ORIN)
     with pytest.raises(ConfigError, match="precision must be one of"):
@@ -169,15 +203,19 @@ def test_select_engine_none_matching_stale_and_side_by_side(loaded_bundle, tmp_p
         select_engine(b, "fp16", ORIN)
     msg = str(e.value)
     assert "matches this system and bundle" in msg and hint in msg and "found 3 built for something else" in msg
-    assert (f"this system: TensorRT 10.3.0, GPU 'Orin', compute capability 8.7; bundle ONNX {b.version}; "
-            f"expected {engine_path(b, 'fp16', ORIN).name}") in msg
+    assert (
+        f"this system: TensorRT 10.3.0, GPU 'Orin', compute capability 8.7; bundle ONNX {b.version}; "
+        f"expected {engine_path(b, 'fp16', ORIN).name}"
+    ) in msg
     assert f"{old_trt.name} (TensorRT 8.6.2, compute capability 8.7, ONNX {b.version}, GPU 'Orin')" in msg
     assert f"{old_onnx.name} (TensorRT 10.3.0, compute capability 8.7, ONNX ffffffffffff, GPU 'Orin')" in msg
     assert "model.fp16.engine (name not in the model.<precision>.trt<TensorRT version>" in msg
     assert "sidecar: TensorRT 8.5.2" in msg and "GPU 'Xavier'" in msg
     # several GPUs sharing the bundle directory: each picks its own engine, nothing is removed
-    mine = {name: _install(b, system, data=name.encode()) for name, system in
-            (("orin", ORIN), ("xavier", XAVIER), ("rtx", RTX))}
+    mine = {
+        name: _install(b, system, data=name.encode())
+        for name, system in (("orin", ORIN), ("xavier", XAVIER), ("rtx", RTX))
+    }
     for name, system in (("orin", ORIN), ("xavier", XAVIER), ("rtx", RTX)):
         picked = select_engine(b, "fp16", system)
         assert picked == mine[name] and picked.read_bytes() == name.encode()
@@ -238,8 +276,10 @@ def test_latest_slot_drops_stale():
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
-                    reason="tensorrt Python package not installed (JetPack / NVIDIA GPU machines only)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None,
+    reason="tensorrt Python package not installed (JetPack / NVIDIA GPU machines only)",
+)
 def test_tensorrt_runner_matches_onnxruntime(loaded_bundle):
     b = loaded_bundle
     if not find_engines(b, "fp32"):

@@ -36,33 +36,47 @@ def _code(fn, *args, **kw):
 
 def test_tls_and_token(bundle_dir, data, tmp_path):
     cert, key, *_ = self_signed_cert(tmp_path, "localhost")
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, token=TOKEN,
-                      tls_cert=cert, tls_key=key).start()
+    srv = make_server(
+        bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, token=TOKEN, tls_cert=cert, tls_key=key
+    ).start()
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         with grpc.secure_channel(srv.address, creds) as ch:
             stub = pb_grpc.ClassifierStub(ch)
             req = pb.ClassifyRequest(image=data)
             assert _code(stub.Classify, req, timeout=10) == grpc.StatusCode.UNAUTHENTICATED
-            assert _code(stub.Classify, req, timeout=10, metadata=[("authorization", "Bearer wrong-token")]) == \
-                grpc.StatusCode.UNAUTHENTICATED
-            assert _code(stub.Classify, req, timeout=10, metadata=[("authorization", TOKEN)]) == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                _code(stub.Classify, req, timeout=10, metadata=[("authorization", "Bearer wrong-token")])
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
+            assert (
+                _code(stub.Classify, req, timeout=10, metadata=[("authorization", TOKEN)])
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
             auth = [("authorization", f"Bearer {TOKEN}")]
             assert stub.Classify(req, timeout=10, metadata=auth).predictions
             frames = iter([pb.Frame(camera_id="c", frame_id=1, image=data)])
             assert _code(lambda: list(stub.StreamClassify(frames, timeout=10))) == grpc.StatusCode.UNAUTHENTICATED
             frames = iter([pb.Frame(camera_id="c", frame_id=1, image=data)])
             assert [r.frame_id for r in stub.StreamClassify(frames, timeout=10, metadata=auth)] == [1]
-            assert _code(stub.LoadModel, pb.LoadModelRequest(bundle_path=str(bundle_dir)), timeout=10) == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                _code(stub.LoadModel, pb.LoadModelRequest(bundle_path=str(bundle_dir)), timeout=10)
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
             # health stays open for probes
             health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         # plaintext client against the TLS port fails
         with grpc.insecure_channel(srv.address) as ch:
-            assert _code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(image=data), timeout=5,
-                         metadata=[("authorization", f"Bearer {TOKEN}")]) == grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(
+                    pb_grpc.ClassifierStub(ch).Classify,
+                    pb.ClassifyRequest(image=data),
+                    timeout=5,
+                    metadata=[("authorization", f"Bearer {TOKEN}")],
+                )
+                == grpc.StatusCode.UNAVAILABLE
+            )
     finally:
         srv.stop(grace=1)
 
@@ -71,15 +85,25 @@ def test_mutual_tls(bundle_dir, data, tmp_path):
     ca_cert_path, _, ca_cert, ca_key = self_signed_cert(tmp_path, "edgetune-test-ca")
     server_cert, server_key, *_ = self_signed_cert(tmp_path, "localhost", ca=(ca_cert, ca_key))
     client_cert, client_key, *_ = self_signed_cert(tmp_path, "camera-1", ca=(ca_cert, ca_key))
-    srv = make_server(bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, tls_cert=server_cert,
-                      tls_key=server_key, tls_client_ca=ca_cert_path).start()
+    srv = make_server(
+        bundle=bundle_dir,
+        port=0,
+        backend="onnxruntime",
+        intra_op_threads=1,
+        tls_cert=server_cert,
+        tls_key=server_key,
+        tls_client_ca=ca_cert_path,
+    ).start()
     try:
         root = ca_cert_path.read_bytes()
         with grpc.secure_channel(srv.address, grpc.ssl_channel_credentials(root_certificates=root)) as ch:
-            assert _code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(image=data), timeout=5) == \
-                grpc.StatusCode.UNAVAILABLE  # no client certificate: handshake refused
-        creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=client_key.read_bytes(),
-                                             certificate_chain=client_cert.read_bytes())
+            assert (
+                _code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(image=data), timeout=5)
+                == grpc.StatusCode.UNAVAILABLE
+            )  # no client certificate: handshake refused
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=root, private_key=client_key.read_bytes(), certificate_chain=client_cert.read_bytes()
+        )
         with grpc.secure_channel(srv.address, creds) as ch:
             assert pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(image=data), timeout=10).predictions
     finally:
@@ -112,12 +136,20 @@ def test_server_config_declares_runner_options_once(bundle_dir):
     runner_fields = {f.name for f in dataclasses.fields(RunnerOptions)}
     assert runner_fields == {"backend", "max_batch", "max_wait_ms", "batch_wait", "intra_op_threads", "precision"}
     assert not runner_fields & set(vars(ServerConfig).get("__annotations__", {})), "re-declared in ServerConfig"
-    config = ServerConfig(bundle=bundle_dir, port=0, backend="onnxruntime", max_batch=3, max_wait_ms=7.5,
-                          batch_wait="fixed", intra_op_threads=1, precision="fp32")
+    config = ServerConfig(
+        bundle=bundle_dir,
+        port=0,
+        backend="onnxruntime",
+        max_batch=3,
+        max_wait_ms=7.5,
+        batch_wait="fixed",
+        intra_op_threads=1,
+        precision="fp32",
+    )
     options = config.runner_options()
     assert type(options) is RunnerOptions and options == RunnerOptions(
-        backend="onnxruntime", max_batch=3, max_wait_ms=7.5, batch_wait="fixed", intra_op_threads=1,
-        precision="fp32")
+        backend="onnxruntime", max_batch=3, max_wait_ms=7.5, batch_wait="fixed", intra_op_threads=1, precision="fp32"
+    )
     srv = make_server(config)
     try:
         assert srv.holder.options == options  # what every (re)loaded bundle is served with
@@ -128,7 +160,8 @@ def test_server_config_declares_runner_options_once(bundle_dir):
     cases: list[tuple[dict[str, Any], str]] = [
         ({"max_batch": 0}, "max_batch must be an integer in 1..1024, got 0"),
         ({"max_wait_ms": -1}, "max_wait_ms must be in [0, 10000] ms, got -1"),
-        ({"batch_wait": "eager"}, "batch_wait must be 'adaptive' or 'fixed', got 'eager'")]
+        ({"batch_wait": "eager"}, "batch_wait must be 'adaptive' or 'fixed', got 'eager'"),
+    ]
     for bad, fragment in cases:
         with pytest.raises(ConfigError, match=re.escape(fragment)):
             ServerConfig(bundle=bundle_dir, port=0, **bad)

@@ -26,8 +26,15 @@ def test_load_model_mid_stream(bundle_dir, bundle_dir_b):
     assert a.parent == b.parent  # the model root
     va, vb = load_bundle(a).version, load_bundle(b).version
     imgs = texture_tiles("test")[0]
-    srv = make_server(bundle=a, port=0, backend="onnxruntime", intra_op_threads=1, load_model=True,
-                      admin_token=ADMIN, model_root=a.parent).start()
+    srv = make_server(
+        bundle=a,
+        port=0,
+        backend="onnxruntime",
+        intra_op_threads=1,
+        load_model=True,
+        admin_token=ADMIN,
+        model_root=a.parent,
+    ).start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -60,8 +67,9 @@ def test_watch_directory_swaps_and_survives_bad_bundle(bundle_dir, bundle_dir_b,
     a, b = bundle_dir, bundle_dir_b
     live = copy_bundle(a, tmp_path / "live")
     vb = load_bundle(b).version
-    srv = make_server(bundle=live, port=0, backend="onnxruntime", intra_op_threads=1, watch=True,
-                      watch_interval_s=0.1).start()
+    srv = make_server(
+        bundle=live, port=0, backend="onnxruntime", intra_op_threads=1, watch=True, watch_interval_s=0.1
+    ).start()
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.ClassifierStub(ch)

@@ -18,10 +18,28 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_short_soak(bundle_dir: Path, bundle_dir_b: Path, tmp_path: Path) -> None:
     a, b = bundle_dir, bundle_dir_b
     out = tmp_path / "soak.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "20", "--bundle", str(a),
-                        "--bundle-b", str(b), "--json", str(out), "--work", str(tmp_path / "work"),
-                        "--attacks", "sighup"],  # one targeted attack (make soak runs all; each has a test)
-                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "soak.py"),
+            "--duration",
+            "20",
+            "--bundle",
+            str(a),
+            "--bundle-b",
+            str(b),
+            "--json",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--attacks",
+            "sighup",
+        ],  # one targeted attack (make soak runs all; each has a test)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     res = json.loads(out.read_text())

@@ -20,10 +20,25 @@ def _only_lite(name: str) -> tuple[bool, str]:
 
 def test_default_space_has_the_issue_parameters():
     s = load_space(layer_count=lambda b: 100)
-    assert {"backbone", "img", "freeze", "optimizer", "lr", "lr_sgd", "backbone_lr_mult", "dropout",
-            "label_smoothing", "balance", "gamma", "augment", "head", "head_hidden"} <= set(s.params)
+    assert {
+        "backbone",
+        "img",
+        "freeze",
+        "optimizer",
+        "lr",
+        "lr_sgd",
+        "backbone_lr_mult",
+        "dropout",
+        "label_smoothing",
+        "balance",
+        "gamma",
+        "augment",
+        "head",
+        "head_hidden",
+    } <= set(s.params)
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2", "resnet34"} <= set(
-        s.backbones)
+        s.backbones
+    )
     # LR range per optimizer: each is only suggested for its optimizer
     assert s.params["lr"].when == {"optimizer": ["adamw"]} and s.params["lr_sgd"].when == {"optimizer": ["sgd"]}
     assert s.params["lr"].log and s.params["lr_sgd"].low >= 10 * s.params["lr"].low
@@ -53,8 +68,17 @@ def test_to_overrides_maps_onto_train_config_keys():
     from tuner.trial import build_trial_config
 
     s = load_space()
-    over = s.to_overrides({"backbone": "efficientnet_lite0", "head": "mlp", "head_hidden": "512x256",
-                           "lr_sgd": 3e-2, "optimizer": "sgd", "balance": "sampler", "img": 160})
+    over = s.to_overrides(
+        {
+            "backbone": "efficientnet_lite0",
+            "head": "mlp",
+            "head_hidden": "512x256",
+            "lr_sgd": 3e-2,
+            "optimizer": "sgd",
+            "balance": "sampler",
+            "img": 160,
+        }
+    )
     assert over["model.head_hidden"] == [512, 256] and over["optim.lr"] == 3e-2
     assert over["data.sampler"] == "balanced" and "loss.alpha" not in over
     cfg = build_trial_config({}, over)
@@ -75,10 +99,12 @@ def test_unavailable_weights_are_left_out_with_reason(capsys):
     assert s.backbones == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert any("backbone resnet34 left out: no weights file found" in r for r in s.dropped)
     # seeds whose backbone left are dropped too, with a reason; the Lite recipes stay
-    assert [x["name"] for x in s.seeds] == ["generic recipe (EfficientNet-Lite0, first blocks frozen)",
-                                            "generic recipe (EfficientNet-Lite0, full fine-tuning)",
-                                            "generic recipe (EfficientNet-Lite1)",
-                                            "generic recipe (EfficientNet-Lite2)"]
+    assert [x["name"] for x in s.seeds] == [
+        "generic recipe (EfficientNet-Lite0, first blocks frozen)",
+        "generic recipe (EfficientNet-Lite0, full fine-tuning)",
+        "generic recipe (EfficientNet-Lite1)",
+        "generic recipe (EfficientNet-Lite2)",
+    ]
     assert any("graphite" in r and "mobilenet_v2 not in the space" in r for r in s.dropped)
 
 
@@ -100,35 +126,42 @@ def test_real_weights_check_keeps_only_offline_backbones(tmp_path, monkeypatch):
 
 def test_seed_freeze_counts_become_fractions(tmp_path):
     y = tmp_path / "s.yaml"
-    y.write_text("params:\n  backbone: {type: categorical, key: model.backbone, choices: [efficientnet_lite0]}\n"
-                 "  freeze: {type: float, key: model.freeze, low: 0.0, high: 1.0}\n"
-                 "seeds:\n  - name: counted\n    params: {backbone: efficientnet_lite0, freeze: 50}\n")
+    y.write_text(
+        "params:\n  backbone: {type: categorical, key: model.backbone, choices: [efficientnet_lite0]}\n"
+        "  freeze: {type: float, key: model.freeze, low: 0.0, high: 1.0}\n"
+        "seeds:\n  - name: counted\n    params: {backbone: efficientnet_lite0, freeze: 50}\n"
+    )
     s = load_space(y, layer_count=lambda b: 200)
     assert s.seeds[0]["params"]["freeze"] == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("text,match", [
-    ("params:\n  x: {type: weird, key: a}\n", "type must be one of"),
-    ("params:\n  x: {type: float, key: a, low: 2, high: 1}\n", "need low < high"),
-    ("params:\n  x: {type: float, key: a, low: 0, high: 1, log: true}\n", "log scale needs low > 0"),
-    ("params:\n  x: {type: categorical, key: a, choices: []}\n", "non-empty 'choices'"),
-    ("params:\n  x: {type: float, key: a, hihg: 1}\n", "unknown field"),
-    ("params:\n  x: {type: float, key: a, when: {y: [1]}}\n", "depends on unknown parameter"),
-    ("parms: {}\n", "unknown top-level key"),
-    ("params: [\n", "not valid YAML"),
-    ("params:\n  x: {type: categorical, choices: [a, b], sets: {a: {}}}\n", "one entry per choice"),
-    ("params:\n  x: {type: categorical, key: k, choices: [a], sets: {a: {}}}\n", "exactly one of 'key'"),
-    # the document's shape (tuner.space.SpaceDoc / ParamSpec): the parameter, the field and what is allowed
-    ("params:\n  x: {type: float, key: a, low: abc}\n", r"parameter 'x': 'low' must be a number, got 'abc'"),
-    ("params:\n  x: {type: categorical, key: a, choices: abc}\n", r"'x': 'choices' must be a list"),
-    ("params:\n  x: {type: categorical, choices: [a], sets: {a: 5}}\n", "'sets' must map each choice to a mapping"),
-    ("params:\n  x: {type: float, key: a, log: maybe}\n", "'log' must be true or false"),
-    ("params:\n  x: {type: float}\n", r"parameter 'x' needs 'type' and 'key' \(or 'sets'\)"),
-    ("params:\n  x: [1, 2]\n", "parameter 'x' must be a mapping"),
-    ("params: [1]\n", "'params' must map parameter names to their specs"),
-    ("seeds:\n  - {name: a, parms: {}}\n",
-     r"seed configuration 1: unknown field\(s\) \['parms'\]; allowed: \['name', 'params'\]"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("params:\n  x: {type: weird, key: a}\n", "type must be one of"),
+        ("params:\n  x: {type: float, key: a, low: 2, high: 1}\n", "need low < high"),
+        ("params:\n  x: {type: float, key: a, low: 0, high: 1, log: true}\n", "log scale needs low > 0"),
+        ("params:\n  x: {type: categorical, key: a, choices: []}\n", "non-empty 'choices'"),
+        ("params:\n  x: {type: float, key: a, hihg: 1}\n", "unknown field"),
+        ("params:\n  x: {type: float, key: a, when: {y: [1]}}\n", "depends on unknown parameter"),
+        ("parms: {}\n", "unknown top-level key"),
+        ("params: [\n", "not valid YAML"),
+        ("params:\n  x: {type: categorical, choices: [a, b], sets: {a: {}}}\n", "one entry per choice"),
+        ("params:\n  x: {type: categorical, key: k, choices: [a], sets: {a: {}}}\n", "exactly one of 'key'"),
+        # the document's shape (tuner.space.SpaceDoc / ParamSpec): the parameter, the field and what is allowed
+        ("params:\n  x: {type: float, key: a, low: abc}\n", r"parameter 'x': 'low' must be a number, got 'abc'"),
+        ("params:\n  x: {type: categorical, key: a, choices: abc}\n", r"'x': 'choices' must be a list"),
+        ("params:\n  x: {type: categorical, choices: [a], sets: {a: 5}}\n", "'sets' must map each choice to a mapping"),
+        ("params:\n  x: {type: float, key: a, log: maybe}\n", "'log' must be true or false"),
+        ("params:\n  x: {type: float}\n", r"parameter 'x' needs 'type' and 'key' \(or 'sets'\)"),
+        ("params:\n  x: [1, 2]\n", "parameter 'x' must be a mapping"),
+        ("params: [1]\n", "'params' must map parameter names to their specs"),
+        (
+            "seeds:\n  - {name: a, parms: {}}\n",
+            r"seed configuration 1: unknown field\(s\) \['parms'\]; allowed: \['name', 'params'\]",
+        ),
+    ],
+)
 def test_invalid_space_files(tmp_path, text, match):
     y = tmp_path / "bad.yaml"
     y.write_text(text)
@@ -149,9 +182,26 @@ def test_cli_stops_with_a_clear_error_when_no_backbone_has_weights(tmp_path):
 
     env = {**os.environ, "TORCH_HOME": str(tmp_path)}
     env.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, "-m", "tuner", "--data", "textures", "--backbones", "resnet34",
-                        "--out", str(tmp_path / "out"), "--storage", f"sqlite:///{tmp_path}/o.db"],
-                       cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuner",
+            "--data",
+            "textures",
+            "--backbones",
+            "resnet34",
+            "--out",
+            str(tmp_path / "out"),
+            "--storage",
+            f"sqlite:///{tmp_path}/o.db",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     assert "no backbone in the search space has resolvable pretrained weights" in p.stderr
     assert "resnet34" in p.stderr
@@ -161,14 +211,16 @@ def test_cli_stops_with_a_clear_error_when_no_backbone_has_weights(tmp_path):
 def test_tune_options_validation():
     from tuner.options import TuneOptions
 
-    for bad, match in [({"trials": -1}, "trials must be an integer >= 0"),
-                       ({"trials": 0, "time_budget_s": 0}, "give a time budget"),
-                       ({"refit_share": 0.95}, "refit_share must be in"),
-                       ({"placement_strategy": "EVERYWHERE"}, "placement_strategy must be one of"),
-                       ({"metric": "accuracy"}, "metric must be one of"),
-                       ({"storage": "optuna.db"}, "storage must be an RDB URL"),
-                       ({"img": 8}, "img must be 0"),
-                       ({"resources_per_worker": {"slot": -1}}, "resources_per_worker")]:
+    for bad, match in [
+        ({"trials": -1}, "trials must be an integer >= 0"),
+        ({"trials": 0, "time_budget_s": 0}, "give a time budget"),
+        ({"refit_share": 0.95}, "refit_share must be in"),
+        ({"placement_strategy": "EVERYWHERE"}, "placement_strategy must be one of"),
+        ({"metric": "accuracy"}, "metric must be one of"),
+        ({"storage": "optuna.db"}, "storage must be an RDB URL"),
+        ({"img": 8}, "img must be 0"),
+        ({"resources_per_worker": {"slot": -1}}, "resources_per_worker"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             TuneOptions(out="/tmp/edgetune-opts-test", **bad)
 
@@ -212,8 +264,9 @@ def test_ema_decay_is_a_searched_parameter_of_the_default_space():
     prm = s.params["ema_decay"]
     assert prm.key == "optim.ema_decay" and set(prm.choices) == {0.99, 0.999}
     assert s.to_overrides({"ema_decay": 0.999}) == {"optim.ema_decay": 0.999}
-    cfg = build_trial_config(TrainConfig().to_dict(), s.to_overrides({"backbone": "efficientnet_lite0",
-                                                                        "ema_decay": 0.999}))
+    cfg = build_trial_config(
+        TrainConfig().to_dict(), s.to_overrides({"backbone": "efficientnet_lite0", "ema_decay": 0.999})
+    )
     assert cfg.optim.ema_decay == 0.999
     assert all(x["params"]["ema_decay"] == 0.99 for x in s.seeds if x["name"].startswith("generic recipe"))
 

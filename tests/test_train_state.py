@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def _writer_keys() -> set[str]:
     """The keys of the dict trainer/loop.py saves as TRAIN_STATE (its one torch.save of a dict literal)."""
     tree = ast.parse((ROOT / "trainer" / "loop.py").read_text())
-    saves = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "torch.save"
-             and "TRAIN_STATE" in ast.unparse(n)]
+    saves = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and ast.unparse(n.func) == "torch.save" and "TRAIN_STATE" in ast.unparse(n)
+    ]
     assert len(saves) == 1, [ast.unparse(s)[:80] for s in saves]
     first = saves[0].args[0]
     if isinstance(first, ast.Call) and ast.unparse(first).endswith(".to_dict()"):  # the writer builds a TrainState
@@ -35,9 +38,16 @@ def test_the_writer_saves_exactly_the_fields_the_reader_knows():
 def _state() -> dict:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)
-    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": 3, "best": 0.75,
-            "best_epoch": 2, "at_best": {"val_acc": 0.75}, "train_seconds": 12.5,
-            "static": {"data_path": "cached", "setup_seconds": 4.0}}
+    return {
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": 3,
+        "best": 0.75,
+        "best_epoch": 2,
+        "at_best": {"val_acc": 0.75},
+        "train_seconds": 12.5,
+        "static": {"data_path": "cached", "setup_seconds": 4.0},
+    }
 
 
 def test_round_trip_through_a_weights_only_file(tmp_path):

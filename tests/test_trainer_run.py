@@ -59,8 +59,17 @@ def test_short_run_learns_and_reports(tiny_run: tuple[Path, dict]) -> None:
     assert m["accuracy_density"] == pytest.approx(m["test_accuracy"] / (m["params"] / 1e6))
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test_accuracy"] == m["test_accuracy"]
-    for f in ("confusion_matrix.png", "confusion_matrix.json", "robustness.png", "robustness.md", "split.json",
-              "learning_curves.png", "best/model.pt", "best/checkpoint.json", "last/model.pt"):
+    for f in (
+        "confusion_matrix.png",
+        "confusion_matrix.json",
+        "robustness.png",
+        "robustness.md",
+        "split.json",
+        "learning_curves.png",
+        "best/model.pt",
+        "best/checkpoint.json",
+        "last/model.pt",
+    ):
         assert (out / f).is_file(), f
     assert set(m["robustness"]) == {"original", "down_1/2", "down_1/4", "down_1/8", "crop_brightness"}
     assert m["robustness"]["original"] == pytest.approx(m["test_accuracy"])
@@ -120,8 +129,15 @@ def test_init_from_earlier_run_with_other_classes(tiny_run: tuple[Path, dict], t
         img = getattr(skd, name)()
         for i in range(8):
             cv2.imwrite(str(folder / name / f"{i}.png"), img[i * 60 : i * 60 + 64, :64])
-    cfg = tiny_config(**{"data.dataset": str(folder), "data.max_images": 0, "model.init": str(out),
-                         "model.freeze": 1.0, "robustness": False})
+    cfg = tiny_config(
+        **{
+            "data.dataset": str(folder),
+            "data.max_images": 0,
+            "model.init": str(out),
+            "model.freeze": 1.0,
+            "robustness": False,
+        }
+    )
     from trainer.model import create_model
 
     model = create_model(cfg.model, num_classes=2)
@@ -144,12 +160,22 @@ def test_repeats_report_mean_and_std(tmp_path: Path) -> None:
 
 
 def test_cli_rejects_bad_input_with_clear_message(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "trainer", "--data", "textures", "--set", "optim.lr=-1",
-                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer", "--data", "textures", "--set", "optim.lr=-1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "optim.lr must be in" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "trainer", "--backbone", "resnet1000", "--out", str(tmp_path)],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer", "--backbone", "resnet1000", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 2 and "resnet34" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -185,8 +211,13 @@ def test_ddp_worker_crash_restarts_from_last_checkpoint(tmp_path: Path) -> None:
     from trainer.loop import FAIL_AT_ENV, FAIL_MARKER_ENV
 
     marker = tmp_path / "failed-once"
-    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR",
-             runtime_env={"env_vars": {FAIL_AT_ENV: "1", FAIL_MARKER_ENV: str(marker)}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {FAIL_AT_ENV: "1", FAIL_MARKER_ENV: str(marker)}},
+    )
     try:
         cfg = tiny_config(**{"workers": 2, "epochs": 2, "threads": 1, "robustness": False})
         m = run_training(cfg, tmp_path / "run")

@@ -109,11 +109,13 @@ def test_help_lists_every_option(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_flag_values_say_what_is_allowed(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv, expect in ((["--resources-per-worker", "slot"], "expected NAME=AMOUNT[,NAME=AMOUNT], got 'slot'"),
-                         (["--metric", "f2"], "invalid choice: 'f2' (choose from 'val_macro_f1'"),
-                         (["--placement-strategy", "x"], "(choose from 'PACK', 'SPREAD'"),
-                         (["--timing-backend", "x"], "(choose from 'auto', 'tensorrt', 'onnxruntime')"),
-                         (["--trials", "many"], "argument --trials: invalid int value: 'many'")):
+    for argv, expect in (
+        (["--resources-per-worker", "slot"], "expected NAME=AMOUNT[,NAME=AMOUNT], got 'slot'"),
+        (["--metric", "f2"], "invalid choice: 'f2' (choose from 'val_macro_f1'"),
+        (["--placement-strategy", "x"], "(choose from 'PACK', 'SPREAD'"),
+        (["--timing-backend", "x"], "(choose from 'auto', 'tensorrt', 'onnxruntime')"),
+        (["--trials", "many"], "argument --trials: invalid int value: 'many'"),
+    ):
         with pytest.raises(SystemExit):
             build_parser().parse_args(argv)
         assert expect in capsys.readouterr().err

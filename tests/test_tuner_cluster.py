@@ -22,7 +22,7 @@ from tests.test_tuner_helpers import ROOT, TINY_ARGS, run_tuner, tuner_env, writ
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1200)]
 
-DRIVER = r'''
+DRIVER = r"""
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
@@ -45,7 +45,7 @@ finally:
     if ray.is_initialized():
         ray.shutdown()
     c.shutdown()
-'''
+"""
 
 
 def _short_tmp() -> Path:
@@ -58,8 +58,14 @@ def test_simulated_multi_node_cluster(tmp_path):
     rtmp = _short_tmp()
     log = tmp_path / "driver.log"
     with open(log, "w") as f:
-        p = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), str(space)], cwd=ROOT, stdout=f,
-                           stderr=subprocess.STDOUT, env=tuner_env(RAY_TMPDIR=str(rtmp)), timeout=900)
+        p = subprocess.run(
+            [sys.executable, "-c", DRIVER, str(tmp_path), str(space)],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=tuner_env(RAY_TMPDIR=str(rtmp)),
+            timeout=900,
+        )
     shutil.rmtree(rtmp, ignore_errors=True)
     assert p.returncode == 0, log.read_text()[-4000:]
     nodes = set(json.loads((tmp_path / "nodes.json").read_text())["nodes"])
@@ -95,16 +101,29 @@ def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Po
     """``ray start --block …`` in its own process group, so it is stopped by its own handle."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     f = open(log, "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args], env=env, stdout=f,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [ray_bin, "start", "--block", "--disable-usage-stats", *args],
+        env=env,
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _node_args(ports: list[int], lo: int) -> list[str]:
     p = iter(ports)
-    return ["--node-ip-address=127.0.0.1", "--num-cpus=1", f"--node-manager-port={next(p)}",
-            f"--object-manager-port={next(p)}", f"--metrics-export-port={next(p)}",
-            f"--dashboard-agent-listen-port={next(p)}", f"--dashboard-agent-grpc-port={next(p)}",
-            f"--runtime-env-agent-port={next(p)}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 199}"]
+    return [
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        f"--node-manager-port={next(p)}",
+        f"--object-manager-port={next(p)}",
+        f"--metrics-export-port={next(p)}",
+        f"--dashboard-agent-listen-port={next(p)}",
+        f"--dashboard-agent-grpc-port={next(p)}",
+        f"--runtime-env-agent-port={next(p)}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 199}",
+    ]
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -133,17 +152,29 @@ def test_make_tune_uses_a_running_cluster(tmp_path):
     lo = 10000 + (os.getpid() % 50) * 400
     procs = []
     try:
-        procs.append(_ray_start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                                 f"--ray-client-server-port={client}", *_node_args(rest[:6], lo)],
-                                env, tmp_path / "head.log"))
+        procs.append(
+            _ray_start(
+                [
+                    "--head",
+                    f"--port={gcs}",
+                    f"--dashboard-port={dash}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--ray-client-server-port={client}",
+                    *_node_args(rest[:6], lo),
+                ],
+                env,
+                tmp_path / "head.log",
+            )
+        )
         addr_file = rtmp / "ray" / "ray_current_cluster"
         deadline = time.time() + 120
         while not addr_file.exists() and time.time() < deadline:
             assert procs[0].poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(0.5)
         assert addr_file.read_text().strip().endswith(f":{gcs}")
-        procs.append(_ray_start([f"--address=127.0.0.1:{gcs}", *_node_args(rest[6:12], lo + 200)],
-                                env, tmp_path / "worker.log"))
+        procs.append(
+            _ray_start([f"--address=127.0.0.1:{gcs}", *_node_args(rest[6:12], lo + 200)], env, tmp_path / "worker.log")
+        )
         status = [str(Path(sys.executable).with_name("ray")), "status", f"--address=127.0.0.1:{gcs}"]
         while time.time() < deadline:
             out = subprocess.run(status, env=env, capture_output=True, text=True, timeout=60).stdout
@@ -154,9 +185,25 @@ def test_make_tune_uses_a_running_cluster(tmp_path):
             raise AssertionError(f"second node did not join:\n{out}")
         sessions_before = set((rtmp / "ray").glob("session_2*"))
         space = write_space(tmp_path)
-        run_tuner([*TINY_ARGS, "--space", str(space), "--study", "existing", "--trials", "2", "--epochs", "1",
-                   "--storage", f"sqlite:///{tmp_path}/optuna.db", "--out", str(tmp_path / "out")],
-                  tmp_path / "tune.log", env=env)
+        run_tuner(
+            [
+                *TINY_ARGS,
+                "--space",
+                str(space),
+                "--study",
+                "existing",
+                "--trials",
+                "2",
+                "--epochs",
+                "1",
+                "--storage",
+                f"sqlite:///{tmp_path}/optuna.db",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            tmp_path / "tune.log",
+            env=env,
+        )
         log = (tmp_path / "tune.log").read_text()
         assert "ray.mode=existing" in log and f":{gcs}" in log
         summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -37,8 +37,9 @@ def test_print_config_round_trips_byte_equal(here: Path, capsys: pytest.CaptureF
 
 
 def test_flags_given_with_config_override_the_file(here: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (here / "run.yaml").write_text("data: textures\nepochs: 7\ntrials: 2\nsets: [batch_size=8]\n"
-                                   "backbones: [mobilenet_v2]\n")
+    (here / "run.yaml").write_text(
+        "data: textures\nepochs: 7\ntrials: 2\nsets: [batch_size=8]\nbackbones: [mobilenet_v2]\n"
+    )
     text = _print(capsys, "--config", "run.yaml", "--trials", "5", "--set", "optim.lr=0.01")
     (here / "printed.yaml").write_text(text)
     opts = TuneOptions(**load_options_file(here / "printed.yaml"))
@@ -47,15 +48,19 @@ def test_flags_given_with_config_override_the_file(here: Path, capsys: pytest.Ca
     assert opts.study == "textures-default"  # derived from the file's data
 
 
-@pytest.mark.parametrize("text,match", [
-    ("trails: 3\n", r"unknown key\(s\) \['trails'\]; allowed: data, study, trials"),
-    ("trials: many\n", r"'trials' must be an integer, got 'many'"),
-    ("backbones: mobilenet_v2\n", r"'backbones' must be a list of strings"),
-    ("- data\n", r"must be a mapping of option names to values"),
-    ("time_budget_s: 20\n", r"minimum is 90 s"),
-])
-def test_a_bad_config_file_is_refused_saying_what_is_allowed(here: Path, capsys: pytest.CaptureFixture[str],
-                                                            text: str, match: str) -> None:
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("trails: 3\n", r"unknown key\(s\) \['trails'\]; allowed: data, study, trials"),
+        ("trials: many\n", r"'trials' must be an integer, got 'many'"),
+        ("backbones: mobilenet_v2\n", r"'backbones' must be a list of strings"),
+        ("- data\n", r"must be a mapping of option names to values"),
+        ("time_budget_s: 20\n", r"minimum is 90 s"),
+    ],
+)
+def test_a_bad_config_file_is_refused_saying_what_is_allowed(
+    here: Path, capsys: pytest.CaptureFixture[str], text: str, match: str
+) -> None:
     import re
 
     (here / "run.yaml").write_text(text)
@@ -65,9 +70,17 @@ def test_a_bad_config_file_is_refused_saying_what_is_allowed(here: Path, capsys:
 
 
 def test_the_written_tune_options_yaml_reads_back_to_the_same_options(here: Path) -> None:
-    opts = TuneOptions(data="textures", trials=3, epochs=2, backbones=("mobilenet_v2",), sets=("batch_size=8",),
-                       resources_per_worker={"slot": 1.0}, env_vars={"A": "1"}, target="sim",
-                       precisions=("fp32", "int8"))
+    opts = TuneOptions(
+        data="textures",
+        trials=3,
+        epochs=2,
+        backbones=("mobilenet_v2",),
+        sets=("batch_size=8",),
+        resources_per_worker={"slot": 1.0},
+        env_vars={"A": "1"},
+        target="sim",
+        precisions=("fp32", "int8"),
+    )
     text = options_yaml(opts)
     (here / "tune_options.yaml").write_text(text)
     again = TuneOptions(**load_options_file(here / "tune_options.yaml"))

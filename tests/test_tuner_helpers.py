@@ -24,8 +24,7 @@ seeds:
     params: {backbone: efficientnet_lite0, freeze: 1.0, lr: 1.0e-6, head: linear}
 """
 
-TINY_ARGS = ["--data", "textures", "--img", "64", "--max-images", "60", "--set", "batch_size=16",
-             "--no-export"]
+TINY_ARGS = ["--data", "textures", "--img", "64", "--max-images", "60", "--set", "batch_size=16", "--no-export"]
 
 
 def write_space(tmp: Path) -> Path:
@@ -42,12 +41,19 @@ def tuner_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_tuner(args: list[str], log: Path, timeout: float = 600, env: dict[str, str] | None = None,
-              check: bool = True) -> subprocess.CompletedProcess:
+def run_tuner(
+    args: list[str], log: Path, timeout: float = 600, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """``python -m tuner ARGS`` with output in ``log``; on failure the log tail is in the assertion."""
     with open(log, "w") as f:
-        p = subprocess.run([sys.executable, "-m", "tuner", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                           env=env or tuner_env(), timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, "-m", "tuner", *args],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env or tuner_env(),
+            timeout=timeout,
+        )
     if check and p.returncode != 0:
         raise AssertionError(f"python -m tuner {' '.join(args)} failed ({p.returncode}):\n{log.read_text()[-4000:]}")
     return p

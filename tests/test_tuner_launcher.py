@@ -90,8 +90,22 @@ def test_forward_runs_the_study_on_the_head_and_fetches_outputs(tmp_path: Path) 
 
 def test_make_tune_here_ignores_a_cluster_yaml_never_launched(tmp_path: Path) -> None:
     """The CLI's decision on this machine: nothing launched -> no forward (fails later on a bad dataset)."""
-    r = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "tuner", "--data", str(tmp_path / "missing"),
-                        "--out", str(tmp_path / "o"), "--storage", f"sqlite:///{tmp_path}/o.db"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [
+            str(REPO / ".venv/bin/python"),
+            "-m",
+            "tuner",
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+            "--storage",
+            f"sqlite:///{tmp_path}/o.db",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert "is up (head" not in r.stdout
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -39,9 +39,26 @@ def test_study_in_postgresql(pg_url, tmp_path):
     name = f"pg-{os.getpid()}"
     storage = rdb_storage(pg_url)
     try:
-        run_tuner([*TINY_ARGS, "--space", str(write_space(tmp_path)), "--study", name, "--trials", "2",
-                   "--epochs", "1", "--storage", pg_url, "--out", str(tmp_path / "out"), "--address", "local"],
-                  tmp_path / "tune.log")
+        run_tuner(
+            [
+                *TINY_ARGS,
+                "--space",
+                str(write_space(tmp_path)),
+                "--study",
+                name,
+                "--trials",
+                "2",
+                "--epochs",
+                "1",
+                "--storage",
+                pg_url,
+                "--out",
+                str(tmp_path / "out"),
+                "--address",
+                "local",
+            ],
+            tmp_path / "tune.log",
+        )
         s = optuna.load_study(study_name=name, storage=storage)
         assert len(s.trials) == 2 and all(t.state.name == "COMPLETE" for t in s.trials)
         assert all({"params", "train_seconds", "checkpoint_uri"} <= set(t.user_attrs) for t in s.trials)

@@ -56,8 +56,9 @@ def _safe_to_kill(snap: dict[int, tuple[str, object, dict]]) -> bool:
     leave Ray's snapshot naming a checkpoint its retention deleted, ray-project/ray#27790: the resume then puts a
     stand-in there and the trial restarts from epoch 1; tests/test_ray_restore_pin.py, test_resume_checkpoint.py.)"""
     running = [iv for s, _, iv in snap.values() if s == "RUNNING"]
-    return (any(s in FINISHED for s, _, _ in snap.values()) and bool(running)
-            and all(iv and max(iv) == 1 for iv in running))
+    return (
+        any(s in FINISHED for s, _, _ in snap.values()) and bool(running) and all(iv and max(iv) == 1 for iv in running)
+    )
 
 
 def _wait_group_gone(pgid: int, timeout: float = 60.0) -> None:
@@ -77,21 +78,55 @@ def test_resume_after_driver_killed(tmp_path):
     # 4 epochs, ASHA grace period 2; the second trial to finish epoch 1 is held there (trainer test switch) until
     # the driver is killed, so the state "one trial finished, the next one has checkpointed its first epoch and is
     # still running" is arranged, not raced for; the kill comes once Optuna and Ray's snapshot both show it
-    args = [*TINY_ARGS, "--space", str(write_space(tmp_path)), "--study", "res", "--trials", "4", "--epochs", "4",
-            "--grace-period", "2", "--img", "128", "--max-images", "150", "--max-concurrent", "1",
-            "--storage", storage, "--out", str(tmp_path / "out"), "--address", "local"]
+    args = [
+        *TINY_ARGS,
+        "--space",
+        str(write_space(tmp_path)),
+        "--study",
+        "res",
+        "--trials",
+        "4",
+        "--epochs",
+        "4",
+        "--grace-period",
+        "2",
+        "--img",
+        "128",
+        "--max-images",
+        "150",
+        "--max-concurrent",
+        "1",
+        "--storage",
+        storage,
+        "--out",
+        str(tmp_path / "out"),
+        "--address",
+        "local",
+    ]
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     env = tuner_env(EDGETUNE_HOLD_AFTER_EPOCH="1", EDGETUNE_HOLD_DIR=str(hold))
-    driver = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tuner", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 900  # generous: a loaded machine is slow, the state itself does not go away
         while time.time() < deadline:
-            if list(hold.glob("holding-*")) and _safe_to_kill(_snapshot(storage, "res")) and _ray_snapshot_has(
-                    tmp_path / "out" / "ray" / "res", [i for i in _running_ray_ids(storage, "res") if i]):
+            if (
+                list(hold.glob("holding-*"))
+                and _safe_to_kill(_snapshot(storage, "res"))
+                and _ray_snapshot_has(
+                    tmp_path / "out" / "ray" / "res", [i for i in _running_ray_ids(storage, "res") if i]
+                )
+            ):
                 break
-            assert driver.poll() is None, "the driver ended before a trial was held:\n" + \
-                (tmp_path / "first.log").read_text()[-3000:]
+            assert driver.poll() is None, (
+                "the driver ended before a trial was held:\n" + (tmp_path / "first.log").read_text()[-3000:]
+            )
             time.sleep(0.2)
         else:
             raise AssertionError("no trial finished while the next one was held within 900 s")
@@ -125,8 +160,9 @@ def test_resume_after_driver_killed(tmp_path):
     # the killed trial was continued by Ray: its new Optuna twin carries the same parameters
     resumed = [t for t in s.trials if "resumed_from_trial" in t.user_attrs]
     # every stale trial was resumed by Ray as a new Optuna twin with the same parameters (not silently dropped)
-    assert sorted(t.user_attrs["resumed_from_trial"] for t in resumed) == sorted(stale), \
-        [(t.number, t.state.name, t.user_attrs.get("resumed_from_trial")) for t in s.trials]
+    assert sorted(t.user_attrs["resumed_from_trial"] for t in resumed) == sorted(stale), [
+        (t.number, t.state.name, t.user_attrs.get("resumed_from_trial")) for t in s.trials
+    ]
     for t in resumed:
         assert t.params == s.trials[t.user_attrs["resumed_from_trial"]].params
     assert (tmp_path / "out" / "best" / "metrics.json").is_file()
@@ -136,9 +172,29 @@ def test_crashed_trial_restarts_from_its_checkpoint(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     marker = tmp_path / "failed-once"
     env = tuner_env(EDGETUNE_FAIL_AT_EPOCH="1", EDGETUNE_FAIL_MARKER=str(marker))
-    run_tuner([*TINY_ARGS, "--space", str(write_space(tmp_path)), "--study", "crash", "--trials", "1", "--epochs",
-               "3", "--max-failures", "1", "--storage", storage, "--out", str(tmp_path / "out"),
-               "--address", "local"], tmp_path / "tune.log", env=env)
+    run_tuner(
+        [
+            *TINY_ARGS,
+            "--space",
+            str(write_space(tmp_path)),
+            "--study",
+            "crash",
+            "--trials",
+            "1",
+            "--epochs",
+            "3",
+            "--max-failures",
+            "1",
+            "--storage",
+            storage,
+            "--out",
+            str(tmp_path / "out"),
+            "--address",
+            "local",
+        ],
+        tmp_path / "tune.log",
+        env=env,
+    )
     assert marker.is_file(), "the failure switch did not fire"
     assert "injected failure at epoch 1" in (tmp_path / "tune.log").read_text()
     (t,) = optuna.load_study(study_name="crash", storage=storage).trials

@@ -41,10 +41,34 @@ def study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     (tmp / "space.yaml").write_text(SPACE)
     storage = f"sqlite:///{tmp / 'optuna.db'}"
-    run_tuner([*ARGS, "--space", str(tmp / "space.yaml"), "--study", "loss", "--metric", "val_loss", "--trials", "3",
-               "--epochs", "3", "--grace-period", "3", "--max-concurrent", "1", "--storage", storage,
-               "--out", str(tmp / "out"),
-               "--set", f"data.cache_dir={tmp / 'cache'}", "--refit-max-epochs", "4"], tmp / "loss.log")
+    run_tuner(
+        [
+            *ARGS,
+            "--space",
+            str(tmp / "space.yaml"),
+            "--study",
+            "loss",
+            "--metric",
+            "val_loss",
+            "--trials",
+            "3",
+            "--epochs",
+            "3",
+            "--grace-period",
+            "3",
+            "--max-concurrent",
+            "1",
+            "--storage",
+            storage,
+            "--out",
+            str(tmp / "out"),
+            "--set",
+            f"data.cache_dir={tmp / 'cache'}",
+            "--refit-max-epochs",
+            "4",
+        ],
+        tmp / "loss.log",
+    )
     return {"tmp": tmp, "storage": storage, "study": optuna.load_study(study_name="loss", storage=storage)}
 
 
@@ -57,8 +81,11 @@ def test_one_metric_definition_drives_everything(study):
     for t in good:
         assert t.state.name == "COMPLETE" and sorted(t.intermediate_values) == [1, 2, 3]
         # the value is the best epoch's (a running minimum), the same number the leaderboard ranks
-        assert t.value == pytest.approx(t.user_attrs["best_val_loss"]) == pytest.approx(
-            min(t.intermediate_values.values()))
+        assert (
+            t.value
+            == pytest.approx(t.user_attrs["best_val_loss"])
+            == pytest.approx(min(t.intermediate_values.values()))
+        )
         assert list(t.intermediate_values.values()) == sorted(t.intermediate_values.values(), reverse=True)
         assert 1 <= t.user_attrs["best_epoch"] <= 3
     with open(study["tmp"] / "out" / "leaderboard.csv") as f:
@@ -112,17 +139,36 @@ def test_refit_is_the_final_model(study):
 def test_the_time_budget_fits_a_running_trial_to_the_deadline_and_it_finishes(tmp_path):
     """Every run finishes what it starts: a trial with 500 planned epochs fits its epochs (and LR schedule) to the
     search deadline after its first one and ends COMPLETE at that fidelity, never cut mid-schedule."""
-    (tmp_path / "space.yaml").write_text(SPACE.split("seeds:")[0] + "seeds:\n  - name: long\n    params: "
-                                         "{backbone: efficientnet_lite0, freeze: 0.75, lr: 2.0e-3, alpha: none}\n")
+    (tmp_path / "space.yaml").write_text(
+        SPACE.split("seeds:")[0] + "seeds:\n  - name: long\n    params: "
+        "{backbone: efficientnet_lite0, freeze: 0.75, lr: 2.0e-3, alpha: none}\n"
+    )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     # the budget counts from the process start (interpreter, Ray, data): on a loaded machine (issue 20: load ~17)
     # 100 s ended before the first trial had started an epoch, so the precondition "a trial is running when the
     # deadline comes" is arranged with room for a slow start
     budget = 200
     t0 = time.time()
-    run_tuner([*ARGS, "--space", str(tmp_path / "space.yaml"), "--study", "budget", "--epochs", "500",
-               "--time-budget", str(budget), "--no-refit", "--no-export", "--storage", storage,
-               "--out", str(tmp_path / "out")], tmp_path / "budget.log")
+    run_tuner(
+        [
+            *ARGS,
+            "--space",
+            str(tmp_path / "space.yaml"),
+            "--study",
+            "budget",
+            "--epochs",
+            "500",
+            "--time-budget",
+            str(budget),
+            "--no-refit",
+            "--no-export",
+            "--storage",
+            storage,
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        tmp_path / "budget.log",
+    )
     wall = time.time() - t0
     s = optuna.load_study(study_name="budget", storage=storage)
     first = s.trials[0]
@@ -134,8 +180,12 @@ def test_the_time_budget_fits_a_running_trial_to_the_deadline_and_it_finishes(tm
     # (and without crashing Ray's progress table): FAIL with its reason
     for t in s.trials:
         assert t.state.name in ("COMPLETE", "PRUNED") or (
-            t.state.name == "FAIL" and ("deadline passed before it could start" in t.user_attrs["fail_reason"]
-                                        or "never started" in t.user_attrs["fail_reason"])), t
+            t.state.name == "FAIL"
+            and (
+                "deadline passed before it could start" in t.user_attrs["fail_reason"]
+                or "never started" in t.user_attrs["fail_reason"]
+            )
+        ), t
     # the search ends at its deadline; the report and Ray's shutdown after it take longer on a loaded machine (the
     # wall-clock figure of a real budget is bench-search's, bench/README.md)
     assert wall <= budget + 120, f"the study took {wall:.0f} s for a {budget} s budget"

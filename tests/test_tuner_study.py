@@ -16,8 +16,16 @@ from trainer.checkpoint import read_meta
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1200)]
 
-TRIAL_ATTRS = ("params", "size_mb", "train_seconds", "images_per_s", "val_macro_f1", "checkpoint_uri",
-               "ray_trial_id", "node_id")
+TRIAL_ATTRS = (
+    "params",
+    "size_mb",
+    "train_seconds",
+    "images_per_s",
+    "val_macro_f1",
+    "checkpoint_uri",
+    "ray_trial_id",
+    "node_id",
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +34,42 @@ def studies(tmp_path_factory):
     storage = f"sqlite:///{tmp / 'optuna.db'}"
     space = write_space(tmp)
     common = [*TINY_ARGS, "--space", str(space), "--storage", storage, "--address", "local"]
-    run_tuner([*common, "--study", "single", "--trials", "4", "--epochs", "2", "--grace-period", "1",
-               "--max-concurrent", "1", "--refit-warm", "--out", str(tmp / "single")], tmp / "single.log")
-    run_tuner([*common, "--study", "multi", "--trials", "2", "--epochs", "1", "--multi-objective",
-               "--max-latency-ms", "10000", "--out", str(tmp / "multi")], tmp / "multi.log")
+    run_tuner(
+        [
+            *common,
+            "--study",
+            "single",
+            "--trials",
+            "4",
+            "--epochs",
+            "2",
+            "--grace-period",
+            "1",
+            "--max-concurrent",
+            "1",
+            "--refit-warm",
+            "--out",
+            str(tmp / "single"),
+        ],
+        tmp / "single.log",
+    )
+    run_tuner(
+        [
+            *common,
+            "--study",
+            "multi",
+            "--trials",
+            "2",
+            "--epochs",
+            "1",
+            "--multi-objective",
+            "--max-latency-ms",
+            "10000",
+            "--out",
+            str(tmp / "multi"),
+        ],
+        tmp / "multi.log",
+    )
     return {"tmp": tmp, "storage": storage}
 
 

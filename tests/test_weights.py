@@ -116,8 +116,9 @@ def test_googlenet_and_legacy_densenet_files_load(offline_env):
     assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
     torch.save(legacy, _hub_file(offline_env, "densenet121"))
     m = create_model(ModelConfig(backbone="densenet121", weights="imagenet", img_size=64), 2)
-    torch.testing.assert_close(m.backbone.features.denseblock1.denselayer1.norm1.weight,
-                               d["features.denseblock1.denselayer1.norm1.weight"])
+    torch.testing.assert_close(
+        m.backbone.features.denseblock1.denselayer1.norm1.weight, d["features.denseblock1.denselayer1.norm1.weight"]
+    )
 
 
 def test_lite_weights_resolve_from_offline_package(offline_env):

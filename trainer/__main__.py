@@ -42,8 +42,9 @@ class TrainOptions:
     """``python -m trainer``'s options: the run config (YAML, then the options that set one of its keys, then the
     ``--set`` overrides) and how the run is done. The CLI is derived from these fields (edgetune.dataclass_cli)."""
 
-    config: str | None = opt(None, "YAML run config (see configs/, or what --print-config prints); other options "
-                             "override it")
+    config: str | None = opt(
+        None, "YAML run config (see configs/, or what --print-config prints); other options override it"
+    )
     sets: tuple[str, ...] = opt((), "override any config key, e.g. optim.lr=3e-4 (repeatable)")
     data: str | None = _config_key("data.dataset", "built-in dataset (elpv, textures) or an ImageFolder/CSV path")
     epochs: int | None = _config_key("epochs")
@@ -57,8 +58,11 @@ class TrainOptions:
     gpu: bool = _config_key("use_gpu", "one GPU per worker (AMP, channels_last)", default=False)
     out: str | None = opt(None, "run directory (default runs/train/<dataset>-<backbone>)")
     list_backbones: bool = opt(False, "list the backbones (family, feature size, input size, freeze cuts) and exit")
-    print_config: bool = opt(False, "print the effective run config as YAML (the TrainConfig with out resolved, "
-                             "and run: repeats) and exit; --config reads it back")
+    print_config: bool = opt(
+        False,
+        "print the effective run config as YAML (the TrainConfig with out resolved, "
+        "and run: repeats) and exit; --config reads it back",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sets", tuple(self.sets))
@@ -103,8 +107,9 @@ def read_run_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     data = load_yaml_mapping(path, "config")
     run = data.pop(RUN_SECTION, None) or {}
     if not isinstance(run, dict) or set(run) - set(RUN_SECTION_KEYS):
-        raise ConfigError(f"config {path}: the {RUN_SECTION}: section may set only {', '.join(RUN_SECTION_KEYS)}, "
-                          f"got {run!r}")
+        raise ConfigError(
+            f"config {path}: the {RUN_SECTION}: section may set only {', '.join(RUN_SECTION_KEYS)}, got {run!r}"
+        )
     try:
         return data, file_values(TrainOptions, run, f"config {path} {RUN_SECTION}:")
     except ValueError as e:
@@ -112,9 +117,7 @@ def read_run_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m trainer", description=__doc__, formatter_class=HelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=HelpFormatter)
     add_fields(p, TrainOptions, {"sets": Flag("--set", repeat=True, metavar="KEY=VALUE")})
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p

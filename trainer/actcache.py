@@ -122,8 +122,13 @@ class ActivationCache:
     def path_of(self, key: ActKey) -> Path:
         return self.root / f"{key.digest()}.npy"
 
-    def get(self, key: ActKey, build: Callable[[], Iterator[np.ndarray]], n: int,
-            fp16_ok: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
+    def get(
+        self,
+        key: ActKey,
+        build: Callable[[], Iterator[np.ndarray]],
+        n: int,
+        fp16_ok: Callable[[np.ndarray], bool] | None = None,
+    ) -> np.ndarray:
         """The array for ``key``: from memory, from disk, or built by iterating ``build()`` (float32 batches
         in item order, ``n`` rows in all) and stored; float16 when ``fp16_ok(first batch)`` says so."""
         d = key.digest()
@@ -167,8 +172,14 @@ class ActivationCache:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _build(self, key: ActKey, path: Path, build: Callable[[], Iterator[np.ndarray]], n: int,
-               fp16_ok: Callable[[np.ndarray], bool] | None) -> None:
+    def _build(
+        self,
+        key: ActKey,
+        path: Path,
+        build: Callable[[], Iterator[np.ndarray]],
+        n: int,
+        fp16_ok: Callable[[np.ndarray], bool] | None,
+    ) -> None:
         t0 = time.perf_counter()
         out: Any = None  # np.memmap while building
         row = 0

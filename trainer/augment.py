@@ -120,8 +120,12 @@ def build_augment(preset: str, spec: PreprocessSpec, strength: float = 1.0) -> C
         ]
     else:  # rock
         ops = [
-            v2.RandomAffine(degrees=min(180.0, 180.0 * s), translate=(min(1.0, 0.1 * s), min(1.0, 0.1 * s)),
-                            scale=(2.0 ** -s, 2.0**s), interpolation=v2.InterpolationMode.BILINEAR),
+            v2.RandomAffine(
+                degrees=min(180.0, 180.0 * s),
+                translate=(min(1.0, 0.1 * s), min(1.0, 0.1 * s)),
+                scale=(2.0**-s, 2.0**s),
+                interpolation=v2.InterpolationMode.BILINEAR,
+            ),
             v2.CenterCrop(size),
             v2.RandomHorizontalFlip(0.5),
             v2.RandomVerticalFlip(0.5),

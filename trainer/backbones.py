@@ -58,8 +58,14 @@ def feature_dim_of(backbone: nn.Module, image_size: int = FEATURE_PROBE_SIZE) ->
     The module's training mode is restored; nothing is learned (no gradients, BatchNorm statistics untouched)."""
     was_training = backbone.training
     p = next(backbone.parameters(), None)
-    x = torch.zeros(1, 3, image_size, image_size, device=p.device if p is not None else "cpu",
-                    dtype=p.dtype if p is not None else torch.float32)
+    x = torch.zeros(
+        1,
+        3,
+        image_size,
+        image_size,
+        device=p.device if p is not None else "cpu",
+        dtype=p.dtype if p is not None else torch.float32,
+    )
     try:
         backbone.eval()
         with torch.no_grad():
@@ -68,8 +74,10 @@ def feature_dim_of(backbone: nn.Module, image_size: int = FEATURE_PROBE_SIZE) ->
         backbone.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise EdgetuneError(f"backbone {type(backbone).__name__} returns {shape} for a [1, 3, {image_size}, "
-                            f"{image_size}] image; a features-only backbone returns [N, feature_dim]")
+        raise EdgetuneError(
+            f"backbone {type(backbone).__name__} returns {shape} for a [1, 3, {image_size}, "
+            f"{image_size}] image; a features-only backbone returns [N, feature_dim]"
+        )
     return int(out.shape[1])
 
 
@@ -215,8 +223,10 @@ def _strip_googlenet(m: Any) -> nn.Module:
     return m
 
 
-_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
-                           r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 
 def _densenet_fixup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -271,11 +281,20 @@ _register_torchvision(
     "wide_resnet50_2", "resnet", tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1, _strip_fc, _FC
 )
 _register_torchvision(
-    "densenet121", "densenet", tvm.densenet121, tvm.DenseNet121_Weights.IMAGENET1K_V1, _strip_classifier, _CLS,
+    "densenet121",
+    "densenet",
+    tvm.densenet121,
+    tvm.DenseNet121_Weights.IMAGENET1K_V1,
+    _strip_classifier,
+    _CLS,
     fixup=_densenet_fixup,
 )
 _register_torchvision(
-    "googlenet", "googlenet", tvm.googlenet, tvm.GoogLeNet_Weights.IMAGENET1K_V1, _strip_googlenet,
+    "googlenet",
+    "googlenet",
+    tvm.googlenet,
+    tvm.GoogLeNet_Weights.IMAGENET1K_V1,
+    _strip_googlenet,
     ("fc.", "aux1.", "aux2."),
     scratch_kwargs={"aux_logits": False, "init_weights": True},
     # as torchvision does for these weights: they expect (x-0.5)/0.5 inputs, converted inside from ImageNet mean/std
@@ -284,19 +303,32 @@ _register_torchvision(
 _register_torchvision(
     "mobilenet_v2", "mobilenet", tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, _strip_classifier, _CLS
 )
-_register_torchvision("mnasnet1_0", "mnasnet", tvm.mnasnet1_0, tvm.MNASNet1_0_Weights.IMAGENET1K_V1,
-                      _strip_classifier, _CLS)
 _register_torchvision(
-    "shufflenet_v2_x1_0", "shufflenet", tvm.shufflenet_v2_x1_0, tvm.ShuffleNet_V2_X1_0_Weights.IMAGENET1K_V1,
-    _strip_fc, _FC,
+    "mnasnet1_0", "mnasnet", tvm.mnasnet1_0, tvm.MNASNet1_0_Weights.IMAGENET1K_V1, _strip_classifier, _CLS
 )
 _register_torchvision(
-    "squeezenet1_1", "squeezenet", tvm.squeezenet1_1, tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1, _strip_squeezenet,
+    "shufflenet_v2_x1_0",
+    "shufflenet",
+    tvm.shufflenet_v2_x1_0,
+    tvm.ShuffleNet_V2_X1_0_Weights.IMAGENET1K_V1,
+    _strip_fc,
+    _FC,
+)
+_register_torchvision(
+    "squeezenet1_1",
+    "squeezenet",
+    tvm.squeezenet1_1,
+    tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1,
+    _strip_squeezenet,
     _CLS,
 )
 _register_torchvision(
-    "efficientnet_b0", "efficientnet", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1,
-    _strip_classifier, _CLS,
+    "efficientnet_b0",
+    "efficientnet",
+    tvm.efficientnet_b0,
+    tvm.EfficientNet_B0_Weights.IMAGENET1K_V1,
+    _strip_classifier,
+    _CLS,
 )
 
 

@@ -28,13 +28,30 @@ CHECKPOINT_SCHEMA_VERSION = 2
 WEIGHTS_FILE = "model.pt"
 META_FILE = "checkpoint.json"
 #: Keys every checkpoint's metadata carries (the writer is :func:`save_checkpoint`, the reader :func:`read_meta`).
-REQUIRED_META = ("format", "schema_version", "config", "classes", "preprocess", "backbone", "epoch", "metrics",
-                 "versions")
+REQUIRED_META = (
+    "format",
+    "schema_version",
+    "config",
+    "classes",
+    "preprocess",
+    "backbone",
+    "epoch",
+    "metrics",
+    "versions",
+)
 #: Keys the training loop adds (optional in schema 2, absent from checkpoints written before them): the weight set
 #: the backbone started from (``weights_tag``, :func:`trainer.backbones.weights_tag_of`), its file
 #: (``weights_source``), the freeze report (``freeze``), and the run's dataset, history, BN statistics, data path.
-OPTIONAL_META = ("weights_tag", "weights_source", "freeze", "dataset", "dataset_hash", "history", "bn_stats",
-                 "data_path")
+OPTIONAL_META = (
+    "weights_tag",
+    "weights_source",
+    "freeze",
+    "dataset",
+    "dataset_hash",
+    "history",
+    "bn_stats",
+    "data_path",
+)
 
 
 def versions() -> dict[str, str]:
@@ -101,9 +118,7 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise EdgetuneError(
-        f"no edgetune checkpoint at {p}: looked for {', '.join(str(c) for c in candidates[1:])}"
-    )
+    raise EdgetuneError(f"no edgetune checkpoint at {p}: looked for {', '.join(str(c) for c in candidates[1:])}")
 
 
 #: What reading a damaged file raises (truncated, not an archive), as opposed to a refused content or a bad schema.
@@ -125,8 +140,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise UnreadableCheckpoint(f"{f} is not a readable edgetune checkpoint ({type(e).__name__}: {e})",
-                                   damaged=isinstance(e, DAMAGED_FILE_ERRORS)) from None
+        raise UnreadableCheckpoint(
+            f"{f} is not a readable edgetune checkpoint ({type(e).__name__}: {e})",
+            damaged=isinstance(e, DAMAGED_FILE_ERRORS),
+        ) from None
     ckpt["meta"] = validate_meta(ckpt.get("meta") if isinstance(ckpt, dict) else None, f)
     ckpt["path"] = str(f)
     return ckpt
@@ -152,7 +169,8 @@ def validate_meta(meta: Any, where: str | Path) -> dict[str, Any]:
         raise EdgetuneError(
             f"{where}: checkpoint schema_version {version!r} is not supported; this edgetune reads checkpoint "
             f"schema_version {CHECKPOINT_SCHEMA_VERSION} (and migrates 1); retrain with this edgetune or use the "
-            "edgetune release that wrote it")
+            "edgetune release that wrote it"
+        )
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise EdgetuneError(f"{where}: checkpoint metadata lacks {missing} (schema_version {version})")

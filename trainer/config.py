@@ -183,8 +183,10 @@ class LossConfig(ConfigModel):
         weights = items(v, number) if isinstance(v, (list, tuple)) else None
         if weights is None or any(a < 0 for a in weights):
             shown = weights if weights is not None else (string(v) if isinstance(v, (int, float)) else v)
-            raise bad(f"must be null, {', '.join(map(repr, ALPHA_RULES))} or a list of non-negative class "
-                      f"weights, got {shown!r}")
+            raise bad(
+                f"must be null, {', '.join(map(repr, ALPHA_RULES))} or a list of non-negative class "
+                f"weights, got {shown!r}"
+            )
         return weights
 
 
@@ -291,10 +293,11 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     cur: Any = d
     for i, p in enumerate(parts[:-1]):
         if not isinstance(cur, dict) or p not in cur or not isinstance(cur[p], dict):
-            raise ConfigError(f"unknown config section {'.'.join(parts[: i + 1])!r} in override {key!r}; "
-                              f"sections: {sorted(k for k, v in d.items() if isinstance(v, dict))}")
+            raise ConfigError(
+                f"unknown config section {'.'.join(parts[: i + 1])!r} in override {key!r}; "
+                f"sections: {sorted(k for k, v in d.items() if isinstance(v, dict))}"
+            )
         cur = cur[p]
     if parts[-1] not in cur:
         raise ConfigError(f"unknown config key {key!r}; allowed here: {sorted(cur)}")
     cur[parts[-1]] = value
-

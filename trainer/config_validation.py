@@ -69,17 +69,20 @@ def items(v: Any, item: Callable[[Any], Any]) -> tuple[Any, ...]:
 
 def one_of(allowed: tuple[str, ...]) -> AfterValidator:
     """The check of a choice field against its (single) choice list."""
+
     def check(v: str) -> str:
         if v not in allowed:
             raise bad(f"must be one of {list(allowed)}, got {v!r}")
         return v
+
     return AfterValidator(check)
 
 
 def interval(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Any:
     """``Field`` bounds of a number; explain words a violation as ``must be in [lo, hi], got v``."""
-    return Field(gt=lo if lo_open else None, ge=None if lo_open else lo,
-                 lt=hi if hi_open else None, le=None if hi_open else hi)
+    return Field(
+        gt=lo if lo_open else None, ge=None if lo_open else lo, lt=hi if hi_open else None, le=None if hi_open else hi
+    )
 
 
 Number = Annotated[float, BeforeValidator(number)]
@@ -140,8 +143,11 @@ def explain(e: ValidationError, root: type[ConfigModel]) -> str:
     for where, keys in reversed(unknown.items()):
         prefix = _dotted(root, where)
         model = _model_at(root, where)
-        lines.insert(0, f"unknown config key(s) {sorted(f'{prefix}.{k}' if prefix else k for k in keys)}; "
-                        f"allowed in {prefix or 'the top level'}: {sorted(model.model_fields)}")
+        lines.insert(
+            0,
+            f"unknown config key(s) {sorted(f'{prefix}.{k}' if prefix else k for k in keys)}; "
+            f"allowed in {prefix or 'the top level'}: {sorted(model.model_fields)}",
+        )
     return "; ".join(dict.fromkeys(lines))
 
 

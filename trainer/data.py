@@ -32,8 +32,15 @@ from trainer.split import check_classes, stratified_split, stratified_subset, wr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataSplits", "EvalDataset", "PreparedSource", "TrainDataset", "build_data", "prepare_source",
-           "resolve_dataset"]
+__all__ = [
+    "DataSplits",
+    "EvalDataset",
+    "PreparedSource",
+    "TrainDataset",
+    "build_data",
+    "prepare_source",
+    "resolve_dataset",
+]
 
 
 class _Base(torch.utils.data.Dataset):
@@ -76,8 +83,13 @@ class EvalDataset(_Base):
 class TrainDataset(_Base):
     """Items ``(float32 [3, H, W], label)``: cached resized image -> online augmentation preset."""
 
-    def __init__(self, items: Sequence[Item], store: ImageStore, spec: PreprocessSpec,
-                 augment: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        items: Sequence[Item],
+        store: ImageStore,
+        spec: PreprocessSpec,
+        augment: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
         super().__init__(items, store, spec)
         self.augment = augment
 
@@ -114,8 +126,10 @@ def resolve_dataset(cfg: DataConfig) -> tuple[list[SourceFile], list[tuple[str, 
     if p.is_dir():
         files, rejected = list_image_folder(p)
         return files, rejected, p.resolve().name, cache
-    raise ConfigError(f"data.dataset {cfg.dataset!r} is neither a built-in ({', '.join(BUILTINS)}), "
-                      f"an existing ImageFolder directory nor a .csv manifest")
+    raise ConfigError(
+        f"data.dataset {cfg.dataset!r} is neither a built-in ({', '.join(BUILTINS)}), "
+        f"an existing ImageFolder directory nor a .csv manifest"
+    )
 
 
 @dataclass
@@ -149,28 +163,53 @@ def prepare_source(cfg: DataConfig) -> PreparedSource:
     files = hash_files(files)
     dhash = dataset_hash(files)
     if not files and not rejected:
-        raise EdgetuneError(f"dataset {cfg.dataset!r}: no image files found (expected root/<class>/*"
-                            f"{{.jpg,.jpeg,.png,.bmp,.tif,.tiff}} or a CSV with path,label columns)")
+        raise EdgetuneError(
+            f"dataset {cfg.dataset!r}: no image files found (expected root/<class>/*"
+            f"{{.jpg,.jpeg,.png,.bmp,.tif,.tiff}} or a CSV with path,label columns)"
+        )
     files = stratified_subset(files, cfg.max_images, cfg.split_seed)
     scan = scan_sources(files, cache)
     skipped = sorted(rejected + scan.skipped)
     if skipped and cfg.strict:
         listing = "\n  ".join(f"{p}: {r}" for p, r in skipped)
-        raise EdgetuneError(f"{len(skipped)} unreadable or non-image file(s) in {cfg.dataset!r} "
-                            f"(strict mode; remove them or run without --strict to skip them):\n  {listing}")
+        raise EdgetuneError(
+            f"{len(skipped)} unreadable or non-image file(s) in {cfg.dataset!r} "
+            f"(strict mode; remove them or run without --strict to skip them):\n  {listing}"
+        )
     if skipped:
-        log.warning("skipping %d unreadable or non-image file(s) in %r; first: %s: %s", len(skipped), cfg.dataset,
-                    skipped[0][0], skipped[0][1])
+        log.warning(
+            "skipping %d unreadable or non-image file(s) in %r; first: %s: %s",
+            len(skipped),
+            cfg.dataset,
+            skipped[0][0],
+            skipped[0][1],
+        )
     classes = check_classes(scan.good, f"dataset {cfg.dataset!r}")
     parts = stratified_split(scan.good, classes, cfg.split, cfg.split_seed)
-    return PreparedSource(dataset=cfg.dataset, name=name, cache=cache, dataset_hash=dhash, parts=parts,
-                          classes=classes, skipped=skipped, predefined=any(f.split for f in scan.good),
-                          max_images=cfg.max_images, split_seed=cfg.split_seed, ratios=tuple(cfg.split),
-                          decoded=scan.decoded)
+    return PreparedSource(
+        dataset=cfg.dataset,
+        name=name,
+        cache=cache,
+        dataset_hash=dhash,
+        parts=parts,
+        classes=classes,
+        skipped=skipped,
+        predefined=any(f.split for f in scan.good),
+        max_images=cfg.max_images,
+        split_seed=cfg.split_seed,
+        ratios=tuple(cfg.split),
+        decoded=scan.decoded,
+    )
 
 
-def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None = None, seed: int = 0,
-               source: PreparedSource | None = None, with_test: bool = True) -> DataSplits:
+def build_data(
+    cfg: DataConfig,
+    spec: PreprocessSpec,
+    run_dir: str | Path | None = None,
+    seed: int = 0,
+    source: PreparedSource | None = None,
+    with_test: bool = True,
+) -> DataSplits:
     """Scan, subset, split, slice, expand and cache a dataset; returns the four datasets.
 
     Args:
@@ -186,12 +225,24 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
     if source is None:
         source = prepare_source(cfg)
     elif (source.dataset, source.max_images, source.split_seed, source.ratios) != (
-            cfg.dataset, cfg.max_images, cfg.split_seed, tuple(cfg.split)):
-        raise EdgetuneError(f"internal: the prepared dataset {source.dataset!r} (max_images {source.max_images}, split "
-                            f"{source.ratios} seed {source.split_seed}) is not the one data asks for ({cfg.dataset!r}, "
-                            f"{cfg.max_images}, {tuple(cfg.split)} seed {cfg.split_seed})")
-    name, cache, dhash, parts, classes, skipped = (source.name, source.cache, source.dataset_hash, source.parts,
-                                                   source.classes, source.skipped)
+        cfg.dataset,
+        cfg.max_images,
+        cfg.split_seed,
+        tuple(cfg.split),
+    ):
+        raise EdgetuneError(
+            f"internal: the prepared dataset {source.dataset!r} (max_images {source.max_images}, split "
+            f"{source.ratios} seed {source.split_seed}) is not the one data asks for ({cfg.dataset!r}, "
+            f"{cfg.max_images}, {tuple(cfg.split)} seed {cfg.split_seed})"
+        )
+    name, cache, dhash, parts, classes, skipped = (
+        source.name,
+        source.cache,
+        source.dataset_hash,
+        source.parts,
+        source.classes,
+        source.skipped,
+    )
     class_index = {c: i for i, c in enumerate(classes)}
     grid = (int(cfg.slice_grid[0]), int(cfg.slice_grid[1]))
     items = {
@@ -203,13 +254,24 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
     stores = _build_stores(items, cfg, spec, cache, seed, source, with_test)
     manifest_path = None
     if run_dir is not None:
-        manifest_path = write_manifest(Path(run_dir) / "split.json", parts, skipped, {
-            "dataset": cfg.dataset, "dataset_name": name, "dataset_hash": dhash, "classes": classes,
-            "split_seed": cfg.split_seed, "ratios": list(cfg.split),
-            "predefined_split": source.predefined, "max_images": cfg.max_images,
-            "slice_grid": list(grid), "expand": list(cfg.expand),
-            "items": {k: len(v) for k, v in items.items()},
-        })
+        manifest_path = write_manifest(
+            Path(run_dir) / "split.json",
+            parts,
+            skipped,
+            {
+                "dataset": cfg.dataset,
+                "dataset_name": name,
+                "dataset_hash": dhash,
+                "classes": classes,
+                "split_seed": cfg.split_seed,
+                "ratios": list(cfg.split),
+                "predefined_split": source.predefined,
+                "max_images": cfg.max_images,
+                "slice_grid": list(grid),
+                "expand": list(cfg.expand),
+                "items": {k: len(v) for k, v in items.items()},
+            },
+        )
     counts = [0] * len(classes)
     for it in items["train"]:
         counts[it.label] += 1
@@ -228,8 +290,15 @@ def build_data(cfg: DataConfig, spec: PreprocessSpec, run_dir: str | Path | None
     )
 
 
-def _build_stores(items: dict[str, Any], cfg: DataConfig, spec: PreprocessSpec, cache: Any, seed: int,
-                  source: PreparedSource, with_test: bool) -> dict[str, ImageStore]:
+def _build_stores(
+    items: dict[str, Any],
+    cfg: DataConfig,
+    spec: PreprocessSpec,
+    cache: Any,
+    seed: int,
+    source: PreparedSource,
+    with_test: bool,
+) -> dict[str, ImageStore]:
     """The decoded, resized images of each split (one memory budget shared by the stores of this dataset); the
     train split shares the train_eval store when nothing is expanded; no test store without ``with_test``."""
     stores: dict[str, ImageStore] = {}
@@ -244,8 +313,13 @@ def _build_stores(items: dict[str, Any], cfg: DataConfig, spec: PreprocessSpec, 
         stores[key] = build_store(items[key], spec, cache, seed, source.decoded, cfg.cache_images, st, budget)
         if stores[key].in_memory:
             budget -= stores[key].nbytes
-        log.debug("%s: %d images %s in %.2f s", key, len(items[key]),
-                  "from the disk cache" if st["cache_hit"] else "decoded+resized", st["seconds"])
+        log.debug(
+            "%s: %d images %s in %.2f s",
+            key,
+            len(items[key]),
+            "from the disk cache" if st["cache_hit"] else "decoded+resized",
+            st["seconds"],
+        )
     return stores
 
 

@@ -78,8 +78,9 @@ def texture_bands(height: int = 512, tile: int = TEXTURE_TILE) -> dict[str, tupl
     return {"train": (0, height - 2 * tile), "val": (height - 2 * tile, height - tile), "test": (height - tile, height)}
 
 
-def texture_tiles(height: int, width: int, tile: int = TEXTURE_TILE,
-                  stride: int = TEXTURE_STRIDE) -> list[tuple[str, int, int]]:
+def texture_tiles(
+    height: int, width: int, tile: int = TEXTURE_TILE, stride: int = TEXTURE_STRIDE
+) -> list[tuple[str, int, int]]:
     """(split, y, x) of every tile; a tile belongs to the band that contains it entirely."""
     out = []
     for split, (y0, y1) in texture_bands(height, tile).items():
@@ -109,9 +110,18 @@ def prepare_textures(cache: Path, tile: int = TEXTURE_TILE, stride: int = TEXTUR
                 if not cv2.imwrite(str(tmp / rel), photo[y : y + tile, x : x + tile]):
                     raise EdgetuneError(f"cannot write {tmp / rel}")
                 splits[rel] = split
-        (tmp / SPLIT_FILE).write_text(json.dumps({"source": "scikit-image data.brick/grass/gravel",
-                                                  "tile": tile, "stride": stride,
-                                                  "bands": texture_bands(512, tile), "files": splits}, indent=1))
+        (tmp / SPLIT_FILE).write_text(
+            json.dumps(
+                {
+                    "source": "scikit-image data.brick/grass/gravel",
+                    "tile": tile,
+                    "stride": stride,
+                    "bands": texture_bands(512, tile),
+                    "files": splits,
+                },
+                indent=1,
+            )
+        )
 
     return _prepare_once(final, write)
 
@@ -119,8 +129,9 @@ def prepare_textures(cache: Path, tile: int = TEXTURE_TILE, stride: int = TEXTUR
 def elpv_package_dir() -> Path:
     spec = importlib.util.find_spec("elpv_dataset")
     if spec is None or not spec.submodule_search_locations:
-        raise EdgetuneError("the elpv dataset needs the PyPI package elpv-dataset: "
-                            "pip install elpv-dataset==1.0.0.post1")
+        raise EdgetuneError(
+            "the elpv dataset needs the PyPI package elpv-dataset: pip install elpv-dataset==1.0.0.post1"
+        )
     d = Path(list(spec.submodule_search_locations)[0]) / "data"
     if not (d / "labels.csv").exists():
         raise EdgetuneError(f"elpv-dataset is installed but {d / 'labels.csv'} is missing; reinstall the package")

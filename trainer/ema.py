@@ -26,8 +26,9 @@ class Ema:
         self.decay = float(decay)
         self.updates = 0
         self.module = copy.deepcopy(src).eval()  # requires_grad as the source's: tells BatchNorm layers to recompute
-        self._pairs = [(e, p) for e, p in zip(self.module.parameters(), src.parameters(), strict=True)
-                       if p.requires_grad]
+        self._pairs = [
+            (e, p) for e, p in zip(self.module.parameters(), src.parameters(), strict=True) if p.requires_grad
+        ]
 
     def decay_now(self) -> float:
         return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))

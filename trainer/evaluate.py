@@ -83,8 +83,9 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | Path, tit
     plt.close(fig)
 
 
-def test_report(model: torch.nn.Module, test_ds: Any, classes: list[str], out_dir: str | Path,
-                batch_size: int = 64) -> dict[str, Any]:
+def test_report(
+    model: torch.nn.Module, test_ds: Any, classes: list[str], out_dir: str | Path, batch_size: int = 64
+) -> dict[str, Any]:
     """Evaluate on the test split; writes confusion_matrix.{png,json} and test_predictions.json (every test
     item with its label, prediction and probabilities, for paired comparisons); returns test_* metrics."""
     probs, labels = predict_dataset(model, test_ds, batch_size)
@@ -92,8 +93,9 @@ def test_report(model: torch.nn.Module, test_ds: Any, classes: list[str], out_di
     return report_from_probs(probs, labels, sources, classes, out_dir)
 
 
-def report_from_probs(probs: np.ndarray, labels: np.ndarray, sources: list[str], classes: list[str],
-                      out_dir: str | Path) -> dict[str, Any]:
+def report_from_probs(
+    probs: np.ndarray, labels: np.ndarray, sources: list[str], classes: list[str], out_dir: str | Path
+) -> dict[str, Any]:
     """:func:`test_report`'s files and metrics from test probabilities already computed (a study's final model
     that is an ensemble: tuner/posthoc.py)."""
     out = Path(out_dir)
@@ -103,15 +105,28 @@ def report_from_probs(probs: np.ndarray, labels: np.ndarray, sources: list[str],
     cm = confusion_matrix(labels, preds, k)
     m = metrics_from_confusion(cm)
     (out / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "matrix": cm.tolist()}, indent=2))
-    items = [{"source": src, "label": classes[int(y)], "prediction": classes[int(p)],
-              "probs": [round(float(v), 6) for v in pr]}
-             for src, y, p, pr in zip(sources, labels, preds, probs, strict=True)]
+    items = [
+        {
+            "source": src,
+            "label": classes[int(y)],
+            "prediction": classes[int(p)],
+            "probs": [round(float(v), 6) for v in pr],
+        }
+        for src, y, p, pr in zip(sources, labels, preds, probs, strict=True)
+    ]
     (out / "test_predictions.json").write_text(json.dumps({"classes": classes, "items": items}))
     plot_confusion(cm, classes, out / "confusion_matrix.png", title=f"test accuracy {m['accuracy']:.3f}")
-    per_class = {c: {"precision": m["precision"][i], "recall": m["recall"][i], "f1": m["f1"][i],
-                     "support": m["support"][i]} for i, c in enumerate(classes)}
-    return {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"], "test_images": int(len(labels)),
-            "test_per_class": per_class, "test_confusion_matrix": cm.tolist()}
+    per_class = {
+        c: {"precision": m["precision"][i], "recall": m["recall"][i], "f1": m["f1"][i], "support": m["support"][i]}
+        for i, c in enumerate(classes)
+    }
+    return {
+        "test_accuracy": m["accuracy"],
+        "test_macro_f1": m["macro_f1"],
+        "test_images": int(len(labels)),
+        "test_per_class": per_class,
+        "test_confusion_matrix": cm.tolist(),
+    }
 
 
 def _brightness_crop(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -123,16 +138,22 @@ def _brightness_crop(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(crop, 0, 255).astype(np.uint8)
 
 
-def robustness_report(model: torch.nn.Module, test_ds: Any, spec: PreprocessSpec, out_dir: str | Path,
-                      seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+def robustness_report(
+    model: torch.nn.Module, test_ds: Any, spec: PreprocessSpec, out_dir: str | Path, seed: int = 0, batch_size: int = 64
+) -> dict[str, float]:
     """Rock paper's field tests: accuracy on downsampled (½, ¼, ⅛) and cropped+brightened test images."""
     import cv2
 
     rng = np.random.default_rng(seed)
     raws = [test_ds.raw(i) for i in range(len(test_ds))]
     labels = np.array([lab for _, lab in raws])
-    conditions: dict[str, list[np.ndarray]] = {"original": [], "down_1/2": [], "down_1/4": [], "down_1/8": [],
-                                               "crop_brightness": []}
+    conditions: dict[str, list[np.ndarray]] = {
+        "original": [],
+        "down_1/2": [],
+        "down_1/4": [],
+        "down_1/8": [],
+        "crop_brightness": [],
+    }
     for img, _ in raws:
         conditions["original"].append(img)
         h, w = img.shape[:2]

@@ -54,8 +54,16 @@ def export_onnx(model: torch.nn.Module, spec: PreprocessSpec, path: str | Path, 
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated but is the fast, verified path
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
-        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, dynamo=False)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            opset_version=opset,
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            dynamo=False,
+        )
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
@@ -87,8 +95,12 @@ def parity_check(model: torch.nn.Module, session: Any, x: np.ndarray) -> dict[st
     p_torch = predict_arrays(model, x).astype(np.float64)
     p_ort = ort_probs(session, x)
     agree = float((p_torch.argmax(1) == p_ort.argmax(1)).mean()) if len(x) else 1.0
-    return {"top1_agreement": agree, "max_abs_prob_diff": float(np.abs(p_torch - p_ort).max()) if len(x) else 0.0,
-            "n_images": int(len(x)), "reference": "torch eager fp32 vs onnxruntime CPU, test split"}
+    return {
+        "top1_agreement": agree,
+        "max_abs_prob_diff": float(np.abs(p_torch - p_ort).max()) if len(x) else 0.0,
+        "n_images": int(len(x)),
+        "reference": "torch eager fp32 vs onnxruntime CPU, test split",
+    }
 
 
 def _save_images(ds: Any, idx: list[int], folder: Path, rel: str) -> list[dict[str, Any]]:
@@ -120,6 +132,7 @@ def quantize_onnx(kind: str, fp32: Path, target: Path, calib: np.ndarray) -> Pat
     if kind == "dynamic":
         quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8)
     else:
+
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
                 self.it = iter([{INPUT: calib[i : i + 1]} for i in range(len(calib))])
@@ -127,23 +140,38 @@ def quantize_onnx(kind: str, fp32: Path, target: Path, calib: np.ndarray) -> Pat
             def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self.it, None)
 
-        quantize_static(str(fp32), str(target), Reader(), activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
+        quantize_static(str(fp32), str(target), Reader(), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return target
 
 
-def quantize_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                     base_acc: float, tolerance: float, x_test: np.ndarray | None = None,
-                     y_test: np.ndarray | None = None) -> dict[str, Any]:
+def quantize_variant(
+    kind: str,
+    fp32: Path,
+    out: Path,
+    calib: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    base_acc: float,
+    tolerance: float,
+    x_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+) -> dict[str, Any]:
     """An INT8 variant (:func:`quantize_onnx`), accepted or refused on the VALIDATION split (refused when it
     loses more than ``tolerance`` validation accuracy against the float model). The test accuracy of a kept
     variant is recorded for information only."""
     target = quantize_onnx(kind, fp32, out / f"model.{int8_variant_name(kind)}.onnx", calib)
     session = ort_session(target)
     acc = float((ort_probs(session, x_val).argmax(1) == y_val).mean()) if len(y_val) else 0.0
-    info: dict[str, Any] = {"file": target.name, "sha256": sha256_file(target), "precision": "int8", "method": kind,
-                            "val_accuracy": acc, "accuracy_delta": acc - base_acc, "decided_on": "val",
-                            "size_mb": target.stat().st_size / 1e6}
+    info: dict[str, Any] = {
+        "file": target.name,
+        "sha256": sha256_file(target),
+        "precision": "int8",
+        "method": kind,
+        "val_accuracy": acc,
+        "accuracy_delta": acc - base_acc,
+        "decided_on": "val",
+        "size_mb": target.stat().st_size / 1e6,
+    }
     if base_acc - acc > tolerance:
         target.unlink()
         info["refused"] = f"loses {base_acc - acc:.4f} validation accuracy > tolerance {tolerance}"
@@ -164,10 +192,18 @@ def resolve_run(run: str | Path) -> tuple[Path, dict[str, Any]]:
     return ckpt, info
 
 
-def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quantize: tuple[str, ...] = (),
-                  tolerance: float = 0.01, n_calib: int = 32, n_check: int = 16, source: Any = None,
-                  target_latency: Callable[[str], dict[str, Any] | None] | None = None,
-                  precision: str = "fp32") -> Path:
+def export_bundle(
+    run: str | Path,
+    out_dir: str | Path,
+    data: Any = None,
+    quantize: tuple[str, ...] = (),
+    tolerance: float = 0.01,
+    n_calib: int = 32,
+    n_check: int = 16,
+    source: Any = None,
+    target_latency: Callable[[str], dict[str, Any] | None] | None = None,
+    precision: str = "fp32",
+) -> Path:
     """Export ``run``'s best checkpoint as a bundle in ``out_dir``; returns ``out_dir``.
 
     Device-in-the-loop search: ``precision`` is the precision the search picked for the device; ``int8`` adds
@@ -178,16 +214,37 @@ def export_bundle(run: str | Path, out_dir: str | Path, data: Any = None, quanti
 
     ckpt, info = resolve_run(run)
     model, meta = model_from_checkpoint(ckpt)
-    return export_model(model, meta, out_dir, data=data, quantize=quantize, tolerance=tolerance, n_calib=n_calib,
-                        n_check=n_check, source=source, target_latency=target_latency, precision=precision,
-                        origin={"run": str(Path(run).resolve()), "checkpoint": str(ckpt.resolve()), "info": info})
+    return export_model(
+        model,
+        meta,
+        out_dir,
+        data=data,
+        quantize=quantize,
+        tolerance=tolerance,
+        n_calib=n_calib,
+        n_check=n_check,
+        source=source,
+        target_latency=target_latency,
+        precision=precision,
+        origin={"run": str(Path(run).resolve()), "checkpoint": str(ckpt.resolve()), "info": info},
+    )
 
 
-def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Path, data: Any = None,
-                 quantize: tuple[str, ...] = (), tolerance: float = 0.01, n_calib: int = 32, n_check: int = 16,
-                 source: Any = None, target_latency: Callable[[str], dict[str, Any] | None] | None = None,
-                 precision: str = "fp32", origin: dict[str, Any] | None = None,
-                 extra: dict[str, Any] | None = None) -> Path:
+def export_model(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    out_dir: str | Path,
+    data: Any = None,
+    quantize: tuple[str, ...] = (),
+    tolerance: float = 0.01,
+    n_calib: int = 32,
+    n_check: int = 16,
+    source: Any = None,
+    target_latency: Callable[[str], dict[str, Any] | None] | None = None,
+    precision: str = "fp32",
+    origin: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Export an image -> logits ``model`` described by checkpoint-style ``meta`` (config, classes, preprocess,
     backbone, metrics) as a bundle in ``out_dir``: :func:`export_bundle`'s work once the model is built. A study's
     final model that is an ensemble (members, test-time views and decision rule in one graph, tuner.posthoc) is
@@ -210,30 +267,40 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
     x_test, y_test = eval_arrays(data.test, spec)
     parity = parity_check(model, session, x_test)
     if parity["top1_agreement"] < 1.0:
-        raise BundleError(f"ONNX parity failed: top-1 agreement {parity['top1_agreement']:.4f} < 1.0 "
-                          f"(max |Δp| {parity['max_abs_prob_diff']:.2e}); bundle not written")
+        raise BundleError(
+            f"ONNX parity failed: top-1 agreement {parity['top1_agreement']:.4f} < 1.0 "
+            f"(max |Δp| {parity['max_abs_prob_diff']:.2e}); bundle not written"
+        )
     calib, check = _bundle_images(data, spec, session, tmp, n_calib, n_check)
     fp32_acc = float((ort_probs(session, x_test).argmax(1) == y_test).mean()) if len(y_test) else 0.0
     if precision == "int8" and QUANTIZATIONS[0] not in quantize:
         quantize = (*quantize, QUANTIZATIONS[0])
-    variants, refused = _int8_variants(quantize, data, spec, session, onnx_path, tmp, calib, tolerance,
-                                       x_test, y_test)
+    variants, refused = _int8_variants(quantize, data, spec, session, onnx_path, tmp, calib, tolerance, x_test, y_test)
     deploy = _deploy_precision(precision, variants, refused)
     if extra and "final_model" in extra:  # a post-hoc model (members x views): its cost on this CPU, recorded
         extra = {**extra, "final_model": {**extra["final_model"], "latency_here": cpu_latency(onnx_path, spec)}}
     latency = target_latency(deploy["deployed"]) if target_latency else None
-    manifest = _manifest(meta, spec, onnx_path, parity, calib, check, variants, extra={
-        "opset": OPSET,
-        "onnx_test_accuracy": fp32_acc,
-        # the training split's class counts: the edge server's drift signal compares its predictions to them
-        "train_class_counts": [int(c) for c in getattr(data, "class_counts", None) or []],
-        **_provenance(meta, info, origin),
-        "refused_variants": refused,
-        "export_seconds": round(time.perf_counter() - t0, 3),
-        "deploy_precision": deploy,
-        **({"target_latency": latency} if latency else {}),
-        **(extra or {}),
-    })
+    manifest = _manifest(
+        meta,
+        spec,
+        onnx_path,
+        parity,
+        calib,
+        check,
+        variants,
+        extra={
+            "opset": OPSET,
+            "onnx_test_accuracy": fp32_acc,
+            # the training split's class counts: the edge server's drift signal compares its predictions to them
+            "train_class_counts": [int(c) for c in getattr(data, "class_counts", None) or []],
+            **_provenance(meta, info, origin),
+            "refused_variants": refused,
+            "export_seconds": round(time.perf_counter() - t0, 3),
+            "deploy_precision": deploy,
+            **({"target_latency": latency} if latency else {}),
+            **(extra or {}),
+        },
+    )
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     load_bundle(tmp)  # validate what we wrote
     if out.exists():
@@ -242,9 +309,16 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | Pa
     return out
 
 
-def _manifest(meta: dict[str, Any], spec: PreprocessSpec, onnx_path: Path, parity: dict[str, Any],
-              calib: list[dict[str, Any]], check: list[dict[str, Any]], variants: dict[str, Any],
-              extra: dict[str, Any]) -> dict[str, Any]:
+def _manifest(
+    meta: dict[str, Any],
+    spec: PreprocessSpec,
+    onnx_path: Path,
+    parity: dict[str, Any],
+    calib: list[dict[str, Any]],
+    check: list[dict[str, Any]],
+    variants: dict[str, Any],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     """The bundle's ``bundle.json`` (edgetune.bundle.BundleManifest, its one writer) as a dict."""
     return BundleManifest(
         model_file="model.onnx",
@@ -274,8 +348,9 @@ def _fresh_partial_dir(out: Path) -> Path:
     return tmp
 
 
-def _bundle_images(data: Any, spec: PreprocessSpec, session: Any, tmp: Path, n_calib: int,
-                   n_check: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _bundle_images(
+    data: Any, spec: PreprocessSpec, session: Any, tmp: Path, n_calib: int, n_check: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The calibration and check images (spread over the training split) saved in the bundle; each check image
     carries the ONNX model's top-1 on it (what the edge's accuracy check compares against)."""
     calib = _save_images(data.train_eval, _spread(len(data.train_eval), n_calib), tmp / "calib", "calib")
@@ -287,9 +362,18 @@ def _bundle_images(data: Any, spec: PreprocessSpec, session: Any, tmp: Path, n_c
     return calib, check
 
 
-def _int8_variants(quantize: tuple[str, ...], data: Any, spec: PreprocessSpec, session: Any, onnx_path: Path,
-                   tmp: Path, calib: list[dict[str, Any]], tolerance: float, x_test: np.ndarray,
-                   y_test: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+def _int8_variants(
+    quantize: tuple[str, ...],
+    data: Any,
+    spec: PreprocessSpec,
+    session: Any,
+    onnx_path: Path,
+    tmp: Path,
+    calib: list[dict[str, Any]],
+    tolerance: float,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(kept, refused) INT8 variants by name, each decided on validation accuracy against the fp32 model's."""
     variants: dict[str, Any] = {}
     refused: dict[str, Any] = {}
@@ -308,11 +392,18 @@ def _provenance(meta: dict[str, Any], info: dict[str, Any], origin: dict[str, An
     """The bundle's ``metrics`` (validation from the checkpoint, test from the run's metrics.json) and ``source``
     (run, checkpoint, epoch, study, trial, dataset)."""
     return {
-        "metrics": {"val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
-                    "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info}},
-        "source": {**origin, "epoch": meta["epoch"],
-                   "study": info.get("study"), "trial_id": info.get("trial_id"),
-                   "dataset": meta.get("dataset"), "dataset_hash": meta.get("dataset_hash")},
+        "metrics": {
+            "val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
+            "test": {k: info[k] for k in ("test_accuracy", "test_macro_f1") if k in info},
+        },
+        "source": {
+            **origin,
+            "epoch": meta["epoch"],
+            "study": info.get("study"),
+            "trial_id": info.get("trial_id"),
+            "dataset": meta.get("dataset"),
+            "dataset_hash": meta.get("dataset_hash"),
+        },
     }
 
 
@@ -334,8 +425,12 @@ def cpu_latency(onnx_path: Path, spec: PreprocessSpec, warmup: int = 5, runs: in
     """Batch-1, 1-thread ONNX Runtime latency on the exporting machine (p50/p90 ms): what one camera stream costs
     on a CPU; a target device's own figure comes from the latency service (bundle ``target_latency``)."""
     times = time_onnx(onnx_path, spec.input_size, warmup, runs)
-    return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3),
-            "backend": "onnxruntime CPU, 1 thread, batch 1", "runs": runs}
+    return {
+        "p50_ms": round(float(np.percentile(times, 50)), 3),
+        "p90_ms": round(float(np.percentile(times, 90)), 3),
+        "backend": "onnxruntime CPU, 1 thread, batch 1",
+        "runs": runs,
+    }
 
 
 def _deploy_precision(searched: str, variants: dict[str, Any], refused: dict[str, Any]) -> dict[str, Any]:
@@ -351,8 +446,14 @@ def _deploy_precision(searched: str, variants: dict[str, Any], refused: dict[str
 TIMING_CALIBRATION_IMAGES = 8
 
 
-def write_architecture_bundle(model: torch.nn.Module, spec: PreprocessSpec, num_classes: int,
-                              out_dir: str | Path, backbone: str, precision: str = "fp32") -> Path:
+def write_architecture_bundle(
+    model: torch.nn.Module,
+    spec: PreprocessSpec,
+    num_classes: int,
+    out_dir: str | Path,
+    backbone: str,
+    precision: str = "fp32",
+) -> Path:
     """A bundle of an (untrained) architecture, for timing it on a device: the same ONNX export and
     ``bundle.json`` schema as :func:`export_bundle`, with no parity, images or metrics (latency depends on the
     architecture, not the weights). Marked ``purpose: timing`` so it is never mistaken for a model to serve.
@@ -379,8 +480,13 @@ def write_architecture_bundle(model: torch.nn.Module, spec: PreprocessSpec, num_
         x_cal = spec.apply_batch([read_image(out / c["file"]) for c in calib])
         kind = QUANTIZATIONS[0]
         q = quantize_onnx(kind, onnx_path, out / f"model.{int8_variant_name(kind)}.onnx", x_cal)
-        variants[int8_variant_name(kind)] = {"file": q.name, "sha256": sha256_file(q), "precision": "int8",
-                                             "method": kind, "calibration": "synthetic (timing only)"}
+        variants[int8_variant_name(kind)] = {
+            "file": q.name,
+            "sha256": sha256_file(q),
+            "precision": "int8",
+            "method": kind,
+            "calibration": "synthetic (timing only)",
+        }
     manifest = BundleManifest(
         model_file="model.onnx",
         onnx_sha256=sha256_file(onnx_path),
@@ -458,8 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     meta = json.loads((b / MANIFEST).read_text())
     par = meta["parity"]
-    print(f"bundle {b}: {meta['backbone']} labels={meta['labels']} parity top-1 {par['top1_agreement']:.3f} "
-          f"max|Δp| {par['max_abs_prob_diff']:.2e} on {par['n_images']} test images")
+    print(
+        f"bundle {b}: {meta['backbone']} labels={meta['labels']} parity top-1 {par['top1_agreement']:.3f} "
+        f"max|Δp| {par['max_abs_prob_diff']:.2e} on {par['n_images']} test images"
+    )
     for name, v in {**meta["variants"], **meta["refused_variants"]}.items():
         print(f"  {name}: val acc {v['val_accuracy']:.4f} (Δ {v['accuracy_delta']:+.4f}) {v.get('refused', 'kept')}")
     return 0

@@ -85,8 +85,16 @@ class Feeds:
 
 
 # -- sampling ------------------------------------------------------------------------------------------------------
-def epoch_order(labels: Sequence[int] | np.ndarray, epoch: int, seed: int, sampler: str, rank: int, world: int,
-                batch_size: int, drop_last: bool) -> list[np.ndarray]:
+def epoch_order(
+    labels: Sequence[int] | np.ndarray,
+    epoch: int,
+    seed: int,
+    sampler: str,
+    rank: int,
+    world: int,
+    batch_size: int,
+    drop_last: bool,
+) -> list[np.ndarray]:
     """Index batches of one epoch for this rank: a seeded permutation (``uniform``) or a class-balanced draw
     with replacement (``balanced``: every class equally likely), the same on every rank, then sharded."""
     n = len(labels)
@@ -117,12 +125,19 @@ class _Epochs:
 
 
 # -- cached path ---------------------------------------------------------------------------------------------------
-def _activations(model: Any, ds: Any, view: str, cache: ActivationCache, prefix_sha: str, allow_fp16: bool,
-                 batch: int = 64) -> np.ndarray:
+def _activations(
+    model: Any, ds: Any, view: str, cache: ActivationCache, prefix_sha: str, allow_fp16: bool, batch: int = 64
+) -> np.ndarray:
     spec = ds.spec
-    key = ActKey(items=ds.store.key, backbone=model.backbone_name, prefix=prefix_sha,
-                 spec=json.dumps(spec.to_dict(), sort_keys=True), cut=model.cut, view=view,
-                 dtype="auto" if allow_fp16 else "float32")
+    key = ActKey(
+        items=ds.store.key,
+        backbone=model.backbone_name,
+        prefix=prefix_sha,
+        spec=json.dumps(spec.to_dict(), sort_keys=True),
+        cut=model.cut,
+        view=view,
+        dtype="auto" if allow_fp16 else "float32",
+    )
 
     def build() -> Iterator[np.ndarray]:
         was = model.training
@@ -138,7 +153,7 @@ def _activations(model: Any, ds: Any, view: str, cache: ActivationCache, prefix_
     stages = model.stages()
 
     def suffix(a: torch.Tensor) -> torch.Tensor:
-        for st in stages[model.cut:]:
+        for st in stages[model.cut :]:
             a = st(a)
         return a
 
@@ -155,11 +170,18 @@ def cached_feeds(cfg: TrainConfig, model: Any, data: Any, rank: int, world: int,
     train_arrays = [_activations(model, data.train, v, cache, sha, fp16) for v in views]
     val_array = _activations(model, data.val, "id", cache, sha, fp16)
     after = cache.stats.as_dict()
-    stats = {k: after[k] - before[k] for k in ("memory_hits", "disk_hits", "builds", "build_seconds", "evictions",
-                                                 "mapped")}
-    stats.update({"seconds": time.perf_counter() - t0, "dtype": str(train_arrays[0].dtype), "views": len(views),
-                  "resident_mb": cache.resident_bytes / 2**20,
-                  "bytes_per_image": int(train_arrays[0][0].nbytes) if len(train_arrays[0]) else 0})
+    stats = {
+        k: after[k] - before[k] for k in ("memory_hits", "disk_hits", "builds", "build_seconds", "evictions", "mapped")
+    }
+    stats.update(
+        {
+            "seconds": time.perf_counter() - t0,
+            "dtype": str(train_arrays[0].dtype),
+            "views": len(views),
+            "resident_mb": cache.resident_bytes / 2**20,
+            "bytes_per_image": int(train_arrays[0][0].nbytes) if len(train_arrays[0]) else 0,
+        }
+    )
     labels = np.asarray(data.train.labels, dtype=np.int64)
     val_labels = np.asarray(data.val.labels, dtype=np.int64)
     drop_last = len(labels) > cfg.batch_size * world
@@ -220,8 +242,9 @@ def live_feeds(cfg: TrainConfig, data: Any, rank: int, world: int, reason: str) 
     bn_idx = _bn_subset(len(data.train_eval), cfg.model.bn_images, cfg.seed).tolist()
 
     def bn() -> Iterator[torch.Tensor]:
-        for x, _ in DataLoader(Subset(data.train_eval, bn_idx), batch_size=max(cfg.batch_size, 64),
-                               num_workers=workers):
+        for x, _ in DataLoader(
+            Subset(data.train_eval, bn_idx), batch_size=max(cfg.batch_size, 64), num_workers=workers
+        ):
             yield x
 
     steps = len(epoch_order(labels, 1, cfg.seed, cfg.data.sampler, rank, world, cfg.batch_size, drop_last))

@@ -53,14 +53,16 @@ class Item:
         return s
 
 
-def make_items(files: Sequence[SourceFile], class_index: dict[str, int], grid: tuple[int, int],
-               expand: Sequence[str] = ()) -> list[Item]:
+def make_items(
+    files: Sequence[SourceFile], class_index: dict[str, int], grid: tuple[int, int], expand: Sequence[str] = ()
+) -> list[Item]:
     """Items of one split: each file sliced into ``grid`` tiles, each tile plus one copy per expansion."""
     rows, cols = grid
     out = []
     for f in files:
-        tiles: list[tuple[int, int] | None] = [None] if (rows, cols) == (1, 1) else [
-            (r, c) for r in range(rows) for c in range(cols)]
+        tiles: list[tuple[int, int] | None] = (
+            [None] if (rows, cols) == (1, 1) else [(r, c) for r in range(rows) for c in range(cols)]
+        )
         for t in tiles:
             for tr in ("", *expand):
                 out.append(Item(f, class_index[f.label], t, (rows, cols), tr))
@@ -84,8 +86,13 @@ def affine_params(seed: int, item: Item) -> tuple[float, float, float, float, fl
     t = item.tile or (0, 0)
     ident = int(hashlib.sha256(f"{item.file.sha256}|{item.file.rel}".encode()).hexdigest()[:12], 16)
     rng = np.random.default_rng([seed, ident, t[0], t[1]])
-    return (float(rng.uniform(-15, 15)), float(rng.uniform(0.9, 1.1)), float(rng.uniform(-8, 8)),
-            float(rng.uniform(-0.06, 0.06)), float(rng.uniform(-0.06, 0.06)))
+    return (
+        float(rng.uniform(-15, 15)),
+        float(rng.uniform(0.9, 1.1)),
+        float(rng.uniform(-8, 8)),
+        float(rng.uniform(-0.06, 0.06)),
+        float(rng.uniform(-0.06, 0.06)),
+    )
 
 
 def apply_transform(img: np.ndarray, transform: str, params: tuple[float, ...] | None = None) -> np.ndarray:
@@ -123,8 +130,12 @@ def item_pixels(item: Item, raw: np.ndarray, seed: int) -> np.ndarray:
 
 def resize_key(spec: PreprocessSpec) -> dict[str, Any]:
     """The spec fields that determine ``spec.resize_image`` output."""
-    return {"input_size": list(spec.input_size), "resize": spec.resize, "resize_mode": spec.resize_mode,
-            "interpolation": spec.interpolation}
+    return {
+        "input_size": list(spec.input_size),
+        "resize": spec.resize,
+        "resize_mode": spec.resize_mode,
+        "interpolation": spec.interpolation,
+    }
 
 
 def store_key(items: Sequence[Item], spec: PreprocessSpec, seed: int) -> str:
@@ -177,9 +188,16 @@ def memory_budget_bytes() -> int:
     return int(min(ram * MEMORY_FRACTION, MEMORY_CAP))
 
 
-def build_store(items: Sequence[Item], spec: PreprocessSpec, cache_dir: Path, seed: int,
-                decoded: dict[str, np.ndarray] | None = None, cache_images: str = "auto",
-                stats: dict[str, float] | None = None, memory_budget: int | None = None) -> ImageStore:
+def build_store(
+    items: Sequence[Item],
+    spec: PreprocessSpec,
+    cache_dir: Path,
+    seed: int,
+    decoded: dict[str, np.ndarray] | None = None,
+    cache_images: str = "auto",
+    stats: dict[str, float] | None = None,
+    memory_budget: int | None = None,
+) -> ImageStore:
     """Load the items' resized pixels from the disk cache, computing and caching them on a miss.
 
     ``cache_images``: "yes" keeps them in memory, "no" memory-maps the cache file, "auto" keeps
@@ -195,7 +213,8 @@ def build_store(items: Sequence[Item], spec: PreprocessSpec, cache_dir: Path, se
         try:
             index = np.load(idx_path)
             hit = index.shape == (len(items), 3) and bin_path.stat().st_size == int(
-                (index[:, 1] * index[:, 2] * 3).sum())
+                (index[:, 1] * index[:, 2] * 3).sum()
+            )
         except (OSError, ValueError):
             hit = False
     if not hit:
@@ -213,8 +232,15 @@ def build_store(items: Sequence[Item], spec: PreprocessSpec, cache_dir: Path, se
     return ImageStore(None, index, bin_path, key)
 
 
-def _compute(items: Sequence[Item], spec: PreprocessSpec, seed: int, decoded: dict[str, np.ndarray],
-             folder: Path, bin_path: Path, idx_path: Path) -> np.ndarray:
+def _compute(
+    items: Sequence[Item],
+    spec: PreprocessSpec,
+    seed: int,
+    decoded: dict[str, np.ndarray],
+    folder: Path,
+    bin_path: Path,
+    idx_path: Path,
+) -> np.ndarray:
     folder.mkdir(parents=True, exist_ok=True)
     index = np.zeros((len(items), 3), dtype=np.int64)
     last: tuple[str, np.ndarray] | None = None
@@ -242,8 +268,9 @@ def _compute(items: Sequence[Item], spec: PreprocessSpec, seed: int, decoded: di
     return index
 
 
-def decode_throughput(items: Sequence[Item], spec: PreprocessSpec, store: ImageStore, seed: int = 0,
-                      n: int = 32) -> dict[str, float]:
+def decode_throughput(
+    items: Sequence[Item], spec: PreprocessSpec, store: ImageStore, seed: int = 0, n: int = 32
+) -> dict[str, float]:
     """Images/s of decoding + resizing from files vs reading the cached store (first ``n`` items)."""
     sel = list(range(min(n, len(items))))
     t0 = time.perf_counter()

@@ -12,7 +12,8 @@ from trainer.export import time_onnx
 IN_TRIAL_WARMUP, IN_TRIAL_RUNS = 1, 20
 
 
-def time_onnx_in_trial(path: str | Path, input_size: tuple[int, int], runs: int = IN_TRIAL_RUNS,
-                       threads: int = 1) -> list[float]:
+def time_onnx_in_trial(
+    path: str | Path, input_size: tuple[int, int], runs: int = IN_TRIAL_RUNS, threads: int = 1
+) -> list[float]:
     """Per-run latencies (ms) of an ONNX file with the in-trial protocol."""
     return time_onnx(path, input_size, IN_TRIAL_WARMUP, runs, threads)

@@ -31,12 +31,17 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.train_config, Mapping):
-            raise ConfigError(f"loop config: train_config must be a mapping (TrainConfig.to_dict()), got "
-                              f"{type(self.train_config).__name__}")
+            raise ConfigError(
+                f"loop config: train_config must be a mapping (TrainConfig.to_dict()), got "
+                f"{type(self.train_config).__name__}"
+            )
         if self.report_to not in REPORT_TO:
             raise ConfigError(f"loop config: report_to must be one of {list(REPORT_TO)}, got {self.report_to!r}")
-        if self.deadline is not None and (isinstance(self.deadline, bool) or not isinstance(self.deadline, (int, float))
-                                          or not math.isfinite(self.deadline)):
+        if self.deadline is not None and (
+            isinstance(self.deadline, bool)
+            or not isinstance(self.deadline, (int, float))
+            or not math.isfinite(self.deadline)
+        ):
             raise ConfigError(f"loop config: deadline must be a unix time or None, got {self.deadline!r}")
         if not isinstance(self.static_metrics, Mapping):
             raise ConfigError(f"loop config: static_metrics must be a mapping, got {self.static_metrics!r}")

@@ -104,9 +104,7 @@ def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopSta
     if data is None:
         data = _build_data(cfg, spec, lc, rank)
     model, feeds = _build_model(cfg, data, device, rank, world)
-    reporter = make_reporter(
-        lc.report_to, lc.run_dir, cfg.metric, cfg.mode
-    )
+    reporter = make_reporter(lc.report_to, lc.run_dir, cfg.metric, cfg.mode)
     model = _wrap_ddp(model, world)
     opt = build_optimizer(cfg, model)
     module = unwrap(model)

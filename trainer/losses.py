@@ -28,13 +28,21 @@ class FocalLoss(nn.Module):
 
     alpha: torch.Tensor | None
 
-    def __init__(self, gamma: float = 0.0, alpha: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                 reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        gamma: float = 0.0,
+        alpha: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
             raise ConfigError(f"focal loss gamma must be a finite number >= 0, got {gamma!r}")
-        if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
-                or not 0.0 <= label_smoothing < 1.0):
+        if (
+            isinstance(label_smoothing, bool)
+            or not isinstance(label_smoothing, (int, float))
+            or not 0.0 <= label_smoothing < 1.0
+        ):
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if reduction not in _REDUCTIONS:
             raise ConfigError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
@@ -55,8 +63,9 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.ndim != 2 or target.ndim != 1 or target.shape[0] != logits.shape[0]:
-            raise ValueError(f"FocalLoss expects logits [N, K] and targets [N], got {tuple(logits.shape)} "
-                             f"and {tuple(target.shape)}")
+            raise ValueError(
+                f"FocalLoss expects logits [N, K] and targets [N], got {tuple(logits.shape)} and {tuple(target.shape)}"
+            )
         k = logits.shape[1]
         if self.alpha is not None and self.alpha.numel() != k:
             raise ConfigError(f"focal loss alpha has {self.alpha.numel()} weights but the logits have {k} classes")
@@ -84,7 +93,7 @@ def inverse_frequency(class_counts: Sequence[int], power: float = 1.0) -> torch.
     """alpha 'auto' (power 1): weights proportional to 1 / count; 'sqrt' (power 0.5): 1 / sqrt(count), a milder
     rebalancing that costs the majority class less accuracy. Normalised to mean 1."""
     counts = torch.tensor([float(c) for c in class_counts])
-    w = counts ** -power
+    w = counts**-power
     return w * (len(w) / w.sum())
 
 
@@ -93,19 +102,26 @@ def build_loss(cfg: LossConfig, class_counts: list[int]) -> nn.Module:
     ``"sqrt"`` = inverse square root of it; an explicit alpha list must have one weight per class."""
     if not isinstance(cfg, LossConfig):
         raise ConfigError(f"build_loss needs a LossConfig, got {type(cfg).__name__}")
-    if (not isinstance(class_counts, (list, tuple)) or len(class_counts) < 2
-            or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in class_counts)):
+    if (
+        not isinstance(class_counts, (list, tuple))
+        or len(class_counts) < 2
+        or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in class_counts)
+    ):
         raise ConfigError(f"class_counts must be a list of >= 2 non-negative integers, got {class_counts!r}")
     alpha: torch.Tensor | None = None
     if cfg.alpha in ALPHA_RULES:
         empty = [i for i, c in enumerate(class_counts) if c == 0]
         if empty:
-            raise ConfigError(f"loss.alpha={cfg.alpha!r} needs training images of every class; class index(es) "
-                              f"{empty} have none (use explicit weights or alpha=null)")
+            raise ConfigError(
+                f"loss.alpha={cfg.alpha!r} needs training images of every class; class index(es) "
+                f"{empty} have none (use explicit weights or alpha=null)"
+            )
         alpha = inverse_frequency(class_counts, 1.0 if cfg.alpha == "auto" else 0.5)
     elif cfg.alpha is not None:
         if len(cfg.alpha) != len(class_counts):
-            raise ConfigError(f"loss.alpha has {len(cfg.alpha)} weights but the dataset has {len(class_counts)} "
-                              "classes; give one weight per class, 'auto' or null")
+            raise ConfigError(
+                f"loss.alpha has {len(cfg.alpha)} weights but the dataset has {len(class_counts)} "
+                "classes; give one weight per class, 'auto' or null"
+            )
         alpha = torch.tensor([float(a) for a in cfg.alpha])
     return FocalLoss(gamma=cfg.gamma, alpha=alpha, label_smoothing=cfg.label_smoothing)

@@ -57,12 +57,15 @@ class Metric:
 CHECKPOINT_SCORE = "checkpoint_score"
 CHECKPOINT_SCORE_MODE = "max"
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("val_macro_f1", "max", "validation macro-F1"),
-    Metric("val_balanced_acc", "max", "validation balanced accuracy"),
-    Metric("val_acc", "max", "validation accuracy"),
-    Metric("val_loss", "min", "validation cross-entropy"),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("val_macro_f1", "max", "validation macro-F1"),
+        Metric("val_balanced_acc", "max", "validation balanced accuracy"),
+        Metric("val_acc", "max", "validation accuracy"),
+        Metric("val_loss", "min", "validation cross-entropy"),
+    )
+}
 METRIC_NAMES = tuple(METRICS)
 DEFAULT_METRIC = "val_macro_f1"
 

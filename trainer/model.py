@@ -34,8 +34,9 @@ from trainer.stages import Stage, run_stages, stages_of
 _NORM_TYPES = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def build_head(kind: str, feature_dim: int, num_classes: int, dropout: float = 0.0,
-               hidden: tuple[int, int] = (512, 256)) -> nn.Module:
+def build_head(
+    kind: str, feature_dim: int, num_classes: int, dropout: float = 0.0, hidden: tuple[int, int] = (512, 256)
+) -> nn.Module:
     """``linear``: Dropout -> Linear. ``mlp`` (graphite paper's output module after the backbone's global
     average pool): FC1 -> ReLU -> Dropout(p) -> FC2 -> ReLU -> Dropout(p) -> FC3."""
     if kind == "linear":
@@ -43,8 +44,12 @@ def build_head(kind: str, feature_dim: int, num_classes: int, dropout: float = 0
     if kind == "mlp":
         h1, h2 = hidden
         return nn.Sequential(
-            nn.Linear(feature_dim, h1), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(h1, h2), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(feature_dim, h1),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(h1, h2),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
             nn.Linear(h2, num_classes),
         )
     raise ConfigError(f"model.head must be one of {list(HEADS)}, got {kind!r}")
@@ -89,8 +94,15 @@ class EdgeModel(nn.Module):
     ``input_cut = 0`` (the default, and what export uses) is the plain image -> logits graph.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, backbone_name: str, feature_dim: int,
-                 num_classes: int, input_size: int) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        backbone_name: str,
+        feature_dim: int,
+        num_classes: int,
+        input_size: int,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -212,9 +224,15 @@ def freeze_backbone(model: EdgeModel, freeze: float) -> dict[str, Any]:
     model.cut = cut.index
     if model.training:
         model.train()
-    model.freeze_report = {"layers_total": cuts[-1].layers_frozen, "layers_frozen": cut.layers_frozen,
-                           "params_frozen": params_frozen, "cut": cut.index, "cuts_total": len(cuts) - 1,
-                           "cut_after": cut.after, "fraction": round(cut.fraction, 4)}
+    model.freeze_report = {
+        "layers_total": cuts[-1].layers_frozen,
+        "layers_frozen": cut.layers_frozen,
+        "params_frozen": params_frozen,
+        "cut": cut.index,
+        "cuts_total": len(cuts) - 1,
+        "cut_after": cut.after,
+        "fraction": round(cut.fraction, 4),
+    }
     return dict(model.freeze_report)
 
 
@@ -228,7 +246,7 @@ def _init_from_checkpoint(model: EdgeModel, path: str, with_head: bool = False) 
             f"model.init checkpoint {ckpt['path']} was trained with backbone {src!r}, but model.backbone is "
             f"{model.backbone_name!r}; init needs the same backbone"
         )
-    state = {k[len("backbone."):]: v for k, v in ckpt["model_state"].items() if k.startswith("backbone.")}
+    state = {k[len("backbone.") :]: v for k, v in ckpt["model_state"].items() if k.startswith("backbone.")}
     if not state:
         raise EdgetuneError(f"model.init checkpoint {ckpt['path']} holds no backbone.* weights")
     try:
@@ -237,7 +255,7 @@ def _init_from_checkpoint(model: EdgeModel, path: str, with_head: bool = False) 
         raise EdgetuneError(
             f"model.init checkpoint {ckpt['path']} does not fit backbone {src!r}: {format_load_error(e)}"
         ) from None
-    head = {k[len("head."):]: v for k, v in ckpt["model_state"].items() if k.startswith("head.")}
+    head = {k[len("head.") :]: v for k, v in ckpt["model_state"].items() if k.startswith("head.")}
     mine = model.head.state_dict()
     if with_head and head.keys() == mine.keys() and all(head[k].shape == mine[k].shape for k in mine):
         model.head.load_state_dict(head, strict=True)  # the same task continued: its head too

@@ -22,8 +22,9 @@ def checkpoint_config() -> Any:
     """Ray's ``CheckpointConfig`` of every edgetune Train run: the best epoch's checkpoint (plus the latest)."""
     from ray.train import CheckpointConfig
 
-    return CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_SCORE,
-                            checkpoint_score_order=CHECKPOINT_SCORE_MODE)
+    return CheckpointConfig(
+        num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_SCORE, checkpoint_score_order=CHECKPOINT_SCORE_MODE
+    )
 
 
 def make_torch_trainer(
@@ -53,10 +54,17 @@ def make_torch_trainer(
         loop_fn,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker=dict(resources_per_worker or {}) or None,
-                                     placement_strategy=placement_strategy),
-        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks) or None,
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=checkpoint_config()),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker=dict(resources_per_worker or {}) or None,
+            placement_strategy=placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=list(callbacks) or None,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=checkpoint_config(),
+        ),
     )

@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "params", "size_mb", "accuracy_density", "train_seconds")
 
 
-def evaluate_checkpoint(ckpt_path: str | Path, out_dir: str | Path, data: Any = None,
-                        robustness: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    data: Any = None,
+    robustness: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Test-split evaluation of a checkpoint; writes metrics.json, confusion matrix, robustness report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,23 +51,25 @@ def evaluate_checkpoint(ckpt_path: str | Path, out_dir: str | Path, data: Any = 
         raise EdgetuneError(f"dataset classes {data.classes} differ from the checkpoint's {meta['classes']}")
     metrics = test_report(model, data.test, data.classes, out)
     params = count_params(model)
-    metrics.update({
-        "params": params,
-        "size_mb": model_size_mb(model),
-        # accuracy density (model-selection study): test accuracy per million parameters
-        "accuracy_density": metrics["test_accuracy"] / (params / 1e6) if params else 0.0,
-        "backbone": meta["backbone"],
-        "classes": data.classes,
-        "best_epoch": meta["epoch"],
-        "best_val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
-        "dataset": data.dataset_name,
-        "dataset_hash": data.dataset_hash,
-        "skipped_images": len(data.skipped),
-        "checkpoint": str(Path(meta.get("path", ckpt_path))),
-        "preprocess": spec.to_dict(),
-        "config": meta["config"],
-        "versions": versions(),
-    })
+    metrics.update(
+        {
+            "params": params,
+            "size_mb": model_size_mb(model),
+            # accuracy density (model-selection study): test accuracy per million parameters
+            "accuracy_density": metrics["test_accuracy"] / (params / 1e6) if params else 0.0,
+            "backbone": meta["backbone"],
+            "classes": data.classes,
+            "best_epoch": meta["epoch"],
+            "best_val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
+            "dataset": data.dataset_name,
+            "dataset_hash": data.dataset_hash,
+            "skipped_images": len(data.skipped),
+            "checkpoint": str(Path(meta.get("path", ckpt_path))),
+            "preprocess": spec.to_dict(),
+            "config": meta["config"],
+            "versions": versions(),
+        }
+    )
     if robustness and cfg.robustness:
         metrics["robustness"] = robustness_report(model, data.test, spec, out, seed=cfg.seed)
     metrics.update(extra or {})
@@ -76,8 +83,12 @@ def _ddp_trainer(cfg: TrainConfig, run_dir: Path, cpus: float, max_failures: int
     per_worker = max(0.5, min(1.0, (cpus - 0.01) / cfg.workers))
     return make_torch_trainer(
         {"train_config": cfg.to_dict(), "run_dir": None, "report_to": "ray_train"},
-        workers=cfg.workers, use_gpu=cfg.use_gpu, name="ddp", storage_path=str((run_dir / "ray").resolve()),
-        max_failures=max_failures, resources_per_worker=None if cfg.use_gpu else {"CPU": per_worker},
+        workers=cfg.workers,
+        use_gpu=cfg.use_gpu,
+        name="ddp",
+        storage_path=str((run_dir / "ray").resolve()),
+        max_failures=max_failures,
+        resources_per_worker=None if cfg.use_gpu else {"CPU": per_worker},
     )
 
 
@@ -118,23 +129,43 @@ def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
         history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
         stop = history[-1].get("stop_reason") if history else None
         if stop == "diverged":
-            log.info(f"the loss diverged (NaN/inf) at epoch {history[-1]['epoch']}; training stopped there "
-                     f"(try a lower optim.lr than {cfg.optim.lr})")
+            log.info(
+                f"the loss diverged (NaN/inf) at epoch {history[-1]['epoch']}; training stopped there "
+                f"(try a lower optim.lr than {cfg.optim.lr})"
+            )
         if not (out / "best" / "model.pt").is_file():
-            raise EdgetuneError(f"no checkpoint: the loss diverged (NaN/inf) in the first epoch; lower optim.lr "
-                                f"(now {cfg.optim.lr})")
+            raise EdgetuneError(
+                f"no checkpoint: the loss diverged (NaN/inf) in the first epoch; lower optim.lr (now {cfg.optim.lr})"
+            )
     train_seconds = time.perf_counter() - t0
-    keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "val_balanced_acc",
-            "epoch_seconds", "images_per_s", "data_path", "stop_reason", "resumed_from_epoch")
+    keep = (
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "val_macro_f1",
+        "val_balanced_acc",
+        "epoch_seconds",
+        "images_per_s",
+        "data_path",
+        "stop_reason",
+        "resumed_from_epoch",
+    )
     history = [{k: h[k] for k in keep if k in h} for h in history]
     plot_history(history, out / "learning_curves.png", title=f"{cfg.model.backbone}")
-    metrics = evaluate_checkpoint(out / "best", out, data=data, extra={
-        "train_seconds": train_seconds,
-        "epochs": cfg.epochs,
-        "workers": cfg.workers,
-        "train_images_per_s": statistics.fmean(h["images_per_s"] for h in history) if history else 0.0,
-        "history": history,
-    })
+    metrics = evaluate_checkpoint(
+        out / "best",
+        out,
+        data=data,
+        extra={
+            "train_seconds": train_seconds,
+            "epochs": cfg.epochs,
+            "workers": cfg.workers,
+            "train_images_per_s": statistics.fmean(h["images_per_s"] for h in history) if history else 0.0,
+            "history": history,
+        },
+    )
     return metrics
 
 
@@ -158,13 +189,18 @@ def run_repeats(cfg: TrainConfig, run_dir: str | Path, repeats: int) -> dict[str
         summary[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
     for k in ("params", "size_mb", "backbone", "classes", "dataset", "dataset_hash"):
         summary[k] = runs[0][k]
-    cm = [[sum(r["test_confusion_matrix"][i][j] for r in runs) for j in range(len(runs[0]["classes"]))]
-          for i in range(len(runs[0]["classes"]))]
+    cm = [
+        [sum(r["test_confusion_matrix"][i][j] for r in runs) for j in range(len(runs[0]["classes"]))]
+        for i in range(len(runs[0]["classes"]))
+    ]
     summary["test_confusion_matrix_sum"] = cm
 
-    plot_confusion(np.asarray(cm), runs[0]["classes"], out / "confusion_matrix.png",
-                   title=f"{repeats} seeds, accuracy {summary['test_accuracy']:.3f} "
-                         f"± {summary['test_accuracy_std']:.3f}")
+    plot_confusion(
+        np.asarray(cm),
+        runs[0]["classes"],
+        out / "confusion_matrix.png",
+        title=f"{repeats} seeds, accuracy {summary['test_accuracy']:.3f} ± {summary['test_accuracy_std']:.3f}",
+    )
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
 

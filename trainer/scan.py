@@ -79,7 +79,7 @@ def _read_split_file(root: Path) -> dict[str, str] | None:
         d = json.loads(f.read_text())
         mapping = d["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EdgetuneError(f"{f} is not a valid split file ({e}); expected {{\"files\": {{path: split}}}}") from None
+        raise EdgetuneError(f'{f} is not a valid split file ({e}); expected {{"files": {{path: split}}}}') from None
     bad = {k: v for k, v in mapping.items() if v not in SPLITS}
     if bad:
         raise EdgetuneError(f"{f}: splits must be one of {list(SPLITS)}, got {dict(list(bad.items())[:3])}")
@@ -95,8 +95,9 @@ def list_csv(csv_path: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
     reader = csv.DictReader(text.splitlines())
     cols = [c.strip() for c in (reader.fieldnames or [])]
     if "path" not in cols or "label" not in cols:
-        raise ConfigError(f"CSV manifest {csv_path} needs a header with 'path' and 'label' columns "
-                          f"(optional 'split'), got {cols}")
+        raise ConfigError(
+            f"CSV manifest {csv_path} needs a header with 'path' and 'label' columns (optional 'split'), got {cols}"
+        )
     has_split = "split" in cols
     base = csv_path.parent
     files: list[SourceFile] = []
@@ -151,8 +152,12 @@ class ScanResult:
     from_cache: bool
 
 
-def scan_sources(files: list[SourceFile], cache_dir: Path | None, keep_bytes: int = 1 << 30,
-                 reader: Callable[[str], np.ndarray] = read_image) -> ScanResult:
+def scan_sources(
+    files: list[SourceFile],
+    cache_dir: Path | None,
+    keep_bytes: int = 1 << 30,
+    reader: Callable[[str], np.ndarray] = read_image,
+) -> ScanResult:
     """Decode every file; return the good ones and (path, reason) for each bad one.
 
     Verdicts are cached in ``cache_dir/scan/<hash>.json`` keyed by the files' content hashes
@@ -177,7 +182,7 @@ def scan_sources(files: list[SourceFile], cache_dir: Path | None, keep_bytes: in
         except ImageDecodeError as e:
             reason = str(e)
             prefix = f"{f.path}: "
-            reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+            reason = reason[len(prefix) :] if reason.startswith(prefix) else reason
             skipped.append((f.path, reason))
             bad_rel[f.rel] = reason
             continue
@@ -189,5 +194,3 @@ def scan_sources(files: list[SourceFile], cache_dir: Path | None, keep_bytes: in
     if cache_file is not None:
         atomic_write_text(cache_file, json.dumps({"bad": bad_rel}))
     return ScanResult(good, skipped, decoded, seconds, False)
-
-

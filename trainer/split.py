@@ -24,12 +24,15 @@ MIN_PER_CLASS = 3  #: one image each for train, val and test
 def check_classes(files: Sequence[SourceFile], what: str) -> list[str]:
     """Sorted class names; a clear error for an empty or single-class dataset."""
     if not files:
-        raise EdgetuneError(f"{what}: no readable images found (expected root/<class>/*.jpg|png|bmp|tif "
-                            f"or a CSV with path,label columns)")
+        raise EdgetuneError(
+            f"{what}: no readable images found (expected root/<class>/*.jpg|png|bmp|tif "
+            f"or a CSV with path,label columns)"
+        )
     classes = sorted({f.label for f in files})
     if len(classes) < 2:
-        raise EdgetuneError(f"{what}: only one class ({classes[0]!r}, {len(files)} images); "
-                            f"classification needs at least 2 classes")
+        raise EdgetuneError(
+            f"{what}: only one class ({classes[0]!r}, {len(files)} images); classification needs at least 2 classes"
+        )
     return classes
 
 
@@ -57,8 +60,9 @@ def stratified_subset(files: Sequence[SourceFile], max_images: int, seed: int) -
     return sorted(out, key=lambda f: f.rel)
 
 
-def stratified_split(files: Sequence[SourceFile], classes: Sequence[str], ratios: Sequence[float],
-                     seed: int) -> dict[str, list[SourceFile]]:
+def stratified_split(
+    files: Sequence[SourceFile], classes: Sequence[str], ratios: Sequence[float], seed: int
+) -> dict[str, list[SourceFile]]:
     """Split per class with ratios (train, val, test); every class gets >= 1 image in each split.
 
     A predefined split (every file has ``split`` set) is returned as is after checking that each
@@ -79,8 +83,10 @@ def stratified_split(files: Sequence[SourceFile], classes: Sequence[str], ratios
         by_class[f.label].append(f)
     small = {c: len(by_class[c]) for c in classes if len(by_class[c]) < MIN_PER_CLASS}
     if small:
-        raise EdgetuneError(f"class(es) with too few images to split into train/val/test: {small}; "
-                            f"each class needs at least {MIN_PER_CLASS} readable images")
+        raise EdgetuneError(
+            f"class(es) with too few images to split into train/val/test: {small}; "
+            f"each class needs at least {MIN_PER_CLASS} readable images"
+        )
     out = {s: [] for s in SPLITS}
     for ci, c in enumerate(classes):
         items = by_class[c]
@@ -100,8 +106,9 @@ def stratified_split(files: Sequence[SourceFile], classes: Sequence[str], ratios
     return {s: sorted(v, key=lambda f: f.rel) for s, v in out.items()}
 
 
-def write_manifest(path: Path, splits: dict[str, list[SourceFile]], skipped: Sequence[tuple[str, str]],
-                   info: dict[str, Any]) -> Path:
+def write_manifest(
+    path: Path, splits: dict[str, list[SourceFile]], skipped: Sequence[tuple[str, str]], info: dict[str, Any]
+) -> Path:
     """JSON with every source file, its label and split (plus what produced the split)."""
     files = [
         {"path": f.rel, "abs_path": f.path, "label": f.label, "split": s, "sha256": f.sha256}

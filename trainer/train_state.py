@@ -56,7 +56,9 @@ class TrainState:
             raise TrainStateError(f"train state lacks {', '.join(missing)} (has: {', '.join(map(str, d))})")
         try:
             return cls(
-                optimizer=d["optimizer"], scheduler=d["scheduler"], epoch=int(d["epoch"]),
+                optimizer=d["optimizer"],
+                scheduler=d["scheduler"],
+                epoch=int(d["epoch"]),
                 best=None if d.get("best") is None else float(d["best"]),
                 best_epoch=int(d.get("best_epoch", 0)),
                 at_best=dict(d.get("at_best") or {}),
@@ -68,5 +70,4 @@ class TrainState:
 
     def to_dict(self) -> dict[str, Any]:
         """The dict the writer saves (plain containers: ``torch.load(weights_only=True)`` reads it back)."""
-        return {f: (dict(v) if isinstance(v := getattr(self, f), MappingProxyType) else v)
-                for f in self.field_names()}
+        return {f: (dict(v) if isinstance(v := getattr(self, f), MappingProxyType) else v) for f in self.field_names()}

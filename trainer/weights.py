@@ -117,8 +117,9 @@ def _explicit(name: str, weights: str, wf: WeightFile) -> Path:
         f = p / wf.filename
         if f.is_file():
             return f
-        raise WeightsNotFoundError(f"weights for {name}: directory {p} does not contain the expected file "
-                                   f"{wf.filename}")
+        raise WeightsNotFoundError(
+            f"weights for {name}: directory {p} does not contain the expected file {wf.filename}"
+        )
     raise WeightsNotFoundError(
         f"weights for {name}: {weights!r} is neither 'imagenet', 'none', an existing file nor a directory "
         f"(looked at {p.resolve()})"
@@ -167,7 +168,8 @@ def find_weights(name: str, weights: str, wf: WeightFile, download: bool = True)
     else:
         looked.append("no download URL for this weight set")
     raise WeightsNotFoundError(
-        f"ImageNet weights for backbone {name!r} ({wf.filename}) not found; looked in: " + "; ".join(looked)
+        f"ImageNet weights for backbone {name!r} ({wf.filename}) not found; looked in: "
+        + "; ".join(looked)
         + f". Put the file into ${ENV_WEIGHTS_DIR} or the torch hub cache, set model.weights to its path, "
         "or use model.weights=none to train from scratch."
     )

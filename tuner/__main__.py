@@ -38,17 +38,26 @@ def _irregular() -> dict[str, Flag]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tuner", description=__doc__,
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tuner", description=__doc__, formatter_class=HelpFormatter)
     add_fields(p, TuneOptions, _irregular())
-    p.add_argument("--cluster-config", default="cluster.yaml",  # not a study option: where the study runs
-                   help="after `ray up` of this file from here, the study runs on that cluster "
-                        "(EDGETUNE_LOCAL=1: here)")
-    p.add_argument("--config", dest="options_file", default="", metavar="RUN_YAML",
-                   help="the study's options from a YAML file (what --print-config prints, or a study's "
-                        "<out>/tune_options.yaml); flags given with it override it (--set adds to its sets)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the effective options as YAML (every field, derived defaults resolved) and exit")
+    p.add_argument(
+        "--cluster-config",
+        default="cluster.yaml",  # not a study option: where the study runs
+        help="after `ray up` of this file from here, the study runs on that cluster (EDGETUNE_LOCAL=1: here)",
+    )
+    p.add_argument(
+        "--config",
+        dest="options_file",
+        default="",
+        metavar="RUN_YAML",
+        help="the study's options from a YAML file (what --print-config prints, or a study's "
+        "<out>/tune_options.yaml); flags given with it override it (--set adds to its sets)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective options as YAML (every field, derived defaults resolved) and exit",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     return p
 
@@ -96,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
         head = launched_cluster(args.cluster_config, args.address)
         if head:
-            return forward(args.cluster_config, head, list(sys.argv[1:] if argv is None else argv), opts.study,
-                           opts.out)
+            return forward(
+                args.cluster_config, head, list(sys.argv[1:] if argv is None else argv), opts.study, opts.out
+            )
         summary = run_study(opts, started_at=process_start())
     except (ConfigError, EdgetuneError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,6 +34,7 @@ def check_version(version: str | None = None) -> str:
 
 # --- ray.tune.search.optuna.OptunaSearch: its Optuna study and the Ray trial -> Optuna trial map ---------------
 
+
 def searcher_study(search: Any) -> Any:
     """The ``optuna.Study`` an ``OptunaSearch`` asks and tells (``OptunaSearch._ot_study``)."""
     return search._ot_study
@@ -53,6 +54,7 @@ def searcher_completed(search: Any) -> set[str]:
 
 # --- ray.tune.integration.ray_train.TuneReportCallback: forward one report to the Tune trial -----------------
 
+
 def forward_report(callback: Any, metrics: dict[str, Any]) -> None:
     """What ``TuneReportCallback.after_report`` does with a report, for a report edgetune has extended
     (``TuneReportCallback._training_actor_item_queue``)."""
@@ -60,6 +62,7 @@ def forward_report(callback: Any, metrics: dict[str, Any]) -> None:
 
 
 # --- ray start: the address file of the node started on this machine ------------------------------------------
+
 
 def address_file() -> str:
     """The file where ``ray start`` records its node's address (``ray._common.utils.get_ray_address_file``;
@@ -72,6 +75,7 @@ def address_file() -> str:
 
 # --- ray up: where the cluster launcher caches a cluster.yaml's resolved config --------------------------------
 
+
 def launcher_cache_file(config: dict[str, Any]) -> Path:
     """``ray up``'s cache of a resolved cluster config (``ray.autoscaler._private.util.prepare_config`` and the
     sha256 naming of ``ray.autoscaler._private.commands._bootstrap_config``)."""
@@ -83,6 +87,7 @@ def launcher_cache_file(config: dict[str, Any]) -> Path:
 
 
 # --- token authentication (Ray 2.60 enables it by default) ------------------------------------------------------
+
 
 def token_available() -> bool:
     """Whether a Ray auth token is at hand (one definition: edge_server.edge_node, which the edge node uses too)."""
@@ -124,13 +129,18 @@ def fill_deleted_checkpoints(exp_path: str, trial_ids: set[str]) -> list[str]:
     for trial in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if trial.type != pafs.FileType.Directory or trial.base_name.removeprefix("trial_") not in trial_ids:
             continue
-        found = {int(m.group(1)) for e in fs.get_file_info(pafs.FileSelector(trial.path))
-                 if e.type == pafs.FileType.Directory and (m := _CHECKPOINT_DIR.match(e.base_name))}
+        found = {
+            int(m.group(1))
+            for e in fs.get_file_info(pafs.FileSelector(trial.path))
+            if e.type == pafs.FileType.Directory and (m := _CHECKPOINT_DIR.match(e.base_name))
+        }
         for k in sorted(set(range(max(found, default=0))) - found):
             path = f"{trial.path}/checkpoint_{k:06d}"
             fs.create_dir(path)
             with fs.open_output_stream(f"{path}/{DELETED_CHECKPOINT_MARKER}") as f:
-                f.write(b"deleted by Ray's checkpoint retention before the driver stopped; a restore from here "
-                        b"restarts the trial from epoch 1\n")
+                f.write(
+                    b"deleted by Ray's checkpoint retention before the driver stopped; a restore from here "
+                    b"restarts the trial from epoch 1\n"
+                )
             made.append(path)
     return made

@@ -44,8 +44,13 @@ def running_local_cluster() -> str | None:
     return addr if addr and _answers(addr) else None
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
-            env_vars: dict[str, str] | None = None, include_dashboard: bool = False) -> dict[str, Any]:
+def connect(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    quiet: bool = False,
+    env_vars: dict[str, str] | None = None,
+    include_dashboard: bool = False,
+) -> dict[str, Any]:
     """Initialise Ray per the decision order; returns ``{"mode", "address", "resources"}``.
 
     ``mode`` is ``given`` (address/RAY_ADDRESS), ``existing`` (a running node found on this machine) or
@@ -77,14 +82,25 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         # so on a machine doing other work a time-budgeted study would train a fraction of what its budget holds.
         os.environ.setdefault("RAY_worker_niceness", "0")
         # address="local": never attach to some other instance on this machine by accident.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=True,
-                 logging_level=logging.WARNING, include_dashboard=include_dashboard, runtime_env=runtime_env)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+            include_dashboard=include_dashboard,
+            runtime_env=runtime_env,
+        )
     res = ray.cluster_resources()
     if not quiet:
-        where = {"given": f"the Ray cluster at {target}", "existing": f"the running Ray cluster at {target}",
-                 "local": "a local Ray instance started for this study"}[mode]
-        log.info(f"using {where}: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
-                 f"{res.get('GPU', 0):g} GPU (ray.mode={mode})")
+        where = {
+            "given": f"the Ray cluster at {target}",
+            "existing": f"the running Ray cluster at {target}",
+            "local": "a local Ray instance started for this study",
+        }[mode]
+        log.info(
+            f"using {where}: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
+            f"{res.get('GPU', 0):g} GPU (ray.mode={mode})"
+        )
     return {"mode": mode, "address": target, "resources": res}
 
 
@@ -111,8 +127,9 @@ def _init_existing(address: str, runtime_env: dict[str, Any] | None) -> None:
                 chain.append(f"{type(x).__name__}: {x}")
                 x = x.__cause__ or x.__context__
             text = " ".join(chain)
-            auth = any(w in text for w in ("InvalidAuthToken", "AuthenticationError", "Unauthenticated",
-                                           "authorization"))
+            auth = any(
+                w in text for w in ("InvalidAuthToken", "AuthenticationError", "Unauthenticated", "authorization")
+            )
             if not auth or i == len(modes) - 1:
                 raise
             log.info(f"the Ray cluster at {address} uses token auth; retrying with RAY_AUTH_MODE=token")

@@ -15,5 +15,6 @@ def require_tested(lib: str, version: str, tested: tuple[str, ...], install: str
         raise EdgetuneError(
             f"edgetune's {lib.capitalize()} adapter (tuner/_{lib}_compat.py) is tested with {lib} "
             f"{', '.join(v + 'x' for v in tested)}; found {lib} {version}. Install a tested release "
-            f"(pip install {install!r}) or set {env}=1 to try anyway")
+            f"(pip install {install!r}) or set {env}=1 to try anyway"
+        )
     return version

@@ -27,8 +27,11 @@ def make_app(storage: str) -> WSGIApplication:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tuner.dashboard", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--storage", default="sqlite:///" + str(Path("runs/optuna.db").resolve()),
-                   help="Optuna storage URL of the studies")
+    p.add_argument(
+        "--storage",
+        default="sqlite:///" + str(Path("runs/optuna.db").resolve()),
+        help="Optuna storage URL of the studies",
+    )
     p.add_argument("--host", default="127.0.0.1", help="listen address")
     p.add_argument("--port", type=int, default=8080, help="listen port")
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")

@@ -70,7 +70,7 @@ def live_targets() -> dict[str, list[str]]:
             continue
         for k, v in (n.get("Resources") or {}).items():
             if k.startswith(RESOURCE_PREFIX) and v > 0:
-                out.setdefault(k[len(RESOURCE_PREFIX):], []).append(n["NodeID"])
+                out.setdefault(k[len(RESOURCE_PREFIX) :], []).append(n["NodeID"])
     return out
 
 
@@ -81,8 +81,10 @@ def require_target(target: str) -> list[str]:
     if found.get(target):
         return found[target]
     seen = f"; live targets: {sorted(found)}" if found else "; no live node carries any edge_target resource"
-    raise EdgetuneError(f"target {target!r}: no live Ray node carries the resource {res}{seen}. Join the device to "
-                        f"this cluster first: `{join_command(target)}`")
+    raise EdgetuneError(
+        f"target {target!r}: no live Ray node carries the resource {res}{seen}. Join the device to "
+        f"this cluster first: `{join_command(target)}`"
+    )
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,15 @@ class ArchSignature:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchSignature:
-        return cls(backbone=d["backbone"], head=d["head"], head_hidden=tuple(d["head_hidden"]),
-                   input_size=(int(d["input_size"][0]), int(d["input_size"][1])), num_classes=int(d["num_classes"]),
-                   precision=d.get("precision", "fp32"), batch=int(d.get("batch", 1)))
+        return cls(
+            backbone=d["backbone"],
+            head=d["head"],
+            head_hidden=tuple(d["head_hidden"]),
+            input_size=(int(d["input_size"][0]), int(d["input_size"][1])),
+            num_classes=int(d["num_classes"]),
+            precision=d.get("precision", "fp32"),
+            batch=int(d.get("batch", 1)),
+        )
 
 
 def signature_for(train_config: Any, num_classes: int, precision: str = "fp32", batch: int = 1) -> ArchSignature:
@@ -125,10 +133,15 @@ def signature_for(train_config: Any, num_classes: int, precision: str = "fp32", 
 
     m = train_config.model
     spec = preprocess_spec_for(m)
-    return ArchSignature(backbone=m.backbone, head=m.head,
-                         head_hidden=tuple(m.head_hidden) if m.head == "mlp" else (),
-                         input_size=(int(spec.input_size[0]), int(spec.input_size[1])), num_classes=int(num_classes),
-                         precision=precision, batch=int(batch))
+    return ArchSignature(
+        backbone=m.backbone,
+        head=m.head,
+        head_hidden=tuple(m.head_hidden) if m.head == "mlp" else (),
+        input_size=(int(spec.input_size[0]), int(spec.input_size[1])),
+        num_classes=int(num_classes),
+        precision=precision,
+        batch=int(batch),
+    )
 
 
 class LatencyCache:
@@ -152,8 +165,10 @@ class LatencyCache:
         return dict(rec) if isinstance(rec, dict) and rec.get("p50_ms") else None
 
     def put(self, target: str, sig: ArchSignature, record: dict[str, Any]) -> None:
-        self._study.set_user_attr(self.attr_key(target, sig), {**record, "target": target, "signature_key": sig.key,
-                                                                "signature": sig.to_dict()})
+        self._study.set_user_attr(
+            self.attr_key(target, sig),
+            {**record, "target": target, "signature_key": sig.key, "signature": sig.to_dict()},
+        )
 
     def records(self, target: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -163,8 +178,9 @@ class LatencyCache:
         return out
 
 
-def time_on_node(files: dict[str, bytes], precision: str, protocol: dict[str, int], backend: str,
-                 keep_engine: bool = False) -> dict[str, Any]:
+def time_on_node(
+    files: dict[str, bytes], precision: str, protocol: dict[str, int], backend: str, keep_engine: bool = False
+) -> dict[str, Any]:
     """The Ray task body: time the bundle on this node (imports only the core, numpy and the runtime);
     ``keep_engine``: keep a TensorRT engine in the device's engine cache (the winner's, for ``make engine``)."""
     import ray
@@ -177,8 +193,11 @@ def time_on_node(files: dict[str, bytes], precision: str, protocol: dict[str, in
 def _capabilities(backend: str) -> dict[str, Any]:
     import ray
 
-    return {"precisions": list(supported_precisions(backend)), "device": device_identity(backend),
-            "node_id": ray.get_runtime_context().get_node_id()}
+    return {
+        "precisions": list(supported_precisions(backend)),
+        "device": device_identity(backend),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
 
 
 def search_precisions(supported: list[str], wanted: tuple[str, ...], target: str) -> list[str]:
@@ -187,8 +206,9 @@ def search_precisions(supported: list[str], wanted: tuple[str, ...], target: str
         return list(supported)
     missing = [p for p in wanted if p not in supported]
     if missing:
-        raise ConfigError(f"--precisions {list(wanted)}: target {target!r} does not support {missing}; it supports "
-                          f"{list(supported)}")
+        raise ConfigError(
+            f"--precisions {list(wanted)}: target {target!r} does not support {missing}; it supports {list(supported)}"
+        )
     return [p for p in supported if p in wanted]
 
 
@@ -247,12 +267,14 @@ def get_latency(setup: LatencySetup, train_config: Any, num_classes: int, precis
         token = answer["token"]
         try:
             m = train_config.model
-            cfg = ModelConfig(backbone=m.backbone, weights="none", head=m.head, head_hidden=m.head_hidden,
-                              img_size=m.img_size)
+            cfg = ModelConfig(
+                backbone=m.backbone, weights="none", head=m.head, head_hidden=m.head_hidden, img_size=m.img_size
+            )
             model = create_model(cfg, num_classes)
             with tempfile.TemporaryDirectory(prefix="edgetune-arch-") as d:
-                write_architecture_bundle(model, preprocess_spec_for(cfg), num_classes, d, m.backbone,
-                                          precision=sig.precision)
+                write_architecture_bundle(
+                    model, preprocess_spec_for(cfg), num_classes, d, m.backbone, precision=sig.precision
+                )
                 files = bundle_files(d)
         except BaseException:
             ray.get(service.release.remote(sig.to_dict(), token))  # the next trial of this architecture claims it
@@ -265,8 +287,12 @@ def get_latency(setup: LatencySetup, train_config: Any, num_classes: int, precis
 def latency_metrics(answer: dict[str, Any], setup: LatencySetup) -> dict[str, Any]:
     """The result keys a trial reports (and the searcher copies to user attrs) for its latency."""
     sig: ArchSignature = answer["signature"]
-    out: dict[str, Any] = {"latency_signature": sig.label, "latency_key": sig.key, "precision": sig.precision,
-                           "target_latency_status": answer["status"]}
+    out: dict[str, Any] = {
+        "latency_signature": sig.label,
+        "latency_key": sig.key,
+        "precision": sig.precision,
+        "target_latency_status": answer["status"],
+    }
     if answer["status"] == "unavailable":
         out["target_latency_status"] = f"unavailable: {answer['reason']}"
         return out
@@ -275,8 +301,13 @@ def latency_metrics(answer: dict[str, Any], setup: LatencySetup) -> dict[str, An
     out["latency_p90_ms"] = rec["p90_ms"]
     out["latency_kind"] = rec.get("kind", "device")
     if setup.target:
-        out.update(target_latency_ms=rec["p50_ms"], target_latency_p90_ms=rec["p90_ms"], target_node=rec["node_id"],
-                   target=setup.target, target_device=json.dumps(rec.get("device", {}), sort_keys=True))
+        out.update(
+            target_latency_ms=rec["p50_ms"],
+            target_latency_p90_ms=rec["p90_ms"],
+            target_node=rec["node_id"],
+            target=setup.target,
+            target_device=json.dumps(rec.get("device", {}), sort_keys=True),
+        )
     else:
         out["latency_node"] = rec.get("node_id")
     return out
@@ -286,8 +317,10 @@ def rejection(metrics: dict[str, Any], max_latency_ms: float) -> str | None:
     """The reason an architecture is rejected by ``--max-latency-ms`` (None if it passes or is unknown)."""
     p50 = metrics.get("latency_ms")
     if max_latency_ms > 0 and p50 is not None and p50 > max_latency_ms:
-        return (f"latency constraint: {metrics['latency_signature']} p50 {p50:.2f} ms > --max-latency-ms "
-                f"{max_latency_ms:g} ms; rejected before training")
+        return (
+            f"latency constraint: {metrics['latency_signature']} p50 {p50:.2f} ms > --max-latency-ms "
+            f"{max_latency_ms:g} ms; rejected before training"
+        )
     return None
 
 
@@ -298,8 +331,12 @@ class LatencyRejector:
 
     def __init__(self, base: dict[str, Any], space: Any, num_classes: int, storage: str, setup: LatencySetup) -> None:
         self.base, self.space, self.num_classes, self.storage = base, space, num_classes, storage
-        self.setup = LatencySetup(study=setup.study, target=setup.target, max_latency_ms=setup.max_latency_ms,
-                                  precision_param=setup.precision_param)  # no actor handle in the searcher state
+        self.setup = LatencySetup(
+            study=setup.study,
+            target=setup.target,
+            max_latency_ms=setup.max_latency_ms,
+            precision_param=setup.precision_param,
+        )  # no actor handle in the searcher state
         self._cache: LatencyCache | None = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -37,8 +37,17 @@ from tuner.space import DEFAULT_SPACE
 from tuner.storage import rdb_storage
 
 FIELD_DIR = "field_data"
-MANIFEST_COLUMNS = ("path", "label", "split", "source", "capture_id", "camera_id", "time_unix", "model_version",
-                    "labelled_at")
+MANIFEST_COLUMNS = (
+    "path",
+    "label",
+    "split",
+    "source",
+    "capture_id",
+    "camera_id",
+    "time_unix",
+    "model_version",
+    "labelled_at",
+)
 
 
 @dataclass(frozen=True)
@@ -92,12 +101,20 @@ class Previous:
         opts_file, split_file, bundle = out / "tune_options.yaml", out / "split.json", out / "bundle"
         missing = [p.name for p in (opts_file, split_file, bundle / "bundle.json") if not p.is_file()]
         if missing:
-            raise ConfigError(f"WARM={warm} is not a finished study's output folder (missing {missing}); give the OUT "
-                              "of an earlier `make tune`")
+            raise ConfigError(
+                f"WARM={warm} is not a finished study's output folder (missing {missing}); give the OUT "
+                "of an earlier `make tune`"
+            )
         opts = yaml.safe_load(opts_file.read_text(encoding="utf-8")) or {}
-        return cls(out=out, study=str(opts.get("study", "")), storage=str(opts.get("storage", "")),
-                   space=str(opts.get("space", "")), data=str(opts.get("data", "")), bundle=bundle,
-                   split_file=split_file)
+        return cls(
+            out=out,
+            study=str(opts.get("study", "")),
+            storage=str(opts.get("storage", "")),
+            space=str(opts.get("space", "")),
+            data=str(opts.get("data", "")),
+            bundle=bundle,
+            split_file=split_file,
+        )
 
 
 def group_of(row: dict[str, str], group_s: float) -> str:
@@ -111,8 +128,10 @@ def group_of(row: dict[str, str], group_s: float) -> str:
 def assign_groups(sizes: dict[str, int], test_share: float, val_share: float, seed: int) -> dict[str, str]:
     """Whole groups to test (until ``test_share`` of the frames), then val, the rest train; seeded order."""
     if len(sizes) < 3:
-        raise ConfigError(f"the field frames form {len(sizes)} camera/time group(s); a held-out field test set needs "
-                          "at least 3 (more cameras, a longer capture, or a smaller --group-s)")
+        raise ConfigError(
+            f"the field frames form {len(sizes)} camera/time group(s); a held-out field test set needs "
+            "at least 3 (more cameras, a longer capture, or a smaller --group-s)"
+        )
     order = sorted(sizes, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
     total = sum(sizes.values())
     out: dict[str, str] = {}
@@ -141,8 +160,9 @@ def home_rows(split_file: Path) -> tuple[tuple[str, ...], list[FieldRow]]:
         raise ConfigError(f"{split_file} is not a study's split file ({e})") from None
 
 
-def field_rows(add: Path, classes: tuple[str, ...], group_s: float, test_share: float, val_share: float,
-               seed: int) -> tuple[list[FieldRow], dict[str, str]]:
+def field_rows(
+    add: Path, classes: tuple[str, ...], group_s: float, test_share: float, val_share: float, seed: int
+) -> tuple[list[FieldRow], dict[str, str]]:
     labels = add / LABELS_CSV if add.is_dir() else add
     rows = read_labels_csv(labels)
     if not rows:
@@ -160,14 +180,31 @@ def field_rows(add: Path, classes: tuple[str, ...], group_s: float, test_share: 
         p = p if p.is_absolute() else labels.parent / p
         if not p.is_file():
             raise ConfigError(f"{labels}: {r['path']} does not exist")
-        out.append(FieldRow(path=str(p.resolve()), label=r["label"], split=groups[group_of(r, group_s)],
-                            source="field", capture_id=r["capture_id"], camera_id=r["camera_id"],
-                            time_unix=r["time_unix"], model_version=r["model_version"], labelled_at=r["labelled_at"]))
+        out.append(
+            FieldRow(
+                path=str(p.resolve()),
+                label=r["label"],
+                split=groups[group_of(r, group_s)],
+                source="field",
+                capture_id=r["capture_id"],
+                camera_id=r["camera_id"],
+                time_unix=r["time_unix"],
+                model_version=r["model_version"],
+                labelled_at=r["labelled_at"],
+            )
+        )
     return out, groups
 
 
-def build_field_data(prev: Previous, add: str | Path, out: Path, group_s: float = 60.0, test_share: float = 0.2,
-                     val_share: float = 0.2, seed: int = 0) -> FieldData:
+def build_field_data(
+    prev: Previous,
+    add: str | Path,
+    out: Path,
+    group_s: float = 60.0,
+    test_share: float = 0.2,
+    val_share: float = 0.2,
+    seed: int = 0,
+) -> FieldData:
     """The joined manifest in ``out/field_data/manifest.csv`` (+ ``groups.json``)."""
     classes, home = home_rows(prev.split_file)
     field, groups = field_rows(Path(add).resolve(), classes, group_s, test_share, val_share, seed)
@@ -187,17 +224,21 @@ def warm_seeds(prev: Previous, top: int) -> list[dict[str, Any]]:
     """The previous study's best ``top`` finished configurations (best first) as search-space seeds."""
     import optuna
 
-
     try:
         study = optuna.load_study(study_name=prev.study, storage=rdb_storage(prev.storage))
     except (KeyError, ValueError) as e:
         raise ConfigError(f"cannot open the previous study {prev.study!r} in {prev.storage}: {e}") from None
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
-            and t.values is not None]
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE and t.values is not None
+    ]
     sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     done.sort(key=lambda t: sign * float(t.values[0]))
-    return [{"name": f"warm start: {prev.study} trial {t.number} ({float(t.values[0]):.4f})", "params": dict(t.params)}
-            for t in done[:top]]
+    return [
+        {"name": f"warm start: {prev.study} trial {t.number} ({float(t.values[0]):.4f})", "params": dict(t.params)}
+        for t in done[:top]
+    ]
 
 
 def warm_space(prev: Previous, space: str, seeds: list[dict[str, Any]], out: Path) -> Path:
@@ -212,19 +253,28 @@ def warm_space(prev: Previous, space: str, seeds: list[dict[str, Any]], out: Pat
     own = [s for s in doc.get("seeds") or [] if s.get("params") not in [k["params"] for k in kept]]
     doc["seeds"] = kept + own
     path = out / FIELD_DIR / "warm_space.yaml"
-    atomic_write_text(path, "# " + f"warm start from {prev.out} (study {prev.study}); space {src}\n"
-                      + yaml.safe_dump(doc, sort_keys=False))
+    atomic_write_text(
+        path,
+        "# " + f"warm start from {prev.out} (study {prev.study}); space {src}\n" + yaml.safe_dump(doc, sort_keys=False),
+    )
     return path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tuner.field", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="python -m tuner.field",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+        allow_abbrev=False,
+    )
     p.add_argument("--add", required=True, help="labelled field folder (make label) or its labels.csv")
     p.add_argument("--warm", required=True, help="the previous study's output folder (its OUT)")
-    p.add_argument("--init", default="", help="start each trial's backbone from: 'warm' (the previous best model) "
-                                              "or an earlier run / checkpoint")
+    p.add_argument(
+        "--init",
+        default="",
+        help="start each trial's backbone from: 'warm' (the previous best model) or an earlier run / checkpoint",
+    )
     p.add_argument("--group-s", type=float, default=60.0, help="time bucket of a field group (camera x bucket)")
     p.add_argument("--field-test-share", type=float, default=0.2, help="share of field frames held out for test")
     p.add_argument("--field-val-share", type=float, default=0.2, help="share of field frames for validation")
@@ -242,8 +292,10 @@ def prepare(own: argparse.Namespace, tuner_argv: list[str]) -> tuple[Any, FieldD
     prev = Previous.read(own.warm)
     args = parse_args(tuner_argv)
     if "--data" in tuner_argv and args.data != prev.data:
-        raise ConfigError(f"DATA={args.data} is not the previous study's data ({prev.data}); the warm study keeps the "
-                          f"previous study's exact files and splits ({prev.split_file})")
+        raise ConfigError(
+            f"DATA={args.data} is not the previous study's data ({prev.data}); the warm study keeps the "
+            f"previous study's exact files and splits ({prev.split_file})"
+        )
     if not args.study:
         args.study = f"{prev.study}-field"
     opts = tune_options(args)
@@ -263,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli_logging(verbose=False)
     try:
         opts, data, prev = prepare(own, rest)
-        print(f"edgetune: warm study {opts.study}: {json.dumps(data.counts())} (field groups: "
-              f"{len(data.groups)}); previous best configurations first; data {data.manifest}", flush=True)
+        print(
+            f"edgetune: warm study {opts.study}: {json.dumps(data.counts())} (field groups: "
+            f"{len(data.groups)}); previous best configurations first; data {data.manifest}",
+            flush=True,
+        )
         from tuner.field_report import compare_and_record  # noqa: PLC0415 - lazy: torch, ONNX Runtime
         from tuner.run import process_start, run_study, study_failure  # noqa: PLC0415 - lazy: Ray
 

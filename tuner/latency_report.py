@@ -10,9 +10,28 @@ from typing import Any
 from trainer.metric import get_metric
 from tuner.storage import rdb_storage
 
-LATENCY_COLUMNS = ["architecture", "backbone", "head", "input_size", "precision", "batch", "p50_ms", "p90_ms",
-                   "kind", "target", "node_id", "device", "backend", "runs", "warmup", "trials", "rejected_trials",
-                   "best_value", "signature_key", "onnx_sha256"]
+LATENCY_COLUMNS = [
+    "architecture",
+    "backbone",
+    "head",
+    "input_size",
+    "precision",
+    "batch",
+    "p50_ms",
+    "p90_ms",
+    "kind",
+    "target",
+    "node_id",
+    "device",
+    "backend",
+    "runs",
+    "warmup",
+    "trials",
+    "rejected_trials",
+    "best_value",
+    "signature_key",
+    "onnx_sha256",
+]
 
 
 def _device_label(dev: dict[str, Any]) -> str:
@@ -38,17 +57,31 @@ def latency_rows(study: Any, records: list[dict[str, Any]], metric: str) -> list
             continue
         sig, proto = rec["signature"], rec.get("protocol", {})
         values = [t.user_attrs.get(m.best_key) for t in trials if t.user_attrs.get(m.best_key) is not None]
-        best = (min(values, key=lambda v: m.sort_key(float(v))) if values else None)
-        rows.append({
-            "architecture": trials[0].user_attrs.get("latency_signature", k), "backbone": sig["backbone"],
-            "head": sig["head"] + ("-" + "x".join(map(str, sig["head_hidden"])) if sig["head_hidden"] else ""),
-            "input_size": "x".join(map(str, sig["input_size"])), "precision": sig["precision"], "batch": sig["batch"],
-            "p50_ms": round(rec["p50_ms"], 4), "p90_ms": round(rec["p90_ms"], 4), "kind": rec.get("kind"),
-            "target": rec.get("target"), "node_id": rec.get("node_id"), "device": _device_label(rec.get("device", {})),
-            "backend": rec.get("backend"), "runs": proto.get("runs"), "warmup": proto.get("warmup"),
-            "trials": len(trials), "rejected_trials": sum(bool(t.user_attrs.get("rejected_reason")) for t in trials),
-            "best_value": best, "signature_key": k, "onnx_sha256": rec.get("onnx_sha256"),
-        })
+        best = min(values, key=lambda v: m.sort_key(float(v))) if values else None
+        rows.append(
+            {
+                "architecture": trials[0].user_attrs.get("latency_signature", k),
+                "backbone": sig["backbone"],
+                "head": sig["head"] + ("-" + "x".join(map(str, sig["head_hidden"])) if sig["head_hidden"] else ""),
+                "input_size": "x".join(map(str, sig["input_size"])),
+                "precision": sig["precision"],
+                "batch": sig["batch"],
+                "p50_ms": round(rec["p50_ms"], 4),
+                "p90_ms": round(rec["p90_ms"], 4),
+                "kind": rec.get("kind"),
+                "target": rec.get("target"),
+                "node_id": rec.get("node_id"),
+                "device": _device_label(rec.get("device", {})),
+                "backend": rec.get("backend"),
+                "runs": proto.get("runs"),
+                "warmup": proto.get("warmup"),
+                "trials": len(trials),
+                "rejected_trials": sum(bool(t.user_attrs.get("rejected_reason")) for t in trials),
+                "best_value": best,
+                "signature_key": k,
+                "onnx_sha256": rec.get("onnx_sha256"),
+            }
+        )
     rows.sort(key=lambda r: r["p50_ms"])
     return rows
 
@@ -58,15 +91,19 @@ def pareto_points(points: list[tuple[float, float]], mode: str) -> list[int]:
     sign = 1.0 if mode == "max" else -1.0
     front = []
     for i, (v, lat) in enumerate(points):
-        dominated = any((sign * v2 >= sign * v and lat2 <= lat) and (sign * v2 > sign * v or lat2 < lat)
-                        for j, (v2, lat2) in enumerate(points) if j != i)
+        dominated = any(
+            (sign * v2 >= sign * v and lat2 <= lat) and (sign * v2 > sign * v or lat2 < lat)
+            for j, (v2, lat2) in enumerate(points)
+            if j != i
+        )
         if not dominated:
             front.append(i)
     return front
 
 
-def write_latency_outputs(study: Any, records: list[dict[str, Any]], out: Path, metric: str,
-                          max_latency_ms: float = 0.0) -> dict[str, Any]:
+def write_latency_outputs(
+    study: Any, records: list[dict[str, Any]], out: Path, metric: str, max_latency_ms: float = 0.0
+) -> dict[str, Any]:
     """Write ``latency_table.csv`` and ``pareto.png``; returns their paths and the Pareto front's trials."""
     import matplotlib
 
@@ -79,8 +116,11 @@ def write_latency_outputs(study: Any, records: list[dict[str, Any]], out: Path, 
         w.writeheader()
         w.writerows(rows)
     m = get_metric(metric)
-    trained = [t for t in study.get_trials(deepcopy=False)
-               if t.user_attrs.get(m.best_key) is not None and t.user_attrs.get("latency_ms") is not None]
+    trained = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get(m.best_key) is not None and t.user_attrs.get("latency_ms") is not None
+    ]
     pts = [(float(t.user_attrs[m.best_key]), float(t.user_attrs["latency_ms"])) for t in trained]
     front = pareto_points(pts, m.mode)
     rejected = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("rejected_reason")]
@@ -90,12 +130,18 @@ def write_latency_outputs(study: Any, records: list[dict[str, Any]], out: Path, 
         fr = sorted((pts[i] for i in front), key=lambda p: p[1])
         ax.plot([p[1] for p in fr], [p[0] for p in fr], "o-", c="tab:red", label="Pareto front")
         for i in front:
-            ax.annotate(f"#{trained[i].number}", (pts[i][1], pts[i][0]), fontsize=8, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                f"#{trained[i].number}", (pts[i][1], pts[i][0]), fontsize=8, xytext=(3, 3), textcoords="offset points"
+            )
     lat_rej = [float(t.user_attrs["latency_ms"]) for t in rejected if t.user_attrs.get("latency_ms") is not None]
     if lat_rej:
-        ax.scatter(lat_rej, [ax.get_ylim()[0]] * len(lat_rej), marker="x", c="gray",
-                   label="rejected by --max-latency-ms (not trained)")
+        ax.scatter(
+            lat_rej,
+            [ax.get_ylim()[0]] * len(lat_rej),
+            marker="x",
+            c="gray",
+            label="rejected by --max-latency-ms (not trained)",
+        )
     if max_latency_ms > 0:
         ax.axvline(max_latency_ms, ls="--", c="gray")
     kind = {r.get("kind") for r in rows}
@@ -108,10 +154,13 @@ def write_latency_outputs(study: Any, records: list[dict[str, Any]], out: Path, 
     fig.tight_layout()
     fig.savefig(out / "pareto.png")
     plt.close(fig)
-    return {"latency_table": str(out / "latency_table.csv"), "pareto_png": str(out / "pareto.png"),
-            "architectures_timed": len(rows),
-            "pareto": [{"trial": trained[i].number, m.best_key: pts[i][0], "latency_ms": pts[i][1]} for i in front],
-            "rejected_by_constraint": [t.number for t in rejected]}
+    return {
+        "latency_table": str(out / "latency_table.csv"),
+        "pareto_png": str(out / "pareto.png"),
+        "architectures_timed": len(rows),
+        "pareto": [{"trial": trained[i].number, m.best_key: pts[i][0], "latency_ms": pts[i][1]} for i in front],
+        "rejected_by_constraint": [t.number for t in rejected],
+    }
 
 
 class _AllTrials:
@@ -120,23 +169,27 @@ class _AllTrials:
     def __init__(self, storage: Any, skip: str) -> None:
         import optuna
 
-        self._trials = [t for summ in optuna.get_all_study_summaries(storage) if summ.study_name != skip
-                        for t in optuna.load_study(study_name=summ.study_name, storage=storage).get_trials(
-                            deepcopy=False)]
+        self._trials = [
+            t
+            for summ in optuna.get_all_study_summaries(storage)
+            if summ.study_name != skip
+            for t in optuna.load_study(study_name=summ.study_name, storage=storage).get_trials(deepcopy=False)
+        ]
 
     def get_trials(self, deepcopy: bool = False) -> list[Any]:
         return list(self._trials)
 
 
-def write_storage_latency_table(storage_url: str, records: list[dict[str, Any]], metric: str, skip: str,
-                                out: Path) -> Path | None:
+def write_storage_latency_table(
+    storage_url: str, records: list[dict[str, Any]], metric: str, skip: str, out: Path
+) -> Path | None:
     """With a SQLite storage outside ``out``: ``latency_table.csv`` next to the database too, one row per
     architecture timed for this target by any study in it (the latency cache is per storage, shared by its
     studies). None otherwise."""
     if not storage_url.startswith("sqlite:///"):
         return None
 
-    path = Path(storage_url[len("sqlite:///"):]).resolve().parent / "latency_table.csv"
+    path = Path(storage_url[len("sqlite:///") :]).resolve().parent / "latency_table.csv"
     if path.parent == Path(out).resolve():
         return None  # the study's own table is there
     rows = latency_rows(_AllTrials(rdb_storage(storage_url), skip), records, metric)

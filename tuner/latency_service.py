@@ -30,8 +30,14 @@ class _Service:
     synchronous: each takes milliseconds and blocks the actor's event loop for that long, which is fine for a
     handful of trials per second."""
 
-    def __init__(self, storage_url: str, target: str | None, protocol: dict[str, int], backend: str = "auto",
-                 timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        storage_url: str,
+        target: str | None,
+        protocol: dict[str, int],
+        backend: str = "auto",
+        timeout_s: float = 600.0,
+    ) -> None:
 
         self.target = target
         self.cache_target = cache_target(target)
@@ -50,7 +56,8 @@ class _Service:
         if rec is None:
             return None
         same = rec.get("protocol") == self.protocol and (
-            self.backend == "auto" or str(rec.get("device", {}).get("backend")) == self.backend)
+            self.backend == "auto" or str(rec.get("device", {}).get("backend")) == self.backend
+        )
         if not same:
             self.stats["stale"] += 1
         return rec if same else None
@@ -96,18 +103,23 @@ class _Service:
         try:
             async with self.one_at_a_time:
                 t0 = time.time()
-                ref = ray.remote(time_on_node).options(**task_options(self.target)).remote(
-                    files, s.precision, self.protocol, self.backend)
+                ref = (
+                    ray.remote(time_on_node)
+                    .options(**task_options(self.target))
+                    .remote(files, s.precision, self.protocol, self.backend)
+                )
                 try:
                     rec = await asyncio.wait_for(ref, timeout=self.timeout_s)
                 except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
                     ray.cancel(ref, force=True)
                     self.stats["unavailable"] += 1
                     where = target_resource(self.target) if self.target else "the driver node"
-                    why = (f"no timing (waiting for the node, engine build and runs) from {where} within "
-                           f"{self.timeout_s:g} s: is the edge node up? (--timing-timeout)"
-                           if isinstance(e, asyncio.TimeoutError)
-                           else f"timing task failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    why = (
+                        f"no timing (waiting for the node, engine build and runs) from {where} within "
+                        f"{self.timeout_s:g} s: is the edge node up? (--timing-timeout)"
+                        if isinstance(e, asyncio.TimeoutError)
+                        else f"timing task failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    )
                     return {"status": "unavailable", "reason": why}
             rec["timing_wall_s"] = round(time.time() - t0, 3)
             rec["kind"] = "device" if self.target else "estimate"
@@ -125,8 +137,14 @@ class _Service:
         return dict(self.stats)
 
 
-def start_service(study: str, storage_url: str, target: str | None, protocol: dict[str, int],
-                  backend: str = "auto", timeout_s: float = 600.0) -> Any:
+def start_service(
+    study: str,
+    storage_url: str,
+    target: str | None,
+    protocol: dict[str, int],
+    backend: str = "auto",
+    timeout_s: float = 600.0,
+) -> Any:
     """The study's latency service: a named async actor pinned to the driver's node (where the storage is)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -134,6 +152,8 @@ def start_service(study: str, storage_url: str, target: str | None, protocol: di
     here = ray.get_runtime_context().get_node_id()
     actor_cls = ray.remote(_Service)
     return actor_cls.options(
-        name=SERVICE_NAME.format(study=study), num_cpus=0, max_concurrency=64,
+        name=SERVICE_NAME.format(study=study),
+        num_cpus=0,
+        max_concurrency=64,
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
     ).remote(storage_url, target, protocol, backend, timeout_s)

@@ -29,19 +29,30 @@ def latency_setup(opts: TuneOptions, space: Any) -> Any:
     if target:
         nodes = device.require_target(target)
         caps = device.device_capabilities(target, opts.timing_backend)
-        log.info(f"target {target}: {len(nodes)} live node(s) ({', '.join(n[:12] for n in nodes)}); device "
-                 f"{caps['device'].get('gpu_name') or caps['device'].get('cpu')} ({caps['device'].get('backend')}); "
-                 f"precisions {caps['precisions']}")
-        space.add_device_params(device.search_precisions(caps["precisions"], opts.precisions, target),
-                                img_fixed=bool(opts.img))
+        log.info(
+            f"target {target}: {len(nodes)} live node(s) ({', '.join(n[:12] for n in nodes)}); device "
+            f"{caps['device'].get('gpu_name') or caps['device'].get('cpu')} ({caps['device'].get('backend')}); "
+            f"precisions {caps['precisions']}"
+        )
+        space.add_device_params(
+            device.search_precisions(caps["precisions"], opts.precisions, target), img_fixed=bool(opts.img)
+        )
     else:
-        log.info("no --target: latency is an estimate timed on the driver's node (alongside training), "
-                 "not a device's latency")
+        log.info(
+            "no --target: latency is an estimate timed on the driver's node (alongside training), "
+            "not a device's latency"
+        )
     device.LatencyCache(_rdb(opts.storage))  # create the cache study before the service and trials use it
-    service = latency_service.start_service(opts.study, opts.storage, target, protocol, opts.timing_backend,
-                                            opts.timing_timeout_s)
-    return device.LatencySetup(study=opts.study, target=target, service=service, max_latency_ms=opts.max_latency_ms,
-                               precision_param="precision" if "precision" in space.params else "")
+    service = latency_service.start_service(
+        opts.study, opts.storage, target, protocol, opts.timing_backend, opts.timing_timeout_s
+    )
+    return device.LatencySetup(
+        study=opts.study,
+        target=target,
+        service=service,
+        max_latency_ms=opts.max_latency_ms,
+        precision_param="precision" if "precision" in space.params else "",
+    )
 
 
 def _rdb(url: str) -> Any:
@@ -54,8 +65,7 @@ def rejector(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, l
     if latency is None or opts.max_latency_ms <= 0:
         return None
 
-    return LatencyRejector(base=base, space=space, num_classes=len(source.classes), storage=opts.storage,
-                           setup=latency)
+    return LatencyRejector(base=base, space=space, num_classes=len(source.classes), storage=opts.storage, setup=latency)
 
 
 def latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]:
@@ -67,8 +77,9 @@ def latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]:
     return res
 
 
-def _winner_latency(opts: TuneOptions, summary: dict[str, Any], precision: str, setup: Any = None
-                    ) -> dict[str, Any] | None:
+def _winner_latency(
+    opts: TuneOptions, summary: dict[str, Any], precision: str, setup: Any = None
+) -> dict[str, Any] | None:
     """What the bundle records of the winner's latency: its architecture's timing at the precision the bundle
     deploys at (target, device, p50/p90). An architecture not timed at that precision (a winner searched at int8
     whose INT8 variant the export refused deploys at fp32) is timed now through the study's latency service
@@ -86,9 +97,18 @@ def _winner_latency(opts: TuneOptions, summary: dict[str, Any], precision: str, 
         rec = answer.get("record") if answer["status"] != "unavailable" else None
     if rec is None:
         return None
-    return {"target": opts.target or None, "kind": rec.get("kind"), "architecture": sig.label,
-            "p50_ms": rec["p50_ms"], "p90_ms": rec["p90_ms"], "precision": precision, "node_id": rec.get("node_id"),
-            "device": rec.get("device", {}), "protocol": rec.get("protocol", {}), "backend": rec.get("backend")}
+    return {
+        "target": opts.target or None,
+        "kind": rec.get("kind"),
+        "architecture": sig.label,
+        "p50_ms": rec["p50_ms"],
+        "p90_ms": rec["p90_ms"],
+        "precision": precision,
+        "node_id": rec.get("node_id"),
+        "device": rec.get("device", {}),
+        "protocol": rec.get("protocol", {}),
+        "backend": rec.get("backend"),
+    }
 
 
 def _time_winner(opts: TuneOptions, bundle_dir: Path, precision: str) -> dict[str, Any]:
@@ -98,19 +118,30 @@ def _time_winner(opts: TuneOptions, bundle_dir: Path, precision: str) -> dict[st
 
     from trainer.export import bundle_files  # noqa: PLC0415 - lazy: torch
 
-    ref = ray.remote(device.time_on_node).options(**device.task_options(opts.target)).remote(
-        bundle_files(bundle_dir), precision, opts.timing_protocol.to_dict(), opts.timing_backend, True)
+    ref = (
+        ray.remote(device.time_on_node)
+        .options(**device.task_options(opts.target))
+        .remote(bundle_files(bundle_dir), precision, opts.timing_protocol.to_dict(), opts.timing_backend, True)
+    )
     try:
         rec: dict[str, Any] = ray.get(ref, timeout=opts.timing_timeout_s)
     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
         ray.cancel(ref, force=True)
         return {"status": f"unavailable: {type(e).__name__}", "precision": precision}
-    return {"status": "timed", "p50_ms": rec["p50_ms"], "p90_ms": rec["p90_ms"], "node_id": rec["node_id"],
-            "onnx_sha256": rec["onnx_sha256"], "engine": rec.get("engine"), "precision": precision}
+    return {
+        "status": "timed",
+        "p50_ms": rec["p50_ms"],
+        "p90_ms": rec["p90_ms"],
+        "node_id": rec["node_id"],
+        "onnx_sha256": rec["onnx_sha256"],
+        "engine": rec.get("engine"),
+        "precision": precision,
+    }
 
 
-def hand_off(opts: TuneOptions, summary: dict[str, Any], out: Path, source: Any, latency: Any = None,
-             final: Any = None) -> None:
+def hand_off(
+    opts: TuneOptions, summary: dict[str, Any], out: Path, source: Any, latency: Any = None, final: Any = None
+) -> None:
     """Export the winner (``<out>/bundle``, at the precision the search picked, with its architecture's latency
     record) and, with a target, time the bundle's own ONNX on the device (and keep its engine there). Fills in
     ``summary["bundle"]`` and, with a target, ``summary["latency"]["winner"]``. ``latency``: the study's
@@ -122,24 +153,39 @@ def hand_off(opts: TuneOptions, summary: dict[str, Any], out: Path, source: Any,
     timing = lambda p: _winner_latency(opts, summary, p, latency)  # noqa: E731
     if final is not None and (final.tta or final.ensemble or final.tau):
         # the post-hoc model (tuner/posthoc.py): members, views and decision rule exported as one graph
-        b = export_model(final.model, read_meta(out / "best"), out / "bundle", source=source, precision=searched,
-                         tolerance=opts.int8_tolerance, target_latency=timing,
-                         origin={"run": str(out), "checkpoint": str(out / "best"),
-                                 "info": json.loads((out / "best" / "metrics.json").read_text())},
-                         extra={"final_model": final.describe()})
+        b = export_model(
+            final.model,
+            read_meta(out / "best"),
+            out / "bundle",
+            source=source,
+            precision=searched,
+            tolerance=opts.int8_tolerance,
+            target_latency=timing,
+            origin={
+                "run": str(out),
+                "checkpoint": str(out / "best"),
+                "info": json.loads((out / "best" / "metrics.json").read_text()),
+            },
+            extra={"final_model": final.describe()},
+        )
     else:
-        b = export_bundle(out, out / "bundle", source=source, precision=searched, tolerance=opts.int8_tolerance,
-                          target_latency=timing)
+        b = export_bundle(
+            out, out / "bundle", source=source, precision=searched, tolerance=opts.int8_tolerance, target_latency=timing
+        )
     summary["bundle"] = str(b)
     meta = load_bundle(b).meta
     deploy = dict(meta["deploy_precision"])
     if deploy["deployed"] != searched:
         p50 = (meta.get("target_latency") or {}).get("p50_ms")
-        log.warning(f"the search picked {searched} but the bundle deploys at {deploy['deployed']}: {deploy['why']}; "
-                    f"{deploy['deployed']} p50 {f'{p50:.2f} ms' if p50 is not None else 'not measured'}")
+        log.warning(
+            f"the search picked {searched} but the bundle deploys at {deploy['deployed']}: {deploy['why']}; "
+            f"{deploy['deployed']} p50 {f'{p50:.2f} ms' if p50 is not None else 'not measured'}"
+        )
         if p50 is not None and 0 < opts.max_latency_ms < p50:
             deploy["breaks_max_latency"] = True
-            log.warning(f"at {deploy['deployed']} the winner breaks --max-latency-ms {opts.max_latency_ms:g} "
-                        f"(p50 {p50:.2f} ms): pick another trial from the Pareto table, or raise --int8-tolerance")
+            log.warning(
+                f"at {deploy['deployed']} the winner breaks --max-latency-ms {opts.max_latency_ms:g} "
+                f"(p50 {p50:.2f} ms): pick another trial from the Pareto table, or raise --int8-tolerance"
+            )
     if opts.target:  # hand-off: the winner's own ONNX timed on the device (and its engine kept there)
         summary["latency"]["winner"] = {**_time_winner(opts, b, deploy["deployed"]), "deploy": deploy}

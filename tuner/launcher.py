@@ -41,16 +41,18 @@ def _ray_cli() -> list[str]:
 def head_ip(config_path: str | Path, timeout: float = 60.0) -> str | None:
     """The launched cluster's head IP per ``ray get-head-ip`` (None when it is not up / unreachable)."""
     try:
-        r = subprocess.run([*_ray_cli(), "get-head-ip", str(config_path)], capture_output=True, text=True,
-                           timeout=timeout, check=False)
+        r = subprocess.run(
+            [*_ray_cli(), "get-head-ip", str(config_path)], capture_output=True, text=True, timeout=timeout, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
     return lines[-1] if r.returncode == 0 and lines else None
 
 
-def launched_cluster(config_path: str | Path = "cluster.yaml", address: str = "",
-                     get_head_ip: Callable[[Path], str | None] | None = None) -> str | None:
+def launched_cluster(
+    config_path: str | Path = "cluster.yaml", address: str = "", get_head_ip: Callable[[Path], str | None] | None = None
+) -> str | None:
     """Head IP of a cluster launched from this machine with ``config_path``, or None (then run here)."""
     from tuner.cluster import running_local_cluster  # noqa: PLC0415 - late-bound: tests patch it
 
@@ -87,14 +89,24 @@ def remote_commands(config_path: str | Path, argv: list[str], study: str, local_
     remote_out = f"runs/{study}"
     args = [*strip_out(argv), "--out", remote_out]
     inner = f"cd {REMOTE_DIR} && EDGETUNE_LOCAL=1 make tune ARGS={shlex.quote(shlex.join(args))}"
-    return [[*_ray_cli(), "exec", cfg, inner],
-            [*_ray_cli(), "rsync-down", cfg, f"{REMOTE_DIR}/{remote_out}/", local_out.rstrip("/") + "/"]]
+    return [
+        [*_ray_cli(), "exec", cfg, inner],
+        [*_ray_cli(), "rsync-down", cfg, f"{REMOTE_DIR}/{remote_out}/", local_out.rstrip("/") + "/"],
+    ]
 
 
-def forward(config_path: str | Path, head: str, argv: list[str], study: str, local_out: str,
-            run: Callable[..., Any] = subprocess.run) -> int:
-    log.info(f"the cluster launched from {config_path} is up (head {head}): running the study there "
-             f"(EDGETUNE_LOCAL=1 make tune runs it on this machine instead)")
+def forward(
+    config_path: str | Path,
+    head: str,
+    argv: list[str],
+    study: str,
+    local_out: str,
+    run: Callable[..., Any] = subprocess.run,
+) -> int:
+    log.info(
+        f"the cluster launched from {config_path} is up (head {head}): running the study there "
+        f"(EDGETUNE_LOCAL=1 make tune runs it on this machine instead)"
+    )
     rc = 0
     Path(local_out).mkdir(parents=True, exist_ok=True)
     for cmd in remote_commands(config_path, argv, study, local_out):

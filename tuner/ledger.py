@@ -72,9 +72,16 @@ class LedgerSummary:
             "cores": self.cores,
             "core_seconds": {k: round(v, 1) for k, v in self.core_seconds.items()},
             "useful_fraction": round(self.useful_fraction, 4),
-            "stages": [{**asdict(s), "start": round(s.start - self.t0, 2), "end": round(s.end - self.t0, 2),
-                        "seconds": round(s.seconds, 2), "core_seconds": round(s.core_seconds, 1)}
-                       for s in self.stages],
+            "stages": [
+                {
+                    **asdict(s),
+                    "start": round(s.start - self.t0, 2),
+                    "end": round(s.end - self.t0, 2),
+                    "seconds": round(s.seconds, 2),
+                    "core_seconds": round(s.core_seconds, 1),
+                }
+                for s in self.stages
+            ],
         }
 
     def lines(self) -> list[str]:
@@ -90,9 +97,11 @@ class LedgerSummary:
         for (name, kind), (sec, core_s, n) in by.items():
             out.append(f"{name:<28} {kind:<9} {int(n):>3} {sec:>8.1f} {core_s:>8.1f}")
         cs: dict[str, float] = self.core_seconds
-        out.append(f"study {self.wall_s:.0f} s x {self.cores:g} cores = {self.wall_s * self.cores:.0f} core-s: "
-                   + ", ".join(f"{k} {cs.get(k, 0.0):.0f}" for k in (*KINDS, "idle"))
-                   + f"; useful fraction {self.useful_fraction:.3f}")
+        out.append(
+            f"study {self.wall_s:.0f} s x {self.cores:g} cores = {self.wall_s * self.cores:.0f} core-s: "
+            + ", ".join(f"{k} {cs.get(k, 0.0):.0f}" for k in (*KINDS, "idle"))
+            + f"; useful fraction {self.useful_fraction:.3f}"
+        )
         return out
 
 
@@ -105,8 +114,14 @@ class Ledger:
     stages: list[Stage] = field(default_factory=list)
 
     def add(self, name: str, kind: str, start: float, end: float, cores: float | None = None, note: str = "") -> Stage:
-        s = Stage(name=name, kind=kind, start=max(start, self.t0), end=end,
-                  cores=self.cores if cores is None else min(float(cores), self.cores), note=note)
+        s = Stage(
+            name=name,
+            kind=kind,
+            start=max(start, self.t0),
+            end=end,
+            cores=self.cores if cores is None else min(float(cores), self.cores),
+            note=note,
+        )
         self.stages.append(s)
         return s
 
@@ -127,8 +142,14 @@ class Ledger:
             per[s.kind] += s.core_seconds
         held = sum(per.values())
         per["idle"] = max(0.0, wall * self.cores - held)
-        return LedgerSummary(t0=self.t0, wall_s=wall, cores=self.cores, stages=tuple(self.stages), core_seconds=per,
-                             useful_fraction=per["compute"] / (wall * self.cores))
+        return LedgerSummary(
+            t0=self.t0,
+            wall_s=wall,
+            cores=self.cores,
+            stages=tuple(self.stages),
+            core_seconds=per,
+            useful_fraction=per["compute"] / (wall * self.cores),
+        )
 
 
 def trial_stages(ledger: Ledger, study: Any, cores_per_trial: float) -> None:
@@ -147,8 +168,9 @@ def trial_stages(ledger: Ledger, study: Any, cores_per_trial: float) -> None:
             continue  # an earlier run of the study
         setup = float(t.user_attrs.get("setup_seconds") or 0.0)
         stop = str(t.user_attrs.get("stop_reason") or "")
-        finished = t.state.name == "COMPLETE" or (t.state.name == "PRUNED" and not stop
-                                                 and not t.user_attrs.get("rejected_reason"))
+        finished = t.state.name == "COMPLETE" or (
+            t.state.name == "PRUNED" and not stop and not t.user_attrs.get("rejected_reason")
+        )
         kind = "compute" if finished else "waste"
         why = t.state.name + (f" ({stop})" if stop else "")
         if setup and start + setup < end:
@@ -180,16 +202,23 @@ def plot_timeline(summary: LedgerSummary, path: Path) -> bool:
             picked.append(len(lanes_free) - 1)
         for i in picked:
             lanes_free[i] = s.end
-            ax.broken_barh([(s.start - summary.t0, s.seconds)], (i + 0.1, 0.8), facecolors=colours[s.kind],
-                           edgecolor="white", linewidth=0.5)
+            ax.broken_barh(
+                [(s.start - summary.t0, s.seconds)],
+                (i + 0.1, 0.8),
+                facecolors=colours[s.kind],
+                edgecolor="white",
+                linewidth=0.5,
+            )
             if s.seconds > 0.06 * summary.wall_s:
                 ax.text(s.start - summary.t0 + s.seconds / 2, i + 0.5, s.name, ha="center", va="center", fontsize=7)
     ax.set_xlim(0, summary.wall_s)
     ax.set_ylim(0, max(len(lanes_free), int(summary.cores)))
     ax.set_xlabel("seconds since the study started")
     ax.set_ylabel("core")
-    ax.set_title(f"budget ledger: useful fraction {summary.useful_fraction:.2f} "
-                 f"(compute {summary.core_seconds['compute']:.0f} of {summary.wall_s * summary.cores:.0f} core-s)")
+    ax.set_title(
+        f"budget ledger: useful fraction {summary.useful_fraction:.2f} "
+        f"(compute {summary.core_seconds['compute']:.0f} of {summary.wall_s * summary.cores:.0f} core-s)"
+    )
     for k, c in colours.items():
         ax.barh([0], [0], color=c, label=k)
     ax.legend(loc="upper right", fontsize=7)

@@ -55,27 +55,34 @@ class TuneOptions:
     trials: int = opt(0, "optional cap on the number of trials (0 = the time budget decides)")
     epochs: int = opt(4, "max epochs per trial (ASHA max_t; each trial's LR schedule)")
     time_budget_s: float = opt(
-        840.0, f"seconds for search + refit + export, counted from the start (at least {MIN_TIME_BUDGET_S:g}; "
-               "0 = none; "
-               "then --trials is needed)")
-    storage: str = opt("", "Optuna storage URL (default sqlite:///<out>/../optuna.db, i.e. runs/optuna.db; "
-                       "postgresql://… for shared)")
-    storage_path: str = opt("", "Ray storage for trial checkpoints: a directory or s3://bucket/prefix "
-                            "(default $EDGETUNE_STORAGE_PATH, else <out>/ray); must be shared on a multi-node cluster")
+        840.0,
+        f"seconds for search + refit + export, counted from the start (at least {MIN_TIME_BUDGET_S:g}; "
+        "0 = none; "
+        "then --trials is needed)",
+    )
+    storage: str = opt(
+        "", "Optuna storage URL (default sqlite:///<out>/../optuna.db, i.e. runs/optuna.db; postgresql://… for shared)"
+    )
+    storage_path: str = opt(
+        "",
+        "Ray storage for trial checkpoints: a directory or s3://bucket/prefix "
+        "(default $EDGETUNE_STORAGE_PATH, else <out>/ray); must be shared on a multi-node cluster",
+    )
     space: str = opt("", "search space YAML (default tuner/default_space.yaml)")
     backbones: tuple[str, ...] = opt((), "restrict the backbone choices")
     train_config: str = opt("", "base TrainConfig YAML for every trial (--config is the tuner's own options file)")
     sets: tuple[str, ...] = opt((), "base config override (repeatable; wins over img/max_images)")
-    img: int = opt(0, "fix the input size of every trial (0 = searched where the space has `img`, "
-                   "else backbone default)")
+    img: int = opt(
+        0, "fix the input size of every trial (0 = searched where the space has `img`, else backbone default)"
+    )
     max_images: int = opt(0, "stratified subset of the dataset (0 = all)")
     gpus_per_trial: float = opt(0.0, "GPUs per worker of a trial")
     workers_per_trial: int = opt(1, ">1: each trial is a Ray Train DDP run")
     cpus_per_worker: float = opt(1.0, "CPUs per worker of a trial")
     resources_per_worker: dict[str, float] = opt(
-        factory=dict, help="extra custom Ray resources per worker (e.g. slot=1)")
-    placement_strategy: str = opt(
-        "PACK", "placement of a DDP trial's workers (STRICT_SPREAD: each on its own node)")
+        factory=dict, help="extra custom Ray resources per worker (e.g. slot=1)"
+    )
+    placement_strategy: str = opt("PACK", "placement of a DDP trial's workers (STRICT_SPREAD: each on its own node)")
     max_concurrent: int = opt(0, "trials at once (0 = as many as the cluster's resources allow)")
     # bench/README.md "ASHA grace period" measures it
     grace_period: int = opt(2, "ASHA's first rung in epochs (at most --epochs)")
@@ -83,49 +90,80 @@ class TuneOptions:
     seed: int = opt(0, "seed of the sampler and of every trial's training")
     out: str = opt("", "output dir (default runs/<study>)")
     resume: bool = opt(False, "continue the same study and Ray experiment")
-    multi_objective: bool = opt(False, "maximise the metric and minimise p50 latency (on --target, else an "
-                                "estimate on the driver's node)")
-    max_latency_ms: float = opt(0.0, "latency constraint (p50, ms): slower architectures are rejected before "
-                                "training (PRUNED, with reason)")
-    target: str = opt("", "device in the loop: time every architecture on the Ray node carrying "
-                      "edge_target:<TARGET> (join it with `make edge-node HEAD=<host:port> TARGET=<name>`); "
-                      "implies --multi-objective")
+    multi_objective: bool = opt(
+        False, "maximise the metric and minimise p50 latency (on --target, else an estimate on the driver's node)"
+    )
+    max_latency_ms: float = opt(
+        0.0, "latency constraint (p50, ms): slower architectures are rejected before training (PRUNED, with reason)"
+    )
+    target: str = opt(
+        "",
+        "device in the loop: time every architecture on the Ray node carrying "
+        "edge_target:<TARGET> (join it with `make edge-node HEAD=<host:port> TARGET=<name>`); "
+        "implies --multi-objective",
+    )
     int8_tolerance: float = opt(
-        0.01, "the most validation accuracy the winner's INT8 variant may lose (when the search picked int8), else "
-              "it deploys at fp32")
+        0.01,
+        "the most validation accuracy the winner's INT8 variant may lose (when the search picked int8), else "
+        "it deploys at fp32",
+    )
     precisions: tuple[str, ...] = opt(
-        (), "with --target: the deployed precisions the search may pick (comma list of fp32, fp16, int8; default: "
-            "all the target supports)")
+        (),
+        "with --target: the deployed precisions the search may pick (comma list of fp32, fp16, int8; default: "
+        "all the target supports)",
+    )
     # the timing protocol: edge_server.timing.TimingProtocol
     timing_warmup: int = opt(TimingProtocol.warmup, "untimed runs before each timing")
     timing_runs: int = opt(TimingProtocol.runs, "timed runs per architecture (p50/p90 over them)")
     timing_timeout_s: float = opt(
-        600.0, "seconds a trial waits for its timing (edge node down) before it is marked with the reason")
+        600.0, "seconds a trial waits for its timing (edge node down) before it is marked with the reason"
+    )
     timing_backend: str = opt(
-        "auto", "runtime of the timing on the device (auto: TensorRT where present, else ONNX Runtime)")
+        "auto", "runtime of the timing on the device (auto: TensorRT where present, else ONNX Runtime)"
+    )
     max_failures: int = opt(1, "restarts of a crashed trial from its last checkpoint")
-    address: str = opt("", "Ray cluster address; 'local' forces a local instance "
-                       "(default: RAY_ADDRESS, a running node started by `ray start`/`ray up` on this machine, "
-                       "or local)")
+    address: str = opt(
+        "",
+        "Ray cluster address; 'local' forces a local instance "
+        "(default: RAY_ADDRESS, a running node started by `ray start`/`ray up` on this machine, "
+        "or local)",
+    )
     export: bool = opt(True, "export the best trial (the refit, where there is one) as a bundle")
-    metric: str = opt(DEFAULT_METRIC, "selects epochs, trials and the final model (default val_macro_f1: see "
-                      "README 'Tuner', its Metric paragraph)")
+    metric: str = opt(
+        DEFAULT_METRIC,
+        "selects epochs, trials and the final model (default val_macro_f1: see README 'Tuner', its Metric paragraph)",
+    )
     refit: bool = opt(True, "retrain the best configuration for longer after the search (the exported model)")
     refit_share: float = opt(0.55, "share of the time budget kept for the refit")
-    refit_warm: bool = opt(False, "warm final fit: it continues the best trial's weights (a warm restart of its "
-                                  "schedule) instead of starting from ImageNet's again (off by default: "
-                                  "bench/README.md, 'Warm final fit')")
-    refit_max_epochs: int = opt(0, "cap on refit epochs (0 = as many as the time budget holds, at most "
-                                "60; with --trials or without a budget 3 x --epochs)")
-    probe_share: float = opt(0.1, "share of the time budget for the probe stage (tuner/probe.py: linear heads on "
-                                  "frozen features rank backbone x size and join the ensemble; 0 = off; only "
-                                  "without --trials)")
-    ema_decay: float = opt(DEFAULT_EMA_DECAY, "weight averaging in every fine-tune: EMA decay per step (0 = off); a "
-                           "space that searches it (the default space's ema_decay) samples it per trial unless a "
-                           "value other than the default is given here, which fixes it; the better of raw and "
-                           "averaged weights on validation is kept")
-    ensemble: str = opt("auto", "post-hoc ensemble of the study's models (tuner/posthoc.py): auto (kept only when it "
-                                "beats the best single model on validation beyond noise), off, or a member cap N")
+    refit_warm: bool = opt(
+        False,
+        "warm final fit: it continues the best trial's weights (a warm restart of its "
+        "schedule) instead of starting from ImageNet's again (off by default: "
+        "bench/README.md, 'Warm final fit')",
+    )
+    refit_max_epochs: int = opt(
+        0,
+        "cap on refit epochs (0 = as many as the time budget holds, at most "
+        "60; with --trials or without a budget 3 x --epochs)",
+    )
+    probe_share: float = opt(
+        0.1,
+        "share of the time budget for the probe stage (tuner/probe.py: linear heads on "
+        "frozen features rank backbone x size and join the ensemble; 0 = off; only "
+        "without --trials)",
+    )
+    ema_decay: float = opt(
+        DEFAULT_EMA_DECAY,
+        "weight averaging in every fine-tune: EMA decay per step (0 = off); a "
+        "space that searches it (the default space's ema_decay) samples it per trial unless a "
+        "value other than the default is given here, which fixes it; the better of raw and "
+        "averaged weights on validation is kept",
+    )
+    ensemble: str = opt(
+        "auto",
+        "post-hoc ensemble of the study's models (tuner/posthoc.py): auto (kept only when it "
+        "beats the best single model on validation beyond noise), off, or a member cap N",
+    )
     env_vars: dict[str, str] = opt(factory=dict, help="environment for every Ray worker")
     verbose: bool = opt(False, "list every place looked for each backbone left out for missing weights")
 
@@ -150,9 +188,18 @@ class TuneOptions:
 
     def _check_counts(self) -> None:
         """The integer fields, the input size, resources and placement (ConfigError naming the field)."""
-        for name, lo in (("trials", 0), ("epochs", 1), ("workers_per_trial", 1), ("grace_period", 1),
-                         ("reduction_factor", 2), ("max_concurrent", 0), ("max_failures", 0), ("img", 0),
-                         ("max_images", 0), ("refit_max_epochs", 0)):
+        for name, lo in (
+            ("trials", 0),
+            ("epochs", 1),
+            ("workers_per_trial", 1),
+            ("grace_period", 1),
+            ("reduction_factor", 2),
+            ("max_concurrent", 0),
+            ("max_failures", 0),
+            ("img", 0),
+            ("max_images", 0),
+            ("refit_max_epochs", 0),
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -212,7 +259,8 @@ class TuneOptions:
                 f"time budget {self.time_budget_s:g} s is too small for one trial: the minimum is "
                 f"{MIN_TIME_BUDGET_S:g} s (start-up {STARTUP_S:g} + Ray start {RAY_START_S:g} + data preparation "
                 f"{DATA_PREPARATION_S:g} + one trial epoch {ONE_TRIAL_EPOCH_S:g} + export {EXPORT_RESERVE_S:g}); "
-                "give --time-budget / TIME= of at least that, or 0 with --trials")
+                "give --time-budget / TIME= of at least that, or 0 with --trials"
+            )
 
     @property
     def ensemble_rounds(self) -> int:
@@ -224,8 +272,9 @@ class TuneOptions:
             return ENSEMBLE_ROUNDS if v == "auto" else 0
         if v.isdigit() and int(v) >= 1:
             return int(v)
-        raise ConfigError(f"ensemble must be one of {list(ENSEMBLE_MODES)} or a member cap N >= 1, "
-                          f"got {self.ensemble!r}")
+        raise ConfigError(
+            f"ensemble must be one of {list(ENSEMBLE_MODES)} or a member cap N >= 1, got {self.ensemble!r}"
+        )
 
     @property
     def metric_def(self) -> Metric:

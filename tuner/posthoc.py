@@ -66,8 +66,14 @@ class Ensemble(nn.Module):
     on the log scale: image batch -> logits. One member with one view and tau 0 is the member itself (up to a
     monotone transform: same argmax)."""
 
-    def __init__(self, members: list[nn.Module], views: list[tuple[str, ...]], weights: list[float],
-                 log_prior: list[float] | None = None, tau: float = 0.0) -> None:
+    def __init__(
+        self,
+        members: list[nn.Module],
+        views: list[tuple[str, ...]],
+        weights: list[float],
+        log_prior: list[float] | None = None,
+        tau: float = 0.0,
+    ) -> None:
         super().__init__()
         if not (len(members) == len(views) == len(weights)) or not members:
             raise ValueError("an ensemble needs as many views and weights as members (at least one)")
@@ -123,9 +129,14 @@ class PosthocResult:
     test_probs: np.ndarray | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"members": list(self.members), "test_time_views": self.tta, "ensemble": self.ensemble,
-                "decision_rule": {"kind": "logit adjustment by class prior", "tau": self.tau} if self.tau else None,
-                "decisions": self.decisions, "levers": list(self.levers)}
+        return {
+            "members": list(self.members),
+            "test_time_views": self.tta,
+            "ensemble": self.ensemble,
+            "decision_rule": {"kind": "logit adjustment by class prior", "tau": self.tau} if self.tau else None,
+            "decisions": self.decisions,
+            "levers": list(self.levers),
+        }
 
 
 # -- scores -----------------------------------------------------------------------------------------------------
@@ -182,8 +193,9 @@ def adjust(p: np.ndarray, log_prior: np.ndarray, tau: float) -> np.ndarray:
     return np.log(np.clip(p, EPS, 1.0)) - tau * log_prior
 
 
-def choose_tau(p: np.ndarray, y: np.ndarray, log_prior: np.ndarray, metric: str, seed: int = 0,
-               folds: int = TAU_FOLDS) -> dict[str, Any]:
+def choose_tau(
+    p: np.ndarray, y: np.ndarray, log_prior: np.ndarray, metric: str, seed: int = 0, folds: int = TAU_FOLDS
+) -> dict[str, Any]:
     """Tau of the logit adjustment by cross-validation on the validation predictions: on each fold, the tau that
     scores best on the other folds is applied to it; kept when the mean per-fold gain over tau 0 beats its standard
     error. Returns ``{"tau", "cv_gain", "cv_se", "kept"}`` (tau refitted on the whole split when kept)."""
@@ -200,20 +212,29 @@ def choose_tau(p: np.ndarray, y: np.ndarray, log_prior: np.ndarray, metric: str,
         if not te.any() or not tr.any():
             continue
         best = max(TAU_GRID, key=lambda t: (score(adjust(p[tr], log_prior, t).argmax(1), y[tr], k, metric), -t))
-        gains.append(score(adjust(p[te], log_prior, best).argmax(1), y[te], k, metric)
-                     - score(p[te].argmax(1), y[te], k, metric))
+        gains.append(
+            score(adjust(p[te], log_prior, best).argmax(1), y[te], k, metric) - score(p[te].argmax(1), y[te], k, metric)
+        )
     gain = float(np.mean(gains)) if gains else 0.0
     se = float(np.std(gains, ddof=1) / math.sqrt(len(gains))) if len(gains) > 1 else float("inf")
     tau = max(TAU_GRID, key=lambda t: (score(adjust(p, log_prior, t).argmax(1), y, k, metric), -t))
     kept = bool(gain > se and gain > 0 and tau > 0)
-    return {"tau": float(tau) if kept else 0.0, "tau_fitted": float(tau), "cv_gain": round(gain, 4),
-            "cv_se": round(se, 4), "kept": kept, "metric": metric, "folds": len(gains)}
+    return {
+        "tau": float(tau) if kept else 0.0,
+        "tau_fitted": float(tau),
+        "cv_gain": round(gain, 4),
+        "cv_se": round(se, 4),
+        "kept": kept,
+        "metric": metric,
+        "folds": len(gains),
+    }
 
 
 # -- predictions ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def view_probs(model: nn.Module, x: np.ndarray, views: tuple[str, ...] = TTA_VIEWS,
-               batch: int = 64) -> dict[str, np.ndarray]:
+def view_probs(
+    model: nn.Module, x: np.ndarray, views: tuple[str, ...] = TTA_VIEWS, batch: int = 64
+) -> dict[str, np.ndarray]:
     model.eval()
     out: dict[str, list[np.ndarray]] = {v: [] for v in views}
     for i in range(0, len(x), batch):
@@ -235,38 +256,75 @@ class Inputs:
     classes: list[str]
 
 
-def select(final_ckpt: str, others: list[tuple[str, str]], inputs: Inputs, metric: str, mode: str = "auto",
-           deadline: float | None = None, seed: int = 0, rounds: int = ENSEMBLE_ROUNDS,
-           extra: tuple[tuple[str, nn.Module], ...] | list[tuple[str, nn.Module]] = (),
-           views: bool = True) -> PosthocResult:
+def select(
+    final_ckpt: str,
+    others: list[tuple[str, str]],
+    inputs: Inputs,
+    metric: str,
+    mode: str = "auto",
+    deadline: float | None = None,
+    seed: int = 0,
+    rounds: int = ENSEMBLE_ROUNDS,
+    extra: tuple[tuple[str, nn.Module], ...] | list[tuple[str, nn.Module]] = (),
+    views: bool = True,
+) -> PosthocResult:
     """Post-hoc selection over the final model (``final_ckpt``), ``others`` ((name, checkpoint dir) of trials at the
     same spec) and ``extra`` ((name, module): the probes); see the module doc. ``deadline`` (unix time): candidates
     are scored only while time is left. ``views=False`` (a latency budget measured for single models): no test-time
     views and no ensemble, the decision rule only."""
-    models, cands = _score_candidates(final_ckpt, others if views else [], extra if views else (), inputs.x_val,
-                                      deadline, views)
+    models, cands = _score_candidates(
+        final_ckpt, others if views else [], extra if views else (), inputs.x_val, deadline, views
+    )
     d = _decide(cands, inputs, metric, mode if views else "off", seed, rounds)
-    net = Ensemble([models[c.name] for c, _, _ in d.members], [TTA_VIEWS if t else ("id",) for _, t, _ in d.members],
-                   [w for _, _, w in d.members], inputs.log_prior.tolist(), d.rule["tau"]).eval()
-    desc = tuple({"name": c.name, "kind": c.kind, "checkpoint": c.ckpt, "views": list(TTA_VIEWS if t else ("id",)),
-                  "weight": round(w, 4)} for c, t, w in d.members)
+    net = Ensemble(
+        [models[c.name] for c, _, _ in d.members],
+        [TTA_VIEWS if t else ("id",) for _, t, _ in d.members],
+        [w for _, _, w in d.members],
+        inputs.log_prior.tolist(),
+        d.rule["tau"],
+    ).eval()
+    desc = tuple(
+        {
+            "name": c.name,
+            "kind": c.kind,
+            "checkpoint": c.ckpt,
+            "views": list(TTA_VIEWS if t else ("id",)),
+            "weight": round(w, 4),
+        }
+        for c, t, w in d.members
+    )
     levers, final_test = _test_and_levers(models, cands, d, inputs)
-    return PosthocResult(model=net, members=desc, tta=d.tta, ensemble=d.use_ens, tau=d.rule["tau"],
-                         decisions=d.record, levers=tuple(levers),
-                         val_probs=softmax(adjust(d.p_sel, inputs.log_prior, d.rule["tau"]), axis=1),
-                         test_probs=final_test)
+    return PosthocResult(
+        model=net,
+        members=desc,
+        tta=d.tta,
+        ensemble=d.use_ens,
+        tau=d.rule["tau"],
+        decisions=d.record,
+        levers=tuple(levers),
+        val_probs=softmax(adjust(d.p_sel, inputs.log_prior, d.rule["tau"]), axis=1),
+        test_probs=final_test,
+    )
 
 
-def _score_candidates(final_ckpt: str, others: list[tuple[str, str]], extra: Any, x_val: np.ndarray,
-                      deadline: float | None, views: bool = True) -> tuple[dict[str, nn.Module], list[Candidate]]:
+def _score_candidates(
+    final_ckpt: str,
+    others: list[tuple[str, str]],
+    extra: Any,
+    x_val: np.ndarray,
+    deadline: float | None,
+    views: bool = True,
+) -> tuple[dict[str, nn.Module], list[Candidate]]:
     """Every candidate's validation probabilities (the final model under every view, the others under one)."""
     from trainer.model import model_from_checkpoint
 
     models: dict[str, nn.Module] = {}
     cands: list[Candidate] = []
     listed: list[tuple[str, str, str, nn.Module | None]] = [
-        ("final", "final", final_ckpt, None), *[(n, "trial", c, None) for n, c in others],
-        *[(n, "probe", "", m) for n, m in extra]]
+        ("final", "final", final_ckpt, None),
+        *[(n, "trial", c, None) for n, c in others],
+        *[(n, "probe", "", m) for n, m in extra],
+    ]
     for name, kind, ckpt, module in listed:
         if kind != "final" and deadline is not None and time.time() > deadline:
             log.info(f"post-hoc: no time left for candidate {name}; skipped")
@@ -295,8 +353,7 @@ def _decide(cands: list[Candidate], inputs: Inputs, metric: str, mode: str, seed
     y = inputs.y_val
     final = cands[0]
     tta, gain, sd = beats(final.val(True), final.val(False), y) if final.has_views else (False, 0.0, 0.0)
-    record: dict[str, Any] = {"test_time_views": {"kept": tta, "val_logloss_gain": round(gain, 5),
-                                                  "se": round(sd, 5)}}
+    record: dict[str, Any] = {"test_time_views": {"kept": tta, "val_logloss_gain": round(gain, 5), "se": round(sd, 5)}}
     # every candidate alone, the final model also under its test-time views
     pool = [(c, t) for c in cands for t in ((False, True) if c.has_views else (False,))]
     counts, ens_loss = greedy_ensemble([c.val(t) for c, t in pool], y, rounds)
@@ -311,20 +368,27 @@ def _decide(cands: list[Candidate], inputs: Inputs, metric: str, mode: str, seed
     single_metric = score(final.val(tta).argmax(1), y, k, metric)
     ens_metric = score(p_ens.argmax(1), y, k, metric)
     use_ens = use_ens and mode == "auto" and len(chosen) > 1 and ens_metric >= single_metric
-    record["ensemble"] = {"kept": use_ens, "mode": mode, "candidates": len(pool), "val_logloss": round(ens_loss, 5),
-                          "val_logloss_gain_over_best_single": round(g2, 5), "se": round(sd2, 5),
-                          f"{metric}_single": round(single_metric, 4), f"{metric}_ensemble": round(ens_metric, 4),
-                          "members": [{"name": c.name, "views": "flips" if t else "id", "count": n}
-                                      for (c, t), n in chosen]}
-    members = (tuple((c, t, n / sum(counts)) for (c, t), n in chosen) if use_ens else ((final, tta, 1.0),))
+    record["ensemble"] = {
+        "kept": use_ens,
+        "mode": mode,
+        "candidates": len(pool),
+        "val_logloss": round(ens_loss, 5),
+        "val_logloss_gain_over_best_single": round(g2, 5),
+        "se": round(sd2, 5),
+        f"{metric}_single": round(single_metric, 4),
+        f"{metric}_ensemble": round(ens_metric, 4),
+        "members": [{"name": c.name, "views": "flips" if t else "id", "count": n} for (c, t), n in chosen],
+    }
+    members = tuple((c, t, n / sum(counts)) for (c, t), n in chosen) if use_ens else ((final, tta, 1.0),)
     p_sel: np.ndarray = p_ens if use_ens else final.val(tta)
     rule = choose_tau(p_sel, y, inputs.log_prior, metric, seed=seed)
     record["decision_rule"] = rule
     return _Decisions(tta, use_ens, chosen, p_ens, members, p_sel, rule, record)
 
 
-def _test_and_levers(models: dict[str, nn.Module], cands: list[Candidate], d: _Decisions, inputs: Inputs
-                     ) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+def _test_and_levers(
+    models: dict[str, nn.Module], cands: list[Candidate], d: _Decisions, inputs: Inputs
+) -> tuple[list[dict[str, Any]], np.ndarray | None]:
     """The test split, read once after every decision: the chosen model's probabilities and the lever table (each
     step on validation and test, for the record)."""
     k, y, yt, final = len(inputs.classes), inputs.y_val, inputs.y_test, cands[0]
@@ -352,13 +416,26 @@ def _test_and_levers(models: dict[str, nn.Module], cands: list[Candidate], d: _D
     tau, tau_fit = d.rule["tau"], d.rule["tau_fitted"]
     lp = inputs.log_prior
     levers = [
-        {"name": "final model", "used": True, "val": figures(final.val(False), y, k),
-         "test": figures(test_of(final, False), yt, k)},
-        {"name": "+ test-time flips", "used": d.tta, "val": figures(final.val(True) if final.has_views else None, y, k),
-         "test": figures(test_of(final, True) if final.has_views else None, yt, k)},
+        {
+            "name": "final model",
+            "used": True,
+            "val": figures(final.val(False), y, k),
+            "test": figures(test_of(final, False), yt, k),
+        },
+        {
+            "name": "+ test-time flips",
+            "used": d.tta,
+            "val": figures(final.val(True) if final.has_views else None, y, k),
+            "test": figures(test_of(final, True) if final.has_views else None, yt, k),
+        },
         {"name": "+ ensemble", "used": d.use_ens, "val": figures(d.p_ens, y, k), "test": figures(ens_test, yt, k)},
-        {"name": "+ decision rule", "used": bool(tau), "tau": tau_fit, "val": figures(adjust(d.p_sel, lp, tau_fit), y, k),
-         "test": figures(adjust(p_test_sel, lp, tau_fit) if p_test_sel is not None else None, yt, k)},
+        {
+            "name": "+ decision rule",
+            "used": bool(tau),
+            "tau": tau_fit,
+            "val": figures(adjust(d.p_sel, lp, tau_fit), y, k),
+            "test": figures(adjust(p_test_sel, lp, tau_fit) if p_test_sel is not None else None, yt, k),
+        },
     ]
     final_test = softmax(adjust(p_test_sel, lp, tau), axis=1) if p_test_sel is not None else None
     return levers, final_test

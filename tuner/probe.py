@@ -36,8 +36,9 @@ TRAIN_VIEWS = ("id", "hflip", "vflip", "rot180")
 class ProbeModel(nn.Module):
     """Frozen backbone -> pooled features -> standardise -> linear: image batch -> logits."""
 
-    def __init__(self, backbone: nn.Module, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor) -> None:
+    def __init__(
+        self, backbone: nn.Module, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    ) -> None:
         super().__init__()
         self.backbone = backbone.eval()
         self.register_buffer("mean", mean.float())
@@ -82,8 +83,13 @@ class ProbeResult:
         from trainer.model import create_model
 
         base = create_model(ModelConfig(backbone=self.backbone, img_size=self.img), num_classes=num_classes)
-        return ProbeModel(base.backbone, torch.tensor(self.mean), torch.tensor(self.std), torch.tensor(self.weight),
-                          torch.tensor(self.bias)).eval()
+        return ProbeModel(
+            base.backbone,
+            torch.tensor(self.mean),
+            torch.tensor(self.std),
+            torch.tensor(self.weight),
+            torch.tensor(self.bias),
+        ).eval()
 
 
 @torch.no_grad()
@@ -99,8 +105,9 @@ def features(backbone: nn.Module, x: np.ndarray, views: tuple[str, ...], batch: 
     return np.concatenate(out)
 
 
-def fit_head(f_tr: np.ndarray, y_tr: np.ndarray, f_val: np.ndarray, y_val: np.ndarray, k: int,
-             grid: tuple[float, ...] = L2_GRID) -> tuple[np.ndarray, np.ndarray, float, float]:
+def fit_head(
+    f_tr: np.ndarray, y_tr: np.ndarray, f_val: np.ndarray, y_val: np.ndarray, k: int, grid: tuple[float, ...] = L2_GRID
+) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Softmax regression on standardised features, L2 chosen on validation log-loss:
     (weight [K, D], bias [K], l2, val log-loss). The path runs from the strongest L2 down, each fit warm-started
     from the previous one (a few L-BFGS iterations each)."""
@@ -123,8 +130,15 @@ def fit_head(f_tr: np.ndarray, y_tr: np.ndarray, f_val: np.ndarray, y_val: np.nd
 
 def _fit_multinomial(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int = 100) -> None:
     """Multinomial logistic regression with an L2 penalty on the weights, by L-BFGS from ``lin``'s weights."""
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iter, history_size=10,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-5, tolerance_change=1e-7)
+    opt = torch.optim.LBFGS(
+        lin.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-5,
+        tolerance_change=1e-7,
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -162,11 +176,21 @@ def run_probe(backbone: str, img: int, data_cfg: dict[str, Any], source: Any, th
     w, b, l2, nll = fit_head((f_tr - mean) / std, np.tile(y_tr, len(TRAIN_VIEWS)), (f_val - mean) / std, y_val, k)
     pred = ((f_val - mean) / std @ w.T + b).argmax(1)
     m = metrics_from_confusion(confusion_matrix(y_val, pred, k))
-    return ProbeResult(backbone=backbone, img=img, val_accuracy=float(m["accuracy"]),
-                       val_macro_f1=float(m["macro_f1"]), val_logloss=nll, l2=l2,
-                       seconds=time.perf_counter() - t0, images=len(x_tr) * len(TRAIN_VIEWS) + len(x_val),
-                       feature_seconds=feature_seconds,
-                       mean=mean.astype(np.float32), std=std.astype(np.float32), weight=w, bias=b)
+    return ProbeResult(
+        backbone=backbone,
+        img=img,
+        val_accuracy=float(m["accuracy"]),
+        val_macro_f1=float(m["macro_f1"]),
+        val_logloss=nll,
+        l2=l2,
+        seconds=time.perf_counter() - t0,
+        images=len(x_tr) * len(TRAIN_VIEWS) + len(x_val),
+        feature_seconds=feature_seconds,
+        mean=mean.astype(np.float32),
+        std=std.astype(np.float32),
+        weight=w,
+        bias=b,
+    )
 
 
 def _relative_cost(backbone: str, img: int) -> float:
@@ -183,16 +207,20 @@ def plan(space: Any, base: dict[str, Any], fixed_img: int = 0) -> list[tuple[str
     pairs: list[tuple[str, int]] = []
     default = int(fixed_img or base["model"]["img_size"])
     for b in space.backbones or [base["model"]["backbone"]]:
-        sizes = [] if fixed_img else sorted({int(p["img"]) for p in space.points_to_evaluate()
-                                             if p.get("backbone") == b and "img" in p})
+        sizes = (
+            []
+            if fixed_img
+            else sorted({int(p["img"]) for p in space.points_to_evaluate() if p.get("backbone") == b and "img" in p})
+        )
         for s in sizes or [default]:
             if (b, s) not in pairs:
                 pairs.append((b, s))
     return pairs
 
 
-def probe_stage(opts: Any, base: dict[str, Any], space: Any, source: Any, budget_s: float, ledger: Any = None
-                ) -> list[ProbeResult]:
+def probe_stage(
+    opts: Any, base: dict[str, Any], space: Any, source: Any, budget_s: float, ledger: Any = None
+) -> list[ProbeResult]:
     """Probes in plan order while the next one's estimated cost fits ``budget_s``; each a Ray task with the node's
     CPUs (or one GPU). Returns the probes, best validation log-loss first."""
     import ray
@@ -209,8 +237,10 @@ def probe_stage(opts: Any, base: dict[str, Any], space: Any, source: Any, budget
     for backbone, img in plan(space, base, opts.img):
         cost = _relative_cost(backbone, img)
         if per_cost is not None and per_cost * cost > left:
-            log.info(f"probe {backbone}@{img}: ~{per_cost * cost:.0f} s would not fit the {left:.0f} s left "
-                     "of the probe budget; the probe stage ends")
+            log.info(
+                f"probe {backbone}@{img}: ~{per_cost * cost:.0f} s would not fit the {left:.0f} s left "
+                "of the probe budget; the probe stage ends"
+            )
             break
         if left <= 0:
             break
@@ -221,8 +251,10 @@ def probe_stage(opts: Any, base: dict[str, Any], space: Any, source: Any, budget
             res = ray.get(ref, timeout=max(PROBE_MIN_S, 1.5 * left))
         except Exception as e:  # noqa: BLE001 - a probe that fails or overruns is left out with the reason
             ray.cancel(ref, force=True)
-            log.warning(f"probe {backbone}@{img} failed or overran ({type(e).__name__}: {e}); left out, and the probe "
-                        "stage ends")
+            log.warning(
+                f"probe {backbone}@{img} failed or overran ({type(e).__name__}: {e}); left out, and the probe "
+                "stage ends"
+            )
             if ledger is not None:
                 ledger.add(f"probe {backbone}@{img}", "waste", t0, time.time(), gpus or cpus, "failed")
             break
@@ -232,14 +264,17 @@ def probe_stage(opts: Any, base: dict[str, Any], space: Any, source: Any, budget
         if ledger is not None:
             ledger.add(f"probe {backbone}@{img}", "compute", t0, time.time(), gpus or cpus)
         done.append(res)
-        log.info(f"{res.name}: val acc {res.val_accuracy:.4f}, macro-F1 {res.val_macro_f1:.4f}, log-loss "
-                 f"{res.val_logloss:.4f} (L2 {res.l2:g}) in {spent:.0f} s")
+        log.info(
+            f"{res.name}: val acc {res.val_accuracy:.4f}, macro-F1 {res.val_macro_f1:.4f}, log-loss "
+            f"{res.val_logloss:.4f} (L2 {res.l2:g}) in {spent:.0f} s"
+        )
     done.sort(key=lambda r: r.val_logloss)
     return done
 
 
-def trial_epoch_seconds(probes: list[ProbeResult], source: Any, base: dict[str, Any], probe_threads: float,
-                       trial_threads: float) -> float:
+def trial_epoch_seconds(
+    probes: list[ProbeResult], source: Any, base: dict[str, Any], probe_threads: float, trial_threads: float
+) -> float:
     """A fine-tuning trial's epoch, estimated from the fastest probe's measured seconds per forward image: a
     training step costs ~3 forward passes (forward + backward), then validation and BatchNorm recompute for the
     raw and the averaged weights; scaled from the probe's threads to the trial's (at 0.7 parallel efficiency)."""

@@ -95,12 +95,19 @@ BUDGETED_REFIT_CAP = 60
 def refit_cap(opts: Any) -> int:
     """``--refit-max-epochs``, else: a study bounded by its time budget alone (no ``--trials`` cap) fills the time
     left (at most BUDGETED_REFIT_CAP epochs); a trial-capped or unbudgeted one trains 3 x ``--epochs``."""
-    return int(opts.refit_max_epochs or (BUDGETED_REFIT_CAP if opts.time_budget_s and not opts.trials
-                                         else 3 * opts.epochs))
+    return int(
+        opts.refit_max_epochs or (BUDGETED_REFIT_CAP if opts.time_budget_s and not opts.trials else 3 * opts.epochs)
+    )
 
 
-def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0,
-                reserve_s: float = FINISH_RESERVE_S, warm: bool = False) -> tuple[int, str]:
+def plan_epochs(
+    opts: Any,
+    trial: Any,
+    left_s: float,
+    refit_cpus: float = 0.0,
+    reserve_s: float = FINISH_RESERVE_S,
+    warm: bool = False,
+) -> tuple[int, str]:
     """(epochs, reason) for the refit of ``trial`` with ``left_s`` seconds left (inf: no budget). ``refit_cpus``:
     the refit's threads (CPU runs), to scale the trial's measured epoch time from its ``cpus_per_worker``.
     ``warm``: the refit continues the trial's weights, so any whole epoch adds to what it trained."""
@@ -120,7 +127,7 @@ def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0,
     # finished its LR schedule; the refit's schedule spans exactly its epochs)
     trained = int(trial.user_attrs.get("epochs_trained") or opts.epochs)
     need = 1 if warm else max(1, min(opts.epochs, trained)) + 1  # from scratch: longer than the trial, else it
-    if n < need:                                                 # would only repeat it
+    if n < need:  # would only repeat it
         return 0, (
             f"{usable:.0f} s left fit {max(0, n)} epoch(s) of {epoch_s:.1f} s"
             + ("" if warm else f", not more than the {need - 1} the best trial trained")
@@ -131,7 +138,14 @@ def plan_epochs(opts: Any, trial: Any, left_s: float, refit_cpus: float = 0.0,
 
 
 def refit_best(
-    opts: Any, study: Any, base: dict[str, Any], space: Any, source: Any, clock: Any, out: Path, ledger: Any = None,
+    opts: Any,
+    study: Any,
+    base: dict[str, Any],
+    space: Any,
+    source: Any,
+    clock: Any,
+    out: Path,
+    ledger: Any = None,
     results: Any = None,
 ) -> RefitRun | None:
     """Train the best trial's configuration again for longer (from the trial's own weights with ``--refit-warm``:
@@ -158,8 +172,9 @@ def refit_best(
         epochs, why = refit_cap(opts), "no trial finished in the search window: the space's first seed point"
     warm = _warm_start_files(opts, trial, results)
     if trial.number >= 0:
-        epochs, why = plan_epochs(opts, trial, clock.left(), refit_cpus=cpus, reserve_s=clock.finish_reserve_s,
-                                  warm=bool(warm))
+        epochs, why = plan_epochs(
+            opts, trial, clock.left(), refit_cpus=cpus, reserve_s=clock.finish_reserve_s, warm=bool(warm)
+        )
     run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=epochs)
     if not epochs:
         run.skipped = why
@@ -169,8 +184,13 @@ def refit_best(
     cfg = build_trial_config(base, space.to_overrides(trial.params)).replace({"epochs": cap if clock.end() else epochs})
     cfg = cfg.replace({"threads": int(cpus) if not gpus else cfg.threads})
     if warm:
-        cfg = cfg.replace({"optim.lr": cfg.optim.lr * WARM_LR_FACTOR, "optim.warmup_epochs": WARM_WARMUP_EPOCHS,
-                           "model.init_head": True})
+        cfg = cfg.replace(
+            {
+                "optim.lr": cfg.optim.lr * WARM_LR_FACTOR,
+                "optim.warmup_epochs": WARM_WARMUP_EPOCHS,
+                "model.init_head": True,
+            }
+        )
         run.warm_from = trial.number
     end = clock.end()
     deadline = end - clock.finish_reserve_s if end else None
@@ -258,20 +278,27 @@ def _warm_start_files(opts: Any, trial: Any, results: Any) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="edgetune-warm-") as tmp:
         d = Path(tmp) / "ckpt"
         try:
-            ok = materialise_best_checkpoint(_result_for(results, ray_id), {"checkpoint_uri":
-                                             trial.user_attrs.get("checkpoint_uri")}, CHECKPOINT_SCORE,
-                                             CHECKPOINT_SCORE_MODE, d)
+            ok = materialise_best_checkpoint(
+                _result_for(results, ray_id),
+                {"checkpoint_uri": trial.user_attrs.get("checkpoint_uri")},
+                CHECKPOINT_SCORE,
+                CHECKPOINT_SCORE_MODE,
+                d,
+            )
         except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be read: the final fit starts cold
-            log.info(f"refit: trial #{trial.number}'s checkpoint is not readable ({type(e).__name__}: {e}); "
-                     "the final fit starts from the backbone's pretrained weights")
+            log.info(
+                f"refit: trial #{trial.number}'s checkpoint is not readable ({type(e).__name__}: {e}); "
+                "the final fit starts from the backbone's pretrained weights"
+            )
             return {}
         if not ok or not (d / "model.pt").is_file():
             return {}
         return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.name != "train_state.pt"}
 
 
-def _refit_task(train_config: dict[str, Any], source: Any, deadline: float | None,
-                warm: dict[str, bytes] | None = None) -> dict[str, Any]:
+def _refit_task(
+    train_config: dict[str, Any], source: Any, deadline: float | None, warm: dict[str, bytes] | None = None
+) -> dict[str, Any]:
     """Runs on a worker: the trainer's loop in-process into a scratch run dir (from ``warm``'s weights: checkpoint
     files); returns the best checkpoint."""
     from trainer.loop import train_loop
@@ -284,8 +311,16 @@ def _refit_task(train_config: dict[str, Any], source: Any, deadline: float | Non
             for name, blob in warm.items():
                 (init / name).write_bytes(blob)
             train_config = {**train_config, "model": {**train_config["model"], "init": str(init)}}
-        train_loop(LoopConfig(train_config=train_config, run_dir=tmp, source=source, with_test=False,
-                              deadline=deadline, fit_to_deadline=deadline is not None))
+        train_loop(
+            LoopConfig(
+                train_config=train_config,
+                run_dir=tmp,
+                source=source,
+                with_test=False,
+                deadline=deadline,
+                fit_to_deadline=deadline is not None,
+            )
+        )
         best = Path(tmp) / "best"
         history = [json.loads(line) for line in (Path(tmp) / "history.jsonl").read_text().splitlines() if line]
         files = {p.name: p.read_bytes() for p in best.iterdir() if p.name != "train_state.pt"} if best.is_dir() else {}

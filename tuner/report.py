@@ -22,11 +22,40 @@ from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
 log = logging.getLogger(__name__)
 
 #: Leaderboard columns; ``{metric}`` is the study's selection metric (trainer.metric), the value Optuna holds.
-LEADER_COLUMNS = ["rank", "trial", "state", "backbone", "img", "freeze", "lr", "optimizer", "augment", "sampler",
-                  "epochs", "fidelity", "ens_weight", "best_epoch", "{metric}", "val_acc", "val_macro_f1", "test_acc", "test_macro_f1",
-                  "params", "size_mb", "accuracy_density", "train_seconds", "data_path", "stop_reason", "latency_ms",
-                  "precision", "target_latency_ms", "target_latency_p90_ms", "target_device", "rejected",
-                  "ray_trial_id"]
+LEADER_COLUMNS = [
+    "rank",
+    "trial",
+    "state",
+    "backbone",
+    "img",
+    "freeze",
+    "lr",
+    "optimizer",
+    "augment",
+    "sampler",
+    "epochs",
+    "fidelity",
+    "ens_weight",
+    "best_epoch",
+    "{metric}",
+    "val_acc",
+    "val_macro_f1",
+    "test_acc",
+    "test_macro_f1",
+    "params",
+    "size_mb",
+    "accuracy_density",
+    "train_seconds",
+    "data_path",
+    "stop_reason",
+    "latency_ms",
+    "precision",
+    "target_latency_ms",
+    "target_latency_p90_ms",
+    "target_device",
+    "rejected",
+    "ray_trial_id",
+]
 
 
 def leader_columns(metric: str) -> list[str]:
@@ -46,23 +75,44 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
             value = t.values[0]
         params = a.get("params")
         val_acc = a.get("val_acc_at_best", a.get("val_acc"))  # at the best epoch (by the study's metric)
-        rows.append({
-            "trial": t.number, "state": t.state.name, "backbone": p.get("backbone"), "img": p.get("img"),
-            "freeze": p.get("freeze"), "lr": p.get("lr"), "optimizer": p.get("optimizer"),
-            "augment": p.get("augment"), "sampler": p.get("sampler"), "epochs": a.get("epochs_trained"),
-            "fidelity": _fidelity(a), "ens_weight": None, "best_epoch": a.get("best_epoch"), metric: value, "val_acc": val_acc,
-            "val_macro_f1": a.get("val_macro_f1_at_best", a.get("val_macro_f1")), "test_acc": None, "test_macro_f1": None, "params": params,
-            "size_mb": a.get("size_mb"),
-            # accuracy density (model-selection study): validation accuracy per million parameters
-            "accuracy_density": (val_acc / (params / 1e6)) if val_acc is not None and params else None,
-            "train_seconds": a.get("train_seconds"), "data_path": a.get("data_path"),
-            "stop_reason": a.get("stop_reason"), "latency_ms": a.get("latency_ms"),
-            "precision": p.get("precision", a.get("precision")), "target_latency_ms": a.get("target_latency_ms"),
-            "target_latency_p90_ms": a.get("target_latency_p90_ms"), "target_device": _device_name(a),
-            "rejected": a.get("rejected_reason") or (a.get("fail_reason") if "latency" in str(a.get("fail_reason", ""))
-                                                     else None),
-            "ray_trial_id": a.get("ray_trial_id"), "checkpoint_uri": a.get("checkpoint_uri"),
-        })
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "backbone": p.get("backbone"),
+                "img": p.get("img"),
+                "freeze": p.get("freeze"),
+                "lr": p.get("lr"),
+                "optimizer": p.get("optimizer"),
+                "augment": p.get("augment"),
+                "sampler": p.get("sampler"),
+                "epochs": a.get("epochs_trained"),
+                "fidelity": _fidelity(a),
+                "ens_weight": None,
+                "best_epoch": a.get("best_epoch"),
+                metric: value,
+                "val_acc": val_acc,
+                "val_macro_f1": a.get("val_macro_f1_at_best", a.get("val_macro_f1")),
+                "test_acc": None,
+                "test_macro_f1": None,
+                "params": params,
+                "size_mb": a.get("size_mb"),
+                # accuracy density (model-selection study): validation accuracy per million parameters
+                "accuracy_density": (val_acc / (params / 1e6)) if val_acc is not None and params else None,
+                "train_seconds": a.get("train_seconds"),
+                "data_path": a.get("data_path"),
+                "stop_reason": a.get("stop_reason"),
+                "latency_ms": a.get("latency_ms"),
+                "precision": p.get("precision", a.get("precision")),
+                "target_latency_ms": a.get("target_latency_ms"),
+                "target_latency_p90_ms": a.get("target_latency_p90_ms"),
+                "target_device": _device_name(a),
+                "rejected": a.get("rejected_reason")
+                or (a.get("fail_reason") if "latency" in str(a.get("fail_reason", "")) else None),
+                "ray_trial_id": a.get("ray_trial_id"),
+                "checkpoint_uri": a.get("checkpoint_uri"),
+            }
+        )
     rows.sort(key=lambda r: (m.sort_key(None if r[metric] is None else float(r[metric])), int(r["trial"])))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
@@ -82,10 +132,23 @@ def _fidelity(attrs: dict[str, Any]) -> str | None:
 def _mark_members(rows: list[dict[str, Any]], post: Any, final: dict[str, Any], probes: Any, metric: str) -> None:
     """Ensemble weights on the leaderboard's rows; one row per probe (fidelity: frozen features)."""
     for p in probes:
-        rows.append({**dict.fromkeys(leader_columns(metric)), "ray_trial_id": None, "params": None,
-                     "trial": p.name, "state": "PROBE", "backbone": p.backbone, "img": p.img,
-                     "fidelity": "linear head, frozen features", "ens_weight": None, metric: None,
-                     "val_acc": p.val_accuracy, "val_macro_f1": p.val_macro_f1, "train_seconds": p.seconds})
+        rows.append(
+            {
+                **dict.fromkeys(leader_columns(metric)),
+                "ray_trial_id": None,
+                "params": None,
+                "trial": p.name,
+                "state": "PROBE",
+                "backbone": p.backbone,
+                "img": p.img,
+                "fidelity": "linear head, frozen features",
+                "ens_weight": None,
+                metric: None,
+                "val_acc": p.val_accuracy,
+                "val_macro_f1": p.val_macro_f1,
+                "train_seconds": p.seconds,
+            }
+        )
     for m in post.members if post is not None else ():
         if m["kind"] == "final":
             final["ens_weight"] = m["weight"]
@@ -137,8 +200,7 @@ def materialise_best_checkpoint(result: Any, best: dict[str, Any], metric: str, 
         shutil.rmtree(dest)
     if ckpt is not None:
         ckpt.to_directory(str(dest))
-        if not (dest / "model.pt").is_file() and result.checkpoint is not None \
-                and result.checkpoint.path != ckpt.path:
+        if not (dest / "model.pt").is_file() and result.checkpoint is not None and result.checkpoint.path != ckpt.path:
             # the best-scored one is a stand-in for a checkpoint Ray's retention deleted before a resume
             # (tuner/_ray_compat.fill_deleted_checkpoints): the trial's latest holds the weights it ended with
             shutil.rmtree(dest)
@@ -183,8 +245,15 @@ def leaderboard_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return markdown_table(rows, cols, _fmt) + "\n"
 
 
-def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Path, multi: bool,
-          metric: str, refit_history: list[dict[str, Any]] | None = None) -> list[str]:
+def plots(
+    study: optuna.Study,
+    results: Any,
+    rows: list[dict[str, Any]],
+    out: Path,
+    multi: bool,
+    metric: str,
+    refit_history: list[dict[str, Any]] | None = None,
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,10 +265,11 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(optuna|matplotlib).*")
     made = []
     target = (lambda t: t.values[0]) if multi else None
-    jobs = {"optimization_history.png": lambda: ovm.plot_optimization_history(study, target=target,
-                                                                              target_name=metric),
-            "param_importances.png": lambda: ovm.plot_param_importances(study, target=target),
-            "parallel_coordinate.png": lambda: ovm.plot_parallel_coordinate(study, target=target)}
+    jobs = {
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study, target=target, target_name=metric),
+        "param_importances.png": lambda: ovm.plot_param_importances(study, target=target),
+        "parallel_coordinate.png": lambda: ovm.plot_parallel_coordinate(study, target=target),
+    }
     if multi:
         jobs["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=[metric, "latency_ms"])
     for name, fn in jobs.items():
@@ -236,8 +306,16 @@ def plots(study: optuna.Study, results: Any, rows: list[dict[str, Any]], out: Pa
     return made
 
 
-def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source: Any = None,
-                 refit: Any = None, deadline: float | None = None, probes: Any = ()) -> tuple[dict[str, Any], Any]:
+def finish_study(
+    opts: Any,
+    results: Any,
+    study: optuna.Study,
+    out: Path,
+    source: Any = None,
+    refit: Any = None,
+    deadline: float | None = None,
+    probes: Any = (),
+) -> tuple[dict[str, Any], Any]:
     """The final model -> out/best (the refit, else the best trial's checkpoint) and its one test evaluation;
     post-hoc selection over the study's models (tuner/posthoc.py: test-time views, ensemble, decision rule; then
     the final model's test figures are the selected model's); leaderboard (the refit row marked); plots. Returns
@@ -245,23 +323,47 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
     metric = opts.metric
     rows = _rows(study, metric)
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
-    summary: dict[str, Any] = {"study": opts.study, "storage": opts.storage, "trials": len(rows), "states": states,
-                               "metric": metric, "out": str(out)}
+    summary: dict[str, Any] = {
+        "study": opts.study,
+        "storage": opts.storage,
+        "trials": len(rows),
+        "states": states,
+        "metric": metric,
+        "out": str(out),
+    }
     dest, final, post = out / "best", None, None
     if refit is not None and refit.dir is not None:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(refit.dir, dest)
-        base_row = next((r for r in rows if r["trial"] == refit.of_trial),
-                        {**dict.fromkeys(leader_columns(metric)), "backbone": refit.params.get("backbone"),
-                         "img": refit.params.get("img"), "freeze": refit.params.get("freeze"), "params": None,
-                         "ray_trial_id": None, "latency_ms": None})
+        base_row = next(
+            (r for r in rows if r["trial"] == refit.of_trial),
+            {
+                **dict.fromkeys(leader_columns(metric)),
+                "backbone": refit.params.get("backbone"),
+                "img": refit.params.get("img"),
+                "freeze": refit.params.get("freeze"),
+                "params": None,
+                "ray_trial_id": None,
+                "latency_ms": None,
+            },
+        )
         name = f"refit of #{refit.of_trial}" if refit.of_trial >= 0 else "final fit of the first seed point"
-        final = {**base_row, "rank": 0, "trial": name, "state": "REFIT",
-                 "epochs": refit.epochs, "fidelity": f"{refit.epochs} ep (final fit)", "best_epoch": refit.best_epoch,
-                 metric: refit.value,
-                 "val_acc": refit.val.get("val_acc"), "val_macro_f1": refit.val.get("val_macro_f1"),
-                 "train_seconds": refit.seconds, "stop_reason": refit.stop_reason or None, "ray_trial_id": None}
+        final = {
+            **base_row,
+            "rank": 0,
+            "trial": name,
+            "state": "REFIT",
+            "epochs": refit.epochs,
+            "fidelity": f"{refit.epochs} ep (final fit)",
+            "best_epoch": refit.best_epoch,
+            metric: refit.value,
+            "val_acc": refit.val.get("val_acc"),
+            "val_macro_f1": refit.val.get("val_macro_f1"),
+            "train_seconds": refit.seconds,
+            "stop_reason": refit.stop_reason or None,
+            "ray_trial_id": None,
+        }
         if final["val_acc"] is not None and final["params"]:
             final["accuracy_density"] = final["val_acc"] / (final["params"] / 1e6)
         rows.insert(0, final)
@@ -270,9 +372,12 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
         if refit is not None:
             summary["refit"] = refit.to_dict()
         for cand in _candidates(rows, metric, opts.max_latency_ms):  # an earlier run's trial may have no checkpoint
-            if materialise_best_checkpoint(_result_for(results, cand["ray_trial_id"]), cand,
-                                           CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, dest) \
-                    and (dest / "model.pt").is_file():
+            if (
+                materialise_best_checkpoint(
+                    _result_for(results, cand["ray_trial_id"]), cand, CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, dest
+                )
+                and (dest / "model.pt").is_file()
+            ):
                 final = cand
                 break
             log.info(f"trial #{cand['trial']} has no checkpoint any more (earlier run of the study); skipped")
@@ -287,21 +392,54 @@ def finish_study(opts: Any, results: Any, study: optuna.Study, out: Path, source
         _mark_members(rows, post, final, probes, metric)
     write_leaderboard(rows, out, metric)
     if opts.multi_objective:
-        summary["pareto_front"] = [{"trial": t.number, "values": t.values, "params": t.params}
-                                   for t in study.best_trials]
-    summary["plots"] = plots(study, results, rows, out, opts.multi_objective, metric,
-                             refit.history if refit is not None else None)
-    latency_cols = (["target_latency_ms", "target_latency_p90_ms", "target_device", "rejected"]
-                    if getattr(opts, "target", "") else ["latency_ms"] if getattr(opts, "latency_on", False) else [])
-    summary["leaderboard_md"] = leaderboard_table(rows[:12], ["rank", "trial", "state", "backbone", "img", "freeze",
-                                                            "fidelity", "ens_weight", metric, "val_acc", "test_acc",
-                                                            "test_macro_f1", "data_path", "train_seconds",
-                                                            *latency_cols])
+        summary["pareto_front"] = [
+            {"trial": t.number, "values": t.values, "params": t.params} for t in study.best_trials
+        ]
+    summary["plots"] = plots(
+        study, results, rows, out, opts.multi_objective, metric, refit.history if refit is not None else None
+    )
+    latency_cols = (
+        ["target_latency_ms", "target_latency_p90_ms", "target_device", "rejected"]
+        if getattr(opts, "target", "")
+        else ["latency_ms"]
+        if getattr(opts, "latency_on", False)
+        else []
+    )
+    summary["leaderboard_md"] = leaderboard_table(
+        rows[:12],
+        [
+            "rank",
+            "trial",
+            "state",
+            "backbone",
+            "img",
+            "freeze",
+            "fidelity",
+            "ens_weight",
+            metric,
+            "val_acc",
+            "test_acc",
+            "test_macro_f1",
+            "data_path",
+            "train_seconds",
+            *latency_cols,
+        ],
+    )
     return summary, post
 
 
-def _evaluate_final(opts: Any, results: Any, rows: list[dict[str, Any]], final: dict[str, Any], dest: Path,
-                    source: Any, refit: Any, deadline: float | None, probes: Any, summary: dict[str, Any]) -> Any:
+def _evaluate_final(
+    opts: Any,
+    results: Any,
+    rows: list[dict[str, Any]],
+    final: dict[str, Any],
+    dest: Path,
+    source: Any,
+    refit: Any,
+    deadline: float | None,
+    probes: Any,
+    summary: dict[str, Any],
+) -> Any:
     """The final model's test evaluation: the single model's, then post-hoc selection (whose chosen model's test
     report replaces it); fills the summary's best_* keys. Returns the PosthocResult or None."""
     from trainer.run import evaluate_checkpoint
@@ -314,9 +452,19 @@ def _evaluate_final(opts: Any, results: Any, rows: list[dict[str, Any]], final: 
 
         cfg = TrainConfig.from_dict(read_meta(dest)["config"])
         data = build_data(cfg.data, preprocess_spec_for(cfg.model), seed=cfg.seed, source=source)
-    metrics = evaluate_checkpoint(dest, dest, data=data, extra={  # the one read of the test split
-        "study": opts.study, "trial_number": final["trial"], "trial_id": final["ray_trial_id"],
-        "storage": opts.storage, "train_seconds": final["train_seconds"], "refit": final["state"] == "REFIT"})
+    metrics = evaluate_checkpoint(
+        dest,
+        dest,
+        data=data,
+        extra={  # the one read of the test split
+            "study": opts.study,
+            "trial_number": final["trial"],
+            "trial_id": final["ray_trial_id"],
+            "storage": opts.storage,
+            "train_seconds": final["train_seconds"],
+            "refit": final["state"] == "REFIT",
+        },
+    )
     if data is not None:
         post = _posthoc(opts, results, rows, final, dest, data, deadline, probes)
         metrics = _posthoc_metrics(post, metrics, data, dest)
@@ -324,11 +472,19 @@ def _evaluate_final(opts: Any, results: Any, rows: list[dict[str, Any]], final: 
         summary["levers"] = _lever_rows(post, refit)
     final["test_acc"], final["test_macro_f1"] = metrics["test_accuracy"], metrics["test_macro_f1"]
     shutil.copy(dest / "confusion_matrix.png", Path(summary["out"]) / "confusion_matrix.png")
-    summary.update({"best_trial": final["trial"], "best_ray_trial_id": final["ray_trial_id"],
-                    "best_backbone": final["backbone"], "best_value": final[opts.metric],
-                    "best_val_acc": final["val_acc"], "best_test_accuracy": metrics["test_accuracy"],
-                    "best_test_macro_f1": metrics["test_macro_f1"], "best_checkpoint": str(dest),
-                    "test_images": metrics.get("test_images")})
+    summary.update(
+        {
+            "best_trial": final["trial"],
+            "best_ray_trial_id": final["ray_trial_id"],
+            "best_backbone": final["backbone"],
+            "best_value": final[opts.metric],
+            "best_val_acc": final["val_acc"],
+            "best_test_accuracy": metrics["test_accuracy"],
+            "best_test_macro_f1": metrics["test_macro_f1"],
+            "best_checkpoint": str(dest),
+            "test_images": metrics.get("test_images"),
+        }
+    )
     return post
 
 
@@ -336,8 +492,9 @@ def _evaluate_final(opts: Any, results: Any, rows: list[dict[str, Any]], final: 
 MAX_TRIAL_MEMBERS = 6
 
 
-def _member_dirs(results: Any, rows: list[dict[str, Any]], final: dict[str, Any], dest: Path,
-                 out: Path) -> list[tuple[str, str]]:
+def _member_dirs(
+    results: Any, rows: list[dict[str, Any]], final: dict[str, Any], dest: Path, out: Path
+) -> list[tuple[str, str]]:
     """Every other finished trial's best checkpoint at the final model's preprocessing spec ->
     ``out/members/trial_<n>``; (name, dir) pairs."""
     spec = read_meta(dest)["preprocess"]
@@ -358,8 +515,16 @@ def _member_dirs(results: Any, rows: list[dict[str, Any]], final: dict[str, Any]
     return members
 
 
-def _posthoc(opts: Any, results: Any, rows: list[dict[str, Any]], final: dict[str, Any], dest: Path, data: Any,
-             deadline: float | None, probes: Any = ()) -> Any:
+def _posthoc(
+    opts: Any,
+    results: Any,
+    rows: list[dict[str, Any]],
+    final: dict[str, Any],
+    dest: Path,
+    data: Any,
+    deadline: float | None,
+    probes: Any = (),
+) -> Any:
     """Post-hoc selection (tuner/posthoc.py) over the final model and the trials at its spec."""
     import numpy as np
 
@@ -387,12 +552,24 @@ def _posthoc(opts: Any, results: Any, rows: list[dict[str, Any]], final: dict[st
     single = bool(opts.max_latency_ms > 0 or getattr(opts, "target", ""))
     if single:
         log.info("post-hoc: a latency budget / target device: no test-time views or ensemble (one model's latency)")
-    post = posthoc.select(str(dest), others, inputs, opts.metric, "auto" if rounds else "off", deadline=deadline,
-                          seed=opts.seed, rounds=max(1, rounds), extra=extra, views=not single)
+    post = posthoc.select(
+        str(dest),
+        others,
+        inputs,
+        opts.metric,
+        "auto" if rounds else "off",
+        deadline=deadline,
+        seed=opts.seed,
+        rounds=max(1, rounds),
+        extra=extra,
+        views=not single,
+    )
     d = post.decisions
-    log.info(f"post-hoc: test-time flips {'kept' if post.tta else 'not kept'}, ensemble "
-             f"{'of ' + str(len(post.members)) + ' members kept' if post.ensemble else 'not kept'}, decision rule "
-             f"{'tau=' + str(post.tau) if post.tau else 'not kept'} (validation: {d})")
+    log.info(
+        f"post-hoc: test-time flips {'kept' if post.tta else 'not kept'}, ensemble "
+        f"{'of ' + str(len(post.members)) + ' members kept' if post.ensemble else 'not kept'}, decision rule "
+        f"{'tau=' + str(post.tau) if post.tau else 'not kept'} (validation: {d})"
+    )
     return post
 
 
@@ -419,16 +596,38 @@ def _lever_rows(post: Any, refit: Any) -> list[dict[str, Any]]:
     hist = (refit.history if refit is not None and refit.dir is not None else []) or []
     best = next((h for h in hist if h.get("epoch") == (refit.best_epoch if refit else None)), None)
     if best and "raw_val_acc" in best:
-        rows.append({"name": "final fit (raw weights)", "used": best.get("weights") != "ema",
-                     "val_accuracy": best["raw_val_acc"], "val_macro_f1": best["raw_val_macro_f1"],
-                     "test_accuracy": None, "test_macro_f1": None})
-        rows.append({"name": "+ weight averaging", "used": best.get("weights") == "ema",
-                     "val_accuracy": best["ema_val_acc"], "val_macro_f1": best["ema_val_macro_f1"],
-                     "test_accuracy": None, "test_macro_f1": None})
+        rows.append(
+            {
+                "name": "final fit (raw weights)",
+                "used": best.get("weights") != "ema",
+                "val_accuracy": best["raw_val_acc"],
+                "val_macro_f1": best["raw_val_macro_f1"],
+                "test_accuracy": None,
+                "test_macro_f1": None,
+            }
+        )
+        rows.append(
+            {
+                "name": "+ weight averaging",
+                "used": best.get("weights") == "ema",
+                "val_accuracy": best["ema_val_acc"],
+                "val_macro_f1": best["ema_val_macro_f1"],
+                "test_accuracy": None,
+                "test_macro_f1": None,
+            }
+        )
     for lv in post.levers:
-        rows.append({"name": lv["name"], "used": lv["used"], "val_accuracy": lv["val"]["accuracy"],
-                     "val_macro_f1": lv["val"]["macro_f1"], "test_accuracy": lv["test"]["accuracy"],
-                     "test_macro_f1": lv["test"]["macro_f1"], **({"tau": lv["tau"]} if "tau" in lv else {})})
+        rows.append(
+            {
+                "name": lv["name"],
+                "used": lv["used"],
+                "val_accuracy": lv["val"]["accuracy"],
+                "val_macro_f1": lv["val"]["macro_f1"],
+                "test_accuracy": lv["test"]["accuracy"],
+                "test_macro_f1": lv["test"]["macro_f1"],
+                **({"tau": lv["tau"]} if "tau" in lv else {}),
+            }
+        )
     return rows
 
 
@@ -437,19 +636,31 @@ def print_summary(summary: dict[str, Any], opts: Any) -> None:
     print("\n== edgetune study", summary["study"], "==")
     print(summary.get("leaderboard_md", ""))
     if "best_test_accuracy" in summary:
-        print(f"best: {summary['best_trial']} {summary['best_backbone']} {summary['metric']}={summary['best_value']:.4f} "
-              f"test_accuracy={summary['best_test_accuracy']:.4f} test_macro_f1={summary['best_test_macro_f1']:.4f} "
-              f"(test n={summary.get('test_images')})")
-    print(f"outputs: {out}/leaderboard.csv, leaderboard.md, best/metrics.json, plots ({', '.join(summary['plots'])})"
-          + (f", bundle {summary['bundle']}" if summary.get("bundle") else ""))
+        print(
+            f"best: {summary['best_trial']} {summary['best_backbone']} {summary['metric']}={summary['best_value']:.4f} "
+            f"test_accuracy={summary['best_test_accuracy']:.4f} test_macro_f1={summary['best_test_macro_f1']:.4f} "
+            f"(test n={summary.get('test_images')})"
+        )
+    print(
+        f"outputs: {out}/leaderboard.csv, leaderboard.md, best/metrics.json, plots ({', '.join(summary['plots'])})"
+        + (f", bundle {summary['bundle']}" if summary.get("bundle") else "")
+    )
     lat = summary.get("latency")
     if lat:
-        print(f"latency: {lat['architectures_timed']} architecture(s) in {lat['latency_table']}, Pareto front "
-              f"{[p['trial'] for p in lat['pareto']]} in {lat['pareto_png']}"
-              + (f", rejected by --max-latency-ms: {lat['rejected_by_constraint']}" if lat["rejected_by_constraint"]
-                 else "")
-              + (f"; every study of the storage: {lat['storage_latency_table']}" if lat.get("storage_latency_table")
-                 else ""))
+        print(
+            f"latency: {lat['architectures_timed']} architecture(s) in {lat['latency_table']}, Pareto front "
+            f"{[p['trial'] for p in lat['pareto']]} in {lat['pareto_png']}"
+            + (
+                f", rejected by --max-latency-ms: {lat['rejected_by_constraint']}"
+                if lat["rejected_by_constraint"]
+                else ""
+            )
+            + (
+                f"; every study of the storage: {lat['storage_latency_table']}"
+                if lat.get("storage_latency_table")
+                else ""
+            )
+        )
     print(f"dashboard: make dashboard STORAGE={opts.storage}")
 
 
@@ -470,21 +681,29 @@ def compare_studies(storage: str, names: list[str]) -> list[dict[str, Any]]:
         done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and t.values]
         done.sort(key=lambda t: metric.sort_key(t.user_attrs.get(metric.best_key, t.values[0])))
         best = done[0] if done else None
-        rows.append({"study": n, "dataset": a.get("dataset"), "dataset_hash": str(a.get("dataset_hash", ""))[:12],
-                     "split": f"{a.get('split_ratios')} seed {a.get('split_seed')}", "trials": len(trials),
-                     "complete": sum(t.state.name == "COMPLETE" for t in trials),
-                     "pruned": sum(t.state.name == "PRUNED" for t in trials),
-                     "metric": metric.name,
-                     "best_value": best.user_attrs.get(metric.best_key, best.values[0]) if best else None,
-                     "best_val_acc": best.user_attrs.get("val_acc_at_best") if best else None,
-                     "best_backbone": best.params.get("backbone") if best else None,
-                     "best_params": json.dumps(best.params) if best else "",
-                     "target": a.get("target"),
-                     "best_target_latency_ms": best.user_attrs.get("target_latency_ms") if best else None,
-                     "best_target_latency_p90_ms": best.user_attrs.get("target_latency_p90_ms") if best else None,
-                     "target_device": _device_name(best.user_attrs) if best else None,
-                     "rejected_by_latency": sum(bool(t.user_attrs.get("rejected_reason")) for t in trials),
-                     "budget": json.dumps(a.get("budget")), "edgetune": a.get("edgetune_version")})
+        rows.append(
+            {
+                "study": n,
+                "dataset": a.get("dataset"),
+                "dataset_hash": str(a.get("dataset_hash", ""))[:12],
+                "split": f"{a.get('split_ratios')} seed {a.get('split_seed')}",
+                "trials": len(trials),
+                "complete": sum(t.state.name == "COMPLETE" for t in trials),
+                "pruned": sum(t.state.name == "PRUNED" for t in trials),
+                "metric": metric.name,
+                "best_value": best.user_attrs.get(metric.best_key, best.values[0]) if best else None,
+                "best_val_acc": best.user_attrs.get("val_acc_at_best") if best else None,
+                "best_backbone": best.params.get("backbone") if best else None,
+                "best_params": json.dumps(best.params) if best else "",
+                "target": a.get("target"),
+                "best_target_latency_ms": best.user_attrs.get("target_latency_ms") if best else None,
+                "best_target_latency_p90_ms": best.user_attrs.get("target_latency_p90_ms") if best else None,
+                "target_device": _device_name(best.user_attrs) if best else None,
+                "rejected_by_latency": sum(bool(t.user_attrs.get("rejected_reason")) for t in trials),
+                "budget": json.dumps(a.get("budget")),
+                "edgetune": a.get("edgetune_version"),
+            }
+        )
     hashes = {r["dataset_hash"] for r in rows}
     if len(hashes) > 1:
         print("note: the studies used different datasets (hash differs): compare with care")

@@ -151,8 +151,11 @@ def study_specs(base: dict[str, Any], space: Any, seeds_only: bool = False) -> l
     backbones = space.backbones or [base["model"]["backbone"]]
     pairs = [(b, int(size)) for b in backbones for size in sizes]
     if seeds_only:
-        seeds = [(p["backbone"], int(p.get("img", base["model"]["img_size"]))) for p in space.points_to_evaluate()
-                 if p.get("backbone") in backbones and ("img" not in space.params or "img" in p)]
+        seeds = [
+            (p["backbone"], int(p.get("img", base["model"]["img_size"])))
+            for p in space.points_to_evaluate()
+            if p.get("backbone") in backbones and ("img" not in space.params or "img" in p)
+        ]
         pairs = [p for p in pairs if p in seeds] or pairs[:1]
     out: dict[str, Any] = {}
     for b, size in pairs:
@@ -220,8 +223,9 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
 
     def connect() -> dict[str, Any]:
         with ledger.stage("Ray start"):
-            held["info"] = cluster.connect(opts.address or None, env_vars=opts.env_vars,
-                                           include_dashboard=opts.workers_per_trial > 1)
+            held["info"] = cluster.connect(
+                opts.address or None, env_vars=opts.env_vars, include_dashboard=opts.workers_per_trial > 1
+            )
         ledger.cores = _study_cores(opts, held["info"])
         return dict(held["info"])
 
@@ -255,13 +259,23 @@ def study_failure(summary: dict[str, Any]) -> str | None:
     refit = summary.get("refit") or {}
     why = refit.get("skipped") or refit.get("stop_reason")
     why = f"; no final fit: {why}" if why else ""
-    return (f"study {summary.get('study')!r} produced no model: no trial finished with a checkpoint (trials: "
-            f"{summary.get('trials', 0)}, states: {counts}){why}; see the trial errors above and in "
-            f"{summary.get('out')}/leaderboard.csv; a larger --time-budget or --trials may be needed")
+    return (
+        f"study {summary.get('study')!r} produced no model: no trial finished with a checkpoint (trials: "
+        f"{summary.get('trials', 0)}, states: {counts}){why}; see the trial errors above and in "
+        f"{summary.get('out')}/leaderboard.csv; a larger --time-budget or --trials may be needed"
+    )
 
 
-def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[str, Any] | None, connect: Any,
-                clock: Clock, ledger: Any, out: Path) -> dict[str, Any]:
+def _run_stages(
+    opts: TuneOptions,
+    base: dict[str, Any],
+    space: Any,
+    info: dict[str, Any] | None,
+    connect: Any,
+    clock: Clock,
+    ledger: Any,
+    out: Path,
+) -> dict[str, Any]:
     """Data preparation, the search, the final fit, post-hoc selection and the test evaluation, the hand-off."""
     from tuner import refit
     from tuner.ledger import trial_stages
@@ -277,10 +291,13 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
     if probes:
         from tuner.probe import finish_reserve
 
-        clock.finish_reserve_s = min(finish_reserve(probes, source, opts.ensemble_rounds > 0),
-                                     MAX_FINISH_SHARE * opts.time_budget_s)
-        log.info(f"kept {clock.finish_reserve_s:.0f} s at the end for post-hoc selection, test evaluation and export "
-                 "(from the probes' measured forward speed)")
+        clock.finish_reserve_s = min(
+            finish_reserve(probes, source, opts.ensemble_rounds > 0), MAX_FINISH_SHARE * opts.time_budget_s
+        )
+        log.info(
+            f"kept {clock.finish_reserve_s:.0f} s at the end for post-hoc selection, test evaluation and export "
+            "(from the probes' measured forward speed)"
+        )
     deadline = clock.search_deadline(opts.refit, opts.refit_share)
     if probes and deadline:
         opts, base = _plan_trials(opts, base, probes, source, deadline)
@@ -288,12 +305,23 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
     results, study = _fit(opts, base, space, source, info, deadline, latency)
     trial_stages(ledger, study, opts.cpus_per_worker * opts.workers_per_trial)
     ledger.add("search driver (Ray Tune, Optuna)", "overhead", t_search, time.time(), cores=0.0)
-    refit_run = refit.refit_best(opts, study, base, space, source, clock, out, ledger=ledger,
-                                  results=results) if opts.refit else None
+    refit_run = (
+        refit.refit_best(opts, study, base, space, source, clock, out, ledger=ledger, results=results)
+        if opts.refit
+        else None
+    )
     end = clock.end()
     with ledger.stage("post-hoc selection, test evaluation, plots", "compute"):
-        summary, post = report.finish_study(opts, results, study, out, source=source, refit=refit_run,
-                                            deadline=(end - EXPORT_RESERVE_S) if end else None, probes=probes)
+        summary, post = report.finish_study(
+            opts,
+            results,
+            study,
+            out,
+            source=source,
+            refit=refit_run,
+            deadline=(end - EXPORT_RESERVE_S) if end else None,
+            probes=probes,
+        )
     summary["probes"] = [p.row() for p in probes]
     if latency is not None:
         summary["latency"] = latency_outputs(opts, study, out)
@@ -304,8 +332,9 @@ def _run_stages(opts: TuneOptions, base: dict[str, Any], space: Any, info: dict[
     return summary
 
 
-def _plan_trials(opts: TuneOptions, base: dict[str, Any], probes: list[Any], source: Any, deadline: float
-                 ) -> tuple[TuneOptions, dict[str, Any]]:
+def _plan_trials(
+    opts: TuneOptions, base: dict[str, Any], probes: list[Any], source: Any, deadline: float
+) -> tuple[TuneOptions, dict[str, Any]]:
     """Every run finishes what it starts: the trials' fidelity (their epochs, ASHA's max_t and their LR schedule) is
     planned before the first starts, from the probes' measured speed, so the first wave ends before the search
     deadline with its schedule annealed (at most ``--epochs``, at least 1)."""
@@ -319,12 +348,16 @@ def _plan_trials(opts: TuneOptions, base: dict[str, Any], probes: list[Any], sou
     est = trial_epoch_seconds(probes, source, base, _refit_resources(opts)[0], opts.cpus_per_worker)
     fit = int((deadline - time.time()) // max(est, 1e-6))
     epochs = max(1, min(opts.epochs, fit))
-    log.info(f"trials: ~{est:.0f} s per epoch at {opts.cpus_per_worker:g} CPU (from the probes' speed): "
-             f"{epochs} epoch(s) per trial fit the {max(0.0, deadline - time.time()):.0f} s of the search window")
+    log.info(
+        f"trials: ~{est:.0f} s per epoch at {opts.cpus_per_worker:g} CPU (from the probes' speed): "
+        f"{epochs} epoch(s) per trial fit the {max(0.0, deadline - time.time()):.0f} s of the search window"
+    )
     if epochs == opts.epochs:
         return opts, base
-    return dataclasses.replace(opts, epochs=epochs, grace_period=min(opts.grace_period, epochs)), {**base,
-                                                                                                   "epochs": epochs}
+    return dataclasses.replace(opts, epochs=epochs, grace_period=min(opts.grace_period, epochs)), {
+        **base,
+        "epochs": epochs,
+    }
 
 
 def _probes(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, clock: Clock, ledger: Any) -> list[Any]:
@@ -406,12 +439,20 @@ def _fail_stale_trials(opts: TuneOptions, storage: Any) -> set[str]:
     stale = mark_stale_running_failed(study)
     if stale:
         log.info(f"resume: marked stale RUNNING trial(s) {stale} as FAIL")
-    return {str(t.user_attrs["ray_trial_id"]) for t in study.get_trials(deepcopy=False)
-            if t.number in stale and t.user_attrs.get("ray_trial_id")}
+    return {
+        str(t.user_attrs["ray_trial_id"])
+        for t in study.get_trials(deepcopy=False)
+        if t.number in stale and t.user_attrs.get("ray_trial_id")
+    }
 
 
 def _fit(
-    opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, info: dict[str, Any], deadline: float | None,
+    opts: TuneOptions,
+    base: dict[str, Any],
+    space: Any,
+    source: Any,
+    info: dict[str, Any],
+    deadline: float | None,
     latency: Any = None,
 ) -> tuple[Any, Any]:
     """Build (or restore) the Tuner over the Optuna study and run it; returns (ResultGrid, study)."""
@@ -502,8 +543,10 @@ def _fit(
         log.info(f"resuming Ray experiment {exp_path}")
         filled = _ray_compat.fill_deleted_checkpoints(exp_path, stale_ray_ids)
         if filled:
-            log.info(f"resume: {len(filled)} checkpoint(s) deleted by Ray's retention after its last snapshot stand "
-                     "in as empty (a trial restored from one restarts from epoch 1): " + ", ".join(filled))
+            log.info(
+                f"resume: {len(filled)} checkpoint(s) deleted by Ray's retention after its last snapshot stand "
+                "in as empty (a trial restored from one restarts from epoch 1): " + ", ".join(filled)
+            )
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
     else:
         if opts.resume:

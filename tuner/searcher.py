@@ -99,8 +99,15 @@ class EdgetuneOptunaSearch(OptunaSearch):
     """Also: no new trial once the search deadline is too close for one to reach its first ASHA rung
     (``Searcher.FINISHED``), and the told value is the trial's best-epoch value (``best_<metric>``)."""
 
-    def __init__(self, *args: Any, max_t: int, deadline: float | None = None, grace_period: int = 1,
-                 reject: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_t: int,
+        deadline: float | None = None,
+        grace_period: int = 1,
+        reject: Any = None,
+        **kwargs: Any,
+    ) -> None:
         self._max_t = int(max_t)
         self._reject = reject  #: config -> (reason, attrs) for a sampled trial known to break the latency constraint
         self._curve_storage = kwargs.get("storage")  #: the study's optuna storage (multi-objective curves)
@@ -243,14 +250,19 @@ class EdgetuneOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr("fail_reason", "loss diverged (NaN/inf): ended at once, not retried")
         if last.get("rejected_reason") and not error:
             state = optuna.trial.TrialState.PRUNED  # the latency constraint rejected it before its first epoch
-        elif error or not last or (not multi and last.get(self.metric) is None) or (
-                multi and any(last.get(m) is None for m in self.metric)):
+        elif (
+            error
+            or not last
+            or (not multi and last.get(self.metric) is None)
+            or (multi and any(last.get(m) is None for m in self.metric))
+        ):
             state = optuna.trial.TrialState.FAIL
             if not error and self._deadline is not None and time.time() >= self._deadline:
                 ot_trial.set_user_attr("fail_reason", "the search deadline passed before it could start")
             elif multi and str(last.get("target_latency_status", "")).startswith("unavailable"):
-                ot_trial.set_user_attr("fail_reason", f"no latency for the second objective: "
-                                                      f"{last['target_latency_status']}")
+                ot_trial.set_user_attr(
+                    "fail_reason", f"no latency for the second objective: {last['target_latency_status']}"
+                )
         elif (iteration < planned_epochs(last, self._max_t) or last.get("stop_reason")) and not multi:
             state = optuna.trial.TrialState.PRUNED  # ASHA, the search deadline, or divergence stopped it early
         else:
@@ -262,7 +274,6 @@ class EdgetuneOptunaSearch(OptunaSearch):
             log.warning("telling trial %s to Optuna failed (%s); marking it FAIL", trial_id, e)
             self.study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
         _ray_compat.searcher_completed(self).add(trial_id)
-
 
     def close_unfinished(self) -> int:
         """After ``Tuner.fit``: trials this searcher asked for that Ray never completed (a pending trial the search

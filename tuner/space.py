@@ -63,11 +63,15 @@ class Param:
         if self.type not in TYPES:
             raise ConfigError(f"search space parameter {self.name!r}: type must be one of {TYPES}, got {self.type!r}")
         if bool(self.key) == bool(self.sets):
-            raise ConfigError(f"search space parameter {self.name!r} needs exactly one of 'key' (the TrainConfig key "
-                              f"it sets) or 'sets' (choice -> overrides)")
+            raise ConfigError(
+                f"search space parameter {self.name!r} needs exactly one of 'key' (the TrainConfig key "
+                f"it sets) or 'sets' (choice -> overrides)"
+            )
         if self.sets and (self.type != "categorical" or set(self.sets) != set(self.choices)):
-            raise ConfigError(f"search space parameter {self.name!r}: 'sets' needs a categorical with one entry per "
-                              f"choice {self.choices}, got {sorted(map(str, self.sets))}")
+            raise ConfigError(
+                f"search space parameter {self.name!r}: 'sets' needs a categorical with one entry per "
+                f"choice {self.choices}, got {sorted(map(str, self.sets))}"
+            )
         if self.type == "categorical" and not self.choices:
             raise ConfigError(f"search space parameter {self.name!r}: categorical needs a non-empty 'choices' list")
         if self.type != "categorical":
@@ -97,9 +101,12 @@ class SearchSpace:
         detail = verbose or explicit
         lines = [r for r in self.dropped if detail or not r.startswith("backbone ")]
         if self.missing_weights and not detail:
-            lines.insert(0, f"backbones left out (no pretrained weights found): {', '.join(self.missing_weights)}; "
-                            "put their files into $EDGETUNE_WEIGHTS_DIR or the torch hub cache, or set "
-                            "model.weights (--set model.weights=PATH|none); --verbose lists every place looked")
+            lines.insert(
+                0,
+                f"backbones left out (no pretrained weights found): {', '.join(self.missing_weights)}; "
+                "put their files into $EDGETUNE_WEIGHTS_DIR or the torch hub cache, or set "
+                "model.weights (--set model.weights=PATH|none); --verbose lists every place looked",
+            )
         return lines
 
     # -- Optuna define-by-run ------------------------------------------------------------
@@ -138,11 +145,13 @@ class SearchSpace:
         device supports join the search (a precision sets no training key; it is the deployed precision; one
         choice is still a parameter, so that every trial and the hand-off name the precision it was timed at)."""
         if not img_fixed and "img" not in self.params:
-            self.params["img"] = Param(name="img", type="categorical", key="model.img_size",
-                                       choices=device_img_choices())
+            self.params["img"] = Param(
+                name="img", type="categorical", key="model.img_size", choices=device_img_choices()
+            )
         if precisions and "precision" not in self.params:
-            self.params["precision"] = Param(name="precision", type="categorical", choices=list(precisions),
-                                             key="", sets={p: {} for p in precisions})
+            self.params["precision"] = Param(
+                name="precision", type="categorical", choices=list(precisions), key="", sets={p: {} for p in precisions}
+            )
 
     def check_keys(self, base: TrainConfig) -> None:
         """Every key the space can set applies to ``base``: each parameter's value (each choice; a range's ends) and
@@ -191,14 +200,16 @@ class ParamSpec(_Strict):
 
     type: str = Field(description=f"must be one of {TYPES}")
     key: str = Field("", description="must be the TrainConfig dotted key it sets (a string)")
-    sets: dict[Any, dict[str, Any]] = Field(default_factory=dict,
-                                            description="must map each choice to a mapping of overrides")
+    sets: dict[Any, dict[str, Any]] = Field(
+        default_factory=dict, description="must map each choice to a mapping of overrides"
+    )
     choices: list[Any] = Field(default_factory=list, description="must be a list of values")
     low: float = Field(0.0, description="must be a number")
     high: float = Field(1.0, description="must be a number")
     log: bool = Field(False, description="must be true or false")
-    when: dict[str, list[Any]] = Field(default_factory=dict,
-                                       description="must map parameter names to a value or a list of values")
+    when: dict[str, list[Any]] = Field(
+        default_factory=dict, description="must map parameter names to a value or a list of values"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -215,9 +226,17 @@ class ParamSpec(_Strict):
         return v
 
     def to_param(self, name: str) -> Param:
-        return Param(name=name, type=self.type, key=self.key, sets={k: dict(v) for k, v in self.sets.items()},
-                     choices=list(self.choices), low=self.low, high=self.high, log=self.log,
-                     when={k: list(v) for k, v in self.when.items()})
+        return Param(
+            name=name,
+            type=self.type,
+            key=self.key,
+            sets={k: dict(v) for k, v in self.sets.items()},
+            choices=list(self.choices),
+            low=self.low,
+            high=self.high,
+            log=self.log,
+            when={k: list(v) for k, v in self.when.items()},
+        )
 
 
 class SeedSpec(_Strict):
@@ -230,8 +249,7 @@ class SeedSpec(_Strict):
 class SpaceDoc(_Strict):
     """A search space file: ``params`` (name -> :class:`ParamSpec`) and ``seeds``."""
 
-    params: dict[str, ParamSpec] = Field(default_factory=dict,
-                                         description="must map parameter names to their specs")
+    params: dict[str, ParamSpec] = Field(default_factory=dict, description="must map parameter names to their specs")
     seeds: list[SeedSpec] = Field(default_factory=list, description="must be a list of {name, params} entries")
 
     @model_validator(mode="after")
@@ -239,9 +257,11 @@ class SpaceDoc(_Strict):
         for name, spec in self.params.items():
             for dep in spec.when:
                 if dep not in self.params:
-                    raise PydanticCustomError("space_unknown_dependency",
-                                              "search space parameter {name} depends on unknown parameter {dep}",
-                                              {"name": repr(name), "dep": repr(dep)})
+                    raise PydanticCustomError(
+                        "space_unknown_dependency",
+                        "search space parameter {name} depends on unknown parameter {dep}",
+                        {"name": repr(name), "dep": repr(dep)},
+                    )
         return self
 
 
@@ -282,11 +302,14 @@ def _explain(e: ValidationError, doc: Mapping[str, Any], source: str | Path) -> 
     for entry, keys in unknown.items():
         model = _MODELS[entry[0] if entry else ""]
         if not entry:
-            lines.append(f"search space {source}: unknown top-level key(s) {sorted(keys)}; "
-                         f"allowed: {', '.join(model.model_fields)}")
+            lines.append(
+                f"search space {source}: unknown top-level key(s) {sorted(keys)}; "
+                f"allowed: {', '.join(model.model_fields)}"
+            )
         else:
-            lines.append(f"{_where(entry, source)}: unknown field(s) {sorted(keys)}; "
-                         f"allowed: {sorted(model.model_fields)}")
+            lines.append(
+                f"{_where(entry, source)}: unknown field(s) {sorted(keys)}; allowed: {sorted(model.model_fields)}"
+            )
     return list(dict.fromkeys(lines))
 
 
@@ -310,10 +333,14 @@ def _dig(doc: Any, loc: tuple[Any, ...]) -> Any:
     return doc
 
 
-def load_space(path: str | Path | None = None, backbones: list[str] | None = None,
-               weights_check: Callable[[str], tuple[bool, str]] | None = None,
-               layer_count: Callable[[str], int] | None = None,
-               fixed: dict[str, Any] | None = None, base: TrainConfig | None = None) -> SearchSpace:
+def load_space(
+    path: str | Path | None = None,
+    backbones: list[str] | None = None,
+    weights_check: Callable[[str], tuple[bool, str]] | None = None,
+    layer_count: Callable[[str], int] | None = None,
+    fixed: dict[str, Any] | None = None,
+    base: TrainConfig | None = None,
+) -> SearchSpace:
     """Load a space YAML; ``backbones`` overrides the backbone choices; unavailable weights are dropped;
     parameters named in ``fixed`` (e.g. ``{"img": 96}`` from ``--img``) are not searched (the base config sets
     them) and disappear from the seeds. Every key the space sets is applied to ``base`` (default
@@ -342,8 +369,9 @@ def load_space(path: str | Path | None = None, backbones: list[str] | None = Non
                 space.dropped.append(f"backbone {b} left out: {reason}")
                 space.missing_weights[b] = reason
         if not keep:
-            raise ConfigError("no backbone in the search space has resolvable pretrained weights:\n  "
-                              + "\n  ".join(space.dropped))
+            raise ConfigError(
+                "no backbone in the search space has resolvable pretrained weights:\n  " + "\n  ".join(space.dropped)
+            )
         params["backbone"].choices = keep
     space.seeds = _usable_seeds(space, layer_count)
     return space

@@ -20,8 +20,9 @@ def normalise_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     base = scheme.split("+", 1)[0]
     if not sep or base not in SCHEMES:
-        raise ConfigError(f"storage must be an RDB URL (sqlite:///ABS/PATH.db or postgresql://user@host/db), "
-                          f"got {url!r}")
+        raise ConfigError(
+            f"storage must be an RDB URL (sqlite:///ABS/PATH.db or postgresql://user@host/db), got {url!r}"
+        )
     if scheme in ("postgresql", "postgres"):
         has = {m: importlib.util.find_spec(m) is not None for m in ("psycopg", "psycopg2")}
         if has["psycopg"]:
@@ -52,7 +53,7 @@ def masked(url: str) -> str:
 def missing_sqlite(url: str) -> str | None:
     """Why a read-only command cannot open ``url`` (a SQLite file that does not exist: opening it would create an
     empty one), or None. One check for the dashboard and the study listing."""
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         return f"no study storage at {masked(url)}; run `make tune` first (or give STORAGE=)"
     return None
 
@@ -64,7 +65,7 @@ def check_storage(url: str, timeout_s: float = 10.0) -> None:
 
     norm = normalise_url(url)
     if norm.startswith("sqlite:///"):
-        db = Path(norm[len("sqlite:///"):])
+        db = Path(norm[len("sqlite:///") :])
         if not db.parent.is_dir():
             raise EdgetuneError(f"storage {url}: folder {db.parent} does not exist")
         return

@@ -48,10 +48,23 @@ def format_listing(rows: list[StudyListing], storage: str) -> str:
     if not rows:
         return f"no studies in {where}\n"
     cols = ["study", "trials", "best value", "started", "dataset"]
-    table = markdown_table([dict(zip(cols, (r.name, r.trials, "" if r.best_value is None else f"{r.best_value:.4f}",
-                                           r.started, r.dataset), strict=True)) for r in rows], cols)
-    return (f"studies in {where}:\n\n{table}\n\ncompare some: make report STUDIES={','.join(r.name for r in rows[:2])}"
-            f"{'' if storage == DEFAULT_STORAGE else ' STORAGE=…'}\n")
+    table = markdown_table(
+        [
+            dict(
+                zip(
+                    cols,
+                    (r.name, r.trials, "" if r.best_value is None else f"{r.best_value:.4f}", r.started, r.dataset),
+                    strict=True,
+                )
+            )
+            for r in rows
+        ],
+        cols,
+    )
+    return (
+        f"studies in {where}:\n\n{table}\n\ncompare some: make report STUDIES={','.join(r.name for r in rows[:2])}"
+        f"{'' if storage == DEFAULT_STORAGE else ' STORAGE=…'}\n"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

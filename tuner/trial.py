@@ -75,13 +75,23 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             return
     # every run finishes what it starts: a 1-worker trial fits its epochs (and LR schedule) to the search deadline
     # after its first epoch, so the deadline never cuts it mid-schedule (it completes at that fidelity)
-    lc = LoopConfig(train_config=cfg.to_dict(), static_metrics=static, deadline=ctx.deadline, source=ctx.source,
-                    with_test=False, fit_to_deadline=ctx.deadline is not None and ctx.res.workers <= 1)
+    lc = LoopConfig(
+        train_config=cfg.to_dict(),
+        static_metrics=static,
+        deadline=ctx.deadline,
+        source=ctx.source,
+        with_test=False,
+        fit_to_deadline=ctx.deadline is not None and ctx.res.workers <= 1,
+    )
     if ctx.res.workers <= 1:
         train_loop(lc.replace(report_to="tune"))
         return
-    trainer = ddp_trainer(lc.replace(report_to="ray_train").to_dict(), ctx.res, tune.get_context().get_trial_id(),
-                          callbacks=[_report_callback()])
+    trainer = ddp_trainer(
+        lc.replace(report_to="ray_train").to_dict(),
+        ctx.res,
+        tune.get_context().get_trial_id(),
+        callbacks=[_report_callback()],
+    )
     trainer.fit()
 
 
@@ -109,9 +119,15 @@ def ddp_trainer(loop_cfg: dict[str, Any], res: TrialResources, trial_id: str, ca
     if not res.use_gpu:
         per_worker.setdefault("CPU", res.cpus_per_worker)
     return make_torch_trainer(
-        loop_cfg, workers=res.workers, use_gpu=res.use_gpu, name=f"train-trial_id={trial_id}",
-        storage_path=res.storage_path, max_failures=res.max_failures, resources_per_worker=per_worker,
-        placement_strategy=res.placement_strategy, callbacks=callbacks,
+        loop_cfg,
+        workers=res.workers,
+        use_gpu=res.use_gpu,
+        name=f"train-trial_id={trial_id}",
+        storage_path=res.storage_path,
+        max_failures=res.max_failures,
+        resources_per_worker=per_worker,
+        placement_strategy=res.placement_strategy,
+        callbacks=callbacks,
     )
 
 

@@ -25,8 +25,9 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu")
 __all__ = ["BACKENDS", "Runner", "get_runner"]
 
 
-def get_runner(name: str, bundle: Bundle, *, max_batch_size: int = 8, intra_op_threads: int = 0,
-               precision: str = "fp16") -> Runner:
+def get_runner(
+    name: str, bundle: Bundle, *, max_batch_size: int = 8, intra_op_threads: int = 0, precision: str = "fp16"
+) -> Runner:
     """Build the runner ``name`` (one of :data:`BACKENDS`) for ``bundle``."""
     if name not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -36,14 +37,28 @@ def get_runner(name: str, bundle: Bundle, *, max_batch_size: int = 8, intra_op_t
         reason = "requested"
     elif name in ("onnxruntime", "onnxruntime-cpu"):
         variant, why = variant_for(bundle, precision)
-        runner = OnnxRuntimeRunner(bundle, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
-                                   cpu_only=name == "onnxruntime-cpu", variant=variant)
+        runner = OnnxRuntimeRunner(
+            bundle,
+            max_batch_size=max_batch_size,
+            intra_op_threads=intra_op_threads,
+            cpu_only=name == "onnxruntime-cpu",
+            variant=variant,
+        )
         reason = f"requested; {why}"
     else:
         runner, reason = _auto(bundle, max_batch_size, intra_op_threads, precision)
-    log.info("backend selected", extra={"fields": {"backend": runner.name, "precision": runner.precision,
-                                                   "requested": name, "reason": reason,
-                                                   "max_batch_size": runner.max_batch_size}})
+    log.info(
+        "backend selected",
+        extra={
+            "fields": {
+                "backend": runner.name,
+                "precision": runner.precision,
+                "requested": name,
+                "reason": reason,
+                "max_batch_size": runner.max_batch_size,
+            }
+        },
+    )
     return runner
 
 
@@ -56,13 +71,16 @@ def _auto(bundle: Bundle, max_batch_size: int, intra_op_threads: int, precision:
             trt_runner = TensorRTRunner(bundle, precision=precision, max_batch_size=max_batch_size)
             return trt_runner, f"engine {trt_runner.engine_path}"
         except ConfigError as e:
-            log.warning("TensorRT engine present but TensorRT is not importable; using ONNX Runtime",
-                        extra={"fields": {"engines": [str(p) for p in engines], "error": str(e)}})
+            log.warning(
+                "TensorRT engine present but TensorRT is not importable; using ONNX Runtime",
+                extra={"fields": {"engines": [str(p) for p in engines], "error": str(e)}},
+            )
             why = f"TensorRT not importable: {e}"
     else:
         why = f"no {precision} TensorRT engine in {engines_dir(bundle)}"
     gpu = [p for p in GPU_PROVIDERS if p in available_providers()]
     variant, which = variant_for(bundle, precision, strict=False)
-    runner = OnnxRuntimeRunner(bundle, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
-                               variant=variant)
+    runner = OnnxRuntimeRunner(
+        bundle, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads, variant=variant
+    )
     return runner, f"{why}; ONNX Runtime GPU providers: {gpu or 'none'}; {which}"

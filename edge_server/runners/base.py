@@ -33,8 +33,9 @@ class Runner(abc.ABC):
     def check_batch(self, batch: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
         """Validate shape/dtype of a batch (shared by the backends); returns a contiguous float32 array."""
         if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[2:]) != tuple(input_hw):
-            raise ValueError(f"{self.name}: batch must be [N, 3, {input_hw[0]}, {input_hw[1]}], "
-                             f"got {list(batch.shape)}")
+            raise ValueError(
+                f"{self.name}: batch must be [N, 3, {input_hw[0]}, {input_hw[1]}], got {list(batch.shape)}"
+            )
         if not 1 <= batch.shape[0] <= self.max_batch_size:
             raise ValueError(f"{self.name}: batch size {batch.shape[0]} outside 1..{self.max_batch_size}")
         return np.ascontiguousarray(batch, dtype=np.float32)

@@ -42,8 +42,10 @@ def variant_for(bundle: Bundle, precision: str, strict: bool = True) -> tuple[st
     name = bundle.int8_variant
     if name is not None:
         return name, f"precision int8: variant {name}"
-    why = (f"bundle {bundle.path} has no INT8 variant (variants: {sorted(bundle.variants) or 'none'}); export one "
-           "with `make export ARGS='--quantize static'`")
+    why = (
+        f"bundle {bundle.path} has no INT8 variant (variants: {sorted(bundle.variants) or 'none'}); export one "
+        "with `make export ARGS='--quantize static'`"
+    )
     if strict:
         raise ConfigError(f"precision int8 with ONNX Runtime: {why}")
     return "fp32", f"precision int8 asked but {why}: model.onnx"
@@ -60,8 +62,14 @@ class OnnxRuntimeRunner(Runner):
         variant: bundle variant (``"fp32"`` = model.onnx, e.g. ``"int8_dynamic"``).
     """
 
-    def __init__(self, bundle: Bundle, max_batch_size: int = 8, intra_op_threads: int = 0,
-                 cpu_only: bool = False, variant: str = "fp32") -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        max_batch_size: int = 8,
+        intra_op_threads: int = 0,
+        cpu_only: bool = False,
+        variant: str = "fp32",
+    ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if not isinstance(intra_op_threads, int) or intra_op_threads < 0:
@@ -84,14 +92,16 @@ class OnnxRuntimeRunner(Runner):
         self._input_hw = bundle.spec.input_size
         inputs = {i.name: i for i in self._session.get_inputs()}
         if self._input_name not in inputs:
-            raise BundleError(f"bundle {bundle.path}: model has no input {self._input_name!r}; "
-                              f"inputs: {sorted(inputs)}")
+            raise BundleError(
+                f"bundle {bundle.path}: model has no input {self._input_name!r}; inputs: {sorted(inputs)}"
+            )
         outputs = [o.name for o in self._session.get_outputs()]
         if self._output_name not in outputs:
             raise BundleError(f"bundle {bundle.path}: model has no output {self._output_name!r}; outputs: {outputs}")
         shape = inputs[self._input_name].shape
-        if len(shape) != 4 or (isinstance(shape[2], int) and isinstance(shape[3], int)
-                               and (shape[2], shape[3]) != tuple(self._input_hw)):
+        if len(shape) != 4 or (
+            isinstance(shape[2], int) and isinstance(shape[3], int) and (shape[2], shape[3]) != tuple(self._input_hw)
+        ):
             raise BundleError(
                 f"bundle {bundle.path}: model input shape {shape} does not match the preprocess input_size "
                 f"{list(self._input_hw)}"
@@ -101,7 +111,8 @@ class OnnxRuntimeRunner(Runner):
             raise BundleError(
                 f"bundle {bundle.path}: bundle.json has {len(bundle.labels)} labels but the model has "
                 f"{out_shape[1]} outputs (output {self._output_name!r} shape {out_shape}); the labels must match "
-                "the model's classes (re-export the bundle)")
+                "the model's classes (re-export the bundle)"
+            )
         fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.max_batch_size = min(max_batch_size, fixed_batch) if fixed_batch else max_batch_size
         self.provider = self._session.get_providers()[0]

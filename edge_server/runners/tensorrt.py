@@ -46,8 +46,10 @@ ENGINES_DIR = "engines"
 ENGINE_NAME_FORMAT = "model.<precision>.trt<TensorRT version>.sm<compute capability>.<first 12 hex of ONNX SHA>.engine"
 _TRT_VERSION = re.compile(r"[0-9]+(\.[0-9A-Za-z]+)*")
 _CC = re.compile(r"([0-9]+)\.([0-9])")
-_ENGINE_NAME = re.compile(r"model\.(?P<precision>fp32|fp16|int8)\.trt(?P<trt>[0-9]+(?:\.[0-9A-Za-z]+)*)"
-                          r"\.sm(?P<sm>[0-9]{2,3})\.(?P<sha>[0-9a-f]{12})\.engine")
+_ENGINE_NAME = re.compile(
+    r"model\.(?P<precision>fp32|fp16|int8)\.trt(?P<trt>[0-9]+(?:\.[0-9A-Za-z]+)*)"
+    r"\.sm(?P<sm>[0-9]{2,3})\.(?P<sha>[0-9a-f]{12})\.engine"
+)
 
 
 def _check_precision(precision: str) -> str:
@@ -82,8 +84,12 @@ def parse_engine_filename(name: str) -> dict[str, str] | None:
     if m is None:
         return None
     sm = m["sm"]
-    return {"precision": m["precision"], "tensorrt_version": m["trt"], "compute_capability": f"{sm[:-1]}.{sm[-1]}",
-            "onnx_sha12": m["sha"]}
+    return {
+        "precision": m["precision"],
+        "tensorrt_version": m["trt"],
+        "compute_capability": f"{sm[:-1]}.{sm[-1]}",
+        "onnx_sha12": m["sha"],
+    }
 
 
 def engines_dir(bundle: Bundle | Path | str) -> Path:
@@ -92,8 +98,9 @@ def engines_dir(bundle: Bundle | Path | str) -> Path:
 
 def engine_path(bundle: Bundle, precision: str, system: Mapping[str, str]) -> Path:
     """Where the engine of ``bundle`` for ``precision`` built on ``system`` (:func:`system_info`) is cached."""
-    return engines_dir(bundle) / engine_filename(precision, system["tensorrt_version"], system["compute_capability"],
-                                                 bundle.sha256)
+    return engines_dir(bundle) / engine_filename(
+        precision, system["tensorrt_version"], system["compute_capability"], bundle.sha256
+    )
 
 
 def find_engines(bundle: Bundle | Path | str, precision: str) -> list[Path]:
@@ -112,23 +119,29 @@ def describe_engine(engine: Path) -> str:
     if parsed is None:
         facts = [f"name not in the {ENGINE_NAME_FORMAT} format (older edgetune?)"]
     else:
-        facts = [f"TensorRT {parsed['tensorrt_version']}", f"compute capability {parsed['compute_capability']}",
-                 f"ONNX {parsed['onnx_sha12']}"]
+        facts = [
+            f"TensorRT {parsed['tensorrt_version']}",
+            f"compute capability {parsed['compute_capability']}",
+            f"ONNX {parsed['onnx_sha12']}",
+        ]
     try:
         meta = json.loads(sidecar_path(engine).read_text())
     except (OSError, ValueError):
         return f"{engine.name} ({', '.join(facts)}; sidecar missing or unreadable)"
     if isinstance(meta, dict):
         if parsed is None:
-            facts += [f"sidecar: TensorRT {meta.get('tensorrt_version')}",
-                      f"compute capability {meta.get('compute_capability')}",
-                      f"ONNX {str(meta.get('onnx_sha256'))[:12]}"]
+            facts += [
+                f"sidecar: TensorRT {meta.get('tensorrt_version')}",
+                f"compute capability {meta.get('compute_capability')}",
+                f"ONNX {str(meta.get('onnx_sha256'))[:12]}",
+            ]
         facts.append(f"GPU {meta.get('gpu_name')!r}")
     return f"{engine.name} ({', '.join(facts)})"
 
 
-def select_engine(bundle: Bundle, precision: str, system: Mapping[str, str],
-                  candidates: list[Path] | None = None) -> Path:
+def select_engine(
+    bundle: Bundle, precision: str, system: Mapping[str, str], candidates: list[Path] | None = None
+) -> Path:
     """The engine among ``candidates`` (default :func:`find_engines`) named for this system and bundle.
 
     Raises :class:`BundleError` when there is none: what each found engine was built for, what this
@@ -139,13 +152,17 @@ def select_engine(bundle: Bundle, precision: str, system: Mapping[str, str],
     for p in found:
         if p.name == wanted.name and p.is_file():
             return p
-    here = (f"this system: TensorRT {system['tensorrt_version']}, GPU {system.get('gpu_name')!r}, compute "
-            f"capability {system['compute_capability']}; bundle ONNX {bundle.version}; expected {wanted.name}")
+    here = (
+        f"this system: TensorRT {system['tensorrt_version']}, GPU {system.get('gpu_name')!r}, compute "
+        f"capability {system['compute_capability']}; bundle ONNX {bundle.version}; expected {wanted.name}"
+    )
     if not found:
         raise BundleError(f"no {precision} TensorRT engine in {wanted.parent} ({here}); build it: {hint}")
-    raise BundleError(f"no {precision} TensorRT engine in {wanted.parent} matches this system and bundle ({here}); "
-                      f"found {len(found)} built for something else: {'; '.join(map(describe_engine, found))}; {hint} "
-                      "(engines for other GPUs / TensorRT versions are kept and do no harm)")
+    raise BundleError(
+        f"no {precision} TensorRT engine in {wanted.parent} matches this system and bundle ({here}); "
+        f"found {len(found)} built for something else: {'; '.join(map(describe_engine, found))}; {hint} "
+        "(engines for other GPUs / TensorRT versions are kept and do no harm)"
+    )
 
 
 def sidecar_path(engine: Path) -> Path:
@@ -162,8 +179,16 @@ def _precision_of(engine: Path) -> str:
     return parts[1] if len(parts) >= 3 and parts[1] in PRECISIONS else "fp16"
 
 
-def validate_sidecar(meta: Mapping[str, Any], *, bundle: Bundle, tensorrt_version: str, gpu_name: str,
-                     compute_capability: str, engine: Path, precision: str | None = None) -> None:
+def validate_sidecar(
+    meta: Mapping[str, Any],
+    *,
+    bundle: Bundle,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    engine: Path,
+    precision: str | None = None,
+) -> None:
     """Check that an engine's sidecar matches the running system and the bundle.
 
     ``precision``, when given, is the precision the caller asked for (the sidecar must say the same).
@@ -176,8 +201,9 @@ def validate_sidecar(meta: Mapping[str, Any], *, bundle: Bundle, tensorrt_versio
         raise BundleError(f"{sidecar_path(engine)}: sidecar must be a JSON object; {hint}")
     missing = [k for k in SIDECAR_KEYS if k not in meta]
     if missing:
-        raise BundleError(f"{sidecar_path(engine)}: missing field(s) {missing} (required: {list(SIDECAR_KEYS)}); "
-                          f"{hint}")
+        raise BundleError(
+            f"{sidecar_path(engine)}: missing field(s) {missing} (required: {list(SIDECAR_KEYS)}); {hint}"
+        )
     problems = []
     if str(meta["onnx_sha256"]) != bundle.sha256:
         problems.append(f"built from ONNX {str(meta['onnx_sha256'])[:12]}, bundle model is {bundle.version}")
@@ -203,11 +229,13 @@ def read_sidecar(engine: Path) -> dict[str, Any]:
     try:
         meta = json.loads(side.read_text())
     except FileNotFoundError:
-        raise BundleError(f"engine {engine} has no sidecar {side.name}; "
-                          f"{_rebuild_hint(engine.parent.parent, _precision_of(engine))}") from None
+        raise BundleError(
+            f"engine {engine} has no sidecar {side.name}; {_rebuild_hint(engine.parent.parent, _precision_of(engine))}"
+        ) from None
     except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"{side}: unreadable ({e}); {_rebuild_hint(engine.parent.parent, _precision_of(engine))}"
-                          ) from None
+        raise BundleError(
+            f"{side}: unreadable ({e}); {_rebuild_hint(engine.parent.parent, _precision_of(engine))}"
+        ) from None
     return meta if isinstance(meta, dict) else {"_invalid": meta}
 
 
@@ -277,8 +305,11 @@ def compute_capability(cudart: Any, device: int = 0) -> str:
 
 def system_info(trt: Any, cudart: Any, device: int = 0) -> dict[str, str]:
     """What an engine is tied to on this machine: the sidecar fields checked by :func:`validate_sidecar`."""
-    return {"tensorrt_version": str(trt.__version__), "gpu_name": gpu_name(cudart, device),
-            "compute_capability": compute_capability(cudart, device)}
+    return {
+        "tensorrt_version": str(trt.__version__),
+        "gpu_name": gpu_name(cudart, device),
+        "compute_capability": compute_capability(cudart, device),
+    }
 
 
 class TensorRTRunner(Runner):
@@ -288,14 +319,17 @@ class TensorRTRunner(Runner):
     (:func:`select_engine`); an explicit ``engine`` path (the builder's staged engine) is used as is.
     Either way the sidecar and the engine SHA-256 are checked before deserialising."""
 
-    def __init__(self, bundle: Bundle, precision: str = "fp16", max_batch_size: int = 8,
-                 engine: Path | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, precision: str = "fp16", max_batch_size: int = 8, engine: Path | None = None
+    ) -> None:
         _check_precision(precision)
         candidates = [Path(engine)] if engine is not None else find_engines(bundle, precision)
         if not [p for p in candidates if p.is_file()]:  # checked before importing TensorRT
-            raise BundleError(f"no {precision} TensorRT engine "
-                              f"{'at ' + str(engine) if engine is not None else 'in ' + str(engines_dir(bundle))}; "
-                              f"build it with `make engine BUNDLE={bundle.path} PRECISION={precision}`")
+            raise BundleError(
+                f"no {precision} TensorRT engine "
+                f"{'at ' + str(engine) if engine is not None else 'in ' + str(engines_dir(bundle))}; "
+                f"build it with `make engine BUNDLE={bundle.path} PRECISION={precision}`"
+            )
         trt = import_tensorrt()
         cudart = import_cudart()
         system = system_info(trt, cudart)
@@ -342,8 +376,9 @@ class TensorRTRunner(Runner):
         _check(cudart.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream), "cudaMemcpyAsync(H2D)")
         if not self._context.execute_async_v3(int(self._stream)):
             raise RuntimeError("TensorRT execute_async_v3 failed")
-        _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream),
-               "cudaMemcpyAsync(D2H)")
+        _check(
+            cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream), "cudaMemcpyAsync(D2H)"
+        )
         _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         return out.astype(np.float32, copy=False)
 
