@@ -193,33 +193,80 @@ def accuracy_check(bundle: Bundle, engine: Path, precision: str, max_batch: int)
     }
 
 
-def build_engine_bytes(  # noqa: PLR0915
-    trt: Any,
-    cudart: Any,
-    bundle: Bundle,
-    precision: str,
-    options: BuildOptions,  # noqa: PLR0915
-    system: dict[str, str],
-    fast_fp16: bool,
-    trt_logger: Any,
-) -> tuple[bytes, ProfileShapes, dict[str, Any]]:
-    """Parse the ONNX, configure and build; returns (serialized engine, profile, build facts)."""
+def _parse_onnx(trt: Any, bundle: Bundle, trt_logger: Any) -> tuple[Any, Any, Any]:
+    """TensorRT's network of the bundle's ONNX (builder, network, parser: the parser owns the weights, so it lives
+    as long as the build), checked against bundle.json's input and output names."""
     builder = trt.Builder(trt_logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, trt_logger)
     if not parser.parse_from_file(str(bundle.model_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError(f"TensorRT's ONNX parser rejected {bundle.model_path}: " + "; ".join(errors))
-    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    if list(inputs) != [bundle.input_name] or bundle.output_name not in outputs:
+    if inputs != [bundle.input_name] or bundle.output_name not in outputs:
         raise BundleError(
-            f"{bundle.model_path}: inputs {list(inputs)} / outputs {outputs}, bundle.json says "
+            f"{bundle.model_path}: inputs {inputs} / outputs {outputs}, bundle.json says "
             f"input {bundle.input_name!r}, output {bundle.output_name!r}"
         )
-    shapes = profile_shapes(
-        tuple(inputs[bundle.input_name].shape), bundle.spec.input_size, options.max_batch, options.opt
-    )
+    return builder, network, parser
+
+
+def _configure_int8(
+    trt: Any, cudart: Any, builder: Any, config: Any, bundle: Bundle, options: BuildOptions, system: dict[str, str]
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """INT8 with entropy calibration over the bundle's calibration images at one fixed batch shape; returns the
+    calibrator's core (its error is checked after the build), the device buffer to free, the calibrator (the caller
+    holds it until the build ends: the builder config does not keep the Python object alive) and the facts."""
+    paths = cal.calibration_image_paths(bundle)
+    batches = cal.CalibrationBatches(paths, bundle.spec, min(options.calib_batch, max(1, len(paths))))
+    cache = cal.CalibrationCache(cal.calibration_cache_path(bundle, system["tensorrt_version"], batches))
+    buffer = cal.CudaBuffer(cudart, batches.nbytes)
+    core = cal.CalibratorCore(batches, buffer, cache, bundle.input_name)
+    calib_profile = builder.create_optimization_profile()
+    calib_profile.set_shape(bundle.input_name, batches.shape, batches.shape, batches.shape)
+    config.set_flag(trt.BuilderFlag.INT8)
+    calibrator = cal.make_entropy_calibrator(trt, core)
+    config.int8_calibrator = calibrator
+    config.set_calibration_profile(calib_profile)  # calibration runs at one fixed batch shape
+    facts = {
+        "images": len(batches.images),
+        "batch_size": batches.batch_size,
+        "batches": len(batches),
+        "cache": str(cache.path),
+        "cache_reused": cache.path.is_file(),
+    }
+    return core, buffer, calibrator, facts
+
+
+def _attach_timing_cache(config: Any, tc_path: Path) -> int:
+    """Load the timing cache at ``tc_path`` into the builder config (a new one where it is missing or unusable);
+    returns the bytes loaded."""
+    blob = tc_path.read_bytes() if tc_path.is_file() else b""
+    timing_cache = config.create_timing_cache(blob)
+    if timing_cache is None or not config.set_timing_cache(timing_cache, False):
+        log.warning(
+            "timing cache unusable (other TensorRT/GPU?), starting a new one", extra={"fields": {"path": str(tc_path)}}
+        )
+        blob = b""
+        if not config.set_timing_cache(config.create_timing_cache(b""), False):
+            raise EngineBuildError("TensorRT refused a new, empty timing cache")
+    return len(blob)
+
+
+def build_engine_bytes(
+    trt: Any,
+    cudart: Any,
+    bundle: Bundle,
+    precision: str,
+    options: BuildOptions,
+    system: dict[str, str],
+    fast_fp16: bool,
+    trt_logger: Any,
+) -> tuple[bytes, ProfileShapes, dict[str, Any]]:
+    """Parse the ONNX, configure and build; returns (serialized engine, profile, build facts)."""
+    builder, network, _parser = _parse_onnx(trt, bundle, trt_logger)
+    shapes = profile_shapes(tuple(network.get_input(0).shape), bundle.spec.input_size, options.max_batch, options.opt)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
     profile = builder.create_optimization_profile()
@@ -230,38 +277,14 @@ def build_engine_bytes(  # noqa: PLR0915
     if precision in ("fp16", "int8") and (precision == "fp16" or fast_fp16):
         config.set_flag(trt.BuilderFlag.FP16)  # int8: layers without INT8 kernels fall back to FP16, not FP32
         facts["flags"].append("FP16")
-    core = buffer = None
+    core = buffer = _calibrator = None
     if precision == "int8":
-        paths = cal.calibration_image_paths(bundle)
-        batches = cal.CalibrationBatches(paths, bundle.spec, min(options.calib_batch, max(1, len(paths))))
-        cache = cal.CalibrationCache(cal.calibration_cache_path(bundle, system["tensorrt_version"], batches))
-        buffer = cal.CudaBuffer(cudart, batches.nbytes)
-        core = cal.CalibratorCore(batches, buffer, cache, bundle.input_name)
-        calibrator = cal.make_entropy_calibrator(trt, core)
-        calib_profile = builder.create_optimization_profile()
-        calib_profile.set_shape(bundle.input_name, batches.shape, batches.shape, batches.shape)
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = calibrator
-        config.set_calibration_profile(calib_profile)  # calibration runs at one fixed batch shape
-        facts["flags"].append("INT8")
-        facts["calibration"] = {
-            "images": len(batches.images),
-            "batch_size": batches.batch_size,
-            "batches": len(batches),
-            "cache": str(cache.path),
-            "cache_reused": cache.path.is_file(),
-        }
-    tc_path = Path(options.timing_cache) if options.timing_cache else default_timing_cache(bundle, system)
-    blob = tc_path.read_bytes() if tc_path.is_file() else b""
-    timing_cache = config.create_timing_cache(blob)
-    if timing_cache is None or not config.set_timing_cache(timing_cache, False):
-        log.warning(
-            "timing cache unusable (other TensorRT/GPU?), starting a new one", extra={"fields": {"path": str(tc_path)}}
+        core, buffer, _calibrator, facts["calibration"] = _configure_int8(
+            trt, cudart, builder, config, bundle, options, system
         )
-        blob = b""
-        if not config.set_timing_cache(config.create_timing_cache(b""), False):
-            raise EngineBuildError("TensorRT refused a new, empty timing cache")
-    facts["timing_cache"] = {"path": str(tc_path), "loaded_bytes": len(blob)}
+        facts["flags"].append("INT8")
+    tc_path = Path(options.timing_cache) if options.timing_cache else default_timing_cache(bundle, system)
+    facts["timing_cache"] = {"path": str(tc_path), "loaded_bytes": _attach_timing_cache(config, tc_path)}
     try:
         serialized = builder.build_serialized_network(network, config)
     finally:

@@ -226,36 +226,8 @@ class EdgeServer:
                 interceptors=interceptors,
                 options=self.grpc_options,
             )
-            self.servicer = ClassifierServicer(
-                self.holder,
-                self.stats,
-                max_pixels=config.max_pixels,
-                load_model=policy,
-                stream_idle_s=config.stream_idle_s,
-                draining=self.admission.draining,
-                decode_budget=ByteBudget(int(config.max_decode_mb * 1024 * 1024), "the decode budget"),
-                inflight=self.inflight,
-                capture=self.capture,
-                admin_token=config.admin_token if self.capture is not None else None,
-            )
-            classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, self._grpc)
-            self.health = health.HealthServicer()
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-                self._grpc,
-            )
-            address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
-            try:
-                self.port = (
-                    self._grpc.add_secure_port(address, creds)
-                    if creds is not None
-                    else self._grpc.add_insecure_port(address)
-                )
-            except RuntimeError as e:
-                raise ConfigError(f"cannot listen on {address}: {e}") from None
-            if self.port == 0:
-                raise ConfigError(f"cannot listen on {address} (address in use or not available)")
+            self._add_services(config, policy)
+            self.port = self._listen(config, creds)
         except BaseException:
             self.holder.close()
             self.admission.close()
@@ -266,6 +238,43 @@ class EdgeServer:
         self.watcher = BundleWatcher(self.holder, config.bundle, config.watch_interval_s) if config.watch else None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+
+    def _add_services(self, config: ServerConfig, policy: LoadModelPolicy | None) -> None:
+        """The classifier, gRPC health and reflection services on the server."""
+        self.servicer = ClassifierServicer(
+            self.holder,
+            self.stats,
+            max_pixels=config.max_pixels,
+            load_model=policy,
+            stream_idle_s=config.stream_idle_s,
+            draining=self.admission.draining,
+            decode_budget=ByteBudget(int(config.max_decode_mb * 1024 * 1024), "the decode budget"),
+            inflight=self.inflight,
+            capture=self.capture,
+            admin_token=config.admin_token if self.capture is not None else None,
+        )
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, self._grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._grpc,
+        )
+
+    def _listen(self, config: ServerConfig, creds: grpc.ServerCredentials | None) -> int:
+        """Bind the configured address (TLS where credentials are given); returns the port (ConfigError if not)."""
+        address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+        try:
+            port = (
+                self._grpc.add_secure_port(address, creds)
+                if creds is not None
+                else self._grpc.add_insecure_port(address)
+            )
+        except RuntimeError as e:
+            raise ConfigError(f"cannot listen on {address}: {e}") from None
+        if port == 0:
+            raise ConfigError(f"cannot listen on {address} (address in use or not available)")
+        return port
 
     @property
     def address(self) -> str:
