@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -189,6 +190,11 @@ _SCALARS: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
         tuple,
         "a list of strings",
     ),
+    list[str]: (
+        lambda x: isinstance(x, (list, tuple)) and all(isinstance(i, str) for i in x),
+        list,
+        "a list of strings",
+    ),
     dict[str, float]: (
         lambda x: isinstance(x, Mapping) and all(isinstance(k, str) and _is_number(v) for k, v in x.items()),
         lambda x: {k: float(v) for k, v in x.items()},
@@ -202,12 +208,12 @@ _SCALARS: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
 }
 
 
-def _check_value(hint: Any, v: Any) -> Any:
-    """``v`` as a value of a field with type ``hint`` (a YAML scalar / list / mapping), or raise ValueError saying
-    what the field takes."""
+def check_value(hint: Any, v: Any) -> Any:
+    """``v`` as a value of an option with type ``hint`` (a YAML scalar / list / mapping), or raise ValueError saying
+    what the option takes."""
     inner = _optional(hint)
     if inner is not None:
-        return None if v is None else _check_value(inner, v)
+        return None if v is None else check_value(inner, v)
     if hint not in _SCALARS:
         raise ValueError(f"a {hint!r} (not settable from a file)")
     ok, convert, what = _SCALARS[hint]
@@ -216,23 +222,35 @@ def _check_value(hint: Any, v: Any) -> Any:
     return convert(v)
 
 
-def file_values(cls: type, data: Any, source: str) -> dict[str, Any]:
-    """The init fields of dataclass ``cls`` given by a config file's mapping ``data`` (e.g. YAML), each checked
-    against its field's type. ``ValueError`` names what is wrong: not a mapping, the unknown keys with the allowed
-    ones, a value of the wrong type with what the field takes."""
+def check_mapping(
+    data: Any,
+    checks: Mapping[str, Callable[[Any], Any]],
+    source: str,
+    unknown_hint: Callable[[list[str]], str] | None = None,
+) -> dict[str, Any]:
+    """A config file's mapping ``data`` (e.g. YAML) checked key by key: ``checks`` maps each allowed key to a function
+    that returns the value or raises ValueError saying what the key takes. ValueError names what is wrong: not a
+    mapping, the unknown keys with the allowed ones (plus ``unknown_hint(unknown)``), a value of the wrong type."""
     if data is None:
         return {}
     if not isinstance(data, Mapping):
         raise ValueError(f"{source}: must be a mapping of option names to values, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = [str(k) for k in data if k not in names]
+    unknown = sorted(str(k) for k in data if k not in checks)
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(names)}")
+        hint = unknown_hint(unknown) if unknown_hint is not None else ""
+        raise ValueError(f"{source}: unknown key(s) {unknown}{hint}; allowed: {', '.join(checks)}")
     out: dict[str, Any] = {}
     for k, v in data.items():
         try:
-            out[k] = _check_value(hints[k], v)
+            out[k] = checks[k](v)
         except ValueError as e:
             raise ValueError(f"{source}: {k!r} must be {e}, got {v!r}") from None
     return out
+
+
+def file_values(cls: type, data: Any, source: str) -> dict[str, Any]:
+    """The init fields of dataclass ``cls`` given by a config file's mapping ``data``, each checked against its
+    field's type (:func:`check_mapping`'s ValueError where not)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    return check_mapping(data, {n: functools.partial(check_value, hints[n]) for n in names}, source)

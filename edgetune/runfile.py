@@ -10,12 +10,14 @@ Standard library + PyYAML (every edgetune side has both).
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from edgetune.dataclass_cli import check_mapping, check_value
 from edgetune.errors import ConfigError
 
 #: Parser destinations that are not run options.
@@ -47,26 +49,20 @@ def option_actions(parser: argparse.ArgumentParser, secret: Collection[str] = ()
     }
 
 
+def _hint(action: argparse.Action) -> Any:
+    """The type of an option's value in a run file (a switch: bool; a repeatable flag: a list of strings)."""
+    if action.nargs == 0:
+        return bool
+    if isinstance(action, argparse._AppendAction):
+        return list[str]
+    return action.type if action.type in (int, float) else str
+
+
 def _check(action: argparse.Action, v: Any) -> Any:
     """``v`` as the value of ``action`` (ValueError saying what it takes)."""
-    if action.nargs == 0:  # a switch
-        if not isinstance(v, bool):
-            raise ValueError("true or false")
-        return v
-    if v is None and action.default is None:
+    if v is None and action.default is None and action.nargs != 0:
         return None
-    if isinstance(action, argparse._AppendAction):
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise ValueError("a list of strings")
-        return list(v)
-    kind = action.type if action.type in (int, float) else str
-    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-        raise ValueError("an integer")
-    if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
-        raise ValueError("a number")
-    if kind is str and not isinstance(v, str):
-        raise ValueError("a string")
-    v = kind(v)
+    v = check_value(_hint(action), v)
     if action.choices is not None and v not in action.choices:
         raise ValueError(f"one of {list(action.choices)}")
     return v
@@ -82,26 +78,16 @@ def load_run_file(parser: argparse.ArgumentParser, path: str | Path, secret: Col
         raise ConfigError(f"cannot read the run config {p}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"run config {p} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"run config {p}: must be a mapping of option names to values, got {type(data).__name__}")
-    actions = option_actions(parser, secret)
-    unknown = sorted(str(k) for k in data if k not in actions)
-    if unknown:
-        hint = (
-            f" ({', '.join(sorted(set(unknown) & set(secret)))}: give it in a file, e.g. --token-file)"
-            if set(unknown) & set(secret)
-            else ""
-        )
-        raise ConfigError(f"run config {p}: unknown key(s) {unknown}{hint}; allowed: {', '.join(actions)}")
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        try:
-            out[k] = _check(actions[k], v)
-        except ValueError as e:
-            raise ConfigError(f"run config {p}: {k!r} must be {e}, got {v!r}") from None
-    return out
+
+    def secret_hint(unknown: list[str]) -> str:
+        named = sorted(set(unknown) & set(secret))
+        return f" ({', '.join(named)}: give it in a file, e.g. --token-file)" if named else ""
+
+    checks = {dest: functools.partial(_check, a) for dest, a in option_actions(parser, secret).items()}
+    try:
+        return check_mapping(data, checks, f"run config {p}", secret_hint)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_args_with_run_file(
