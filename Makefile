@@ -107,10 +107,10 @@ tune: $(STAMP)
 # shutdown of that node. On a Jetson: VENV=.venv-edge EXTRAS=serve,edge make edge-node … (no torch needed).
 edge-node: $(STAMP)
 	@test -n "$(HEAD)" -a -n "$(TARGET)" || { echo "usage: make edge-node HEAD=<head host>:<port> TARGET=<name>"; exit 2; }
-	$(PY) -m edge_server.edge_node start --head $(HEAD) --target $(TARGET) $(ARGS)
+	$(PY) -m edge_server.agent start --head $(HEAD) --target $(TARGET) $(ARGS)
 
 edge-node-stop: $(STAMP)
-	$(PY) -m edge_server.edge_node stop $(call opt,TARGET,--target)
+	$(PY) -m edge_server.agent stop $(call opt,TARGET,--target)
 
 export: $(STAMP)
 	$(PY) -m trainer.export $(call opt,RUN,--run) $(call opt,OUT,--out) $(ARGS)

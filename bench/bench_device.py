@@ -7,7 +7,7 @@ on the architecture, not the weights). Three measurements of each, in interleave
   1 warm-up, 20 runs, in a Ray task on the training node while a training process (a real fwd/bwd loop of
   EfficientNet-Lite0, one torch thread: what a concurrent trial does) runs on the same 2-core node.
 * **exclusive** (``make tune TARGET=…``): the timing task pinned to ``edge_target:sim`` on an edge node
-  (``tuner.device``/``edge_server.timing``: the product's protocol, 20 warm-up, 100 runs, p50/p90), while the same
+  (``tuner.device``/``edge_server.agent.timing``: the product's protocol, 20 warm-up, 100 runs, p50/p90), while the same
   training load runs.
   The sim edge node is pinned to CPU 1 and the training load to CPU 0: on one machine that stands in for what a
   real target is, a separate device that does no training.
@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import md_table, parse_args, work_dir, write_results  # noqa: E402
 
-from edge_server.timing import TimingProtocol  # noqa: E402
+from edgetune.device import TimingProtocol  # noqa: E402
 
 #: Close neighbours on purpose (Lite0 vs Lite1, input sizes 16 px apart): a ranking only says something when
 #: some architectures are nearly as fast as others.
@@ -117,7 +117,8 @@ def start_load() -> subprocess.Popen[bytes]:
 
 def reference(archs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Isolated re-measurement: nothing else running, the server's runner, many runs."""
-    from edge_server.timing import TimingProtocol, time_bundle
+    from edge_server.agent.timing import time_bundle
+    from edgetune.device import TimingProtocol
 
     proto = TimingProtocol(warmup=REFERENCE_WARMUP, runs=REFERENCE_RUNS)
     return [time_bundle(a["dir"], protocol=proto, backend="onnxruntime") for a in archs]

@@ -25,7 +25,7 @@ BUDGETS = ("small", "large")
 if str(ROOT) not in sys.path:  # scripts run as `python bench/bench_x.py` from the repo root
     sys.path.insert(0, str(ROOT))
 
-from edge_server.timing import cpu_model  # noqa: E402
+from edge_server.agent.timing import cpu_model  # noqa: E402
 from edgetune.errors import ConfigError  # noqa: E402
 from edgetune.fsutil import atomic_write_text  # noqa: E402
 from edgetune.markdown import markdown_table  # noqa: E402

@@ -23,9 +23,9 @@ from edge_server.logs import LOG_LEVELS, NativeStderr, configure_logging
 from edge_server.model import BATCH_WAITS
 from edge_server.profiles import PROFILE_NAMES, SERVER_PROFILES, profile_limits
 from edge_server.runners import BACKENDS
-from edge_server.runners.tensorrt import PRECISIONS
 from edge_server.server import ServerConfig, serve
 from edgetune.dataclass_cli import HelpFormatter
+from edgetune.device import PRECISIONS
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.runfile import add_run_file_flags, parse_args_with_run_file, run_file_yaml
 

@@ -30,15 +30,15 @@ OWNED = [
     ("trainer.ray_trainer", "PLACEMENT_STRATEGIES"),
     ("tuner.space", "TYPES"),
     ("edge_server.runners", "BACKENDS"),
-    ("edge_server.runners.tensorrt", "PRECISIONS"),
-    ("edge_server.timing", "TIMING_BACKENDS"),
+    ("edgetune.device", "PRECISIONS"),
+    ("edgetune.device", "TIMING_BACKENDS"),
     ("edge_server.model", "BATCH_WAITS"),
     ("edge_server.logs", "LOG_LEVELS"),
     ("edge_client.output", "LOG_FORMATS"),
 ]
 DERIVED = [
     ("trainer.metric", "METRIC_NAMES"),  # = tuple(METRICS), each a Metric("<name>", ...) in trainer/metric.py
-    ("edge_server.engine_cache", "PRECISION_CHOICES"),  # = ("auto", *PRECISIONS); edge_server.engine re-exports it
+    ("edgetune.device", "PRECISION_CHOICES"),  # = ("auto", *PRECISIONS)
 ]
 
 
@@ -54,7 +54,7 @@ def _values(v: Any) -> frozenset[Any]:
 def _parsers() -> dict[str, Any]:
     import edge_client.__main__ as client_cli
     import edge_server.__main__ as server_cli
-    import edge_server.engine as engine_cli
+    import edge_server.engine.build as engine_cli
     import trainer.__main__ as train_cli
     import tuner.__main__ as tune_cli
 
@@ -70,14 +70,14 @@ def _parsers() -> dict[str, Any]:
 #: (CLI, argparse dest) -> the constant its choices must be (identity, not just equality).
 CLI_CHOICES = {
     ("tuner", "placement_strategy"): ("trainer.ray_trainer", "PLACEMENT_STRATEGIES"),
-    ("tuner", "timing_backend"): ("edge_server.timing", "TIMING_BACKENDS"),
+    ("tuner", "timing_backend"): ("edgetune.device", "TIMING_BACKENDS"),
     ("tuner", "metric"): ("trainer.metric", "METRIC_NAMES"),
     ("edge_server", "backend"): ("edge_server.runners", "BACKENDS"),
-    ("edge_server", "precision"): ("edge_server.runners.tensorrt", "PRECISIONS"),
+    ("edge_server", "precision"): ("edgetune.device", "PRECISIONS"),
     ("edge_server", "batch_wait"): ("edge_server.model", "BATCH_WAITS"),
     ("edge_server", "log_level"): ("edge_server.logs", "LOG_LEVELS"),
     ("edge_server", "profile"): ("edge_server.profiles", "PROFILE_NAMES"),
-    ("edge_server.engine", "precision"): ("edge_server.engine_cache", "PRECISION_CHOICES"),
+    ("edge_server.engine", "precision"): ("edgetune.device", "PRECISION_CHOICES"),
     ("edge_client", "log_format"): ("edge_client.output", "LOG_FORMATS"),
 }
 
@@ -258,8 +258,7 @@ def test_metric_names_are_defined_once_each(scanned):
 
 
 def test_precision_choices_derive_from_the_tensorrt_precisions():
-    from edge_server.engine import PRECISION_CHOICES
-    from edge_server.runners.tensorrt import PRECISIONS
+    from edgetune.device import PRECISION_CHOICES, PRECISIONS
 
     assert PRECISION_CHOICES == ("auto", *PRECISIONS)
 

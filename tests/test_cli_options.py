@@ -14,7 +14,8 @@ from typing import Any, Optional  # Optional: a hint dataclass_cli must read too
 
 import pytest
 
-from edge_server import engine as eng
+from edge_server.engine import build as eng
+from edge_server.engine.cache import BuildOptions
 from edgetune.dataclass_cli import field_values
 from edgetune.errors import ConfigError
 from trainer import __main__ as train_cli
@@ -60,7 +61,7 @@ ENGINE_FLAGS: dict[str, tuple[list[str], object]] = {
 CLIS: dict[str, tuple[type, Callable[[], argparse.ArgumentParser], list[str], dict[str, Any], list[str]]] = {
     "trainer": (train_cli.TrainOptions, train_cli.build_parser, [], TRAIN_FLAGS, []),
     "export": (export_cli.ExportOptions, export_cli.build_parser, ["--run", "r"], EXPORT_FLAGS, []),
-    "engine": (eng.BuildOptions, eng.build_parser, ["--bundle", "b"], ENGINE_FLAGS, ["--bundle", "--verbose"]),
+    "engine": (BuildOptions, eng.build_parser, ["--bundle", "b"], ENGINE_FLAGS, ["--bundle", "--verbose"]),
 }
 CASES = [(cli, name) for cli, (_, _, _, table, _) in CLIS.items() for name in sorted(table)]
 
@@ -158,7 +159,7 @@ def test_export_bundle_dir_default() -> None:
 def test_engine_empty_timing_cache_is_none_and_opt_batch_is_bounded() -> None:
     opts, args = _parse("engine", ["--timing-cache", ""])
     assert opts.timing_cache is None and args.bundle == "b" and args.verbose is False  # "" is no cache
-    assert opts == eng.BuildOptions()
+    assert opts == BuildOptions()
     with pytest.raises(ConfigError, match="opt batch must be an integer in 1..8"):
         _parse("engine", ["--opt-batch", "9"])
 

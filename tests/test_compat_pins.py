@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from edgetune.device import token_available
 from edgetune.errors import EdgetuneError
 from tuner import _optuna_compat, _ray_compat
 
@@ -144,9 +145,9 @@ def test_auth_mode_switch_reaches_rays_config(monkeypatch: pytest.MonkeyPatch, t
             _ray_compat.set_auth_mode(before)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "none"))
-    assert not _ray_compat.token_available()
+    assert not token_available()
     (tmp_path / "none").write_text("t")
-    assert _ray_compat.token_available()
+    assert token_available()
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
-    assert _ray_compat.token_available()
+    assert token_available()

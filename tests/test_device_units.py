@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_timing_side_imports_no_torch_or_trainer():
     """What an edge node runs (the timing task and its module) needs edgetune[serve] + Ray, not torch/trainer."""
     code = (
-        "import sys, edge_server.timing, edge_server.edge_node, tuner.device; "
+        "import sys, edge_server.agent.timing, edge_server.agent.node, tuner.device; "
         "bad = [m for m in ('torch', 'trainer', 'torchvision') if m in sys.modules]; print(bad); "
         "sys.exit(1 if bad else 0)"
     )
@@ -46,7 +46,7 @@ def test_signature_key_is_stable_and_ignores_training_settings():
 
 
 def test_target_name_and_protocol_are_validated():
-    from edge_server.timing import TimingProtocol
+    from edgetune.device import TimingProtocol
     from tuner.device import target_resource
     from tuner.options import TuneOptions
 
@@ -75,7 +75,8 @@ def test_pareto_points_and_rejection():
 
 def test_time_bundle_of_an_untrained_architecture(tmp_path):
     """The timing task's body on this machine: a real ONNX export of Lite0, timed with the server's runner."""
-    from edge_server.timing import TimingProtocol, time_bundle, time_bundle_files
+    from edge_server.agent.timing import time_bundle, time_bundle_files
+    from edgetune.device import TimingProtocol
     from trainer.config import ModelConfig
     from trainer.export import bundle_files, write_architecture_bundle
     from trainer.model import create_model, preprocess_spec_for

@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 def _edge(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "edge_server.edge_node", *args],
+        [sys.executable, "-m", "edge_server.agent", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""TensorRT engine builder (edge_server.engine) and INT8 calibrator (edge_server.calibrator).
+"""TensorRT engine builder (edge_server.engine) and INT8 calibrator (edge_server.engine.calibrator).
 
 Everything that does not need TensorRT runs everywhere on a real bundle (real ONNX model, real
 calibration/check PNGs, real ONNX Runtime): precision decisions, profile shapes, naming, sidecar
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_server import calibrator as cal
-from edge_server import engine as eng
-from edge_server import engine_cache
+from edge_server.engine import build as eng
+from edge_server.engine import cache as engine_cache
+from edge_server.engine import calibrator as cal
 from edge_server.runners.onnxruntime import OnnxRuntimeRunner
 from edge_server.runners.tensorrt import (
     SIDECAR_KEYS,
@@ -81,8 +81,8 @@ def test_decide_precision_errors():
 
 # -- options and profile -------------------------------------------------------------------------
 def test_build_options_validation():
-    assert eng.BuildOptions().opt == 4 and eng.BuildOptions(max_batch=1).opt == 1
-    assert eng.BuildOptions(max_batch=16, opt_batch=2).opt == 2
+    assert engine_cache.BuildOptions().opt == 4 and engine_cache.BuildOptions(max_batch=1).opt == 1
+    assert engine_cache.BuildOptions(max_batch=16, opt_batch=2).opt == 2
     bad = {
         "max batch must be an integer in 1..1024": dict(max_batch=0),
         "opt batch must be an integer in 1..8": dict(opt_batch=9),
@@ -93,13 +93,13 @@ def test_build_options_validation():
     }
     for fragment, kwargs in bad.items():
         with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-            eng.BuildOptions(**kwargs)
+            engine_cache.BuildOptions(**kwargs)
 
 
 def test_profile_shapes_from_bundle(loaded_bundle):
     shape = _onnx_input_shape(loaded_bundle)
     assert shape == (-1, 3, 32, 32)  # the exporter's dynamic batch axis
-    opts = eng.BuildOptions(max_batch=8)
+    opts = engine_cache.BuildOptions(max_batch=8)
     p = eng.profile_shapes(shape, loaded_bundle.spec.input_size, opts.max_batch, opts.opt)
     assert (p.min, p.opt, p.max) == ((1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32))
     p = eng.profile_shapes((-1, 3, -1, -1), (48, 64), 2, 1)  # dynamic H/W: the bundle's input size is used
@@ -143,7 +143,7 @@ def test_naming(loaded_bundle):
 
 def _sidecar(bundle, system=SYSTEM, precision="fp16", data=b"engine", **extra):
     shapes = eng.profile_shapes((-1, 3, 32, 32), (32, 32), 8, 4)
-    return engine_cache.make_sidecar(bundle, system, precision, shapes, eng.BuildOptions(), data, **extra)
+    return engine_cache.make_sidecar(bundle, system, precision, shapes, engine_cache.BuildOptions(), data, **extra)
 
 
 def test_sidecar_fields_and_mismatches(loaded_bundle, tmp_path):
@@ -175,7 +175,7 @@ def test_sidecar_fields_and_mismatches(loaded_bundle, tmp_path):
 
 def test_engine_status_and_atomic_writes(bundle_copy):
     b = bundle_copy
-    opts = eng.BuildOptions(precision="fp16", max_batch=8)
+    opts = engine_cache.BuildOptions(precision="fp16", max_batch=8)
     current, why = engine_cache.engine_status(b, SYSTEM, "fp16", opts)
     assert not current and "no engine at" in why and "other systems" not in why
     engine = engine_path(b, "fp16", SYSTEM)
@@ -190,7 +190,7 @@ def test_engine_status_and_atomic_writes(bundle_copy):
     # same name but the sidecar disagrees (same sm, other GPU model): the sidecar is the truth
     current, why = engine_cache.engine_status(b, dict(SYSTEM, gpu_name="Orin Nano"), "fp16", opts)
     assert not current and "running on 'Orin Nano'" in why and "PRECISION=fp16" in why
-    current, why = engine_cache.engine_status(b, SYSTEM, "fp16", eng.BuildOptions(max_batch=16))
+    current, why = engine_cache.engine_status(b, SYSTEM, "fp16", engine_cache.BuildOptions(max_batch=16))
     assert not current and "differs from the requested max 16/opt 8" in why
     side = _sidecar(b, system=dict(SYSTEM, tensorrt_version="8.6.2", compute_capability="7.2"), data=b"xavier")
     xavier = engine_path(b, "fp16", dict(SYSTEM, tensorrt_version="8.6.2", compute_capability="7.2"))
@@ -366,7 +366,7 @@ def _require_tensorrt_gpu():
 @pytest.mark.slow
 def test_build_fp32_then_reuse_then_force(bundle_copy):
     _require_tensorrt_gpu()
-    opts = eng.BuildOptions(precision="fp32", max_batch=4)
+    opts = engine_cache.BuildOptions(precision="fp32", max_batch=4)
     first = eng.build(bundle_copy.path, opts)
     assert first["status"] == "built" and first["accuracy_check"]["top1_agreement"] == 1.0
     assert first["accuracy_check"]["max_abs_prob_diff"] < 1e-3
@@ -378,7 +378,7 @@ def test_build_fp32_then_reuse_then_force(bundle_copy):
     assert meta["accuracy_check"]["top1_agreement"] == 1.0 and meta["max_batch_size"] == 4
     assert Path(first["timing_cache"]["path"]).is_file() and first["timing_cache"]["loaded_bytes"] == 0
     assert eng.build(bundle_copy.path, opts)["status"] == "up-to-date"
-    again = eng.build(bundle_copy.path, eng.BuildOptions(precision="fp32", max_batch=4, force=True))
+    again = eng.build(bundle_copy.path, engine_cache.BuildOptions(precision="fp32", max_batch=4, force=True))
     assert again["status"] == "built" and again["timing_cache"]["loaded_bytes"] > 0  # timing cache reused
     from edge_server.runners import get_runner
 
@@ -394,10 +394,12 @@ def test_build_int8_with_calibration_cache(bundle_copy):
     trt = _require_tensorrt_gpu()
     if not trt.Builder(trt.Logger(trt.Logger.WARNING)).platform_has_fast_int8:
         pytest.skip("this GPU has no fast INT8")
-    first = eng.build(bundle_copy.path, eng.BuildOptions(precision="int8", max_batch=4, calib_batch=4))
+    first = eng.build(bundle_copy.path, engine_cache.BuildOptions(precision="int8", max_batch=4, calib_batch=4))
     cache = Path(first["calibration"]["cache"])
     assert first["status"] == "built" and cache.is_file() and not first["calibration"]["cache_reused"]
     assert 0.0 <= first["accuracy_check"]["top1_agreement"] <= 1.0
-    again = eng.build(bundle_copy.path, eng.BuildOptions(precision="int8", max_batch=4, calib_batch=4, force=True))
+    again = eng.build(
+        bundle_copy.path, engine_cache.BuildOptions(precision="int8", max_batch=4, calib_batch=4, force=True)
+    )
     assert again["calibration"]["cache_reused"]
     assert json.loads(sidecar_path(Path(again["engine"])).read_text())["precision"] == "int8"

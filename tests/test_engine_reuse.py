@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_server import engine as eng
-from edge_server import engine_cache
+from edge_server.engine import build as eng
+from edge_server.engine import cache as engine_cache
 from edge_server.runners import tensorrt as rt
 
 ORIN = {"tensorrt_version": "10.3.0", "gpu_name": "Orin (nvgpu)", "compute_capability": "8.7"}
 
 
 def _cache_engine(bundle, cache: Path, system=ORIN, precision="fp16", options=None, data=b"serialized engine"):
-    options = options or eng.BuildOptions(precision=precision)
+    options = options or engine_cache.BuildOptions(precision=precision)
     shapes = eng.profile_shapes(
         (-1, 3, *bundle.spec.input_size), bundle.spec.input_size, options.max_batch, options.opt
     )
@@ -32,7 +32,7 @@ def _cache_engine(bundle, cache: Path, system=ORIN, precision="fp16", options=No
 
 def test_engine_from_the_search_is_reused_when_everything_matches(loaded_bundle, tmp_path):
     path, shapes = _cache_engine(loaded_bundle, tmp_path)
-    got = engine_cache.cached_engine(loaded_bundle, ORIN, "fp16", eng.BuildOptions(precision="fp16"), tmp_path)
+    got = engine_cache.cached_engine(loaded_bundle, ORIN, "fp16", engine_cache.BuildOptions(precision="fp16"), tmp_path)
     assert got is not None
     data, got_shapes, facts = got
     assert data == b"serialized engine" and got_shapes == shapes
@@ -42,14 +42,17 @@ def test_engine_from_the_search_is_reused_when_everything_matches(loaded_bundle,
 def test_engine_not_reused_on_any_mismatch(loaded_bundle, bundle_dir_b, tmp_path):
     from edgetune.bundle import load_bundle
 
-    opts = eng.BuildOptions(precision="fp16")
+    opts = engine_cache.BuildOptions(precision="fp16")
     path, _ = _cache_engine(loaded_bundle, tmp_path)
     for system in ({**ORIN, "tensorrt_version": "10.4.0"}, {**ORIN, "compute_capability": "7.2"}):
         assert engine_cache.cached_engine(loaded_bundle, system, "fp16", opts, tmp_path) is None
-    assert engine_cache.cached_engine(loaded_bundle, ORIN, "fp32", eng.BuildOptions(precision="fp32"), tmp_path) is None
+    assert (
+        engine_cache.cached_engine(loaded_bundle, ORIN, "fp32", engine_cache.BuildOptions(precision="fp32"), tmp_path)
+        is None
+    )
     assert (
         engine_cache.cached_engine(
-            loaded_bundle, ORIN, "fp16", eng.BuildOptions(precision="fp16", max_batch=16), tmp_path
+            loaded_bundle, ORIN, "fp16", engine_cache.BuildOptions(precision="fp16", max_batch=16), tmp_path
         )
         is None
     )
@@ -62,7 +65,7 @@ def test_engine_not_reused_on_any_mismatch(loaded_bundle, bundle_dir_b, tmp_path
 
 
 def test_tampered_cached_engine_is_not_reused(loaded_bundle, tmp_path):
-    opts = eng.BuildOptions(precision="fp16")
+    opts = engine_cache.BuildOptions(precision="fp16")
     path, _ = _cache_engine(loaded_bundle, tmp_path)
     path.write_bytes(b"serialized enginX")
     assert engine_cache.cached_engine(loaded_bundle, ORIN, "fp16", opts, tmp_path) is None

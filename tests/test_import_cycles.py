@@ -104,3 +104,29 @@ def test_no_import_circles() -> None:
     assert len(mods) > 50, sorted(mods)
     found = circles(import_graph(mods))
     assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def _imports_between(g: dict[str, set[str]], src: str, dst: str) -> list[str]:
+    """Edges from modules in package ``src`` (or the module itself) to modules in package ``dst``."""
+
+    def inside(m: str, pkg: str) -> bool:
+        return m == pkg or m.startswith(pkg + ".")
+
+    return sorted(f"{a} -> {b}" for a, targets in g.items() if inside(a, src) for b in targets if inside(b, dst))
+
+
+def test_the_edge_layout_points_one_way() -> None:
+    """The edge package's three parts: the server (edge_server/, runners/), the engine builder (engine/) and the
+    device agent (agent/). The builder and the agent use the server's runners; the server never imports either; the
+    builder never imports the agent. The tuner takes the shared device contract from the core (edgetune.device) and
+    imports from the edge only the agent's timing task it sends to a device."""
+    g = import_graph(project_modules())
+    server = [
+        m for m in g if m.startswith("edge_server") and not m.startswith(("edge_server.engine", "edge_server.agent"))
+    ]
+    for m in server:
+        assert not [t for t in g[m] if t.startswith(("edge_server.engine", "edge_server.agent"))], (m, g[m])
+    assert _imports_between(g, "edge_server.engine", "edge_server.agent") == []
+    tuner_to_edge = {b for e in _imports_between(g, "tuner", "edge_server") for b in [e.split(" -> ")[1]]}
+    assert tuner_to_edge <= {"edge_server.agent.timing"}, tuner_to_edge
+    assert "edgetune.device" in g["tuner.device"] and "edgetune.device" in g["edge_server.agent.node"]

@@ -32,7 +32,7 @@ def arch_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_int8_timing_bundle_has_synthetic_calibration_and_the_static_variant(arch_int8: Path) -> None:
-    from edge_server.calibrator import calibration_image_paths
+    from edge_server.engine.calibrator import calibration_image_paths
     from trainer.export import TIMING_CALIBRATION_IMAGES
 
     b = load_bundle(arch_int8)
@@ -48,7 +48,8 @@ def test_int8_timing_bundle_has_synthetic_calibration_and_the_static_variant(arc
 
 
 def test_onnxruntime_times_the_int8_variant_and_refuses_fp16(arch_int8: Path) -> None:
-    from edge_server.timing import TimingProtocol, supported_precisions, time_bundle
+    from edge_server.agent.timing import supported_precisions, time_bundle
+    from edgetune.device import TimingProtocol
 
     assert supported_precisions("onnxruntime") == ("fp32", "int8")
     p = TimingProtocol(warmup=1, runs=5)
@@ -61,7 +62,7 @@ def test_onnxruntime_times_the_int8_variant_and_refuses_fp16(arch_int8: Path) ->
 
 
 def test_fp32_timing_bundle_has_no_int8_and_int8_on_it_says_how_to_make_one(tmp_path: Path) -> None:
-    from edge_server.timing import time_bundle
+    from edge_server.agent.timing import time_bundle
     from trainer.config import ModelConfig
     from trainer.export import write_architecture_bundle
     from trainer.model import create_model, preprocess_spec_for

@@ -85,8 +85,8 @@ def test_make_proto_check_tells_fresh_from_stale(tmp_path):
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     from edge_client.__main__ import build_parser as client
     from edge_server.__main__ import build_parser as serve
-    from edge_server.edge_node import build_parser as edge_node
-    from edge_server.engine import build_parser as engine
+    from edge_server.agent.node import build_parser as edge_node
+    from edge_server.engine.build import build_parser as engine
     from trainer.__main__ import build_parser as train
     from trainer.export import build_parser as export
     from tuner.__main__ import build_parser as tune

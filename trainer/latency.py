@@ -1,6 +1,6 @@
 """The pre-device-in-the-loop latency protocol: batch-1 ONNX Runtime latency measured inside a training trial,
 on that trial's node (1 warm-up, 20 runs, one thread), while other trials train. The tuner no longer uses it
-(tuner/device.py times every architecture once, exclusively, with ``edge_server.timing``); it is kept as the
+(tuner/device.py times every architecture once, exclusively, with ``edge_server.agent.timing``); it is kept as the
 baseline of ``bench/bench_device.py``."""
 
 from __future__ import annotations

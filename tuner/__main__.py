@@ -12,8 +12,8 @@ import sys
 import warnings
 
 import edgetune
-from edge_server.timing import TIMING_BACKENDS
 from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values
+from edgetune.device import TIMING_BACKENDS
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.logs import setup_cli_logging
 from trainer.metric import METRIC_NAMES

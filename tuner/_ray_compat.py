@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edge_server.edge_node import token_available as available
 from tuner.compat import require_tested
 
 #: Ray release lines these internals were read from and are tested with.
@@ -87,11 +86,6 @@ def launcher_cache_file(config: dict[str, Any]) -> Path:
 
 
 # --- token authentication (Ray 2.60 enables it by default) ------------------------------------------------------
-
-
-def token_available() -> bool:
-    """Whether a Ray auth token is at hand (one definition: edge_server.edge_node, which the edge node uses too)."""
-    return available()
 
 
 def set_auth_mode(mode: str) -> None:

@@ -15,6 +15,7 @@ import os
 import socket
 from typing import Any
 
+from edgetune.device import token_available
 from tuner import _ray_compat
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def _init_existing(address: str, runtime_env: dict[str, Any] | None) -> None:
 
     # as given first: a client forced into token mode against a cluster without token auth connects, but its
     # actors are then never scheduled (measured with Ray 2.60), so token mode is only the retry
-    modes = ["", "token"] if not os.environ.get("RAY_AUTH_MODE") and _ray_compat.token_available() else [""]
+    modes = ["", "token"] if not os.environ.get("RAY_AUTH_MODE") and token_available() else [""]
     for i, mode in enumerate(modes):
         if mode:
             _ray_compat.set_auth_mode(mode)

@@ -11,7 +11,7 @@
    is timed once per target across trials and studies. On a miss the trial exports one ONNX bundle of the
    untrained architecture (latency depends on the architecture, not the weights) and the service runs one Ray
    task pinned to ``edge_target:<name>`` that builds and times it there with the server's runners
-   (:func:`edge_server.timing.time_bundle`: warm-up, fixed runs, p50/p90, device identity). Concurrent trials
+   (:func:`edge_server.agent.timing.time_bundle`: warm-up, fixed runs, p50/p90, device identity). Concurrent trials
    with the same new architecture wait for that one timing.
 3. Without a target the same service times on the driver's node: recorded as an *estimate*, never as a
    device's latency.
@@ -30,8 +30,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edge_server.edge_node import RESOURCE_PREFIX, TARGET_RULE, valid_target
-from edge_server.timing import device_identity, supported_precisions, time_bundle_files
+from edge_server.agent.timing import device_identity, supported_precisions, time_bundle_files
+from edgetune.device import RESOURCE_PREFIX, TARGET_RULE, valid_target
 from edgetune.errors import ConfigError, EdgetuneError
 from tuner.storage import rdb_storage
 
@@ -259,7 +259,7 @@ def get_latency(setup: LatencySetup, train_config: Any, num_classes: int, precis
         service = ray.get_actor(SERVICE_NAME.format(study=setup.study))
     answer: dict[str, Any] = dict(ray.get(service.lookup.remote(sig.to_dict())))
     if answer["status"] == "claim":
-        # the timing side (edge_server.timing, tuner.device) imports no trainer: tests/test_device_units.py
+        # the timing side (edge_server.agent.timing, tuner.device) imports no trainer: tests/test_device_units.py
         from trainer.config import ModelConfig  # noqa: PLC0415 - lazy: trainer
         from trainer.export import bundle_files, write_architecture_bundle  # noqa: PLC0415 - lazy: torch
         from trainer.model import create_model, preprocess_spec_for  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torch, torchvision

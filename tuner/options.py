@@ -10,9 +10,8 @@ from typing import Any
 
 import yaml
 
-from edge_server.runners.tensorrt import PRECISIONS
-from edge_server.timing import TIMING_BACKENDS, TimingProtocol
 from edgetune.dataclass_cli import file_values, opt
+from edgetune.device import PRECISIONS, TIMING_BACKENDS, TimingProtocol
 from edgetune.errors import ConfigError
 from trainer.metric import DEFAULT_METRIC, Metric, get_metric
 from trainer.ray_trainer import PLACEMENT_STRATEGIES
@@ -112,7 +111,7 @@ class TuneOptions:
         "with --target: the deployed precisions the search may pick (comma list of fp32, fp16, int8; default: "
         "all the target supports)",
     )
-    # the timing protocol: edge_server.timing.TimingProtocol
+    # the timing protocol: edgetune.device.TimingProtocol
     timing_warmup: int = opt(TimingProtocol.warmup, "untimed runs before each timing")
     timing_runs: int = opt(TimingProtocol.runs, "timed runs per architecture (p50/p90 over them)")
     timing_timeout_s: float = opt(

@@ -35,12 +35,12 @@ import numpy as np
 
 from edge_server.runners.base import Runner
 from edgetune.bundle import Bundle
+from edgetune.device import PRECISIONS
 from edgetune.errors import BundleError, ConfigError
 from edgetune.fsutil import atomic_write_bytes
 
 log = logging.getLogger("edge_server.runners")
 
-PRECISIONS = ("fp32", "fp16", "int8")
 SIDECAR_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "onnx_sha256", "precision", "max_batch_size")
 ENGINES_DIR = "engines"
 ENGINE_NAME_FORMAT = "model.<precision>.trt<TensorRT version>.sm<compute capability>.<first 12 hex of ONNX SHA>.engine"

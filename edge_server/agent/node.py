@@ -3,7 +3,7 @@ Ray cluster as the timing node of target ``<name>``, and take it out again.
 
 The node carries the custom resource ``edge_target:<name>`` (amount 1, so timings on this device never
 overlap) and offers no CPUs or GPUs to the cluster, so no training trial is ever placed on it: it only runs
-the timing tasks of ``make tune TARGET=<name>`` (``edge_server.timing``: the ONNX file and the server's runners;
+the timing tasks of ``make tune TARGET=<name>`` (``edge_server.agent.timing``: the ONNX file and the server's runners;
 no torch, no trainer). It is started with Ray's own command, ``ray start --address … --block``, kept in its own
 process group; ``stop`` sends that process SIGTERM, Ray's own shutdown of a ``--block`` node (it drains the
 node and stops the node's processes, and nothing else on the machine, unlike ``ray stop``).
@@ -29,11 +29,8 @@ from pathlib import Path
 
 import edgetune
 from edgetune.dataclass_cli import HelpFormatter
+from edgetune.device import RESOURCE_PREFIX, TARGET_RULE, token_available, valid_target
 
-#: The custom resource an edge node carries is ``edge_target:<target>`` (one definition: tuner/device.py uses it).
-RESOURCE_PREFIX = "edge_target:"
-_TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-TARGET_RULE = "1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit)"
 _HEAD = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:[0-9]{1,5}$")
 STARTED = "Ray runtime started"
 
@@ -63,18 +60,6 @@ def _local_ip_towards(host: str) -> str:
             return str(s.getsockname()[0])
     except OSError:
         return ""
-
-
-def valid_target(target: object) -> bool:
-    return isinstance(target, str) and bool(_TARGET.match(target))
-
-
-def token_available() -> bool:
-    """Whether a Ray auth token is at hand: ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``
-    (where ``ray start --head`` / ``ray.init`` write it)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").is_file()
 
 
 def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]:
@@ -211,7 +196,7 @@ def stop(target: str = "", timeout_s: float = 60.0) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m edge_server.edge_node", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+        prog="python -m edge_server.agent", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -2,7 +2,7 @@
 
 * :func:`make_sidecar`: the engine's sidecar (system, ONNX SHA, precision, batch profile, engine SHA, build facts),
   written next to it by ``make engine`` (:mod:`edge_server.engine`) and by the search's timing
-  (:mod:`edge_server.timing`);
+  (:mod:`edge_server.agent.timing`);
 * :func:`engine_status`: whether the bundle's installed engine (the name the server selects) is current for this
   system, ONNX and options (``make engine`` keeps it unless ``--force``);
 * :func:`cached_engine`: whether the engine the search built for the winner's bundle on this device (the device's
@@ -24,6 +24,7 @@ from typing import Any
 from edge_server.runners import tensorrt as rt
 from edgetune.bundle import Bundle
 from edgetune.dataclass_cli import opt as option  # BuildOptions has an ``opt`` of its own
+from edgetune.device import PRECISION_CHOICES
 from edgetune.errors import BundleError, ConfigError
 
 log = logging.getLogger("edge_server.engine")  # the builder's logger, as before the split
@@ -37,7 +38,6 @@ def engine_cache_dir() -> Path:
     return Path(os.environ.get(ENGINE_CACHE_ENV) or Path.home() / ".cache" / "edgetune" / "engines")
 
 
-PRECISION_CHOICES = ("auto", *rt.PRECISIONS)
 MAX_BATCH_LIMIT = 1024
 
 
@@ -143,7 +143,7 @@ def cached_engine(
     bundle: Bundle, system: dict[str, str], precision: str, options: BuildOptions, cache_dir: Path
 ) -> tuple[bytes, ProfileShapes, dict[str, Any]] | None:
     """An engine this device already built for exactly this bundle (``make tune TARGET=…`` times the winner's
-    bundle on its target and keeps the engine in the device's engine cache, ``edge_server.timing``): reused when
+    bundle on its target and keeps the engine in the device's engine cache, ``edge_server.agent.timing``): reused when
     its sidecar matches TensorRT version, GPU, compute capability, ONNX SHA, precision and batch profile and its
     bytes match their SHA-256; None (with the reason logged) otherwise."""
     path = cache_dir / rt.engine_path(bundle, precision, system).name

@@ -10,7 +10,7 @@ built for other GPUs / TensorRT versions / ONNX files are left in place (bundles
 build the engine runs the check images next to ONNX Runtime; top-1 agreement and max |Δprob| are printed and kept in
 the sidecar. TensorRT 8.5/8.6 and 10.x. Exit status: 0 built or up to date, 1 build failed or agreement below
 ``--min-agreement``, 2 usage error (bundle, options, no TensorRT). Sidecars and the keep / reuse decisions
-(installed engine current, engine from the search's device cache): :mod:`edge_server.engine_cache`.
+(installed engine current, engine from the search's device cache): :mod:`edge_server.engine.cache`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 
 import edgetune
-from edge_server import calibrator as cal
-from edge_server.engine_cache import (  # noqa: F401 - BuildOptions, PRECISION_CHOICES, MAX_BATCH_LIMIT: re-exported
+from edge_server.engine import calibrator as cal
+from edge_server.engine.cache import (
     MAX_BATCH_LIMIT,
-    PRECISION_CHOICES,
     BuildOptions,
     ProfileShapes,
     _int,
@@ -44,6 +43,7 @@ from edge_server.runners import tensorrt as rt
 from edge_server.runners.onnxruntime import OnnxRuntimeRunner
 from edgetune.bundle import Bundle, load_bundle
 from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values
+from edgetune.device import PRECISION_CHOICES
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
 from edgetune.fsutil import atomic_write_bytes
 from edgetune.imagedecode import read_image

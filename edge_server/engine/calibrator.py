@@ -33,7 +33,7 @@ from edgetune.fsutil import atomic_write_bytes
 from edgetune.imagedecode import read_image
 from edgetune.preprocess import PreprocessSpec
 
-log = logging.getLogger("edge_server.calibrator")
+log = logging.getLogger("edge_server.engine.calibrator")
 
 PARTIAL_MODES = ("pad", "drop")
 

@@ -15,42 +15,21 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_server import engine as eng
-from edge_server.engine_cache import ENGINE_CACHE_ENV, engine_cache_dir, make_sidecar  # noqa: F401 - ENGINE_CACHE_ENV re-exported
+from edge_server.engine import build as eng
+from edge_server.engine.cache import BuildOptions, engine_cache_dir, make_sidecar
 from edge_server.runners import tensorrt as rt
 from edge_server.runners.onnxruntime import OnnxRuntimeRunner, variant_for
 from edgetune.bundle import Bundle, load_bundle
+from edgetune.device import TIMING_BACKENDS, TimingProtocol
 from edgetune.errors import ConfigError, EdgetuneError
 
-#: Backends a timing can use: ``auto`` = TensorRT where it imports, else ONNX Runtime (as ``make serve``).
-TIMING_BACKENDS = ("auto", "tensorrt", "onnxruntime")
 #: Precisions ONNX Runtime times and serves on a CPU: model.onnx and the bundle's INT8 variant (no fp16).
 ORT_PRECISIONS = ("fp32", "int8")
-
-
-@dataclass(frozen=True)
-class TimingProtocol:
-    """How one architecture is timed: the same for every candidate, every target and the benchmark."""
-
-    warmup: int = 20  #: untimed runs first (allocator, kernels, caches)
-    runs: int = 100  #: timed runs; p50 and p90 are taken over them
-    batch: int = 1
-    threads: int = 1  #: ONNX Runtime intra-op threads (1: what one camera stream gets on a small board)
-
-    def __post_init__(self) -> None:
-        for name, lo, hi in (("warmup", 0, 10_000), ("runs", 3, 100_000), ("batch", 1, 256), ("threads", 0, 256)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ConfigError(f"timing {name} must be an integer in [{lo}, {hi}], got {v!r}")
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 def cpu_model() -> str:
@@ -158,12 +137,12 @@ def _tensorrt_runner(
     logger = trt.Logger(trt.Logger.WARNING)
     fast_fp16 = bool(trt.Builder(logger).platform_has_fast_fp16)
     # the profile `make engine` builds by default (max 8, opt 4), so that the engine kept in the device's cache
-    # is the one `make engine` would build, and is reused by it (edge_server.engine_cache.cached_engine)
-    default = eng.BuildOptions(precision=precision)
+    # is the one `make engine` would build, and is reused by it (edge_server.engine.cache.cached_engine)
+    default = BuildOptions(precision=precision)
     options = (
         default
         if protocol.batch <= default.max_batch
-        else eng.BuildOptions(precision=precision, max_batch=protocol.batch, opt_batch=protocol.batch)
+        else BuildOptions(precision=precision, max_batch=protocol.batch, opt_batch=protocol.batch)
     )
     path = rt.engine_path(bundle, precision, system)
     t0 = time.perf_counter()
