@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint import read_meta
+from trainer.config import TrainConfig
+from trainer.loop import train_loop
+from trainer.loop_config import LoopConfig
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
+from tuner.trial import build_trial_config
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +155,55 @@ def refit_best(
     """Train the best trial's configuration again for longer (from the trial's own weights with ``--refit-warm``:
     ``results`` is Ray Tune's result grid, where its checkpoint is); returns the run, or None without a best
     trial."""
-    import ray
-
-    from tuner.trial import build_trial_config
-
     if opts.multi_objective:
         log.info("refit skipped: multi-objective study (the final model is picked from the Pareto front)")
         return None
-    trial = best_trial(study, opts.metric, opts.max_latency_ms)
     cpus, gpus = _refit_resources(opts)
+    plan = _plan(opts, study, space, clock, cpus, results)
+    if plan is None:
+        return None
+    trial = plan.trial
+    run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=plan.epochs)
+    if not plan.epochs:
+        run.skipped = plan.why
+        log.info(f"refit skipped: {plan.why}")
+        return run
+    cfg = _refit_config(opts, base, space, plan, cpus, gpus, bool(clock.end()))
+    if plan.warm:
+        run.warm_from = trial.number
+    end = clock.end()
+    deadline = end - clock.finish_reserve_s if end else None
+    _log_plan(opts, plan, cfg, cpus, gpus)
+    t0 = time.perf_counter()
+    res = _run_refit_task(cfg, source, deadline, plan.warm, cpus, gpus, ledger)
+    if not res["files"]:
+        run.skipped = "the refit produced no checkpoint (its loss diverged in the first epoch)"
+        log.info(f"refit failed: {run.skipped}; the best trial's own checkpoint is used")
+        return run
+    _collect(run, res, out / "refit", opts.metric, time.perf_counter() - t0)
+    return run
+
+
+@dataclass(frozen=True)
+class RefitPlan:
+    """What the final fit trains: the trial it refits (a :class:`_SeedTrial` when none finished), its planned
+    epochs (0: skipped) and why, and the trial's checkpoint files it continues from (``--refit-warm``; {}: cold)."""
+
+    trial: Any
+    epochs: int
+    why: str
+    warm: dict[str, bytes]
+
+
+def _plan(opts: Any, study: Any, space: Any, clock: Any, cpus: float, results: Any) -> RefitPlan | None:
+    """The best trial (else, with time left, the space's first seed point) and its epochs; None: nothing to refit."""
+    trial = best_trial(study, opts.metric, opts.max_latency_ms)
+    epochs, why = 0, ""
     if trial is None:
         seeds = space.points_to_evaluate()
-        why = f" within {opts.max_latency_ms:g} ms" if opts.max_latency_ms > 0 else ""
+        within = f" within {opts.max_latency_ms:g} ms" if opts.max_latency_ms > 0 else ""
         if not clock.end() or not seeds or opts.max_latency_ms > 0 or clock.left() <= clock.finish_reserve_s:
-            log.info(f"refit skipped: no finished trial{why}" + (" and no time left" if clock.end() else ""))
+            log.info(f"refit skipped: no finished trial{within}" + (" and no time left" if clock.end() else ""))
             return None
         # the portfolio always holds the plain recipe: with no finished trial, the first seed point is the final fit,
         # its epochs fitted to the time left after its first
@@ -175,15 +214,19 @@ def refit_best(
         epochs, why = plan_epochs(
             opts, trial, clock.left(), refit_cpus=cpus, reserve_s=clock.finish_reserve_s, warm=bool(warm)
         )
-    run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=epochs)
-    if not epochs:
-        run.skipped = why
-        log.info(f"refit skipped: {why}")
-        return run
+    return RefitPlan(trial=trial, epochs=epochs, why=why, warm=warm)
+
+
+def _refit_config(
+    opts: Any, base: dict[str, Any], space: Any, plan: RefitPlan, cpus: float, gpus: float, budgeted: bool
+) -> TrainConfig:
+    """The trial's config for the final fit: up to the cap on a budget (fitted to the deadline after its first
+    epoch), else the planned epochs; a node's threads; a warm start's restarted schedule."""
     cap = refit_cap(opts)
-    cfg = build_trial_config(base, space.to_overrides(trial.params)).replace({"epochs": cap if clock.end() else epochs})
+    cfg = build_trial_config(base, space.to_overrides(plan.trial.params))
+    cfg = cfg.replace({"epochs": cap if budgeted else plan.epochs})
     cfg = cfg.replace({"threads": int(cpus) if not gpus else cfg.threads})
-    if warm:
+    if plan.warm:
         cfg = cfg.replace(
             {
                 "optim.lr": cfg.optim.lr * WARM_LR_FACTOR,
@@ -191,27 +234,38 @@ def refit_best(
                 "model.init_head": True,
             }
         )
-        run.warm_from = trial.number
-    end = clock.end()
-    deadline = end - clock.finish_reserve_s if end else None
-    score = trial.user_attrs.get(get_metric(opts.metric).best_key)
+    return cfg
+
+
+def _log_plan(opts: Any, plan: RefitPlan, cfg: TrainConfig, cpus: float, gpus: float) -> None:
+    trial, best_key = plan.trial, get_metric(opts.metric).best_key
+    score = trial.user_attrs.get(best_key)
     log.info(
         f"refit of {'trial #' + str(trial.number) if trial.number >= 0 else 'the first seed point'}"
-        + (f" ({get_metric(opts.metric).best_key} {score:.4f})" if score is not None else "")
-        + f": up to {cfg.epochs} epochs, fitted to the budget after the first ({why}); {cpus:g} CPU, {gpus:g} GPU"
-        + (f"; continues the trial's weights at {WARM_LR_FACTOR:g} x its LR" if warm else "")
+        + (f" ({best_key} {score:.4f})" if score is not None else "")
+        + f": up to {cfg.epochs} epochs, fitted to the budget after the first ({plan.why}); {cpus:g} CPU, {gpus:g} GPU"
+        + (f"; continues the trial's weights at {WARM_LR_FACTOR:g} x its LR" if plan.warm else "")
     )
-    t0, started = time.perf_counter(), time.time()
+
+
+def _run_refit_task(
+    cfg: TrainConfig,
+    source: Any,
+    deadline: float | None,
+    warm: dict[str, bytes],
+    cpus: float,
+    gpus: float,
+    ledger: Any,
+) -> dict[str, Any]:
+    """The final fit as one Ray task with a node's resources (:func:`_refit_task`), entered in the ledger."""
+    import ray
+
+    started = time.time()
     task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    res = ray.get(task.remote(cfg.to_dict(), source, deadline, warm))
+    res: dict[str, Any] = ray.get(task.remote(cfg.to_dict(), source, deadline, warm))
     if ledger is not None:
         _ledger_entries(ledger, res, started, time.time(), gpus or cpus)
-    if not res["files"]:
-        run.skipped = "the refit produced no checkpoint (its loss diverged in the first epoch)"
-        log.info(f"refit failed: {run.skipped}; the best trial's own checkpoint is used")
-        return run
-    _collect(run, res, out / "refit", opts.metric, time.perf_counter() - t0)
-    return run
+    return res
 
 
 def _collect(run: RefitRun, res: dict[str, Any], dest: Path, metric: str, seconds: float) -> None:
@@ -270,7 +324,8 @@ def _warm_start_files(opts: Any, trial: Any, results: Any) -> dict[str, bytes]:
     """The best trial's best checkpoint as files (they travel to the refit's node through the object store), or
     {} when the final fit starts from ImageNet's weights: ``--refit-warm`` off, no trial (a seed point), or no
     checkpoint of it left."""
-    from tuner.report import _result_for, materialise_best_checkpoint
+    # the refit's Ray worker imports this module (for _refit_task) without needing the report's optuna
+    from tuner.report import _result_for, materialise_best_checkpoint  # noqa: PLC0415 - lazy: optuna
 
     ray_id = trial.user_attrs.get("ray_trial_id") if trial.number >= 0 else None
     if not opts.refit_warm or not ray_id or results is None:
@@ -301,9 +356,6 @@ def _refit_task(
 ) -> dict[str, Any]:
     """Runs on a worker: the trainer's loop in-process into a scratch run dir (from ``warm``'s weights: checkpoint
     files); returns the best checkpoint."""
-    from trainer.loop import train_loop
-    from trainer.loop_config import LoopConfig
-
     with tempfile.TemporaryDirectory(prefix="edgetune-refit-") as tmp:
         if warm:
             init = Path(tmp) / "init"
