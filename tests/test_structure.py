@@ -75,3 +75,16 @@ def test_the_check_sees_a_long_method_and_spares_an_argument_table(tmp_path: Pat
         f"def build_parser():\n{body}\n\ndef short():\n    return 1\n"
     )
     assert long_functions(tmp_path, ("pkg",)) == {"pkg/m.py::A.long": MAX_LINES + 1}
+
+
+def test_latency_ms_is_spelled_in_one_place() -> None:
+    """The measured latency's key (result, user attr, second objective, leaderboard column) is
+    tuner.device.LATENCY_MS; everything else in the core, trainer and tuner names it through that constant."""
+    spelled = [
+        f"{path.relative_to(ROOT).as_posix()}:{i}"
+        for pkg in ("edgetune", "trainer", "tuner")
+        for path in sorted((ROOT / pkg).rglob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if '"latency_ms"' in line or "'latency_ms'" in line
+    ]
+    assert [s.split(":")[0] for s in spelled] == ["tuner/device.py"], spelled

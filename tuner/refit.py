@@ -29,6 +29,7 @@ from trainer.config import TrainConfig
 from trainer.loop import train_loop
 from trainer.loop_config import LoopConfig
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
+from tuner.device import LATENCY_MS
 from tuner.trial import build_trial_config
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def best_trial(study: Any, metric: str, max_latency_ms: float = 0.0) -> Any:
         if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get(m.best_key) is not None
     ]
     if max_latency_ms > 0:
-        done = [t for t in done if 0 < float(t.user_attrs.get("latency_ms") or 0) <= max_latency_ms]
+        done = [t for t in done if 0 < float(t.user_attrs.get(LATENCY_MS) or 0) <= max_latency_ms]
     done.sort(key=lambda t: (m.sort_key(float(t.user_attrs[m.best_key])), t.number))
     return done[0] if done else None
 

@@ -31,6 +31,7 @@ from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
 from trainer.model import preprocess_spec_for
 from trainer.run import evaluate_checkpoint
 from tuner import posthoc
+from tuner.device import LATENCY_MS
 from tuner.storage import rdb_storage
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ LEADER_COLUMNS = [
     "train_seconds",
     "data_path",
     "stop_reason",
-    "latency_ms",
+    LATENCY_MS,
     "precision",
     "target_latency_ms",
     "target_latency_p90_ms",
@@ -116,7 +117,7 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
                 "train_seconds": a.get("train_seconds"),
                 "data_path": a.get("data_path"),
                 "stop_reason": a.get("stop_reason"),
-                "latency_ms": a.get("latency_ms"),
+                LATENCY_MS: a.get(LATENCY_MS),
                 "precision": p.get("precision", a.get("precision")),
                 "target_latency_ms": a.get("target_latency_ms"),
                 "target_latency_p90_ms": a.get("target_latency_p90_ms"),
@@ -187,7 +188,7 @@ def _candidates(rows: list[dict[str, Any]], metric: str, max_latency_ms: float) 
     """Finished trials, best first; with a latency budget only those within it (all, with a message, if none)."""
     ok = [r for r in rows if r[metric] is not None and r["state"] in ("COMPLETE", "PRUNED")]
     if max_latency_ms:
-        within = [r for r in ok if r["latency_ms"] is not None and r["latency_ms"] <= max_latency_ms]
+        within = [r for r in ok if r[LATENCY_MS] is not None and r[LATENCY_MS] <= max_latency_ms]
         if not within:
             log.info(f"no trial within --max-latency-ms {max_latency_ms}; picking the most accurate overall")
         ok = within or ok
@@ -308,7 +309,7 @@ def _study_plot_jobs(study: optuna.Study, multi: bool, metric: str) -> dict[str,
         "parallel_coordinate.png": partial(ovm.plot_parallel_coordinate, study, target=target),
     }
     if multi:
-        jobs["pareto_front.png"] = partial(ovm.plot_pareto_front, study, target_names=[metric, "latency_ms"])
+        jobs["pareto_front.png"] = partial(ovm.plot_pareto_front, study, target_names=[metric, LATENCY_MS])
     return jobs
 
 
@@ -425,7 +426,7 @@ def _refit_row(rows: list[dict[str, Any]], refit: Any, dest: Path, metric: str) 
             "freeze": refit.params.get("freeze"),
             "params": None,
             "ray_trial_id": None,
-            "latency_ms": None,
+            LATENCY_MS: None,
         },
     )
     name = f"refit of #{refit.of_trial}" if refit.of_trial >= 0 else "final fit of the first seed point"
@@ -455,7 +456,7 @@ def _summary_leaderboard(rows: list[dict[str, Any]], opts: Any) -> str:
     latency_cols = (
         ["target_latency_ms", "target_latency_p90_ms", "target_device", "rejected"]
         if getattr(opts, "target", "")
-        else ["latency_ms"]
+        else [LATENCY_MS]
         if getattr(opts, "latency_on", False)
         else []
     )

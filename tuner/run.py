@@ -23,6 +23,7 @@ from trainer.imagestore import resize_key
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from trainer.model import create_model, freeze_backbone, preprocess_spec_for
 from tuner import _ray_compat, cluster, refit, report
+from tuner.device import LATENCY_MS
 from tuner.latency_study import hand_off, latency_outputs, latency_setup, rejector
 from tuner.ledger import Ledger, plot_timeline, trial_stages
 from tuner.options import DEFAULT_EMA_DECAY, EXPORT_RESERVE_S, TuneOptions, options_yaml
@@ -516,7 +517,7 @@ def _searcher(
     n_trials = _n_trials(opts)
     searcher = EdgetuneOptunaSearch(
         space=space.define_by_run,
-        metric=[m.best_key, "latency_ms"] if opts.multi_objective else m.best_key,
+        metric=[m.best_key, LATENCY_MS] if opts.multi_objective else m.best_key,
         mode=["max", "min"] if opts.multi_objective else m.mode,
         max_t=opts.epochs,
         deadline=deadline,
@@ -533,7 +534,7 @@ def _searcher(
         storage=storage,
         reject=rejector(opts, base, space, source, latency),
     )
-    searcher.study.set_metric_names([opts.metric, "latency_ms"] if opts.multi_objective else [opts.metric])
+    searcher.study.set_metric_names([opts.metric, LATENCY_MS] if opts.multi_objective else [opts.metric])
     return searcher
 
 

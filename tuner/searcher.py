@@ -23,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: TID253 - base class of 
 
 from trainer.metric import METRICS
 from tuner import _optuna_compat, _ray_compat
+from tuner.device import LATENCY_MS
 from tuner.trial import checkpoint_uri
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ ATTR_KEYS = {
     "started_at": "started_at",
     "first_batch_at": "first_batch_at",
     "epoch_seconds": "epoch_seconds",
-    "latency_ms": "latency_ms",
+    LATENCY_MS: LATENCY_MS,
     "latency_p90_ms": "latency_p90_ms",
     "latency_kind": "latency_kind",  # device (timed on the target) | estimate (the driver's node)
     "latency_node": "latency_node",
