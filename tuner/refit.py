@@ -20,7 +20,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,10 @@ FINISH_RESERVE_S = 45.0  #: the default, until the probe stage measured this stu
 UNBUDGETED_FACTOR = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class RefitRun:
-    """What the refit produced (``dir`` holds its best checkpoint)."""
+    """What the refit produced (``dir`` holds its best checkpoint): written here (:func:`refit_best`), read by the
+    study's finish (:func:`tuner.report.finish_study`) and kept in ``summary.json`` as ``refit`` (:meth:`to_dict`)."""
 
     of_trial: int
     params: dict[str, Any]
@@ -166,23 +167,21 @@ def refit_best(
     trial = plan.trial
     run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=plan.epochs)
     if not plan.epochs:
-        run.skipped = plan.why
         log.info(f"refit skipped: {plan.why}")
-        return run
+        return replace(run, skipped=plan.why)
     cfg = _refit_config(opts, base, space, plan, cpus, gpus, bool(clock.end()))
     if plan.warm:
-        run.warm_from = trial.number
+        run = replace(run, warm_from=trial.number)
     end = clock.end()
     deadline = end - clock.finish_reserve_s if end else None
     _log_plan(opts, plan, cfg, cpus, gpus)
     t0 = time.perf_counter()
     res = _run_refit_task(cfg, source, deadline, plan.warm, cpus, gpus, ledger)
     if not res["files"]:
-        run.skipped = "the refit produced no checkpoint (its loss diverged in the first epoch)"
+        run = replace(run, skipped="the refit produced no checkpoint (its loss diverged in the first epoch)")
         log.info(f"refit failed: {run.skipped}; the best trial's own checkpoint is used")
         return run
-    _collect(run, res, out / "refit", opts.metric, time.perf_counter() - t0)
-    return run
+    return _collect(run, res, out / "refit", opts.metric, time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)
@@ -269,8 +268,8 @@ def _run_refit_task(
     return res
 
 
-def _collect(run: RefitRun, res: dict[str, Any], dest: Path, metric: str, seconds: float) -> None:
-    """The refit task's best checkpoint -> ``dest``; its figures -> ``run``."""
+def _collect(run: RefitRun, res: dict[str, Any], dest: Path, metric: str, seconds: float) -> RefitRun:
+    """The refit task's best checkpoint -> ``dest``; ``run`` with its figures."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -278,16 +277,22 @@ def _collect(run: RefitRun, res: dict[str, Any], dest: Path, metric: str, second
         (dest / name).write_bytes(blob)
     meta = read_meta(dest)
     m = get_metric(metric)
-    run.dir, run.history, run.seconds = dest, res["history"], seconds
-    run.epochs = int(meta["config"]["epochs"])  # as fitted to the deadline after its first epoch
-    run.best_epoch = int(meta["epoch"])
-    run.value = meta["metrics"].get(m.name)
-    run.val = {k: v for k, v in meta["metrics"].items() if k.startswith("val_")}
-    run.stop_reason = str(res["history"][-1].get("stop_reason", "")) if res["history"] else ""
+    run = replace(
+        run,
+        dir=dest,
+        history=res["history"],
+        seconds=seconds,
+        epochs=int(meta["config"]["epochs"]),  # as fitted to the deadline after its first epoch
+        best_epoch=int(meta["epoch"]),
+        value=meta["metrics"].get(m.name),
+        val={k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
+        stop_reason=str(res["history"][-1].get("stop_reason", "")) if res["history"] else "",
+    )
     log.info(
         f"refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{run.epochs}, "
         f"{m.name} {run.value:.4f}" + (f" (stopped: {run.stop_reason})" if run.stop_reason else "")
     )
+    return run
 
 
 @dataclass(frozen=True)
