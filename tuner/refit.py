@@ -177,7 +177,7 @@ def refit_best(
     _log_plan(opts, plan, cfg, cpus, gpus)
     t0 = time.perf_counter()
     res = _run_refit_task(cfg, source, deadline, plan.warm, cpus, gpus, ledger)
-    if not res["files"]:
+    if not res.files:
         run = replace(run, skipped="the refit produced no checkpoint (its loss diverged in the first epoch)")
         log.info(f"refit failed: {run.skipped}; the best trial's own checkpoint is used")
         return run
@@ -248,6 +248,16 @@ def _log_plan(opts: Any, plan: RefitPlan, cfg: TrainConfig, cpus: float, gpus: f
     )
 
 
+@dataclass(frozen=True)
+class RefitOutcome:
+    """What the refit's Ray task (:func:`_refit_task`) hands back: its best checkpoint's files ({}: no epoch was
+    checkpointed, e.g. its loss diverged in the first), its per-epoch history and its set-up seconds."""
+
+    files: dict[str, bytes]
+    history: list[dict[str, Any]]
+    setup_seconds: float = 0.0
+
+
 def _run_refit_task(
     cfg: TrainConfig,
     source: Any,
@@ -256,37 +266,37 @@ def _run_refit_task(
     cpus: float,
     gpus: float,
     ledger: Any,
-) -> dict[str, Any]:
+) -> RefitOutcome:
     """The final fit as one Ray task with a node's resources (:func:`_refit_task`), entered in the ledger."""
     import ray
 
     started = time.time()
     task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    res: dict[str, Any] = ray.get(task.remote(cfg.to_dict(), source, deadline, warm))
+    res: RefitOutcome = ray.get(task.remote(cfg.to_dict(), source, deadline, warm))
     if ledger is not None:
         _ledger_entries(ledger, res, started, time.time(), gpus or cpus)
     return res
 
 
-def _collect(run: RefitRun, res: dict[str, Any], dest: Path, metric: str, seconds: float) -> RefitRun:
+def _collect(run: RefitRun, res: RefitOutcome, dest: Path, metric: str, seconds: float) -> RefitRun:
     """The refit task's best checkpoint -> ``dest``; ``run`` with its figures."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for name, blob in res["files"].items():
+    for name, blob in res.files.items():
         (dest / name).write_bytes(blob)
     meta = read_meta(dest)
     m = get_metric(metric)
     run = replace(
         run,
         dir=dest,
-        history=res["history"],
+        history=res.history,
         seconds=seconds,
         epochs=int(meta["config"]["epochs"]),  # as fitted to the deadline after its first epoch
         best_epoch=int(meta["epoch"]),
         value=meta["metrics"].get(m.name),
         val={k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
-        stop_reason=str(res["history"][-1].get("stop_reason", "")) if res["history"] else "",
+        stop_reason=str(res.history[-1].get("stop_reason", "")) if res.history else "",
     )
     log.info(
         f"refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{run.epochs}, "
@@ -304,11 +314,11 @@ class _SeedTrial:
     user_attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def _ledger_entries(ledger: Any, res: dict[str, Any], start: float, end: float, cores: float) -> None:
+def _ledger_entries(ledger: Any, res: RefitOutcome, start: float, end: float, cores: float) -> None:
     """The final fit in the budget ledger: its set-up as overhead, its epochs as compute when it ran its planned
     schedule to the end (waste when the deadline or a divergence cut it)."""
-    hist = res.get("history") or []
-    setup = float(res.get("setup_seconds") or 0.0)
+    hist = res.history
+    setup = res.setup_seconds
     stop = str(hist[-1].get("stop_reason", "")) if hist else "no epoch"
     if setup and start + setup < end:
         ledger.add("final fit set-up", "overhead", start, start + setup, cores)
@@ -359,7 +369,7 @@ def _warm_start_files(opts: Any, trial: Any, results: Any) -> dict[str, bytes]:
 
 def _refit_task(
     train_config: dict[str, Any], source: Any, deadline: float | None, warm: dict[str, bytes] | None = None
-) -> dict[str, Any]:
+) -> RefitOutcome:
     """Runs on a worker: the trainer's loop in-process into a scratch run dir (from ``warm``'s weights: checkpoint
     files); returns the best checkpoint."""
     with tempfile.TemporaryDirectory(prefix="edgetune-refit-") as tmp:
@@ -383,4 +393,4 @@ def _refit_task(
         history = [json.loads(line) for line in (Path(tmp) / "history.jsonl").read_text().splitlines() if line]
         files = {p.name: p.read_bytes() for p in best.iterdir() if p.name != "train_state.pt"} if best.is_dir() else {}
         setup = read_meta(best)["metrics"].get("setup_seconds", 0.0) if best.is_dir() else 0.0
-        return {"files": files, "history": history, "setup_seconds": setup}
+        return RefitOutcome(files=files, history=history, setup_seconds=float(setup or 0.0))
