@@ -91,6 +91,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     from trainer.export import build_parser as export
     from tuner.__main__ import build_parser as tune
     from tuner.dashboard import build_parser as dashboard
+    from tuner.report import build_parser as report
     from tuner.studies import build_parser as studies
 
     out = {
@@ -102,6 +103,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
         "client": client(),
         "dashboard": dashboard(),
         "studies": studies(),
+        "report": report(),
     }
     node = edge_node()
     out["edge-node"] = node

@@ -1,9 +1,12 @@
-"""How many epochs the refit gets from the budget left (tuner.refit.plan_epochs): pure arithmetic, no Ray."""
+"""How many epochs the refit gets from the budget left (tuner.refit.plan_epochs): pure arithmetic, no Ray; what the
+refit hands the report (tuner.refit.RefitRun)."""
 
 from __future__ import annotations
 
 import math
 from types import SimpleNamespace
+
+import pytest
 
 from tuner.options import TuneOptions
 from tuner.refit import BUDGETED_REFIT_CAP, FINISH_RESERVE_S, THREAD_EFFICIENCY, plan_epochs
@@ -56,3 +59,36 @@ def test_a_warm_refit_needs_only_one_more_epoch():
     assert n == 2 and "2 epochs" in why
     n, why = plan_epochs(opts, _trial(50.0, 6), FINISH_RESERVE_S + 10.0, refit_cpus=1, warm=True)
     assert n == 0 and "not more than" not in why
+
+
+def test_the_refit_run_is_frozen_and_kept_in_the_summary_as_a_dict(tmp_path):
+    """tuner.refit writes a RefitRun once (a new one per step, dataclasses.replace); tuner.report reads it and keeps
+    its to_dict() in summary.json."""
+    import dataclasses
+    import json
+
+    from tuner.refit import RefitRun
+
+    run = RefitRun(of_trial=3, params={"backbone": "lite0"}, epochs=5, dir=tmp_path, val={"val_acc": 0.9})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.skipped = "no"  # type: ignore[misc]
+    d = json.loads(json.dumps(dataclasses.replace(run, skipped="why").to_dict()))
+    assert d["dir"] == str(tmp_path) and d["skipped"] == "why" and d["of_trial"] == 3 and d["val"] == {"val_acc": 0.9}
+    assert set(d) == {f.name for f in dataclasses.fields(RefitRun)}
+
+
+def test_the_refit_tasks_outcome_enters_the_ledger():
+    """The refit's Ray task hands back a RefitOutcome; its set-up is overhead, its epochs compute when it ran its
+    schedule to the end, waste when the deadline cut it."""
+    from tuner.ledger import Ledger
+    from tuner.refit import RefitOutcome, _ledger_entries
+
+    led = Ledger(cores=2.0, t0=0.0)
+    _ledger_entries(led, RefitOutcome(files={}, history=[{"epoch": 1}], setup_seconds=5.0), 10.0, 50.0, 2.0)
+    assert [(s.name, s.kind, s.start, s.end) for s in led.stages] == [
+        ("final fit set-up", "overhead", 10.0, 15.0),
+        ("final fit", "compute", 15.0, 50.0),
+    ]
+    cut = RefitOutcome(files={}, history=[{"epoch": 1, "stop_reason": "deadline"}])
+    _ledger_entries(led, cut, 60.0, 70.0, 2.0)
+    assert (led.stages[-1].kind, led.stages[-1].note) == ("waste", "deadline")

@@ -224,54 +224,20 @@ def build_data(
     """
     if source is None:
         source = prepare_source(cfg)
-    elif (source.dataset, source.max_images, source.split_seed, source.ratios) != (
-        cfg.dataset,
-        cfg.max_images,
-        cfg.split_seed,
-        tuple(cfg.split),
-    ):
-        raise EdgetuneError(
-            f"internal: the prepared dataset {source.dataset!r} (max_images {source.max_images}, split "
-            f"{source.ratios} seed {source.split_seed}) is not the one data asks for ({cfg.dataset!r}, "
-            f"{cfg.max_images}, {tuple(cfg.split)} seed {cfg.split_seed})"
-        )
-    name, cache, dhash, parts, classes, skipped = (
+    else:
+        _check_source(source, cfg)
+    name, cache, dhash, classes, skipped = (
         source.name,
         source.cache,
         source.dataset_hash,
-        source.parts,
         source.classes,
         source.skipped,
     )
-    class_index = {c: i for i, c in enumerate(classes)}
-    grid = (int(cfg.slice_grid[0]), int(cfg.slice_grid[1]))
-    items = {
-        "train": make_items(parts["train"], class_index, grid, tuple(cfg.expand)),
-        "train_eval": make_items(parts["train"], class_index, grid),
-        "val": make_items(parts["val"], class_index, grid),
-        "test": make_items(parts["test"], class_index, grid),
-    }
+    items = _split_items(source, cfg)
     stores = _build_stores(items, cfg, spec, cache, seed, source, with_test)
     manifest_path = None
     if run_dir is not None:
-        manifest_path = write_manifest(
-            Path(run_dir) / "split.json",
-            parts,
-            skipped,
-            {
-                "dataset": cfg.dataset,
-                "dataset_name": name,
-                "dataset_hash": dhash,
-                "classes": classes,
-                "split_seed": cfg.split_seed,
-                "ratios": list(cfg.split),
-                "predefined_split": source.predefined,
-                "max_images": cfg.max_images,
-                "slice_grid": list(grid),
-                "expand": list(cfg.expand),
-                "items": {k: len(v) for k, v in items.items()},
-            },
-        )
+        manifest_path = _write_split_manifest(Path(run_dir) / "split.json", cfg, source, items)
     counts = [0] * len(classes)
     for it in items["train"]:
         counts[it.label] += 1
@@ -287,6 +253,61 @@ def build_data(
         skipped=skipped,
         dataset_name=name,
         dataset_hash=dhash,
+    )
+
+
+def _check_source(source: PreparedSource, cfg: DataConfig) -> None:
+    """A prepared source must be the dataset, subset and split ``cfg`` asks for (EdgetuneError: an internal error)."""
+    if (source.dataset, source.max_images, source.split_seed, source.ratios) != (
+        cfg.dataset,
+        cfg.max_images,
+        cfg.split_seed,
+        tuple(cfg.split),
+    ):
+        raise EdgetuneError(
+            f"internal: the prepared dataset {source.dataset!r} (max_images {source.max_images}, split "
+            f"{source.ratios} seed {source.split_seed}) is not the one data asks for ({cfg.dataset!r}, "
+            f"{cfg.max_images}, {tuple(cfg.split)} seed {cfg.split_seed})"
+        )
+
+
+def _slice_grid(cfg: DataConfig) -> tuple[int, int]:
+    return int(cfg.slice_grid[0]), int(cfg.slice_grid[1])
+
+
+def _split_items(source: PreparedSource, cfg: DataConfig) -> dict[str, Any]:
+    """Each split's items (sliced per ``slice_grid``; the training split also expanded per ``expand``), and the
+    training split's unexpanded items as ``train_eval``."""
+    class_index = {c: i for i, c in enumerate(source.classes)}
+    grid = _slice_grid(cfg)
+    parts = source.parts
+    return {
+        "train": make_items(parts["train"], class_index, grid, tuple(cfg.expand)),
+        "train_eval": make_items(parts["train"], class_index, grid),
+        "val": make_items(parts["val"], class_index, grid),
+        "test": make_items(parts["test"], class_index, grid),
+    }
+
+
+def _write_split_manifest(path: Path, cfg: DataConfig, source: PreparedSource, items: dict[str, Any]) -> Path:
+    """The split manifest (``split.json``): which file went to which split, and what the split was made from."""
+    return write_manifest(
+        path,
+        source.parts,
+        source.skipped,
+        {
+            "dataset": cfg.dataset,
+            "dataset_name": source.name,
+            "dataset_hash": source.dataset_hash,
+            "classes": source.classes,
+            "split_seed": cfg.split_seed,
+            "ratios": list(cfg.split),
+            "predefined_split": source.predefined,
+            "max_images": cfg.max_images,
+            "slice_grid": list(_slice_grid(cfg)),
+            "expand": list(cfg.expand),
+            "items": {k: len(v) for k, v in items.items()},
+        },
     )
 
 

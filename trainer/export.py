@@ -249,28 +249,16 @@ def export_model(
     backbone, metrics) as a bundle in ``out_dir``: :func:`export_bundle`'s work once the model is built. A study's
     final model that is an ensemble (members, test-time views and decision rule in one graph, tuner.posthoc) is
     exported through here with its description in ``extra``."""
-    from trainer.data import build_data  # noqa: PLC0415 - lazy: torchvision
-
     t0 = time.perf_counter()
-    origin = dict(origin or {})
-    info = origin.pop("info", {}) or {}
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     cfg = TrainConfig.from_dict(meta["config"])
     out = Path(out_dir)
     tmp = _fresh_partial_dir(out)
     onnx_path = export_onnx(model, spec, tmp / "model.onnx")
     session = ort_session(onnx_path)
-    if data is None:
-        data = build_data(cfg.data, spec, run_dir=None, seed=cfg.seed, source=source)
-    if list(data.classes) != list(meta["classes"]):
-        raise BundleError(f"dataset classes {data.classes} differ from the checkpoint's {meta['classes']}")
+    data = _checked_data(data, meta, cfg, spec, source)
     x_test, y_test = eval_arrays(data.test, spec)
-    parity = parity_check(model, session, x_test)
-    if parity["top1_agreement"] < 1.0:
-        raise BundleError(
-            f"ONNX parity failed: top-1 agreement {parity['top1_agreement']:.4f} < 1.0 "
-            f"(max |Δp| {parity['max_abs_prob_diff']:.2e}); bundle not written"
-        )
+    parity = _parity_gate(model, session, x_test)
     calib, check = _bundle_images(data, spec, session, tmp, n_calib, n_check)
     fp32_acc = float((ort_probs(session, x_test).argmax(1) == y_test).mean()) if len(y_test) else 0.0
     if precision == "int8" and QUANTIZATIONS[0] not in quantize:
@@ -293,7 +281,7 @@ def export_model(
             "onnx_test_accuracy": fp32_acc,
             # the training split's class counts: the edge server's drift signal compares its predictions to them
             "train_class_counts": [int(c) for c in getattr(data, "class_counts", None) or []],
-            **_provenance(meta, info, origin),
+            **_provenance(meta, origin),
             "refused_variants": refused,
             "export_seconds": round(time.perf_counter() - t0, 3),
             "deploy_precision": deploy,
@@ -301,6 +289,35 @@ def export_model(
             **(extra or {}),
         },
     )
+    return _publish(tmp, out, manifest)
+
+
+def _checked_data(data: Any, meta: dict[str, Any], cfg: TrainConfig, spec: PreprocessSpec, source: Any) -> Any:
+    """The data the bundle is checked and calibrated on (the checkpoint's dataset unless given): its classes must
+    be the checkpoint's (BundleError)."""
+    from trainer.data import build_data  # noqa: PLC0415 - lazy: torchvision
+
+    if data is None:
+        data = build_data(cfg.data, spec, run_dir=None, seed=cfg.seed, source=source)
+    if list(data.classes) != list(meta["classes"]):
+        raise BundleError(f"dataset classes {data.classes} differ from the checkpoint's {meta['classes']}")
+    return data
+
+
+def _parity_gate(model: torch.nn.Module, session: Any, x_test: np.ndarray) -> dict[str, Any]:
+    """PyTorch vs ONNX Runtime on the test images: every top-1 must agree, else no bundle (BundleError)."""
+    parity = parity_check(model, session, x_test)
+    if parity["top1_agreement"] < 1.0:
+        raise BundleError(
+            f"ONNX parity failed: top-1 agreement {parity['top1_agreement']:.4f} < 1.0 "
+            f"(max |Δp| {parity['max_abs_prob_diff']:.2e}); bundle not written"
+        )
+    return parity
+
+
+def _publish(tmp: Path, out: Path, manifest: dict[str, Any]) -> Path:
+    """The manifest written, the bundle validated as the server will load it, then moved to ``out`` (replacing
+    an earlier one)."""
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     load_bundle(tmp)  # validate what we wrote
     if out.exists():
@@ -388,9 +405,11 @@ def _int8_variants(
     return variants, refused
 
 
-def _provenance(meta: dict[str, Any], info: dict[str, Any], origin: dict[str, Any]) -> dict[str, Any]:
-    """The bundle's ``metrics`` (validation from the checkpoint, test from the run's metrics.json) and ``source``
-    (run, checkpoint, epoch, study, trial, dataset)."""
+def _provenance(meta: dict[str, Any], origin: dict[str, Any] | None) -> dict[str, Any]:
+    """The bundle's ``metrics`` (validation from the checkpoint, test from the run's metrics.json: ``origin``'s
+    ``info``) and ``source`` (``origin``'s run and checkpoint; epoch, study, trial, dataset)."""
+    origin = dict(origin or {})
+    info = origin.pop("info", {}) or {}
     return {
         "metrics": {
             "val": {k: v for k, v in meta["metrics"].items() if k.startswith("val_")},

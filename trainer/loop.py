@@ -32,10 +32,13 @@ import torch.distributed as dist
 from edgetune.numeric import confusion_matrix
 from trainer.bnstats import recompute_bn_stats
 from trainer.checkpoint import save_checkpoint, unwrap
+from trainer.evaluate import metrics_from_confusion
 from trainer.loop_config import LoopConfig
 from trainer.loop_setup import TRAIN_STATE, LoopState, setup
 from trainer.metric import CHECKPOINT_SCORE, METRIC_NAMES, METRICS
+from trainer.model import set_train_mode
 from trainer.optim import Schedule
+from trainer.train_state import TrainState
 
 #: Test-only failure injection: fail once at this epoch (1-based) unless the marker file exists.
 FAIL_AT_ENV, FAIL_MARKER_ENV = "EDGETUNE_FAIL_AT_EPOCH", "EDGETUNE_FAIL_MARKER"
@@ -64,8 +67,6 @@ def evaluate_batches(
     amp: bool = False,
 ) -> dict[str, Any]:
     """Loss, accuracy, macro-F1, balanced accuracy and confusion matrix; summed across DDP ranks."""
-    from trainer.evaluate import metrics_from_confusion
-
     model.eval()
     cm_np = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -118,8 +119,6 @@ def _maybe_hold(st: LoopState, epoch: int) -> None:
 # -- the loop, in steps --------------------------------------------------------------------------------------------
 def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str, Any]:
     """One pass over the training feed; stops at the first non-finite loss (``diverged``)."""
-    from trainer.model import set_train_mode
-
     set_train_mode(st.model)
     t0 = time.perf_counter()
     seen, loss_sum, correct, diverged = 0, 0.0, 0, False
@@ -260,20 +259,23 @@ def _save(st: LoopState, tmp: str, epoch: int, metrics: dict[str, Any]) -> Path:
         d = save_checkpoint(tmp, module, st.cfg.to_dict(), st.data.classes, st.spec, epoch, metrics, extra=extra)
     finally:
         module.input_cut = cut  # type: ignore[assignment]
-    torch.save(
-        {
-            "optimizer": st.opt.state_dict(),
-            "scheduler": st.sched.state_dict(),
-            "epoch": epoch,
-            "best": st.best,
-            "best_epoch": st.best_epoch,
-            "at_best": st.at_best,
-            "train_seconds": st.train_seconds_total,
-            "static": st.static,
-        },
-        Path(tmp) / TRAIN_STATE,
-    )
+    torch.save(_train_state(st, epoch).to_dict(), Path(tmp) / TRAIN_STATE)
     return d
+
+
+def _train_state(st: LoopState, epoch: int) -> TrainState:
+    """What the checkpoint keeps beside the weights so that a restored run continues (the one writer of
+    :class:`trainer.train_state.TrainState`; its reader is :func:`trainer.loop_setup.setup`'s resume)."""
+    return TrainState(
+        optimizer=st.opt.state_dict(),
+        scheduler=st.sched.state_dict(),
+        epoch=epoch,
+        best=st.best,
+        best_epoch=st.best_epoch,
+        at_best=st.at_best,
+        train_seconds=st.train_seconds_total,
+        static=st.static,
+    )
 
 
 def train_loop(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """The train state a checkpoint keeps beside the weights (``train_state.pt``), so that a run restored by Ray continues
 where it stopped: the optimiser and schedule state, the last epoch, the best so far and the run's accumulated facts.
 
-One writer (:func:`trainer.loop`'s checkpoint, which saves these fields as a dict: ``torch.save`` with
-``weights_only`` loading takes plain containers, not a class) and one reader (:func:`trainer.loop_setup._resume`,
-through :meth:`TrainState.from_dict`). ``tests/test_train_state.py`` checks that the writer saves exactly these
-fields.
+One writer (:func:`trainer.loop._train_state`, saved by the checkpoint as :meth:`TrainState.to_dict`: ``torch.save``
+with ``weights_only`` loading takes plain containers, not a class) and one reader (:func:`trainer.loop_setup._resume`,
+through :meth:`TrainState.from_dict`). ``tests/test_train_state.py`` checks that the writer sets exactly these fields
+and that what it saves reads back.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.metric import get_metric
+from tuner.device import LATENCY_MS
 from tuner.storage import rdb_storage
 
 LATENCY_COLUMNS = [
@@ -119,9 +120,9 @@ def write_latency_outputs(
     trained = [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.user_attrs.get(m.best_key) is not None and t.user_attrs.get("latency_ms") is not None
+        if t.user_attrs.get(m.best_key) is not None and t.user_attrs.get(LATENCY_MS) is not None
     ]
-    pts = [(float(t.user_attrs[m.best_key]), float(t.user_attrs["latency_ms"])) for t in trained]
+    pts = [(float(t.user_attrs[m.best_key]), float(t.user_attrs[LATENCY_MS])) for t in trained]
     front = pareto_points(pts, m.mode)
     rejected = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("rejected_reason")]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
@@ -133,7 +134,7 @@ def write_latency_outputs(
             ax.annotate(
                 f"#{trained[i].number}", (pts[i][1], pts[i][0]), fontsize=8, xytext=(3, 3), textcoords="offset points"
             )
-    lat_rej = [float(t.user_attrs["latency_ms"]) for t in rejected if t.user_attrs.get("latency_ms") is not None]
+    lat_rej = [float(t.user_attrs[LATENCY_MS]) for t in rejected if t.user_attrs.get(LATENCY_MS) is not None]
     if lat_rej:
         ax.scatter(
             lat_rej,
@@ -158,7 +159,7 @@ def write_latency_outputs(
         "latency_table": str(out / "latency_table.csv"),
         "pareto_png": str(out / "pareto.png"),
         "architectures_timed": len(rows),
-        "pareto": [{"trial": trained[i].number, m.best_key: pts[i][0], "latency_ms": pts[i][1]} for i in front],
+        "pareto": [{"trial": trained[i].number, m.best_key: pts[i][0], LATENCY_MS: pts[i][1]} for i in front],
         "rejected_by_constraint": [t.number for t in rejected],
     }
 

@@ -141,7 +141,9 @@ class PosthocResult:
 
 # -- scores -----------------------------------------------------------------------------------------------------
 def nll_items(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return -np.log(np.clip(p[np.arange(len(y)), y], EPS, 1.0))
+    """Each item's negative log-likelihood of its label under ``p`` (probabilities ``[N, K]``)."""
+    nll: np.ndarray = -np.log(np.clip(p[np.arange(len(y)), y], EPS, 1.0))
+    return nll
 
 
 def beats(p_new: np.ndarray, p_old: np.ndarray, y: np.ndarray, se: float = NOISE_SE) -> tuple[bool, float, float]:
@@ -190,7 +192,17 @@ def greedy_ensemble(cands: list[np.ndarray], y: np.ndarray, rounds: int = ENSEMB
 
 
 def adjust(p: np.ndarray, log_prior: np.ndarray, tau: float) -> np.ndarray:
-    return np.log(np.clip(p, EPS, 1.0)) - tau * log_prior
+    """Logit adjustment: log-probabilities less ``tau`` x the log class prior."""
+    adjusted: np.ndarray = np.log(np.clip(p, EPS, 1.0)) - tau * log_prior
+    return adjusted
+
+
+def weighted_mean(parts: list[tuple[float, np.ndarray]]) -> np.ndarray:
+    """``sum(w * p) / sum(w)`` over (weight, probabilities) pairs (at least one), summed in order."""
+    total = parts[0][0] * parts[0][1]
+    for w, p in parts[1:]:
+        total = total + w * p
+    return np.asarray(total / sum(w for w, _ in parts))
 
 
 def choose_tau(
@@ -316,7 +328,8 @@ def _score_candidates(
     views: bool = True,
 ) -> tuple[dict[str, nn.Module], list[Candidate]]:
     """Every candidate's validation probabilities (the final model under every view, the others under one)."""
-    from trainer.model import model_from_checkpoint
+    # tuner.options validates TuneOptions against this module's constants (torch only, no torchvision)
+    from trainer.model import model_from_checkpoint  # noqa: PLC0415 - lazy: torchvision
 
     models: dict[str, nn.Module] = {}
     cands: list[Candidate] = []
@@ -407,9 +420,10 @@ def _test_and_levers(
 
     def mix(parts: Any) -> np.ndarray | None:
         got = [(w, test_of(c, t)) for c, t, w in parts]
-        if not got or any(p is None for _, p in got):
+        present = [(w, p) for w, p in got if p is not None]
+        if not got or len(present) < len(got):
             return None
-        return sum(w * p for w, p in got) / sum(w for w, _ in got)  # type: ignore[operator]
+        return weighted_mean(present)
 
     p_test_sel = mix(d.members)
     ens_test = mix([(c, t, n) for (c, t), n in d.chosen])

@@ -23,6 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetune.numeric import confusion_matrix
+from trainer.backbones import get_backbone_info
+from trainer.config import DataConfig, ModelConfig
+from trainer.data import build_data
+from trainer.evaluate import metrics_from_confusion
+from trainer.export import eval_arrays
+from trainer.model import create_model, preprocess_spec_for
+from tuner.posthoc import TTA_VIEWS, view
+from tuner.refit import THREAD_EFFICIENCY, _refit_resources
+
 log = logging.getLogger(__name__)
 
 #: L2 strengths tried for each head (chosen on validation log-loss).
@@ -49,7 +59,8 @@ class ProbeModel(nn.Module):
             self.head.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head((self.backbone(x) - self.mean) / self.std)
+        logits: torch.Tensor = self.head((self.backbone(x) - self.mean) / self.std)
+        return logits
 
 
 @dataclass(frozen=True)
@@ -79,9 +90,6 @@ class ProbeResult:
 
     def model(self, num_classes: int) -> nn.Module:
         """The probe as an image -> logits module (the backbone's ImageNet weights, rebuilt locally)."""
-        from trainer.config import ModelConfig
-        from trainer.model import create_model
-
         base = create_model(ModelConfig(backbone=self.backbone, img_size=self.img), num_classes=num_classes)
         return ProbeModel(
             base.backbone,
@@ -95,8 +103,6 @@ class ProbeResult:
 @torch.no_grad()
 def features(backbone: nn.Module, x: np.ndarray, views: tuple[str, ...], batch: int = 64) -> np.ndarray:
     """Pooled features ``[len(views) * N, D]`` (view-major)."""
-    from tuner.posthoc import view
-
     backbone.eval()
     out = []
     for v in views:
@@ -151,13 +157,6 @@ def _fit_multinomial(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, l2: float
 
 def run_probe(backbone: str, img: int, data_cfg: dict[str, Any], source: Any, threads: int) -> ProbeResult:
     """One probe, start to end (on a worker): data at the backbone's spec, features, head."""
-    from edgetune.numeric import confusion_matrix
-    from trainer.config import DataConfig, ModelConfig
-    from trainer.data import build_data
-    from trainer.evaluate import metrics_from_confusion
-    from trainer.export import eval_arrays
-    from trainer.model import create_model, preprocess_spec_for
-
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -195,8 +194,6 @@ def run_probe(backbone: str, img: int, data_cfg: dict[str, Any], source: Any, th
 
 def _relative_cost(backbone: str, img: int) -> float:
     """Parameter count x pixels: a proxy of a forward pass's cost (only ratios are used)."""
-    from trainer.backbones import get_backbone_info
-
     params = sum(p.numel() for p in get_backbone_info(backbone).build(False, 64).parameters())
     return float(params) * img * img
 
@@ -224,8 +221,6 @@ def probe_stage(
     """Probes in plan order while the next one's estimated cost fits ``budget_s``; each a Ray task with the node's
     CPUs (or one GPU). Returns the probes, best validation log-loss first."""
     import ray
-
-    from tuner.refit import _refit_resources
 
     cpus, gpus = _refit_resources(opts)
     task = ray.remote(run_probe).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
@@ -278,8 +273,6 @@ def trial_epoch_seconds(
     """A fine-tuning trial's epoch, estimated from the fastest probe's measured seconds per forward image: a
     training step costs ~3 forward passes (forward + backward), then validation and BatchNorm recompute for the
     raw and the averaged weights; scaled from the probe's threads to the trial's (at 0.7 parallel efficiency)."""
-    from tuner.refit import THREAD_EFFICIENCY
-
     per_image = min(p.feature_seconds / max(1, p.images) for p in probes)
     n_train, n_val = len(source.parts.get("train", [])), len(source.parts.get("val", []))
     bn = min(n_train, int(base["model"].get("bn_images") or n_train))
@@ -298,8 +291,6 @@ def finish_reserve(probes: list[ProbeResult], source: Any, ensemble: bool) -> fl
     """Seconds to keep after the final fit: the post-hoc forward passes (the final model under 4 views, each other
     candidate under 1, over validation and then test) and the export's parity passes (PyTorch and ONNX Runtime
     over test) at the fastest probe's measured seconds per image, with a 1.5 x margin."""
-    from tuner.posthoc import TTA_VIEWS
-
     per_image = min(p.feature_seconds / max(1, p.images) for p in probes)
     n_val, n_test = len(source.parts.get("val", [])), len(source.parts.get("test", []))
     per_item = len(TTA_VIEWS) + (FINISH_OTHERS if ensemble else 0)

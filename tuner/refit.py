@@ -20,12 +20,17 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint import read_meta
+from trainer.config import TrainConfig
+from trainer.loop import train_loop
+from trainer.loop_config import LoopConfig
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
+from tuner.device import LATENCY_MS
+from tuner.trial import build_trial_config
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +42,10 @@ FINISH_RESERVE_S = 45.0  #: the default, until the probe stage measured this stu
 UNBUDGETED_FACTOR = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class RefitRun:
-    """What the refit produced (``dir`` holds its best checkpoint)."""
+    """What the refit produced (``dir`` holds its best checkpoint): written here (:func:`refit_best`), read by the
+    study's finish (:func:`tuner.report.finish_study`) and kept in ``summary.json`` as ``refit`` (:meth:`to_dict`)."""
 
     of_trial: int
     params: dict[str, Any]
@@ -70,7 +76,7 @@ def best_trial(study: Any, metric: str, max_latency_ms: float = 0.0) -> Any:
         if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get(m.best_key) is not None
     ]
     if max_latency_ms > 0:
-        done = [t for t in done if 0 < float(t.user_attrs.get("latency_ms") or 0) <= max_latency_ms]
+        done = [t for t in done if 0 < float(t.user_attrs.get(LATENCY_MS) or 0) <= max_latency_ms]
     done.sort(key=lambda t: (m.sort_key(float(t.user_attrs[m.best_key])), t.number))
     return done[0] if done else None
 
@@ -151,20 +157,53 @@ def refit_best(
     """Train the best trial's configuration again for longer (from the trial's own weights with ``--refit-warm``:
     ``results`` is Ray Tune's result grid, where its checkpoint is); returns the run, or None without a best
     trial."""
-    import ray
-
-    from tuner.trial import build_trial_config
-
     if opts.multi_objective:
         log.info("refit skipped: multi-objective study (the final model is picked from the Pareto front)")
         return None
-    trial = best_trial(study, opts.metric, opts.max_latency_ms)
     cpus, gpus = _refit_resources(opts)
+    plan = _plan(opts, study, space, clock, cpus, results)
+    if plan is None:
+        return None
+    trial = plan.trial
+    run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=plan.epochs)
+    if not plan.epochs:
+        log.info(f"refit skipped: {plan.why}")
+        return replace(run, skipped=plan.why)
+    cfg = _refit_config(opts, base, space, plan, cpus, gpus, bool(clock.end()))
+    if plan.warm:
+        run = replace(run, warm_from=trial.number)
+    end = clock.end()
+    deadline = end - clock.finish_reserve_s if end else None
+    _log_plan(opts, plan, cfg, cpus, gpus)
+    t0 = time.perf_counter()
+    res = _run_refit_task(cfg, source, deadline, plan.warm, cpus, gpus, ledger)
+    if not res.files:
+        run = replace(run, skipped="the refit produced no checkpoint (its loss diverged in the first epoch)")
+        log.info(f"refit failed: {run.skipped}; the best trial's own checkpoint is used")
+        return run
+    return _collect(run, res, out / "refit", opts.metric, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class RefitPlan:
+    """What the final fit trains: the trial it refits (a :class:`_SeedTrial` when none finished), its planned
+    epochs (0: skipped) and why, and the trial's checkpoint files it continues from (``--refit-warm``; {}: cold)."""
+
+    trial: Any
+    epochs: int
+    why: str
+    warm: dict[str, bytes]
+
+
+def _plan(opts: Any, study: Any, space: Any, clock: Any, cpus: float, results: Any) -> RefitPlan | None:
+    """The best trial (else, with time left, the space's first seed point) and its epochs; None: nothing to refit."""
+    trial = best_trial(study, opts.metric, opts.max_latency_ms)
+    epochs, why = 0, ""
     if trial is None:
         seeds = space.points_to_evaluate()
-        why = f" within {opts.max_latency_ms:g} ms" if opts.max_latency_ms > 0 else ""
+        within = f" within {opts.max_latency_ms:g} ms" if opts.max_latency_ms > 0 else ""
         if not clock.end() or not seeds or opts.max_latency_ms > 0 or clock.left() <= clock.finish_reserve_s:
-            log.info(f"refit skipped: no finished trial{why}" + (" and no time left" if clock.end() else ""))
+            log.info(f"refit skipped: no finished trial{within}" + (" and no time left" if clock.end() else ""))
             return None
         # the portfolio always holds the plain recipe: with no finished trial, the first seed point is the final fit,
         # its epochs fitted to the time left after its first
@@ -175,15 +214,19 @@ def refit_best(
         epochs, why = plan_epochs(
             opts, trial, clock.left(), refit_cpus=cpus, reserve_s=clock.finish_reserve_s, warm=bool(warm)
         )
-    run = RefitRun(of_trial=trial.number, params=dict(trial.params), epochs=epochs)
-    if not epochs:
-        run.skipped = why
-        log.info(f"refit skipped: {why}")
-        return run
+    return RefitPlan(trial=trial, epochs=epochs, why=why, warm=warm)
+
+
+def _refit_config(
+    opts: Any, base: dict[str, Any], space: Any, plan: RefitPlan, cpus: float, gpus: float, budgeted: bool
+) -> TrainConfig:
+    """The trial's config for the final fit: up to the cap on a budget (fitted to the deadline after its first
+    epoch), else the planned epochs; a node's threads; a warm start's restarted schedule."""
     cap = refit_cap(opts)
-    cfg = build_trial_config(base, space.to_overrides(trial.params)).replace({"epochs": cap if clock.end() else epochs})
+    cfg = build_trial_config(base, space.to_overrides(plan.trial.params))
+    cfg = cfg.replace({"epochs": cap if budgeted else plan.epochs})
     cfg = cfg.replace({"threads": int(cpus) if not gpus else cfg.threads})
-    if warm:
+    if plan.warm:
         cfg = cfg.replace(
             {
                 "optim.lr": cfg.optim.lr * WARM_LR_FACTOR,
@@ -191,48 +234,75 @@ def refit_best(
                 "model.init_head": True,
             }
         )
-        run.warm_from = trial.number
-    end = clock.end()
-    deadline = end - clock.finish_reserve_s if end else None
-    score = trial.user_attrs.get(get_metric(opts.metric).best_key)
+    return cfg
+
+
+def _log_plan(opts: Any, plan: RefitPlan, cfg: TrainConfig, cpus: float, gpus: float) -> None:
+    trial, best_key = plan.trial, get_metric(opts.metric).best_key
+    score = trial.user_attrs.get(best_key)
     log.info(
         f"refit of {'trial #' + str(trial.number) if trial.number >= 0 else 'the first seed point'}"
-        + (f" ({get_metric(opts.metric).best_key} {score:.4f})" if score is not None else "")
-        + f": up to {cfg.epochs} epochs, fitted to the budget after the first ({why}); {cpus:g} CPU, {gpus:g} GPU"
-        + (f"; continues the trial's weights at {WARM_LR_FACTOR:g} x its LR" if warm else "")
+        + (f" ({best_key} {score:.4f})" if score is not None else "")
+        + f": up to {cfg.epochs} epochs, fitted to the budget after the first ({plan.why}); {cpus:g} CPU, {gpus:g} GPU"
+        + (f"; continues the trial's weights at {WARM_LR_FACTOR:g} x its LR" if plan.warm else "")
     )
-    t0, started = time.perf_counter(), time.time()
+
+
+@dataclass(frozen=True)
+class RefitOutcome:
+    """What the refit's Ray task (:func:`_refit_task`) hands back: its best checkpoint's files ({}: no epoch was
+    checkpointed, e.g. its loss diverged in the first), its per-epoch history and its set-up seconds."""
+
+    files: dict[str, bytes]
+    history: list[dict[str, Any]]
+    setup_seconds: float = 0.0
+
+
+def _run_refit_task(
+    cfg: TrainConfig,
+    source: Any,
+    deadline: float | None,
+    warm: dict[str, bytes],
+    cpus: float,
+    gpus: float,
+    ledger: Any,
+) -> RefitOutcome:
+    """The final fit as one Ray task with a node's resources (:func:`_refit_task`), entered in the ledger."""
+    import ray
+
+    started = time.time()
     task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    res = ray.get(task.remote(cfg.to_dict(), source, deadline, warm))
+    res: RefitOutcome = ray.get(task.remote(cfg.to_dict(), source, deadline, warm))
     if ledger is not None:
         _ledger_entries(ledger, res, started, time.time(), gpus or cpus)
-    if not res["files"]:
-        run.skipped = "the refit produced no checkpoint (its loss diverged in the first epoch)"
-        log.info(f"refit failed: {run.skipped}; the best trial's own checkpoint is used")
-        return run
-    _collect(run, res, out / "refit", opts.metric, time.perf_counter() - t0)
-    return run
+    return res
 
 
-def _collect(run: RefitRun, res: dict[str, Any], dest: Path, metric: str, seconds: float) -> None:
-    """The refit task's best checkpoint -> ``dest``; its figures -> ``run``."""
+def _collect(run: RefitRun, res: RefitOutcome, dest: Path, metric: str, seconds: float) -> RefitRun:
+    """The refit task's best checkpoint -> ``dest``; ``run`` with its figures."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for name, blob in res["files"].items():
+    for name, blob in res.files.items():
         (dest / name).write_bytes(blob)
     meta = read_meta(dest)
     m = get_metric(metric)
-    run.dir, run.history, run.seconds = dest, res["history"], seconds
-    run.epochs = int(meta["config"]["epochs"])  # as fitted to the deadline after its first epoch
-    run.best_epoch = int(meta["epoch"])
-    run.value = meta["metrics"].get(m.name)
-    run.val = {k: v for k, v in meta["metrics"].items() if k.startswith("val_")}
-    run.stop_reason = str(res["history"][-1].get("stop_reason", "")) if res["history"] else ""
+    run = replace(
+        run,
+        dir=dest,
+        history=res.history,
+        seconds=seconds,
+        epochs=int(meta["config"]["epochs"]),  # as fitted to the deadline after its first epoch
+        best_epoch=int(meta["epoch"]),
+        value=meta["metrics"].get(m.name),
+        val={k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
+        stop_reason=str(res.history[-1].get("stop_reason", "")) if res.history else "",
+    )
     log.info(
         f"refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{run.epochs}, "
         f"{m.name} {run.value:.4f}" + (f" (stopped: {run.stop_reason})" if run.stop_reason else "")
     )
+    return run
 
 
 @dataclass(frozen=True)
@@ -244,11 +314,11 @@ class _SeedTrial:
     user_attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def _ledger_entries(ledger: Any, res: dict[str, Any], start: float, end: float, cores: float) -> None:
+def _ledger_entries(ledger: Any, res: RefitOutcome, start: float, end: float, cores: float) -> None:
     """The final fit in the budget ledger: its set-up as overhead, its epochs as compute when it ran its planned
     schedule to the end (waste when the deadline or a divergence cut it)."""
-    hist = res.get("history") or []
-    setup = float(res.get("setup_seconds") or 0.0)
+    hist = res.history
+    setup = res.setup_seconds
     stop = str(hist[-1].get("stop_reason", "")) if hist else "no epoch"
     if setup and start + setup < end:
         ledger.add("final fit set-up", "overhead", start, start + setup, cores)
@@ -270,7 +340,8 @@ def _warm_start_files(opts: Any, trial: Any, results: Any) -> dict[str, bytes]:
     """The best trial's best checkpoint as files (they travel to the refit's node through the object store), or
     {} when the final fit starts from ImageNet's weights: ``--refit-warm`` off, no trial (a seed point), or no
     checkpoint of it left."""
-    from tuner.report import _result_for, materialise_best_checkpoint
+    # the refit's Ray worker imports this module (for _refit_task) without needing the report's optuna
+    from tuner.report import _result_for, materialise_best_checkpoint  # noqa: PLC0415 - lazy: optuna
 
     ray_id = trial.user_attrs.get("ray_trial_id") if trial.number >= 0 else None
     if not opts.refit_warm or not ray_id or results is None:
@@ -298,12 +369,9 @@ def _warm_start_files(opts: Any, trial: Any, results: Any) -> dict[str, bytes]:
 
 def _refit_task(
     train_config: dict[str, Any], source: Any, deadline: float | None, warm: dict[str, bytes] | None = None
-) -> dict[str, Any]:
+) -> RefitOutcome:
     """Runs on a worker: the trainer's loop in-process into a scratch run dir (from ``warm``'s weights: checkpoint
     files); returns the best checkpoint."""
-    from trainer.loop import train_loop
-    from trainer.loop_config import LoopConfig
-
     with tempfile.TemporaryDirectory(prefix="edgetune-refit-") as tmp:
         if warm:
             init = Path(tmp) / "init"
@@ -325,4 +393,4 @@ def _refit_task(
         history = [json.loads(line) for line in (Path(tmp) / "history.jsonl").read_text().splitlines() if line]
         files = {p.name: p.read_bytes() for p in best.iterdir() if p.name != "train_state.pt"} if best.is_dir() else {}
         setup = read_meta(best)["metrics"].get("setup_seconds", 0.0) if best.is_dir() else 0.0
-        return {"files": files, "history": history, "setup_seconds": setup}
+        return RefitOutcome(files=files, history=history, setup_seconds=float(setup or 0.0))

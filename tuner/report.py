@@ -9,15 +9,30 @@ import json
 import logging
 import shutil
 import sys
+import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import optuna
+import numpy as np
+import optuna  # noqa: TID253 - every output here is read from the study (its trials, attrs and plots)
 
+from edgetune.dataclass_cli import HelpFormatter
 from edgetune.logs import setup_cli_logging
 from edgetune.markdown import markdown_table
+from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import read_meta
+from trainer.config import ModelConfig, TrainConfig
+from trainer.data import build_data
+from trainer.evaluate import report_from_probs
+from trainer.export import eval_arrays
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
+from trainer.model import preprocess_spec_for
+from trainer.run import evaluate_checkpoint
+from tuner import posthoc
+from tuner.device import LATENCY_MS
+from tuner.storage import rdb_storage
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +63,7 @@ LEADER_COLUMNS = [
     "train_seconds",
     "data_path",
     "stop_reason",
-    "latency_ms",
+    LATENCY_MS,
     "precision",
     "target_latency_ms",
     "target_latency_p90_ms",
@@ -102,7 +117,7 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
                 "train_seconds": a.get("train_seconds"),
                 "data_path": a.get("data_path"),
                 "stop_reason": a.get("stop_reason"),
-                "latency_ms": a.get("latency_ms"),
+                LATENCY_MS: a.get(LATENCY_MS),
                 "precision": p.get("precision", a.get("precision")),
                 "target_latency_ms": a.get("target_latency_ms"),
                 "target_latency_p90_ms": a.get("target_latency_p90_ms"),
@@ -173,7 +188,7 @@ def _candidates(rows: list[dict[str, Any]], metric: str, max_latency_ms: float) 
     """Finished trials, best first; with a latency budget only those within it (all, with a message, if none)."""
     ok = [r for r in rows if r[metric] is not None and r["state"] in ("COMPLETE", "PRUNED")]
     if max_latency_ms:
-        within = [r for r in ok if r["latency_ms"] is not None and r["latency_ms"] <= max_latency_ms]
+        within = [r for r in ok if r[LATENCY_MS] is not None and r[LATENCY_MS] <= max_latency_ms]
         if not within:
             log.info(f"no trial within --max-latency-ms {max_latency_ms}; picking the most accurate overall")
         ok = within or ok
@@ -254,25 +269,15 @@ def plots(
     metric: str,
     refit_history: list[dict[str, Any]] | None = None,
 ) -> list[str]:
+    """The study's plots (Optuna's, then the learning curves) -> ``out``; the names of those made."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import warnings
-
     import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(optuna|matplotlib).*")
     made = []
-    target = (lambda t: t.values[0]) if multi else None
-    jobs = {
-        "optimization_history.png": lambda: ovm.plot_optimization_history(study, target=target, target_name=metric),
-        "param_importances.png": lambda: ovm.plot_param_importances(study, target=target),
-        "parallel_coordinate.png": lambda: ovm.plot_parallel_coordinate(study, target=target),
-    }
-    if multi:
-        jobs["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=[metric, "latency_ms"])
-    for name, fn in jobs.items():
+    for name, fn in _study_plot_jobs(study, multi, metric).items():
         try:
             ax: Any = fn()
             fig: Any = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
@@ -283,6 +288,37 @@ def plots(
             made.append(name)
         except Exception as e:  # noqa: BLE001 - e.g. importances need >= 2 finished trials
             log.info(f"plot {name} skipped ({type(e).__name__}: {e})")
+    _learning_curves(results, rows, out / "learning_curves.png", metric, refit_history)
+    made.append("learning_curves.png")
+    return made
+
+
+def _first_value(t: optuna.trial.FrozenTrial) -> float:
+    """The value a multi-objective study's plots show: its first objective (the study's metric)."""
+    return float(t.values[0])
+
+
+def _study_plot_jobs(study: optuna.Study, multi: bool, metric: str) -> dict[str, Callable[[], Any]]:
+    """Optuna's plots of the study by file name, each drawn when called (it returns matplotlib axes)."""
+    from optuna.visualization import matplotlib as ovm
+
+    target = _first_value if multi else None
+    jobs: dict[str, Callable[[], Any]] = {
+        "optimization_history.png": partial(ovm.plot_optimization_history, study, target=target, target_name=metric),
+        "param_importances.png": partial(ovm.plot_param_importances, study, target=target),
+        "parallel_coordinate.png": partial(ovm.plot_parallel_coordinate, study, target=target),
+    }
+    if multi:
+        jobs["pareto_front.png"] = partial(ovm.plot_pareto_front, study, target_names=[metric, LATENCY_MS])
+    return jobs
+
+
+def _learning_curves(
+    results: Any, rows: list[dict[str, Any]], path: Path, metric: str, refit_history: list[dict[str, Any]] | None
+) -> None:
+    """The top 5 trials' per-epoch ``metric`` and the final fit's -> ``path``."""
+    import matplotlib.pyplot as plt
+
     top = [r for r in rows if r["ray_trial_id"]][:5]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for r in top:
@@ -300,10 +336,8 @@ def plots(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "learning_curves.png")
+    fig.savefig(path)
     plt.close(fig)
-    made.append("learning_curves.png")
-    return made
 
 
 def finish_study(
@@ -322,74 +356,19 @@ def finish_study(
     (the summary, the :class:`tuner.posthoc.PosthocResult` or None)."""
     metric = opts.metric
     rows = _rows(study, metric)
-    states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
-    summary: dict[str, Any] = {
-        "study": opts.study,
-        "storage": opts.storage,
-        "trials": len(rows),
-        "states": states,
-        "metric": metric,
-        "out": str(out),
-    }
-    dest, final, post = out / "best", None, None
-    if refit is not None and refit.dir is not None:
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(refit.dir, dest)
-        base_row = next(
-            (r for r in rows if r["trial"] == refit.of_trial),
-            {
-                **dict.fromkeys(leader_columns(metric)),
-                "backbone": refit.params.get("backbone"),
-                "img": refit.params.get("img"),
-                "freeze": refit.params.get("freeze"),
-                "params": None,
-                "ray_trial_id": None,
-                "latency_ms": None,
-            },
-        )
-        name = f"refit of #{refit.of_trial}" if refit.of_trial >= 0 else "final fit of the first seed point"
-        final = {
-            **base_row,
-            "rank": 0,
-            "trial": name,
-            "state": "REFIT",
-            "epochs": refit.epochs,
-            "fidelity": f"{refit.epochs} ep (final fit)",
-            "best_epoch": refit.best_epoch,
-            metric: refit.value,
-            "val_acc": refit.val.get("val_acc"),
-            "val_macro_f1": refit.val.get("val_macro_f1"),
-            "train_seconds": refit.seconds,
-            "stop_reason": refit.stop_reason or None,
-            "ray_trial_id": None,
-        }
-        if final["val_acc"] is not None and final["params"]:
-            final["accuracy_density"] = final["val_acc"] / (final["params"] / 1e6)
-        rows.insert(0, final)
+    summary = _summary_head(opts, rows, out)
+    if refit is not None:
         summary["refit"] = refit.to_dict()
-    else:
-        if refit is not None:
-            summary["refit"] = refit.to_dict()
-        for cand in _candidates(rows, metric, opts.max_latency_ms):  # an earlier run's trial may have no checkpoint
-            if (
-                materialise_best_checkpoint(
-                    _result_for(results, cand["ray_trial_id"]), cand, CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, dest
-                )
-                and (dest / "model.pt").is_file()
-            ):
-                final = cand
-                break
-            log.info(f"trial #{cand['trial']} has no checkpoint any more (earlier run of the study); skipped")
+    dest, post = out / "best", None
+    final = _final_model(opts, results, rows, refit, dest)
     if final:
         post = _evaluate_final(opts, results, rows, final, dest, source, refit, deadline, probes, summary)
         params_of = refit.of_trial if final["state"] == "REFIT" else final["trial"]
         summary["best_params"] = refit.params if params_of == -1 else study.trials[params_of].params
         (out / "best_config.yaml").write_text((dest / "checkpoint.json").read_text())
+        _mark_members(rows, post, final, probes, metric)
     else:
         log.info("no trial produced a checkpoint; nothing to evaluate")
-    if final:
-        _mark_members(rows, post, final, probes, metric)
     write_leaderboard(rows, out, metric)
     if opts.multi_objective:
         summary["pareto_front"] = [
@@ -398,14 +377,90 @@ def finish_study(
     summary["plots"] = plots(
         study, results, rows, out, opts.multi_objective, metric, refit.history if refit is not None else None
     )
+    summary["leaderboard_md"] = _summary_leaderboard(rows, opts)
+    return summary, post
+
+
+def _summary_head(opts: Any, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """The summary's first keys: the study, its storage and its trials' states."""
+    states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    return {
+        "study": opts.study,
+        "storage": opts.storage,
+        "trials": len(rows),
+        "states": states,
+        "metric": opts.metric,
+        "out": str(out),
+    }
+
+
+def _final_model(opts: Any, results: Any, rows: list[dict[str, Any]], refit: Any, dest: Path) -> dict[str, Any] | None:
+    """The final model's checkpoint -> ``dest`` and its leaderboard row: the refit's (its row put first in
+    ``rows``), else the best candidate trial's that still has a checkpoint; None when there is none."""
+    if refit is not None and refit.dir is not None:
+        return _refit_row(rows, refit, dest, opts.metric)
+    for cand in _candidates(rows, opts.metric, opts.max_latency_ms):  # an earlier run's trial may have no checkpoint
+        if (
+            materialise_best_checkpoint(
+                _result_for(results, cand["ray_trial_id"]), cand, CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, dest
+            )
+            and (dest / "model.pt").is_file()
+        ):
+            return cand
+        log.info(f"trial #{cand['trial']} has no checkpoint any more (earlier run of the study); skipped")
+    return None
+
+
+def _refit_row(rows: list[dict[str, Any]], refit: Any, dest: Path, metric: str) -> dict[str, Any]:
+    """The refit's checkpoint -> ``dest``; its leaderboard row (the refitted trial's, with the refit's figures),
+    inserted first in ``rows``."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(refit.dir, dest)
+    base_row = next(
+        (r for r in rows if r["trial"] == refit.of_trial),
+        {
+            **dict.fromkeys(leader_columns(metric)),
+            "backbone": refit.params.get("backbone"),
+            "img": refit.params.get("img"),
+            "freeze": refit.params.get("freeze"),
+            "params": None,
+            "ray_trial_id": None,
+            LATENCY_MS: None,
+        },
+    )
+    name = f"refit of #{refit.of_trial}" if refit.of_trial >= 0 else "final fit of the first seed point"
+    final = {
+        **base_row,
+        "rank": 0,
+        "trial": name,
+        "state": "REFIT",
+        "epochs": refit.epochs,
+        "fidelity": f"{refit.epochs} ep (final fit)",
+        "best_epoch": refit.best_epoch,
+        metric: refit.value,
+        "val_acc": refit.val.get("val_acc"),
+        "val_macro_f1": refit.val.get("val_macro_f1"),
+        "train_seconds": refit.seconds,
+        "stop_reason": refit.stop_reason or None,
+        "ray_trial_id": None,
+    }
+    if final["val_acc"] is not None and final["params"]:
+        final["accuracy_density"] = final["val_acc"] / (final["params"] / 1e6)
+    rows.insert(0, final)
+    return final
+
+
+def _summary_leaderboard(rows: list[dict[str, Any]], opts: Any) -> str:
+    """The summary's Markdown leaderboard: the top 12 rows, with the latency columns the study measured."""
     latency_cols = (
         ["target_latency_ms", "target_latency_p90_ms", "target_device", "rejected"]
         if getattr(opts, "target", "")
-        else ["latency_ms"]
+        else [LATENCY_MS]
         if getattr(opts, "latency_on", False)
         else []
     )
-    summary["leaderboard_md"] = leaderboard_table(
+    return leaderboard_table(
         rows[:12],
         [
             "rank",
@@ -416,7 +471,7 @@ def finish_study(
             "freeze",
             "fidelity",
             "ens_weight",
-            metric,
+            opts.metric,
             "val_acc",
             "test_acc",
             "test_macro_f1",
@@ -425,7 +480,6 @@ def finish_study(
             *latency_cols,
         ],
     )
-    return summary, post
 
 
 def _evaluate_final(
@@ -442,14 +496,8 @@ def _evaluate_final(
 ) -> Any:
     """The final model's test evaluation: the single model's, then post-hoc selection (whose chosen model's test
     report replaces it); fills the summary's best_* keys. Returns the PosthocResult or None."""
-    from trainer.run import evaluate_checkpoint
-
     data, post = None, None
     if source is not None:
-        from trainer.config import TrainConfig
-        from trainer.data import build_data
-        from trainer.model import preprocess_spec_for
-
         cfg = TrainConfig.from_dict(read_meta(dest)["config"])
         data = build_data(cfg.data, preprocess_spec_for(cfg.model), seed=cfg.seed, source=source)
     metrics = evaluate_checkpoint(
@@ -526,12 +574,6 @@ def _posthoc(
     probes: Any = (),
 ) -> Any:
     """Post-hoc selection (tuner/posthoc.py) over the final model and the trials at its spec."""
-    import numpy as np
-
-    from edgetune.preprocess import PreprocessSpec
-    from trainer.export import eval_arrays
-    from tuner import posthoc
-
     spec = PreprocessSpec.from_dict(read_meta(dest)["preprocess"])
     rounds = opts.ensemble_rounds
     others = _member_dirs(results, rows, final, dest, Path(opts.out).resolve()) if rounds else []
@@ -543,9 +585,6 @@ def _posthoc(
     # probes at the final model's spec join as candidates (their heads: out/probes/, for the record)
     extra = []
     for p in probes if rounds else ():
-        from trainer.config import ModelConfig
-        from trainer.model import preprocess_spec_for
-
         if preprocess_spec_for(ModelConfig(backbone=p.backbone, img_size=p.img)).to_dict() == spec.to_dict():
             extra.append((p.name, p.model(len(data.classes))))
     # a latency budget or a target device measured single models: the final model stays one model there
@@ -575,10 +614,6 @@ def _posthoc(
 
 def _posthoc_metrics(post: Any, metrics: dict[str, Any], data: Any, dest: Path) -> dict[str, Any]:
     """The selected model's test report replaces the single model's (kept as ``single_model``)."""
-    import numpy as np
-
-    from trainer.evaluate import report_from_probs
-
     if post.test_probs is None or not (post.tta or post.ensemble or post.tau):
         return metrics
     labels = np.asarray([data.test.raw(i)[1] for i in range(len(data.test))])
@@ -665,8 +700,6 @@ def print_summary(summary: dict[str, Any], opts: Any) -> None:
 
 
 def compare_studies(storage: str, names: list[str]) -> list[dict[str, Any]]:
-    from tuner.storage import rdb_storage
-
     url, storage = storage, rdb_storage(storage)
     rows = []
     for n in names:
@@ -710,12 +743,19 @@ def compare_studies(storage: str, names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tuner.report", description="side-by-side table of studies")
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m tuner.report``'s options (``--help`` shows each one's default, like the other CLIs)."""
+    p = argparse.ArgumentParser(
+        prog="python -m tuner.report", description="side-by-side table of studies", formatter_class=HelpFormatter
+    )
     p.add_argument("--studies", required=True, help="comma-separated study names")
-    p.add_argument("--storage", default="sqlite:///" + str(Path("runs/optuna.db").resolve()))
+    p.add_argument("--storage", default="sqlite:///" + str(Path("runs/optuna.db").resolve()), help="Optuna storage URL")
     p.add_argument("--out", default="", help="where to save report.md/report.csv (default runs/)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     setup_cli_logging(verbose=False)
     rows = compare_studies(a.storage, [s for s in a.studies.split(",") if s])
     cols = list(rows[0]) if rows else []

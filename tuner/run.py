@@ -1,6 +1,7 @@
 """Build and run a study: Ray Tune (ASHA) driving Optuna (seeded multivariate TPE) in an RDB storage,
 each trial a trainer run; then the best trial's test evaluation, leaderboard, plots and bundle. Its options:
-tuner/options.py; the device-in-the-loop parts (latency setup, outputs, the winner's hand-off): tuner/latency_study.py."""
+tuner/options.py; the device-in-the-loop parts (latency setup, outputs, the winner's hand-off):
+tuner/latency_study.py."""
 
 from __future__ import annotations
 
@@ -9,24 +10,39 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import edgetune
 from edgetune.errors import EdgetuneError
+from trainer.backbones import weights_available
+from trainer.config import ModelConfig, TrainConfig, parse_override
+from trainer.data import build_data, prepare_source
+from trainer.imagestore import resize_key
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
-from tuner import _ray_compat, report
+from trainer.model import create_model, freeze_backbone, preprocess_spec_for
+from tuner import _ray_compat, cluster, refit, report
+from tuner.device import LATENCY_MS
 from tuner.latency_study import hand_off, latency_outputs, latency_setup, rejector
+from tuner.ledger import Ledger, plot_timeline, trial_stages
 from tuner.options import DEFAULT_EMA_DECAY, EXPORT_RESERVE_S, TuneOptions, options_yaml
-from tuner.refit import FINISH_RESERVE_S
+from tuner.probe import finish_reserve, probe_stage, trial_epoch_seconds
+from tuner.refit import FINISH_RESERVE_S, _refit_resources
+from tuner.space import load_space
+from tuner.storage import check_storage, rdb_storage
+from tuner.trial import TrialContext, TrialResources, run_trial
+
+if TYPE_CHECKING:
+    from ray import tune
+    from ray.tune.schedulers import TrialScheduler
+
+    from tuner.searcher import EdgetuneOptunaSearch
 
 log = logging.getLogger(__name__)
 
 
 def base_config(opts: TuneOptions) -> dict[str, Any]:
-    from trainer.config import TrainConfig, parse_override
-
     cfg = TrainConfig.from_yaml(opts.train_config) if opts.train_config else TrainConfig()
     over: dict[str, Any] = {
         "data.dataset": opts.data,
@@ -52,9 +68,6 @@ def base_config(opts: TuneOptions) -> dict[str, Any]:
 
 
 def _layer_count(backbone: str) -> int:
-    from trainer.config import ModelConfig
-    from trainer.model import create_model, freeze_backbone
-
     m = create_model(ModelConfig(backbone=backbone, weights="none"), num_classes=2)
     return int(freeze_backbone(m, 0.0)["layers_total"])
 
@@ -143,10 +156,6 @@ def study_specs(base: dict[str, Any], space: Any, seeds_only: bool = False) -> l
     """The distinct preprocessing specs (backbone x input size) the space can ask for; ``seeds_only``: those of its
     seed points only (a small budget reaches few others: a trial that asks for another spec resizes it itself, into
     the same content-keyed disk cache)."""
-    from trainer.config import ModelConfig
-    from trainer.imagestore import resize_key
-    from trainer.model import preprocess_spec_for
-
     sizes = list(space.params["img"].choices) if "img" in space.params else [base["model"]["img_size"]]
     backbones = space.backbones or [base["model"]["backbone"]]
     pairs = [(b, int(size)) for b in backbones for size in sizes]
@@ -168,9 +177,6 @@ def prepare_study_data(base: dict[str, Any], space: Any, out: Path, seeds_only: 
     """Once per study: scan, hash and split the dataset (``split.json``) and resize it for every spec the space
     can ask for (the node's disk cache, keyed by content). Returns the :class:`trainer.data.PreparedSource`
     that trials start from."""
-    from trainer.config import TrainConfig
-    from trainer.data import build_data, prepare_source
-
     cfg = TrainConfig.from_dict(base)
     t0 = time.perf_counter()
     source = prepare_source(cfg.data)
@@ -192,13 +198,6 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
     """Run (or resume) a study; returns the summary written to ``<out>/summary.json``. The time budget counts
     from ``started_at`` (unix time; ``python -m tuner`` passes its process start, so interpreter and import time
     count too), else from this call. Every stage is entered in the study's budget ledger (tuner/ledger.py)."""
-    from trainer.backbones import weights_available
-    from trainer.config import TrainConfig
-    from tuner import cluster
-    from tuner.ledger import Ledger
-    from tuner.space import load_space
-    from tuner.storage import check_storage
-
     clock = Clock(opts.time_budget_s, started_at if started_at is not None else time.time())
     ledger = Ledger(cores=float(os.cpu_count() or 1), t0=clock.t0)
     ledger.add("start-up (interpreter, imports)", "overhead", clock.t0, time.time(), cores=1)
@@ -256,8 +255,8 @@ def study_failure(summary: dict[str, Any]) -> str | None:
         return None
     states = summary.get("states") or {}
     counts = ", ".join(f"{n} {s}" for s, n in states.items() if n) or "none"
-    refit = summary.get("refit") or {}
-    why = refit.get("skipped") or refit.get("stop_reason")
+    final_fit = summary.get("refit") or {}
+    why = final_fit.get("skipped") or final_fit.get("stop_reason")
     why = f"; no final fit: {why}" if why else ""
     return (
         f"study {summary.get('study')!r} produced no model: no trial finished with a checkpoint (trials: "
@@ -277,9 +276,6 @@ def _run_stages(
     out: Path,
 ) -> dict[str, Any]:
     """Data preparation, the search, the final fit, post-hoc selection and the test evaluation, the hand-off."""
-    from tuner import refit
-    from tuner.ledger import trial_stages
-
     latency = latency_setup(opts, space) if opts.target else None
     with ledger.stage("data preparation", cores=1):
         source = prepare_study_data(base, space, out, seeds_only=bool(opts.time_budget_s))
@@ -288,23 +284,8 @@ def _run_stages(
     if opts.latency_on and latency is None:
         latency = latency_setup(opts, space)
     probes = _probes(opts, base, space, source, clock, ledger)
-    if probes:
-        from tuner.probe import finish_reserve
-
-        clock.finish_reserve_s = min(
-            finish_reserve(probes, source, opts.ensemble_rounds > 0), MAX_FINISH_SHARE * opts.time_budget_s
-        )
-        log.info(
-            f"kept {clock.finish_reserve_s:.0f} s at the end for post-hoc selection, test evaluation and export "
-            "(from the probes' measured forward speed)"
-        )
-    deadline = clock.search_deadline(opts.refit, opts.refit_share)
-    if probes and deadline:
-        opts, base = _plan_trials(opts, base, probes, source, deadline)
-    t_search = time.time()
-    results, study = _fit(opts, base, space, source, info, deadline, latency)
-    trial_stages(ledger, study, opts.cpus_per_worker * opts.workers_per_trial)
-    ledger.add("search driver (Ray Tune, Optuna)", "overhead", t_search, time.time(), cores=0.0)
+    searched = _search(opts, base, space, source, info, clock, ledger, latency, probes)
+    opts, base, results, study = searched.opts, searched.base, searched.results, searched.study
     refit_run = (
         refit.refit_best(opts, study, base, space, source, clock, out, ledger=ledger, results=results)
         if opts.refit
@@ -332,17 +313,54 @@ def _run_stages(
     return summary
 
 
+@dataclass(frozen=True)
+class Searched:
+    """What the search stage hands on: the options and base config as planned (the trials' epochs fitted to the
+    search window from the probes' speed), Ray Tune's result grid and the Optuna study."""
+
+    opts: TuneOptions
+    base: dict[str, Any]
+    results: Any  #: ray.tune.ResultGrid
+    study: Any  #: optuna.Study
+
+
+def _search(
+    opts: TuneOptions,
+    base: dict[str, Any],
+    space: Any,
+    source: Any,
+    info: dict[str, Any],
+    clock: Clock,
+    ledger: Any,
+    latency: Any,
+    probes: list[Any],
+) -> Searched:
+    """The finish reserve and the trials' fidelity from the probes' measured speed, then the search (:func:`_fit`)
+    up to its deadline; its trials and driver entered in the budget ledger."""
+    if probes:
+        clock.finish_reserve_s = min(
+            finish_reserve(probes, source, opts.ensemble_rounds > 0), MAX_FINISH_SHARE * opts.time_budget_s
+        )
+        log.info(
+            f"kept {clock.finish_reserve_s:.0f} s at the end for post-hoc selection, test evaluation and export "
+            "(from the probes' measured forward speed)"
+        )
+    deadline = clock.search_deadline(opts.refit, opts.refit_share)
+    if probes and deadline:
+        opts, base = _plan_trials(opts, base, probes, source, deadline)
+    t_search = time.time()
+    results, study = _fit(opts, base, space, source, info, deadline, latency)
+    trial_stages(ledger, study, opts.cpus_per_worker * opts.workers_per_trial)
+    ledger.add("search driver (Ray Tune, Optuna)", "overhead", t_search, time.time(), cores=0.0)
+    return Searched(opts=opts, base=base, results=results, study=study)
+
+
 def _plan_trials(
     opts: TuneOptions, base: dict[str, Any], probes: list[Any], source: Any, deadline: float
 ) -> tuple[TuneOptions, dict[str, Any]]:
     """Every run finishes what it starts: the trials' fidelity (their epochs, ASHA's max_t and their LR schedule) is
     planned before the first starts, from the probes' measured speed, so the first wave ends before the search
     deadline with its schedule annealed (at most ``--epochs``, at least 1)."""
-    import dataclasses
-
-    from tuner.probe import trial_epoch_seconds
-    from tuner.refit import _refit_resources
-
     if opts.gpus_per_trial or opts.workers_per_trial > 1:
         return opts, base
     est = trial_epoch_seconds(probes, source, base, _refit_resources(opts)[0], opts.cpus_per_worker)
@@ -354,7 +372,7 @@ def _plan_trials(
     )
     if epochs == opts.epochs:
         return opts, base
-    return dataclasses.replace(opts, epochs=epochs, grace_period=min(opts.grace_period, epochs)), {
+    return replace(opts, epochs=epochs, grace_period=min(opts.grace_period, epochs)), {
         **base,
         "epochs": epochs,
     }
@@ -365,8 +383,6 @@ def _probes(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, cl
     alone (none with a ``--trials`` cap, without a budget, on a resume, or in a multi-objective study)."""
     if not opts.probe_share or not opts.time_budget_s or opts.trials or opts.resume or opts.multi_objective:
         return []
-    from tuner.probe import probe_stage
-
     return probe_stage(opts, base, space, source, opts.probe_share * opts.time_budget_s, ledger)
 
 
@@ -382,8 +398,6 @@ def _study_cores(opts: TuneOptions, info: dict[str, Any]) -> float:
 
 
 def _close_ledger(summary: dict[str, Any], ledger: Any, out: Path) -> None:
-    from tuner.ledger import plot_timeline
-
     led = ledger.summary()
     summary["ledger"] = led.to_dict()
     summary["useful_fraction"] = round(led.useful_fraction, 4)
@@ -410,8 +424,6 @@ def _max_concurrent(opts: TuneOptions, resources: dict[str, float]) -> int | Non
 
 def trial_resources(opts: TuneOptions) -> tuple[Any, dict[str, float]]:
     """(TrialResources, the Tune trial's own resource request)."""
-    from tuner.trial import TrialResources
-
     res = TrialResources(
         workers=opts.workers_per_trial,
         use_gpu=opts.gpus_per_trial > 0,
@@ -430,7 +442,7 @@ def _fail_stale_trials(opts: TuneOptions, storage: Any) -> set[str]:
     """Resume: the trials a killed driver left RUNNING -> FAIL (Ray resumes them as new twins); their Ray ids."""
     import optuna
 
-    from tuner.searcher import mark_stale_running_failed
+    from tuner.searcher import mark_stale_running_failed  # noqa: PLC0415 - lazy: ray
 
     try:
         study = optuna.load_study(study_name=opts.study, storage=storage)
@@ -457,24 +469,56 @@ def _fit(
 ) -> tuple[Any, Any]:
     """Build (or restore) the Tuner over the Optuna study and run it; returns (ResultGrid, study)."""
     import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from tuner.searcher import CheckpointAttrCallback, EdgetuneOptunaSearch
-    from tuner.storage import rdb_storage
-    from tuner.trial import TrialContext, run_trial
+    from tuner.searcher import EdgetuneOptunaSearch  # noqa: PLC0415 - lazy: ray
 
     storage = rdb_storage(opts.storage)
-    m = opts.metric_def
-    metric: Any = [m.best_key, "latency_ms"] if opts.multi_objective else m.best_key
-    mode: Any = ["max", "min"] if opts.multi_objective else m.mode
     stale_ray_ids = _fail_stale_trials(opts, storage) if opts.resume else set()
+    searcher = _searcher(opts, base, space, source, storage, deadline, latency)
+    _record_study_attrs(searcher.study, _study_attrs(opts, base, space, source), opts.study)
+    scheduler = _scheduler(opts)
+    trainable = _trainable(opts, base, space, source, deadline, latency)
+    run_config = _run_config(opts, space, searcher)
+    tuner = _tuner(opts, trainable, run_config, searcher, scheduler, info, deadline, stale_ray_ids)
+    # A trial overtaken by the search deadline returns without a result (run_trial); Ray's strict check would turn
+    # that into an error of the whole study. Missing metrics are handled by the searcher (FAIL with the reason).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    results = tuner.fit()
+    if isinstance(searcher, EdgetuneOptunaSearch):
+        searcher.close_unfinished()
+    return results, optuna.load_study(study_name=opts.study, storage=storage)
+
+
+#: Ray Tune's num_samples where ``--trials`` sets no cap: the time budget ends the search.
+UNCAPPED_TRIALS = 100_000
+
+
+def _n_trials(opts: TuneOptions) -> int:
+    return opts.trials or UNCAPPED_TRIALS
+
+
+def _searcher(
+    opts: TuneOptions,
+    base: dict[str, Any],
+    space: Any,
+    source: Any,
+    storage: Any,
+    deadline: float | None,
+    latency: Any,
+) -> EdgetuneOptunaSearch:
+    """Optuna (seeded multivariate TPE, the space's seed points first) over the study in ``storage``, as Ray Tune's
+    search algorithm; single- or multi-objective (the metric, and latency_ms to minimise)."""
+    import optuna
+
+    from tuner.searcher import EdgetuneOptunaSearch  # noqa: PLC0415 - lazy: ray
+
+    m = opts.metric_def
     seeds = space.points_to_evaluate()
-    n_trials = opts.trials or 100_000  # with no cap, the time budget ends the search
+    n_trials = _n_trials(opts)
     searcher = EdgetuneOptunaSearch(
         space=space.define_by_run,
-        metric=metric,
-        mode=mode,
+        metric=[m.best_key, LATENCY_MS] if opts.multi_objective else m.best_key,
+        mode=["max", "min"] if opts.multi_objective else m.mode,
         max_t=opts.epochs,
         deadline=deadline,
         grace_period=opts.grace_period,
@@ -490,37 +534,55 @@ def _fit(
         storage=storage,
         reject=rejector(opts, base, space, source, latency),
     )
-    searcher.study.set_metric_names([opts.metric, "latency_ms"] if opts.multi_objective else [opts.metric])
-    attrs = _study_attrs(opts, base, space, source)
-    existing = searcher.study.user_attrs
+    searcher.study.set_metric_names([opts.metric, LATENCY_MS] if opts.multi_objective else [opts.metric])
+    return searcher
+
+
+def _record_study_attrs(study: Any, attrs: dict[str, Any], name: str) -> None:
+    """The study's user attrs (:func:`_study_attrs`); a warning when it was run on another dataset before."""
+    existing = study.user_attrs
     if existing.get("dataset_hash") not in (None, attrs["dataset_hash"]):
         log.warning(
-            f"warning: study {opts.study!r} was run on a different dataset "
+            f"warning: study {name!r} was run on a different dataset "
             f"(hash {existing['dataset_hash'][:12]} vs {attrs['dataset_hash'][:12]})"
         )
     for k, v in attrs.items():
-        searcher.study.set_user_attr(k, v)
-    scheduler = (
-        FIFOScheduler()
-        if opts.multi_objective
-        else ASHAScheduler(
-            time_attr="epoch",  # the loop's own count (tuner.searcher.result_epoch), as the curves' steps
-            max_t=opts.epochs,
-            grace_period=opts.grace_period,
-            reduction_factor=opts.reduction_factor,
-        )
+        study.set_user_attr(k, v)
+
+
+def _scheduler(opts: TuneOptions) -> TrialScheduler:
+    """ASHA on the loop's epochs; FIFO for a multi-objective study (no single value to rank rungs by)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if opts.multi_objective:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",  # the loop's own count (tuner.searcher.result_epoch), as the curves' steps
+        max_t=opts.epochs,
+        grace_period=opts.grace_period,
+        reduction_factor=opts.reduction_factor,
     )
+
+
+def _trainable(
+    opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, deadline: float | None, latency: Any
+) -> Any:
+    """:func:`tuner.trial.run_trial` with its context and the trial's resource request."""
+    from ray import tune
+
     res, resources = trial_resources(opts)
-    ctx = TrialContext(
-        base=base,
-        space=space,
-        res=res,
-        source=source,
-        deadline=deadline,
-        latency=latency,
-    )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
-    run_config = tune.RunConfig(
+    ctx = TrialContext(base=base, space=space, res=res, source=source, deadline=deadline, latency=latency)
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+
+
+def _run_config(opts: TuneOptions, space: Any, searcher: EdgetuneOptunaSearch) -> tune.RunConfig:
+    """Where the experiment lives, which checkpoints Ray keeps, retries, the searcher's checkpoint callback and the
+    progress table."""
+    from ray import tune
+
+    from tuner.searcher import CheckpointAttrCallback  # noqa: PLC0415 - lazy: ray
+
+    return tune.RunConfig(
         name=opts.study,
         storage_path=opts.storage_path,
         # Ray keeps the best epoch's checkpoint (trainer.metric.CHECKPOINT_SCORE), plus the latest for restarts
@@ -530,7 +592,7 @@ def _fit(
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         callbacks=[CheckpointAttrCallback(searcher)],
         progress_reporter=tune.CLIReporter(
-            metric_columns=["epoch", m.best_key, "val_acc", "data_path", "train_seconds"],
+            metric_columns=["epoch", opts.metric_def.best_key, "val_acc", "data_path", "train_seconds"],
             parameter_columns=[c for c in ("backbone", "freeze", "lr", "img") if c in space.params],
             max_report_frequency=30,
             # Ray's sort fails on a trial that ended without a result (one the search deadline overtook)
@@ -538,6 +600,22 @@ def _fit(
         ),
         verbose=1,
     )
+
+
+def _tuner(
+    opts: TuneOptions,
+    trainable: Any,
+    run_config: tune.RunConfig,
+    searcher: EdgetuneOptunaSearch,
+    scheduler: TrialScheduler,
+    info: dict[str, Any],
+    deadline: float | None,
+    stale_ray_ids: set[str],
+) -> tune.Tuner:
+    """``--resume``: Ray's experiment restored where there is one (checkpoints its retention deleted stand in as
+    empty); else a new Tuner (an earlier local experiment of the same name removed first)."""
+    from ray import tune
+
     exp_path = f"{opts.storage_path.rstrip('/')}/{opts.study}"
     if opts.resume and tune.Tuner.can_restore(exp_path):
         log.info(f"resuming Ray experiment {exp_path}")
@@ -547,35 +625,28 @@ def _fit(
                 f"resume: {len(filled)} checkpoint(s) deleted by Ray's retention after its last snapshot stand "
                 "in as empty (a trial restored from one restarts from epoch 1): " + ", ".join(filled)
             )
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
-    else:
-        if opts.resume:
-            log.info(f"no Ray experiment to restore at {exp_path}; continuing the Optuna study with new trials")
-        elif "://" not in exp_path and Path(exp_path).exists():
-            shutil.rmtree(exp_path)
-        backstop = (deadline - time.time() + 60.0) if deadline else None  # trials stop at epoch boundaries first
-        tuner = tune.Tuner(
-            trainable,
-            param_space={},
-            run_config=run_config,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=n_trials,
-                trial_dirname_creator=_trial_dirname,
-                trial_name_creator=_trial_dirname,
-                time_budget_s=max(1.0, backstop) if backstop else None,
-                # a 1-worker trial's process (torch imported, the activation cache's LRU warm) serves the next trial
-                reuse_actors=opts.workers_per_trial <= 1,
-                max_concurrent_trials=_max_concurrent(opts, info["resources"]),
-                metric=None if opts.multi_objective else m.best_key,
-                mode=None if opts.multi_objective else mode,
-            ),
-        )
-    # A trial overtaken by the search deadline returns without a result (run_trial); Ray's strict check would turn
-    # that into an error of the whole study. Missing metrics are handled by the searcher (FAIL with the reason).
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    results = tuner.fit()
-    if isinstance(searcher, EdgetuneOptunaSearch):
-        searcher.close_unfinished()
-    return results, optuna.load_study(study_name=opts.study, storage=storage)
+        return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
+    if opts.resume:
+        log.info(f"no Ray experiment to restore at {exp_path}; continuing the Optuna study with new trials")
+    elif "://" not in exp_path and Path(exp_path).exists():
+        shutil.rmtree(exp_path)
+    backstop = (deadline - time.time() + 60.0) if deadline else None  # trials stop at epoch boundaries first
+    multi = opts.multi_objective
+    return tune.Tuner(
+        trainable,
+        param_space={},
+        run_config=run_config,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=_n_trials(opts),
+            trial_dirname_creator=_trial_dirname,
+            trial_name_creator=_trial_dirname,
+            time_budget_s=max(1.0, backstop) if backstop else None,
+            # a 1-worker trial's process (torch imported, the activation cache's LRU warm) serves the next trial
+            reuse_actors=opts.workers_per_trial <= 1,
+            max_concurrent_trials=_max_concurrent(opts, info["resources"]),
+            metric=None if multi else opts.metric_def.best_key,
+            mode=None if multi else opts.metric_def.mode,
+        ),
+    )

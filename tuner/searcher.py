@@ -14,13 +14,17 @@ import statistics
 import time
 from typing import Any
 
-import optuna
-from ray.tune.callback import Callback
-from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
+# The searcher subclasses Ray Tune's OptunaSearch and Callback over an Optuna study, so this module is Ray's and
+# Optuna's at its top (tuner.run imports it only where the search starts).
+import optuna  # noqa: TID253 - the study the searcher drives
+from ray.tune.callback import Callback  # noqa: TID253 - base class of CheckpointAttrCallback
+from ray.tune.search import Searcher  # noqa: TID253 - its FINISHED sentinel
+from ray.tune.search.optuna import OptunaSearch  # noqa: TID253 - base class of EdgetuneOptunaSearch
 
 from trainer.metric import METRICS
 from tuner import _optuna_compat, _ray_compat
+from tuner.device import LATENCY_MS
+from tuner.trial import checkpoint_uri
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ ATTR_KEYS = {
     "started_at": "started_at",
     "first_batch_at": "first_batch_at",
     "epoch_seconds": "epoch_seconds",
-    "latency_ms": "latency_ms",
+    LATENCY_MS: LATENCY_MS,
     "latency_p90_ms": "latency_p90_ms",
     "latency_kind": "latency_kind",  # device (timed on the target) | estimate (the driver's node)
     "latency_node": "latency_node",
@@ -229,7 +233,8 @@ class EdgetuneOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id in _ray_compat.searcher_completed(self) or trial_id not in _ray_compat.searcher_trials(self):
-            return super().on_trial_complete(trial_id, result, error)
+            super().on_trial_complete(trial_id, result, error)
+            return
         last = result or self._last.get(trial_id) or {}
         self._replace_stale(trial_id, restarted=bool(last.get("resume_restarted")))
         ot_trial = _ray_compat.searcher_trials(self)[trial_id]
@@ -306,8 +311,6 @@ class CheckpointAttrCallback(Callback):
         self.searcher = searcher
 
     def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
-        from tuner.trial import checkpoint_uri
-
         self.searcher.add_attrs(trial.trial_id, checkpoint_uri=checkpoint_uri(checkpoint))
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

@@ -21,6 +21,7 @@ from trainer.loop_config import LoopConfig
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from trainer.ray_trainer import make_torch_trainer
 from tuner import _ray_compat, device
+from tuner.device import LATENCY_MS
 from tuner.space import build_trial_config as build_trial_config  # re-exported: tuner/refit.py imports it here
 from tuner.space import flatten_params
 
@@ -68,7 +69,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         if static.get("rejected_reason"):  # too slow for the constraint: recorded PRUNED with the reason
             tune.report(static)
             return
-        if ctx.latency.target and "latency_ms" not in static:
+        if ctx.latency.target and LATENCY_MS not in static:
             # no timing from the target (its node is down and did not return in time): the second objective is
             # missing, so training would be wasted; the searcher records FAIL with this reason
             tune.report(static)
