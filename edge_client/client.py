@@ -137,18 +137,10 @@ class CameraStream:
         cam = self.source.camera_id
         while alive.is_set():
             if self._resend:  # finite source after a reconnection: the frames that were in flight first
-                with self._cond:
-                    while self.window and len(self._pending) >= self.window and alive.is_set():
-                        self._cond.wait(0.1)
-                if not alive.is_set():
+                again = self._resend_one(alive)
+                if again is None:
                     return
-                p = self._resend.pop(0)
-                with self._cond:
-                    self._pending[p.seq] = p
-                self.stats.resent += 1
-                yield pb.Frame(
-                    camera_id=cam, frame_id=p.seq, capture_time_us=p.capture_us, image=p.data, top_k=self.opts.top_k
-                )
+                yield again
                 continue
             frame = self._next_frame(alive)
             if frame is not None:
@@ -180,7 +172,30 @@ class CameraStream:
                 image=data,
                 top_k=self.opts.top_k,
             )
-        # End of the source: wait for the outstanding results, then half-close the stream.
+        self._finish_source(alive, call_box)
+
+    def _resend_one(self, alive: threading.Event) -> Any:
+        """The next frame kept from a broken stream, once the window has room (None: the stream broke again)."""
+        with self._cond:
+            while self.window and len(self._pending) >= self.window and alive.is_set():
+                self._cond.wait(0.1)
+        if not alive.is_set():
+            return None
+        p = self._resend.pop(0)
+        with self._cond:
+            self._pending[p.seq] = p
+        self.stats.resent += 1
+        return pb.Frame(
+            camera_id=self.source.camera_id,
+            frame_id=p.seq,
+            capture_time_us=p.capture_us,
+            image=p.data,
+            top_k=self.opts.top_k,
+        )
+
+    def _finish_source(self, alive: threading.Event, call_box: list[Any]) -> None:
+        """End of the source: wait for the outstanding results, then half-close the stream."""
+        cam = self.source.camera_id
         deadline = time.monotonic() + self.opts.result_timeout
         with self._cond:
             while self._pending and alive.is_set() and time.monotonic() < deadline:
@@ -251,7 +266,6 @@ class CameraStream:
     def run(self) -> CameraStats:
         """Stream until the source ends (returns) or ``stop`` is set; raises :class:`ClientError`
         for failures that retrying cannot fix or when the retry time is used up."""
-        cam = self.source.camera_id
         backoff = Backoff(self.opts.backoff_initial, self.opts.backoff_max, max_total=self.opts.max_retry_time)
         outage_started: float | None = None
         while not self.stop.is_set():
@@ -269,9 +283,7 @@ class CameraStream:
                 info = self._probe(pb_grpc.ClassifierStub(channel))
                 established = True
                 if outage_started is not None:
-                    gap = time.monotonic() - outage_started
-                    _log(cam, f"reconnected to {self.conn.server} after {gap:.1f} s (model {info.model_version})")
-                    self.stats.reconnects += 1
+                    self._on_reconnected(outage_started, info.model_version)
                     outage_started = None
                 backoff.reset()
                 call = pb_grpc.ClassifierStub(channel).StreamClassify(
@@ -299,17 +311,28 @@ class CameraStream:
                     raise ClientError(raise_msg) from None
                 pushback = retry_pushback_ms(e)
             finally:
-                alive.clear()
-                with self._cond:
-                    self._cond.notify_all()
-                idle.wait(2.0)  # the request generator notices within a read timeout
-                if watcher.is_alive():
-                    watcher.join(1.0)
-                channel.close()
+                self._close_attempt(alive, idle, watcher, channel)
             # Connection failed or broke: count the gap (or keep the frames to re-send), back off, try again.
             outage_started = self._on_outage(outage_started, raise_msg)
             self.stop.wait(self._retry_delay(backoff, pushback, raise_msg))
         return self._end()
+
+    def _on_reconnected(self, outage_started: float, model_version: str) -> None:
+        gap = time.monotonic() - outage_started
+        _log(self.source.camera_id, f"reconnected to {self.conn.server} after {gap:.1f} s (model {model_version})")
+        self.stats.reconnects += 1
+
+    def _close_attempt(
+        self, alive: threading.Event, idle: threading.Event, watcher: threading.Thread, channel: grpc.Channel
+    ) -> None:
+        """End one connection attempt: stop its request generator and stop-watcher, close its channel."""
+        alive.clear()
+        with self._cond:
+            self._cond.notify_all()
+        idle.wait(2.0)  # the request generator notices within a read timeout
+        if watcher.is_alive():
+            watcher.join(1.0)
+        channel.close()
 
     def _on_outage(self, outage_started: float | None, raise_msg: str) -> float:
         """The frames in flight are lost (live source) or kept to re-send; the first failure of an outage is

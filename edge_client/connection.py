@@ -194,7 +194,50 @@ def watch_connected(channel: grpc.Channel) -> threading.Event:
     return ready
 
 
-def describe_rpc_error(  # noqa: C901
+def _deadline_message(
+    code: grpc.StatusCode | None, details: str, where: str, deadline_s: float | None, connected: bool
+) -> str | None:
+    """What a deadline reached means, honestly: cut off while connecting (the handshake did not finish) or while
+    waiting for the answer on a connected channel; None when the call did not end at a deadline."""
+    within = f" within {deadline_s:g} s" if deadline_s else ""
+    if any(h in details.lower() for h in _CUT_OFF_HINTS):
+        return (
+            f"deadline reached while connecting to {where}: the connection attempt was cut off before "
+            f"its handshake finished{within} (server or machine slow or overloaded?) ({details})"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not connected:
+        return (
+            f"deadline reached while connecting to {where}: the connection or its handshake did not "
+            f"finish{within} (server or machine slow or overloaded?) ({details})"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"deadline reached waiting for {where} to answer: connected, but no answer{within} "
+            f"(server slow or overloaded?) ({details})"
+        )
+    return None
+
+
+def _unavailable_message(details: str, where: str, opts: ConnectionOptions, established: bool) -> str:
+    """What UNAVAILABLE means here: refused, closed by a server that went away, closed during setup (TLS?), DNS."""
+    low = details.lower()
+    if "connection refused" in low:
+        return f"cannot reach {where}: connection refused (is the server running on that port?)"
+    if "socket closed" in low or "connection reset" in low:
+        if established:
+            return f"connection to {where} lost: the server closed it (stopped, killed or restarted?) ({details})"
+        hint = (
+            "if it requires TLS pass --tls-ca"
+            if not opts.secure
+            else "if it requires mutual TLS pass --tls-cert and --tls-key"
+        )
+        return f"cannot connect to {where}: it closed the connection during setup ({hint}) ({details})"
+    if "dns" in low or "resolv" in low or "name or service" in low:
+        return f"cannot resolve the host of {where}: {details}"
+    return f"{where} unavailable: {details}"
+
+
+def describe_rpc_error(
     err: grpc.RpcError,
     opts: ConnectionOptions,
     established: bool = False,
@@ -208,22 +251,9 @@ def describe_rpc_error(  # noqa: C901
     code, details = _code(err), _details(err)
     low = details.lower()
     where = f"server {opts.server}"
-    within = f" within {deadline_s:g} s" if deadline_s else ""
-    if any(h in low for h in _CUT_OFF_HINTS):
-        return True, (
-            f"deadline reached while connecting to {where}: the connection attempt was cut off before "
-            f"its handshake finished{within} (server or machine slow or overloaded?) ({details})"
-        )
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not connected:
-        return True, (
-            f"deadline reached while connecting to {where}: the connection or its handshake did not "
-            f"finish{within} (server or machine slow or overloaded?) ({details})"
-        )
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return True, (
-            f"deadline reached waiting for {where} to answer: connected, but no answer{within} "
-            f"(server slow or overloaded?) ({details})"
-        )
+    deadline = _deadline_message(code, details, where, deadline_s, connected)
+    if deadline is not None:
+        return True, deadline
     if any(h in low for h in _TLS_HINTS):
         if not opts.secure:
             return False, f"TLS failure talking to {where} without TLS: it may require TLS (use --tls-ca) ({details})"
@@ -250,23 +280,7 @@ def describe_rpc_error(  # noqa: C901
         name = code.name if code is not None else "ERROR"
         return False, f"{where} refused the request ({name}): {details}"
     if code == grpc.StatusCode.UNAVAILABLE:
-        if "connection refused" in low:
-            return True, f"cannot reach {where}: connection refused (is the server running on that port?)"
-        if "socket closed" in low or "connection reset" in low:
-            if established:
-                return (
-                    True,
-                    f"connection to {where} lost: the server closed it (stopped, killed or restarted?) ({details})",
-                )
-            hint = (
-                "if it requires TLS pass --tls-ca"
-                if not opts.secure
-                else "if it requires mutual TLS pass --tls-cert and --tls-key"
-            )
-            return True, f"cannot connect to {where}: it closed the connection during setup ({hint}) ({details})"
-        if "dns" in low or "resolv" in low or "name or service" in low:
-            return True, f"cannot resolve the host of {where}: {details}"
-        return True, f"{where} unavailable: {details}"
+        return True, _unavailable_message(details, where, opts, established)
     if code in _RETRYABLE:
         name = code.name if code is not None else "ERROR"
         return True, f"connection to {where} lost ({name}): {details}"

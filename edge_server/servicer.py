@@ -366,6 +366,19 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
             if left is not None:
                 self._release(left[0][3])
 
+    def _refused_frame(self, frame: pb.Frame, problem: str, dropped: int) -> pb.FrameResult:
+        """The answer to a frame refused before inference: its camera id is not echoed nor tracked (a hostile id
+        must not grow replies or stats)."""
+        self.stats.frame_done(None, 0.0, ok=False)
+        log.info("frame refused", extra={"fields": {"frame_id": frame.frame_id, "error": problem}, "group": True})
+        return pb.FrameResult(
+            frame_id=frame.frame_id,
+            capture_time_us=frame.capture_time_us,
+            dropped_before=dropped,
+            error=problem,
+            model_version=self.holder.current.version,
+        )
+
     def _frame_result(
         self,
         frame: pb.Frame,
@@ -376,16 +389,8 @@ class ClassifierServicer(HarvestRpcs, pb_grpc.ClassifierServicer):
         context: grpc.ServicerContext,
     ) -> pb.FrameResult:
         stats = self.stats
-        if problem is not None:  # not echoed, not tracked: a hostile id must not grow replies or stats
-            stats.frame_done(None, 0.0, ok=False)
-            log.info("frame refused", extra={"fields": {"frame_id": frame.frame_id, "error": problem}, "group": True})
-            return pb.FrameResult(
-                frame_id=frame.frame_id,
-                capture_time_us=frame.capture_time_us,
-                dropped_before=dropped,
-                error=problem,
-                model_version=self.holder.current.version,
-            )
+        if problem is not None:
+            return self._refused_frame(frame, problem, dropped)
         result = pb.FrameResult(
             camera_id=frame.camera_id,
             frame_id=frame.frame_id,

@@ -3,6 +3,7 @@ with the project's configuration on small modules placed under those package nam
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -180,7 +181,8 @@ def test_pre_commit_runs_ruff_ruff_format_and_mypy():
 def test_make_lint_checks_the_format_of_the_whole_tree(tmp_path):
     """`make lint` runs `ruff format --check` over the same paths as `ruff check`, and that check fails on a file
     ruff format would change (the tree is formatted in one go, so a diff means someone skipped `make format`)."""
-    make = subprocess.run(["make", "-n", "lint"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # not a parent make's
+    make = subprocess.run(["make", "-n", "lint"], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     assert "ruff format --check" in make, make
     paths = next(line for line in make.splitlines() if "ruff check" in line).split("ruff check", 1)[1].split()
     fmt = next(line for line in make.splitlines() if "ruff format --check" in line)

@@ -5,6 +5,7 @@ CLI's ``--help`` shows its defaults and names only README sections that exist.""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -16,10 +17,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 #: make with the venv stamp left out (the venv is the one running the tests) and this interpreter as $(PY)
 MAKE = ["make", "--no-print-directory", "STAMP=", f"PY={sys.executable}"]
+#: the environment of a make started here: without the flags of a make that runs this suite (`make -s test-stress`
+#: exports MAKEFLAGS=s, and a silent make shows nothing of what these tests look at)
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
 
 
 def _make(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*MAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*MAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=MAKE_ENV)
 
 
 def test_make_report_without_studies_lists_the_storage(tmp_path):
@@ -59,6 +63,7 @@ def test_make_never_echoes_a_postgresql_password(target, extra):
     r = subprocess.run(
         ["make", "--no-print-directory", "STAMP=", "PY=true", target, f"STORAGE={url}", *args],
         cwd=ROOT,
+        env=MAKE_ENV,
         capture_output=True,
         text=True,
         timeout=60,

@@ -15,18 +15,7 @@ MAX_LINES = 60
 ARGUMENT_TABLES = {"build_parser", "_parser"}
 #: ``path::qualified name`` of the functions still over the limit. Keep it empty: a function added here needs a
 #: reason next to it.
-ALLOWED: dict[str, str] = {
-    # being split in main (the lead removes these at the merge)
-    "edge_server/engine.py::build_engine_bytes": "being split in main",
-    "edge_server/server.py::EdgeServer.__init__": "being split in main",
-    # over the limit since the one-go `ruff format` (40c2863) wrapped them; edge_server/ is not edited on this
-    # branch and edge_client/ is outside its scope (tuner/, trainer/): to split next
-    "edge_server/edge_node.py::start": "to split (67 lines after ruff format)",
-    "edge_server/servicer.py::ClassifierServicer._frame_result": "to split (61 lines after ruff format)",
-    "edge_client/client.py::CameraStream._requests": "to split (63 lines after ruff format)",
-    "edge_client/client.py::CameraStream.run": "to split (62 lines after ruff format)",
-    "edge_client/connection.py::describe_rpc_error": "to split (78 lines after ruff format)",
-}
+ALLOWED: dict[str, str] = {}
 
 
 def _functions(tree: ast.AST, prefix: str = "") -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -211,7 +212,13 @@ def test_make_tune_uses_a_running_cluster(tmp_path):
         assert set((rtmp / "ray").glob("session_2*")) == sessions_before, "a local Ray instance was started"
         trials = optuna.load_study(study_name="existing", storage=f"sqlite:///{tmp_path}/optuna.db").trials
         assert len(trials) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-        assert len({t.user_attrs["node_id"] for t in trials}) == 2, "both nodes ran trials (1 CPU each)"
+        # The trials ran on this cluster's nodes (the ids `ray status` lists). Both trials are suggested at the start
+        # and each takes the one CPU of a node, so on a quiet machine they run at once, one per node; on a loaded
+        # machine the first can end before Tune starts the second, which then takes the freed CPU of the same node
+        # (issue 20): which node runs a trial is Ray's choice, not a behaviour of make tune.
+        cluster_nodes = set(re.findall(r"node_([0-9a-f]{56})", out))
+        trial_nodes = {t.user_attrs["node_id"] for t in trials}
+        assert len(cluster_nodes) == 2 and trial_nodes <= cluster_nodes, (trial_nodes, out)
     finally:
         _stop(procs)
         shutil.rmtree(rtmp, ignore_errors=True)

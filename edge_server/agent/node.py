@@ -62,7 +62,8 @@ def _local_ip_towards(host: str) -> str:
         return ""
 
 
-def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]:
+def _check_head(head: str, target: str) -> str:
+    """The head's host, once the target name and the head address are valid and a Ray head answers there."""
     if not valid_target(target):
         raise SystemExit(f"error: TARGET must be {TARGET_RULE}, got {target!r}")
     if not _HEAD.match(head or ""):
@@ -78,6 +79,11 @@ def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]
             f"error: no Ray head answers at {head} ({e}); start it with `ray start --head --port {port}`"
             " (or `ray up cluster.yaml`)"
         ) from None
+    return host
+
+
+def _state_file(target: str) -> Path:
+    """Where this machine records the node of ``target`` (a stale record of a node that is gone is removed)."""
     d = state_dir()
     d.mkdir(parents=True, exist_ok=True)
     state_file = d / f"{target}.json"
@@ -89,7 +95,15 @@ def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]
                 "stop it with `make edge-node-stop`"
             )
         state_file.unlink()
-    log = d / f"{target}.log"
+    return state_file
+
+
+def start(head: str, target: str, timeout_s: float = 120.0) -> dict[str, object]:
+    """Join the cluster at ``head`` as the timing node of ``target`` (``ray start --block`` in its own process
+    group); returns the recorded state (pid, resource, log). SystemExit saying what is wrong where it cannot."""
+    host = _check_head(head, target)
+    state_file = _state_file(target)
+    log = state_file.with_suffix(".log")
     resource = json.dumps({RESOURCE_PREFIX + target: 1})
     ip = _local_ip_towards(host)
     cmd = [
