@@ -355,10 +355,9 @@ class Attacks:
             time.sleep(0.3)
             self._camera_result(srv, fails, "after the attack")  # a real camera is served
             # a SIGTERM with window-0 streams open drains within the grace period
-            extra["allowed_legit_failures"] = ("UNAVAILABLE",)  # a probe call that starts during the drain
             sids = [raw.open(STREAM, metadata=CAM_MD, message=frame) for _ in range(self.max_streams)]
             time.sleep(0.5)
-            probe.stop.set()
+            probe.close()  # its last call ends before the signal (see attack_sighup)
             t1 = time.monotonic()
             srv.proc.send_signal(signal.SIGTERM)
             try:
@@ -517,7 +516,6 @@ class Attacks:
     def attack_sighup(self, srv: Any, probe: Probe, fails: list[str], extra: dict[str, Any]) -> None:
         from testkit.edge_fixtures import RequestFeeder
 
-        extra["allowed_legit_failures"] = ("UNAVAILABLE",)  # a probe call that starts during the drain
         with grpc.insecure_channel(srv.address) as ch:
             feed = RequestFeeder(timeout=30)
             call = pb_grpc.ClassifierStub(ch).StreamClassify(feed, timeout=30, metadata=CAM_MD)
@@ -525,8 +523,10 @@ class Attacks:
             next(call)
             time.sleep(0.5)
             # the legit probe ends its last call before the signal: a call sent just before and delayed on a loaded
-            # machine would reach the server while gRPC shuts down and end CANCELLED (issue 20); the drain of an
-            # open call is what the stream above checks
+            # machine would reach the server while gRPC shuts down and end CANCELLED (issue 20). What this attack
+            # checks is the drain of the open stream above; a new call during a drain getting UNAVAILABLE and an
+            # in-flight call finishing are tests/test_server_limits.py::test_health_not_serving_during_drain and
+            # tests/test_server_robust.py::test_graceful_stop_drains_in_flight_request
             probe.close()
             t0 = time.monotonic()
             srv.proc.send_signal(signal.SIGHUP)

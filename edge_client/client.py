@@ -174,7 +174,7 @@ class CameraStream:
             )
         self._finish_source(alive, call_box)
 
-    def _resend_one(self, alive: threading.Event) -> Any:
+    def _resend_one(self, alive: threading.Event) -> pb.Frame | None:
         """The next frame kept from a broken stream, once the window has room (None: the stream broke again)."""
         with self._cond:
             while self.window and len(self._pending) >= self.window and alive.is_set():

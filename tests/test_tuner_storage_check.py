@@ -30,3 +30,25 @@ def test_unreachable_postgresql_fails_in_one_line_before_data_prep(tmp_path, mon
     assert "secret" not in err
     assert "Traceback" not in err
     assert took < 15, f"took {took:.1f} s"
+
+
+def test_the_dashboard_never_prints_a_postgresql_password(monkeypatch, capsys):
+    """`make dashboard STORAGE=postgresql://user:pw@…` says which storage it serves with the password masked (the
+    app and the HTTP server are replaced: what is printed is the point, serving is tests/test_tuner_study.py's)."""
+    from tuner import dashboard
+
+    class Server:
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            pass
+
+    seen = []
+    monkeypatch.setattr(dashboard, "make_app", lambda storage: seen.append(storage) or (lambda env, start: []))
+    monkeypatch.setattr(dashboard, "make_server", lambda host, port, app: Server())
+    url = "postgresql://edgetune:s3cr3t-pw@db.example:5432/studies"
+    assert dashboard.main(["--storage", url, "--port", "0"]) == 0
+    out = capsys.readouterr()
+    assert seen == [url]  # the real URL reaches the storage
+    assert "s3cr3t" not in out.out + out.err and "postgresql://edgetune:***@db.example:5432/studies" in out.out

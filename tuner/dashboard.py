@@ -11,7 +11,7 @@ from wsgiref.simple_server import make_server
 import edgetune
 from edgetune.dataclass_cli import HelpFormatter
 from edgetune.logs import setup_cli_logging
-from tuner.storage import missing_sqlite, rdb_storage
+from tuner.storage import masked, missing_sqlite, rdb_storage
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     httpd = make_server(a.host, a.port, make_app(a.storage))
-    print(f"optuna-dashboard for {a.storage} on http://{a.host}:{a.port}/ (Ctrl-C to stop)")
+    print(f"optuna-dashboard for {masked(a.storage)} on http://{a.host}:{a.port}/ (Ctrl-C to stop)")
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

@@ -216,8 +216,8 @@ def _configure_int8(
     trt: Any, cudart: Any, builder: Any, config: Any, bundle: Bundle, options: BuildOptions, system: dict[str, str]
 ) -> tuple[Any, Any, Any, dict[str, Any]]:
     """INT8 with entropy calibration over the bundle's calibration images at one fixed batch shape; returns the
-    calibrator's core (its error is checked after the build), the device buffer to free, the calibrator (the caller
-    holds it until the build ends: the builder config does not keep the Python object alive) and the facts."""
+    calibrator's core (its error is checked after the build), the device buffer to free, the calibrator (held by
+    the caller until the build ends, as TensorRT's samples do) and the facts."""
     paths = cal.calibration_image_paths(bundle)
     batches = cal.CalibrationBatches(paths, bundle.spec, min(options.calib_batch, max(1, len(paths))))
     cache = cal.CalibrationCache(cal.calibration_cache_path(bundle, system["tensorrt_version"], batches))
@@ -284,8 +284,8 @@ def build_engine_bytes(
         )
         facts["flags"].append("INT8")
     tc_path = Path(options.timing_cache) if options.timing_cache else default_timing_cache(bundle, system)
-    facts["timing_cache"] = {"path": str(tc_path), "loaded_bytes": _attach_timing_cache(config, tc_path)}
-    try:
+    try:  # the calibration buffer is freed whatever happens from here on
+        facts["timing_cache"] = {"path": str(tc_path), "loaded_bytes": _attach_timing_cache(config, tc_path)}
         serialized = builder.build_serialized_network(network, config)
     finally:
         if buffer is not None:
