@@ -166,6 +166,16 @@ class Soak(SoakWorkers):
                 return
             time.sleep(0.1)
 
+    def _wait_volume(self, t_start: float) -> None:
+        """Past --duration, until the load reached --min-hostile hostile inputs and --min-served answered calls
+        (a loaded machine sends fewer in the same seconds), at most until max(300, 2 x --duration) s."""
+        deadline = t_start + max(300.0, 2 * self.args.duration)
+        while time.monotonic() < deadline:
+            with self.tally.lock:
+                if self.tally.hostile >= self.args.min_hostile and self.tally.served >= self.args.min_served:
+                    return
+            time.sleep(0.2)
+
     def _kill_and_restart(self, srv: Any, port: int) -> tuple[float, Any]:
         """The planned kill -9 once the hostile workers are paused and logged; a new server on the same port.
         Returns the time of the kill and the new server (serving when this returns)."""
@@ -238,6 +248,7 @@ class Soak(SoakWorkers):
         restart_s = time.monotonic() - t_kill
         self.stop.wait(max(0.0, t_start + args.duration - time.monotonic()))
         self._wait_recovered(t_kill, cs, client)
+        self._wait_volume(t_start)
         self.stop.set()
         t_join = time.monotonic()
         for t in threads:
@@ -298,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         default=60.0,
         help="health must be SERVING and a valid Classify answered within this of the kill -9 (a figure "
         "for a loaded machine; the measured time is reported)",
+    )
+    p.add_argument(
+        "--min-hostile", type=int, default=0, help="go on past --duration until this many hostile inputs were tried"
+    )
+    p.add_argument(
+        "--min-served", type=int, default=0, help="go on past --duration until the server answered this many calls"
     )
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed)")
