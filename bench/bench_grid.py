@@ -128,11 +128,11 @@ def run_grid_comparison(work: Path, b: dict[str, Any]) -> dict[str, Any]:
         {"method": "grid (waste protocol)", "configs": len(grid), "wall_s": grid_s, **_final(_curve(grid))},
         {
             "method": "edgetune TPE+ASHA (no seeds), 1/3 of the grid's wall time",
-            "configs": summary["trials"],
+            "configs": summary.trials,
             "wall_s": tpe_s,
-            "val_macro_f1": summary.get("best_value"),
-            "test_acc": summary.get("best_test_accuracy"),
-            "test_macro_f1": summary.get("best_test_macro_f1"),
+            "val_macro_f1": summary.final.value if summary.final else None,
+            "test_acc": summary.final.test_accuracy if summary.final else None,
+            "test_macro_f1": summary.final.test_macro_f1 if summary.final else None,
         },
         {
             "method": "random search, same wall time as edgetune",

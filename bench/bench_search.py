@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, md_table, parse_args, work_dir, write_results  # noqa: E402
 
 from edgetune.errors import ConfigError  # noqa: E402
+from tuner.summary import read_summary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BUDGET = {
@@ -129,7 +130,7 @@ def run_tune(work: Path, name: str, extra: list[str]) -> dict[str, Any]:
     wall = time.time() - t0
     if rc != 0:
         raise SystemExit(f"bench-search: {' '.join(cmd)} failed ({rc}); see {work / f'{name}.log'}")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_summary(out).to_dict()  # the one reader of summary.json; its JSON layout goes into search.json
     return {"out": out, "wall_s": wall, "summary": summary, "cache": cache}
 
 

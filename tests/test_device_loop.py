@@ -233,8 +233,9 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
     with open(tmp_path / "latency_table.csv") as f:
         shared = list(csv.DictReader(f))
     assert sorted(r["signature_key"] for r in shared) == sorted(r["signature_key"] for r in rows)
-    assert summary["latency"]["storage_latency_table"] == str(tmp_path / "latency_table.csv")
-    assert summary["latency"]["rejected_by_constraint"] == [t.number for t in slow]
+    assert summary.latency is not None and summary.bundle is not None
+    assert summary.latency["storage_latency_table"] == str(tmp_path / "latency_table.csv")
+    assert list(summary.latency["rejected_by_constraint"]) == [t.number for t in slow]
     with open(out / "leaderboard.csv") as f:
         lb = {r["trial"]: r for r in csv.DictReader(f)}
     assert all(lb[str(t.number)]["rejected"] for t in slow) and all(
@@ -246,11 +247,11 @@ def test_study_on_target_times_on_edge_node_rejects_too_slow_and_writes_pareto(c
     [row] = compare_studies(opts.storage, ["dev"])  # make report
     assert row["target"] == "sim" and row["best_target_latency_ms"] > 0 and row["rejected_by_latency"] == 2
     # hand-off: the bundle records the winner's latency on the target, and the bundle itself was timed there
-    handoff = load_bundle(summary["bundle"]).manifest.extra["target_latency"]
+    handoff = load_bundle(str(summary.bundle)).manifest.extra["target_latency"]
     assert handoff["target"] == "sim" and handoff["node_id"] == _edge_id(cluster) and handoff["p50_ms"] <= limit
     assert handoff["device"]["backend"] == "onnxruntime" and handoff["protocol"]["runs"] == 15
-    assert summary["latency"]["winner"]["status"] == "timed"
-    assert summary["latency"]["winner"]["onnx_sha256"] == load_bundle(summary["bundle"]).sha256
+    assert summary.latency["winner"]["status"] == "timed"
+    assert summary.latency["winner"]["onnx_sha256"] == load_bundle(str(summary.bundle)).sha256
     import ray
 
     ray.kill(svc)
@@ -385,8 +386,8 @@ def test_int8_searched_on_target_timed_as_int8_and_handed_off(cluster, tmp_path)
 
     [rec] = device.LatencyCache(opts.storage).records("sim")
     assert rec["variant"] == "int8_static" and rec["precision"] == "int8"  # the quantised model was timed
-    b = load_bundle(summary["bundle"])
-    deploy, winner = b.meta["deploy_precision"], summary["latency"]["winner"]
+    b = load_bundle(str(summary.bundle))
+    deploy, winner = b.meta["deploy_precision"], summary.latency["winner"]
     assert deploy["searched"] == "int8" and winner["deploy"] == deploy and winner["status"] == "timed"
     assert winner["precision"] == deploy["deployed"] and winner["node_id"] == _edge_id(cluster)
     if deploy["deployed"] == "int8":  # the export's tolerance accepted the static variant

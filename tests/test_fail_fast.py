@@ -122,14 +122,17 @@ def test_a_study_that_produced_no_model_exits_1_with_the_reason(
     import tuner.launcher
     import tuner.run
     from tuner.__main__ import main
+    from tuner.summary import FinalModel, StudySummary
 
-    summary = {
-        "study": "s",
-        "trials": 2,
-        "states": {"COMPLETE": 0, "PRUNED": 0, "FAIL": 2, "RUNNING": 0},
-        "out": str(tmp_path),
-        "refit": {"skipped": "no trial and no seed point to fit"},
-    }
+    summary = StudySummary(
+        study="s",
+        storage="sqlite:///x.db",
+        metric="val_macro_f1",
+        trials=2,
+        states={"COMPLETE": 0, "PRUNED": 0, "FAIL": 2, "RUNNING": 0},
+        out=str(tmp_path),
+        refit={"skipped": "no trial and no seed point to fit"},
+    )
     monkeypatch.setattr(tuner.run, "run_study", lambda opts, started_at=None: summary)
     monkeypatch.setattr(tuner.launcher, "launched_cluster", lambda *a: None)
     args = [
@@ -145,7 +148,8 @@ def test_a_study_that_produced_no_model_exits_1_with_the_reason(
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "produced no model" in err and "2 FAIL" in err and "no trial and no seed point" in err
-    monkeypatch.setattr(tuner.run, "run_study", lambda opts, started_at=None: {**summary, "best_checkpoint": "x"})
+    model = FinalModel(0, None, "resnet18", 0.5, 0.5, 0.5, 0.5, str(tmp_path / "best"))
+    monkeypatch.setattr(tuner.run, "run_study", lambda opts, started_at=None: summary.with_(final=model))
     assert main(args) == 0
 
 

@@ -20,6 +20,7 @@ import optuna
 import pytest
 
 from tests.test_tuner_helpers import ROOT, TINY_ARGS, run_tuner, tuner_env, write_space
+from tuner.summary import read_summary
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -81,8 +82,7 @@ def test_simulated_multi_node_cluster(tmp_path):
     ranks = ddp.user_attrs["worker_node_ids"]
     assert len(ranks) == 2 and set(ranks) == nodes, f"DDP ranks on {ranks}"
     assert ddp.user_attrs["checkpoint_uri"] and ddp.user_attrs["params"] > 0
-    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert summary["ray"]["mode"] == "given"
+    assert read_summary(tmp_path / "ddp").ray["mode"] == "given"
     assert (tmp_path / "ddp" / "best" / "metrics.json").is_file(), "the DDP trial's checkpoint was found"
 
 
@@ -207,8 +207,8 @@ def test_make_tune_uses_a_running_cluster(tmp_path):
         )
         log = (tmp_path / "tune.log").read_text()
         assert "ray.mode=existing" in log and f":{gcs}" in log
-        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-        assert summary["ray"]["mode"] == "existing" and summary["ray"]["address"].endswith(f":{gcs}")
+        ray_info = read_summary(tmp_path / "out").ray
+        assert ray_info["mode"] == "existing" and ray_info["address"].endswith(f":{gcs}")
         assert set((rtmp / "ray").glob("session_2*")) == sessions_before, "a local Ray instance was started"
         trials = optuna.load_study(study_name="existing", storage=f"sqlite:///{tmp_path}/optuna.db").trials
         assert len(trials) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)

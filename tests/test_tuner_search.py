@@ -13,6 +13,7 @@ import optuna
 import pytest
 
 from tests.test_tuner_helpers import run_tuner
+from tuner.summary import read_summary
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -124,16 +125,17 @@ def test_trials_share_prepared_data_and_the_activation_cache(study):
 
 def test_refit_is_the_final_model(study):
     out = study["tmp"] / "out"
-    summary = json.loads((out / "summary.json").read_text())
-    refit = summary["refit"]
+    summary = read_summary(out)
+    refit = summary.refit
+    assert refit is not None
     assert not refit["skipped"] and 3 <= refit["epochs"] <= 4
     with open(out / "leaderboard.csv") as f:
         top = next(csv.DictReader(f))
     assert top["state"] == "REFIT" and top["trial"] == f"refit of #{refit['of_trial']}"
     m = json.loads((out / "best" / "metrics.json").read_text())
     assert m["refit"] is True and m["best_epoch"] == refit["best_epoch"]
-    assert summary["best_test_accuracy"] == m["test_accuracy"]
-    assert (out / "bundle" / "bundle.json").is_file()
+    assert summary.final is not None and summary.final.test_accuracy == m["test_accuracy"]
+    assert summary.bundle == str(out / "bundle") and (out / "bundle" / "bundle.json").is_file()
 
 
 def test_the_time_budget_fits_a_running_trial_to_the_deadline_and_it_finishes(tmp_path):
@@ -189,9 +191,9 @@ def test_the_time_budget_fits_a_running_trial_to_the_deadline_and_it_finishes(tm
     # the search ends at its deadline; the report and Ray's shutdown after it take longer on a loaded machine (the
     # wall-clock figure of a real budget is bench-search's, bench/README.md)
     assert wall <= budget + 120, f"the study took {wall:.0f} s for a {budget} s budget"
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["best_checkpoint"] and summary["wall_seconds"] <= budget + 60
+    summary = read_summary(tmp_path / "out")
+    assert summary.final is not None and summary.wall_seconds is not None and summary.wall_seconds <= budget + 60
     # without a refit the final model is the chosen trial's best epoch (not its last, on which best_<metric> ties)
-    chosen = next(t for t in s.trials if t.number == summary["best_trial"])
+    chosen = next(t for t in s.trials if t.number == summary.final.trial)
     meta = json.loads((tmp_path / "out" / "best" / "checkpoint.json").read_text())
     assert meta["epoch"] == chosen.user_attrs["best_epoch"], (meta["epoch"], chosen.user_attrs["best_epoch"])

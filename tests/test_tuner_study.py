@@ -13,6 +13,7 @@ import pytest
 
 from tests.test_tuner_helpers import TINY_ARGS, run_tuner, write_space
 from trainer.checkpoint import read_meta
+from tuner.summary import read_summary
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -113,12 +114,12 @@ def test_outputs_written_and_best_checkpoint_loads(studies):
     for k in (*SUMMARY_KEYS, "params"):
         assert k in m, k
     assert 0.0 <= m["test_accuracy"] <= 1.0 and m["test_images"] > 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["ray"]["mode"] == "local"
+    summary = read_summary(out)
+    assert summary.ray["mode"] == "local" and summary.refit is not None and summary.final is not None
     # --refit-warm: the final fit continued the best trial's own weights, not ImageNet's again
-    assert summary["refit"]["warm_from"] == summary["refit"]["of_trial"] >= 0
+    assert summary.refit["warm_from"] == summary.refit["of_trial"] >= 0
     assert read_meta(out / "best")["weights_source"].startswith("init:")
-    assert summary["best_test_accuracy"] == m["test_accuracy"]
+    assert summary.final.test_accuracy == m["test_accuracy"]
     for png in ("optimization_history.png", "learning_curves.png", "confusion_matrix.png"):
         assert (out / png).stat().st_size > 1000, png
     model, meta = model_from_checkpoint(out / "best")
@@ -136,8 +137,7 @@ def test_multi_objective_pareto_front_and_latency_budget(studies):
     s = optuna.load_study(study_name="multi", storage=studies["storage"])
     assert [d.name for d in s.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert all(t.state.name == "COMPLETE" and len(t.values) == 2 and t.values[1] > 0 for t in s.trials)
-    summary = json.loads((studies["tmp"] / "multi" / "summary.json").read_text())
-    front = {p["trial"] for p in summary["pareto_front"]}
+    front = {p["trial"] for p in read_summary(studies["tmp"] / "multi").pareto_front}
     assert front == {t.number for t in s.best_trials} and front
     rows = _rows(s, "val_macro_f1")
     lat = sorted(r["latency_ms"] for r in rows)

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             sys.stdout.write(options_yaml(tune_options(args)))
             return 0
-        from tuner.run import process_start, run_study, study_failure  # noqa: PLC0415 - lazy: optuna, torch
+        from tuner.run import process_start, run_study  # noqa: PLC0415 - lazy: optuna, torch
 
         opts = tune_options(args)
         from tuner.launcher import forward, launched_cluster  # noqa: PLC0415 - late-bound: tests patch it
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, EdgetuneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    failure = study_failure(summary)
+    failure = summary.failure()
     if failure:
         print(f"error: {failure}", file=sys.stderr)
         return 1

@@ -321,14 +321,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         from tuner.field_report import compare_and_record  # noqa: PLC0415 - lazy: torch, ONNX Runtime
-        from tuner.run import process_start, run_study, study_failure  # noqa: PLC0415 - lazy: Ray
+        from tuner.run import process_start, run_study  # noqa: PLC0415 - lazy: Ray
 
         summary = run_study(opts, started_at=process_start())
-        failure = study_failure(summary)
+        failure = summary.failure() or (
+            None if summary.bundle else "the study exported no bundle to compare (was --no-export given?)"
+        )
         if failure:
             print(f"error: {failure}", file=sys.stderr)
             return 1
-        report = compare_and_record(prev, Path(summary["bundle"]), data, Path(opts.out))
+        report = compare_and_record(prev, Path(str(summary.bundle)), data, Path(opts.out))
         print(report["markdown"])
     except (ConfigError, EdgetuneError) as e:
         print(f"error: {e}", file=sys.stderr)

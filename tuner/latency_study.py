@@ -17,6 +17,7 @@ from tuner.device import LatencyRejector
 from tuner.latency_report import write_latency_outputs, write_storage_latency_table
 from tuner.options import TuneOptions
 from tuner.storage import rdb_storage
+from tuner.summary import StudySummary
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +79,17 @@ def latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]:
 
 
 def _winner_latency(
-    opts: TuneOptions, summary: dict[str, Any], precision: str, setup: Any = None
+    opts: TuneOptions, summary: StudySummary, precision: str, setup: Any = None
 ) -> dict[str, Any] | None:
     """What the bundle records of the winner's latency: its architecture's timing at the precision the bundle
     deploys at (target, device, p50/p90). An architecture not timed at that precision (a winner searched at int8
     whose INT8 variant the export refused deploys at fp32) is timed now through the study's latency service
     (``setup``); None where it cannot be."""
-    if not opts.latency_on or summary.get("best_trial") is None:
+    if not opts.latency_on or summary.final is None:
         return None
     from trainer.checkpoint import read_meta  # noqa: PLC0415 - lazy: torch
 
-    meta = read_meta(Path(summary["best_checkpoint"]))
+    meta = read_meta(Path(summary.final.checkpoint))
     cfg = TrainConfig.from_dict(meta["config"])
     sig = device.signature_for(cfg, len(meta["classes"]), precision)
     rec = device.LatencyCache(_rdb(opts.storage)).get(device.cache_target(opts.target or None), sig)
@@ -140,16 +141,16 @@ def _time_winner(opts: TuneOptions, bundle_dir: Path, precision: str) -> dict[st
 
 
 def hand_off(
-    opts: TuneOptions, summary: dict[str, Any], out: Path, source: Any, latency: Any = None, final: Any = None
-) -> None:
+    opts: TuneOptions, summary: StudySummary, out: Path, source: Any, latency: Any = None, final: Any = None
+) -> StudySummary:
     """Export the winner (``<out>/bundle``, at the precision the search picked, with its architecture's latency
-    record) and, with a target, time the bundle's own ONNX on the device (and keep its engine there). Fills in
-    ``summary["bundle"]`` and, with a target, ``summary["latency"]["winner"]``. ``latency``: the study's
+    record) and, with a target, time the bundle's own ONNX on the device (and keep its engine there). Returns the
+    summary with its ``bundle`` and, with a target, the latency's ``winner``. ``latency``: the study's
     LatencySetup (times the architecture at the deployed precision if the search never did)."""
     from trainer.checkpoint import read_meta  # noqa: PLC0415 - lazy: torch
     from trainer.export import export_bundle, export_model  # noqa: PLC0415 - lazy: torch
 
-    searched = str((summary.get("best_params") or {}).get("precision", "fp32"))
+    searched = str((summary.final.params if summary.final else {}).get("precision", "fp32"))
     timing = lambda p: _winner_latency(opts, summary, p, latency)  # noqa: E731
     if final is not None and (final.tta or final.ensemble or final.tau):
         # the post-hoc model (tuner/posthoc.py): members, views and decision rule exported as one graph
@@ -172,7 +173,6 @@ def hand_off(
         b = export_bundle(
             out, out / "bundle", source=source, precision=searched, tolerance=opts.int8_tolerance, target_latency=timing
         )
-    summary["bundle"] = str(b)
     meta = load_bundle(b).meta
     deploy = dict(meta["deploy_precision"])
     if deploy["deployed"] != searched:
@@ -187,5 +187,8 @@ def hand_off(
                 f"at {deploy['deployed']} the winner breaks --max-latency-ms {opts.max_latency_ms:g} "
                 f"(p50 {p50:.2f} ms): pick another trial from the Pareto table, or raise --int8-tolerance"
             )
-    if opts.target:  # hand-off: the winner's own ONNX timed on the device (and its engine kept there)
-        summary["latency"]["winner"] = {**_time_winner(opts, b, deploy["deployed"]), "deploy": deploy}
+    if not opts.target:
+        return summary.with_(bundle=str(b))
+    # hand-off: the winner's own ONNX timed on the device (and its engine kept there)
+    winner = {**_time_winner(opts, b, deploy["deployed"]), "deploy": deploy}
+    return summary.with_(bundle=str(b), latency={**(summary.latency or {}), "winner": winner})

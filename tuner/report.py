@@ -11,6 +11,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from trainer.run import evaluate_checkpoint
 from tuner import posthoc
 from tuner.device import LATENCY_MS
 from tuner.storage import rdb_storage
+from tuner.summary import FinalModel, StudySummary
 
 log = logging.getLogger(__name__)
 
@@ -349,49 +351,51 @@ def finish_study(
     refit: Any = None,
     deadline: float | None = None,
     probes: Any = (),
-) -> tuple[dict[str, Any], Any]:
+) -> tuple[StudySummary, Any]:
     """The final model -> out/best (the refit, else the best trial's checkpoint) and its one test evaluation;
     post-hoc selection over the study's models (tuner/posthoc.py: test-time views, ensemble, decision rule; then
     the final model's test figures are the selected model's); leaderboard (the refit row marked); plots. Returns
     (the summary, the :class:`tuner.posthoc.PosthocResult` or None)."""
     metric = opts.metric
     rows = _rows(study, metric)
-    summary = _summary_head(opts, rows, out)
-    if refit is not None:
-        summary["refit"] = refit.to_dict()
+    summary = _summary_head(opts, rows, out, refit)
     dest, post = out / "best", None
     final = _final_model(opts, results, rows, refit, dest)
     if final:
-        post = _evaluate_final(opts, results, rows, final, dest, source, refit, deadline, probes, summary)
+        summary, post = _evaluate_final(opts, results, rows, final, dest, source, refit, deadline, probes, summary)
         params_of = refit.of_trial if final["state"] == "REFIT" else final["trial"]
-        summary["best_params"] = refit.params if params_of == -1 else study.trials[params_of].params
+        params = refit.params if params_of == -1 else study.trials[params_of].params
+        if summary.final is not None:
+            summary = summary.with_(final=replace(summary.final, params=params))
         (out / "best_config.yaml").write_text((dest / "checkpoint.json").read_text())
         _mark_members(rows, post, final, probes, metric)
     else:
         log.info("no trial produced a checkpoint; nothing to evaluate")
     write_leaderboard(rows, out, metric)
     if opts.multi_objective:
-        summary["pareto_front"] = [
-            {"trial": t.number, "values": t.values, "params": t.params} for t in study.best_trials
-        ]
-    summary["plots"] = plots(
-        study, results, rows, out, opts.multi_objective, metric, refit.history if refit is not None else None
-    )
-    summary["leaderboard_md"] = _summary_leaderboard(rows, opts)
-    return summary, post
+        summary = summary.with_(
+            pareto_front=[{"trial": t.number, "values": t.values, "params": t.params} for t in study.best_trials]
+        )
+    return summary.with_(
+        plots=plots(
+            study, results, rows, out, opts.multi_objective, metric, refit.history if refit is not None else None
+        ),
+        leaderboard_md=_summary_leaderboard(rows, opts),
+    ), post
 
 
-def _summary_head(opts: Any, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    """The summary's first keys: the study, its storage and its trials' states."""
+def _summary_head(opts: Any, rows: list[dict[str, Any]], out: Path, refit: Any) -> StudySummary:
+    """The summary's first part: the study, its storage, its trials' states and the final fit."""
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
-    return {
-        "study": opts.study,
-        "storage": opts.storage,
-        "trials": len(rows),
-        "states": states,
-        "metric": opts.metric,
-        "out": str(out),
-    }
+    return StudySummary(
+        study=opts.study,
+        storage=opts.storage,
+        trials=len(rows),
+        states=states,
+        metric=opts.metric,
+        out=str(out),
+        refit=refit.to_dict() if refit is not None else None,
+    )
 
 
 def _final_model(opts: Any, results: Any, rows: list[dict[str, Any]], refit: Any, dest: Path) -> dict[str, Any] | None:
@@ -492,10 +496,11 @@ def _evaluate_final(
     refit: Any,
     deadline: float | None,
     probes: Any,
-    summary: dict[str, Any],
-) -> Any:
+    summary: StudySummary,
+) -> tuple[StudySummary, Any]:
     """The final model's test evaluation: the single model's, then post-hoc selection (whose chosen model's test
-    report replaces it); fills the summary's best_* keys. Returns the PosthocResult or None."""
+    report replaces it). Returns the summary with its final model (and post-hoc part), and the PosthocResult or
+    None."""
     data, post = None, None
     if source is not None:
         cfg = TrainConfig.from_dict(read_meta(dest)["config"])
@@ -516,24 +521,21 @@ def _evaluate_final(
     if data is not None:
         post = _posthoc(opts, results, rows, final, dest, data, deadline, probes)
         metrics = _posthoc_metrics(post, metrics, data, dest)
-        summary["posthoc"] = post.describe()
-        summary["levers"] = _lever_rows(post, refit)
+        summary = summary.with_(posthoc=post.describe(), levers=_lever_rows(post, refit))
     final["test_acc"], final["test_macro_f1"] = metrics["test_accuracy"], metrics["test_macro_f1"]
-    shutil.copy(dest / "confusion_matrix.png", Path(summary["out"]) / "confusion_matrix.png")
-    summary.update(
-        {
-            "best_trial": final["trial"],
-            "best_ray_trial_id": final["ray_trial_id"],
-            "best_backbone": final["backbone"],
-            "best_value": final[opts.metric],
-            "best_val_acc": final["val_acc"],
-            "best_test_accuracy": metrics["test_accuracy"],
-            "best_test_macro_f1": metrics["test_macro_f1"],
-            "best_checkpoint": str(dest),
-            "test_images": metrics.get("test_images"),
-        }
+    shutil.copy(dest / "confusion_matrix.png", Path(summary.out) / "confusion_matrix.png")
+    model = FinalModel(
+        trial=final["trial"],
+        ray_trial_id=final["ray_trial_id"],
+        backbone=final["backbone"],
+        value=final[opts.metric],
+        val_acc=final["val_acc"],
+        test_accuracy=metrics["test_accuracy"],
+        test_macro_f1=metrics["test_macro_f1"],
+        checkpoint=str(dest),
+        test_images=metrics.get("test_images"),
     )
-    return post
+    return summary.with_(final=model), post
 
 
 #: Trials (best first) offered to post-hoc selection beside the final model and the probes.
@@ -666,27 +668,30 @@ def _lever_rows(post: Any, refit: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def print_summary(summary: dict[str, Any], opts: Any) -> None:
-    out = Path(summary["out"])
-    print("\n== edgetune study", summary["study"], "==")
-    print(summary.get("leaderboard_md", ""))
-    if "best_test_accuracy" in summary:
+def print_summary(summary: StudySummary, opts: Any) -> None:
+    out = Path(summary.out)
+    print("\n== edgetune study", summary.study, "==")
+    print(summary.leaderboard_md)
+    best = summary.final
+    if best is not None:
         print(
-            f"best: {summary['best_trial']} {summary['best_backbone']} {summary['metric']}={summary['best_value']:.4f} "
-            f"test_accuracy={summary['best_test_accuracy']:.4f} test_macro_f1={summary['best_test_macro_f1']:.4f} "
-            f"(test n={summary.get('test_images')})"
+            f"best: {best.trial} {best.backbone} {summary.metric}={best.value:.4f} "
+            f"test_accuracy={best.test_accuracy:.4f} test_macro_f1={best.test_macro_f1:.4f} "
+            f"(test n={best.test_images})"
         )
     print(
-        f"outputs: {out}/leaderboard.csv, leaderboard.md, best/metrics.json, plots ({', '.join(summary['plots'])})"
-        + (f", bundle {summary['bundle']}" if summary.get("bundle") else "")
+        f"outputs: {out}/leaderboard.csv, leaderboard.md"
+        + (", best/metrics.json" if best is not None else "")
+        + f", plots ({', '.join(summary.plots)})"
+        + (f", bundle {summary.bundle}" if summary.bundle else "")
     )
-    lat = summary.get("latency")
+    lat = summary.latency
     if lat:
         print(
             f"latency: {lat['architectures_timed']} architecture(s) in {lat['latency_table']}, Pareto front "
             f"{[p['trial'] for p in lat['pareto']]} in {lat['pareto_png']}"
             + (
-                f", rejected by --max-latency-ms: {lat['rejected_by_constraint']}"
+                f", rejected by --max-latency-ms: {list(lat['rejected_by_constraint'])}"
                 if lat["rejected_by_constraint"]
                 else ""
             )

@@ -31,6 +31,7 @@ from tuner.probe import finish_reserve, probe_stage, trial_epoch_seconds
 from tuner.refit import FINISH_RESERVE_S, _refit_resources
 from tuner.space import load_space
 from tuner.storage import check_storage, rdb_storage
+from tuner.summary import StudySummary, write_summary
 from tuner.trial import TrialContext, TrialResources, run_trial
 
 if TYPE_CHECKING:
@@ -194,10 +195,11 @@ def prepare_study_data(base: dict[str, Any], space: Any, out: Path, seeds_only: 
     return source
 
 
-def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, Any]:
-    """Run (or resume) a study; returns the summary written to ``<out>/summary.json``. The time budget counts
-    from ``started_at`` (unix time; ``python -m tuner`` passes its process start, so interpreter and import time
-    count too), else from this call. Every stage is entered in the study's budget ledger (tuner/ledger.py)."""
+def run_study(opts: TuneOptions, started_at: float | None = None) -> StudySummary:
+    """Run (or resume) a study; returns the summary written to ``<out>/summary.json`` (tuner/summary.py). The time
+    budget counts from ``started_at`` (unix time; ``python -m tuner`` passes its process start, so interpreter and
+    import time count too), else from this call. Every stage is entered in the study's budget
+    ledger (tuner/ledger.py)."""
     clock = Clock(opts.time_budget_s, started_at if started_at is not None else time.time())
     ledger = Ledger(cores=float(os.cpu_count() or 1), t0=clock.t0)
     ledger.add("start-up (interpreter, imports)", "overhead", clock.t0, time.time(), cores=1)
@@ -237,32 +239,16 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> dict[str, A
             with ledger.stage("Ray shutdown"):
                 cluster.shutdown(held["info"])
     info = held["info"]
-    summary["ray"] = {"mode": info["mode"], "address": info["address"], "storage_path": opts.storage_path}
-    _close_ledger(summary, ledger, out)
-    summary["wall_seconds"] = time.time() - clock.t0
-    summary["time_budget_s"] = opts.time_budget_s
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary = _close_ledger(summary, ledger, out).with_(
+        ray={"mode": info["mode"], "address": info["address"], "storage_path": opts.storage_path},
+        wall_seconds=time.time() - clock.t0,
+        time_budget_s=opts.time_budget_s,
+    )
+    write_summary(summary, out)
     report.print_summary(summary, opts)
-    for line in summary["ledger_lines"]:
+    for line in summary.ledger_lines:
         print(line)
     return summary
-
-
-def study_failure(summary: dict[str, Any]) -> str | None:
-    """Why a finished study produced nothing to deploy (``python -m tuner`` exits 1 with it), or None: no final model
-    (no trial left a checkpoint and no final fit was made)."""
-    if summary.get("best_checkpoint"):
-        return None
-    states = summary.get("states") or {}
-    counts = ", ".join(f"{n} {s}" for s, n in states.items() if n) or "none"
-    final_fit = summary.get("refit") or {}
-    why = final_fit.get("skipped") or final_fit.get("stop_reason")
-    why = f"; no final fit: {why}" if why else ""
-    return (
-        f"study {summary.get('study')!r} produced no model: no trial finished with a checkpoint (trials: "
-        f"{summary.get('trials', 0)}, states: {counts}){why}; see the trial errors above and in "
-        f"{summary.get('out')}/leaderboard.csv; a larger --time-budget or --trials may be needed"
-    )
 
 
 def _run_stages(
@@ -274,7 +260,7 @@ def _run_stages(
     clock: Clock,
     ledger: Any,
     out: Path,
-) -> dict[str, Any]:
+) -> StudySummary:
     """Data preparation, the search, the final fit, post-hoc selection and the test evaluation, the hand-off."""
     latency = latency_setup(opts, space) if opts.target else None
     with ledger.stage("data preparation", cores=1):
@@ -303,13 +289,14 @@ def _run_stages(
             deadline=(end - EXPORT_RESERVE_S) if end else None,
             probes=probes,
         )
-    summary["probes"] = [p.row() for p in probes]
-    if latency is not None:
-        summary["latency"] = latency_outputs(opts, study, out)
+    summary = summary.with_(
+        probes=[p.row() for p in probes],
+        latency=latency_outputs(opts, study, out) if latency is not None else None,
+    )
     (out / "tune_options.yaml").write_text(options_yaml(opts))  # `python -m tuner --config` reads it back
-    if opts.export and summary.get("best_checkpoint"):
+    if opts.export and summary.final is not None:
         with ledger.stage("export (ONNX, parity gate)", "compute"):
-            hand_off(opts, summary, out, source, latency, final=post)  # with a target, timed on the device
+            summary = hand_off(opts, summary, out, source, latency, final=post)  # with a target, timed on the device
     return summary
 
 
@@ -397,16 +384,18 @@ def _study_cores(opts: TuneOptions, info: dict[str, Any]) -> float:
     return float(res.get(key) or os.cpu_count() or 1)
 
 
-def _close_ledger(summary: dict[str, Any], ledger: Any, out: Path) -> None:
+def _close_ledger(summary: StudySummary, ledger: Any, out: Path) -> StudySummary:
+    """The summary with the study's budget ledger (and its timeline plot)."""
     led = ledger.summary()
-    summary["ledger"] = led.to_dict()
-    summary["useful_fraction"] = round(led.useful_fraction, 4)
-    summary["ledger_lines"] = led.lines()
+    plots = list(summary.plots)
     try:
         if plot_timeline(led, out / "timeline.png"):
-            summary.setdefault("plots", []).append("timeline.png")
+            plots.append("timeline.png")
     except Exception as e:  # noqa: BLE001 - a plot is never worth failing the study
         log.info(f"timeline plot skipped ({type(e).__name__}: {e})")
+    return summary.with_(
+        ledger=led.to_dict(), useful_fraction=round(led.useful_fraction, 4), ledger_lines=led.lines(), plots=plots
+    )
 
 
 def _max_concurrent(opts: TuneOptions, resources: dict[str, float]) -> int | None:
