@@ -5,7 +5,6 @@ validation macro-F1 (the study metric) and its selected model's test accuracy is
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -38,13 +37,14 @@ def _base(b: dict[str, Any], cache: Path) -> Any:
 
 
 def _point(base: Any, over: dict[str, Any], data: Any, test: Any, run_dir: Path, t_start: float) -> dict[str, Any]:
+    from trainer.epoch_result import read_history
     from trainer.loop import train_loop
     from trainer.run import evaluate_checkpoint
 
     cfg = base.replace(over)
     t0 = time.perf_counter()
-    train_loop({"train_config": cfg.to_dict(), "run_dir": str(run_dir), "report_to": "local"}, data=data)
-    hist = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    train_loop({"train_config": cfg, "run_dir": str(run_dir), "report_to": "local"}, data=data)
+    hist = [r.to_dict() for r in read_history(run_dir)]
     best = max(hist, key=lambda h: (h["val_macro_f1"], -h["epoch"]))
     m = evaluate_checkpoint(run_dir / "best", run_dir / "eval", data=test, robustness=False)
     return {

@@ -305,6 +305,7 @@ def cache_speedup(work: Path) -> dict[str, Any]:
     """Epoch seconds of one configuration, cached vs live path, at the same cut (Lite0, 128 px, elpv)."""
     from trainer.config import TrainConfig
     from trainer.data import build_data, prepare_source
+    from trainer.epoch_result import read_history
     from trainer.loop import train_loop
     from trainer.model import preprocess_spec_for
 
@@ -324,8 +325,8 @@ def cache_speedup(work: Path) -> dict[str, Any]:
     for path, over in (("cached", {}), ("live", {"data.activation_cache": "off"})):
         d = work / f"speed-{path}"
         cfg = base.replace(over)
-        train_loop({"train_config": cfg.to_dict(), "run_dir": str(d), "report_to": "local"}, data=data)
-        hist = [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
+        train_loop({"train_config": cfg, "run_dir": str(d), "report_to": "local"}, data=data)
+        hist = [r.to_dict() for r in read_history(d)]
         out[path] = {
             "data_path": hist[-1]["data_path"],
             "epoch_seconds": hist[-1]["epoch_seconds"],

@@ -35,11 +35,12 @@ def _loop_config(bn_stats: str, run_dir) -> dict:
 
 
 def _run(tmp_path, bn_stats: str) -> dict:
+    from trainer.epoch_result import read_history
     from trainer.loop import train_loop
 
     d = tmp_path / bn_stats
     train_loop(_loop_config(bn_stats, d))
-    hist = [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
+    hist = [r.to_dict() for r in read_history(d)]
     meta = json.loads((d / "best" / "checkpoint.json").read_text())
     return {"last": hist[-1], "meta": meta, "best": d / "best"}
 

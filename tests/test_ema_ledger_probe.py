@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,14 +11,16 @@ import pytest
 import torch
 
 from tests.trainer_fixtures import tiny_config
+from trainer.config import TrainConfig
+from trainer.epoch_result import read_history
 from trainer.loop import train_loop
 from tuner.ledger import Ledger, trial_stages
 
 
 def test_ema_is_validated_beside_the_raw_weights_and_the_better_is_kept(tmp_path: Path) -> None:
     cfg = tiny_config(**{"epochs": 2, "model.freeze": 0.5, "optim.ema_decay": 0.9})
-    train_loop({"train_config": cfg.to_dict(), "run_dir": str(tmp_path), "report_to": "local"})
-    hist = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    train_loop({"train_config": cfg, "run_dir": str(tmp_path), "report_to": "local"})
+    hist = [r.to_dict() for r in read_history(tmp_path)]
     for h in hist:
         assert h["weights"] in ("raw", "ema")
         chosen = h["ema_val_macro_f1"] if h["weights"] == "ema" else h["raw_val_macro_f1"]
@@ -136,6 +137,6 @@ def test_probe_plan_follows_the_seeds_sizes() -> None:
             {"backbone": "efficientnet_lite1"},
         ],
     )
-    base = {"model": {"img_size": 160, "backbone": "efficientnet_lite0"}}
+    base = TrainConfig().replace({"model.img_size": 160, "model.backbone": "efficientnet_lite0"})
     assert plan(space, base) == [("efficientnet_lite0", 128), ("efficientnet_lite1", 160)]
     assert plan(space, base, fixed_img=96) == [("efficientnet_lite0", 96), ("efficientnet_lite1", 96)]

@@ -162,7 +162,7 @@ def test_every_seed_point_of_the_default_space_builds_a_valid_train_config() -> 
     assert space.seeds
     for seed in space.seeds:
         over = space.to_overrides(dict(seed["params"]))
-        cfg = build_trial_config(TrainConfig().to_dict(), over)
+        cfg = build_trial_config(TrainConfig(), over)
         for key, value in over.items():
             section, _, field = key.rpartition(".")
             got = getattr(getattr(cfg, section) if section else cfg, field)

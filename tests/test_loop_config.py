@@ -25,6 +25,9 @@ def test_round_trip_through_the_dict_ray_train_hands_a_worker():
     assert isinstance(d, dict) and d["static_metrics"] == {"latency_ms": 2.5}
     back = LoopConfig.coerce(d)
     assert back == lc and LoopConfig.coerce(back) is back
+    # the TrainConfig travels as itself: a dict given for it is validated into one, once
+    assert isinstance(lc.train_config, TrainConfig) and lc.train_config == TrainConfig()
+    assert LoopConfig(train_config=TrainConfig()) == LoopConfig(train_config=TrainConfig().to_dict())
     assert pickle.loads(pickle.dumps(lc)) == lc  # Ray serialises it
     assert lc.replace(report_to="tune").report_to == "tune" and lc.report_to == "local"
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -45,6 +48,10 @@ def test_bad_loop_config_is_refused_naming_what_is_allowed(bad, match):
         LoopConfig.coerce({"train_config": TrainConfig().to_dict(), **bad})
     with pytest.raises(ConfigError, match="train_config is required"):
         LoopConfig.coerce({"run_dir": "x"})
+    with pytest.raises(ConfigError, match="train_config must be a TrainConfig"):
+        LoopConfig(train_config="epochs=3")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="optim"):
+        LoopConfig(train_config={"optim": {"lr": -1}})  # validated once, where it enters
 
 
 def test_train_loop_refuses_a_bad_config_before_any_work(tmp_path):

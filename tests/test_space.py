@@ -81,7 +81,7 @@ def test_to_overrides_maps_onto_train_config_keys():
     )
     assert over["model.head_hidden"] == [512, 256] and over["optim.lr"] == 3e-2
     assert over["data.sampler"] == "balanced" and "loss.alpha" not in over
-    cfg = build_trial_config({}, over)
+    cfg = build_trial_config(TrainConfig(), over)
     assert cfg.model.backbone == "efficientnet_lite0" and cfg.optim.lr == 3e-2 and cfg.model.img_size == 160
     assert s.to_overrides({"balance": "sqrt"}) == {"loss.alpha": "sqrt"} and s.to_overrides({"balance": "none"}) == {}
     with pytest.raises(ConfigError, match="not in the search space"):
@@ -264,9 +264,7 @@ def test_ema_decay_is_a_searched_parameter_of_the_default_space():
     prm = s.params["ema_decay"]
     assert prm.key == "optim.ema_decay" and set(prm.choices) == {0.99, 0.999}
     assert s.to_overrides({"ema_decay": 0.999}) == {"optim.ema_decay": 0.999}
-    cfg = build_trial_config(
-        TrainConfig().to_dict(), s.to_overrides({"backbone": "efficientnet_lite0", "ema_decay": 0.999})
-    )
+    cfg = build_trial_config(TrainConfig(), s.to_overrides({"backbone": "efficientnet_lite0", "ema_decay": 0.999}))
     assert cfg.optim.ema_decay == 0.999
     assert all(x["params"]["ema_decay"] == 0.99 for x in s.seeds if x["name"].startswith("generic recipe"))
 

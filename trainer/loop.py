@@ -32,6 +32,7 @@ import torch.distributed as dist
 from edgetune.numeric import confusion_matrix
 from trainer.bnstats import recompute_bn_stats
 from trainer.checkpoint import save_checkpoint, unwrap
+from trainer.epoch_result import EpochResult
 from trainer.evaluate import metrics_from_confusion
 from trainer.loop_config import LoopConfig
 from trainer.loop_setup import TRAIN_STATE, LoopState, setup
@@ -117,8 +118,9 @@ def _maybe_hold(st: LoopState, epoch: int) -> None:
 
 
 # -- the loop, in steps --------------------------------------------------------------------------------------------
-def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str, Any]:
-    """One pass over the training feed; stops at the first non-finite loss (``diverged``)."""
+def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> tuple[dict[str, float], bool]:
+    """One pass over the training feed; stops at the first non-finite loss. Returns its figures
+    (:data:`trainer.epoch_result.TRAIN_KEYS`) and whether it diverged."""
     set_train_mode(st.model)
     t0 = time.perf_counter()
     seen, loss_sum, correct, diverged = 0, 0.0, 0, False
@@ -158,8 +160,7 @@ def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> dict[str
         "seen": n,
         "train_phase_seconds": seconds,
         "images_per_s": n / max(seconds, 1e-9),
-        "diverged": bool(totals[3] > 0),
-    }
+    }, bool(totals[3] > 0)
 
 
 def validate(st: LoopState) -> dict[str, Any]:
@@ -197,43 +198,44 @@ def _validate_model(st: LoopState, model: torch.nn.Module) -> dict[str, Any]:
 
 
 # -- checkpoint policy: when to stop, which epoch is best (trainer.metric's rule), when to save -------------------
-def end_of_epoch(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: float | None) -> bool:
-    """Best-epoch rule, checkpoint, report; returns whether the run stops here."""
-    stop = _stop_reason(st, epoch, metrics, deadline)
-    _update_best(st, epoch, metrics, stop)
-    if stop:
-        metrics["stop_reason"] = stop
-    st.history.append({k: v for k, v in metrics.items() if k not in st.static})
+def end_of_epoch(st: LoopState, result: EpochResult, deadline: float | None) -> EpochResult:
+    """Best-epoch rule, checkpoint, report; returns the epoch's result as reported (its ``stop_reason`` set when
+    the run stops here)."""
+    result = _update_best(st, _with_stop_reason(st, result, deadline))
+    st.history.append(result.to_dict(with_static=False))
     with tempfile.TemporaryDirectory(prefix="edgetune-ckpt-") as tmp:
-        ckpt_dir = _save(st, tmp, epoch, metrics) if _should_save(st, stop) else None
-        st.reporter.report(metrics, ckpt_dir)
-    return bool(stop)
+        ckpt_dir = _save(st, tmp, result) if _should_save(st, result.stop_reason) else None
+        st.reporter.report(result, ckpt_dir)
+    return result
 
 
-def _stop_reason(st: LoopState, epoch: int, metrics: dict[str, Any], deadline: float | None) -> str:
-    """``diverged`` (the epoch then scores the metric's worst value), ``deadline`` (the next epoch would end after
-    it), or "" to go on. Pops ``diverged`` from ``metrics``."""
-    if metrics.pop("diverged"):
-        metrics.update({name: metric.worst for name, metric in METRICS.items()})
-        return "diverged"
-    if deadline is not None and epoch < st.cfg.epochs and time.time() + metrics["epoch_seconds"] > deadline:
-        return "deadline"
-    return ""
+def _with_stop_reason(st: LoopState, result: EpochResult, deadline: float | None) -> EpochResult:
+    """``diverged`` (the epoch then scores every metric's worst value), ``deadline`` (the next epoch would end
+    after it), or "" to go on."""
+    if result.diverged:
+        return result.with_(stop_reason="diverged", val={n: metric.worst for n, metric in METRICS.items()})
+    if deadline is not None and result.epoch < st.cfg.epochs and time.time() + result.epoch_seconds > deadline:
+        return result.with_(stop_reason="deadline")
+    return result
 
 
-def _update_best(st: LoopState, epoch: int, metrics: dict[str, Any], stop: str) -> None:
-    """The best-epoch rule of :mod:`trainer.metric` (a diverged epoch never becomes best); adds ``best_<metric>``,
-    ``best_epoch``, ``resumed_from_epoch``, the checkpoint score and the best epoch's validation metrics."""
-    m = st.metric
-    improved = not stop or stop == "deadline"
-    if improved and m.better(metrics[m.name], st.best):
-        st.best, st.best_epoch = metrics[m.name], epoch
-        st.at_best = {f"{k}_at_best": metrics[k] for k in METRIC_NAMES}
-    metrics[m.best_key] = st.best if st.best is not None else m.worst
-    metrics["best_epoch"] = st.best_epoch
-    metrics["resumed_from_epoch"] = st.resumed_from_epoch  # tells a resume from a restart in the history
-    metrics[CHECKPOINT_SCORE] = epoch if st.best_epoch == epoch else -1
-    metrics.update(st.at_best)
+def _update_best(st: LoopState, result: EpochResult) -> EpochResult:
+    """The best-epoch rule of :mod:`trainer.metric` (a diverged epoch never becomes best): the result with
+    ``best_<metric>``, ``best_epoch``, ``resumed_from_epoch``, the checkpoint score and the best epoch's
+    validation metrics."""
+    m, epoch = st.metric, result.epoch
+    if result.stop_reason != "diverged" and m.better(result.val[m.name], st.best):
+        st.best, st.best_epoch = result.val[m.name], epoch
+        st.at_best = {f"{k}_at_best": result.val[k] for k in METRIC_NAMES}
+    return result.with_(
+        best={
+            m.best_key: st.best if st.best is not None else m.worst,
+            "best_epoch": st.best_epoch,
+            "resumed_from_epoch": st.resumed_from_epoch,  # tells a resume from a restart in the history
+            CHECKPOINT_SCORE: epoch if st.best_epoch == epoch else -1,
+            **st.at_best,
+        }
+    )
 
 
 def _should_save(st: LoopState, stop: str) -> bool:
@@ -241,7 +243,7 @@ def _should_save(st: LoopState, stop: str) -> bool:
     return st.rank == 0 and stop != "diverged"
 
 
-def _save(st: LoopState, tmp: str, epoch: int, metrics: dict[str, Any]) -> Path:
+def _save(st: LoopState, tmp: str, result: EpochResult) -> Path:
     module = st.ema.module if st.ema is not None and st.epoch_weights == "ema" else unwrap(st.model)
     extra = {
         "dataset": st.data.dataset_name,
@@ -256,10 +258,12 @@ def _save(st: LoopState, tmp: str, epoch: int, metrics: dict[str, Any]) -> Path:
     cut = getattr(module, "input_cut", 0)
     module.input_cut = 0  # type: ignore[assignment]  # a checkpoint is always the image -> logits model
     try:
-        d = save_checkpoint(tmp, module, st.cfg.to_dict(), st.data.classes, st.spec, epoch, metrics, extra=extra)
+        d = save_checkpoint(
+            tmp, module, st.cfg.to_dict(), st.data.classes, st.spec, result.epoch, result.to_dict(), extra=extra
+        )
     finally:
         module.input_cut = cut  # type: ignore[assignment]
-    torch.save(_train_state(st, epoch).to_dict(), Path(tmp) / TRAIN_STATE)
+    torch.save(_train_state(st, result.epoch).to_dict(), Path(tmp) / TRAIN_STATE)
     return d
 
 
@@ -278,21 +282,20 @@ def _train_state(st: LoopState, epoch: int) -> TrainState:
     )
 
 
-def train_loop(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> dict[str, Any]:
-    """Train per ``loop_config``; returns the last epoch's metrics (also reported each epoch)."""
+def train_loop(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> EpochResult | None:
+    """Train per ``loop_config``; returns the last epoch's result (also reported each epoch; None: no epoch ran)."""
     lc = LoopConfig.coerce(loop_config)
     st = setup(lc, data)
     deadline = lc.deadline
-    report_to = lc.report_to
-    last: dict[str, Any] = {}
+    last: EpochResult | None = None
     epoch = st.start_epoch
     while epoch <= st.cfg.epochs:
-        metrics = run_epoch(st, epoch, report_to)
-        if epoch == st.start_epoch and lc.fit_to_deadline and deadline and not metrics["diverged"]:
-            metrics["epochs_planned"] = fit_epochs_to_deadline(st, epoch, metrics["epoch_seconds"], deadline)
-        stop = end_of_epoch(st, epoch, metrics, deadline)
-        last = metrics
-        if stop:
+        result = run_epoch(st, epoch, lc.report_to)
+        if epoch == st.start_epoch and lc.fit_to_deadline and deadline and not result.diverged:
+            planned = fit_epochs_to_deadline(st, epoch, result.epoch_seconds, deadline)
+            result = result.with_(static={**result.static, "epochs_planned": planned})
+        last = end_of_epoch(st, result, deadline)
+        if last.stop_reason:
             break
         _maybe_inject_failure(epoch)
         _maybe_hold(st, epoch)
@@ -300,22 +303,23 @@ def train_loop(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> di
     return last
 
 
-def run_epoch(st: LoopState, epoch: int, report_to: str) -> dict[str, Any]:
-    """One training epoch and its validation (none after a diverged one); the epoch's metrics, ``diverged`` among
-    them, before the checkpoint policy (:func:`end_of_epoch`) adds the best-epoch keys."""
+def run_epoch(st: LoopState, epoch: int, report_to: str) -> EpochResult:
+    """One training epoch and its validation (none after a diverged one), before the checkpoint policy
+    (:func:`end_of_epoch`) adds the stop reason and the best-epoch part."""
     t0 = time.perf_counter()
-    tr = train_one_epoch(st, epoch, _progress(st, epoch, report_to))
-    val = validate(st) if not tr["diverged"] else {}
+    train, diverged = train_one_epoch(st, epoch, _progress(st, epoch, report_to))
+    val = validate(st) if not diverged else {}
     st.train_seconds_total += time.perf_counter() - t0
-    return {
-        **st.static,
-        "epoch": epoch,
-        **tr,
-        **val,
-        "epoch_seconds": time.perf_counter() - t0,
-        "lr": st.opt.param_groups[-1]["lr"],
-        "train_seconds": st.train_seconds_total,
-    }
+    return EpochResult(
+        epoch=epoch,
+        epoch_seconds=time.perf_counter() - t0,
+        lr=st.opt.param_groups[-1]["lr"],
+        train_seconds=st.train_seconds_total,
+        train=train,
+        val=val,
+        diverged=diverged,
+        static=st.static,
+    )
 
 
 def fit_epochs_to_deadline(st: LoopState, epoch: int, epoch_seconds: float, deadline: float) -> int:

@@ -2,7 +2,8 @@
 
 Ray Train hands a worker a plain dict (``train_loop_config``), so the loop accepts either a :class:`LoopConfig` or
 its :meth:`LoopConfig.to_dict`; :meth:`LoopConfig.coerce` is the one reader: unknown keys, a wrong reporter or a
-bad deadline are refused naming what is allowed.
+bad deadline are refused naming what is allowed. The run's :class:`~trainer.config.TrainConfig` travels as itself
+(a dict given for it, e.g. from a YAML or an older caller, is validated into one here, once).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from edgetune.errors import ConfigError
+from trainer.config import TrainConfig
 
 #: Where the loop reports each epoch: in-process (a run dir), from a Ray Train worker, from a Tune trial.
 REPORT_TO = ("local", "ray_train", "tune")
@@ -20,7 +22,7 @@ REPORT_TO = ("local", "ray_train", "tune")
 
 @dataclass(frozen=True)
 class LoopConfig:
-    train_config: Mapping[str, Any]  #: ``TrainConfig.to_dict()``
+    train_config: TrainConfig  #: the run's config (a mapping given here is validated into one)
     run_dir: str | None = None  #: where checkpoints and reports go (``report_to="local"``)
     report_to: str = "local"
     static_metrics: Mapping[str, Any] = field(default_factory=dict)  #: reported with every epoch (a private copy)
@@ -30,9 +32,11 @@ class LoopConfig:
     with_test: bool = True  #: load the test split (a tuning trial never does)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.train_config, Mapping):
+        if isinstance(self.train_config, Mapping):
+            object.__setattr__(self, "train_config", TrainConfig.from_dict(self.train_config))
+        elif not isinstance(self.train_config, TrainConfig):
             raise ConfigError(
-                f"loop config: train_config must be a mapping (TrainConfig.to_dict()), got "
+                f"loop config: train_config must be a TrainConfig (or its to_dict()), got "
                 f"{type(self.train_config).__name__}"
             )
         if self.report_to not in REPORT_TO:
@@ -61,7 +65,7 @@ class LoopConfig:
         if unknown:
             raise ConfigError(f"loop config: unknown key(s) {unknown}; allowed: {known}")
         if "train_config" not in value:
-            raise ConfigError("loop config: train_config is required (TrainConfig.to_dict())")
+            raise ConfigError("loop config: train_config is required (a TrainConfig)")
         return cls(**dict(value))
 
     def to_dict(self) -> dict[str, Any]:

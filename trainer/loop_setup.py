@@ -97,7 +97,7 @@ def setup(loop_config: LoopConfig | dict[str, Any], data: Any = None) -> LoopSta
 
     t_launch, started_at = time.perf_counter(), time.time()
     lc = LoopConfig.coerce(loop_config)
-    cfg = TrainConfig.from_dict(dict(lc.train_config))
+    cfg = lc.train_config
     rank, world = _dist_info()
     device = _init_process(cfg, rank)
     spec = preprocess_spec_for(cfg.model)

@@ -6,21 +6,22 @@ The one loop (:mod:`trainer.loop`) reports through a :class:`Reporter`:
 - ``ray_train`` a Ray Train worker: ``ray.train.report`` (rank 0 attaches the checkpoint)
 - ``tune``      a Ray Tune function trainable: ``tune.report`` with a ``tune.Checkpoint``
 
-Each also tells the loop where to resume from (the latest checkpoint, if any).
+Each sends an epoch's :class:`trainer.epoch_result.EpochResult` as its flat row (``to_dict``) and tells the loop
+where to resume from (the latest checkpoint, if any).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
+from trainer.epoch_result import HISTORY_FILE, EpochResult, append_history
 from trainer.metric import get_metric
 
 
 class Reporter(Protocol):
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+    def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None: ...
 
     def resume_dir(self) -> Path | None: ...
 
@@ -34,20 +35,17 @@ class LocalReporter:
         self.metric, self.mode = metric, mode
         self._rule = get_metric(metric)
         self.best: float | None = None
-        self.history: list[dict[str, Any]] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        hist = self.run_dir / "history.jsonl"
+        hist = self.run_dir / HISTORY_FILE
         if hist.exists():
             hist.unlink()
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        self.history.append(dict(metrics))
-        with open(self.run_dir / "history.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+    def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
+        append_history(self.run_dir, result)
         if checkpoint_dir is None:
             return
         _replace_dir(checkpoint_dir, self.run_dir / "last", copy=True)
-        value = float(metrics[self.metric])
+        value = float(result.val[self.metric])
         if self._rule.better(value, self.best):
             self.best = value
             _replace_dir(checkpoint_dir, self.run_dir / "best", copy=True)
@@ -59,11 +57,11 @@ class LocalReporter:
 class RayTrainReporter:
     """Inside a Ray Train worker (also under Tune via ``TuneReportCallback``)."""
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
         import ray.train
 
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report(result.to_dict(), checkpoint=ckpt)
 
     def resume_dir(self) -> Path | None:
         import ray.train
@@ -75,11 +73,11 @@ class RayTrainReporter:
 class TuneReporter:
     """Inside a Ray Tune function trainable (1-worker trials run the loop directly)."""
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
         from ray import tune
 
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=ckpt)
+        tune.report(result.to_dict(), checkpoint=ckpt)
 
     def resume_dir(self) -> Path | None:
         from ray import tune

@@ -20,6 +20,7 @@ from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import load_checkpoint, versions
 from trainer.config import TrainConfig
 from trainer.data import build_data
+from trainer.epoch_result import EpochResult, read_history
 from trainer.evaluate import plot_confusion, plot_history, robustness_report, test_report
 from trainer.loop import train_loop
 from trainer.loop_config import LoopConfig
@@ -82,7 +83,7 @@ def _ddp_trainer(cfg: TrainConfig, run_dir: Path, cpus: float, max_failures: int
     sharing ``cpus`` on CPU; a killed/crashed worker group restarts from the last checkpoint."""
     per_worker = max(0.5, min(1.0, (cpus - 0.01) / cfg.workers))
     return make_torch_trainer(
-        {"train_config": cfg.to_dict(), "run_dir": None, "report_to": "ray_train"},
+        {"train_config": cfg, "run_dir": None, "report_to": "ray_train"},
         workers=cfg.workers,
         use_gpu=cfg.use_gpu,
         name="ddp",
@@ -92,7 +93,7 @@ def _ddp_trainer(cfg: TrainConfig, run_dir: Path, cpus: float, max_failures: int
     )
 
 
-def _train_ddp(cfg: TrainConfig, run_dir: Path, max_failures: int = 2) -> list[dict[str, Any]]:
+def _train_ddp(cfg: TrainConfig, run_dir: Path, max_failures: int = 2) -> list[EpochResult]:
     """Ray Train TorchTrainer with ``cfg.workers`` DDP workers (gloo on CPU, nccl on GPU)."""
     import ray
 
@@ -111,7 +112,7 @@ def _train_ddp(cfg: TrainConfig, run_dir: Path, max_failures: int = 2) -> list[d
         shutil.copytree(d, run_dir / "best")
     last = result.checkpoint or best
     with last.as_directory() as d:
-        return list(load_checkpoint(d)["meta"].get("history", []))
+        return [EpochResult.from_dict(h) for h in load_checkpoint(d)["meta"].get("history", [])]
 
 
 def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -123,14 +124,13 @@ def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
     data = build_data(cfg.data, spec, run_dir=out, seed=cfg.seed)
     t0 = time.perf_counter()
     if cfg.workers > 1:
-        history = _train_ddp(cfg, out)
+        results = _train_ddp(cfg, out)
     else:
-        train_loop(LoopConfig(train_config=cfg.to_dict(), run_dir=str(out)), data=data)
-        history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
-        stop = history[-1].get("stop_reason") if history else None
-        if stop == "diverged":
+        train_loop(LoopConfig(train_config=cfg, run_dir=str(out)), data=data)
+        results = read_history(out)
+        if results and results[-1].stop_reason == "diverged":
             log.info(
-                f"the loss diverged (NaN/inf) at epoch {history[-1]['epoch']}; training stopped there "
+                f"the loss diverged (NaN/inf) at epoch {results[-1].epoch}; training stopped there "
                 f"(try a lower optim.lr than {cfg.optim.lr})"
             )
         if not (out / "best" / "model.pt").is_file():
@@ -152,7 +152,7 @@ def run_training(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
         "stop_reason",
         "resumed_from_epoch",
     )
-    history = [{k: h[k] for k in keep if k in h} for h in history]
+    history = [{k: v for k, v in r.to_dict().items() if k in keep} for r in results]
     plot_history(history, out / "learning_curves.png", title=f"{cfg.model.backbone}")
     metrics = evaluate_checkpoint(
         out / "best",

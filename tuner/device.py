@@ -33,6 +33,7 @@ from typing import Any
 from edge_server.agent.timing import device_identity, supported_precisions, time_bundle_files
 from edgetune.device import RESOURCE_PREFIX, TARGET_RULE, valid_target
 from edgetune.errors import ConfigError, EdgetuneError
+from trainer.config import TrainConfig
 from tuner.storage import rdb_storage
 
 #: The Optuna study (in the study's storage) whose user attrs hold the latency records.
@@ -130,7 +131,9 @@ class ArchSignature:
         )
 
 
-def signature_for(train_config: Any, num_classes: int, precision: str = "fp32", batch: int = 1) -> ArchSignature:
+def signature_for(
+    train_config: TrainConfig, num_classes: int, precision: str = "fp32", batch: int = 1
+) -> ArchSignature:
     """The signature of a :class:`trainer.config.TrainConfig`'s model."""
     from trainer.model import preprocess_spec_for  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torch, torchvision
 
@@ -252,7 +255,7 @@ class LatencySetup:
     precision_param: str = "precision"  #: the search parameter holding the precision ("" = fp32)
 
 
-def get_latency(setup: LatencySetup, train_config: Any, num_classes: int, precision: str) -> dict[str, Any]:
+def get_latency(setup: LatencySetup, train_config: TrainConfig, num_classes: int, precision: str) -> dict[str, Any]:
     """The trial's latency record from the service (timing its architecture first if nobody has)."""
     import ray
 
@@ -332,7 +335,7 @@ class LatencyRejector:
     to break ``--max-latency-ms``; None otherwise (an unknown one is timed in its trial, before its first epoch).
     Picklable (Ray checkpoints the searcher that holds it): the storage is opened lazily."""
 
-    def __init__(self, base: dict[str, Any], space: Any, num_classes: int, storage: str, setup: LatencySetup) -> None:
+    def __init__(self, base: TrainConfig, space: Any, num_classes: int, storage: str, setup: LatencySetup) -> None:
         self.base, self.space, self.num_classes, self.storage = base, space, num_classes, storage
         self.setup = LatencySetup(
             study=setup.study,

@@ -60,7 +60,7 @@ def _rdb(url: str) -> Any:
     return rdb_storage(url)
 
 
-def rejector(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, latency: Any) -> Any:
+def rejector(opts: TuneOptions, base: TrainConfig, space: Any, source: Any, latency: Any) -> Any:
     """For the searcher: rejects a sampled configuration whose architecture is already known to be slower than
     ``--max-latency-ms`` on the target (None without a constraint)."""
     if latency is None or opts.max_latency_ms <= 0:

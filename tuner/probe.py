@@ -25,7 +25,7 @@ from torch import nn
 
 from edgetune.numeric import confusion_matrix
 from trainer.backbones import get_backbone_info
-from trainer.config import DataConfig, ModelConfig
+from trainer.config import DataConfig, ModelConfig, TrainConfig
 from trainer.data import build_data
 from trainer.evaluate import metrics_from_confusion
 from trainer.export import eval_arrays
@@ -155,14 +155,14 @@ def _fit_multinomial(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, l2: float
     opt.step(closure)
 
 
-def run_probe(backbone: str, img: int, data_cfg: dict[str, Any], source: Any, threads: int) -> ProbeResult:
+def run_probe(backbone: str, img: int, data_cfg: DataConfig, source: Any, threads: int) -> ProbeResult:
     """One probe, start to end (on a worker): data at the backbone's spec, features, head."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     mcfg = ModelConfig(backbone=backbone, img_size=img)
     spec = preprocess_spec_for(mcfg)
-    data = build_data(DataConfig(**data_cfg), spec, source=source, with_test=False)
+    data = build_data(data_cfg, spec, source=source, with_test=False)
     k = len(data.classes)
     model = create_model(mcfg, num_classes=k)
     x_tr, y_tr = eval_arrays(data.train_eval, spec)
@@ -198,12 +198,12 @@ def _relative_cost(backbone: str, img: int) -> float:
     return float(params) * img * img
 
 
-def plan(space: Any, base: dict[str, Any], fixed_img: int = 0) -> list[tuple[str, int]]:
+def plan(space: Any, base: TrainConfig, fixed_img: int = 0) -> list[tuple[str, int]]:
     """(backbone, size) pairs to probe, in the space's order: each backbone with weights at the sizes its seed
     points use (else the base size; ``fixed_img``: that size only)."""
     pairs: list[tuple[str, int]] = []
-    default = int(fixed_img or base["model"]["img_size"])
-    for b in space.backbones or [base["model"]["backbone"]]:
+    default = int(fixed_img or base.model.img_size)
+    for b in space.backbones or [base.model.backbone]:
         sizes = (
             []
             if fixed_img
@@ -216,7 +216,7 @@ def plan(space: Any, base: dict[str, Any], fixed_img: int = 0) -> list[tuple[str
 
 
 def probe_stage(
-    opts: Any, base: dict[str, Any], space: Any, source: Any, budget_s: float, ledger: Any = None
+    opts: Any, base: TrainConfig, space: Any, source: Any, budget_s: float, ledger: Any = None
 ) -> list[ProbeResult]:
     """Probes in plan order while the next one's estimated cost fits ``budget_s``; each a Ray task with the node's
     CPUs (or one GPU). Returns the probes, best validation log-loss first."""
@@ -240,7 +240,7 @@ def probe_stage(
         if left <= 0:
             break
         t0 = time.time()
-        ref = task.remote(backbone, img, base["data"], source, int(cpus) if not gpus else 0)
+        ref = task.remote(backbone, img, base.data, source, int(cpus) if not gpus else 0)
         try:
             # the first probe's cost is unknown: it may overrun what is left of its share by half, no more
             res = ray.get(ref, timeout=max(PROBE_MIN_S, 1.5 * left))
@@ -268,14 +268,14 @@ def probe_stage(
 
 
 def trial_epoch_seconds(
-    probes: list[ProbeResult], source: Any, base: dict[str, Any], probe_threads: float, trial_threads: float
+    probes: list[ProbeResult], source: Any, base: TrainConfig, probe_threads: float, trial_threads: float
 ) -> float:
     """A fine-tuning trial's epoch, estimated from the fastest probe's measured seconds per forward image: a
     training step costs ~3 forward passes (forward + backward), then validation and BatchNorm recompute for the
     raw and the averaged weights; scaled from the probe's threads to the trial's (at 0.7 parallel efficiency)."""
     per_image = min(p.feature_seconds / max(1, p.images) for p in probes)
     n_train, n_val = len(source.parts.get("train", [])), len(source.parts.get("val", []))
-    bn = min(n_train, int(base["model"].get("bn_images") or n_train))
+    bn = min(n_train, int(base.model.bn_images or n_train))
     forwards = 3 * n_train + 2 * (n_val + bn)
     scale = max(1.0, probe_threads / max(trial_threads, 1e-9) * THREAD_EFFICIENCY)
     return per_image * forwards * scale

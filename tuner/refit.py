@@ -14,7 +14,6 @@ trials; its best checkpoint comes back through the object store.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -26,6 +25,7 @@ from typing import Any
 
 from trainer.checkpoint import read_meta
 from trainer.config import TrainConfig
+from trainer.epoch_result import EpochResult, read_history
 from trainer.loop import train_loop
 from trainer.loop_config import LoopConfig
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
@@ -58,11 +58,12 @@ class RefitRun:
     stop_reason: str = ""
     skipped: str = ""  #: why no refit ran ("" when it did)
     warm_from: int | None = None  #: the trial whose weights it continued (``--refit-warm``), None: from ImageNet's
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[EpochResult] = field(default_factory=list)  #: the final fit's epochs
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(replace(self, history=[]))
         d["dir"] = str(self.dir) if self.dir else None
+        d["history"] = [h.to_dict() for h in self.history]
         return d
 
 
@@ -146,7 +147,7 @@ def plan_epochs(
 def refit_best(
     opts: Any,
     study: Any,
-    base: dict[str, Any],
+    base: TrainConfig,
     space: Any,
     source: Any,
     clock: Any,
@@ -218,7 +219,7 @@ def _plan(opts: Any, study: Any, space: Any, clock: Any, cpus: float, results: A
 
 
 def _refit_config(
-    opts: Any, base: dict[str, Any], space: Any, plan: RefitPlan, cpus: float, gpus: float, budgeted: bool
+    opts: Any, base: TrainConfig, space: Any, plan: RefitPlan, cpus: float, gpus: float, budgeted: bool
 ) -> TrainConfig:
     """The trial's config for the final fit: up to the cap on a budget (fitted to the deadline after its first
     epoch), else the planned epochs; a node's threads; a warm start's restarted schedule."""
@@ -254,7 +255,7 @@ class RefitOutcome:
     checkpointed, e.g. its loss diverged in the first), its per-epoch history and its set-up seconds."""
 
     files: dict[str, bytes]
-    history: list[dict[str, Any]]
+    history: list[EpochResult]
     setup_seconds: float = 0.0
 
 
@@ -296,7 +297,7 @@ def _collect(run: RefitRun, res: RefitOutcome, dest: Path, metric: str, seconds:
         best_epoch=int(meta["epoch"]),
         value=meta["metrics"].get(m.name),
         val={k: v for k, v in meta["metrics"].items() if k.startswith("val_")},
-        stop_reason=str(res.history[-1].get("stop_reason", "")) if res.history else "",
+        stop_reason=res.history[-1].stop_reason if res.history else "",
     )
     log.info(
         f"refit done in {run.seconds:.0f} s: best epoch {run.best_epoch}/{run.epochs}, "
@@ -319,7 +320,7 @@ def _ledger_entries(ledger: Any, res: RefitOutcome, start: float, end: float, co
     schedule to the end (waste when the deadline or a divergence cut it)."""
     hist = res.history
     setup = res.setup_seconds
-    stop = str(hist[-1].get("stop_reason", "")) if hist else "no epoch"
+    stop = hist[-1].stop_reason if hist else "no epoch"
     if setup and start + setup < end:
         ledger.add("final fit set-up", "overhead", start, start + setup, cores)
         start += setup
@@ -368,7 +369,7 @@ def _warm_start_files(opts: Any, trial: Any, results: Any) -> dict[str, bytes]:
 
 
 def _refit_task(
-    train_config: dict[str, Any], source: Any, deadline: float | None, warm: dict[str, bytes] | None = None
+    train_config: TrainConfig, source: Any, deadline: float | None, warm: dict[str, bytes] | None = None
 ) -> RefitOutcome:
     """Runs on a worker: the trainer's loop in-process into a scratch run dir (from ``warm``'s weights: checkpoint
     files); returns the best checkpoint."""
@@ -378,7 +379,7 @@ def _refit_task(
             init.mkdir()
             for name, blob in warm.items():
                 (init / name).write_bytes(blob)
-            train_config = {**train_config, "model": {**train_config["model"], "init": str(init)}}
+            train_config = train_config.replace({"model.init": str(init)})
         train_loop(
             LoopConfig(
                 train_config=train_config,
@@ -390,7 +391,7 @@ def _refit_task(
             )
         )
         best = Path(tmp) / "best"
-        history = [json.loads(line) for line in (Path(tmp) / "history.jsonl").read_text().splitlines() if line]
+        history = read_history(tmp)
         files = {p.name: p.read_bytes() for p in best.iterdir() if p.name != "train_state.pt"} if best.is_dir() else {}
         setup = read_meta(best)["metrics"].get("setup_seconds", 0.0) if best.is_dir() else 0.0
         return RefitOutcome(files=files, history=history, setup_seconds=float(setup or 0.0))

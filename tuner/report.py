@@ -26,6 +26,7 @@ from edgetune.preprocess import PreprocessSpec
 from trainer.checkpoint import read_meta
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import build_data
+from trainer.epoch_result import EpochResult
 from trainer.evaluate import report_from_probs
 from trainer.export import eval_arrays
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
@@ -269,7 +270,7 @@ def plots(
     out: Path,
     multi: bool,
     metric: str,
-    refit_history: list[dict[str, Any]] | None = None,
+    refit_history: list[EpochResult] | None = None,
 ) -> list[str]:
     """The study's plots (Optuna's, then the learning curves) -> ``out``; the names of those made."""
     import matplotlib
@@ -316,7 +317,7 @@ def _study_plot_jobs(study: optuna.Study, multi: bool, metric: str) -> dict[str,
 
 
 def _learning_curves(
-    results: Any, rows: list[dict[str, Any]], path: Path, metric: str, refit_history: list[dict[str, Any]] | None
+    results: Any, rows: list[dict[str, Any]], path: Path, metric: str, refit_history: list[EpochResult] | None
 ) -> None:
     """The top 5 trials' per-epoch ``metric`` and the final fit's -> ``path``."""
     import matplotlib.pyplot as plt
@@ -329,7 +330,7 @@ def _learning_curves(
         if df is not None and metric in df:
             ax.plot(df["epoch"], df[metric], marker="o", label=f"#{r['trial']} {r['backbone']}")
     if refit_history:
-        pts = [(h["epoch"], h[metric]) for h in refit_history if metric in h]
+        pts = [(h.epoch, h.val[metric]) for h in refit_history if metric in h.val]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="s", color="black", linewidth=2, label="final fit")
     ax.set_xlabel("epoch")
@@ -631,7 +632,7 @@ def _lever_rows(post: Any, refit: Any) -> list[dict[str, Any]]:
     """The levers each measured on validation and test (summary.json ``levers``; bench/bench_search.py reads it)."""
     rows = []
     hist = (refit.history if refit is not None and refit.dir is not None else []) or []
-    best = next((h for h in hist if h.get("epoch") == (refit.best_epoch if refit else None)), None)
+    best = next((h.val for h in hist if h.epoch == (refit.best_epoch if refit else None)), None)
     if best and "raw_val_acc" in best:
         rows.append(
             {

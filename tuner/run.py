@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def base_config(opts: TuneOptions) -> dict[str, Any]:
+def base_config(opts: TuneOptions) -> TrainConfig:
+    """The study's base TrainConfig: the train config file (else the defaults) with the tuner's options and
+    ``--set`` overrides applied, validated once; every trial applies its sampled values to it."""
     cfg = TrainConfig.from_yaml(opts.train_config) if opts.train_config else TrainConfig()
     over: dict[str, Any] = {
         "data.dataset": opts.data,
@@ -65,7 +67,7 @@ def base_config(opts: TuneOptions) -> dict[str, Any]:
     for s in opts.sets:
         k, v = parse_override(s)
         over[k] = v
-    return cfg.replace(over).to_dict()
+    return cfg.replace(over)
 
 
 def _layer_count(backbone: str) -> int:
@@ -73,13 +75,13 @@ def _layer_count(backbone: str) -> int:
     return int(freeze_backbone(m, 0.0)["layers_total"])
 
 
-def _study_attrs(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any) -> dict[str, Any]:
+def _study_attrs(opts: TuneOptions, base: TrainConfig, space: Any, source: Any) -> dict[str, Any]:
     return {
         "dataset": source.name,
         "dataset_hash": source.dataset_hash,
         "classes": source.classes,
-        "split_seed": base["data"]["split_seed"],
-        "split_ratios": base["data"]["split"],
+        "split_seed": base.data.split_seed,
+        "split_ratios": list(base.data.split),
         "split_counts": {k: len(v) for k, v in source.parts.items()},
         "search_space": {n: {k: v for k, v in asdict(p).items() if k != "name"} for n, p in space.params.items()},
         "dropped": space.dropped,
@@ -88,7 +90,7 @@ def _study_attrs(opts: TuneOptions, base: dict[str, Any], space: Any, source: An
             "max_epochs": opts.epochs,
             "time_budget_s": opts.time_budget_s,
             "img": opts.img,
-            "max_images": base["data"]["max_images"],
+            "max_images": base.data.max_images,
             "workers_per_trial": opts.workers_per_trial,
             "gpus_per_trial": opts.gpus_per_trial,
             "refit": opts.refit,
@@ -100,7 +102,7 @@ def _study_attrs(opts: TuneOptions, base: dict[str, Any], space: Any, source: An
         "target": opts.target or None,
         "max_latency_ms": opts.max_latency_ms,
         "edgetune_version": edgetune.__version__,
-        "base_config": base,
+        "base_config": base.to_dict(),
     }
 
 
@@ -153,16 +155,16 @@ def process_start() -> float:
         return time.time()
 
 
-def study_specs(base: dict[str, Any], space: Any, seeds_only: bool = False) -> list[Any]:
+def study_specs(base: TrainConfig, space: Any, seeds_only: bool = False) -> list[Any]:
     """The distinct preprocessing specs (backbone x input size) the space can ask for; ``seeds_only``: those of its
     seed points only (a small budget reaches few others: a trial that asks for another spec resizes it itself, into
     the same content-keyed disk cache)."""
-    sizes = list(space.params["img"].choices) if "img" in space.params else [base["model"]["img_size"]]
-    backbones = space.backbones or [base["model"]["backbone"]]
+    sizes = list(space.params["img"].choices) if "img" in space.params else [base.model.img_size]
+    backbones = space.backbones or [base.model.backbone]
     pairs = [(b, int(size)) for b in backbones for size in sizes]
     if seeds_only:
         seeds = [
-            (p["backbone"], int(p.get("img", base["model"]["img_size"])))
+            (p["backbone"], int(p.get("img", base.model.img_size)))
             for p in space.points_to_evaluate()
             if p.get("backbone") in backbones and ("img" not in space.params or "img" in p)
         ]
@@ -174,11 +176,11 @@ def study_specs(base: dict[str, Any], space: Any, seeds_only: bool = False) -> l
     return list(out.values())
 
 
-def prepare_study_data(base: dict[str, Any], space: Any, out: Path, seeds_only: bool = False) -> Any:
+def prepare_study_data(base: TrainConfig, space: Any, out: Path, seeds_only: bool = False) -> Any:
     """Once per study: scan, hash and split the dataset (``split.json``) and resize it for every spec the space
     can ask for (the node's disk cache, keyed by content). Returns the :class:`trainer.data.PreparedSource`
     that trials start from."""
-    cfg = TrainConfig.from_dict(base)
+    cfg = base
     t0 = time.perf_counter()
     source = prepare_source(cfg.data)
     specs = study_specs(base, space, seeds_only)
@@ -208,14 +210,14 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> StudySummar
     with ledger.stage("options, storage, space", cores=1):
         check_storage(opts.storage)
         base = base_config(opts)
-        weights = TrainConfig.from_dict(base).model.weights
+        weights = base.model.weights
         space = load_space(
             opts.space or None,
             list(opts.backbones) or None,
             weights_check=lambda b: weights_available(b, weights),
             layer_count=_layer_count,
             fixed=fixed_params(opts),
-            base=TrainConfig.from_dict(base),  # every key the space sets applies to it (a typo fails here)
+            base=base,  # every key the space sets applies to it (a typo fails here)
         )
     for line in space.dropped_report(verbose=opts.verbose, explicit=bool(opts.backbones)):
         log.info(line)
@@ -253,7 +255,7 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> StudySummar
 
 def _run_stages(
     opts: TuneOptions,
-    base: dict[str, Any],
+    base: TrainConfig,
     space: Any,
     info: dict[str, Any] | None,
     connect: Any,
@@ -306,14 +308,14 @@ class Searched:
     search window from the probes' speed), Ray Tune's result grid and the Optuna study."""
 
     opts: TuneOptions
-    base: dict[str, Any]
+    base: TrainConfig
     results: Any  #: ray.tune.ResultGrid
     study: Any  #: optuna.Study
 
 
 def _search(
     opts: TuneOptions,
-    base: dict[str, Any],
+    base: TrainConfig,
     space: Any,
     source: Any,
     info: dict[str, Any],
@@ -343,8 +345,8 @@ def _search(
 
 
 def _plan_trials(
-    opts: TuneOptions, base: dict[str, Any], probes: list[Any], source: Any, deadline: float
-) -> tuple[TuneOptions, dict[str, Any]]:
+    opts: TuneOptions, base: TrainConfig, probes: list[Any], source: Any, deadline: float
+) -> tuple[TuneOptions, TrainConfig]:
     """Every run finishes what it starts: the trials' fidelity (their epochs, ASHA's max_t and their LR schedule) is
     planned before the first starts, from the probes' measured speed, so the first wave ends before the search
     deadline with its schedule annealed (at most ``--epochs``, at least 1)."""
@@ -359,13 +361,10 @@ def _plan_trials(
     )
     if epochs == opts.epochs:
         return opts, base
-    return replace(opts, epochs=epochs, grace_period=min(opts.grace_period, epochs)), {
-        **base,
-        "epochs": epochs,
-    }
+    return replace(opts, epochs=epochs, grace_period=min(opts.grace_period, epochs)), base.replace({"epochs": epochs})
 
 
-def _probes(opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, clock: Clock, ledger: Any) -> list[Any]:
+def _probes(opts: TuneOptions, base: TrainConfig, space: Any, source: Any, clock: Clock, ledger: Any) -> list[Any]:
     """The probe stage (tuner/probe.py) within ``probe_share`` of the budget: in a study bounded by its time budget
     alone (none with a ``--trials`` cap, without a budget, on a resume, or in a multi-objective study)."""
     if not opts.probe_share or not opts.time_budget_s or opts.trials or opts.resume or opts.multi_objective:
@@ -449,7 +448,7 @@ def _fail_stale_trials(opts: TuneOptions, storage: Any) -> set[str]:
 
 def _fit(
     opts: TuneOptions,
-    base: dict[str, Any],
+    base: TrainConfig,
     space: Any,
     source: Any,
     info: dict[str, Any],
@@ -488,7 +487,7 @@ def _n_trials(opts: TuneOptions) -> int:
 
 def _searcher(
     opts: TuneOptions,
-    base: dict[str, Any],
+    base: TrainConfig,
     space: Any,
     source: Any,
     storage: Any,
@@ -554,7 +553,7 @@ def _scheduler(opts: TuneOptions) -> TrialScheduler:
 
 
 def _trainable(
-    opts: TuneOptions, base: dict[str, Any], space: Any, source: Any, deadline: float | None, latency: Any
+    opts: TuneOptions, base: TrainConfig, space: Any, source: Any, deadline: float | None, latency: Any
 ) -> Any:
     """:func:`tuner.trial.run_trial` with its context and the trial's resource request."""
     from ray import tune

@@ -28,10 +28,10 @@ def device_img_choices() -> list[int]:
     return list(parse_space_doc(load_yaml_mapping(DEFAULT_SPACE, "search space"), DEFAULT_SPACE).params["img"].choices)
 
 
-def build_trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+def build_trial_config(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     """A trial's TrainConfig: the study's base config with a sampled configuration's overrides (ConfigError naming
     an unknown key and the allowed ones)."""
-    return TrainConfig.from_dict(base).replace(overrides)
+    return base.replace(overrides)
 
 
 def flatten_params(config: dict[str, Any]) -> dict[str, Any]:

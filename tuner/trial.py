@@ -43,7 +43,7 @@ class TrialResources:
 class TrialContext:
     """What every trial of a study shares (bound once with ``tune.with_parameters``)."""
 
-    base: dict[str, Any]
+    base: TrainConfig  #: the study's base config (each trial applies its sampled values to it)
     space: Any
     res: TrialResources
     source: Any = None  #: trainer.data.PreparedSource
@@ -77,7 +77,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     # every run finishes what it starts: a 1-worker trial fits its epochs (and LR schedule) to the search deadline
     # after its first epoch, so the deadline never cuts it mid-schedule (it completes at that fidelity)
     lc = LoopConfig(
-        train_config=cfg.to_dict(),
+        train_config=cfg,
         static_metrics=static,
         deadline=ctx.deadline,
         source=ctx.source,
