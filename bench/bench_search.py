@@ -39,6 +39,7 @@ from common import ROOT, md_table, parse_args, work_dir, write_results  # noqa: 
 
 from edgetune.errors import ConfigError  # noqa: E402
 from tuner.summary import read_summary  # noqa: E402
+from tuner.trial_record import records  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BUDGET = {
@@ -282,22 +283,21 @@ def study_overheads(tune_out: Path, storage: str, study: str) -> dict[str, Any]:
     """Per-trial launch -> first batch (setup_seconds + first_batch_seconds) and the trials' data paths."""
     import optuna
 
-    s = optuna.load_study(study_name=study, storage=storage)
-    timed = [t for t in s.trials if "first_batch_at" in t.user_attrs and t.datetime_start is not None]
+    trials = records(optuna.load_study(study_name=study, storage=storage))
+    timed = [t for t in trials if t.first_batch_at is not None and t.started is not None]
     # Optuna's trial start = when Tune asked the searcher for it, i.e. just before the trial's launch
-    launch = [float(t.user_attrs["first_batch_at"]) - t.datetime_start.timestamp() for t in timed]
-    rows = [t.user_attrs for t in timed]
-    paths = [a.get("data_path") for a in rows]
+    launch = [float(t.first_batch_at or 0.0) - float(t.started or 0.0) for t in timed]
+    paths = [t.data_path for t in timed]
     return {
-        "trials": len(s.trials),
-        "states": {st: sum(t.state.name == st for t in s.trials) for st in ("COMPLETE", "PRUNED", "FAIL")},
+        "trials": len(trials),
+        "states": {st: sum(t.state == st for t in trials) for st in ("COMPLETE", "PRUNED", "FAIL")},
         "launch_to_first_batch_s": {
             "median": float(np.median(launch)) if launch else None,
             "max": float(np.max(launch)) if launch else None,
         },
         "data_paths": {p: paths.count(p) for p in set(paths)},
-        "act_cache_builds": sum(int(a.get("act_cache_builds", 0)) for a in rows),
-        "act_cache_disk_hits": sum(int(a.get("act_cache_disk_hits", 0)) for a in rows),
+        "act_cache_builds": sum(t.act_cache_builds or 0 for t in timed),
+        "act_cache_disk_hits": sum(t.act_cache_disk_hits or 0 for t in timed),
     }
 
 

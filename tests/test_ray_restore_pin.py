@@ -88,7 +88,7 @@ def test_the_winner_copy_skips_a_stand_in_best_checkpoint(tmp_path: Path) -> Non
     from ray import tune
 
     from trainer.loop_setup import DELETED_CHECKPOINT_MARKER
-    from tuner.report import materialise_best_checkpoint
+    from tuner.trial_checkpoint import materialise_best_checkpoint
 
     stand_in, latest = tmp_path / "checkpoint_000001", tmp_path / "checkpoint_000004"
     stand_in.mkdir()

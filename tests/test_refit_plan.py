@@ -4,16 +4,19 @@ refit hands the report (tuner.refit.RefitRun)."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 
+from tuner.budget import FINISH_RESERVE_S
 from tuner.options import TuneOptions
-from tuner.refit import BUDGETED_REFIT_CAP, FINISH_RESERVE_S, THREAD_EFFICIENCY, plan_epochs
+from tuner.refit import BUDGETED_REFIT_CAP, THREAD_EFFICIENCY, plan_epochs
+from tuner.trial_record import TrialRecord
 
 
-def _trial(epoch_s: float, trained: int, setup_s: float = 0.0) -> SimpleNamespace:
-    return SimpleNamespace(user_attrs={"epoch_seconds": epoch_s, "epochs_trained": trained, "setup_seconds": setup_s})
+def _trial(epoch_s: float, trained: int, setup_s: float = 0.0) -> TrialRecord:
+    return TrialRecord(
+        number=0, state="COMPLETE", params={}, epoch_seconds=epoch_s, epochs_trained=trained, setup_seconds=setup_s
+    )
 
 
 def test_epochs_come_from_the_time_left_at_the_refits_speed():
@@ -80,15 +83,17 @@ def test_the_refit_run_is_frozen_and_kept_in_the_summary_as_a_dict(tmp_path):
 def test_the_refit_tasks_outcome_enters_the_ledger():
     """The refit's Ray task hands back a RefitOutcome; its set-up is overhead, its epochs compute when it ran its
     schedule to the end, waste when the deadline cut it."""
+    from trainer.epoch_result import TRAIN_KEYS, EpochResult
     from tuner.ledger import Ledger
     from tuner.refit import RefitOutcome, _ledger_entries
 
+    epoch = EpochResult(epoch=1, epoch_seconds=30.0, lr=1e-3, train_seconds=30.0, train=dict.fromkeys(TRAIN_KEYS, 1.0))
     led = Ledger(cores=2.0, t0=0.0)
-    _ledger_entries(led, RefitOutcome(files={}, history=[{"epoch": 1}], setup_seconds=5.0), 10.0, 50.0, 2.0)
+    _ledger_entries(led, RefitOutcome(files={}, history=[epoch], setup_seconds=5.0), 10.0, 50.0, 2.0)
     assert [(s.name, s.kind, s.start, s.end) for s in led.stages] == [
         ("final fit set-up", "overhead", 10.0, 15.0),
         ("final fit", "compute", 15.0, 50.0),
     ]
-    cut = RefitOutcome(files={}, history=[{"epoch": 1, "stop_reason": "deadline"}])
+    cut = RefitOutcome(files={}, history=[epoch.with_(stop_reason="deadline")])
     _ledger_entries(led, cut, 60.0, 70.0, 2.0)
     assert (led.stages[-1].kind, led.stages[-1].note) == ("waste", "deadline")

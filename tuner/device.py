@@ -28,13 +28,17 @@ import logging
 import platform
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_server.agent.timing import device_identity, supported_precisions, time_bundle_files
 from edgetune.device import RESOURCE_PREFIX, TARGET_RULE, valid_target
 from edgetune.errors import ConfigError, EdgetuneError
 from trainer.config import TrainConfig
 from tuner.storage import rdb_storage
+
+if TYPE_CHECKING:
+    from tuner.space import SearchSpace
+
 
 #: The Optuna study (in the study's storage) whose user attrs hold the latency records.
 CACHE_STUDY = "edgetune-latency-cache"
@@ -335,7 +339,9 @@ class LatencyRejector:
     to break ``--max-latency-ms``; None otherwise (an unknown one is timed in its trial, before its first epoch).
     Picklable (Ray checkpoints the searcher that holds it): the storage is opened lazily."""
 
-    def __init__(self, base: TrainConfig, space: Any, num_classes: int, storage: str, setup: LatencySetup) -> None:
+    def __init__(
+        self, base: TrainConfig, space: SearchSpace, num_classes: int, storage: str, setup: LatencySetup
+    ) -> None:
         self.base, self.space, self.num_classes, self.storage = base, space, num_classes, storage
         self.setup = LatencySetup(
             study=setup.study,

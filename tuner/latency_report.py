@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.metric import get_metric
 from tuner.device import LATENCY_MS
 from tuner.storage import rdb_storage
+from tuner.trial_record import TrialRecord
+from tuner.trial_record import records as trial_records
+
+if TYPE_CHECKING:
+    import optuna
+
 
 LATENCY_COLUMNS = [
     "architecture",
@@ -42,26 +48,25 @@ def _device_label(dev: dict[str, Any]) -> str:
     return f"{dev.get('cpu', '?')} ({dev.get('backend', '?')} {dev.get('onnxruntime_version', '')})".strip()
 
 
-def latency_rows(study: Any, records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+def latency_rows(study: optuna.Study | _AllTrials, records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """One row per distinct architecture among the study's trials, from the latency records."""
     m = get_metric(metric)
     by_key = {r["signature_key"]: r for r in records if "signature_key" in r}
-    used: dict[str, list[Any]] = {}
-    for t in study.get_trials(deepcopy=False):
-        k = t.user_attrs.get("latency_key")
-        if k:
-            used.setdefault(k, []).append(t)
+    used: dict[str, list[TrialRecord]] = {}
+    for t in trial_records(study):
+        if t.latency_key:
+            used.setdefault(t.latency_key, []).append(t)
     rows = []
     for k, trials in used.items():
         rec = by_key.get(k)
         if rec is None:
             continue
         sig, proto = rec["signature"], rec.get("protocol", {})
-        values = [t.user_attrs.get(m.best_key) for t in trials if t.user_attrs.get(m.best_key) is not None]
-        best = min(values, key=lambda v: m.sort_key(float(v))) if values else None
+        values = [v for t in trials if (v := t.best(metric)) is not None]
+        best = min(values, key=m.sort_key) if values else None
         rows.append(
             {
-                "architecture": trials[0].user_attrs.get("latency_signature", k),
+                "architecture": trials[0].latency_signature or k,
                 "backbone": sig["backbone"],
                 "head": sig["head"] + ("-" + "x".join(map(str, sig["head_hidden"])) if sig["head_hidden"] else ""),
                 "input_size": "x".join(map(str, sig["input_size"])),
@@ -77,7 +82,7 @@ def latency_rows(study: Any, records: list[dict[str, Any]], metric: str) -> list
                 "runs": proto.get("runs"),
                 "warmup": proto.get("warmup"),
                 "trials": len(trials),
-                "rejected_trials": sum(bool(t.user_attrs.get("rejected_reason")) for t in trials),
+                "rejected_trials": sum(bool(t.rejected_reason) for t in trials),
                 "best_value": best,
                 "signature_key": k,
                 "onnx_sha256": rec.get("onnx_sha256"),
@@ -102,8 +107,14 @@ def pareto_points(points: list[tuple[float, float]], mode: str) -> list[int]:
     return front
 
 
+def _measured(trials: list[TrialRecord], metric: str) -> tuple[list[TrialRecord], list[tuple[float, float]]]:
+    """The trials with both a best value of ``metric`` and a latency, and their (value, latency) points."""
+    trained = [t for t in trials if t.best(metric) is not None and t.latency_ms is not None]
+    return trained, [(float(t.best(metric) or 0.0), float(t.latency_ms or 0.0)) for t in trained]
+
+
 def write_latency_outputs(
-    study: Any, records: list[dict[str, Any]], out: Path, metric: str, max_latency_ms: float = 0.0
+    study: optuna.Study, records: list[dict[str, Any]], out: Path, metric: str, max_latency_ms: float = 0.0
 ) -> dict[str, Any]:
     """Write ``latency_table.csv`` and ``pareto.png``; returns their paths and the Pareto front's trials."""
     import matplotlib
@@ -117,14 +128,10 @@ def write_latency_outputs(
         w.writeheader()
         w.writerows(rows)
     m = get_metric(metric)
-    trained = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.user_attrs.get(m.best_key) is not None and t.user_attrs.get(LATENCY_MS) is not None
-    ]
-    pts = [(float(t.user_attrs[m.best_key]), float(t.user_attrs[LATENCY_MS])) for t in trained]
+    every = trial_records(study)
+    trained, pts = _measured(every, metric)
     front = pareto_points(pts, m.mode)
-    rejected = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("rejected_reason")]
+    rejected = [t for t in every if t.rejected_reason]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     if pts:
         ax.scatter([p[1] for p in pts], [p[0] for p in pts], c="tab:blue", alpha=0.6, label="trained trials")
@@ -134,7 +141,7 @@ def write_latency_outputs(
             ax.annotate(
                 f"#{trained[i].number}", (pts[i][1], pts[i][0]), fontsize=8, xytext=(3, 3), textcoords="offset points"
             )
-    lat_rej = [float(t.user_attrs[LATENCY_MS]) for t in rejected if t.user_attrs.get(LATENCY_MS) is not None]
+    lat_rej = [t.latency_ms for t in rejected if t.latency_ms is not None]
     if lat_rej:
         ax.scatter(
             lat_rej,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgetune.bundle import load_bundle
 from trainer.config import TrainConfig
@@ -19,10 +19,19 @@ from tuner.options import TuneOptions
 from tuner.storage import rdb_storage
 from tuner.summary import StudySummary
 
+if TYPE_CHECKING:
+    import optuna
+
+    from trainer.data import PreparedSource
+    from tuner.device import LatencySetup
+    from tuner.posthoc import PosthocResult
+    from tuner.space import SearchSpace
+
+
 log = logging.getLogger(__name__)
 
 
-def latency_setup(opts: TuneOptions, space: Any) -> Any:
+def latency_setup(opts: TuneOptions, space: SearchSpace) -> Any:
     """Device in the loop (tuner/device.py): check the target's nodes, ask which precisions it supports (they join
     the space, with the input size), start the study's latency service. Needs Ray connected."""
     protocol = opts.timing_protocol.to_dict()
@@ -60,7 +69,9 @@ def _rdb(url: str) -> Any:
     return rdb_storage(url)
 
 
-def rejector(opts: TuneOptions, base: TrainConfig, space: Any, source: Any, latency: Any) -> Any:
+def rejector(
+    opts: TuneOptions, base: TrainConfig, space: SearchSpace, source: PreparedSource, latency: LatencySetup | None
+) -> LatencyRejector | None:
     """For the searcher: rejects a sampled configuration whose architecture is already known to be slower than
     ``--max-latency-ms`` on the target (None without a constraint)."""
     if latency is None or opts.max_latency_ms <= 0:
@@ -69,7 +80,7 @@ def rejector(opts: TuneOptions, base: TrainConfig, space: Any, source: Any, late
     return LatencyRejector(base=base, space=space, num_classes=len(source.classes), storage=opts.storage, setup=latency)
 
 
-def latency_outputs(opts: TuneOptions, study: Any, out: Path) -> dict[str, Any]:
+def latency_outputs(opts: TuneOptions, study: optuna.Study, out: Path) -> dict[str, Any]:
     records = device.LatencyCache(_rdb(opts.storage)).records(device.cache_target(opts.target or None))
     res: dict[str, Any] = write_latency_outputs(study, records, out, opts.metric, opts.max_latency_ms)
     shared = write_storage_latency_table(opts.storage, records, opts.metric, device.CACHE_STUDY, out)
@@ -141,7 +152,12 @@ def _time_winner(opts: TuneOptions, bundle_dir: Path, precision: str) -> dict[st
 
 
 def hand_off(
-    opts: TuneOptions, summary: StudySummary, out: Path, source: Any, latency: Any = None, final: Any = None
+    opts: TuneOptions,
+    summary: StudySummary,
+    out: Path,
+    source: PreparedSource,
+    latency: LatencySetup | None = None,
+    final: PosthocResult | None = None,
 ) -> StudySummary:
     """Export the winner (``<out>/bundle``, at the precision the search picked, with its architecture's latency
     record) and, with a target, time the bundle's own ONNX on the device (and keep its engine there). Returns the

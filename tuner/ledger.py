@@ -22,7 +22,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tuner.trial_record import records
+
+if TYPE_CHECKING:
+    import optuna
+
 
 log = logging.getLogger(__name__)
 
@@ -152,27 +158,25 @@ class Ledger:
         )
 
 
-def trial_stages(ledger: Ledger, study: Any, cores_per_trial: float) -> None:
+def trial_stages(ledger: Ledger, study: optuna.Study, cores_per_trial: float) -> None:
     """One stage per trial of the study that ran in this ledger's time (from Optuna's start/complete times and the
     trial's own set-up and training seconds): set-up is overhead; training is compute when the trial finished its
     planned fidelity (COMPLETE) or was stopped by ASHA by design (PRUNED), waste when it failed or was cut."""
-    for t in study.get_trials(deepcopy=False):
-        launched = t.user_attrs.get("started_at") or t.user_attrs.get("launched_at")
-        if t.datetime_start is None or not launched:
+    for t in records(study):
+        launched = t.started_at or t.launched_at
+        if t.started is None or not launched:
             continue  # never ran (it waited for a slot until the search ended), or an earlier version's trial
         # the run's own start (the trainer's set-up; Optuna's start is when Ray asked for the trial, which may then
         # wait for a free slot) and Optuna's completion
-        start = float(launched)  # a trial stopped before its first result has only Ray's launch time
-        end = t.datetime_complete.timestamp() if t.datetime_complete else time.time()
+        start = launched  # a trial stopped before its first result has only Ray's launch time
+        end = t.completed if t.completed is not None else time.time()
         if end <= ledger.t0:
             continue  # an earlier run of the study
-        setup = float(t.user_attrs.get("setup_seconds") or 0.0)
-        stop = str(t.user_attrs.get("stop_reason") or "")
-        finished = t.state.name == "COMPLETE" or (
-            t.state.name == "PRUNED" and not stop and not t.user_attrs.get("rejected_reason")
-        )
+        setup = t.setup_seconds or 0.0
+        stop = t.stop_reason or ""
+        finished = t.state == "COMPLETE" or (t.state == "PRUNED" and not stop and not t.rejected_reason)
         kind = "compute" if finished else "waste"
-        why = t.state.name + (f" ({stop})" if stop else "")
+        why = t.state + (f" ({stop})" if stop else "")
         if setup and start + setup < end:
             ledger.add(f"trial {t.number} set-up", "overhead", start, start + setup, cores_per_trial)
             start += setup

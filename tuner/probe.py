@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,13 @@ from trainer.export import eval_arrays
 from trainer.model import create_model, preprocess_spec_for
 from tuner.posthoc import TTA_VIEWS, view
 from tuner.refit import THREAD_EFFICIENCY, _refit_resources
+
+if TYPE_CHECKING:
+    from trainer.data import PreparedSource
+    from tuner.ledger import Ledger
+    from tuner.options import TuneOptions
+    from tuner.space import SearchSpace
+
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +162,7 @@ def _fit_multinomial(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, l2: float
     opt.step(closure)
 
 
-def run_probe(backbone: str, img: int, data_cfg: DataConfig, source: Any, threads: int) -> ProbeResult:
+def run_probe(backbone: str, img: int, data_cfg: DataConfig, source: PreparedSource, threads: int) -> ProbeResult:
     """One probe, start to end (on a worker): data at the backbone's spec, features, head."""
     if threads:
         torch.set_num_threads(threads)
@@ -198,7 +205,7 @@ def _relative_cost(backbone: str, img: int) -> float:
     return float(params) * img * img
 
 
-def plan(space: Any, base: TrainConfig, fixed_img: int = 0) -> list[tuple[str, int]]:
+def plan(space: SearchSpace, base: TrainConfig, fixed_img: int = 0) -> list[tuple[str, int]]:
     """(backbone, size) pairs to probe, in the space's order: each backbone with weights at the sizes its seed
     points use (else the base size; ``fixed_img``: that size only)."""
     pairs: list[tuple[str, int]] = []
@@ -216,7 +223,12 @@ def plan(space: Any, base: TrainConfig, fixed_img: int = 0) -> list[tuple[str, i
 
 
 def probe_stage(
-    opts: Any, base: TrainConfig, space: Any, source: Any, budget_s: float, ledger: Any = None
+    opts: TuneOptions,
+    base: TrainConfig,
+    space: SearchSpace,
+    source: PreparedSource,
+    budget_s: float,
+    ledger: Ledger | None = None,
 ) -> list[ProbeResult]:
     """Probes in plan order while the next one's estimated cost fits ``budget_s``; each a Ray task with the node's
     CPUs (or one GPU). Returns the probes, best validation log-loss first."""
@@ -268,7 +280,7 @@ def probe_stage(
 
 
 def trial_epoch_seconds(
-    probes: list[ProbeResult], source: Any, base: TrainConfig, probe_threads: float, trial_threads: float
+    probes: list[ProbeResult], source: PreparedSource, base: TrainConfig, probe_threads: float, trial_threads: float
 ) -> float:
     """A fine-tuning trial's epoch, estimated from the fastest probe's measured seconds per forward image: a
     training step costs ~3 forward passes (forward + backward), then validation and BatchNorm recompute for the
@@ -287,7 +299,7 @@ FINISH_OTHERS = 3
 FINISH_FIXED_S = 25.0
 
 
-def finish_reserve(probes: list[ProbeResult], source: Any, ensemble: bool) -> float:
+def finish_reserve(probes: list[ProbeResult], source: PreparedSource, ensemble: bool) -> float:
     """Seconds to keep after the final fit: the post-hoc forward passes (the final model under 4 views, each other
     candidate under 1, over validation and then test) and the export's parity passes (PyTorch and ONNX Runtime
     over test) at the fastest probe's measured seconds per image, with a 1.5 x margin."""

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.checkpoint import read_meta
 from trainer.config import TrainConfig
@@ -29,14 +29,23 @@ from trainer.epoch_result import EpochResult, read_history
 from trainer.loop import train_loop
 from trainer.loop_config import LoopConfig
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, get_metric
-from tuner.device import LATENCY_MS
+from tuner.budget import FINISH_RESERVE_S, Clock
 from tuner.trial import build_trial_config
+from tuner.trial_checkpoint import materialise_best_checkpoint, result_for
+from tuner.trial_record import TrialRecord, records, seed_record
+
+if TYPE_CHECKING:
+    import optuna
+    from ray.tune import ResultGrid
+
+    from trainer.data import PreparedSource
+    from tuner.ledger import Ledger
+    from tuner.options import TuneOptions
+    from tuner.space import SearchSpace
+
 
 log = logging.getLogger(__name__)
 
-#: Seconds kept after the search and the refit for post-hoc selection (tuner/posthoc.py: every candidate's
-#: validation and test predictions over 4 flip views), the test evaluation, export (ONNX + parity) and plots.
-FINISH_RESERVE_S = 45.0  #: the default, until the probe stage measured this study's forward speed
 
 #: Refit epochs when the study has no time budget: this many times the search's max epochs.
 UNBUDGETED_FACTOR = 2
@@ -67,18 +76,14 @@ class RefitRun:
         return d
 
 
-def best_trial(study: Any, metric: str, max_latency_ms: float = 0.0) -> Any:
+def best_trial(study: optuna.Study, metric: str, max_latency_ms: float = 0.0) -> TrialRecord | None:
     """The finished trial with the best best-epoch value (the value Optuna holds for it); with a latency bound,
     among the trials measured within it (the same rule as the export's selection, tuner.report._candidates)."""
     m = get_metric(metric)
-    done = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get(m.best_key) is not None
-    ]
+    done = [t for t in records(study) if t.finished and t.best(metric) is not None]
     if max_latency_ms > 0:
-        done = [t for t in done if 0 < float(t.user_attrs.get(LATENCY_MS) or 0) <= max_latency_ms]
-    done.sort(key=lambda t: (m.sort_key(float(t.user_attrs[m.best_key])), t.number))
+        done = [t for t in done if 0 < (t.latency_ms or 0) <= max_latency_ms]
+    done.sort(key=lambda t: (m.sort_key(t.best(metric)), t.number))
     return done[0] if done else None
 
 
@@ -99,7 +104,7 @@ WARM_WARMUP_EPOCHS = 0.3
 BUDGETED_REFIT_CAP = 60
 
 
-def refit_cap(opts: Any) -> int:
+def refit_cap(opts: TuneOptions) -> int:
     """``--refit-max-epochs``, else: a study bounded by its time budget alone (no ``--trials`` cap) fills the time
     left (at most BUDGETED_REFIT_CAP epochs); a trial-capped or unbudgeted one trains 3 x ``--epochs``."""
     return int(
@@ -108,8 +113,8 @@ def refit_cap(opts: Any) -> int:
 
 
 def plan_epochs(
-    opts: Any,
-    trial: Any,
+    opts: TuneOptions,
+    trial: TrialRecord,
     left_s: float,
     refit_cpus: float = 0.0,
     reserve_s: float = FINISH_RESERVE_S,
@@ -121,18 +126,18 @@ def plan_epochs(
     cap = refit_cap(opts)
     if math.isinf(left_s):
         return min(cap, UNBUDGETED_FACTOR * opts.epochs), f"no time budget: {UNBUDGETED_FACTOR} x {opts.epochs} epochs"
-    epoch_s = float(trial.user_attrs.get("epoch_seconds") or 0.0)
+    epoch_s = trial.epoch_seconds or 0.0
     trial_cpus = float(opts.cpus_per_worker or 1.0)
     if refit_cpus > trial_cpus and not opts.gpus_per_trial:
         epoch_s *= trial_cpus / (refit_cpus * THREAD_EFFICIENCY)
-    setup_s = float(trial.user_attrs.get("setup_seconds") or 0.0)
+    setup_s = trial.setup_seconds or 0.0
     usable = left_s - reserve_s - setup_s
     if epoch_s <= 0:
         return 0, "the best trial recorded no epoch time"
     n = int(usable // epoch_s)
     # worth it when it trains longer than the best trial did (a trial the search deadline stopped early never
     # finished its LR schedule; the refit's schedule spans exactly its epochs)
-    trained = int(trial.user_attrs.get("epochs_trained") or opts.epochs)
+    trained = trial.epochs_trained or opts.epochs
     need = 1 if warm else max(1, min(opts.epochs, trained)) + 1  # from scratch: longer than the trial, else it
     if n < need:  # would only repeat it
         return 0, (
@@ -145,15 +150,15 @@ def plan_epochs(
 
 
 def refit_best(
-    opts: Any,
-    study: Any,
+    opts: TuneOptions,
+    study: optuna.Study,
     base: TrainConfig,
-    space: Any,
-    source: Any,
-    clock: Any,
+    space: SearchSpace,
+    source: PreparedSource,
+    clock: Clock,
     out: Path,
-    ledger: Any = None,
-    results: Any = None,
+    ledger: Ledger | None = None,
+    results: ResultGrid | None = None,
 ) -> RefitRun | None:
     """Train the best trial's configuration again for longer (from the trial's own weights with ``--refit-warm``:
     ``results`` is Ray Tune's result grid, where its checkpoint is); returns the run, or None without a best
@@ -187,16 +192,18 @@ def refit_best(
 
 @dataclass(frozen=True)
 class RefitPlan:
-    """What the final fit trains: the trial it refits (a :class:`_SeedTrial` when none finished), its planned
+    """What the final fit trains: the trial it refits (the first seed point's record when none finished), its planned
     epochs (0: skipped) and why, and the trial's checkpoint files it continues from (``--refit-warm``; {}: cold)."""
 
-    trial: Any
+    trial: TrialRecord
     epochs: int
     why: str
     warm: dict[str, bytes]
 
 
-def _plan(opts: Any, study: Any, space: Any, clock: Any, cpus: float, results: Any) -> RefitPlan | None:
+def _plan(
+    opts: TuneOptions, study: optuna.Study, space: SearchSpace, clock: Clock, cpus: float, results: ResultGrid | None
+) -> RefitPlan | None:
     """The best trial (else, with time left, the space's first seed point) and its epochs; None: nothing to refit."""
     trial = best_trial(study, opts.metric, opts.max_latency_ms)
     epochs, why = 0, ""
@@ -208,7 +215,7 @@ def _plan(opts: Any, study: Any, space: Any, clock: Any, cpus: float, results: A
             return None
         # the portfolio always holds the plain recipe: with no finished trial, the first seed point is the final fit,
         # its epochs fitted to the time left after its first
-        trial = _SeedTrial(params=dict(seeds[0]))
+        trial = seed_record(seeds[0])
         epochs, why = refit_cap(opts), "no trial finished in the search window: the space's first seed point"
     warm = _warm_start_files(opts, trial, results)
     if trial.number >= 0:
@@ -219,12 +226,12 @@ def _plan(opts: Any, study: Any, space: Any, clock: Any, cpus: float, results: A
 
 
 def _refit_config(
-    opts: Any, base: TrainConfig, space: Any, plan: RefitPlan, cpus: float, gpus: float, budgeted: bool
+    opts: TuneOptions, base: TrainConfig, space: SearchSpace, plan: RefitPlan, cpus: float, gpus: float, budgeted: bool
 ) -> TrainConfig:
     """The trial's config for the final fit: up to the cap on a budget (fitted to the deadline after its first
     epoch), else the planned epochs; a node's threads; a warm start's restarted schedule."""
     cap = refit_cap(opts)
-    cfg = build_trial_config(base, space.to_overrides(plan.trial.params))
+    cfg = build_trial_config(base, space.to_overrides(dict(plan.trial.params)))
     cfg = cfg.replace({"epochs": cap if budgeted else plan.epochs})
     cfg = cfg.replace({"threads": int(cpus) if not gpus else cfg.threads})
     if plan.warm:
@@ -238,9 +245,9 @@ def _refit_config(
     return cfg
 
 
-def _log_plan(opts: Any, plan: RefitPlan, cfg: TrainConfig, cpus: float, gpus: float) -> None:
+def _log_plan(opts: TuneOptions, plan: RefitPlan, cfg: TrainConfig, cpus: float, gpus: float) -> None:
     trial, best_key = plan.trial, get_metric(opts.metric).best_key
-    score = trial.user_attrs.get(best_key)
+    score = trial.best(opts.metric)
     log.info(
         f"refit of {'trial #' + str(trial.number) if trial.number >= 0 else 'the first seed point'}"
         + (f" ({best_key} {score:.4f})" if score is not None else "")
@@ -261,19 +268,19 @@ class RefitOutcome:
 
 def _run_refit_task(
     cfg: TrainConfig,
-    source: Any,
+    source: PreparedSource,
     deadline: float | None,
     warm: dict[str, bytes],
     cpus: float,
     gpus: float,
-    ledger: Any,
+    ledger: Ledger | None,
 ) -> RefitOutcome:
     """The final fit as one Ray task with a node's resources (:func:`_refit_task`), entered in the ledger."""
     import ray
 
     started = time.time()
-    task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    res: RefitOutcome = ray.get(task.remote(cfg.to_dict(), source, deadline, warm))
+    task: Any = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    res: RefitOutcome = ray.get(task.remote(cfg, source, deadline, warm))
     if ledger is not None:
         _ledger_entries(ledger, res, started, time.time(), gpus or cpus)
     return res
@@ -306,16 +313,7 @@ def _collect(run: RefitRun, res: RefitOutcome, dest: Path, metric: str, seconds:
     return run
 
 
-@dataclass(frozen=True)
-class _SeedTrial:
-    """A seed point standing in for a trial (no trial finished): number -1, no measurements."""
-
-    params: dict[str, Any]
-    number: int = -1
-    user_attrs: dict[str, Any] = field(default_factory=dict)
-
-
-def _ledger_entries(ledger: Any, res: RefitOutcome, start: float, end: float, cores: float) -> None:
+def _ledger_entries(ledger: Ledger, res: RefitOutcome, start: float, end: float, cores: float) -> None:
     """The final fit in the budget ledger: its set-up as overhead, its epochs as compute when it ran its planned
     schedule to the end (waste when the deadline or a divergence cut it)."""
     hist = res.history
@@ -327,7 +325,7 @@ def _ledger_entries(ledger: Any, res: RefitOutcome, start: float, end: float, co
     ledger.add("final fit", "waste" if stop else "compute", start, end, cores, stop or "finished its schedule")
 
 
-def _refit_resources(opts: Any) -> tuple[float, float]:
+def _refit_resources(opts: TuneOptions) -> tuple[float, float]:
     """One node's worth: all CPUs of the largest alive node (at most 16), or the trial's GPUs."""
     import ray
 
@@ -337,22 +335,19 @@ def _refit_resources(opts: Any) -> tuple[float, float]:
     return float(max(1.0, min(16.0, max(cpus or [1.0])))), 0.0
 
 
-def _warm_start_files(opts: Any, trial: Any, results: Any) -> dict[str, bytes]:
+def _warm_start_files(opts: TuneOptions, trial: TrialRecord, results: ResultGrid | None) -> dict[str, bytes]:
     """The best trial's best checkpoint as files (they travel to the refit's node through the object store), or
     {} when the final fit starts from ImageNet's weights: ``--refit-warm`` off, no trial (a seed point), or no
     checkpoint of it left."""
-    # the refit's Ray worker imports this module (for _refit_task) without needing the report's optuna
-    from tuner.report import _result_for, materialise_best_checkpoint  # noqa: PLC0415 - lazy: optuna
-
-    ray_id = trial.user_attrs.get("ray_trial_id") if trial.number >= 0 else None
+    ray_id = trial.ray_trial_id if trial.number >= 0 else None
     if not opts.refit_warm or not ray_id or results is None:
         return {}
     with tempfile.TemporaryDirectory(prefix="edgetune-warm-") as tmp:
         d = Path(tmp) / "ckpt"
         try:
             ok = materialise_best_checkpoint(
-                _result_for(results, ray_id),
-                {"checkpoint_uri": trial.user_attrs.get("checkpoint_uri")},
+                result_for(results, ray_id),
+                {"checkpoint_uri": trial.checkpoint_uri},
                 CHECKPOINT_SCORE,
                 CHECKPOINT_SCORE_MODE,
                 d,
@@ -369,7 +364,7 @@ def _warm_start_files(opts: Any, trial: Any, results: Any) -> dict[str, bytes]:
 
 
 def _refit_task(
-    train_config: TrainConfig, source: Any, deadline: float | None, warm: dict[str, bytes] | None = None
+    train_config: TrainConfig, source: PreparedSource, deadline: float | None, warm: dict[str, bytes] | None = None
 ) -> RefitOutcome:
     """Runs on a worker: the trainer's loop in-process into a scratch run dir (from ``warm``'s weights: checkpoint
     files); returns the best checkpoint."""

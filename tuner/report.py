@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna  # noqa: TID253 - every output here is read from the study (its trials, attrs and plots)
 
 from edgetune.dataclass_cli import HelpFormatter
+from edgetune.errors import EdgetuneError
 from edgetune.logs import setup_cli_logging
 from edgetune.markdown import markdown_table
 from edgetune.preprocess import PreprocessSpec
@@ -36,6 +37,20 @@ from tuner import posthoc
 from tuner.device import LATENCY_MS
 from tuner.storage import rdb_storage
 from tuner.summary import FinalModel, StudySummary
+from tuner.trial_checkpoint import materialise_best_checkpoint, result_for
+from tuner.trial_record import TrialRecord, records
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ray.tune import ResultGrid
+
+    from trainer.data import PreparedSource
+    from tuner.options import TuneOptions
+    from tuner.posthoc import PosthocResult
+    from tuner.probe import ProbeResult
+    from tuner.refit import RefitRun
+
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +99,19 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
     """One row per trial, best first by the trial's best-epoch value of ``metric`` (= its Optuna value)."""
     m = get_metric(metric)
     rows: list[dict[str, Any]] = []
-    for t in study.get_trials(deepcopy=False):
-        if t.state.name == "WAITING":  # an enqueued seed the budget never reached (a resumed study runs it first)
+    for t in records(study):
+        if t.state == "WAITING":  # an enqueued seed the budget never reached (a resumed study runs it first)
             continue
-        a, p = t.user_attrs, t.params
-        value = a.get(m.best_key)
-        if value is None and t.values and t.state.name in ("COMPLETE", "PRUNED"):
+        p = t.params
+        value = t.best(metric)
+        if value is None and t.values and t.finished:
             value = t.values[0]
-        params = a.get("params")
-        val_acc = a.get("val_acc_at_best", a.get("val_acc"))  # at the best epoch (by the study's metric)
+        params = t.model_params
+        val_acc = t.at_best("val_acc")  # at the best epoch (by the study's metric)
         rows.append(
             {
                 "trial": t.number,
-                "state": t.state.name,
+                "state": t.state,
                 "backbone": p.get("backbone"),
                 "img": p.get("img"),
                 "freeze": p.get("freeze"),
@@ -104,31 +119,30 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
                 "optimizer": p.get("optimizer"),
                 "augment": p.get("augment"),
                 "sampler": p.get("sampler"),
-                "epochs": a.get("epochs_trained"),
-                "fidelity": _fidelity(a),
+                "epochs": t.epochs_trained,
+                "fidelity": t.fidelity(),
                 "ens_weight": None,
-                "best_epoch": a.get("best_epoch"),
+                "best_epoch": t.best_epoch,
                 metric: value,
                 "val_acc": val_acc,
-                "val_macro_f1": a.get("val_macro_f1_at_best", a.get("val_macro_f1")),
+                "val_macro_f1": t.at_best("val_macro_f1"),
                 "test_acc": None,
                 "test_macro_f1": None,
                 "params": params,
-                "size_mb": a.get("size_mb"),
+                "size_mb": t.size_mb,
                 # accuracy density (model-selection study): validation accuracy per million parameters
                 "accuracy_density": (val_acc / (params / 1e6)) if val_acc is not None and params else None,
-                "train_seconds": a.get("train_seconds"),
-                "data_path": a.get("data_path"),
-                "stop_reason": a.get("stop_reason"),
-                LATENCY_MS: a.get(LATENCY_MS),
-                "precision": p.get("precision", a.get("precision")),
-                "target_latency_ms": a.get("target_latency_ms"),
-                "target_latency_p90_ms": a.get("target_latency_p90_ms"),
-                "target_device": _device_name(a),
-                "rejected": a.get("rejected_reason")
-                or (a.get("fail_reason") if "latency" in str(a.get("fail_reason", "")) else None),
-                "ray_trial_id": a.get("ray_trial_id"),
-                "checkpoint_uri": a.get("checkpoint_uri"),
+                "train_seconds": t.train_seconds,
+                "data_path": t.data_path,
+                "stop_reason": t.stop_reason,
+                LATENCY_MS: t.latency_ms,
+                "precision": p.get("precision", t.precision),
+                "target_latency_ms": t.target_latency_ms,
+                "target_latency_p90_ms": t.target_latency_p90_ms,
+                "target_device": t.device_name(),
+                "rejected": t.rejected_reason or (t.fail_reason if "latency" in str(t.fail_reason or "") else None),
+                "ray_trial_id": t.ray_trial_id,
+                "checkpoint_uri": t.checkpoint_uri,
             }
         )
     rows.sort(key=lambda r: (m.sort_key(None if r[metric] is None else float(r[metric])), int(r["trial"])))
@@ -137,17 +151,9 @@ def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _fidelity(attrs: dict[str, Any]) -> str | None:
-    """What a trial trained: ``<epochs> ep`` (of its planned ``epochs_planned``), with the weights it kept."""
-    done = attrs.get("epochs_trained")
-    if done is None:
-        return None
-    planned = attrs.get("epochs_planned")
-    w = attrs.get("weights")
-    return f"{done}{f'/{planned}' if planned and planned != done else ''} ep" + (f", {w}" if w else "")
-
-
-def _mark_members(rows: list[dict[str, Any]], post: Any, final: dict[str, Any], probes: Any, metric: str) -> None:
+def _mark_members(
+    rows: list[dict[str, Any]], post: PosthocResult, final: dict[str, Any], probes: Sequence[ProbeResult], metric: str
+) -> None:
     """Ensemble weights on the leaderboard's rows; one row per probe (fidelity: frozen features)."""
     for p in probes:
         rows.append(
@@ -175,18 +181,6 @@ def _mark_members(rows: list[dict[str, Any]], post: Any, final: dict[str, Any], 
                 r["ens_weight"] = m["weight"]
 
 
-def _device_name(attrs: dict[str, Any]) -> str | None:
-    """Short device name of a trial timed on a target (GPU or CPU model)."""
-    raw = attrs.get("target_device")
-    if not raw:
-        return None
-    try:
-        d = json.loads(raw)
-    except (TypeError, ValueError):
-        return str(raw)
-    return str(d.get("gpu_name") or d.get("cpu") or "?")
-
-
 def _candidates(rows: list[dict[str, Any]], metric: str, max_latency_ms: float) -> list[dict[str, Any]]:
     """Finished trials, best first; with a latency budget only those within it (all, with a message, if none)."""
     ok = [r for r in rows if r[metric] is not None and r["state"] in ("COMPLETE", "PRUNED")]
@@ -196,49 +190,6 @@ def _candidates(rows: list[dict[str, Any]], metric: str, max_latency_ms: float) 
             log.info(f"no trial within --max-latency-ms {max_latency_ms}; picking the most accurate overall")
         ok = within or ok
     return ok
-
-
-def _result_for(results: Any, ray_trial_id: str | None) -> Any:
-    for r in results:
-        if r.metrics and r.metrics.get("trial_id") == ray_trial_id:
-            return r
-    return None
-
-
-def materialise_best_checkpoint(result: Any, best: dict[str, Any], metric: str, mode: str, dest: Path) -> bool:
-    """Copy the best trial's best checkpoint to ``dest`` (local dir, or S3/GCS storage via pyarrow)."""
-    ckpt = None
-    if result is not None:
-        try:
-            ckpt = result.get_best_checkpoint(metric, mode)
-        except Exception:  # noqa: BLE001 - no scored checkpoints
-            ckpt = None
-        ckpt = ckpt or result.checkpoint
-    if dest.exists():
-        shutil.rmtree(dest)
-    if ckpt is not None:
-        ckpt.to_directory(str(dest))
-        if not (dest / "model.pt").is_file() and result.checkpoint is not None and result.checkpoint.path != ckpt.path:
-            # the best-scored one is a stand-in for a checkpoint Ray's retention deleted before a resume
-            # (tuner/_ray_compat.fill_deleted_checkpoints): the trial's latest holds the weights it ended with
-            shutil.rmtree(dest)
-            result.checkpoint.to_directory(str(dest))
-        return True
-    # Train-in-Tune (DDP trials): the Tune result has no checkpoint; the Train run's is in the metrics/attrs.
-    uri = ((result.metrics or {}).get("checkpoint_uri") if result is not None else None) or best.get("checkpoint_uri")
-    if not uri:
-        return False
-    if "://" in uri:
-        import pyarrow.fs
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-        dest.mkdir(parents=True)
-        pyarrow.fs.copy_files(path, str(dest), source_filesystem=fs)
-    elif Path(uri).is_dir():
-        shutil.copytree(uri, dest)
-    else:
-        return False
-    return True
 
 
 def write_leaderboard(rows: list[dict[str, Any]], out: Path, metric: str) -> None:
@@ -265,7 +216,7 @@ def leaderboard_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 def plots(
     study: optuna.Study,
-    results: Any,
+    results: ResultGrid | None,
     rows: list[dict[str, Any]],
     out: Path,
     multi: bool,
@@ -317,7 +268,11 @@ def _study_plot_jobs(study: optuna.Study, multi: bool, metric: str) -> dict[str,
 
 
 def _learning_curves(
-    results: Any, rows: list[dict[str, Any]], path: Path, metric: str, refit_history: list[EpochResult] | None
+    results: ResultGrid | None,
+    rows: list[dict[str, Any]],
+    path: Path,
+    metric: str,
+    refit_history: list[EpochResult] | None,
 ) -> None:
     """The top 5 trials' per-epoch ``metric`` and the final fit's -> ``path``."""
     import matplotlib.pyplot as plt
@@ -325,7 +280,7 @@ def _learning_curves(
     top = [r for r in rows if r["ray_trial_id"]][:5]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for r in top:
-        res = _result_for(results, r["ray_trial_id"])
+        res = result_for(results, r["ray_trial_id"])
         df = getattr(res, "metrics_dataframe", None)
         if df is not None and metric in df:
             ax.plot(df["epoch"], df[metric], marker="o", label=f"#{r['trial']} {r['backbone']}")
@@ -344,14 +299,14 @@ def _learning_curves(
 
 
 def finish_study(
-    opts: Any,
-    results: Any,
+    opts: TuneOptions,
+    results: ResultGrid | None,
     study: optuna.Study,
     out: Path,
-    source: Any = None,
-    refit: Any = None,
+    source: PreparedSource | None = None,
+    refit: RefitRun | None = None,
     deadline: float | None = None,
-    probes: Any = (),
+    probes: Sequence[ProbeResult] = (),
 ) -> tuple[StudySummary, Any]:
     """The final model -> out/best (the refit, else the best trial's checkpoint) and its one test evaluation;
     post-hoc selection over the study's models (tuner/posthoc.py: test-time views, ensemble, decision rule; then
@@ -364,8 +319,8 @@ def finish_study(
     final = _final_model(opts, results, rows, refit, dest)
     if final:
         summary, post = _evaluate_final(opts, results, rows, final, dest, source, refit, deadline, probes, summary)
-        params_of = refit.of_trial if final["state"] == "REFIT" else final["trial"]
-        params = refit.params if params_of == -1 else study.trials[params_of].params
+        params_of = refit.of_trial if refit is not None and final["state"] == "REFIT" else final["trial"]
+        params = refit.params if refit is not None and params_of == -1 else study.trials[params_of].params
         if summary.final is not None:
             summary = summary.with_(final=replace(summary.final, params=params))
         (out / "best_config.yaml").write_text((dest / "checkpoint.json").read_text())
@@ -385,7 +340,7 @@ def finish_study(
     ), post
 
 
-def _summary_head(opts: Any, rows: list[dict[str, Any]], out: Path, refit: Any) -> StudySummary:
+def _summary_head(opts: TuneOptions, rows: list[dict[str, Any]], out: Path, refit: RefitRun | None) -> StudySummary:
     """The summary's first part: the study, its storage, its trials' states and the final fit."""
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     return StudySummary(
@@ -399,7 +354,9 @@ def _summary_head(opts: Any, rows: list[dict[str, Any]], out: Path, refit: Any) 
     )
 
 
-def _final_model(opts: Any, results: Any, rows: list[dict[str, Any]], refit: Any, dest: Path) -> dict[str, Any] | None:
+def _final_model(
+    opts: TuneOptions, results: ResultGrid | None, rows: list[dict[str, Any]], refit: RefitRun | None, dest: Path
+) -> dict[str, Any] | None:
     """The final model's checkpoint -> ``dest`` and its leaderboard row: the refit's (its row put first in
     ``rows``), else the best candidate trial's that still has a checkpoint; None when there is none."""
     if refit is not None and refit.dir is not None:
@@ -407,7 +364,7 @@ def _final_model(opts: Any, results: Any, rows: list[dict[str, Any]], refit: Any
     for cand in _candidates(rows, opts.metric, opts.max_latency_ms):  # an earlier run's trial may have no checkpoint
         if (
             materialise_best_checkpoint(
-                _result_for(results, cand["ray_trial_id"]), cand, CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, dest
+                result_for(results, cand["ray_trial_id"]), cand, CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, dest
             )
             and (dest / "model.pt").is_file()
         ):
@@ -416,9 +373,11 @@ def _final_model(opts: Any, results: Any, rows: list[dict[str, Any]], refit: Any
     return None
 
 
-def _refit_row(rows: list[dict[str, Any]], refit: Any, dest: Path, metric: str) -> dict[str, Any]:
+def _refit_row(rows: list[dict[str, Any]], refit: RefitRun, dest: Path, metric: str) -> dict[str, Any]:
     """The refit's checkpoint -> ``dest``; its leaderboard row (the refitted trial's, with the refit's figures),
     inserted first in ``rows``."""
+    if refit.dir is None:
+        raise EdgetuneError("the final fit left no checkpoint to copy")  # _final_model only calls it with one
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(refit.dir, dest)
@@ -456,7 +415,7 @@ def _refit_row(rows: list[dict[str, Any]], refit: Any, dest: Path, metric: str) 
     return final
 
 
-def _summary_leaderboard(rows: list[dict[str, Any]], opts: Any) -> str:
+def _summary_leaderboard(rows: list[dict[str, Any]], opts: TuneOptions) -> str:
     """The summary's Markdown leaderboard: the top 12 rows, with the latency columns the study measured."""
     latency_cols = (
         ["target_latency_ms", "target_latency_p90_ms", "target_device", "rejected"]
@@ -488,15 +447,15 @@ def _summary_leaderboard(rows: list[dict[str, Any]], opts: Any) -> str:
 
 
 def _evaluate_final(
-    opts: Any,
-    results: Any,
+    opts: TuneOptions,
+    results: ResultGrid | None,
     rows: list[dict[str, Any]],
     final: dict[str, Any],
     dest: Path,
-    source: Any,
-    refit: Any,
+    source: PreparedSource | None,
+    refit: RefitRun | None,
     deadline: float | None,
-    probes: Any,
+    probes: Sequence[ProbeResult],
     summary: StudySummary,
 ) -> tuple[StudySummary, Any]:
     """The final model's test evaluation: the single model's, then post-hoc selection (whose chosen model's test
@@ -544,7 +503,7 @@ MAX_TRIAL_MEMBERS = 6
 
 
 def _member_dirs(
-    results: Any, rows: list[dict[str, Any]], final: dict[str, Any], dest: Path, out: Path
+    results: ResultGrid | None, rows: list[dict[str, Any]], final: dict[str, Any], dest: Path, out: Path
 ) -> list[tuple[str, str]]:
     """Every other finished trial's best checkpoint at the final model's preprocessing spec ->
     ``out/members/trial_<n>``; (name, dir) pairs."""
@@ -556,7 +515,7 @@ def _member_dirs(
         if len(members) >= MAX_TRIAL_MEMBERS:
             break
         d = out / "members" / f"trial_{r['trial']}"
-        res = _result_for(results, r["ray_trial_id"])
+        res = result_for(results, r["ray_trial_id"])
         try:
             ok = materialise_best_checkpoint(res, r, CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE, d)
             if ok and (d / "model.pt").is_file() and read_meta(d)["preprocess"] == spec:
@@ -567,14 +526,14 @@ def _member_dirs(
 
 
 def _posthoc(
-    opts: Any,
-    results: Any,
+    opts: TuneOptions,
+    results: ResultGrid | None,
     rows: list[dict[str, Any]],
     final: dict[str, Any],
     dest: Path,
     data: Any,
     deadline: float | None,
-    probes: Any = (),
+    probes: Sequence[ProbeResult] = (),
 ) -> Any:
     """Post-hoc selection (tuner/posthoc.py) over the final model and the trials at its spec."""
     spec = PreprocessSpec.from_dict(read_meta(dest)["preprocess"])
@@ -615,7 +574,7 @@ def _posthoc(
     return post
 
 
-def _posthoc_metrics(post: Any, metrics: dict[str, Any], data: Any, dest: Path) -> dict[str, Any]:
+def _posthoc_metrics(post: PosthocResult, metrics: dict[str, Any], data: Any, dest: Path) -> dict[str, Any]:
     """The selected model's test report replaces the single model's (kept as ``single_model``)."""
     if post.test_probs is None or not (post.tta or post.ensemble or post.tau):
         return metrics
@@ -628,7 +587,7 @@ def _posthoc_metrics(post: Any, metrics: dict[str, Any], data: Any, dest: Path) 
     return metrics
 
 
-def _lever_rows(post: Any, refit: Any) -> list[dict[str, Any]]:
+def _lever_rows(post: PosthocResult, refit: RefitRun | None) -> list[dict[str, Any]]:
     """The levers each measured on validation and test (summary.json ``levers``; bench/bench_search.py reads it)."""
     rows = []
     hist = (refit.history if refit is not None and refit.dir is not None else []) or []
@@ -669,7 +628,7 @@ def _lever_rows(post: Any, refit: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def print_summary(summary: StudySummary, opts: Any) -> None:
+def print_summary(summary: StudySummary, opts: TuneOptions) -> None:
     out = Path(summary.out)
     print("\n== edgetune study", summary.study, "==")
     print(summary.leaderboard_md)
@@ -705,6 +664,12 @@ def print_summary(summary: StudySummary, opts: Any) -> None:
     print(f"dashboard: make dashboard STORAGE={opts.storage}")
 
 
+def _value(t: TrialRecord, metric: str) -> float | None:
+    """A finished trial's best-epoch value, else its Optuna value."""
+    v = t.best(metric)
+    return v if v is not None else (t.values[0] if t.values else None)
+
+
 def compare_studies(storage: str, names: list[str]) -> list[dict[str, Any]]:
     url, storage = storage, rdb_storage(storage)
     rows = []
@@ -715,10 +680,10 @@ def compare_studies(storage: str, names: list[str]) -> list[dict[str, Any]]:
             known = [x.study_name for x in optuna.get_all_study_summaries(storage)]
             raise SystemExit(f"error: no study {n!r} in {url}; studies there: {known}") from None
         a = s.user_attrs
-        trials = s.get_trials(deepcopy=False)
+        trials = records(s)
         metric = get_metric(a.get("metric", "val_acc"))  # studies before the metric attr used val_acc
-        done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and t.values]
-        done.sort(key=lambda t: metric.sort_key(t.user_attrs.get(metric.best_key, t.values[0])))
+        done = [t for t in trials if t.finished and t.values]
+        done.sort(key=lambda t: metric.sort_key(_value(t, metric.name)))
         best = done[0] if done else None
         rows.append(
             {
@@ -727,18 +692,18 @@ def compare_studies(storage: str, names: list[str]) -> list[dict[str, Any]]:
                 "dataset_hash": str(a.get("dataset_hash", ""))[:12],
                 "split": f"{a.get('split_ratios')} seed {a.get('split_seed')}",
                 "trials": len(trials),
-                "complete": sum(t.state.name == "COMPLETE" for t in trials),
-                "pruned": sum(t.state.name == "PRUNED" for t in trials),
+                "complete": sum(t.state == "COMPLETE" for t in trials),
+                "pruned": sum(t.state == "PRUNED" for t in trials),
                 "metric": metric.name,
-                "best_value": best.user_attrs.get(metric.best_key, best.values[0]) if best else None,
-                "best_val_acc": best.user_attrs.get("val_acc_at_best") if best else None,
+                "best_value": _value(best, metric.name) if best else None,
+                "best_val_acc": best.metrics.get("val_acc_at_best") if best else None,
                 "best_backbone": best.params.get("backbone") if best else None,
-                "best_params": json.dumps(best.params) if best else "",
+                "best_params": json.dumps(dict(best.params)) if best else "",
                 "target": a.get("target"),
-                "best_target_latency_ms": best.user_attrs.get("target_latency_ms") if best else None,
-                "best_target_latency_p90_ms": best.user_attrs.get("target_latency_p90_ms") if best else None,
-                "target_device": _device_name(best.user_attrs) if best else None,
-                "rejected_by_latency": sum(bool(t.user_attrs.get("rejected_reason")) for t in trials),
+                "best_target_latency_ms": best.target_latency_ms if best else None,
+                "best_target_latency_p90_ms": best.target_latency_p90_ms if best else None,
+                "target_device": best.device_name() if best else None,
+                "rejected_by_latency": sum(bool(t.rejected_reason) for t in trials),
                 "budget": json.dumps(a.get("budget")),
                 "edgetune": a.get("edgetune_version"),
             }

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,22 +23,30 @@ from trainer.imagestore import resize_key
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from trainer.model import create_model, freeze_backbone, preprocess_spec_for
 from tuner import _ray_compat, cluster, refit, report
+from tuner.budget import Clock
 from tuner.device import LATENCY_MS
 from tuner.latency_study import hand_off, latency_outputs, latency_setup, rejector
 from tuner.ledger import Ledger, plot_timeline, trial_stages
 from tuner.options import DEFAULT_EMA_DECAY, EXPORT_RESERVE_S, TuneOptions, options_yaml
 from tuner.probe import finish_reserve, probe_stage, trial_epoch_seconds
-from tuner.refit import FINISH_RESERVE_S, _refit_resources
+from tuner.refit import _refit_resources
 from tuner.space import load_space
 from tuner.storage import check_storage, rdb_storage
 from tuner.summary import StudySummary, write_summary
 from tuner.trial import TrialContext, TrialResources, run_trial
+from tuner.trial_record import records
 
 if TYPE_CHECKING:
+    import optuna
     from ray import tune
+    from ray.tune import ResultGrid
     from ray.tune.schedulers import TrialScheduler
 
+    from trainer.data import PreparedSource
+    from tuner.device import LatencySetup
+    from tuner.ledger import Ledger
     from tuner.searcher import EdgetuneOptunaSearch
+    from tuner.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +83,7 @@ def _layer_count(backbone: str) -> int:
     return int(freeze_backbone(m, 0.0)["layers_total"])
 
 
-def _study_attrs(opts: TuneOptions, base: TrainConfig, space: Any, source: Any) -> dict[str, Any]:
+def _study_attrs(opts: TuneOptions, base: TrainConfig, space: SearchSpace, source: PreparedSource) -> dict[str, Any]:
     return {
         "dataset": source.name,
         "dataset_hash": source.dataset_hash,
@@ -110,30 +118,6 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-@dataclass
-class Clock:
-    """The study's wall-clock budget from ``t0`` (unix time)."""
-
-    budget_s: float
-    t0: float = field(default_factory=time.time)
-    #: seconds kept after the final fit for post-hoc selection, the test evaluation and export (measured by the
-    #: probe stage where it ran: tuner.probe.finish_reserve)
-    finish_reserve_s: float = FINISH_RESERVE_S
-
-    def left(self) -> float:
-        return (self.t0 + self.budget_s - time.time()) if self.budget_s else float("inf")
-
-    def end(self) -> float | None:
-        return self.t0 + self.budget_s if self.budget_s else None
-
-    def search_deadline(self, refit: bool, refit_share: float) -> float | None:
-        """No trial epoch ends after this: what remains is for the refit (a share of the budget) and the finish."""
-        if not self.budget_s:
-            return None
-        keep = self.finish_reserve_s + (refit_share * self.budget_s if refit else 0.0)
-        return self.t0 + self.budget_s - keep
-
-
 def fixed_params(opts: TuneOptions) -> dict[str, Any] | None:
     """Space parameters a flag fixes (not searched; the base config sets them): ``--img``, and ``--ema-decay`` when
     it is not the default (so ``--ema-decay 0`` turns weight averaging off even where the space searches it)."""
@@ -155,7 +139,7 @@ def process_start() -> float:
         return time.time()
 
 
-def study_specs(base: TrainConfig, space: Any, seeds_only: bool = False) -> list[Any]:
+def study_specs(base: TrainConfig, space: SearchSpace, seeds_only: bool = False) -> list[Any]:
     """The distinct preprocessing specs (backbone x input size) the space can ask for; ``seeds_only``: those of its
     seed points only (a small budget reaches few others: a trial that asks for another spec resizes it itself, into
     the same content-keyed disk cache)."""
@@ -176,7 +160,7 @@ def study_specs(base: TrainConfig, space: Any, seeds_only: bool = False) -> list
     return list(out.values())
 
 
-def prepare_study_data(base: TrainConfig, space: Any, out: Path, seeds_only: bool = False) -> Any:
+def prepare_study_data(base: TrainConfig, space: SearchSpace, out: Path, seeds_only: bool = False) -> Any:
     """Once per study: scan, hash and split the dataset (``split.json``) and resize it for every spec the space
     can ask for (the node's disk cache, keyed by content). Returns the :class:`trainer.data.PreparedSource`
     that trials start from."""
@@ -256,11 +240,11 @@ def run_study(opts: TuneOptions, started_at: float | None = None) -> StudySummar
 def _run_stages(
     opts: TuneOptions,
     base: TrainConfig,
-    space: Any,
+    space: SearchSpace,
     info: dict[str, Any] | None,
     connect: Any,
     clock: Clock,
-    ledger: Any,
+    ledger: Ledger,
     out: Path,
 ) -> StudySummary:
     """Data preparation, the search, the final fit, post-hoc selection and the test evaluation, the hand-off."""
@@ -309,19 +293,19 @@ class Searched:
 
     opts: TuneOptions
     base: TrainConfig
-    results: Any  #: ray.tune.ResultGrid
+    results: ResultGrid
     study: Any  #: optuna.Study
 
 
 def _search(
     opts: TuneOptions,
     base: TrainConfig,
-    space: Any,
-    source: Any,
+    space: SearchSpace,
+    source: PreparedSource,
     info: dict[str, Any],
     clock: Clock,
-    ledger: Any,
-    latency: Any,
+    ledger: Ledger,
+    latency: LatencySetup | None,
     probes: list[Any],
 ) -> Searched:
     """The finish reserve and the trials' fidelity from the probes' measured speed, then the search (:func:`_fit`)
@@ -345,7 +329,7 @@ def _search(
 
 
 def _plan_trials(
-    opts: TuneOptions, base: TrainConfig, probes: list[Any], source: Any, deadline: float
+    opts: TuneOptions, base: TrainConfig, probes: list[Any], source: PreparedSource, deadline: float
 ) -> tuple[TuneOptions, TrainConfig]:
     """Every run finishes what it starts: the trials' fidelity (their epochs, ASHA's max_t and their LR schedule) is
     planned before the first starts, from the probes' measured speed, so the first wave ends before the search
@@ -364,7 +348,9 @@ def _plan_trials(
     return replace(opts, epochs=epochs, grace_period=min(opts.grace_period, epochs)), base.replace({"epochs": epochs})
 
 
-def _probes(opts: TuneOptions, base: TrainConfig, space: Any, source: Any, clock: Clock, ledger: Any) -> list[Any]:
+def _probes(
+    opts: TuneOptions, base: TrainConfig, space: SearchSpace, source: PreparedSource, clock: Clock, ledger: Ledger
+) -> list[Any]:
     """The probe stage (tuner/probe.py) within ``probe_share`` of the budget: in a study bounded by its time budget
     alone (none with a ``--trials`` cap, without a budget, on a resume, or in a multi-objective study)."""
     if not opts.probe_share or not opts.time_budget_s or opts.trials or opts.resume or opts.multi_objective:
@@ -383,7 +369,7 @@ def _study_cores(opts: TuneOptions, info: dict[str, Any]) -> float:
     return float(res.get(key) or os.cpu_count() or 1)
 
 
-def _close_ledger(summary: StudySummary, ledger: Any, out: Path) -> StudySummary:
+def _close_ledger(summary: StudySummary, ledger: Ledger, out: Path) -> StudySummary:
     """The summary with the study's budget ledger (and its timeline plot)."""
     led = ledger.summary()
     plots = list(summary.plots)
@@ -439,21 +425,17 @@ def _fail_stale_trials(opts: TuneOptions, storage: Any) -> set[str]:
     stale = mark_stale_running_failed(study)
     if stale:
         log.info(f"resume: marked stale RUNNING trial(s) {stale} as FAIL")
-    return {
-        str(t.user_attrs["ray_trial_id"])
-        for t in study.get_trials(deepcopy=False)
-        if t.number in stale and t.user_attrs.get("ray_trial_id")
-    }
+    return {str(t.ray_trial_id) for t in records(study) if t.number in stale and t.ray_trial_id}
 
 
 def _fit(
     opts: TuneOptions,
     base: TrainConfig,
-    space: Any,
-    source: Any,
+    space: SearchSpace,
+    source: PreparedSource,
     info: dict[str, Any],
     deadline: float | None,
-    latency: Any = None,
+    latency: LatencySetup | None = None,
 ) -> tuple[Any, Any]:
     """Build (or restore) the Tuner over the Optuna study and run it; returns (ResultGrid, study)."""
     import optuna
@@ -488,11 +470,11 @@ def _n_trials(opts: TuneOptions) -> int:
 def _searcher(
     opts: TuneOptions,
     base: TrainConfig,
-    space: Any,
-    source: Any,
+    space: SearchSpace,
+    source: PreparedSource,
     storage: Any,
     deadline: float | None,
-    latency: Any,
+    latency: LatencySetup | None,
 ) -> EdgetuneOptunaSearch:
     """Optuna (seeded multivariate TPE, the space's seed points first) over the study in ``storage``, as Ray Tune's
     search algorithm; single- or multi-objective (the metric, and latency_ms to minimise)."""
@@ -526,7 +508,7 @@ def _searcher(
     return searcher
 
 
-def _record_study_attrs(study: Any, attrs: dict[str, Any], name: str) -> None:
+def _record_study_attrs(study: optuna.Study, attrs: dict[str, Any], name: str) -> None:
     """The study's user attrs (:func:`_study_attrs`); a warning when it was run on another dataset before."""
     existing = study.user_attrs
     if existing.get("dataset_hash") not in (None, attrs["dataset_hash"]):
@@ -553,7 +535,12 @@ def _scheduler(opts: TuneOptions) -> TrialScheduler:
 
 
 def _trainable(
-    opts: TuneOptions, base: TrainConfig, space: Any, source: Any, deadline: float | None, latency: Any
+    opts: TuneOptions,
+    base: TrainConfig,
+    space: SearchSpace,
+    source: PreparedSource,
+    deadline: float | None,
+    latency: LatencySetup | None,
 ) -> Any:
     """:func:`tuner.trial.run_trial` with its context and the trial's resource request."""
     from ray import tune
@@ -563,7 +550,7 @@ def _trainable(
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
 
 
-def _run_config(opts: TuneOptions, space: Any, searcher: EdgetuneOptunaSearch) -> tune.RunConfig:
+def _run_config(opts: TuneOptions, space: SearchSpace, searcher: EdgetuneOptunaSearch) -> tune.RunConfig:
     """Where the experiment lives, which checkpoints Ray keeps, retries, the searcher's checkpoint callback and the
     progress table."""
     from ray import tune

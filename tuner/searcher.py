@@ -21,61 +21,11 @@ from ray.tune.callback import Callback  # noqa: TID253 - base class of Checkpoin
 from ray.tune.search import Searcher  # noqa: TID253 - its FINISHED sentinel
 from ray.tune.search.optuna import OptunaSearch  # noqa: TID253 - base class of EdgetuneOptunaSearch
 
-from trainer.metric import METRICS
 from tuner import _optuna_compat, _ray_compat
-from tuner.device import LATENCY_MS
 from tuner.trial import checkpoint_uri
+from tuner.trial_record import attrs_from_result
 
 log = logging.getLogger(__name__)
-
-#: Result keys copied to Optuna user attrs (result key -> attr name).
-ATTR_KEYS = {
-    "params": "params",
-    "size_mb": "size_mb",
-    "train_seconds": "train_seconds",
-    "images_per_s": "images_per_s",
-    # every selectable metric: its last value, its running best and its value at the best epoch
-    **{k: k for m in METRICS.values() for k in (m.name, m.best_key, f"{m.name}_at_best")},
-    "best_epoch": "best_epoch",
-    "stop_reason": "stop_reason",
-    "data_path": "data_path",
-    "data_path_reason": "data_path_reason",
-    "freeze_cut": "freeze_cut",
-    "freeze_fraction": "freeze_fraction",
-    "act_cache_builds": "act_cache_builds",
-    "act_cache_disk_hits": "act_cache_disk_hits",
-    "act_cache_memory_hits": "act_cache_memory_hits",
-    "act_cache_dtype": "act_cache_dtype",
-    "act_cache_seconds": "act_cache_seconds",
-    "setup_seconds": "setup_seconds",
-    "started_at": "started_at",
-    "first_batch_at": "first_batch_at",
-    "epoch_seconds": "epoch_seconds",
-    LATENCY_MS: LATENCY_MS,
-    "latency_p90_ms": "latency_p90_ms",
-    "latency_kind": "latency_kind",  # device (timed on the target) | estimate (the driver's node)
-    "latency_node": "latency_node",
-    "latency_signature": "latency_signature",
-    "latency_key": "latency_key",
-    "latency_wait_s": "latency_wait_s",
-    "precision": "precision",
-    "target": "target",
-    "target_latency_ms": "target_latency_ms",
-    "target_latency_p90_ms": "target_latency_p90_ms",
-    "target_node": "target_node",
-    "target_device": "target_device",
-    "target_latency_status": "target_latency_status",
-    "rejected_reason": "rejected_reason",
-    "node_id": "node_id",
-    "epoch": "epochs_trained",
-    "epochs_planned": "epochs_planned",  # the fidelity it completed (fitted to the search deadline, or max_t)
-    "weights": "weights",  # raw | ema: which weights its best epoch kept (trainer/ema.py)
-    "trial_id": "ray_trial_id",
-    "worker_node_ids": "worker_node_ids",  # DDP trials: the node of every rank
-    "checkpoint_uri": "checkpoint_uri",  # DDP trials: the Train run's checkpoint
-    "resume_restarted": "resume_restarted",  # why a resumed trial restarted from epoch 1 (a lost checkpoint)
-}
-
 
 #: How much longer than the trials so far a new trial's planned end is assumed to take (see min_trial_seconds).
 NEW_TRIAL_MARGIN = 1.5
@@ -238,7 +188,7 @@ class EdgetuneOptunaSearch(OptunaSearch):
         last = result or self._last.get(trial_id) or {}
         self._replace_stale(trial_id, restarted=bool(last.get("resume_restarted")))
         ot_trial = _ray_compat.searcher_trials(self)[trial_id]
-        attrs = {name: last[k] for k, name in ATTR_KEYS.items() if k in last}
+        attrs = attrs_from_result(last)
         attrs["ray_trial_id"] = trial_id
         attrs.update(self._attrs.get(trial_id, {}))
         for k, v in attrs.items():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgetune.errors import EdgetuneError
 from trainer.config import TrainConfig
@@ -24,6 +24,9 @@ from tuner import _ray_compat, device
 from tuner.device import LATENCY_MS
 from tuner.space import build_trial_config as build_trial_config  # re-exported: tuner/refit.py imports it here
 from tuner.space import flatten_params
+
+if TYPE_CHECKING:
+    from tuner.space import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class TrialContext:
     """What every trial of a study shares (bound once with ``tune.with_parameters``)."""
 
     base: TrainConfig  #: the study's base config (each trial applies its sampled values to it)
-    space: Any
+    space: SearchSpace
     res: TrialResources
     source: Any = None  #: trainer.data.PreparedSource
     deadline: float | None = None  #: unix time: no epoch may end after it (the study's search budget)
