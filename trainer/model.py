@@ -8,7 +8,6 @@ class count, same backbone), adds the head and applies ``cfg.freeze``.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -183,15 +182,13 @@ def resolve_cut(freeze: float, cuts: list[CutPoint], backbone: str) -> CutPoint:
     """The block boundary a ``model.freeze`` value means: a fraction in [0, 1] of the backbone's parameterised
     layers, or a whole layer count > 1 (the waste paper's "freeze 50 layers"), snapped to the nearest cut
     (equally near: the one freezing less; cuts freezing the same layers, e.g. before and after a
-    parameter-free global pool: the deeper one, which caches more)."""
-    if isinstance(freeze, bool) or not isinstance(freeze, (int, float)) or not math.isfinite(freeze) or freeze < 0:
-        raise ConfigError(f"model.freeze must be a fraction in [0, 1] or a layer count >= 2, got {freeze!r}")
+    parameter-free global pool: the deeper one, which caches more). The value's form (a fraction or a whole count)
+    is :class:`trainer.config.ModelConfig`'s rule, checked once where the config is made; what only the backbone
+    knows, its layer count, is checked here."""
     total = cuts[-1].layers_frozen
     if freeze <= 1:
         want = float(freeze)
     else:
-        if float(freeze) != int(freeze):
-            raise ConfigError(f"model.freeze above 1 is a layer count and must be whole, got {freeze!r}")
         if int(freeze) > total:
             raise ConfigError(
                 f"model.freeze={int(freeze)} layers, but backbone {backbone!r} has only {total} parameterised layers; "
