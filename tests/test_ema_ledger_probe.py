@@ -70,6 +70,8 @@ def test_trial_stages_count_finished_runs_as_compute_and_cut_ones_as_waste() -> 
         return SimpleNamespace(
             number=n,
             state=SimpleNamespace(name=state),
+            params={},
+            values=None,
             user_attrs=attrs,
             datetime_start=dt.datetime.fromtimestamp(start - 30),  # waited for a slot
             datetime_complete=dt.datetime.fromtimestamp(end),

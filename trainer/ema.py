@@ -9,7 +9,6 @@ dominated by its initial weights."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 
@@ -42,5 +41,6 @@ class Ema:
             torch._foreach_lerp_(list(ema), [p.detach() for p in cur], 1.0 - self.decay_now())
 
     def sync_input_cut(self, model: torch.nn.Module) -> None:
-        cut: Any = getattr(unwrap(model), "input_cut", 0)
-        self.module.input_cut = cut
+        from trainer.model import edge_model  # noqa: PLC0415 - lazy: efficientnet_lite_pytorch, torchvision
+
+        edge_model(self.module).input_cut = edge_model(model).input_cut

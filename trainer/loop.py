@@ -31,13 +31,13 @@ import torch.distributed as dist
 
 from edgetune.numeric import confusion_matrix
 from trainer.bnstats import recompute_bn_stats
-from trainer.checkpoint import save_checkpoint, unwrap
+from trainer.checkpoint import save_checkpoint
 from trainer.epoch_result import EpochResult
 from trainer.evaluate import metrics_from_confusion
 from trainer.loop_config import LoopConfig
 from trainer.loop_setup import TRAIN_STATE, LoopState, setup
 from trainer.metric import CHECKPOINT_SCORE, METRIC_NAMES, METRICS
-from trainer.model import set_train_mode
+from trainer.model import edge_model, set_train_mode
 from trainer.optim import Schedule
 from trainer.train_state import TrainState
 
@@ -244,25 +244,25 @@ def _should_save(st: LoopState, stop: str) -> bool:
 
 
 def _save(st: LoopState, tmp: str, result: EpochResult) -> Path:
-    module = st.ema.module if st.ema is not None and st.epoch_weights == "ema" else unwrap(st.model)
+    module = edge_model(st.ema.module if st.ema is not None and st.epoch_weights == "ema" else st.model)
     extra = {
         "dataset": st.data.dataset_name,
         "dataset_hash": st.data.dataset_hash,
         "history": st.history,
-        "weights_source": getattr(module, "weights_source", ""),
-        "weights_tag": getattr(module, "weights_tag", ""),
-        "freeze": dict(getattr(module, "freeze_report", {})),
+        "weights_source": module.weights_source,
+        "weights_tag": module.weights_tag,
+        "freeze": dict(module.freeze_report),
         "bn_stats": {"method": st.cfg.model.bn_stats, "images": st.bn_images},
         "data_path": st.feeds.path,
     }
-    cut = getattr(module, "input_cut", 0)
-    module.input_cut = 0  # type: ignore[assignment]  # a checkpoint is always the image -> logits model
+    cut = module.input_cut
+    module.input_cut = 0  # a checkpoint is always the image -> logits model
     try:
         d = save_checkpoint(
             tmp, module, st.cfg.to_dict(), st.data.classes, st.spec, result.epoch, result.to_dict(), extra=extra
         )
     finally:
-        module.input_cut = cut  # type: ignore[assignment]
+        module.input_cut = cut
     torch.save(_train_state(st, result.epoch).to_dict(), Path(tmp) / TRAIN_STATE)
     return d
 

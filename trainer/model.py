@@ -26,7 +26,7 @@ from trainer.backbones import (
     parameterised_layers,
     weights_tag_of,
 )
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import load_checkpoint, unwrap
 from trainer.config import HEADS, ModelConfig, TrainConfig
 from trainer.stages import Stage, run_stages, stages_of
 
@@ -258,6 +258,15 @@ def _init_from_checkpoint(model: EdgeModel, path: str, with_head: bool = False) 
         model.head.load_state_dict(head, strict=True)  # the same task continued: its head too
     model.weights_source = f"init:{ckpt['path']}"
     model.weights_tag = str(meta.get("weights_tag", ""))  # the init checkpoint's own start ("" if it predates tags)
+
+
+def edge_model(model: nn.Module) -> EdgeModel:
+    """The :class:`EdgeModel` inside a DDP wrapper (or the model itself): its facts (weights, freeze report, input
+    cut) read as typed attributes."""
+    inner = unwrap(model)
+    if not isinstance(inner, EdgeModel):
+        raise TypeError(f"expected an EdgeModel (trainer.model.create_model), got {type(inner).__name__}")
+    return inner
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> EdgeModel:
