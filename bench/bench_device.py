@@ -175,54 +175,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summarise(
-    rounds: list[dict[str, Any]], names: list[str], ref: list[dict[str, Any]], edge_id: str
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Headline, per-method rows and per-architecture rows of the measurements."""
-    ref_p50 = [x["p50_ms"] for x in ref]
-    out: dict[str, Any] = {
-        "architectures": names,
-        "rounds": len(rounds),
-        "protocols": {
-            "in_trial": {
-                "warmup": 1,
-                "runs": 20,
-                "threads": 1,
-                "where": "Ray task on the training node, next to a training process",
-            },
-            "exclusive": {
-                **EXCLUSIVE,
-                "where": "timing task pinned to edge_target:sim (edge node on CPU 1, training load on CPU 0)",
-            },
-            "reference": {
-                "warmup": REFERENCE_WARMUP,
-                "runs": REFERENCE_RUNS,
-                "where": "isolated, nothing else running",
-            },
+def protocols() -> dict[str, Any]:
+    """How each method measured (stored with the results)."""
+    return {
+        "in_trial": {
+            "warmup": 1,
+            "runs": 20,
+            "threads": 1,
+            "where": "Ray task on the training node, next to a training process",
+        },
+        "exclusive": {
+            **EXCLUSIVE,
+            "where": "timing task pinned to edge_target:sim (edge node on CPU 1, training load on CPU 0)",
+        },
+        "reference": {
+            "warmup": REFERENCE_WARMUP,
+            "runs": REFERENCE_RUNS,
+            "where": "isolated, nothing else running",
         },
     }
-    rows = []
-    for method in ("in_trial", "exclusive"):
-        taus = [kendall_tau([rd[method][n]["p50_ms"] for n in names], ref_p50) for rd in rounds]
-        pooled = [float(np.median([rd[method][n]["p50_ms"] for rd in rounds])) for n in names]
-        spreads = [rd[method][n]["p90_ms"] / rd[method][n]["p50_ms"] for rd in rounds for n in names]
-        out[f"kendall_tau_{method}"] = float(np.median(taus))
-        out[f"{method}_tau_per_round"] = taus
-        out[f"{method}_tau_pooled_median"] = kendall_tau(pooled, ref_p50)
-        out[f"{method}_spread_p90_p50_median"] = float(np.median(spreads))
-        out[f"{method}_spread_p90_p50_max"] = float(np.max(spreads))
-        rows.append(
-            {
-                "method": method,
-                "tau (median of rounds)": out[f"kendall_tau_{method}"],
-                "tau per round": " / ".join(f"{t:.2f}" for t in taus),
-                "tau of round-median p50": out[f"{method}_tau_pooled_median"],
-                "spread p90/p50 median": out[f"{method}_spread_p90_p50_median"],
-                "spread p90/p50 max": out[f"{method}_spread_p90_p50_max"],
-            }
-        )
-    out["exclusive_ran_only_on_edge_node"] = all(rd["exclusive_nodes"] == {edge_id} for rd in rounds)
-    per_arch = [
+
+
+def method_figures(
+    rounds: list[dict[str, Any]], names: list[str], ref_p50: list[float], method: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One method's rank agreement with the reference and its p90/p50 spread: the result keys and its table row."""
+    taus = [kendall_tau([rd[method][n]["p50_ms"] for n in names], ref_p50) for rd in rounds]
+    pooled = [float(np.median([rd[method][n]["p50_ms"] for rd in rounds])) for n in names]
+    spreads = [rd[method][n]["p90_ms"] / rd[method][n]["p50_ms"] for rd in rounds for n in names]
+    fig = {
+        f"kendall_tau_{method}": float(np.median(taus)),
+        f"{method}_tau_per_round": taus,
+        f"{method}_tau_pooled_median": kendall_tau(pooled, ref_p50),
+        f"{method}_spread_p90_p50_median": float(np.median(spreads)),
+        f"{method}_spread_p90_p50_max": float(np.max(spreads)),
+    }
+    row = {
+        "method": method,
+        "tau (median of rounds)": fig[f"kendall_tau_{method}"],
+        "tau per round": " / ".join(f"{t:.2f}" for t in taus),
+        "tau of round-median p50": fig[f"{method}_tau_pooled_median"],
+        "spread p90/p50 median": fig[f"{method}_spread_p90_p50_median"],
+        "spread p90/p50 max": fig[f"{method}_spread_p90_p50_max"],
+    }
+    return fig, row
+
+
+def per_architecture(rounds: list[dict[str, Any]], names: list[str], ref: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
         {
             "architecture": n,
             "reference p50": ref[i]["p50_ms"],
@@ -234,6 +234,21 @@ def summarise(
         }
         for i, n in enumerate(names)
     ]
+
+
+def summarise(
+    rounds: list[dict[str, Any]], names: list[str], ref: list[dict[str, Any]], edge_id: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Headline, per-method rows and per-architecture rows of the measurements."""
+    ref_p50 = [x["p50_ms"] for x in ref]
+    out: dict[str, Any] = {"architectures": names, "rounds": len(rounds), "protocols": protocols()}
+    rows = []
+    for method in ("in_trial", "exclusive"):
+        fig, row = method_figures(rounds, names, ref_p50, method)
+        out.update(fig)
+        rows.append(row)
+    out["exclusive_ran_only_on_edge_node"] = all(rd["exclusive_nodes"] == {edge_id} for rd in rounds)
+    per_arch = per_architecture(rounds, names, ref)
     out["per_architecture"] = per_arch
     out["target_tau"] = 0.9
     out["target_met"] = out["kendall_tau_exclusive"] >= 0.9

@@ -22,6 +22,7 @@ import secrets
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,17 +110,18 @@ def serve_and_capture(bundle: Path, field_root: Path, cams: list[str], work: Pat
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__ or "", argv, lambda p: p.add_argument("--label-budget", type=int, default=200))
-    work = work_dir(args, "edgetune-bench-field-")
-    os.environ["EDGETUNE_ADMIN_TOKEN"] = secrets.token_hex(16)  # for the server and the harvest (never argv)
-    storage = f"sqlite:///{work / 'optuna.db'}"
-    tag = secrets.token_hex(3)
-    stages: dict[str, float] = {}
-    t0 = time.perf_counter()
+@dataclass(frozen=True)
+class FieldRun:
+    """Where this run's studies write: its work folder, the Optuna storage and the study names' tag."""
 
-    t = time.perf_counter()
-    home = work / "home"
+    work: Path
+    storage: str
+    tag: str
+
+
+def home_study(run: FieldRun) -> Path:
+    """Step 1: the home study on textures; returns its output folder (bundle, split.json)."""
+    home = run.work / "home"
     _run(
         [
             sys.executable,
@@ -128,36 +130,31 @@ def main(argv: list[str] | None = None) -> int:
             "--data",
             "textures",
             "--study",
-            f"field-home-{tag}",
+            f"field-home-{run.tag}",
             "--out",
             str(home),
             "--storage",
-            storage,
+            run.storage,
             *STUDY_ARGS,
         ],
-        work / "home.log",
+        run.work / "home.log",
     )
-    stages["home_study_s"] = time.perf_counter() - t
+    return home
 
-    classes = tuple(json.loads((home / "split.json").read_text())["classes"])
-    frames = write_field(work / "field", classes)
-    key = AnswerKey(frames)
-    t_loop = time.perf_counter()
-    cap = serve_and_capture(home / "bundle", work / "field", sorted(frames), work)
-    stages["serve_capture_harvest_s"] = time.perf_counter() - t_loop
 
-    t = time.perf_counter()
-    hdir = Path(cap["harvest_dir"])
+def label_harvest(hdir: Path, key: AnswerKey, budget: int) -> dict[str, Any]:
+    """Step 4: label the harvested frames through the label page, answers from the ground truth."""
 
     def answer(cid: str) -> str:
         side = json.loads((hdir / f"{cid}.json").read_text())
         return key.label(side["camera_id"], (hdir / side["frame"]).read_bytes())
 
-    lab = label_folder(hdir, free_port(), answer, args.label_budget)
-    stages["label_s"] = time.perf_counter() - t
+    return label_folder(hdir, free_port(), answer, budget)
 
-    t = time.perf_counter()
-    warm = work / "warm"
+
+def warm_study(run: FieldRun, home: Path, hdir: Path) -> Path:
+    """Step 5: the warm study with the labelled harvest added; returns its output folder (field_report.json)."""
+    warm = run.work / "warm"
     _run(
         [
             sys.executable,
@@ -178,15 +175,44 @@ def main(argv: list[str] | None = None) -> int:
             "--data",
             "textures",
             "--study",
-            f"field-warm-{tag}",
+            f"field-warm-{run.tag}",
             "--out",
             str(warm),
             "--storage",
-            storage,
+            run.storage,
             *STUDY_ARGS,
         ],
-        work / "warm.log",
+        run.work / "warm.log",
     )
+    return warm
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__ or "", argv, lambda p: p.add_argument("--label-budget", type=int, default=200))
+    work = work_dir(args, "edgetune-bench-field-")
+    os.environ["EDGETUNE_ADMIN_TOKEN"] = secrets.token_hex(16)  # for the server and the harvest (never argv)
+    run = FieldRun(work, f"sqlite:///{work / 'optuna.db'}", secrets.token_hex(3))
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    t = time.perf_counter()
+    home = home_study(run)
+    stages["home_study_s"] = time.perf_counter() - t
+
+    classes = tuple(json.loads((home / "split.json").read_text())["classes"])
+    frames = write_field(work / "field", classes)
+    key = AnswerKey(frames)
+    t_loop = time.perf_counter()
+    cap = serve_and_capture(home / "bundle", work / "field", sorted(frames), work)
+    stages["serve_capture_harvest_s"] = time.perf_counter() - t_loop
+
+    t = time.perf_counter()
+    hdir = Path(cap["harvest_dir"])
+    lab = label_harvest(hdir, key, args.label_budget)
+    stages["label_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    warm = warm_study(run, home, hdir)
     stages["warm_study_s"] = time.perf_counter() - t
     loop_wall = time.perf_counter() - t_loop
     rep = json.loads((warm / "field_report.json").read_text())

@@ -77,11 +77,51 @@ def _curve(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def tpe_study(work: Path, b: dict[str, Any], time_budget_s: float) -> Any:
+    """edgetune's TPE+ASHA (``tuner.run``) on the grid's space for ``time_budget_s``; returns its study summary."""
+    from tuner.options import TuneOptions
+    from tuner.run import run_study
+
+    (work / "space.yaml").write_text(GRID_SPACE % {"lo": min(b["lr"]), "hi": max(b["lr"])})
+    opts = TuneOptions(
+        data="elpv",
+        study="grid-tpe",
+        space=str(work / "space.yaml"),
+        img=b["img"],
+        max_images=b["max_images"],
+        epochs=b["epochs"],
+        trials=0,
+        time_budget_s=time_budget_s,
+        out=str(work / "tpe"),
+        storage=f"sqlite:///{work / 'optuna.db'}",
+        export=False,
+        refit=False,
+        sets=("batch_size=32", "data.augment=flips", "optim.backbone_lr_mult=1.0", f"data.cache_dir={work / 'cache'}"),
+        address="local",
+        grace_period=1,
+    )
+    return run_study(opts)
+
+
+def random_search(
+    base: Any, data: Any, work: Path, b: dict[str, Any], time_budget_s: float, max_points: int
+) -> tuple[list[dict[str, Any]], float]:
+    """Random points of the same space until ``time_budget_s`` or ``max_points``; returns them and the wall seconds."""
+    rng = np.random.default_rng(0)
+    t2 = time.perf_counter()
+    rand: list[dict[str, Any]] = []
+    while time.perf_counter() - t2 < time_budget_s and len(rand) < max_points:
+        over = {
+            "model.freeze": float(rng.uniform(0, 1)),
+            "optim.lr": float(10 ** rng.uniform(np.log10(min(b["lr"])), np.log10(max(b["lr"])))),
+        }
+        rand.append(_point(base, over, data, data, work / f"rand-{len(rand)}", t2))
+    return rand, time.perf_counter() - t2
+
+
 def run_grid_comparison(work: Path, b: dict[str, Any]) -> dict[str, Any]:
     from trainer.data import build_data, prepare_source
     from trainer.model import preprocess_spec_for
-    from tuner.options import TuneOptions
-    from tuner.run import run_study
 
     work.mkdir(parents=True, exist_ok=True)
     base = _base(b, work / "cache")
@@ -94,36 +134,10 @@ def run_grid_comparison(work: Path, b: dict[str, Any]) -> dict[str, Any]:
         for lr in b["lr"]
     ]
     grid_s = time.perf_counter() - t0
-    (work / "space.yaml").write_text(GRID_SPACE % {"lo": min(b["lr"]), "hi": max(b["lr"])})
     t1 = time.perf_counter()
-    opts = TuneOptions(
-        data="elpv",
-        study="grid-tpe",
-        space=str(work / "space.yaml"),
-        img=b["img"],
-        max_images=b["max_images"],
-        epochs=b["epochs"],
-        trials=0,
-        time_budget_s=grid_s / 3,
-        out=str(work / "tpe"),
-        storage=f"sqlite:///{work / 'optuna.db'}",
-        export=False,
-        refit=False,
-        sets=("batch_size=32", "data.augment=flips", "optim.backbone_lr_mult=1.0", f"data.cache_dir={work / 'cache'}"),
-        address="local",
-        grace_period=1,
-    )
-    summary = run_study(opts)
+    summary = tpe_study(work, b, grid_s / 3)
     tpe_s = time.perf_counter() - t1
-    rng = np.random.default_rng(0)
-    t2 = time.perf_counter()
-    rand: list[dict[str, Any]] = []
-    while time.perf_counter() - t2 < tpe_s and len(rand) < len(grid):
-        over = {
-            "model.freeze": float(rng.uniform(0, 1)),
-            "optim.lr": float(10 ** rng.uniform(np.log10(min(b["lr"])), np.log10(max(b["lr"])))),
-        }
-        rand.append(_point(base, over, data, data, work / f"rand-{len(rand)}", t2))
+    rand, rand_s = random_search(base, data, work, b, tpe_s, len(grid))
     rows = [
         {"method": "grid (waste protocol)", "configs": len(grid), "wall_s": grid_s, **_final(_curve(grid))},
         {
@@ -137,7 +151,7 @@ def run_grid_comparison(work: Path, b: dict[str, Any]) -> dict[str, Any]:
         {
             "method": "random search, same wall time as edgetune",
             "configs": len(rand),
-            "wall_s": time.perf_counter() - t2,
+            "wall_s": rand_s,
             **_final(_curve(rand)),
         },
     ]

@@ -516,16 +516,10 @@ def _h2h_row(run: str, r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_tables(
-    head: dict[str, Any],
-    met: dict[str, bool],
-    pooled: dict[str, Any],
-    equal_time: dict[str, Any] | None,
-    levers: list[dict[str, Any]],
-    textures: dict[str, Any] | None,
-) -> dict[str, str]:
-    """search.json's Markdown tables: per-seed head-to-head with the pooled and equal-time rows, headlines
-    against their targets, the lever table, pooled per-class recall."""
+def h2h_rows(
+    head: dict[str, Any], pooled: dict[str, Any], equal_time: dict[str, Any] | None, textures: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The head-to-head rows: one per seed, the pooled row, the equal-time row and the textures row."""
     rows = [_h2h_row(f"elpv seed {r['seed']}", r) for r in head["seeds"]]
     rows.append(
         _h2h_row(
@@ -553,9 +547,14 @@ def build_tables(
                 },
             )
         )
+    return rows
+
+
+def headline_rows(head: dict[str, Any], met: dict[str, bool]) -> list[dict[str, Any]]:
+    """Each headline with its value, its target and whether it is met."""
     t = TARGETS
     worst = min(head["seeds"], key=lambda r: r["delta_test_accuracy"])
-    heads = [
+    return [
         {
             "headline": "pooled Δ test accuracy [95 % CI]",
             "value": f"{_pm(head['delta_test_accuracy'])} {_ci(head['ci95_delta_test_accuracy'])}",
@@ -593,12 +592,25 @@ def build_tables(
             "met": met["tune_wall_s"],
         },
     ]
+
+
+def build_tables(
+    head: dict[str, Any],
+    met: dict[str, bool],
+    pooled: dict[str, Any],
+    equal_time: dict[str, Any] | None,
+    levers: list[dict[str, Any]],
+    textures: dict[str, Any] | None,
+) -> dict[str, str]:
+    """search.json's Markdown tables: per-seed head-to-head with the pooled and equal-time rows, headlines
+    against their targets, the lever table, pooled per-class recall."""
+    rows = h2h_rows(head, pooled, equal_time, textures)
     recall_rows = [{"class": c, **v} for c, v in pooled["per_class_recall"].items()]
     tables = {
         "Head-to-head: make tune (default) vs the plain fine-tuning script, same split per seed": md_table(
             rows, list(rows[0])
         ),
-        "Headlines vs targets": md_table(heads, ["headline", "value", "target", "met"]),
+        "Headlines vs targets": md_table(headline_rows(head, met), ["headline", "value", "target", "met"]),
         "elpv per-class test recall, pooled over seeds": md_table(
             recall_rows, ["class", "support", "edgetune", "baseline"]
         ),
@@ -702,6 +714,22 @@ def run_seed(
     return classes, group, row, equal_time
 
 
+def run_textures(work: Path, time_budget: int) -> dict[str, Any]:
+    """The second built-in dataset: the tune on its default split and the plain script on the same split."""
+    ttune = run_tune(work, "textures-default", ["--data", "textures", "--time-budget", str(time_budget)])
+    tbase = run_baseline(work, ttune["out"] / "split.json", "baseline-textures", ttune["cache"])
+    tex = paired(ttune["out"], tbase)
+    tex.update(
+        {
+            "tune_wall_s": ttune["wall_s"],
+            "baseline_wall_s": tbase["wall_s"],
+            "time_budget_s": time_budget,
+            "best_params": ttune["summary"].get("best_params"),
+        }
+    )
+    return tex
+
+
 def main(argv: list[str] | None = None) -> int:
     from edgetune.logs import setup_cli_logging
 
@@ -746,18 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     print(f"bench-search: {len(seeds) + 1}/{n_stages} textures (second built-in dataset)", flush=True)
-    ttune = run_tune(work, "textures-default", ["--data", "textures", "--time-budget", str(b["textures_time"])])
-    tbase = run_baseline(work, ttune["out"] / "split.json", "baseline-textures", ttune["cache"])
-    tex = paired(ttune["out"], tbase)
-    tex.update(
-        {
-            "tune_wall_s": ttune["wall_s"],
-            "baseline_wall_s": tbase["wall_s"],
-            "time_budget_s": b["textures_time"],
-            "best_params": ttune["summary"].get("best_params"),
-        }
-    )
-    stages["textures"] = tex
+    stages["textures"] = run_textures(work, b["textures_time"])
 
     if args.extra:
         save("cache speed-up and grid comparison (--extra) not run yet")

@@ -208,27 +208,36 @@ def merge(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    b = BUDGET[args.budget]
-    work = work_dir(args, "edgetune-bench-serve-")
-    t_start = time.perf_counter()
-    bundle = build_bundle_subprocess(work / "bundle", "mobilenet_v2", 224)
+RAW_KEYS = (
+    "inproc_b1",
+    "inproc_b8",
+    "server_1",
+    "server_4",
+    "server_16",
+    "server_16_maxbatch1",
+    "server_1_wait0",
+    "server_16_wait0",
+)
+SETUP = {
+    "model": "mobilenet_v2 (weights=none, head trained 1 epoch on textures; speed only)",
+    "input": "scikit-image astronaut 512x512 JPEG q90",
+    "img_size": 224,
+    "ort_intra_op_threads": THREADS,
+    "server": "python -m edge_server subprocess, --backend onnxruntime; default --max-wait-ms 2 "
+    "(headlines), "
+    "plus a --max-wait-ms 0 server to show what the micro-batch wait costs one stream",
+    "client": "closed loop: each stream sends its next frame after the previous result",
+    "baseline_process": "the in-process baseline runs in its own child process (no gRPC, no torch threads)",
+    "interleaving": "per round: in-process b1, server 1 stream, in-process b8, server 4/16 streams, "
+    "server max_batch=1 16 streams, server max_wait 0 at 1 and 16 streams",
+}
+
+
+def measure(bundle: Path, b: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
+    """The interleaved rounds: in-process baseline and the three servers, one block of each per round."""
     jpeg = test_jpeg(512, 90)
     ip = InProcessWorker(bundle)
-    raw: dict[str, list[dict[str, Any]]] = {
-        k: []
-        for k in (
-            "inproc_b1",
-            "inproc_b8",
-            "server_1",
-            "server_4",
-            "server_16",
-            "server_16_maxbatch1",
-            "server_1_wait0",
-            "server_16_wait0",
-        )
-    }
+    raw: dict[str, list[dict[str, Any]]] = {k: [] for k in RAW_KEYS}
     with (
         ServerProcess(bundle, THREADS, max_batch=8) as s8,
         ServerProcess(bundle, THREADS, max_batch=1) as s1,
@@ -248,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
             raw["server_16_maxbatch1"].append(server_block(s1.address, jpeg, 16, b["frames_per_stream"]))
             raw["server_16_wait0"].append(server_block(s0.address, jpeg, 16, b["frames_per_stream"]))
     ip.close()
-    res = {k: merge(v) for k, v in raw.items()}
+    return raw
+
+
+def path_rows(res: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per measured path, with its throughput against the in-process batched limit."""
     limit = res["inproc_b8"]["images_per_s"]
-    p50_ratio = res["server_1"]["p50_ms"] / res["inproc_b1"]["p50_ms"]
-    thr_ratio = res["server_16"]["images_per_s"] / limit
     rows = [
         {"path": "in-process, batch 1 (1 caller)", **res["inproc_b1"]},
         {"path": "in-process, batch 8 (batched limit)", **res["inproc_b8"]},
@@ -264,13 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         r["vs_batched_limit"] = r["images_per_s"] / limit
+    return rows
+
+
+def profile_rows(res: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where each server path's time goes: the server's own medians and the client-side remainder."""
     prof = []
     for k in ("server_1", "server_4", "server_16", "server_16_maxbatch1", "server_1_wait0", "server_16_wait0"):
         sm = res[k]["server_ms_median"]
         prof.append(
             {"path": k, **{f"{n}": v for n, v in sm.items()}, "client_minus_server_ms": res[k]["transport_ms_median"]}
         )
-    headline = {
+    return prof
+
+
+def headlines(res: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    limit = res["inproc_b8"]["images_per_s"]
+    p50_ratio = res["server_1"]["p50_ms"] / res["inproc_b1"]["p50_ms"]
+    thr_ratio = res["server_16"]["images_per_s"] / limit
+    return {
         "p50_ratio_1_stream": p50_ratio,
         "p50_target": 1.15,
         "p50_target_met": p50_ratio <= 1.15,
@@ -282,12 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         "p50_ratio_1_stream_max_wait_0": res["server_1_wait0"]["p50_ms"] / res["inproc_b1"]["p50_ms"],
         "throughput_ratio_16_streams_max_wait_0": res["server_16_wait0"]["images_per_s"] / limit,
     }
-    tables = {
+
+
+def serve_tables(res: dict[str, dict[str, Any]], headline: dict[str, Any]) -> dict[str, str]:
+    return {
         "Serving: server vs in-process ONNX Runtime (same JPEG, decode + preprocessing in both)": md_table(
-            rows, ["path", "images_per_s", "vs_batched_limit", "p50_ms", "p99_ms", "mean_ms", "images"]
+            path_rows(res), ["path", "images_per_s", "vs_batched_limit", "p50_ms", "p99_ms", "mean_ms", "images"]
         ),
         "Where the server's time goes (medians, ms; batch_size = median micro-batch)": md_table(
-            prof,
+            profile_rows(res),
             [
                 "path",
                 "decode_us",
@@ -301,30 +327,28 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "Headlines": md_table([headline], list(headline)),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    work = work_dir(args, "edgetune-bench-serve-")
+    t_start = time.perf_counter()
+    bundle = build_bundle_subprocess(work / "bundle", "mobilenet_v2", 224)
+    raw = measure(bundle, BUDGET[args.budget])
+    res = {k: merge(v) for k, v in raw.items()}
+    headline = headlines(res)
     write_results(
         "serve",
         {
             "budget": args.budget,
             **headline,
-            "setup": {
-                "model": "mobilenet_v2 (weights=none, head trained 1 epoch on textures; speed only)",
-                "input": "scikit-image astronaut 512x512 JPEG q90",
-                "img_size": 224,
-                "ort_intra_op_threads": THREADS,
-                "server": "python -m edge_server subprocess, --backend onnxruntime; default --max-wait-ms 2 "
-                "(headlines), "
-                "plus a --max-wait-ms 0 server to show what the micro-batch wait costs one stream",
-                "client": "closed loop: each stream sends its next frame after the previous result",
-                "baseline_process": "the in-process baseline runs in its own child process (no gRPC, no torch threads)",
-                "interleaving": "per round: in-process b1, server 1 stream, in-process b8, server 4/16 streams, "
-                "server max_batch=1 16 streams, server max_wait 0 at 1 and 16 streams",
-            },
+            "setup": SETUP,
             "summary": res,
             "raw": raw,
             "wall_seconds": time.perf_counter() - t_start,
         },
         args.out,
-        tables,
+        serve_tables(res, headline),
     )
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,19 +176,26 @@ def data_vs_model(cfg: Any, data: Any) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    b = BUDGET[args.budget]
-    work = work_dir(args, "edgetune-bench-train-")
-    t_start = time.perf_counter()
+@dataclass(frozen=True)
+class Steady:
+    """The steady-state figures of both paths (epoch 1 of each run is warm-up and left out)."""
+
+    plain_ips: float
+    tune_ips: float
+    plain_wall: float
+    tune_wall: float
+    best_plain: float
+    best_tune: float
+
+    @property
+    def ratio(self) -> float:
+        return self.tune_ips / self.plain_ips
+
+
+def run_rounds(cfg: Any, data: Any, work: Path, b: dict[str, Any]) -> tuple[dict[str, list[Any]], float]:
+    """Ray up, then the alternating plain / Tune rounds; returns the raw epochs and Ray's start-up seconds."""
     import ray
 
-    from trainer.data import build_data
-    from trainer.model import preprocess_spec_for
-
-    cfg = make_config(b)
-    data = build_data(cfg.data, preprocess_spec_for(cfg.model), seed=cfg.seed)
-    dvm = data_vs_model(cfg, data)
     t0 = time.perf_counter()
     ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray_init_s = time.perf_counter() - t0
@@ -202,47 +210,64 @@ def main(argv: list[str] | None = None) -> int:
             raw["tune_fit_wall_s"].append(wall)
     finally:
         ray.shutdown()
+    return raw, ray_init_s
 
+
+def steady_state(raw: dict[str, list[Any]]) -> Steady:
     def steady(runs: list[list[dict[str, float]]], key: str) -> float:  # epoch 1 of each run is warm-up
         return float(np.median([e[key] for run in runs for e in run[1:]]))
 
-    plain_ips, tune_ips = steady(raw["plain"], "images_per_s"), steady(raw["tune"], "images_per_s")
-    plain_wall, tune_wall = steady(raw["plain"], "epoch_wall_s"), steady(raw["tune"], "epoch_wall_s")
+    # Under CPU contention from other processes the least-disturbed epoch is the cleanest estimate of each path.
+    return Steady(
+        plain_ips=steady(raw["plain"], "images_per_s"),
+        tune_ips=steady(raw["tune"], "images_per_s"),
+        plain_wall=steady(raw["plain"], "epoch_wall_s"),
+        tune_wall=steady(raw["tune"], "epoch_wall_s"),
+        best_plain=max(e["images_per_s"] for run in raw["plain"] for e in run[1:]),
+        best_tune=max(e["images_per_s"] for run in raw["tune"] for e in run[1:]),
+    )
+
+
+def startup_figures(raw: dict[str, list[Any]], ray_init_s: float) -> dict[str, Any]:
     launch = [
         w - sum(e["epoch_wall_s"] for e in run) for w, run in zip(raw["tune_fit_wall_s"], raw["tune"], strict=True)
     ]
-    ratio = tune_ips / plain_ips
-    # Under CPU contention from other processes the least-disturbed epoch is the cleanest estimate of each path.
-    best_plain = max(e["images_per_s"] for run in raw["plain"] for e in run[1:])
-    best_tune = max(e["images_per_s"] for run in raw["tune"] for e in run[1:])
-    rows = [
-        {
-            "path": "plain PyTorch loop",
-            "train_images_per_s": plain_ips,
-            "epoch_wall_s": plain_wall,
-            "ratio_vs_plain": 1.0,
-        },
-        {
-            "path": "edgetune: Ray Tune function trial -> train_loop",
-            "train_images_per_s": tune_ips,
-            "epoch_wall_s": tune_wall,
-            "ratio_vs_plain": ratio,
-        },
-    ]
-    startup = {
+    return {
         "ray_init_s": ray_init_s,
         "tune_fit_minus_epochs_s_median": float(np.median(launch)),
         "tune_fit_wall_s": raw["tune_fit_wall_s"],
     }
-    headline = {
-        "imgs_per_s_ratio": ratio,
+
+
+def headlines(st: Steady, dvm: dict[str, float]) -> dict[str, Any]:
+    return {
+        "imgs_per_s_ratio": st.ratio,
         "target": 0.9,
-        "target_met": ratio >= 0.9,
-        "imgs_per_s_ratio_best_epochs": best_tune / best_plain,
-        "epoch_wall_ratio_incl_val_and_checkpoint": plain_wall / tune_wall,
+        "target_met": st.ratio >= 0.9,
+        "imgs_per_s_ratio_best_epochs": st.best_tune / st.best_plain,
+        "epoch_wall_ratio_incl_val_and_checkpoint": st.plain_wall / st.tune_wall,
         "data_headroom": dvm["data_headroom"],
     }
-    tables = {
+
+
+def train_tables(
+    st: Steady, startup: dict[str, Any], dvm: dict[str, float], headline: dict[str, Any]
+) -> dict[str, str]:
+    rows = [
+        {
+            "path": "plain PyTorch loop",
+            "train_images_per_s": st.plain_ips,
+            "epoch_wall_s": st.plain_wall,
+            "ratio_vs_plain": 1.0,
+        },
+        {
+            "path": "edgetune: Ray Tune function trial -> train_loop",
+            "train_images_per_s": st.tune_ips,
+            "epoch_wall_s": st.tune_wall,
+            "ratio_vs_plain": st.ratio,
+        },
+    ]
+    return {
         "Training: images/s of one Tune trial vs a plain PyTorch loop (steady state, epochs >= 2)": md_table(
             rows, ["path", "train_images_per_s", "epoch_wall_s", "ratio_vs_plain"]
         ),
@@ -250,29 +275,50 @@ def main(argv: list[str] | None = None) -> int:
         "Data loading vs model consumption": md_table([dvm], list(dvm)),
         "Headlines": md_table([headline], list(headline)),
     }
+
+
+def setup_doc(b: dict[str, Any], cfg: Any, data: Any) -> dict[str, Any]:
+    return {
+        "dataset": f"elpv defect4, stratified subset of {b['max_images']} images "
+        f"({len(data.train)} train / {len(data.val)} val)",
+        "model": f"efficientnet_lite0 ImageNet, img {b['img']}, freeze {b['freeze']}, batch 32, adamw",
+        "threads": THREADS,
+        "epochs_per_run": b["epochs"],
+        "rounds": b["rounds"],
+        "loader_workers": cfg.data.loader_workers,
+        "train_images_per_s": "train phase only (as trainer.loop measures it); epoch_wall_s adds the val "
+        "pass, and for the Tune trial the checkpoint + tune.report",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    b = BUDGET[args.budget]
+    work = work_dir(args, "edgetune-bench-train-")
+    t_start = time.perf_counter()
+    from trainer.data import build_data
+    from trainer.model import preprocess_spec_for
+
+    cfg = make_config(b)
+    data = build_data(cfg.data, preprocess_spec_for(cfg.model), seed=cfg.seed)
+    dvm = data_vs_model(cfg, data)
+    raw, ray_init_s = run_rounds(cfg, data, work, b)
+    st = steady_state(raw)
+    startup = startup_figures(raw, ray_init_s)
+    headline = headlines(st, dvm)
     write_results(
         "train",
         {
             "budget": args.budget,
             **headline,
-            "setup": {
-                "dataset": f"elpv defect4, stratified subset of {b['max_images']} images "
-                f"({len(data.train)} train / {len(data.val)} val)",
-                "model": f"efficientnet_lite0 ImageNet, img {b['img']}, freeze {b['freeze']}, batch 32, adamw",
-                "threads": THREADS,
-                "epochs_per_run": b["epochs"],
-                "rounds": b["rounds"],
-                "loader_workers": cfg.data.loader_workers,
-                "train_images_per_s": "train phase only (as trainer.loop measures it); epoch_wall_s adds the val "
-                "pass, and for the Tune trial the checkpoint + tune.report",
-            },
+            "setup": setup_doc(b, cfg, data),
             "summary": {
-                "plain_images_per_s": plain_ips,
-                "tune_images_per_s": tune_ips,
-                "plain_epoch_wall_s": plain_wall,
-                "tune_epoch_wall_s": tune_wall,
-                "plain_best_epoch_images_per_s": best_plain,
-                "tune_best_epoch_images_per_s": best_tune,
+                "plain_images_per_s": st.plain_ips,
+                "tune_images_per_s": st.tune_ips,
+                "plain_epoch_wall_s": st.plain_wall,
+                "tune_epoch_wall_s": st.tune_wall,
+                "plain_best_epoch_images_per_s": st.best_plain,
+                "tune_best_epoch_images_per_s": st.best_tune,
                 "startup": startup,
                 "data_vs_model": dvm,
             },
@@ -282,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_seconds": time.perf_counter() - t_start,
         },
         args.out,
-        tables,
+        train_tables(st, startup, dvm, headline),
     )
     return 0
 

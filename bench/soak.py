@@ -45,6 +45,10 @@ from soak_inputs import good_images, hostile_payloads  # noqa: E402
 from soak_state import ADMIN_TOKEN, CAM_MD, CAMERA_TOKEN  # noqa: E402
 from soak_workers import SoakWorkers  # noqa: E402
 
+from edge_client.client import CameraStream  # noqa: E402
+from edge_client.connection import ConnectionOptions  # noqa: E402
+from edge_client.sources import VideoFileSource  # noqa: E402
+from edge_client.stream_options import StreamOptions  # noqa: E402
 from edgetune.v1 import classifier_pb2 as pb  # noqa: E402
 from edgetune.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -190,21 +194,8 @@ class Soak(SoakWorkers):
         return t_kill, second
 
     # -- the run --------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        from edge_client.client import CameraStream
-        from edge_client.connection import ConnectionOptions
-        from edge_client.sources import VideoFileSource
-        from edge_client.stream_options import StreamOptions
-
-        args = self.args
-        t_prep = time.monotonic()
-        self.prepare()
-        self.good_payloads = hostile_payloads(self.good[0])
-        srv = self.start_server()
-        self.phases = {"prepare_s": round(time.monotonic() - t_prep, 1)}
-        port = srv.port
-        self.rss_at_start_mb = srv.hwm_mb()
-        t_start = self.t0 = time.monotonic()
+    def _worker_threads(self) -> list[threading.Thread]:
+        """The load's threads (not started): every worker, or those ``--workers`` names, and the RSS sampler."""
         workers = [
             (self.valid_unary, 0.05, False),
             (self.hostile_unary, 0.05, True),
@@ -216,18 +207,23 @@ class Soak(SoakWorkers):
             (self.health, 0.1, False),
             (self.get_stats, 0.5, False),
         ]
-        if args.workers:
-            keep = set(args.workers.split(","))
+        if self.args.workers:
+            keep = set(self.args.workers.split(","))
             workers = [w for w in workers if w[0].__name__ in keep or w[0].__name__ in ("health", "valid_unary")]
         threads = [
             threading.Thread(target=self._loop, args=w, name=f"soak-{w[0].__name__}", daemon=True) for w in workers
         ]
         threads.append(threading.Thread(target=self.sample_rss, name="soak-rss", daemon=True))
+        return threads
+
+    def _camera_client(self, port: int) -> tuple[Any, list[dict], dict[str, Any], threading.Thread]:
+        """The real camera client on the server's port (not started): the stream, its records, the box its
+        result or error lands in, and its thread."""
         client_records: list[dict] = []
         cs = CameraStream(
             VideoFileSource(self.video, "soak-cam"),
             ConnectionOptions(f"127.0.0.1:{port}", token=CAMERA_TOKEN),
-            StreamOptions(fps=args.client_fps, max_retry_time=60.0, backoff_initial=0.1, backoff_max=1.0),
+            StreamOptions(fps=self.args.client_fps, max_retry_time=60.0, backoff_initial=0.1, backoff_max=1.0),
             [lambda rec, _img: client_records.append(rec)],
         )
         box: dict[str, Any] = {}
@@ -239,6 +235,20 @@ class Soak(SoakWorkers):
                 box["error"] = e
 
         client = threading.Thread(target=run_client, name="soak-client", daemon=True)
+        return cs, client_records, box, client
+
+    def run(self) -> dict[str, Any]:
+        args = self.args
+        t_prep = time.monotonic()
+        self.prepare()
+        self.good_payloads = hostile_payloads(self.good[0])
+        srv = self.start_server()
+        self.phases = {"prepare_s": round(time.monotonic() - t_prep, 1)}
+        port = srv.port
+        self.rss_at_start_mb = srv.hwm_mb()
+        t_start = self.t0 = time.monotonic()
+        threads = self._worker_threads()
+        cs, client_records, box, client = self._camera_client(port)
         for t in [*threads, client]:
             t.start()
         # planned kill -9 half-way, restart on the same port; arranged on states, not on sleeps (a loaded machine
@@ -293,10 +303,7 @@ class Soak(SoakWorkers):
         return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    import cv2.utils.logging as cv_log
-
-    cv_log.setLogLevel(cv_log.LOG_LEVEL_SILENT)  # the fuzzer's own encoder attempts with odd modes are not news
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=120.0, help="seconds of load (the kill -9 is half-way)")
     p.add_argument("--bundle", help="bundle A (default: a small trained test bundle, built once)")
@@ -325,19 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         "health-stall,stream-window0,big-messages,nonutf8-metadata,log-flood,webp-chunks,sighup,getstats",
     )
     p.add_argument("--workers", help=argparse.SUPPRESS)  # debugging: a comma list of worker names to run
-    args = p.parse_args(argv)
-    if args.duration < 10:
-        p.error("--duration must be at least 10 s")
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="edgetune-soak-"))
-    work.mkdir(parents=True, exist_ok=True)
-    soak = Soak(args, work)
-    try:
-        res = soak.run()
-    finally:
-        for srv in soak.servers:
-            srv.stop()
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
+    return p
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    """The soak's figures on stdout, ending with the one-line ``SOAK {...}`` summary."""
     print(
         f"soak: {res['duration_s']:g} s of hostile load on 127.0.0.1 ({res['cpus']} CPUs, load average "
         f"{res['load_average_end']}), kill -9 + restart half-way ({res['restart_s']} s to serve again, health "
@@ -372,6 +371,27 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import cv2.utils.logging as cv_log
+
+    cv_log.setLogLevel(cv_log.LOG_LEVEL_SILENT)  # the fuzzer's own encoder attempts with odd modes are not news
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.duration < 10:
+        p.error("--duration must be at least 10 s")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="edgetune-soak-"))
+    work.mkdir(parents=True, exist_ok=True)
+    soak = Soak(args, work)
+    try:
+        res = soak.run()
+    finally:
+        for srv in soak.servers:
+            srv.stop()
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print_summary(res)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -5,10 +5,91 @@ from __future__ import annotations
 
 import collections
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from soak_state import SoakState
+
+
+@dataclass(frozen=True)
+class ErrorCounts:
+    """Errors the server replied outside the restart window (per status code, and frame errors) vs those it logged."""
+
+    observed: collections.Counter
+    logged: collections.Counter
+    observed_frames: int
+    logged_frames: int
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "errors_observed": dict(self.observed),
+            "errors_logged": dict(self.logged),
+            "frame_errors_observed": self.observed_frames,
+            "frame_errors_logged": self.logged_frames,
+        }
+
+
+def server_state_checks(soak: SoakState, fails: list[str]) -> list[tuple[float, str]]:
+    """UNKNOWN statuses, the RSS limit and health outside the restart; returns the health checks not SERVING."""
+    t = soak.tally
+    if t.unknown:
+        fails.append(f"{len(t.unknown)} call(s) ended with UNKNOWN: {t.unknown[:3]}")
+    if soak.peak_rss_mb >= soak.args.rss_limit_mb:
+        fails.append(f"server peak RSS {soak.peak_rss_mb} MB >= limit {soak.args.rss_limit_mb} MB")
+    bad_health = [
+        (round(t0 - soak.t0, 2), s) for t0, t1, s in t.health if s != "SERVING" and not soak.overlaps_window(t0, t1)
+    ]
+    if bad_health:
+        fails.append(f"health not SERVING outside the restart: {bad_health[:5]} ({len(bad_health)})")
+    return bad_health
+
+
+def error_counts(soak: SoakState, fails: list[str]) -> ErrorCounts:
+    """Every error replied outside the restart window must be in the server's log."""
+    t = soak.tally
+    logged, logged_frames = logged_errors(soak)
+    observed = collections.Counter(code for ts, code in t.server_errors if not soak.in_window(ts))
+    observed_frames = sum(1 for ts in t.frame_errors if not soak.in_window(ts))
+    unlogged = {c: (n, logged[c]) for c, n in observed.items() if logged[c] < n}
+    if unlogged:
+        fails.append(f"errors replied but not logged (observed, logged): {unlogged}")
+    if logged_frames < observed_frames:
+        fails.append(f"frame errors: {observed_frames} replied, {logged_frames} logged")
+    return ErrorCounts(observed, logged, observed_frames, logged_frames)
+
+
+def timing_figures(soak: SoakState, wall: float) -> dict[str, Any]:
+    """How long the soak ran, the restart window, each phase's seconds and the load average at the end."""
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = []
+    return {
+        "duration_s": soak.args.duration,
+        "wall_s": round(wall, 1),
+        "cpus": os.cpu_count(),
+        "restart_window_s": [round(v - soak.t0, 2) for v in soak.window] if soak.window else None,
+        "health_back_after_kill_s": round(soak.window[1] - soak.window[0], 2) if soak.window else None,
+        **soak.phases,
+        "load_average_end": [round(v, 2) for v in load],
+    }
+
+
+def volume_figures(soak: SoakState, lat: list[float]) -> dict[str, Any]:
+    """Requests served, hostile inputs, memory, and the latency of valid requests outside the restart."""
+    t = soak.tally
+    p99 = float(np.percentile(lat, 99)) if lat else None
+    return {
+        "requests_served": t.served,
+        "hostile_inputs": t.hostile,
+        "peak_rss_mb": soak.peak_rss_mb,
+        "rss_limit_mb": soak.args.rss_limit_mb,
+        "rss_at_start_mb": soak.rss_at_start_mb,
+        "valid_p99_ms": round(p99, 1) if p99 is not None else None,
+        "valid_p50_ms": round(float(np.percentile(lat, 50)), 1) if lat else None,
+        "valid_requests": len(lat),
+    }
 
 
 def report(
@@ -22,62 +103,26 @@ def report(
 ) -> dict[str, Any]:
     t = soak.tally
     fails = list(t.failures) + restart_failures(soak)
-    if t.unknown:
-        fails.append(f"{len(t.unknown)} call(s) ended with UNKNOWN: {t.unknown[:3]}")
-    if soak.peak_rss_mb >= soak.args.rss_limit_mb:
-        fails.append(f"server peak RSS {soak.peak_rss_mb} MB >= limit {soak.args.rss_limit_mb} MB")
-    bad_health = [
-        (round(t0 - soak.t0, 2), s) for t0, t1, s in t.health if s != "SERVING" and not soak.overlaps_window(t0, t1)
-    ]
-    if bad_health:
-        fails.append(f"health not SERVING outside the restart: {bad_health[:5]} ({len(bad_health)})")
+    bad_health = server_state_checks(soak, fails)
     csum = client_checks(soak, box, records, client_hung, fails)
-    logged, logged_frames = logged_errors(soak)
-    observed = collections.Counter(code for ts, code in t.server_errors if not soak.in_window(ts))
-    observed_frames = sum(1 for ts in t.frame_errors if not soak.in_window(ts))
-    unlogged = {c: (n, logged[c]) for c, n in observed.items() if logged[c] < n}
-    if unlogged:
-        fails.append(f"errors replied but not logged (observed, logged): {unlogged}")
-    if logged_frames < observed_frames:
-        fails.append(f"frame errors: {observed_frames} replied, {logged_frames} logged")
+    errors = error_counts(soak, fails)
     if t.stats_bytes_max > 100_000:
         fails.append(f"GetStats grew to {t.stats_bytes_max} bytes")
     lm_ok = sum(1 for _, want, got in soak.loadmodel_results if want == got)
     lm_other = [r for r in soak.loadmodel_results if r[1] != r[2]]
     lat = [ms for ts, ms in t.valid_ms if not soak.in_window(ts)]
-    p99 = float(np.percentile(lat, 99)) if lat else None
     if not lat:
         fails.append("no valid request was answered")
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = []
     return {
-        "duration_s": soak.args.duration,
-        "wall_s": round(wall, 1),
-        "cpus": os.cpu_count(),
-        "restart_window_s": [round(v - soak.t0, 2) for v in soak.window] if soak.window else None,
-        "health_back_after_kill_s": round(soak.window[1] - soak.window[0], 2) if soak.window else None,
-        **soak.phases,
-        "load_average_end": [round(v, 2) for v in load],
-        "requests_served": t.served,
-        "hostile_inputs": t.hostile,
-        "peak_rss_mb": soak.peak_rss_mb,
-        "rss_limit_mb": soak.args.rss_limit_mb,
-        "rss_at_start_mb": soak.rss_at_start_mb,
-        "valid_p99_ms": round(p99, 1) if p99 is not None else None,
-        "valid_p50_ms": round(float(np.percentile(lat, 50)), 1) if lat else None,
-        "valid_requests": len(lat),
+        **timing_figures(soak, wall),
+        **volume_figures(soak, lat),
         "frames_lost": csum.get("lost"),
         "client": csum,
         "restart_s": round(restart_s, 2),
         "health_checks": len(t.health),
         "health_not_serving_outside_restart": len(bad_health),
         "unknown": len(t.unknown),
-        "errors_observed": dict(observed),
-        "errors_logged": dict(logged),
-        "frame_errors_observed": observed_frames,
-        "frame_errors_logged": logged_frames,
+        **errors.figures(),
         "final_errors_total": final.errors_total,
         "stats_bytes_max": t.stats_bytes_max,
         "loadmodel_as_expected": f"{lm_ok}/{len(soak.loadmodel_results)}",

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("edgetune", "trainer", "tuner", "edge_server", "edge_client", "fieldloop")
+PACKAGES = ("edgetune", "trainer", "tuner", "edge_server", "edge_client", "fieldloop", "bench")
 MAX_LINES = 60
 ARGUMENT_TABLES = {"build_parser", "_parser"}
 #: ``path::qualified name`` of the functions still over the limit. Keep it empty: a function added here needs a
