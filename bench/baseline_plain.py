@@ -165,7 +165,7 @@ def fine_tune(data: Loaders, args: argparse.Namespace) -> Trained:
     return Trained(model, best_acc, history)
 
 
-def test_result(data: Loaders, trained: Trained, args: argparse.Namespace, t_start: float) -> dict:
+def evaluate_on_test(data: Loaders, trained: Trained, args: argparse.Namespace, t_start: float) -> dict:
     """The best-validation epoch evaluated once on the test split: the results JSON."""
     classes = data.classes
     yt, pt = predict(trained.model, data.test)
@@ -194,7 +194,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     data = make_loaders(Path(args.split), args)
-    result = test_result(data, fine_tune(data, args), args, t_start)
+    result = evaluate_on_test(data, fine_tune(data, args), args, t_start)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(

@@ -82,14 +82,19 @@ def test_what_the_searcher_writes_reads_back_typed(tmp_path: Path) -> None:
         done.metrics["val_acc"] = 1.0  # type: ignore[index]
 
 
-def test_a_wrong_typed_attr_is_refused_naming_the_trial_and_attr(tmp_path: Path) -> None:
+def test_a_wrong_typed_attr_is_named_and_never_stops_a_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     study = _study(tmp_path)
-    study.trials[0]  # noqa: B018 - the study has its trials
     t = study.ask()
     t.set_user_attr("epoch_seconds", "slow")
+    t.set_user_attr("val_acc", [1])
     study.tell(t, 0.1)
+    odd = study.trials[2]
     with pytest.raises(TrialRecordError, match=r"trial #2: attr 'epoch_seconds' is 'slow', expected a number"):
-        records(study)
+        TrialRecord.of(odd)
+    rec = records(study)[2]  # what the leaderboard, the latency tables and a resume read: logged, kept, not used
+    assert rec.epoch_seconds is None and "val_acc" not in rec.metrics
+    assert dict(rec.extra) == {"epoch_seconds": "slow", "val_acc": [1]}
+    assert "trial #2: attr 'epoch_seconds' is 'slow', expected a number; kept as stored" in caplog.text
 
 
 def test_every_result_key_has_one_typed_home() -> None:

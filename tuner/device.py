@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 from edge_server.agent.timing import device_identity, supported_precisions, time_bundle_files
 from edgetune.device import RESOURCE_PREFIX, TARGET_RULE, valid_target
 from edgetune.errors import ConfigError, EdgetuneError
-from trainer.config import TrainConfig
 from tuner.storage import rdb_storage
 
 if TYPE_CHECKING:
+    from trainer.config import TrainConfig  # annotations only: the edge's timing side never imports the trainer
     from tuner.space import SearchSpace
 
 
@@ -355,8 +355,11 @@ class LatencyRejector:
         return {**self.__dict__, "_cache": None}
 
     def __call__(self, config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        from trainer.config import TrainConfig  # noqa: PLC0415 - lazy: trainer (see get_latency)
         from tuner.space import build_trial_config, flatten_params  # noqa: PLC0415 - lazy: trainer (see get_latency)
 
+        if not isinstance(self.base, TrainConfig):  # a searcher pickled by an earlier version held a dict
+            self.base = TrainConfig.from_dict(self.base)
         flat = flatten_params(config)
         cfg = build_trial_config(self.base, self.space.to_overrides(flat))
         p = self.setup.precision_param

@@ -10,6 +10,7 @@ and the attr; attrs this version does not know are kept in ``extra``.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -76,6 +77,9 @@ RESULT_ATTRS: Mapping[str, str] = MappingProxyType(
 SEARCHER_ATTRS = ("fail_reason", "launched_at", "ray_trial_name")
 #: The metric attrs (``TrialRecord.metrics``).
 METRIC_ATTRS = tuple(k for m in METRICS.values() for k in (m.name, m.best_key, f"{m.name}_at_best"))
+
+
+log = logging.getLogger(__name__)
 
 
 class TrialRecordError(EdgetuneError):
@@ -154,18 +158,30 @@ class TrialRecord:
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     @classmethod
-    def of(cls, trial: Any) -> TrialRecord:
-        """The record of an Optuna trial (``FrozenTrial``)."""
+    def of(cls, trial: Any, strict: bool = True) -> TrialRecord:
+        """The record of an Optuna trial (``FrozenTrial``). A wrong-typed attr raises TrialRecordError; with
+        ``strict=False`` it is logged and kept, as stored, in ``extra`` (its typed field left None)."""
         attrs = dict(trial.user_attrs)
-        typed: dict[str, Any] = {}
-        for f in fields(cls):
-            if "kind" not in f.metadata:
-                continue
-            attr = f.metadata["attr"] or f.name
-            typed[f.name] = _typed(attrs.pop(attr, None), f.metadata["kind"], trial.number, attr)
-        metrics = {k: _typed(attrs.pop(k), float, trial.number, k) for k in METRIC_ATTRS if attrs.get(k) is not None}
-        for k in METRIC_ATTRS:
-            attrs.pop(k, None)
+        bad: dict[str, Any] = {}
+
+        def typed_attr(attr: str, kind: type) -> Any:
+            value = attrs.pop(attr, None)
+            try:
+                return _typed(value, kind, trial.number, attr)
+            except TrialRecordError as e:
+                if strict:
+                    raise
+                log.warning(f"{e}; kept as stored, not used")
+                bad[attr] = value
+                return None
+
+        typed = {
+            f.name: typed_attr(f.metadata["attr"] or f.name, f.metadata["kind"])
+            for f in fields(cls)
+            if "kind" in f.metadata
+        }
+        metrics = {k: v for k in METRIC_ATTRS if (v := typed_attr(k, float)) is not None}
+        attrs.update(bad)
         return cls(
             number=int(trial.number),
             state=trial.state.name,
@@ -237,5 +253,7 @@ class HasTrials(Protocol):
 
 
 def records(study: HasTrials) -> list[TrialRecord]:
-    """Every trial of an Optuna study, in number order."""
-    return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
+    """Every trial of an Optuna study, in number order. A trial attr of the wrong type (a storage written by
+    something else, or edited by hand) is logged and left out of the typed fields: one odd trial never stops a
+    study's finish, its report or a resume."""
+    return [TrialRecord.of(t, strict=False) for t in study.get_trials(deepcopy=False)]
