@@ -31,8 +31,11 @@ from ray.cluster_utils import Cluster
 from tuner.options import TuneOptions
 from tuner.run import run_study
 
-tmp, space = sys.argv[1], sys.argv[2]
-c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+tmp, space, dashboard_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# Cluster passes Ray's default dashboard port explicitly (no fallback): a free one, so that another Ray on this
+# machine (a developer's `ray start`, a second test run) cannot fail the test
+c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                  "dashboard_port": dashboard_port})
 try:
     nodes = sorted(c.add_node(num_cpus=1, resources={f"node{i}": 1, "slot": 1}).node_id for i in range(2))
     c.wait_for_nodes()
@@ -61,7 +64,7 @@ def test_simulated_multi_node_cluster(tmp_path):
     log = tmp_path / "driver.log"
     with open(log, "w") as f:
         p = subprocess.run(
-            [sys.executable, "-c", DRIVER, str(tmp_path), str(space)],
+            [sys.executable, "-c", DRIVER, str(tmp_path), str(space), str(_free_ports(1)[0])],
             cwd=ROOT,
             stdout=f,
             stderr=subprocess.STDOUT,
