@@ -14,7 +14,6 @@ import sys
 import threading
 from typing import Any
 
-import edgetune
 from edge_client.client import CameraStream
 from edge_client.connection import ClientError, ConnectionOptions
 from edge_client.frames import EncodeOptions
@@ -22,7 +21,7 @@ from edge_client.once import classify_once
 from edge_client.output import LOG_FORMATS, OverlayWindow, ResultLog
 from edge_client.sources import open_sources
 from edge_client.stream_options import StreamOptions
-from edgetune.dataclass_cli import HelpFormatter
+from edgetune.dataclass_cli import HelpFormatter, add_version
 from edgetune.errors import ConfigError, EdgetuneError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream camera frames to an edgetune server and log/show the classifications.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
+    add_version(p)
     src = p.add_argument_group("input")
     src.add_argument(
         "--source",

@@ -28,6 +28,7 @@ import grpc
 from edge_client.connection import ClientError, ConnectionOptions, describe_rpc_error, make_channel
 from edgetune.backoff import Backoff
 from edgetune.capture_record import SIDECAR_SUFFIX, CaptureRecord, CaptureRecordError
+from edgetune.dataclass_cli import add_version
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.fsutil import atomic_write_text, commit_file
 from edgetune.v1 import classifier_pb2 as pb
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m edge_client.harvest",
         description="pull an edge server's capture spool (make harvest SERVER=host:port OUT=dir)",
     )
+    add_version(p)
     p.add_argument("--server", required=True, help="host:port of the edge server")
     p.add_argument("--out", required=True, help="folder the frames and sidecars go to (created)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system root CAs")

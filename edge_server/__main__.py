@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 
-import edgetune
 from edge_server.auth import read_token_file
 from edge_server.capture import CaptureConfig
 from edge_server.logs import LOG_LEVELS, NativeStderr, configure_logging
@@ -24,7 +23,7 @@ from edge_server.model import BATCH_WAITS
 from edge_server.profiles import PROFILE_NAMES, SERVER_PROFILES, profile_limits
 from edge_server.runners import BACKENDS
 from edge_server.server import ServerConfig, serve
-from edgetune.dataclass_cli import HelpFormatter
+from edgetune.dataclass_cli import HelpFormatter, add_version
 from edgetune.device import PRECISIONS
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.runfile import add_run_file_flags, parse_args_with_run_file, run_file_yaml
@@ -222,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="least severe log level written")
     add_run_file_flags(p, "server")
-    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
+    add_version(p)
     return p
 
 

@@ -19,6 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgetune import __version__
+
+
+def add_version(p: argparse.ArgumentParser) -> None:
+    """Every CLI's ``--version``: its name and the edgetune version."""
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every CLI's ``--help``: the description as written, and each option's default appended as ``(default: X)``

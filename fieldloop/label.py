@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from edgetune.capture_record import is_capture_id
+from edgetune.dataclass_cli import add_version
 from edgetune.errors import ConfigError, EdgetuneError
 from fieldloop.labels import LabelStore
 from fieldloop.page import PAGE
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m fieldloop.label",
         description="label harvested frames in a browser (make label DIR=dir [PORT=8765]); serves on 127.0.0.1 only",
     )
+    add_version(p)
     p.add_argument("--dir", required=True, help="harvested folder (make harvest OUT=...)")
     p.add_argument("--port", type=int, default=8765, help="TCP port on 127.0.0.1 (0 = pick a free one)")
     p.add_argument(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from edgetune.dataclass_cli import add_version
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.fsutil import atomic_write_text
 from fieldloop.labels import NONE, LabelStore
@@ -118,6 +119,7 @@ def import_annotations(store: LabelStore, tasks: Any) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fieldloop.labelstudio", description="Label Studio JSON interop")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="harvested folder -> Label Studio tasks (+ <out>.config.xml)")
     e.add_argument("--dir", required=True)

@@ -93,10 +93,37 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"python -m tuner {edgetune.__version__}"
 
 
-@pytest.mark.parametrize("module", ["trainer.__main__", "edge_server.__main__"])
-def test_version_of_the_other_clis(module: str, capsys: pytest.CaptureFixture[str]) -> None:
+def _clis() -> list[str]:
+    """Every module of the product that builds a command line (an ``argparse.ArgumentParser`` with a ``prog``)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for pkg in ("edgetune", "trainer", "tuner", "edge_server", "edge_client", "fieldloop"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            for n in ast.walk(ast.parse(path.read_text())):
+                if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("ArgumentParser"):
+                    if any(k.arg == "prog" for k in n.keywords):
+                        found.append(".".join(path.relative_to(root).with_suffix("").parts))
+                        break
+    return found
+
+
+def test_every_cli_is_found() -> None:
+    assert {"tuner.__main__", "trainer.__main__", "edge_server.__main__", "tuner.report", "fieldloop.label"} <= set(
+        _clis()
+    )
+
+
+@pytest.mark.parametrize("module", _clis())
+def test_every_cli_answers_version(module: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--version`` everywhere (edgetune.dataclass_cli.add_version): the parser's own, or main()'s."""
     import importlib
 
+    mod = importlib.import_module(module)
     with pytest.raises(SystemExit) as e:
-        importlib.import_module(module).build_parser().parse_args(["--version"])
+        if hasattr(mod, "build_parser"):
+            mod.build_parser().parse_args(["--version"])
+        else:
+            mod.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip().endswith(f" {edgetune.__version__}")

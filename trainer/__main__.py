@@ -24,8 +24,7 @@ from typing import Any
 
 import yaml
 
-import edgetune
-from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values, file_values, opt
+from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, add_version, field_values, file_values, opt
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.logs import setup_cli_logging
 from trainer.config import TrainConfig, load_yaml_mapping, parse_override
@@ -119,7 +118,7 @@ def read_run_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=HelpFormatter)
     add_fields(p, TrainOptions, {"sets": Flag("--set", repeat=True, metavar="KEY=VALUE")})
-    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
+    add_version(p)
     return p
 
 

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-import edgetune
 from edgetune.bundle import (
     MANIFEST,
     QUANTIZATIONS,
@@ -32,7 +31,7 @@ from edgetune.bundle import (
     load_bundle,
     sha256_file,
 )
-from edgetune.dataclass_cli import HelpFormatter, add_fields, field_values, opt
+from edgetune.dataclass_cli import HelpFormatter, add_fields, add_version, field_values, opt
 from edgetune.errors import BundleError, EdgetuneError
 from edgetune.fsutil import atomic_write_text
 from edgetune.imagedecode import read_image
@@ -569,7 +568,7 @@ class ExportOptions:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__, formatter_class=HelpFormatter)
     add_fields(p, ExportOptions)
-    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
+    add_version(p)
     return p
 
 

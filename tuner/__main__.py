@@ -11,8 +11,7 @@ import os
 import sys
 import warnings
 
-import edgetune
-from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values
+from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, add_version, field_values
 from edgetune.device import TIMING_BACKENDS
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.logs import setup_cli_logging
@@ -58,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the effective options as YAML (every field, derived defaults resolved) and exit",
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
+    add_version(p)
     return p
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import make_server
 
-import edgetune
-from edgetune.dataclass_cli import HelpFormatter
+from edgetune.dataclass_cli import HelpFormatter, add_version
 from edgetune.logs import setup_cli_logging
 from tuner.storage import masked, missing_sqlite, rdb_storage
 
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="listen address")
     p.add_argument("--port", type=int, default=8080, help="listen port")
-    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
+    add_version(p)
     return p
 
 

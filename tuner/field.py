@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from edgetune.dataclass_cli import add_version
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.fsutil import atomic_write_text
 from edgetune.logs import setup_cli_logging
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         allow_abbrev=False,
     )
+    add_version(p)
     p.add_argument("--add", required=True, help="labelled field folder (make label) or its labels.csv")
     p.add_argument("--warm", required=True, help="the previous study's output folder (its OUT)")
     p.add_argument(

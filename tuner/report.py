@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import optuna  # noqa: TID253 - every output here is read from the study (its trials, attrs and plots)
 
-from edgetune.dataclass_cli import HelpFormatter
+from edgetune.dataclass_cli import HelpFormatter, add_version
 from edgetune.errors import EdgetuneError
 from edgetune.logs import setup_cli_logging
 from edgetune.markdown import markdown_table
@@ -719,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tuner.report", description="side-by-side table of studies", formatter_class=HelpFormatter
     )
+    add_version(p)
     p.add_argument("--studies", required=True, help="comma-separated study names")
     p.add_argument("--storage", default="sqlite:///" + str(Path("runs/optuna.db").resolve()), help="Optuna storage URL")
     p.add_argument("--out", default="", help="where to save report.md/report.csv (default runs/)")

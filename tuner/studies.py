@@ -7,8 +7,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-import edgetune
-from edgetune.dataclass_cli import HelpFormatter
+from edgetune.dataclass_cli import HelpFormatter, add_version
 from edgetune.logs import setup_cli_logging
 from edgetune.markdown import markdown_table
 from tuner.device import CACHE_STUDY
@@ -70,7 +69,7 @@ def format_listing(rows: list[StudyListing], storage: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tuner.studies", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
-    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
+    add_version(p)
     return p
 
 

@@ -27,8 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-import edgetune
-from edgetune.dataclass_cli import HelpFormatter
+from edgetune.dataclass_cli import HelpFormatter, add_version
 from edgetune.device import RESOURCE_PREFIX, TARGET_RULE, token_available, valid_target
 
 _HEAD = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:[0-9]{1,5}$")
@@ -212,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m edge_server.agent", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("start", help="join the Ray head as the timing node of a target", formatter_class=HelpFormatter)
     s.add_argument("--head", required=True, help="the Ray head's <host>:<port> (GCS address)")

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-import edgetune
 from edge_server.engine import calibrator as cal
 from edge_server.engine.cache import (
     MAX_BATCH_LIMIT,
@@ -42,7 +41,7 @@ from edge_server.logs import configure_logging
 from edge_server.runners import tensorrt as rt
 from edge_server.runners.onnxruntime import OnnxRuntimeRunner
 from edgetune.bundle import Bundle, load_bundle
-from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, field_values
+from edgetune.dataclass_cli import Flag, HelpFormatter, add_fields, add_version, field_values
 from edgetune.device import PRECISION_CHOICES
 from edgetune.errors import BundleError, ConfigError, EdgetuneError, ImageDecodeError
 from edgetune.fsutil import atomic_write_bytes
@@ -359,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build (or reuse) the bundle's TensorRT engine on this device.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {edgetune.__version__}")
+    add_version(p)
     p.add_argument("--bundle", required=True, help="bundle directory (model.onnx + bundle.json)")
     add_fields(p, BuildOptions, {"precision": Flag(choices=PRECISION_CHOICES)})
     p.add_argument("--verbose", action="store_true", help="TensorRT INFO messages")
