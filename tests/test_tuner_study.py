@@ -132,7 +132,8 @@ def test_outputs_written_and_best_checkpoint_loads(studies):
 
 
 def test_multi_objective_pareto_front_and_latency_budget(studies):
-    from tuner.report import _candidates, _rows
+    from tuner.finish import _candidates
+    from tuner.report import _rows
 
     s = optuna.load_study(study_name="multi", storage=studies["storage"])
     assert [d.name for d in s.directions] == ["MAXIMIZE", "MINIMIZE"]

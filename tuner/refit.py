@@ -6,7 +6,7 @@ epochs, at most ``refit_max_epochs``, to the deadline, with the LR schedule stre
 (``trainer.loop.fit_epochs_to_deadline``). It is skipped when not even the search's ``epochs`` would fit at the
 best trial's measured speed. The best epoch is chosen on
 validation, as in every trial; the test split is read once, afterwards, for this model only
-(:func:`tuner.report.finish_study`), and it is the model that is exported.
+(:func:`tuner.finish.finish_study`), and it is the model that is exported.
 
 The refit runs as one Ray task with a whole node's CPUs (or the trial's GPU), on the cluster like the
 trials; its best checkpoint comes back through the object store.
@@ -54,7 +54,7 @@ UNBUDGETED_FACTOR = 2
 @dataclass(frozen=True)
 class RefitRun:
     """What the refit produced (``dir`` holds its best checkpoint): written here (:func:`refit_best`), read by the
-    study's finish (:func:`tuner.report.finish_study`) and kept in ``summary.json`` as ``refit`` (:meth:`to_dict`)."""
+    study's finish (:func:`tuner.finish.finish_study`) and kept in ``summary.json`` as ``refit`` (:meth:`to_dict`)."""
 
     of_trial: int
     params: dict[str, Any]
@@ -78,7 +78,7 @@ class RefitRun:
 
 def best_trial(study: optuna.Study, metric: str, max_latency_ms: float = 0.0) -> TrialRecord | None:
     """The finished trial with the best best-epoch value (the value Optuna holds for it); with a latency bound,
-    among the trials measured within it (the same rule as the export's selection, tuner.report._candidates)."""
+    among the trials measured within it (the same rule as the export's selection, tuner.finish._candidates)."""
     m = get_metric(metric)
     done = [t for t in records(study) if t.finished and t.best(metric) is not None]
     if max_latency_ms > 0:

@@ -22,7 +22,7 @@ from trainer.data import build_data, prepare_source
 from trainer.imagestore import resize_key
 from trainer.metric import CHECKPOINT_SCORE, CHECKPOINT_SCORE_MODE
 from trainer.model import create_model, freeze_backbone, preprocess_spec_for
-from tuner import _ray_compat, cluster, refit, report
+from tuner import _ray_compat, cluster, finish, refit, report
 from tuner.budget import Clock
 from tuner.device import LATENCY_MS
 from tuner.latency_study import hand_off, latency_outputs, latency_setup, rejector
@@ -265,7 +265,7 @@ def _run_stages(
     )
     end = clock.end()
     with ledger.stage("post-hoc selection, test evaluation, plots", "compute"):
-        summary, post = report.finish_study(
+        summary, post = finish.finish_study(
             opts,
             results,
             study,
