@@ -47,7 +47,7 @@ def test_a_deleted_snapshot_checkpoint_fails_the_restore_and_a_stand_in_lets_it_
     from ray import tune
 
     from tuner import _ray_compat
-    from tuner.run import _trial_dirname
+    from tuner.search import trial_dirname
 
     ok = tmp_path / "ok"
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # never another Ray here
@@ -55,7 +55,7 @@ def test_a_deleted_snapshot_checkpoint_fails_the_restore_and_a_stand_in_lets_it_
         run = tune.RunConfig(
             name="pin", storage_path=str(tmp_path / "ray"), verbose=0, failure_config=tune.FailureConfig(max_failures=0)
         )
-        names = tune.TuneConfig(trial_dirname_creator=_trial_dirname)  # trial_<id>, as edgetune's studies name them
+        names = tune.TuneConfig(trial_dirname_creator=trial_dirname)  # trial_<id>, as edgetune's studies name them
         first = tune.Tuner(_trainable, param_space={"ok": str(ok)}, run_config=run, tune_config=names).fit()
         assert first.errors and first[0].metrics["it"] == 1
         exp = str(tmp_path / "ray" / "pin")
