@@ -133,14 +133,14 @@ def test_outputs_written_and_best_checkpoint_loads(studies):
 
 def test_multi_objective_pareto_front_and_latency_budget(studies):
     from tuner.finish import _candidates
-    from tuner.report import _rows
+    from tuner.report import leaderboard_rows
 
     s = optuna.load_study(study_name="multi", storage=studies["storage"])
     assert [d.name for d in s.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert all(t.state.name == "COMPLETE" and len(t.values) == 2 and t.values[1] > 0 for t in s.trials)
     front = {p["trial"] for p in read_summary(studies["tmp"] / "multi").pareto_front}
     assert front == {t.number for t in s.best_trials} and front
-    rows = _rows(s, "val_macro_f1")
+    rows = leaderboard_rows(s, "val_macro_f1")
     lat = sorted(r["latency_ms"] for r in rows)
     # a budget that only the fastest trials meet: only they are candidates, the most accurate of them first
     within = [r for r in rows if r["latency_ms"] <= lat[0]]

@@ -22,7 +22,7 @@ from trainer.model import preprocess_spec_for
 from trainer.run import evaluate_checkpoint
 from tuner.device import LATENCY_MS
 from tuner.posthoc_study import lever_rows, posthoc_metrics, run_posthoc
-from tuner.report import _rows, leader_columns, leaderboard_table, plots, write_leaderboard
+from tuner.report import leader_columns, leaderboard_rows, plots, summary_leaderboard, write_leaderboard
 from tuner.summary import FinalModel, StudySummary
 from tuner.trial_checkpoint import materialise_best_checkpoint, result_for
 
@@ -97,7 +97,7 @@ def finish_study(
     the final model's test figures are the selected model's); leaderboard (the refit row marked); plots. Returns
     (the summary, the :class:`tuner.posthoc.PosthocResult` or None)."""
     metric = opts.metric
-    rows = _rows(study, metric)
+    rows = leaderboard_rows(study, metric)
     summary = _summary_head(opts, rows, out, refit)
     dest, post = out / "best", None
     final = _final_model(opts, results, rows, refit, dest)
@@ -120,7 +120,7 @@ def finish_study(
         plots=plots(
             study, results, rows, out, opts.multi_objective, metric, refit.history if refit is not None else None
         ),
-        leaderboard_md=_summary_leaderboard(rows, opts),
+        leaderboard_md=summary_leaderboard(rows, opts),
     ), post
 
 
@@ -197,37 +197,6 @@ def _refit_row(rows: list[dict[str, Any]], refit: RefitRun, dest: Path, metric: 
         final["accuracy_density"] = final["val_acc"] / (final["params"] / 1e6)
     rows.insert(0, final)
     return final
-
-
-def _summary_leaderboard(rows: list[dict[str, Any]], opts: TuneOptions) -> str:
-    """The summary's Markdown leaderboard: the top 12 rows, with the latency columns the study measured."""
-    latency_cols = (
-        ["target_latency_ms", "target_latency_p90_ms", "target_device", "rejected"]
-        if getattr(opts, "target", "")
-        else [LATENCY_MS]
-        if getattr(opts, "latency_on", False)
-        else []
-    )
-    return leaderboard_table(
-        rows[:12],
-        [
-            "rank",
-            "trial",
-            "state",
-            "backbone",
-            "img",
-            "freeze",
-            "fidelity",
-            "ens_weight",
-            opts.metric,
-            "val_acc",
-            "test_acc",
-            "test_macro_f1",
-            "data_path",
-            "train_seconds",
-            *latency_cols,
-        ],
-    )
 
 
 def _evaluate_final(

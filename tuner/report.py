@@ -77,7 +77,7 @@ def leader_columns(metric: str) -> list[str]:
     return list(dict.fromkeys(c.format(metric=metric) for c in LEADER_COLUMNS))  # once, also for val_macro_f1
 
 
-def _rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
+def leaderboard_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
     """One row per trial, best first by the trial's best-epoch value of ``metric`` (= its Optuna value)."""
     m = get_metric(metric)
     rows: list[dict[str, Any]] = []
@@ -153,6 +153,37 @@ def _fmt(v: Any) -> str:
 def leaderboard_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     """The tuner's Markdown tables: :func:`edgetune.markdown.markdown_table` with 4 significant digits."""
     return markdown_table(rows, cols, _fmt) + "\n"
+
+
+def summary_leaderboard(rows: list[dict[str, Any]], opts: TuneOptions) -> str:
+    """The summary's Markdown leaderboard: the top 12 rows, with the latency columns the study measured."""
+    latency_cols = (
+        ["target_latency_ms", "target_latency_p90_ms", "target_device", "rejected"]
+        if opts.target
+        else [LATENCY_MS]
+        if opts.latency_on
+        else []
+    )
+    return leaderboard_table(
+        rows[:12],
+        [
+            "rank",
+            "trial",
+            "state",
+            "backbone",
+            "img",
+            "freeze",
+            "fidelity",
+            "ens_weight",
+            opts.metric,
+            "val_acc",
+            "test_acc",
+            "test_macro_f1",
+            "data_path",
+            "train_seconds",
+            *latency_cols,
+        ],
+    )
 
 
 def plots(
