@@ -5,7 +5,6 @@ history.jsonl."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import pickle
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.source_scan import files_spelling
 from tests.trainer_fixtures import tiny_config
 from trainer.epoch_result import HISTORY_FILE, TRAIN_KEYS, EpochResult, EpochResultError, read_history
 from trainer.metric import METRICS
@@ -89,10 +89,4 @@ def test_a_broken_history_line_names_the_file_and_line(tmp_path: Path) -> None:
 
 def test_no_other_module_spells_history_jsonl() -> None:
     """One writer and one reader of the file: its name is spelled as a path only in trainer/epoch_result.py."""
-    spelled = []
-    for d in ("edgetune", "trainer", "tuner", "fieldloop", "bench", "tests", "edge_server", "edge_client"):
-        for p in sorted((ROOT / d).rglob("*.py")) if (ROOT / d).is_dir() else ():
-            for n in ast.walk(ast.parse(p.read_text())):
-                if isinstance(n, ast.Constant) and n.value == HISTORY_FILE:
-                    spelled.append(str(p.relative_to(ROOT)))
-    assert spelled == ["trainer/epoch_result.py"], spelled
+    assert files_spelling(HISTORY_FILE) == ["trainer/epoch_result.py"]

@@ -4,13 +4,13 @@ opens summary.json itself."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.source_scan import files_spelling
 from tuner.summary import (
     SUMMARY_FILE,
     SUMMARY_SCHEMA,
@@ -147,10 +147,4 @@ def test_failure_says_why_a_study_produced_no_model(tmp_path: Path) -> None:
 
 def test_no_other_module_opens_summary_json_itself() -> None:
     """One writer and one reader: the file name is spelled as a path only in tuner/summary.py."""
-    spelled = []
-    for d in ("edgetune", "trainer", "tuner", "fieldloop", "bench", "tests", "edge_server", "edge_client"):
-        for p in sorted((ROOT / d).rglob("*.py")) if (ROOT / d).is_dir() else ():
-            for n in ast.walk(ast.parse(p.read_text())):
-                if isinstance(n, ast.Constant) and n.value == SUMMARY_FILE:
-                    spelled.append(str(p.relative_to(ROOT)))
-    assert spelled == ["tuner/summary.py"], spelled
+    assert files_spelling(SUMMARY_FILE) == ["tuner/summary.py"]
