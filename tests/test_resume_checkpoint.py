@@ -2,11 +2,14 @@
 checkpoint written by the loop: a good one is continued (epoch, optimiser, best so far); one that is gone or
 incomplete (Ray's experiment snapshot can name a checkpoint that retention deleted, or that a driver SIGKILL caught
 half-deleted) restarts the run from epoch 1 with the reason, instead of failing every retry; a read error, an
-unknown schema and weights that do not fit still raise."""
+unknown schema and weights that do not fit still raise. DDP ranks (a real 2-process gloo group) continue from the
+same epoch or all restart, and each rank reads a copy of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import shutil
 from pathlib import Path
 
@@ -42,10 +45,11 @@ class _Resuming:
     def report(self, metrics, checkpoint_dir):
         self.inner.report(metrics, checkpoint_dir)
 
-    def resume_dir(self):
+    @contextlib.contextmanager
+    def resume_checkpoint(self):
         if isinstance(self.ckpt, Exception):
             raise self.ckpt
-        return self.ckpt
+        yield self.ckpt
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +153,87 @@ def test_weights_that_do_not_fit_the_model_still_raise(monkeypatch, tmp_path, la
     torch.save(blob, bad / "model.pt")
     with pytest.raises(RuntimeError, match="state_dict"):
         _setup_resuming(monkeypatch, tmp_path, bad)
+
+
+def test_each_process_reads_a_copy_of_its_own_removed_afterwards(tmp_path, last_checkpoint):
+    """Ray's ``to_directory()`` with no path names the copy after the checkpoint, so DDP ranks on one node shared
+    it, and a rank that took its lock after another had finished copied again over the files that rank was
+    reading (a loaded run hung on it: rank 0 read a truncated model.pt). Two copies of one checkpoint open at once
+    are two directories, each complete, and both are gone afterwards."""
+    import ray.train
+
+    from trainer.reporting import _private_copy
+
+    ckpt = ray.train.Checkpoint.from_directory(str(_damaged(last_checkpoint, tmp_path / "stored", "")))
+    with _private_copy(ckpt) as a, _private_copy(ckpt) as b:
+        assert a is not None and b is not None and a != b
+        for d in (a, b):
+            assert (d / "model.pt").read_bytes() == (last_checkpoint / "model.pt").read_bytes()
+    assert not a.exists() and not b.exists()
+    with _private_copy(None) as none:
+        assert none is None
+
+
+def _ddp_rank(rank: int, store: str, run_dir: str, ckpt: str, out) -> None:
+    """One DDP rank's setup (the real ``setup``; torch's DDP in place of Ray Train's ``prepare_model``, which
+    needs a Ray Train worker), resuming from ``ckpt``; sends back where it starts."""
+    import torch
+    import torch.distributed as dist
+
+    import trainer.loop_setup as ls
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        real = ls.make_reporter
+        ls.make_reporter = lambda *a, **k: _Resuming(real(*a, **k), Path(ckpt))
+        ls._wrap_ddp = lambda model, world: torch.nn.parallel.DistributedDataParallel(model)
+        st = ls.setup(_loop_config(Path(run_dir), epochs=3))
+        out.put((rank, st.start_epoch, st.resumed_from_epoch, st.static.get("resume_restarted", "")))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks(tmp_path: Path, ckpts: tuple[Path, Path]) -> dict[int, tuple]:
+    """Both ranks' (start epoch, resumed-from epoch, restart reason); fails as soon as a rank dies without one."""
+    import queue
+
+    tmp_path.mkdir(parents=True)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_ddp_rank, args=(r, str(tmp_path / "store"), str(tmp_path / "run"), str(ckpts[r]), out))
+        for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        got: dict[int, tuple] = {}
+        while len(got) < len(procs):  # a state, not a time: each rank reports once its setup is done
+            try:
+                rank, *rest = out.get(timeout=2)
+                got[rank] = tuple(rest)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
+                assert not dead, f"rank(s) exited without a result (rank, exit code): {dead}; see captured stderr"
+        for p in procs:
+            p.join(timeout=300)
+        assert [p.exitcode for p in procs] == [0, 0]
+        return got
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
+
+def test_ddp_ranks_resume_from_the_same_epoch_or_all_restart(tmp_path, last_checkpoint):
+    """A rank that cannot read the checkpoint while the other can: both restart from epoch 1 (before the fix the
+    rank that read it resumed at epoch 2, the other started at 1, and training hung in DDP's first collective).
+    Both readable: both continue from epoch 2."""
+    damaged = _damaged(last_checkpoint, tmp_path / "damaged", "truncated weights")
+    split = _two_ranks(tmp_path / "split", (damaged, last_checkpoint))
+    assert [split[r][:2] for r in (0, 1)] == [(1, 0), (1, 0)], split
+    for r in (0, 1):
+        assert "DDP ranks read different checkpoints" in split[r][2], split
+    alike = _two_ranks(tmp_path / "alike", (last_checkpoint, last_checkpoint))
+    assert [alike[r] for r in (0, 1)] == [(2, 1, ""), (2, 1, "")], alike

@@ -149,7 +149,7 @@ def train_one_epoch(st: LoopState, epoch: int, progress: Any = None) -> tuple[di
         seen += len(y)
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.detach().argmax(1) == y).sum())
-    totals = torch.tensor([seen, loss_sum, correct, float(diverged)], dtype=torch.float64)
+    totals = torch.tensor([seen, loss_sum, correct, float(diverged)], dtype=torch.float64, device=st.device)
     if st.world > 1:
         dist.all_reduce(totals)
     seconds = time.perf_counter() - t0

@@ -212,14 +212,29 @@ def _resume(st: LoopState) -> None:
     deleted the checkpoint its snapshot names (tuner/_ray_compat.fill_deleted_checkpoints), a checkpoint without
     its weights or train state, or one whose files are truncated (a SIGKILL mid-write or mid-delete). Anything else
     still raises: a read error (Ray retries the trial), a schema this version does not know, weights that do not
-    fit the model. Every rank reads the same checkpoint, so DDP ranks decide alike."""
-    resume = st.reporter.resume_dir()
-    if resume is None:
-        return
-    try:
-        ckpt, state = _read_resume(resume)
-    except _LostCheckpoint as e:
-        reason = f"the checkpoint to resume from is gone or incomplete ({e})"
+    fit the model.
+
+    DDP ranks must continue from the same epoch, or they stop running the same steps and the first collective
+    waits forever. Each rank reads its own copy (``Reporter.resume_checkpoint``), then the ranks compare the epoch
+    they read (:func:`_agree_on_resume`) before any state is applied: unless every rank read the same one, every
+    rank restarts from epoch 1 (the weights DDP broadcast from rank 0 at wrap time are still in place)."""
+    reason = ""
+    with st.reporter.resume_checkpoint() as resume:
+        if resume is None:
+            return
+        try:
+            ckpt, state = _read_resume(resume)
+        except _LostCheckpoint as e:
+            ckpt, state, reason = None, None, f"the checkpoint to resume from is gone or incomplete ({e})"
+    if st.world > 1:
+        lowest, highest = _agree_on_resume(state.epoch if state is not None else -1, st.device)
+        if lowest != highest:
+            ckpt, state = None, None
+            reason = (
+                f"the {st.world} DDP ranks read different checkpoints to resume from (epochs {lowest}..{highest}, "
+                "-1: unreadable); every rank restarts alike"
+            )
+    if ckpt is None or state is None:
         log.warning(f"{reason}; restarting this run from epoch 1")
         st.static["resume_restarted"] = reason
         return
@@ -235,6 +250,15 @@ def _resume(st: LoopState) -> None:
     st.resumed_from_epoch = state.epoch
 
 
+def _agree_on_resume(epoch: int, device: torch.device) -> tuple[int, int]:
+    """The lowest and highest epoch the DDP ranks read to resume from (-1: none readable); all ranks must call it.
+
+    The tensor lives on the process group's device (NCCL reduces CUDA tensors only; gloo CPU ones)."""
+    t = torch.tensor([epoch, -epoch], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t[0]), -int(t[1])
+
+
 class _LostCheckpoint(Exception):
     """The checkpoint to resume from is a stand-in, lacks a file, or has a truncated one."""
 
@@ -245,7 +269,7 @@ def _read_resume(resume: Path) -> tuple[dict[str, Any], TrainState]:
     missing = [f for f in (WEIGHTS_FILE, TRAIN_STATE) if not (resume / f).is_file()]
     if missing:
         raise _LostCheckpoint(f"{resume} has no {' or '.join(missing)}")
-    # the files are local now (Ray copied them in resume_dir): a read that fails here is a damaged file
+    # the files are local now (Ray copied them in resume_checkpoint): a read that fails here is a damaged file
     try:
         ckpt = load_checkpoint(resume)  # a schema this version does not know still raises: a real error
     except UnreadableCheckpoint as e:

@@ -6,13 +6,18 @@ The one loop (:mod:`trainer.loop`) reports through a :class:`Reporter`:
 - ``ray_train`` a Ray Train worker: ``ray.train.report`` (rank 0 attaches the checkpoint)
 - ``tune``      a Ray Tune function trainable: ``tune.report`` with a ``tune.Checkpoint``
 
-Each sends an epoch's :class:`trainer.epoch_result.EpochResult` as its flat row (``to_dict``) and tells the loop
-where to resume from (the latest checkpoint, if any).
+Each sends an epoch's :class:`trainer.epoch_result.EpochResult` as its flat row (``to_dict``) and lends the loop
+the checkpoint to resume from (the latest, if any) as a local directory for the length of a ``with`` block: Ray's
+reporters copy it into a directory of this process's own (see :func:`_private_copy`) and remove it afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +28,7 @@ from trainer.metric import get_metric
 class Reporter(Protocol):
     def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None: ...
 
-    def resume_dir(self) -> Path | None: ...
+    def resume_checkpoint(self) -> AbstractContextManager[Path | None]: ...
 
 
 class LocalReporter:
@@ -50,8 +55,8 @@ class LocalReporter:
             self.best = value
             _replace_dir(checkpoint_dir, self.run_dir / "best", copy=True)
 
-    def resume_dir(self) -> Path | None:
-        return None  # an in-process run starts fresh; resuming is Ray Train's (RayTrainReporter) and Tune's job
+    def resume_checkpoint(self) -> AbstractContextManager[Path | None]:
+        return contextlib.nullcontext()  # an in-process run starts fresh; resuming is Ray Train's and Tune's job
 
 
 class RayTrainReporter:
@@ -63,11 +68,10 @@ class RayTrainReporter:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(result.to_dict(), checkpoint=ckpt)
 
-    def resume_dir(self) -> Path | None:
+    def resume_checkpoint(self) -> AbstractContextManager[Path | None]:
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        return _materialise(ckpt) if ckpt else None
+        return _private_copy(ray.train.get_checkpoint())
 
 
 class TuneReporter:
@@ -79,15 +83,29 @@ class TuneReporter:
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(result.to_dict(), checkpoint=ckpt)
 
-    def resume_dir(self) -> Path | None:
+    def resume_checkpoint(self) -> AbstractContextManager[Path | None]:
         from ray import tune
 
-        ckpt = tune.get_checkpoint()
-        return _materialise(ckpt) if ckpt else None
+        return _private_copy(tune.get_checkpoint())
 
 
-def _materialise(ckpt: Any) -> Path:
-    return Path(ckpt.to_directory())
+@contextlib.contextmanager
+def _private_copy(ckpt: Any) -> Iterator[Path | None]:
+    """The Ray checkpoint's files in a directory of this process's own, removed when the block ends.
+
+    Not ``ckpt.to_directory()`` with no path: that directory is named after the checkpoint, so the DDP ranks on
+    one node share it, and its file lock only covers a download in progress: a rank that takes the lock after
+    another has finished downloads again over the files that rank is reading. Under load that rank read a
+    truncated ``model.pt``, restarted from epoch 1 while the others resumed, and DDP hung (the ranks no longer
+    ran the same steps). The shared directories were also never removed (one per resume, in /tmp)."""
+    if ckpt is None:
+        yield None
+        return
+    own = Path(tempfile.mkdtemp(prefix="edgetune-resume-"))
+    try:
+        yield Path(ckpt.to_directory(str(own)))
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def _replace_dir(src: Path, dst: Path, copy: bool) -> None:
