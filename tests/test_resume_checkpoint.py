@@ -11,6 +11,7 @@ import contextlib
 import logging
 import multiprocessing
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -209,13 +210,18 @@ def _two_ranks(tmp_path: Path, ckpts: tuple[Path, Path]) -> dict[int, tuple]:
         p.start()
     try:
         got: dict[int, tuple] = {}
+        deadline = time.monotonic() + 600  # generous: the two setups take ~10 s on a quiet machine
         while len(got) < len(procs):  # a state, not a time: each rank reports once its setup is done
+            exited = [r for r, p in enumerate(procs) if p.exitcode is not None]  # before draining: no race
             try:
-                rank, *rest = out.get(timeout=2)
-                got[rank] = tuple(rest)
+                while True:
+                    rank, *rest = out.get(timeout=2)
+                    got[rank] = tuple(rest)
             except queue.Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
-                assert not dead, f"rank(s) exited without a result (rank, exit code): {dead}; see captured stderr"
+                pass
+            dead = [(r, procs[r].exitcode) for r in exited if r not in got]
+            assert not dead, f"rank(s) exited without a result (rank, exit code): {dead}; see captured stderr"
+            assert time.monotonic() < deadline, f"only ranks {sorted(got)} finished their setup in 600 s: {got}"
         for p in procs:
             p.join(timeout=300)
         assert [p.exitcode for p in procs] == [0, 0]

@@ -217,7 +217,11 @@ def _resume(st: LoopState) -> None:
     DDP ranks must continue from the same epoch, or they stop running the same steps and the first collective
     waits forever. Each rank reads its own copy (``Reporter.resume_checkpoint``), then the ranks compare the epoch
     they read (:func:`_agree_on_resume`) before any state is applied: unless every rank read the same one, every
-    rank restarts from epoch 1 (the weights DDP broadcast from rank 0 at wrap time are still in place)."""
+    rank restarts from epoch 1 (the weights DDP broadcast from rank 0 at wrap time are still in place). A rank
+    with no checkpoint returns before the comparison: Ray hands every rank of a group the same one, or none. An
+    error that still raises on one rank leaves the others in the comparison until Ray tears the group down."""
+    ckpt: dict[str, Any] | None = None
+    state: TrainState | None = None
     reason = ""
     with st.reporter.resume_checkpoint() as resume:
         if resume is None:
