@@ -229,7 +229,7 @@ def _resume(st: LoopState) -> None:
         try:
             ckpt, state = _read_resume(resume)
         except _LostCheckpoint as e:
-            ckpt, state, reason = None, None, f"the checkpoint to resume from is gone or incomplete ({e})"
+            reason = f"the checkpoint to resume from is gone or incomplete ({e})"
     if st.world > 1:
         lowest, highest = _agree_on_resume(state.epoch if state is not None else -1, st.device)
         if lowest != highest:
