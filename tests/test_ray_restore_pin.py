@@ -27,13 +27,15 @@ def _trainable(config: dict) -> None:
     start, seen = 0, "none"
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
-        d = Path(ckpt.to_directory())
-        if (d / "it.json").is_file():
-            start, seen = json.loads((d / "it.json").read_text())["it"] + 1, "checkpoint"
-        else:
-            from trainer.loop_setup import DELETED_CHECKPOINT_MARKER
+        # as_directory, not to_directory(): no copy left behind in /tmp (checkpoint_tmp_<uuid>) after the test
+        with ckpt.as_directory() as dstr:
+            d = Path(dstr)
+            if (d / "it.json").is_file():
+                start, seen = json.loads((d / "it.json").read_text())["it"] + 1, "checkpoint"
+            else:
+                from trainer.loop_setup import DELETED_CHECKPOINT_MARKER
 
-            seen = "stand-in" if (d / DELETED_CHECKPOINT_MARKER).is_file() else "empty"
+                seen = "stand-in" if (d / DELETED_CHECKPOINT_MARKER).is_file() else "empty"
     for it in range(start, 3):
         if it == 2 and not Path(config["ok"]).exists():
             raise RuntimeError("fail at iteration 2 (the first run)")
