@@ -203,25 +203,34 @@ def _health_or_gone(ch: grpc.Channel) -> int:
 
 
 def test_graceful_stop_drains_in_flight_request(bundle_dir, good_png):
+    # a fixed batch wait holds the lone request 10 s in the batcher (the default adaptive wait runs it at once), so
+    # it is still in flight when the new call arrives: without it the drain could end first, gRPC's own shutdown
+    # begin, and the new call race it (CANCELLED instead of the drain's UNAVAILABLE; seen once on a quiet machine)
     srv = make_server(
-        bundle=bundle_dir, port=0, backend="onnxruntime", intra_op_threads=1, max_batch=8, max_wait_ms=1500
-    ).start()  # the request sits ~1.5 s in the batcher: in flight during stop
+        bundle=bundle_dir,
+        port=0,
+        backend="onnxruntime",
+        intra_op_threads=1,
+        max_batch=8,
+        batch_wait="fixed",
+        max_wait_ms=10_000,
+    ).start()
     with grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.ClassifierStub(ch)
         stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
-        fut = stub.Classify.future(pb.ClassifyRequest(image=good_png, request_id="inflight"), timeout=30)
-        # states, not sleeps: the request is in flight (or already answered) when the stop begins, and the drain
-        # has begun (health NOT_SERVING) before the new call
-        wait_until(lambda: srv.admission.active("unary") == 1 or fut.done())
-        stopper = threading.Thread(target=srv.stop, kwargs={"grace": 8})
+        fut = stub.Classify.future(pb.ClassifyRequest(image=good_png, request_id="inflight"), timeout=60)
+        # states, not sleeps: the request is in flight when the stop begins, and the drain has begun (health
+        # NOT_SERVING) before the new call
+        wait_until(lambda: srv.admission.active("unary") == 1)
+        stopper = threading.Thread(target=srv.stop, kwargs={"grace": 30})
         stopper.start()
         wait_until(lambda: _health_or_gone(ch) != health_pb2.HealthCheckResponse.SERVING)
         with pytest.raises(grpc.RpcError) as e:  # new work is refused while draining
             stub.Classify(pb.ClassifyRequest(image=good_png), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        resp = fut.result(timeout=30)
+        resp = fut.result(timeout=60)
         assert resp.request_id == "inflight" and resp.predictions
-        stopper.join(15)
+        stopper.join(45)
         assert not stopper.is_alive() and srv.wait_for_termination(0)
 
 
