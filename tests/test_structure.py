@@ -77,3 +77,32 @@ def test_latency_ms_is_spelled_in_one_place() -> None:
         if '"latency_ms"' in line or "'latency_ms'" in line
     ]
     assert [s.split(":")[0] for s in spelled] == ["tuner/device.py"], spelled
+
+
+def stray_marks(tests_dir: Path = ROOT / "tests") -> list[str]:
+    """``path::function`` of every ``pytest.mark`` on a function pytest does not collect as a test: such a mark (a
+    hang guard, ``slow``, ``ray``) is silently ignored, typically after a helper was inserted between a test and its
+    decorators. Fixtures may carry marks of their own (``pytest.fixture``) and are not counted."""
+    found = []
+    for path in sorted(tests_dir.rglob("*.py")):
+        for name, node in _functions(ast.parse(path.read_text(), str(path))):
+            marks = [d for d in node.decorator_list if "pytest.mark." in ast.unparse(d)]
+            if marks and not node.name.startswith("test"):
+                found.append(f"{path.relative_to(tests_dir.parent).as_posix()}::{name}")
+    return found
+
+
+def test_every_pytest_mark_sits_on_a_test() -> None:
+    """`make test-fast` deselects by ``slow``; the hang guards are ``timeout`` marks: on a helper they guard nothing."""
+    assert not stray_marks(), "pytest marks on functions that are not tests (move them to the test): " + ", ".join(
+        stray_marks()
+    )
+
+
+def test_the_mark_check_sees_a_mark_left_on_a_helper(tmp_path: Path) -> None:
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text(
+        "import pytest\n\n\n@pytest.mark.slow\n@pytest.mark.timeout(9)\ndef _helper():\n    return 1\n\n\n"
+        "def test_a():\n    assert _helper()\n\n\n@pytest.mark.slow\ndef test_b():\n    pass\n"
+    )
+    assert stray_marks(tmp_path / "tests") == ["tests/test_x.py::_helper"]
