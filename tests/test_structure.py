@@ -82,7 +82,7 @@ def test_latency_ms_is_spelled_in_one_place() -> None:
 def stray_marks(tests_dir: Path = ROOT / "tests") -> list[str]:
     """``path::function`` of every ``pytest.mark`` on a function pytest does not collect as a test: such a mark (a
     hang guard, ``slow``, ``ray``) is silently ignored, typically after a helper was inserted between a test and its
-    decorators. Fixtures may carry marks of their own (``pytest.fixture``) and are not counted."""
+    decorators (pytest itself refuses marks on fixtures). ``pytest.fixture`` is not a mark."""
     found = []
     for path in sorted(tests_dir.rglob("*.py")):
         for name, node in _functions(ast.parse(path.read_text(), str(path))):
