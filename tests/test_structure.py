@@ -94,9 +94,8 @@ def stray_marks(tests_dir: Path = ROOT / "tests") -> list[str]:
 
 def test_every_pytest_mark_sits_on_a_test() -> None:
     """`make test-fast` deselects by ``slow``; the hang guards are ``timeout`` marks: on a helper they guard nothing."""
-    assert not stray_marks(), "pytest marks on functions that are not tests (move them to the test): " + ", ".join(
-        stray_marks()
-    )
+    stray = stray_marks()
+    assert not stray, "pytest marks on functions that are not tests (move them to the test): " + ", ".join(stray)
 
 
 def test_the_mark_check_sees_a_mark_left_on_a_helper(tmp_path: Path) -> None:
